@@ -1,0 +1,1 @@
+"""The membrane command line and the local cluster it runs."""

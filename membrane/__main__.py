@@ -1,0 +1,3 @@
+from membrane.cli import main
+
+raise SystemExit(main())

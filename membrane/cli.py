@@ -1,0 +1,304 @@
+"""The ``membrane`` command. It reaches the services only over NATS, like any other client."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from membrane import output, stack
+from membrane.registry import SERVICES
+from membrane.state import StateDir, default_state_dir, resolve_nats_url
+from shared import config, subjects
+from shared.bus import Bus, redact
+from shared.errors import MembraneError
+from shared.messages import (
+    AllocateReply,
+    AllocateRequest,
+    Empty,
+    GetRequest,
+    Identity,
+    ListReply,
+    ReleaseReply,
+    ReleaseRequest,
+)
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _say(message: str) -> None:
+    print(f"membrane: {message}", flush=True)
+
+
+def _state(args: argparse.Namespace) -> StateDir:
+    return StateDir(Path(args.state_dir) if args.state_dir else default_state_dir())
+
+
+def _with_bus(args: argparse.Namespace, action: Callable[[Bus], Awaitable[int]]) -> int:
+    url = resolve_nats_url(args.nats_url, _state(args))
+
+    async def go() -> int:
+        bus = await Bus.connect(url, "membrane-cli", retry_for=args.timeout)
+        try:
+            return await action(bus)
+        finally:
+            await bus.close()
+
+    return asyncio.run(go())
+
+
+# --- local cluster ---------------------------------------------------------------------------
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    state = _state(args)
+    replicas = {name: entry.default_replicas for name, entry in SERVICES.items()}
+    if args.identity_replicas is not None:
+        replicas["identity"] = args.identity_replicas
+    started = time.monotonic()
+    info = stack.up(
+        state, _say, nats_url=args.nats_url, redis_url=args.redis_url, replicas=replicas
+    )
+    _say(f"cluster is up ({time.monotonic() - started:.1f}s)")
+    print()
+    print(
+        output.table(
+            ["PART", "WHERE"],
+            [
+                ["nats", redact(info.nats_url) + (" (external)" if info.nats_external else "")],
+                ["redis", redact(info.redis_url) + (" (external)" if info.redis_external else "")],
+                *[[name, f"{count} replica(s)"] for name, count in replicas.items()],
+                ["state", str(state.root)],
+                ["logs", str(state.logs)],
+            ],
+        )
+    )
+    print()
+    print(
+        "Next: `membrane status`, `membrane identity allocate app=web`; stop with `membrane down`."
+    )
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    stack.down(_state(args), _say, purge=args.purge)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    state = _state(args)
+    url = resolve_nats_url(args.nats_url, state)
+    found = asyncio.run(stack.discover_all(url))
+    processes = state.processes()
+    if args.output == "json":
+        output.emit_json(
+            {
+                "services": [
+                    {"name": s.name, "id": s.id, "version": s.version, "metadata": s.metadata}
+                    for s in found
+                ],
+                "processes": [
+                    {"name": p.name, "pid": p.pid, "running": p.running, "restarts": p.restarts}
+                    for p in processes
+                ],
+            }
+        )
+        return 0
+    by_name: dict[str, list[Any]] = {}
+    for info in found:
+        by_name.setdefault(info.name, []).append(info)
+    rows = [
+        [
+            name,
+            "up",
+            len(infos),
+            infos[0].version,
+            ", ".join(i.metadata.get("replica", i.id) for i in infos),
+        ]
+        for name, infos in sorted(by_name.items())
+    ]
+    for name, entry in SERVICES.items():
+        if entry.micro_name not in by_name:
+            rows.append([entry.micro_name, "DOWN", 0, "-", f"no replica of {name} answers"])
+    print(output.table(["SERVICE", "STATUS", "REPLICAS", "VERSION", "INSTANCES"], rows))
+    if processes:
+        print()
+        now = time.time()
+        print(
+            output.table(
+                ["PROCESS", "PID", "STATE", "RESTARTS", "UPTIME", "LOG"],
+                [
+                    [
+                        p.name,
+                        p.pid,
+                        "running" if p.running else "restarting",
+                        p.restarts,
+                        f"{now - p.started_at:.0f}s",
+                        p.log,
+                    ]
+                    for p in processes
+                ],
+            )
+        )
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    entry = SERVICES[args.service]
+    settings = config.load(entry.settings, args)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(entry.run(settings))
+    return 0
+
+
+# --- identities ------------------------------------------------------------------------------
+
+
+def _print_identities(args: argparse.Namespace, identities: list[Identity]) -> None:
+    if args.output == "json":
+        output.emit_json(identities)
+        return
+    print(
+        output.table(
+            ["ID", "KIND", "LABELS"],
+            [[i.id, i.kind, ", ".join(i.labels)] for i in identities],
+        )
+    )
+
+
+def cmd_identity_list(args: argparse.Namespace) -> int:
+    async def go(bus: Bus) -> int:
+        reply = await bus.request(subjects.IDENTITY_LIST, Empty(), ListReply)
+        _print_identities(args, reply.identities)
+        return 0
+
+    return _with_bus(args, go)
+
+
+def cmd_identity_get(args: argparse.Namespace) -> int:
+    async def go(bus: Bus) -> int:
+        identity = await bus.request(subjects.IDENTITY_GET, GetRequest(id=args.id), Identity)
+        _print_identities(args, [identity])
+        return 0
+
+    return _with_bus(args, go)
+
+
+def cmd_identity_allocate(args: argparse.Namespace) -> int:
+    async def go(bus: Bus) -> int:
+        reply = await bus.request(
+            subjects.IDENTITY_ALLOCATE,
+            AllocateRequest(labels=args.labels, owner=args.owner),
+            AllocateReply,
+        )
+        if args.output == "json":
+            output.emit_json(reply)
+        else:
+            state = "new" if reply.new else "existing"
+            print(f"{reply.identity.id}\t{state}\t{', '.join(reply.identity.labels)}")
+        return 0
+
+    return _with_bus(args, go)
+
+
+def cmd_identity_release(args: argparse.Namespace) -> int:
+    async def go(bus: Bus) -> int:
+        reply = await bus.request(
+            subjects.IDENTITY_RELEASE, ReleaseRequest(id=args.id, owner=args.owner), ReleaseReply
+        )
+        if args.output == "json":
+            output.emit_json(reply)
+        else:
+            print(f"released identity {reply.id}; {reply.references} reference(s) left")
+        return 0
+
+    return _with_bus(args, go)
+
+
+# --- parser ----------------------------------------------------------------------------------
+
+
+def _output_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", "--output", choices=["table", "json"], default="table")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="membrane",
+        description="Container networking with identity-based security and an eBPF datapath.",
+    )
+    parser.add_argument(
+        "--state-dir",
+        help="local cluster state directory "
+        "[env MEMBRANE_STATE_DIR, default /var/lib/membrane as root]",
+    )
+    parser.add_argument(
+        "--nats-url", help="NATS to talk to [env MEMBRANE_NATS_URL, default: the local cluster's]"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds to wait for NATS (default 5)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("up", help="start the local cluster")
+    p.add_argument("--redis-url", help="use this Redis instead of starting one")
+    p.add_argument("--identity-replicas", type=int, help="identity service replicas (default 2)")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("down", help="stop the local cluster and remove what it created")
+    p.add_argument("--purge", action="store_true", help="also delete the state directory")
+    p.set_defaults(func=cmd_down)
+
+    p = sub.add_parser("status", help="services, replicas and processes")
+    _output_flag(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("run", help="run one service in the foreground, as a container would")
+    run_sub = p.add_subparsers(dest="service", required=True, metavar="SERVICE")
+    for name, entry in SERVICES.items():
+        sp = run_sub.add_parser(name, help=entry.summary)
+        config.add_arguments(sp, entry.settings)
+        sp.set_defaults(func=cmd_run, service=name)
+
+    p = sub.add_parser("identity", help="security identities")
+    id_sub = p.add_subparsers(dest="identity_command", required=True, metavar="ACTION")
+    sp = id_sub.add_parser("list", help="every identity, reserved ones included")
+    _output_flag(sp)
+    sp.set_defaults(func=cmd_identity_list)
+    sp = id_sub.add_parser("get", help="one identity by number")
+    sp.add_argument("id", type=int)
+    _output_flag(sp)
+    sp.set_defaults(func=cmd_identity_get)
+    sp = id_sub.add_parser("allocate", help="the identity of a label set (allocated if new)")
+    sp.add_argument(
+        "labels",
+        nargs="+",
+        metavar="KEY=VALUE",
+        help="labels, k8s: by default; reserved:NAME for reserved identities",
+    )
+    sp.add_argument("--owner", default="cli", help="who holds the reference (default cli)")
+    _output_flag(sp)
+    sp.set_defaults(func=cmd_identity_allocate)
+    sp = id_sub.add_parser("release", help="drop a reference taken with allocate")
+    sp.add_argument("id", type=int)
+    sp.add_argument("--owner", default="cli")
+    _output_flag(sp)
+    sp.set_defaults(func=cmd_identity_release)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Command = args.func
+    try:
+        return func(args)
+    except MembraneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

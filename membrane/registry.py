@@ -1,0 +1,30 @@
+"""The services ``membrane run`` can start, and how the local cluster runs them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from services.identity import service as identity
+from shared import subjects
+
+
+@dataclass(frozen=True)
+class ServiceEntry:
+    settings: type[Any]
+    run: Callable[[Any], Coroutine[Any, Any, None]]
+    micro_name: str
+    default_replicas: int
+    summary: str
+
+
+SERVICES: dict[str, ServiceEntry] = {
+    "identity": ServiceEntry(
+        settings=identity.IdentitySettings,
+        run=identity.run,
+        micro_name=subjects.IDENTITY_SERVICE,
+        default_replicas=2,
+        summary="security identities from labels; cluster-pool IPAM",
+    ),
+}

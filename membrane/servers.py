@@ -1,0 +1,140 @@
+"""nats-server and redis-server as membrane runs them: on loopback, in a state directory.
+
+The local cluster (``membrane up``) and the test suite start them the same way, from here.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.errors import Unavailable
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def require_binary(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise Unavailable(f"{name} is not installed; run `make setup` (or apt-get install {name})")
+    return path
+
+
+@dataclass
+class NatsServer:
+    """nats-server with JetStream, a user/password, its store under ``directory``."""
+
+    directory: Path
+    port: int = 0
+    host: str = LOOPBACK
+    user: str = "membrane"
+    password: str = field(default_factory=lambda: secrets.token_urlsafe(18))
+
+    def __post_init__(self) -> None:
+        self.port = self.port or free_port(self.host)
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.user}:{self.password}@{self.host}:{self.port}"
+
+    def write_config(self) -> Path:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        conf = self.directory / "nats.conf"
+        conf.write_text(
+            f"""# written by membrane; regenerated on every start
+listen: "{self.host}:{self.port}"
+server_name: membrane
+jetstream {{
+  store_dir: "{self.directory / "jetstream"}"
+  max_memory_store: 256MB
+  max_file_store: 2GB
+}}
+authorization {{
+  user: "{self.user}"
+  password: "{self.password}"
+}}
+max_payload: 8MB
+"""
+        )
+        conf.chmod(0o600)
+        return conf
+
+    def command(self) -> list[str]:
+        return [require_binary("nats-server"), "-c", str(self.write_config())]
+
+
+@dataclass
+class RedisServer:
+    """redis-server with AOF persistence and a password, its data under ``directory``."""
+
+    directory: Path
+    port: int = 0
+    host: str = LOOPBACK
+    password: str = field(default_factory=lambda: secrets.token_urlsafe(18))
+
+    def __post_init__(self) -> None:
+        self.port = self.port or free_port(self.host)
+
+    @property
+    def url(self) -> str:
+        return f"redis://:{self.password}@{self.host}:{self.port}/0"
+
+    def write_config(self) -> Path:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        conf = self.directory / "redis.conf"
+        conf.write_text(
+            f"""# written by membrane; regenerated on every start
+bind {self.host}
+port {self.port}
+protected-mode yes
+requirepass {self.password}
+dir {self.directory}
+appendonly yes
+appendfsync everysec
+save ""
+daemonize no
+logfile ""
+"""
+        )
+        conf.chmod(0o600)
+        return conf
+
+    def command(self) -> list[str]:
+        return [require_binary("redis-server"), str(self.write_config())]
+
+
+def wait_for_port(
+    host: str,
+    port: int,
+    name: str,
+    timeout: float = 15.0,
+    process: subprocess.Popen[bytes] | None = None,
+) -> None:
+    """Wait until ``host:port`` accepts connections; fail early if ``process`` died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if port_open(host, port):
+            return
+        if process is not None and process.poll() is not None:
+            raise Unavailable(f"{name} exited with code {process.returncode} before listening")
+        time.sleep(0.05)
+    raise Unavailable(f"{name} did not listen on {host}:{port} within {timeout:g}s")

@@ -1,0 +1,231 @@
+"""``membrane up`` / ``down``: the local cluster on one machine.
+
+``up`` writes a plan (nats-server, redis-server, every service replica) into the state
+directory, starts the supervisor detached, and waits until each part answers; ``down`` stops
+the supervisor, which stops everything in reverse order, and removes what ``up`` created
+outside the data it keeps (NATS store, Redis AOF, logs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+
+from membrane.registry import SERVICES
+from membrane.servers import NatsServer, RedisServer, free_port, port_open
+from membrane.state import ClusterInfo, Plan, ProcessSpec, StateDir
+from shared.bus import Bus, ServiceInfo
+from shared.errors import Unavailable
+
+Say = Callable[[str], None]
+OS_PACKAGES = {"nats-server": "nats-server", "redis-server": "redis-server"}
+
+
+def ensure_packages(say: Say) -> None:
+    """Install nats-server and redis-server from Debian if they are missing."""
+    missing = [pkg for binary, pkg in OS_PACKAGES.items() if shutil.which(binary) is None]
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        raise Unavailable(f"missing {', '.join(missing)}; install them or run `make setup`")
+    say(f"installing {', '.join(missing)} (apt-get) ...")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-q"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-q", *missing], check=True, env=env)
+
+
+def _reuse_port(previous: int) -> int:
+    return previous if previous and not port_open("127.0.0.1", previous) else free_port()
+
+
+def _cluster_info(state: StateDir, nats_url: str | None, redis_url: str | None) -> ClusterInfo:
+    """Keep ports and passwords of an earlier run, so clients and data stay valid."""
+    old = state.read_cluster()
+    nats = NatsServer(state.root / "nats", port=_reuse_port(old.nats_port if old else 0))
+    redis = RedisServer(state.root / "redis", port=_reuse_port(old.redis_port if old else 0))
+    if old and old.nats_password:
+        nats.password = old.nats_password
+    if old and old.redis_password:
+        redis.password = old.redis_password
+    return ClusterInfo(
+        nats_url=nats_url or nats.url,
+        redis_url=redis_url or redis.url,
+        nats_external=nats_url is not None,
+        redis_external=redis_url is not None,
+        nats_port=nats.port,
+        redis_port=redis.port,
+        nats_password=nats.password,
+        redis_password=redis.password,
+    )
+
+
+def build_plan(state: StateDir, info: ClusterInfo, replicas: dict[str, int]) -> Plan:
+    processes: list[ProcessSpec] = []
+    if not info.nats_external:
+        nats = NatsServer(state.root / "nats", port=info.nats_port, password=info.nats_password)
+        processes.append(
+            ProcessSpec(name="nats-server", command=nats.command(), ready_port=info.nats_port)
+        )
+    if not info.redis_external:
+        redis = RedisServer(
+            state.root / "redis", port=info.redis_port, password=info.redis_password
+        )
+        processes.append(
+            ProcessSpec(name="redis-server", command=redis.command(), ready_port=info.redis_port)
+        )
+    env = {
+        "MEMBRANE_NATS_URL": info.nats_url,
+        "MEMBRANE_REDIS_URL": info.redis_url,
+        "MEMBRANE_LOG_FORMAT": "json",
+    }
+    for service, count in replicas.items():
+        for index in range(1, count + 1):
+            replica = f"{service}-{index}"
+            processes.append(
+                ProcessSpec(
+                    name=replica,
+                    command=[sys.executable, "-m", "membrane", "run", service],
+                    env={**env, "MEMBRANE_REPLICA": replica},
+                )
+            )
+    return Plan(processes=processes)
+
+
+def up(
+    state: StateDir,
+    say: Say,
+    *,
+    nats_url: str | None = None,
+    redis_url: str | None = None,
+    replicas: dict[str, int] | None = None,
+    timeout: float = 60.0,
+) -> ClusterInfo:
+    replicas = replicas or {name: entry.default_replicas for name, entry in SERVICES.items()}
+    if state.supervisor_pid() is not None:
+        info = state.read_cluster()
+        if info is not None:
+            say(f"already up (state directory {state.root})")
+            return info
+    say(f"state directory {state.root}")
+    ensure_packages(say)
+    info = _cluster_info(state, nats_url, redis_url)
+    state.write_cluster(info)
+    state.run.mkdir(parents=True, exist_ok=True)
+    state.logs.mkdir(parents=True, exist_ok=True)
+    plan = build_plan(state, info, replicas)
+    state.plan_file.write_bytes(msgspec.json.encode(plan))
+    say("starting the supervisor")
+    log = open(state.logs / "supervisor.log", "ab")  # noqa: SIM115 - handed to the child
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "membrane.supervisor", str(state.root)],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    log.close()
+    try:
+        asyncio.run(_wait_until_ready(state, info, replicas, supervisor, say, timeout))
+    except BaseException:
+        say("start failed; stopping what was started")
+        down(state, lambda _: None)
+        raise
+    return info
+
+
+async def _wait_until_ready(
+    state: StateDir,
+    info: ClusterInfo,
+    replicas: dict[str, int],
+    supervisor: subprocess.Popen[bytes],
+    say: Say,
+    timeout: float,
+) -> None:
+    deadline = time.monotonic() + timeout
+
+    def check_alive() -> None:
+        if supervisor.poll() is not None:
+            tail = (state.logs / "supervisor.log").read_text().splitlines()[-5:]
+            raise Unavailable("the supervisor exited:\n  " + "\n  ".join(tail))
+
+    for name, port, external in (
+        ("nats-server", info.nats_port, info.nats_external),
+        ("redis-server", info.redis_port, info.redis_external),
+    ):
+        if external:
+            continue
+        started = time.monotonic()
+        while not port_open("127.0.0.1", port):
+            check_alive()
+            if time.monotonic() > deadline:
+                raise Unavailable(f"{name} did not start; see {state.logs / (name + '.log')}")
+            await asyncio.sleep(0.05)
+        say(f"{name} listening on 127.0.0.1:{port} ({time.monotonic() - started:.1f}s)")
+    bus = await Bus.connect(
+        info.nats_url, "membrane-up", retry_for=max(1.0, deadline - time.monotonic())
+    )
+    try:
+        for service, count in replicas.items():
+            started = time.monotonic()
+            micro_name = SERVICES[service].micro_name
+            while len(await bus.discover(micro_name, timeout=0.3)) < count:
+                check_alive()
+                if time.monotonic() > deadline:
+                    raise Unavailable(
+                        f"{service} did not become ready; see {state.logs}/{service}-*.log"
+                    )
+            say(f"{service}: {count} replica(s) ready ({time.monotonic() - started:.1f}s)")
+    finally:
+        await bus.close()
+
+
+def down(state: StateDir, say: Say, *, purge: bool = False, timeout: float = 30.0) -> int:
+    """Stop the cluster; returns how many supervised processes were running."""
+    pid = state.supervisor_pid()
+    running = sum(1 for p in state.processes() if p.running)
+    if pid is None:
+        say("not running")
+    else:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while state.supervisor_pid() is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if state.supervisor_pid() is not None:
+            say("the supervisor did not stop in time; killing its process group")
+            os.killpg(pid, signal.SIGKILL)
+        # children die with the supervisor (PDEATHSIG); sweep its session for stragglers
+        _kill_session(pid)
+        say(f"stopped {running} process(es)")
+    shutil.rmtree(state.run, ignore_errors=True)
+    if purge:
+        shutil.rmtree(state.root, ignore_errors=True)
+        say(f"removed {state.root}")
+    return running
+
+
+def _kill_session(sid: int) -> None:
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getsid(int(entry.name)) == sid:
+                os.kill(int(entry.name), signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            continue
+
+
+async def discover_all(nats_url: str) -> list[ServiceInfo]:
+    bus = await Bus.connect(nats_url, "membrane-status", retry_for=3)
+    try:
+        return await bus.discover(timeout=0.5)
+    finally:
+        await bus.close()

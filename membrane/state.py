@@ -1,0 +1,119 @@
+"""Where the local cluster keeps its state, and how the CLI finds the cluster it talks to.
+
+Layout of the state directory:
+
+- ``cluster.json`` — addresses and credentials of NATS and Redis (mode 0600), kept across
+  ``down``/``up`` so that identities persist;
+- ``nats/``, ``redis/`` — their data (JetStream store, AOF);
+- ``logs/<process>.log`` — one log per supervised process;
+- ``run/`` — the supervisor's pid, plan and process table; exists only while the cluster runs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import msgspec
+
+from shared.errors import Unavailable
+
+ENV_STATE_DIR = "MEMBRANE_STATE_DIR"
+
+
+class ClusterInfo(msgspec.Struct, kw_only=True):
+    nats_url: str
+    redis_url: str
+    nats_external: bool = False
+    redis_external: bool = False
+    nats_port: int = 0
+    redis_port: int = 0
+    nats_password: str = ""
+    redis_password: str = ""
+
+
+class ProcessState(msgspec.Struct, kw_only=True):
+    name: str
+    pid: int
+    restarts: int
+    started_at: float
+    log: str
+    running: bool = True
+
+
+class ProcessSpec(msgspec.Struct, kw_only=True):
+    name: str
+    command: list[str]
+    env: dict[str, str] = {}
+    ready_port: int = 0
+
+
+class Plan(msgspec.Struct, kw_only=True):
+    """What the supervisor runs, in start order; ``ready_port`` gates the next process."""
+
+    processes: list[ProcessSpec]
+
+
+def default_state_dir() -> Path:
+    env = os.environ.get(ENV_STATE_DIR)
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/lib/membrane")
+    return Path.home() / ".local" / "state" / "membrane"
+
+
+class StateDir:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.run = root / "run"
+        self.logs = root / "logs"
+        self.cluster_file = root / "cluster.json"
+        self.pid_file = self.run / "supervisor.pid"
+        self.plan_file = self.run / "plan.json"
+        self.status_file = self.run / "processes.json"
+
+    def read_cluster(self) -> ClusterInfo | None:
+        try:
+            return msgspec.json.decode(self.cluster_file.read_bytes(), type=ClusterInfo)
+        except FileNotFoundError:
+            return None
+
+    def write_cluster(self, info: ClusterInfo) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.cluster_file.touch(mode=0o600)
+        self.cluster_file.write_bytes(msgspec.json.format(msgspec.json.encode(info)))
+
+    def supervisor_pid(self) -> int | None:
+        """The running supervisor's pid, or None (a stale pid file counts as none)."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        return pid
+
+    def processes(self) -> list[ProcessState]:
+        try:
+            return msgspec.json.decode(self.status_file.read_bytes(), type=list[ProcessState])
+        except (FileNotFoundError, msgspec.DecodeError):
+            return []
+
+
+def resolve_nats_url(flag: str | None, state: StateDir) -> str:
+    """The NATS URL to use: the flag, else MEMBRANE_NATS_URL, else the local cluster's."""
+    if flag:
+        return flag
+    env = os.environ.get("MEMBRANE_NATS_URL")
+    if env:
+        return env
+    info = state.read_cluster()
+    if info is None or (state.supervisor_pid() is None and not info.nats_external):
+        raise Unavailable(
+            f"no local cluster is running (state directory {state.root}); start one with "
+            "`membrane up`, or point at NATS with --nats-url or MEMBRANE_NATS_URL"
+        )
+    return info.nats_url

@@ -1,0 +1,1 @@
+"""The identity service: label set -> numeric security identity, and cluster-pool IPAM."""

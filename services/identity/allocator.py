@@ -1,0 +1,209 @@
+"""Identity allocation state in Redis, changed only by atomic Lua scripts.
+
+Any number of allocators (service replicas) share one Redis: a label set always yields the same
+id, two label sets never share one, and there is no window in which either could happen,
+because each decision is one script run. This module knows nothing of NATS.
+
+Redis layout under ``prefix`` (default ``membrane:identity:``):
+
+- ``labels`` hash canonical labels -> id, ``ids`` hash id -> canonical labels
+- ``next`` the next never-used id
+- ``refs`` hash id -> references cluster-wide; ``owner:<owner>`` hash id -> that owner's
+- ``leases`` zset owner -> lease expiry (``+inf`` for owners without a lease)
+- ``gc`` zset id -> time it may be deleted; ``free`` zset id -> time it may be reused
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import resources
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from services.identity import reserved
+from shared.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from shared.labels import SOURCE_CIDR, SOURCE_RESERVED, LabelFilter, LabelSet
+
+MAX_OWNER_LENGTH = 253
+
+
+def _script(name: str) -> str:
+    return resources.files("services.identity").joinpath(name).read_text()
+
+
+@dataclass(frozen=True)
+class Allocation:
+    id: int
+    labels: LabelSet
+    new: bool
+
+
+@dataclass(frozen=True)
+class GCResult:
+    expired_owners: list[str]
+    deleted_ids: list[int]
+
+
+@contextlib.contextmanager
+def redis_errors(operation: str) -> Iterator[None]:
+    """Turn a Redis outage into ``Unavailable``: the caller may retry, nothing is lost."""
+    try:
+        yield
+    except redis.exceptions.BusyLoadingError:
+        raise Unavailable(f"redis is loading its data during {operation}") from None
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        raise Unavailable(f"redis is unavailable during {operation}: {exc}") from None
+
+
+def validate_owner(owner: str) -> str:
+    if not owner or len(owner) > MAX_OWNER_LENGTH or any(c.isspace() for c in owner):
+        raise InvalidArgument(
+            f"owner must be 1-{MAX_OWNER_LENGTH} characters without spaces", field="owner"
+        )
+    return owner
+
+
+class IdentityAllocator:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        label_filter: LabelFilter | None = None,
+        min_id: int = reserved.CLUSTER_MIN,
+        max_id: int = reserved.CLUSTER_MAX,
+        grace_seconds: float = 300.0,
+        prefix: str = "membrane:identity:",
+    ) -> None:
+        if not reserved.CLUSTER_MIN <= min_id <= max_id <= reserved.CLUSTER_MAX:
+            raise InvalidArgument(
+                f"identity range must lie within {reserved.CLUSTER_MIN}-{reserved.CLUSTER_MAX}",
+                field="identity_range",
+            )
+        self.redis = client
+        self.filter = label_filter or LabelFilter()
+        self.min_id = min_id
+        self.max_id = max_id
+        self.grace_seconds = grace_seconds
+        self.prefix = prefix
+        self._allocate = client.register_script(_script("allocate.lua"))
+        self._release = client.register_script(_script("release.lua"))
+        self._gc = client.register_script(_script("gc.lua"))
+
+    def normalize(self, raw: list[str]) -> LabelSet:
+        """Parse, validate and filter labels; the result is what the identity stands for."""
+        if not raw:
+            raise InvalidArgument("at least one label is required", field="labels")
+        labels = self.filter.apply(LabelSet.parse(raw))
+        if not labels:
+            raise InvalidArgument(
+                "every label was dropped by the identity label filter", field="labels"
+            )
+        return labels
+
+    async def allocate(self, raw: list[str], owner: str, lease_seconds: float = 0) -> Allocation:
+        labels = self.normalize(raw)
+        validate_owner(owner)
+        sources = {labels[key].source for key in labels}
+        if SOURCE_RESERVED in sources:
+            return self._reserved(labels)
+        if SOURCE_CIDR in sources:
+            raise InvalidArgument(
+                "cidr identities are node-local; the datapath allocates them", field="labels"
+            )
+        with redis_errors("allocate"):
+            try:
+                number, new = await self._allocate(
+                    args=[
+                        self.prefix,
+                        labels.canonical,
+                        owner,
+                        lease_seconds,
+                        self.min_id,
+                        self.max_id,
+                    ]
+                )
+            except redis.exceptions.ResponseError as exc:
+                if "exhausted" in str(exc):
+                    raise ResourceExhausted(
+                        f"all identities {self.min_id}-{self.max_id} are in use or quarantined"
+                    ) from None
+                raise
+        return Allocation(int(number), labels, bool(new))
+
+    def _reserved(self, labels: LabelSet) -> Allocation:
+        if len(labels) != 1:
+            raise InvalidArgument(
+                "a reserved label stands alone; it cannot be combined with others",
+                field="labels",
+            )
+        (label,) = labels.values()
+        number = reserved.RESERVED.get(label.key)
+        if number is None:
+            raise InvalidArgument(
+                f"unknown reserved identity {label.key!r}; known: " + ", ".join(reserved.RESERVED),
+                field=f"labels[{str(label)!r}]",
+            )
+        return Allocation(number, labels, False)
+
+    async def release(self, number: int, owner: str) -> int:
+        """Drop one reference of ``owner``; returns the references left cluster-wide."""
+        validate_owner(owner)
+        if number in reserved.BY_ID:
+            return 1  # reserved identities are never released
+        with redis_errors("release"):
+            try:
+                left = await self._release(args=[self.prefix, number, owner, self.grace_seconds])
+            except redis.exceptions.ResponseError as exc:
+                if "not_referenced" in str(exc):
+                    raise NotFound(
+                        f"owner {owner!r} holds no reference to identity {number}", field="id"
+                    ) from None
+                raise
+        return int(left)
+
+    async def renew_lease(self, owner: str, ttl_seconds: float) -> float:
+        """Extend an owner's lease; returns the new expiry (unix seconds, Redis clock)."""
+        validate_owner(owner)
+        if ttl_seconds <= 0:
+            raise InvalidArgument("ttl_seconds must be positive", field="ttl_seconds")
+        with redis_errors("heartbeat"):
+            seconds, micros = await self.redis.time()
+            expires = seconds + micros / 1e6 + ttl_seconds
+            await self.redis.zadd(self.prefix + "leases", {owner: expires}, gt=True)
+        return expires
+
+    async def get(self, number: int) -> LabelSet:
+        if number in reserved.BY_ID:
+            return reserved.labels_of(number)
+        with redis_errors("get"):
+            canonical = await self.redis.hget(self.prefix + "ids", str(number))
+        if canonical is None:
+            raise NotFound(f"identity {number} does not exist", field="id")
+        return LabelSet.from_canonical(_text(canonical))
+
+    async def list(self) -> dict[int, LabelSet]:
+        with redis_errors("list"):
+            raw = await self.redis.hgetall(self.prefix + "ids")
+        found = {number: reserved.labels_of(number) for number in reserved.BY_ID if number}
+        for key, value in raw.items():
+            found[int(key)] = LabelSet.from_canonical(_text(value))
+        return dict(sorted(found.items()))
+
+    async def references(self, number: int) -> int:
+        with redis_errors("references"):
+            count = await self.redis.hget(self.prefix + "refs", str(number))
+        return int(count or 0)
+
+    async def collect_garbage(self, batch: int = 1000) -> GCResult:
+        with redis_errors("gc"):
+            out = await self._gc(args=[self.prefix, self.grace_seconds, batch])
+        items = [_text(item) for item in out]
+        split = items.index("")
+        return GCResult(items[:split], [int(i) for i in items[split + 1 :]])
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

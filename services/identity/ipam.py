@@ -1,0 +1,93 @@
+"""Cluster-pool IPAM: one pod CIDR per node, carved from the cluster CIDR, kept in Redis.
+
+Allocation is idempotent (a node asking again gets the same CIDR) and atomic (a Lua script), so
+any replica may answer. Changing the cluster CIDR under existing allocations is refused rather
+than silently handing out overlapping ranges.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from importlib import resources
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from services.identity.allocator import redis_errors
+from shared.errors import InvalidArgument, NotFound, ResourceExhausted
+from shared.labels import validate_key
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_pool(cluster_cidr: str, mask_size: int) -> tuple[Network, int]:
+    try:
+        network = ipaddress.ip_network(cluster_cidr, strict=True)
+    except ValueError as exc:
+        raise InvalidArgument(f"{cluster_cidr!r}: {exc}", field="cluster_cidr") from None
+    if not network.prefixlen <= mask_size <= network.max_prefixlen:
+        raise InvalidArgument(
+            f"node mask /{mask_size} must lie between /{network.prefixlen} and "
+            f"/{network.max_prefixlen}",
+            field="node_mask_size",
+        )
+    return network, mask_size
+
+
+class PodCIDRAllocator:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        cluster_cidr: str = "10.244.0.0/16",
+        mask_size: int = 24,
+        prefix: str = "membrane:ipam:",
+    ) -> None:
+        self.network, self.mask_size = parse_pool(cluster_cidr, mask_size)
+        self.size = 1 << (mask_size - self.network.prefixlen)
+        self.redis = client
+        self.prefix = prefix
+        self._fingerprint = f"{self.network}/{mask_size}"
+        scripts = resources.files("services.identity")
+        self._allocate = client.register_script(scripts.joinpath("ipam.lua").read_text())
+        self._release = client.register_script(scripts.joinpath("ipam_release.lua").read_text())
+
+    def subnet(self, index: int) -> Network:
+        step = 1 << (self.network.max_prefixlen - self.mask_size)
+        base = int(self.network.network_address) + index * step
+        return ipaddress.ip_network((base, self.mask_size))
+
+    async def allocate(self, node: str) -> Network:
+        validate_key(node, field="node")
+        with redis_errors("ipam allocate"):
+            try:
+                index = await self._allocate(args=[self.prefix, node, self._fingerprint, self.size])
+            except redis.exceptions.ResponseError as exc:
+                message = str(exc)
+                if "exhausted" in message:
+                    raise ResourceExhausted(
+                        f"all {self.size} pod CIDRs of {self.network} are allocated"
+                    ) from None
+                if message.startswith("pool_changed:"):
+                    old = message.split(":", 1)[1]
+                    raise InvalidArgument(
+                        f"the cluster pool changed from {old} to {self._fingerprint} while "
+                        "nodes still hold CIDRs from the old one; release them first",
+                        field="cluster_cidr",
+                    ) from None
+                raise
+        return self.subnet(int(index))
+
+    async def release(self, node: str) -> Network:
+        with redis_errors("ipam release"):
+            index = await self._release(args=[self.prefix, node])
+        if index is None:
+            raise NotFound(f"node {node!r} holds no pod CIDR", field="node")
+        return self.subnet(int(index))
+
+    async def list(self) -> dict[str, Network]:
+        with redis_errors("ipam list"):
+            raw = await self.redis.hgetall(self.prefix + "nodes")
+        return {
+            (k.decode() if isinstance(k, bytes) else k): self.subnet(int(v))
+            for k, v in sorted(raw.items())
+        }

@@ -1,0 +1,294 @@
+"""The identity service's face: NATS handlers over the allocator and the pod-CIDR pool.
+
+Replicas are stateless and share the work through a queue group; Redis holds the state. Every
+identity that appears or disappears is written to the ``identities`` KV bucket, which the other
+services watch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import redis.asyncio as aioredis
+from nats.js.kv import KeyValue
+from prometheus_client import Counter, Gauge, Histogram
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from services.identity import reserved
+from services.identity.allocator import Allocation, IdentityAllocator
+from services.identity.ipam import PodCIDRAllocator
+from shared import __version__, log, metrics, subjects
+from shared.bus import Bus, MicroService, encode, redact
+from shared.config import CommonSettings, setting
+from shared.errors import MembraneError
+from shared.labels import DEFAULT_LABEL_FILTER, LabelFilter, LabelSet
+from shared.messages import (
+    AllocateReply,
+    AllocateRequest,
+    Empty,
+    GetRequest,
+    HeartbeatReply,
+    HeartbeatRequest,
+    Identity,
+    ListReply,
+    Message,
+    PodCIDR,
+    PodCIDRList,
+    PodCIDRRequest,
+    ReleaseReply,
+    ReleaseRequest,
+)
+from shared.runtime import TaskGroup, periodically, wait_for_shutdown
+
+Req = TypeVar("Req", bound=Message)
+Res = TypeVar("Res", bound=Message)
+
+ALLOCATE_SECONDS = Histogram(
+    "membrane_identity_allocate_duration_seconds",
+    "Time to allocate or look up an identity, by whether it was new",
+    ["new"],
+    buckets=(0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1),
+)
+ERRORS = Counter(
+    "membrane_identity_errors_total", "Failed identity operations, by error code", ["code"]
+)
+IDENTITIES = Gauge("membrane_identities", "Identities known to the cluster, by kind", ["kind"])
+GC_DELETED = Counter("membrane_identity_gc_deleted_total", "Identities deleted by GC")
+LEASES_EXPIRED = Counter(
+    "membrane_identity_leases_expired_total", "Owners whose lease lapsed and lost references"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class IdentitySettings(CommonSettings):
+    identity_min: int = setting(reserved.CLUSTER_MIN, "lowest cluster-local identity")
+    identity_max: int = setting(reserved.CLUSTER_MAX, "highest cluster-local identity")
+    grace_period: float = setting(
+        300.0, "seconds an unreferenced identity is kept (and a freed id quarantined)"
+    )
+    gc_interval: float = setting(10.0, "seconds between garbage-collection passes")
+    reconcile_interval: float = setting(
+        300.0, "seconds between checks that the identities KV bucket matches Redis"
+    )
+    label_filter: tuple[str, ...] = setting(
+        DEFAULT_LABEL_FILTER,
+        "identity-relevant label patterns, comma-separated; '!re' excludes matching keys",
+    )
+    cluster_cidr: str = setting("10.244.0.0/16", "cluster pod CIDR that node CIDRs come from")
+    node_mask_size: int = setting(24, "prefix length of each node's pod CIDR")
+    concurrency: int = setting(128, "requests served at once per replica")
+
+
+def to_wire(number: int, labels: LabelSet) -> Identity:
+    return Identity(id=number, labels=labels.strings(), kind=reserved.kind_of(number))
+
+
+def make_redis(url: str) -> aioredis.Redis:
+    """A client whose every command fails within about two seconds while Redis is away."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        # requests beyond this many wait for a connection instead of failing
+        max_connections=32,
+        timeout=2.0,
+        socket_timeout=1.0,
+        socket_connect_timeout=1.0,
+        retry=Retry(ExponentialBackoff(cap=0.25, base=0.05), retries=2),
+        health_check_interval=30,
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
+class IdentityService:
+    def __init__(
+        self,
+        bus: Bus,
+        kv: KeyValue,
+        allocator: IdentityAllocator,
+        pool: PodCIDRAllocator,
+        settings: IdentitySettings,
+    ) -> None:
+        self.bus = bus
+        self.kv = kv
+        self.allocator = allocator
+        self.pool = pool
+        self.settings = settings
+        self.log = log.get("identity")
+
+    async def register(self, metadata: dict[str, str]) -> MicroService:
+        micro = await self.bus.add_service(
+            subjects.IDENTITY_SERVICE,
+            __version__,
+            "security identities from labels, and cluster-pool IPAM",
+            metadata,
+        )
+        queue = subjects.IDENTITY_QUEUE
+        n = self.settings.concurrency
+
+        async def serve(
+            name: str,
+            subject: str,
+            request_type: type[Req],
+            handler: Callable[[Req], Awaitable[Res]],
+        ) -> None:
+            await micro.endpoint(
+                name, subject, request_type, _counting(handler), queue_group=queue, concurrency=n
+            )
+
+        await serve("allocate", subjects.IDENTITY_ALLOCATE, AllocateRequest, self.allocate)
+        await serve("release", subjects.IDENTITY_RELEASE, ReleaseRequest, self.release)
+        await serve("get", subjects.IDENTITY_GET, GetRequest, self.get)
+        await serve("list", subjects.IDENTITY_LIST, Empty, self.list)
+        await serve("heartbeat", subjects.IDENTITY_HEARTBEAT, HeartbeatRequest, self.heartbeat)
+        await serve("ipam-allocate", subjects.IPAM_ALLOCATE, PodCIDRRequest, self.ipam_allocate)
+        await serve("ipam-release", subjects.IPAM_RELEASE, PodCIDRRequest, self.ipam_release)
+        await serve("ipam-list", subjects.IPAM_LIST, Empty, self.ipam_list)
+        return micro
+
+    # --- handlers (each takes a decoded request and returns a reply struct) -----------------
+
+    async def allocate(self, req: AllocateRequest) -> AllocateReply:
+        started = time.perf_counter()
+        result: Allocation = await self.allocator.allocate(req.labels, req.owner, req.lease_seconds)
+        ALLOCATE_SECONDS.labels(str(result.new).lower()).observe(time.perf_counter() - started)
+        identity = to_wire(result.id, result.labels)
+        if result.new:
+            IDENTITIES.labels("cluster").inc()
+            # Written before replying, so a caller that sees the id finds it in the KV too.
+            await self.kv.put(str(result.id), encode(identity))
+            self.log.info("identity allocated", identity=result.id, labels=result.labels.canonical)
+        return AllocateReply(identity=identity, new=result.new)
+
+    async def release(self, req: ReleaseRequest) -> ReleaseReply:
+        left = await self.allocator.release(req.id, req.owner)
+        return ReleaseReply(id=req.id, references=left)
+
+    async def get(self, req: GetRequest) -> Identity:
+        return to_wire(req.id, await self.allocator.get(req.id))
+
+    async def list(self, _: Empty) -> ListReply:
+        found = await self.allocator.list()
+        return ListReply(identities=[to_wire(n, labels) for n, labels in found.items()])
+
+    async def heartbeat(self, req: HeartbeatRequest) -> HeartbeatReply:
+        expires = await self.allocator.renew_lease(req.owner, req.ttl_seconds)
+        return HeartbeatReply(owner=req.owner, expires_at=expires)
+
+    async def ipam_allocate(self, req: PodCIDRRequest) -> PodCIDR:
+        network = await self.pool.allocate(req.node)
+        return PodCIDR(node=req.node, cidr=str(network))
+
+    async def ipam_release(self, req: PodCIDRRequest) -> PodCIDR:
+        network = await self.pool.release(req.node)
+        return PodCIDR(node=req.node, cidr=str(network))
+
+    async def ipam_list(self, _: Empty) -> PodCIDRList:
+        found = await self.pool.list()
+        return PodCIDRList(allocations=[PodCIDR(node=n, cidr=str(c)) for n, c in found.items()])
+
+    # --- background work --------------------------------------------------------------------
+
+    async def collect_garbage(self) -> None:
+        result = await self.allocator.collect_garbage()
+        if result.expired_owners:
+            LEASES_EXPIRED.inc(len(result.expired_owners))
+            self.log.info("leases expired", owners=result.expired_owners)
+        for number in result.deleted_ids:
+            await self.kv.delete(str(number))
+            GC_DELETED.inc()
+            IDENTITIES.labels("cluster").dec()
+            self.log.info("identity garbage-collected", identity=number)
+
+    async def reconcile(self) -> None:
+        """Make the KV bucket match Redis: put what is missing or wrong, delete what is gone.
+
+        Covers a replica that died between the Redis write and the KV write.
+        """
+        found = await self.allocator.list()
+        cluster = {n: labels for n, labels in found.items() if n not in reserved.BY_ID}
+        IDENTITIES.labels("cluster").set(len(cluster))
+        IDENTITIES.labels("reserved").set(len(reserved.BY_ID) - 1)
+        in_kv: dict[int, bytes] = {}
+        async for event in Bus.watch(self.kv):
+            if event is None:
+                break
+            if event.value is not None:
+                in_kv[int(event.key)] = event.value
+        puts = deletes = 0
+        for number, labels in cluster.items():
+            wanted = encode(to_wire(number, labels))
+            if in_kv.get(number) != wanted:
+                await self.kv.put(str(number), wanted)
+                puts += 1
+        for number in in_kv.keys() - cluster.keys():
+            await self.kv.delete(str(number))
+            deletes += 1
+        if puts or deletes:
+            self.log.info("identities bucket reconciled", puts=puts, deletes=deletes)
+
+
+def _counting(handler: Callable[[Req], Awaitable[Res]]) -> Callable[[Req], Awaitable[Res]]:
+    """Count user-visible errors by code for the identity service's own metric."""
+
+    async def wrapped(req: Req) -> Res:
+        try:
+            return await handler(req)
+        except MembraneError as exc:
+            ERRORS.labels(exc.code).inc()
+            raise
+
+    return wrapped
+
+
+async def run(settings: IdentitySettings) -> None:
+    replica = settings.replica or f"identity-{os.getpid()}"
+    log.configure(settings.log_level, settings.log_format, service="identity", replica=replica)
+    logger = log.get("identity")
+    label_filter = LabelFilter(settings.label_filter)
+    client = make_redis(settings.redis_url)
+    allocator = IdentityAllocator(
+        client,
+        label_filter=label_filter,
+        min_id=settings.identity_min,
+        max_id=settings.identity_max,
+        grace_seconds=settings.grace_period,
+    )
+    pool = PodCIDRAllocator(client, settings.cluster_cidr, settings.node_mask_size)
+    bus = await Bus.connect(settings.nats_url, f"identity/{replica}")
+    kv = await bus.kv(subjects.KV_IDENTITIES, description="security identity -> labels")
+    service = IdentityService(bus, kv, allocator, pool, settings)
+    metrics_port = metrics.serve(settings.metrics_host, settings.metrics_port)
+    await service.register(
+        {"replica": replica, "metrics": f"{settings.metrics_host}:{metrics_port}"}
+    )
+    tasks = TaskGroup()
+    tasks.spawn("gc", lambda: periodically(settings.gc_interval, service.collect_garbage))
+    tasks.spawn("reconcile", lambda: _reconcile_loop(service, settings.reconcile_interval))
+    logger.info(
+        "identity service ready",
+        nats=redact(settings.nats_url),
+        redis=redact(settings.redis_url),
+        metrics=metrics_port,
+    )
+    signal_name = await wait_for_shutdown()
+    logger.info("shutting down", signal=signal_name)
+    await tasks.close()
+    await bus.close()
+    await client.aclose()
+
+
+async def _reconcile_loop(service: IdentityService, interval: float) -> None:
+    """Reconcile once at start (retrying while Redis is away), then every ``interval``."""
+    while True:
+        try:
+            await service.reconcile()
+            break
+        except MembraneError as exc:
+            service.log.warning("initial reconcile failed, retrying", error=str(exc))
+            await asyncio.sleep(2)
+    await periodically(interval, service.reconcile)

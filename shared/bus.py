@@ -1,0 +1,407 @@
+"""The NATS bus: connect with retry, typed request/reply, micro services, JetStream KV helpers.
+
+Every request gets exactly one reply: the result struct, or an error reply carrying the NATS
+micro error headers and an :class:`~shared.messages.ErrorBody`. A payload that does not decode
+is answered with ``invalid_argument`` naming the field, and counted; the service keeps running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig
+from nats.js.kv import KeyValue
+from nats.micro import add_service
+from nats.micro.request import Request
+from nats.micro.service import EndpointConfig, Service
+from prometheus_client import Counter, Histogram
+
+from shared import log
+from shared.errors import DeadlineExceeded, Internal, InvalidArgument, MembraneError, Unavailable
+from shared.errors import from_code as error_from_code
+from shared.messages import ErrorBody, Message
+from shared.subjects import MICRO_INFO
+
+Req = TypeVar("Req", bound=Message)
+Res = TypeVar("Res", bound=Message)
+Handler = Callable[[Req], Awaitable[Message]]
+
+ERROR_HEADER = "Nats-Service-Error"
+ERROR_CODE_HEADER = "Nats-Service-Error-Code"
+MEMBRANE_CODE_HEADER = "Membrane-Error-Code"
+
+# NATS micro error codes are HTTP-like numbers; membrane's own code travels in its own header.
+_HTTP_STATUS = {
+    "invalid_argument": "400",
+    "not_found": "404",
+    "already_exists": "409",
+    "resource_exhausted": "429",
+    "unavailable": "503",
+    "deadline_exceeded": "504",
+    "internal": "500",
+}
+
+REQUESTS = Counter(
+    "membrane_bus_requests_total",
+    "Requests served, by service, endpoint and result code",
+    ["service", "endpoint", "code"],
+)
+REQUEST_SECONDS = Histogram(
+    "membrane_bus_request_duration_seconds",
+    "Time to serve a request, from receipt to reply",
+    ["service", "endpoint"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+MALFORMED = Counter(
+    "membrane_bus_malformed_messages_total",
+    "Messages that did not decode into the endpoint's payload type",
+    ["service", "endpoint"],
+)
+
+_encoder = msgspec.json.Encoder()
+_PATH_RE = re.compile(r"at `\$\.?([^`]*)`")
+
+_log = log.get("bus")
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for logs and messages."""
+    parts = []
+    for one in url.split(","):
+        parsed = urllib.parse.urlsplit(one.strip())
+        if parsed.password:
+            netloc = f"{parsed.username}:***@{parsed.hostname}"
+            if parsed.port:
+                netloc += f":{parsed.port}"
+            parsed = parsed._replace(netloc=netloc)
+        parts.append(urllib.parse.urlunsplit(parsed))
+    return ",".join(parts)
+
+
+def encode(message: Message) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode(data: bytes, type_: type[Req]) -> Req:
+    """Decode a payload; a bad one raises InvalidArgument naming the offending field."""
+    try:
+        return msgspec.json.decode(data or b"{}", type=type_)
+    except msgspec.ValidationError as exc:
+        match = _PATH_RE.search(str(exc))
+        field = match.group(1) if match and match.group(1) else None
+        reason = str(exc).split(" - at ")[0]
+        raise InvalidArgument(f"malformed {type_.__name__}: {reason}", field=field) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidArgument(f"malformed {type_.__name__}: {exc}") from None
+
+
+class ServiceInfo(msgspec.Struct, kw_only=True):
+    """A replica's answer to $SRV.INFO (the NATS micro protocol's own schema)."""
+
+    name: str
+    id: str
+    version: str
+    description: str = ""
+    metadata: dict[str, str] = {}
+    endpoints: list[dict[str, object]] = []
+
+
+@dataclass(frozen=True)
+class KVEvent:
+    """One change of a KV key; ``value`` is None when the key was deleted or purged."""
+
+    key: str
+    value: bytes | None
+    revision: int
+
+
+class Bus:
+    """A connection to NATS with JetStream, shared by everything in one process."""
+
+    def __init__(self, nc: Client, name: str, closing: asyncio.Event | None = None) -> None:
+        self.nc = nc
+        self._closing = closing or asyncio.Event()
+        self.js: JetStreamContext = nc.jetstream()
+        self.name = name
+        self._services: list[MicroService] = []
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str,
+        name: str,
+        *,
+        retry_for: float | None = None,
+        connect_timeout: float = 2.0,
+    ) -> Bus:
+        """Connect, retrying with backoff; ``retry_for=None`` retries until cancelled.
+
+        Once connected, the client reconnects by itself for as long as the process lives.
+        """
+        closing = asyncio.Event()
+
+        async def on_disconnect() -> None:
+            if not closing.is_set():
+                _log.warning("nats disconnected, reconnecting", url=redact(url))
+
+        deadline = None if retry_for is None else time.monotonic() + retry_for
+        delay = 0.2
+        while True:
+            try:
+                nc = await nats.connect(
+                    servers=[u.strip() for u in url.split(",")],
+                    name=name,
+                    connect_timeout=connect_timeout,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=1.0,
+                    error_cb=_on_error,
+                    disconnected_cb=on_disconnect,
+                    reconnected_cb=_on_reconnect,
+                )
+                return cls(nc, name, closing)
+            except (TimeoutError, OSError, nats.errors.Error) as exc:
+                reason = _describe(exc)
+                if deadline is not None and time.monotonic() + delay > deadline:
+                    raise Unavailable(
+                        f"cannot reach NATS at {redact(url)}: {reason}"
+                        " (is the cluster up? try `membrane up`)"
+                    ) from None
+                _log.warning(
+                    "nats unreachable, retrying",
+                    url=redact(url),
+                    reason=reason,
+                    retry_in=round(delay, 1),
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def close(self) -> None:
+        """Stop every micro service (waiting for in-flight requests), then drain."""
+        self._closing.set()
+        for service in self._services:
+            await service.stop()
+        if not self.nc.is_closed:
+            try:
+                await self.nc.drain()
+            except (TimeoutError, nats.errors.Error):
+                await self.nc.close()
+
+    # --- request/reply --------------------------------------------------------------------
+
+    async def request(
+        self, subject: str, payload: Message, reply_type: type[Res], *, timeout: float = 5.0
+    ) -> Res:
+        """Send a typed request; return the typed result or raise the typed error."""
+        try:
+            msg = await self.nc.request(subject, encode(payload), timeout=timeout)
+        except nats.errors.NoRespondersError:
+            raise Unavailable(f"no service is answering on {subject}") from None
+        except nats.errors.TimeoutError:
+            raise DeadlineExceeded(f"no reply on {subject} within {timeout:g}s") from None
+        except nats.errors.ConnectionClosedError:
+            raise Unavailable("the NATS connection is closed") from None
+        headers = msg.headers or {}
+        if ERROR_HEADER in headers:
+            try:
+                body = msgspec.json.decode(msg.data, type=ErrorBody)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                body = ErrorBody(
+                    code=headers.get(MEMBRANE_CODE_HEADER, "internal"),
+                    message=headers[ERROR_HEADER],
+                )
+            raise error_from_code(body.code, body.message, body.field)
+        try:
+            return msgspec.json.decode(msg.data, type=reply_type)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise Internal(
+                f"reply on {subject} did not decode as {reply_type.__name__}: {exc}"
+            ) from None
+
+    # --- micro services -------------------------------------------------------------------
+
+    async def add_service(
+        self, name: str, version: str, description: str, metadata: dict[str, str] | None = None
+    ) -> MicroService:
+        """Register a NATS micro service, so every replica answers $SRV.PING/INFO/STATS."""
+        service = await add_service(
+            self.nc,
+            name=name,
+            version=version,
+            description=description,
+            metadata=metadata or {},
+        )
+        micro = MicroService(service, name)
+        self._services.append(micro)
+        return micro
+
+    async def discover(self, service: str = "", timeout: float = 0.5) -> list[ServiceInfo]:
+        """Every replica of ``service`` (all services if empty) answering $SRV.INFO in time."""
+        subject = f"{MICRO_INFO}.{service}" if service else MICRO_INFO
+        inbox = self.nc.new_inbox()
+        found: list[ServiceInfo] = []
+        sub = await self.nc.subscribe(inbox)
+        try:
+            await self.nc.publish(subject, b"", reply=inbox)
+            deadline = time.monotonic() + timeout
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    msg = await sub.next_msg(timeout=left)
+                except nats.errors.TimeoutError:
+                    break
+                try:
+                    found.append(msgspec.json.decode(msg.data, type=ServiceInfo))
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    _log.warning("undecodable $SRV.INFO reply", data=msg.data[:200])
+        finally:
+            await sub.unsubscribe()
+        return sorted(found, key=lambda info: (info.name, info.metadata.get("replica", info.id)))
+
+    # --- JetStream KV ---------------------------------------------------------------------
+
+    async def kv(
+        self, bucket: str, *, history: int = 1, ttl: float | None = None, description: str = ""
+    ) -> KeyValue:
+        """Bind to a KV bucket, creating it first if it does not exist (idempotent)."""
+        try:
+            return await self.js.key_value(bucket)
+        except nats.js.errors.BucketNotFoundError:
+            pass
+        try:
+            return await self.js.create_key_value(
+                KeyValueConfig(bucket=bucket, history=history, ttl=ttl, description=description)
+            )
+        except nats.js.errors.BadRequestError:
+            # another process created it between our two calls
+            return await self.js.key_value(bucket)
+
+    @staticmethod
+    async def watch(kv: KeyValue, keys: str = ">") -> AsyncIterator[KVEvent | None]:
+        """Yield the current value of every key, then ``None`` once caught up, then changes.
+
+        A consumer that restarts gets the whole current state again, so it resyncs by itself.
+        """
+        watcher = await kv.watch(keys)
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    yield None
+                    continue
+                deleted = entry.operation in ("DEL", "PURGE")
+                yield KVEvent(
+                    key=entry.key,
+                    value=None if deleted else entry.value,
+                    revision=entry.revision or 0,
+                )
+        finally:
+            await watcher.stop()  # type: ignore[no-untyped-call]
+
+
+class MicroService:
+    """A NATS micro service whose endpoints decode, dispatch, reply and count."""
+
+    def __init__(self, service: Service, name: str) -> None:
+        self._service = service
+        self.name = name
+        self._inflight: set[asyncio.Task[None]] = set()
+
+    @property
+    def id(self) -> str:
+        return self._service.id
+
+    async def endpoint(
+        self,
+        name: str,
+        subject: str,
+        request_type: type[Req],
+        handler: Callable[[Req], Awaitable[Message]],
+        *,
+        queue_group: str,
+        concurrency: int = 64,
+    ) -> None:
+        """Serve ``subject``; up to ``concurrency`` requests run at once per replica.
+
+        The NATS client delivers a subscription's messages one at a time, so each request is
+        handed to its own task; the semaphore bounds them and pushes back on the subscription.
+        """
+        slots = asyncio.Semaphore(concurrency)
+
+        async def serve(request: Request) -> None:
+            started = time.perf_counter()
+            code = "ok"
+            try:
+                payload = decode(request.data, request_type)
+                result = await handler(payload)
+                await request.respond(encode(result))
+            except MembraneError as exc:
+                code = exc.code
+                if isinstance(exc, InvalidArgument) and exc.message.startswith("malformed "):
+                    MALFORMED.labels(self.name, name).inc()
+                    _log.warning("malformed request", endpoint=name, error=str(exc))
+                await _respond_error(request, exc)
+            except Exception as exc:  # a bug: answer, log, keep serving
+                code = "internal"
+                _log.exception("request failed", endpoint=name)
+                await _respond_error(request, Internal(f"{type(exc).__name__}: {exc}"))
+            finally:
+                slots.release()
+                REQUESTS.labels(self.name, name, code).inc()
+                REQUEST_SECONDS.labels(self.name, name).observe(time.perf_counter() - started)
+
+        async def dispatch(request: Request) -> None:
+            await slots.acquire()
+            task = asyncio.create_task(serve(request))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+        await self._service.add_endpoint(
+            EndpointConfig(name=name, subject=subject, handler=dispatch, queue_group=queue_group)
+        )
+
+    async def stop(self) -> None:
+        """Stop taking requests and wait for the ones in flight (graceful drain)."""
+        await self._service.stop()
+        if self._inflight:
+            await asyncio.wait(self._inflight, timeout=10)
+
+
+async def _respond_error(request: Request, exc: MembraneError) -> None:
+    body = ErrorBody(code=exc.code, message=exc.message, field=exc.field)
+    try:
+        await request.respond_error(
+            _HTTP_STATUS.get(exc.code, "500"),
+            str(exc),
+            data=encode(body),
+            headers={MEMBRANE_CODE_HEADER: exc.code},
+        )
+    except (nats.errors.Error, ValueError) as send_exc:
+        _log.warning("could not send error reply", error=str(send_exc))
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, nats.errors.NoServersError):
+        return "no server answered (connection refused or timed out)"
+    return str(exc) or type(exc).__name__
+
+
+async def _on_error(exc: Exception) -> None:
+    _log.warning("nats error", error=_describe(exc))
+
+
+async def _on_reconnect() -> None:
+    _log.info("nats reconnected")
+
+
+__all__ = ["Bus", "KVEvent", "MicroService", "ServiceInfo", "decode", "encode", "redact"]

@@ -1,0 +1,78 @@
+"""Process plumbing shared by every service: guarded background tasks and signal handling."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable
+
+from shared import log
+
+_log = log.get("runtime")
+
+
+class TaskGroup:
+    """Background tasks, one per concern, none of which may vanish silently.
+
+    A task that crashes is logged and restarted after a backoff; ``close`` cancels them all.
+    """
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(
+        self, name: str, factory: Callable[[], Awaitable[None]], *, restart_delay: float = 1.0
+    ) -> None:
+        async def guarded() -> None:
+            delay = restart_delay
+            while True:
+                try:
+                    await factory()
+                    return
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    _log.exception(
+                        "background task crashed, restarting", task=name, restart_in=delay
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+
+        task = asyncio.create_task(guarded(), name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def wait_for_shutdown() -> str:
+    """Block until SIGTERM or SIGINT; returns the signal's name."""
+    loop = asyncio.get_running_loop()
+    received: asyncio.Future[str] = loop.create_future()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not received.done():
+            received.set_result(sig.name)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        return await received
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+async def periodically(interval: float, action: Callable[[], Awaitable[None]]) -> None:
+    """Run ``action`` every ``interval`` seconds; an error is logged and the loop goes on."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await action()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            _log.exception("periodic task failed", action=getattr(action, "__name__", "?"))

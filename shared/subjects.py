@@ -1,0 +1,33 @@
+"""Every NATS subject, queue group and KV bucket name membrane uses; no string subject elsewhere."""
+
+from typing import Final
+
+PREFIX: Final = "membrane"
+
+# identity service: request/reply on a queue group so replicas share the load
+IDENTITY_SERVICE: Final = "membrane-identity"
+IDENTITY_QUEUE: Final = "membrane-identity"
+IDENTITY_ALLOCATE: Final = "membrane.identity.allocate"
+IDENTITY_RELEASE: Final = "membrane.identity.release"
+IDENTITY_GET: Final = "membrane.identity.get"
+IDENTITY_LIST: Final = "membrane.identity.list"
+IDENTITY_HEARTBEAT: Final = "membrane.identity.heartbeat"
+
+# cluster-pool IPAM (served by the identity service, which owns allocation state in Redis)
+IPAM_ALLOCATE: Final = "membrane.ipam.allocate"
+IPAM_RELEASE: Final = "membrane.ipam.release"
+IPAM_LIST: Final = "membrane.ipam.list"
+
+# JetStream KV buckets
+KV_IDENTITIES: Final = "identities"
+KV_NODES: Final = "nodes"
+KV_IPCACHE: Final = "ipcache"
+KV_ENDPOINTS: Final = "endpoints"
+KV_POLICIES: Final = "policies"
+KV_RESOLVED: Final = "resolved"
+KV_SERVICES: Final = "services"
+
+# NATS micro discovery (the protocol's own subjects, used by `membrane status`)
+MICRO_PING: Final = "$SRV.PING"
+MICRO_INFO: Final = "$SRV.INFO"
+MICRO_STATS: Final = "$SRV.STATS"
