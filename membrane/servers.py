@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -138,3 +139,36 @@ def wait_for_port(
             raise Unavailable(f"{name} exited with code {process.returncode} before listening")
         time.sleep(0.05)
     raise Unavailable(f"{name} did not listen on {host}:{port} within {timeout:g}s")
+
+
+class ServerProcess:
+    """A server its caller owns (tests, benchmarks); it restarts on the same port and data."""
+
+    def __init__(self, name: str, server: NatsServer | RedisServer) -> None:
+        self.name = name
+        self.server = server
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def start(self) -> None:
+        command = self.server.command()  # writes the config, creating the directory
+        with open(self.server.directory / f"{self.name}.log", "ab") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        wait_for_port(self.server.host, self.server.port, self.name, process=self.process)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None

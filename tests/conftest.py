@@ -3,51 +3,16 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
-from membrane.servers import NatsServer, RedisServer, wait_for_port
+from membrane.servers import NatsServer, RedisServer, ServerProcess
 from shared.bus import Bus
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-class ServerProcess:
-    """A real server process the test can stop and start again on the same port and data."""
-
-    def __init__(self, name: str, server: NatsServer | RedisServer) -> None:
-        self.name = name
-        self.server = server
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return self.server.url
-
-    @property
-    def port(self) -> int:
-        return self.server.port
-
-    def start(self) -> None:
-        command = self.server.command()  # writes the config, creating the directory
-        log = open(self.server.directory / f"{self.name}.log", "ab")  # noqa: SIM115
-        self.process = subprocess.Popen(self.server.command(), stdout=log, stderr=subprocess.STDOUT)
-        wait_for_port(self.server.host, self.server.port, self.name, process=self.process)
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
 
 
 @pytest.fixture
