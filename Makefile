@@ -1,0 +1,34 @@
+# membrane: `make demo` runs the local cluster demo, `make test` the whole suite.
+# Both set the machine up first (OS packages, virtualenv, bcc, kernel headers, bpffs).
+
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint unit bench down clean
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	@bash scripts/demo.sh
+
+test: setup lint
+	$(PY) -m pytest -ra $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+unit: setup
+	$(PY) -m pytest -q tests/unit
+
+bench: setup
+	$(PY) bench/identity.py
+
+down:
+	$(VENV)/bin/membrane down
+
+clean: down
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
