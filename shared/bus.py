@@ -261,6 +261,8 @@ class Bus:
                     msg = await sub.next_msg(timeout=left)
                 except nats.errors.TimeoutError:
                     break
+                if not msg.data:  # the server's "no responders" status: nobody is up yet
+                    continue
                 try:
                     found.append(msgspec.json.decode(msg.data, type=ServiceInfo))
                 except (msgspec.DecodeError, msgspec.ValidationError):

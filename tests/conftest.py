@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from membrane.servers import NatsServer, RedisServer, ServerProcess
 from shared.bus import Bus
@@ -36,6 +39,17 @@ async def bus(nats_server: ServerProcess) -> AsyncIterator[Bus]:
     client = await Bus.connect(nats_server.url, "test", retry_for=5)
     yield client
     await client.close()
+
+
+async def scrape(address: str) -> dict[tuple[str, tuple[str, ...]], float]:
+    """Read a /metrics endpoint: (sample name, label values sorted by label name) -> value."""
+    url = f"http://{address}/metrics"
+    text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+    return {
+        (sample.name, tuple(v for _, v in sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
 
 def membrane_command(*args: str) -> list[str]:
