@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -72,22 +71,25 @@ MALFORMED = Counter(
 
 _encoder = msgspec.json.Encoder()
 _PATH_RE = re.compile(r"at `\$\.?([^`]*)`")
+# scheme://userinfo@ at the start of each comma-separated URL
+_USERINFO_RE = re.compile(r"((?:^|,)\s*[A-Za-z][A-Za-z0-9+.-]*://)([^@/,]*)@")
 
 _log = log.get("bus")
 
 
 def redact(url: str) -> str:
-    """The URL without its password, for logs and messages."""
-    parts = []
-    for one in url.split(","):
-        parsed = urllib.parse.urlsplit(one.strip())
-        if parsed.password:
-            netloc = f"{parsed.username}:***@{parsed.hostname}"
-            if parsed.port:
-                netloc += f":{parsed.port}"
-            parsed = parsed._replace(netloc=netloc)
-        parts.append(urllib.parse.urlunsplit(parsed))
-    return ",".join(parts)
+    """The URL(s) with passwords and tokens masked, for logs and messages; the rest as written."""
+    return _USERINFO_RE.sub(_mask_userinfo, url)
+
+
+def _mask_userinfo(match: re.Match[str]) -> str:
+    scheme, userinfo = match.group(1), match.group(2)
+    user, colon, _secret = userinfo.partition(":")
+    if colon:
+        return f"{scheme}{user}:***@"
+    # NATS reads a lone userinfo as a token; elsewhere (redis://user@) it is only a name
+    is_token = scheme.strip(", ").split("://")[0] in ("nats", "tls")
+    return f"{scheme}***@" if is_token else match.group(0)
 
 
 def encode(message: Message) -> bytes:

@@ -81,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
     """Add one flag per settings field; unset flags fall back to the environment."""
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        help_text = f.metadata.get("help", "")
+        help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help
         default = f.default if f.default is not dataclasses.MISSING else None
         if isinstance(default, tuple):
             default = ",".join(default)

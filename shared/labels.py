@@ -213,15 +213,15 @@ class LabelSet(Mapping[str, Label]):
         return f"LabelSet({self._canonical!r})"
 
 
-# Cilium's default identity-relevant label filter. Patterns starting with '!' exclude a label
-# whose key matches (unanchored regex, as Cilium does, so 'kubernetes\.io' catches
-# 'statefulset.kubernetes.io/pod-name'); the others are inclusions that win over exclusions,
-# which keeps the namespace and service-account labels that policy selects on.
+# Cilium's default identity-relevant label filter. A pattern is a regular expression searched
+# in the label key (unanchored, as Cilium does, so 'kubernetes\.io' catches
+# 'statefulset.kubernetes.io/pod-name'); '!' makes it an exclusion. When an inclusion and an
+# exclusion both match, the longer pattern (the more specific one) decides.
 DEFAULT_LABEL_FILTER: tuple[str, ...] = (
-    r"io\.kubernetes\.pod\.namespace$",
-    r"io\.cilium\.k8s\.namespace\.labels\.",
-    r"io\.cilium\.k8s\.policy\.",
-    r"app\.kubernetes\.io",
+    r"^io\.kubernetes\.pod\.namespace$",
+    r"^io\.cilium\.k8s\.namespace\.labels\.",
+    r"^io\.cilium\.k8s\.policy\.",
+    r"^app\.kubernetes\.io/",
     r"!io\.kubernetes",
     r"!kubernetes\.io",
     r"!beta\.kubernetes\.io",
@@ -232,10 +232,15 @@ DEFAULT_LABEL_FILTER: tuple[str, ...] = (
     r"!annotation.*",
     r"!etcd_node",
 )
+_DEFAULT_INCLUSIONS = frozenset(p for p in DEFAULT_LABEL_FILTER if not p.startswith("!"))
 
 
 class LabelFilter:
-    """Drops high-cardinality ``k8s:`` labels so that all replicas share one identity."""
+    """Drops high-cardinality ``k8s:`` labels so that all replicas share one identity.
+
+    As in Cilium, an inclusion pattern of the user's own (one not in the defaults) turns the
+    filter into an allow-list: only labels that some inclusion matches count.
+    """
 
     def __init__(self, patterns: Iterable[str] = DEFAULT_LABEL_FILTER) -> None:
         self.patterns = tuple(patterns)
@@ -254,13 +259,18 @@ class LabelFilter:
             (exclude if negated else include).append(compiled)
         self._include = include
         self._exclude = exclude
+        self._allow_list = any(
+            not p.startswith("!") and p not in _DEFAULT_INCLUSIONS for p in self.patterns
+        )
 
     def keeps(self, label: Label) -> bool:
         if label.source != SOURCE_K8S:
             return True
-        if any(p.match(label.key) for p in self._include):
-            return True
-        return not any(p.search(label.key) for p in self._exclude)
+        included = max((len(p.pattern) for p in self._include if p.search(label.key)), default=0)
+        excluded = max((len(p.pattern) for p in self._exclude if p.search(label.key)), default=0)
+        if excluded > included:
+            return False
+        return included > 0 or not self._allow_list
 
     def apply(self, labels: LabelSet) -> LabelSet:
         return LabelSet(label for label in labels.values() if self.keeps(label))

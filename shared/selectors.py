@@ -68,17 +68,28 @@ class LabelSelector:
         if unknown:
             raise InvalidArgument(f"unknown field(s) {', '.join(sorted(unknown))}", field=path)
         reqs: list[Requirement] = []
-        match_labels = doc.get("matchLabels") or {}
+        match_labels = doc.get("matchLabels")
+        if match_labels is None:
+            match_labels = {}
+        # a malformed value must not silently become the empty, match-everything selector
         if not isinstance(match_labels, Mapping):
             raise InvalidArgument("must be a mapping of key: value", field=f"{path}.matchLabels")
         for raw_key, value in match_labels.items():
             fpath = f"{path}.matchLabels[{raw_key!r}]"
             key = _strip_source(str(raw_key))
             validate_key(key, field=fpath)
-            value = "" if value is None else str(value)
+            if value is None:
+                value = ""
+            if not isinstance(value, str):
+                raise InvalidArgument(
+                    f"value must be a string, got {type(value).__name__} (quote it in YAML)",
+                    field=fpath,
+                )
             validate_value(value, field=fpath)
             reqs.append(Requirement(key, "In", frozenset([value])))
-        expressions = doc.get("matchExpressions") or []
+        expressions = doc.get("matchExpressions")
+        if expressions is None:
+            expressions = []
         if not isinstance(expressions, Sequence) or isinstance(expressions, str):
             raise InvalidArgument("must be a list", field=f"{path}.matchExpressions")
         for index, expr in enumerate(expressions):
@@ -89,6 +100,9 @@ class LabelSelector:
 def _parse_expression(expr: Any, path: str) -> Requirement:
     if not isinstance(expr, Mapping):
         raise InvalidArgument("must be a mapping with key, operator, values", field=path)
+    unknown = set(expr) - {"key", "operator", "values"}
+    if unknown:
+        raise InvalidArgument(f"unknown field(s) {', '.join(sorted(unknown))}", field=path)
     key = expr.get("key")
     if not isinstance(key, str):
         raise InvalidArgument("key is required", field=f"{path}.key")
@@ -99,7 +113,9 @@ def _parse_expression(expr: Any, path: str) -> Requirement:
         raise InvalidArgument(
             f"operator {operator!r} is not one of {', '.join(OPERATORS)}", field=f"{path}.operator"
         )
-    values = expr.get("values") or []
+    values = expr.get("values")
+    if values is None:
+        values = []
     if not isinstance(values, Sequence) or isinstance(values, str):
         raise InvalidArgument("must be a list of strings", field=f"{path}.values")
     if operator in ("In", "NotIn") and not values:
@@ -109,5 +125,10 @@ def _parse_expression(expr: Any, path: str) -> Requirement:
     if operator in ("Exists", "DoesNotExist") and values:
         raise InvalidArgument(f"operator {operator} takes no values", field=f"{path}.values")
     for index, value in enumerate(values):
-        validate_value(str(value), field=f"{path}.values[{index}]")
-    return Requirement(key, operator, frozenset(str(v) for v in values))
+        if not isinstance(value, str):
+            raise InvalidArgument(
+                f"value must be a string, got {type(value).__name__} (quote it in YAML)",
+                field=f"{path}.values[{index}]",
+            )
+        validate_value(value, field=f"{path}.values[{index}]")
+    return Requirement(key, operator, frozenset(values))

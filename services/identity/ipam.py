@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from services.identity.allocator import redis_errors
-from shared.errors import InvalidArgument, NotFound, ResourceExhausted
+from shared.errors import Internal, InvalidArgument, NotFound, ResourceExhausted
 from shared.labels import validate_key
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -52,6 +52,8 @@ class PodCIDRAllocator:
         self._release = client.register_script(scripts.joinpath("ipam_release.lua").read_text())
 
     def subnet(self, index: int) -> Network:
+        if not 0 <= index < self.size:
+            raise Internal(f"pod CIDR index {index} is outside the pool of {self.size}")
         step = 1 << (self.network.max_prefixlen - self.mask_size)
         base = int(self.network.network_address) + index * step
         return ipaddress.ip_network((base, self.mask_size))

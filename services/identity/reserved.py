@@ -28,7 +28,7 @@ def labels_of(number: int) -> LabelSet:
 
 
 def kind_of(number: int) -> str:
-    if number in BY_ID:
+    if number < CLUSTER_MIN:  # 1-255 is Cilium's reserved range, named or not
         return "reserved"
     if number >= LOCAL_BASE:
         return "local"

@@ -416,8 +416,8 @@ def test_apply_to_a_pod() -> None:
     ).union([Label("reserved", "init")])
     assert LabelFilter().apply(pod).canonical == ";".join(
         [
-            "k8s:app.kubernetes.io/name=web",
             "k8s:app=web",
+            "k8s:app.kubernetes.io/name=web",
             f"k8s:{NAMESPACE_LABELS_PREFIX}kubernetes.io/metadata.name=prod",
             f"k8s:{SERVICE_ACCOUNT_LABEL}=web",
             f"k8s:{NAMESPACE_LABEL}=prod",
@@ -461,11 +461,19 @@ def test_custom_exclusions() -> None:
     assert label_filter.keeps(_k8s("app"))
 
 
-def test_custom_inclusion_wins_over_exclusion() -> None:
+def test_custom_inclusion_makes_an_allow_list_and_the_longer_pattern_wins() -> None:
     label_filter = LabelFilter([r"team\.example\.com/", r"!example\.com"])
-    assert label_filter.keeps(_k8s("team.example.com/owner"))
+    assert label_filter.keeps(_k8s("team.example.com/owner"))  # longer inclusion wins
     assert not label_filter.keeps(_k8s("cost.example.com/center"))
+    assert not label_filter.keeps(_k8s("app"))  # Cilium: only included labels count
+    assert label_filter.keeps(Label("reserved", "host"))
+
+
+def test_default_inclusions_do_not_make_an_allow_list() -> None:
+    label_filter = LabelFilter([*DEFAULT_LABEL_FILTER, "!tier"])
     assert label_filter.keeps(_k8s("app"))
+    assert not label_filter.keeps(_k8s("tier"))
+    assert label_filter.keeps(_k8s("io.kubernetes.pod.namespace"))
 
 
 def test_empty_filter_keeps_everything() -> None:
