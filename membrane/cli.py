@@ -14,7 +14,7 @@ from typing import Any
 from membrane import output, stack
 from membrane.registry import SERVICES
 from membrane.state import StateDir, default_state_dir, resolve_nats_url
-from shared import config, subjects
+from shared import config, log, subjects
 from shared.bus import Bus, redact
 from shared.errors import MembraneError
 from shared.messages import (
@@ -294,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.func is not cmd_run:
+        # the CLI reports failures itself; library chatter (retries) would only be noise
+        log.configure("error", "console")
     func: Command = args.func
     try:
         return func(args)

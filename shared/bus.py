@@ -167,12 +167,16 @@ class Bus:
                     name=name,
                     connect_timeout=connect_timeout,
                     allow_reconnect=True,
-                    max_reconnect_attempts=-1,
+                    # nats-py retries a failed *first* connect forever when this is -1, so
+                    # this loop owns that (with its deadline); once connected, the client
+                    # reconnects on its own without limit
+                    max_reconnect_attempts=1,
                     reconnect_time_wait=1.0,
                     error_cb=_on_error,
                     disconnected_cb=on_disconnect,
                     reconnected_cb=_on_reconnect,
                 )
+                nc.options["max_reconnect_attempts"] = -1
                 return cls(nc, name, closing)
             except (TimeoutError, OSError, nats.errors.Error) as exc:
                 reason = _describe(exc)
@@ -401,7 +405,7 @@ def _describe(exc: BaseException) -> str:
 
 
 async def _on_error(exc: Exception) -> None:
-    _log.warning("nats error", error=_describe(exc))
+    _log.debug("nats error", error=_describe(exc))
 
 
 async def _on_reconnect() -> None:
