@@ -192,6 +192,11 @@ class IdentityAllocator:
             found[int(key)] = LabelSet.from_canonical(_text(value))
         return dict(sorted(found.items()))
 
+    async def count(self) -> int:
+        """Cluster-local identities in use or inside their grace period."""
+        with redis_errors("count"):
+            return int(await self.redis.hlen(self.prefix + "ids"))
+
     async def references(self, number: int) -> int:
         with redis_errors("references"):
             count = await self.redis.hget(self.prefix + "refs", str(number))

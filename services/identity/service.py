@@ -158,7 +158,6 @@ class IdentityService:
         ALLOCATE_SECONDS.labels(str(result.new).lower()).observe(time.perf_counter() - started)
         identity = to_wire(result.id, result.labels)
         if result.new:
-            IDENTITIES.labels("cluster").inc()
             # Written before replying, so a caller that sees the id finds it in the KV too.
             await self.kv.put(str(result.id), encode(identity))
             self.log.info("identity allocated", identity=result.id, labels=result.labels.canonical)
@@ -195,13 +194,15 @@ class IdentityService:
 
     async def collect_garbage(self) -> None:
         result = await self.allocator.collect_garbage()
+        # every replica reports the cluster-wide count (one O(1) read), not its own share
+        IDENTITIES.labels("cluster").set(await self.allocator.count())
+        IDENTITIES.labels("reserved").set(len(reserved.BY_ID) - 1)  # "unknown" is no identity
         if result.expired_owners:
             LEASES_EXPIRED.inc(len(result.expired_owners))
             self.log.info("leases expired", owners=result.expired_owners)
         for number in result.deleted_ids:
             await self.kv.delete(str(number))
             GC_DELETED.inc()
-            IDENTITIES.labels("cluster").dec()
             self.log.info("identity garbage-collected", identity=number)
 
     async def reconcile(self) -> None:
@@ -211,8 +212,6 @@ class IdentityService:
         """
         found = await self.allocator.list()
         cluster = {n: labels for n, labels in found.items() if n not in reserved.BY_ID}
-        IDENTITIES.labels("cluster").set(len(cluster))
-        IDENTITIES.labels("reserved").set(len(reserved.BY_ID) - 1)
         in_kv: dict[int, bytes] = {}
         async for event in Bus.watch(self.kv):
             if event is None:

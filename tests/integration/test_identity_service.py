@@ -206,7 +206,7 @@ async def test_redis_outage_gives_unavailable_then_recovers(
 
 
 async def test_bad_input_errors_and_metrics(bus: Bus, identity_services: Starter) -> None:
-    procs = identity_services(1, identity_min="256", identity_max="257")
+    procs = identity_services(1, identity_min="256", identity_max="257", gc_interval="0.1")
     await wait_for_replicas(bus, 1)
     with pytest.raises(InvalidArgument) as err:
         await allocate(bus, "app=web", "Bad Key=1")
@@ -227,6 +227,7 @@ async def test_bad_input_errors_and_metrics(bus: Bus, identity_services: Starter
     assert procs[0].poll() is None
     # the metrics endpoint counts what happened
     (info,) = await bus.discover(subjects.IDENTITY_SERVICE)
+    await asyncio.sleep(0.3)  # one GC pass refreshes the identity gauge
     found = await scrape(info.metadata["metrics"])
     assert found["membrane_bus_malformed_messages_total", ("allocate", "membrane-identity")] == 2
     assert found["membrane_identity_errors_total", ("resource_exhausted",)] == 1
