@@ -350,14 +350,16 @@ class MicroService:
             started = time.perf_counter()
             code = "ok"
             try:
-                payload = decode(request.data, request_type)
+                try:
+                    payload = decode(request.data, request_type)
+                except InvalidArgument as exc:
+                    MALFORMED.labels(self.name, name).inc()
+                    _log.warning("malformed request", endpoint=name, error=str(exc))
+                    raise
                 result = await handler(payload)
                 await request.respond(encode(result))
             except MembraneError as exc:
                 code = exc.code
-                if isinstance(exc, InvalidArgument) and exc.message.startswith("malformed "):
-                    MALFORMED.labels(self.name, name).inc()
-                    _log.warning("malformed request", endpoint=name, error=str(exc))
                 await _respond_error(request, exc)
             except Exception as exc:  # a bug: answer, log, keep serving
                 code = "internal"

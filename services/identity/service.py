@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+import nats.errors
 import redis.asyncio as aioredis
 from nats.js.kv import KeyValue
 from prometheus_client import Counter, Gauge, Histogram
@@ -119,6 +120,7 @@ class IdentityService:
         self.pool = pool
         self.settings = settings
         self.log = log.get("identity")
+        self._backlog: dict[int, bytes | None] = {}
 
     async def register(self, metadata: dict[str, str]) -> MicroService:
         micro = await self.bus.add_service(
@@ -159,7 +161,7 @@ class IdentityService:
         identity = to_wire(result.id, result.labels)
         if result.new:
             # Written before replying, so a caller that sees the id finds it in the KV too.
-            await self.kv.put(str(result.id), encode(identity))
+            await self.publish(result.id, encode(identity))
             self.log.info("identity allocated", identity=result.id, labels=result.labels.canonical)
         return AllocateReply(identity=identity, new=result.new)
 
@@ -201,9 +203,33 @@ class IdentityService:
             LEASES_EXPIRED.inc(len(result.expired_owners))
             self.log.info("leases expired", owners=result.expired_owners)
         for number in result.deleted_ids:
-            await self.kv.delete(str(number))
+            await self.publish(number, None)
             GC_DELETED.inc()
             self.log.info("identity garbage-collected", identity=number)
+
+    async def publish(self, number: int, value: bytes | None) -> None:
+        """Put (or, for None, delete) an identity in the KV bucket.
+
+        Redis is the source of truth and already changed, so a NATS hiccup must not fail the
+        request: the change waits in a backlog that ``flush_backlog`` retries.
+        """
+        try:
+            if value is None:
+                await self.kv.delete(str(number))
+            else:
+                await self.kv.put(str(number), value)
+            self._backlog.pop(number, None)
+        except (nats.errors.Error, TimeoutError) as exc:
+            self.log.warning(
+                "identities bucket write failed, will retry",
+                identity=number,
+                error=str(exc) or type(exc).__name__,
+            )
+            self._backlog[number] = value
+
+    async def flush_backlog(self) -> None:
+        for number, value in list(self._backlog.items()):
+            await self.publish(number, value)
 
     async def reconcile(self) -> None:
         """Make the KV bucket match Redis: put what is missing or wrong, delete what is gone.
@@ -267,6 +293,7 @@ async def run(settings: IdentitySettings) -> None:
     )
     tasks = TaskGroup()
     tasks.spawn("gc", lambda: periodically(settings.gc_interval, service.collect_garbage))
+    tasks.spawn("kv-backlog", lambda: periodically(1.0, service.flush_backlog))
     tasks.spawn("reconcile", lambda: _reconcile_loop(service, settings.reconcile_interval))
     logger.info(
         "identity service ready",

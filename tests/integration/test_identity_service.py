@@ -15,7 +15,13 @@ import pytest
 from membrane.servers import ServerProcess
 from shared import subjects
 from shared.bus import Bus
-from shared.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from shared.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from shared.messages import (
     AllocateReply,
     AllocateRequest,
@@ -250,3 +256,32 @@ async def test_pod_cidrs_over_the_bus(bus: Bus, identity_services: Starter) -> N
     assert all(by_node[r.node] == r.cidr for r in replies)
     listed = await bus.request(subjects.IPAM_LIST, Empty(), PodCIDRList)
     assert {a.node: a.cidr for a in listed.allocations} == by_node
+
+
+async def test_nats_outage_and_late_start_recover_by_themselves(
+    nats_server: ServerProcess, identity_services: Starter
+) -> None:
+    nats_server.stop()
+    procs = identity_services(1)  # starts while NATS is down: it must wait and retry
+    await asyncio.sleep(1.5)
+    assert procs[0].poll() is None
+    nats_server.start()
+    bus = await Bus.connect(nats_server.url, "test", retry_for=5)
+    try:
+        await wait_for_replicas(bus, 1)
+        first = await allocate(bus, "app=web")
+        nats_server.stop()  # an outage while serving
+        await asyncio.sleep(1.0)
+        nats_server.start()
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                again = await allocate(bus, "app=web")
+                break
+            except (Unavailable, DeadlineExceeded):
+                assert time.monotonic() < deadline, "no recovery after NATS came back"
+                await asyncio.sleep(0.2)
+        assert again.identity.id == first.identity.id
+        assert procs[0].poll() is None
+    finally:
+        await bus.close()
