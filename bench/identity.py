@@ -24,6 +24,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import uvloop
+
 from membrane.servers import NatsServer, RedisServer, ServerProcess
 from services.identity.allocator import IdentityAllocator
 from services.identity.service import make_redis
@@ -222,7 +224,7 @@ def main() -> None:
     parser.add_argument("--distinct", type=int, default=500, help="known label sets")
     parser.add_argument("--inflight", type=int, default=256, help="requests outstanding")
     parser.add_argument("--clients", type=int, default=4, help="client NATS connections")
-    report(asyncio.run(run(parser.parse_args())))
+    report(uvloop.run(run(parser.parse_args())))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import uvloop
+
 from membrane import output, stack
 from membrane.registry import SERVICES
 from membrane.state import StateDir, default_state_dir, resolve_nats_url
@@ -93,7 +95,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     state = _state(args)
     url = resolve_nats_url(args.nats_url, state)
-    found = asyncio.run(stack.discover_all(url))
+    found = asyncio.run(stack.discover_all(url, args.timeout))
     processes = state.processes()
     if args.output == "json":
         output.emit_json(
@@ -152,7 +154,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     entry = SERVICES[args.service]
     settings = config.load(entry.settings, args)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(entry.run(settings))
+        uvloop.run(entry.run(settings))  # a faster event loop: services are all network I/O
     return 0
 
 

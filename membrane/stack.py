@@ -223,8 +223,8 @@ def _kill_session(sid: int) -> None:
             continue
 
 
-async def discover_all(nats_url: str) -> list[ServiceInfo]:
-    bus = await Bus.connect(nats_url, "membrane-status", retry_for=3)
+async def discover_all(nats_url: str, connect_timeout: float) -> list[ServiceInfo]:
+    bus = await Bus.connect(nats_url, "membrane-status", retry_for=connect_timeout)
     try:
         return await bus.discover(timeout=0.5)
     finally:

@@ -10,7 +10,7 @@
 #   2. Kernel headers for bcc: /lib/modules/$(uname -r)/{build,source} symlinks
 #      to the newest Debian linux-headers-*-{amd64,common} trees.
 #   3. bpffs mounted at /sys/fs/bpf.
-#   4. .venv (Python >= 3.11) with requirements.lock (or `.[dev]`) and the
+#   4. .venv (Python >= 3.11) with requirements-dev.lock (or `.[dev]`) and the
 #      project installed editable; Debian's `bcc` package (python3-bpfcc) is
 #      symlinked into the venv's site-packages (only that package, not all of
 #      dist-packages).
@@ -227,7 +227,7 @@ hash_inputs() {
     echo "setup-version $SETUP_VERSION"
     "$VENV/bin/python" -c 'import sys; print(sys.version)' 2>/dev/null || echo "no-python"
     local f
-    for f in requirements.lock pyproject.toml setup.cfg setup.py; do
+    for f in requirements-dev.lock pyproject.toml setup.cfg setup.py; do
       if [[ -f $REPO_ROOT/$f ]]; then echo "== $f"; cat -- "$REPO_ROOT/$f"; fi
     done
   } | sha256sum | cut -d' ' -f1
@@ -249,13 +249,14 @@ if [[ -f $VENV_STAMP && $(<"$VENV_STAMP") == "$(hash_inputs)" ]]; then
 else
   [[ -f $REPO_ROOT/pyproject.toml || -f $REPO_ROOT/setup.py ]] \
     || die "no pyproject.toml in $REPO_ROOT; nothing to install"
-  if [[ -f $REPO_ROOT/requirements.lock ]]; then
-    log "installing requirements.lock into .venv"
-    "$VENV/bin/python" -m pip install -q -r "$REPO_ROOT/requirements.lock"
+  # requirements-dev.lock: the runtime lock (requirements.lock) plus the test and lint tools
+  if [[ -f $REPO_ROOT/requirements-dev.lock ]]; then
+    log "installing requirements-dev.lock into .venv"
+    "$VENV/bin/python" -m pip install -q -r "$REPO_ROOT/requirements-dev.lock"
     log "installing membrane (editable, --no-deps)"
     "$VENV/bin/python" -m pip install -q --no-deps -e "$REPO_ROOT"
   else
-    log "requirements.lock not found; installing the project with .[dev] instead"
+    log "requirements-dev.lock not found; installing the project with .[dev] instead"
     "$VENV/bin/python" -m pip install -q -e "${REPO_ROOT}[dev]"
   fi
   hash_inputs >"$VENV_STAMP"

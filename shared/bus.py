@@ -8,11 +8,13 @@ is answered with ``invalid_argument`` naming the field, and counted; the service
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+import urllib.parse
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 import nats
@@ -158,12 +160,20 @@ class Bus:
             if not closing.is_set():
                 _log.warning("nats disconnected, reconnecting", url=redact(url))
 
+        last_error: list[str] = []
+        connected = asyncio.Event()
+
+        async def on_error(exc: Exception) -> None:
+            last_error[:] = [_describe(exc)]
+            if connected.is_set():  # before that, the connect loop below reports it
+                _log.warning("nats error", error=_describe(exc))
+
         deadline = None if retry_for is None else time.monotonic() + retry_for
         delay = 0.2
         while True:
             try:
                 nc = await nats.connect(
-                    servers=[u.strip() for u in url.split(",")],
+                    **_credentials(url),
                     name=name,
                     connect_timeout=connect_timeout,
                     allow_reconnect=True,
@@ -172,14 +182,18 @@ class Bus:
                     # reconnects on its own without limit
                     max_reconnect_attempts=1,
                     reconnect_time_wait=1.0,
-                    error_cb=_on_error,
+                    error_cb=on_error,
                     disconnected_cb=on_disconnect,
                     reconnected_cb=_on_reconnect,
                 )
                 nc.options["max_reconnect_attempts"] = -1
+                connected.set()
                 return cls(nc, name, closing)
             except (TimeoutError, OSError, nats.errors.Error) as exc:
-                reason = _describe(exc)
+                # nats-py reports the real cause (refused, authorization) to the error callback
+                # and then raises a generic "no servers" error
+                reason = last_error[0] if last_error else _describe(exc)
+                last_error.clear()
                 if deadline is not None and time.monotonic() + delay > deadline:
                     raise Unavailable(
                         f"cannot reach NATS at {redact(url)}: {reason}"
@@ -280,26 +294,58 @@ class Bus:
     # --- JetStream KV ---------------------------------------------------------------------
 
     async def kv(
-        self, bucket: str, *, history: int = 1, ttl: float | None = None, description: str = ""
+        self,
+        bucket: str,
+        *,
+        history: int = 1,
+        ttl: float | None = None,
+        description: str = "",
+        replicas: int = 1,
     ) -> KeyValue:
-        """Bind to a KV bucket, creating it first if it does not exist (idempotent)."""
+        """Bind to a KV bucket, creating it first if it does not exist (idempotent).
+
+        ``replicas`` > 1 keeps copies on that many servers of a NATS cluster, so that losing
+        one server loses no bucket; it applies when the bucket is created.
+        """
         try:
             return await self.js.key_value(bucket)
         except nats.js.errors.BucketNotFoundError:
             pass
         try:
             return await self.js.create_key_value(
-                KeyValueConfig(bucket=bucket, history=history, ttl=ttl, description=description)
+                KeyValueConfig(
+                    bucket=bucket,
+                    history=history,
+                    ttl=ttl,
+                    description=description,
+                    replicas=replicas,
+                )
             )
         except nats.js.errors.BadRequestError:
             # another process created it between our two calls
             return await self.js.key_value(bucket)
 
     @staticmethod
-    async def watch(kv: KeyValue, keys: str = ">") -> AsyncIterator[KVEvent | None]:
+    async def snapshot(kv: KeyValue, keys: str = ">") -> dict[str, bytes]:
+        """The current value of every key (deleted keys left out), read once."""
+        found: dict[str, bytes] = {}
+        async with contextlib.aclosing(Bus.watch(kv, keys)) as events:
+            async for event in events:
+                if event is None:
+                    break
+                if event.value is None:
+                    found.pop(event.key, None)
+                else:
+                    found[event.key] = event.value
+        return found
+
+    @staticmethod
+    async def watch(kv: KeyValue, keys: str = ">") -> AsyncGenerator[KVEvent | None, None]:
         """Yield the current value of every key, then ``None`` once caught up, then changes.
 
         A consumer that restarts gets the whole current state again, so it resyncs by itself.
+        Close it (``contextlib.aclosing``) when done: an abandoned watcher keeps receiving
+        updates until its queue is full, and then blocks the connection's drain.
         """
         watcher = await kv.watch(keys)
         try:
@@ -400,14 +446,34 @@ async def _respond_error(request: Request, exc: MembraneError) -> None:
         _log.warning("could not send error reply", error=str(send_exc))
 
 
+def _credentials(url: str) -> dict[str, Any]:
+    """Servers without userinfo, and the credentials as options of their own.
+
+    nats-py applies userinfo only to the URL it came with; servers learned from the cluster
+    (and reconnects to them) would go without. As options, they apply to every server.
+    """
+    servers: list[str] = []
+    options: dict[str, Any] = {}
+    for one in (u.strip() for u in url.split(",") if u.strip()):
+        parsed = urllib.parse.urlsplit(one)
+        if "@" in parsed.netloc:
+            userinfo, _, hostport = parsed.netloc.rpartition("@")
+            user, colon, password = userinfo.partition(":")
+            if colon:
+                options.update(
+                    user=urllib.parse.unquote(user), password=urllib.parse.unquote(password)
+                )
+            else:
+                options["token"] = urllib.parse.unquote(user)
+            parsed = parsed._replace(netloc=hostport)
+        servers.append(urllib.parse.urlunsplit(parsed))
+    return {"servers": servers, **options}
+
+
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, nats.errors.NoServersError):
         return "no server answered (connection refused or timed out)"
     return str(exc) or type(exc).__name__
-
-
-async def _on_error(exc: Exception) -> None:
-    _log.debug("nats error", error=_describe(exc))
 
 
 async def _on_reconnect() -> None:

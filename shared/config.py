@@ -39,6 +39,9 @@ class CommonSettings:
     metrics_host: str = setting("127.0.0.1", "address of the Prometheus /metrics endpoint")
     metrics_port: int = setting(0, "port of the Prometheus /metrics endpoint (0: any free port)")
     replica: str = setting("", "a name for this replica in logs and NATS micro metadata")
+    kv_replicas: int = setting(
+        1, "copies of each JetStream KV bucket this service creates (3 in a NATS cluster)"
+    )
 
 
 def env_name(field_name: str) -> str:

@@ -162,7 +162,7 @@ class IdentityService:
         if result.new:
             # Written before replying, so a caller that sees the id finds it in the KV too.
             await self.publish(result.id, encode(identity))
-            self.log.info("identity allocated", identity=result.id, labels=result.labels.canonical)
+            self.log.debug("identity allocated", identity=result.id, labels=result.labels.canonical)
         return AllocateReply(identity=identity, new=result.new)
 
     async def release(self, req: ReleaseRequest) -> ReleaseReply:
@@ -238,12 +238,7 @@ class IdentityService:
         """
         found = await self.allocator.list()
         cluster = {n: labels for n, labels in found.items() if n not in reserved.BY_ID}
-        in_kv: dict[int, bytes] = {}
-        async for event in Bus.watch(self.kv):
-            if event is None:
-                break
-            if event.value is not None:
-                in_kv[int(event.key)] = event.value
+        in_kv = {int(key): value for key, value in (await Bus.snapshot(self.kv)).items()}
         puts = deletes = 0
         for number, labels in cluster.items():
             wanted = encode(to_wire(number, labels))
@@ -285,7 +280,11 @@ async def run(settings: IdentitySettings) -> None:
     )
     pool = PodCIDRAllocator(client, settings.cluster_cidr, settings.node_mask_size)
     bus = await Bus.connect(settings.nats_url, f"identity/{replica}")
-    kv = await bus.kv(subjects.KV_IDENTITIES, description="security identity -> labels")
+    kv = await bus.kv(
+        subjects.KV_IDENTITIES,
+        description="security identity -> labels",
+        replicas=settings.kv_replicas,
+    )
     service = IdentityService(bus, kv, allocator, pool, settings)
     metrics_port = metrics.serve(settings.metrics_host, settings.metrics_port)
     await service.register(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from membrane.servers import port_open
+from membrane.servers import ServerProcess, port_open
 from membrane.state import StateDir
 from tests.conftest import membrane_command
 
@@ -126,3 +126,11 @@ def test_commands_without_a_cluster_say_what_to_do(tmp_path: Path) -> None:
     )
     assert unreachable.returncode == 1
     assert "cannot reach NATS at nats://127.0.0.1:1" in unreachable.stderr
+
+
+def test_a_wrong_nats_password_is_named(nats_server: ServerProcess, tmp_path: Path) -> None:
+    url = f"nats://membrane:wrong@127.0.0.1:{nats_server.port}"
+    result = membrane(tmp_path, "--nats-url", url, "--timeout", "1", "status", check=False)
+    assert result.returncode == 1
+    assert "Authorization Violation" in result.stderr
+    assert "wrong" not in result.stderr  # the password is never printed

@@ -1,0 +1,59 @@
+# syntax=docker/dockerfile:1
+#
+# The membrane image. Every control-plane service runs from it as `membrane run SERVICE`
+# (see k8s/, whose manifests reference it as ghcr.io/membrane-project/membrane):
+#
+#   docker build -t ghcr.io/membrane-project/membrane:0.1.0 .
+#   docker run --rm ghcr.io/membrane-project/membrane:0.1.0 run identity --help
+#
+# The datapath DaemonSet image (a later issue) additionally needs Debian's python3-bpfcc (the
+# BCC Python bindings are not on PyPI, and they need the kernel headers of the node at run
+# time); the control-plane services built here do not.
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# --- build: a virtualenv with the pinned dependencies, then the project -----------------------
+FROM ${PYTHON_IMAGE} AS build
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+RUN python -m venv /opt/membrane
+ENV PATH=/opt/membrane/bin:$PATH
+
+WORKDIR /src
+# the dependencies first, in their own layer: it is rebuilt only when the lock changes.
+# requirements.lock pins the runtime dependencies only (requirements-dev.lock adds the tools).
+COPY requirements.lock ./
+RUN pip install --requirement requirements.lock
+
+COPY pyproject.toml ./
+COPY shared ./shared
+COPY services ./services
+COPY membrane ./membrane
+# --no-deps: everything it needs is pinned above; pip check fails the build if the lock misses one
+RUN pip install --no-deps . \
+    && pip check
+
+# --- runtime: the virtualenv alone, run by an unprivileged user --------------------------------
+FROM ${PYTHON_IMAGE}
+
+LABEL org.opencontainers.image.title="membrane" \
+      org.opencontainers.image.description="Container networking with identity-based security" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+# numeric, so that Kubernetes' runAsNonRoot can verify it (k8s/ runs it as 10001:10001)
+RUN groupadd --system --gid 10001 membrane \
+    && useradd --system --uid 10001 --gid membrane --no-create-home \
+       --home-dir /nonexistent --shell /usr/sbin/nologin membrane
+
+COPY --from=build /opt/membrane /opt/membrane
+
+ENV PATH=/opt/membrane/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+USER 10001:10001
+ENTRYPOINT ["membrane"]
+CMD ["--help"]
