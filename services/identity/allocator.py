@@ -15,8 +15,6 @@ Redis layout under ``prefix`` (default ``membrane:identity:``):
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 
@@ -24,8 +22,9 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from services.identity import reserved
-from shared.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from shared.errors import InvalidArgument, NotFound, ResourceExhausted
 from shared.labels import SOURCE_CIDR, SOURCE_RESERVED, LabelFilter, LabelSet
+from shared.redis_store import redis_errors
 
 MAX_OWNER_LENGTH = 253
 
@@ -45,17 +44,6 @@ class Allocation:
 class GCResult:
     expired_owners: list[str]
     deleted_ids: list[int]
-
-
-@contextlib.contextmanager
-def redis_errors(operation: str) -> Iterator[None]:
-    """Turn a Redis outage into ``Unavailable``: the caller may retry, nothing is lost."""
-    try:
-        yield
-    except redis.exceptions.BusyLoadingError:
-        raise Unavailable(f"redis is loading its data during {operation}") from None
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-        raise Unavailable(f"redis is unavailable during {operation}: {exc}") from None
 
 
 def validate_owner(owner: str) -> str:

@@ -13,9 +13,9 @@ from importlib import resources
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from services.identity.allocator import redis_errors
 from shared.errors import Internal, InvalidArgument, NotFound, ResourceExhausted
 from shared.labels import validate_key
+from shared.redis_store import redis_errors
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 

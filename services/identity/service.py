@@ -15,11 +15,8 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import nats.errors
-import redis.asyncio as aioredis
 from nats.js.kv import KeyValue
 from prometheus_client import Counter, Gauge, Histogram
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
 from services.identity import reserved
 from services.identity.allocator import Allocation, IdentityAllocator
@@ -45,6 +42,7 @@ from shared.messages import (
     ReleaseReply,
     ReleaseRequest,
 )
+from shared.redis_store import make_redis
 from shared.runtime import TaskGroup, periodically, wait_for_shutdown
 
 Req = TypeVar("Req", bound=Message)
@@ -88,21 +86,6 @@ class IdentitySettings(CommonSettings):
 
 def to_wire(number: int, labels: LabelSet) -> Identity:
     return Identity(id=number, labels=labels.strings(), kind=reserved.kind_of(number))
-
-
-def make_redis(url: str) -> aioredis.Redis:
-    """A client whose every command fails within about two seconds while Redis is away."""
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url,
-        # requests beyond this many wait for a connection instead of failing
-        max_connections=32,
-        timeout=2.0,
-        socket_timeout=1.0,
-        socket_connect_timeout=1.0,
-        retry=Retry(ExponentialBackoff(cap=0.25, base=0.05), retries=2),
-        health_check_interval=30,
-    )
-    return aioredis.Redis(connection_pool=pool)
 
 
 class IdentityService:

@@ -12,8 +12,8 @@ import redis.asyncio as aioredis
 from membrane.servers import ServerProcess
 from services.identity.allocator import IdentityAllocator
 from services.identity.ipam import PodCIDRAllocator
-from services.identity.service import make_redis
 from shared.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from shared.redis_store import make_redis
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import nats.js.errors
 import pytest
 
 from membrane.servers import ServerProcess
+from membrane.supervisor import die_with_parent
 from shared import subjects
 from shared.bus import Bus
 from shared.errors import (
@@ -49,7 +50,11 @@ def identity_services(nats_server: ServerProcess, redis_server: ServerProcess) -
         procs = []
         for index in range(count):
             env = service_env(nats_server, redis_server, replica=f"identity-{index}", **settings)
-            procs.append(subprocess.Popen(membrane_command("run", "identity"), env=env))
+            procs.append(
+                subprocess.Popen(
+                    membrane_command("run", "identity"), env=env, preexec_fn=die_with_parent
+                )
+            )
         started.extend(procs)
         return procs
 
