@@ -25,7 +25,7 @@ from pathlib import Path
 
 import uvloop
 
-from membrane.servers import NatsServer, RedisServer, ServerProcess
+from membrane.servers import NatsServer, RedisServer, ServerProcess, terminate
 from membrane.supervisor import die_with_parent
 from services.identity.allocator import IdentityAllocator
 from shared import subjects
@@ -119,17 +119,6 @@ def start_replicas(count: int, nats_url: str, redis_url: str) -> list[subprocess
     ]
 
 
-def stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    for proc in procs:
-        proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 async def run(args: argparse.Namespace) -> list[Result]:
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="membrane-bench-") as tmp:
@@ -187,7 +176,7 @@ async def run(args: argparse.Namespace) -> list[Result]:
                 finally:
                     for bus in buses:
                         await bus.close()
-                    stop(procs)
+                    terminate(procs)
         finally:
             nats.stop()
             redis.stop()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -141,6 +140,19 @@ def wait_for_port(
     raise Unavailable(f"{name} did not listen on {host}:{port} within {timeout:g}s")
 
 
+def terminate(processes: list[subprocess.Popen[bytes]], timeout: float = 10.0) -> None:
+    """SIGTERM all, then wait for each; one that outlives ``timeout`` is killed."""
+    for proc in processes:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in processes:
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class ServerProcess:
     """A server its caller owns (tests, benchmarks); it restarts on the same port and data."""
 
@@ -163,12 +175,7 @@ class ServerProcess:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         wait_for_port(self.server.host, self.server.port, self.name, process=self.process)
 
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+    def stop(self) -> None:
+        if self.process is not None:
+            terminate([self.process])
         self.process = None

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -16,6 +18,7 @@ from membrane.servers import NatsServer, RedisServer, ServerProcess
 from shared.bus import Bus
 
 REPO = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -50,6 +53,24 @@ async def scrape(address: str) -> dict[tuple[str, tuple[str, ...]], float]:
         for family in text_string_to_metric_families(text)
         for sample in family.samples
     }
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T]],
+    *,
+    timeout: float,
+    what: str,
+    retry_on: tuple[type[BaseException], ...] = (AssertionError,),
+) -> T:
+    """Call ``probe`` until it returns instead of raising one of ``retry_on``; its result."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await probe()
+        except retry_on as exc:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"expected {what} within {timeout:g}s: {exc!r}") from exc
+            await asyncio.sleep(0.1)
 
 
 def membrane_command(*args: str) -> list[str]:

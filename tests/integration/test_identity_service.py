@@ -12,7 +12,7 @@ import msgspec
 import nats.js.errors
 import pytest
 
-from membrane.servers import ServerProcess
+from membrane.servers import ServerProcess, terminate
 from membrane.supervisor import die_with_parent
 from shared import subjects
 from shared.bus import Bus
@@ -36,7 +36,7 @@ from shared.messages import (
     ReleaseReply,
     ReleaseRequest,
 )
-from tests.conftest import membrane_command, scrape, service_env
+from tests.conftest import eventually, membrane_command, scrape, service_env
 
 Starter = Callable[..., list[subprocess.Popen[bytes]]]
 
@@ -59,17 +59,7 @@ def identity_services(nats_server: ServerProcess, redis_server: ServerProcess) -
         return procs
 
     yield start
-    stop(started)
-
-
-def stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    for proc in procs:
-        proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    terminate(started)
 
 
 async def wait_for_replicas(bus: Bus, count: int, timeout: float = 20.0) -> None:
@@ -135,7 +125,7 @@ async def test_ids_survive_a_restart_of_redis_and_services(
     procs = identity_services(2)
     await wait_for_replicas(bus, 2)
     before = {i: (await allocate(bus, f"app=a{i}")).identity.id for i in range(50)}
-    stop(procs)
+    terminate(procs)
     redis_server.stop()
     redis_server.start()
     identity_services(2)
@@ -160,14 +150,15 @@ async def test_identities_appear_in_kv_and_gc_removes_them(
         ReleaseReply,
     )
     assert released.references == 0
-    deadline = time.monotonic() + 5
-    while True:
+
+    async def collected() -> None:
         try:
             await bus.request(subjects.IDENTITY_GET, GetRequest(id=reply.identity.id), Identity)
         except NotFound:
-            break
-        assert time.monotonic() < deadline, "identity was not garbage-collected"
-        await asyncio.sleep(0.1)
+            return
+        raise AssertionError("the identity still exists")
+
+    await eventually(collected, timeout=5, what="the identity garbage-collected")
     with pytest.raises(nats.js.errors.KeyNotFoundError):  # deleted, or never there
         await kv.get(str(reply.identity.id))
 
@@ -178,18 +169,15 @@ async def test_reconcile_restores_a_lost_kv_entry(bus: Bus, identity_services: S
     reply = await allocate(bus, "app=web")
     kv = await bus.kv(subjects.KV_IDENTITIES)
     await kv.purge(str(reply.identity.id))  # as if a replica died between Redis and KV
-    stop(procs)
+    terminate(procs)
     identity_services(1)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            entry = await kv.get(str(reply.identity.id))
-            if entry.value:
-                break
-        except nats.js.errors.KeyNotFoundError:  # purged, until the reconcile ran
-            pass
-        assert time.monotonic() < deadline, "the KV entry was not restored"
-        await asyncio.sleep(0.1)
+    entry = await eventually(
+        lambda: kv.get(str(reply.identity.id)),
+        timeout=10,
+        what="the KV entry restored",
+        retry_on=(nats.js.errors.KeyNotFoundError,),  # purged, until the reconcile ran
+    )
+    assert msgspec.json.decode(entry.value, type=Identity).id == reply.identity.id
 
 
 async def test_redis_outage_gives_unavailable_then_recovers(
@@ -205,14 +193,12 @@ async def test_redis_outage_gives_unavailable_then_recovers(
     assert time.monotonic() - started < 4.0
     assert procs[0].poll() is None, "the service must stay up while Redis is down"
     redis_server.start()
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            again = await allocate(bus, "app=web")
-            break
-        except Unavailable:
-            assert time.monotonic() < deadline, "no recovery after Redis came back"
-            await asyncio.sleep(0.2)
+    again = await eventually(
+        lambda: allocate(bus, "app=web"),
+        timeout=10,
+        what="recovery after Redis came back",
+        retry_on=(Unavailable,),
+    )
     assert again.identity.id == first.identity.id
 
 
@@ -278,14 +264,12 @@ async def test_nats_outage_and_late_start_recover_by_themselves(
         nats_server.stop()  # an outage while serving
         await asyncio.sleep(1.0)
         nats_server.start()
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                again = await allocate(bus, "app=web")
-                break
-            except (Unavailable, DeadlineExceeded):
-                assert time.monotonic() < deadline, "no recovery after NATS came back"
-                await asyncio.sleep(0.2)
+        again = await eventually(
+            lambda: allocate(bus, "app=web"),
+            timeout=15,
+            what="recovery after NATS came back",
+            retry_on=(Unavailable, DeadlineExceeded),
+        )
         assert again.identity.id == first.identity.id
         assert procs[0].poll() is None
     finally:
