@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -63,8 +64,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.identity_replicas is not None:
         replicas["identity"] = args.identity_replicas
     started = time.monotonic()
+    # as everywhere: the flag, else the environment; neither means "start our own"
     info = stack.up(
-        state, _say, nats_url=args.nats_url, redis_url=args.redis_url, replicas=replicas
+        state,
+        _say,
+        nats_url=args.nats_url or os.environ.get("MEMBRANE_NATS_URL"),
+        redis_url=args.redis_url or os.environ.get("MEMBRANE_REDIS_URL"),
+        replicas=replicas,
     )
     _say(f"cluster is up ({time.monotonic() - started:.1f}s)")
     print()

@@ -5,6 +5,7 @@ The local cluster (``membrane up``) and the test suite start them the same way, 
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 import socket
@@ -32,6 +33,16 @@ def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
         return False
 
 
+def write_secret(path: Path, content: str | bytes) -> None:
+    """Write a file only its owner can read, from its first byte (it holds credentials)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    data = content.encode() if isinstance(content, str) else content
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        os.fchmod(out.fileno(), 0o600)  # an older file may have had wider permissions
+        out.write(data)
+
+
 def require_binary(name: str) -> str:
     path = shutil.which(name)
     if path is None:
@@ -57,9 +68,9 @@ class NatsServer:
         return f"nats://{self.user}:{self.password}@{self.host}:{self.port}"
 
     def write_config(self) -> Path:
-        self.directory.mkdir(parents=True, exist_ok=True)
         conf = self.directory / "nats.conf"
-        conf.write_text(
+        write_secret(
+            conf,
             f"""# written by membrane; regenerated on every start
 listen: "{self.host}:{self.port}"
 server_name: membrane
@@ -73,9 +84,8 @@ authorization {{
   password: "{self.password}"
 }}
 max_payload: 8MB
-"""
+""",
         )
-        conf.chmod(0o600)
         return conf
 
     def command(self) -> list[str]:
@@ -99,9 +109,9 @@ class RedisServer:
         return f"redis://:{self.password}@{self.host}:{self.port}/0"
 
     def write_config(self) -> Path:
-        self.directory.mkdir(parents=True, exist_ok=True)
         conf = self.directory / "redis.conf"
-        conf.write_text(
+        write_secret(
+            conf,
             f"""# written by membrane; regenerated on every start
 bind {self.host}
 port {self.port}
@@ -113,9 +123,8 @@ appendfsync everysec
 save ""
 daemonize no
 logfile ""
-"""
+""",
         )
-        conf.chmod(0o600)
         return conf
 
     def command(self) -> list[str]:

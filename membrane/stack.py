@@ -21,7 +21,7 @@ from pathlib import Path
 import msgspec
 
 from membrane.registry import SERVICES
-from membrane.servers import NatsServer, RedisServer, free_port, port_open
+from membrane.servers import NatsServer, RedisServer, free_port, port_open, write_secret
 from membrane.state import ClusterInfo, Plan, ProcessSpec, StateDir
 from shared.bus import Bus, ServiceInfo
 from shared.errors import Unavailable
@@ -119,10 +119,10 @@ def up(
     ensure_packages(say)
     info = _cluster_info(state, nats_url, redis_url)
     state.write_cluster(info)
-    state.run.mkdir(parents=True, exist_ok=True)
-    state.logs.mkdir(parents=True, exist_ok=True)
+    state.run.mkdir(mode=0o700, parents=True, exist_ok=True)
+    state.logs.mkdir(mode=0o700, parents=True, exist_ok=True)
     plan = build_plan(state, info, replicas)
-    state.plan_file.write_bytes(msgspec.json.encode(plan))
+    write_secret(state.plan_file, msgspec.json.encode(plan))  # it holds the service URLs
     say("starting the supervisor")
     log = open(state.logs / "supervisor.log", "ab")  # noqa: SIM115 - handed to the child
     supervisor = subprocess.Popen(

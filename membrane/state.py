@@ -16,6 +16,7 @@ from pathlib import Path
 
 import msgspec
 
+from membrane.servers import write_secret
 from shared.errors import Unavailable
 
 ENV_STATE_DIR = "MEMBRANE_STATE_DIR"
@@ -65,7 +66,8 @@ def default_state_dir() -> Path:
 
 class StateDir:
     def __init__(self, root: Path) -> None:
-        self.root = root
+        # absolute, because the supervisor is recognised by the path on its command line
+        self.root = root.absolute()
         self.run = root / "run"
         self.logs = root / "logs"
         self.cluster_file = root / "cluster.json"
@@ -80,9 +82,8 @@ class StateDir:
             return None
 
     def write_cluster(self, info: ClusterInfo) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.cluster_file.touch(mode=0o600)
-        self.cluster_file.write_bytes(msgspec.json.format(msgspec.json.encode(info)))
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_secret(self.cluster_file, msgspec.json.format(msgspec.json.encode(info)))
 
     def supervisor_pid(self) -> int | None:
         """The running supervisor's pid, or None (a stale pid file counts as none)."""
@@ -90,9 +91,12 @@ class StateDir:
             pid = int(self.pid_file.read_text().strip())
         except (FileNotFoundError, ValueError):
             return None
+        # a pid file left by a killed supervisor may name a process that reuses the pid
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return None
+        if b"membrane.supervisor" not in cmdline or str(self.root).encode() not in cmdline:
             return None
         return pid
 

@@ -74,7 +74,8 @@ MALFORMED = Counter(
 _encoder = msgspec.json.Encoder()
 _PATH_RE = re.compile(r"at `\$\.?([^`]*)`")
 # scheme://userinfo@ at the start of each comma-separated URL
-_USERINFO_RE = re.compile(r"((?:^|,)\s*[A-Za-z][A-Za-z0-9+.-]*://)([^@/,]*)@")
+# (greedy up to the last '@' of the authority, since a password may itself contain '@')
+_USERINFO_RE = re.compile(r"((?:^|,)\s*[A-Za-z][A-Za-z0-9+.-]*://)([^/,]*)@")
 
 _log = log.get("bus")
 

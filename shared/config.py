@@ -91,7 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
         parser.add_argument(
             flag_name(f.name),
             dest=f.name,
-            default=None,
+            # absent flags leave no attribute, so they never mask one set by a parent parser
+            default=argparse.SUPPRESS,
             metavar=_base_type(hints[f.name]).__name__.upper()
             if isinstance(_base_type(hints[f.name]), type)
             else "LIST",

@@ -46,6 +46,8 @@ class AllocateRequest(Message):
     owner: str = "cli"
     # 0: the reference lives until released; else it lapses unless the owner heartbeats
     lease_seconds: float = 0
+    # the same id on a retry returns the first result instead of taking a second reference
+    request_id: str = ""
 
 
 class AllocateReply(Message):
@@ -56,6 +58,7 @@ class AllocateReply(Message):
 class ReleaseRequest(Message):
     id: int
     owner: str = "cli"
+    request_id: str = ""
 
 
 class ReleaseReply(Message):

@@ -15,6 +15,7 @@ Redis layout under ``prefix`` (default ``membrane:identity:``):
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from importlib import resources
 
@@ -27,6 +28,8 @@ from shared.labels import SOURCE_CIDR, SOURCE_RESERVED, LabelFilter, LabelSet
 from shared.redis_store import redis_errors
 
 MAX_OWNER_LENGTH = 253
+# how long a request id is remembered, so that a retry within it is answered, not repeated
+REQUEST_MEMORY_SECONDS = 300
 
 
 def _script(name: str) -> str:
@@ -79,6 +82,7 @@ class IdentityAllocator:
         self._allocate = client.register_script(_script("allocate.lua"))
         self._release = client.register_script(_script("release.lua"))
         self._gc = client.register_script(_script("gc.lua"))
+        self._heartbeat = client.register_script(_script("heartbeat.lua"))
 
     def normalize(self, raw: list[str]) -> LabelSet:
         """Parse, validate and filter labels; the result is what the identity stands for."""
@@ -91,9 +95,19 @@ class IdentityAllocator:
             )
         return labels
 
-    async def allocate(self, raw: list[str], owner: str, lease_seconds: float = 0) -> Allocation:
+    async def allocate(
+        self, raw: list[str], owner: str, lease_seconds: float = 0, request_id: str = ""
+    ) -> Allocation:
+        """The identity of ``raw``, with one more reference held by ``owner``.
+
+        ``request_id`` makes a retry of the same request (after a timeout) return the first
+        result instead of taking a second reference; without one, this call makes its own,
+        which covers the Redis client's internal retries.
+        """
         labels = self.normalize(raw)
         validate_owner(owner)
+        if lease_seconds < 0:
+            raise InvalidArgument("lease_seconds must not be negative", field="lease_seconds")
         sources = {labels[key].source for key in labels}
         if SOURCE_RESERVED in sources:
             return self._reserved(labels)
@@ -111,12 +125,21 @@ class IdentityAllocator:
                         lease_seconds,
                         self.min_id,
                         self.max_id,
+                        _request_key(request_id),
+                        REQUEST_MEMORY_SECONDS,
                     ]
                 )
             except redis.exceptions.ResponseError as exc:
                 if "exhausted" in str(exc):
                     raise ResourceExhausted(
                         f"all identities {self.min_id}-{self.max_id} are in use or quarantined"
+                    ) from None
+                if "lease_mismatch" in str(exc):
+                    raise InvalidArgument(
+                        f"owner {owner!r} already holds references "
+                        + ("without a lease" if lease_seconds > 0 else "under a lease")
+                        + "; one owner cannot mix leased and lease-less references",
+                        field="lease_seconds",
                     ) from None
                 raise
         return Allocation(int(number), labels, bool(new))
@@ -136,14 +159,26 @@ class IdentityAllocator:
             )
         return Allocation(number, labels, False)
 
-    async def release(self, number: int, owner: str) -> int:
-        """Drop one reference of ``owner``; returns the references left cluster-wide."""
+    async def release(self, number: int, owner: str, request_id: str = "") -> int:
+        """Drop one reference of ``owner``; returns the references left cluster-wide.
+
+        ``request_id`` makes a retry safe, as for :meth:`allocate`.
+        """
         validate_owner(owner)
         if number in reserved.BY_ID:
             return 1  # reserved identities are never released
         with redis_errors("release"):
             try:
-                left = await self._release(args=[self.prefix, number, owner, self.grace_seconds])
+                left = await self._release(
+                    args=[
+                        self.prefix,
+                        number,
+                        owner,
+                        self.grace_seconds,
+                        _request_key(request_id),
+                        REQUEST_MEMORY_SECONDS,
+                    ]
+                )
             except redis.exceptions.ResponseError as exc:
                 if "not_referenced" in str(exc):
                     raise NotFound(
@@ -158,10 +193,24 @@ class IdentityAllocator:
         if ttl_seconds <= 0:
             raise InvalidArgument("ttl_seconds must be positive", field="ttl_seconds")
         with redis_errors("heartbeat"):
-            seconds, micros = await self.redis.time()
-            expires = seconds + micros / 1e6 + ttl_seconds
-            await self.redis.zadd(self.prefix + "leases", {owner: expires}, gt=True)
-        return expires
+            try:
+                expires = await self._heartbeat(args=[self.prefix, owner, ttl_seconds])
+            except redis.exceptions.ResponseError as exc:
+                if "no_lease" in str(exc):
+                    # its lease lapsed and its references are gone: the owner must allocate
+                    # again rather than believe it still holds them
+                    raise NotFound(
+                        f"owner {owner!r} holds no references (lease lapsed or never taken); "
+                        "allocate again",
+                        field="owner",
+                    ) from None
+                if "not_leased" in str(exc):
+                    raise InvalidArgument(
+                        f"owner {owner!r} holds references without a lease; nothing to renew",
+                        field="owner",
+                    ) from None
+                raise
+        return float(_text(expires))
 
     async def get(self, number: int) -> LabelSet:
         if number in reserved.BY_ID:
@@ -180,6 +229,14 @@ class IdentityAllocator:
             found[int(key)] = LabelSet.from_canonical(_text(value))
         return dict(sorted(found.items()))
 
+    async def exists(self, number: int, labels: LabelSet | None = None) -> bool:
+        """Whether ``number`` is allocated (to ``labels``, if given), read fresh from Redis."""
+        with redis_errors("exists"):
+            canonical = await self.redis.hget(self.prefix + "ids", str(number))
+        if canonical is None:
+            return False
+        return labels is None or _text(canonical) == labels.canonical
+
     async def count(self) -> int:
         """Cluster-local identities in use or inside their grace period."""
         with redis_errors("count"):
@@ -196,6 +253,12 @@ class IdentityAllocator:
         items = [_text(item) for item in out]
         split = items.index("")
         return GCResult(items[:split], [int(i) for i in items[split + 1 :]])
+
+
+def _request_key(request_id: str) -> str:
+    if len(request_id) > 128:
+        raise InvalidArgument("request_id is longer than 128 characters", field="request_id")
+    return request_id or uuid.uuid4().hex
 
 
 def _text(value: bytes | str) -> str:

@@ -4,7 +4,11 @@
 local p, node, pool, size = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local current = redis.call('GET', p .. 'pool')
 if current and current ~= pool then
-  return redis.error_reply('pool_changed:' .. current)
+  if redis.call('HLEN', p .. 'nodes') > 0 then
+    return redis.error_reply('pool_changed:' .. current)
+  end
+  -- nobody holds a CIDR of the old pool: its indexes mean nothing in the new one
+  redis.call('DEL', p .. 'next', p .. 'free')
 end
 redis.call('SET', p .. 'pool', pool)
 local have = redis.call('HGET', p .. 'nodes', node)

@@ -1,7 +1,16 @@
 -- Drop one reference of an owner to an identity.
--- ARGV: prefix, id, owner, grace seconds
+-- ARGV: prefix, id, owner, grace seconds, request id, seconds to remember the request id
 -- Returns the references left cluster-wide, or an error "not_referenced".
+-- The request id makes a retry safe: it answers the first result instead of dropping a
+-- second reference.
 local p, id, owner, grace = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local request, remember = ARGV[5], tonumber(ARGV[6])
+
+local done = redis.call('GET', p .. 'req:' .. request)
+if done then
+  return tonumber(done)
+end
+
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 
@@ -18,4 +27,5 @@ if left <= 0 then
   redis.call('ZADD', p .. 'gc', now + grace, id)
   left = 0
 end
+redis.call('SET', p .. 'req:' .. request, left, 'EX', remember)
 return left

@@ -8,6 +8,7 @@ services watch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import time
@@ -23,8 +24,8 @@ from services.identity.allocator import Allocation, IdentityAllocator
 from services.identity.ipam import PodCIDRAllocator
 from shared import __version__, log, metrics, subjects
 from shared.bus import Bus, MicroService, encode, redact
-from shared.config import CommonSettings, setting
-from shared.errors import MembraneError
+from shared.config import CommonSettings, env_name, setting
+from shared.errors import InvalidArgument, MembraneError, Unavailable
 from shared.labels import DEFAULT_LABEL_FILTER, LabelFilter, LabelSet
 from shared.messages import (
     AllocateReply,
@@ -83,6 +84,14 @@ class IdentitySettings(CommonSettings):
     node_mask_size: int = setting(24, "prefix length of each node's pod CIDR")
     concurrency: int = setting(128, "requests served at once per replica")
 
+    def __post_init__(self) -> None:
+        for name, low in (("concurrency", 1), ("kv_replicas", 1), ("grace_period", 0)):
+            if getattr(self, name) < low:
+                raise InvalidArgument(f"must be at least {low}", field=env_name(name))
+        for name in ("gc_interval", "reconcile_interval"):
+            if getattr(self, name) <= 0:
+                raise InvalidArgument("must be positive", field=env_name(name))
+
 
 def to_wire(number: int, labels: LabelSet) -> Identity:
     return Identity(id=number, labels=labels.strings(), kind=reserved.kind_of(number))
@@ -104,6 +113,7 @@ class IdentityService:
         self.settings = settings
         self.log = log.get("identity")
         self._backlog: dict[int, bytes | None] = {}
+        self.reconcile_soon = asyncio.Event()
 
     async def register(self, metadata: dict[str, str]) -> MicroService:
         micro = await self.bus.add_service(
@@ -139,7 +149,15 @@ class IdentityService:
 
     async def allocate(self, req: AllocateRequest) -> AllocateReply:
         started = time.perf_counter()
-        result: Allocation = await self.allocator.allocate(req.labels, req.owner, req.lease_seconds)
+        try:
+            result: Allocation = await self.allocator.allocate(
+                req.labels, req.owner, req.lease_seconds, req.request_id
+            )
+        except Unavailable:
+            # the script may have run with its reply lost: an identity may now be in Redis
+            # without its KV entry, so check soon instead of at the next periodic reconcile
+            self.reconcile_soon.set()
+            raise
         ALLOCATE_SECONDS.labels(str(result.new).lower()).observe(time.perf_counter() - started)
         identity = to_wire(result.id, result.labels)
         if result.new:
@@ -149,7 +167,7 @@ class IdentityService:
         return AllocateReply(identity=identity, new=result.new)
 
     async def release(self, req: ReleaseRequest) -> ReleaseReply:
-        left = await self.allocator.release(req.id, req.owner)
+        left = await self.allocator.release(req.id, req.owner, req.request_id)
         return ReleaseReply(id=req.id, references=left)
 
     async def get(self, req: GetRequest) -> Identity:
@@ -217,20 +235,24 @@ class IdentityService:
     async def reconcile(self) -> None:
         """Make the KV bucket match Redis: put what is missing or wrong, delete what is gone.
 
-        Covers a replica that died between the Redis write and the KV write.
+        Covers a replica that died between the Redis write and the KV write, and an allocation
+        whose Redis reply was lost. Other replicas allocate and collect while this runs, so
+        the KV snapshot is taken first (an identity allocated after it is already in KV) and
+        every write re-checks Redis just before it is made.
         """
+        in_kv = {int(key): value for key, value in (await Bus.snapshot(self.kv)).items()}
         found = await self.allocator.list()
         cluster = {n: labels for n, labels in found.items() if n not in reserved.BY_ID}
-        in_kv = {int(key): value for key, value in (await Bus.snapshot(self.kv)).items()}
         puts = deletes = 0
         for number, labels in cluster.items():
             wanted = encode(to_wire(number, labels))
-            if in_kv.get(number) != wanted:
+            if in_kv.get(number) != wanted and await self.allocator.exists(number, labels):
                 await self.kv.put(str(number), wanted)
                 puts += 1
         for number in in_kv.keys() - cluster.keys():
-            await self.kv.delete(str(number))
-            deletes += 1
+            if not await self.allocator.exists(number):
+                await self.kv.delete(str(number))
+                deletes += 1
         if puts or deletes:
             self.log.info("identities bucket reconciled", puts=puts, deletes=deletes)
 
@@ -291,12 +313,18 @@ async def run(settings: IdentitySettings) -> None:
 
 
 async def _reconcile_loop(service: IdentityService, interval: float) -> None:
-    """Reconcile once at start (retrying while Redis is away), then every ``interval``."""
+    """Reconcile at start, then every ``interval``, or sooner when an allocation went wrong.
+
+    A failed pass (Redis or NATS away) is retried after a short pause.
+    """
+    service.reconcile_soon.set()
     while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(service.reconcile_soon.wait(), timeout=interval)
+        await asyncio.sleep(1.0)  # let the outage that triggered it pass; coalesce triggers
+        service.reconcile_soon.clear()
         try:
             await service.reconcile()
-            break
-        except MembraneError as exc:
-            service.log.warning("initial reconcile failed, retrying", error=str(exc))
-            await asyncio.sleep(2)
-    await periodically(interval, service.reconcile)
+        except (MembraneError, nats.errors.Error, TimeoutError) as exc:
+            service.log.warning("reconcile failed, retrying", error=str(exc))
+            service.reconcile_soon.set()

@@ -73,6 +73,9 @@ def test_up_allocate_down_up_again(state: Path) -> None:
     missing = membrane(state, "identity", "get", "60000", check=False)
     assert missing.returncode == 1 and "does not exist" in missing.stderr
 
+    for secret in ("cluster.json", "run/plan.json", "nats/nats.conf", "redis/redis.conf"):
+        assert (state / secret).stat().st_mode & 0o077 == 0, f"{secret} is readable by others"
+
     status = json.loads(membrane(state, "status", "-o", "json").stdout)
     replicas = [s for s in status["services"] if s["name"] == "membrane-identity"]
     assert len(replicas) == 2

@@ -192,3 +192,60 @@ async def test_pod_cidrs_are_idempotent_and_reused(client: aioredis.Redis) -> No
     changed = PodCIDRAllocator(client, "10.250.0.0/16", 24)
     with pytest.raises(InvalidArgument, match="cluster pool changed"):
         await changed.allocate("node-9")
+
+
+async def test_a_retried_request_is_answered_not_repeated(client: aioredis.Redis) -> None:
+    alloc = allocator(client, grace_seconds=60)
+    first = await alloc.allocate(["app=web"], "node-1", request_id="req-1")
+    again = await alloc.allocate(["app=web"], "node-1", request_id="req-1")
+    assert (again.id, again.new) == (first.id, True)  # the first answer, new included
+    assert await alloc.references(first.id) == 1
+    await alloc.allocate(["app=web"], "node-1")  # no request id: a request of its own
+    assert await alloc.references(first.id) == 2
+    assert await alloc.release(first.id, "node-1", request_id="rel-1") == 1
+    assert await alloc.release(first.id, "node-1", request_id="rel-1") == 1
+    assert await alloc.references(first.id) == 1
+
+
+async def test_an_owner_cannot_mix_leased_and_lease_less_references(
+    client: aioredis.Redis,
+) -> None:
+    alloc = allocator(client)
+    await alloc.allocate(["app=web"], "node-1", lease_seconds=30)
+    with pytest.raises(InvalidArgument, match="cannot mix") as err:
+        await alloc.allocate(["app=db"], "node-1")
+    assert err.value.field == "lease_seconds"
+    await alloc.allocate(["app=db"], "cli")
+    with pytest.raises(InvalidArgument, match="cannot mix"):
+        await alloc.allocate(["app=db"], "cli", lease_seconds=30)
+
+
+async def test_heartbeat_tells_an_owner_that_lost_its_references(
+    client: aioredis.Redis,
+) -> None:
+    alloc = allocator(client, grace_seconds=60)
+    with pytest.raises(NotFound, match="allocate again"):
+        await alloc.renew_lease("node-new", 10)
+    await alloc.allocate(["app=web"], "node-1", lease_seconds=0.2)
+    expires = await alloc.renew_lease("node-1", 0.2)
+    assert expires == await client.zscore("membrane:identity:leases", "node-1")
+    await asyncio.sleep(0.3)
+    assert (await alloc.collect_garbage()).expired_owners == ["node-1"]
+    with pytest.raises(NotFound):
+        await alloc.renew_lease("node-1", 10)  # lapsed: not silently re-created
+    await alloc.allocate(["app=web"], "cli")
+    with pytest.raises(InvalidArgument, match="without a lease"):
+        await alloc.renew_lease("cli", 10)
+
+
+async def test_the_pool_may_change_once_no_node_holds_a_cidr(client: aioredis.Redis) -> None:
+    old = PodCIDRAllocator(client, "10.244.0.0/16", 24)
+    for node in ("a", "b", "c"):
+        await old.allocate(node)
+    for node in ("a", "b", "c"):
+        await old.release(node)
+    new = PodCIDRAllocator(client, "10.245.0.0/23", 24)
+    assert str(await new.allocate("a")) == "10.245.0.0/24"
+    assert str(await new.allocate("b")) == "10.245.1.0/24"
+    with pytest.raises(ResourceExhausted):
+        await new.allocate("c")

@@ -233,6 +233,7 @@ def test_encode_uses_wire_names() -> None:
         "labels": ["k8s:a=b"],
         "owner": "cli",
         "lease_seconds": 0,
+        "request_id": "",
     }
 
 
