@@ -91,7 +91,8 @@ async def over_bus(buses: list[Bus], name: str, sets: list[list[str]], inflight:
 
 async def direct(redis_url: str, name: str, sets: list[list[str]], inflight: int) -> Result:
     client = make_redis(redis_url)
-    allocator = IdentityAllocator(client)
+    # its own key prefix: the services must not find (and reconcile) these identities
+    allocator = IdentityAllocator(client, prefix="membrane:bench-direct:")
     try:
         calls: list[Callable[[], Awaitable[object]]] = [
             functools.partial(allocator.allocate, s, "bench") for s in sets
@@ -153,6 +154,8 @@ async def run(args: argparse.Namespace) -> list[Result]:
                 try:
                     while len(await buses[0].discover(subjects.IDENTITY_SERVICE)) < replicas:
                         pass
+                    # untimed: make the "existing" label sets exist in the services' keyspace
+                    await over_bus(buses, "warm-up", warm, args.inflight)
                     existing = (warm * (args.existing // len(warm) + 1))[: args.existing]
                     results.append(
                         await over_bus(

@@ -15,7 +15,9 @@ Redis layout under ``prefix`` (default ``membrane:identity:``):
 
 from __future__ import annotations
 
-import uuid
+import functools
+import itertools
+import os
 from dataclasses import dataclass
 from importlib import resources
 
@@ -25,7 +27,7 @@ import redis.exceptions
 from services.identity import reserved
 from shared.errors import InvalidArgument, NotFound, ResourceExhausted
 from shared.labels import SOURCE_CIDR, SOURCE_RESERVED, LabelFilter, LabelSet
-from shared.redis_store import redis_errors
+from shared.redis_store import ScriptPipeline, redis_errors
 
 MAX_OWNER_LENGTH = 253
 # how long a request id is remembered, so that a retry within it is answered, not repeated
@@ -83,9 +85,30 @@ class IdentityAllocator:
         self._release = client.register_script(_script("release.lua"))
         self._gc = client.register_script(_script("gc.lua"))
         self._heartbeat = client.register_script(_script("heartbeat.lua"))
+        self._unlock = client.register_script(_script("unlock.lua"))
+        self._scripts = ScriptPipeline(client)
+        self._normalize = functools.lru_cache(maxsize=16384)(self._normalize_uncached)
+        # ids for requests that came without one: unique per process, cheap to make
+        self._own_requests = itertools.count()
+        self._own_prefix = f"own-{os.urandom(6).hex()}-"
+
+    def _request_key(self, request_id: str) -> str:
+        if len(request_id) > 128:
+            raise InvalidArgument("request_id is longer than 128 characters", field="request_id")
+        return request_id or f"{self._own_prefix}{next(self._own_requests)}"
+
+    async def close(self) -> None:
+        await self._scripts.close()
 
     def normalize(self, raw: list[str]) -> LabelSet:
-        """Parse, validate and filter labels; the result is what the identity stands for."""
+        """Parse, validate and filter labels; the result is what the identity stands for.
+
+        Cached: the same few label sets come again and again (every replica, every restart),
+        and a LabelSet is immutable. Invalid input raises and is not cached.
+        """
+        return self._normalize(tuple(raw))
+
+    def _normalize_uncached(self, raw: tuple[str, ...]) -> LabelSet:
         if not raw:
             raise InvalidArgument("at least one label is required", field="labels")
         labels = self.filter.apply(LabelSet.parse(raw))
@@ -117,17 +140,18 @@ class IdentityAllocator:
             )
         with redis_errors("allocate"):
             try:
-                number, new = await self._allocate(
-                    args=[
+                number, new = await self._scripts.run(
+                    self._allocate,
+                    [
                         self.prefix,
                         labels.canonical,
                         owner,
                         lease_seconds,
                         self.min_id,
                         self.max_id,
-                        _request_key(request_id),
+                        self._request_key(request_id),
                         REQUEST_MEMORY_SECONDS,
-                    ]
+                    ],
                 )
             except redis.exceptions.ResponseError as exc:
                 if "exhausted" in str(exc):
@@ -169,15 +193,16 @@ class IdentityAllocator:
             return 1  # reserved identities are never released
         with redis_errors("release"):
             try:
-                left = await self._release(
-                    args=[
+                left = await self._scripts.run(
+                    self._release,
+                    [
                         self.prefix,
                         number,
                         owner,
                         self.grace_seconds,
-                        _request_key(request_id),
+                        self._request_key(request_id),
                         REQUEST_MEMORY_SECONDS,
-                    ]
+                    ],
                 )
             except redis.exceptions.ResponseError as exc:
                 if "not_referenced" in str(exc):
@@ -229,6 +254,20 @@ class IdentityAllocator:
             found[int(key)] = LabelSet.from_canonical(_text(value))
         return dict(sorted(found.items()))
 
+    async def try_lock(self, name: str, seconds: float) -> bool:
+        """A cluster-wide lock that lapses by itself after ``seconds`` (a crashed holder)."""
+        with redis_errors("lock"):
+            return bool(
+                await self.redis.set(
+                    f"{self.prefix}lock:{name}", self._own_prefix, nx=True, px=int(seconds * 1000)
+                )
+            )
+
+    async def unlock(self, name: str) -> None:
+        with redis_errors("unlock"):
+            # only our own lock: a lapsed one may meanwhile belong to another replica
+            await self._unlock(args=[f"{self.prefix}lock:{name}", self._own_prefix])
+
     async def exists(self, number: int, labels: LabelSet | None = None) -> bool:
         """Whether ``number`` is allocated (to ``labels``, if given), read fresh from Redis."""
         with redis_errors("exists"):
@@ -253,12 +292,6 @@ class IdentityAllocator:
         items = [_text(item) for item in out]
         split = items.index("")
         return GCResult(items[:split], [int(i) for i in items[split + 1 :]])
-
-
-def _request_key(request_id: str) -> str:
-    if len(request_id) > 128:
-        raise InvalidArgument("request_id is longer than 128 characters", field="request_id")
-    return request_id or uuid.uuid4().hex
 
 
 def _text(value: bytes | str) -> str:

@@ -240,6 +240,15 @@ class IdentityService:
         the KV snapshot is taken first (an identity allocated after it is already in KV) and
         every write re-checks Redis just before it is made.
         """
+        # one replica at a time: they would all compute and write the same diff
+        if not await self.allocator.try_lock("reconcile", seconds=60):
+            return
+        try:
+            await self._reconcile()
+        finally:
+            await self.allocator.unlock("reconcile")
+
+    async def _reconcile(self) -> None:
         in_kv = {int(key): value for key, value in (await Bus.snapshot(self.kv)).items()}
         found = await self.allocator.list()
         cluster = {n: labels for n, labels in found.items() if n not in reserved.BY_ID}
@@ -309,6 +318,7 @@ async def run(settings: IdentitySettings) -> None:
     logger.info("shutting down", signal=signal_name)
     await tasks.close()
     await bus.close()
+    await allocator.close()
     await client.aclose()
 
 
