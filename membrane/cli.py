@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import uvloop
 
@@ -32,6 +32,7 @@ from shared.messages import (
 )
 
 Command = Callable[[argparse.Namespace], int]
+T = TypeVar("T")
 
 
 def _say(message: str) -> None:
@@ -42,10 +43,10 @@ def _state(args: argparse.Namespace) -> StateDir:
     return StateDir(Path(args.state_dir) if args.state_dir else default_state_dir())
 
 
-def _with_bus(args: argparse.Namespace, action: Callable[[Bus], Awaitable[int]]) -> int:
+def _with_bus(args: argparse.Namespace, action: Callable[[Bus], Awaitable[T]]) -> T:
     url = resolve_nats_url(args.nats_url, _state(args))
 
-    async def go() -> int:
+    async def go() -> T:
         bus = await Bus.connect(url, "membrane-cli", retry_for=args.timeout)
         try:
             return await action(bus)
@@ -100,8 +101,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     state = _state(args)
-    url = resolve_nats_url(args.nats_url, state)
-    found = asyncio.run(stack.discover_all(url, args.timeout))
+    found = _with_bus(args, lambda bus: bus.discover(timeout=0.5))
     processes = state.processes()
     if args.output == "json":
         output.emit_json(

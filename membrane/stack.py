@@ -23,16 +23,16 @@ import msgspec
 from membrane.registry import SERVICES
 from membrane.servers import NatsServer, RedisServer, free_port, port_open, write_secret
 from membrane.state import ClusterInfo, Plan, ProcessSpec, StateDir
-from shared.bus import Bus, ServiceInfo
+from shared.bus import Bus
 from shared.errors import Unavailable
 
 Say = Callable[[str], None]
-OS_PACKAGES = {"nats-server": "nats-server", "redis-server": "redis-server"}
+OS_PACKAGES = ("nats-server", "redis-server")  # Debian names them as their binaries
 
 
 def ensure_packages(say: Say) -> None:
     """Install nats-server and redis-server from Debian if they are missing."""
-    missing = [pkg for binary, pkg in OS_PACKAGES.items() if shutil.which(binary) is None]
+    missing = [pkg for pkg in OS_PACKAGES if shutil.which(pkg) is None]
     if not missing:
         return
     if os.geteuid() != 0:
@@ -221,11 +221,3 @@ def _kill_session(sid: int) -> None:
                 os.kill(int(entry.name), signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             continue
-
-
-async def discover_all(nats_url: str, connect_timeout: float) -> list[ServiceInfo]:
-    bus = await Bus.connect(nats_url, "membrane-status", retry_for=connect_timeout)
-    try:
-        return await bus.discover(timeout=0.5)
-    finally:
-        await bus.close()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import msgspec
 
-from membrane.servers import wait_for_port
+from membrane.servers import terminate, wait_for_port
 from membrane.state import Plan, ProcessSpec, ProcessState, StateDir
 
 PR_SET_PDEATHSIG = 1
@@ -45,17 +45,15 @@ class Child:
     backoff: float = 1.0
 
     def start(self) -> None:
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it from here
-        env = {**os.environ, **self.spec.env}
-        self.process = subprocess.Popen(
-            self.spec.command,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            preexec_fn=die_with_parent,
-        )
-        log.close()
+        with open(self.log_path, "ab") as log:  # the child keeps its own copy of the fd
+            self.process = subprocess.Popen(
+                self.spec.command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **self.spec.env},
+                preexec_fn=die_with_parent,
+            )
         self.started_at = time.time()
 
     def state(self) -> ProcessState:
@@ -133,12 +131,7 @@ class Supervisor:
             proc = child.process
             if proc is None or proc.poll() is not None:
                 continue
-            proc.terminate()
-            try:
-                proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            terminate([proc], STOP_TIMEOUT)  # one at a time: services go before NATS and Redis
             self.say(f"stopped {child.spec.name}")
 
 

@@ -11,6 +11,7 @@ Redis layout under ``prefix`` (default ``membrane:identity:``):
 - ``refs`` hash id -> references cluster-wide; ``owner:<owner>`` hash id -> that owner's
 - ``leases`` zset owner -> lease expiry (``+inf`` for owners without a lease)
 - ``gc`` zset id -> time it may be deleted; ``free`` zset id -> time it may be reused
+- ``req:<request id>`` the answer to a request, for retries; ``lock:<name>`` cluster-wide locks
 """
 
 from __future__ import annotations
@@ -237,14 +238,19 @@ class IdentityAllocator:
                 raise
         return float(_text(expires))
 
+    async def _canonical(self, number: int) -> str | None:
+        """The canonical labels ``number`` stands for, read fresh from Redis; None if free."""
+        with redis_errors("get"):
+            canonical = await self.redis.hget(self.prefix + "ids", str(number))
+        return None if canonical is None else _text(canonical)
+
     async def get(self, number: int) -> LabelSet:
         if number in reserved.BY_ID:
             return reserved.labels_of(number)
-        with redis_errors("get"):
-            canonical = await self.redis.hget(self.prefix + "ids", str(number))
+        canonical = await self._canonical(number)
         if canonical is None:
             raise NotFound(f"identity {number} does not exist", field="id")
-        return LabelSet.from_canonical(_text(canonical))
+        return LabelSet.from_canonical(canonical)
 
     async def list(self) -> dict[int, LabelSet]:
         with redis_errors("list"):
@@ -270,11 +276,10 @@ class IdentityAllocator:
 
     async def exists(self, number: int, labels: LabelSet | None = None) -> bool:
         """Whether ``number`` is allocated (to ``labels``, if given), read fresh from Redis."""
-        with redis_errors("exists"):
-            canonical = await self.redis.hget(self.prefix + "ids", str(number))
+        canonical = await self._canonical(number)
         if canonical is None:
             return False
-        return labels is None or _text(canonical) == labels.canonical
+        return labels is None or canonical == labels.canonical
 
     async def count(self) -> int:
         """Cluster-local identities in use or inside their grace period."""

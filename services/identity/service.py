@@ -199,7 +199,6 @@ class IdentityService:
         result = await self.allocator.collect_garbage()
         # every replica reports the cluster-wide count (one O(1) read), not its own share
         IDENTITIES.labels("cluster").set(await self.allocator.count())
-        IDENTITIES.labels("reserved").set(len(reserved.BY_ID) - 1)  # "unknown" is no identity
         if result.expired_owners:
             LEASES_EXPIRED.inc(len(result.expired_owners))
             self.log.info("leases expired", owners=result.expired_owners)
@@ -256,11 +255,11 @@ class IdentityService:
         for number, labels in cluster.items():
             wanted = encode(to_wire(number, labels))
             if in_kv.get(number) != wanted and await self.allocator.exists(number, labels):
-                await self.kv.put(str(number), wanted)
+                await self.publish(number, wanted)
                 puts += 1
         for number in in_kv.keys() - cluster.keys():
             if not await self.allocator.exists(number):
-                await self.kv.delete(str(number))
+                await self.publish(number, None)
                 deletes += 1
         if puts or deletes:
             self.log.info("identities bucket reconciled", puts=puts, deletes=deletes)
@@ -304,6 +303,7 @@ async def run(settings: IdentitySettings) -> None:
     await service.register(
         {"replica": replica, "metrics": f"{settings.metrics_host}:{metrics_port}"}
     )
+    IDENTITIES.labels("reserved").set(len(reserved.BY_ID) - 1)  # "unknown" is no identity
     tasks = TaskGroup()
     tasks.spawn("gc", lambda: periodically(settings.gc_interval, service.collect_garbage))
     tasks.spawn("kv-backlog", lambda: periodically(1.0, service.flush_backlog))
