@@ -101,3 +101,137 @@ class PodCIDR(Message):
 
 class PodCIDRList(Message):
     allocations: list[PodCIDR]
+
+
+# --- nodes, endpoints, ipcache (written by the datapath agents) --------------------------------
+
+
+class Node(Message):
+    """A node as its agent registers it in the ``nodes`` bucket (key: node name)."""
+
+    name: str
+    underlay_ip: str
+    pod_cidr: str
+    # the address pods use as their default gateway (first address of the pod CIDR)
+    router_ip: str
+    heartbeat: float  # unix time of the last refresh; the entry is rewritten periodically
+    version: str = ""
+
+
+class ContainerPort(Message):
+    """A port a pod's containers declare; named ports in policy resolve against these."""
+
+    port: int
+    protocol: str = "TCP"
+    name: str = ""
+
+
+class Endpoint(Message):
+    """A pod as wired by its node's agent (``endpoints`` bucket, key ``<namespace>.<name>``)."""
+
+    namespace: str
+    name: str
+    node: str
+    ip: str
+    identity: int
+    labels: dict[str, str]  # the pod's own labels, as written in its manifest
+    service_account: str = "default"
+    ports: list[ContainerPort] = []
+    netns: str = ""  # path of the pod's network namespace on its node
+    ifname: str = "eth0"  # interface name inside the pod
+    host_ifname: str = ""  # host side of the veth (where the programs attach)
+    host_ifindex: int = 0
+    mac: str = ""  # MAC of the pod's interface
+    container_id: str = ""  # set when the CNI plugin wired it
+    owner: str = ""  # e.g. "Deployment/web" for pods a Deployment created
+    created: float = 0.0
+
+
+class IPCacheEntry(Message):
+    """IP or CIDR -> security identity (``ipcache`` bucket, key: the address, dots kept)."""
+
+    cidr: str  # "10.244.1.5/32"
+    identity: int
+    node: str = ""  # the node hosting the address, if it is a pod
+    host_ip: str = ""  # that node's underlay address (tunnel endpoint)
+
+
+class NamespaceRecord(Message):
+    """A Kubernetes namespace (``namespaces`` bucket): its labels feed pod identities."""
+
+    name: str
+    labels: dict[str, str]
+    implicit: bool = False  # created because a pod used it before it was declared
+
+
+# --- resolved policy (policy service -> datapath) ----------------------------------------------
+
+
+class PolicyEntry(Message):
+    """One allow or deny entry of a subject identity, in one direction.
+
+    ``peer`` 0 is any identity, ``protocol`` 0 any protocol (IANA numbers: 6 TCP, 17 UDP, 1
+    ICMP), ``port`` 0 any port; ``end_port`` > ``port`` makes a range. ``port_name`` is a named
+    port, resolved per endpoint from its container ports (an endpoint without it gets no entry).
+    """
+
+    peer: int = 0
+    protocol: int = 0
+    port: int = 0
+    end_port: int = 0
+    port_name: str = ""
+    deny: bool = False
+    rule_id: int = 0  # key into ResolvedPolicy.rules; carried into every verdict
+    l7: list[dict[str, object]] = []  # L7 rules, carried for the proxy (enforced at L4 for now)
+
+
+class ResolvedPolicy(Message):
+    """What policy says for one subject identity (``resolved`` bucket, key: the identity).
+
+    A direction is enforced (default deny) only when some policy selects the identity in that
+    direction; an identity without an entry in the bucket is enforced in neither.
+    """
+
+    identity: int
+    revision: int
+    ingress_enforced: bool = False
+    egress_enforced: bool = False
+    ingress: list[PolicyEntry] = []
+    egress: list[PolicyEntry] = []
+    rules: dict[int, str] = {}  # rule id -> "namespace/name[index]" (or "name[index]")
+
+
+# --- flows (datapath -> monitor) -------------------------------------------------------------
+
+
+class Flow(Message):
+    """One event from a node's datapath, decoded but not enriched."""
+
+    time: float  # unix time, seconds
+    node: str
+    type: str  # "drop" | "trace" | "policy-verdict"
+    verdict: str  # "FORWARDED" | "DROPPED"
+    reason: int = 0  # Cilium drop reason code; 0 when forwarded
+    reason_name: str = ""
+    direction: str = ""  # "ingress" | "egress"
+    observation_point: str = ""  # "from-endpoint" | "to-endpoint"
+    src_ip: str = ""
+    dst_ip: str = ""
+    src_port: int = 0
+    dst_port: int = 0
+    protocol: str = ""  # "TCP" | "UDP" | "ICMP" | number
+    tcp_flags: list[str] = []
+    src_identity: int = 0
+    dst_identity: int = 0
+    ifindex: int = 0
+    rule_id: int = 0
+    is_reply: bool = False
+    bytes: int = 0
+
+
+class FlowBatch(Message):
+    """Flows of one node, batched (at most 50 ms or 512 flows)."""
+
+    node: str
+    flows: list[Flow]
+    lost: int = 0  # events the ring buffer could not take since the previous batch

@@ -26,6 +26,15 @@ KV_ENDPOINTS: Final = "endpoints"
 KV_POLICIES: Final = "policies"
 KV_RESOLVED: Final = "resolved"
 KV_SERVICES: Final = "services"
+KV_NAMESPACES: Final = "namespaces"
+
+# datapath agents publish batched flows on FLOWS_PREFIX.<node>
+FLOWS_PREFIX: Final = "membrane.flows"
+FLOWS_ALL: Final = "membrane.flows.*"
+
+
+def flows(node: str) -> str:
+    return f"{FLOWS_PREFIX}.{node}"
 
 # NATS micro discovery (the protocol's own subjects, used by `membrane status`)
 MICRO_PING: Final = "$SRV.PING"

@@ -1,0 +1,53 @@
+/* Events the datapath sends to its agent through the ring buffer, and the metrics it counts.
+ * services/datapath/events.py decodes this layout; keep the two in step. */
+#ifndef MEMBRANE_EVENTS_H
+#define MEMBRANE_EVENTS_H
+
+#define EVENT_DROP 1
+#define EVENT_TRACE 2
+#define EVENT_POLICY_VERDICT 3
+
+#define DIR_INGRESS 1
+#define DIR_EGRESS 2
+
+#define OBS_FROM_ENDPOINT 1
+#define OBS_TO_ENDPOINT 2
+
+#define EVENT_F_REPLY 0x1
+#define EVENT_F_ALLOWED 0x2 /* policy verdict: allowed (else denied) */
+
+/* 48 bytes, no implicit padding. */
+struct flow_event {
+	__u64 ts_ns; /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+	__u8 type;
+	__u8 reason; /* Cilium drop reason; 0 when forwarded */
+	__u8 direction;
+	__u8 obs_point;
+	__u8 protocol;
+	__u8 tcp_flags;
+	__u8 flags;
+	__u8 pad;
+	__u32 ifindex;
+	__u32 src_identity;
+	__u32 dst_identity;
+	__u32 saddr; /* network byte order */
+	__u32 daddr;
+	__u16 sport; /* host byte order */
+	__u16 dport;
+	__u32 rule_id;
+	__u32 len;
+};
+
+/* per-CPU packet and byte counts by (reason, direction); reason 0 = forwarded */
+struct metrics_key {
+	__u8 reason;
+	__u8 direction;
+	__u16 pad;
+};
+
+struct metrics_value {
+	__u64 packets;
+	__u64 bytes;
+};
+
+#endif

@@ -1,0 +1,160 @@
+"""The datapath agent's local API: a unix socket for the CNI plugin and the CLI on its node.
+
+One request per connection: the client writes one JSON document and a newline, the agent
+answers with one JSON document and a newline, then closes. A reply is either ``result`` or an
+``error`` (the same ``ErrorBody`` as on the bus), so callers re-raise the agent's error class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+
+from shared.errors import InvalidArgument, MembraneError, Unavailable, from_code
+from shared.messages import ContainerPort, Endpoint, ErrorBody, Message
+
+DEFAULT_SOCKET_DIR = Path("/run/membrane")
+MAX_REQUEST_BYTES = 1 << 20
+R = TypeVar("R")
+
+
+def default_socket(node: str) -> Path:
+    """Where the agent of ``node`` listens unless told otherwise."""
+    return DEFAULT_SOCKET_DIR / node / "agent.sock"
+
+
+# --- requests ----------------------------------------------------------------------------------
+
+
+class AddEndpoint(Message):
+    """Wire a pod. An empty ``netns`` makes the agent create the pod's namespace itself."""
+
+    namespace: str
+    name: str
+    labels: dict[str, str] = {}
+    service_account: str = "default"
+    ports: list[ContainerPort] = []
+    netns: str = ""
+    ifname: str = "eth0"
+    container_id: str = ""
+    owner: str = ""
+
+
+class EndpointRef(Message):
+    """Names one endpoint: by namespace/name, or (for the CNI plugin) by container id."""
+
+    namespace: str = ""
+    name: str = ""
+    container_id: str = ""
+
+
+class EndpointList(Message):
+    endpoints: list[Endpoint]
+
+
+class DumpRequest(Message):
+    """``table``: endpoints | ipcache | policy | ct | metrics; ``pod`` selects one policy."""
+
+    table: str
+    namespace: str = ""
+    pod: str = ""
+
+
+class DumpReply(Message):
+    table: str
+    node: str
+    rows: list[dict[str, Any]]
+
+
+class Request(msgspec.Struct, kw_only=True):
+    op: str  # "endpoint.add" | "endpoint.delete" | "endpoint.get" | "endpoint.list" | "dump"
+    body: msgspec.Raw = msgspec.Raw(b"{}")
+
+
+class Reply(msgspec.Struct, kw_only=True):
+    result: msgspec.Raw | None = None
+    error: ErrorBody | None = None
+
+
+# --- client ------------------------------------------------------------------------------------
+
+
+async def call(socket: Path, op: str, body: Message, reply_type: type[R], timeout: float) -> R:
+    """Send one request to the agent at ``socket``; raises the agent's error as it was."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(socket), timeout)
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        raise Unavailable(f"no datapath agent at {socket}: {exc.strerror or exc}") from exc
+    except TimeoutError as exc:
+        raise Unavailable(f"the datapath agent at {socket} did not accept in time") from exc
+    try:
+        request = Request(op=op, body=msgspec.Raw(msgspec.json.encode(body)))
+        writer.write(msgspec.json.encode(request) + b"\n")
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), timeout)
+    except TimeoutError as exc:
+        raise Unavailable(f"the datapath agent at {socket} did not answer {op} in time") from exc
+    finally:
+        writer.close()
+    if not line:
+        raise Unavailable(f"the datapath agent at {socket} closed the connection during {op}")
+    reply = msgspec.json.decode(line, type=Reply)
+    if reply.error is not None:
+        raise from_code(reply.error.code, reply.error.message, reply.error.field)
+    if reply.result is None:
+        raise Unavailable(f"the datapath agent at {socket} sent an empty reply to {op}")
+    return msgspec.json.decode(reply.result, type=reply_type)
+
+
+# --- server ------------------------------------------------------------------------------------
+
+Handler = Callable[[bytes], Awaitable[Message]]
+
+
+async def serve(socket: Path, handlers: dict[str, Handler]) -> asyncio.Server:
+    """Listen on ``socket`` (replacing a stale one, mode 0600) and dispatch to ``handlers``."""
+    socket.parent.mkdir(parents=True, exist_ok=True)
+    socket.unlink(missing_ok=True)
+
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await reader.readline()
+            writer.write(msgspec.json.encode(await _dispatch(handlers, line)) + b"\n")
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_unix_server(on_client, path=socket, limit=MAX_REQUEST_BYTES)
+    os.chmod(socket, 0o600)
+    return server
+
+
+async def _dispatch(handlers: dict[str, Handler], line: bytes) -> Reply:
+    try:
+        request = msgspec.json.decode(line, type=Request)
+        handler = handlers.get(request.op)
+        if handler is None:
+            raise InvalidArgument(f"unknown operation {request.op!r}", field="op")
+        result = await handler(bytes(request.body))
+        return Reply(result=msgspec.Raw(msgspec.json.encode(result)))
+    except msgspec.ValidationError as exc:
+        return Reply(error=ErrorBody(code="invalid_argument", message=f"bad request: {exc}"))
+    except msgspec.DecodeError as exc:
+        return Reply(error=ErrorBody(code="invalid_argument", message=f"not JSON: {exc}"))
+    except MembraneError as exc:
+        return Reply(error=ErrorBody(code=exc.code, message=exc.message, field=exc.field))
+
+
+def decode(body: bytes, type_: type[R]) -> R:
+    """Decode a request body; a wrong field becomes InvalidArgument naming it."""
+    try:
+        return msgspec.json.decode(body, type=type_)
+    except msgspec.ValidationError as exc:
+        raise InvalidArgument(f"bad request: {exc}") from exc
