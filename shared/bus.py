@@ -226,7 +226,14 @@ class Bus:
             except (TimeoutError, nats.errors.Error):
                 await self.nc.close()
 
-    # --- request/reply --------------------------------------------------------------------
+    # --- publish and request/reply --------------------------------------------------------
+
+    async def publish(self, subject: str, payload: Message) -> None:
+        """Fire-and-forget; while disconnected, nats.py buffers (bounded) and then raises."""
+        try:
+            await self.nc.publish(subject, encode(payload))
+        except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError) as exc:
+            raise Unavailable(f"cannot publish on {subject}: {exc}") from None
 
     async def request(
         self, subject: str, payload: Message, reply_type: type[Res], *, timeout: float = 5.0
