@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
+import ipaddress
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import uvloop
 
-from membrane import output, stack
+from membrane import cli_workloads, cliutil, nodes, output, stack
 from membrane.registry import SERVICES
-from membrane.state import StateDir, default_state_dir, resolve_nats_url
 from shared import config, log, subjects
 from shared.bus import Bus, redact
 from shared.errors import MembraneError
@@ -35,45 +33,32 @@ Command = Callable[[argparse.Namespace], int]
 T = TypeVar("T")
 
 
-def _say(message: str) -> None:
-    print(f"membrane: {message}", flush=True)
-
-
-def _state(args: argparse.Namespace) -> StateDir:
-    return StateDir(Path(args.state_dir) if args.state_dir else default_state_dir())
-
-
-def _with_bus(args: argparse.Namespace, action: Callable[[Bus], Awaitable[T]]) -> T:
-    url = resolve_nats_url(args.nats_url, _state(args))
-
-    async def go() -> T:
-        bus = await Bus.connect(url, "membrane-cli", retry_for=args.timeout)
-        try:
-            return await action(bus)
-        finally:
-            await bus.close()
-
-    return asyncio.run(go())
-
-
 # --- local cluster ---------------------------------------------------------------------------
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    state = _state(args)
+    state = cliutil.state_dir(args)
     replicas = {name: entry.default_replicas for name, entry in SERVICES.items()}
     if args.identity_replicas is not None:
         replicas["identity"] = args.identity_replicas
+    topology = nodes.Topology(
+        name=args.name,
+        nodes=args.nodes,
+        underlay=ipaddress.IPv4Network(args.underlay_cidr),
+        cluster_cidr=ipaddress.IPv4Network(args.cluster_cidr),
+        service_cidr=ipaddress.IPv4Network(args.service_cidr),
+    )
     started = time.monotonic()
     # as everywhere: the flag, else the environment; neither means "start our own"
     info = stack.up(
         state,
-        _say,
+        cliutil.say,
         nats_url=args.nats_url or os.environ.get("MEMBRANE_NATS_URL"),
         redis_url=args.redis_url or os.environ.get("MEMBRANE_REDIS_URL"),
         replicas=replicas,
+        topology=topology,
     )
-    _say(f"cluster is up ({time.monotonic() - started:.1f}s)")
+    cliutil.say(f"cluster is up ({time.monotonic() - started:.1f}s)")
     print()
     print(
         output.table(
@@ -81,7 +66,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             [
                 ["nats", redact(info.nats_url) + (" (external)" if info.nats_external else "")],
                 ["redis", redact(info.redis_url) + (" (external)" if info.redis_external else "")],
-                *[[name, f"{count} replica(s)"] for name, count in replicas.items()],
+                *[[name, f"{count} replica(s)"] for name, count in replicas.items() if count],
+                *[[node, "node (datapath agent)"] for node in topology.node_names()],
                 ["state", str(state.root)],
                 ["logs", str(state.logs)],
             ],
@@ -89,19 +75,20 @@ def cmd_up(args: argparse.Namespace) -> int:
     )
     print()
     print(
-        "Next: `membrane status`, `membrane identity allocate app=web`; stop with `membrane down`."
+        "Next: `membrane pod create web --labels app=web`, `membrane pod list`, "
+        "`membrane status`; stop with `membrane down`."
     )
     return 0
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    stack.down(_state(args), _say, purge=args.purge)
+    stack.down(cliutil.state_dir(args), cliutil.say, purge=args.purge)
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    state = _state(args)
-    found = _with_bus(args, lambda bus: bus.discover(timeout=0.5))
+    state = cliutil.state_dir(args)
+    found = cliutil.with_bus(args, lambda bus: bus.discover(timeout=0.5))
     processes = state.processes()
     if args.output == "json":
         output.emit_json(
@@ -185,7 +172,7 @@ def cmd_identity_list(args: argparse.Namespace) -> int:
         _print_identities(args, reply.identities)
         return 0
 
-    return _with_bus(args, go)
+    return cliutil.with_bus(args, go)
 
 
 def cmd_identity_get(args: argparse.Namespace) -> int:
@@ -194,7 +181,7 @@ def cmd_identity_get(args: argparse.Namespace) -> int:
         _print_identities(args, [identity])
         return 0
 
-    return _with_bus(args, go)
+    return cliutil.with_bus(args, go)
 
 
 def cmd_identity_allocate(args: argparse.Namespace) -> int:
@@ -211,7 +198,7 @@ def cmd_identity_allocate(args: argparse.Namespace) -> int:
             print(f"{reply.identity.id}\t{state}\t{', '.join(reply.identity.labels)}")
         return 0
 
-    return _with_bus(args, go)
+    return cliutil.with_bus(args, go)
 
 
 def cmd_identity_release(args: argparse.Namespace) -> int:
@@ -225,14 +212,10 @@ def cmd_identity_release(args: argparse.Namespace) -> int:
             print(f"released identity {reply.id}; {reply.references} reference(s) left")
         return 0
 
-    return _with_bus(args, go)
+    return cliutil.with_bus(args, go)
 
 
 # --- parser ----------------------------------------------------------------------------------
-
-
-def _output_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-o", "--output", choices=["table", "json"], default="table")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -256,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("up", help="start the local cluster")
     p.add_argument("--redis-url", help="use this Redis instead of starting one")
     p.add_argument("--identity-replicas", type=int, help="identity service replicas (default 2)")
+    p.add_argument("--nodes", type=int, default=2, help="nodes to create (default 2)")
+    p.add_argument(
+        "--name", default="membrane", help="cluster name, prefixes node names (default membrane)"
+    )
+    p.add_argument("--underlay-cidr", default=str(nodes.DEFAULT_RANGES[0]))
+    p.add_argument("--cluster-cidr", default=str(nodes.DEFAULT_RANGES[1]), help="pod range")
+    p.add_argument("--service-cidr", default=str(nodes.DEFAULT_RANGES[2]))
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("down", help="stop the local cluster and remove what it created")
@@ -263,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_down)
 
     p = sub.add_parser("status", help="services, replicas and processes")
-    _output_flag(p)
+    cliutil.output_flag(p)
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("run", help="run one service in the foreground, as a container would")
@@ -273,14 +263,16 @@ def build_parser() -> argparse.ArgumentParser:
         config.add_arguments(sp, entry.settings)
         sp.set_defaults(func=cmd_run, service=name)
 
+    cli_workloads.add_parsers(sub)
+
     p = sub.add_parser("identity", help="security identities")
     id_sub = p.add_subparsers(dest="identity_command", required=True, metavar="ACTION")
     sp = id_sub.add_parser("list", help="every identity, reserved ones included")
-    _output_flag(sp)
+    cliutil.output_flag(sp)
     sp.set_defaults(func=cmd_identity_list)
     sp = id_sub.add_parser("get", help="one identity by number")
     sp.add_argument("id", type=int)
-    _output_flag(sp)
+    cliutil.output_flag(sp)
     sp.set_defaults(func=cmd_identity_get)
     sp = id_sub.add_parser("allocate", help="the identity of a label set (allocated if new)")
     sp.add_argument(
@@ -290,12 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="labels, k8s: by default; reserved:NAME for reserved identities",
     )
     sp.add_argument("--owner", default="cli", help="who holds the reference (default cli)")
-    _output_flag(sp)
+    cliutil.output_flag(sp)
     sp.set_defaults(func=cmd_identity_allocate)
     sp = id_sub.add_parser("release", help="drop a reference taken with allocate")
     sp.add_argument("id", type=int)
     sp.add_argument("--owner", default="cli")
-    _output_flag(sp)
+    cliutil.output_flag(sp)
     sp.set_defaults(func=cmd_identity_release)
     return parser
 

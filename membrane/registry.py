@@ -6,6 +6,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from services.datapath import service as datapath
 from services.identity import service as identity
 from shared import subjects
 
@@ -17,6 +18,7 @@ class ServiceEntry:
     micro_name: str
     default_replicas: int
     summary: str
+    per_node: bool = False  # one instance per node (in its namespace), not replicas
 
 
 SERVICES: dict[str, ServiceEntry] = {
@@ -26,5 +28,13 @@ SERVICES: dict[str, ServiceEntry] = {
         micro_name=subjects.IDENTITY_SERVICE,
         default_replicas=2,
         summary="security identities from labels; cluster-pool IPAM",
+    ),
+    "datapath": ServiceEntry(
+        settings=datapath.DatapathSettings,
+        run=datapath.run,
+        micro_name=subjects.DATAPATH_SERVICE,
+        default_replicas=0,
+        summary="node agent: pods, BPF programs and maps, flows",
+        per_node=True,
     ),
 }

@@ -20,8 +20,17 @@ from pathlib import Path
 
 import msgspec
 
+from membrane import nodes
+from membrane.nodes import DEFAULT_RANGES, Topology, topology_of
 from membrane.registry import SERVICES
-from membrane.servers import NatsServer, RedisServer, free_port, port_open, write_secret
+from membrane.servers import (
+    LOOPBACK,
+    NatsServer,
+    RedisServer,
+    free_port,
+    port_open,
+    write_secret,
+)
 from membrane.state import ClusterInfo, Plan, ProcessSpec, StateDir
 from shared.bus import Bus
 from shared.errors import Unavailable
@@ -43,14 +52,25 @@ def ensure_packages(say: Say) -> None:
     subprocess.run(["apt-get", "install", "-y", "-q", *missing], check=True, env=env)
 
 
-def _reuse_port(previous: int) -> int:
-    return previous if previous and not port_open("127.0.0.1", previous) else free_port()
+def _reuse_port(previous: int, host: str = LOOPBACK) -> int:
+    return previous if previous and not port_open(host, previous) else free_port(host)
 
 
-def _cluster_info(state: StateDir, nats_url: str | None, redis_url: str | None) -> ClusterInfo:
+def nats_host(topology: Topology) -> str:
+    """Where the local NATS listens: on the underlay bridge when there are nodes, because the
+    agents live in the node namespaces and reach the root namespace only over the underlay."""
+    return str(topology.gateway.ip) if topology.nodes else LOOPBACK
+
+
+def _cluster_info(
+    state: StateDir, nats_url: str | None, redis_url: str | None, topology: Topology
+) -> ClusterInfo:
     """Keep ports and passwords of an earlier run, so clients and data stay valid."""
     old = state.read_cluster()
-    nats = NatsServer(state.root / "nats", port=_reuse_port(old.nats_port if old else 0))
+    host = nats_host(topology)
+    nats = NatsServer(
+        state.root / "nats", port=_reuse_port(old.nats_port if old else 0, host), host=host
+    )
     redis = RedisServer(state.root / "redis", port=_reuse_port(old.redis_port if old else 0))
     if old and old.nats_password:
         nats.password = old.nats_password
@@ -65,15 +85,30 @@ def _cluster_info(state: StateDir, nats_url: str | None, redis_url: str | None) 
         redis_port=redis.port,
         nats_password=nats.password,
         redis_password=redis.password,
+        name=topology.name,
+        nodes=topology.nodes,
+        underlay_cidr=str(topology.underlay),
+        cluster_cidr=str(topology.cluster_cidr),
+        service_cidr=str(topology.service_cidr),
     )
 
 
 def build_plan(state: StateDir, info: ClusterInfo, replicas: dict[str, int]) -> Plan:
     processes: list[ProcessSpec] = []
     if not info.nats_external:
-        nats = NatsServer(state.root / "nats", port=info.nats_port, password=info.nats_password)
+        nats = NatsServer(
+            state.root / "nats",
+            port=info.nats_port,
+            password=info.nats_password,
+            host=nats_host(topology_of(info)),
+        )
         processes.append(
-            ProcessSpec(name="nats-server", command=nats.command(), ready_port=info.nats_port)
+            ProcessSpec(
+                name="nats-server",
+                command=nats.command(),
+                ready_port=info.nats_port,
+                ready_host=nats.host,
+            )
         )
     if not info.redis_external:
         redis = RedisServer(
@@ -86,8 +121,11 @@ def build_plan(state: StateDir, info: ClusterInfo, replicas: dict[str, int]) -> 
         "MEMBRANE_NATS_URL": info.nats_url,
         "MEMBRANE_REDIS_URL": info.redis_url,
         "MEMBRANE_LOG_FORMAT": "json",
+        "MEMBRANE_CLUSTER_CIDR": info.cluster_cidr,
     }
     for service, count in replicas.items():
+        if SERVICES[service].per_node:
+            continue
         for index in range(1, count + 1):
             replica = f"{service}-{index}"
             processes.append(
@@ -97,6 +135,20 @@ def build_plan(state: StateDir, info: ClusterInfo, replicas: dict[str, int]) -> 
                     env={**env, "MEMBRANE_REPLICA": replica},
                 )
             )
+    topology = topology_of(info)
+    for index, node in enumerate(topology.node_names(), start=1):
+        processes.append(
+            ProcessSpec(
+                name=f"datapath-{node}",
+                command=[sys.executable, "-m", "membrane", "run", "datapath"],
+                env={
+                    **env,
+                    "MEMBRANE_NODE": node,
+                    "MEMBRANE_NETNS": node,
+                    "MEMBRANE_METRICS_HOST": str(topology.node_address(index).ip),
+                },
+            )
+        )
     return Plan(processes=processes)
 
 
@@ -107,9 +159,11 @@ def up(
     nats_url: str | None = None,
     redis_url: str | None = None,
     replicas: dict[str, int] | None = None,
-    timeout: float = 60.0,
+    topology: Topology | None = None,
+    timeout: float = 90.0,
 ) -> ClusterInfo:
     replicas = replicas or {name: entry.default_replicas for name, entry in SERVICES.items()}
+    topology = topology or Topology("membrane", 2, *DEFAULT_RANGES)
     if state.supervisor_pid() is not None:
         info = state.read_cluster()
         if info is not None:
@@ -117,7 +171,11 @@ def up(
             return info
     say(f"state directory {state.root}")
     ensure_packages(say)
-    info = _cluster_info(state, nats_url, redis_url)
+    if topology.nodes:
+        # first: NATS listens on the underlay bridge, so that the node agents reach it
+        say(f"creating {topology.nodes} node(s) on bridge {topology.bridge} ({topology.underlay})")
+        nodes.create(topology)
+    info = _cluster_info(state, nats_url, redis_url, topology)
     state.write_cluster(info)
     state.run.mkdir(mode=0o700, parents=True, exist_ok=True)
     state.logs.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -157,24 +215,26 @@ async def _wait_until_ready(
             tail = (state.logs / "supervisor.log").read_text().splitlines()[-5:]
             raise Unavailable("the supervisor exited:\n  " + "\n  ".join(tail))
 
-    for name, port, external in (
-        ("nats-server", info.nats_port, info.nats_external),
-        ("redis-server", info.redis_port, info.redis_external),
+    for name, host, port, external in (
+        ("nats-server", nats_host(topology_of(info)), info.nats_port, info.nats_external),
+        ("redis-server", LOOPBACK, info.redis_port, info.redis_external),
     ):
         if external:
             continue
         started = time.monotonic()
-        while not port_open("127.0.0.1", port):
+        while not port_open(host, port):
             check_alive()
             if time.monotonic() > deadline:
                 raise Unavailable(f"{name} did not start; see {state.logs / (name + '.log')}")
             await asyncio.sleep(0.05)
-        say(f"{name} listening on 127.0.0.1:{port} ({time.monotonic() - started:.1f}s)")
+        say(f"{name} listening on {host}:{port} ({time.monotonic() - started:.1f}s)")
     bus = await Bus.connect(
         info.nats_url, "membrane-up", retry_for=max(1.0, deadline - time.monotonic())
     )
+    wanted = {s: n for s, n in replicas.items() if not SERVICES[s].per_node}
+    wanted |= {s: info.nodes for s, e in SERVICES.items() if e.per_node and info.nodes}
     try:
-        for service, count in replicas.items():
+        for service, count in wanted.items():
             started = time.monotonic()
             micro_name = SERVICES[service].micro_name
             while len(await bus.discover(micro_name, timeout=0.3)) < count:
@@ -206,6 +266,10 @@ def down(state: StateDir, say: Say, *, purge: bool = False, timeout: float = 30.
         _kill_session(pid)
         say(f"stopped {running} process(es)")
     shutil.rmtree(state.run, ignore_errors=True)
+    info = state.read_cluster()
+    if info is not None and info.nodes:
+        removed = nodes.remove(topology_of(info))
+        say(f"removed {len(removed)} node and pod namespace(s), the underlay and the pins")
     if purge:
         shutil.rmtree(state.root, ignore_errors=True)
         say(f"removed {state.root}")

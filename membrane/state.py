@@ -31,6 +31,12 @@ class ClusterInfo(msgspec.Struct, kw_only=True):
     redis_port: int = 0
     nats_password: str = ""
     redis_password: str = ""
+    # the nodes: network namespaces on an underlay bridge, each with its datapath agent
+    name: str = "membrane"
+    nodes: int = 0
+    underlay_cidr: str = "172.31.0.0/24"
+    cluster_cidr: str = "10.244.0.0/16"
+    service_cidr: str = "10.96.0.0/12"
 
 
 class ProcessState(msgspec.Struct, kw_only=True):
@@ -47,6 +53,7 @@ class ProcessSpec(msgspec.Struct, kw_only=True):
     command: list[str]
     env: dict[str, str] = {}
     ready_port: int = 0
+    ready_host: str = "127.0.0.1"
 
 
 class Plan(msgspec.Struct, kw_only=True):

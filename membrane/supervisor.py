@@ -92,7 +92,7 @@ class Supervisor:
             self.say(f"started {child.spec.name} (pid {child.process.pid if child.process else 0})")
             if child.spec.ready_port:
                 wait_for_port(
-                    "127.0.0.1",
+                    child.spec.ready_host,
                     child.spec.ready_port,
                     child.spec.name,
                     timeout=30,

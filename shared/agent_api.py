@@ -76,8 +76,9 @@ class Request(msgspec.Struct, kw_only=True):
     body: msgspec.Raw = msgspec.Raw(b"{}")
 
 
-class Reply(msgspec.Struct, kw_only=True):
-    result: msgspec.Raw | None = None
+class Reply(msgspec.Struct, kw_only=True, omit_defaults=True):
+    # msgspec cannot decode an object into ``Raw | None``: JSON null stands for "no result"
+    result: msgspec.Raw = msgspec.Raw(b"null")
     error: ErrorBody | None = None
 
 
@@ -106,7 +107,7 @@ async def call(socket: Path, op: str, body: Message, reply_type: type[R], timeou
     reply = msgspec.json.decode(line, type=Reply)
     if reply.error is not None:
         raise from_code(reply.error.code, reply.error.message, reply.error.field)
-    if reply.result is None:
+    if bytes(reply.result) == b"null":
         raise Unavailable(f"the datapath agent at {socket} sent an empty reply to {op}")
     return msgspec.json.decode(reply.result, type=reply_type)
 
@@ -118,8 +119,9 @@ Handler = Callable[[bytes], Awaitable[Message]]
 
 async def serve(socket: Path, handlers: dict[str, Handler]) -> asyncio.Server:
     """Listen on ``socket`` (replacing a stale one, mode 0600) and dispatch to ``handlers``."""
-    socket.parent.mkdir(parents=True, exist_ok=True)
-    socket.unlink(missing_ok=True)
+    # a stale socket from a killed agent would make bind fail; nothing else is listening on it
+    socket.parent.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, at start
+    socket.unlink(missing_ok=True)  # noqa: ASYNC240
 
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

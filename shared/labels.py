@@ -274,3 +274,21 @@ class LabelFilter:
 
     def apply(self, labels: LabelSet) -> LabelSet:
         return LabelSet(label for label in labels.values() if self.keeps(label))
+
+
+def pod_identity_labels(
+    namespace: str,
+    pod_labels: Mapping[str, str],
+    namespace_labels: Mapping[str, str],
+    service_account: str,
+) -> list[str]:
+    """The labels a pod's identity is allocated from, spelled as Cilium spells them."""
+    labels = [f"{SOURCE_K8S}:{key}={value}" for key, value in pod_labels.items()]
+    labels.append(f"{SOURCE_K8S}:{NAMESPACE_LABEL}={namespace}")
+    labels.extend(
+        f"{SOURCE_K8S}:{NAMESPACE_LABELS_PREFIX}{key}={value}"
+        for key, value in namespace_labels.items()
+    )
+    if service_account:
+        labels.append(f"{SOURCE_K8S}:{SERVICE_ACCOUNT_LABEL}={service_account}")
+    return labels

@@ -18,6 +18,9 @@ IPAM_ALLOCATE: Final = "membrane.ipam.allocate"
 IPAM_RELEASE: Final = "membrane.ipam.release"
 IPAM_LIST: Final = "membrane.ipam.list"
 
+# datapath agents (one per node) register as a micro service for discovery and status
+DATAPATH_SERVICE: Final = "membrane-datapath"
+
 # JetStream KV buckets
 KV_IDENTITIES: Final = "identities"
 KV_NODES: Final = "nodes"
@@ -35,6 +38,7 @@ FLOWS_ALL: Final = "membrane.flows.*"
 
 def flows(node: str) -> str:
     return f"{FLOWS_PREFIX}.{node}"
+
 
 # NATS micro discovery (the protocol's own subjects, used by `membrane status`)
 MICRO_PING: Final = "$SRV.PING"

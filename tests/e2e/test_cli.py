@@ -51,7 +51,7 @@ def state(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_up_allocate_down_up_again(state: Path) -> None:
-    up = membrane(state, "up", "--identity-replicas", "2")
+    up = membrane(state, "up", "--nodes", "0", "--identity-replicas", "2")
     assert "cluster is up" in up.stdout
     assert "identity: 2 replica(s) ready" in up.stdout
 
@@ -106,7 +106,7 @@ def test_up_allocate_down_up_again(state: Path) -> None:
     assert "not running" in membrane(state, "down").stdout  # idempotent
 
     # identities persist across down/up (Redis AOF in the state directory)
-    membrane(state, "up", "--identity-replicas", "1")
+    membrane(state, "up", "--nodes", "0", "--identity-replicas", "1")
     again = membrane(state, "identity", "allocate", "app=web")
     assert again.stdout.split("\t")[:2] == [number, "existing"]
     membrane(state, "down", "--purge")

@@ -1,0 +1,243 @@
+"""CLI commands for workloads: ``pod``, ``apply``, ``delete`` and ``bpf``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import yaml
+
+from membrane import manifests, output, workloads
+from membrane.cliutil import output_flag, with_bus
+from membrane.manifests import PodDoc
+from shared import agent_api
+from shared.agent_api import DumpReply, DumpRequest
+from shared.bus import Bus
+from shared.messages import Endpoint
+
+
+def _pod_row(e: Endpoint) -> list[Any]:
+    labels = ",".join(f"{k}={v}" for k, v in sorted(e.labels.items()))
+    return [e.namespace, e.name, e.node, e.ip, e.identity, labels]
+
+
+def cmd_pod_create(args: argparse.Namespace) -> int:
+    labels = workloads.parse_labels(args.labels or "")
+    manifest = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": args.name, "namespace": args.namespace, "labels": labels},
+        "spec": {"containers": [{"name": "main"}]},
+    }
+    if args.service_account:
+        manifest["spec"]["serviceAccountName"] = args.service_account  # type: ignore[index]
+    (pod,) = manifests.load(yaml.safe_dump(manifest), "pod create")
+    assert isinstance(pod, PodDoc)
+
+    async def go(bus: Bus) -> Endpoint:
+        return await workloads.create_pod(bus, pod, args.node or "")
+
+    endpoint = with_bus(args, go)
+    if args.output == "json":
+        output.emit_json(endpoint)
+    else:
+        print(
+            f"pod/{endpoint.name} created on {endpoint.node}: "
+            f"{endpoint.ip}, identity {endpoint.identity}"
+        )
+    return 0
+
+
+def cmd_pod_delete(args: argparse.Namespace) -> int:
+    async def go(bus: Bus) -> None:
+        for name in args.names:
+            await workloads.delete_pod(bus, args.namespace, name)
+            print(f"pod/{name} deleted")
+
+    with_bus(args, go)
+    return 0
+
+
+def cmd_pod_list(args: argparse.Namespace) -> int:
+    found = with_bus(args, workloads.endpoints)
+    if not args.all_namespaces and args.namespace:
+        found = [e for e in found if e.namespace == args.namespace]
+    if args.output == "json":
+        output.emit_json(found)
+        return 0
+    print(
+        output.table(
+            ["NAMESPACE", "NAME", "NODE", "IP", "IDENTITY", "LABELS"],
+            [_pod_row(e) for e in found],
+        )
+    )
+    return 0
+
+
+def cmd_pod_exec(args: argparse.Namespace) -> int:
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+
+    async def go(bus: Bus) -> Endpoint:
+        return await workloads.find_pod(bus, args.namespace, args.name)
+
+    endpoint = with_bus(args, go)
+    sys.stdout.flush()
+    workloads.exec_in_pod(endpoint, command)
+    return 0  # not reached: exec replaces this process
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    text, source = workloads.load_file(args.filename)
+    docs = manifests.load(text, source)
+
+    async def go(bus: Bus) -> list[str]:
+        return await workloads.apply(bus, docs)
+
+    for line in with_bus(args, go):
+        print(line)
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    text, source = workloads.load_file(args.filename)
+    docs = manifests.load(text, source)
+
+    async def go(bus: Bus) -> list[str]:
+        return await workloads.delete(bus, docs)
+
+    for line in with_bus(args, go):
+        print(line)
+    return 0
+
+
+# --- bpf introspection -----------------------------------------------------------------------
+
+BPF_COLUMNS = {
+    "endpoints": [
+        "ifindex",
+        "pod",
+        "ip",
+        "identity",
+        "ingress_enforced",
+        "egress_enforced",
+        "policy_failed",
+    ],
+    "ipcache": ["cidr", "identity", "tunnel_endpoint"],
+    "policy": ["direction", "identity", "protocol", "port", "prefixlen", "action", "rule"],
+    "ct": [
+        "scope",
+        "src",
+        "sport",
+        "dst",
+        "dport",
+        "protocol",
+        "packets",
+        "bytes",
+        "expires_in",
+        "closing",
+        "rule_id",
+    ],
+    "metrics": ["reason", "reason_name", "direction", "packets", "bytes"],
+}
+
+
+def cmd_bpf(args: argparse.Namespace) -> int:
+    table: str = args.table
+    namespace = getattr(args, "namespace", "") or ""
+    pod = getattr(args, "pod", "") or ""
+
+    async def go(bus: Bus) -> list[DumpReply]:
+        if table == "policy":
+            endpoint = await workloads.find_pod(bus, namespace or "default", pod)
+            node_names = [endpoint.node]
+        elif args.node:
+            node_names = [await workloads.pick_node(bus, args.node)]
+        else:
+            node_names = sorted(await workloads.nodes(bus))
+        replies = []
+        for node in node_names:
+            replies.append(
+                await agent_api.call(
+                    workloads.socket_of(node),
+                    "dump",
+                    DumpRequest(table=table, namespace=namespace, pod=pod),
+                    DumpReply,
+                    workloads.AGENT_TIMEOUT,
+                )
+            )
+        return replies
+
+    replies = with_bus(args, go)
+    if args.output == "json":
+        output.emit_json([{"node": r.node, "table": r.table, "rows": r.rows} for r in replies])
+        return 0
+    columns = BPF_COLUMNS[table]
+    for reply in replies:
+        print(f"# node {reply.node}: {table} ({len(reply.rows)} entries)")
+        print(
+            output.table(
+                [c.upper() for c in columns], [[r.get(c, "") for c in columns] for r in reply.rows]
+            )
+        )
+    return 0
+
+
+def add_parsers(sub: Any) -> None:
+    p = sub.add_parser("pod", help="pods: network namespaces wired into a node")
+    pod_sub = p.add_subparsers(dest="pod_command", required=True, metavar="ACTION")
+
+    sp = pod_sub.add_parser("create", help="create a pod")
+    sp.add_argument("name")
+    sp.add_argument("-n", "--namespace", default="default")
+    sp.add_argument("--node", help="node to run on (default: the one with the fewest pods)")
+    sp.add_argument("--labels", "-l", default="", help="k=v,k=v")
+    sp.add_argument("--service-account", default="")
+    output_flag(sp)
+    sp.set_defaults(func=cmd_pod_create)
+
+    sp = pod_sub.add_parser("delete", help="delete pods")
+    sp.add_argument("names", nargs="+", metavar="NAME")
+    sp.add_argument("-n", "--namespace", default="default")
+    sp.set_defaults(func=cmd_pod_delete)
+
+    sp = pod_sub.add_parser("list", help="pods with node, IP and identity")
+    sp.add_argument("-n", "--namespace", default="")
+    sp.add_argument("-A", "--all-namespaces", action="store_true")
+    output_flag(sp)
+    sp.set_defaults(func=cmd_pod_list)
+
+    sp = pod_sub.add_parser("exec", help="run a command in a pod's network namespace")
+    sp.add_argument("name")
+    sp.add_argument("-n", "--namespace", default="default")
+    sp.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+    sp.set_defaults(func=cmd_pod_exec)
+
+    for name, func, verb in (
+        ("apply", cmd_apply, "create or update"),
+        ("delete", cmd_delete, "delete"),
+    ):
+        p = sub.add_parser(name, help=f"{verb} what a YAML file describes")
+        p.add_argument("-f", "--filename", required=True, help="YAML file, or - for stdin")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("bpf", help="dump a node's live BPF maps")
+    bpf_sub = p.add_subparsers(dest="table", required=True, metavar="MAP")
+    for table, help_text in (
+        ("endpoints", "endpoints and their enforcement flags"),
+        ("ipcache", "address -> identity"),
+        ("ct", "connection tracking"),
+        ("metrics", "packets and bytes by reason and direction"),
+    ):
+        sp = bpf_sub.add_parser(table, help=help_text)
+        sp.add_argument("--node", default="", help="one node (default: all)")
+        output_flag(sp)
+        sp.set_defaults(func=cmd_bpf)
+    sp = bpf_sub.add_parser("policy", help="the policy entries installed for one pod")
+    sp.add_argument("pod")
+    sp.add_argument("-n", "--namespace", default="default")
+    sp.add_argument("--node", default="")
+    output_flag(sp)
+    sp.set_defaults(func=cmd_bpf)

@@ -1,0 +1,741 @@
+"""Kubernetes manifests for ``membrane apply -f`` and ``membrane delete -f``: parse and validate.
+
+A file is validated completely before anything is applied, so that a typo in its last document
+cannot leave the cluster half-changed: the first error rejects the whole file and names the
+source, the document (1-based position in the YAML stream, kind and name when known), the field
+path and the reason. Namespaces, Pods and Deployments become typed documents; the kinds that other
+services own (policies, services) are only checked far enough to route them, and those services
+validate the rest. The rules are Kubernetes' own, so a manifest that works here works there.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from collections.abc import Collection, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+from yaml.constructor import ConstructorError
+from yaml.nodes import MappingNode, ScalarNode
+from yaml.reader import ReaderError
+
+from shared.errors import InvalidArgument
+from shared.labels import validate_key, validate_value
+from shared.messages import ContainerPort
+from shared.selectors import LabelSelector
+
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+POD_TEMPLATE_HASH_LABEL = "pod-template-hash"
+DEFAULT_NAMESPACE = "default"
+DEFAULT_SERVICE_ACCOUNT = "default"
+PROTOCOLS = ("TCP", "UDP", "SCTP")
+SERVICE_POLICY = "policy"
+SERVICE_LB = "lb"
+
+MAX_REPLICAS = 2**31 - 1  # int32, as Kubernetes
+_HASH_LENGTH = 10
+_SUFFIX_LENGTH = 5
+# Kubernetes cuts a generated name's base so that base + random suffix fits a DNS label (63).
+_MAX_GENERATED_BASE = 63 - _SUFFIX_LENGTH
+# The alphabet Kubernetes uses for generated names: no vowels (no words), no look-alikes.
+_SAFE_CHARS = "bcdfghjklmnpqrstvwxz2456789"
+
+_DNS_LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS_1035_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_DNS_SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_IANA_SVC_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
+
+_OBJECT_FIELDS = frozenset({"apiVersion", "kind", "metadata", "spec", "status"})
+_META_FIELDS = frozenset(
+    {
+        "name",
+        "generateName",
+        "namespace",
+        "selfLink",
+        "uid",
+        "resourceVersion",
+        "generation",
+        "creationTimestamp",
+        "deletionTimestamp",
+        "deletionGracePeriodSeconds",
+        "labels",
+        "annotations",
+        "ownerReferences",
+        "finalizers",
+        "managedFields",
+    }
+)
+_DEPLOYMENT_SPEC_FIELDS = frozenset(
+    {
+        "replicas",
+        "selector",
+        "template",
+        "strategy",
+        "minReadySeconds",
+        "revisionHistoryLimit",
+        "paused",
+        "progressDeadlineSeconds",
+    }
+)
+_TEMPLATE_FIELDS = frozenset({"metadata", "spec"})
+_PORT_FIELDS = frozenset({"containerPort", "hostPort", "hostIP", "name", "protocol"})
+_NAMESPACE_SPEC_FIELDS = frozenset({"finalizers"})
+
+
+@dataclass(frozen=True)
+class NamespaceDoc:
+    name: str
+    labels: dict[str, str]  # always has kubernetes.io/metadata.name, as the API server sets it
+
+
+@dataclass(frozen=True)
+class PodDoc:
+    namespace: str
+    name: str
+    labels: dict[str, str]
+    service_account: str
+    ports: tuple[ContainerPort, ...]
+    node_name: str = ""  # spec.nodeName: pins the pod to a node
+    owner: str = ""  # "Deployment/<name>" for pods expanded from a Deployment
+
+
+@dataclass(frozen=True)
+class DeploymentDoc:
+    namespace: str
+    name: str
+    replicas: int
+    selector: dict[str, str]  # spec.selector.matchLabels; matchExpressions are only validated
+    template: PodDoc  # name empty, namespace the deployment's
+
+
+@dataclass(frozen=True)
+class RoutedDoc:
+    """A document another service owns; only what routing needs has been checked."""
+
+    service: str  # SERVICE_POLICY | SERVICE_LB
+    kind: str
+    api_version: str
+    namespace: str  # "" for cluster-scoped kinds
+    name: str
+    body: dict[str, Any]
+
+
+Document = NamespaceDoc | PodDoc | DeploymentDoc | RoutedDoc
+
+
+class ManifestError(InvalidArgument):
+    """An :class:`InvalidArgument` whose message already names source, document and field.
+
+    ``str()`` is the message alone, so that ``error: {exc}`` does not print the field twice.
+    """
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass(frozen=True)
+class _Kind:
+    api_version: str
+    service: str  # "" when this module turns it into a typed document
+    namespaced: bool
+    name_rule: str  # "label" | "subdomain" | "1035": the name syntax Kubernetes checks
+
+
+KINDS: dict[str, _Kind] = {
+    "Namespace": _Kind("v1", "", namespaced=False, name_rule="label"),
+    "Pod": _Kind("v1", "", namespaced=True, name_rule="subdomain"),
+    "Deployment": _Kind("apps/v1", "", namespaced=True, name_rule="subdomain"),
+    "CiliumNetworkPolicy": _Kind("cilium.io/v2", SERVICE_POLICY, True, "subdomain"),
+    "CiliumClusterwideNetworkPolicy": _Kind("cilium.io/v2", SERVICE_POLICY, False, "subdomain"),
+    "NetworkPolicy": _Kind("networking.k8s.io/v1", SERVICE_POLICY, True, "subdomain"),
+    "Service": _Kind("v1", SERVICE_LB, True, "1035"),
+    "EndpointSlice": _Kind("discovery.k8s.io/v1", SERVICE_LB, True, "subdomain"),
+}
+_LIST_KIND = "List"
+_LIST_API_VERSION = "v1"
+
+
+# --- YAML -------------------------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML read the way kubectl reads it: timestamps stay strings, duplicate keys fail.
+
+    kubectl converts YAML to JSON, where a timestamp is a string; a bare ``datetime`` in a
+    routed body would not survive the trip to its service. A duplicate key is an error there
+    too, rather than a silent last-one-wins.
+    """
+
+    yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+    def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node)
+            if key in seen:
+                raise ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _parse_yaml(text: str, source: str) -> list[Any]:
+    try:
+        return list(yaml.load_all(text, Loader=_Loader))  # a SafeLoader: no arbitrary objects
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        problem = exc.problem or exc.context or "syntax error"
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ManifestError(f"{source}: invalid YAML{where}: {problem}") from None
+    except ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        char = exc.character if isinstance(exc.character, int) else ord(exc.character[:1] or "\0")
+        raise ManifestError(
+            f"{source}: invalid YAML at line {line}: unacceptable character #x{char:04x}"
+        ) from None
+    except RecursionError:
+        raise ManifestError(f"{source}: invalid YAML: nested too deeply") from None
+    except ValueError as exc:  # a scalar with an explicit tag it does not fit (!!int abc)
+        raise ManifestError(f"{source}: invalid YAML: {exc}") from None
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def load(text: str, source: str) -> list[Document]:
+    """Every object in a multi-document YAML text, all validated; the first error raises.
+
+    ``source`` (a path, or "-" for stdin) only names the input in messages. Empty documents are
+    skipped but still counted, so "document 3" is the third in the file; ``kind: List`` items are
+    read in place. Raises :class:`InvalidArgument` with the field path in ``field``.
+    """
+    documents: list[Document] = []
+    defined: dict[tuple[str, str, str], str] = {}
+    for index, raw in enumerate(_parse_yaml(text, source), start=1):
+        if raw is None:
+            continue
+        where = f"document {index}"
+        for item_where, obj in _objects(raw, where, source):
+            label = _describe_object(item_where, obj)
+            try:
+                doc = _parse_object(obj)
+                key = _identity(doc)
+                first = defined.get(key)
+                if first is not None:
+                    kind, namespace, name = key
+                    what = f"{namespace}/{name}" if namespace else name
+                    raise InvalidArgument(
+                        f"{kind} {what} is defined twice, first by {first}", field="metadata.name"
+                    )
+            except InvalidArgument as exc:
+                raise _located(source, label, exc) from None
+            defined[key] = label
+            documents.append(doc)
+    return documents
+
+
+def _objects(raw: Any, where: str, source: str) -> list[tuple[str, Any]]:
+    """The objects a document holds: itself, or the items of a ``kind: List``."""
+    if not isinstance(raw, Mapping) or raw.get("kind") != _LIST_KIND:
+        return [(where, raw)]
+    label = f"{where} (List)"
+    try:
+        _check_fields(raw, frozenset({"apiVersion", "kind", "metadata", "items"}), "")
+        api_version = raw.get("apiVersion")
+        if api_version != _LIST_API_VERSION:
+            raise InvalidArgument(
+                f"List is served as apiVersion {_LIST_API_VERSION!r}, got {api_version!r}",
+                field="apiVersion",
+            )
+        items = _optional_list(raw, "items", "")
+        for position, item in enumerate(items):
+            if isinstance(item, Mapping) and item.get("kind") == _LIST_KIND:
+                raise InvalidArgument(
+                    "a List inside a List is not supported", field=f"items[{position}]"
+                )
+    except InvalidArgument as exc:
+        raise _located(source, label, exc) from None
+    return [(f"{where} items[{position}]", item) for position, item in enumerate(items)]
+
+
+def _describe_object(where: str, obj: Any) -> str:
+    """``document 2 (Pod/web)``: as much of kind and name as can be read."""
+    if not isinstance(obj, Mapping):
+        return where
+    kind = obj.get("kind")
+    meta = obj.get("metadata")
+    name = meta.get("name") if isinstance(meta, Mapping) else None
+    if isinstance(kind, str) and kind:
+        return f"{where} ({kind}/{name})" if isinstance(name, str) and name else f"{where} ({kind})"
+    return where
+
+
+def _located(source: str, label: str, exc: InvalidArgument) -> ManifestError:
+    prefix = f"{source}: {label}: "
+    if exc.field:
+        return ManifestError(f"{prefix}{exc.field}: {exc.message}", field=exc.field)
+    return ManifestError(f"{prefix}{exc.message}")
+
+
+def _identity(doc: Document) -> tuple[str, str, str]:
+    if isinstance(doc, NamespaceDoc):
+        return ("Namespace", "", doc.name)
+    if isinstance(doc, PodDoc):
+        return ("Pod", doc.namespace, doc.name)
+    if isinstance(doc, DeploymentDoc):
+        return ("Deployment", doc.namespace, doc.name)
+    return (doc.kind, doc.namespace, doc.name)
+
+
+def _parse_object(obj: Any) -> Document:
+    if not isinstance(obj, Mapping):
+        raise InvalidArgument(
+            f"a document must be a mapping (a Kubernetes object), got {_type_name(obj)}"
+        )
+    kind_name = obj.get("kind")
+    if kind_name is None:
+        raise InvalidArgument("is required", field="kind")
+    if not isinstance(kind_name, str):
+        raise InvalidArgument(f"must be a string, got {_type_name(kind_name)}", field="kind")
+    kind = KINDS.get(kind_name)
+    if kind is None:
+        raise InvalidArgument(
+            f"unknown kind {kind_name!r}; membrane accepts {', '.join(KINDS)} and List",
+            field="kind",
+        )
+    api_version = obj.get("apiVersion")
+    if api_version != kind.api_version:
+        got = "none" if api_version is None else repr(api_version)
+        raise InvalidArgument(
+            f"{kind_name} is served as apiVersion {kind.api_version!r}, got {got}",
+            field="apiVersion",
+        )
+    if kind.service:
+        return _routed(obj, kind_name, kind)
+    _check_fields(obj, _OBJECT_FIELDS, "")
+    meta = _mapping(obj, "metadata", "")
+    _check_fields(meta, _META_FIELDS, "metadata")
+    name = _name(meta, kind)
+    if kind_name == "Namespace":
+        labels = _labels(meta, "metadata")
+        _check_fields(_mapping(obj, "spec", ""), _NAMESPACE_SPEC_FIELDS, "spec")
+        # the API server sets this label on every namespace, overriding what the user wrote
+        labels[NAMESPACE_NAME_LABEL] = name
+        return NamespaceDoc(name=name, labels=labels)
+    namespace = _namespace(meta)
+    labels = _labels(meta, "metadata")
+    if kind_name == "Pod":
+        spec = _mapping(obj, "spec", "", required=True)
+        return _pod(spec, "spec", namespace=namespace, name=name, labels=labels)
+    return _deployment(obj, namespace, name)
+
+
+def _routed(obj: Mapping[str, Any], kind_name: str, kind: _Kind) -> RoutedDoc:
+    meta = _mapping(obj, "metadata", "")
+    name = _name(meta, kind)
+    # a cluster-scoped object has no namespace; Kubernetes ignores one if given
+    namespace = _namespace(meta) if kind.namespaced else ""
+    return RoutedDoc(
+        service=kind.service,
+        kind=kind_name,
+        api_version=kind.api_version,
+        namespace=namespace,
+        name=name,
+        body=dict(obj),
+    )
+
+
+def _name(meta: Mapping[str, Any], kind: _Kind) -> str:
+    name = meta.get("name")
+    if name is None or name == "":
+        hint = " (generateName is not supported by apply)" if "generateName" in meta else ""
+        raise InvalidArgument(f"is required{hint}", field="metadata.name")
+    if not isinstance(name, str):
+        raise InvalidArgument(f"must be a string, got {_type_name(name)}", field="metadata.name")
+    if kind.name_rule == "label":
+        _check_dns_label(name, "metadata.name")
+    elif kind.name_rule == "1035":
+        _check_dns_1035_label(name, "metadata.name")
+    else:
+        _check_dns_subdomain(name, "metadata.name")
+    return name
+
+
+def _namespace(meta: Mapping[str, Any]) -> str:
+    namespace = _optional_str(meta, "namespace", "metadata", DEFAULT_NAMESPACE)
+    _check_dns_label(namespace, "metadata.namespace")
+    return namespace
+
+
+def _pod(
+    spec: Mapping[str, Any], path: str, *, namespace: str, name: str, labels: dict[str, str]
+) -> PodDoc:
+    # the deprecated serviceAccount is honoured when serviceAccountName is absent, as Kubernetes
+    legacy = _optional_str(spec, "serviceAccount", path, DEFAULT_SERVICE_ACCOUNT)
+    service_account = _optional_str(spec, "serviceAccountName", path, legacy)
+    sa_field = (
+        f"{path}.serviceAccountName" if "serviceAccountName" in spec else f"{path}.serviceAccount"
+    )
+    _check_dns_subdomain(service_account, sa_field)
+    node_name = _optional_str(spec, "nodeName", path, "")
+    if node_name:
+        _check_dns_subdomain(node_name, f"{path}.nodeName")
+    containers = _optional_list(spec, "containers", path)
+    if not containers:
+        raise InvalidArgument("must list at least one container", field=f"{path}.containers")
+    ports: list[ContainerPort] = []
+    container_names: dict[str, str] = {}
+    port_names: dict[str, str] = {}
+    for c_index, container in enumerate(containers):
+        c_path = f"{path}.containers[{c_index}]"
+        if not isinstance(container, Mapping):
+            raise InvalidArgument(f"must be a mapping, got {_type_name(container)}", field=c_path)
+        c_name = container.get("name")
+        if c_name is None or c_name == "":
+            raise InvalidArgument("is required", field=f"{c_path}.name")
+        if not isinstance(c_name, str):
+            raise InvalidArgument(
+                f"must be a string, got {_type_name(c_name)}", field=f"{c_path}.name"
+            )
+        _check_dns_label(c_name, f"{c_path}.name")
+        if c_name in container_names:
+            raise InvalidArgument(
+                f"duplicate container name {c_name!r} (also {container_names[c_name]})",
+                field=f"{c_path}.name",
+            )
+        container_names[c_name] = f"{c_path}.name"
+        for p_index, entry in enumerate(_optional_list(container, "ports", c_path)):
+            p_path = f"{c_path}.ports[{p_index}]"
+            port = _port(entry, p_path)
+            if port.name:
+                if port.name in port_names:
+                    raise InvalidArgument(
+                        f"duplicate port name {port.name!r} (also {port_names[port.name]})",
+                        field=f"{p_path}.name",
+                    )
+                port_names[port.name] = f"{p_path}.name"
+            ports.append(port)
+    return PodDoc(
+        namespace=namespace,
+        name=name,
+        labels=labels,
+        service_account=service_account,
+        ports=tuple(ports),
+        node_name=node_name,
+    )
+
+
+def _port(entry: Any, path: str) -> ContainerPort:
+    if not isinstance(entry, Mapping):
+        raise InvalidArgument(f"must be a mapping, got {_type_name(entry)}", field=path)
+    _check_fields(entry, _PORT_FIELDS, path)
+    number = entry.get("containerPort")
+    if number is None:
+        raise InvalidArgument("is required", field=f"{path}.containerPort")
+    if not _is_int(number) or not 1 <= number <= 65535:
+        raise InvalidArgument(
+            f"must be an integer in 1..65535, got {_show(number)}", field=f"{path}.containerPort"
+        )
+    protocol = _optional_str(entry, "protocol", path, "TCP")
+    if protocol not in PROTOCOLS:
+        raise InvalidArgument(
+            f"must be one of {', '.join(PROTOCOLS)}, got {protocol!r}", field=f"{path}.protocol"
+        )
+    name = _optional_str(entry, "name", path, "")
+    if name:
+        _check_port_name(name, f"{path}.name")
+    return ContainerPort(port=number, protocol=protocol, name=name)
+
+
+def _deployment(obj: Mapping[str, Any], namespace: str, name: str) -> DeploymentDoc:
+    spec = _mapping(obj, "spec", "", required=True)
+    _check_fields(spec, _DEPLOYMENT_SPEC_FIELDS, "spec")
+    replicas = spec.get("replicas", 1)
+    if replicas is None:
+        replicas = 1
+    if not _is_int(replicas) or not 0 <= replicas <= MAX_REPLICAS:
+        raise InvalidArgument(
+            f"must be an integer in 0..{MAX_REPLICAS}, got {_show(replicas)}",
+            field="spec.replicas",
+        )
+    raw_selector = _mapping(spec, "selector", "spec", required=True)
+    # matchLabels first with the plain Kubernetes key rules (no Cilium "k8s:" source prefix)
+    match_labels = _label_map(raw_selector.get("matchLabels"), "spec.selector.matchLabels")
+    selector = LabelSelector.parse(raw_selector, "spec.selector")
+    if selector.is_empty:
+        raise InvalidArgument(
+            "must not be empty: a Deployment must say which pods are its own",
+            field="spec.selector",
+        )
+    template = _mapping(spec, "template", "spec", required=True)
+    _check_fields(template, _TEMPLATE_FIELDS, "spec.template")
+    t_meta = _mapping(template, "metadata", "spec.template")
+    _check_fields(t_meta, _META_FIELDS, "spec.template.metadata")
+    t_labels = _labels(t_meta, "spec.template.metadata")
+    if not selector.matches(t_labels):
+        raise InvalidArgument(
+            f"selector does not match template labels (selector {_show_selector(selector)}, "
+            f"template labels {_show_labels(t_labels)})",
+            field="spec.template.metadata.labels",
+        )
+    t_spec = _mapping(template, "spec", "spec.template", required=True)
+    # the template's own namespace and name are ignored: the pods live where the deployment is
+    pod = _pod(t_spec, "spec.template.spec", namespace=namespace, name="", labels=t_labels)
+    return DeploymentDoc(
+        namespace=namespace, name=name, replicas=replicas, selector=match_labels, template=pod
+    )
+
+
+# --- deployments ------------------------------------------------------------------------------
+
+
+def template_hash(template: PodDoc) -> str:
+    """A 10-character hash of what makes the pods: a changed template gives new pod names."""
+    content = {
+        "labels": template.labels,
+        "serviceAccount": template.service_account,
+        "ports": [[p.port, p.protocol, p.name] for p in template.ports],
+        "nodeName": template.node_name,
+    }
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
+    return _encode(hashlib.sha256(canonical.encode()).digest(), _HASH_LENGTH)
+
+
+def expand_deployment(deployment: DeploymentDoc, nodes: Sequence[str]) -> list[PodDoc]:
+    """The pods a Deployment stands for, named as Kubernetes names them but deterministically.
+
+    The same deployment always expands to the same names, so applying it again changes nothing;
+    replica ``i`` keeps its name and node when scaling, so scaling only adds or removes pods. Pods
+    go round-robin over the sorted ``nodes`` unless the template pins a node.
+    """
+    template = deployment.template
+    phash = template_hash(template)
+    placement = sorted(set(nodes))
+    base = f"{deployment.name}-{phash}-"[:_MAX_GENERATED_BASE]
+    labels = {**template.labels, POD_TEMPLATE_HASH_LABEL: phash}
+    taken: set[str] = set()
+    pods: list[PodDoc] = []
+    for index in range(deployment.replicas):
+        suffix = _suffix(f"{deployment.name}/{phash}/{index}", taken)
+        taken.add(suffix)
+        node = template.node_name
+        if not node and placement:
+            node = placement[index % len(placement)]
+        pods.append(
+            PodDoc(
+                namespace=deployment.namespace,
+                name=base + suffix,
+                labels=dict(labels),
+                service_account=template.service_account,
+                ports=template.ports,
+                node_name=node,
+                owner=f"Deployment/{deployment.name}",
+            )
+        )
+    return pods
+
+
+def _suffix(seed: str, taken: Collection[str]) -> str:
+    # the deployment name is in the seed too: names cut to fit 63 characters must still differ
+    attempt = 0
+    while True:
+        digest = hashlib.sha256(f"{seed}/{attempt}".encode()).digest()
+        suffix = _encode(digest, _SUFFIX_LENGTH)
+        if suffix not in taken:
+            return suffix
+        attempt += 1
+
+
+def _encode(digest: bytes, length: int) -> str:
+    number = int.from_bytes(digest, "big")
+    chars: list[str] = []
+    for _ in range(length):
+        number, digit = divmod(number, len(_SAFE_CHARS))
+        chars.append(_SAFE_CHARS[digit])
+    return "".join(chars)
+
+
+# --- field helpers ----------------------------------------------------------------------------
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, Mapping):
+        return "mapping"
+    if isinstance(value, list):
+        return "list"
+    return type(value).__name__
+
+
+def _show(value: Any) -> str:
+    """A value out of range as itself; one of the wrong type with its type too."""
+    return str(value) if _is_int(value) else _typed(value)
+
+
+def _typed(value: Any) -> str:
+    if isinstance(value, bool | int | float | str):
+        return f"{_type_name(value)} {value!r}"
+    return _type_name(value)
+
+
+def _is_int(value: Any) -> bool:
+    # YAML true/false are Python bools, which are ints; Kubernetes rejects them as numbers
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _mapping(
+    parent: Mapping[str, Any], key: str, path: str, *, required: bool = False
+) -> Mapping[str, Any]:
+    value = parent.get(key)
+    if value is None:
+        if required:
+            raise InvalidArgument("is required", field=_join(path, key))
+        return {}
+    if not isinstance(value, Mapping):
+        raise InvalidArgument(f"must be a mapping, got {_type_name(value)}", field=_join(path, key))
+    return value
+
+
+def _optional_list(parent: Mapping[str, Any], key: str, path: str) -> list[Any]:
+    value = parent.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise InvalidArgument(f"must be a list, got {_type_name(value)}", field=_join(path, key))
+    return value
+
+
+def _optional_str(parent: Mapping[str, Any], key: str, path: str, default: str) -> str:
+    value = parent.get(key)
+    if value is None or value == "":
+        return default
+    if not isinstance(value, str):
+        raise InvalidArgument(
+            f"must be a string, got {_typed(value)} (quote it in YAML)", field=_join(path, key)
+        )
+    return value
+
+
+def _check_fields(obj: Mapping[Any, Any], known: frozenset[str], path: str) -> None:
+    """Reject unknown fields where the set is small and fixed, as kubectl's strict validation.
+
+    A misspelt ``ports`` or ``lables`` would otherwise be ignored silently. Pod and container
+    specs are not checked: their many fields grow with every Kubernetes release.
+    """
+    for key in obj:
+        if key in known:
+            continue
+        hint = ""
+        if isinstance(key, str):
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise InvalidArgument(f"unknown field{hint}", field=_join(path, str(key)))
+
+
+def _labels(meta: Mapping[str, Any], path: str) -> dict[str, str]:
+    return _label_map(meta.get("labels"), _join(path, "labels"))
+
+
+def _label_map(raw: Any, path: str) -> dict[str, str]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise InvalidArgument(f"must be a mapping of key: value, got {_type_name(raw)}", field=path)
+    labels: dict[str, str] = {}
+    for key, value in raw.items():
+        field = f"{path}[{key!r}]"
+        if not isinstance(key, str):
+            raise InvalidArgument(
+                f"label key must be a string, got {_typed(key)} (quote it in YAML)", field=field
+            )
+        validate_key(key, field=field)
+        if value is None:
+            value = ""  # what Kubernetes makes of a null string
+        if not isinstance(value, str):
+            raise InvalidArgument(
+                f"label value must be a string, got {_typed(value)} (quote it in YAML)",
+                field=field,
+            )
+        validate_value(value, field=field)
+        labels[key] = value
+    return labels
+
+
+def _check_dns_label(value: str, field: str) -> None:
+    if len(value) > 63 or not _DNS_LABEL_RE.match(value):
+        raise InvalidArgument(
+            f"{value!r} is not a DNS-1123 label: at most 63 lowercase letters, digits and '-', "
+            "starting and ending with a letter or digit",
+            field=field,
+        )
+
+
+def _check_dns_1035_label(value: str, field: str) -> None:
+    if len(value) > 63 or not _DNS_1035_RE.match(value):
+        raise InvalidArgument(
+            f"{value!r} is not a DNS-1035 label: at most 63 lowercase letters, digits and '-', "
+            "starting with a letter and ending with a letter or digit",
+            field=field,
+        )
+
+
+def _check_dns_subdomain(value: str, field: str) -> None:
+    if len(value) > 253 or not _DNS_SUBDOMAIN_RE.match(value):
+        raise InvalidArgument(
+            f"{value!r} is not a DNS-1123 subdomain: at most 253 lowercase letters, digits, "
+            "'-' and '.', each dot-separated part starting and ending with a letter or digit",
+            field=field,
+        )
+
+
+def _check_port_name(name: str, field: str) -> None:
+    """IANA_SVC_NAME, which named ports in policies and services refer to."""
+    if len(name) > 15:
+        raise InvalidArgument(f"{name!r} is longer than 15 characters", field=field)
+    if not _IANA_SVC_NAME_RE.match(name) or "--" in name:
+        raise InvalidArgument(
+            f"{name!r} must be lowercase letters, digits and '-', starting and ending with a "
+            "letter or digit, without '--'",
+            field=field,
+        )
+    if not any(c.isalpha() for c in name):
+        raise InvalidArgument(f"{name!r} must contain at least one letter", field=field)
+
+
+def _show_labels(labels: Mapping[str, str]) -> str:
+    if not labels:
+        return "none"
+    return ",".join(f"{key}={value}" for key, value in sorted(labels.items()))
+
+
+def _show_selector(selector: LabelSelector) -> str:
+    parts: list[str] = []
+    for req in selector.requirements:
+        if req.operator == "In" and len(req.values) == 1:
+            parts.append(f"{req.key}={next(iter(req.values))}")
+        elif req.values:
+            parts.append(f"{req.key} {req.operator} ({','.join(sorted(req.values))})")
+        else:
+            parts.append(f"{req.key} {req.operator}")
+    return ", ".join(parts)

@@ -1,0 +1,116 @@
+"""The local cluster's nodes: network namespaces on an underlay bridge in the root namespace.
+
+Addresses: the bridge holds the first address of the underlay CIDR (NATS listens there, so the
+agents inside the node namespaces reach it), node i gets the (10+i)th. The root namespace
+blackholes the pod, service and underlay ranges, so that nothing for them ever leaves the
+machine; the node namespaces have no default route at all.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass
+from ipaddress import IPv4Interface, IPv4Network
+from pathlib import Path
+
+from membrane.state import ClusterInfo
+from services.datapath import netns
+from services.datapath.loader import remove_pins
+from shared import agent_api
+from shared.errors import InvalidArgument
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,9}$")
+FIRST_NODE_HOST = 10
+# underlay, cluster (pod) and service ranges of a default local cluster
+DEFAULT_RANGES = (
+    IPv4Network("172.31.0.0/24"),
+    IPv4Network("10.244.0.0/16"),
+    IPv4Network("10.96.0.0/12"),
+)
+BPFFS = Path("/sys/fs/bpf")
+
+
+@dataclass(frozen=True)
+class Topology:
+    name: str
+    nodes: int
+    underlay: IPv4Network
+    cluster_cidr: IPv4Network
+    service_cidr: IPv4Network
+
+    def __post_init__(self) -> None:
+        if not NAME_RE.match(self.name):
+            raise InvalidArgument(
+                f"cluster name {self.name!r}: 1-10 lowercase letters and digits, starting with "
+                "a letter (it prefixes interface names, which are at most 15 characters)",
+                field="name",
+            )
+        if not 0 <= self.nodes <= self.underlay.num_addresses - FIRST_NODE_HOST - 2:
+            raise InvalidArgument(
+                f"{self.nodes} nodes do not fit the underlay {self.underlay}", field="nodes"
+            )
+
+    @property
+    def bridge(self) -> str:
+        return f"{self.name}-br"
+
+    @property
+    def gateway(self) -> IPv4Interface:
+        return IPv4Interface(f"{self.underlay.network_address + 1}/{self.underlay.prefixlen}")
+
+    @property
+    def blackholes(self) -> list[IPv4Network]:
+        return [self.cluster_cidr, self.service_cidr, self.underlay]
+
+    def node_name(self, index: int) -> str:
+        return f"{self.name}-node-{index}"
+
+    def node_address(self, index: int) -> IPv4Interface:
+        address = self.underlay.network_address + FIRST_NODE_HOST + index
+        return IPv4Interface(f"{address}/{self.underlay.prefixlen}")
+
+    def root_ifname(self, index: int) -> str:
+        return f"{self.name}-u{index}"
+
+    def node_names(self) -> list[str]:
+        return [self.node_name(i) for i in range(1, self.nodes + 1)]
+
+
+def create(topology: Topology) -> None:
+    """The bridge, blackholes and node namespaces (idempotent)."""
+    netns.ensure_underlay(topology.bridge, topology.gateway, topology.blackholes)
+    for index in range(1, topology.nodes + 1):
+        netns.ensure_node(
+            topology.node_name(index),
+            topology.bridge,
+            topology.node_address(index),
+            topology.root_ifname(index),
+        )
+
+
+def remove(topology: Topology, *, keep_pins: bool = False) -> list[str]:
+    """Every pod and node namespace, link, pin and socket of the cluster; returns what went."""
+    removed: list[str] = []
+    for index in range(1, topology.nodes + 1):
+        node = topology.node_name(index)
+        for pod in netns.list_netns(f"{node}_"):
+            netns.delete_netns(pod)
+            removed.append(pod)
+        netns.remove_node(node, topology.root_ifname(index))
+        removed.append(node)
+        if not keep_pins:
+            remove_pins(BPFFS, node)
+        shutil.rmtree(agent_api.default_socket(node).parent, ignore_errors=True)
+    netns.remove_underlay(topology.bridge, topology.blackholes)
+    return removed
+
+
+def topology_of(info: ClusterInfo) -> Topology:
+    return Topology(
+        name=info.name,
+        nodes=info.nodes,
+        underlay=IPv4Network(info.underlay_cidr),
+        cluster_cidr=IPv4Network(info.cluster_cidr),
+        service_cidr=IPv4Network(info.service_cidr),
+    )

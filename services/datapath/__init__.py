@@ -1,0 +1,1 @@
+"""The per-node datapath agent: endpoints, BPF programs and maps, flow events."""

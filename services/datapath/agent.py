@@ -1,0 +1,583 @@
+"""The node agent: wires pods, owns the node's BPF maps, and keeps them equal to the bus.
+
+Endpoint operations (from the CNI plugin or the CLI, over the local socket) are serialised by
+one lock: they are rare and each touches the kernel, the identity service and three buckets.
+Map updates from KV watches are not behind it; each is a handful of map writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+import msgspec
+from nats.js.kv import KeyValue
+from prometheus_client import Counter, Gauge
+
+from services.datapath import netns
+from services.datapath.ipcache_sync import IPCacheSync
+from services.datapath.loader import Datapath
+from services.datapath.local_ipam import NodeIPAM
+from services.datapath.maps import EndpointInfo, IPCacheValue, decode_ct, percpu_sum
+from services.datapath.policy_sync import LocalEndpoint, PolicySync
+from shared import agent_api, log, subjects
+from shared.agent_api import AddEndpoint, DumpReply, DumpRequest, EndpointList, EndpointRef
+from shared.bus import Bus, KVEvent
+from shared.errors import AlreadyExists, InvalidArgument, MembraneError, NotFound
+from shared.labels import pod_identity_labels
+from shared.messages import (
+    AllocateReply,
+    AllocateRequest,
+    Endpoint,
+    IPCacheEntry,
+    Message,
+    NamespaceRecord,
+    Node,
+    ReleaseReply,
+    ReleaseRequest,
+    ResolvedPolicy,
+)
+from shared.names import validate_dns_label, validate_dns_subdomain
+from shared.reasons import reason_name
+
+ID_HOST = 1
+ID_REMOTE_NODE = 6
+METADATA_NAME_LABEL = "kubernetes.io/metadata.name"
+
+ENDPOINTS = Gauge("membrane_datapath_endpoints", "Endpoints wired on this node")
+BAD_MESSAGES = Counter(
+    "membrane_datapath_bad_messages_total",
+    "KV entries that did not decode (a bad resolved policy denies its identity)",
+    ["bucket"],
+)
+KV_TO_MAP = Counter(
+    "membrane_datapath_kv_events_total", "KV changes turned into map updates", ["bucket"]
+)
+
+
+@dataclass
+class Buckets:
+    nodes: KeyValue
+    endpoints: KeyValue
+    ipcache: KeyValue
+    resolved: KeyValue
+    namespaces: KeyValue
+
+    @classmethod
+    async def open(cls, bus: Bus, replicas: int) -> Buckets:
+        async def kv(name: str, description: str) -> KeyValue:
+            return await bus.kv(name, description=description, replicas=replicas)
+
+        return cls(
+            nodes=await kv(subjects.KV_NODES, "node -> underlay address, pod CIDR, heartbeat"),
+            endpoints=await kv(subjects.KV_ENDPOINTS, "namespace.pod -> endpoint"),
+            ipcache=await kv(subjects.KV_IPCACHE, "address -> identity, node"),
+            resolved=await kv(subjects.KV_RESOLVED, "identity -> resolved policy"),
+            namespaces=await kv(subjects.KV_NAMESPACES, "namespace -> labels"),
+        )
+
+
+def endpoint_key(namespace: str, name: str) -> str:
+    return f"{namespace}.{name}"
+
+
+def ipcache_key(ip: IPv4Address) -> str:
+    return str(ip)
+
+
+def deny_all(identity: int) -> ResolvedPolicy:
+    """What an identity gets when its resolved policy cannot be read: nothing."""
+    return ResolvedPolicy(
+        identity=identity, revision=0, ingress_enforced=True, egress_enforced=True
+    )
+
+
+class Agent:
+    def __init__(
+        self,
+        bus: Bus,
+        buckets: Buckets,
+        datapath: Datapath,
+        node: Node,
+        *,
+        identity_lease: float,
+        pod_netns_prefix: str,
+    ) -> None:
+        self.bus = bus
+        self.kv = buckets
+        self.datapath = datapath
+        self.node = node
+        self.identity_lease = identity_lease
+        self.pod_netns_prefix = pod_netns_prefix
+        self.router = IPv4Address(node.router_ip)
+        self.ipam = NodeIPAM(IPv4Network(node.pod_cidr))
+        self.policy = PolicySync(datapath.policy, datapath.endpoints)
+        self.ipcache = IPCacheSync(datapath.ipcache)
+        self.endpoints: dict[str, Endpoint] = {}  # by endpoint_key
+        self.lock = asyncio.Lock()
+        self.synced = {name: asyncio.Event() for name in ("resolved", "ipcache", "nodes")}
+        self.log = log.get("datapath.agent", node=node.name)
+
+    # --- start-up: adopt what a previous agent left ------------------------------------------
+
+    async def adopt(self) -> None:
+        """Take over the endpoints of this node recorded in the bucket whose veth still exists;
+        forget the rest. Runs after the resolved and ipcache snapshots are in."""
+        adopted_entries = self.policy.adopt()
+        stored = await Bus.snapshot(self.kv.endpoints)
+        for key, raw in stored.items():
+            try:
+                endpoint = msgspec.json.decode(raw, type=Endpoint)
+            except msgspec.ValidationError:
+                BAD_MESSAGES.labels(subjects.KV_ENDPOINTS).inc()
+                continue
+            if endpoint.node != self.node.name:
+                continue
+            ifindex = await asyncio.to_thread(netns.link_index, endpoint.host_ifname)
+            if ifindex is None:
+                self.log.info("endpoint vanished while no agent ran; removing", endpoint=key)
+                await self._forget(endpoint)
+                continue
+            if ifindex != endpoint.host_ifindex:
+                endpoint = msgspec.structs.replace(endpoint, host_ifindex=ifindex)
+            self.ipam.claim(IPv4Address(endpoint.ip))
+            await self._install(endpoint)
+        known = {e.host_ifindex for e in self.endpoints.values()}
+        for ifindex in [i for i in self.datapath.endpoints if i not in known]:
+            self.datapath.endpoints.pop(ifindex, None)
+        strays = self.policy.forget_strays()
+        ENDPOINTS.set(len(self.endpoints))
+        self.log.info(
+            "adopted node state",
+            endpoints=len(self.endpoints),
+            policy_entries=adopted_entries,
+            stray_endpoints=strays,
+            maps_reused=self.datapath.adopted,
+        )
+
+    async def _install(self, endpoint: Endpoint) -> None:
+        """Map entries and programs for a wired endpoint (idempotent)."""
+        ifindex = endpoint.host_ifindex
+        current = self.datapath.endpoints.get(ifindex)
+        flags = current.flags if current else 0
+        info = EndpointInfo(endpoint.identity, IPv4Address(endpoint.ip), flags)
+        if current != info:
+            self.datapath.endpoints[ifindex] = info
+        self.policy.upsert_endpoint(
+            LocalEndpoint(ifindex, endpoint.identity, tuple(endpoint.ports))
+        )
+        await asyncio.to_thread(self.datapath.attach, ifindex)
+        self.ipcache.set_local(
+            IPv4Network(f"{endpoint.ip}/32"),
+            IPCacheValue(endpoint.identity, IPv4Address(self.node.underlay_ip)),
+        )
+        self.endpoints[endpoint_key(endpoint.namespace, endpoint.name)] = endpoint
+
+    # --- endpoint operations (socket API) ---------------------------------------------------
+
+    async def add_endpoint(self, req: AddEndpoint) -> Endpoint:
+        validate_dns_label(req.namespace, "namespace")
+        validate_dns_subdomain(req.name, "name")
+        key = endpoint_key(req.namespace, req.name)
+        async with self.lock:
+            existing = self.endpoints.get(key)
+            if existing is not None:
+                if req.container_id and existing.container_id == req.container_id:
+                    return existing  # a CNI ADD retried by the runtime
+                raise AlreadyExists(
+                    f"pod {req.namespace}/{req.name} already exists on node {self.node.name}",
+                    field="name",
+                )
+            elsewhere = await self._stored_endpoint(key)
+            if elsewhere is not None:
+                raise AlreadyExists(
+                    f"pod {req.namespace}/{req.name} already exists on node {elsewhere.node}",
+                    field="name",
+                )
+            return await self._create(req)
+
+    async def _create(self, req: AddEndpoint) -> Endpoint:
+        namespace_labels = await self._namespace_labels(req.namespace)
+        labels = pod_identity_labels(
+            req.namespace, req.labels, namespace_labels, req.service_account
+        )
+        request_id = f"{self.node.name}/{req.namespace}/{req.name}/{time.time_ns()}"
+        reply = await self.bus.request(
+            subjects.IDENTITY_ALLOCATE,
+            AllocateRequest(
+                labels=labels,
+                owner=self.node.name,
+                lease_seconds=self.identity_lease,
+                request_id=request_id,
+            ),
+            AllocateReply,
+        )
+        identity = reply.identity.id
+        ip = self.ipam.allocate()
+        created_netns = not req.netns
+        pod_netns = (
+            netns.ensure_netns(f"{self.pod_netns_prefix}{req.namespace}_{req.name}")
+            if created_netns
+            else netns.resolve_netns(req.netns)
+        )
+        host_ifname = netns.host_ifname_for(f"{req.namespace}/{req.name}")
+        endpoint = Endpoint(
+            namespace=req.namespace,
+            name=req.name,
+            node=self.node.name,
+            ip=str(ip),
+            identity=identity,
+            labels=dict(req.labels),
+            service_account=req.service_account,
+            ports=list(req.ports),
+            netns=str(pod_netns),
+            ifname=req.ifname,
+            host_ifname=host_ifname,
+            container_id=req.container_id,
+            owner=req.owner,
+            created=time.time(),
+        )
+        try:
+            wired = await asyncio.to_thread(
+                netns.wire_endpoint, pod_netns, req.ifname, host_ifname, ip, self.router
+            )
+            endpoint = msgspec.structs.replace(
+                endpoint, host_ifindex=wired.host_ifindex, mac=wired.pod_mac
+            )
+            await self._install(endpoint)
+            await self.kv.ipcache.put(
+                ipcache_key(ip),
+                msgspec.json.encode(
+                    IPCacheEntry(
+                        cidr=f"{ip}/32",
+                        identity=identity,
+                        node=self.node.name,
+                        host_ip=self.node.underlay_ip,
+                    )
+                ),
+            )
+            await self.kv.endpoints.put(
+                endpoint_key(req.namespace, req.name), msgspec.json.encode(endpoint)
+            )
+        except BaseException:
+            # nothing half-made stays behind: not the veth, not the address, not the identity
+            await self._forget(endpoint, delete_netns=created_netns)
+            raise
+        ENDPOINTS.set(len(self.endpoints))
+        self.log.info(
+            "endpoint created",
+            endpoint=f"{req.namespace}/{req.name}",
+            ip=str(ip),
+            identity=identity,
+            ifindex=endpoint.host_ifindex,
+        )
+        return endpoint
+
+    async def delete_endpoint(self, ref: EndpointRef) -> Endpoint:
+        async with self.lock:
+            endpoint = self._find(ref)
+            if endpoint is None:
+                raise NotFound(f"no pod {_describe(ref)} on node {self.node.name}")
+            owned_netns = endpoint.netns.startswith(f"{netns.NETNS_DIR}/{self.pod_netns_prefix}")
+            await self._forget(endpoint, delete_netns=owned_netns)
+        ENDPOINTS.set(len(self.endpoints))
+        self.log.info("endpoint deleted", endpoint=f"{endpoint.namespace}/{endpoint.name}")
+        return endpoint
+
+    async def _forget(self, endpoint: Endpoint, *, delete_netns: bool = False) -> None:
+        """Undo whatever exists of an endpoint; every step tolerates the thing being gone."""
+        key = endpoint_key(endpoint.namespace, endpoint.name)
+        ip = IPv4Address(endpoint.ip)
+        self.endpoints.pop(key, None)
+        await self.kv.endpoints.delete(key)
+        await self.kv.ipcache.delete(ipcache_key(ip))
+        self.ipcache.local.pop(IPv4Network(f"{ip}/32"), None)
+        self.ipcache.apply(ipcache_key(ip), None)
+        if endpoint.host_ifindex:
+            self.policy.remove_endpoint(endpoint.host_ifindex)
+            self.datapath.endpoints.pop(endpoint.host_ifindex, None)
+        if endpoint.host_ifname:
+            await asyncio.to_thread(netns.unwire_endpoint, endpoint.host_ifname)
+        if delete_netns and endpoint.netns:
+            await asyncio.to_thread(netns.delete_netns, endpoint.netns.rsplit("/", 1)[-1])
+        self.ipam.release(ip)
+        if endpoint.identity:
+            try:
+                await self.bus.request(
+                    subjects.IDENTITY_RELEASE,
+                    ReleaseRequest(
+                        id=endpoint.identity,
+                        owner=self.node.name,
+                        request_id=f"{self.node.name}/{key}/{endpoint.created}",
+                    ),
+                    ReleaseReply,
+                )
+            except MembraneError as exc:
+                # the lease lapses on its own if this node stops renewing it
+                self.log.warning(
+                    "identity release failed", identity=endpoint.identity, error=str(exc)
+                )
+
+    def get_endpoint(self, ref: EndpointRef) -> Endpoint:
+        endpoint = self._find(ref)
+        if endpoint is None:
+            raise NotFound(f"no pod {_describe(ref)} on node {self.node.name}")
+        return endpoint
+
+    def _find(self, ref: EndpointRef) -> Endpoint | None:
+        if ref.name:
+            return self.endpoints.get(endpoint_key(ref.namespace or "default", ref.name))
+        if ref.container_id:
+            for endpoint in self.endpoints.values():
+                if endpoint.container_id == ref.container_id:
+                    return endpoint
+            return None
+        raise InvalidArgument("name a pod, or a container id", field="name")
+
+    async def _stored_endpoint(self, key: str) -> Endpoint | None:
+        try:
+            entry = await self.kv.endpoints.get(key)
+        except Exception:  # nats.js raises KeyNotFoundError and KeyDeletedError
+            return None
+        if entry.value is None:
+            return None
+        try:
+            return msgspec.json.decode(entry.value, type=Endpoint)
+        except msgspec.ValidationError:
+            return None
+
+    async def _namespace_labels(self, namespace: str) -> dict[str, str]:
+        """Labels of a namespace; one used before it was declared is created implicitly."""
+        try:
+            entry = await self.kv.namespaces.get(namespace)
+            if entry.value:
+                return msgspec.json.decode(entry.value, type=NamespaceRecord).labels
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            BAD_MESSAGES.labels(subjects.KV_NAMESPACES).inc()
+            return {METADATA_NAME_LABEL: namespace}
+        except Exception:  # not found
+            pass
+        record = NamespaceRecord(
+            name=namespace, labels={METADATA_NAME_LABEL: namespace}, implicit=True
+        )
+        try:
+            await self.kv.namespaces.create(namespace, msgspec.json.encode(record))
+        except Exception:  # someone else created it meanwhile: theirs stands
+            return await self._namespace_labels(namespace)
+        return record.labels
+
+    # --- KV watches -> maps ------------------------------------------------------------------
+
+    def on_resolved(self, event: KVEvent) -> None:
+        try:
+            identity = int(event.key)
+        except ValueError:
+            BAD_MESSAGES.labels(subjects.KV_RESOLVED).inc()
+            return
+        policy: ResolvedPolicy | None = None
+        if event.value is not None:
+            try:
+                policy = msgspec.json.decode(event.value, type=ResolvedPolicy)
+            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                BAD_MESSAGES.labels(subjects.KV_RESOLVED).inc()
+                self.log.error(
+                    "unreadable resolved policy; denying", identity=identity, error=str(exc)
+                )
+                policy = deny_all(identity)
+        self.policy.set_resolved(identity, policy)
+        KV_TO_MAP.labels(subjects.KV_RESOLVED).inc()
+
+    def on_ipcache(self, event: KVEvent) -> None:
+        entry: IPCacheEntry | None = None
+        if event.value is not None:
+            try:
+                entry = msgspec.json.decode(event.value, type=IPCacheEntry)
+                IPv4Network(entry.cidr)
+            except (msgspec.ValidationError, msgspec.DecodeError, ValueError):
+                BAD_MESSAGES.labels(subjects.KV_IPCACHE).inc()
+                return
+        self.ipcache.apply(event.key, entry)
+        KV_TO_MAP.labels(subjects.KV_IPCACHE).inc()
+
+    def on_node(self, event: KVEvent) -> None:
+        if event.key == self.node.name:
+            return
+        peers = self.ipcache.local
+        if event.value is None:
+            return
+        try:
+            node = msgspec.json.decode(event.value, type=Node)
+            address = IPv4Network(f"{node.underlay_ip}/32")
+        except (msgspec.ValidationError, msgspec.DecodeError, ValueError):
+            BAD_MESSAGES.labels(subjects.KV_NODES).inc()
+            return
+        if address not in peers:
+            self.ipcache.set_local(address, IPCacheValue(ID_REMOTE_NODE, address.network_address))
+
+    async def follow(self, name: str, kv: KeyValue, handle: Callable[[KVEvent], None]) -> None:
+        """Apply a bucket's snapshot, signal that it is in, then apply every change."""
+        async with contextlib.aclosing(Bus.watch(kv)) as events:
+            async for event in events:
+                if event is None:
+                    self.synced[name].set()
+                    continue
+                handle(event)
+
+    def collect_ct(self) -> int:
+        """Delete expired conntrack entries, and those of pod addresses no endpoint holds any
+        more (so that a reused address never inherits a connection). Runs in a thread."""
+        now = time.monotonic_ns()
+        live = {e.ip for e in self.endpoints.values()}
+        cidr = self.ipam.cidr
+        doomed = []
+        for key, value in self.datapath.ct.items():
+            entry = decode_ct(bytes(key), bytes(value), now)
+            gone = [
+                ip for ip in (entry.src, entry.dst) if IPv4Address(ip) in cidr and ip not in live
+            ]
+            if entry.expires_in < 0 or gone:
+                doomed.append(key)
+        for key in doomed:
+            with contextlib.suppress(KeyError):
+                del self.datapath.ct[key]
+        return len(doomed)
+
+    # --- introspection -----------------------------------------------------------------------
+
+    def dump(self, req: DumpRequest) -> DumpReply:
+        rows: list[dict[str, Any]]
+        if req.table == "endpoints":
+            by_ifindex = {e.host_ifindex: e for e in self.endpoints.values()}
+            rows = []
+            for ifindex, info in sorted(self.datapath.endpoints.items()):
+                endpoint = by_ifindex.get(ifindex)
+                rows.append(
+                    {
+                        "ifindex": ifindex,
+                        "pod": f"{endpoint.namespace}/{endpoint.name}" if endpoint else "",
+                        "ip": str(info.ip),
+                        "identity": info.identity,
+                        "ingress_enforced": bool(info.flags & 0x1),
+                        "egress_enforced": bool(info.flags & 0x2),
+                        "policy_failed": bool(info.flags & 0x4),
+                    }
+                )
+        elif req.table == "ipcache":
+            rows = [
+                {
+                    "cidr": str(net),
+                    "identity": v.identity,
+                    "tunnel_endpoint": str(v.tunnel_endpoint),
+                }
+                for net, v in sorted(self.datapath.ipcache.items())
+            ]
+        elif req.table == "policy":
+            rows = self._dump_policy(req)
+        elif req.table == "ct":
+            now = time.monotonic_ns()
+            rows = [
+                dataclasses.asdict(decode_ct(bytes(k), bytes(v), now))
+                for k, v in self.datapath.ct.items()
+            ]
+        elif req.table == "metrics":
+            rows = self._dump_metrics()
+        else:
+            raise InvalidArgument(
+                f"unknown table {req.table!r}: endpoints, ipcache, policy, ct or metrics",
+                field="table",
+            )
+        return DumpReply(table=req.table, node=self.node.name, rows=rows)
+
+    def _dump_policy(self, req: DumpRequest) -> list[dict[str, Any]]:
+        endpoint = self.endpoints.get(endpoint_key(req.namespace or "default", req.pod))
+        if endpoint is None:
+            raise NotFound(
+                f"no pod {req.namespace or 'default'}/{req.pod} on node {self.node.name}"
+            )
+        resolved = self.policy.resolved.get(endpoint.identity)
+        rules = resolved.rules if resolved else {}
+        installed = self.policy.installed.get(endpoint.host_ifindex, {})
+        return [
+            {
+                "direction": "ingress" if key.direction == 1 else "egress",
+                "identity": key.identity,
+                "protocol": key.protocol,
+                "port": key.port,
+                "prefixlen": key.prefixlen,
+                "action": "deny" if value.deny else "allow",
+                "rule_id": value.rule_id,
+                "rule": rules.get(value.rule_id, ""),
+            }
+            for key, value in sorted(installed.items())
+        ]
+
+    def _dump_metrics(self) -> list[dict[str, Any]]:
+        rows = []
+        table = self.datapath.metrics
+        for key, values in table.items():
+            packets, nbytes = percpu_sum(values, ("packets", "bytes"))
+            reason = int(key.reason)
+            rows.append(
+                {
+                    "reason": reason,
+                    "reason_name": "Forwarded" if reason == 0 else reason_name(reason),
+                    "direction": "ingress" if key.direction == 1 else "egress",
+                    "packets": packets,
+                    "bytes": nbytes,
+                }
+            )
+        rows.sort(key=lambda r: (r["reason"], r["direction"]))
+        rows.append(
+            {
+                "reason": -1,
+                "reason_name": "Lost events",
+                "direction": "",
+                "packets": self.datapath.lost_event_count(),
+                "bytes": 0,
+            }
+        )
+        return rows
+
+    # --- the socket API ----------------------------------------------------------------------
+
+    def handlers(self) -> dict[str, agent_api.Handler]:
+        def typed(
+            request_type: type[Any], handler: Callable[[Any], Awaitable[Message]]
+        ) -> agent_api.Handler:
+            async def handle(body: bytes) -> Message:
+                return await handler(agent_api.decode(body, request_type))
+
+            return handle
+
+        async def get(ref: EndpointRef) -> Message:
+            return self.get_endpoint(ref)
+
+        async def listing(_: Message) -> Message:
+            return EndpointList(endpoints=sorted(self.endpoints.values(), key=_sort_key))
+
+        async def dump(req: DumpRequest) -> Message:
+            return await asyncio.to_thread(self.dump, req)
+
+        return {
+            "endpoint.add": typed(AddEndpoint, self.add_endpoint),
+            "endpoint.delete": typed(EndpointRef, self.delete_endpoint),
+            "endpoint.get": typed(EndpointRef, get),
+            "endpoint.list": typed(Message, listing),
+            "dump": typed(DumpRequest, dump),
+        }
+
+
+def _sort_key(endpoint: Endpoint) -> tuple[str, str]:
+    return (endpoint.namespace, endpoint.name)
+
+
+def _describe(ref: EndpointRef) -> str:
+    if ref.name:
+        return f"{ref.namespace or 'default'}/{ref.name}"
+    return f"with container id {ref.container_id}"

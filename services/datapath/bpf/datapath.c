@@ -1,0 +1,369 @@
+/* membrane's per-node datapath: identity-aware L3/L4 policy with connection tracking.
+ *
+ * from_container: tc ingress of a pod's host-side veth (packets the pod sends);
+ *                 enforces the pod's egress policy.
+ * to_container:   tc egress of the same veth (packets delivered to the pod);
+ *                 enforces the pod's ingress policy.
+ *
+ * Compiled once per agent; everything per endpoint lives in maps keyed by the veth ifindex. */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/pkt_cls.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/tcp.h>
+#include <uapi/linux/udp.h>
+#include <uapi/linux/icmp.h>
+
+#include "maps.h"
+
+/* Cilium's drop reasons (positive here; Cilium's C uses negatives) */
+#define DROP_INVALID_SIP 132
+#define DROP_POLICY 133
+#define DROP_INVALID 134
+#define DROP_CT_INVALID_HDR 135
+#define DROP_UNSUPPORTED_L3 139
+#define DROP_NO_CONFIG 165
+#define DROP_POLICY_DENY 181
+
+#define ID_UNKNOWN 0
+#define ID_WORLD 2
+
+#define NSEC 1000000000ULL
+#define CT_LIFETIME_TCP (21600 * NSEC)
+#define CT_LIFETIME_NONTCP (60 * NSEC)
+#define CT_LIFETIME_CLOSE (10 * NSEC)
+
+#define TCP_FIN 0x01
+#define TCP_SYN 0x02
+#define TCP_RST 0x04
+
+struct packet {
+	struct ct_key tuple; /* scope filled in by the caller */
+	__u8 tcp_flags;
+	__u8 icmp_related; /* an ICMP error about a connection; inner tuple in `inner` */
+	__u16 policy_port; /* host order: L4 destination port, or the ICMP type */
+	struct ct_key inner;
+	__u32 len;
+};
+
+static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, __u8 proto, __u32 *saddr,
+				    __u32 *daddr, struct ct_key *t, __u8 *flags, __u16 *icmp_type)
+{
+	t->saddr = *saddr;
+	t->daddr = *daddr;
+	t->protocol = proto;
+	t->sport = 0;
+	t->dport = 0;
+	if (proto == IPPROTO_TCP || proto == IPPROTO_UDP) {
+		__u16 ports[2];
+		if (bpf_skb_load_bytes(skb, off, ports, sizeof(ports)) < 0)
+			return -DROP_CT_INVALID_HDR;
+		t->sport = bpf_ntohs(ports[0]);
+		t->dport = bpf_ntohs(ports[1]);
+		if (proto == IPPROTO_TCP && flags) {
+			__u8 f;
+			if (bpf_skb_load_bytes(skb, off + 13, &f, 1) < 0)
+				return -DROP_CT_INVALID_HDR;
+			*flags = f;
+		}
+	} else if (proto == IPPROTO_ICMP) {
+		struct icmphdr icmp;
+		if (bpf_skb_load_bytes(skb, off, &icmp, sizeof(icmp)) < 0)
+			return -DROP_CT_INVALID_HDR;
+		*icmp_type = icmp.type;
+		/* echo: the id plays the source port of the request, so replies map back to it */
+		if (icmp.type == ICMP_ECHO)
+			t->sport = bpf_ntohs(icmp.un.echo.id);
+		else if (icmp.type == ICMP_ECHOREPLY)
+			t->dport = bpf_ntohs(icmp.un.echo.id);
+	}
+	return 0;
+}
+
+static __always_inline int parse(struct __sk_buff *skb, struct packet *p)
+{
+	struct iphdr ip;
+	__u16 icmp_type = 0;
+
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) < 0)
+		return -DROP_INVALID;
+	if (ip.version != 4 || ip.ihl < 5)
+		return -DROP_INVALID;
+	__u32 off = ETH_HLEN + ip.ihl * 4;
+	p->len = skb->len;
+	p->tcp_flags = 0;
+	p->icmp_related = 0;
+	/* later fragments carry no ports; they are matched on ports 0 */
+	if (ip.frag_off & bpf_htons(0x1fff)) {
+		p->tuple.saddr = ip.saddr;
+		p->tuple.daddr = ip.daddr;
+		p->tuple.protocol = ip.protocol;
+		p->tuple.sport = 0;
+		p->tuple.dport = 0;
+		p->policy_port = 0;
+		return 0;
+	}
+	int ret = parse_l4(skb, off, ip.protocol, &ip.saddr, &ip.daddr, &p->tuple, &p->tcp_flags,
+			   &icmp_type);
+	if (ret < 0)
+		return ret;
+	p->policy_port = ip.protocol == IPPROTO_ICMP ? icmp_type : p->tuple.dport;
+	if (ip.protocol == IPPROTO_ICMP &&
+	    (icmp_type == ICMP_DEST_UNREACH || icmp_type == ICMP_TIME_EXCEEDED ||
+	     icmp_type == ICMP_PARAMETERPROB)) {
+		/* the error quotes the IP header and 8 bytes of the packet it is about */
+		struct iphdr inner;
+		__u32 ioff = off + sizeof(struct icmphdr);
+		if (bpf_skb_load_bytes(skb, ioff, &inner, sizeof(inner)) < 0 || inner.ihl < 5)
+			return 0;
+		__u16 unused = 0;
+		if (parse_l4(skb, ioff + inner.ihl * 4, inner.protocol, &inner.saddr, &inner.daddr,
+			     &p->inner, NULL, &unused) == 0)
+			p->icmp_related = 1;
+	}
+	return 0;
+}
+
+static __always_inline void count(__u8 reason, __u8 direction, __u32 len)
+{
+	struct metrics_key key = { .reason = reason, .direction = direction };
+	struct metrics_value zero = {};
+	struct metrics_value *v = metrics.lookup_or_try_init(&key, &zero);
+	if (v) {
+		v->packets += 1; /* per-CPU: no atomics needed */
+		v->bytes += len;
+	}
+}
+
+static __always_inline void emit(__u8 type, __u8 reason, __u8 direction, __u8 obs,
+				 struct packet *p, __u32 ifindex, __u32 src_id, __u32 dst_id,
+				 __u32 rule_id, __u8 flags)
+{
+	struct flow_event *e = events.ringbuf_reserve(sizeof(struct flow_event));
+	if (!e) {
+		__u32 zero = 0;
+		__u64 *lost = lost_events.lookup(&zero);
+		if (lost)
+			*lost += 1;
+		return;
+	}
+	e->ts_ns = bpf_ktime_get_ns();
+	e->type = type;
+	e->reason = reason;
+	e->direction = direction;
+	e->obs_point = obs;
+	e->protocol = p->tuple.protocol;
+	e->tcp_flags = p->tcp_flags;
+	e->flags = flags;
+	e->pad = 0;
+	e->ifindex = ifindex;
+	e->src_identity = src_id;
+	e->dst_identity = dst_id;
+	e->saddr = p->tuple.saddr;
+	e->daddr = p->tuple.daddr;
+	e->sport = p->tuple.sport;
+	e->dport = p->tuple.dport;
+	if (p->tuple.protocol == IPPROTO_ICMP) {
+		e->sport = 0;
+		e->dport = p->policy_port; /* show the ICMP type, as Hubble does */
+	}
+	e->rule_id = rule_id;
+	e->len = p->len;
+	events.ringbuf_submit(e, 0);
+}
+
+static __always_inline int drop(__u8 reason, __u8 direction, __u8 obs, struct packet *p,
+				__u32 ifindex, __u32 src_id, __u32 dst_id, __u32 rule_id)
+{
+	count(reason, direction, p->len);
+	emit(EVENT_DROP, reason, direction, obs, p, ifindex, src_id, dst_id, rule_id, 0);
+	return TC_ACT_SHOT;
+}
+
+static __always_inline __u32 lookup_identity(__u32 addr)
+{
+	struct ipcache_key key = { .prefixlen = 32, .ip = addr };
+	struct ipcache_value *v = ipcache.lookup(&key);
+	return v ? v->identity : ID_WORLD;
+}
+
+/* Two longest-prefix lookups, (peer, proto, port) and (any, proto, port); a deny from either
+ * wins, then an allow (the peer-specific one names the rule). Returns 0 or a drop reason. */
+static __always_inline int policy_check(__u32 endpoint, __u8 direction, __u32 peer, __u8 proto,
+					__u16 port, __u32 *rule_id)
+{
+	struct policy_key key = {
+		.prefixlen = POLICY_FULL_PREFIX,
+		.endpoint = bpf_htonl(endpoint),
+		.direction = direction,
+		.identity = bpf_htonl(peer),
+		.protocol = proto,
+		.port = bpf_htons(port),
+	};
+	struct policy_value *specific = policy.lookup(&key);
+	key.identity = 0;
+	struct policy_value *any = policy.lookup(&key);
+
+	if (specific && specific->deny) {
+		*rule_id = specific->rule_id;
+		return DROP_POLICY_DENY;
+	}
+	if (any && any->deny) {
+		*rule_id = any->rule_id;
+		return DROP_POLICY_DENY;
+	}
+	if (specific) {
+		*rule_id = specific->rule_id;
+		return 0;
+	}
+	if (any) {
+		*rule_id = any->rule_id;
+		return 0;
+	}
+	*rule_id = 0;
+	return DROP_POLICY;
+}
+
+static __always_inline struct ct_entry *ct_lookup(struct ct_key *key, __u64 now)
+{
+	struct ct_entry *e = ct.lookup(key);
+	if (e && e->expires_ns < now)
+		return NULL;
+	return e;
+}
+
+static __always_inline void ct_refresh(struct ct_entry *e, struct packet *p, __u64 now)
+{
+	__sync_fetch_and_add(&e->packets, 1);
+	__sync_fetch_and_add(&e->bytes, p->len);
+	if (p->tuple.protocol == IPPROTO_TCP) {
+		e->tcp_flags_seen |= p->tcp_flags;
+		if (p->tcp_flags & (TCP_FIN | TCP_RST))
+			e->flags |= CT_F_CLOSING;
+		/* a SYN on a closing tuple is a new connection reusing it: keep it open */
+		if ((p->tcp_flags & TCP_SYN) && !(p->tcp_flags & 0x10))
+			e->flags &= ~CT_F_CLOSING;
+		e->expires_ns = now + ((e->flags & CT_F_CLOSING) ? CT_LIFETIME_CLOSE : CT_LIFETIME_TCP);
+	} else {
+		e->expires_ns = now + CT_LIFETIME_NONTCP;
+	}
+}
+
+static __always_inline void reverse(struct ct_key *dst, struct ct_key *src, __u8 scope)
+{
+	dst->saddr = src->daddr;
+	dst->daddr = src->saddr;
+	dst->sport = src->dport;
+	dst->dport = src->sport;
+	dst->protocol = src->protocol;
+	dst->scope = scope;
+	dst->pad = 0;
+}
+
+/* Shared by both directions. `own` is the local endpoint's scope (CT_EGRESS when it sends),
+ * `other` the scope in which its peer's side of the same traffic is tracked. */
+static __always_inline int handle(struct __sk_buff *skb, __u8 direction, __u8 obs, __u8 own,
+				  __u8 other)
+{
+	__u32 ifindex = skb->ifindex;
+	struct endpoint_info *ep = endpoints.lookup(&ifindex);
+	struct packet p = {};
+
+	if (skb->protocol == bpf_htons(ETH_P_ARP))
+		return TC_ACT_OK;
+	if (skb->protocol != bpf_htons(ETH_P_IP)) {
+		p.len = skb->len;
+		count(DROP_UNSUPPORTED_L3, direction, skb->len);
+		emit(EVENT_DROP, DROP_UNSUPPORTED_L3, direction, obs, &p, ifindex, 0, 0, 0, 0);
+		return TC_ACT_SHOT;
+	}
+	int ret = parse(skb, &p);
+	if (ret < 0)
+		return drop(-ret, direction, obs, &p, ifindex, 0, 0, 0);
+
+	__u32 local_id = ep ? ep->identity : ID_UNKNOWN;
+	__u32 peer_addr = direction == DIR_EGRESS ? p.tuple.daddr : p.tuple.saddr;
+	__u32 peer_id = lookup_identity(peer_addr);
+	__u32 src_id = direction == DIR_EGRESS ? local_id : peer_id;
+	__u32 dst_id = direction == DIR_EGRESS ? peer_id : local_id;
+
+	/* an endpoint the agent has not configured (or one being torn down) gets nothing */
+	if (!ep)
+		return drop(DROP_NO_CONFIG, direction, obs, &p, ifindex, src_id, dst_id, 0);
+	/* a pod may only send from its own address */
+	if (direction == DIR_EGRESS && p.tuple.saddr != ep->ip)
+		return drop(DROP_INVALID_SIP, direction, obs, &p, ifindex, src_id, dst_id, 0);
+
+	__u64 now = bpf_ktime_get_ns();
+	struct ct_key key = p.tuple;
+	key.scope = own;
+	key.pad = 0;
+	struct ct_entry *e = ct_lookup(&key, now);
+	if (e) {
+		ct_refresh(e, &p, now);
+		count(0, direction, p.len);
+		return TC_ACT_OK;
+	}
+	struct ct_key rkey = {};
+	reverse(&rkey, &p.tuple, other);
+	e = ct_lookup(&rkey, now);
+	if (e) {
+		ct_refresh(e, &p, now);
+		count(0, direction, p.len);
+		return TC_ACT_OK;
+	}
+	if (p.icmp_related) {
+		/* an error about a connection this endpoint is part of, in either role */
+		struct ct_key ikey = p.inner;
+		ikey.scope = other;
+		ikey.pad = 0;
+		if (ct_lookup(&ikey, now)) {
+			count(0, direction, p.len);
+			return TC_ACT_OK;
+		}
+		reverse(&ikey, &p.inner, own);
+		if (ct_lookup(&ikey, now)) {
+			count(0, direction, p.len);
+			return TC_ACT_OK;
+		}
+	}
+
+	/* a new connection */
+	__u32 enforce = direction == DIR_EGRESS ? EP_ENFORCE_EGRESS : EP_ENFORCE_INGRESS;
+	__u32 rule_id = 0;
+	__u8 type = EVENT_TRACE;
+	if (ep->flags & EP_POLICY_FAILED)
+		return drop(DROP_POLICY, direction, obs, &p, ifindex, src_id, dst_id, 0);
+	if (ep->flags & enforce) {
+		int reason = policy_check(ifindex, direction, peer_id, p.tuple.protocol,
+					  p.policy_port, &rule_id);
+		if (reason)
+			return drop(reason, direction, obs, &p, ifindex, src_id, dst_id, rule_id);
+		type = EVENT_POLICY_VERDICT;
+	}
+	struct ct_entry fresh = {
+		.packets = 1,
+		.bytes = p.len,
+		.rule_id = rule_id,
+		.src_identity = src_id,
+		.dst_identity = dst_id,
+		.tcp_flags_seen = p.tcp_flags,
+	};
+	fresh.expires_ns =
+		now + (p.tuple.protocol == IPPROTO_TCP ? CT_LIFETIME_TCP : CT_LIFETIME_NONTCP);
+	ct.update(&key, &fresh);
+	count(0, direction, p.len);
+	emit(type, 0, direction, obs, &p, ifindex, src_id, dst_id, rule_id, EVENT_F_ALLOWED);
+	return TC_ACT_OK;
+}
+
+int from_container(struct __sk_buff *skb)
+{
+	return handle(skb, DIR_EGRESS, OBS_FROM_ENDPOINT, CT_EGRESS, CT_INGRESS);
+}
+
+int to_container(struct __sk_buff *skb)
+{
+	return handle(skb, DIR_INGRESS, OBS_TO_ENDPOINT, CT_INGRESS, CT_EGRESS);
+}

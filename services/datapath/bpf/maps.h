@@ -1,0 +1,115 @@
+/* Map layouts shared by the programs and by services/datapath/maps.py (keep both in step).
+ * Every map is pinned under PIN_DIR, so a restarted agent reopens the same maps and the
+ * programs that tc keeps attached go on using them in the meantime. */
+#ifndef MEMBRANE_MAPS_H
+#define MEMBRANE_MAPS_H
+
+#include "events.h"
+
+#ifndef PIN_DIR
+#error "PIN_DIR must be defined (the per-node bpffs directory)"
+#endif
+#ifndef CT_MAP_SIZE
+#define CT_MAP_SIZE 65536
+#endif
+#ifndef EVENTS_BYTES
+#define EVENTS_BYTES (8 << 20)
+#endif
+
+/* endpoint flags */
+#define EP_ENFORCE_INGRESS 0x1
+#define EP_ENFORCE_EGRESS 0x2
+/* the agent could not install this endpoint's policy: deny everything (fail closed) */
+#define EP_POLICY_FAILED 0x4
+
+/* keyed by the host-side veth ifindex, which is also the endpoint id in the policy map */
+struct endpoint_info {
+	__u32 identity;
+	__u32 ip; /* network byte order */
+	__u32 flags;
+	__u32 pad;
+};
+
+struct ipcache_key {
+	__u32 prefixlen;
+	__u32 ip; /* network byte order */
+};
+
+struct ipcache_value {
+	__u32 identity;
+	__u32 tunnel_endpoint; /* node underlay address, network byte order; 0 = local/none */
+};
+
+/* LPM over (endpoint, direction, identity, protocol, port); see policy_compiler.py */
+struct policy_key {
+	__u32 prefixlen;
+	__u32 endpoint; /* network byte order, so that LPM bit order is the field order */
+	__u8 direction;
+	__u8 pad[3];
+	__u32 identity; /* network byte order; 0 = any */
+	__u8 protocol; /* 0 = any */
+	__u8 pad2;
+	__u16 port; /* network byte order */
+};
+
+#define POLICY_FULL_PREFIX 128
+
+struct policy_value {
+	__u32 rule_id;
+	__u8 deny;
+	__u8 pad[3];
+};
+
+#define CT_EGRESS 1 /* opened by a local endpoint (from-container) */
+#define CT_INGRESS 2 /* accepted by a local endpoint (to-container) */
+
+struct ct_key {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport;
+	__u16 dport;
+	__u8 protocol;
+	__u8 scope; /* CT_EGRESS | CT_INGRESS */
+	__u16 pad;
+};
+
+#define CT_F_CLOSING 0x1
+
+struct ct_entry {
+	__u64 expires_ns; /* bpf_ktime_get_ns() deadline */
+	__u64 packets;
+	__u64 bytes;
+	__u32 rule_id; /* the rule that allowed the connection (0: not enforced) */
+	__u32 src_identity;
+	__u32 dst_identity;
+	__u8 flags;
+	__u8 tcp_flags_seen;
+	__u16 pad;
+};
+
+BPF_TABLE_PINNED("hash", __u32, struct endpoint_info, endpoints, 65536, PIN_DIR "/endpoints");
+BPF_TABLE_PINNED("lpm_trie", struct ipcache_key, struct ipcache_value, ipcache, 524288,
+		 PIN_DIR "/ipcache", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lpm_trie", struct policy_key, struct policy_value, policy, 1048576,
+		 PIN_DIR "/policy", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_entry, ct, CT_MAP_SIZE, PIN_DIR "/ct");
+BPF_TABLE_PINNED("percpu_hash", struct metrics_key, struct metrics_value, metrics, 1024,
+		 PIN_DIR "/metrics");
+/* events the ring buffer could not take */
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, lost_events, 1, PIN_DIR "/lost_events");
+
+/* bcc has no pinned variant of BPF_RINGBUF_OUTPUT; this is its expansion with a pin path */
+struct events_table_t {
+	int key;
+	__u32 leaf;
+	int (*ringbuf_output)(void *, __u64, __u64);
+	void *(*ringbuf_reserve)(__u64);
+	void (*ringbuf_discard)(void *, __u64);
+	void (*ringbuf_submit)(void *, __u64);
+	__u32 max_entries;
+};
+__attribute__((section("maps/ringbuf:" PIN_DIR "/events"))) struct events_table_t events = {
+	.max_entries = EVENTS_BYTES
+};
+
+#endif

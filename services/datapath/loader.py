@@ -1,0 +1,133 @@
+"""Compile the datapath once, open its pinned maps, and attach it to endpoints.
+
+The maps live under ``<bpffs>/membrane/<node>/``. When they already exist (an agent ran
+before), bcc reuses them instead of creating new ones, and ``attach`` swaps the programs on
+every veth in one ``tc filter replace`` each: traffic sees the old program or the new one,
+never none.
+"""
+
+from __future__ import annotations
+
+import errno
+import shutil
+from dataclasses import dataclass
+from ipaddress import IPv4Network
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from services.datapath import maps
+from services.datapath.maps import BpfMap, EndpointInfo, IPCacheValue
+from services.datapath.policy_compiler import PolicyKey, PolicyValue
+from shared.errors import Internal
+
+BPF_DIR = Path(__file__).resolve().parent / "bpf"
+SOURCE = BPF_DIR / "datapath.c"
+PROGRAMS = ("from_container", "to_container")
+# tc hooks of the host-side veth: ingress sees what the pod sends
+PARENT_INGRESS = "ffff:fff2"
+PARENT_EGRESS = "ffff:fff3"
+FILTER_PRIO = 1
+FILTER_HANDLE = ":1"
+
+
+def pin_dir(bpffs: Path, node: str) -> Path:
+    return bpffs / "membrane" / node
+
+
+def remove_pins(bpffs: Path, node: str) -> None:
+    """Unpin every map of ``node``; the kernel frees them once no program holds them."""
+    shutil.rmtree(pin_dir(bpffs, node), ignore_errors=True)
+
+
+@dataclass
+class Programs:
+    from_container: Any
+    to_container: Any
+
+
+class Datapath:
+    """The compiled programs and typed views of the pinned maps of one node."""
+
+    def __init__(self, bpffs: Path, node: str, *, ct_size: int, events_bytes: int) -> None:
+        from bcc import BPF  # imported here: bcc is a system package, absent on dev laptops
+
+        self.pins = pin_dir(bpffs, node)
+        self.pins.mkdir(parents=True, exist_ok=True)
+        self.adopted = (self.pins / "endpoints").exists()
+        cflags = [
+            f"-I{BPF_DIR}",
+            f'-DPIN_DIR="{self.pins}"',
+            f"-DCT_MAP_SIZE={ct_size}",
+            f"-DEVENTS_BYTES={events_bytes}",
+        ]
+        try:
+            self.bpf = BPF(src_file=str(SOURCE).encode(), cflags=cflags)
+            fns = [self.bpf.load_func(name.encode(), BPF.SCHED_CLS) for name in PROGRAMS]
+        except Exception as exc:  # bcc raises bare Exceptions for compile and verifier errors
+            raise Internal(f"cannot load the datapath programs: {exc}") from exc
+        self.programs = Programs(*fns)
+        self.events_bytes = events_bytes
+        table = self.bpf.get_table
+        self.endpoints: BpfMap[int, EndpointInfo] = BpfMap(
+            table("endpoints"),
+            maps.pack_u32,
+            maps.unpack_u32,
+            EndpointInfo.pack,
+            EndpointInfo.unpack,
+        )
+        self.ipcache: BpfMap[IPv4Network, IPCacheValue] = BpfMap(
+            table("ipcache"),
+            maps.pack_ipcache_key,
+            maps.unpack_ipcache_key,
+            IPCacheValue.pack,
+            IPCacheValue.unpack,
+        )
+        self.policy: BpfMap[PolicyKey, PolicyValue] = BpfMap(
+            table("policy"),
+            PolicyKey.pack,
+            maps.unpack_policy_key,
+            PolicyValue.pack,
+            maps.unpack_policy_value,
+        )
+        self.ct = table("ct")
+        self.metrics = table("metrics")
+        self.lost_events = table("lost_events")
+        self.events = table("events")
+
+    def events_fd(self) -> int:
+        return int(self.events.map_fd)
+
+    def lost_event_count(self) -> int:
+        return sum(int(v) for v in self.lost_events[self.lost_events.Key(0)])
+
+    def attach(self, ifindex: int) -> None:
+        """Put both programs on a host-side veth (idempotent; replaces older programs)."""
+        with IPRoute() as ipr:
+            try:
+                ipr.tc("add", "clsact", ifindex)
+            except NetlinkError as exc:
+                if exc.code != errno.EEXIST:
+                    raise
+            for parent, fn in (
+                (PARENT_INGRESS, self.programs.from_container),
+                (PARENT_EGRESS, self.programs.to_container),
+            ):
+                ipr.tc(
+                    "replace-filter",
+                    "bpf",
+                    ifindex,
+                    FILTER_HANDLE,
+                    fd=fn.fd,
+                    name=fn.name,
+                    parent=parent,
+                    classid=1,
+                    direct_action=True,
+                    prio=FILTER_PRIO,
+                )
+
+    def close(self) -> None:
+        """Release this process's handles; pinned maps and attached programs stay."""
+        self.bpf.cleanup()

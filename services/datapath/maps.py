@@ -1,0 +1,213 @@
+"""Typed views of the BPF maps (layouts in bpf/maps.h), as mutable mappings.
+
+The reconciling logic works on ``MutableMapping`` s, so it runs the same against a dict in a
+unit test and against a pinned kernel map here. Keys and values are small frozen dataclasses
+that know their C layout.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Callable, Iterator, MutableMapping
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any, Generic, TypeVar
+
+from services.datapath.policy_compiler import PolicyKey, PolicyValue
+
+NO_ADDRESS = IPv4Address(0)
+K = TypeVar("K")
+V = TypeVar("V")
+
+EP_ENFORCE_INGRESS = 0x1
+EP_ENFORCE_EGRESS = 0x2
+EP_POLICY_FAILED = 0x4
+
+CT_EGRESS = 1
+CT_INGRESS = 2
+CT_F_CLOSING = 0x1
+
+
+@dataclass(frozen=True)
+class EndpointInfo:
+    """The endpoint map's value; the key is the host-side veth ifindex (the endpoint id)."""
+
+    identity: int
+    ip: IPv4Address
+    flags: int
+
+    _LAYOUT = struct.Struct("<I4sII")
+
+    def pack(self) -> bytes:
+        return self._LAYOUT.pack(self.identity, self.ip.packed, self.flags, 0)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> EndpointInfo:
+        identity, ip, flags, _ = cls._LAYOUT.unpack(data)
+        return cls(identity, IPv4Address(ip), flags)
+
+
+@dataclass(frozen=True)
+class IPCacheValue:
+    identity: int
+    tunnel_endpoint: IPv4Address = NO_ADDRESS
+
+    _LAYOUT = struct.Struct("<I4s")
+
+    def pack(self) -> bytes:
+        return self._LAYOUT.pack(self.identity, self.tunnel_endpoint.packed)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> IPCacheValue:
+        identity, tunnel = cls._LAYOUT.unpack(data)
+        return cls(identity, IPv4Address(tunnel))
+
+
+_IPCACHE_KEY = struct.Struct("<I4s")
+
+
+def pack_ipcache_key(net: IPv4Network) -> bytes:
+    return _IPCACHE_KEY.pack(net.prefixlen, net.network_address.packed)
+
+
+def unpack_ipcache_key(data: bytes) -> IPv4Network:
+    prefixlen, addr = _IPCACHE_KEY.unpack(data)
+    return IPv4Network((IPv4Address(addr), prefixlen))
+
+
+_U32 = struct.Struct("<I")
+
+
+def pack_u32(value: int) -> bytes:
+    return _U32.pack(value)
+
+
+def unpack_u32(data: bytes) -> int:
+    return int(_U32.unpack(data)[0])
+
+
+@dataclass(frozen=True)
+class CTEntry:
+    """One connection-tracking entry, decoded for ``membrane bpf ct``."""
+
+    src: str
+    dst: str
+    sport: int
+    dport: int
+    protocol: int
+    scope: str
+    expires_in: float
+    packets: int
+    bytes: int
+    rule_id: int
+    src_identity: int
+    dst_identity: int
+    closing: bool
+    tcp_flags_seen: int
+
+
+_CT_KEY = struct.Struct("<4s4sHHBBH")
+_CT_VALUE = struct.Struct("<QQQIIIBBH")
+
+
+def decode_ct(key: bytes, value: bytes, now_ns: int) -> CTEntry:
+    saddr, daddr, sport, dport, proto, scope, _ = _CT_KEY.unpack(key)
+    expires, packets, nbytes, rule_id, src_id, dst_id, flags, seen, _ = _CT_VALUE.unpack(value)
+    return CTEntry(
+        src=socket.inet_ntoa(saddr),
+        dst=socket.inet_ntoa(daddr),
+        sport=sport,
+        dport=dport,
+        protocol=proto,
+        scope="egress" if scope == CT_EGRESS else "ingress",
+        expires_in=round((expires - now_ns) / 1e9, 1),
+        packets=packets,
+        bytes=nbytes,
+        rule_id=rule_id,
+        src_identity=src_id,
+        dst_identity=dst_id,
+        closing=bool(flags & CT_F_CLOSING),
+        tcp_flags_seen=seen,
+    )
+
+
+_POLICY_KEY = struct.Struct("<I4sB3x4sBxH")
+_POLICY_VALUE = struct.Struct("<IB3x")
+
+
+def unpack_policy_key(data: bytes) -> PolicyKey:
+    prefixlen, endpoint, direction, identity, protocol, port = _POLICY_KEY.unpack(data)
+    return PolicyKey(
+        prefixlen=prefixlen,
+        endpoint=int.from_bytes(endpoint, "big"),
+        direction=direction,
+        identity=int.from_bytes(identity, "big"),
+        protocol=protocol,
+        port=socket.ntohs(port),
+    )
+
+
+def unpack_policy_value(data: bytes) -> PolicyValue:
+    rule_id, deny = _POLICY_VALUE.unpack(data)
+    return PolicyValue(rule_id=rule_id, deny=bool(deny))
+
+
+class BpfMap(MutableMapping[K, V], Generic[K, V]):
+    """A kernel map (bcc table) seen through codecs for its key and value."""
+
+    def __init__(
+        self,
+        table: Any,
+        pack_key: Callable[[K], bytes],
+        unpack_key: Callable[[bytes], K],
+        pack_value: Callable[[V], bytes],
+        unpack_value: Callable[[bytes], V],
+    ) -> None:
+        self.table = table
+        self._key_type = table.Key
+        self._leaf_type = table.Leaf
+        self._pack_key = pack_key
+        self._unpack_key = unpack_key
+        self._pack_value = pack_value
+        self._unpack_value = unpack_value
+
+    def _ckey(self, key: K) -> Any:
+        return self._key_type.from_buffer_copy(self._pack_key(key))
+
+    def __getitem__(self, key: K) -> V:
+        try:
+            leaf = self.table[self._ckey(key)]
+        except KeyError:
+            raise KeyError(key) from None
+        return self._unpack_value(bytes(leaf))
+
+    def __setitem__(self, key: K, value: V) -> None:
+        # raises OSError (e.g. E2BIG when full); callers turn that into fail-closed handling
+        self.table[self._ckey(key)] = self._leaf_type.from_buffer_copy(self._pack_value(value))
+
+    def __delitem__(self, key: K) -> None:
+        try:
+            del self.table[self._ckey(key)]
+        except KeyError:
+            raise KeyError(key) from None
+
+    def __iter__(self) -> Iterator[K]:
+        for key in self.table.keys():  # noqa: SIM118 - a bcc table, not a dict
+            yield self._unpack_key(bytes(key))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.table.keys())  # noqa: SIM118
+
+    def raw_items(self) -> Iterator[tuple[bytes, bytes]]:
+        for key, leaf in self.table.items():
+            yield bytes(key), bytes(leaf)
+
+
+def percpu_sum(values: Any, fields: tuple[str, ...]) -> tuple[int, ...]:
+    """Sum a per-CPU map value (bcc gives one ctypes struct or int per CPU)."""
+    totals = [0] * len(fields)
+    for cpu_value in values:
+        for i, name in enumerate(fields):
+            totals[i] += int(getattr(cpu_value, name) if name else cpu_value)
+    return tuple(totals)

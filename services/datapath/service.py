@@ -1,0 +1,243 @@
+"""``membrane run datapath --node NAME``: one agent per node.
+
+Start-up order matters for "restart without disruption": the pinned maps are reopened and the
+resolved-policy and ipcache snapshots applied *before* endpoints are adopted, so that adopting
+never removes an entry that the bus still wants; the programs are swapped on each veth by
+``tc filter replace``, so traffic always meets a program.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import dataclasses
+import os
+import time
+from collections.abc import Awaitable, Callable
+from ipaddress import IPv4Network
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from services.datapath import netns
+from services.datapath.agent import ID_HOST, Agent, Buckets
+from services.datapath.flow_publisher import FlowPublisher
+from services.datapath.loader import Datapath
+from services.datapath.maps import IPCacheValue
+from services.datapath.ringbuf import RingBuffer
+from shared import __version__, agent_api, log, metrics, subjects
+from shared.bus import Bus, redact
+from shared.config import CommonSettings, env_name, setting
+from shared.errors import InvalidArgument, MembraneError, Unavailable
+from shared.messages import (
+    HeartbeatReply,
+    HeartbeatRequest,
+    Node,
+    PodCIDR,
+    PodCIDRRequest,
+)
+from shared.runtime import TaskGroup, periodically, wait_for_shutdown
+
+CLONE_NEWNET = 0x40000000
+
+
+@dataclasses.dataclass(frozen=True)
+class DatapathSettings(CommonSettings):
+    node: str = setting("", "name of the node this agent runs (required)")
+    netns: str = setting(
+        "", "network namespace to enter at start (name under /run/netns, or a path)"
+    )
+    socket: str = setting("", "unix socket for the CNI plugin and CLI (default per node)")
+    underlay_device: str = setting("eth0", "interface whose IPv4 address is the node's")
+    bpffs: str = setting("/sys/fs/bpf", "where bpffs is mounted")
+    ct_size: int = setting(65536, "connection-tracking entries (LRU)")
+    events_bytes: int = setting(8 << 20, "ring buffer size for datapath events (power of 2)")
+    router_device: str = setting("mbr_host", "device holding the pods' gateway address")
+    heartbeat_interval: float = setting(5.0, "seconds between node and lease heartbeats")
+    identity_lease: float = setting(
+        120.0, "seconds the identities of this node's pods outlive its last heartbeat"
+    )
+    ct_gc_interval: float = setting(30.0, "seconds between sweeps of expired conntrack entries")
+    dump_program: bool = setting(False, "print the BPF C source the agent compiles, and exit")
+
+    def __post_init__(self) -> None:
+        if not self.node:
+            raise InvalidArgument("the node name is required", field=env_name("node"))
+        if self.events_bytes < 4096 or self.events_bytes & (self.events_bytes - 1):
+            raise InvalidArgument("must be a power of two >= 4096", field=env_name("events_bytes"))
+        if self.heartbeat_interval <= 0:
+            raise InvalidArgument("must be positive", field=env_name("heartbeat_interval"))
+
+    @property
+    def socket_path(self) -> Path:
+        return Path(self.socket) if self.socket else agent_api.default_socket(self.node)
+
+
+def enter_netns(target: str) -> None:
+    """Move this whole process into a network namespace, before any thread exists."""
+    path = target if "/" in target else str(netns.netns_path(target))
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise Unavailable(f"cannot enter network namespace {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+async def _pod_cidr(bus: Bus, node: str, logger: Any) -> PodCIDR:
+    """The node's pod CIDR from cluster-pool IPAM; waits for the identity service."""
+    delay = 0.2
+    while True:
+        try:
+            return await bus.request(
+                subjects.IPAM_ALLOCATE, PodCIDRRequest(node=node), PodCIDR, timeout=5
+            )
+        except Unavailable as exc:
+            logger.warning("waiting for cluster-pool IPAM", error=str(exc))
+        except MembraneError as exc:
+            if not getattr(exc, "retryable", False):
+                raise
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 5.0)
+
+
+async def run(settings: DatapathSettings) -> None:
+    if settings.dump_program:
+        from services.datapath.loader import SOURCE
+
+        print(SOURCE.read_text())
+        return
+    if settings.netns:
+        enter_netns(settings.netns)
+    logger = log.get("datapath", node=settings.node)
+    bus = await Bus.connect(settings.nats_url, f"membrane-datapath-{settings.node}")
+    buckets = await Buckets.open(bus, settings.kv_replicas)
+    cidr = await _pod_cidr(bus, settings.node, logger)
+    underlay = await asyncio.to_thread(netns.interface_address, settings.underlay_device)
+    if underlay is None:
+        raise Unavailable(f"the underlay device {settings.underlay_device} has no IPv4 address")
+    router = next(IPv4Network(cidr.cidr).hosts())
+    await asyncio.to_thread(netns.ensure_router, settings.router_device, router)
+    node = Node(
+        name=settings.node,
+        underlay_ip=str(underlay),
+        pod_cidr=cidr.cidr,
+        router_ip=str(router),
+        heartbeat=time.time(),
+        version=__version__,
+    )
+    started = time.perf_counter()
+    datapath = await asyncio.to_thread(
+        Datapath,
+        Path(settings.bpffs),
+        settings.node,
+        ct_size=settings.ct_size,
+        events_bytes=settings.events_bytes,
+    )
+    logger.info(
+        "datapath compiled",
+        seconds=round(time.perf_counter() - started, 2),
+        maps_reused=datapath.adopted,
+    )
+    agent = Agent(
+        bus,
+        buckets,
+        datapath,
+        node,
+        identity_lease=settings.identity_lease,
+        pod_netns_prefix=f"{settings.node}_",
+    )
+    for own in (underlay, router):
+        agent.ipcache.set_local(IPv4Network(f"{own}/32"), IPCacheValue(ID_HOST))
+
+    tasks = TaskGroup()
+    tasks.spawn(
+        "watch-resolved", lambda: agent.follow("resolved", buckets.resolved, agent.on_resolved)
+    )
+    tasks.spawn("watch-ipcache", lambda: agent.follow("ipcache", buckets.ipcache, agent.on_ipcache))
+    tasks.spawn("watch-nodes", lambda: agent.follow("nodes", buckets.nodes, agent.on_node))
+    for name, event in agent.synced.items():
+        await event.wait()
+        logger.debug("snapshot applied", bucket=name)
+    await agent.adopt()
+
+    publisher = FlowPublisher(
+        bus,
+        settings.node,
+        RingBuffer(datapath.events_fd(), settings.events_bytes),
+        datapath.lost_event_count,
+    )
+    tasks.spawn("flows", publisher.run)
+
+    async def heartbeat() -> None:
+        await buckets.nodes.put(
+            settings.node,
+            msgspec.json.encode(msgspec.structs.replace(node, heartbeat=time.time())),
+        )
+        if not agent.endpoints:
+            return  # the lease covers this node's pods' identities; without pods there is none
+        try:
+            await bus.request(
+                subjects.IDENTITY_HEARTBEAT,
+                HeartbeatRequest(owner=settings.node, ttl_seconds=settings.identity_lease),
+                HeartbeatReply,
+            )
+        except MembraneError as exc:
+            logger.warning("identity lease not renewed", error=str(exc))
+
+    await heartbeat()
+    tasks.spawn("heartbeat", lambda: periodically(settings.heartbeat_interval, heartbeat))
+    tasks.spawn("policy-retry", lambda: periodically(5.0, _on_loop(agent.policy.retry_failed)))
+    tasks.spawn(
+        "ct-gc", lambda: periodically(settings.ct_gc_interval, _in_thread(agent.collect_ct))
+    )
+
+    server = await agent_api.serve(settings.socket_path, agent.handlers())
+    metrics_port = metrics.serve(settings.metrics_host, settings.metrics_port)
+    micro = await bus.add_service(
+        subjects.DATAPATH_SERVICE,
+        __version__,
+        "node agent: endpoints, BPF maps, flows",
+        {
+            "node": settings.node,
+            "metrics": f"{settings.metrics_host}:{metrics_port}",
+            "underlay": str(underlay),
+            "pod_cidr": cidr.cidr,
+        },
+    )
+    logger.info(
+        "datapath agent ready",
+        nats=redact(settings.nats_url),
+        socket=str(settings.socket_path),
+        underlay=str(underlay),
+        pod_cidr=cidr.cidr,
+        endpoints=len(agent.endpoints),
+    )
+    signal_name = await wait_for_shutdown()
+    # a graceful stop leaves pods, programs and maps in place: the next agent adopts them
+    logger.info("shutting down; endpoints keep forwarding", signal=signal_name)
+    server.close()
+    await micro.stop()
+    await tasks.close()
+    with contextlib.suppress(Exception):
+        await publisher.flush()
+    await bus.close()
+    datapath.close()
+
+
+def _in_thread(action: Callable[[], object]) -> Callable[[], Awaitable[None]]:
+    async def call() -> None:
+        await asyncio.to_thread(action)
+
+    return call
+
+
+def _on_loop(action: Callable[[], object]) -> Callable[[], Awaitable[None]]:
+    async def call() -> None:
+        action()
+
+    return call

@@ -1,0 +1,28 @@
+"""Kubernetes object-name rules (namespaces are DNS labels, pods DNS subdomains)."""
+
+from __future__ import annotations
+
+import re
+
+from shared.errors import InvalidArgument
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+def validate_dns_label(value: str, field: str) -> None:
+    if not value or len(value) > 63 or not _DNS_LABEL.match(value):
+        raise InvalidArgument(
+            f"{value!r} is not a valid name: at most 63 lowercase letters, digits and '-', "
+            "starting and ending with a letter or digit",
+            field=field,
+        )
+
+
+def validate_dns_subdomain(value: str, field: str) -> None:
+    if not value or len(value) > 253 or not _DNS_SUBDOMAIN.match(value):
+        raise InvalidArgument(
+            f"{value!r} is not a valid name: at most 253 lowercase letters, digits, '-' and "
+            "'.', each dot-separated part starting and ending with a letter or digit",
+            field=field,
+        )

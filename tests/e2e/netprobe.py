@@ -1,0 +1,109 @@
+"""A tiny traffic tool the tests run inside pods (``membrane pod exec POD -- python3 netprobe.py``).
+
+serve tcp|udp PORT            answer every TCP connection / UDP datagram with "pong <data>"
+tcp IP PORT                   connect, send, print the answer; exit 0 on an answer, 1 otherwise
+udp IP PORT                   send one datagram, print the answer; exit 0 on an answer
+stream IP PORT COUNT GAP_MS   send COUNT numbered datagrams, GAP_MS apart (no answers awaited)
+count PORT SECONDS            count datagrams arriving on PORT for SECONDS; print the count
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import threading
+import time
+
+TIMEOUT = 2.0
+
+
+def serve(proto: str, port: int) -> None:
+    if proto == "udp":
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("0.0.0.0", port))
+        while True:
+            data, peer = sock.recvfrom(2048)
+            sock.sendto(b"pong " + data, peer)
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("0.0.0.0", port))
+    listener.listen(128)
+    print("ready", flush=True)
+
+    def answer(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(2048):
+                conn.sendall(b"pong " + data)
+
+    while True:
+        conn, _ = listener.accept()
+        threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+
+def tcp(ip: str, port: int) -> int:
+    try:
+        with socket.create_connection((ip, port), timeout=TIMEOUT) as sock:
+            sock.sendall(b"ping")
+            print(sock.recv(2048).decode())
+            return 0
+    except OSError as exc:
+        print(f"failed: {exc}")
+        return 1
+
+
+def udp(ip: str, port: int) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(TIMEOUT)
+        sock.sendto(b"ping", (ip, port))
+        try:
+            print(sock.recv(2048).decode())
+            return 0
+        except OSError as exc:
+            print(f"failed: {exc}")
+            return 1
+
+
+def stream(ip: str, port: int, count: int, gap_ms: float) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        start = time.monotonic()
+        for i in range(count):
+            sock.sendto(str(i).encode(), (ip, port))
+            time.sleep(max(0.0, start + (i + 1) * gap_ms / 1000 - time.monotonic()))
+    print(count)
+    return 0
+
+
+def count(port: int, seconds: float) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("0.0.0.0", port))
+        sock.settimeout(0.2)
+        print("ready", flush=True)
+        seen: set[bytes] = set()
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                seen.add(sock.recv(2048))
+            except TimeoutError:
+                continue
+        print(len(seen))
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    command, *rest = argv
+    if command == "serve":
+        serve(rest[0], int(rest[1]))
+    if command == "tcp":
+        return tcp(rest[0], int(rest[1]))
+    if command == "udp":
+        return udp(rest[0], int(rest[1]))
+    if command == "stream":
+        return stream(rest[0], int(rest[1]), int(rest[2]), float(rest[3]))
+    if command == "count":
+        return count(int(rest[0]), float(rest[1]))
+    print(__doc__)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

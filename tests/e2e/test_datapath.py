@@ -1,0 +1,448 @@
+"""The datapath as a user meets it: `membrane up --nodes 2`, pods, real packets, real policy.
+
+One cluster serves the whole module (starting it compiles BPF on every node); each test makes
+its own pods and policies and removes them. Resolved policy is written into the KV bucket
+directly, as the policy service will do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from membrane.state import StateDir
+from shared import subjects
+from shared.bus import Bus
+from shared.messages import FlowBatch, PolicyEntry, ResolvedPolicy
+from tests.conftest import eventually, membrane_command
+
+pytestmark = [pytest.mark.e2e, pytest.mark.root]
+
+PROBE = Path(__file__).with_name("netprobe.py")
+TCP, UDP = 6, 17
+
+
+@dataclass
+class Cluster:
+    state: Path
+    name: str
+    nats_url: str
+
+    @property
+    def nodes(self) -> list[str]:
+        return [f"{self.name}-node-1", f"{self.name}-node-2"]
+
+    def env(self) -> dict[str, str]:
+        env = {**os.environ, "MEMBRANE_STATE_DIR": str(self.state)}
+        env.pop("MEMBRANE_NATS_URL", None)
+        return env
+
+    def run(
+        self, *args: str, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            membrane_command(*args), env=self.env(), capture_output=True, text=True, timeout=timeout
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"membrane {' '.join(args)} failed ({result.returncode}):\n"
+                f"{result.stdout}\n{result.stderr}"
+            )
+        return result
+
+    def json(self, *args: str) -> object:
+        return json.loads(self.run(*args, "-o", "json").stdout)
+
+    def probe(self, pod: str, *args: str, timeout: float = 15) -> subprocess.CompletedProcess[str]:
+        return self.run(
+            "pod",
+            "exec",
+            pod,
+            "--",
+            sys.executable,
+            str(PROBE),
+            *args,
+            check=False,
+            timeout=timeout,
+        )
+
+    def background(self, pod: str, *args: str) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            membrane_command("pod", "exec", pod, "--", sys.executable, str(PROBE), *args),
+            env=self.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        line = proc.stdout.readline() if args[0] in ("serve", "count") and args[1] != "udp" else ""
+        assert args[0] != "count" or line.strip() == "ready", line
+        return proc
+
+
+def _free_octet() -> int:
+    return 100 + secrets.randbelow(100)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: network namespaces and BPF")
+    state = tmp_path_factory.mktemp("cluster") / "state"
+    name = "t" + secrets.token_hex(3)
+    octet = _free_octet()
+    c = Cluster(state=state, name=name, nats_url="")
+    c.run(
+        "up",
+        "--name",
+        name,
+        "--nodes",
+        "2",
+        "--identity-replicas",
+        "1",
+        "--underlay-cidr",
+        f"172.31.{octet}.0/24",
+        "--cluster-cidr",
+        f"10.{octet}.0.0/16",
+        "--service-cidr",
+        f"10.{octet + 1}.0.0/16",
+        timeout=180,
+    )
+    info = StateDir(state).read_cluster()
+    assert info is not None
+    c.nats_url = info.nats_url
+    try:
+        yield c
+    finally:
+        down = c.run("down", "--purge", check=False, timeout=120)
+        leftovers = [p.name for p in Path("/run/netns").glob(f"{name}*")]
+        pins = list(Path("/sys/fs/bpf/membrane").glob(f"{name}*"))
+        links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+        assert down.returncode == 0, down.stderr
+        assert not leftovers, leftovers
+        assert not pins, pins
+        assert f"{name}-" not in links
+
+
+@pytest.fixture
+async def bus(cluster: Cluster) -> AsyncIterator[Bus]:
+    client = await Bus.connect(cluster.nats_url, "test", retry_for=5)
+    yield client
+    await client.close()
+
+
+def pod_info(cluster: Cluster, name: str) -> dict[str, object]:
+    pods = cluster.json("pod", "list", "-A")
+    assert isinstance(pods, list)
+    (found,) = [p for p in pods if p["name"] == name]
+    return dict(found)
+
+
+def create_pod(cluster: Cluster, name: str, labels: str, node: int = 1) -> dict[str, object]:
+    cluster.run("pod", "create", name, "--labels", labels, "--node", cluster.nodes[node - 1])
+    return pod_info(cluster, name)
+
+
+async def put_policy(bus: Bus, policy: ResolvedPolicy) -> None:
+    kv = await bus.kv(subjects.KV_RESOLVED)
+    await kv.put(str(policy.identity), msgspec.json.encode(policy))
+
+
+async def clear_policy(bus: Bus, identity: int) -> None:
+    kv = await bus.kv(subjects.KV_RESOLVED)
+    await kv.delete(str(identity))
+
+
+class FlowTap:
+    """Collects the flows all nodes publish."""
+
+    def __init__(self) -> None:
+        self.flows: list[dict[str, object]] = []
+
+    async def start(self, bus: Bus) -> None:
+        async def on_message(msg: object) -> None:
+            batch = msgspec.json.decode(msg.data, type=FlowBatch)  # type: ignore[attr-defined]
+            self.flows.extend(msgspec.to_builtins(f) for f in batch.flows)
+
+        self.sub = await bus.nc.subscribe(subjects.FLOWS_ALL, cb=on_message)
+
+    def drops(self, **match: object) -> list[dict[str, object]]:
+        return [
+            f
+            for f in self.flows
+            if f["verdict"] == "DROPPED" and all(f.get(k) == v for k, v in match.items())
+        ]
+
+
+def test_same_node_tcp_udp_icmp(cluster: Cluster) -> None:
+    a = create_pod(cluster, "conn-a", "app=conn-a")
+    b = create_pod(cluster, "conn-b", "app=conn-b")
+    assert a["identity"] != b["identity"]
+    servers = [cluster.background("conn-b", "serve", "tcp", "8080")]
+    servers.append(cluster.background("conn-b", "serve", "udp", "8081"))
+    try:
+        assert "pong ping" in cluster.probe("conn-a", "tcp", str(b["ip"]), "8080").stdout
+        assert "pong ping" in cluster.probe("conn-a", "udp", str(b["ip"]), "8081").stdout
+        ping = cluster.run(
+            "pod", "exec", "conn-a", "--", "ping", "-c", "2", "-W", "1", str(b["ip"]), check=False
+        )
+        assert ping.returncode == 0, ping.stdout
+    finally:
+        for proc in servers:
+            proc.kill()
+        cluster.run("pod", "delete", "conn-a", "conn-b")
+    pods = cluster.json("pod", "list", "-A")
+    assert not [p for p in pods if str(p["name"]).startswith("conn-")]  # type: ignore[union-attr]
+
+
+async def test_identity_policy_allows_only_a_to_b_on_80(cluster: Cluster, bus: Bus) -> None:
+    a = create_pod(cluster, "pol-a", "app=pol-a")
+    b = create_pod(cluster, "pol-b", "app=pol-b")
+    c = create_pod(cluster, "pol-c", "app=pol-c")
+    ida, idb, idc = int(a["identity"]), int(b["identity"]), int(c["identity"])  # type: ignore[call-overload]
+    tap = FlowTap()
+    await tap.start(bus)
+    servers = [cluster.background("pol-b", "serve", "tcp", str(p)) for p in (80, 81)]
+    try:
+        allow = ResolvedPolicy(
+            identity=idb,
+            revision=1,
+            ingress_enforced=True,
+            ingress=[PolicyEntry(peer=ida, protocol=TCP, port=80, rule_id=7)],
+            rules={7: "default/allow-a[0]"},
+        )
+        await put_policy(bus, allow)
+        await asyncio.sleep(0.3)
+        bip = str(b["ip"])
+        ok = await asyncio.to_thread(cluster.probe, "pol-a", "tcp", bip, "80")
+        assert "pong ping" in ok.stdout, ok.stdout  # the reply came back through the datapath
+        wrong_port = await asyncio.to_thread(cluster.probe, "pol-a", "tcp", bip, "81")
+        assert wrong_port.returncode == 1
+        wrong_peer = await asyncio.to_thread(cluster.probe, "pol-c", "tcp", bip, "80")
+        assert wrong_peer.returncode == 1
+
+        async def drops_seen() -> None:
+            port81 = tap.drops(src_identity=ida, dst_identity=idb, dst_port=81, reason=133)
+            from_c = tap.drops(src_identity=idc, dst_identity=idb, dst_port=80, reason=133)
+            assert port81 and from_c
+            assert port81[0]["direction"] == "ingress"
+            assert port81[0]["reason_name"] == "Policy denied"
+            assert port81[0]["node"] == cluster.nodes[0]
+
+        await eventually(drops_seen, timeout=5, what="drop events for both denied attempts")
+
+        # a deny entry beats the allow, for the next new connection
+        deny = msgspec.structs.replace(
+            allow,
+            revision=2,
+            ingress=[*allow.ingress, PolicyEntry(peer=ida, protocol=TCP, deny=True, rule_id=8)],
+            rules={7: "default/allow-a[0]", 8: "default/deny-a[0]"},
+        )
+        await put_policy(bus, deny)
+        await asyncio.sleep(0.3)
+        denied = await asyncio.to_thread(cluster.probe, "pol-a", "tcp", bip, "80")
+        assert denied.returncode == 1
+
+        async def deny_seen() -> None:
+            found = tap.drops(src_identity=ida, dst_identity=idb, dst_port=80, reason=181)
+            assert found and found[0]["rule_id"] == 8
+
+        await eventually(deny_seen, timeout=5, what="a 181 drop naming the deny rule")
+
+        installed = cluster.json("bpf", "policy", "pol-b")
+        rules = {row["rule"] for row in installed[0]["rows"]}  # type: ignore[index]
+        assert rules == {"default/deny-a[0]"}, installed  # the covered allow became the deny
+
+        # back to allow-only; then no policy at all opens everything again
+        await put_policy(bus, msgspec.structs.replace(allow, revision=3))
+        await asyncio.sleep(0.3)
+        assert (await asyncio.to_thread(cluster.probe, "pol-a", "tcp", bip, "80")).returncode == 0
+        await clear_policy(bus, idb)
+        await asyncio.sleep(0.3)
+        assert (await asyncio.to_thread(cluster.probe, "pol-c", "tcp", bip, "81")).returncode == 0
+
+        metrics = cluster.json("bpf", "metrics", "--node", cluster.nodes[0])
+        rows = metrics[0]["rows"]  # type: ignore[index]
+        assert any(r["reason"] == 133 and r["packets"] > 0 for r in rows)
+        assert any(r["reason"] == 181 and r["packets"] > 0 for r in rows)
+    finally:
+        await tap.sub.unsubscribe()
+        for proc in servers:
+            proc.kill()
+        await clear_policy(bus, idb)
+        cluster.run("pod", "delete", "pol-a", "pol-b", "pol-c")
+
+
+def _agent_pid(cluster: Cluster, node: str) -> int:
+    for proc in StateDir(cluster.state).processes():
+        if proc.name == f"datapath-{node}":
+            return proc.pid
+    raise AssertionError(f"no agent process for {node}")
+
+
+async def test_agent_sigkill_loses_nothing_and_lets_nothing_through(
+    cluster: Cluster, bus: Bus
+) -> None:
+    a = create_pod(cluster, "rs-a", "app=rs-a")
+    b = create_pod(cluster, "rs-b", "app=rs-b")
+    create_pod(cluster, "rs-c", "app=rs-c")
+    ida, idb = int(a["identity"]), int(b["identity"])  # type: ignore[call-overload]
+    await put_policy(
+        bus,
+        ResolvedPolicy(
+            identity=idb,
+            revision=1,
+            ingress_enforced=True,
+            ingress=[PolicyEntry(peer=ida, protocol=UDP, port=9000, rule_id=1)],
+        ),
+    )
+    await asyncio.sleep(0.3)
+    node = cluster.nodes[0]
+    counters = [cluster.background("rs-b", "count", str(p), "9") for p in (9000, 9001)]
+    bip = str(b["ip"])
+    # 500 datagrams 10 ms apart on the allowed path (a -> b:9000) and on a denied one (c -> b:9001)
+    senders = [
+        cluster.background("rs-a", "stream", bip, "9000", "500", "10"),
+        cluster.background("rs-c", "stream", bip, "9001", "500", "10"),
+    ]
+    try:
+        await asyncio.sleep(1.0)
+        old = _agent_pid(cluster, node)
+        os.kill(old, signal.SIGKILL)
+
+        async def restarted() -> None:
+            pid = _agent_pid(cluster, node)
+            assert pid != old
+            services = await bus.discover(subjects.DATAPATH_SERVICE, timeout=0.3)
+            assert node in {s.metadata.get("node") for s in services}
+
+        await eventually(restarted, timeout=20, what="the agent to come back")
+        outputs = [proc.communicate(timeout=20)[0] for proc in senders + counters]
+        allowed, denied = int(outputs[2].split()[-1]), int(outputs[3].split()[-1])
+        assert allowed == 500, f"allowed path lost {500 - allowed} of 500 datagrams"
+        assert denied == 0, f"denied path let {denied} datagrams through"
+    finally:
+        for proc in senders + counters:
+            proc.kill()
+        await clear_policy(bus, idb)
+        cluster.run("pod", "delete", "rs-a", "rs-b", "rs-c")
+
+
+def test_duplicate_pod_and_bad_input_are_clear_errors(cluster: Cluster) -> None:
+    create_pod(cluster, "dup", "app=dup")
+    try:
+        again = cluster.run("pod", "create", "dup", check=False)
+        assert again.returncode == 1
+        assert "already exists" in again.stderr
+        bad = cluster.run("pod", "create", "Not_Valid", check=False)
+        assert bad.returncode == 1 and "metadata.name" in bad.stderr, bad.stderr
+        listed = [p["name"] for p in cluster.json("pod", "list", "-A")]  # type: ignore[index, union-attr]
+        assert listed.count("dup") == 1 and "Not_Valid" not in listed
+    finally:
+        cluster.run("pod", "delete", "dup")
+
+
+def test_apply_namespace_and_deployment(cluster: Cluster, tmp_path: Path) -> None:
+    manifest = tmp_path / "app.yaml"
+    manifest.write_text(
+        """
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: shop
+  labels: {team: blue}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: shop}
+spec:
+  replicas: 3
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      containers: [{name: web, ports: [{containerPort: 80, name: http}]}]
+"""
+    )
+    applied = cluster.run("apply", "-f", str(manifest))
+    assert "deployment/web" in applied.stdout
+    pods = [p for p in cluster.json("pod", "list", "-n", "shop")]  # type: ignore[union-attr]
+    assert len(pods) == 3
+    assert {p["node"] for p in pods} == set(cluster.nodes)  # spread over both nodes
+    assert len({p["identity"] for p in pods}) == 1  # replicas share one identity
+    identity = cluster.json("identity", "get", str(pods[0]["identity"]))
+    labels = set(identity["labels"])  # type: ignore[index]
+    assert "k8s:io.cilium.k8s.namespace.labels.team=blue" in labels
+    assert "k8s:io.kubernetes.pod.namespace=shop" in labels
+    # idempotent
+    assert "unchanged" in cluster.run("apply", "-f", str(manifest)).stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(manifest.read_text().replace("containerPort: 80", "containerPort: 70000"))
+    rejected = cluster.run("apply", "-f", str(bad), check=False)
+    assert rejected.returncode == 1 and "containerPort" in rejected.stderr
+    deleted = cluster.run("delete", "-f", str(manifest))
+    assert "deleted" in deleted.stdout
+    assert not cluster.json("pod", "list", "-n", "shop")
+
+
+def test_cni_add_check_del_version(cluster: Cluster, tmp_path: Path) -> None:
+    netns_name = f"{cluster.name}-cni-{secrets.token_hex(2)}"
+    subprocess.run(["ip", "netns", "add", netns_name], check=True)
+    node = cluster.nodes[1]
+    config = json.dumps(
+        {
+            "cniVersion": "1.0.0",
+            "name": "membrane",
+            "type": "membrane-cni",
+            "agentSocket": f"/run/membrane/{node}/agent.sock",
+        }
+    )
+    base = {
+        "CNI_CONTAINERID": "c0ffee",
+        "CNI_NETNS": f"/run/netns/{netns_name}",
+        "CNI_IFNAME": "eth0",
+        "CNI_ARGS": "K8S_POD_NAMESPACE=default;K8S_POD_NAME=cni-pod",
+        "CNI_PATH": "/opt/cni/bin",
+    }
+
+    def cni(command: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "membrane.cni"],
+            input=config,
+            env={**os.environ, **base, "CNI_COMMAND": command, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    try:
+        version = cni("VERSION")
+        assert "1.0.0" in json.loads(version.stdout)["supportedVersions"]
+        added = cni("ADD")
+        assert added.returncode == 0, added.stdout + added.stderr
+        result = json.loads(added.stdout)
+        assert result["cniVersion"] == "1.0.0"
+        address = result["ips"][0]["address"]
+        assert pod_info(cluster, "cni-pod")["ip"] == address.split("/")[0]
+        assert cni("CHECK").returncode == 0
+        missing = cni("ADD", CNI_NETNS="")
+        assert missing.returncode != 0
+        assert json.loads(missing.stdout)["code"] == 4  # invalid necessary environment variables
+        assert cni("DEL").returncode == 0
+        assert cni("DEL").returncode == 0  # DEL is idempotent
+        pods = cluster.json("pod", "list", "-A")
+        assert "cni-pod" not in [p["name"] for p in pods]  # type: ignore[index, union-attr]
+    finally:
+        cni("DEL")
+        subprocess.run(["ip", "netns", "del", netns_name], check=False)
