@@ -189,6 +189,7 @@ class BccSource:
         self._bpf = gen.bpf
         self._fd = gen.ring_fd
         self._records: list[tuple[Any, ...]] = []
+        self._limit = 1 << 30
         self._pointer = ctypes.POINTER(_FlowEventC)
         gen.bpf[b"events"].open_ring_buffer(self._on_event)
 
@@ -201,7 +202,8 @@ class BccSource:
                 *(ev.dst_identity, ev.saddr, ev.daddr, ev.sport, ev.dport, ev.rule_id, ev.len),
             )
         )
-        return 0
+        # libbpf stops consuming (after this record) when the callback returns < 0
+        return -1 if len(self._records) >= self._limit else 0
 
     def fileno(self) -> int:
         return self._fd
@@ -209,7 +211,10 @@ class BccSource:
     def poll(self, timeout_ms: int) -> None:
         self._bpf.ring_buffer_poll(timeout_ms)
 
-    def drain_unpack(self, record: struct.Struct, max_records: int = 0) -> list[tuple[Any, ...]]:
+    def drain_unpack(
+        self, record: struct.Struct, max_records: int = 1 << 30
+    ) -> list[tuple[Any, ...]]:
+        self._limit = max_records
         self._bpf.ring_buffer_consume()
         records, self._records = self._records, []
         return records
@@ -229,16 +234,16 @@ class Result:
         return self.events / self.seconds
 
 
-async def subscribe(events: int) -> None:
-    """The subscriber process: counts flows and lost events, then prints them as JSON.
+async def subscribe() -> None:
+    """The subscriber process: counts flows and lost events until told that all is sent.
 
     It runs apart from the publisher, as the monitor would, so that it does not share the
-    publisher's interpreter; it counts rather than decodes to keep up with it.
+    publisher's interpreter; it counts rather than decodes to keep up with it. A line on
+    stdin says that everything is published; it answers with its counts as JSON.
     """
     bus = await Bus.connect(os.environ["MEMBRANE_NATS_URL"], "bench-subscriber", retry_for=10)
     flows = lost = 0
     last = 0.0
-    finished = asyncio.Event()
     lost_re = re.compile(rb'"lost":(\d+),"v":\d+}$')
 
     async def on_batch(msg: Any) -> None:
@@ -247,13 +252,13 @@ async def subscribe(events: int) -> None:
         match = lost_re.search(msg.data, len(msg.data) - 64)
         lost += int(match.group(1)) if match else 0
         last = time.monotonic()  # CLOCK_MONOTONIC: comparable across processes
-        if flows + lost >= events:
-            finished.set()
 
     await bus.nc.subscribe(subjects.flows(NODE), cb=on_batch)
     await bus.nc.flush()
     print("ready", flush=True)
-    await finished.wait()
+    await asyncio.to_thread(sys.stdin.readline)
+    await bus.nc.flush()  # a round trip: what the server had for us has arrived
+    await asyncio.sleep(0.2)
     print(json.dumps({"flows": flows, "lost": lost, "last": last}), flush=True)
     await bus.close()
 
@@ -271,12 +276,11 @@ async def publish_run(name: str, nats_url: str, args: argparse.Namespace, bcc: b
         sys.executable,
         __file__,
         "--subscribe",
-        "--events",
-        str(args.events),
         env={**os.environ, "MEMBRANE_NATS_URL": nats_url},
+        stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
     )
-    assert subscriber.stdout is not None
+    assert subscriber.stdin is not None and subscriber.stdout is not None
     bus = await Bus.connect(nats_url, "bench-publisher", retry_for=10)
     publisher = FlowPublisher(bus, NODE, source, gen.lost)
     task = asyncio.create_task(publisher.run())
@@ -285,6 +289,10 @@ async def publish_run(name: str, nats_url: str, args: argparse.Namespace, bcc: b
         await asyncio.wait_for(subscriber.stdout.readline(), 30)  # "ready"
         started = time.monotonic()
         await asyncio.to_thread(produce, gen, args.events, args.chunk, positions)
+        await publisher.flush()
+        await bus.nc.flush()
+        subscriber.stdin.write(b"published\n")
+        await subscriber.stdin.drain()
         counts = json.loads(await asyncio.wait_for(subscriber.stdout.readline(), 60))
         return Result(
             name,
@@ -391,7 +399,7 @@ def main() -> None:
     parser.add_argument("--subscribe", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.subscribe:
-        uvloop.run(subscribe(args.events))
+        uvloop.run(subscribe())
         return
     if os.geteuid() != 0:
         sys.exit("bench/flows.py loads BPF programs: run it as root")

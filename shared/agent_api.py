@@ -120,7 +120,7 @@ Handler = Callable[[bytes], Awaitable[Message]]
 async def serve(socket: Path, handlers: dict[str, Handler]) -> asyncio.Server:
     """Listen on ``socket`` (replacing a stale one, mode 0600) and dispatch to ``handlers``."""
     # a stale socket from a killed agent would make bind fail; nothing else is listening on it
-    socket.parent.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, at start
+    socket.parent.mkdir(parents=True, exist_ok=True)
     socket.unlink(missing_ok=True)  # noqa: ASYNC240
 
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

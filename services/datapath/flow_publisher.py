@@ -30,6 +30,8 @@ DRAIN_CHUNK: Final = 8192
 # meanwhile), at all of it new batches are dropped (and counted)
 MAX_QUEUED: Final = 64
 PUBLISH_TIMEOUT_S: Final = 2.0
+# a flush reads at most this many chunks, in case the datapath writes as fast as it reads
+FLUSH_CHUNKS: Final = 128
 LOG_EVERY_S: Final = 10.0
 
 FLOWS_PUBLISHED = Counter(
@@ -132,12 +134,14 @@ class FlowPublisher:
                 await sender
 
     async def flush(self) -> None:
-        """Publish every flow read so far and the ring buffer's current content, now."""
-        self._read_ring()
+        """Publish every flow read so far and what the ring buffer holds now."""
+        for _ in range(FLUSH_CHUNKS):
+            read = self._read_ring()
+            await self._send_all()
+            if read < DRAIN_CHUNK:
+                break
         self._cut()
-        async with self._sending:
-            while self._queue:
-                await self._send(self._queue.popleft())
+        await self._send_all()
 
     # --- reading (event loop callbacks: no awaits, bounded work) -------------------------------
 
@@ -150,17 +154,18 @@ class FlowPublisher:
             if self._failure is not None and not self._failure.done():
                 self._failure.set_exception(exc)
 
-    def _read_ring(self) -> None:
+    def _read_ring(self) -> int:
+        """Read a chunk of records into batches; how many records there were."""
         records = self._ring.drain_unpack(RECORD, DRAIN_CHUNK)
         if not records:
-            return
+            return 0
         pending = self._pending
         if not pending:
             self._start_timer()
         pending.extend(self._decoder.wire(records))
         size = self._max_flows
         if len(pending) < size:
-            return
+            return len(records)
         full = len(pending) - len(pending) % size
         for start in range(0, full, size):
             self._enqueue(pending[start : start + size])
@@ -168,6 +173,7 @@ class FlowPublisher:
         self._cancel_timer()
         if pending:
             self._start_timer()  # the rest starts a new batch, timed from now
+        return len(records)
 
     def _start_timer(self) -> None:
         self._timer = asyncio.get_running_loop().call_later(self._max_delay, self._on_timer)
@@ -242,11 +248,14 @@ class FlowPublisher:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            async with self._sending:
-                while self._queue:
-                    await self._send(self._queue.popleft())
-                    if len(self._queue) <= self._max_queued // 4:
-                        self._resume()
+            await self._send_all()
+
+    async def _send_all(self) -> None:
+        async with self._sending:
+            while self._queue:
+                await self._send(self._queue.popleft())
+                if len(self._queue) <= self._max_queued // 4:
+                    self._resume()
 
     async def _send(self, batch: WireBatch) -> None:
         try:

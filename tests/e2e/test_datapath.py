@@ -382,7 +382,7 @@ spec:
     assert {p["node"] for p in pods} == set(cluster.nodes)  # spread over both nodes
     assert len({p["identity"] for p in pods}) == 1  # replicas share one identity
     identity = cluster.json("identity", "get", str(pods[0]["identity"]))
-    labels = set(identity["labels"])  # type: ignore[index]
+    labels = set(identity[0]["labels"])  # type: ignore[index]
     assert "k8s:io.cilium.k8s.namespace.labels.team=blue" in labels
     assert "k8s:io.kubernetes.pod.namespace=shop" in labels
     # idempotent
