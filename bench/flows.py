@@ -109,7 +109,8 @@ def sample_packet(payload: int = 10) -> bytes:
 class FlowGenerator:
     """The test program, compiled with bcc: a ring buffer it fills on demand."""
 
-    def __init__(self, ring_bytes: int, discard_every: int = 0) -> None:
+    def __init__(self, ring_bytes: int, **defines: int) -> None:
+        """``defines``: the knobs of flow_gen.c (DISCARD_EVERY, MALFORMED_EVERY, SPIN)."""
         from bcc import BPF
 
         if ring_bytes % PAGE or ring_bytes & (ring_bytes - 1):
@@ -120,7 +121,7 @@ class FlowGenerator:
             cflags=[
                 f"-I{EVENTS_H_DIR}",
                 f"-DRINGBUF_PAGES={ring_bytes // PAGE}",
-                f"-DDISCARD_EVERY={discard_every}",
+                *(f"-D{name}={value}" for name, value in defines.items()),
             ],
         )
         self.prog_fd = int(self.bpf.load_func(b"generate", BPF.SCHED_CLS).fd)

@@ -1,35 +1,51 @@
 #!/usr/bin/env bash
-# The local cluster demo: start membrane, then show identities being allocated from labels
-# and shared by every replica of a workload. Leaves the cluster running; `membrane down` stops it.
+# The local cluster demo: two nodes, pods as network namespaces, identity-aware policy in eBPF.
+# Leaves the cluster running; `membrane down` stops it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 M=".venv/bin/membrane"
+PY=".venv/bin/python"
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 run() { printf '$ membrane %s\n' "$*"; "$M" "$@"; }
 
-step "Start the local cluster (NATS with JetStream, Redis, the services)"
-"$M" up
+step "Start the local cluster: NATS, Redis, the identity service, 2 nodes with their agents"
+"$M" up --nodes 2
 
-step "Three replicas of one Deployment: pod-template-hash differs, the identity does not"
-for hash in 7d9f8c6b5 5f4d8a9c1 9b8c7d6e2; do
-  run identity allocate app=web tier=frontend "io.kubernetes.pod.namespace=default" \
-    "pod-template-hash=$hash"
-done
+step "Three pods on one node; each gets an IP from the node's pod CIDR and an identity"
+run pod create deathstar --labels org=empire,class=deathstar --node membrane-node-1
+run pod create xwing --labels org=alliance,class=xwing --node membrane-node-1
+run pod create tiefighter --labels org=empire,class=tiefighter --node membrane-node-1
+run pod list
 
-step "Another workload gets its own identity"
-run identity allocate app=db tier=backend "io.kubernetes.pod.namespace=default"
+ip_of() { "$M" pod list -o json | $PY -c "import json,sys; print([p['ip'] for p in json.load(sys.stdin) if p['name']=='$1'][0])"; }
+id_of() { "$M" pod list -o json | $PY -c "import json,sys; print([p['identity'] for p in json.load(sys.stdin) if p['name']=='$1'][0])"; }
+DS_IP=$(ip_of deathstar)
 
-step "Reserved identities carry Cilium's numbers"
-run identity allocate reserved:host
+step "A server in the deathstar pod; both ships can reach it (no policy yet)"
+"$M" pod exec deathstar -- $PY tests/e2e/netprobe.py serve tcp 80 >/dev/null &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null || true' EXIT
+sleep 1
+run pod exec xwing -- $PY tests/e2e/netprobe.py tcp "$DS_IP" 80
+run pod exec tiefighter -- $PY tests/e2e/netprobe.py tcp "$DS_IP" 80
+run pod exec xwing -- ping -c 1 -W 1 "$DS_IP"
 
-step "Bad labels are refused, naming the label"
-run identity allocate "app=-oops" || true
+step "Policy: only empire ships may reach the deathstar on 80/TCP (written to the resolved KV)"
+printf '$ scripts/resolved_policy.py put %s --allow %s:80/TCP\n' "$(id_of deathstar)" "$(id_of tiefighter)"
+$PY scripts/resolved_policy.py put "$(id_of deathstar)" --allow "$(id_of tiefighter):80/TCP" \
+  --name default/empire-only
+sleep 0.5
+run pod exec tiefighter -- $PY tests/e2e/netprobe.py tcp "$DS_IP" 80
+run pod exec xwing -- $PY tests/e2e/netprobe.py tcp "$DS_IP" 80 || echo "(xwing was dropped, as the policy says)"
 
-step "Every identity the cluster knows"
-run identity list
+step "The drop, counted in the datapath by reason and direction"
+run bpf metrics --node membrane-node-1
+step "The policy entries installed for the deathstar, and the connections tracked"
+run bpf policy deathstar
+run bpf ct --node membrane-node-1
 
 step "What runs where"
 run status
 
-printf '\nThe cluster keeps running. Try `membrane identity allocate app=web`; stop with `membrane down`.\n'
+printf '\nThe cluster keeps running. Try `membrane pod exec xwing -- ping -c1 %s`; stop with `membrane down`.\n' "$DS_IP"

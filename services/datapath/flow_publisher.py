@@ -90,6 +90,8 @@ class FlowPublisher:
         self._max_queued = max_queued
         self._publish_timeout = publish_timeout
         self._decoder = Decoder(node)
+        # records per wake-up: bounded in time, and never more batches than the queue takes
+        self._chunk = max(1, min(DRAIN_CHUNK, max_flows * max(1, max_queued // 4)))
         self._pending: list[WireFlow] = []
         self._timer: asyncio.TimerHandle | None = None
         self._queue: collections.deque[WireBatch] = collections.deque()
@@ -138,7 +140,7 @@ class FlowPublisher:
         for _ in range(FLUSH_CHUNKS):
             read = self._read_ring()
             await self._send_all()
-            if read < DRAIN_CHUNK:
+            if read < self._chunk:
                 break
         self._cut()
         await self._send_all()
@@ -156,7 +158,7 @@ class FlowPublisher:
 
     def _read_ring(self) -> int:
         """Read a chunk of records into batches; how many records there were."""
-        records = self._ring.drain_unpack(RECORD, DRAIN_CHUNK)
+        records = self._ring.drain_unpack(RECORD, self._chunk)
         if not records:
             return 0
         pending = self._pending

@@ -558,6 +558,9 @@ def _configure_pod_side(ifname: str, address: IPv4Address, router: IPv4Address) 
         if link is None:
             raise Internal(f"{ifname} missing in the pod namespace")
         index = _index(link)
+        # the datapath is IPv4-only and drops what it cannot check: no IPv6 chatter from
+        # the pod (router solicitations, DAD) before its link comes up
+        _sysctl(f"net/ipv6/conf/{ifname}/disable_ipv6", "1", optional=True)
         _ensure_addr(ipr, index, IPv4Interface(f"{address}/32"))
         ipr.link("set", index=index, state="up")
         # With a /32 there is no connected subnet: the router is reachable on-link by fiat.

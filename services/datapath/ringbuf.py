@@ -107,6 +107,8 @@ class RingBuffer:
         self._view = memoryview(self._producer_map)
         # records skipped because they were not of the size drain_unpack was asked for
         self.malformed = 0
+        # drains that stopped at a record still being written (it is read by the next one)
+        self.busy = 0
 
     def fileno(self) -> int:
         """The map's fd: poll/epoll report it readable while unconsumed data is there."""
@@ -126,6 +128,7 @@ class RingBuffer:
             at = self._base + (cons & self._mask)
             (header,) = _HEADER.unpack_from(data, at)
             if header & BUSY_BIT:
+                self.busy += 1
                 break
             length = header & ~(BUSY_BIT | DISCARD_BIT)
             if not header & DISCARD_BIT:
@@ -168,7 +171,10 @@ class RingBuffer:
                     continue
             # not a plain committed record of our size: busy (stop), discarded or malformed
             (header,) = _HEADER.unpack_from(data, self._base + (cons & self._mask))
+            if header == payload:
+                continue  # committed since its header was read
             if header & BUSY_BIT:
+                self.busy += 1
                 break
             if not header & DISCARD_BIT:
                 self.malformed += 1

@@ -203,6 +203,7 @@ async def run(settings: DatapathSettings) -> None:
         __version__,
         "node agent: endpoints, BPF maps, flows",
         {
+            "replica": settings.node,
             "node": settings.node,
             "metrics": f"{settings.metrics_host}:{metrics_port}",
             "underlay": str(underlay),

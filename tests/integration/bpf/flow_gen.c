@@ -3,8 +3,10 @@
  * every field is derived from a run counter that rule_id carries, so a reader can check each
  * event exactly (tests/integration/test_flows.py mirrors the derivation in expected_event).
  *
- * RINGBUF_PAGES: ring buffer size in pages; DISCARD_EVERY: every Nth run reserves a record
- * and discards it (0: never); a run that cannot reserve counts it in lost_events. */
+ * RINGBUF_PAGES: ring buffer size in pages. DISCARD_EVERY: every Nth run reserves a record and
+ * discards it; MALFORMED_EVERY: every Nth run submits a 16-byte record instead (0: never).
+ * SPIN: helper calls between reserve and submit, so that a concurrent reader meets records
+ * still being written. A run that cannot reserve counts it in lost_events. */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
 #include <uapi/linux/if_ether.h>
@@ -19,6 +21,12 @@
 #endif
 #ifndef DISCARD_EVERY
 #define DISCARD_EVERY 0
+#endif
+#ifndef MALFORMED_EVERY
+#define MALFORMED_EVERY 0
+#endif
+#ifndef SPIN
+#define SPIN 0
 #endif
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
@@ -79,6 +87,15 @@ int generate(struct __sk_buff *skb)
 			events.ringbuf_discard(skipped, 0);
 		return TC_ACT_OK;
 	}
+	if (MALFORMED_EVERY && n % MALFORMED_EVERY == MALFORMED_EVERY - 1) {
+		u64 *odd = events.ringbuf_reserve(16);
+		if (odd) {
+			odd[0] = n;
+			odd[1] = 0;
+			events.ringbuf_submit(odd, 0);
+		}
+		return TC_ACT_OK;
+	}
 
 	struct flow_event *ev = events.ringbuf_reserve(sizeof(struct flow_event));
 	if (!ev) {
@@ -115,6 +132,8 @@ int generate(struct __sk_buff *skb)
 	ev->dport = __builtin_bswap16(tcp->dest);
 	ev->rule_id = (u32)n;
 	ev->len = skb->len;
+	for (int i = 0; i < SPIN; i++)
+		bpf_ktime_get_ns();
 	events.ringbuf_submit(ev, 0);
 	return TC_ACT_OK;
 }
