@@ -63,7 +63,7 @@ class DatapathSettings(CommonSettings):
     dump_program: bool = setting(False, "print the BPF C source the agent compiles, and exit")
 
     def __post_init__(self) -> None:
-        if not self.node:
+        if not self.node and not self.dump_program:
             raise InvalidArgument("the node name is required", field=env_name("node"))
         if self.events_bytes < 4096 or self.events_bytes & (self.events_bytes - 1):
             raise InvalidArgument("must be a power of two >= 4096", field=env_name("events_bytes"))

@@ -1,0 +1,219 @@
+"""The agent's reconcilers on plain dicts: minimal writes, adoption, fail closed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, MutableMapping
+from ipaddress import IPv4Address, IPv4Network
+from typing import TypeVar
+
+import pytest
+
+from services.datapath.ipcache_sync import IPCacheSync
+from services.datapath.local_ipam import NodeIPAM
+from services.datapath.maps import (
+    EP_ENFORCE_EGRESS,
+    EP_ENFORCE_INGRESS,
+    EP_POLICY_FAILED,
+    EndpointInfo,
+    IPCacheValue,
+)
+from services.datapath.policy_compiler import PolicyKey, PolicyValue
+from services.datapath.policy_sync import LocalEndpoint, PolicySync
+from shared.errors import ResourceExhausted
+from shared.messages import IPCacheEntry, PolicyEntry, ResolvedPolicy
+
+K = TypeVar("K")
+V = TypeVar("V")
+TCP = 6
+
+
+class CountingMap(MutableMapping[K, V]):
+    """A dict that counts writes and deletes, and can be made to fail like a full BPF map."""
+
+    def __init__(self) -> None:
+        self.data: dict[K, V] = {}
+        self.writes = 0
+        self.deletes = 0
+        self.full = False
+
+    def __getitem__(self, key: K) -> V:
+        return self.data[key]
+
+    def __setitem__(self, key: K, value: V) -> None:
+        if self.full and key not in self.data:
+            raise OSError(7, "Argument list too long")  # E2BIG, as a full map answers
+        self.data[key] = value
+        self.writes += 1
+
+    def __delitem__(self, key: K) -> None:
+        del self.data[key]
+        self.deletes += 1
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(list(self.data))
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+def policy(identity: int, *entries: PolicyEntry, ingress: bool = True) -> ResolvedPolicy:
+    return ResolvedPolicy(
+        identity=identity, revision=1, ingress_enforced=ingress, ingress=list(entries)
+    )
+
+
+@pytest.fixture
+def maps() -> tuple[CountingMap[PolicyKey, PolicyValue], CountingMap[int, EndpointInfo]]:
+    endpoints: CountingMap[int, EndpointInfo] = CountingMap()
+    for ifindex, identity in ((10, 300), (11, 300), (12, 400)):
+        endpoints.data[ifindex] = EndpointInfo(identity, IPv4Address(f"10.0.0.{ifindex}"), 0)
+    return CountingMap(), endpoints
+
+
+def test_a_policy_change_touches_only_endpoints_of_that_identity(
+    maps: tuple[CountingMap[PolicyKey, PolicyValue], CountingMap[int, EndpointInfo]],
+) -> None:
+    policy_map, endpoint_map = maps
+    sync = PolicySync(policy_map, endpoint_map)
+    for ifindex, identity in ((10, 300), (11, 300), (12, 400)):
+        sync.upsert_endpoint(LocalEndpoint(ifindex, identity))
+    sync.set_resolved(300, policy(300, PolicyEntry(peer=500, protocol=TCP, port=80, rule_id=1)))
+    assert policy_map.writes == 2  # one entry for each of the two endpoints with identity 300
+    assert endpoint_map[10].flags == EP_ENFORCE_INGRESS
+    assert endpoint_map[12].flags == 0
+    before = policy_map.writes, policy_map.deletes
+    sync.set_resolved(
+        300,
+        policy(
+            300,
+            PolicyEntry(peer=500, protocol=TCP, port=80, rule_id=1),
+            PolicyEntry(peer=501, protocol=TCP, port=80, rule_id=2),
+        ),
+    )
+    # one new entry per endpoint; the unchanged one is not rewritten
+    assert (policy_map.writes - before[0], policy_map.deletes - before[1]) == (2, 0)
+    sync.set_resolved(300, None)
+    assert not policy_map.data
+    assert endpoint_map[10].flags == 0
+
+
+def test_a_restarted_agent_adopts_the_map_and_fixes_only_the_difference(
+    maps: tuple[CountingMap[PolicyKey, PolicyValue], CountingMap[int, EndpointInfo]],
+) -> None:
+    policy_map, endpoint_map = maps
+    first = PolicySync(policy_map, endpoint_map)
+    first.upsert_endpoint(LocalEndpoint(10, 300))
+    first.upsert_endpoint(LocalEndpoint(12, 400))
+    first.set_resolved(300, policy(300, PolicyEntry(peer=500, protocol=TCP, port=80, rule_id=1)))
+    first.set_resolved(400, policy(400, PolicyEntry(peer=500, protocol=TCP, port=81, rule_id=2)))
+    writes = policy_map.writes
+
+    second = PolicySync(policy_map, endpoint_map)
+    assert second.adopt() == 2
+    second.set_resolved(300, policy(300, PolicyEntry(peer=500, protocol=TCP, port=80, rule_id=1)))
+    second.upsert_endpoint(LocalEndpoint(10, 300))  # endpoint 12 is gone meanwhile
+    assert policy_map.writes == writes  # nothing rewritten
+    assert second.forget_strays() == 1
+    assert {k.endpoint for k in policy_map.data} == {10}
+
+
+def test_a_policy_that_cannot_be_installed_denies(
+    maps: tuple[CountingMap[PolicyKey, PolicyValue], CountingMap[int, EndpointInfo]],
+) -> None:
+    policy_map, endpoint_map = maps
+    sync = PolicySync(policy_map, endpoint_map)
+    sync.upsert_endpoint(LocalEndpoint(10, 300))
+    policy_map.full = True
+    sync.set_resolved(300, policy(300, PolicyEntry(peer=500, protocol=TCP, port=80, rule_id=1)))
+    assert endpoint_map[10].flags & EP_POLICY_FAILED
+    assert 10 in sync.failed
+    policy_map.full = False
+    sync.retry_failed()
+    assert endpoint_map[10].flags == EP_ENFORCE_INGRESS
+    assert not sync.failed
+
+
+def test_denies_go_in_before_allows_come_out(
+    maps: tuple[CountingMap[PolicyKey, PolicyValue], CountingMap[int, EndpointInfo]],
+) -> None:
+    policy_map, endpoint_map = maps
+    seen: list[tuple[str, bool]] = []
+
+    class Recording(CountingMap[PolicyKey, PolicyValue]):
+        def __setitem__(self, key: PolicyKey, value: PolicyValue) -> None:
+            seen.append(("write", value.deny))
+            super().__setitem__(key, value)
+
+    recording = Recording()
+    sync = PolicySync(recording, endpoint_map)
+    sync.upsert_endpoint(LocalEndpoint(10, 300))
+    sync.set_resolved(300, policy(300, PolicyEntry(peer=500, protocol=TCP, port=80, rule_id=1)))
+    seen.clear()
+    sync.set_resolved(
+        300,
+        policy(
+            300,
+            PolicyEntry(peer=501, protocol=TCP, port=80, rule_id=2),
+            PolicyEntry(peer=500, deny=True, rule_id=3),
+        ),
+    )
+    assert seen[0] == ("write", True)
+
+
+def test_egress_flag(
+    maps: tuple[CountingMap[PolicyKey, PolicyValue], CountingMap[int, EndpointInfo]],
+) -> None:
+    policy_map, endpoint_map = maps
+    sync = PolicySync(policy_map, endpoint_map)
+    sync.upsert_endpoint(LocalEndpoint(12, 400))
+    sync.set_resolved(
+        400, ResolvedPolicy(identity=400, revision=1, egress_enforced=True, egress=[])
+    )
+    assert endpoint_map[12].flags == EP_ENFORCE_EGRESS
+    assert not policy_map.data  # default deny: no entries at all
+
+
+def entry(ip: str, identity: int) -> IPCacheEntry:
+    return IPCacheEntry(cidr=f"{ip}/32", identity=identity, node="n1", host_ip="172.31.0.11")
+
+
+def test_ipcache_resync_writes_only_the_difference() -> None:
+    cache: CountingMap[IPv4Network, IPCacheValue] = CountingMap()
+    stale = IPv4Network("10.0.0.99/32")
+    cache.data[stale] = IPCacheValue(999)
+    sync = IPCacheSync(cache)
+    sync.resync({"10.0.0.1": entry("10.0.0.1", 300), "10.0.0.2": entry("10.0.0.2", 400)})
+    assert (cache.writes, cache.deletes) == (2, 1)
+    assert stale not in cache
+    sync.resync({"10.0.0.1": entry("10.0.0.1", 300), "10.0.0.2": entry("10.0.0.2", 400)})
+    assert (cache.writes, cache.deletes) == (2, 1)
+
+
+def test_ipcache_events_are_single_writes_and_local_addresses_win() -> None:
+    cache: CountingMap[IPv4Network, IPCacheValue] = CountingMap()
+    sync = IPCacheSync(cache)
+    host = IPv4Network("172.31.0.11/32")
+    sync.set_local(host, IPCacheValue(1))
+    sync.apply("172.31.0.11", entry("172.31.0.11", 300))  # the bucket says otherwise
+    assert cache[host].identity == 1
+    sync.apply("10.0.0.5", entry("10.0.0.5", 300))
+    assert cache[IPv4Network("10.0.0.5/32")] == IPCacheValue(300, IPv4Address("172.31.0.11"))
+    writes = cache.writes
+    sync.apply("10.0.0.5", entry("10.0.0.5", 301))
+    assert cache.writes == writes + 1
+    sync.apply("10.0.0.5", None)
+    assert IPv4Network("10.0.0.5/32") not in cache
+    assert cache.deletes == 1
+
+
+def test_node_ipam_skips_the_router_and_does_not_reuse_at_once() -> None:
+    ipam = NodeIPAM(IPv4Network("10.9.0.0/29"))  # hosts .1-.6; .1 is the router
+    got = [ipam.allocate() for _ in range(5)]
+    assert [str(a) for a in got] == [f"10.9.0.{i}" for i in range(2, 7)]
+    with pytest.raises(ResourceExhausted):
+        ipam.allocate()
+    ipam.release(got[0])
+    assert ipam.allocate() == got[0]
+    ipam.release(got[1])
+    ipam.release(got[2])
+    assert ipam.allocate() == got[1]  # the next free one after the cursor, wrapping around
