@@ -152,12 +152,14 @@ class Agent:
         for ifindex in [i for i in self.datapath.endpoints if i not in known]:
             self.datapath.endpoints.pop(ifindex, None)
         strays = self.policy.forget_strays()
+        stale_addresses = self.ipcache.prune()
         ENDPOINTS.set(len(self.endpoints))
         self.log.info(
             "adopted node state",
             endpoints=len(self.endpoints),
             policy_entries=adopted_entries,
             stray_endpoints=strays,
+            stale_ipcache_entries=stale_addresses,
             maps_reused=self.datapath.adopted,
         )
 

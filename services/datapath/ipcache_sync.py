@@ -1,12 +1,13 @@
 """Keep the ipcache map equal to the ``ipcache`` KV bucket plus this node's own addresses.
 
-Each KV change becomes at most one map write; at start the map (possibly left by a previous
-agent) is diffed against the bucket's snapshot, so stale entries go and nothing is flushed.
+Each KV change becomes at most one map write; at start the bucket's snapshot is applied entry
+by entry (unchanged entries are not rewritten) and then whatever a previous agent left that
+nobody wants is pruned, so nothing is ever flushed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, MutableMapping
+from collections.abc import MutableMapping
 from ipaddress import IPv4Address, IPv4Network
 
 from prometheus_client import Counter
@@ -38,26 +39,14 @@ class IPCacheSync:
     def desired(self) -> dict[IPv4Network, IPCacheValue]:
         return {**self.from_kv, **self.local}
 
-    def resync(self, snapshot: Mapping[str, IPCacheEntry]) -> tuple[int, int]:
-        """Replace the KV view wholesale and write the difference; returns (written, deleted)."""
-        self.keys.clear()
-        self.from_kv.clear()
-        for key, entry in snapshot.items():
-            net, value = entry_value(entry)
-            self.keys[key] = net
-            self.from_kv[net] = value
+    def prune(self) -> int:
+        """Delete map entries nothing wants (left by a previous agent); after the snapshot."""
         wanted = self.desired()
-        written = deleted = 0
-        for net, value in wanted.items():
-            if self.map.get(net) != value:
-                self.map[net] = value
-                written += 1
-        for net in [net for net in self.map if net not in wanted]:
+        stale = [net for net in self.map if net not in wanted]
+        for net in stale:
             self.map.pop(net, None)
-            deleted += 1
-        UPDATES.labels("update").inc(written)
-        UPDATES.labels("delete").inc(deleted)
-        return written, deleted
+        UPDATES.labels("delete").inc(len(stale))
+        return len(stale)
 
     def set_local(self, net: IPv4Network, value: IPCacheValue) -> None:
         self.local[net] = value

@@ -136,7 +136,7 @@ def test_a_policy_that_cannot_be_installed_denies(
 def test_denies_go_in_before_allows_come_out(
     maps: tuple[CountingMap[PolicyKey, PolicyValue], CountingMap[int, EndpointInfo]],
 ) -> None:
-    policy_map, endpoint_map = maps
+    _, endpoint_map = maps
     seen: list[tuple[str, bool]] = []
 
     class Recording(CountingMap[PolicyKey, PolicyValue]):
@@ -177,16 +177,17 @@ def entry(ip: str, identity: int) -> IPCacheEntry:
     return IPCacheEntry(cidr=f"{ip}/32", identity=identity, node="n1", host_ip="172.31.0.11")
 
 
-def test_ipcache_resync_writes_only_the_difference() -> None:
+def test_ipcache_start_up_rewrites_nothing_unchanged_and_prunes_the_rest() -> None:
     cache: CountingMap[IPv4Network, IPCacheValue] = CountingMap()
     stale = IPv4Network("10.0.0.99/32")
     cache.data[stale] = IPCacheValue(999)
+    cache.data[IPv4Network("10.0.0.1/32")] = IPCacheValue(300, IPv4Address("172.31.0.11"))
     sync = IPCacheSync(cache)
-    sync.resync({"10.0.0.1": entry("10.0.0.1", 300), "10.0.0.2": entry("10.0.0.2", 400)})
-    assert (cache.writes, cache.deletes) == (2, 1)
+    sync.apply("10.0.0.1", entry("10.0.0.1", 300))
+    sync.apply("10.0.0.2", entry("10.0.0.2", 400))
+    assert sync.prune() == 1
+    assert (cache.writes, cache.deletes) == (1, 1)
     assert stale not in cache
-    sync.resync({"10.0.0.1": entry("10.0.0.1", 300), "10.0.0.2": entry("10.0.0.2", 400)})
-    assert (cache.writes, cache.deletes) == (2, 1)
 
 
 def test_ipcache_events_are_single_writes_and_local_addresses_win() -> None:
@@ -204,6 +205,9 @@ def test_ipcache_events_are_single_writes_and_local_addresses_win() -> None:
     sync.apply("10.0.0.5", None)
     assert IPv4Network("10.0.0.5/32") not in cache
     assert cache.deletes == 1
+    cache.data[IPv4Network("10.0.0.77/32")] = IPCacheValue(5)  # left by an earlier agent
+    assert sync.prune() == 1
+    assert set(cache) == {host}
 
 
 def test_node_ipam_skips_the_router_and_does_not_reuse_at_once() -> None:
