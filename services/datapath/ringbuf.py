@@ -107,7 +107,7 @@ class RingBuffer:
         self._view = memoryview(self._producer_map)
         # records skipped because they were not of the size drain_unpack was asked for
         self.malformed = 0
-        # drains that stopped at a record still being written (it is read by the next one)
+        # records met while still being written (a drain stops there; the next one reads them)
         self.busy = 0
 
     def fileno(self) -> int:
@@ -171,10 +171,11 @@ class RingBuffer:
                     continue
             # not a plain committed record of our size: busy (stop), discarded or malformed
             (header,) = _HEADER.unpack_from(data, self._base + (cons & self._mask))
+            if header & BUSY_BIT or (good < count and lengths[good] & BUSY_BIT):
+                self.busy += 1
             if header == payload:
                 continue  # committed since its header was read
             if header & BUSY_BIT:
-                self.busy += 1
                 break
             if not header & DISCARD_BIT:
                 self.malformed += 1

@@ -133,7 +133,7 @@ def test_commands_without_a_cluster_say_what_to_do(tmp_path: Path) -> None:
 
 def test_a_wrong_nats_password_is_named(nats_server: ServerProcess, tmp_path: Path) -> None:
     url = f"nats://membrane:wrong@127.0.0.1:{nats_server.port}"
-    result = membrane(tmp_path, "--nats-url", url, "--timeout", "1", "status", check=False)
+    result = membrane(tmp_path, "--nats-url", url, "--timeout", "3", "status", check=False)
     assert result.returncode == 1
     assert "Authorization Violation" in result.stderr
     assert "wrong" not in result.stderr  # the password is never printed
