@@ -17,9 +17,11 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
+from nats.aio.msg import Msg
 
 from membrane.state import StateDir
 from shared import subjects
@@ -61,7 +63,7 @@ class Cluster:
             )
         return result
 
-    def json(self, *args: str) -> object:
+    def json(self, *args: str) -> Any:
         return json.loads(self.run(*args, "-o", "json").stdout)
 
     def probe(self, pod: str, *args: str, timeout: float = 15) -> subprocess.CompletedProcess[str]:
@@ -142,14 +144,14 @@ async def bus(cluster: Cluster) -> AsyncIterator[Bus]:
     await client.close()
 
 
-def pod_info(cluster: Cluster, name: str) -> dict[str, object]:
+def pod_info(cluster: Cluster, name: str) -> dict[str, Any]:
     pods = cluster.json("pod", "list", "-A")
     assert isinstance(pods, list)
     (found,) = [p for p in pods if p["name"] == name]
     return dict(found)
 
 
-def create_pod(cluster: Cluster, name: str, labels: str, node: int = 1) -> dict[str, object]:
+def create_pod(cluster: Cluster, name: str, labels: str, node: int = 1) -> dict[str, Any]:
     cluster.run("pod", "create", name, "--labels", labels, "--node", cluster.nodes[node - 1])
     return pod_info(cluster, name)
 
@@ -171,8 +173,8 @@ class FlowTap:
         self.flows: list[dict[str, object]] = []
 
     async def start(self, bus: Bus) -> None:
-        async def on_message(msg: object) -> None:
-            batch = msgspec.json.decode(msg.data, type=FlowBatch)  # type: ignore[attr-defined]
+        async def on_message(msg: Msg) -> None:
+            batch = msgspec.json.decode(msg.data, type=FlowBatch)
             self.flows.extend(msgspec.to_builtins(f) for f in batch.flows)
 
         self.sub = await bus.nc.subscribe(subjects.FLOWS_ALL, cb=on_message)
@@ -203,14 +205,21 @@ def test_same_node_tcp_udp_icmp(cluster: Cluster) -> None:
             proc.kill()
         cluster.run("pod", "delete", "conn-a", "conn-b")
     pods = cluster.json("pod", "list", "-A")
-    assert not [p for p in pods if str(p["name"]).startswith("conn-")]  # type: ignore[union-attr]
+    assert not [p for p in pods if str(p["name"]).startswith("conn-")]
+    # the maps forget them too, and so does the host: no veth, no namespace
+    node = cluster.nodes[0]
+    endpoints = cluster.json("bpf", "endpoints", "--node", node)[0]["rows"]
+    assert {str(a["ip"]), str(b["ip"])}.isdisjoint({r["ip"] for r in endpoints})
+    ipcache = cluster.json("bpf", "ipcache", "--node", node)[0]["rows"]
+    assert {f"{a['ip']}/32", f"{b['ip']}/32"}.isdisjoint({r["cidr"] for r in ipcache})
+    assert not list(Path("/run/netns").glob(f"{node}_default_conn-*"))
 
 
 async def test_identity_policy_allows_only_a_to_b_on_80(cluster: Cluster, bus: Bus) -> None:
     a = create_pod(cluster, "pol-a", "app=pol-a")
     b = create_pod(cluster, "pol-b", "app=pol-b")
     c = create_pod(cluster, "pol-c", "app=pol-c")
-    ida, idb, idc = int(a["identity"]), int(b["identity"]), int(c["identity"])  # type: ignore[call-overload]
+    ida, idb, idc = int(a["identity"]), int(b["identity"]), int(c["identity"])
     tap = FlowTap()
     await tap.start(bus)
     servers = [cluster.background("pol-b", "serve", "tcp", str(p)) for p in (80, 81)]
@@ -261,7 +270,7 @@ async def test_identity_policy_allows_only_a_to_b_on_80(cluster: Cluster, bus: B
         await eventually(deny_seen, timeout=5, what="a 181 drop naming the deny rule")
 
         installed = cluster.json("bpf", "policy", "pol-b")
-        rules = {row["rule"] for row in installed[0]["rows"]}  # type: ignore[index]
+        rules = {row["rule"] for row in installed[0]["rows"]}
         assert rules == {"default/deny-a[0]"}, installed  # the covered allow became the deny
 
         # back to allow-only; then no policy at all opens everything again
@@ -273,7 +282,7 @@ async def test_identity_policy_allows_only_a_to_b_on_80(cluster: Cluster, bus: B
         assert (await asyncio.to_thread(cluster.probe, "pol-c", "tcp", bip, "81")).returncode == 0
 
         metrics = cluster.json("bpf", "metrics", "--node", cluster.nodes[0])
-        rows = metrics[0]["rows"]  # type: ignore[index]
+        rows = metrics[0]["rows"]
         assert any(r["reason"] == 133 and r["packets"] > 0 for r in rows)
         assert any(r["reason"] == 181 and r["packets"] > 0 for r in rows)
     finally:
@@ -297,7 +306,7 @@ async def test_agent_sigkill_loses_nothing_and_lets_nothing_through(
     a = create_pod(cluster, "rs-a", "app=rs-a")
     b = create_pod(cluster, "rs-b", "app=rs-b")
     create_pod(cluster, "rs-c", "app=rs-c")
-    ida, idb = int(a["identity"]), int(b["identity"])  # type: ignore[call-overload]
+    ida, idb = int(a["identity"]), int(b["identity"])
     await put_policy(
         bus,
         ResolvedPolicy(
@@ -347,7 +356,7 @@ def test_duplicate_pod_and_bad_input_are_clear_errors(cluster: Cluster) -> None:
         assert "already exists" in again.stderr
         bad = cluster.run("pod", "create", "Not_Valid", check=False)
         assert bad.returncode == 1 and "metadata.name" in bad.stderr, bad.stderr
-        listed = [p["name"] for p in cluster.json("pod", "list", "-A")]  # type: ignore[index, union-attr]
+        listed = [p["name"] for p in cluster.json("pod", "list", "-A")]
         assert listed.count("dup") == 1 and "Not_Valid" not in listed
     finally:
         cluster.run("pod", "delete", "dup")
@@ -377,12 +386,12 @@ spec:
     )
     applied = cluster.run("apply", "-f", str(manifest))
     assert "deployment/web" in applied.stdout
-    pods = [p for p in cluster.json("pod", "list", "-n", "shop")]  # type: ignore[union-attr]
+    pods = [p for p in cluster.json("pod", "list", "-n", "shop")]
     assert len(pods) == 3
     assert {p["node"] for p in pods} == set(cluster.nodes)  # spread over both nodes
     assert len({p["identity"] for p in pods}) == 1  # replicas share one identity
     identity = cluster.json("identity", "get", str(pods[0]["identity"]))
-    labels = set(identity[0]["labels"])  # type: ignore[index]
+    labels = set(identity[0]["labels"])
     assert "k8s:io.cilium.k8s.namespace.labels.team=blue" in labels
     assert "k8s:io.kubernetes.pod.namespace=shop" in labels
     # idempotent
@@ -442,7 +451,7 @@ def test_cni_add_check_del_version(cluster: Cluster, tmp_path: Path) -> None:
         assert cni("DEL").returncode == 0
         assert cni("DEL").returncode == 0  # DEL is idempotent
         pods = cluster.json("pod", "list", "-A")
-        assert "cni-pod" not in [p["name"] for p in pods]  # type: ignore[index, union-attr]
+        assert "cni-pod" not in [p["name"] for p in pods]
     finally:
         cni("DEL")
         subprocess.run(["ip", "netns", "del", netns_name], check=False)
