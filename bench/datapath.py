@@ -13,13 +13,18 @@ Starts its own one-node cluster (``membrane up``, in a temporary state directory
    machine is noisy; the programs come back by SIGKILLing the node's agent, whose successor
    re-attaches them on start-up. Request/response latency is sockperf ping-pong (its latency is
    half the round trip); the connection rate is a Python client (connect, 1 byte each way, close)
-   against a Python accept loop. The server pod enforces ingress policy (an allow for the
-   client), so "with" is the whole path: conntrack, policy lookup, a flow event per connection.
+   against a Python accept loop on 16 ports (so that every connection is new to conntrack).
+   Client and server are pinned to one CPU, so both figures are the CPU cost of a round trip or
+   a connection. The server pod enforces ingress policy (an allow for the client), so "with" is
+   the whole path: conntrack, policy lookup, flow events for each new connection. Before the
+   rounds, a profile: the programs' own run time (the kernel's BPF run-time stats, switched on
+   for those runs only), once more for connections with the agent SIGSTOPped, which shows what
+   waking the ring buffer's reader costs.
 3. Ring buffer events/s decoded and published (bench/flows.py, run from here when present).
 
     sudo .venv/bin/python bench/datapath.py [--updates 2000] [--rounds 3] [--seconds 5] [--quick]
 
-Needs root (namespaces, BPF) and sockperf (Debian package ``sockperf``).
+Needs root (namespaces, BPF), sockperf (Debian package ``sockperf``) and taskset (util-linux).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import json
 import os
 import re
 import secrets
+import selectors
 import shutil
 import signal
 import socket
@@ -72,7 +78,11 @@ FLOWS_BENCH = BENCH_DIR / "flows.py"
 BPFFS = Path("/sys/fs/bpf")
 
 RR_PORT = 5001
+# the connection loop spreads over this many server ports, so that no 4-tuple comes back while
+# its conntrack entry (kept 10 s after close) lives: every connection is new to the datapath
 CONN_PORT = 5002
+CONN_PORTS = 16
+MAX_UPDATES = 20 * 256  # fresh addresses: 10.X.200.0 on (timed), 10.X.100.0 on (baseline)
 POLL_SLEEP = 50e-6  # between map lookups while waiting for the agent
 STEP_TIMEOUT = 5.0  # one change not in the map by then is an error, not a slow sample
 FIRST_ID = 16_777_216 + 1000  # ipcache identities of the fresh addresses (CIDR identity range)
@@ -85,6 +95,10 @@ BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
 BPF_OBJ_GET = 7
+BPF_PROG_GET_FD_BY_ID = 13
+BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_ENABLE_STATS = 32
+BPF_STATS_RUN_TIME = 0
 
 
 class _ObjAttr(ctypes.Structure):
@@ -103,6 +117,53 @@ class _ElemAttr(ctypes.Structure):
         ("value", ctypes.c_uint64),
         ("flags", ctypes.c_uint64),
     ]
+
+
+class _IdAttr(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_uint32), ("next_id", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+
+
+class _StatsAttr(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_uint32)]
+
+
+class _InfoAttr(ctypes.Structure):
+    _fields_ = [
+        ("bpf_fd", ctypes.c_uint32),
+        ("info_len", ctypes.c_uint32),
+        ("info", ctypes.c_uint64),
+    ]
+
+
+class _ProgInfo(ctypes.Structure):
+    # struct bpf_prog_info up to run_cnt (offsets from linux/bpf.h)
+    _fields_ = [
+        ("head", ctypes.c_uint8 * 192),
+        ("run_time_ns", ctypes.c_uint64),
+        ("run_cnt", ctypes.c_uint64),
+    ]
+
+
+def prog_stats(prog_id: int) -> tuple[int, int]:
+    """(run_time_ns, run_cnt) of a loaded program; counted only while stats are enabled."""
+    fd = bpf(BPF_PROG_GET_FD_BY_ID, _IdAttr(id=prog_id))
+    try:
+        info = _ProgInfo()
+        bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(fd, ctypes.sizeof(info), ctypes.addressof(info)))
+        return int(info.run_time_ns), int(info.run_cnt)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def bpf_run_time_stats() -> Iterator[None]:
+    """The kernel counts programs' run time while the fd BPF_ENABLE_STATS gives is open (it
+    costs two clock reads per run: never on during a measured run)."""
+    fd = bpf(BPF_ENABLE_STATS, _StatsAttr(BPF_STATS_RUN_TIME))
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 
 def obj_get(path: Path) -> int:
@@ -178,6 +239,8 @@ class TcpRun:
     rr_per_s: float
     conn_per_s: float
     conn_errors: int
+    agent_cpu_ms: float  # CPU time of the node agent and of nats-server during both runs
+    nats_cpu_ms: float
 
 
 @dataclass
@@ -285,8 +348,9 @@ class Cluster:
             ifname=found["host_ifname"],
         )
 
-    def exec_in(self, pod: Pod, *command: str) -> list[str]:
-        return self.command("pod", "exec", pod.name, "--", *command)
+    def exec_in(self, pod: Pod, *command: str, cpu: int = -1) -> list[str]:
+        pin = ["taskset", "-c", str(cpu)] if cpu >= 0 else []
+        return self.command("pod", "exec", pod.name, "--", *pin, *command)
 
     def tc(self, *args: str) -> str:
         result = subprocess.run(
@@ -297,6 +361,12 @@ class Cluster:
             check=True,
         )
         return result.stdout
+
+    def process_pid(self, name: str) -> int | None:
+        for proc in StateDir(self.state).processes():
+            if proc.name == name and proc.running:
+                return proc.pid
+        return None
 
     def agent_pid(self) -> int | None:
         """The node agent's pid from the supervisor's record, checked against the process."""
@@ -436,7 +506,7 @@ async def kv_latency(cluster: Cluster, target: Pod, args: argparse.Namespace) ->
                 MapEntry(ipcache_fd, pack_ipcache_key(IPv4Network(f"{ip}/32")), value_size),
                 IPCacheValue(FIRST_ID).pack(),
             )
-            for ip in fresh_addresses(cluster.octet, 220, args.updates)
+            for ip in fresh_addresses(cluster.octet, 100, args.updates)
         ]
         results += [direct_writes("ipcache", baseline), timed.acked, timed.watched, timed.mapped]
         # the fresh addresses go again, so that the TCP runs see the usual small ipcache
@@ -497,8 +567,8 @@ async def kv_latency(cluster: Cluster, target: Pod, args: argparse.Namespace) ->
 
 
 async def allow_client(cluster: Cluster, client: Pod, server: Pod) -> None:
-    """Enforce ingress on the server pod with an allow for the client on both ports; returns
-    once the agent has installed it."""
+    """Enforce ingress on the server pod with an allow for the client on the bench's ports;
+    returns once the agent has installed it."""
     bus = await Bus.connect(cluster.nats_url, "bench", retry_for=10)
     fd = obj_get(cluster.pins / "policy")
     try:
@@ -508,13 +578,20 @@ async def allow_client(cluster: Cluster, client: Pod, server: Pod) -> None:
             revision=1,
             ingress_enforced=True,
             ingress=[
-                PolicyEntry(peer=client.identity, protocol=PROTO_TCP, port=port, rule_id=1)
-                for port in (RR_PORT, CONN_PORT)
+                PolicyEntry(
+                    peer=client.identity,
+                    protocol=PROTO_TCP,
+                    port=RR_PORT,
+                    end_port=CONN_PORT + CONN_PORTS - 1,
+                    rule_id=1,
+                )
             ],
             rules={1: "bench/allow-client[0]"},
         )
         await kv.put(str(server.identity), msgspec.json.encode(policy))
-        key = PolicyKey(KEY_BITS, server.ifindex, INGRESS, client.identity, PROTO_TCP, CONN_PORT)
+        # a port of the range (its key is a /127 prefix: the lookup finds it all the same)
+        last = CONN_PORT + CONN_PORTS - 1
+        key = PolicyKey(KEY_BITS, server.ifindex, INGRESS, client.identity, PROTO_TCP, last)
         expected = PolicyValue(1, False).pack()
         deadline = time.perf_counter() + STEP_TIMEOUT
         await asyncio.to_thread(wait_for_value, MapEntry(fd, key.pack(), 8), expected, deadline)
@@ -526,6 +603,7 @@ async def allow_client(cluster: Cluster, client: Pod, server: Pod) -> None:
 # --- 2. TCP with and without the programs ----------------------------------------------------
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_PROG_ID = re.compile(r"\bid (\d+)")
 
 
 def _sockperf_value(output: str, pattern: str) -> float:
@@ -535,50 +613,217 @@ def _sockperf_value(output: str, pattern: str) -> float:
     return float(match.group(1))
 
 
-def sockperf_pp(cluster: Cluster, client: Pod, server: Pod, seconds: int) -> tuple[float, ...]:
-    """(avg, p50, p99 latency in µs, round trips/s) of one ping-pong run."""
-    command = cluster.exec_in(
-        client, "sockperf", "pp", "--tcp", "-i", server.ip, "-p", str(RR_PORT), "-t", str(seconds)
-    )
-    result = subprocess.run(
-        command, env=cluster.env(), capture_output=True, text=True, timeout=seconds + 30
-    )
-    output = _ANSI.sub("", result.stdout + result.stderr)
-    if result.returncode != 0:
-        raise RuntimeError(f"sockperf pp failed ({result.returncode}):\n{output}")
-    valid = re.search(r"\[Valid Duration\] RunTime=([\d.]+) sec;.*ReceivedMessages=(\d+)", output)
-    if valid is None:
-        raise RuntimeError(f"sockperf output has no valid duration:\n{output}")
-    return (
-        _sockperf_value(output, r"avg-latency=([\d.]+)"),
-        _sockperf_value(output, r"percentile 50\.000 =\s*([\d.]+)"),
-        _sockperf_value(output, r"percentile 99\.000 =\s*([\d.]+)"),
-        int(valid.group(2)) / float(valid.group(1)),
-    )
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of a process so far (0 if it is gone)."""
+    if pid is None:
+        return 0.0
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def connection_rate(cluster: Cluster, client: Pod, server: Pod, seconds: int) -> tuple[float, int]:
-    """(connections/s, failed attempts) of the client loop against the server pod."""
-    command = cluster.exec_in(
-        client,
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--connect-loop",
-        f"{server.ip}:{CONN_PORT}:{seconds}",
-    )
-    result = subprocess.run(
-        command, env=cluster.env(), capture_output=True, text=True, timeout=seconds + 30
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"connection loop failed:\n{result.stdout}\n{result.stderr}")
-    counts = json.loads(result.stdout.strip().splitlines()[-1])
-    return counts["connections"] / counts["seconds"], int(counts["errors"])
+@dataclass
+class ConnProfile:
+    """The programs over one connection-loop run."""
+
+    ns_per_run: dict[str, float]  # program -> ns per run
+    ns_per_connection: float  # all programs
+    runs_per_connection: float
+    rate: float  # connections/s of this run (stats on)
 
 
-def measure_tcp(cluster: Cluster, client: Pod, server: Pod, seconds: int) -> TcpRun:
-    avg, p50, p99, rate = sockperf_pp(cluster, client, server, seconds)
-    conns, errors = connection_rate(cluster, client, server, seconds)
-    return TcpRun(avg, p50, p99, rate, conns, errors)
+@dataclass
+class Profile:
+    """BPF run time of each program over one RR run and two connection-loop runs: one as
+    usual, one with the agent stopped, so that the ring buffer never wakes a reader."""
+
+    rr_ns: dict[str, float]  # program -> ns per run, RR
+    conn: ConnProfile
+    conn_agent_stopped: ConnProfile
+
+    @property
+    def rr_ns_per_exchange(self) -> float:
+        # each program runs twice per round trip: on the sender's veth, on the receiver's
+        return 2 * sum(self.rr_ns.values())
+
+
+class TcpBench:
+    """The client and server pods, their servers, and one measurement of the current state.
+
+    Client and server processes run pinned to one CPU (``--cpu``): a ping-pong whose two ends
+    sit on different CPUs of this VM measures cross-CPU wake-ups (tens of µs, bimodal), not the
+    datapath; on one CPU both metrics are the CPU cost of a round trip or a connection.
+    """
+
+    def __init__(self, cluster: Cluster, client: Pod, server: Pod, args: argparse.Namespace):
+        self.cluster = cluster
+        self.client = client
+        self.server = server
+        self.seconds: int = args.seconds
+        self.cpu: int = args.cpu
+        self.servers: list[subprocess.Popen[str]] = []
+
+    def _run(self, command: list[str], seconds: float) -> str:
+        result = subprocess.run(
+            command, env=self.cluster.env(), capture_output=True, text=True, timeout=seconds + 30
+        )
+        output = _ANSI.sub("", result.stdout + result.stderr)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n{output}")
+        return result.stdout if "--connect-loop" in command else output
+
+    def sockperf_pp(self, seconds: int) -> tuple[float, float, float, float]:
+        """(avg, p50, p99 latency in µs, round trips/s) of one ping-pong run."""
+        output = self._run(
+            self.cluster.exec_in(
+                self.client,
+                *("sockperf", "pp", "--tcp", "-i", self.server.ip, "-p", str(RR_PORT)),
+                *("-t", str(seconds)),
+                cpu=self.cpu,
+            ),
+            seconds,
+        )
+        valid = re.search(
+            r"\[Valid Duration\] RunTime=([\d.]+) sec;.*ReceivedMessages=(\d+)", output
+        )
+        if valid is None:
+            raise RuntimeError(f"sockperf output has no valid duration:\n{output}")
+        return (
+            _sockperf_value(output, r"avg-latency=([\d.]+)"),
+            _sockperf_value(output, r"percentile 50\.000 =\s*([\d.]+)"),
+            _sockperf_value(output, r"percentile 99\.000 =\s*([\d.]+)"),
+            int(valid.group(2)) / float(valid.group(1)),
+        )
+
+    def connection_rate(self, seconds: int) -> tuple[int, float, int]:
+        """(connections, seconds, failed attempts) of the client loop."""
+        output = self._run(
+            self.cluster.exec_in(
+                self.client,
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--connect-loop",
+                f"{self.server.ip}:{CONN_PORT}:{CONN_PORTS}:{seconds}",
+                cpu=self.cpu,
+            ),
+            seconds,
+        )
+        counts = json.loads(output.strip().splitlines()[-1])
+        return int(counts["connections"]), float(counts["seconds"]), int(counts["errors"])
+
+    def measure(self) -> TcpRun:
+        agent, nats = self.cluster.agent_pid(), self.cluster.process_pid("nats-server")
+        cpu_before = cpu_seconds(agent), cpu_seconds(nats)
+        avg, p50, p99, rate = self.sockperf_pp(self.seconds)
+        connections, elapsed, errors = self.connection_rate(self.seconds)
+        return TcpRun(
+            avg,
+            p50,
+            p99,
+            rate,
+            connections / elapsed,
+            errors,
+            (cpu_seconds(agent) - cpu_before[0]) * 1000,
+            (cpu_seconds(nats) - cpu_before[1]) * 1000,
+        )
+
+    def profile(self, seconds: int) -> Profile:
+        """Where the "with" time goes: each program's run time, counted by the kernel over one
+        RR run and one connection-loop run (separate from the measured runs)."""
+        ids: dict[str, int] = {}
+        for direction in ("ingress", "egress"):
+            shown = self.cluster.tc("filter", "show", "dev", self.server.ifname, direction)
+            match = _PROG_ID.search(shown)
+            if match is None:
+                raise RuntimeError(f"no program id in tc filter show:\n{shown}")
+            ids["from_container" if direction == "ingress" else "to_container"] = int(
+                match.group(1)
+            )
+
+        def snapshot() -> dict[str, tuple[int, int]]:
+            return {name: prog_stats(prog_id) for name, prog_id in ids.items()}
+
+        def per_run(
+            before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]
+        ) -> tuple[dict[str, float], int, int]:
+            ns = {n: (after[n][0] - before[n][0]) / max(1, after[n][1] - before[n][1]) for n in ids}
+            total_ns = sum(after[n][0] - before[n][0] for n in ids)
+            runs = sum(after[n][1] - before[n][1] for n in ids)
+            return ns, total_ns, runs
+
+        def connection_run() -> ConnProfile:
+            before = snapshot()
+            connections, elapsed, _ = self.connection_rate(seconds)
+            ns, total_ns, runs = per_run(before, snapshot())
+            per = max(1, connections)
+            return ConnProfile(ns, total_ns / per, runs / per, connections / elapsed)
+
+        with bpf_run_time_stats():
+            before = snapshot()
+            self.sockperf_pp(seconds)
+            rr_ns, _, _ = per_run(before, snapshot())
+            conn = connection_run()
+            # A stopped agent never catches up with the ring buffer, and the kernel wakes its
+            # reader only when a record lands where the reader stands (bpf_ringbuf_commit):
+            # the difference is the cost of those wake-ups. The ring (8 MiB by default) holds
+            # the events of these few seconds; the agent reads them when it goes on.
+            agent = self.cluster.agent_pid()
+            if agent is None:
+                raise RuntimeError(f"no running agent for {self.cluster.node}")
+            os.kill(agent, signal.SIGSTOP)
+            try:
+                stopped = connection_run()
+            finally:
+                os.kill(agent, signal.SIGCONT)
+        return Profile(rr_ns, conn, stopped)
+
+    def start_servers(self) -> None:
+        self.servers = [
+            subprocess.Popen(
+                self.cluster.exec_in(
+                    self.server,
+                    *("sockperf", "sr", "--tcp", "-i", self.server.ip, "-p", str(RR_PORT)),
+                    cpu=self.cpu,
+                ),
+                env=self.cluster.env(),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            ),
+            subprocess.Popen(
+                self.cluster.exec_in(
+                    self.server,
+                    sys.executable,
+                    str(Path(__file__).resolve()),
+                    "--accept-loop",
+                    f"{self.server.ip}:{CONN_PORT}:{CONN_PORTS}",
+                    cpu=self.cpu,
+                ),
+                env=self.cluster.env(),
+                stdout=subprocess.PIPE,
+                text=True,
+            ),
+        ]
+        out = self.servers[1].stdout
+        if out is None or out.readline().strip() != "ready":
+            raise RuntimeError("the accept loop did not start")
+        # sockperf's server: ready once a short ping-pong goes through (also the warm-up)
+        for attempt in range(20):
+            try:
+                self.sockperf_pp(1)
+                return
+            except RuntimeError:
+                if attempt == 19:
+                    raise
+                time.sleep(0.25)
+
+    def stop_servers(self) -> None:
+        for proc in self.servers:
+            proc.kill()
+            proc.wait()
 
 
 def attached(cluster: Cluster, pods: list[Pod]) -> bool:
@@ -617,107 +862,89 @@ def reattach(cluster: Cluster, pods: list[Pod]) -> float:
     raise RuntimeError("the restarted agent did not re-attach the programs within 60s")
 
 
-def start_servers(cluster: Cluster, server: Pod) -> list[subprocess.Popen[str]]:
-    procs = [
-        subprocess.Popen(
-            cluster.exec_in(server, "sockperf", "sr", "--tcp", "-i", server.ip, "-p", str(RR_PORT)),
-            env=cluster.env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        ),
-        subprocess.Popen(
-            cluster.exec_in(
-                server,
-                sys.executable,
-                str(Path(__file__).resolve()),
-                "--accept-loop",
-                f"{server.ip}:{CONN_PORT}",
-            ),
-            env=cluster.env(),
-            stdout=subprocess.PIPE,
-            text=True,
-        ),
-    ]
-    assert procs[1].stdout is not None
-    if procs[1].stdout.readline().strip() != "ready":
-        raise RuntimeError("the accept loop did not start")
-    return procs
+@dataclass
+class TcpResults:
+    with_runs: list[TcpRun]
+    without_runs: list[TcpRun]
+    restarts: list[float]
+    profile: Profile | None
 
 
-def tcp_rounds(
-    cluster: Cluster, client: Pod, server: Pod, args: argparse.Namespace
-) -> tuple[list[TcpRun], list[TcpRun], list[float]]:
-    """(with, without, re-attach seconds), alternating with/without each round."""
-    pods = [client, server]
-    with_runs: list[TcpRun] = []
-    without_runs: list[TcpRun] = []
-    restarts: list[float] = []
-    servers = start_servers(cluster, server)
+def tcp_rounds(bench: TcpBench, args: argparse.Namespace) -> TcpResults:
+    """Alternating with/without each round; the programs' profile first (they are attached)."""
+    pods = [bench.client, bench.server]
+    results = TcpResults([], [], [], None)
+    bench.start_servers()
     try:
-        # warm-up, and a check that the sockperf server is listening
-        for attempt in range(20):
-            try:
-                sockperf_pp(cluster, client, server, 1)
-                break
-            except RuntimeError:
-                if attempt == 19:
-                    raise
-                time.sleep(0.25)
+        if args.profile:
+            results.profile = bench.profile(max(1, args.seconds // 2))
+            time.sleep(1.0)  # the agent catches up with the events of the stopped run
         for round_ in range(args.rounds):
             if round_:
-                restarts.append(reattach(cluster, pods))
+                results.restarts.append(reattach(bench.cluster, pods))
                 time.sleep(0.5)  # let the new agent's start-up work settle
-            with_runs.append(measure_tcp(cluster, client, server, args.seconds))
-            detach(cluster, pods)
-            without_runs.append(measure_tcp(cluster, client, server, args.seconds))
+            results.with_runs.append(bench.measure())
+            detach(bench.cluster, pods)
+            results.without_runs.append(bench.measure())
+            w, wo = results.with_runs[-1], results.without_runs[-1]
             print(
-                f"  round {round_ + 1}: conn/s {with_runs[-1].conn_per_s:.0f} with, "
-                f"{without_runs[-1].conn_per_s:.0f} without; RR avg "
-                f"{with_runs[-1].rr_avg_us:.2f} / {without_runs[-1].rr_avg_us:.2f} µs",
+                f"  round {round_ + 1}: RR avg {w.rr_avg_us:.2f} / {wo.rr_avg_us:.2f} µs, "
+                f"conn/s {w.conn_per_s:.0f} / {wo.conn_per_s:.0f} (with / without)",
                 file=sys.stderr,
                 flush=True,
             )
     finally:
-        for proc in servers:
-            proc.kill()
-            proc.wait()
-    return with_runs, without_runs, restarts
+        bench.stop_servers()
+    return results
 
 
 # --- helpers run inside the pods -------------------------------------------------------------
 
 
 def accept_loop(spec: str) -> None:
-    """Accept, read a byte, answer a byte, close first (so the client keeps no TIME_WAIT)."""
-    host, port = spec.rsplit(":", 1)
-    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    server.bind((host, int(port)))
-    server.listen(4096)
+    """Accept on each port, read a byte, answer a byte, close first (so that the client keeps
+    no TIME_WAIT and never runs out of ports)."""
+    host, first, count = spec.rsplit(":", 2)
+    selector = selectors.DefaultSelector()
+    listeners: dict[int, socket.socket] = {}
+    for port in range(int(first), int(first) + int(count)):
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(4096)
+        listener.setblocking(False)
+        selector.register(listener, selectors.EVENT_READ)
+        listeners[listener.fileno()] = listener
     print("ready", flush=True)
     while True:
-        conn, _ = server.accept()
-        try:
-            if conn.recv(16):
-                conn.sendall(b"y")
-        except OSError:
-            pass
-        finally:
-            conn.close()
+        for key, _ in selector.select():
+            while True:
+                try:
+                    conn, _ = listeners[key.fd].accept()
+                except BlockingIOError:
+                    break
+                conn.setblocking(True)
+                try:
+                    if conn.recv(16):
+                        conn.sendall(b"y")
+                except OSError:
+                    pass
+                finally:
+                    conn.close()
 
 
 def connect_loop(spec: str) -> None:
-    """Connect, send a byte, read until the server closes, close; as often as possible."""
-    host, port, seconds = spec.rsplit(":", 2)
-    address = (host, int(port))
+    """Connect, send a byte, read until the server closes, close; as often as possible, over
+    the server's ports in turn."""
+    host, first, count, seconds = spec.rsplit(":", 3)
+    addresses = [(host, port) for port in range(int(first), int(first) + int(count))]
     connections = errors = 0
     started = time.perf_counter()
     deadline = started + float(seconds)
     while time.perf_counter() < deadline:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
-            sock.connect(address)
+            sock.connect(addresses[(connections + errors) % len(addresses)])
             sock.sendall(b"x")
             while sock.recv(16):
                 pass
@@ -740,6 +967,7 @@ def flow_figures(args: argparse.Namespace) -> FlowFigures:
         spec = importlib.util.spec_from_file_location("bench_flows", FLOWS_BENCH)
         assert spec is not None and spec.loader is not None
         flows: Any = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = flows  # its dataclasses look their module up there
         spec.loader.exec_module(flows)
         options = argparse.Namespace(events=args.flow_events, ring_mib=8, chunk=16384)
         run: Callable[[argparse.Namespace], Coroutine[Any, Any, tuple[list[Any], list[Any]]]] = (
@@ -786,16 +1014,18 @@ TCP_METRICS = (
     ("RR latency p99 µs", "rr_p99_us", True),
     ("RR round trips/s", "rr_per_s", False),
     ("connections/s (connect, 1 B each way, close)", "conn_per_s", False),
+    ("agent CPU ms per measurement (other CPU)", "agent_cpu_ms", True),
+    ("nats-server CPU ms per measurement", "nats_cpu_ms", True),
 )
 
 
-def report_tcp(
-    with_runs: list[TcpRun], without_runs: list[TcpRun], restarts: list[float], seconds: int
-) -> list[tuple[str, float]]:
-    """Prints the table; returns (metric, overhead) for the goal lines."""
+def report_tcp(results: TcpResults, seconds: int, cpu: int) -> list[tuple[str, float]]:
+    """Prints the table and the profile; returns (metric, overhead) for the goal lines."""
+    with_runs, without_runs = results.with_runs, results.without_runs
+    where = f"client and server pinned to CPU {cpu}" if cpu >= 0 else "not pinned"
     print(
-        f"2. pod -> pod TCP on one node, programs attached vs not: median of {len(with_runs)} "
-        f"alternating round(s) of {seconds}s each"
+        f"2. pod -> pod TCP on one node, programs attached vs not ({where}): median of "
+        f"{len(with_runs)} alternating round(s) of {seconds}s each"
     )
     print(
         f"{'metric':46} {'with':>10} {'without':>10} {'with/without':>13} {'overhead':>9}"
@@ -805,23 +1035,50 @@ def report_tcp(
     for label, attr, lower_better in TCP_METRICS:
         w, wo = _median(with_runs, attr), _median(without_runs, attr)
         overhead = (w / wo if lower_better else wo / w) - 1
-        overheads.append((label, overhead))
         per_round = " ".join(f"{getattr(r, attr):.4g}" for r in with_runs)
         per_round += " | " + " ".join(f"{getattr(r, attr):.4g}" for r in without_runs)
+        if attr.endswith("cpu_ms"):
+            print(f"{label:46} {w:10.0f} {wo:10.0f} {'':>13} {'':>9}   {per_round}")
+            continue
+        overheads.append((label, overhead))
         print(f"{label:46} {w:10.2f} {wo:10.2f} {w / wo:12.3f}x {overhead:+8.1%}   {per_round}")
     errors = sum(r.conn_errors for r in with_runs + without_runs)
     if errors:
         print(f"(failed connection attempts over all runs: {errors})")
-    if restarts:
+    if results.restarts:
         print(
             "(programs re-attached by killing the agent: "
-            + ", ".join(f"{s:.1f}s" for s in restarts)
+            + ", ".join(f"{s:.1f}s" for s in results.restarts)
             + " until attached and the new agent answered)"
         )
+    profile = results.profile
+    if profile is not None:
+        rtt_delta = 2000 * (_median(with_runs, "rr_avg_us") - _median(without_runs, "rr_avg_us"))
+        conn_delta = 1e9 / _median(with_runs, "conn_per_s") - 1e9 / _median(
+            without_runs, "conn_per_s"
+        )
+        print("where the time goes (kernel BPF run-time stats, separate runs with stats on):")
+        print(
+            "  RR: "
+            + ", ".join(f"{n} {ns:.0f} ns/run" for n, ns in profile.rr_ns.items())
+            + f" -> {profile.rr_ns_per_exchange:.0f} ns of programs per round trip (4 runs); "
+            f"measured with - without: {rtt_delta:.0f} ns per round trip"
+        )
+        for what, conn in (
+            ("agent running", profile.conn),
+            ("agent SIGSTOPped, no ring buffer wake-ups", profile.conn_agent_stopped),
+        ):
+            print(
+                f"  connections, {what}: "
+                + ", ".join(f"{n} {ns:.0f} ns/run" for n, ns in conn.ns_per_run.items())
+                + f" -> {conn.ns_per_connection:.0f} ns of programs per connection "
+                f"({conn.runs_per_connection:.1f} runs), {conn.rate:.0f} connections/s"
+            )
+        print(f"  connections: measured with - without: {conn_delta:.0f} ns per connection")
     return overheads
 
 
-def report_flows(figures: FlowFigures, events: int) -> None:
+def report_flows(figures: FlowFigures) -> None:
     print("3. ring buffer events decoded and published by one FlowPublisher (bench/flows.py)")
     if not figures.rows:
         print(figures.note)
@@ -855,7 +1112,7 @@ def report_goals(
     print(
         f"(host: {os.cpu_count()} cores shared by nats-server, the agent, both pods and this "
         "process; the connection rate is bound by the Python client and server, which dilutes "
-        "the datapath's share)"
+        "the datapath's share of each connection)"
     )
 
 
@@ -877,7 +1134,7 @@ def run(args: argparse.Namespace) -> None:
             kv = uvloop.run(kv_latency(cluster, target, args))
             uvloop.run(allow_client(cluster, client, server))
             print("2. TCP with/without the programs", file=sys.stderr, flush=True)
-            with_runs, without_runs, restarts = tcp_rounds(cluster, client, server, args)
+            tcp = tcp_rounds(TcpBench(cluster, client, server, args), args)
         finally:
             print(f"cluster {cluster.name}: down", file=sys.stderr, flush=True)
             cluster.down()
@@ -886,9 +1143,9 @@ def run(args: argparse.Namespace) -> None:
     print()
     report_kv(kv, args.updates)
     print()
-    overheads = report_tcp(with_runs, without_runs, restarts, args.seconds)
+    overheads = report_tcp(tcp, args.seconds, args.cpu)
     print()
-    report_flows(figures, args.flow_events)
+    report_flows(figures)
     report_goals(kv, overheads, figures)
 
 
@@ -898,9 +1155,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, help="with/without rounds (default 3)")
     parser.add_argument("--seconds", type=int, help="length of each TCP run (default 5)")
     parser.add_argument("--flow-events", type=int, help="events for bench/flows.py (default 1M)")
+    parser.add_argument(
+        "--cpu",
+        type=int,
+        default=(os.cpu_count() or 1) - 1,
+        help="CPU for the TCP client and server (default: the last; -1: not pinned)",
+    )
+    parser.add_argument(
+        "--no-profile",
+        dest="profile",
+        action="store_false",
+        help="skip the BPF run-time profile of the programs",
+    )
     parser.add_argument("--quick", action="store_true", help="small counts, 2 s runs")
-    parser.add_argument("--accept-loop", metavar="IP:PORT", help=argparse.SUPPRESS)
-    parser.add_argument("--connect-loop", metavar="IP:PORT:SECONDS", help=argparse.SUPPRESS)
+    parser.add_argument("--accept-loop", metavar="IP:PORT:COUNT", help=argparse.SUPPRESS)
+    parser.add_argument("--connect-loop", metavar="IP:PORT:COUNT:SECONDS", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.accept_loop:
         accept_loop(args.accept_loop)
@@ -914,6 +1183,8 @@ def main() -> None:
     ):
         if getattr(args, name) is None:
             setattr(args, name, default)
+    if not 0 < args.updates <= MAX_UPDATES:
+        parser.error(f"--updates must be 1..{MAX_UPDATES} (the fresh addresses' range)")
     if os.geteuid() != 0:
         sys.exit("bench/datapath.py creates namespaces and reads BPF maps: run it as root")
     sys.setswitchinterval(0.0005)  # the map-polling thread must not wait 5 ms for the GIL

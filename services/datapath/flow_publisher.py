@@ -1,9 +1,11 @@
 """Read flow events from the datapath's ring buffer and publish them in batches on the bus.
 
 The ring buffer is read from the event loop whenever its fd is readable, in bounded chunks so
-that the loop keeps turning; publishing runs in its own task behind a bounded queue. A slow or
-absent bus therefore costs batches (counted, logged), never the reading: a full ring buffer
-would lose events in the kernel instead, where nothing can tell which.
+that the loop keeps turning; publishing runs in its own task behind a bounded queue. When the
+bus falls behind, reading pauses and the ring buffer holds the events (what it cannot hold the
+datapath counts as lost); when the bus is stuck for longer than the publish timeout, reading
+goes on and batches the queue cannot take are dropped. Either way the loss is counted, in the
+batches' ``lost`` and in ``membrane_datapath_flows_dropped_total``, and logged.
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ class FlowPublisher:
         self._reading = False  # the ring buffer's fd is (to be) watched by run()
         self._paused_since: float | None = None
         self._unlogged_drops = 0
+        self._drop_reason = ""
         self._last_drop_log = -LOG_EVERY_S
         self._lost_read_failed = False
 
@@ -124,6 +127,7 @@ class FlowPublisher:
                 paused = self._paused_since
                 if paused is not None and time.monotonic() - paused > self._publish_timeout:
                     self._resume()  # the bus is stuck: read on, and drop what it cannot take
+                self._log_drops()  # drops that came after the last line
         finally:
             self._reading = False
             loop.remove_reader(fd)
@@ -274,8 +278,18 @@ class FlowPublisher:
             return  # a batch of only a lost count: that count was carried over, not dropped
         FLOWS_DROPPED.inc(count)
         self._unlogged_drops += count
+        self._drop_reason = why
+        self._log_drops()
+
+    def _log_drops(self) -> None:
+        """One line per LOG_EVERY_S at most, with the flows dropped since the previous one."""
         now = time.monotonic()
-        if now - self._last_drop_log >= LOG_EVERY_S:
-            _log.warning("flows dropped", node=self._node, flows=self._unlogged_drops, reason=why)
+        if self._unlogged_drops and now - self._last_drop_log >= LOG_EVERY_S:
+            _log.warning(
+                "flows dropped",
+                node=self._node,
+                flows=self._unlogged_drops,
+                reason=self._drop_reason,
+            )
             self._unlogged_drops = 0
             self._last_drop_log = now

@@ -26,7 +26,6 @@
 #define DROP_NO_CONFIG 165
 #define DROP_POLICY_DENY 181
 
-#define ID_UNKNOWN 0
 #define ID_WORLD 2
 
 #define NSEC 1000000000ULL
@@ -282,19 +281,14 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction, __u8 ob
 	if (ret < 0)
 		return drop(-ret, direction, obs, &p, ifindex, 0, 0, 0);
 
-	__u32 local_id = ep ? ep->identity : ID_UNKNOWN;
-	__u32 peer_addr = direction == DIR_EGRESS ? p.tuple.daddr : p.tuple.saddr;
-	__u32 peer_id = lookup_identity(peer_addr);
-	__u32 src_id = direction == DIR_EGRESS ? local_id : peer_id;
-	__u32 dst_id = direction == DIR_EGRESS ? peer_id : local_id;
-
 	/* an endpoint the agent has not configured (or one being torn down) gets nothing */
 	if (!ep)
-		return drop(DROP_NO_CONFIG, direction, obs, &p, ifindex, src_id, dst_id, 0);
+		return drop(DROP_NO_CONFIG, direction, obs, &p, ifindex, 0, 0, 0);
 	/* a pod may only send from its own address */
 	if (direction == DIR_EGRESS && p.tuple.saddr != ep->ip)
-		return drop(DROP_INVALID_SIP, direction, obs, &p, ifindex, src_id, dst_id, 0);
+		return drop(DROP_INVALID_SIP, direction, obs, &p, ifindex, ep->identity, 0, 0);
 
+	/* established traffic needs no identities: conntrack first, the ipcache only when new */
 	__u64 now = bpf_ktime_get_ns();
 	struct ct_key key = p.tuple;
 	key.scope = own;
@@ -330,6 +324,9 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction, __u8 ob
 	}
 
 	/* a new connection */
+	__u32 peer_id = lookup_identity(direction == DIR_EGRESS ? p.tuple.daddr : p.tuple.saddr);
+	__u32 src_id = direction == DIR_EGRESS ? ep->identity : peer_id;
+	__u32 dst_id = direction == DIR_EGRESS ? peer_id : ep->identity;
 	__u32 enforce = direction == DIR_EGRESS ? EP_ENFORCE_EGRESS : EP_ENFORCE_INGRESS;
 	__u32 rule_id = 0;
 	__u8 type = EVENT_TRACE;
