@@ -26,6 +26,8 @@ unit: setup
 
 bench: setup
 	$(PY) bench/identity.py
+	$(PY) bench/flows.py
+	$(PY) bench/datapath.py
 
 down:
 	$(VENV)/bin/membrane down

@@ -594,7 +594,9 @@ async def allow_client(cluster: Cluster, client: Pod, server: Pod) -> None:
         key = PolicyKey(KEY_BITS, server.ifindex, INGRESS, client.identity, PROTO_TCP, last)
         expected = PolicyValue(1, False).pack()
         deadline = time.perf_counter() + STEP_TIMEOUT
-        await asyncio.to_thread(wait_for_value, MapEntry(fd, key.pack(), 8), expected, deadline)
+        await asyncio.to_thread(
+            wait_for_value, MapEntry(fd, key.pack(), len(expected)), expected, deadline
+        )
     finally:
         os.close(fd)
         await bus.close()

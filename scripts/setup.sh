@@ -64,8 +64,9 @@ APT_PACKAGES=(
   nats-server redis-server python3-bpfcc bpfcc-tools libbpfcc linux-headers-amd64
   iproute2 iptables nftables tcpdump curl procps
   # not in the original list but needed on a fresh VM: `python3 -m venv` needs
-  # python3-venv (ensurepip) on Debian; ping is used by tests and the demo.
-  python3 python3-venv iputils-ping
+  # python3-venv (ensurepip) on Debian; ping is used by tests and the demo; nsenter
+  # (util-linux) enters pods; sockperf measures pod-to-pod latency in bench/datapath.py.
+  python3 python3-venv iputils-ping util-linux sockperf
 )
 SYSTEM_SERVICES=(redis-server nats-server)
 

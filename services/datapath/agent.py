@@ -297,10 +297,10 @@ class Agent:
         key = endpoint_key(endpoint.namespace, endpoint.name)
         ip = IPv4Address(endpoint.ip)
         self.endpoints.pop(key, None)
+        # the map first; the bucket's delete event may arrive before or after, either is fine
+        self.ipcache.remove_local(IPv4Network(f"{ip}/32"))
         await self.kv.endpoints.delete(key)
         await self.kv.ipcache.delete(ipcache_key(ip))
-        self.ipcache.local.pop(IPv4Network(f"{ip}/32"), None)
-        self.ipcache.apply(ipcache_key(ip), None)
         if endpoint.host_ifindex:
             self.policy.remove_endpoint(endpoint.host_ifindex)
             self.datapath.endpoints.pop(endpoint.host_ifindex, None)
@@ -522,14 +522,16 @@ class Agent:
     def _dump_metrics(self) -> list[dict[str, Any]]:
         rows = []
         table = self.datapath.metrics
-        for key, values in table.items():
+        for index, values in table.items():
             packets, nbytes = percpu_sum(values, ("packets", "bytes"))
-            reason = int(key.reason)
+            if not packets:
+                continue
+            reason, direction = divmod(int(index.value), 4)
             rows.append(
                 {
                     "reason": reason,
                     "reason_name": "Forwarded" if reason == 0 else reason_name(reason),
-                    "direction": "ingress" if key.direction == 1 else "egress",
+                    "direction": "ingress" if direction == 1 else "egress",
                     "packets": packets,
                     "bytes": nbytes,
                 }

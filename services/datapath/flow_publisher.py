@@ -26,6 +26,9 @@ from shared.bus import Bus
 
 MAX_FLOWS: Final = 512
 MAX_DELAY_S: Final = 0.05
+# The datapath submits events without waking the reader (a wake-up costs the sending packet
+# microseconds), so the ring is also drained on this timer.
+POLL_INTERVAL_S: Final = 0.01
 # records decoded per wake-up: about 10 ms of work, so timers and the sender keep running
 DRAIN_CHUNK: Final = 8192
 # batches waiting for the bus: at half of it reading pauses (the ring buffer holds what comes
@@ -81,6 +84,7 @@ class FlowPublisher:
         max_delay: float = MAX_DELAY_S,
         max_queued: int = MAX_QUEUED,
         publish_timeout: float = PUBLISH_TIMEOUT_S,
+        poll_interval: float = POLL_INTERVAL_S,
     ) -> None:
         self._bus = bus
         self._node = node
@@ -91,6 +95,7 @@ class FlowPublisher:
         self._max_delay = max_delay
         self._max_queued = max_queued
         self._publish_timeout = publish_timeout
+        self._poll_interval = poll_interval
         self._decoder = Decoder(node)
         # records per wake-up: bounded in time, and never more batches than the queue takes
         self._chunk = max(1, min(DRAIN_CHUNK, max_flows * max(1, max_queued // 4)))
@@ -119,9 +124,11 @@ class FlowPublisher:
         self._reading = True
         try:
             while True:
-                await asyncio.wait({self._failure}, timeout=self._max_delay)
+                await asyncio.wait({self._failure}, timeout=self._poll_interval)
                 if self._failure.done():
                     self._failure.result()  # the reader failed: stop, so a supervisor sees it
+                if self._reading and self._paused_since is None:
+                    self._on_readable()
                 if not self._pending:
                     self._cut()  # only when the lost count moved: no flows to carry it
                 paused = self._paused_since

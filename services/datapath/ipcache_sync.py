@@ -52,6 +52,11 @@ class IPCacheSync:
         self.local[net] = value
         self._write(net)
 
+    def remove_local(self, net: IPv4Network) -> None:
+        """Stop pinning ``net``; what the bucket says about it (if anything) takes over."""
+        self.local.pop(net, None)
+        self._write(net)
+
     def apply(self, key: str, entry: IPCacheEntry | None) -> None:
         """One KV change: write or delete the single affected entry."""
         old = self.keys.pop(key, None)

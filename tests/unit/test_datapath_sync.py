@@ -210,6 +210,23 @@ def test_ipcache_events_are_single_writes_and_local_addresses_win() -> None:
     assert set(cache) == {host}
 
 
+def test_a_local_address_removed_before_or_after_the_bucket_delete_is_gone() -> None:
+    for bucket_first in (True, False):
+        cache: CountingMap[IPv4Network, IPCacheValue] = CountingMap()
+        sync = IPCacheSync(cache)
+        net = IPv4Network("10.0.0.5/32")
+        sync.set_local(net, IPCacheValue(300))
+        sync.apply("10.0.0.5", entry("10.0.0.5", 300))
+        if bucket_first:
+            sync.apply("10.0.0.5", None)
+            sync.remove_local(net)
+        else:
+            sync.remove_local(net)
+            assert net in cache  # the bucket still says so, until its delete arrives
+            sync.apply("10.0.0.5", None)
+        assert net not in cache
+
+
 def test_node_ipam_skips_the_router_and_does_not_reuse_at_once() -> None:
     ipam = NodeIPAM(IPv4Network("10.9.0.0/29"))  # hosts .1-.6; .1 is the router
     got = [ipam.allocate() for _ in range(5)]

@@ -36,6 +36,7 @@
 #define TCP_FIN 0x01
 #define TCP_SYN 0x02
 #define TCP_RST 0x04
+#define TCP_ACK 0x10
 
 struct packet {
 	struct ct_key tuple; /* scope filled in by the caller */
@@ -126,9 +127,8 @@ static __always_inline int parse(struct __sk_buff *skb, struct packet *p)
 
 static __always_inline void count(__u8 reason, __u8 direction, __u32 len)
 {
-	struct metrics_key key = { .reason = reason, .direction = direction };
-	struct metrics_value zero = {};
-	struct metrics_value *v = metrics.lookup_or_try_init(&key, &zero);
+	__u32 index = METRICS_INDEX(reason, direction);
+	struct metrics_value *v = metrics.lookup(&index);
 	if (v) {
 		v->packets += 1; /* per-CPU: no atomics needed */
 		v->bytes += len;
@@ -169,7 +169,9 @@ static __always_inline void emit(__u8 type, __u8 reason, __u8 direction, __u8 ob
 	}
 	e->rule_id = rule_id;
 	e->len = p->len;
-	events.ringbuf_submit(e, 0);
+	/* no wake-up per event: it costs the sender microseconds (an IPI to the reader); the
+	 * agent drains the ring on a short timer instead */
+	events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
 }
 
 static __always_inline int drop(__u8 reason, __u8 direction, __u8 obs, struct packet *p,
@@ -232,21 +234,31 @@ static __always_inline struct ct_entry *ct_lookup(struct ct_key *key, __u64 now)
 	return e;
 }
 
+/* Counters are informational: plain adds (a lost increment under contention is acceptable;
+ * a locked add on every packet is not). The expiry is written only when it moves by more
+ * than a second, so that established traffic mostly reads the entry. */
 static __always_inline void ct_refresh(struct ct_entry *e, struct packet *p, __u64 now)
 {
-	__sync_fetch_and_add(&e->packets, 1);
-	__sync_fetch_and_add(&e->bytes, p->len);
+	__u64 lifetime = CT_LIFETIME_NONTCP;
+	e->packets += 1;
+	e->bytes += p->len;
 	if (p->tuple.protocol == IPPROTO_TCP) {
-		e->tcp_flags_seen |= p->tcp_flags;
-		if (p->tcp_flags & (TCP_FIN | TCP_RST))
+		if ((e->tcp_flags_seen | p->tcp_flags) != e->tcp_flags_seen)
+			e->tcp_flags_seen |= p->tcp_flags;
+		if ((p->tcp_flags & (TCP_FIN | TCP_RST)) && !(e->flags & CT_F_CLOSING))
 			e->flags |= CT_F_CLOSING;
-		/* a SYN on a closing tuple is a new connection reusing it: keep it open */
-		if ((p->tcp_flags & TCP_SYN) && !(p->tcp_flags & 0x10))
-			e->flags &= ~CT_F_CLOSING;
-		e->expires_ns = now + ((e->flags & CT_F_CLOSING) ? CT_LIFETIME_CLOSE : CT_LIFETIME_TCP);
-	} else {
-		e->expires_ns = now + CT_LIFETIME_NONTCP;
+		lifetime = (e->flags & CT_F_CLOSING) ? CT_LIFETIME_CLOSE : CT_LIFETIME_TCP;
 	}
+	if (now + lifetime > e->expires_ns + NSEC || (e->flags & CT_F_CLOSING))
+		e->expires_ns = now + lifetime;
+}
+
+/* A SYN on a tuple whose connection is closing opens a new connection: it must meet the
+ * policy as it is now, not inherit the old connection's verdict. */
+static __always_inline int reopens(struct ct_entry *e, struct packet *p)
+{
+	return p->tuple.protocol == IPPROTO_TCP && (e->flags & CT_F_CLOSING) &&
+	       (p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
 }
 
 static __always_inline void reverse(struct ct_key *dst, struct ct_key *src, __u8 scope)
@@ -294,7 +306,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction, __u8 ob
 	key.scope = own;
 	key.pad = 0;
 	struct ct_entry *e = ct_lookup(&key, now);
-	if (e) {
+	if (e && !reopens(e, &p)) {
 		ct_refresh(e, &p, now);
 		count(0, direction, p.len);
 		return TC_ACT_OK;

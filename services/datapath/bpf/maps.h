@@ -93,7 +93,7 @@ BPF_TABLE_PINNED("lpm_trie", struct ipcache_key, struct ipcache_value, ipcache, 
 BPF_TABLE_PINNED("lpm_trie", struct policy_key, struct policy_value, policy, 1048576,
 		 PIN_DIR "/policy", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_entry, ct, CT_MAP_SIZE, PIN_DIR "/ct");
-BPF_TABLE_PINNED("percpu_hash", struct metrics_key, struct metrics_value, metrics, 1024,
+BPF_TABLE_PINNED("percpu_array", __u32, struct metrics_value, metrics, METRICS_ENTRIES,
 		 PIN_DIR "/metrics");
 /* events the ring buffer could not take */
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, lost_events, 1, PIN_DIR "/lost_events");
