@@ -81,7 +81,7 @@ static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, __u8 proto
 	return 0;
 }
 
-static __always_inline int parse(struct __sk_buff *skb, struct packet *p)
+static __always_inline int parse_slow(struct __sk_buff *skb, struct packet *p)
 {
 	struct iphdr ip;
 	__u16 icmp_type = 0;
@@ -122,6 +122,43 @@ static __always_inline int parse(struct __sk_buff *skb, struct packet *p)
 			     &p->inner, NULL, &unused) == 0)
 			p->icmp_related = 1;
 	}
+	return 0;
+}
+
+/* The common case -- TCP or UDP, no IP options, not a fragment, headers in the linear
+ * part -- read in place; everything else goes through bpf_skb_load_bytes. */
+static __always_inline int parse(struct __sk_buff *skb, struct packet *p)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct iphdr *ip = data + ETH_HLEN;
+
+	if ((void *)(ip + 1) > data_end || ip->ihl != 5 || ip->version != 4 ||
+	    (ip->frag_off & bpf_htons(0x3fff)))
+		return parse_slow(skb, p);
+	p->len = skb->len;
+	p->icmp_related = 0;
+	p->tcp_flags = 0;
+	p->tuple.saddr = ip->saddr;
+	p->tuple.daddr = ip->daddr;
+	p->tuple.protocol = ip->protocol;
+	if (ip->protocol == IPPROTO_TCP) {
+		struct tcphdr *th = (void *)(ip + 1);
+		if ((void *)(th + 1) > data_end)
+			return parse_slow(skb, p);
+		p->tuple.sport = bpf_ntohs(th->source);
+		p->tuple.dport = bpf_ntohs(th->dest);
+		p->tcp_flags = ((__u8 *)th)[13];
+	} else if (ip->protocol == IPPROTO_UDP) {
+		struct udphdr *uh = (void *)(ip + 1);
+		if ((void *)(uh + 1) > data_end)
+			return parse_slow(skb, p);
+		p->tuple.sport = bpf_ntohs(uh->source);
+		p->tuple.dport = bpf_ntohs(uh->dest);
+	} else {
+		return parse_slow(skb, p);
+	}
+	p->policy_port = p->tuple.dport;
 	return 0;
 }
 
