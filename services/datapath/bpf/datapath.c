@@ -337,8 +337,9 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction, __u8 ob
 	if (direction == DIR_EGRESS && p.tuple.saddr != ep->ip)
 		return drop(DROP_INVALID_SIP, direction, obs, &p, ifindex, ep->identity, 0, 0);
 
-	/* established traffic needs no identities: conntrack first, the ipcache only when new */
-	__u64 now = bpf_ktime_get_ns();
+	/* established traffic needs no identities: conntrack first, the ipcache only when new.
+	 * Conntrack lifetimes are seconds long: the coarse clock (a cached read) is enough. */
+	__u64 now = bpf_ktime_get_coarse_ns();
 	struct ct_key key = p.tuple;
 	key.scope = own;
 	key.pad = 0;
