@@ -21,7 +21,7 @@ from nats.js.kv import KeyValue
 from prometheus_client import Counter, Gauge
 
 from services.datapath import netns
-from services.datapath.ipcache_sync import IPCacheSync
+from services.datapath.ipcache_sync import IPCacheSync, entry_value
 from services.datapath.loader import Datapath
 from services.datapath.local_ipam import NodeIPAM
 from services.datapath.maps import EndpointInfo, IPCacheValue, decode_ct, percpu_sum
@@ -122,6 +122,9 @@ class Agent:
         self.endpoints: dict[str, Endpoint] = {}  # by endpoint_key
         self.lock = asyncio.Lock()
         self.synced = {name: asyncio.Event() for name in ("resolved", "ipcache", "nodes")}
+        # addresses whose identity changed or went: their connections are purged shortly
+        self.ct_stale: set[str] = set()
+        self.watched: dict[str, set[str]] = {}  # bucket -> keys with a value, as applied
         self.log = log.get("datapath.agent", node=node.name)
 
     # --- start-up: adopt what a previous agent left ------------------------------------------
@@ -221,31 +224,35 @@ class Agent:
             AllocateReply,
         )
         identity = reply.identity.id
-        ip = self.ipam.allocate()
         created_netns = not req.netns
-        pod_netns = (
-            netns.ensure_netns(f"{self.pod_netns_prefix}{req.namespace}_{req.name}")
-            if created_netns
-            else netns.resolve_netns(req.netns)
-        )
-        host_ifname = netns.host_ifname_for(f"{req.namespace}/{req.name}")
+        # what exists so far, so that a failure undoes exactly that
         endpoint = Endpoint(
             namespace=req.namespace,
             name=req.name,
             node=self.node.name,
-            ip=str(ip),
+            ip="",
             identity=identity,
             labels=dict(req.labels),
             service_account=req.service_account,
             ports=list(req.ports),
-            netns=str(pod_netns),
             ifname=req.ifname,
-            host_ifname=host_ifname,
             container_id=req.container_id,
             owner=req.owner,
             created=time.time(),
         )
         try:
+            ip = self.ipam.allocate()
+            endpoint = msgspec.structs.replace(endpoint, ip=str(ip))
+            pod_netns = await asyncio.to_thread(
+                netns.ensure_netns if created_netns else netns.resolve_netns,
+                f"{self.pod_netns_prefix}{req.namespace}_{req.name}"
+                if created_netns
+                else req.netns,
+            )
+            host_ifname = netns.host_ifname_for(f"{req.namespace}/{req.name}")
+            endpoint = msgspec.structs.replace(
+                endpoint, netns=str(pod_netns), host_ifname=host_ifname
+            )
             wired = await asyncio.to_thread(
                 netns.wire_endpoint, pod_netns, req.ifname, host_ifname, ip, self.router
             )
@@ -295,12 +302,8 @@ class Agent:
     async def _forget(self, endpoint: Endpoint, *, delete_netns: bool = False) -> None:
         """Undo whatever exists of an endpoint; every step tolerates the thing being gone."""
         key = endpoint_key(endpoint.namespace, endpoint.name)
-        ip = IPv4Address(endpoint.ip)
         self.endpoints.pop(key, None)
-        # the map first; the bucket's delete event may arrive before or after, either is fine
-        self.ipcache.remove_local(IPv4Network(f"{ip}/32"))
-        await self.kv.endpoints.delete(key)
-        await self.kv.ipcache.delete(ipcache_key(ip))
+        # the kernel side first: it must go even when NATS is away
         if endpoint.host_ifindex:
             self.policy.remove_endpoint(endpoint.host_ifindex)
             self.datapath.endpoints.pop(endpoint.host_ifindex, None)
@@ -308,7 +311,23 @@ class Agent:
             await asyncio.to_thread(netns.unwire_endpoint, endpoint.host_ifname)
         if delete_netns and endpoint.netns:
             await asyncio.to_thread(netns.delete_netns, endpoint.netns.rsplit("/", 1)[-1])
-        self.ipam.release(ip)
+        if endpoint.ip:
+            ip = IPv4Address(endpoint.ip)
+            # the bucket's delete event may arrive before or after this, either is fine
+            self.ipcache.remove_local(IPv4Network(f"{ip}/32"))
+            # connections of the old pod must not carry over to the next holder of its address
+            await asyncio.to_thread(self.purge_ct, {endpoint.ip})
+            self.ipam.release(ip)
+        for kv, kv_key in (
+            (self.kv.endpoints, key),
+            (self.kv.ipcache, endpoint.ip),
+        ):
+            if not kv_key:
+                continue
+            try:
+                await kv.delete(kv_key)
+            except Exception as exc:  # NATS away: the entry is rewritten or purged on resync
+                self.log.warning("cannot delete from the bus", key=kv_key, error=str(exc))
         if endpoint.identity:
             try:
                 await self.bus.request(
@@ -402,8 +421,14 @@ class Agent:
                 entry = msgspec.json.decode(event.value, type=IPCacheEntry)
                 IPv4Network(entry.cidr)
             except (msgspec.ValidationError, msgspec.DecodeError, ValueError):
+                # an address nobody can vouch for is treated as unknown (world), not as before
                 BAD_MESSAGES.labels(subjects.KV_IPCACHE).inc()
-                return
+                entry = None
+        old_net = self.ipcache.keys.get(event.key)
+        old = self.ipcache.from_kv.get(old_net) if old_net is not None else None
+        changed = entry is None or entry_value(entry) != (old_net, old)
+        if old_net is not None and old is not None and changed:
+            self.ct_stale.add(str(old_net.network_address))
         self.ipcache.apply(event.key, entry)
         KV_TO_MAP.labels(subjects.KV_IPCACHE).inc()
 
@@ -424,18 +449,30 @@ class Agent:
 
     async def follow(self, name: str, kv: KeyValue, handle: Callable[[KVEvent], None]) -> None:
         """Apply a bucket's snapshot, signal that it is in, then apply every change."""
+        known = self.watched.setdefault(name, set())
+        seen: set[str] | None = set()  # keys in this watch's snapshot, until it ends
         async with contextlib.aclosing(Bus.watch(kv)) as events:
             async for event in events:
                 if event is None:
+                    if seen is not None:
+                        # a restarted watch: what vanished meanwhile gets its delete now
+                        for key in known - seen:
+                            handle(KVEvent(key=key, value=None, revision=0))
+                        seen = None
                     self.synced[name].set()
                     continue
+                if event.value is None:
+                    known.discard(event.key)
+                else:
+                    known.add(event.key)
+                    if seen is not None:
+                        seen.add(event.key)
                 handle(event)
 
-    def collect_ct(self) -> int:
-        """Delete expired conntrack entries, and those of pod addresses no endpoint holds any
-        more (so that a reused address never inherits a connection). Runs in a thread."""
+    def collect_ct(self, live: set[str]) -> int:
+        """Delete expired conntrack entries, and those of pod addresses no local endpoint holds
+        (``live``, taken on the event loop). Runs in a thread."""
         now = time.monotonic_ns()
-        live = {e.ip for e in self.endpoints.values()}
         cidr = self.ipam.cidr
         doomed = []
         for key, value in self.datapath.ct.items():
@@ -444,6 +481,32 @@ class Agent:
                 ip for ip in (entry.src, entry.dst) if IPv4Address(ip) in cidr and ip not in live
             ]
             if entry.expires_in < 0 or gone:
+                doomed.append(key)
+        for key in doomed:
+            with contextlib.suppress(KeyError):
+                del self.datapath.ct[key]
+        return len(doomed)
+
+    async def sweep_ct(self) -> None:
+        """Expired entries, and those of addresses that changed hands (periodic)."""
+        live = {e.ip for e in self.endpoints.values()}
+        stale, self.ct_stale = self.ct_stale, set()
+        await asyncio.to_thread(self.collect_ct, live)
+        if stale:
+            await asyncio.to_thread(self.purge_ct, stale)
+
+    async def purge_stale_ct(self) -> None:
+        if self.ct_stale:
+            stale, self.ct_stale = self.ct_stale, set()
+            await asyncio.to_thread(self.purge_ct, stale)
+
+    def purge_ct(self, addresses: set[str]) -> int:
+        """Delete every conntrack entry of these addresses (their holder changed). A thread."""
+        now = time.monotonic_ns()
+        doomed = []
+        for key, value in self.datapath.ct.items():
+            entry = decode_ct(bytes(key), bytes(value), now)
+            if entry.src in addresses or entry.dst in addresses:
                 doomed.append(key)
         for key in doomed:
             with contextlib.suppress(KeyError):

@@ -183,8 +183,17 @@ class BpfMap(MutableMapping[K, V], Generic[K, V]):
         return self._unpack_value(bytes(leaf))
 
     def __setitem__(self, key: K, value: V) -> None:
-        # raises OSError (e.g. E2BIG when full); callers turn that into fail-closed handling
-        self.table[self._ckey(key)] = self._leaf_type.from_buffer_copy(self._pack_value(value))
+        """Raises OSError when the kernel refuses (a full map, say), whatever bcc raised, so
+        that callers have one thing to catch for their fail-closed handling."""
+        try:
+            packed = self._pack_value(value)
+            ckey = self._ckey(key)
+        except (struct.error, OverflowError, ValueError) as exc:
+            raise OSError(f"cannot encode {key!r} -> {value!r}: {exc}") from exc
+        try:
+            self.table[ckey] = self._leaf_type.from_buffer_copy(packed)
+        except Exception as exc:  # bcc raises a bare Exception("Could not update table")
+            raise OSError(str(exc)) from exc
 
     def __delitem__(self, key: K) -> None:
         try:

@@ -192,9 +192,8 @@ async def run(settings: DatapathSettings) -> None:
     await heartbeat()
     tasks.spawn("heartbeat", lambda: periodically(settings.heartbeat_interval, heartbeat))
     tasks.spawn("policy-retry", lambda: periodically(5.0, _on_loop(agent.policy.retry_failed)))
-    tasks.spawn(
-        "ct-gc", lambda: periodically(settings.ct_gc_interval, _in_thread(agent.collect_ct))
-    )
+    tasks.spawn("ct-purge", lambda: periodically(1.0, agent.purge_stale_ct))
+    tasks.spawn("ct-gc", lambda: periodically(settings.ct_gc_interval, agent.sweep_ct))
 
     server = await agent_api.serve(settings.socket_path, agent.handlers())
     metrics_port = metrics.serve(settings.metrics_host, settings.metrics_port)
@@ -228,13 +227,6 @@ async def run(settings: DatapathSettings) -> None:
         await publisher.flush()
     await bus.close()
     datapath.close()
-
-
-def _in_thread(action: Callable[[], object]) -> Callable[[], Awaitable[None]]:
-    async def call() -> None:
-        await asyncio.to_thread(action)
-
-    return call
 
 
 def _on_loop(action: Callable[[], object]) -> Callable[[], Awaitable[None]]:

@@ -55,8 +55,8 @@ static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, __u8 proto
 	t->protocol = proto;
 	t->sport = 0;
 	t->dport = 0;
-	if (proto == IPPROTO_TCP || proto == IPPROTO_UDP) {
-		__u16 ports[2];
+	if (proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP) {
+		__u16 ports[2]; /* the first four bytes of all three headers */
 		if (bpf_skb_load_bytes(skb, off, ports, sizeof(ports)) < 0)
 			return -DROP_CT_INVALID_HDR;
 		t->sport = bpf_ntohs(ports[0]);
@@ -292,10 +292,14 @@ static __always_inline void ct_refresh(struct ct_entry *e, struct packet *p, __u
 
 /* A SYN on a tuple whose connection is closing opens a new connection: it must meet the
  * policy as it is now, not inherit the old connection's verdict. */
+static __always_inline int pure_syn(struct packet *p)
+{
+	return p->tuple.protocol == IPPROTO_TCP && (p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
+}
+
 static __always_inline int reopens(struct ct_entry *e, struct packet *p)
 {
-	return p->tuple.protocol == IPPROTO_TCP && (e->flags & CT_F_CLOSING) &&
-	       (p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
+	return (e->flags & CT_F_CLOSING) && pure_syn(p);
 }
 
 static __always_inline void reverse(struct ct_key *dst, struct ct_key *src, __u8 scope)
@@ -352,13 +356,19 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction, __u8 ob
 	struct ct_key rkey = {};
 	reverse(&rkey, &p.tuple, other);
 	e = ct_lookup(&rkey, now);
-	if (e) {
+	/* a reply never opens: a SYN against a tracked connection's direction is a new one */
+	if (e && !pure_syn(&p)) {
 		ct_refresh(e, &p, now);
 		count(0, direction, p.len);
 		return TC_ACT_OK;
 	}
-	if (p.icmp_related) {
-		/* an error about a connection this endpoint is part of, in either role */
+	/* An ICMP error about a connection this endpoint is part of, in either role. The quoted
+	 * packet must involve the endpoint itself -- sent by it (an error it receives) or to it
+	 * (an error it sends back to the sender) -- or a pod could smuggle any ICMP past policy
+	 * by quoting some other pod's connection. */
+	if (p.icmp_related &&
+	    (direction == DIR_INGRESS ? p.inner.saddr == ep->ip
+				      : p.inner.daddr == ep->ip && p.inner.saddr == p.tuple.daddr)) {
 		struct ct_key ikey = p.inner;
 		ikey.scope = other;
 		ikey.pad = 0;
