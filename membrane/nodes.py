@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from membrane.state import ClusterInfo
 from services.datapath import netns
 from services.datapath.loader import remove_pins
 from shared import agent_api
-from shared.errors import InvalidArgument
+from shared.errors import Internal, InvalidArgument
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,9}$")
 FIRST_NODE_HOST = 10
@@ -89,20 +91,32 @@ def create(topology: Topology) -> None:
         )
 
 
-def remove(topology: Topology, *, keep_pins: bool = False) -> list[str]:
-    """Every pod and node namespace, link, pin and socket of the cluster; returns what went."""
+def remove(topology: Topology) -> list[str]:
+    """Every pod and node namespace, link, pin and socket of the cluster; returns what went.
+
+    Best effort: a step that fails does not stop the others; the failures are raised together
+    at the end, so that one stubborn namespace never leaves the rest of the cluster behind.
+    """
     removed: list[str] = []
+    failures: list[str] = []
+
+    def attempt(what: str, action: Callable[[], object]) -> None:
+        try:
+            action()
+            removed.append(what)
+        except Exception as exc:
+            failures.append(f"{what}: {exc}")
+
     for index in range(1, topology.nodes + 1):
         node = topology.node_name(index)
         for pod in netns.list_netns(f"{node}_"):
-            netns.delete_netns(pod)
-            removed.append(pod)
-        netns.remove_node(node, topology.root_ifname(index))
-        removed.append(node)
-        if not keep_pins:
-            remove_pins(BPFFS, node)
+            attempt(pod, partial(netns.delete_netns, pod))
+        attempt(node, partial(netns.remove_node, node, topology.root_ifname(index)))
+        remove_pins(BPFFS, node)
         shutil.rmtree(agent_api.default_socket(node).parent, ignore_errors=True)
-    netns.remove_underlay(topology.bridge, topology.blackholes)
+    attempt(topology.bridge, partial(netns.remove_underlay, topology.bridge, topology.blackholes))
+    if failures:
+        raise Internal("could not remove everything:\n  " + "\n  ".join(failures))
     return removed
 
 

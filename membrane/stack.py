@@ -174,7 +174,11 @@ def up(
     if topology.nodes:
         # first: NATS listens on the underlay bridge, so that the node agents reach it
         say(f"creating {topology.nodes} node(s) on bridge {topology.bridge} ({topology.underlay})")
-        nodes.create(topology)
+        try:
+            nodes.create(topology)
+        except BaseException:
+            nodes.remove(topology)  # nothing of a half-made node stays behind
+            raise
     info = _cluster_info(state, nats_url, redis_url, topology)
     state.write_cluster(info)
     state.run.mkdir(mode=0o700, parents=True, exist_ok=True)
