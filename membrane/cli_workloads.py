@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import yaml
@@ -90,23 +91,23 @@ def cmd_pod_exec(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    text, source = workloads.load_file(args.filename)
-    docs = manifests.load(text, source)
-
-    async def go(bus: Bus) -> list[str]:
-        return await workloads.apply(bus, docs)
-
-    for line in with_bus(args, go):
-        print(line)
-    return 0
+    return _with_manifests(args, workloads.apply)
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
+    return _with_manifests(args, workloads.delete)
+
+
+def _with_manifests(
+    args: argparse.Namespace,
+    action: Callable[[Bus, Sequence[manifests.Document]], Awaitable[list[str]]],
+) -> int:
+    """Validate the whole file first (nothing happens on any error), then act on it."""
     text, source = workloads.load_file(args.filename)
     docs = manifests.load(text, source)
 
     async def go(bus: Bus) -> list[str]:
-        return await workloads.delete(bus, docs)
+        return await action(bus, docs)
 
     for line in with_bus(args, go):
         print(line)
