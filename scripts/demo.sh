@@ -21,6 +21,8 @@ run pod list
 ip_of() { "$M" pod list -o json | $PY -c "import json,sys; print([p['ip'] for p in json.load(sys.stdin) if p['name']=='$1'][0])"; }
 id_of() { "$M" pod list -o json | $PY -c "import json,sys; print([p['identity'] for p in json.load(sys.stdin) if p['name']=='$1'][0])"; }
 DS_IP=$(ip_of deathstar)
+# identities outlive `membrane down`, and so would a policy from an earlier run of this demo
+$PY scripts/resolved_policy.py clear "$(id_of deathstar)"
 
 step "A server in the deathstar pod; both ships can reach it (no policy yet)"
 "$M" pod exec deathstar -- $PY tests/e2e/netprobe.py serve tcp 80 >/dev/null &
