@@ -546,10 +546,9 @@ class Agent:
             rows = self._dump_policy(req)
         elif req.table == "ct":
             now = time.monotonic_ns()
-            rows = [
-                dataclasses.asdict(decode_ct(bytes(k), bytes(v), now))
-                for k, v in self.datapath.ct.items()
-            ]
+            entries = (decode_ct(bytes(k), bytes(v), now) for k, v in self.datapath.ct.items())
+            # an expired entry is already gone for the datapath; the sweep just has not run
+            rows = [dataclasses.asdict(e) for e in entries if e.expires_in >= 0]
         elif req.table == "metrics":
             rows = self._dump_metrics()
         else:
