@@ -142,6 +142,7 @@ class Endpoint(Message):
     host_ifname: str = ""  # host side of the veth (where the programs attach)
     host_ifindex: int = 0
     mac: str = ""  # MAC of the pod's interface
+    host_mac: str = ""  # MAC of the host side of the veth
     container_id: str = ""  # set when the CNI plugin wired it
     owner: str = ""  # e.g. "Deployment/web" for pods a Deployment created
     created: float = 0.0

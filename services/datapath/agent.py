@@ -24,7 +24,7 @@ from services.datapath import netns
 from services.datapath.ipcache_sync import IPCacheSync, entry_value
 from services.datapath.loader import Datapath
 from services.datapath.local_ipam import NodeIPAM
-from services.datapath.maps import EndpointInfo, IPCacheValue, decode_ct, percpu_sum
+from services.datapath.maps import EndpointInfo, IPCacheValue, LxcInfo, decode_ct, percpu_sum
 from services.datapath.policy_sync import LocalEndpoint, PolicySync
 from shared import agent_api, log, subjects
 from shared.agent_api import AddEndpoint, DumpReply, DumpRequest, EndpointList, EndpointRef
@@ -147,13 +147,19 @@ class Agent:
                 self.log.info("endpoint vanished while no agent ran; removing", endpoint=key)
                 await self._forget(endpoint)
                 continue
-            if ifindex != endpoint.host_ifindex:
-                endpoint = msgspec.structs.replace(endpoint, host_ifindex=ifindex)
+            if ifindex != endpoint.host_ifindex or not endpoint.host_mac:
+                host_mac = await asyncio.to_thread(netns.link_mac, endpoint.host_ifname)
+                endpoint = msgspec.structs.replace(
+                    endpoint, host_ifindex=ifindex, host_mac=host_mac or ""
+                )
             self.ipam.claim(IPv4Address(endpoint.ip))
             await self._install(endpoint)
         known = {e.host_ifindex for e in self.endpoints.values()}
         for ifindex in [i for i in self.datapath.endpoints if i not in known]:
             self.datapath.endpoints.pop(ifindex, None)
+        local = {IPv4Address(e.ip) for e in self.endpoints.values()}
+        for address in [a for a in self.datapath.lxc if a not in local]:
+            self.datapath.lxc.pop(address, None)
         strays = self.policy.forget_strays()
         stale_addresses = self.ipcache.prune()
         ENDPOINTS.set(len(self.endpoints))
@@ -178,6 +184,10 @@ class Agent:
             LocalEndpoint(ifindex, endpoint.identity, tuple(endpoint.ports))
         )
         await asyncio.to_thread(self.datapath.attach, ifindex)
+        # only now, with to_container attached, may packets be delivered straight to the veth
+        lxc = LxcInfo(ifindex, endpoint.mac, endpoint.host_mac)
+        if self.datapath.lxc.get(IPv4Address(endpoint.ip)) != lxc:
+            self.datapath.lxc[IPv4Address(endpoint.ip)] = lxc
         self.ipcache.set_local(
             IPv4Network(f"{endpoint.ip}/32"),
             IPCacheValue(endpoint.identity, IPv4Address(self.node.underlay_ip)),
@@ -257,7 +267,10 @@ class Agent:
                 netns.wire_endpoint, pod_netns, req.ifname, host_ifname, ip, self.router
             )
             endpoint = msgspec.structs.replace(
-                endpoint, host_ifindex=wired.host_ifindex, mac=wired.pod_mac
+                endpoint,
+                host_ifindex=wired.host_ifindex,
+                mac=wired.pod_mac,
+                host_mac=wired.host_mac,
             )
             await self._install(endpoint)
             await self.kv.ipcache.put(
@@ -304,6 +317,8 @@ class Agent:
         key = endpoint_key(endpoint.namespace, endpoint.name)
         self.endpoints.pop(key, None)
         # the kernel side first: it must go even when NATS is away
+        if endpoint.ip:
+            self.datapath.lxc.pop(IPv4Address(endpoint.ip), None)
         if endpoint.host_ifindex:
             self.policy.remove_endpoint(endpoint.host_ifindex)
             self.datapath.endpoints.pop(endpoint.host_ifindex, None)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import shutil
 from dataclasses import dataclass
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from services.datapath import maps
-from services.datapath.maps import BpfMap, EndpointInfo, IPCacheValue
+from services.datapath.maps import BpfMap, EndpointInfo, IPCacheValue, LxcInfo
 from services.datapath.policy_compiler import PolicyKey, PolicyValue
 from shared.errors import Internal
 
@@ -91,6 +91,13 @@ class Datapath:
             maps.unpack_policy_key,
             PolicyValue.pack,
             maps.unpack_policy_value,
+        )
+        self.lxc: BpfMap[IPv4Address, LxcInfo] = BpfMap(
+            table("lxc"),
+            maps.pack_address,
+            maps.unpack_address,
+            LxcInfo.pack,
+            LxcInfo.unpack,
         )
         self.ct = table("ct")
         self.metrics = table("metrics")

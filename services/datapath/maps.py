@@ -64,6 +64,40 @@ class IPCacheValue:
         return cls(identity, IPv4Address(tunnel))
 
 
+@dataclass(frozen=True)
+class LxcInfo:
+    """A local endpoint by address: where from_container delivers its packets directly."""
+
+    ifindex: int
+    mac: str  # the pod's interface
+    host_mac: str  # the host side of its veth
+
+    _LAYOUT = struct.Struct("<I6s6s")
+
+    def pack(self) -> bytes:
+        return self._LAYOUT.pack(self.ifindex, _mac(self.mac), _mac(self.host_mac))
+
+    @classmethod
+    def unpack(cls, data: bytes) -> LxcInfo:
+        ifindex, mac, host_mac = cls._LAYOUT.unpack(data)
+        return cls(ifindex, mac.hex(":"), host_mac.hex(":"))
+
+
+def _mac(text: str) -> bytes:
+    raw = bytes.fromhex(text.replace(":", ""))
+    if len(raw) != 6:
+        raise ValueError(f"not a MAC address: {text!r}")
+    return raw
+
+
+def pack_address(address: IPv4Address) -> bytes:
+    return address.packed
+
+
+def unpack_address(data: bytes) -> IPv4Address:
+    return IPv4Address(data)
+
+
 _IPCACHE_KEY = struct.Struct("<I4s")
 
 

@@ -609,3 +609,11 @@ def resolve_netns(netns: str) -> Path:
     if not path.exists():
         raise NotFound(f"network namespace {netns} does not exist", field="netns")
     return path
+
+
+@_wrap_netlink
+def link_mac(ifname: str) -> str | None:
+    """The MAC address of ``ifname`` here, or None when it does not exist."""
+    with _ipr() as ipr:
+        link = _get_link(ipr, ifname)
+        return None if link is None else str(link.get("address"))

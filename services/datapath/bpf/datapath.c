@@ -313,6 +313,25 @@ static __always_inline void reverse(struct ct_key *dst, struct ct_key *src, __u8
 	dst->pad = 0;
 }
 
+/* A packet for a pod on this node goes straight to that pod's veth, where to_container
+ * enforces its ingress policy: the node's routing and netfilter are skipped (as Cilium does).
+ * Anything else takes the node's routing table. */
+static __always_inline int forward(struct __sk_buff *skb, __u8 direction, __u32 daddr)
+{
+	if (direction != DIR_EGRESS)
+		return TC_ACT_OK;
+	struct lxc_info *dst = lxc.lookup(&daddr);
+	if (!dst)
+		return TC_ACT_OK;
+	struct ethhdr eth = {};
+	__builtin_memcpy(eth.h_dest, dst->mac, ETH_ALEN);
+	__builtin_memcpy(eth.h_source, dst->host_mac, ETH_ALEN);
+	eth.h_proto = bpf_htons(ETH_P_IP);
+	if (bpf_skb_store_bytes(skb, 0, &eth, sizeof(eth), 0) < 0)
+		return TC_ACT_OK;
+	return bpf_redirect(dst->ifindex, 0);
+}
+
 /* Shared by both directions. `own` is the local endpoint's scope (CT_EGRESS when it sends),
  * `other` the scope in which its peer's side of the same traffic is tracked. */
 static __always_inline int handle(struct __sk_buff *skb, __u8 direction, __u8 obs, __u8 own,
@@ -351,16 +370,19 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction, __u8 ob
 	if (e && !reopens(e, &p)) {
 		ct_refresh(e, &p, now);
 		count(0, direction, p.len);
-		return TC_ACT_OK;
+		return forward(skb, direction, p.tuple.daddr);
 	}
-	struct ct_key rkey = {};
-	reverse(&rkey, &p.tuple, other);
-	e = ct_lookup(&rkey, now);
-	/* a reply never opens: a SYN against a tracked connection's direction is a new one */
-	if (e && !pure_syn(&p)) {
-		ct_refresh(e, &p, now);
-		count(0, direction, p.len);
-		return TC_ACT_OK;
+	/* a reply never opens: a SYN is a new connection even against a tracked one's
+	 * direction, so it need not look for one */
+	if (!pure_syn(&p)) {
+		struct ct_key rkey = {};
+		reverse(&rkey, &p.tuple, other);
+		e = ct_lookup(&rkey, now);
+		if (e) {
+			ct_refresh(e, &p, now);
+			count(0, direction, p.len);
+			return forward(skb, direction, p.tuple.daddr);
+		}
 	}
 	/* An ICMP error about a connection this endpoint is part of, in either role. The quoted
 	 * packet must involve the endpoint itself -- sent by it (an error it receives) or to it
@@ -374,12 +396,12 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction, __u8 ob
 		ikey.pad = 0;
 		if (ct_lookup(&ikey, now)) {
 			count(0, direction, p.len);
-			return TC_ACT_OK;
+			return forward(skb, direction, p.tuple.daddr);
 		}
 		reverse(&ikey, &p.inner, own);
 		if (ct_lookup(&ikey, now)) {
 			count(0, direction, p.len);
-			return TC_ACT_OK;
+			return forward(skb, direction, p.tuple.daddr);
 		}
 	}
 
@@ -412,7 +434,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction, __u8 ob
 	ct.update(&key, &fresh);
 	count(0, direction, p.len);
 	emit(type, 0, direction, obs, &p, ifindex, src_id, dst_id, rule_id, EVENT_F_ALLOWED);
-	return TC_ACT_OK;
+	return forward(skb, direction, p.tuple.daddr);
 }
 
 int from_container(struct __sk_buff *skb)

@@ -30,6 +30,13 @@ struct endpoint_info {
 	__u32 pad;
 };
 
+/* local endpoints by address, for delivery straight to their veth (no routing in between) */
+struct lxc_info {
+	__u32 ifindex; /* host side of the pod's veth */
+	__u8 mac[6]; /* the pod's interface */
+	__u8 host_mac[6]; /* the host side's */
+};
+
 struct ipcache_key {
 	__u32 prefixlen;
 	__u32 ip; /* network byte order */
@@ -88,6 +95,7 @@ struct ct_entry {
 };
 
 BPF_TABLE_PINNED("hash", __u32, struct endpoint_info, endpoints, 65536, PIN_DIR "/endpoints");
+BPF_TABLE_PINNED("hash", __u32, struct lxc_info, lxc, 65536, PIN_DIR "/lxc");
 BPF_TABLE_PINNED("lpm_trie", struct ipcache_key, struct ipcache_value, ipcache, 524288,
 		 PIN_DIR "/ipcache", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lpm_trie", struct policy_key, struct policy_value, policy, 1048576,

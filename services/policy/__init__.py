@@ -1,0 +1,1 @@
+"""The policy service: CiliumNetworkPolicy and NetworkPolicy documents, resolved per identity."""
