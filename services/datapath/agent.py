@@ -217,23 +217,63 @@ class Agent:
                 )
             return await self._create(req)
 
-    async def _create(self, req: AddEndpoint) -> Endpoint:
-        namespace_labels = await self._namespace_labels(req.namespace)
-        labels = pod_identity_labels(
-            req.namespace, req.labels, namespace_labels, req.service_account
-        )
-        request_id = f"{self.node.name}/{req.namespace}/{req.name}/{time.time_ns()}"
+    async def _allocate_identity(
+        self, namespace: str, name: str, labels: dict[str, str], service_account: str
+    ) -> int:
+        namespace_labels = await self._namespace_labels(namespace)
         reply = await self.bus.request(
             subjects.IDENTITY_ALLOCATE,
             AllocateRequest(
-                labels=labels,
+                labels=pod_identity_labels(namespace, labels, namespace_labels, service_account),
                 owner=self.node.name,
                 lease_seconds=self.identity_lease,
-                request_id=request_id,
+                request_id=f"{self.node.name}/{namespace}/{name}/{time.time_ns()}",
             ),
             AllocateReply,
         )
-        identity = reply.identity.id
+        return reply.identity.id
+
+    async def reclaim_identities(self) -> None:
+        """Take every local pod's identity reference again (after the lease lapsed). A pod
+        whose labels now map to another number moves to it: maps, policy, ipcache, bucket."""
+        async with self.lock:
+            for key, endpoint in list(self.endpoints.items()):
+                identity = await self._allocate_identity(
+                    endpoint.namespace, endpoint.name, endpoint.labels, endpoint.service_account
+                )
+                if identity == endpoint.identity:
+                    continue
+                self.log.warning(
+                    "pod identity changed while the lease was lapsed",
+                    endpoint=key,
+                    old=endpoint.identity,
+                    new=identity,
+                )
+                moved = msgspec.structs.replace(endpoint, identity=identity)
+                await self._install(moved)
+                await self._publish(moved)
+
+    async def _publish(self, endpoint: Endpoint) -> None:
+        """The endpoint's ipcache and endpoints entries on the bus."""
+        await self.kv.ipcache.put(
+            ipcache_key(IPv4Address(endpoint.ip)),
+            msgspec.json.encode(
+                IPCacheEntry(
+                    cidr=f"{endpoint.ip}/32",
+                    identity=endpoint.identity,
+                    node=self.node.name,
+                    host_ip=self.node.underlay_ip,
+                )
+            ),
+        )
+        await self.kv.endpoints.put(
+            endpoint_key(endpoint.namespace, endpoint.name), msgspec.json.encode(endpoint)
+        )
+
+    async def _create(self, req: AddEndpoint) -> Endpoint:
+        identity = await self._allocate_identity(
+            req.namespace, req.name, req.labels, req.service_account
+        )
         created_netns = not req.netns
         # what exists so far, so that a failure undoes exactly that
         endpoint = Endpoint(
@@ -273,20 +313,7 @@ class Agent:
                 host_mac=wired.host_mac,
             )
             await self._install(endpoint)
-            await self.kv.ipcache.put(
-                ipcache_key(ip),
-                msgspec.json.encode(
-                    IPCacheEntry(
-                        cidr=f"{ip}/32",
-                        identity=identity,
-                        node=self.node.name,
-                        host_ip=self.node.underlay_ip,
-                    )
-                ),
-            )
-            await self.kv.endpoints.put(
-                endpoint_key(req.namespace, req.name), msgspec.json.encode(endpoint)
-            )
+            await self._publish(endpoint)
         except BaseException:
             # nothing half-made stays behind: not the veth, not the address, not the identity
             await self._forget(endpoint, delete_netns=created_netns)

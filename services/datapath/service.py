@@ -30,7 +30,7 @@ from services.datapath.ringbuf import RingBuffer
 from shared import __version__, agent_api, log, metrics, subjects
 from shared.bus import Bus, redact
 from shared.config import CommonSettings, env_name, setting
-from shared.errors import InvalidArgument, MembraneError, Unavailable
+from shared.errors import InvalidArgument, MembraneError, NotFound, Unavailable
 from shared.messages import (
     HeartbeatReply,
     HeartbeatRequest,
@@ -186,6 +186,11 @@ async def run(settings: DatapathSettings) -> None:
                 HeartbeatRequest(owner=settings.node, ttl_seconds=settings.identity_lease),
                 HeartbeatReply,
             )
+        except NotFound:
+            # the lease lapsed (this node was away too long) and its references are gone: take
+            # them again, or the numbers could be handed to other label sets
+            logger.warning("identity lease lapsed; allocating the pods' identities again")
+            await agent.reclaim_identities()
         except MembraneError as exc:
             logger.warning("identity lease not renewed", error=str(exc))
 
