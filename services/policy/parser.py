@@ -608,14 +608,15 @@ def _subject_selector(raw: Any, path: str, ctx: _Context) -> Selector:
         return Selector(selector)
     # Cilium pins the subject to the policy's namespace, replacing a namespace in matchLabels
     requirements = list(selector.requirements)
-    match_labels = raw.get("matchLabels") if isinstance(raw, Mapping) else None
-    for raw_key, value in (match_labels or {}).items():
+    for raw_key, value in (raw.get("matchLabels") or {}).items():
+        value = value or ""  # what LabelSelector.parse makes of null
         if _strip_source(str(raw_key)) == NAMESPACE_LABEL and value != ctx.namespace:
             ctx.warnings.append(
                 f"{path}.matchLabels[{raw_key!r}]: replaced by {ctx.namespace!r}: the "
                 "endpointSelector of a namespaced policy always selects in its own namespace"
             )
-            requirements.remove(Requirement(NAMESPACE_LABEL, "In", frozenset([value])))
+            dropped = Requirement(NAMESPACE_LABEL, "In", frozenset([value]))
+            requirements = [req for req in requirements if req != dropped]
     requirements.append(Requirement(NAMESPACE_LABEL, "In", frozenset([ctx.namespace])))
     return Selector(_selector_of(requirements))
 
@@ -973,7 +974,7 @@ def _knp_spec(raw: Any, ctx: _Context) -> PolicySpec:
     if not isinstance(raw, Mapping):
         raise InvalidArgument(f"must be a mapping, got {_type_name(raw)}", field="spec")
     _check_fields(raw, frozenset({"podSelector", "policyTypes", "ingress", "egress"}), "spec")
-    pod_selector = _knp_label_selector(raw.get("podSelector") or {}, "spec.podSelector")
+    pod_selector = _knp_label_selector(raw.get("podSelector", {}), "spec.podSelector")
     subject = Selector(
         _selector_of(
             [
@@ -1035,6 +1036,13 @@ def _knp_rule(
         raw = {}
     if not isinstance(raw, Mapping):
         raise InvalidArgument(f"must be a mapping, got {_type_name(raw)}", field=path)
+    other = "to" if peer_key == "from" else "from"
+    if other in raw:
+        raise InvalidArgument(
+            f"unknown field: {'ingress' if other == 'from' else 'egress'} rules use {other!r}, "
+            f"these use {peer_key!r}",
+            field=f"{path}.{other}",
+        )
     _check_fields(raw, frozenset({peer_key, "ports"}), path)
     entries = _list(raw, peer_key, path)
     peers = [_knp_peer(entry, f"{path}.{peer_key}[{i}]", ctx) for i, entry in enumerate(entries)]
