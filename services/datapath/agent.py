@@ -121,7 +121,11 @@ class Agent:
         self.ipcache = IPCacheSync(datapath.ipcache)
         self.endpoints: dict[str, Endpoint] = {}  # by endpoint_key
         self.lock = asyncio.Lock()
-        self.synced = {name: asyncio.Event() for name in ("resolved", "ipcache", "nodes")}
+        self.synced = {
+            name: asyncio.Event() for name in ("resolved", "ipcache", "nodes", "namespaces")
+        }
+        self._background: set[asyncio.Task[None]] = set()
+        self.namespace_labels: dict[str, dict[str, str]] = {}  # as last seen in the bucket
         # addresses whose identity changed or went: their connections are purged shortly
         self.ct_stale: set[str] = set()
         self.watched: dict[str, set[str]] = {}  # bucket -> keys with a value, as applied
@@ -237,21 +241,63 @@ class Agent:
         """Take every local pod's identity reference again (after the lease lapsed). A pod
         whose labels now map to another number moves to it: maps, policy, ipcache, bucket."""
         async with self.lock:
-            for key, endpoint in list(self.endpoints.items()):
-                identity = await self._allocate_identity(
-                    endpoint.namespace, endpoint.name, endpoint.labels, endpoint.service_account
-                )
-                if identity == endpoint.identity:
-                    continue
-                self.log.warning(
-                    "pod identity changed while the lease was lapsed",
-                    endpoint=key,
-                    old=endpoint.identity,
-                    new=identity,
-                )
-                moved = msgspec.structs.replace(endpoint, identity=identity)
-                await self._install(moved)
-                await self._publish(moved)
+            for endpoint in list(self.endpoints.values()):
+                await self._reidentify(endpoint, release_old=False)
+
+    async def relabel_namespace(self, namespace: str) -> None:
+        """A namespace's labels changed: its pods' identities follow (they include them)."""
+        async with self.lock:
+            for endpoint in list(self.endpoints.values()):
+                if endpoint.namespace == namespace:
+                    await self._reidentify(endpoint, release_old=True)
+
+    async def _reidentify(self, endpoint: Endpoint, *, release_old: bool) -> None:
+        identity = await self._allocate_identity(
+            endpoint.namespace, endpoint.name, endpoint.labels, endpoint.service_account
+        )
+        if identity == endpoint.identity:
+            if release_old:  # the allocation above took a second reference to it
+                await self._release_identity(endpoint.identity, f"{endpoint.name}/same")
+            return
+        self.log.info(
+            "pod identity changed",
+            endpoint=f"{endpoint.namespace}/{endpoint.name}",
+            old=endpoint.identity,
+            new=identity,
+        )
+        moved = msgspec.structs.replace(endpoint, identity=identity)
+        await self._install(moved)
+        await self._publish(moved)
+        if release_old:
+            await self._release_identity(endpoint.identity, f"{endpoint.name}/{identity}")
+
+    def on_namespace(self, event: KVEvent) -> None:
+        """Namespace labels feed identities: when they change, re-identify that namespace's
+        local pods. The first sight of a namespace (the snapshot, or one just created) only
+        records its labels."""
+        labels: dict[str, str] | None = None
+        if event.value is not None:
+            try:
+                labels = msgspec.json.decode(event.value, type=NamespaceRecord).labels
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                BAD_MESSAGES.labels(subjects.KV_NAMESPACES).inc()
+                return
+        previous = self.namespace_labels.get(event.key)
+        if labels is None:
+            self.namespace_labels.pop(event.key, None)
+            return
+        self.namespace_labels[event.key] = labels
+        if previous is None or previous == labels:
+            return
+        if any(e.namespace == event.key for e in self.endpoints.values()):
+            task = asyncio.create_task(self.relabel_namespace(event.key))
+            self._background.add(task)
+            task.add_done_callback(self._relabel_done)
+
+    def _relabel_done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error("re-identifying pods failed", error=str(task.exception()))
 
     async def _publish(self, endpoint: Endpoint) -> None:
         """The endpoint's ipcache and endpoints entries on the bus."""
@@ -371,21 +417,20 @@ class Agent:
             except Exception as exc:  # NATS away: the entry is rewritten or purged on resync
                 self.log.warning("cannot delete from the bus", key=kv_key, error=str(exc))
         if endpoint.identity:
-            try:
-                await self.bus.request(
-                    subjects.IDENTITY_RELEASE,
-                    ReleaseRequest(
-                        id=endpoint.identity,
-                        owner=self.node.name,
-                        request_id=f"{self.node.name}/{key}/{endpoint.created}",
-                    ),
-                    ReleaseReply,
-                )
-            except MembraneError as exc:
-                # the lease lapses on its own if this node stops renewing it
-                self.log.warning(
-                    "identity release failed", identity=endpoint.identity, error=str(exc)
-                )
+            await self._release_identity(endpoint.identity, f"{key}/{endpoint.created}")
+
+    async def _release_identity(self, identity: int, request: str) -> None:
+        try:
+            await self.bus.request(
+                subjects.IDENTITY_RELEASE,
+                ReleaseRequest(
+                    id=identity, owner=self.node.name, request_id=f"{self.node.name}/{request}"
+                ),
+                ReleaseReply,
+            )
+        except MembraneError as exc:
+            # the lease lapses on its own if this node stops renewing it
+            self.log.warning("identity release failed", identity=identity, error=str(exc))
 
     def get_endpoint(self, ref: EndpointRef) -> Endpoint:
         endpoint = self._find(ref)

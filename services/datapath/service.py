@@ -160,6 +160,10 @@ async def run(settings: DatapathSettings) -> None:
     )
     tasks.spawn("watch-ipcache", lambda: agent.follow("ipcache", buckets.ipcache, agent.on_ipcache))
     tasks.spawn("watch-nodes", lambda: agent.follow("nodes", buckets.nodes, agent.on_node))
+    tasks.spawn(
+        "watch-namespaces",
+        lambda: agent.follow("namespaces", buckets.namespaces, agent.on_namespace),
+    )
     for name, event in agent.synced.items():
         await event.wait()
         logger.debug("snapshot applied", bucket=name)

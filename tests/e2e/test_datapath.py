@@ -402,6 +402,20 @@ spec:
     assert "k8s:io.kubernetes.pod.namespace=shop" in labels
     # idempotent
     assert "unchanged" in cluster.run("apply", "-f", str(manifest)).stdout
+    # relabelling the namespace moves its pods to the identity of their new labels
+    relabelled = tmp_path / "relabel.yaml"
+    relabelled.write_text(manifest.read_text().replace("team: blue", "team: red"))
+    cluster.run("apply", "-f", str(relabelled))
+    deadline = time.monotonic() + 10
+    while True:
+        now = cluster.json("pod", "list", "-n", "shop")
+        ids = {p["identity"] for p in now}
+        labels = set(cluster.json("identity", "get", str(now[0]["identity"]))[0]["labels"])
+        if "k8s:io.cilium.k8s.namespace.labels.team=red" in labels and len(ids) == 1:
+            break
+        assert time.monotonic() < deadline, f"pods kept their old identity: {ids} {labels}"
+        time.sleep(0.2)
+    assert ids != {pods[0]["identity"]}
     bad = tmp_path / "bad.yaml"
     bad.write_text(manifest.read_text().replace("containerPort: 80", "containerPort: 70000"))
     rejected = cluster.run("apply", "-f", str(bad), check=False)
