@@ -100,14 +100,14 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 def _with_manifests(
     args: argparse.Namespace,
-    action: Callable[[Bus, Sequence[manifests.Document]], Awaitable[list[str]]],
+    action: Callable[[Bus, Sequence[manifests.Document], str], Awaitable[list[str]]],
 ) -> int:
     """Validate the whole file first (nothing happens on any error), then act on it."""
     text, source = workloads.load_file(args.filename)
     docs = manifests.load(text, source)
 
     async def go(bus: Bus) -> list[str]:
-        return await action(bus, docs)
+        return await action(bus, docs, source)
 
     for line in with_bus(args, go):
         print(line)

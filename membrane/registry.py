@@ -8,6 +8,7 @@ from typing import Any
 
 from services.datapath import service as datapath
 from services.identity import service as identity
+from services.policy import service as policy
 from shared import subjects
 
 
@@ -28,6 +29,13 @@ SERVICES: dict[str, ServiceEntry] = {
         micro_name=subjects.IDENTITY_SERVICE,
         default_replicas=2,
         summary="security identities from labels; cluster-pool IPAM",
+    ),
+    "policy": ServiceEntry(
+        settings=policy.PolicySettings,
+        run=policy.run,
+        micro_name=subjects.POLICY_SERVICE,
+        default_replicas=1,
+        summary="CiliumNetworkPolicy/NetworkPolicy resolved into per-identity entries",
     ),
     "datapath": ServiceEntry(
         settings=datapath.DatapathSettings,

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import msgspec
 
-from membrane import manifests
+from membrane import cli_policy, manifests
 from membrane.manifests import DeploymentDoc, NamespaceDoc, PodDoc, RoutedDoc
 from shared import agent_api, subjects
 from shared.agent_api import AddEndpoint, EndpointRef
 from shared.bus import Bus
 from shared.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
-from shared.messages import Endpoint, NamespaceRecord, Node
+from shared.messages import Endpoint, NamespaceRecord, Node, PolicyDeleteReply, PolicyRef
 from shared.names import validate_dns_label
 
 METADATA_NAME_LABEL = "kubernetes.io/metadata.name"
@@ -130,7 +130,7 @@ def load_file(path: str) -> tuple[str, str]:
         raise InvalidArgument(f"cannot read {path}: {exc.strerror}", field="file") from None
 
 
-async def apply(bus: Bus, docs: Sequence[manifests.Document]) -> list[str]:
+async def apply(bus: Bus, docs: Sequence[manifests.Document], source: str = "-") -> list[str]:
     """Create or update what the documents describe; returns one line per change.
 
     Everything was validated before this runs; pods that already exist are left as they are
@@ -140,12 +140,15 @@ async def apply(bus: Bus, docs: Sequence[manifests.Document]) -> list[str]:
     existing = {(e.namespace, e.name): e for e in await endpoints(bus)}
     known_nodes = await nodes(bus)
     routed = [doc for doc in docs if isinstance(doc, RoutedDoc)]
-    if routed:
-        kinds = ", ".join(sorted({doc.kind for doc in routed}))
+    unserved = sorted({doc.kind for doc in routed if doc.service != "policy"})
+    if unserved:
         raise Unavailable(
-            f"{kinds} is handled by the {routed[0].service} service, which this cluster does "
+            f"{', '.join(unserved)} is handled by the lb service, which this cluster does "
             "not run yet; nothing was applied"
         )
+    policies = [doc.body for doc in routed if doc.service == "policy"]
+    if policies:  # the policy service validates them before anything here changes
+        await cli_policy.apply_documents(bus, policies, source, audit=False, dry_run=True)
     for doc in docs:
         if isinstance(doc, NamespaceDoc):
             changed = await put_namespace(bus, doc)
@@ -159,6 +162,12 @@ async def apply(bus: Bus, docs: Sequence[manifests.Document]) -> list[str]:
             lines.append(f"pod/{doc.name} created")
         elif isinstance(doc, DeploymentDoc):
             lines.extend(await _scale(bus, doc, existing, known_nodes))
+    if policies:
+        reply = await cli_policy.apply_documents(bus, policies, source, audit=False, dry_run=False)
+        lines.extend(reply.results)
+        lines.extend(
+            f"note: {key} has L7 rules, enforced at L4 only for now" for key in reply.l7_at_l4
+        )
     return lines
 
 
@@ -184,7 +193,7 @@ async def _scale(
     return [f"deployment/{doc.name} {state} ({len(wanted)} replicas)"]
 
 
-async def delete(bus: Bus, docs: Sequence[manifests.Document]) -> list[str]:
+async def delete(bus: Bus, docs: Sequence[manifests.Document], source: str = "-") -> list[str]:
     lines: list[str] = []
     existing = await endpoints(bus)
     for doc in docs:
@@ -200,6 +209,13 @@ async def delete(bus: Bus, docs: Sequence[manifests.Document]) -> list[str]:
             for endpoint in pods:
                 await delete_pod(bus, endpoint.namespace, endpoint.name)
             lines.append(f"deployment/{doc.name} deleted ({len(pods)} pods)")
+        elif isinstance(doc, RoutedDoc) and doc.service == "policy":
+            reply = await bus.request(
+                subjects.POLICY_DELETE,
+                PolicyRef(kind=doc.kind, namespace=doc.namespace, name=doc.name),
+                PolicyDeleteReply,
+            )
+            lines.extend(f"{key} deleted" for key in reply.deleted)
         elif isinstance(doc, RoutedDoc):
             raise Unavailable(
                 f"{doc.kind} is handled by the {doc.service} service, which this cluster does "

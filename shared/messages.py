@@ -6,6 +6,8 @@ optional field is compatible; renaming or retyping one needs a new ``v``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 SCHEMA_VERSION = 1
@@ -236,3 +238,65 @@ class FlowBatch(Message):
     node: str
     flows: list[Flow]
     lost: int = 0  # events the ring buffer could not take since the previous batch
+
+
+# --- policy service ----------------------------------------------------------------------------
+
+
+class PolicyApplyRequest(Message):
+    """Policy documents (decoded YAML) to validate and store; all or nothing."""
+
+    documents: list[dict[str, Any]]
+    source: str = "-"  # names the input in error messages (a file path, or "-")
+    audit: bool = False  # apply every document in audit mode (`apply --audit`)
+    dry_run: bool = False  # validate only: `membrane apply` checks before it changes anything
+
+
+class PolicyApplyReply(Message):
+    results: list[str]  # "CiliumNetworkPolicy/default/rule1 created|configured|unchanged"
+    warnings: list[str] = []
+    l7_at_l4: list[str] = []  # policies whose L7 rules are accepted but enforced at L4 only
+
+
+class PolicyRef(Message):
+    name: str
+    namespace: str = ""  # "" with kind "" also finds a cluster-wide policy
+    kind: str = ""  # "" = whichever kind has that name
+
+
+class PolicySummary(Message):
+    kind: str
+    namespace: str
+    name: str
+    rules: int
+    audit: bool = False
+    subjects: int = 0  # identities it selects right now
+
+
+class PolicyListReply(Message):
+    policies: list[PolicySummary]
+
+
+class PolicyDeleteReply(Message):
+    deleted: list[str]
+
+
+class PolicyDocument(Message):
+    kind: str
+    namespace: str
+    name: str
+    document: dict[str, Any]
+
+
+class ExplainRequest(Message):
+    src_identity: int
+    dst_identity: int
+    protocol: int
+    port: int
+    src_ports: list[ContainerPort] = []
+    dst_ports: list[ContainerPort] = []
+
+
+class ExplainReply(Message):
+    allowed: bool
+    lines: list[str]

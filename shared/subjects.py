@@ -18,6 +18,15 @@ IPAM_ALLOCATE: Final = "membrane.ipam.allocate"
 IPAM_RELEASE: Final = "membrane.ipam.release"
 IPAM_LIST: Final = "membrane.ipam.list"
 
+# policy service: request/reply on a queue group
+POLICY_SERVICE: Final = "membrane-policy"
+POLICY_QUEUE: Final = "membrane-policy"
+POLICY_APPLY: Final = "membrane.policy.apply"
+POLICY_DELETE: Final = "membrane.policy.delete"
+POLICY_LIST: Final = "membrane.policy.list"
+POLICY_GET: Final = "membrane.policy.get"
+POLICY_EXPLAIN: Final = "membrane.policy.explain"
+
 # datapath agents (one per node) register as a micro service for discovery and status
 DATAPATH_SERVICE: Final = "membrane-datapath"
 

@@ -475,3 +475,77 @@ def test_cni_add_check_del_version(cluster: Cluster, tmp_path: Path) -> None:
     finally:
         cni("DEL")
         subprocess.run(["ip", "netns", "del", netns_name], check=False)
+
+
+def test_cilium_network_policy_through_the_policy_service(cluster: Cluster, tmp_path: Path) -> None:
+    """A CNP applied with `membrane apply` is resolved, enforced on real packets, explained."""
+    ds = create_pod(cluster, "deathstar", "org=empire,class=deathstar")
+    create_pod(cluster, "tiefighter", "org=empire,class=tiefighter")
+    create_pod(cluster, "xwing", "org=alliance,class=xwing")
+    server = cluster.background("deathstar", "serve", "tcp", "80")
+    policy = tmp_path / "cnp.yaml"
+    policy.write_text(
+        """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: empire-only}
+spec:
+  description: only empire ships may reach the deathstar on 80/TCP
+  endpointSelector: {matchLabels: {org: empire, class: deathstar}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {org: empire}}]
+    toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+"""
+    )
+    try:
+        applied = cluster.run("apply", "-f", str(policy))
+        assert "CiliumNetworkPolicy/default/empire-only created" in applied.stdout
+        ip = str(ds["ip"])
+        deadline = time.monotonic() + 10
+        while cluster.probe("xwing", "tcp", ip, "80").returncode == 0:
+            assert time.monotonic() < deadline, "the policy never took effect"
+            time.sleep(0.2)
+        assert cluster.probe("tiefighter", "tcp", ip, "80").returncode == 0
+        allowed = cluster.run(
+            "policy",
+            "explain",
+            "--from",
+            "tiefighter",
+            "--to",
+            "deathstar",
+            "--port",
+            "80/TCP",
+            check=False,
+        )
+        assert allowed.returncode == 0, allowed.stdout
+        denied = cluster.run(
+            "policy",
+            "explain",
+            "--from",
+            "xwing",
+            "--to",
+            "deathstar",
+            "--port",
+            "80/TCP",
+            check=False,
+        )
+        assert denied.returncode == 1
+        assert "default/empire-only" in denied.stdout, denied.stdout
+        listed = cluster.json("policy", "list")
+        assert [(p["name"], p["subjects"]) for p in listed] == [("empire-only", 1)]
+        assert "empire-only" in cluster.run("policy", "get", "empire-only").stdout
+        # a bad document is refused whole, naming the field; the stored policy is untouched
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(policy.read_text().replace('port: "80"', 'port: "70000"'))
+        refused = cluster.run("policy", "apply", "-f", str(bad), check=False)
+        assert refused.returncode == 1 and "port" in refused.stderr, refused.stderr
+        assert cluster.probe("tiefighter", "tcp", ip, "80").returncode == 0
+        cluster.run("delete", "-f", str(policy))
+        deadline = time.monotonic() + 10
+        while cluster.probe("xwing", "tcp", ip, "80").returncode != 0:
+            assert time.monotonic() < deadline, "deleting the policy did not open the port"
+            time.sleep(0.2)
+    finally:
+        server.kill()
+        cluster.run("policy", "delete", "empire-only", check=False)
+        cluster.run("pod", "delete", "deathstar", "tiefighter", "xwing")

@@ -1,0 +1,483 @@
+"""The policy resolver: identities and policies in, one ResolvedPolicy per subject identity out.
+
+Pure logic, no NATS: the service feeds it the ``identities`` bucket and the applied policies and
+publishes what each call says changed.
+
+How work follows the change:
+
+- :class:`~services.policy.selector_cache.SelectorCache` keeps selector -> identities, evaluating
+  a new identity only against the selectors filed under its labels, and a new selector only
+  against the identities carrying its indexed label.
+- :class:`~services.policy.cidr_table.CIDRTable` keeps the node-local CIDR identities and what
+  each CIDR rule selects, offering a new network only to the rules whose network contains it.
+- Each spec (``(policy key, spec index)``) is registered as a user of its subject selector and
+  of every peer its rules depend on: a selector, a CIDR rule, or the classes "every cluster
+  identity" and "every CIDR identity" (entities). When a dependency's members change, only the
+  subjects of the specs using it are resolved again; a policy change resolves only the subjects
+  its old and new specs select (and, if it added or removed CIDR networks, the subjects of the
+  rules whose selection that changed).
+- A subject's result is compared with the previous one; only a real change bumps its revision
+  and is reported.
+
+Resolution of one subject (Cilium's and Kubernetes' semantics, see :mod:`services.policy.model`):
+the union of every spec selecting it; a direction is enforced if any of them enforces it; each
+rule gives one entry per (peer identity, port rule), peer 0 for a wildcard, protocol/port 0 when
+the rule has no ports; deny rules give deny entries (the datapath makes deny win). Where deny
+rules apply in a direction no spec enforces, the direction is flagged enforced and an allow-all
+entry (peer 0, any protocol and port, rule id 0) keeps everything else allowed. Policies in audit
+mode are kept (``explain`` names them) but give no entries: until the datapath has an audit
+verdict, enforcing them would deny what the user only wanted to try.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
+from ipaddress import IPv4Network
+
+from services.policy.cidr_table import CIDRChange, CIDRTable
+from services.policy.explain import Explanation, explain
+from services.policy.model import (
+    CLUSTER_MIN,
+    LOCAL_BASE,
+    RESERVED_HEALTH,
+    RESERVED_HOST,
+    RESERVED_INGRESS,
+    RESERVED_INIT,
+    RESERVED_KUBE_APISERVER,
+    RESERVED_REMOTE_NODE,
+    RESERVED_UNMANAGED,
+    RESERVED_WORLD,
+    CIDRRule,
+    Direction,
+    L7Rules,
+    Policy,
+    PolicySpec,
+    Rule,
+    Selector,
+)
+from services.policy.selector_cache import SelectorCache
+from shared.errors import AlreadyExists
+from shared.labels import SOURCE_RESERVED, Label, LabelSet
+from shared.messages import PolicyEntry, ResolvedPolicy
+
+__all__ = ["Explanation", "PeerClass", "Resolver", "explain", "is_subject_range"]
+
+# the reserved identities exist implicitly, with their one label (Cilium's names)
+_RESERVED_NAMES = {
+    RESERVED_HOST: "host",
+    RESERVED_WORLD: "world",
+    RESERVED_UNMANAGED: "unmanaged",
+    RESERVED_HEALTH: "health",
+    RESERVED_INIT: "init",
+    RESERVED_REMOTE_NODE: "remote-node",
+    RESERVED_KUBE_APISERVER: "kube-apiserver",
+    RESERVED_INGRESS: "ingress",
+}
+
+
+class PeerClass(enum.Enum):
+    """Dependencies of entities: every cluster identity, every node-local CIDR identity."""
+
+    CLUSTER = "cluster"
+    CIDR = "cidr"
+
+
+Dependency = Selector | CIDRRule | PeerClass
+SpecRef = tuple[str, int]  # (policy key, index of the spec in policy.specs)
+# (peer, protocol, port, end_port, port_name, deny, rule id, l7 protocol, l7 canonical JSON)
+EntryKey = tuple[int, int, int, int, str, bool, int, str, str]
+
+
+@dataclass(frozen=True)
+class _Result:
+    ingress_enforced: bool
+    egress_enforced: bool
+    ingress: tuple[EntryKey, ...]
+    egress: tuple[EntryKey, ...]
+
+
+def is_subject_range(identity: int) -> bool:
+    """Pod identities (cluster-local, cluster-mesh included) are the only possible subjects."""
+    return CLUSTER_MIN <= identity < LOCAL_BASE
+
+
+def _dependencies(spec: PolicySpec) -> set[Dependency]:
+    deps: set[Dependency] = set()
+    for rule in spec.rules:
+        for peer in rule.peers:
+            if peer.selector is not None:
+                deps.add(peer.selector)
+            elif peer.cidr is not None:
+                deps.add(peer.cidr)
+            elif peer.entity is not None:
+                targets = peer.entity.targets
+                if targets.wildcard:
+                    continue
+                if targets.cluster:
+                    deps.add(PeerClass.CLUSTER)
+                if targets.cidr:
+                    deps.add(PeerClass.CIDR)
+    return deps
+
+
+def _entry(key: EntryKey) -> PolicyEntry:
+    peer, protocol, port, end_port, port_name, deny, rule_id, l7_proto, l7_json = key
+    entry = PolicyEntry(
+        peer=peer,
+        protocol=protocol,
+        port=port,
+        end_port=end_port,
+        port_name=port_name,
+        deny=deny,
+        rule_id=rule_id,
+    )
+    if l7_proto:
+        entry.l7 = L7Rules(l7_proto, l7_json).entries()
+    return entry
+
+
+class Resolver:
+    def __init__(self) -> None:
+        self._cache = SelectorCache()
+        self._cidrs = CIDRTable()
+        self._cluster: set[int] = set()
+        self._policies: dict[str, Policy] = {}
+        self._subject_users: dict[Dependency, set[SpecRef]] = {}
+        self._peer_users: dict[Dependency, set[SpecRef]] = {}
+        self._rule_names: dict[int, tuple[str, str]] = {}  # rule id -> (policy key, rule name)
+        self._results: dict[int, _Result] = {}
+        self._resolved: dict[int, ResolvedPolicy] = {}
+        self._revisions: dict[int, int] = {}
+        self._memo: dict[tuple[str, int], frozenset[EntryKey]] = {}
+        for number, name in _RESERVED_NAMES.items():
+            self._cache.add_identity(number, LabelSet([Label(SOURCE_RESERVED, name)]))
+
+    # --- inputs --------------------------------------------------------------------------------
+
+    def set_identity(self, identity: int, labels: Iterable[str]) -> set[int]:
+        """Adds or relabels an identity; returns the subjects whose ResolvedPolicy changed."""
+        label_set = LabelSet.parse(labels)
+        if self._cache.labels(identity) == label_set:
+            return set()
+        dirty = self._drop_identity(identity)
+        deps: set[Dependency] = set(self._cache.add_identity(identity, label_set))
+        if is_subject_range(identity):
+            self._cluster.add(identity)
+            deps.add(PeerClass.CLUSTER)
+            dirty.add(identity)
+        dirty |= self._subjects_using(deps)
+        return self._settle(dirty)
+
+    def remove_identity(self, identity: int) -> set[int]:
+        dirty = self._drop_identity(identity)
+        changed = self._settle(dirty)
+        self._revisions.pop(identity, None)
+        return changed
+
+    def set_policy(self, policy: Policy) -> set[int]:
+        """Adds a policy or replaces the one with the same key."""
+        key = policy.key
+        self._check_rule_ids(policy)
+        old = self._policies.get(key)
+        dirty: set[int] = set()
+        change = CIDRChange(set(), False)
+        # take the new references before dropping the old ones: shared selectors and networks
+        # stay cached instead of being evaluated again
+        for spec in policy.specs:
+            self._acquire(spec.subject, change)
+            for dep in _dependencies(spec):
+                self._acquire(dep, change)
+        if old is not None:
+            dirty |= self._policy_subjects(old)
+            self._unregister(old, change)
+        self._policies[key] = policy
+        for index, spec in enumerate(policy.specs):
+            self._subject_users.setdefault(spec.subject, set()).add((key, index))
+            for dep in _dependencies(spec):
+                self._peer_users.setdefault(dep, set()).add((key, index))
+        for rule in policy.rules:
+            self._rule_names[rule.id] = (key, rule.name)
+        dirty |= self._policy_subjects(policy)
+        dirty |= self._subjects_after(change)
+        return self._settle(dirty)
+
+    def remove_policy(self, key: str) -> set[int]:
+        old = self._policies.get(key)
+        if old is None:
+            return set()
+        dirty = self._policy_subjects(old)
+        change = CIDRChange(set(), False)
+        self._unregister(old, change)
+        del self._policies[key]
+        dirty |= self._subjects_after(change)
+        return self._settle(dirty)
+
+    # --- outputs -------------------------------------------------------------------------------
+
+    def resolved(self, identity: int) -> ResolvedPolicy | None:
+        """None when no (enforcing or not) spec selects the identity."""
+        return self._resolved.get(identity)
+
+    def subjects(self) -> set[int]:
+        return set(self._resolved)
+
+    def cidr_identities(self) -> dict[IPv4Network, int]:
+        return self._cidrs.identities()
+
+    def take_cidr_changes(self) -> tuple[dict[IPv4Network, int], list[IPv4Network]]:
+        return self._cidrs.take_changes()
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "policies": len(self._policies),
+            "rules": sum(len(policy.rules) for policy in self._policies.values()),
+            "selectors": len(self._cache),
+            "identities": sum(1 for _ in self._cache.identities()),
+            "subjects": len(self._resolved),
+            "cidr_identities": len(self._cidrs),
+            "selector_evaluations": self._cache.evaluations,
+        }
+
+    # --- lookups for explain and the service ---------------------------------------------------
+
+    def policy(self, key: str) -> Policy | None:
+        return self._policies.get(key)
+
+    def policies(self) -> list[Policy]:
+        return [self._policies[key] for key in sorted(self._policies)]
+
+    def labels(self, identity: int) -> LabelSet | None:
+        return self._cache.labels(identity)
+
+    def selecting(self, identity: int) -> list[tuple[Policy, PolicySpec]]:
+        """Every spec selecting the identity (audit policies included), in key order."""
+        if not is_subject_range(identity):
+            return []
+        refs = self._selecting_refs(identity)
+        return [(self._policies[key], self._policies[key].specs[index]) for key, index in refs]
+
+    def subjects_of(self, key: str) -> set[int]:
+        """The identities a policy's specs select now (whether or not it is in audit mode)."""
+        policy = self._policies.get(key)
+        return set() if policy is None else self._policy_subjects(policy)
+
+    def rule_name(self, rule_id: int) -> str:
+        owner = self._rule_names.get(rule_id)
+        return owner[1] if owner else ""
+
+    def cidr_identity(self, network: IPv4Network) -> int | None:
+        return self._cidrs.identity_of(network)
+
+    @property
+    def selector_evaluations(self) -> int:
+        return self._cache.evaluations
+
+    # --- bookkeeping ---------------------------------------------------------------------------
+
+    def _check_rule_ids(self, policy: Policy) -> None:
+        seen: dict[int, str] = {}
+        for rule in policy.rules:
+            other = seen.get(rule.id)
+            owner = self._rule_names.get(rule.id)
+            if other is None and owner is not None and owner[0] != policy.key:
+                other = owner[1]
+            if other is not None:
+                raise AlreadyExists(
+                    f"rule {rule.name} has the same id ({rule.id}) as rule {other}: "
+                    "rename the policy",
+                    field="metadata.name",
+                )
+            seen[rule.id] = rule.name
+
+    def _acquire(self, dep: Dependency, change: CIDRChange) -> None:
+        if isinstance(dep, Selector):
+            self._cache.acquire(dep)
+        elif isinstance(dep, CIDRRule):
+            self._merge(change, self._cidrs.acquire(dep))
+
+    def _release(self, dep: Dependency, change: CIDRChange) -> None:
+        if isinstance(dep, Selector):
+            self._cache.release(dep)
+        elif isinstance(dep, CIDRRule):
+            self._merge(change, self._cidrs.release(dep))
+
+    @staticmethod
+    def _merge(into: CIDRChange, change: CIDRChange) -> None:
+        into.rules |= change.rules
+        into.table_changed |= change.table_changed
+
+    def _unregister(self, policy: Policy, change: CIDRChange) -> None:
+        key = policy.key
+        for index, spec in enumerate(policy.specs):
+            self._discard_user(self._subject_users, spec.subject, (key, index))
+            self._release(spec.subject, change)
+            for dep in _dependencies(spec):
+                self._discard_user(self._peer_users, dep, (key, index))
+                self._release(dep, change)
+        for rule in policy.rules:
+            if self._rule_names.get(rule.id, ("", ""))[0] == key:
+                del self._rule_names[rule.id]
+
+    @staticmethod
+    def _discard_user(users: dict[Dependency, set[SpecRef]], dep: Dependency, ref: SpecRef) -> None:
+        holders = users[dep]
+        holders.discard(ref)
+        if not holders:
+            del users[dep]
+
+    def _drop_identity(self, identity: int) -> set[int]:
+        """Removes an identity from every cache; returns the subjects to resolve again."""
+        if self._cache.labels(identity) is None:
+            return set()
+        deps: set[Dependency] = set(self._cache.remove_identity(identity))
+        if identity in self._cluster:
+            self._cluster.discard(identity)
+            deps.add(PeerClass.CLUSTER)
+        return self._subjects_using(deps) | {identity}
+
+    def _selecting_refs(self, identity: int) -> list[SpecRef]:
+        return sorted(
+            ref
+            for selector in self._cache.selectors_of(identity)
+            for ref in self._subject_users.get(selector, ())
+        )
+
+    def _spec_subjects(self, ref: SpecRef) -> Iterable[int]:
+        subject = self._policies[ref[0]].specs[ref[1]].subject
+        return (ident for ident in self._cache.matches(subject) if is_subject_range(ident))
+
+    def _policy_subjects(self, policy: Policy) -> set[int]:
+        found: set[int] = set()
+        for spec in policy.specs:
+            found.update(i for i in self._cache.matches(spec.subject) if is_subject_range(i))
+        return found
+
+    def _subjects_using(self, deps: Iterable[Dependency]) -> set[int]:
+        refs = {ref for dep in deps for ref in self._peer_users.get(dep, ())}
+        found: set[int] = set()
+        for ref in refs:
+            found.update(self._spec_subjects(ref))
+        return found
+
+    def _subjects_after(self, change: CIDRChange) -> set[int]:
+        deps: set[Dependency] = set(change.rules)
+        if change.table_changed:
+            deps.add(PeerClass.CIDR)
+        return self._subjects_using(deps)
+
+    # --- resolution ----------------------------------------------------------------------------
+
+    def _settle(self, dirty: set[int]) -> set[int]:
+        """Resolves the dirty subjects again; returns those whose result changed."""
+        self._memo.clear()
+        changed: set[int] = set()
+        for identity in sorted(dirty):
+            result = self._resolve(identity)
+            if result == self._results.get(identity):
+                continue
+            changed.add(identity)
+            if result is None:
+                del self._results[identity]
+                del self._resolved[identity]
+                continue
+            revision = self._revisions.get(identity, 0) + 1
+            self._revisions[identity] = revision
+            self._results[identity] = result
+            self._resolved[identity] = self._message(identity, revision, result)
+        self._memo.clear()
+        return changed
+
+    def _message(self, identity: int, revision: int, result: _Result) -> ResolvedPolicy:
+        rule_ids = {key[6] for key in (*result.ingress, *result.egress) if key[6]}
+        return ResolvedPolicy(
+            identity=identity,
+            revision=revision,
+            ingress_enforced=result.ingress_enforced,
+            egress_enforced=result.egress_enforced,
+            ingress=[_entry(key) for key in result.ingress],
+            egress=[_entry(key) for key in result.egress],
+            rules={rule_id: self._rule_names[rule_id][1] for rule_id in sorted(rule_ids)},
+        )
+
+    def _resolve(self, identity: int) -> _Result | None:
+        if identity not in self._cluster:
+            return None
+        refs = self._selecting_refs(identity)
+        selected = False
+        enforced = {Direction.INGRESS: False, Direction.EGRESS: False}
+        entries: dict[Direction, set[EntryKey]] = {
+            Direction.INGRESS: set(),
+            Direction.EGRESS: set(),
+        }
+        for key, index in refs:
+            policy = self._policies[key]
+            if policy.audit:
+                continue
+            selected = True
+            spec = policy.specs[index]
+            enforced[Direction.INGRESS] |= spec.enforces_ingress
+            enforced[Direction.EGRESS] |= spec.enforces_egress
+            for rule in spec.rules:
+                entries[rule.direction] |= self._rule_entries(key, rule)
+        if not selected:
+            return None
+        for direction, found in entries.items():
+            if not enforced[direction] and any(entry[5] for entry in found):
+                enforced[direction] = True
+                found.add((0, 0, 0, 0, "", False, 0, "", ""))
+        return _Result(
+            ingress_enforced=enforced[Direction.INGRESS],
+            egress_enforced=enforced[Direction.EGRESS],
+            ingress=tuple(sorted(entries[Direction.INGRESS])),
+            egress=tuple(sorted(entries[Direction.EGRESS])),
+        )
+
+    def _rule_entries(self, key: str, rule: Rule) -> frozenset[EntryKey]:
+        """A rule's entries do not depend on the subject: computed once per settle."""
+        memo_key = (key, rule.index)
+        cached = self._memo.get(memo_key)
+        if cached is not None:
+            return cached
+        peers = self._peer_ids(rule)
+        out: set[EntryKey] = set()
+        for peer in peers:
+            if not rule.ports:
+                out.add((peer, 0, 0, 0, "", rule.deny, rule.id, "", ""))
+            for port in rule.ports:
+                l7_proto, l7_json = (port.l7.protocol, port.l7.canonical) if port.l7 else ("", "")
+                out.add(
+                    (
+                        peer,
+                        port.protocol,
+                        port.port,
+                        port.end_port,
+                        port.port_name,
+                        rule.deny,
+                        rule.id,
+                        l7_proto,
+                        l7_json,
+                    )
+                )
+        entries = frozenset(out)
+        self._memo[memo_key] = entries
+        return entries
+
+    def _peer_ids(self, rule: Rule) -> set[int]:
+        ids: set[int] = set()
+        for peer in rule.peers:
+            if peer.selector is not None:
+                ids |= self._cache.matches(peer.selector)
+            elif peer.cidr is not None:
+                ids |= self._cidrs.matches(peer.cidr)
+            elif peer.entity is not None:
+                targets = peer.entity.targets
+                if targets.wildcard:
+                    return {0}
+                ids |= targets.reserved
+                if targets.cluster:
+                    ids |= self._cluster
+                if targets.cidr:
+                    ids |= self._cidrs.all_ids()
+        return ids

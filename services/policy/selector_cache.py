@@ -1,0 +1,162 @@
+"""The selector cache: selector -> the identities whose ``k8s`` labels it matches.
+
+Work follows the change, not the cluster, through two inverted indexes:
+
+- every selector is filed under the label terms it *requires*: one ``In`` requirement (each of
+  its values, as ``(key, value)``) or else one ``Exists`` (as ``(key, None)``). A new identity
+  is evaluated only against the selectors filed under one of its own labels, so a selector
+  requiring ``app=web`` never sees an identity without that label. A selector with only
+  ``NotIn``/``DoesNotExist`` terms (or none) requires nothing and is evaluated for every new
+  identity: the fallback set.
+- every identity is filed under its labels the same way, so a new selector is evaluated only
+  against the identities that carry its indexed term (all of them for a fallback selector).
+
+The indexed term is chosen to be selective: an ``In`` before an ``Exists``, a pod label before
+the namespace (many pods share a namespace), fewer values first.
+
+Reserved identities take part with their labels (``reserved:...``, no ``k8s`` label), so only
+fallback selectors (e.g. a lone ``NotIn``) can match them, as in Cilium.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from services.policy.model import Selector
+from shared.labels import NAMESPACE_LABEL, LabelSet
+
+# (key, value) for a label with that value, (key, None) for "has the key"
+Term = tuple[str, str | None]
+
+
+def index_terms(selector: Selector) -> tuple[Term, ...] | None:
+    """The terms a selector is filed under (an identity must carry one), None: fallback."""
+    ins = [req for req in selector.requirements if req.operator == "In"]
+    if ins:
+        best = min(ins, key=lambda r: (r.key == NAMESPACE_LABEL, len(r.values), r.key))
+        return tuple((best.key, value) for value in sorted(best.values))
+    exists = [req for req in selector.requirements if req.operator == "Exists"]
+    if exists:
+        best = min(exists, key=lambda r: (r.key == NAMESPACE_LABEL, r.key))
+        return ((best.key, None),)
+    return None
+
+
+def _identity_terms(k8s: dict[str, str]) -> Iterable[Term]:
+    for key, value in k8s.items():
+        yield (key, value)
+        yield (key, None)
+
+
+class SelectorCache:
+    """Reference-counted selectors and their matching identities, maintained incrementally."""
+
+    def __init__(self) -> None:
+        self._labels: dict[int, LabelSet] = {}
+        self._k8s: dict[int, dict[str, str]] = {}
+        self._identities_by_term: dict[Term, set[int]] = {}
+        self._refs: dict[Selector, int] = {}
+        self._matches: dict[Selector, set[int]] = {}
+        self._selectors_by_term: dict[Term, set[Selector]] = {}
+        self._fallback: set[Selector] = set()
+        self._of_identity: dict[int, set[Selector]] = {}
+        self.evaluations = 0  # selector-against-identity evaluations, for tests and metrics
+
+    def __len__(self) -> int:
+        return len(self._refs)
+
+    # --- identities ----------------------------------------------------------------------------
+
+    def labels(self, identity: int) -> LabelSet | None:
+        return self._labels.get(identity)
+
+    def identities(self) -> Iterable[int]:
+        return self._labels.keys()
+
+    def add_identity(self, identity: int, labels: LabelSet) -> set[Selector]:
+        """Files a new identity (remove it first to relabel); returns the selectors matching it."""
+        if identity in self._labels:
+            raise ValueError(f"identity {identity} is already known")
+        k8s = labels.k8s_map()
+        self._labels[identity] = labels
+        self._k8s[identity] = k8s
+        candidates = set(self._fallback)
+        for term in _identity_terms(k8s):
+            self._identities_by_term.setdefault(term, set()).add(identity)
+            candidates.update(self._selectors_by_term.get(term, ()))
+        matched: set[Selector] = set()
+        for selector in candidates:
+            self.evaluations += 1
+            if selector.matches(k8s):
+                matched.add(selector)
+                self._matches[selector].add(identity)
+        self._of_identity[identity] = matched
+        return set(matched)
+
+    def remove_identity(self, identity: int) -> set[Selector]:
+        """Forgets an identity; returns the selectors that matched it (no evaluation needed)."""
+        if identity not in self._labels:
+            return set()
+        del self._labels[identity]
+        for term in _identity_terms(self._k8s.pop(identity)):
+            holders = self._identities_by_term[term]
+            holders.discard(identity)
+            if not holders:
+                del self._identities_by_term[term]
+        matched = self._of_identity.pop(identity)
+        for selector in matched:
+            self._matches[selector].discard(identity)
+        return matched
+
+    # --- selectors -----------------------------------------------------------------------------
+
+    def acquire(self, selector: Selector) -> None:
+        """Takes a reference; the first one evaluates the selector against its candidates."""
+        count = self._refs.get(selector, 0)
+        self._refs[selector] = count + 1
+        if count:
+            return
+        terms = index_terms(selector)
+        candidates: Iterable[int]
+        if terms is None:
+            self._fallback.add(selector)
+            candidates = list(self._labels)
+        else:
+            found: set[int] = set()
+            for term in terms:
+                self._selectors_by_term.setdefault(term, set()).add(selector)
+                found.update(self._identities_by_term.get(term, ()))
+            candidates = found
+        matched: set[int] = set()
+        for identity in candidates:
+            self.evaluations += 1
+            if selector.matches(self._k8s[identity]):
+                matched.add(identity)
+                self._of_identity[identity].add(selector)
+        self._matches[selector] = matched
+
+    def release(self, selector: Selector) -> None:
+        count = self._refs[selector] - 1
+        if count:
+            self._refs[selector] = count
+            return
+        del self._refs[selector]
+        terms = index_terms(selector)
+        if terms is None:
+            self._fallback.discard(selector)
+        else:
+            for term in terms:
+                filed = self._selectors_by_term[term]
+                filed.discard(selector)
+                if not filed:
+                    del self._selectors_by_term[term]
+        for identity in self._matches.pop(selector):
+            self._of_identity[identity].discard(selector)
+
+    def matches(self, selector: Selector) -> set[int]:
+        """The identities a cached selector matches (the cache's own set: do not modify)."""
+        return self._matches[selector]
+
+    def selectors_of(self, identity: int) -> set[Selector]:
+        """The cached selectors that match an identity (the cache's own set: do not modify)."""
+        return self._of_identity.get(identity, set())

@@ -1,0 +1,346 @@
+"""The policy service's face: documents in over NATS, resolved policy out to the KV.
+
+The ``policies`` bucket is the source of truth: ``apply`` validates every document first and
+stores them only if all are valid; every replica watches the bucket and the ``identities``
+bucket, feeds the resolver, and writes the results of the subject identities whose policy
+changed to ``resolved`` (and CIDR identities to ``ipcache``). Nothing is published before both
+snapshots are in, so a restarted service never withdraws policy it has not read yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgspec
+from nats.js.kv import KeyValue
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.policy.model import Policy
+from services.policy.parser import parse_document
+from services.policy.resolver import Resolver, explain
+from shared import __version__, log, metrics, subjects
+from shared.bus import Bus, KVEvent, MicroService, redact
+from shared.config import CommonSettings, env_name, setting
+from shared.errors import InvalidArgument, MembraneError, NotFound
+from shared.messages import (
+    Empty,
+    ExplainReply,
+    ExplainRequest,
+    Identity,
+    IPCacheEntry,
+    Message,
+    PolicyApplyReply,
+    PolicyApplyRequest,
+    PolicyDeleteReply,
+    PolicyDocument,
+    PolicyListReply,
+    PolicyRef,
+    PolicySummary,
+)
+from shared.runtime import TaskGroup, wait_for_shutdown
+
+Req = TypeVar("Req", bound=Message)
+Res = TypeVar("Res", bound=Message)
+
+AUDIT_ANNOTATION = "policy.membrane.io/audit"
+
+POLICIES = Gauge("membrane_policy_policies", "Policies stored")
+RULES = Gauge("membrane_policy_rules", "Rules of the stored policies")
+SELECTORS = Gauge("membrane_policy_selector_cache_selectors", "Selectors in the selector cache")
+RESOLVE_SECONDS = Histogram(
+    "membrane_policy_resolution_seconds",
+    "From a change (identity or policy) to its resolved entries written",
+    ["cause"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1, 5),
+)
+REJECTED = Counter(
+    "membrane_policy_rejected_documents_total", "Documents refused by apply, by reason", ["reason"]
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicySettings(CommonSettings):
+    concurrency: int = setting(32, "requests served at once per replica")
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise InvalidArgument("must be at least 1", field=env_name("concurrency"))
+
+
+def store_key(kind: str, namespace: str, name: str) -> str:
+    """The ``policies`` bucket key: kind, namespace and name (CNP and NetworkPolicy may share
+    a namespace and a name)."""
+    return f"{kind}/{namespace}/{name}"
+
+
+class StoredPolicy(msgspec.Struct, kw_only=True):
+    """A ``policies`` bucket value: the document as applied."""
+
+    document: dict[str, Any]
+    source: str = "-"
+
+
+class PolicyService:
+    def __init__(self, bus: Bus, policies: KeyValue, resolved: KeyValue, ipcache: KeyValue) -> None:
+        self.bus = bus
+        self.policies = policies
+        self.resolved_kv = resolved
+        self.ipcache = ipcache
+        self.resolver = Resolver()
+        self.by_store_key: dict[str, Policy] = {}
+        self.synced = {name: asyncio.Event() for name in ("identities", "policies")}
+        self.pending: set[int] = set()  # subjects to publish once both snapshots are in
+        self.log = log.get("policy")
+
+    # --- requests ----------------------------------------------------------------------------
+
+    def _validate(self, req: PolicyApplyRequest) -> list[tuple[str, Policy, dict[str, Any]]]:
+        parsed = []
+        for index, document in enumerate(req.documents, start=1):
+            if req.audit:
+                document = _with_audit(document)
+            try:
+                policy = parse_document(document, req.source, index)
+            except InvalidArgument as exc:
+                REJECTED.labels((exc.field or "document").split(".")[0].split("[")[0]).inc()
+                raise
+            parsed.append(
+                (store_key(policy.kind.value, policy.namespace, policy.name), policy, document)
+            )
+        return parsed
+
+    async def apply(self, req: PolicyApplyRequest) -> PolicyApplyReply:
+        parsed = self._validate(req)  # all documents, before anything is stored
+        results: list[str] = []
+        warnings: list[str] = []
+        l7: list[str] = []
+        for key, policy, document in parsed:
+            warnings.extend(f"{key}: {w}" for w in policy.warnings)
+            if policy.has_l7:
+                l7.append(key)
+            if req.dry_run:
+                results.append(f"{key} valid")
+                continue
+            stored = msgspec.json.encode(StoredPolicy(document=document, source=req.source))
+            previous = await _get(self.policies, key)
+            if previous == stored:
+                results.append(f"{key} unchanged")
+                continue
+            await self.policies.put(key, stored)
+            results.append(f"{key} {'configured' if previous else 'created'}")
+        return PolicyApplyReply(results=results, warnings=warnings, l7_at_l4=l7)
+
+    def _find(self, ref: PolicyRef) -> list[str]:
+        found = [
+            key
+            for key, policy in self.by_store_key.items()
+            if policy.name == ref.name
+            and (not ref.kind or policy.kind.value == ref.kind)
+            and (policy.namespace == ref.namespace or (not policy.namespace and not ref.kind))
+        ]
+        if not found:
+            where = f" in namespace {ref.namespace}" if ref.namespace else ""
+            raise NotFound(f"no policy {ref.name!r}{where}", field="name")
+        return found
+
+    async def delete(self, ref: PolicyRef) -> PolicyDeleteReply:
+        keys = self._find(ref)
+        for key in keys:
+            await self.policies.delete(key)
+        return PolicyDeleteReply(deleted=keys)
+
+    async def list(self, _: Empty) -> PolicyListReply:
+        return PolicyListReply(
+            policies=[
+                PolicySummary(
+                    kind=p.kind.value,
+                    namespace=p.namespace,
+                    name=p.name,
+                    rules=len(p.rules),
+                    audit=p.audit,
+                    subjects=len(self.resolver.subjects_of(p.key)),
+                )
+                for _, p in sorted(self.by_store_key.items())
+            ]
+        )
+
+    async def get(self, ref: PolicyRef) -> PolicyDocument:
+        key = self._find(ref)[0]
+        policy = self.by_store_key[key]
+        return PolicyDocument(
+            kind=policy.kind.value,
+            namespace=policy.namespace,
+            name=policy.name,
+            document=policy.to_dict(),
+        )
+
+    async def explain(self, req: ExplainRequest) -> ExplainReply:
+        result = explain(
+            self.resolver,
+            req.src_identity,
+            req.dst_identity,
+            req.protocol,
+            req.port,
+            src_ports=req.src_ports,
+            dst_ports=req.dst_ports,
+        )
+        return ExplainReply(allowed=result.allowed, lines=result.lines())
+
+    async def register(self, metadata: dict[str, str], concurrency: int) -> MicroService:
+        micro = await self.bus.add_service(
+            subjects.POLICY_SERVICE,
+            __version__,
+            "policy documents resolved into per-identity allow/deny entries",
+            metadata,
+        )
+
+        async def serve(
+            name: str,
+            subject: str,
+            request_type: type[Req],
+            handler: Callable[[Req], Awaitable[Res]],
+        ) -> None:
+            await micro.endpoint(
+                name,
+                subject,
+                request_type,
+                handler,
+                queue_group=subjects.POLICY_QUEUE,
+                concurrency=concurrency,
+            )
+
+        await serve("apply", subjects.POLICY_APPLY, PolicyApplyRequest, self.apply)
+        await serve("delete", subjects.POLICY_DELETE, PolicyRef, self.delete)
+        await serve("list", subjects.POLICY_LIST, Empty, self.list)
+        await serve("get", subjects.POLICY_GET, PolicyRef, self.get)
+        await serve("explain", subjects.POLICY_EXPLAIN, ExplainRequest, self.explain)
+        return micro
+
+    # --- bucket watches -> resolver -> resolved ---------------------------------------------
+
+    def on_identity(self, event: KVEvent) -> set[int]:
+        try:
+            number = int(event.key)
+        except ValueError:
+            return set()
+        if event.value is None:
+            return self.resolver.remove_identity(number)
+        try:
+            identity = msgspec.json.decode(event.value, type=Identity)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            self.log.warning("unreadable identity entry", key=event.key)
+            return set()
+        return self.resolver.set_identity(number, identity.labels)
+
+    def on_policy(self, event: KVEvent) -> set[int]:
+        old = self.by_store_key.pop(event.key, None)
+        changed: set[int] = set()
+        if old is not None:
+            changed |= self.resolver.remove_policy(old.key)
+        if event.value is not None:
+            try:
+                stored = msgspec.json.decode(event.value, type=StoredPolicy)
+                policy = parse_document(stored.document, stored.source)
+            except (msgspec.ValidationError, msgspec.DecodeError, MembraneError) as exc:
+                # stored by a newer or buggy writer: leave it out rather than guess
+                self.log.error(
+                    "stored policy does not parse; ignored", key=event.key, error=str(exc)
+                )
+                return changed
+            self.by_store_key[event.key] = policy
+            changed |= self.resolver.set_policy(policy)
+        POLICIES.set(len(self.by_store_key))
+        RULES.set(sum(len(p.rules) for p in self.by_store_key.values()))
+        return changed
+
+    async def follow(self, name: str, kv: KeyValue, handle: Callable[[KVEvent], set[int]]) -> None:
+        async with contextlib.aclosing(Bus.watch(kv)) as events:
+            async for event in events:
+                if event is None:
+                    self.synced[name].set()
+                    if all(e.is_set() for e in self.synced.values()):
+                        await self.publish(self.pending, name)
+                        self.pending = set()
+                    continue
+                started = time.perf_counter()
+                changed = handle(event)
+                if all(e.is_set() for e in self.synced.values()):
+                    await self.publish(changed, name)
+                    RESOLVE_SECONDS.labels(name).observe(time.perf_counter() - started)
+                else:
+                    self.pending |= changed
+
+    async def publish(self, subjects_changed: set[int], cause: str) -> None:
+        """Write the resolved policy of each changed subject, and CIDR identity changes."""
+        added, removed = self.resolver.take_cidr_changes()
+        writes = []
+        for net, number in added.items():
+            entry = IPCacheEntry(cidr=str(net), identity=number)
+            writes.append(self.ipcache.put(str(net), msgspec.json.encode(entry)))
+        writes.extend(self.ipcache.delete(str(net)) for net in removed)
+        for subject in sorted(subjects_changed):
+            resolved = self.resolver.resolved(subject)
+            if resolved is None:
+                writes.append(self.resolved_kv.delete(str(subject)))
+            else:
+                writes.append(self.resolved_kv.put(str(subject), msgspec.json.encode(resolved)))
+        for start in range(0, len(writes), 256):  # bounded: a cold start can be thousands
+            await asyncio.gather(*writes[start : start + 256])
+        SELECTORS.set(self.resolver.stats().get("selectors", 0))
+        if subjects_changed:
+            self.log.debug("resolved", cause=cause, subjects=len(subjects_changed))
+
+
+def _with_audit(document: dict[str, Any]) -> dict[str, Any]:
+    metadata = dict(document.get("metadata") or {})
+    annotations = dict(metadata.get("annotations") or {})
+    annotations[AUDIT_ANNOTATION] = "true"
+    metadata["annotations"] = annotations
+    return {**document, "metadata": metadata}
+
+
+async def _get(kv: KeyValue, key: str) -> bytes | None:
+    try:
+        entry = await kv.get(key)
+    except Exception:  # nats.js: KeyNotFoundError / KeyDeletedError
+        return None
+    return entry.value or None
+
+
+async def run(settings: PolicySettings) -> None:
+    logger = log.get("policy")
+    bus = await Bus.connect(settings.nats_url, "membrane-policy")
+
+    async def kv(name: str, description: str) -> KeyValue:
+        return await bus.kv(name, description=description, replicas=settings.kv_replicas)
+
+    service = PolicyService(
+        bus,
+        await kv(subjects.KV_POLICIES, "kind/namespace/name -> policy document"),
+        await kv(subjects.KV_RESOLVED, "identity -> resolved policy"),
+        await kv(subjects.KV_IPCACHE, "address -> identity, node"),
+    )
+    identities = await kv(subjects.KV_IDENTITIES, "identity -> labels")
+    tasks = TaskGroup()
+    tasks.spawn(
+        "watch-identities", lambda: service.follow("identities", identities, service.on_identity)
+    )
+    tasks.spawn(
+        "watch-policies", lambda: service.follow("policies", service.policies, service.on_policy)
+    )
+    metrics_port = metrics.serve(settings.metrics_host, settings.metrics_port)
+    replica = settings.replica or f"policy-{id(service) & 0xFFFF}"
+    await service.register(
+        {"replica": replica, "metrics": f"{settings.metrics_host}:{metrics_port}"},
+        settings.concurrency,
+    )
+    logger.info("policy service ready", nats=redact(settings.nats_url), metrics=metrics_port)
+    signal_name = await wait_for_shutdown()
+    logger.info("shutting down", signal=signal_name)
+    await tasks.close()
+    await bus.close()
