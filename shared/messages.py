@@ -199,6 +199,9 @@ class ResolvedPolicy(Message):
     revision: int
     ingress_enforced: bool = False
     egress_enforced: bool = False
+    # audit mode: what the entries would deny is allowed and reported with verdict AUDIT
+    ingress_audit: bool = False
+    egress_audit: bool = False
     ingress: list[PolicyEntry] = []
     egress: list[PolicyEntry] = []
     rules: dict[int, str] = {}  # rule id -> "namespace/name[index]" (or "name[index]")

@@ -32,6 +32,8 @@ EVENT_TRACE: Final = 2
 EVENT_POLICY_VERDICT: Final = 3
 F_REPLY: Final = 0x1
 F_ALLOWED: Final = 0x2
+F_AUDIT: Final = 0x4  # policy would deny; allowed because the endpoint is in audit mode
+VERDICT_BITS: Final = F_ALLOWED | F_AUDIT
 
 # how often the monotonic -> unix offset is re-read (NTP slews the wall clock)
 CLOCK_REFRESH_S: Final = 1.0
@@ -60,10 +62,12 @@ TCP_FLAGS: Final = tuple(
 
 
 def _verdicts() -> tuple[str, ...]:
-    """Index ``type << 2 | (flags & F_ALLOWED)`` -> verdict."""
-    table = ["DROPPED"] * (256 << 2)
-    table[EVENT_TRACE << 2] = table[EVENT_TRACE << 2 | F_ALLOWED] = "FORWARDED"
-    table[EVENT_POLICY_VERDICT << 2 | F_ALLOWED] = "FORWARDED"
+    """Index ``type << 3 | (flags & VERDICT_BITS)`` -> verdict."""
+    table = ["DROPPED"] * (256 << 3)
+    table[EVENT_TRACE << 3] = table[EVENT_TRACE << 3 | F_ALLOWED] = "FORWARDED"
+    table[EVENT_POLICY_VERDICT << 3 | F_ALLOWED] = "FORWARDED"
+    table[EVENT_POLICY_VERDICT << 3 | F_AUDIT] = "AUDIT"
+    table[EVENT_POLICY_VERDICT << 3 | F_AUDIT | F_ALLOWED] = "AUDIT"
     return tuple(table)
 
 
@@ -163,7 +167,7 @@ class Decoder:
                 (ts + offset) / 1e9,
                 node,
                 types[kind],
-                verdicts[kind << 2 | (fl & F_ALLOWED)],
+                verdicts[kind << 3 | (fl & VERDICT_BITS)],
                 reason,
                 reasons[reason],
                 directions[direction],

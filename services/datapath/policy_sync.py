@@ -19,6 +19,8 @@ from dataclasses import dataclass, replace
 from prometheus_client import Counter, Gauge
 
 from services.datapath.maps import (
+    EP_AUDIT_EGRESS,
+    EP_AUDIT_INGRESS,
     EP_ENFORCE_EGRESS,
     EP_ENFORCE_INGRESS,
     EP_POLICY_FAILED,
@@ -124,6 +126,8 @@ class PolicySync:
         if policy is not None:
             flags |= EP_ENFORCE_INGRESS if policy.ingress_enforced else 0
             flags |= EP_ENFORCE_EGRESS if policy.egress_enforced else 0
+            flags |= EP_AUDIT_INGRESS if policy.ingress_audit else 0
+            flags |= EP_AUDIT_EGRESS if policy.egress_audit else 0
         try:
             # entries first: until the flag is set they change nothing, so no window opens
             self._apply(ifindex, upserts, deletes)

@@ -25,6 +25,7 @@ ALLOW = "allow"
 DENY = "deny"
 DROP = "drop (no rule allows)"
 NOT_ENFORCED = "not enforced"
+AUDIT = "audit (would be dropped; allowed and reported)"
 _ENDPOINT = 1  # any endpoint number: the compiled entries of one endpoint are looked up alone
 
 
@@ -43,7 +44,7 @@ class SideVerdict:
     direction: str  # "egress" | "ingress"
     subject: int  # whose policy decides
     peer: int  # the other side
-    verdict: str  # ALLOW | DENY | DROP | NOT_ENFORCED
+    verdict: str  # ALLOW | DENY | DROP | NOT_ENFORCED | AUDIT
     rule_id: int = 0  # the deciding rule (0: none, or the allow-all next to deny-only rules)
     rule: str = ""  # its name
     selected_by: tuple[str, ...] = ()  # the policies (and specs) selecting the subject
@@ -51,7 +52,7 @@ class SideVerdict:
 
     @property
     def allowed(self) -> bool:
-        return self.verdict in (ALLOW, NOT_ENFORCED)
+        return self.verdict in (ALLOW, NOT_ENFORCED, AUDIT)
 
     @property
     def drop_reason(self) -> int:
@@ -110,7 +111,7 @@ def explain(
 def _spec_name(policy: Policy, spec: PolicySpec) -> str:
     kind = "" if policy.kind.namespaced else " (cluster-wide)"
     where = f" {spec.path}" if len(policy.specs) > 1 else ""
-    audit = " (audit mode: not enforced)" if policy.audit else ""
+    audit = " (audit mode)" if policy.audit else ""
     return f"{policy.key}{kind}{where}{audit}"
 
 
@@ -125,10 +126,13 @@ def _side(
 ) -> SideVerdict:
     resolved = resolver.resolved(subject)
     selecting = resolver.selecting(subject)
+    in_audit = resolved is not None and (
+        resolved.ingress_audit if direction == "ingress" else resolved.egress_audit
+    )
     enforcing = tuple(
         _spec_name(policy, spec)
         for policy, spec in selecting
-        if not policy.audit
+        if policy.audit == in_audit
         and (spec.enforces_ingress if direction == "ingress" else spec.enforces_egress)
     )
     names = tuple(_spec_name(policy, spec) for policy, spec in selecting)
@@ -153,6 +157,16 @@ def _side(
         head = (
             f"no policy enforces {direction} on identity {subject}, but deny rules apply"
             f" ({_join(names)})"
+        )
+    if in_audit and decision != "allow":
+        would = (
+            f"{rule} would deny identity {peer} on {service}"
+            if decision == "deny"
+            else f"no rule would allow identity {peer} on {service}"
+        )
+        tail = f"{would}; audit mode lets it through and reports it (verdict AUDIT)"
+        return SideVerdict(
+            direction, subject, peer, AUDIT, rule_id, rule, enforcing, f"{head}; {tail}"
         )
     if decision == "deny":
         tail = f"{rule} denies identity {peer} on {service} (deny wins over any allow)"

@@ -96,6 +96,8 @@ class _Result:
     egress_enforced: bool
     ingress: tuple[EntryKey, ...]
     egress: tuple[EntryKey, ...]
+    ingress_audit: bool = False
+    egress_audit: bool = False
 
 
 def is_subject_range(identity: int) -> bool:
@@ -396,6 +398,8 @@ class Resolver:
             revision=revision,
             ingress_enforced=result.ingress_enforced,
             egress_enforced=result.egress_enforced,
+            ingress_audit=result.ingress_audit,
+            egress_audit=result.egress_audit,
             ingress=[_entry(key) for key in result.ingress],
             egress=[_entry(key) for key in result.egress],
             rules={rule_id: self._rule_names[rule_id][1] for rule_id in sorted(rule_ids)},
@@ -405,6 +409,39 @@ class Resolver:
         if identity not in self._cluster:
             return None
         refs = self._selecting_refs(identity)
+        # enforcing policies and audit-mode ones, resolved apart: in a direction that any
+        # enforcing policy governs, audit policies change nothing; in one that only audit
+        # policies govern, their verdicts are reported (AUDIT) but never applied
+        found = {audit: self._union(refs, audit=audit) for audit in (False, True)}
+        if found[False] is None and found[True] is None:
+            return None
+        enforced: dict[Direction, bool] = {}
+        audit: dict[Direction, bool] = {}
+        entries: dict[Direction, tuple[EntryKey, ...]] = {}
+        for direction in (Direction.INGRESS, Direction.EGRESS):
+            for is_audit in (False, True):
+                union = found[is_audit]
+                if union is not None and (union[0][direction] or union[1][direction]):
+                    enforced[direction] = union[0][direction]
+                    entries[direction] = tuple(sorted(union[1][direction]))
+                    audit[direction] = is_audit and union[0][direction]
+                    break
+            else:
+                enforced[direction], audit[direction], entries[direction] = False, False, ()
+        return _Result(
+            ingress_enforced=enforced[Direction.INGRESS],
+            egress_enforced=enforced[Direction.EGRESS],
+            ingress=entries[Direction.INGRESS],
+            egress=entries[Direction.EGRESS],
+            ingress_audit=audit[Direction.INGRESS],
+            egress_audit=audit[Direction.EGRESS],
+        )
+
+    def _union(
+        self, refs: Iterable[tuple[str, int]], *, audit: bool
+    ) -> tuple[dict[Direction, bool], dict[Direction, set[EntryKey]]] | None:
+        """Enforcement and entries of the selecting specs of (non-)audit policies; None when
+        no such spec selects the identity."""
         selected = False
         enforced = {Direction.INGRESS: False, Direction.EGRESS: False}
         entries: dict[Direction, set[EntryKey]] = {
@@ -413,7 +450,7 @@ class Resolver:
         }
         for key, index in refs:
             policy = self._policies[key]
-            if policy.audit:
+            if policy.audit != audit:
                 continue
             selected = True
             spec = policy.specs[index]
@@ -427,12 +464,7 @@ class Resolver:
             if not enforced[direction] and any(entry[5] for entry in found):
                 enforced[direction] = True
                 found.add((0, 0, 0, 0, "", False, 0, "", ""))
-        return _Result(
-            ingress_enforced=enforced[Direction.INGRESS],
-            egress_enforced=enforced[Direction.EGRESS],
-            ingress=tuple(sorted(entries[Direction.INGRESS])),
-            egress=tuple(sorted(entries[Direction.EGRESS])),
-        )
+        return enforced, entries
 
     def _rule_entries(self, key: str, rule: Rule) -> frozenset[EntryKey]:
         """A rule's entries do not depend on the subject: computed once per settle."""

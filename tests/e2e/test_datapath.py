@@ -15,10 +15,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import msgspec
 import pytest
@@ -28,114 +26,12 @@ from membrane.state import StateDir
 from shared import subjects
 from shared.bus import Bus
 from shared.messages import FlowBatch, PolicyEntry, ResolvedPolicy
-from tests.conftest import eventually, membrane_command
+from tests.conftest import eventually
+from tests.e2e.cluster import Cluster, create_pod, pod_info
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
 
-PROBE = Path(__file__).with_name("netprobe.py")
 TCP, UDP = 6, 17
-
-
-@dataclass
-class Cluster:
-    state: Path
-    name: str
-    nats_url: str
-
-    @property
-    def nodes(self) -> list[str]:
-        return [f"{self.name}-node-1", f"{self.name}-node-2"]
-
-    def env(self) -> dict[str, str]:
-        env = {**os.environ, "MEMBRANE_STATE_DIR": str(self.state)}
-        env.pop("MEMBRANE_NATS_URL", None)
-        return env
-
-    def run(
-        self, *args: str, check: bool = True, timeout: float = 60
-    ) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            membrane_command(*args), env=self.env(), capture_output=True, text=True, timeout=timeout
-        )
-        if check and result.returncode != 0:
-            raise AssertionError(
-                f"membrane {' '.join(args)} failed ({result.returncode}):\n"
-                f"{result.stdout}\n{result.stderr}"
-            )
-        return result
-
-    def json(self, *args: str) -> Any:
-        return json.loads(self.run(*args, "-o", "json").stdout)
-
-    def probe(self, pod: str, *args: str, timeout: float = 15) -> subprocess.CompletedProcess[str]:
-        return self.run(
-            "pod",
-            "exec",
-            pod,
-            "--",
-            sys.executable,
-            str(PROBE),
-            *args,
-            check=False,
-            timeout=timeout,
-        )
-
-    def background(self, pod: str, *args: str) -> subprocess.Popen[str]:
-        proc = subprocess.Popen(
-            membrane_command("pod", "exec", pod, "--", sys.executable, str(PROBE), *args),
-            env=self.env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert proc.stdout is not None
-        line = proc.stdout.readline() if args[0] in ("serve", "count") and args[1] != "udp" else ""
-        assert args[0] != "count" or line.strip() == "ready", line
-        return proc
-
-
-def _free_octet() -> int:
-    return 100 + secrets.randbelow(100)
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root: network namespaces and BPF")
-    state = tmp_path_factory.mktemp("cluster") / "state"
-    name = "t" + secrets.token_hex(3)
-    octet = _free_octet()
-    c = Cluster(state=state, name=name, nats_url="")
-    c.run(
-        "up",
-        "--name",
-        name,
-        "--nodes",
-        "2",
-        "--identity-replicas",
-        "1",
-        "--underlay-cidr",
-        f"172.31.{octet}.0/24",
-        "--cluster-cidr",
-        f"10.{octet}.0.0/16",
-        "--service-cidr",
-        f"10.{octet + 1}.0.0/16",
-        timeout=180,
-    )
-    info = StateDir(state).read_cluster()
-    assert info is not None
-    c.nats_url = info.nats_url
-    try:
-        yield c
-    finally:
-        down = c.run("down", "--purge", check=False, timeout=120)
-        leftovers = [p.name for p in Path("/run/netns").glob(f"{name}*")]
-        pins = list(Path("/sys/fs/bpf/membrane").glob(f"{name}*"))
-        links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
-        assert down.returncode == 0, down.stderr
-        assert not leftovers, leftovers
-        assert not pins, pins
-        assert f"{name}-" not in links
 
 
 @pytest.fixture
@@ -143,18 +39,6 @@ async def bus(cluster: Cluster) -> AsyncIterator[Bus]:
     client = await Bus.connect(cluster.nats_url, "test", retry_for=5)
     yield client
     await client.close()
-
-
-def pod_info(cluster: Cluster, name: str) -> dict[str, Any]:
-    pods = cluster.json("pod", "list", "-A")
-    assert isinstance(pods, list)
-    (found,) = [p for p in pods if p["name"] == name]
-    return dict(found)
-
-
-def create_pod(cluster: Cluster, name: str, labels: str, node: int = 1) -> dict[str, Any]:
-    cluster.run("pod", "create", name, "--labels", labels, "--node", cluster.nodes[node - 1])
-    return pod_info(cluster, name)
 
 
 async def put_policy(bus: Bus, policy: ResolvedPolicy) -> None:
@@ -549,3 +433,59 @@ spec:
         server.kill()
         cluster.run("policy", "delete", "empire-only", check=False)
         cluster.run("pod", "delete", "deathstar", "tiefighter", "xwing")
+
+
+async def test_audit_mode_reports_and_lets_through(
+    cluster: Cluster, bus: Bus, tmp_path: Path
+) -> None:
+    target = create_pod(cluster, "audited", "app=audited")
+    client = create_pod(cluster, "auditor", "app=auditor")
+    server = cluster.background("audited", "serve", "tcp", "80")
+    policy = tmp_path / "lockdown.yaml"
+    policy.write_text(
+        """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: lockdown}
+spec:
+  endpointSelector: {matchLabels: {app: audited}}
+  ingress: [{}]
+"""
+    )
+    tap = FlowTap()
+    await tap.start(bus)
+    try:
+        await asyncio.to_thread(cluster.run, "policy", "apply", "--audit", "-f", str(policy))
+
+        async def audited() -> None:
+            # a new connection each time, until the policy is in and reported
+            done = await asyncio.to_thread(cluster.probe, "auditor", "tcp", str(target["ip"]), "80")
+            assert done.returncode == 0, done.stdout  # audit mode never drops
+            found = [
+                f
+                for f in tap.flows
+                if f["verdict"] == "AUDIT"
+                and f["src_identity"] == client["identity"]
+                and f["dst_identity"] == target["identity"]
+            ]
+            assert found and found[0]["reason"] == 133 and found[0]["direction"] == "ingress"
+
+        await eventually(audited, timeout=15, what="an AUDIT flow for the would-be drop")
+        explained = await asyncio.to_thread(
+            cluster.run,
+            "policy",
+            "explain",
+            "--from",
+            "auditor",
+            "--to",
+            "audited",
+            "--port",
+            "80/TCP",
+            check=False,
+        )
+        assert explained.returncode == 0 and "AUDIT" in explained.stdout, explained.stdout
+    finally:
+        await tap.sub.unsubscribe()
+        server.kill()
+        await asyncio.to_thread(cluster.run, "policy", "delete", "lockdown", check=False)
+        await asyncio.to_thread(cluster.run, "pod", "delete", "audited", "auditor")

@@ -564,12 +564,21 @@ spec:
 """
     )
     assert audit.audit
-    assert resolver.set_policy(audit) == set()
-    assert resolver.resolved(ident("x", "b")) is None
+    assert resolver.set_policy(audit) == {ident("x", "b")}
+    trial = resolver.resolved(ident("x", "b"))
+    # enforced in audit mode: the datapath reports what it would drop, and drops nothing
+    assert trial is not None and trial.ingress_enforced and trial.ingress_audit
+    assert not trial.egress_audit and trial.ingress == []
     assert resolver.subjects_of("x/trial") == {ident("x", "b")}
     explanation = explain(resolver, ident("y", "a"), ident("x", "b"), PROTO_TCP, 80)
     assert explanation.allowed
-    assert "x/trial (audit mode: not enforced)" in explanation.ingress.reason
+    assert "x/trial (audit mode)" in explanation.ingress.reason
+    assert "verdict AUDIT" in explanation.ingress.reason
+    # an enforcing policy on the same direction takes over: audit changes nothing there
+    resolver.set_policy(cnp("enforce", "endpointSelector: {matchLabels: {pod: b}}\ningress: [{}]"))
+    enforced = resolver.resolved(ident("x", "b"))
+    assert enforced is not None and enforced.ingress_enforced and not enforced.ingress_audit
+    assert not explain(resolver, ident("y", "a"), ident("x", "b"), PROTO_TCP, 80).allowed
 
 
 # --- incremental behaviour -----------------------------------------------------------------------

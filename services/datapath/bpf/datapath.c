@@ -410,15 +410,20 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction, __u8 ob
 	__u32 src_id = direction == DIR_EGRESS ? ep->identity : peer_id;
 	__u32 dst_id = direction == DIR_EGRESS ? peer_id : ep->identity;
 	__u32 enforce = direction == DIR_EGRESS ? EP_ENFORCE_EGRESS : EP_ENFORCE_INGRESS;
+	__u32 audit = direction == DIR_EGRESS ? EP_AUDIT_EGRESS : EP_AUDIT_INGRESS;
 	__u32 rule_id = 0;
 	__u8 type = EVENT_TRACE;
+	__u8 verdict = EVENT_F_ALLOWED;
+	int reason = 0;
 	if (ep->flags & EP_POLICY_FAILED)
 		return drop(DROP_POLICY, direction, obs, &p, ifindex, src_id, dst_id, 0);
 	if (ep->flags & enforce) {
-		int reason = policy_check(ifindex, direction, peer_id, p.tuple.protocol,
-					  p.policy_port, &rule_id);
-		if (reason)
+		reason = policy_check(ifindex, direction, peer_id, p.tuple.protocol, p.policy_port,
+				      &rule_id);
+		if (reason && !(ep->flags & audit))
 			return drop(reason, direction, obs, &p, ifindex, src_id, dst_id, rule_id);
+		if (reason)
+			verdict = EVENT_F_AUDIT; /* let through, but say what would have happened */
 		type = EVENT_POLICY_VERDICT;
 	}
 	struct ct_entry fresh = {
@@ -433,7 +438,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction, __u8 ob
 		now + (p.tuple.protocol == IPPROTO_TCP ? CT_LIFETIME_TCP : CT_LIFETIME_NONTCP);
 	ct.update(&key, &fresh);
 	count(0, direction, p.len);
-	emit(type, 0, direction, obs, &p, ifindex, src_id, dst_id, rule_id, EVENT_F_ALLOWED);
+	emit(type, reason, direction, obs, &p, ifindex, src_id, dst_id, rule_id, verdict);
 	return forward(skb, direction, p.tuple.daddr);
 }
 

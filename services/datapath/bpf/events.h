@@ -15,6 +15,7 @@
 
 #define EVENT_F_REPLY 0x1
 #define EVENT_F_ALLOWED 0x2 /* policy verdict: allowed (else denied) */
+#define EVENT_F_AUDIT 0x4 /* policy verdict: would be denied, allowed by audit mode */
 
 /* 48 bytes, no implicit padding. */
 struct flow_event {

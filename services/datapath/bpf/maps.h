@@ -21,6 +21,9 @@
 #define EP_ENFORCE_EGRESS 0x2
 /* the agent could not install this endpoint's policy: deny everything (fail closed) */
 #define EP_POLICY_FAILED 0x4
+/* audit mode per direction: what policy would deny is allowed and reported as AUDIT */
+#define EP_AUDIT_INGRESS 0x8
+#define EP_AUDIT_EGRESS 0x10
 
 /* keyed by the host-side veth ifindex, which is also the endpoint id in the policy map */
 struct endpoint_info {

@@ -1,0 +1,94 @@
+"""A cluster as a user runs it (`membrane up --nodes 2` in a temp state dir), for the e2e tests.
+
+The module-scoped ``cluster`` fixture (in ``conftest.py``) starts one per test module; tests
+drive it through the CLI (:meth:`Cluster.run`) and run ``netprobe.py`` inside its pods.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import membrane_command
+
+PROBE = Path(__file__).with_name("netprobe.py")
+
+
+@dataclass
+class Cluster:
+    state: Path
+    name: str
+    nats_url: str
+
+    @property
+    def nodes(self) -> list[str]:
+        return [f"{self.name}-node-1", f"{self.name}-node-2"]
+
+    def env(self) -> dict[str, str]:
+        env = {**os.environ, "MEMBRANE_STATE_DIR": str(self.state)}
+        env.pop("MEMBRANE_NATS_URL", None)
+        return env
+
+    def run(
+        self, *args: str, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            membrane_command(*args), env=self.env(), capture_output=True, text=True, timeout=timeout
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"membrane {' '.join(args)} failed ({result.returncode}):\n"
+                f"{result.stdout}\n{result.stderr}"
+            )
+        return result
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.run(*args, "-o", "json").stdout)
+
+    def probe(self, pod: str, *args: str, timeout: float = 15) -> subprocess.CompletedProcess[str]:
+        return self.run(
+            "pod",
+            "exec",
+            pod,
+            "--",
+            sys.executable,
+            str(PROBE),
+            *args,
+            check=False,
+            timeout=timeout,
+        )
+
+    def background(self, pod: str, *args: str) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            membrane_command("pod", "exec", pod, "--", sys.executable, str(PROBE), *args),
+            env=self.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        line = proc.stdout.readline() if args[0] in ("serve", "count") and args[1] != "udp" else ""
+        assert args[0] != "count" or line.strip() == "ready", line
+        return proc
+
+
+def free_octet() -> int:
+    return 100 + secrets.randbelow(100)
+
+
+def pod_info(cluster: Cluster, name: str) -> dict[str, Any]:
+    pods = cluster.json("pod", "list", "-A")
+    assert isinstance(pods, list)
+    (found,) = [p for p in pods if p["name"] == name]
+    return dict(found)
+
+
+def create_pod(cluster: Cluster, name: str, labels: str, node: int = 1) -> dict[str, Any]:
+    cluster.run("pod", "create", name, "--labels", labels, "--node", cluster.nodes[node - 1])
+    return pod_info(cluster, name)
