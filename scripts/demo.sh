@@ -19,10 +19,9 @@ run pod create tiefighter --labels org=empire,class=tiefighter --node membrane-n
 run pod list
 
 ip_of() { "$M" pod list -o json | $PY -c "import json,sys; print([p['ip'] for p in json.load(sys.stdin) if p['name']=='$1'][0])"; }
-id_of() { "$M" pod list -o json | $PY -c "import json,sys; print([p['identity'] for p in json.load(sys.stdin) if p['name']=='$1'][0])"; }
 DS_IP=$(ip_of deathstar)
-# identities outlive `membrane down`, and so would a policy from an earlier run of this demo
-$PY scripts/resolved_policy.py clear "$(id_of deathstar)"
+# a policy from an earlier run of this demo would still be stored
+"$M" policy delete empire-only >/dev/null 2>&1 || true
 
 step "A server in the deathstar pod; both ships can reach it (no policy yet)"
 "$M" pod exec deathstar -- $PY tests/e2e/netprobe.py serve tcp 80 >/dev/null &
@@ -33,13 +32,17 @@ run pod exec xwing -- $PY tests/e2e/netprobe.py tcp "$DS_IP" 80
 run pod exec tiefighter -- $PY tests/e2e/netprobe.py tcp "$DS_IP" 80
 run pod exec xwing -- ping -c 1 -W 1 "$DS_IP"
 
-step "Policy: only empire ships may reach the deathstar on 80/TCP (written to the resolved KV)"
-printf '$ scripts/resolved_policy.py put %s --allow %s:80/TCP\n' "$(id_of deathstar)" "$(id_of tiefighter)"
-$PY scripts/resolved_policy.py put "$(id_of deathstar)" --allow "$(id_of tiefighter):80/TCP" \
-  --name default/empire-only
+step "A CiliumNetworkPolicy: only empire ships may reach the deathstar on 80/TCP"
+cat examples/empire-only.yaml
+run apply -f examples/empire-only.yaml
 sleep 0.5
 run pod exec tiefighter -- $PY tests/e2e/netprobe.py tcp "$DS_IP" 80
 run pod exec xwing -- $PY tests/e2e/netprobe.py tcp "$DS_IP" 80 || echo "(xwing was dropped, as the policy says)"
+
+step "Why: the same resolved policy the datapath enforces"
+run policy explain --from tiefighter --to deathstar --port 80/TCP
+run policy explain --from xwing --to deathstar --port 80/TCP || true
+run policy list
 
 step "The drop, counted in the datapath by reason and direction"
 run bpf metrics --node membrane-node-1

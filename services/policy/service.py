@@ -262,10 +262,13 @@ class PolicyService:
         async with contextlib.aclosing(Bus.watch(kv)) as events:
             async for event in events:
                 if event is None:
+                    first = not all(e.is_set() for e in self.synced.values())
                     self.synced[name].set()
-                    if all(e.is_set() for e in self.synced.values()):
+                    if first and all(e.is_set() for e in self.synced.values()):
+                        await self.reconcile()
+                    elif self.pending:
                         await self.publish(self.pending, name)
-                        self.pending = set()
+                    self.pending = set()
                     continue
                 started = time.perf_counter()
                 changed = handle(event)
@@ -274,6 +277,16 @@ class PolicyService:
                     RESOLVE_SECONDS.labels(name).observe(time.perf_counter() - started)
                 else:
                     self.pending |= changed
+
+    async def reconcile(self) -> None:
+        """Once both snapshots are in: make the ``resolved`` bucket exactly what the resolver
+        says, removing entries for identities no policy selects any more (this service owns
+        the bucket; entries may be left from before a restart)."""
+        stored = await Bus.snapshot(self.resolved_kv)
+        wanted = self.resolver.subjects()
+        stale = {int(key) for key in stored if key.isdigit() and int(key) not in wanted}
+        await self.publish(wanted | stale, "start")
+        self.log.info("resolved bucket reconciled", subjects=len(wanted), removed=len(stale))
 
     async def publish(self, subjects_changed: set[int], cause: str) -> None:
         """Write the resolved policy of each changed subject, and CIDR identity changes."""
