@@ -5,10 +5,15 @@ tcp IP PORT                   connect, send, print the answer; exit 0 on an answ
 udp IP PORT                   send one datagram, print the answer; exit 0 on an answer
 stream IP PORT COUNT GAP_MS   send COUNT numbered datagrams, GAP_MS apart (no answers awaited)
 count PORT SECONDS            count datagrams arriving on PORT for SECONDS; print the count
+matrix TIMEOUT IP:PORT...     try every TCP connection at once; print {"IP:PORT": outcome} as JSON,
+                              outcome "ok" (answered), "timeout" (dropped) or the error's name
+agent PORT...                 serve TCP on every PORT, print "ready", then answer each stdin line
+                              "TIMEOUT IP:PORT..." with one line of matrix JSON, until EOF
 """
 
 from __future__ import annotations
 
+import json
 import socket
 import sys
 import threading
@@ -38,6 +43,62 @@ def serve(proto: str, port: int) -> None:
     while True:
         conn, _ = listener.accept()
         threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+
+def _listen(port: int) -> socket.socket:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("0.0.0.0", port))
+    listener.listen(128)
+    return listener
+
+
+def _answer_forever(listener: socket.socket) -> None:
+    def answer(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(2048):
+                conn.sendall(b"pong " + data)
+
+    while True:
+        conn, _ = listener.accept()
+        threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+
+def _attempt(target: str, timeout: float) -> str:
+    ip, _, port = target.rpartition(":")
+    try:
+        with socket.create_connection((ip, int(port)), timeout=timeout) as sock:
+            sock.sendall(b"ping")
+            return "ok" if sock.recv(2048) == b"pong ping" else "bad answer"
+    except TimeoutError:
+        return "timeout"
+    except OSError as exc:
+        return type(exc).__name__
+
+
+def matrix(timeout: float, targets: list[str]) -> dict[str, str]:
+    """All connections at once, one thread each: a row costs one timeout, not one per target."""
+    results: dict[str, str] = {}
+
+    def run(target: str) -> None:
+        results[target] = _attempt(target, timeout)
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in targets]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def agent(ports: list[int]) -> int:
+    for listener in [_listen(port) for port in ports]:
+        threading.Thread(target=_answer_forever, args=(listener,), daemon=True).start()
+    print("ready", flush=True)
+    for line in sys.stdin:
+        timeout, *targets = line.split()
+        print(json.dumps(matrix(float(timeout), targets)), flush=True)
+    return 0
 
 
 def tcp(ip: str, port: int) -> int:
@@ -101,6 +162,11 @@ def main(argv: list[str]) -> int:
         return stream(rest[0], int(rest[1]), int(rest[2]), float(rest[3]))
     if command == "count":
         return count(int(rest[0]), float(rest[1]))
+    if command == "matrix":
+        print(json.dumps(matrix(float(rest[0]), rest[1:])))
+        return 0
+    if command == "agent":
+        return agent([int(p) for p in rest])
     print(__doc__)
     return 2
 
