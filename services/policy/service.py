@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import msgspec
+import nats.errors
 from nats.js.kv import KeyValue
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -42,7 +43,7 @@ from shared.messages import (
     PolicyRef,
     PolicySummary,
 )
-from shared.runtime import TaskGroup, wait_for_shutdown
+from shared.runtime import TaskGroup, periodically, wait_for_shutdown
 
 Req = TypeVar("Req", bound=Message)
 Res = TypeVar("Res", bound=Message)
@@ -95,6 +96,8 @@ class PolicyService:
         self.by_store_key: dict[str, Policy] = {}
         self.synced = {name: asyncio.Event() for name in ("identities", "policies")}
         self.pending: set[int] = set()  # subjects to publish once both snapshots are in
+        self.reconciled = False
+        self.unpublished: set[int] = set()  # writes that failed; retried periodically
         self.log = log.get("policy")
 
     # --- requests ----------------------------------------------------------------------------
@@ -262,9 +265,11 @@ class PolicyService:
         async with contextlib.aclosing(Bus.watch(kv)) as events:
             async for event in events:
                 if event is None:
-                    first = not all(e.is_set() for e in self.synced.values())
                     self.synced[name].set()
-                    if first and all(e.is_set() for e in self.synced.values()):
+                    if not all(e.is_set() for e in self.synced.values()):
+                        continue  # half the picture: publishing now could narrow policy
+                    if not self.reconciled:
+                        self.reconciled = True
                         await self.reconcile()
                     elif self.pending:
                         await self.publish(self.pending, name)
@@ -302,11 +307,22 @@ class PolicyService:
                 writes.append(self.resolved_kv.delete(str(subject)))
             else:
                 writes.append(self.resolved_kv.put(str(subject), msgspec.json.encode(resolved)))
-        for start in range(0, len(writes), 256):  # bounded: a cold start can be thousands
-            await asyncio.gather(*writes[start : start + 256])
+        try:
+            for start in range(0, len(writes), 256):  # bounded: a cold start can be thousands
+                await asyncio.gather(*writes[start : start + 256])
+        except (nats.errors.Error, TimeoutError) as exc:
+            # NATS slow or away: keep resolving, write these again later (never crash the
+            # watch, whose restart would replay every bucket)
+            self.unpublished |= subjects_changed
+            self.log.warning("resolved policy not written; will retry", error=str(exc))
         SELECTORS.set(self.resolver.stats().get("selectors", 0))
         if subjects_changed:
             self.log.debug("resolved", cause=cause, subjects=len(subjects_changed))
+
+    async def retry_unpublished(self) -> None:
+        if self.unpublished:
+            subjects_failed, self.unpublished = self.unpublished, set()
+            await self.publish(subjects_failed, "retry")
 
 
 def _with_audit(document: dict[str, Any]) -> dict[str, Any]:
@@ -346,6 +362,7 @@ async def run(settings: PolicySettings) -> None:
     tasks.spawn(
         "watch-policies", lambda: service.follow("policies", service.policies, service.on_policy)
     )
+    tasks.spawn("retry", lambda: periodically(1.0, service.retry_unpublished))
     metrics_port = metrics.serve(settings.metrics_host, settings.metrics_port)
     replica = settings.replica or f"policy-{id(service) & 0xFFFF}"
     await service.register(
