@@ -29,20 +29,9 @@ def serve(proto: str, port: int) -> None:
         while True:
             data, peer = sock.recvfrom(2048)
             sock.sendto(b"pong " + data, peer)
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("0.0.0.0", port))
-    listener.listen(128)
+    listener = _listen(port)
     print("ready", flush=True)
-
-    def answer(conn: socket.socket) -> None:
-        with conn:
-            while data := conn.recv(2048):
-                conn.sendall(b"pong " + data)
-
-    while True:
-        conn, _ = listener.accept()
-        threading.Thread(target=answer, args=(conn,), daemon=True).start()
+    _answer_forever(listener)
 
 
 def _listen(port: int) -> socket.socket:
