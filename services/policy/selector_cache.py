@@ -12,7 +12,10 @@ Work follows the change, not the cluster, through two inverted indexes:
   against the identities that carry its indexed term (all of them for a fallback selector).
 
 The indexed term is chosen to be selective: an ``In`` before an ``Exists``, a pod label before
-the namespace (many pods share a namespace), fewer values first.
+the namespace (many pods share a namespace), fewer values first. A selector that also pins a
+single namespace (every namespaced policy's selectors do) is filed under the namespace *and*
+the label together, so that ``app=web`` pods of one namespace never meet the ``app=web``
+selectors of every other namespace: work stays with the change as unrelated namespaces grow.
 
 Reserved identities take part with their labels (``reserved:...``, no ``k8s`` label), so only
 fallback selectors (e.g. a lone ``NotIn``) can match them, as in Cilium.
@@ -25,27 +28,41 @@ from collections.abc import Iterable
 from services.policy.model import Selector
 from shared.labels import NAMESPACE_LABEL, LabelSet
 
-# (key, value) for a label with that value, (key, None) for "has the key"
-Term = tuple[str, str | None]
+# (namespace, key, value) for a label with that value, (namespace, key, None) for "has the
+# key"; namespace "" when the term holds in any namespace
+Term = tuple[str, str, str | None]
 
 
 def index_terms(selector: Selector) -> tuple[Term, ...] | None:
     """The terms a selector is filed under (an identity must carry one), None: fallback."""
     ins = [req for req in selector.requirements if req.operator == "In"]
-    if ins:
-        best = min(ins, key=lambda r: (r.key == NAMESPACE_LABEL, len(r.values), r.key))
-        return tuple((best.key, value) for value in sorted(best.values))
-    exists = [req for req in selector.requirements if req.operator == "Exists"]
+    pinned = [r for r in ins if r.key == NAMESPACE_LABEL and len(r.values) == 1]
+    namespace = next(iter(pinned[0].values)) if pinned else ""
+    labels = [r for r in ins if r.key != NAMESPACE_LABEL]
+    if labels:
+        best = min(labels, key=lambda r: (len(r.values), r.key))
+        return tuple((namespace, best.key, value) for value in sorted(best.values))
+    exists = [
+        r for r in selector.requirements if r.operator == "Exists" and r.key != NAMESPACE_LABEL
+    ]
     if exists:
-        best = min(exists, key=lambda r: (r.key == NAMESPACE_LABEL, r.key))
-        return ((best.key, None),)
+        return ((namespace, min(r.key for r in exists), None),)
+    if ins:  # only the namespace itself is required
+        best = min(ins, key=lambda r: len(r.values))
+        return tuple(("", best.key, value) for value in sorted(best.values))
+    if any(r.operator == "Exists" and r.key == NAMESPACE_LABEL for r in selector.requirements):
+        return (("", NAMESPACE_LABEL, None),)
     return None
 
 
 def _identity_terms(k8s: dict[str, str]) -> Iterable[Term]:
+    namespace = k8s.get(NAMESPACE_LABEL, "")
     for key, value in k8s.items():
-        yield (key, value)
-        yield (key, None)
+        yield ("", key, value)
+        yield ("", key, None)
+        if namespace:
+            yield (namespace, key, value)
+            yield (namespace, key, None)
 
 
 class SelectorCache:
