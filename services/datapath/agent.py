@@ -26,7 +26,7 @@ from services.datapath.loader import Datapath
 from services.datapath.local_ipam import NodeIPAM
 from services.datapath.maps import EndpointInfo, IPCacheValue, LxcInfo, decode_ct, percpu_sum
 from services.datapath.policy_sync import LocalEndpoint, PolicySync
-from shared import agent_api, log, subjects
+from shared import agent_api, identities, log, subjects
 from shared.agent_api import AddEndpoint, DumpReply, DumpRequest, EndpointList, EndpointRef
 from shared.bus import Bus, KVEvent
 from shared.errors import AlreadyExists, InvalidArgument, MembraneError, NotFound
@@ -46,8 +46,6 @@ from shared.messages import (
 from shared.names import validate_dns_label, validate_dns_subdomain
 from shared.reasons import reason_name
 
-ID_HOST = 1
-ID_REMOTE_NODE = 6
 METADATA_NAME_LABEL = "kubernetes.io/metadata.name"
 
 ENDPOINTS = Gauge("membrane_datapath_endpoints", "Endpoints wired on this node")
@@ -532,7 +530,9 @@ class Agent:
             BAD_MESSAGES.labels(subjects.KV_NODES).inc()
             return
         if address not in peers:
-            self.ipcache.set_local(address, IPCacheValue(ID_REMOTE_NODE, address.network_address))
+            self.ipcache.set_local(
+                address, IPCacheValue(identities.REMOTE_NODE, address.network_address)
+            )
 
     async def follow(self, name: str, kv: KeyValue, handle: Callable[[KVEvent], None]) -> None:
         """Apply a bucket's snapshot, signal that it is in, then apply every change."""

@@ -22,12 +22,12 @@ from typing import Any
 import msgspec
 
 from services.datapath import netns
-from services.datapath.agent import ID_HOST, Agent, Buckets
+from services.datapath.agent import Agent, Buckets
 from services.datapath.flow_publisher import FlowPublisher
 from services.datapath.loader import Datapath
 from services.datapath.maps import IPCacheValue
 from services.datapath.ringbuf import RingBuffer
-from shared import __version__, agent_api, log, metrics, subjects
+from shared import __version__, agent_api, identities, log, metrics, subjects
 from shared.bus import Bus, redact
 from shared.config import CommonSettings, env_name, setting
 from shared.errors import InvalidArgument, MembraneError, NotFound, Unavailable
@@ -152,7 +152,7 @@ async def run(settings: DatapathSettings) -> None:
         pod_netns_prefix=f"{settings.node}_",
     )
     for own in (underlay, router):
-        agent.ipcache.set_local(IPv4Network(f"{own}/32"), IPCacheValue(ID_HOST))
+        agent.ipcache.set_local(IPv4Network(f"{own}/32"), IPCacheValue(identities.HOST))
 
     tasks = TaskGroup()
     tasks.spawn(

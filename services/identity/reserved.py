@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
+from shared import identities
 from shared.labels import SOURCE_RESERVED, Label, LabelSet
 
-RESERVED: dict[str, int] = {
-    "unknown": 0,
-    "host": 1,
-    "world": 2,
-    "unmanaged": 3,
-    "health": 4,
-    "init": 5,
-    "remote-node": 6,
-    "kube-apiserver": 7,
-    "ingress": 8,
-}
-BY_ID: dict[int, str] = {number: name for name, number in RESERVED.items()}
-
-# The first cluster-local identity, and the base of node-local CIDR identities (never on wire).
-CLUSTER_MIN = 256
-CLUSTER_MAX = 65535
-LOCAL_BASE = 1 << 24
+# the numbers live in shared (every service needs them); naming them here keeps this module the
+# identity service's one view of them
+RESERVED = identities.RESERVED
+BY_ID = identities.BY_ID
+CLUSTER_MIN = identities.CLUSTER_MIN
+CLUSTER_MAX = identities.CLUSTER_MAX
+LOCAL_BASE = identities.LOCAL_BASE
 
 
 def labels_of(number: int) -> LabelSet:

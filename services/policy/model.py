@@ -65,25 +65,25 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from shared import identities
 from shared.labels import SOURCE_K8S, LabelSet
 from shared.selectors import LabelSelector, Requirement
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-# Cilium's reserved identity numbers (DESIGN §4), the same as services/identity/reserved.py:
-# services do not import each other, and a unit test keeps the two in step.
-RESERVED_HOST = 1
-RESERVED_WORLD = 2
-RESERVED_UNMANAGED = 3
-RESERVED_HEALTH = 4
-RESERVED_INIT = 5
-RESERVED_REMOTE_NODE = 6
-RESERVED_KUBE_APISERVER = 7
-RESERVED_INGRESS = 8
-CLUSTER_MIN = 256
-CLUSTER_MAX = 65535
-LOCAL_BASE = 1 << 24
+# Cilium's reserved identity numbers (DESIGN §4), from shared as every service takes them
+RESERVED_HOST = identities.HOST
+RESERVED_WORLD = identities.WORLD
+RESERVED_UNMANAGED = identities.UNMANAGED
+RESERVED_HEALTH = identities.HEALTH
+RESERVED_INIT = identities.INIT
+RESERVED_REMOTE_NODE = identities.REMOTE_NODE
+RESERVED_KUBE_APISERVER = identities.KUBE_APISERVER
+RESERVED_INGRESS = identities.INGRESS
+CLUSTER_MIN = identities.CLUSTER_MIN
+CLUSTER_MAX = identities.CLUSTER_MAX
+LOCAL_BASE = identities.LOCAL_BASE
 
 # IANA protocol numbers, as PolicyEntry.protocol carries them. 0 is "any": TCP, UDP and SCTP.
 PROTO_ANY = 0

@@ -41,14 +41,6 @@ from services.policy.explain import Explanation, explain
 from services.policy.model import (
     CLUSTER_MIN,
     LOCAL_BASE,
-    RESERVED_HEALTH,
-    RESERVED_HOST,
-    RESERVED_INGRESS,
-    RESERVED_INIT,
-    RESERVED_KUBE_APISERVER,
-    RESERVED_REMOTE_NODE,
-    RESERVED_UNMANAGED,
-    RESERVED_WORLD,
     CIDRRule,
     Direction,
     L7Rules,
@@ -58,23 +50,12 @@ from services.policy.model import (
     Selector,
 )
 from services.policy.selector_cache import SelectorCache
+from shared import identities
 from shared.errors import AlreadyExists
 from shared.labels import SOURCE_RESERVED, Label, LabelSet
 from shared.messages import PolicyEntry, ResolvedPolicy
 
 __all__ = ["Explanation", "PeerClass", "Resolver", "explain", "is_subject_range"]
-
-# the reserved identities exist implicitly, with their one label (Cilium's names)
-_RESERVED_NAMES = {
-    RESERVED_HOST: "host",
-    RESERVED_WORLD: "world",
-    RESERVED_UNMANAGED: "unmanaged",
-    RESERVED_HEALTH: "health",
-    RESERVED_INIT: "init",
-    RESERVED_REMOTE_NODE: "remote-node",
-    RESERVED_KUBE_APISERVER: "kube-apiserver",
-    RESERVED_INGRESS: "ingress",
-}
 
 
 class PeerClass(enum.Enum):
@@ -153,8 +134,10 @@ class Resolver:
         self._resolved: dict[int, ResolvedPolicy] = {}
         self._revisions: dict[int, int] = {}
         self._memo: dict[tuple[str, int], frozenset[EntryKey]] = {}
-        for number, name in _RESERVED_NAMES.items():
-            self._cache.add_identity(number, LabelSet([Label(SOURCE_RESERVED, name)]))
+        # the reserved identities exist implicitly, with their one label ("unknown", 0, is none)
+        for number, name in identities.BY_ID.items():
+            if number:
+                self._cache.add_identity(number, LabelSet([Label(SOURCE_RESERVED, name)]))
 
     # --- inputs --------------------------------------------------------------------------------
 
