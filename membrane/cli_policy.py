@@ -11,7 +11,7 @@ import yaml
 
 from membrane import output, workloads
 from membrane.cliutil import with_bus
-from shared import subjects
+from shared import kube_yaml, subjects
 from shared.bus import Bus
 from shared.errors import InvalidArgument
 from shared.messages import (
@@ -32,10 +32,8 @@ TIMEOUT = 30.0
 
 def load_documents(path: str) -> tuple[list[dict[str, Any]], str]:
     text, source = workloads.load_file(path)
-    try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as exc:
-        raise InvalidArgument(f"{source}: invalid YAML: {exc}", field="file") from None
+    # kubectl's reading (timestamps stay strings): the documents travel to the service as JSON
+    docs = [d for d in kube_yaml.load_all(text, source) if d is not None]
     for index, doc in enumerate(docs, start=1):
         if not isinstance(doc, dict):
             raise InvalidArgument(f"{source}: document {index} is not a mapping", field="file")

@@ -14,15 +14,11 @@ import difflib
 import hashlib
 import json
 import re
-from collections.abc import Collection, Hashable, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-from yaml.constructor import ConstructorError
-from yaml.nodes import MappingNode, ScalarNode
-from yaml.reader import ReaderError
-
+from shared import kube_yaml
 from shared.errors import InvalidArgument
 from shared.labels import validate_key, validate_value
 from shared.messages import ContainerPort
@@ -159,54 +155,6 @@ _LIST_KIND = "List"
 _LIST_API_VERSION = "v1"
 
 
-# --- YAML -------------------------------------------------------------------------------------
-
-
-class _Loader(yaml.SafeLoader):
-    """Safe YAML read the way kubectl reads it: timestamps stay strings, duplicate keys fail.
-
-    kubectl converts YAML to JSON, where a timestamp is a string; a bare ``datetime`` in a
-    routed body would not survive the trip to its service. A duplicate key is an error there
-    too, rather than a silent last-one-wins.
-    """
-
-    yaml_implicit_resolvers = {
-        first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
-        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-    }
-
-    def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Hashable, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            if not isinstance(key_node, ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node)
-            if key in seen:
-                raise ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def _parse_yaml(text: str, source: str) -> list[Any]:
-    try:
-        return list(yaml.load_all(text, Loader=_Loader))  # a SafeLoader: no arbitrary objects
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        problem = exc.problem or exc.context or "syntax error"
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ManifestError(f"{source}: invalid YAML{where}: {problem}") from None
-    except ReaderError as exc:
-        line = text.count("\n", 0, exc.position) + 1
-        char = exc.character if isinstance(exc.character, int) else ord(exc.character[:1] or "\0")
-        raise ManifestError(
-            f"{source}: invalid YAML at line {line}: unacceptable character #x{char:04x}"
-        ) from None
-    except RecursionError:
-        raise ManifestError(f"{source}: invalid YAML: nested too deeply") from None
-    except ValueError as exc:  # a scalar with an explicit tag it does not fit (!!int abc)
-        raise ManifestError(f"{source}: invalid YAML: {exc}") from None
-
-
 # --- loading ----------------------------------------------------------------------------------
 
 
@@ -219,12 +167,12 @@ def load(text: str, source: str) -> list[Document]:
     """
     documents: list[Document] = []
     defined: dict[tuple[str, str, str], str] = {}
-    for index, raw in enumerate(_parse_yaml(text, source), start=1):
+    for index, raw in enumerate(kube_yaml.load_all(text, source, ManifestError), start=1):
         if raw is None:
             continue
         where = f"document {index}"
         for item_where, obj in _objects(raw, where, source):
-            label = _describe_object(item_where, obj)
+            label = kube_yaml.describe(item_where, obj)
             try:
                 doc = _parse_object(obj)
                 key = _identity(doc)
@@ -264,18 +212,6 @@ def _objects(raw: Any, where: str, source: str) -> list[tuple[str, Any]]:
     except InvalidArgument as exc:
         raise _located(source, label, exc) from None
     return [(f"{where} items[{position}]", item) for position, item in enumerate(items)]
-
-
-def _describe_object(where: str, obj: Any) -> str:
-    """``document 2 (Pod/web)``: as much of kind and name as can be read."""
-    if not isinstance(obj, Mapping):
-        return where
-    kind = obj.get("kind")
-    meta = obj.get("metadata")
-    name = meta.get("name") if isinstance(meta, Mapping) else None
-    if isinstance(kind, str) and kind:
-        return f"{where} ({kind}/{name})" if isinstance(name, str) and name else f"{where} ({kind})"
-    return where
 
 
 def _located(source: str, label: str, exc: InvalidArgument) -> ManifestError:

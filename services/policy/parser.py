@@ -58,14 +58,9 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import re
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-
-import yaml
-from yaml.constructor import ConstructorError
-from yaml.nodes import MappingNode, ScalarNode
-from yaml.reader import ReaderError
 
 from services.policy.model import (
     PROTO_ANY,
@@ -88,6 +83,7 @@ from services.policy.model import (
     Selector,
     rule_id,
 )
+from shared import kube_yaml
 from shared.errors import InvalidArgument
 from shared.labels import NAMESPACE_LABEL, NAMESPACE_LABELS_PREFIX, validate_key, validate_value
 from shared.selectors import LabelSelector, Requirement
@@ -257,7 +253,7 @@ def parse_documents(text: str, source: str) -> list[Policy]:
     """
     policies: list[Policy] = []
     defined: dict[tuple[PolicyKind, str, str], str] = {}
-    for index, raw in enumerate(_load_yaml(text, source), start=1):
+    for index, raw in enumerate(kube_yaml.load_all(text, source, PolicyDocumentError), start=1):
         if raw is None:
             continue
         for where, obj in _objects(raw, f"document {index}", source):
@@ -267,13 +263,13 @@ def parse_documents(text: str, source: str) -> list[Policy]:
             if first is not None:
                 raise _located(
                     source,
-                    _describe(where, obj),
+                    kube_yaml.describe(where, obj),
                     InvalidArgument(
                         f"{policy.kind.value} {policy.key} is defined twice, first by {first}",
                         field="metadata.name",
                     ),
                 )
-            defined[key] = _describe(where, obj)
+            defined[key] = kube_yaml.describe(where, obj)
             policies.append(policy)
     return policies
 
@@ -287,7 +283,7 @@ def _parse_located(obj: Any, source: str, where: str) -> Policy:
     try:
         return _parse_policy(obj)
     except InvalidArgument as exc:
-        raise _located(source, _describe(where, obj), exc) from None
+        raise _located(source, kube_yaml.describe(where, obj), exc) from None
 
 
 def _located(source: str, label: str, exc: InvalidArgument) -> PolicyDocumentError:
@@ -295,63 +291,6 @@ def _located(source: str, label: str, exc: InvalidArgument) -> PolicyDocumentErr
     if exc.field:
         return PolicyDocumentError(f"{prefix}{exc.field}: {exc.message}", field=exc.field)
     return PolicyDocumentError(f"{prefix}{exc.message}")
-
-
-def _describe(where: str, obj: Any) -> str:
-    """``document 2 (NetworkPolicy/web)``: as much of kind and name as can be read."""
-    if not isinstance(obj, Mapping):
-        return where
-    kind = obj.get("kind")
-    meta = obj.get("metadata")
-    name = meta.get("name") if isinstance(meta, Mapping) else None
-    if isinstance(kind, str) and kind:
-        return f"{where} ({kind}/{name})" if isinstance(name, str) and name else f"{where} ({kind})"
-    return where
-
-
-# --- YAML --------------------------------------------------------------------------------------
-
-
-class _Loader(yaml.SafeLoader):
-    """Safe YAML read as kubectl reads it: timestamps stay strings, duplicate keys fail.
-
-    The same rules as ``membrane/manifests.py`` (which services do not import).
-    """
-
-    yaml_implicit_resolvers = {
-        first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
-        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-    }
-
-    def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Hashable, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            if not isinstance(key_node, ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node)
-            if key in seen:
-                raise ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def _load_yaml(text: str, source: str) -> list[Any]:
-    try:
-        return list(yaml.load_all(text, Loader=_Loader))  # a SafeLoader: no arbitrary objects
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        problem = exc.problem or exc.context or "syntax error"
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise PolicyDocumentError(f"{source}: invalid YAML{where}: {problem}") from None
-    except ReaderError as exc:
-        line = text.count("\n", 0, exc.position) + 1
-        raise PolicyDocumentError(
-            f"{source}: invalid YAML at line {line}: unacceptable character"
-        ) from None
-    except RecursionError:
-        raise PolicyDocumentError(f"{source}: invalid YAML: nested too deeply") from None
-    except ValueError as exc:  # a scalar with an explicit tag it does not fit (!!int abc)
-        raise PolicyDocumentError(f"{source}: invalid YAML: {exc}") from None
 
 
 def _objects(raw: Any, where: str, source: str) -> list[tuple[str, Any]]:

@@ -1,0 +1,73 @@
+"""Multi-document YAML read the way kubectl reads it, for every consumer of manifests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any
+
+import yaml
+from yaml.constructor import ConstructorError
+from yaml.nodes import MappingNode, ScalarNode
+from yaml.reader import ReaderError
+
+from shared.errors import InvalidArgument
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML read the way kubectl reads it: timestamps stay strings, duplicate keys fail.
+
+    kubectl converts YAML to JSON, where a timestamp is a string; a bare ``datetime`` in a
+    routed body would not survive the trip to its service. A duplicate key is an error there
+    too, rather than a silent last-one-wins.
+    """
+
+    yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+    def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node)
+            if key in seen:
+                raise ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_all(
+    text: str, source: str, error: Callable[[str], Exception] = InvalidArgument
+) -> list[Any]:
+    """Every document of ``text``; a syntax error is ``error(message)`` naming ``source``."""
+    try:
+        return list(yaml.load_all(text, Loader=_Loader))  # a SafeLoader: no arbitrary objects
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        problem = exc.problem or exc.context or "syntax error"
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise error(f"{source}: invalid YAML{where}: {problem}") from None
+    except ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        char = exc.character if isinstance(exc.character, int) else ord(exc.character[:1] or "\0")
+        raise error(
+            f"{source}: invalid YAML at line {line}: unacceptable character #x{char:04x}"
+        ) from None
+    except RecursionError:
+        raise error(f"{source}: invalid YAML: nested too deeply") from None
+    except ValueError as exc:  # a scalar with an explicit tag it does not fit (!!int abc)
+        raise error(f"{source}: invalid YAML: {exc}") from None
+
+
+def describe(where: str, obj: Any) -> str:
+    """``document 2 (NetworkPolicy/web)``: as much of kind and name as can be read."""
+    if not isinstance(obj, Mapping):
+        return where
+    kind = obj.get("kind")
+    meta = obj.get("metadata")
+    name = meta.get("name") if isinstance(meta, Mapping) else None
+    if isinstance(kind, str) and kind:
+        return f"{where} ({kind}/{name})" if isinstance(name, str) and name else f"{where} ({kind})"
+    return where
