@@ -162,7 +162,7 @@ def cmd_bpf(args: argparse.Namespace) -> int:
         for node in node_names:
             replies.append(
                 await agent_api.call(
-                    workloads.socket_of(node),
+                    agent_api.default_socket(node),
                     "dump",
                     DumpRequest(table=table, namespace=namespace, pod=pod),
                     DumpReply,

@@ -51,10 +51,6 @@ async def find_pod(bus: Bus, namespace: str, name: str) -> Endpoint:
     return msgspec.json.decode(entry.value, type=Endpoint)
 
 
-def socket_of(node: str) -> Path:
-    return agent_api.default_socket(node)
-
-
 async def pick_node(bus: Bus, wanted: str, known: dict[str, Node] | None = None) -> str:
     """``wanted`` if it is a node; else the node with the fewest pods."""
     known = known if known is not None else await nodes(bus)
@@ -71,7 +67,7 @@ async def pick_node(bus: Bus, wanted: str, known: dict[str, Node] | None = None)
 async def create_pod(bus: Bus, pod: PodDoc, node: str = "") -> Endpoint:
     target = await pick_node(bus, node or pod.node_name)
     return await agent_api.call(
-        socket_of(target),
+        agent_api.default_socket(target),
         "endpoint.add",
         AddEndpoint(
             namespace=pod.namespace,
@@ -89,7 +85,7 @@ async def create_pod(bus: Bus, pod: PodDoc, node: str = "") -> Endpoint:
 async def delete_pod(bus: Bus, namespace: str, name: str) -> Endpoint:
     endpoint = await find_pod(bus, namespace, name)
     return await agent_api.call(
-        socket_of(endpoint.node),
+        agent_api.default_socket(endpoint.node),
         "endpoint.delete",
         EndpointRef(namespace=namespace, name=name),
         Endpoint,

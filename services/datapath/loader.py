@@ -8,6 +8,7 @@ never none.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import shutil
 from dataclasses import dataclass
@@ -39,7 +40,10 @@ def pin_dir(bpffs: Path, node: str) -> Path:
 
 def remove_pins(bpffs: Path, node: str) -> None:
     """Unpin every map of ``node``; the kernel frees them once no program holds them."""
-    shutil.rmtree(pin_dir(bpffs, node), ignore_errors=True)
+    pins = pin_dir(bpffs, node)
+    shutil.rmtree(pins, ignore_errors=True)
+    with contextlib.suppress(OSError):  # the last node out removes membrane/ itself
+        pins.parent.rmdir()
 
 
 @dataclass
