@@ -168,11 +168,17 @@ class Bus:
                 _log.warning("nats disconnected, reconnecting", url=redact(url))
 
         last_error = ""
+        # the server answers a bad credential with -ERR and closes at once; when the client
+        # is still writing, the kernel turns that into a reset and the -ERR is lost, so an
+        # authorization failure seen on any attempt is the reason given at the end
+        refused_credentials = ""
         connected = asyncio.Event()
 
         async def on_error(exc: Exception) -> None:
-            nonlocal last_error
+            nonlocal last_error, refused_credentials
             last_error = _describe(exc)
+            if "authorization" in last_error.lower():
+                refused_credentials = last_error
             if connected.is_set():  # before that, the connect loop below reports it
                 _log.warning("nats error", error=_describe(exc))
 
@@ -200,7 +206,7 @@ class Bus:
             except (TimeoutError, OSError, nats.errors.Error) as exc:
                 # nats-py reports the real cause (refused, authorization) to the error callback
                 # and then raises a generic "no servers" error
-                reason, last_error = last_error or _describe(exc), ""
+                reason, last_error = refused_credentials or last_error or _describe(exc), ""
                 if deadline is not None and time.monotonic() + delay > deadline:
                     raise Unavailable(
                         f"cannot reach NATS at {redact(url)}: {reason}"
