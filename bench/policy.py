@@ -13,9 +13,10 @@ kube-apiserver, world). Then measures:
    buckets written first, then a PolicyService started in this process (as
    ``services.policy.service.run`` starts it, without signals or the micro service), timed
    from its start until this process, watching ``resolved``, has seen every subject.
-2. New identity -> every changed ``resolved`` entry seen: identities put one at a time into
-   the ``identities`` bucket as the identity service does; the expected subjects come from a
-   mirror resolver in this process (whose own time is the "resolver alone" row).
+2. New identity -> every changed ``resolved`` and ``selectors`` entry seen: identities put one
+   at a time into the ``identities`` bucket as the identity service does; the expected subjects
+   and peer sets come from a mirror resolver in this process (whose own time is the "resolver
+   alone" row).
 3. The same with 100 and 1,000 unrelated policies (selectors the new identities, in a
    namespace of their own, never match), fresh server and service for each, side by side:
    the ratio should stay near 1, and so should the selector evaluations per new identity.
@@ -51,7 +52,7 @@ from services.policy.service import PolicyService, StoredPolicy, store_key
 from shared import log, subjects
 from shared.bus import Bus, KVEvent
 from shared.labels import pod_identity_labels
-from shared.messages import Identity, ResolvedPolicy
+from shared.messages import Identity, PeerSet, ResolvedPolicy
 from shared.runtime import TaskGroup
 
 GOAL_COLD_SECONDS = 10.0
@@ -371,10 +372,17 @@ def same_results(one: Resolver, other: Resolver) -> bool:
     return True
 
 
-def bucket_agrees(stored: dict[str, bytes], resolver: Resolver) -> bool:
-    """The ``resolved`` bucket holds exactly what the resolver says (revisions aside)."""
+def bucket_agrees(stored: dict[str, bytes], sets: dict[str, bytes], resolver: Resolver) -> bool:
+    """The ``resolved`` and ``selectors`` buckets hold exactly what the resolver says (revisions
+    aside)."""
     if set(stored) != {str(s) for s in resolver.subjects()}:
         return False
+    published = resolver.peer_sets()
+    if set(sets) != {str(i) for i in published}:
+        return False
+    for key, value in sets.items():
+        if msgspec.json.decode(value, type=PeerSet).identities != published[int(key)].identities:
+            return False
     for key, value in stored.items():
         want = resolver.resolved(int(key))
         got = msgspec.json.decode(value, type=ResolvedPolicy)
@@ -386,8 +394,15 @@ def bucket_agrees(stored: dict[str, bytes], resolver: Resolver) -> bool:
 class TimedService(PolicyService):
     """The product service, with clocks around what its watch loops call."""
 
-    def __init__(self, bus: Bus, policies: KeyValue, resolved: KeyValue, ipcache: KeyValue):
-        super().__init__(bus, policies, resolved, ipcache)
+    def __init__(
+        self,
+        bus: Bus,
+        policies: KeyValue,
+        resolved: KeyValue,
+        selectors: KeyValue,
+        ipcache: KeyValue,
+    ):
+        super().__init__(bus, policies, resolved, selectors, ipcache)
         self.handle_seconds = 0.0  # decode + parse + resolver, summed
         self.publish_seconds = 0.0
         self.received = 0.0  # last on_identity call
@@ -416,14 +431,16 @@ class TimedService(PolicyService):
         self.handle_seconds += time.perf_counter() - started
         return changed
 
-    async def publish(self, subjects_changed: set[int], cause: str) -> None:
+    async def publish(
+        self, subjects_changed: set[int], cause: str, peer_sets: set[int] | None = None
+    ) -> None:
         if not all(e.is_set() for e in self.synced.values()):
             self.early_subjects += len(subjects_changed)
         if cause == "start" and not self.reconcile_after.done():
             status = await self.resolved_kv.status()
             self.reconcile_after.set_result(status.stream_info.state.last_seq or 0)
         self.publish_started = time.perf_counter()
-        await super().publish(subjects_changed, cause)
+        await super().publish(subjects_changed, cause, peer_sets)
         self.published = time.perf_counter()
         self.publish_seconds += self.published - self.publish_started
         if cause == "identities":
@@ -508,7 +525,8 @@ class Steps:
     resolve: list[float] = field(default_factory=list)  # on_identity (decode + resolver)
     publish: list[float] = field(default_factory=list)  # publish (puts, acked)
     to_seen: list[float] = field(default_factory=list)  # resolve done -> all seen here
-    changed: list[int] = field(default_factory=list)
+    changed: list[int] = field(default_factory=list)  # subjects whose own document changed
+    sets: list[int] = field(default_factory=list)  # peer sets that changed
     evaluations: list[int] = field(default_factory=list)  # the service's resolver
     timeouts: int = 0
     restarts: int = 0  # the service's watch loops restarted (a crash, e.g. a NATS timeout)
@@ -532,10 +550,12 @@ async def session(
     tasks = TaskGroup()
     service_bus: Bus | None = None
     watcher: asyncio.Task[None] | None = None
+    set_watcher: asyncio.Task[None] | None = None
     try:
         identities_kv = await bench.kv(subjects.KV_IDENTITIES)
         policies_kv = await bench.kv(subjects.KV_POLICIES)
         resolved_kv = await bench.kv(subjects.KV_RESOLVED)
+        selectors_kv = await bench.kv(subjects.KV_SELECTORS)
         await bench.kv(subjects.KV_IPCACHE)
         await put_all(
             identities_kv, [(str(n), identity_value(n, ls)) for n, ls in identities.items()]
@@ -549,7 +569,11 @@ async def session(
         )
         watch = ResolvedWatch()
         watcher = asyncio.create_task(watch.run(resolved_kv))
+        set_watch = ResolvedWatch()
+        set_watcher = asyncio.create_task(set_watch.run(selectors_kv))
+        mirror.take_peer_set_changes()
         expected = mirror.subjects()
+        expected_sets = set(mirror.peer_sets())
 
         # cold: as services.policy.service.run, without signals, metrics or micro endpoints
         started = time.perf_counter()
@@ -558,6 +582,7 @@ async def session(
             service_bus,
             await service_bus.kv(subjects.KV_POLICIES),
             await service_bus.kv(subjects.KV_RESOLVED),
+            await service_bus.kv(subjects.KV_SELECTORS),
             await service_bus.kv(subjects.KV_IPCACHE),
         )
         their_identities = await service_bus.kv(subjects.KV_IDENTITIES)
@@ -575,7 +600,9 @@ async def session(
         # done: every subject written by the start-up reconcile (the whole, final state) seen
         after = await asyncio.wait_for(service.reconcile_after, WAIT_SECONDS)
         done = await asyncio.wait_for(watch.expect(expected, after), WAIT_SECONDS)
+        done = max(done, await asyncio.wait_for(set_watch.expect(expected_sets, 0), WAIT_SECONDS))
         stored = await Bus.snapshot(resolved_kv)
+        stored_sets = await Bus.snapshot(selectors_kv)
         steps.cold = Cold(
             seconds=done - started,
             connect=connected - started,
@@ -586,21 +613,25 @@ async def session(
             early=service.early_subjects,
             agrees=service.resolver.subjects() == expected
             and same_results(service.resolver, mirror)
-            and bucket_agrees(stored, mirror),
+            and bucket_agrees(stored, stored_sets, mirror),
         )
 
         for index, (number, labels) in enumerate(arrivals):
             t = time.perf_counter()
             changed = mirror.set_identity(number, labels)
+            sets_changed, sets_gone = mirror.take_peer_set_changes()
             resolver_seconds = time.perf_counter() - t
             evaluations = service.resolver.selector_evaluations
             service.identity_published.clear()
             seen = watch.expect(changed, watch.high)
+            moved = {s.id for s in sets_changed} | set(sets_gone)
+            sets_seen = set_watch.expect(moved, set_watch.high)
             t0 = time.perf_counter()
             await identities_kv.put(str(number), identity_value(number, labels))
             acked = time.perf_counter()
             try:
                 done = await asyncio.wait_for(seen, WAIT_SECONDS)
+                done = max(done, await asyncio.wait_for(sets_seen, WAIT_SECONDS))
             except TimeoutError:
                 steps.timeouts += 1
                 continue
@@ -615,14 +646,16 @@ async def session(
             steps.publish.append(service.published - service.publish_started)
             steps.to_seen.append(done - service.handled)
             steps.changed.append(len(changed))
+            steps.sets.append(len(sets_changed) + len(sets_gone))
             steps.evaluations.append(service.resolver.selector_evaluations - evaluations)
         steps.restarts = service.follows - 2
     finally:
         await tasks.close()
-        if watcher is not None:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+        for task in (watcher, set_watcher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if service_bus is not None:
             await service_bus.close()
         await bench.close()
@@ -770,20 +803,21 @@ def report(r: Results) -> None:
             f"{label:44} {ms_percentile(values, 0.5):8.2f} {ms_percentile(values, 0.99):8.2f} "
             f"{ms_percentile(values, 1.0):8.2f}"
         )
-    print(f"{'by changed subjects per new identity':44} {'count':>8} {'p50 ms':>8} {'p99 ms':>8}")
+    documents = [a + b for a, b in zip(m.changed, m.sets, strict=True)]
+    print(f"{'by changed documents per new identity':44} {'count':>8} {'p50 ms':>8} {'p99 ms':>8}")
     for low, high in ((0, 1), (2, 10), (11, 100), (101, 1_000_000)):
-        picked = [t for t, n in zip(m.latencies, m.changed, strict=True) if low <= n <= high]
+        picked = [t for t, n in zip(m.latencies, documents, strict=True) if low <= n <= high]
         if picked:
             span = f"{low}-{high}" if high < 1_000_000 else f">{low - 1}"
             print(
-                f"{'  ' + span + ' subjects':44} {len(picked):8d} "
+                f"{'  ' + span + ' documents':44} {len(picked):8d} "
                 f"{ms_percentile(picked, 0.5):8.2f} {ms_percentile(picked, 0.99):8.2f}"
             )
     print(
-        f"  changed subjects per new identity: mean {mean(m.changed):.1f}, max "
-        f"{max(m.changed, default=0)}; selector evaluations per new identity: mean "
-        f"{mean(m.evaluations):.1f}; timeouts: {m.timeouts}; service watch restarts: "
-        f"{m.restarts}"
+        f"  per new identity: subjects changed mean {mean(m.changed):.1f} (max "
+        f"{max(m.changed, default=0)}), peer sets changed mean {mean(m.sets):.1f} (max "
+        f"{max(m.sets, default=0)}); selector evaluations mean {mean(m.evaluations):.1f}; "
+        f"timeouts: {m.timeouts}; service watch restarts: {m.restarts}"
     )
 
     print()

@@ -176,9 +176,15 @@ class PolicyEntry(Message):
     ``peer`` 0 is any identity, ``protocol`` 0 any protocol (IANA numbers: 6 TCP, 17 UDP, 1
     ICMP), ``port`` 0 any port; ``end_port`` > ``port`` makes a range. ``port_name`` is a named
     port, resolved per endpoint from its container ports (an endpoint without it gets no entry).
+
+    ``selector`` non-zero makes the entry stand for every identity of that peer set (the
+    ``selectors`` bucket, :class:`PeerSet`), and ``peer`` is then unused. Peers that come and go
+    with pods are published this way, as Cilium's selector cache does, so that a new pod changes
+    the few peer sets it joins instead of every policy that names one of them.
     """
 
     peer: int = 0
+    selector: int = 0
     protocol: int = 0
     port: int = 0
     end_port: int = 0
@@ -205,6 +211,19 @@ class ResolvedPolicy(Message):
     ingress: list[PolicyEntry] = []
     egress: list[PolicyEntry] = []
     rules: dict[int, str] = {}  # rule id -> "namespace/name[index]" (or "name[index]")
+
+
+class PeerSet(Message):
+    """The identities one peer of the policies selects now (``selectors`` bucket, key: ``id``).
+
+    ``id`` is stable (a hash of ``description``), the same in every replica and after restarts.
+    ``description`` is Cilium's spelling of the selector, a CIDR rule or an entity class.
+    """
+
+    id: int
+    revision: int
+    description: str = ""
+    identities: list[int] = []
 
 
 # --- flows (datapath -> monitor) -------------------------------------------------------------

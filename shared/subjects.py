@@ -37,6 +37,7 @@ KV_IPCACHE: Final = "ipcache"
 KV_ENDPOINTS: Final = "endpoints"
 KV_POLICIES: Final = "policies"
 KV_RESOLVED: Final = "resolved"
+KV_SELECTORS: Final = "selectors"
 KV_SERVICES: Final = "services"
 KV_NAMESPACES: Final = "namespaces"
 

@@ -39,6 +39,7 @@ from shared.messages import (
     Message,
     NamespaceRecord,
     Node,
+    PeerSet,
     ReleaseReply,
     ReleaseRequest,
     ResolvedPolicy,
@@ -65,6 +66,7 @@ class Buckets:
     endpoints: KeyValue
     ipcache: KeyValue
     resolved: KeyValue
+    selectors: KeyValue
     namespaces: KeyValue
 
     @classmethod
@@ -77,6 +79,7 @@ class Buckets:
             endpoints=await kv(subjects.KV_ENDPOINTS, "namespace.pod -> endpoint"),
             ipcache=await kv(subjects.KV_IPCACHE, "address -> identity, node"),
             resolved=await kv(subjects.KV_RESOLVED, "identity -> resolved policy"),
+            selectors=await kv(subjects.KV_SELECTORS, "peer set id -> identities it selects"),
             namespaces=await kv(subjects.KV_NAMESPACES, "namespace -> labels"),
         )
 
@@ -120,7 +123,8 @@ class Agent:
         self.endpoints: dict[str, Endpoint] = {}  # by endpoint_key
         self.lock = asyncio.Lock()
         self.synced = {
-            name: asyncio.Event() for name in ("resolved", "ipcache", "nodes", "namespaces")
+            name: asyncio.Event()
+            for name in ("resolved", "selectors", "ipcache", "nodes", "namespaces")
         }
         self._background: set[asyncio.Task[None]] = set()
         self.namespace_labels: dict[str, dict[str, str]] = {}  # as last seen in the bucket
@@ -498,6 +502,26 @@ class Agent:
                 policy = deny_all(identity)
         self.policy.set_resolved(identity, policy)
         KV_TO_MAP.labels(subjects.KV_RESOLVED).inc()
+
+    def on_selector(self, event: KVEvent) -> None:
+        try:
+            set_id = int(event.key)
+        except ValueError:
+            BAD_MESSAGES.labels(subjects.KV_SELECTORS).inc()
+            return
+        members: list[int] | None = None
+        if event.value is not None:
+            try:
+                members = msgspec.json.decode(event.value, type=PeerSet).identities
+            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                BAD_MESSAGES.labels(subjects.KV_SELECTORS).inc()
+                self.log.error(
+                    "unreadable peer set; endpoints naming it deny", key=event.key, error=str(exc)
+                )
+                self.policy.set_peer_set(set_id, None, unreadable=True)
+                return
+        self.policy.set_peer_set(set_id, members)
+        KV_TO_MAP.labels(subjects.KV_SELECTORS).inc()
 
     def on_ipcache(self, event: KVEvent) -> None:
         entry: IPCacheEntry | None = None

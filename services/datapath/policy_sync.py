@@ -7,13 +7,19 @@ agent adopts what its predecessor left and corrects only the difference.
 
 Fail closed: when entries cannot be written (map full, kernel error), the endpoint is marked
 ``EP_POLICY_FAILED`` and the datapath denies its new connections until a retry succeeds.
+
+Peer sets: a resolved policy names the identities of a selector by peer set id, whose members
+come from the ``selectors`` bucket. A peer set that changes recompiles only the local endpoints
+whose policy names it. When a policy names a peer set the agent has not seen yet (the two
+buckets are watched apart), the endpoint keeps what it has installed until the set arrives; an
+endpoint that has nothing installed yet denies meanwhile.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, replace
 
 from prometheus_client import Counter, Gauge
@@ -29,6 +35,7 @@ from services.datapath.maps import (
 from services.datapath.policy_compiler import PolicyKey, PolicyValue, compile_endpoint, diff
 from shared import log
 from shared.messages import ContainerPort, ResolvedPolicy
+from shared.peer_sets import expand, referenced
 
 MAP_UPDATES = Counter(
     "membrane_datapath_policy_map_updates_total",
@@ -41,6 +48,10 @@ POLICY_FAILURES = Counter(
 )
 FAILED_ENDPOINTS = Gauge(
     "membrane_datapath_policy_failed_endpoints", "Endpoints currently denying for lack of policy"
+)
+WAITING_ENDPOINTS = Gauge(
+    "membrane_datapath_policy_waiting_endpoints",
+    "Endpoints whose new policy names a peer set not received yet (the old policy stays)",
 )
 
 
@@ -64,6 +75,11 @@ class PolicySync:
         self.by_identity: dict[int, set[int]] = defaultdict(set)
         self.installed: dict[int, dict[PolicyKey, PolicyValue]] = defaultdict(dict)
         self.failed: set[int] = set()
+        self.members: dict[int, frozenset[int]] = {}  # peer set id -> identities
+        self.set_users: dict[int, set[int]] = defaultdict(set)  # peer set id -> subjects
+        self.waiting: set[int] = set()  # endpoints waiting for a peer set
+        self.unreadable: set[int] = set()  # peer sets whose value did not decode
+        self.installed_once: set[int] = set()  # endpoints that had a policy installed
         self.log = log.get("datapath.policy")
 
     def adopt(self) -> int:
@@ -80,12 +96,35 @@ class PolicySync:
     # --- changes ---------------------------------------------------------------------------
 
     def set_resolved(self, identity: int, policy: ResolvedPolicy | None) -> None:
-        if policy is None:
-            self.resolved.pop(identity, None)
-        else:
+        old = self.resolved.pop(identity, None)
+        for set_id in referenced(old) if old is not None else ():
+            users = self.set_users[set_id]
+            users.discard(identity)
+            if not users:
+                del self.set_users[set_id]
+        if policy is not None:
             self.resolved[identity] = policy
+            for set_id in referenced(policy):
+                self.set_users[set_id].add(identity)
         for ifindex in sorted(self.by_identity.get(identity, ())):
             self.sync(ifindex)
+
+    def set_peer_set(
+        self, set_id: int, identities: Iterable[int] | None, *, unreadable: bool = False
+    ) -> None:
+        """A peer set's members (None: deleted); recompiles the endpoints naming it. An
+        unreadable set makes them deny: its members might be a deny rule's."""
+        if identities is None:
+            self.members.pop(set_id, None)
+        else:
+            self.members[set_id] = frozenset(identities)
+        if unreadable:
+            self.unreadable.add(set_id)
+        else:
+            self.unreadable.discard(set_id)
+        for subject in sorted(self.set_users.get(set_id, ())):
+            for ifindex in sorted(self.by_identity.get(subject, ())):
+                self.sync(ifindex)
 
     def upsert_endpoint(self, endpoint: LocalEndpoint) -> None:
         old = self.endpoints.get(endpoint.ifindex)
@@ -100,7 +139,10 @@ class PolicySync:
         if endpoint is not None:
             self.by_identity[endpoint.identity].discard(ifindex)
         self.failed.discard(ifindex)
+        self.waiting.discard(ifindex)
+        self.installed_once.discard(ifindex)
         FAILED_ENDPOINTS.set(len(self.failed))
+        WAITING_ENDPOINTS.set(len(self.waiting))
         self._apply(ifindex, {}, [*self.installed.get(ifindex, {})])
 
     def forget_strays(self) -> int:
@@ -120,6 +162,19 @@ class PolicySync:
     def sync(self, ifindex: int) -> None:
         endpoint = self.endpoints[ifindex]
         policy = self.resolved.get(endpoint.identity)
+        if policy is not None:
+            names = referenced(policy)
+            if names & self.unreadable:
+                self._fail(ifindex, endpoint, "a peer set it names is unreadable")
+                return
+            missing = names - self.members.keys()
+            if missing:
+                self._wait(ifindex, endpoint, missing)
+                return
+            policy = expand(policy, self.members)
+        if ifindex in self.waiting:
+            self.waiting.discard(ifindex)
+            WAITING_ENDPOINTS.set(len(self.waiting))
         desired = compile_endpoint(ifindex, policy, endpoint.ports)
         upserts, deletes = diff(self.installed.get(ifindex, {}), desired)
         flags = 0
@@ -132,22 +187,43 @@ class PolicySync:
             # entries first: until the flag is set they change nothing, so no window opens
             self._apply(ifindex, upserts, deletes)
         except OSError as exc:
-            POLICY_FAILURES.inc()
-            self.failed.add(ifindex)
-            FAILED_ENDPOINTS.set(len(self.failed))
-            self.log.error(
-                "cannot install policy; endpoint denies until a retry succeeds",
-                endpoint=ifindex,
-                identity=endpoint.identity,
-                error=str(exc),
-            )
-            self._set_flags(ifindex, EP_POLICY_FAILED | flags)
+            self._fail(ifindex, endpoint, str(exc))
             return
         if ifindex in self.failed:
             self.failed.discard(ifindex)
             FAILED_ENDPOINTS.set(len(self.failed))
             self.log.info("policy installed after earlier failure", endpoint=ifindex)
+        self.installed_once.add(ifindex)
         self._set_flags(ifindex, flags)
+
+    def _fail(self, ifindex: int, endpoint: LocalEndpoint, error: str) -> None:
+        POLICY_FAILURES.inc()
+        self.failed.add(ifindex)
+        FAILED_ENDPOINTS.set(len(self.failed))
+        self.log.error(
+            "cannot install policy; endpoint denies until a retry succeeds",
+            endpoint=ifindex,
+            identity=endpoint.identity,
+            error=error,
+        )
+        info = self.endpoint_map.get(ifindex)
+        flags = EP_POLICY_FAILED | EP_ENFORCE_INGRESS | EP_ENFORCE_EGRESS
+        self._set_flags(ifindex, flags if info is None else info.flags | flags)
+
+    def _wait(self, ifindex: int, endpoint: LocalEndpoint, missing: set[int]) -> None:
+        """The policy names peer sets not received yet: keep the policy installed before it,
+        or deny if there is none."""
+        if ifindex not in self.waiting:
+            self.waiting.add(ifindex)
+            WAITING_ENDPOINTS.set(len(self.waiting))
+            self.log.info(
+                "policy waits for peer sets",
+                endpoint=ifindex,
+                identity=endpoint.identity,
+                peer_sets=sorted(missing),
+            )
+        if ifindex not in self.installed_once:
+            self._fail(ifindex, endpoint, "no policy installed yet, and it waits for peer sets")
 
     def _set_flags(self, ifindex: int, flags: int) -> None:
         info = self.endpoint_map.get(ifindex)

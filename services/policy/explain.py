@@ -124,7 +124,7 @@ def _side(
     port: int,
     ports: Sequence[ContainerPort],
 ) -> SideVerdict:
-    resolved = resolver.resolved(subject)
+    resolved = resolver.expanded(subject, peer=peer)
     selecting = resolver.selecting(subject)
     in_audit = resolved is not None and (
         resolved.ingress_audit if direction == "ingress" else resolved.egress_audit

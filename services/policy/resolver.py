@@ -32,6 +32,7 @@ verdict, enforcing them would deny what the user only wanted to try.
 from __future__ import annotations
 
 import enum
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Network
@@ -53,7 +54,8 @@ from services.policy.selector_cache import SelectorCache
 from shared import identities
 from shared.errors import AlreadyExists
 from shared.labels import SOURCE_RESERVED, Label, LabelSet
-from shared.messages import PolicyEntry, ResolvedPolicy
+from shared.messages import PeerSet, PolicyEntry, ResolvedPolicy
+from shared.peer_sets import expand, referenced
 
 __all__ = ["Explanation", "PeerClass", "Resolver", "explain", "is_subject_range"]
 
@@ -67,8 +69,9 @@ class PeerClass(enum.Enum):
 
 Dependency = Selector | CIDRRule | PeerClass
 SpecRef = tuple[str, int]  # (policy key, index of the spec in policy.specs)
-# (peer, protocol, port, end_port, port_name, deny, rule id, l7 protocol, l7 canonical JSON)
-EntryKey = tuple[int, int, int, int, str, bool, int, str, str]
+# (peer, peer set, protocol, port, end_port, port_name, deny, rule id, l7 protocol, l7 JSON)
+EntryKey = tuple[int, int, int, int, int, str, bool, int, str, str]
+ALLOW_ALL: EntryKey = (0, 0, 0, 0, 0, "", False, 0, "", "")
 
 
 @dataclass(frozen=True)
@@ -105,10 +108,33 @@ def _dependencies(spec: PolicySpec) -> set[Dependency]:
     return deps
 
 
+def peer_set_id(dep: Dependency) -> int:
+    """A peer set's stable id: 48 bits of blake2s over what it selects, never 0.
+
+    The same in every replica and after restarts, so that subjects and peer sets published by
+    different processes agree without coordination.
+    """
+    if isinstance(dep, Selector):
+        text = f"selector/{dep}"
+    elif isinstance(dep, CIDRRule):
+        text = f"cidr/{dep}"
+    else:
+        text = f"class/{dep.value}"
+    digest = hashlib.blake2s(text.encode(), digest_size=6).digest()
+    return int.from_bytes(digest, "big") or 1
+
+
+def describe_peer_set(dep: Dependency) -> str:
+    if isinstance(dep, PeerClass):
+        return f"every {dep.value} identity"
+    return str(dep)
+
+
 def _entry(key: EntryKey) -> PolicyEntry:
-    peer, protocol, port, end_port, port_name, deny, rule_id, l7_proto, l7_json = key
+    peer, selector, protocol, port, end_port, port_name, deny, rule_id, l7_proto, l7_json = key
     entry = PolicyEntry(
         peer=peer,
+        selector=selector,
         protocol=protocol,
         port=port,
         end_port=end_port,
@@ -133,7 +159,13 @@ class Resolver:
         self._results: dict[int, _Result] = {}
         self._resolved: dict[int, ResolvedPolicy] = {}
         self._revisions: dict[int, int] = {}
-        self._memo: dict[tuple[str, int], frozenset[EntryKey]] = {}
+        # a rule's entries name peer sets, not their members: they change only with the policy
+        self._rule_memo: dict[str, dict[int, frozenset[EntryKey]]] = {}
+        self._set_ids: dict[Dependency, int] = {}  # peers in use -> peer set id
+        self._set_owner: dict[int, Dependency] = {}
+        self._peer_sets: dict[int, PeerSet] = {}  # as last taken
+        self._dirty_sets: set[Dependency] = set()
+        self._gone_sets: set[int] = set()
         # the reserved identities exist implicitly, with their one label ("unknown", 0, is none)
         for number, name in identities.BY_ID.items():
             if number:
@@ -152,7 +184,8 @@ class Resolver:
             self._cluster.add(identity)
             deps.add(PeerClass.CLUSTER)
             dirty.add(identity)
-        dirty |= self._subjects_using(deps)
+        # as a peer, the identity changes the peer sets it joins, never the subjects using them
+        self._mark_sets(deps)
         return self._settle(dirty)
 
     def remove_identity(self, identity: int) -> set[int]:
@@ -164,7 +197,7 @@ class Resolver:
     def set_policy(self, policy: Policy) -> set[int]:
         """Adds a policy or replaces the one with the same key."""
         key = policy.key
-        self._check_rule_ids(policy)
+        self._check_ids(policy)
         old = self._policies.get(key)
         dirty: set[int] = set()
         change = CIDRChange(set(), False)
@@ -178,14 +211,18 @@ class Resolver:
             dirty |= self._policy_subjects(old)
             self._unregister(old, change)
         self._policies[key] = policy
+        self._rule_memo.pop(key, None)
         for index, spec in enumerate(policy.specs):
             self._subject_users.setdefault(spec.subject, set()).add((key, index))
             for dep in _dependencies(spec):
-                self._peer_users.setdefault(dep, set()).add((key, index))
+                users = self._peer_users.setdefault(dep, set())
+                if not users:
+                    self._open_set(dep)
+                users.add((key, index))
         for rule in policy.rules:
             self._rule_names[rule.id] = (key, rule.name)
         dirty |= self._policy_subjects(policy)
-        dirty |= self._subjects_after(change)
+        self._mark_cidr_sets(change)
         return self._settle(dirty)
 
     def remove_policy(self, key: str) -> set[int]:
@@ -196,7 +233,8 @@ class Resolver:
         change = CIDRChange(set(), False)
         self._unregister(old, change)
         del self._policies[key]
-        dirty |= self._subjects_after(change)
+        self._rule_memo.pop(key, None)
+        self._mark_cidr_sets(change)
         return self._settle(dirty)
 
     # --- outputs -------------------------------------------------------------------------------
@@ -207,6 +245,43 @@ class Resolver:
 
     def subjects(self) -> set[int]:
         return set(self._resolved)
+
+    def expanded(self, identity: int, *, peer: int | None = None) -> ResolvedPolicy | None:
+        """The resolved policy with one entry per peer identity, as the datapath compiles it;
+        with ``peer``, only the entries that could apply to that one peer (for ``explain``)."""
+        policy = self._resolved.get(identity)
+        if policy is None:
+            return None
+        members = {sid: self._members(self._set_owner[sid]) for sid in referenced(policy)}
+        if peer is not None:
+            members = {sid: found & {peer} for sid, found in members.items()}
+        return expand(policy, members)
+
+    def peer_sets(self) -> dict[int, PeerSet]:
+        """Every peer set as last taken (:meth:`take_peer_set_changes`)."""
+        return dict(self._peer_sets)
+
+    def take_peer_set_changes(self) -> tuple[list[PeerSet], list[int]]:
+        """Peer sets new or with other members since the last call, and those no rule uses."""
+        changed: list[PeerSet] = []
+        for dep in self._dirty_sets:
+            set_id = self._set_ids[dep]
+            members = sorted(self._members(dep))
+            old = self._peer_sets.get(set_id)
+            if old is not None and old.identities == members:
+                continue
+            peer_set = PeerSet(
+                id=set_id,
+                revision=1 if old is None else old.revision + 1,
+                description=describe_peer_set(dep),
+                identities=members,
+            )
+            self._peer_sets[set_id] = peer_set
+            changed.append(peer_set)
+        removed = sorted(i for i in self._gone_sets if self._peer_sets.pop(i, None) is not None)
+        self._dirty_sets.clear()
+        self._gone_sets.clear()
+        return sorted(changed, key=lambda s: s.id), removed
 
     def cidr_identities(self) -> dict[IPv4Network, int]:
         return self._cidrs.identities()
@@ -221,6 +296,7 @@ class Resolver:
             "selectors": len(self._cache),
             "identities": sum(1 for _ in self._cache.identities()),
             "subjects": len(self._resolved),
+            "peer_sets": len(self._set_ids),
             "cidr_identities": len(self._cidrs),
             "selector_evaluations": self._cache.evaluations,
         }
@@ -261,7 +337,16 @@ class Resolver:
 
     # --- bookkeeping ---------------------------------------------------------------------------
 
-    def _check_rule_ids(self, policy: Policy) -> None:
+    def _check_ids(self, policy: Policy) -> None:
+        for spec in policy.specs:
+            for dep in _dependencies(spec):
+                holder = self._set_owner.get(peer_set_id(dep))
+                if holder is not None and holder != dep:
+                    raise AlreadyExists(
+                        f"peer {describe_peer_set(dep)} has the same peer set id as "
+                        f"{describe_peer_set(holder)}: rewrite one of them",
+                        field="spec",
+                    )
         seen: dict[int, str] = {}
         for rule in policy.rules:
             other = seen.get(rule.id)
@@ -299,18 +384,51 @@ class Resolver:
             self._discard_user(self._subject_users, spec.subject, (key, index))
             self._release(spec.subject, change)
             for dep in _dependencies(spec):
-                self._discard_user(self._peer_users, dep, (key, index))
+                if self._discard_user(self._peer_users, dep, (key, index)):
+                    self._close_set(dep)
                 self._release(dep, change)
         for rule in policy.rules:
             if self._rule_names.get(rule.id, ("", ""))[0] == key:
                 del self._rule_names[rule.id]
 
     @staticmethod
-    def _discard_user(users: dict[Dependency, set[SpecRef]], dep: Dependency, ref: SpecRef) -> None:
+    def _discard_user(users: dict[Dependency, set[SpecRef]], dep: Dependency, ref: SpecRef) -> bool:
+        """True when that was the dependency's last user."""
         holders = users[dep]
         holders.discard(ref)
-        if not holders:
-            del users[dep]
+        if holders:
+            return False
+        del users[dep]
+        return True
+
+    def _open_set(self, dep: Dependency) -> None:
+        set_id = peer_set_id(dep)
+        self._set_ids[dep] = set_id
+        self._set_owner[set_id] = dep
+        self._gone_sets.discard(set_id)
+        self._dirty_sets.add(dep)
+
+    def _close_set(self, dep: Dependency) -> None:
+        set_id = self._set_ids.pop(dep)
+        del self._set_owner[set_id]
+        self._dirty_sets.discard(dep)
+        self._gone_sets.add(set_id)
+
+    def _mark_sets(self, deps: Iterable[Dependency]) -> None:
+        self._dirty_sets.update(dep for dep in deps if dep in self._set_ids)
+
+    def _mark_cidr_sets(self, change: CIDRChange) -> None:
+        deps: set[Dependency] = set(change.rules)
+        if change.table_changed:
+            deps.add(PeerClass.CIDR)
+        self._mark_sets(deps)
+
+    def _members(self, dep: Dependency) -> set[int]:
+        if isinstance(dep, Selector):
+            return self._cache.matches(dep)
+        if isinstance(dep, CIDRRule):
+            return self._cidrs.matches(dep)
+        return set(self._cluster) if dep is PeerClass.CLUSTER else self._cidrs.all_ids()
 
     def _drop_identity(self, identity: int) -> set[int]:
         """Removes an identity from every cache; returns the subjects to resolve again."""
@@ -320,7 +438,8 @@ class Resolver:
         if identity in self._cluster:
             self._cluster.discard(identity)
             deps.add(PeerClass.CLUSTER)
-        return self._subjects_using(deps) | {identity}
+        self._mark_sets(deps)
+        return {identity}
 
     def _selecting_refs(self, identity: int) -> list[SpecRef]:
         return sorted(
@@ -329,34 +448,16 @@ class Resolver:
             for ref in self._subject_users.get(selector, ())
         )
 
-    def _spec_subjects(self, ref: SpecRef) -> Iterable[int]:
-        subject = self._policies[ref[0]].specs[ref[1]].subject
-        return (ident for ident in self._cache.matches(subject) if is_subject_range(ident))
-
     def _policy_subjects(self, policy: Policy) -> set[int]:
         found: set[int] = set()
         for spec in policy.specs:
             found.update(i for i in self._cache.matches(spec.subject) if is_subject_range(i))
         return found
 
-    def _subjects_using(self, deps: Iterable[Dependency]) -> set[int]:
-        refs = {ref for dep in deps for ref in self._peer_users.get(dep, ())}
-        found: set[int] = set()
-        for ref in refs:
-            found.update(self._spec_subjects(ref))
-        return found
-
-    def _subjects_after(self, change: CIDRChange) -> set[int]:
-        deps: set[Dependency] = set(change.rules)
-        if change.table_changed:
-            deps.add(PeerClass.CIDR)
-        return self._subjects_using(deps)
-
     # --- resolution ----------------------------------------------------------------------------
 
     def _settle(self, dirty: set[int]) -> set[int]:
         """Resolves the dirty subjects again; returns those whose result changed."""
-        self._memo.clear()
         changed: set[int] = set()
         for identity in sorted(dirty):
             result = self._resolve(identity)
@@ -371,11 +472,10 @@ class Resolver:
             self._revisions[identity] = revision
             self._results[identity] = result
             self._resolved[identity] = self._message(identity, revision, result)
-        self._memo.clear()
         return changed
 
     def _message(self, identity: int, revision: int, result: _Result) -> ResolvedPolicy:
-        rule_ids = {key[6] for key in (*result.ingress, *result.egress) if key[6]}
+        rule_ids = {key[7] for key in (*result.ingress, *result.egress) if key[7]}
         return ResolvedPolicy(
             identity=identity,
             revision=revision,
@@ -444,27 +544,27 @@ class Resolver:
         if not selected:
             return None
         for direction, found in entries.items():
-            if not enforced[direction] and any(entry[5] for entry in found):
+            if not enforced[direction] and any(entry[6] for entry in found):
                 enforced[direction] = True
-                found.add((0, 0, 0, 0, "", False, 0, "", ""))
+                found.add(ALLOW_ALL)
         return enforced, entries
 
     def _rule_entries(self, key: str, rule: Rule) -> frozenset[EntryKey]:
-        """A rule's entries do not depend on the subject: computed once per settle."""
-        memo_key = (key, rule.index)
-        cached = self._memo.get(memo_key)
+        """A rule's entries name peer sets, not their members: kept until the policy changes."""
+        memo = self._rule_memo.setdefault(key, {})
+        cached = memo.get(rule.index)
         if cached is not None:
             return cached
-        peers = self._peer_ids(rule)
         out: set[EntryKey] = set()
-        for peer in peers:
+        for peer, selector in self._rule_peers(rule):
             if not rule.ports:
-                out.add((peer, 0, 0, 0, "", rule.deny, rule.id, "", ""))
+                out.add((peer, selector, 0, 0, 0, "", rule.deny, rule.id, "", ""))
             for port in rule.ports:
                 l7_proto, l7_json = (port.l7.protocol, port.l7.canonical) if port.l7 else ("", "")
                 out.add(
                     (
                         peer,
+                        selector,
                         port.protocol,
                         port.port,
                         port.end_port,
@@ -476,23 +576,25 @@ class Resolver:
                     )
                 )
         entries = frozenset(out)
-        self._memo[memo_key] = entries
+        memo[rule.index] = entries
         return entries
 
-    def _peer_ids(self, rule: Rule) -> set[int]:
-        ids: set[int] = set()
+    def _rule_peers(self, rule: Rule) -> set[tuple[int, int]]:
+        """(peer identity, 0) for reserved identities, (0, peer set id) for selected ones,
+        {(0, 0)} for any identity."""
+        found: set[tuple[int, int]] = set()
         for peer in rule.peers:
             if peer.selector is not None:
-                ids |= self._cache.matches(peer.selector)
+                found.add((0, self._set_ids[peer.selector]))
             elif peer.cidr is not None:
-                ids |= self._cidrs.matches(peer.cidr)
+                found.add((0, self._set_ids[peer.cidr]))
             elif peer.entity is not None:
                 targets = peer.entity.targets
                 if targets.wildcard:
-                    return {0}
-                ids |= targets.reserved
+                    return {(0, 0)}
+                found.update((reserved, 0) for reserved in targets.reserved)
                 if targets.cluster:
-                    ids |= self._cluster
+                    found.add((0, self._set_ids[PeerClass.CLUSTER]))
                 if targets.cidr:
-                    ids |= self._cidrs.all_ids()
-        return ids
+                    found.add((0, self._set_ids[PeerClass.CIDR]))
+        return found

@@ -3,8 +3,12 @@
 The ``policies`` bucket is the source of truth: ``apply`` validates every document first and
 stores them only if all are valid; every replica watches the bucket and the ``identities``
 bucket, feeds the resolver, and writes the results of the subject identities whose policy
-changed to ``resolved`` (and CIDR identities to ``ipcache``). Nothing is published before both
-snapshots are in, so a restarted service never withdraws policy it has not read yet.
+changed to ``resolved``, the peer sets whose members changed to ``selectors`` (and CIDR
+identities to ``ipcache``). Nothing is published before both snapshots are in, so a restarted
+service never withdraws policy it has not read yet.
+
+Order of writes, so that an agent never sees a subject name a peer set it cannot find: new and
+changed peer sets first, then the subjects, then the deletions of peer sets nobody names.
 """
 
 from __future__ import annotations
@@ -87,17 +91,26 @@ class StoredPolicy(msgspec.Struct, kw_only=True):
 
 
 class PolicyService:
-    def __init__(self, bus: Bus, policies: KeyValue, resolved: KeyValue, ipcache: KeyValue) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        policies: KeyValue,
+        resolved: KeyValue,
+        selectors: KeyValue,
+        ipcache: KeyValue,
+    ) -> None:
         self.bus = bus
         self.policies = policies
         self.resolved_kv = resolved
+        self.selectors_kv = selectors
         self.ipcache = ipcache
         self.resolver = Resolver()
         self.by_store_key: dict[str, Policy] = {}
         self.synced = {name: asyncio.Event() for name in ("identities", "policies")}
         self.pending: set[int] = set()  # subjects to publish once both snapshots are in
         self.reconciled = False
-        self.unpublished: set[int] = set()  # writes that failed; retried periodically
+        self.unpublished: set[int] = set()  # subjects whose write failed; retried periodically
+        self.unpublished_sets: set[int] = set()  # ... and peer sets
         self.log = log.get("policy")
 
     # --- requests ----------------------------------------------------------------------------
@@ -290,39 +303,66 @@ class PolicyService:
         stored = await Bus.snapshot(self.resolved_kv)
         wanted = self.resolver.subjects()
         stale = {int(key) for key in stored if key.isdigit() and int(key) not in wanted}
-        await self.publish(wanted | stale, "start")
-        self.log.info("resolved bucket reconciled", subjects=len(wanted), removed=len(stale))
+        stored_sets = await Bus.snapshot(self.selectors_kv)
+        self.resolver.take_peer_set_changes()  # all of them, written below
+        sets = set(self.resolver.peer_sets())
+        sets |= {int(key) for key in stored_sets if key.isdigit()}
+        await self.publish(wanted | stale, "start", sets)
+        self.log.info(
+            "resolved bucket reconciled",
+            subjects=len(wanted),
+            removed=len(stale),
+            peer_sets=len(self.resolver.peer_sets()),
+        )
 
-    async def publish(self, subjects_changed: set[int], cause: str) -> None:
-        """Write the resolved policy of each changed subject, and CIDR identity changes."""
+    async def publish(
+        self, subjects_changed: set[int], cause: str, peer_sets: set[int] | None = None
+    ) -> None:
+        """Write the resolved policy of each changed subject, the peer sets that changed (and
+        ``peer_sets``, to write again), and CIDR identity changes."""
+        changed_sets, gone_sets = self.resolver.take_peer_set_changes()
+        touched_sets = {s.id for s in changed_sets} | set(gone_sets) | (peer_sets or set())
+        current = self.resolver.peer_sets()
         added, removed = self.resolver.take_cidr_changes()
-        writes = []
+        first: list[Awaitable[object]] = []  # CIDR identities and peer sets, before subjects
         for net, number in added.items():
             entry = IPCacheEntry(cidr=str(net), identity=number)
-            writes.append(self.ipcache.put(str(net), msgspec.json.encode(entry)))
-        writes.extend(self.ipcache.delete(str(net)) for net in removed)
+            first.append(self.ipcache.put(str(net), msgspec.json.encode(entry)))
+        first.extend(
+            self.selectors_kv.put(str(i), msgspec.json.encode(current[i]))
+            for i in sorted(touched_sets)
+            if i in current
+        )
+        then: list[Awaitable[object]] = []
         for subject in sorted(subjects_changed):
             resolved = self.resolver.resolved(subject)
             if resolved is None:
-                writes.append(self.resolved_kv.delete(str(subject)))
+                then.append(self.resolved_kv.delete(str(subject)))
             else:
-                writes.append(self.resolved_kv.put(str(subject), msgspec.json.encode(resolved)))
+                then.append(self.resolved_kv.put(str(subject), msgspec.json.encode(resolved)))
+        last: list[Awaitable[object]] = [self.ipcache.delete(str(net)) for net in removed]
+        last.extend(self.selectors_kv.delete(str(i)) for i in touched_sets if i not in current)
         try:
-            for start in range(0, len(writes), 256):  # bounded: a cold start can be thousands
-                await asyncio.gather(*writes[start : start + 256])
+            for writes in (first, then, last):
+                for start in range(0, len(writes), 256):  # bounded: a cold start is thousands
+                    await asyncio.gather(*writes[start : start + 256])
         except (nats.errors.Error, TimeoutError) as exc:
             # NATS slow or away: keep resolving, write these again later (never crash the
             # watch, whose restart would replay every bucket)
             self.unpublished |= subjects_changed
+            self.unpublished_sets |= touched_sets
             self.log.warning("resolved policy not written; will retry", error=str(exc))
         SELECTORS.set(self.resolver.stats().get("selectors", 0))
-        if subjects_changed:
-            self.log.debug("resolved", cause=cause, subjects=len(subjects_changed))
+        if subjects_changed or touched_sets:
+            self.log.debug(
+                "resolved", cause=cause, subjects=len(subjects_changed), peer_sets=len(touched_sets)
+            )
 
     async def retry_unpublished(self) -> None:
-        if self.unpublished:
+        if self.unpublished or self.unpublished_sets:
             subjects_failed, self.unpublished = self.unpublished, set()
-            await self.publish(subjects_failed, "retry")
+            sets_failed, self.unpublished_sets = self.unpublished_sets, set()
+            await self.publish(subjects_failed, "retry", sets_failed)
 
 
 def _with_audit(document: dict[str, Any]) -> dict[str, Any]:
@@ -352,6 +392,7 @@ async def run(settings: PolicySettings) -> None:
         bus,
         await kv(subjects.KV_POLICIES, "kind/namespace/name -> policy document"),
         await kv(subjects.KV_RESOLVED, "identity -> resolved policy"),
+        await kv(subjects.KV_SELECTORS, "peer set id -> identities it selects"),
         await kv(subjects.KV_IPCACHE, "address -> identity, node"),
     )
     identities = await kv(subjects.KV_IDENTITIES, "identity -> labels")

@@ -133,6 +133,56 @@ def test_a_policy_that_cannot_be_installed_denies(
     assert not sync.failed
 
 
+def peers_of(policy_map: CountingMap[PolicyKey, PolicyValue], endpoint: int) -> set[int]:
+    return {k.identity for k in policy_map.data if k.endpoint == endpoint}
+
+
+def test_a_peer_set_change_recompiles_only_the_endpoints_naming_it(
+    maps: tuple[CountingMap[PolicyKey, PolicyValue], CountingMap[int, EndpointInfo]],
+) -> None:
+    policy_map, endpoint_map = maps
+    sync = PolicySync(policy_map, endpoint_map)
+    for ifindex, identity in ((10, 300), (11, 300), (12, 400)):
+        sync.upsert_endpoint(LocalEndpoint(ifindex, identity))
+    sync.set_peer_set(77, [500, 501])
+    sync.set_peer_set(88, [600])
+    sync.set_resolved(300, policy(300, PolicyEntry(selector=77, protocol=TCP, port=80, rule_id=1)))
+    sync.set_resolved(400, policy(400, PolicyEntry(selector=88, protocol=TCP, port=80, rule_id=2)))
+    assert peers_of(policy_map, 10) == peers_of(policy_map, 11) == {500, 501}
+    assert peers_of(policy_map, 12) == {600}
+    before = policy_map.writes, policy_map.deletes
+    sync.set_peer_set(77, [501, 502])  # 500 leaves, 502 joins
+    # per endpoint naming it: one write and one delete; endpoint 12 untouched
+    assert (policy_map.writes - before[0], policy_map.deletes - before[1]) == (2, 2)
+    assert peers_of(policy_map, 10) == {501, 502} and peers_of(policy_map, 12) == {600}
+
+
+def test_a_policy_naming_an_unknown_peer_set_keeps_the_old_one_or_denies(
+    maps: tuple[CountingMap[PolicyKey, PolicyValue], CountingMap[int, EndpointInfo]],
+) -> None:
+    policy_map, endpoint_map = maps
+    sync = PolicySync(policy_map, endpoint_map)
+    sync.upsert_endpoint(LocalEndpoint(10, 300))
+    sync.set_resolved(300, policy(300, PolicyEntry(peer=500, protocol=TCP, port=80, rule_id=1)))
+    # the new policy arrives before its peer set: the old one stays
+    sync.set_resolved(300, policy(300, PolicyEntry(selector=77, protocol=TCP, port=80, rule_id=1)))
+    assert peers_of(policy_map, 10) == {500} and 10 in sync.waiting
+    assert endpoint_map[10].flags == EP_ENFORCE_INGRESS
+    sync.set_peer_set(77, [501])
+    assert peers_of(policy_map, 10) == {501} and not sync.waiting
+    # a new endpoint with nothing installed yet denies until the set is there
+    sync.set_resolved(400, policy(400, PolicyEntry(selector=88, protocol=TCP, port=80, rule_id=2)))
+    sync.upsert_endpoint(LocalEndpoint(12, 400))
+    assert endpoint_map[12].flags & EP_POLICY_FAILED
+    sync.set_peer_set(88, [600])
+    assert endpoint_map[12].flags == EP_ENFORCE_INGRESS and peers_of(policy_map, 12) == {600}
+    # an unreadable peer set may have held a deny rule's peers: deny
+    sync.set_peer_set(88, None, unreadable=True)
+    assert endpoint_map[12].flags & EP_POLICY_FAILED
+    sync.set_peer_set(88, [600])
+    assert endpoint_map[12].flags == EP_ENFORCE_INGRESS
+
+
 def test_denies_go_in_before_allows_come_out(
     maps: tuple[CountingMap[PolicyKey, PolicyValue], CountingMap[int, EndpointInfo]],
 ) -> None:

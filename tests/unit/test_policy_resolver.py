@@ -7,9 +7,10 @@ serving TCP 80 and 81), then CiliumNetworkPolicy features, then the incremental 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import msgspec
 import pytest
@@ -20,11 +21,13 @@ from services.policy.resolver import Resolver, explain
 from shared.errors import AlreadyExists
 from shared.labels import pod_identity_labels
 from shared.messages import ContainerPort, ResolvedPolicy
+from shared.peer_sets import expand, referenced
 
 NAMESPACES = ("x", "y", "z")
 PODS = ("a", "b", "c")
 PORTS = [ContainerPort(port=80, name="serve-80"), ContainerPort(port=81, name="serve-81")]
 WORLD = 2
+NONE = ResolvedPolicy(identity=0, revision=0)
 
 
 def ident(ns: str, pod: str) -> int:
@@ -99,6 +102,17 @@ def lpm(resolver: Resolver, address: str) -> int:
         if addr in net and (best is None or net.prefixlen > best[0]):
             best = (net.prefixlen, number)
     return WORLD if best is None else best[1]
+
+
+def touched(resolver: Resolver, change: Callable[[], set[int]]) -> set[int]:
+    """Subjects whose policy, as the datapath expands it, the change moved: their own resolved
+    policy, or a peer set it names."""
+    resolver.take_peer_set_changes()  # what earlier calls left
+    changed = change()
+    sets, removed = resolver.take_peer_set_changes()
+    moved = {peer_set.id for peer_set in sets} | set(removed)
+    named = {s for s in resolver.subjects() if referenced(resolver.resolved(s) or NONE) & moved}
+    return changed | named
 
 
 def content(resolved: ResolvedPolicy | None) -> object:
@@ -405,7 +419,7 @@ def test_entities() -> None:
     assert resolved is not None
     assert [e.peer for e in resolved.ingress] == [0]
     # a new pod is part of "cluster" at once
-    assert resolver.set_identity(5000, pod_labels("z", "new")) == {b}
+    assert touched(resolver, lambda: resolver.set_identity(5000, pod_labels("z", "new"))) == {b}
     assert allowed(resolver, 5000, b, 80)
 
 
@@ -539,7 +553,7 @@ ingress:
     assert entry.l7 == [{"http": {"method": "GET", "path": "/public"}}]
 
 
-def test_empty_peers_give_no_entry_and_audit_policies_do_not_enforce() -> None:
+def test_empty_peers_allow_nobody_and_audit_policies_do_not_enforce() -> None:
     resolver = cluster()
     resolver.set_policy(
         cnp(
@@ -548,7 +562,7 @@ def test_empty_peers_give_no_entry_and_audit_policies_do_not_enforce() -> None:
             "ingress:\n- fromEndpoints: [{matchLabels: {pod: nobody}}]",
         )
     )
-    resolved = resolver.resolved(ident("x", "a"))
+    resolved = resolver.expanded(ident("x", "a"))
     assert resolved is not None and resolved.ingress_enforced and resolved.ingress == []
     audit = policy(
         """
@@ -603,9 +617,14 @@ def test_new_identity_touches_only_affected_selectors_and_subjects() -> None:
     before = resolver.selector_evaluations
     # a second kind of pod b in x: only the selector requiring pod=b is evaluated
     labels = pod_identity_labels("x", {"pod": "b", "version": "2"}, {"ns": "x"}, "default")
-    assert resolver.set_identity(2000, labels) == {a}
+    resolver.take_peer_set_changes()
+    # no subject's own policy moves: only the one peer set it joins
+    assert resolver.set_identity(2000, labels) == set()
     assert resolver.selector_evaluations - before == 1
-    resolved = resolver.resolved(a)
+    (joined,), removed = resolver.take_peer_set_changes()
+    assert 2000 in joined.identities and removed == []
+    assert joined.description == "k8s:io.kubernetes.pod.namespace=x, k8s:pod=b"
+    resolved = resolver.expanded(a)
     assert resolved is not None
     assert 2000 in {entry.peer for entry in resolved.ingress}
     # an unrelated identity: nothing evaluated, nothing re-published
@@ -615,7 +634,7 @@ def test_new_identity_touches_only_affected_selectors_and_subjects() -> None:
     # a new pod in y is a subject of from-other (its subject selector is filed under ns=y)
     assert resolver.set_identity(2002, pod_labels("y", "new")) == {2002}
     # removing identities: the subjects that listed it, and the identity itself
-    assert resolver.remove_identity(2000) == {a}
+    assert touched(resolver, lambda: resolver.remove_identity(2000)) == {a}
     assert resolver.remove_identity(2002) == {2002}
     assert resolver.remove_identity(2002) == set()
 
@@ -624,11 +643,12 @@ def test_relabelled_identity_moves_between_selectors() -> None:
     resolver = cluster()
     resolver.set_policy(cnp("from-b", FROM_B))
     a = ident("x", "a")
-    assert resolver.set_identity(2000, pod_labels("x", "b")) == {a}
-    assert resolver.set_identity(2000, pod_labels("x", "c")) == {a}
+    assert touched(resolver, lambda: resolver.set_identity(2000, pod_labels("x", "b"))) == {a}
+    assert touched(resolver, lambda: resolver.set_identity(2000, pod_labels("x", "c"))) == {a}
     assert allowed(resolver, ident("x", "b"), a, 80)
     assert not allowed(resolver, 2000, a, 80)
-    assert resolver.set_identity(2000, pod_labels("x", "a")) == {2000}  # now a subject
+    now_a = touched(resolver, lambda: resolver.set_identity(2000, pod_labels("x", "a")))
+    assert now_a == {2000}  # now a subject
     assert resolver.resolved(2000) is not None
 
 
@@ -644,15 +664,14 @@ def test_revision_increments_only_on_real_change() -> None:
     assert resolver.set_identity(3000, pod_labels("z", "q")) == set()
     assert resolver.set_policy(dataclasses.replace(first, warnings=("w",))) == set()
     assert resolver.resolved(a) is resolved
-    # a real change: b's replica joins the peers
-    assert resolver.set_identity(3001, pod_labels("x", "b")) == {a}
-    updated = resolver.resolved(a)
-    assert updated is not None and updated.revision == 2
+    # b's replica joins the peers: the peer set moves, a's own document does not
+    assert touched(resolver, lambda: resolver.set_identity(3001, pod_labels("x", "b"))) == {a}
+    assert resolver.resolved(a) is resolved
     # losing the policy and getting one back keeps counting up
     assert resolver.remove_policy("x/from-b") == {a}
     assert resolver.set_policy(first) == {a}
     again = resolver.resolved(a)
-    assert again is not None and again.revision == 3  # a deletion publishes no revision
+    assert again is not None and again.revision == 2  # a deletion publishes no revision
 
 
 def test_policy_replace_moves_subjects() -> None:
@@ -668,6 +687,7 @@ def test_policy_replace_moves_subjects() -> None:
         "selectors": 2,
         "identities": 17,
         "subjects": 1,
+        "peer_sets": 1,
         "cidr_identities": 0,
         "selector_evaluations": resolver.selector_evaluations,
     }
@@ -701,7 +721,7 @@ def test_a_nested_network_of_another_policy_stays_allowed() -> None:
     narrow = ipaddress.IPv4Network("10.1.0.0/16")
     assert resolver.take_cidr_changes() == ({wide: resolver.cidr_identities()[wide]}, [])
     a, b = ident("x", "a"), ident("x", "b")
-    assert resolver.set_policy(cnp("narrow", narrow_rule)) == {a, b}
+    assert touched(resolver, lambda: resolver.set_policy(cnp("narrow", narrow_rule))) == {a, b}
     added, removed = resolver.take_cidr_changes()
     assert list(added) == [narrow] and removed == []
     inner = lpm(resolver, "10.1.2.3")
@@ -709,7 +729,7 @@ def test_a_nested_network_of_another_policy_stays_allowed() -> None:
     assert allowed(resolver, a, inner, 80)  # still inside a's 10.0.0.0/8
     assert allowed(resolver, b, inner, 80)
     assert not allowed(resolver, b, lpm(resolver, "10.2.0.1"), 80)
-    assert resolver.remove_policy("x/narrow") == {a, b}
+    assert touched(resolver, lambda: resolver.remove_policy("x/narrow")) == {a, b}
     assert resolver.take_cidr_changes() == ({}, [narrow])
     assert allowed(resolver, a, lpm(resolver, "10.1.2.3"), 80)
 
@@ -720,10 +740,8 @@ def test_world_entity_follows_new_cidr_identities() -> None:
         cnp("world", "endpointSelector: {matchLabels: {pod: a}}\negress:\n- toEntities: [world]")
     )
     a, b = ident("x", "a"), ident("x", "b")
-    changed = resolver.set_policy(
-        cnp("cidr", "endpointSelector: {matchLabels: {pod: b}}\negress:\n- toCIDR: [1.2.3.0/24]")
-    )
-    assert changed == {a, b}
+    cidr = cnp("cidr", "endpointSelector: {matchLabels: {pod: b}}\negress:\n- toCIDR: [1.2.3.0/24]")
+    assert touched(resolver, lambda: resolver.set_policy(cidr)) == {a, b}
     assert allowed(resolver, a, lpm(resolver, "1.2.3.4"), 80)
 
 
@@ -768,7 +786,8 @@ ingress:
 
 
 def snapshot(resolver: Resolver, identities: Iterable[int]) -> dict[int, object]:
-    return {number: content(resolver.resolved(number)) for number in identities}
+    # expanded: peer sets with their members, so that stale members would show
+    return {number: content(resolver.expanded(number)) for number in identities}
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -791,21 +810,27 @@ def test_incremental_equals_from_scratch(seed: int) -> None:
                 labels["app"] = rng.choice(("web", "other", "db"))
             ns = rng.choice(NAMESPACES)
             identities[number] = pod_identity_labels(ns, labels, {"ns": ns}, "default")
-            changed = resolver.set_identity(number, identities[number])
+            change = functools.partial(resolver.set_identity, number, identities[number])
         elif op < 0.6:
             identities.pop(number, None)
-            changed = resolver.remove_identity(number)
+            change = functools.partial(resolver.remove_identity, number)
         elif op < 0.85:
             chosen = rng.choice(POOL)
             policies[chosen.key] = chosen
-            changed = resolver.set_policy(chosen)
+            change = functools.partial(resolver.set_policy, chosen)
         else:
             key = rng.choice([*sorted(policies), "x/missing"])
             policies.pop(key, None)
-            changed = resolver.remove_policy(key)
+            change = functools.partial(resolver.remove_policy, key)
+        changed = touched(resolver, change)
         after = snapshot(resolver, seen)
         assert changed == {n for n in seen if before[n] != after[n]}
         assert resolver.subjects() == {n for n in seen if after[n] is not None}
+        # what was published (documents + peer sets as taken) is what the resolver knows
+        published = {i: s.identities for i, s in resolver.peer_sets().items()}
+        for n in seen:
+            own = resolver.resolved(n)
+            assert content(None if own is None else expand(own, published)) == after[n]
 
     scratch = Resolver()
     for key in sorted(policies):
