@@ -16,6 +16,9 @@ the namespace (many pods share a namespace), fewer values first. A selector that
 single namespace (every namespaced policy's selectors do) is filed under the namespace *and*
 the label together, so that ``app=web`` pods of one namespace never meet the ``app=web``
 selectors of every other namespace: work stays with the change as unrelated namespaces grow.
+Likewise a selector requiring one value of a namespace *label* (a NetworkPolicy peer with
+``namespaceSelector: {team: a}`` and ``podSelector: {app: web}``) is filed under that namespace
+label and the pod label together.
 
 Reserved identities take part with their labels (``reserved:...``, no ``k8s`` label), so only
 fallback selectors (e.g. a lone ``NotIn``) can match them, as in Cilium.
@@ -26,27 +29,47 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from services.policy.model import Selector
-from shared.labels import NAMESPACE_LABEL, LabelSet
+from shared.labels import NAMESPACE_LABEL, NAMESPACE_LABELS_PREFIX, LabelSet
 
-# (namespace, key, value) for a label with that value, (namespace, key, None) for "has the
-# key"; namespace "" when the term holds in any namespace
+# (scope, key, value) for a label with that value, (scope, key, None) for "has the key"; the
+# scope is "" when the term holds anywhere, a namespace name, or "<namespace label>=<value>"
+# (namespace names hold no "=")
 Term = tuple[str, str, str | None]
+
+
+def _is_namespace_key(key: str) -> bool:
+    return key == NAMESPACE_LABEL or key.startswith(NAMESPACE_LABELS_PREFIX)
 
 
 def index_terms(selector: Selector) -> tuple[Term, ...] | None:
     """The terms a selector is filed under (an identity must carry one), None: fallback."""
     ins = [req for req in selector.requirements if req.operator == "In"]
     pinned = [r for r in ins if r.key == NAMESPACE_LABEL and len(r.values) == 1]
-    namespace = next(iter(pinned[0].values)) if pinned else ""
-    labels = [r for r in ins if r.key != NAMESPACE_LABEL]
-    if labels:
-        best = min(labels, key=lambda r: (len(r.values), r.key))
-        return tuple((namespace, best.key, value) for value in sorted(best.values))
+    namespace_labels = sorted(
+        (r.key, next(iter(r.values)))
+        for r in ins
+        if r.key.startswith(NAMESPACE_LABELS_PREFIX) and len(r.values) == 1
+    )
+    if pinned:
+        scope = next(iter(pinned[0].values))
+    elif namespace_labels:
+        scope = "=".join(namespace_labels[0])
+    else:
+        scope = ""
+    pod = [r for r in ins if not _is_namespace_key(r.key)]
+    if pod:
+        best = min(pod, key=lambda r: (len(r.values), r.key))
+        return tuple((scope, best.key, value) for value in sorted(best.values))
     exists = [
-        r for r in selector.requirements if r.operator == "Exists" and r.key != NAMESPACE_LABEL
+        r for r in selector.requirements if r.operator == "Exists" and not _is_namespace_key(r.key)
     ]
     if exists:
-        return ((namespace, min(r.key for r in exists), None),)
+        return ((scope, min(r.key for r in exists), None),)
+    namespace = scope if pinned else ""
+    labels = [r for r in ins if r.key != NAMESPACE_LABEL]
+    if labels:  # namespace labels only
+        best = min(labels, key=lambda r: (len(r.values), r.key))
+        return tuple((namespace, best.key, value) for value in sorted(best.values))
     if ins:  # only the namespace itself is required
         best = min(ins, key=lambda r: len(r.values))
         return tuple(("", best.key, value) for value in sorted(best.values))
@@ -57,12 +80,19 @@ def index_terms(selector: Selector) -> tuple[Term, ...] | None:
 
 def _identity_terms(k8s: dict[str, str]) -> Iterable[Term]:
     namespace = k8s.get(NAMESPACE_LABEL, "")
+    scopes = [
+        f"{key}={value}" for key, value in k8s.items() if key.startswith(NAMESPACE_LABELS_PREFIX)
+    ]
     for key, value in k8s.items():
         yield ("", key, value)
         yield ("", key, None)
         if namespace:
             yield (namespace, key, value)
             yield (namespace, key, None)
+        if not _is_namespace_key(key):
+            for scope in scopes:
+                yield (scope, key, value)
+                yield (scope, key, None)
 
 
 class SelectorCache:

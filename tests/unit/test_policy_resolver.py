@@ -857,6 +857,16 @@ def evaluations_for_new_identity(unrelated: int) -> int:
             )
         )
         resolver.set_identity(10_000 + index, pod_labels(f"ns-{index}", f"svc-{index}"))
+        # peers by namespace label and pod label, with the same app as the new identity
+        resolver.set_policy(
+            knp(
+                f"from-team-{index}",
+                f"ns-{index}",
+                f"podSelector: {{matchLabels: {{app: svc-{index}}}}}\ningress:\n- from:\n"
+                f"  - namespaceSelector: {{matchLabels: {{team: t-{index}}}}}\n"
+                "    podSelector: {matchLabels: {app: web}}",
+            )
+        )
     resolver.set_policy(cnp("web", "endpointSelector: {matchLabels: {app: web}}\ningress: [{}]"))
     before = resolver.selector_evaluations
     web = pod_identity_labels("x", {"app": "web"}, {"ns": "x"}, "default")
