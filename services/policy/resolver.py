@@ -1,7 +1,9 @@
-"""The policy resolver: identities and policies in, one ResolvedPolicy per subject identity out.
+"""The policy resolver: identities and policies in; one ResolvedPolicy per subject identity and
+one PeerSet per peer in use out.
 
 Pure logic, no NATS: the service feeds it the ``identities`` bucket and the applied policies and
-publishes what each call says changed.
+publishes what each call says changed (subjects returned, peer sets taken with
+:meth:`Resolver.take_peer_set_changes`).
 
 How work follows the change:
 
@@ -12,21 +14,22 @@ How work follows the change:
   each CIDR rule selects, offering a new network only to the rules whose network contains it.
 - Each spec (``(policy key, spec index)``) is registered as a user of its subject selector and
   of every peer its rules depend on: a selector, a CIDR rule, or the classes "every cluster
-  identity" and "every CIDR identity" (entities). When a dependency's members change, only the
-  subjects of the specs using it are resolved again; a policy change resolves only the subjects
-  its old and new specs select (and, if it added or removed CIDR networks, the subjects of the
-  rules whose selection that changed).
-- A subject's result is compared with the previous one; only a real change bumps its revision
-  and is reported.
+  identity" and "every CIDR identity" (entities). Every such peer is a *peer set* with a stable
+  id, and entries name the set, not its members (as Cilium's selector cache does). When a
+  peer's members change, only its peer set is dirty: no subject is resolved again. A policy
+  change resolves only the subjects its old and new specs select, and opens or closes the peer
+  sets its rules name.
+- A subject's result (and a peer set's members) is compared with the previous one; only a real
+  change bumps its revision and is reported.
 
 Resolution of one subject (Cilium's and Kubernetes' semantics, see :mod:`services.policy.model`):
 the union of every spec selecting it; a direction is enforced if any of them enforces it; each
-rule gives one entry per (peer identity, port rule), peer 0 for a wildcard, protocol/port 0 when
-the rule has no ports; deny rules give deny entries (the datapath makes deny win). Where deny
-rules apply in a direction no spec enforces, the direction is flagged enforced and an allow-all
-entry (peer 0, any protocol and port, rule id 0) keeps everything else allowed. Policies in audit
-mode are kept (``explain`` names them) but give no entries: until the datapath has an audit
-verdict, enforcing them would deny what the user only wanted to try.
+rule gives one entry per (peer, port rule), where a peer is a peer set, a reserved identity, or
+0 for a wildcard, and protocol/port 0 when the rule has no ports; deny rules give deny entries
+(the datapath makes deny win). Where deny rules apply in a direction no spec enforces, the
+direction is flagged enforced and an allow-all entry (peer 0, any protocol and port, rule id 0)
+keeps everything else allowed. Policies in audit mode are resolved apart: a direction only they
+govern is enforced in audit mode (the datapath reports what it would drop and drops nothing).
 """
 
 from __future__ import annotations
