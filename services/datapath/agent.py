@@ -34,6 +34,7 @@ from shared.labels import pod_identity_labels
 from shared.messages import (
     AllocateReply,
     AllocateRequest,
+    ContainerPort,
     Endpoint,
     IPCacheEntry,
     Message,
@@ -124,13 +125,16 @@ class Agent:
         self.lock = asyncio.Lock()
         self.synced = {
             name: asyncio.Event()
-            for name in ("resolved", "selectors", "ipcache", "nodes", "namespaces")
+            for name in ("resolved", "selectors", "ipcache", "nodes", "namespaces", "endpoints")
         }
         self._background: set[asyncio.Task[None]] = set()
         self.namespace_labels: dict[str, dict[str, str]] = {}  # as last seen in the bucket
         # addresses whose identity changed or went: their connections are purged shortly
         self.ct_stale: set[str] = set()
         self.watched: dict[str, set[str]] = {}  # bucket -> keys with a value, as applied
+        # every pod's (identity, container ports), cluster-wide: egress named ports
+        self.pod_ports: dict[str, tuple[int, tuple[ContainerPort, ...]]] = {}
+        self.pods_of_identity: dict[int, set[str]] = {}
         self.log = log.get("datapath.agent", node=node.name)
 
     # --- start-up: adopt what a previous agent left ------------------------------------------
@@ -502,6 +506,30 @@ class Agent:
                 policy = deny_all(identity)
         self.policy.set_resolved(identity, policy)
         KV_TO_MAP.labels(subjects.KV_RESOLVED).inc()
+
+    def on_endpoint(self, event: KVEvent) -> None:
+        """Container ports by identity, from every node's pods: an egress rule naming a port
+        resolves it against the destination's declaration."""
+        old = self.pod_ports.pop(event.key, None)
+        if old is not None:
+            self.pods_of_identity[old[0]].discard(event.key)
+        if event.value is not None:
+            try:
+                endpoint = msgspec.json.decode(event.value, type=Endpoint)
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                BAD_MESSAGES.labels(subjects.KV_ENDPOINTS).inc()
+            else:
+                self.pod_ports[event.key] = (endpoint.identity, tuple(endpoint.ports))
+                self.pods_of_identity.setdefault(endpoint.identity, set()).add(event.key)
+        new = self.pod_ports.get(event.key)
+        for identity in {entry[0] for entry in (old, new) if entry is not None}:
+            declared: dict[tuple[str, str, int], ContainerPort] = {}
+            for key in sorted(self.pods_of_identity.get(identity, ())):
+                for cp in self.pod_ports[key][1]:
+                    declared.setdefault((cp.name, cp.protocol, cp.port), cp)
+            if not declared:
+                self.pods_of_identity.pop(identity, None)
+            self.policy.set_peer_ports(identity, [declared[k] for k in sorted(declared)])
 
     def on_selector(self, event: KVEvent) -> None:
         try:

@@ -22,7 +22,7 @@ Pure logic: no BPF, no I/O.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from shared.messages import ContainerPort, PolicyEntry, ResolvedPolicy
@@ -186,24 +186,40 @@ def _compile_direction(
 
 
 def compile_endpoint(
-    endpoint: int, policy: ResolvedPolicy | None, ports: Sequence[ContainerPort]
+    endpoint: int,
+    policy: ResolvedPolicy | None,
+    ports: Sequence[ContainerPort],
+    peer_ports: Mapping[int, Sequence[ContainerPort]] | None = None,
 ) -> dict[PolicyKey, PolicyValue]:
     """All trie entries of one endpoint, both directions (none without a policy).
 
-    Whether a direction is enforced lives in the endpoint map, not here.
+    A named port is the endpoint's own (``ports``) for ingress, and the destination's for
+    egress: ``peer_ports`` gives each peer identity's container ports (its pods', cluster-wide).
+    An egress entry for any peer becomes one entry per identity declaring the name, with that
+    identity's number, so that each destination is reached on its own port only. Whether a
+    direction is enforced lives in the endpoint map, not here.
     """
     out: dict[PolicyKey, PolicyValue] = {}
     if policy is None:
         return out
+    peer_ports = peer_ports or {}
     for direction, entries in ((INGRESS, policy.ingress), (EGRESS, policy.egress)):
         slots: dict[int, dict[_Prefix, PolicyValue]] = {}
         for entry in entries:
             value = PolicyValue(entry.rule_id, entry.deny)
-            slot = slots.setdefault(entry.peer, {})
-            for prefix in _entry_prefixes(entry, ports):
-                old = slot.get(prefix)
-                if old is None or _stronger(value, old):
-                    slot[prefix] = value
+            targets: Iterable[tuple[int, Sequence[ContainerPort]]]
+            if direction == INGRESS or not entry.port_name:
+                targets = ((entry.peer, ports),)
+            elif entry.peer:
+                targets = ((entry.peer, peer_ports.get(entry.peer, ())),)
+            else:
+                targets = peer_ports.items()
+            for peer, named in targets:
+                slot = slots.setdefault(peer, {})
+                for prefix in _entry_prefixes(entry, named):
+                    old = slot.get(prefix)
+                    if old is None or _stronger(value, old):
+                        slot[prefix] = value
         for identity, slot in _compile_direction(slots).items():
             for (length, protocol, port), value in slot.items():
                 key = PolicyKey(length, endpoint, direction, identity, protocol, port)

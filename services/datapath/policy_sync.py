@@ -80,6 +80,9 @@ class PolicySync:
         self.waiting: set[int] = set()  # endpoints waiting for a peer set
         self.unreadable: set[int] = set()  # peer sets whose value did not decode
         self.installed_once: set[int] = set()  # endpoints that had a policy installed
+        # egress named ports resolve against the destination: each identity's container ports
+        self.peer_ports: dict[int, tuple[ContainerPort, ...]] = {}
+        self.egress_named: set[int] = set()  # subjects with an egress named-port entry
         self.log = log.get("datapath.policy")
 
     def adopt(self) -> int:
@@ -102,10 +105,13 @@ class PolicySync:
             users.discard(identity)
             if not users:
                 del self.set_users[set_id]
+        self.egress_named.discard(identity)
         if policy is not None:
             self.resolved[identity] = policy
             for set_id in referenced(policy):
                 self.set_users[set_id].add(identity)
+            if any(entry.port_name for entry in policy.egress):
+                self.egress_named.add(identity)
         for ifindex in sorted(self.by_identity.get(identity, ())):
             self.sync(ifindex)
 
@@ -123,6 +129,19 @@ class PolicySync:
         else:
             self.unreadable.discard(set_id)
         for subject in sorted(self.set_users.get(set_id, ())):
+            for ifindex in sorted(self.by_identity.get(subject, ())):
+                self.sync(ifindex)
+
+    def set_peer_ports(self, identity: int, ports: Sequence[ContainerPort]) -> None:
+        """The container ports the pods of an identity declare, cluster-wide; recompiles the
+        endpoints whose egress names a port."""
+        if tuple(ports) == self.peer_ports.get(identity, ()):
+            return
+        if ports:
+            self.peer_ports[identity] = tuple(ports)
+        else:
+            self.peer_ports.pop(identity, None)
+        for subject in sorted(self.egress_named):
             for ifindex in sorted(self.by_identity.get(subject, ())):
                 self.sync(ifindex)
 
@@ -175,7 +194,7 @@ class PolicySync:
         if ifindex in self.waiting:
             self.waiting.discard(ifindex)
             WAITING_ENDPOINTS.set(len(self.waiting))
-        desired = compile_endpoint(ifindex, policy, endpoint.ports)
+        desired = compile_endpoint(ifindex, policy, endpoint.ports, self.peer_ports)
         upserts, deletes = diff(self.installed.get(ifindex, {}), desired)
         flags = 0
         if policy is not None:

@@ -161,6 +161,9 @@ async def run(settings: DatapathSettings) -> None:
     tasks.spawn(
         "watch-selectors", lambda: agent.follow("selectors", buckets.selectors, agent.on_selector)
     )
+    tasks.spawn(
+        "watch-endpoints", lambda: agent.follow("endpoints", buckets.endpoints, agent.on_endpoint)
+    )
     tasks.spawn("watch-ipcache", lambda: agent.follow("ipcache", buckets.ipcache, agent.on_ipcache))
     tasks.spawn("watch-nodes", lambda: agent.follow("nodes", buckets.nodes, agent.on_node))
     tasks.spawn(

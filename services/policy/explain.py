@@ -103,8 +103,8 @@ def explain(
         dst=dst,
         protocol=protocol,
         port=port,
-        egress=_side(resolver, "egress", src, dst, protocol, port, src_ports),
-        ingress=_side(resolver, "ingress", dst, src, protocol, port, dst_ports),
+        egress=_side(resolver, "egress", src, dst, protocol, port, src_ports, dst_ports),
+        ingress=_side(resolver, "ingress", dst, src, protocol, port, dst_ports, src_ports),
     )
 
 
@@ -123,7 +123,10 @@ def _side(
     protocol: int,
     port: int,
     ports: Sequence[ContainerPort],
+    peer_ports: Sequence[ContainerPort],
 ) -> SideVerdict:
+    """``ports``: the subject's container ports, ``peer_ports`` the peer's (named ports resolve
+    against the destination: the subject's for ingress, the peer's for egress)."""
     resolved = resolver.expanded(subject, peer=peer)
     selecting = resolver.selecting(subject)
     in_audit = resolved is not None and (
@@ -147,7 +150,7 @@ def _side(
         else:
             why = f"no policy selects identity {subject} for {direction}"
         return SideVerdict(direction, subject, peer, NOT_ENFORCED, selected_by=names, reason=why)
-    entries = compile_endpoint(_ENDPOINT, resolved, ports)
+    entries = compile_endpoint(_ENDPOINT, resolved, ports, {peer: peer_ports})
     code = INGRESS if direction == "ingress" else EGRESS
     decision, rule_id = verdict(entries, _ENDPOINT, code, peer, protocol, port)
     rule = resolved.rules.get(rule_id, "") or resolver.rule_name(rule_id)

@@ -339,6 +339,11 @@ def k8s_named_port(src: Pod, dst: Pod, port: int) -> bool:
     return dst.ns != "y" or port == dst.named_port("web")
 
 
+def k8s_egress_named_port(src: Pod, dst: Pod, port: int) -> bool:
+    # for egress too the name is the destination's: web is 80 on a, 81 on b, absent on c
+    return src.ns != "x" or port == dst.named_port("web")
+
+
 def k8s_combined(src: Pod, dst: Pod, port: int) -> bool:
     # policies are a union per pod and direction; ingress and egress are checked independently
     ok = True
@@ -516,6 +521,24 @@ SCENARIOS = [
                     """,
                 ),
                 k8s_named_port,
+            )
+        ],
+    ),
+    Scenario(
+        "np-egress-named-port",
+        [
+            apply(
+                netpol(
+                    "x",
+                    "egress-web-port-only",
+                    """
+                    podSelector: {}
+                    policyTypes: [Egress]
+                    egress:
+                    - ports: [{port: web, protocol: TCP}]
+                    """,
+                ),
+                k8s_egress_named_port,
             )
         ],
     ),

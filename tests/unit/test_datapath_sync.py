@@ -20,7 +20,7 @@ from services.datapath.maps import (
 from services.datapath.policy_compiler import PolicyKey, PolicyValue
 from services.datapath.policy_sync import LocalEndpoint, PolicySync
 from shared.errors import ResourceExhausted
-from shared.messages import IPCacheEntry, PolicyEntry, ResolvedPolicy
+from shared.messages import ContainerPort, IPCacheEntry, PolicyEntry, ResolvedPolicy
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -155,6 +155,26 @@ def test_a_peer_set_change_recompiles_only_the_endpoints_naming_it(
     # per endpoint naming it: one write and one delete; endpoint 12 untouched
     assert (policy_map.writes - before[0], policy_map.deletes - before[1]) == (2, 2)
     assert peers_of(policy_map, 10) == {501, 502} and peers_of(policy_map, 12) == {600}
+
+
+def test_egress_named_ports_follow_the_destinations_declarations(
+    maps: tuple[CountingMap[PolicyKey, PolicyValue], CountingMap[int, EndpointInfo]],
+) -> None:
+    policy_map, endpoint_map = maps
+    sync = PolicySync(policy_map, endpoint_map)
+    sync.upsert_endpoint(LocalEndpoint(10, 300))
+    sync.upsert_endpoint(LocalEndpoint(12, 400))
+    egress = PolicyEntry(peer=500, protocol=TCP, port_name="http", rule_id=1)
+    sync.set_resolved(300, ResolvedPolicy(identity=300, revision=1, egress=[egress]))
+    sync.set_resolved(400, policy(400, PolicyEntry(peer=500, protocol=TCP, port=80, rule_id=2)))
+    assert {k.endpoint for k in policy_map.data} == {12}  # 500 declares no "http" yet
+    writes = policy_map.writes
+    sync.set_peer_ports(500, [ContainerPort(port=8080, name="http")])
+    # only the endpoint whose egress names a port is recompiled
+    assert policy_map.writes == writes + 1
+    assert [k.port for k in policy_map.data if k.endpoint == 10] == [8080]
+    sync.set_peer_ports(500, [])
+    assert {k.endpoint for k in policy_map.data} == {12}
 
 
 def test_a_policy_naming_an_unknown_peer_set_keeps_the_old_one_or_denies(

@@ -212,6 +212,29 @@ def test_named_port_resolves_per_endpoint() -> None:
     assert c == {}
 
 
+def test_egress_named_port_resolves_against_the_destination() -> None:
+    own = [ContainerPort(port=7070, name="http")]  # the source's: never used for egress
+    peer_ports = {
+        WEB: [ContainerPort(port=8080, name="http")],
+        DB: [ContainerPort(port=9090, name="http"), ContainerPort(port=5432, name="pg")],
+    }
+    to_web = policy(egress=[PolicyEntry(peer=WEB, protocol=TCP, port_name="http", rule_id=4)])
+    entries = compile_endpoint(EP, to_web, own, peer_ports)
+    assert verdict(entries, EP, EGRESS, WEB, TCP, 8080) == ("allow", 4)
+    assert verdict(entries, EP, EGRESS, WEB, TCP, 7070)[0] == "none"
+    assert verdict(entries, EP, EGRESS, DB, TCP, 9090)[0] == "none"
+    # any peer: each destination on its own declaration of the name, and no other
+    to_any = policy(egress=[PolicyEntry(protocol=TCP, port_name="http", rule_id=5)])
+    entries = compile_endpoint(EP, to_any, own, peer_ports)
+    assert verdict(entries, EP, EGRESS, WEB, TCP, 8080) == ("allow", 5)
+    assert verdict(entries, EP, EGRESS, DB, TCP, 9090) == ("allow", 5)
+    assert verdict(entries, EP, EGRESS, WEB, TCP, 9090)[0] == "none"
+    assert verdict(entries, EP, EGRESS, DB, TCP, 5432)[0] == "none"
+    assert verdict(entries, EP, EGRESS, OTHER, TCP, 8080)[0] == "none"
+    # a destination that does not declare the name: nothing
+    assert compile_endpoint(EP, to_web, own, {}) == {}
+
+
 def test_named_deny_port() -> None:
     entries = compiled(
         PolicyEntry(peer=WEB, protocol=TCP, rule_id=1),
@@ -486,11 +509,20 @@ def random_policy(rng: random.Random, low: int = LOW, high: int = HIGH) -> Resol
 
 
 def reference_matches(
-    entry: PolicyEntry, ports: Sequence[ContainerPort], peer: int, proto: int, port: int
+    entry: PolicyEntry,
+    ports: Sequence[ContainerPort],
+    peer: int,
+    proto: int,
+    port: int,
+    egress: bool = False,
 ) -> bool:
-    """What an entry means, written from the PolicyEntry contract, independent of the trie."""
+    """What an entry means, written from the PolicyEntry contract, independent of the trie.
+
+    ``ports``: the endpoint's own for ingress; for egress, those every peer but 0 declares."""
     if entry.peer not in (0, peer):
         return False
+    if entry.port_name and egress and peer == 0:
+        return False  # the unknown identity declares no port
     if entry.port_name:
         numbers = {"TCP": TCP, "UDP": UDP, "SCTP": SCTP}
         return any(
@@ -524,16 +556,27 @@ def reference_specificity(entry: PolicyEntry, port: int) -> int:
 
 
 def reference_verdict(
-    entries: Sequence[PolicyEntry], ports: Sequence[ContainerPort], peer: int, proto: int, port: int
+    entries: Sequence[PolicyEntry],
+    ports: Sequence[ContainerPort],
+    peer: int,
+    proto: int,
+    port: int,
+    egress: bool = False,
 ) -> tuple[str, int]:
     """Deny if any deny matches, else allow if any allow does; the rule is the most specific
     match (DESIGN §4), the peer's before any identity's, then the lowest rule id."""
-    matching = [e for e in entries if reference_matches(e, ports, peer, proto, port)]
+    matching = [e for e in entries if reference_matches(e, ports, peer, proto, port, egress)]
     for deny, name in ((True, "deny"), (False, "allow")):
         kind = [e for e in matching if e.deny is deny]
         if kind:
             best = max(
-                kind, key=lambda e: (reference_specificity(e, port), e.peer != 0, -e.rule_id)
+                kind,
+                # an egress named port is the destination's: it lands in the peer's own slot
+                key=lambda e: (
+                    reference_specificity(e, port),
+                    e.peer != 0 or (egress and bool(e.port_name)),
+                    -e.rule_id,
+                ),
             )
             return name, best.rule_id
     return "none", 0
@@ -545,7 +588,9 @@ def check_equivalent(
     query_ports: Sequence[int],
     context: str,
 ) -> None:
-    entries = compile_endpoint(EP, resolved, ports)
+    # every peer declares the same ports, so that egress named ports (the destination's)
+    # resolve as the reference's do
+    entries = compile_endpoint(EP, resolved, ports, {peer: ports for peer in (WEB, DB, OTHER)})
     # canonical keys: the fixed part fully matched, nothing set beyond the prefix
     for key, value in entries.items():
         assert key.prefixlen == SLOT_BITS or PROTO_BITS <= key.prefixlen <= KEY_BITS, context
@@ -558,7 +603,9 @@ def check_equivalent(
             for proto in [ICMP, TCP, UDP, SCTP, 47]:
                 for port in query_ports:
                     got = verdict(entries, EP, direction, peer, proto, port)
-                    want = reference_verdict(policy_entries, ports, peer, proto, port)
+                    want = reference_verdict(
+                        policy_entries, ports, peer, proto, port, egress=direction == EGRESS
+                    )
                     where = f"{context} dir={direction} peer={peer} proto={proto} port={port}"
                     assert got == want, f"{where}: {got} != {want}\n{policy_entries}"
 
