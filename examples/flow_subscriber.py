@@ -17,19 +17,19 @@ import nats
 
 async def main(url: str, subject: str) -> None:
     nc = await nats.connect(url)
-    async with asyncio.timeout(None):
-        sub = await nc.subscribe(subject)
-        print(f"subscribed to {subject}", file=sys.stderr, flush=True)
-        async for msg in sub.messages:
-            flow = json.loads(msg.data)
-            src, dst = flow["source"], flow["destination"]
-            print(
-                f"{msg.subject}: {src['namespace']}/{src['pod'] or src['ip']}"
-                f" -> {dst['namespace']}/{dst['pod'] or dst['ip']}:{dst['port']}"
-                f" {flow['verdict']} ({flow['drop_reason_desc'] or '-'})"
-                f" policy={flow['policy'] or '-'}",
-                flush=True,
-            )
+    sub = await nc.subscribe(subject)
+    await nc.flush()
+    print(f"subscribed to {subject}", file=sys.stderr, flush=True)
+    async for msg in sub.messages:
+        flow = json.loads(msg.data)
+        src, dst = flow["source"], flow["destination"]
+        print(
+            f"{msg.subject}: {src['namespace']}/{src['pod'] or src['ip']}"
+            f" -> {dst['namespace']}/{dst['pod'] or dst['ip']}:{dst['port']}"
+            f" {flow['verdict']} ({flow['drop_reason_desc'] or '-'})"
+            f" policy={flow['policy'] or '-'}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

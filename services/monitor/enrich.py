@@ -8,6 +8,7 @@ Unreadable entries are skipped and counted, never fatal.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,8 +16,15 @@ from typing import Any
 import msgspec
 
 from shared.flow_api import EnrichedFlow, FlowPeer
-from shared.messages import Endpoint, Flow, Identity, IPCacheEntry, ResolvedPolicy
-from shared.reasons import reason_name
+from shared.messages import (
+    Endpoint,
+    Flow,
+    Identity,
+    IPCacheEntry,
+    PolicyEntry,
+    ResolvedPolicy,
+)
+from shared.reasons import POLICY_DENIED, reason_name
 
 
 @dataclass(frozen=True)
@@ -35,6 +43,8 @@ class Enricher:
     ip_nodes: dict[str, str] = field(default_factory=dict)  # ipcache address -> node
     rules: dict[int, str] = field(default_factory=dict)  # rule id -> "ns/name[index]"
     subjects_rules: dict[str, list[int]] = field(default_factory=dict)  # resolved key -> ids
+    # subject identity -> (ingress, egress): the policies that make a direction default-deny
+    enforcing: dict[int, tuple[str, str]] = field(default_factory=dict)
     services: dict[tuple[str, int], str] = field(default_factory=dict)  # (ip, port) -> "ns/name"
     service_keys: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
     bad_entries: int = 0
@@ -82,6 +92,8 @@ class Enricher:
         # so a name stays known while any subject still carries it
         if value is None:
             ids = self.subjects_rules.pop(key, [])
+            with contextlib.suppress(ValueError):
+                self.enforcing.pop(int(key), None)
         else:
             resolved = self._decode(value, ResolvedPolicy)
             if resolved is None:
@@ -89,6 +101,10 @@ class Enricher:
             ids = self.subjects_rules.get(key, [])
             self.subjects_rules[key] = list(resolved.rules)
             self.rules.update(resolved.rules)
+            self.enforcing[resolved.identity] = (
+                _enforcing(resolved, resolved.ingress_enforced, resolved.ingress),
+                _enforcing(resolved, resolved.egress_enforced, resolved.egress),
+            )
         still = {i for held in self.subjects_rules.values() for i in held} if ids else set()
         for rule in ids:
             if rule not in still:
@@ -149,7 +165,12 @@ class Enricher:
         )
 
     def enrich(self, flow: Flow) -> EnrichedFlow:
-        rule = self.rules.get(flow.rule_id, "") if flow.rule_id else ""
+        if flow.rule_id:
+            rule = self.rules.get(flow.rule_id, "")
+            policy = policy_of(rule)
+        else:
+            rule = ""
+            policy = self._default_deny_policy(flow) if flow.reason == POLICY_DENIED else ""
         return EnrichedFlow(
             time=flow.time,
             node=flow.node,
@@ -167,8 +188,15 @@ class Enricher:
             destination=self.peer(flow.dst_ip, flow.dst_port, flow.dst_identity),
             rule_id=flow.rule_id,
             rule=rule,
-            policy=policy_of(rule),
+            policy=policy,
         )
+
+    def _default_deny_policy(self, flow: Flow) -> str:
+        """A drop no rule matched: the policies selecting the endpoint in that direction are
+        what made it default-deny, so they are what decided."""
+        if flow.direction == "ingress":
+            return self.enforcing.get(flow.dst_identity, ("", ""))[0]
+        return self.enforcing.get(flow.src_identity, ("", ""))[1]
 
     def counts(self) -> dict[str, int]:
         return {
@@ -178,6 +206,16 @@ class Enricher:
             "policies": len({policy_of(r) for r in self.rules.values()}),
             "services": len(set(self.services.values())),
         }
+
+
+def _enforcing(resolved: ResolvedPolicy, enforced: bool, entries: list[PolicyEntry]) -> str:
+    if not enforced:
+        return ""
+    names = {policy_of(resolved.rules.get(e.rule_id, "")) for e in entries if e.rule_id}
+    names.discard("")
+    if not names:  # e.g. an empty rule list: every policy the subject has
+        names = {policy_of(r) for r in resolved.rules.values()}
+    return ",".join(sorted(names))
 
 
 def policy_of(rule: str) -> str:

@@ -12,7 +12,7 @@ from shared import subjects
 from shared.errors import InvalidArgument
 from shared.flow_api import EnrichedFlow, FlowFilterTerm, FlowPeer
 from shared.flow_filter import compile_filter
-from shared.messages import Endpoint, Flow, Identity, IPCacheEntry, ResolvedPolicy
+from shared.messages import Endpoint, Flow, Identity, IPCacheEntry, PolicyEntry, ResolvedPolicy
 
 
 def peer(ns: str, pod: str, ip: str, port: int, ident: int, *labels: str) -> FlowPeer:
@@ -274,3 +274,25 @@ def test_the_ring_keeps_the_newest_and_walks_back() -> None:
     everything = compile_filter([])
     assert [f.time for f in ring.query(everything, last=2)] == [8.0, 9.0]
     assert [f.time for f in ring.query(everything, since=7.0)] == [7.0, 8.0, 9.0]
+
+
+def test_a_default_deny_drop_names_the_policies_that_enforce_the_direction() -> None:
+    e = Enricher()
+    policy = ResolvedPolicy(
+        identity=1234,
+        revision=1,
+        ingress_enforced=True,
+        ingress=[PolicyEntry(peer=9, protocol=6, port=80, rule_id=7)],
+        rules={7: "default/p[0]", 8: "default/q[0]"},
+    )
+    e.on_resolved("1234", msgspec.json.encode(policy))
+    drop = raw_flow(
+        verdict="DROPPED", type="drop", reason=133, direction="ingress", dst_identity=1234
+    )
+    assert e.enrich(drop).policy == "default/p"
+    assert (
+        e.enrich(msgspec.structs.replace(drop, direction="egress", src_identity=1234)).policy == ""
+    )
+    assert e.enrich(msgspec.structs.replace(drop, reason=134)).policy == ""
+    e.on_resolved("1234", None)
+    assert e.enrich(drop).policy == ""
