@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 
+from shared import identities
 from shared.flow_api import EnrichedFlow, FlowPeer
 from shared.messages import (
     Endpoint,
@@ -142,7 +143,7 @@ class Enricher:
 
     def peer(self, ip: str, port: int, identity: int) -> FlowPeer:
         pod = self.pods.get(ip)
-        labels = self.labels.get(identity, [])
+        labels = self.labels.get(identity) or _RESERVED_LABELS.get(identity, [])
         service = self.services.get((ip, port), "") if self.services else ""
         if pod is None:
             return FlowPeer(
@@ -206,6 +207,12 @@ class Enricher:
             "policies": len({policy_of(r) for r in self.rules.values()}),
             "services": len(set(self.services.values())),
         }
+
+
+# reserved identities are not in the ``identities`` bucket; their labels are fixed
+_RESERVED_LABELS: dict[int, list[str]] = {
+    number: [f"reserved:{name}"] for number, name in identities.BY_ID.items() if number
+}
 
 
 def _enforcing(resolved: ResolvedPolicy, enforced: bool, entries: list[PolicyEntry]) -> str:

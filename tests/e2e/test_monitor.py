@@ -324,3 +324,29 @@ def test_metrics_move_with_the_traffic_and_prometheus_scrapes_them(
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_status_lists_services_nodes_counts_and_map_pressure(
+    cluster: Cluster, world: dict[str, dict[str, Any]]
+) -> None:
+    status = cluster.json("status")
+    names = {s["name"] for s in status["services"]}
+    assert {
+        "membrane-monitor",
+        "membrane-datapath",
+        "membrane-identity",
+        "membrane-policy",
+    } <= names
+    assert [n["name"] for n in status["nodes"]] == cluster.nodes
+    assert all(n["ready"] for n in status["nodes"])
+    counts = status["counts"]
+    assert counts["identities"] >= 3  # the three pods'; reserved ones are not in the bucket
+    assert counts["endpoints"] >= 3 and counts["policies"] >= 1
+    (monitor,) = status["monitor"]
+    assert monitor["flows_seen"] > 0 and monitor["malformed_batches"] == 0
+    assert set(status["map_pressure"]) == set(cluster.nodes)
+    pressure = status["map_pressure"][cluster.nodes[0]]
+    assert pressure["endpoints"][0] >= 3 and pressure["policy"][1] > 0
+    table = cluster.run("status").stdout
+    for part in ("membrane-monitor", "IDENTITIES", "PRESSURE", cluster.nodes[1], "FLOWS SEEN"):
+        assert part in table, part

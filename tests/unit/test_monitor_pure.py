@@ -231,6 +231,7 @@ def test_enrichment_follows_bucket_changes() -> None:
     assert (flow.source.namespace, flow.source.pod, flow.source.node) == ("default", "xwing", "n1")
     assert flow.source.labels == ["k8s:a=1", "k8s:b=2"]
     assert (flow.destination.pod, flow.destination.node) == ("", "n2")
+    assert flow.destination.labels == ["reserved:remote-node"]
     assert flow.destination.service == "default/web"
     assert (flow.rule, flow.policy) == ("default/p[2]", "default/p")
     assert event_namespace(flow) == "default"  # egress: the source's namespace
