@@ -12,7 +12,7 @@ import msgspec
 from shared.messages import Message
 
 
-class FlowPeer(Message):
+class FlowPeer(Message, gc=False):
     """One side of a flow: address, port and what membrane knows about the workload."""
 
     ip: str = ""
@@ -25,7 +25,7 @@ class FlowPeer(Message):
     service: str = ""  # "namespace/name" when the address:port is a service frontend
 
 
-class EnrichedFlow(Message):
+class EnrichedFlow(Message, gc=False):
     """A datapath flow with both workloads, the reason's name and the deciding policy."""
 
     time: float  # unix time, seconds, of the kernel event
