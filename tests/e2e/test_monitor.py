@@ -145,6 +145,18 @@ def test_a_denied_connection_names_both_pods_the_reason_and_the_policy(
     assert dst["port"] == 80 and flow["protocol"] == "TCP" and "SYN" in flow["tcp_flags"]
     assert flow["direction"] == "ingress" and flow["node"] == cluster.nodes[0]
 
+    # no rule matches tiefighter on 81: a default-deny drop names the policy that enforces it
+    cluster.probe("tiefighter", "tcp", str(ds["ip"]), "81", timeout=10)
+
+    def default_deny() -> dict[str, Any]:
+        flows = observe(cluster, "--verdict", "DROPPED", "--from-pod", "tiefighter")
+        assert flows, "no drop from tiefighter yet"
+        return flows[-1]
+
+    flow = until(default_deny, "tiefighter's default-deny drop")
+    assert flow["drop_reason_desc"] == "Policy denied" and flow["rule"] == ""
+    assert flow["policy"] == "default/empire-guard"
+
     # the compact line, as people read it
     line = cluster.run("observe", "--verdict", "DROPPED", "--from-pod", "xwing", "--last", "1")
     assert "default/xwing:" in line.stdout and "-> default/deathstar:80" in line.stdout
