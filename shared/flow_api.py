@@ -7,44 +7,57 @@ like every payload (``v``); fields are only ever added, with defaults.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
 
 from shared.messages import Message
 
 
-class FlowPeer(Message, gc=False):
+def _doc(text: str) -> msgspec.Meta:
+    """A field's description; it goes into the JSON schema and so into docs/asyncapi.yaml."""
+    return msgspec.Meta(description=text)
+
+
+class FlowPeer(Message, gc=False):  # gc=False: no cycles, and enrichment makes millions
     """One side of a flow: address, port and what membrane knows about the workload."""
 
-    ip: str = ""
-    port: int = 0
-    identity: int = 0
-    namespace: str = ""  # "" when the address is not a pod (world, host, another node)
-    pod: str = ""
-    node: str = ""  # the node hosting the pod
-    labels: list[str] = []  # the identity's labels, "k8s:app=web" form, sorted
-    service: str = ""  # "namespace/name" when the address:port is a service frontend
+    ip: Annotated[str, _doc("IPv4 address")] = ""
+    port: Annotated[int, _doc("L4 port; for ICMP the destination's is the ICMP type")] = 0
+    identity: Annotated[int, _doc("security identity (1 host, 2 world, >= 256 workloads)")] = 0
+    namespace: Annotated[str, _doc("the pod's namespace; empty when the address is no pod")] = ""
+    pod: Annotated[str, _doc("the pod's name; empty when the address is no pod")] = ""
+    node: Annotated[str, _doc("the node hosting the address")] = ""
+    labels: Annotated[list[str], _doc("the identity's labels, sorted: k8s:app=web")] = []
+    service: Annotated[str, _doc("namespace/name when ip:port is a service frontend")] = ""
 
 
 class EnrichedFlow(Message, gc=False):
     """A datapath flow with both workloads, the reason's name and the deciding policy."""
 
-    time: float  # unix time, seconds, of the kernel event
-    node: str  # the node that observed it
-    type: str  # "drop" | "trace" | "policy-verdict"
-    verdict: str  # "FORWARDED" | "DROPPED" | "AUDIT"
-    drop_reason: int = 0  # Cilium's code; 0 when forwarded
-    drop_reason_desc: str = ""  # Cilium's name of the reason ("Policy denied")
-    direction: str = ""  # "ingress" | "egress"
-    observation_point: str = ""  # "from-endpoint" | "to-endpoint"
-    protocol: str = ""  # "TCP" | "UDP" | "ICMP" | a number
-    tcp_flags: list[str] = []
-    is_reply: bool = False
-    bytes: int = 0
+    time: Annotated[float, _doc("unix time in seconds of the kernel event")]
+    node: Annotated[str, _doc("the node whose datapath observed the flow")]
+    type: Annotated[str, _doc("drop, trace or policy-verdict")]
+    verdict: Annotated[str, _doc("FORWARDED, DROPPED or AUDIT")]
+    drop_reason: Annotated[int, _doc("Cilium's drop reason code; 0 unless dropped")] = 0
+    drop_reason_desc: Annotated[str, _doc("Cilium's name of the reason: Policy denied")] = ""
+    direction: Annotated[str, _doc("ingress or egress, at the observing endpoint")] = ""
+    observation_point: Annotated[str, _doc("from-endpoint or to-endpoint")] = ""
+    protocol: Annotated[str, _doc("TCP, UDP, ICMP or the IANA number")] = ""
+    tcp_flags: Annotated[list[str], _doc("SYN, ACK, FIN, RST, PSH, URG, ECE, CWR")] = []
+    is_reply: Annotated[bool, _doc("the packet travels in a connection's reply direction")] = False
+    bytes: Annotated[int, _doc("packet length")] = 0
     source: FlowPeer = msgspec.field(default_factory=FlowPeer)
     destination: FlowPeer = msgspec.field(default_factory=FlowPeer)
-    rule_id: int = 0
-    rule: str = ""  # the deciding rule, "namespace/name[index]"
-    policy: str = ""  # the deciding policy, "namespace/name" ("name" if cluster-wide)
+    rule_id: Annotated[int, _doc("id of the deciding policy rule; 0 when no rule decided")] = 0
+    rule: Annotated[str, _doc("the deciding rule: namespace/name[index]")] = ""
+    policy: Annotated[
+        str,
+        _doc(
+            "the deciding policy: namespace/name; for a default-deny drop, the policies that"
+            " select the endpoint in that direction, comma-separated"
+        ),
+    ] = ""
 
 
 class FlowFilterTerm(Message):
