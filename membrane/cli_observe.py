@@ -89,21 +89,30 @@ def compact(flow: EnrichedFlow) -> str:
     return f"{timestamp(flow.time)}: {src} {arrow} {dst} {summary(flow)}"
 
 
+TABLE_HEADERS = ("TIMESTAMP", "SOURCE", "DESTINATION", "TYPE", "VERDICT", "SUMMARY")
+# column widths of a followed table, whose rows cannot be measured in advance
+FOLLOW_WIDTHS = (22, 40, 40, 14, 9)
+
+
+def _row(f: EnrichedFlow) -> list[str]:
+    rest = summary(f).replace(f.verdict, "", 1).replace("  ", " ").strip()
+    return [
+        timestamp(f.time),
+        _peer_text(f.source),
+        _peer_text(f.destination),
+        f.type,
+        f.verdict,
+        rest,
+    ]
+
+
 def table(flows: Sequence[EnrichedFlow]) -> str:
-    return output.table(
-        ["TIMESTAMP", "SOURCE", "DESTINATION", "TYPE", "VERDICT", "SUMMARY"],
-        [
-            [
-                timestamp(f.time),
-                _peer_text(f.source),
-                _peer_text(f.destination),
-                f.type,
-                f.verdict,
-                summary(f).removeprefix(f.verdict).strip(),
-            ]
-            for f in flows
-        ],
-    )
+    return output.table(TABLE_HEADERS, [_row(f) for f in flows])
+
+
+def fixed_row(cells: Sequence[str]) -> str:
+    padded = [c.ljust(w) for c, w in zip(cells, FOLLOW_WIDTHS, strict=False)]
+    return "   ".join([*padded, *cells[len(FOLLOW_WIDTHS) :]]).rstrip()
 
 
 _json = msgspec.json.Encoder()
@@ -184,6 +193,8 @@ async def follow(
     if ready:
         print("following", file=sys.stderr, flush=True)  # for scripts that wait for it
     printed = 0
+    if fmt == "table":
+        print(fixed_row(TABLE_HEADERS), flush=True)
     try:
         while not max_flows or printed < max_flows:
             data = await queue.get()
@@ -192,7 +203,10 @@ async def follow(
             except (msgspec.DecodeError, msgspec.ValidationError):
                 continue
             if test(flow):
-                emit([flow], fmt)
+                if fmt == "table":
+                    print(fixed_row(_row(flow)), flush=True)
+                else:
+                    emit([flow], fmt)
                 printed += 1
     finally:
         await sub.unsubscribe()

@@ -146,6 +146,9 @@ def test_table_has_a_row_per_flow() -> None:
     lines = text.splitlines()
     assert lines[0].split()[:3] == ["TIMESTAMP", "SOURCE", "DESTINATION"]
     assert len(lines) == 3 and "DROPPED" in lines[1] and "FORWARDED" in lines[2]
+    assert lines[1].split("DROPPED")[1].strip() == "Policy denied (TCP Flags: SYN)"
+    row = cli_observe.fixed_row(cli_observe._row(make()))
+    assert row.split()[3:5] == ["default/xwing:39322", "(ID:1234)"]
 
 
 @pytest.mark.parametrize(
