@@ -177,6 +177,10 @@ async def test_malformed_and_lost_are_counted_and_the_replica_keeps_serving(
     for _ in range(200):
         await bus.nc.publish(subjects.flows("n2"), payload)
     await bus.nc.flush()
+    # while it works through the flood, the replica keeps answering
+    asked = time.monotonic()
+    await bus.request(subjects.monitor_status(replica), Empty(), MonitorStatus, timeout=2)
+    assert time.monotonic() - asked < 1.0
 
     async def accounted() -> MonitorStatus:
         status = await bus.request(subjects.monitor_status(replica), Empty(), MonitorStatus)
