@@ -18,20 +18,18 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any, Final
 
 import msgspec
 import nats.errors
-import nats.js.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
-from nats.js.kv import KeyValue
 from prometheus_client import Counter, Gauge
 
+from services.monitor import history
 from services.monitor.enrich import Enricher, event_namespace
 from services.monitor.ring import FlowRing
+from services.monitor.watches import follow, follow_optional
 from shared import __version__, log, metrics, subjects
 from shared.bus import Bus, MicroService, redact
 from shared.config import CommonSettings, env_name, setting
@@ -44,7 +42,6 @@ from shared.runtime import TaskGroup, periodically, wait_for_shutdown
 # batches enriched before the loop is given back to queries, status and KV watches
 YIELD_EVERY: Final = 8
 LOG_EVERY_S: Final = 10.0
-HISTORY_WAIT_S: Final = 2.0
 
 FLOWS = Counter(
     "membrane_monitor_flows_processed_total",
@@ -259,7 +256,7 @@ class Monitor:
         test = compile_filter(req.filters)
         if req.last < 0:
             raise InvalidArgument("must not be negative", field="last")
-        flows = await read_history(
+        flows = await history.read(
             self.bus, test, since=req.since, last=req.last, scan=self.settings.history_scan
         )
         return FlowQueryReply(flows=flows, replica=self.replica)
@@ -284,115 +281,6 @@ class Monitor:
     def update_cache_gauges(self) -> None:
         for name, count in self.enricher.counts().items():
             CACHE.labels(name).set(count)
-
-
-async def read_history(
-    bus: Bus,
-    test: Callable[[EnrichedFlow], bool],
-    *,
-    since: float,
-    last: int,
-    scan: int,
-) -> list[EnrichedFlow]:
-    """Matching flows of the history stream, oldest first: from ``since``, else the newest
-    ``scan`` flows; at most ``scan`` are read either way."""
-    try:
-        info = await bus.js.stream_info(subjects.STREAM_FLOW_HISTORY)
-    except nats.js.errors.NotFoundError:
-        return []
-    first, end = info.state.first_seq, info.state.last_seq
-    if not info.state.messages or end < first:
-        return []
-    if since:
-        start = datetime.fromtimestamp(since, UTC)
-        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=start)
-    else:
-        config = ConsumerConfig(
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=max(first, end - scan + 1),
-        )
-    found: collections.deque[EnrichedFlow] = collections.deque(maxlen=last or None)
-    sub = await bus.js.subscribe(
-        subjects.EVENTS_FLOWS_ALL,
-        stream=subjects.STREAM_FLOW_HISTORY,
-        ordered_consumer=True,
-        config=config,
-    )
-    try:
-        for _ in range(scan):
-            try:
-                msg = await sub.next_msg(timeout=HISTORY_WAIT_S)
-            except nats.errors.TimeoutError:
-                break
-            with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-                flow = msgspec.json.decode(msg.data, type=EnrichedFlow)
-                if test(flow):
-                    found.append(flow)
-            if msg.metadata.sequence.stream >= end or msg.metadata.num_pending == 0:
-                break
-    finally:
-        await sub.unsubscribe()
-    return list(found)
-
-
-async def ensure_history_stream(bus: Bus, settings: MonitorSettings) -> None:
-    config = StreamConfig(
-        name=subjects.STREAM_FLOW_HISTORY,
-        description="DROPPED and AUDIT enriched flows, for `membrane observe` history",
-        subjects=[
-            f"{subjects.EVENTS_FLOWS_PREFIX}.DROPPED.>",
-            f"{subjects.EVENTS_FLOWS_PREFIX}.AUDIT.>",
-        ],
-        storage=StorageType.FILE,
-        max_msgs=settings.history_flows,
-        max_age=settings.history_age,
-        num_replicas=settings.kv_replicas,
-    )
-    try:
-        await bus.js.add_stream(config)
-    except nats.js.errors.BadRequestError:
-        # it exists (created by another replica, or with older limits): take these limits
-        await bus.js.update_stream(config)
-
-
-async def follow(
-    name: str, kv: KeyValue, handle: Callable[[str, bytes | None], None], synced: asyncio.Event
-) -> None:
-    """Feed a bucket's snapshot and then its changes to ``handle``; a restarted watch also
-    deletes what vanished while it was away."""
-    known: set[str] = set()
-    seen: set[str] | None = set()
-    async with contextlib.aclosing(Bus.watch(kv)) as events:
-        async for event in events:
-            if event is None:
-                if seen is not None:
-                    for key in known - seen:
-                        handle(key, None)
-                    known, seen = seen, None
-                synced.set()
-                continue
-            if event.value is None:
-                known.discard(event.key)
-            else:
-                known.add(event.key)
-                if seen is not None:
-                    seen.add(event.key)
-            handle(event.key, event.value)
-
-
-async def follow_optional(
-    bus: Bus, bucket: str, handle: Callable[[str, bytes | None], None], synced: asyncio.Event
-) -> None:
-    """Like :func:`follow` for a bucket another service creates (``services``, by lb): until it
-    exists there is nothing to enrich with, so wait for it instead of creating it."""
-    while True:
-        try:
-            kv = await bus.js.key_value(bucket)
-            break
-        except nats.js.errors.BucketNotFoundError:
-            synced.set()  # nothing to wait for
-            await asyncio.sleep(5.0)
-    await follow(bucket, kv, handle, asyncio.Event())
 
 
 @dataclasses.dataclass
@@ -439,7 +327,12 @@ async def start(settings: MonitorSettings) -> Running:
     )
     for event in synced:
         await event.wait()  # enrich from the start: flows before the snapshots would be bare
-    await ensure_history_stream(bus, settings)
+    await history.ensure_stream(
+        bus,
+        max_flows=settings.history_flows,
+        max_age=settings.history_age,
+        replicas=settings.kv_replicas,
+    )
 
     metrics_port = metrics.serve(settings.metrics_host, settings.metrics_port)
     micro = await bus.add_service(
