@@ -61,7 +61,8 @@ async def read(
                 break
             with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
                 flow = msgspec.json.decode(msg.data, type=EnrichedFlow)
-                if test(flow):
+                # the stream orders by arrival; a flow may be older than its message
+                if test(flow) and flow.time >= since:
                     found.append(flow)
             if msg.metadata.sequence.stream >= end or msg.metadata.num_pending == 0:
                 break

@@ -227,3 +227,36 @@ async def test_a_bad_filter_is_an_error_naming_it(bus: Bus, monitor: Running) ->
             bus, FlowQuery(filters=[FlowFilterTerm(field="verdict", values=["MAYBE"])])
         )
     await asyncio.sleep(0)
+
+
+async def test_after_a_restart_drops_come_from_history_and_since_bounds_the_ring(
+    nats_server: ServerProcess, bus: Bus
+) -> None:
+    await fill_buckets(bus)
+    settings = MonitorSettings(nats_url=nats_server.url, replica="m1")
+    first = await start(settings)
+    now = time.time()
+    try:
+        old, new = flow("DROPPED", dport=90, t=now - 600), flow("DROPPED", dport=91, t=now)
+        await bus.publish(subjects.flows("n2"), FlowBatch(node="n2", flows=[old, new]))
+
+        async def both() -> None:
+            assert len(await cli_observe.query(bus, FlowQuery())) == 2
+
+        await eventually(both, timeout=10, what="two drops in the ring")
+        recent = await cli_observe.query(bus, FlowQuery(since=now - 60))
+        assert [f.destination.port for f in recent] == [91]
+    finally:
+        await first.stop()
+
+    # a new replica has an empty ring: the drops come from the history stream
+    second = await start(settings)
+    try:
+        drops = FlowFilterTerm(field="verdict", values=["DROPPED"])
+        found = await cli_observe.query(bus, FlowQuery(filters=[drops], last=10))
+        assert [f.destination.port for f in found] == [90, 91]
+        assert found[0].source.pod == "xwing"  # stored enriched
+        recent = await cli_observe.query(bus, FlowQuery(filters=[drops], since=now - 60))
+        assert [f.destination.port for f in recent] == [91]
+    finally:
+        await second.stop()
