@@ -28,6 +28,7 @@ bench: setup
 	$(PY) bench/identity.py
 	$(PY) bench/flows.py
 	$(PY) bench/datapath.py
+	$(PY) -m bench.monitor
 
 down:
 	$(VENV)/bin/membrane down

@@ -13,7 +13,16 @@ from typing import Any, TypeVar
 
 import uvloop
 
-from membrane import cli_policy, cli_workloads, cliutil, nodes, output, stack
+from membrane import (
+    cli_observe,
+    cli_policy,
+    cli_status,
+    cli_workloads,
+    cliutil,
+    nodes,
+    output,
+    stack,
+)
 from membrane.registry import SERVICES
 from shared import config, log, subjects
 from shared.bus import Bus, redact
@@ -101,6 +110,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                     {"name": p.name, "pid": p.pid, "running": p.running, "restarts": p.restarts}
                     for p in processes
                 ],
+                **cli_status.cluster_json(args),
             }
         )
         return 0
@@ -143,6 +153,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 ],
             )
         )
+    cli_status.print_cluster(args)
     return 0
 
 
@@ -268,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_workloads.add_parsers(sub)
     cli_policy.add_parsers(sub)
+    cli_observe.add_parser(sub)
 
     p = sub.add_parser("identity", help="security identities")
     id_sub = p.add_subparsers(dest="identity_command", required=True, metavar="ACTION")

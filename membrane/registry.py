@@ -8,6 +8,7 @@ from typing import Any
 
 from services.datapath import service as datapath
 from services.identity import service as identity
+from services.monitor import service as monitor
 from services.policy import service as policy
 from shared import subjects
 
@@ -36,6 +37,13 @@ SERVICES: dict[str, ServiceEntry] = {
         micro_name=subjects.POLICY_SERVICE,
         default_replicas=1,
         summary="CiliumNetworkPolicy/NetworkPolicy resolved into per-identity entries",
+    ),
+    "monitor": ServiceEntry(
+        settings=monitor.MonitorSettings,
+        run=monitor.run,
+        micro_name=subjects.MONITOR_SERVICE,
+        default_replicas=1,
+        summary="enriched flows, flow queries, metrics and event subscriptions",
     ),
     "datapath": ServiceEntry(
         settings=datapath.DatapathSettings,

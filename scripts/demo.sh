@@ -53,4 +53,10 @@ run bpf ct --node membrane-node-1
 step "What runs where"
 run status
 
+step "The demo's flows as the monitor saw them: both pods, identities, reason and deciding policy"
+sleep 0.5
+run observe --to-pod deathstar --last 20
+printf '$ membrane observe --verdict DROPPED --from-pod xwing --last 1 -o json\n'
+"$M" observe --verdict DROPPED --from-pod xwing --last 1 -o json | $PY -m json.tool
+
 printf '\nThe cluster keeps running. Try `membrane pod exec xwing -- ping -c1 %s`; stop with `membrane down`.\n' "$DS_IP"

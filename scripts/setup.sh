@@ -67,8 +67,10 @@ APT_PACKAGES=(
   # python3-venv (ensurepip) on Debian; ping is used by tests and the demo; nsenter
   # (util-linux) enters pods; sockperf measures pod-to-pod latency in bench/datapath.py.
   python3 python3-venv iputils-ping util-linux sockperf
+  # the monitor's metrics are scraped by a real Prometheus in tests/e2e/test_monitor.py
+  prometheus
 )
-SYSTEM_SERVICES=(redis-server nats-server)
+SYSTEM_SERVICES=(redis-server nats-server prometheus)
 
 [[ $EUID -eq 0 ]] || die "must run as root (try: sudo $0)"
 

@@ -54,3 +54,33 @@ def flows(node: str) -> str:
 MICRO_PING: Final = "$SRV.PING"
 MICRO_INFO: Final = "$SRV.INFO"
 MICRO_STATS: Final = "$SRV.STATS"
+
+# monitor service: every replica holds the flows of its share of the batches, so queries go to
+# each replica (per-replica subjects, found by discovery); history of drops/audits is one
+# JetStream stream, read by whichever replica takes the request
+MONITOR_SERVICE: Final = "membrane-monitor"
+MONITOR_QUEUE: Final = "membrane-monitor"
+MONITOR_QUERY_PREFIX: Final = "membrane.monitor.query"
+MONITOR_STATUS_PREFIX: Final = "membrane.monitor.status"
+MONITOR_HISTORY: Final = "membrane.monitor.history"
+# enriched flows for anyone: membrane.events.flows.<verdict>.<namespace>
+EVENTS_FLOWS_PREFIX: Final = "membrane.events.flows"
+EVENTS_FLOWS_ALL: Final = "membrane.events.flows.>"
+# the namespace token of flows whose source and destination are no pod
+NO_NAMESPACE: Final = "_"
+# JetStream stream keeping DROPPED and AUDIT enriched flows for history queries
+STREAM_FLOW_HISTORY: Final = "MEMBRANE_FLOW_HISTORY"
+
+
+def monitor_query(replica: str) -> str:
+    return f"{MONITOR_QUERY_PREFIX}.{replica}"
+
+
+def monitor_status(replica: str) -> str:
+    return f"{MONITOR_STATUS_PREFIX}.{replica}"
+
+
+def event_flows(verdict: str, namespace: str) -> str:
+    """The subject of an enriched flow; NATS tokens cannot be empty or hold dots."""
+    token = namespace.replace(".", "_") if namespace else NO_NAMESPACE
+    return f"{EVENTS_FLOWS_PREFIX}.{verdict}.{token}"

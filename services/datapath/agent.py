@@ -25,6 +25,7 @@ from services.datapath.ipcache_sync import IPCacheSync, entry_value
 from services.datapath.loader import Datapath
 from services.datapath.local_ipam import NodeIPAM
 from services.datapath.maps import EndpointInfo, IPCacheValue, LxcInfo, decode_ct, percpu_sum
+from services.datapath.metrics_collector import POLICY_IMPLEMENTATION
 from services.datapath.policy_sync import LocalEndpoint, PolicySync
 from shared import agent_api, identities, log, subjects
 from shared.agent_api import AddEndpoint, DumpReply, DumpRequest, EndpointList, EndpointRef
@@ -504,7 +505,8 @@ class Agent:
                     "unreadable resolved policy; denying", identity=identity, error=str(exc)
                 )
                 policy = deny_all(identity)
-        self.policy.set_resolved(identity, policy)
+        with POLICY_IMPLEMENTATION.time():
+            self.policy.set_resolved(identity, policy)
         KV_TO_MAP.labels(subjects.KV_RESOLVED).inc()
 
     def on_endpoint(self, event: KVEvent) -> None:

@@ -20,12 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+from prometheus_client import REGISTRY
 
 from services.datapath import netns
 from services.datapath.agent import Agent, Buckets
 from services.datapath.flow_publisher import FlowPublisher
 from services.datapath.loader import Datapath
 from services.datapath.maps import IPCacheValue
+from services.datapath.metrics_collector import DatapathCollector
 from services.datapath.ringbuf import RingBuffer
 from shared import __version__, agent_api, identities, log, metrics, subjects
 from shared.bus import Bus, redact
@@ -211,6 +213,8 @@ async def run(settings: DatapathSettings) -> None:
     tasks.spawn("ct-gc", lambda: periodically(settings.ct_gc_interval, agent.sweep_ct))
 
     server = await agent_api.serve(settings.socket_path, agent.handlers())
+    collector = DatapathCollector(datapath)
+    REGISTRY.register(collector)
     metrics_port = metrics.serve(settings.metrics_host, settings.metrics_port)
     micro = await bus.add_service(
         subjects.DATAPATH_SERVICE,
@@ -241,6 +245,7 @@ async def run(settings: DatapathSettings) -> None:
     with contextlib.suppress(Exception):
         await publisher.flush()
     await bus.close()
+    REGISTRY.unregister(collector)
     datapath.close()
 
 

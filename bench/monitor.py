@@ -1,0 +1,343 @@
+"""Flows per second from datapath events to enriched flows at the monitor; follow latency.
+
+Real kernel events: the flow_gen.c test program (see bench/flows.py) writes ``struct
+flow_event`` records into a BPF ring buffer through BPF_PROG_TEST_RUN; a FlowPublisher reads
+and publishes them on ``membrane.flows.<node>`` exactly as an agent does. Monitor replicas run
+as their own processes (``membrane run monitor``) against a nats-server this bench starts, with
+KV buckets filled like a cluster's (1,000 identities, 4,096 pods, resolved policy naming every
+rule id the generator uses), so every flow is enriched for real. Side by side in one run:
+
+- throughput: N events pushed as fast as the ring buffer allows, counted when the monitors
+  have enriched them all (flows_seen + flows_lost from ``membrane.monitor.status``), with 1 and
+  with 2 replicas: flows/s, flows lost at any stage (must be 0);
+- latency: events paced at ``--rate`` per second, read by ``membrane observe --follow -o
+  json`` in its own process; the delay from the kernel timestamp of each event to its line
+  arriving from ``observe``: p50/p99.
+
+    sudo .venv/bin/python -m bench.monitor [--events 500000] [--rate 5000] [--seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import uvloop
+
+from bench.flows import FlowGenerator, produce
+from membrane.servers import NatsServer, ServerProcess
+from services.datapath.flow_publisher import FlowPublisher
+from services.datapath.ringbuf import RingBuffer
+from shared import subjects
+from shared.bus import Bus
+from shared.flow_api import MonitorStatus
+from shared.messages import Empty, Endpoint, Identity, ResolvedPolicy
+
+GOAL_RATE = 50_000.0  # flows/s per replica
+GOAL_P99 = 1.0  # seconds, kernel event -> observe --follow
+NODE = "bench-node"
+RING_MIB = 8
+
+
+async def fill_buckets(bus: Bus) -> None:
+    """What a cluster's services would have written, for the generator's identities and IPs."""
+    enc = msgspec.json.encode
+    ids = await bus.kv(subjects.KV_IDENTITIES)
+    endpoints = await bus.kv(subjects.KV_ENDPOINTS)
+    resolved = await bus.kv(subjects.KV_RESOLVED)
+    writes = []
+    for number in range(256, 1256):
+        labels = [f"k8s:app=app{number}", "k8s:io.kubernetes.pod.namespace=bench"]
+        writes.append(ids.put(str(number), enc(Identity(id=number, labels=labels, kind="cluster"))))
+    for n in range(4096):
+        ip = f"10.0.{n >> 8}.{n & 0xFF}"
+        ep = Endpoint(
+            namespace=f"ns{n % 16}",
+            name=f"pod-{n}",
+            node=NODE,
+            ip=ip,
+            identity=256 + n % 1000,
+            labels={"app": f"app{n}"},
+        )
+        writes.append(endpoints.put(f"ns{n % 16}.pod-{n}", enc(ep)))
+    # rule ids are the run numbers: name the first 20,000 under 200 policies
+    for subject in range(200):
+        rules = {
+            rule: f"ns{subject % 16}/policy-{subject}[{rule}]"
+            for rule in range(subject * 100, subject * 100 + 100)
+        }
+        writes.append(
+            resolved.put(
+                str(10_000 + subject),
+                enc(ResolvedPolicy(identity=10_000 + subject, revision=1, rules=rules)),
+            )
+        )
+    for start in range(0, len(writes), 500):
+        await asyncio.gather(*writes[start : start + 500])
+
+
+class Monitors:
+    """N ``membrane run monitor`` processes."""
+
+    def __init__(self, nats_url: str, replicas: int, logs: Path) -> None:
+        env = {
+            **os.environ,
+            "MEMBRANE_NATS_URL": nats_url,
+            "MEMBRANE_LOG_FORMAT": "json",
+            # a deep intake queue: throughput is measured without loss, then loss is checked
+            "MEMBRANE_QUEUE_BATCHES": "20000",
+        }
+        self.procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "membrane", "run", "monitor"],
+                env={**env, "MEMBRANE_REPLICA": f"bench-monitor-{i}"},
+                stdout=(logs / f"monitor-{replicas}-{i}.log").open("w"),
+                stderr=subprocess.STDOUT,
+            )
+            for i in range(1, replicas + 1)
+        ]
+        self.replicas = replicas
+
+    async def ready(self, bus: Bus) -> list[str]:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            found = await bus.discover(subjects.MONITOR_SERVICE)
+            if len(found) == self.replicas:
+                return [i.id for i in found]
+            await asyncio.sleep(0.2)
+        raise RuntimeError("monitor replicas did not come up (see the logs)")
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+async def statuses(bus: Bus, ids: list[str]) -> list[MonitorStatus]:
+    return list(
+        await asyncio.gather(
+            *(
+                bus.request(subjects.monitor_status(i), Empty(), MonitorStatus, timeout=10)
+                for i in ids
+            )
+        )
+    )
+
+
+@dataclass
+class Throughput:
+    replicas: int
+    events: int
+    seen: int
+    lost: int
+    seconds: float
+    kernel_lost: int
+    published_dropped: int
+
+    @property
+    def rate(self) -> float:
+        return self.seen / self.seconds
+
+
+async def throughput(
+    nats_url: str, replicas: int, events: int, chunk: int, logs: Path
+) -> Throughput:
+    monitors = Monitors(nats_url, replicas, logs)
+    bus = await Bus.connect(nats_url, "bench", retry_for=10)
+    gen = FlowGenerator(RING_MIB << 20)
+    ring = RingBuffer(gen.ring_fd, gen.ring_bytes)
+    try:
+        ids = await monitors.ready(bus)
+        publisher = FlowPublisher(bus, NODE, ring, gen.lost)
+        task = asyncio.create_task(publisher.run())
+        started = time.monotonic()
+        await asyncio.to_thread(produce, gen, events, chunk, ring)
+        await publisher.flush()
+        await bus.nc.flush()
+        last_total, last_change = -1, time.monotonic()
+        while True:
+            found = await statuses(bus, ids)
+            seen = sum(s.flows_seen for s in found)
+            lost = sum(s.flows_lost for s in found)
+            now = time.monotonic()
+            if seen + lost >= events:
+                break
+            if seen + lost != last_total:
+                last_total, last_change = seen + lost, now
+            elif now - last_change > 15:
+                break  # nothing moves any more: the rest never arrived
+            await asyncio.sleep(0.05)
+        elapsed = now - started
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        from bench.flows import dropped_flows
+
+        return Throughput(replicas, events, seen, lost, elapsed, gen.lost(), dropped_flows())
+    finally:
+        await bus.close()
+        monitors.stop()
+        ring.close()
+        gen.close()
+
+
+def paced(gen: FlowGenerator, rate: int, seconds: float, stop: threading.Event) -> int:
+    """``rate`` events a second in 10 ms steps, for ``seconds``; how many were made."""
+    step = max(1, rate // 100)
+    made = 0
+    started = time.monotonic()
+    while not stop.is_set() and time.monotonic() - started < seconds:
+        gen.run(step)
+        made += step
+        target = started + made / rate
+        delay = target - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+    return made
+
+
+async def latency(
+    nats_url: str, rate: int, seconds: float, logs: Path
+) -> tuple[list[float], int, int]:
+    """(delays of the flows observe printed, flows made, flows printed)."""
+    monitors = Monitors(nats_url, 1, logs)
+    bus = await Bus.connect(nats_url, "bench", retry_for=10)
+    gen = FlowGenerator(RING_MIB << 20)
+    ring = RingBuffer(gen.ring_fd, gen.ring_bytes)
+    observe = None
+    delays: list[float] = []
+    try:
+        await monitors.ready(bus)
+        publisher = FlowPublisher(bus, NODE, ring, gen.lost)
+        task = asyncio.create_task(publisher.run())
+        observe = subprocess.Popen(  # noqa: ASYNC220 - a pipe read by a thread, not awaited
+            [
+                sys.executable,
+                "-m",
+                "membrane",
+                "--nats-url",
+                nats_url,
+                "observe",
+                "--follow",
+                "--ready",
+                "-o",
+                "json",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
+        assert observe.stdout is not None and observe.stderr is not None
+        assert observe.stderr.readline().strip() == "following"
+        out = observe.stdout
+
+        def read() -> None:
+            for line in out:
+                arrived = time.time()
+                delays.append(arrived - json.loads(line)["time"])
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        stop = threading.Event()
+        made = await asyncio.to_thread(paced, gen, rate, seconds, stop)
+        await publisher.flush()
+        deadline = time.monotonic() + 10
+        while len(delays) < made and time.monotonic() < deadline:  # noqa: ASYNC110 - a thread fills it
+            await asyncio.sleep(0.1)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return sorted(delays), made, len(delays)
+    finally:
+        if observe is not None:
+            observe.kill()
+            observe.wait()
+        await bus.close()
+        monitors.stop()
+        ring.close()
+        gen.close()
+
+
+def percentile(values: list[float], p: float) -> float:
+    return values[min(len(values) - 1, int(len(values) * p))] if values else float("nan")
+
+
+async def run(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="membrane-bench-monitor-") as tmp:
+        nats = ServerProcess("nats-server", NatsServer(Path(tmp) / "nats"))
+        nats.start()
+        logs = Path(tmp)
+        try:
+            bus = await Bus.connect(nats.url, "bench-setup", retry_for=10)
+            await fill_buckets(bus)
+            await bus.close()
+            results = [
+                await throughput(nats.url, replicas, args.events, args.chunk, logs)
+                for replicas in (1, 2)
+            ]
+            delays, made, printed = await latency(nats.url, args.rate, args.seconds, logs)
+        finally:
+            nats.stop()
+    print(
+        f"{'replicas':>8} {'events':>9} {'enriched':>9} {'lost':>6} {'seconds':>8} "
+        f"{'flows/s':>9} {'vs 1':>6}"
+    )
+    for r in results:
+        print(
+            f"{r.replicas:8d} {r.events:9d} {r.seen:9d} {r.lost:6d} {r.seconds:8.2f} "
+            f"{r.rate:9.0f} {r.rate / results[0].rate:5.2f}x"
+        )
+    one = results[0]
+    complete = all(r.seen == r.events and r.lost == 0 for r in results)
+    print()
+    print(
+        f"goal >= {GOAL_RATE:.0f} flows/s per replica, nothing lost: 1 replica {one.rate:.0f}/s, "
+        f"{'all' if complete else 'NOT all'} flows enriched -> "
+        f"{'MET' if one.rate >= GOAL_RATE and complete else 'MISSED'}"
+    )
+    p50, p99 = percentile(delays, 0.5), percentile(delays, 0.99)
+    latency_met = p99 <= GOAL_P99 and printed == made
+    print(
+        f"observe --follow at {args.rate} flows/s for {args.seconds:g}s: {printed}/{made} flows "
+        f"printed, delay kernel event -> observe line p50 {p50 * 1000:.0f} ms, "
+        f"p99 {p99 * 1000:.0f} ms, max {max(delays, default=float('nan')) * 1000:.0f} ms "
+        f"-> goal p99 <= {GOAL_P99:g} s {'MET' if latency_met else 'MISSED'}"
+    )
+    print(
+        f"(host: {os.cpu_count()} cores shared by the kernel producer, the publisher, "
+        "nats-server (JetStream keeps the drops), the monitors and the observer)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
+    parser.add_argument("--events", type=int, default=500_000)
+    parser.add_argument("--chunk", type=int, default=8192, help="events per BPF_PROG_TEST_RUN")
+    parser.add_argument("--rate", type=int, default=5000, help="flows/s of the latency run")
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of the latency run")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench/monitor.py loads BPF programs: run it as root (python -m bench.monitor)")
+    uvloop.run(run(args))
+
+
+if __name__ == "__main__":
+    main()

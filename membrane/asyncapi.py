@@ -1,0 +1,165 @@
+"""The AsyncAPI 3 document of membrane's public flow subjects, generated from the msgspec types.
+
+``python -m membrane.asyncapi`` rewrites ``docs/asyncapi.yaml``; a unit test fails when the
+committed document and the types drift apart, so the document is always what the code sends.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import yaml
+
+from shared import __version__, subjects
+from shared.flow_api import EnrichedFlow, FlowQuery, FlowQueryReply, MonitorStatus
+from shared.flow_filter import VERDICTS
+from shared.messages import Empty, ErrorBody, FlowBatch
+
+DOCUMENT = Path(__file__).resolve().parent.parent / "docs" / "asyncapi.yaml"
+REF = "#/components/schemas/{name}"
+
+# (message name, type, summary)
+MESSAGES: list[tuple[str, type[msgspec.Struct], str]] = [
+    ("EnrichedFlow", EnrichedFlow, "A flow with both workloads, the reason and the policy"),
+    ("FlowBatch", FlowBatch, "A node's raw flows, batched (at most 512 flows or 50 ms)"),
+    ("FlowQuery", FlowQuery, "Which recent flows to return"),
+    ("FlowQueryReply", FlowQueryReply, "The matching flows, oldest first"),
+    ("Empty", Empty, "No arguments"),
+    ("MonitorStatus", MonitorStatus, "One monitor replica's counters"),
+    ("ErrorBody", ErrorBody, "The body of every error reply (with the NATS micro headers)"),
+]
+
+
+def _message(name: str, summary: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "title": name,
+        "summary": summary,
+        "contentType": "application/json",
+        "payload": {"$ref": REF.format(name=name)},
+    }
+
+
+def _ref(kind: str, name: str) -> dict[str, str]:
+    return {"$ref": f"#/{kind}/{name}"}
+
+
+def build() -> dict[str, Any]:
+    _, schemas = msgspec.json.schema_components([t for _, t, _ in MESSAGES], ref_template=REF)
+    events = subjects.EVENTS_FLOWS_PREFIX
+    channels: dict[str, Any] = {
+        "enrichedFlows": {
+            "address": events + ".{verdict}.{namespace}",
+            "title": "Enriched flows",
+            "description": (
+                "Every flow the monitor enriched, once. {namespace} is the namespace of the "
+                "endpoint where the flow was observed (the source on egress, the destination "
+                f"on ingress, else the other side's), `{subjects.NO_NAMESPACE}` when neither "
+                f"side is a pod; dots become underscores. Subscribe to `{events}.>` for all."
+            ),
+            "parameters": {
+                "verdict": {"enum": list(VERDICTS), "description": "the flow's verdict"},
+                "namespace": {"description": "Kubernetes namespace of the observed endpoint"},
+            },
+            "messages": {"enrichedFlow": _ref("components/messages", "EnrichedFlow")},
+        },
+        "rawFlows": {
+            "address": subjects.FLOWS_PREFIX + ".{node}",
+            "title": "Raw flows of a node",
+            "description": "What the datapath agents publish; the monitor consumes it in the "
+            f"queue group `{subjects.MONITOR_QUEUE}`.",
+            "parameters": {"node": {"description": "the node's name"}},
+            "messages": {"flowBatch": _ref("components/messages", "FlowBatch")},
+        },
+        "monitorQuery": {
+            "address": subjects.MONITOR_QUERY_PREFIX + ".{replica}",
+            "title": "Query one monitor replica's ring",
+            "parameters": {"replica": {"description": "the replica's NATS micro id ($SRV.INFO)"}},
+            "messages": {"flowQuery": _ref("components/messages", "FlowQuery")},
+        },
+        "monitorHistory": {
+            "address": subjects.MONITOR_HISTORY,
+            "title": "Query the DROPPED/AUDIT history stream",
+            "messages": {"flowQuery": _ref("components/messages", "FlowQuery")},
+        },
+        "monitorStatus": {
+            "address": subjects.MONITOR_STATUS_PREFIX + ".{replica}",
+            "title": "One monitor replica's status",
+            "parameters": {"replica": {"description": "the replica's NATS micro id ($SRV.INFO)"}},
+            "messages": {"empty": _ref("components/messages", "Empty")},
+        },
+        "reply": {
+            "address": None,
+            "title": "The requester's inbox",
+            "messages": {
+                "flowQueryReply": _ref("components/messages", "FlowQueryReply"),
+                "monitorStatus": _ref("components/messages", "MonitorStatus"),
+                "error": _ref("components/messages", "ErrorBody"),
+            },
+        },
+    }
+
+    def request(channel: str, replies: list[str], summary: str) -> dict[str, Any]:
+        return {
+            "action": "send",
+            "summary": summary,
+            "channel": _ref("channels", channel),
+            "reply": {
+                "channel": _ref("channels", "reply"),
+                "messages": [_ref("channels/reply/messages", r) for r in [*replies, "error"]],
+            },
+        }
+
+    operations = {
+        "receiveEnrichedFlows": {
+            "action": "receive",
+            "summary": "Subscribe to enriched flows",
+            "channel": _ref("channels", "enrichedFlows"),
+        },
+        "receiveRawFlows": {
+            "action": "receive",
+            "summary": "Consume the nodes' raw flows (the monitor does, in a queue group)",
+            "channel": _ref("channels", "rawFlows"),
+        },
+        "queryFlows": request("monitorQuery", ["flowQueryReply"], "Recent flows of a replica"),
+        "queryHistory": request("monitorHistory", ["flowQueryReply"], "DROPPED/AUDIT history"),
+        "monitorStatus": request("monitorStatus", ["monitorStatus"], "A replica's status"),
+    }
+    return {
+        "asyncapi": "3.0.0",
+        "info": {
+            "title": "membrane flow events",
+            "version": __version__,
+            "description": (
+                "Public subjects of membrane's monitor. Payloads are JSON; every payload has "
+                "`v` (schema version). Fields are only added, with defaults: ignore the ones "
+                "you do not know. Generated by `python -m membrane.asyncapi` from the msgspec "
+                "types in shared/; see docs/events.md."
+            ),
+        },
+        "defaultContentType": "application/json",
+        "channels": channels,
+        "operations": operations,
+        "components": {
+            "messages": {name: _message(name, summary) for name, _, summary in MESSAGES},
+            "schemas": schemas,
+        },
+    }
+
+
+def render() -> str:
+    header = "# Generated by `python -m membrane.asyncapi` from shared/; do not edit.\n"
+    return header + yaml.safe_dump(build(), sort_keys=False, width=100)
+
+
+def main() -> int:
+    DOCUMENT.write_text(render())
+    print(f"wrote {DOCUMENT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

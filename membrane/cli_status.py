@@ -1,0 +1,210 @@
+"""The cluster part of ``membrane status``: nodes, object counts, monitor and map pressure.
+
+Everything comes over the bus (KV buckets, request/reply, NATS micro metadata) plus each
+agent's /metrics endpoint for map pressure, so it works against any cluster the CLI can reach.
+A part that cannot be read shows as ``-``; status never fails because one part is down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+import urllib.request
+from typing import Any
+
+import msgspec
+import nats.errors
+import nats.js.errors
+from prometheus_client.parser import text_string_to_metric_families
+
+from membrane import cliutil, output
+from shared import subjects
+from shared.bus import Bus, ServiceInfo
+from shared.errors import MembraneError
+from shared.flow_api import MonitorStatus
+from shared.messages import Empty, Node, PolicyListReply
+
+# a node whose heartbeat is older than this is shown as not ready
+STALE_AFTER_S = 20.0
+SCRAPE_TIMEOUT_S = 2.0
+
+
+async def _count_keys(bus: Bus, bucket: str) -> int | None:
+    """Keys in a bucket; None when it does not exist (the CLI never creates buckets)."""
+    try:
+        kv = await bus.js.key_value(bucket)
+        return len(await Bus.snapshot(kv))
+    except nats.js.errors.BucketNotFoundError:
+        return None
+    except (nats.errors.Error, TimeoutError):
+        return None
+
+
+async def _nodes(bus: Bus) -> list[dict[str, Any]]:
+    try:
+        kv = await bus.js.key_value(subjects.KV_NODES)
+        entries = await Bus.snapshot(kv)
+    except (nats.errors.Error, TimeoutError):
+        return []
+    now = time.time()
+    found = []
+    for key, value in sorted(entries.items()):
+        try:
+            node = msgspec.json.decode(value, type=Node)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            found.append({"name": key, "ready": False, "error": "unreadable entry"})
+            continue
+        age = max(0.0, now - node.heartbeat)
+        found.append(
+            {
+                "name": node.name,
+                "underlay_ip": node.underlay_ip,
+                "pod_cidr": node.pod_cidr,
+                "version": node.version,
+                "heartbeat_age": round(age, 1),
+                "ready": age < STALE_AFTER_S,
+            }
+        )
+    return found
+
+
+def _scrape_pressure(address: str) -> dict[str, list[int]]:
+    text = urllib.request.urlopen(f"http://{address}/metrics", timeout=SCRAPE_TIMEOUT_S).read()
+    pressure: dict[str, list[int]] = {}
+    for family in text_string_to_metric_families(text.decode()):
+        if family.name in ("membrane_datapath_map_entries", "membrane_datapath_map_capacity"):
+            slot = 0 if family.name.endswith("entries") else 1
+            for sample in family.samples:
+                pressure.setdefault(sample.labels["map"], [0, 0])[slot] = int(sample.value)
+    return pressure
+
+
+async def _pressure(agents: list[ServiceInfo]) -> dict[str, dict[str, list[int]] | None]:
+    async def one(info: ServiceInfo) -> dict[str, list[int]] | None:
+        address = info.metadata.get("metrics", "")
+        if not address:
+            return None
+        try:
+            return await asyncio.to_thread(_scrape_pressure, address)
+        except (OSError, ValueError):
+            return None
+
+    results = await asyncio.gather(*(one(a) for a in agents))
+    return {a.metadata.get("node", a.id): r for a, r in zip(agents, results, strict=True)}
+
+
+async def _monitors(bus: Bus, replicas: list[ServiceInfo]) -> list[dict[str, Any]]:
+    async def one(info: ServiceInfo) -> dict[str, Any]:
+        name = info.metadata.get("replica", info.id)
+        try:
+            status = await bus.request(
+                subjects.monitor_status(info.id), Empty(), MonitorStatus, timeout=2
+            )
+        except MembraneError as exc:
+            return {"replica": name, "error": str(exc)}
+        return {"replica": name, **msgspec.to_builtins(status)}
+
+    return list(await asyncio.gather(*(one(r) for r in replicas)))
+
+
+async def _policies(bus: Bus) -> int | None:
+    try:
+        reply = await bus.request(subjects.POLICY_LIST, Empty(), PolicyListReply, timeout=2)
+    except MembraneError:
+        return None
+    return len(reply.policies)
+
+
+async def gather(bus: Bus) -> dict[str, Any]:
+    found = await bus.discover(timeout=0.5)
+    agents = [i for i in found if i.name == subjects.DATAPATH_SERVICE]
+    monitors = [i for i in found if i.name == subjects.MONITOR_SERVICE]
+    nodes, identities, endpoints, services, policies, monitor, pressure = await asyncio.gather(
+        _nodes(bus),
+        _count_keys(bus, subjects.KV_IDENTITIES),
+        _count_keys(bus, subjects.KV_ENDPOINTS),
+        _count_keys(bus, subjects.KV_SERVICES),
+        _policies(bus),
+        _monitors(bus, monitors),
+        _pressure(agents),
+    )
+    return {
+        "nodes": nodes,
+        "counts": {
+            "identities": identities,
+            "endpoints": endpoints,
+            "policies": policies,
+            "services": services,
+        },
+        "monitor": monitor,
+        "map_pressure": pressure,
+    }
+
+
+def cluster_json(args: argparse.Namespace) -> dict[str, Any]:
+    """The cluster part of ``membrane status -o json``."""
+    return cliutil.with_bus(args, gather)
+
+
+def _or_dash(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def print_cluster(args: argparse.Namespace) -> None:
+    """The cluster part of ``membrane status``, as tables."""
+    summary = cliutil.with_bus(args, gather)
+    if summary["nodes"]:
+        print()
+        print(
+            output.table(
+                ["NODE", "READY", "UNDERLAY", "POD CIDR", "HEARTBEAT"],
+                [
+                    [
+                        n["name"],
+                        "yes" if n["ready"] else "no",
+                        n.get("underlay_ip", "-"),
+                        n.get("pod_cidr", "-"),
+                        f"{n['heartbeat_age']:.0f}s ago" if "heartbeat_age" in n else "-",
+                    ]
+                    for n in summary["nodes"]
+                ],
+            )
+        )
+    print()
+    counts = summary["counts"]
+    print(
+        output.table(
+            ["IDENTITIES", "ENDPOINTS", "POLICIES", "SERVICES"],
+            [[_or_dash(counts[k]) for k in ("identities", "endpoints", "policies", "services")]],
+        )
+    )
+    if summary["monitor"]:
+        print()
+        print(
+            output.table(
+                ["MONITOR", "FLOWS SEEN", "LOST", "MALFORMED", "RING"],
+                [
+                    [
+                        m["replica"],
+                        m.get("flows_seen", "-"),
+                        m.get("flows_lost", "-"),
+                        m.get("malformed_batches", "-"),
+                        f"{m['ring_size']}/{m['ring_capacity']}" if "ring_size" in m else "-",
+                    ]
+                    for m in summary["monitor"]
+                ],
+            )
+        )
+    rows = []
+    for node, maps in sorted(summary["map_pressure"].items()):
+        if maps is None:
+            rows.append([node, "-", "-", "-"])
+            continue
+        for name, (used, size) in sorted(maps.items()):
+            rows.append(
+                [node, name, f"{used}/{size}", f"{100 * used / size:.1f}%" if size else "-"]
+            )
+    if rows:
+        print()
+        print(output.table(["NODE", "MAP", "ENTRIES", "PRESSURE"], rows))

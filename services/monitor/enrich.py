@@ -1,0 +1,277 @@
+"""Flows -> enriched flows, from caches of the KV buckets (pure logic: no NATS here).
+
+Each ``on_*`` method takes one KV change (key, value or None when deleted) and keeps a lookup
+table current; :meth:`Enricher.enrich` then names both workloads of a flow (identity -> labels,
+IP -> namespace/pod/node, IP:port -> service), the reason, and the rule and policy that decided.
+Unreadable entries are skipped and counted, never fatal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from shared import identities
+from shared.flow_api import EnrichedFlow, FlowPeer
+from shared.messages import (
+    Endpoint,
+    Flow,
+    Identity,
+    IPCacheEntry,
+    PolicyEntry,
+    ResolvedPolicy,
+)
+from shared.reasons import POLICY_DENIED, reason_name
+
+
+@dataclass(frozen=True)
+class PodInfo:
+    namespace: str
+    name: str
+    node: str
+    identity: int
+
+
+@dataclass
+class Enricher:
+    labels: dict[int, list[str]] = field(default_factory=dict)  # identity -> labels
+    pods: dict[str, PodInfo] = field(default_factory=dict)  # pod IP -> pod
+    pod_ips: dict[str, str] = field(default_factory=dict)  # endpoints key -> IP
+    ip_nodes: dict[str, str] = field(default_factory=dict)  # ipcache address -> node
+    rules: dict[int, str] = field(default_factory=dict)  # rule id -> "ns/name[index]"
+    subjects_rules: dict[str, list[int]] = field(default_factory=dict)  # resolved key -> ids
+    # subject identity -> (ingress, egress): the policies that make a direction default-deny
+    enforcing: dict[int, tuple[str, str]] = field(default_factory=dict)
+    services: dict[tuple[str, int], str] = field(default_factory=dict)  # (ip, port) -> "ns/name"
+    service_keys: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
+    bad_entries: int = 0
+
+    # --- bucket changes -------------------------------------------------------------------
+
+    def on_identity(self, key: str, value: bytes | None) -> None:
+        try:
+            number = int(key)
+        except ValueError:
+            self.bad_entries += 1
+            return
+        if value is None:
+            self.labels.pop(number, None)
+            return
+        identity = self._decode(value, Identity)
+        if identity is not None:
+            self.labels[number] = sorted(identity.labels)
+
+    def on_endpoint(self, key: str, value: bytes | None) -> None:
+        old_ip = self.pod_ips.pop(key, None)
+        if old_ip is not None:
+            self.pods.pop(old_ip, None)
+        if value is None:
+            return
+        endpoint = self._decode(value, Endpoint)
+        if endpoint is None or not endpoint.ip:
+            return
+        self.pod_ips[key] = endpoint.ip
+        self.pods[endpoint.ip] = PodInfo(
+            endpoint.namespace, endpoint.name, endpoint.node, endpoint.identity
+        )
+
+    def on_ipcache(self, key: str, value: bytes | None) -> None:
+        address = key.split("/")[0]
+        if value is None:
+            self.ip_nodes.pop(address, None)
+            return
+        entry = self._decode(value, IPCacheEntry)
+        if entry is not None and entry.node and entry.cidr.endswith("/32"):
+            self.ip_nodes[entry.cidr.split("/")[0]] = entry.node
+
+    def on_resolved(self, key: str, value: bytes | None) -> None:
+        # rule ids are hashes of kind and rule name: one id names one rule in every subject,
+        # so a name stays known while any subject still carries it
+        if value is None:
+            ids = self.subjects_rules.pop(key, [])
+            with contextlib.suppress(ValueError):
+                self.enforcing.pop(int(key), None)
+        else:
+            resolved = self._decode(value, ResolvedPolicy)
+            if resolved is None:
+                return
+            ids = self.subjects_rules.get(key, [])
+            self.subjects_rules[key] = list(resolved.rules)
+            self.rules.update(resolved.rules)
+            self.enforcing[resolved.identity] = (
+                _enforcing(resolved, resolved.ingress_enforced, resolved.ingress),
+                _enforcing(resolved, resolved.egress_enforced, resolved.egress),
+            )
+        still = {i for held in self.subjects_rules.values() for i in held} if ids else set()
+        for rule in ids:
+            if rule not in still:
+                self.rules.pop(rule, None)
+
+    def on_service(self, key: str, value: bytes | None) -> None:
+        """A ``services`` entry, read loosely: the lb service's schema is its own, so any
+        object with a name (and namespace) and frontend address/port fields is understood."""
+        for frontend in self.service_keys.pop(key, []):
+            self.services.pop(frontend, None)
+        if value is None:
+            return
+        try:
+            document = json.loads(value)
+        except ValueError:
+            self.bad_entries += 1
+            return
+        if not isinstance(document, dict):
+            self.bad_entries += 1
+            return
+        name = _service_name(document, key)
+        frontends = _frontends(document)
+        self.service_keys[key] = frontends
+        for frontend in frontends:
+            self.services[frontend] = name
+
+    def _decode(self, value: bytes, type_: type[Any]) -> Any:
+        try:
+            return msgspec.json.decode(value, type=type_)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            self.bad_entries += 1
+            return None
+
+    # --- flows ----------------------------------------------------------------------------
+
+    def peer(self, ip: str, port: int, identity: int) -> FlowPeer:
+        pod = self.pods.get(ip)
+        labels = self.labels.get(identity) or _RESERVED_LABELS.get(identity, [])
+        service = self.services.get((ip, port), "") if self.services else ""
+        if pod is None:
+            return FlowPeer(
+                ip=ip,
+                port=port,
+                identity=identity,
+                node=self.ip_nodes.get(ip, ""),
+                labels=labels,
+                service=service,
+            )
+        return FlowPeer(
+            ip=ip,
+            port=port,
+            identity=identity,
+            namespace=pod.namespace,
+            pod=pod.name,
+            node=pod.node,
+            labels=labels,
+            service=service,
+        )
+
+    def enrich(self, flow: Flow) -> EnrichedFlow:
+        if flow.rule_id:
+            rule = self.rules.get(flow.rule_id, "")
+            policy = policy_of(rule)
+        else:
+            rule = ""
+            policy = self._default_deny_policy(flow) if flow.reason == POLICY_DENIED else ""
+        return EnrichedFlow(
+            time=flow.time,
+            node=flow.node,
+            type=flow.type,
+            verdict=flow.verdict,
+            drop_reason=flow.reason,
+            drop_reason_desc=flow.reason_name or (reason_name(flow.reason) if flow.reason else ""),
+            direction=flow.direction,
+            observation_point=flow.observation_point,
+            protocol=flow.protocol,
+            tcp_flags=flow.tcp_flags,
+            is_reply=flow.is_reply,
+            bytes=flow.bytes,
+            source=self.peer(flow.src_ip, flow.src_port, flow.src_identity),
+            destination=self.peer(flow.dst_ip, flow.dst_port, flow.dst_identity),
+            rule_id=flow.rule_id,
+            rule=rule,
+            policy=policy,
+        )
+
+    def _default_deny_policy(self, flow: Flow) -> str:
+        """A drop no rule matched: the policies selecting the endpoint in that direction are
+        what made it default-deny, so they are what decided."""
+        if flow.direction == "ingress":
+            return self.enforcing.get(flow.dst_identity, ("", ""))[0]
+        return self.enforcing.get(flow.src_identity, ("", ""))[1]
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "identities": len(self.labels),
+            "endpoints": len(self.pods),
+            "rules": len(self.rules),
+            "policies": len({policy_of(r) for r in self.rules.values()}),
+            "services": len(set(self.services.values())),
+        }
+
+
+# reserved identities are not in the ``identities`` bucket; their labels are fixed
+_RESERVED_LABELS: dict[int, list[str]] = {
+    number: [f"reserved:{name}"] for number, name in identities.BY_ID.items() if number
+}
+
+
+def _enforcing(resolved: ResolvedPolicy, enforced: bool, entries: list[PolicyEntry]) -> str:
+    if not enforced:
+        return ""
+    names = {policy_of(resolved.rules.get(e.rule_id, "")) for e in entries if e.rule_id}
+    names.discard("")
+    if not names:  # e.g. an empty rule list: every policy the subject has
+        names = {policy_of(r) for r in resolved.rules.values()}
+    return ",".join(sorted(names))
+
+
+def policy_of(rule: str) -> str:
+    """``ns/name[3]`` -> ``ns/name``."""
+    return rule.rsplit("[", 1)[0] if rule.endswith("]") else rule
+
+
+def event_namespace(flow: EnrichedFlow) -> str:
+    """The namespace a flow belongs to: that of the endpoint where it was observed (the source
+    on egress, the destination on ingress), else the other side's."""
+    near, far = (
+        (flow.source, flow.destination)
+        if flow.direction == "egress"
+        else (flow.destination, flow.source)
+    )
+    return near.namespace or far.namespace
+
+
+def _service_name(document: dict[str, Any], key: str) -> str:
+    meta = document.get("metadata")
+    source = meta if isinstance(meta, dict) else document
+    name = source.get("name")
+    namespace = source.get("namespace")
+    if isinstance(name, str) and name:
+        return f"{namespace}/{name}" if isinstance(namespace, str) and namespace else name
+    return key.replace(".", "/", 1)
+
+
+def _frontends(document: dict[str, Any]) -> list[tuple[str, int]]:
+    found: list[tuple[str, int]] = []
+    candidates: list[Any] = [document]
+    for list_key in ("frontends", "ports"):
+        items = document.get(list_key)
+        if isinstance(items, list):
+            candidates.extend(items)
+    default_ip = _first_str(document, ("ip", "vip", "address", "cluster_ip", "clusterIP"))
+    for item in candidates:
+        if not isinstance(item, dict):
+            continue
+        ip = _first_str(item, ("ip", "vip", "address", "cluster_ip", "clusterIP")) or default_ip
+        port = item.get("port")
+        if ip and isinstance(port, int) and not isinstance(port, bool):
+            found.append((ip, port))
+    return sorted(set(found))
+
+
+def _first_str(document: dict[str, Any], keys: tuple[str, ...]) -> str:
+    for key in keys:
+        value = document.get(key)
+        if isinstance(value, str) and value:
+            return value
+    return ""

@@ -1,0 +1,400 @@
+"""``membrane run monitor``: flows from every node in, enriched flows out.
+
+Replicas share ``membrane.flows.*`` through a queue group. Each batch is decoded, enriched from
+caches of the KV buckets (:mod:`services.monitor.enrich`), kept in the replica's ring, counted in
+the metrics, and each flow republished on ``membrane.events.flows.<verdict>.<namespace>``, where
+the JetStream stream ``MEMBRANE_FLOW_HISTORY`` keeps the DROPPED and AUDIT ones for history.
+
+Batches wait in a bounded queue between the subscription and the enricher, so a flood costs
+flows (counted as lost at stage ``monitor``) and never the replica's responsiveness: queries and
+status keep being answered. A batch that does not decode is counted and logged, never fatal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+import msgspec
+import nats.errors
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from prometheus_client import Counter, Gauge
+
+from services.monitor import history
+from services.monitor.enrich import Enricher, event_namespace
+from services.monitor.ring import FlowRing
+from services.monitor.watches import follow, follow_optional
+from shared import __version__, log, metrics, subjects
+from shared.bus import Bus, MicroService, redact
+from shared.config import CommonSettings, env_name, setting
+from shared.errors import InvalidArgument
+from shared.flow_api import EnrichedFlow, FlowQuery, FlowQueryReply, MonitorStatus
+from shared.flow_filter import compile_filter
+from shared.messages import Empty, Flow, FlowBatch
+from shared.runtime import TaskGroup, periodically, wait_for_shutdown
+
+# batches enriched before the loop is given back to queries, status and KV watches
+YIELD_EVERY: Final = 8
+LOG_EVERY_S: Final = 10.0
+
+FLOWS = Counter(
+    "membrane_monitor_flows_processed_total",
+    "Flows enriched, by type and verdict",
+    ["type", "verdict"],
+)
+DROPS = Counter(
+    "membrane_monitor_drops_total", "Dropped flows by reason and direction", ["reason", "direction"]
+)
+POLICY_VERDICTS = Counter(
+    "membrane_monitor_policy_verdicts_total",
+    "Policy verdict events by direction, match (rule: a rule decided; default: no rule matched)"
+    " and action",
+    ["direction", "match", "action"],
+)
+LOST = Counter(
+    "membrane_monitor_lost_events_total",
+    "Flows lost before enrichment, by stage (datapath: the ring buffer was full; monitor: the"
+    " intake queue was full)",
+    ["stage"],
+)
+TCP_FLAGS = Counter("membrane_monitor_tcp_flags_total", "TCP flags seen in flows", ["flag"])
+MALFORMED = Counter(
+    "membrane_monitor_malformed_batches_total", "Flow batches that did not decode (skipped)"
+)
+PUBLISH_FAILED = Counter(
+    "membrane_monitor_publish_failures_total", "Enriched flows that could not be republished"
+)
+RING = Gauge("membrane_monitor_ring_flows", "Flows held in this replica's ring")
+QUEUED = Gauge("membrane_monitor_queued_batches", "Batches waiting to be enriched")
+CACHE = Gauge("membrane_monitor_cache_entries", "Entries of the enrichment caches", ["cache"])
+
+_ACTIONS: Final = {"FORWARDED": "allowed", "DROPPED": "denied", "AUDIT": "audit"}
+
+
+@dataclasses.dataclass(frozen=True)
+class MonitorSettings(CommonSettings):
+    ring_size: int = setting(100_000, "recent flows each monitor replica keeps in memory")
+    queue_batches: int = setting(
+        256, "flow batches waiting for enrichment; beyond it batches are counted as lost"
+    )
+    history_flows: int = setting(
+        1_000_000, "DROPPED/AUDIT flows the history stream keeps (oldest go first)"
+    )
+    history_age: float = setting(86400.0, "seconds the history stream keeps a flow")
+    history_scan: int = setting(
+        20_000, "flows at most that one history query reads from the stream"
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("ring_size", "queue_batches", "history_flows", "history_scan"):
+            if getattr(self, name) < 1:
+                raise InvalidArgument("must be at least 1", field=env_name(name))
+        if self.history_age <= 0:
+            raise InvalidArgument("must be positive", field=env_name("history_age"))
+
+
+_batch_decoder = msgspec.json.Decoder(FlowBatch)
+_flow_encoder = msgspec.json.Encoder()
+
+
+class _BatchSize(msgspec.Struct):
+    """Just enough of a FlowBatch to count what a full queue costs."""
+
+    flows: list[msgspec.Raw] = []
+    lost: int = 0
+
+
+_size_decoder = msgspec.json.Decoder(_BatchSize)
+
+
+class Monitor:
+    def __init__(self, bus: Bus, settings: MonitorSettings) -> None:
+        self.bus = bus
+        self.settings = settings
+        self.enricher = Enricher()
+        self.ring = FlowRing(settings.ring_size)
+        self.queue: collections.deque[bytes] = collections.deque()
+        self.wake = asyncio.Event()
+        self.replica = ""
+        self.flows_seen = 0
+        self.flows_lost = 0
+        self.malformed = 0
+        self.nodes: set[str] = set()
+        self.log = log.get("monitor")
+        self._unlogged_lost = 0
+        self._unlogged_malformed = ""
+        self._last_log = -LOG_EVERY_S
+
+    # --- intake -----------------------------------------------------------------------------
+
+    async def on_batch(self, msg: Msg) -> None:
+        if len(self.queue) < self.settings.queue_batches:
+            self.queue.append(msg.data)
+            self.wake.set()
+            return
+        try:
+            size = _size_decoder.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            self._malformed("queue full and batch malformed")
+            return
+        self._lost("monitor", len(size.flows))
+        self._lost("datapath", size.lost)
+
+    async def process_forever(self) -> None:
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            done = 0
+            while self.queue:
+                await self.process(self.queue.popleft())
+                done += 1
+                if done % YIELD_EVERY == 0:
+                    QUEUED.set(len(self.queue))
+                    await asyncio.sleep(0)
+            QUEUED.set(0)
+            self._log_trouble()
+
+    async def process(self, data: bytes) -> list[EnrichedFlow]:
+        """Enrich, keep, count and republish one batch; what it produced."""
+        try:
+            batch = _batch_decoder.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self._malformed(str(exc))
+            return []
+        if batch.lost:
+            self._lost("datapath", batch.lost)
+        self.nodes.add(batch.node)
+        enrich = self.enricher.enrich
+        enriched = [enrich(flow) for flow in batch.flows]
+        self.ring.extend(enriched)
+        self.flows_seen += len(enriched)
+        self._count(batch.flows)
+        await self._republish(enriched)
+        RING.set(len(self.ring))
+        return enriched
+
+    def _count(self, flows: list[Flow]) -> None:
+        # aggregated per batch: one metric update per label set, not per flow
+        kinds: collections.Counter[tuple[str, str]] = collections.Counter()
+        drops: collections.Counter[tuple[str, str]] = collections.Counter()
+        verdicts: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        flags: collections.Counter[str] = collections.Counter()
+        for flow in flows:
+            kinds[flow.type, flow.verdict] += 1
+            if flow.verdict == "DROPPED":
+                drops[flow.reason_name or str(flow.reason), flow.direction] += 1
+            if flow.type == "policy-verdict":
+                match = "rule" if flow.rule_id else "default"
+                verdicts[flow.direction, match, _ACTIONS.get(flow.verdict, "other")] += 1
+            if flow.tcp_flags:
+                flags.update(flow.tcp_flags)
+        for key, n in kinds.items():
+            FLOWS.labels(*key).inc(n)
+        for key, n in drops.items():
+            DROPS.labels(*key).inc(n)
+        for vkey, n in verdicts.items():
+            POLICY_VERDICTS.labels(*vkey).inc(n)
+        for flag, n in flags.items():
+            TCP_FLAGS.labels(flag).inc(n)
+
+    async def _republish(self, flows: list[EnrichedFlow]) -> None:
+        nc = self.bus.nc
+        encode = _flow_encoder.encode
+        subject_of = subjects.event_flows
+        failed = 0
+        for flow in flows:
+            try:
+                # buffered by nats.py: no round trip, and it suspends only to flush a full buffer
+                await nc.publish(subject_of(flow.verdict, event_namespace(flow)), encode(flow))
+            except (nats.errors.Error, OSError):
+                failed += 1
+        if failed:
+            PUBLISH_FAILED.inc(failed)
+
+    def _lost(self, stage: str, count: int) -> None:
+        if count:
+            LOST.labels(stage).inc(count)
+            self.flows_lost += count
+            self._unlogged_lost += count
+
+    def _malformed(self, error: str) -> None:
+        MALFORMED.inc()
+        self.malformed += 1
+        self._unlogged_malformed = error[:200]
+        self._log_trouble()
+
+    def _log_trouble(self) -> None:
+        now = time.monotonic()
+        if now - self._last_log < LOG_EVERY_S:
+            return
+        if self._unlogged_lost:
+            self.log.warning("flows lost", flows=self._unlogged_lost)
+            self._unlogged_lost = 0
+            self._last_log = now
+        if self._unlogged_malformed:
+            self.log.warning("malformed flow batch skipped", error=self._unlogged_malformed)
+            self._unlogged_malformed = ""
+            self._last_log = now
+
+    # --- requests ---------------------------------------------------------------------------
+
+    async def query(self, req: FlowQuery) -> FlowQueryReply:
+        test = compile_filter(req.filters)
+        if req.last < 0:
+            raise InvalidArgument("must not be negative", field="last")
+        flows = self.ring.query(test, last=req.last, since=req.since)
+        return FlowQueryReply(flows=flows, oldest=self.ring.oldest, replica=self.replica)
+
+    async def history(self, req: FlowQuery) -> FlowQueryReply:
+        """DROPPED and AUDIT flows from the history stream (any replica answers)."""
+        test = compile_filter(req.filters)
+        if req.last < 0:
+            raise InvalidArgument("must not be negative", field="last")
+        flows = await history.read(
+            self.bus, test, since=req.since, last=req.last, scan=self.settings.history_scan
+        )
+        return FlowQueryReply(flows=flows, replica=self.replica)
+
+    async def status(self, _: Empty) -> MonitorStatus:
+        counts = self.enricher.counts()
+        return MonitorStatus(
+            replica=self.replica,
+            ring_size=len(self.ring),
+            ring_capacity=self.ring.capacity,
+            flows_seen=self.flows_seen,
+            flows_lost=self.flows_lost,
+            malformed_batches=self.malformed,
+            identities=counts["identities"],
+            endpoints=counts["endpoints"],
+            policies=counts["policies"],
+            rules=counts["rules"],
+            services=counts["services"],
+            nodes=len(self.nodes),
+        )
+
+    def update_cache_gauges(self) -> None:
+        for name, count in self.enricher.counts().items():
+            CACHE.labels(name).set(count)
+
+
+@dataclasses.dataclass
+class Running:
+    """A started monitor replica, for :func:`run` and for tests that drive one in-process."""
+
+    monitor: Monitor
+    bus: Bus
+    micro: MicroService
+    tasks: TaskGroup
+    subscription: Subscription
+    metrics_port: int
+
+    async def stop(self) -> None:
+        with contextlib.suppress(nats.errors.Error):
+            await self.subscription.unsubscribe()
+        await self.micro.stop()
+        await self.tasks.close()
+        await self.bus.close()
+
+
+async def start(settings: MonitorSettings) -> Running:
+    bus = await Bus.connect(settings.nats_url, f"membrane-monitor-{settings.replica}")
+    monitor = Monitor(bus, settings)
+    enricher = monitor.enricher
+    tasks = TaskGroup()
+    synced: list[asyncio.Event] = []
+
+    async def watch(bucket: str, handle: Callable[[str, bytes | None], None]) -> None:
+        kv = await bus.kv(bucket, replicas=settings.kv_replicas)
+        event = asyncio.Event()
+        synced.append(event)
+        tasks.spawn(f"watch-{bucket}", lambda: follow(bucket, kv, handle, event))
+
+    await watch(subjects.KV_IDENTITIES, enricher.on_identity)
+    await watch(subjects.KV_ENDPOINTS, enricher.on_endpoint)
+    await watch(subjects.KV_IPCACHE, enricher.on_ipcache)
+    await watch(subjects.KV_RESOLVED, enricher.on_resolved)
+    services_synced = asyncio.Event()
+    synced.append(services_synced)
+    tasks.spawn(
+        "watch-services",
+        lambda: follow_optional(bus, subjects.KV_SERVICES, enricher.on_service, services_synced),
+    )
+    for event in synced:
+        await event.wait()  # enrich from the start: flows before the snapshots would be bare
+    await history.ensure_stream(
+        bus,
+        max_flows=settings.history_flows,
+        max_age=settings.history_age,
+        replicas=settings.kv_replicas,
+    )
+
+    metrics_port = metrics.serve(settings.metrics_host, settings.metrics_port)
+    micro = await bus.add_service(
+        subjects.MONITOR_SERVICE,
+        __version__,
+        "enriched flows, flow queries, metrics and event subscriptions",
+        {"replica": settings.replica, "metrics": f"{settings.metrics_host}:{metrics_port}"},
+    )
+    monitor.replica = micro.id
+    # per-replica subjects: each replica holds only its share of the flows, so a query asks all
+    await micro.endpoint(
+        "query",
+        subjects.monitor_query(micro.id),
+        FlowQuery,
+        monitor.query,
+        queue_group=subjects.MONITOR_QUEUE,
+        concurrency=4,
+    )
+    await micro.endpoint(
+        "status",
+        subjects.monitor_status(micro.id),
+        Empty,
+        monitor.status,
+        queue_group=subjects.MONITOR_QUEUE,
+    )
+    await micro.endpoint(
+        "history",
+        subjects.MONITOR_HISTORY,
+        FlowQuery,
+        monitor.history,
+        queue_group=subjects.MONITOR_QUEUE,
+        concurrency=4,
+    )
+    tasks.spawn("enrich", monitor.process_forever)
+    tasks.spawn("cache-gauges", lambda: periodically(5.0, _on_loop(monitor.update_cache_gauges)))
+    sub = await bus.nc.subscribe(
+        subjects.FLOWS_ALL,
+        queue=subjects.MONITOR_QUEUE,
+        cb=monitor.on_batch,
+        pending_msgs_limit=max(1024, settings.queue_batches * 4),
+    )
+    await bus.nc.flush()  # subscriptions in place at the server before anyone is told "ready"
+    return Running(monitor, bus, micro, tasks, sub, metrics_port)
+
+
+async def run(settings: MonitorSettings) -> None:
+    logger = log.get("monitor", replica=settings.replica)
+    running = await start(settings)
+    logger.info(
+        "monitor ready",
+        nats=redact(settings.nats_url),
+        replica=running.micro.id,
+        metrics=running.metrics_port,
+        ring=settings.ring_size,
+    )
+    signal_name = await wait_for_shutdown()
+    logger.info("shutting down", signal=signal_name)
+    await running.stop()
+
+
+def _on_loop(action: Callable[[], None]) -> Callable[[], Any]:
+    async def call() -> None:
+        action()
+
+    return call

@@ -1,0 +1,55 @@
+"""KV bucket watches that feed the enrichment caches."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+import nats.js.errors
+from nats.js.kv import KeyValue
+
+from shared.bus import Bus
+
+# how often the monitor looks for a bucket another service has not created yet
+OPTIONAL_BUCKET_POLL_S = 5.0
+
+
+async def follow(
+    name: str, kv: KeyValue, handle: Callable[[str, bytes | None], None], synced: asyncio.Event
+) -> None:
+    """Feed a bucket's snapshot and then its changes to ``handle``; a restarted watch also
+    deletes what vanished while it was away."""
+    known: set[str] = set()
+    seen: set[str] | None = set()
+    async with contextlib.aclosing(Bus.watch(kv)) as events:
+        async for event in events:
+            if event is None:
+                if seen is not None:
+                    for key in known - seen:
+                        handle(key, None)
+                    known, seen = seen, None
+                synced.set()
+                continue
+            if event.value is None:
+                known.discard(event.key)
+            else:
+                known.add(event.key)
+                if seen is not None:
+                    seen.add(event.key)
+            handle(event.key, event.value)
+
+
+async def follow_optional(
+    bus: Bus, bucket: str, handle: Callable[[str, bytes | None], None], synced: asyncio.Event
+) -> None:
+    """Like :func:`follow` for a bucket another service creates (``services``, by lb): until it
+    exists there is nothing to enrich with, so wait for it instead of creating it."""
+    while True:
+        try:
+            kv = await bus.js.key_value(bucket)
+            break
+        except nats.js.errors.BucketNotFoundError:
+            synced.set()  # nothing to wait for
+            await asyncio.sleep(OPTIONAL_BUCKET_POLL_S)
+    await follow(bucket, kv, handle, asyncio.Event())

@@ -1,0 +1,104 @@
+"""Enriched flows and the monitor's request/reply payloads (the public flow schema).
+
+:class:`EnrichedFlow` is what ``membrane observe -o json`` prints (one per line) and what
+external systems receive on ``membrane.events.flows.<verdict>.<namespace>``. It is versioned
+like every payload (``v``); fields are only ever added, with defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+from shared.messages import Message
+
+
+def _doc(text: str) -> msgspec.Meta:
+    """A field's description; it goes into the JSON schema and so into docs/asyncapi.yaml."""
+    return msgspec.Meta(description=text)
+
+
+class FlowPeer(Message, gc=False):  # gc=False: no cycles, and enrichment makes millions
+    """One side of a flow: address, port and what membrane knows about the workload."""
+
+    ip: Annotated[str, _doc("IPv4 address")] = ""
+    port: Annotated[int, _doc("L4 port; for ICMP the destination's is the ICMP type")] = 0
+    identity: Annotated[int, _doc("security identity (1 host, 2 world, >= 256 workloads)")] = 0
+    namespace: Annotated[str, _doc("the pod's namespace; empty when the address is no pod")] = ""
+    pod: Annotated[str, _doc("the pod's name; empty when the address is no pod")] = ""
+    node: Annotated[str, _doc("the node hosting the address")] = ""
+    labels: Annotated[list[str], _doc("the identity's labels, sorted: k8s:app=web")] = []
+    service: Annotated[str, _doc("namespace/name when ip:port is a service frontend")] = ""
+
+
+class EnrichedFlow(Message, gc=False):
+    """A datapath flow with both workloads, the reason's name and the deciding policy."""
+
+    time: Annotated[float, _doc("unix time in seconds of the kernel event")]
+    node: Annotated[str, _doc("the node whose datapath observed the flow")]
+    type: Annotated[str, _doc("drop, trace or policy-verdict")]
+    verdict: Annotated[str, _doc("FORWARDED, DROPPED or AUDIT")]
+    drop_reason: Annotated[int, _doc("Cilium's drop reason code; 0 unless dropped")] = 0
+    drop_reason_desc: Annotated[str, _doc("Cilium's name of the reason: Policy denied")] = ""
+    direction: Annotated[str, _doc("ingress or egress, at the observing endpoint")] = ""
+    observation_point: Annotated[str, _doc("from-endpoint or to-endpoint")] = ""
+    protocol: Annotated[str, _doc("TCP, UDP, ICMP or the IANA number")] = ""
+    tcp_flags: Annotated[list[str], _doc("SYN, ACK, FIN, RST, PSH, URG, ECE, CWR")] = []
+    is_reply: Annotated[bool, _doc("the packet travels in a connection's reply direction")] = False
+    bytes: Annotated[int, _doc("packet length")] = 0
+    source: FlowPeer = msgspec.field(default_factory=FlowPeer)
+    destination: FlowPeer = msgspec.field(default_factory=FlowPeer)
+    rule_id: Annotated[int, _doc("id of the deciding policy rule; 0 when no rule decided")] = 0
+    rule: Annotated[str, _doc("the deciding rule: namespace/name[index]")] = ""
+    policy: Annotated[
+        str,
+        _doc(
+            "the deciding policy: namespace/name; for a default-deny drop, the policies that"
+            " select the endpoint in that direction, comma-separated"
+        ),
+    ] = ""
+
+
+class FlowFilterTerm(Message):
+    """One filter: the flow matches if ``field`` matches any of ``values``; ``negate`` inverts.
+
+    Fields: verdict, type, pod, from_pod, to_pod, namespace, from_namespace, to_namespace,
+    label, from_label, to_label, identity, from_identity, to_identity, ip, from_ip, to_ip,
+    port, from_port, to_port, protocol, node. Unprefixed peer fields match either side.
+    """
+
+    field: str
+    values: list[str]
+    negate: bool = False
+
+
+class FlowQuery(Message):
+    """Recent flows that pass every filter term; newest ``last`` of them (0: all)."""
+
+    filters: list[FlowFilterTerm] = []
+    last: int = 0
+    since: float = 0.0  # unix time; 0: no lower bound
+
+
+class FlowQueryReply(Message):
+    flows: list[EnrichedFlow]
+    oldest: float = 0.0  # time of the oldest flow the answering ring still holds (0: empty)
+    replica: str = ""
+
+
+class MonitorStatus(Message):
+    """One monitor replica's view (``membrane.monitor.status.<replica>``)."""
+
+    replica: str
+    ring_size: int
+    ring_capacity: int
+    flows_seen: int
+    flows_lost: int  # lost anywhere before the monitor: datapath ring buffer, publisher
+    malformed_batches: int
+    identities: int
+    endpoints: int
+    policies: int
+    rules: int
+    services: int
+    nodes: int

@@ -1,0 +1,150 @@
+"""Flow filters, shared by the monitor (queries) and the CLI (``observe --follow``).
+
+A query is a list of terms, all of which must hold; a term holds when its field matches any of
+its values, or, negated (``--not``), when it matches none. Peer fields come in three forms:
+``pod`` matches either side, ``from_pod`` the source, ``to_pod`` the destination.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Sequence
+
+from shared.errors import InvalidArgument
+from shared.flow_api import EnrichedFlow, FlowFilterTerm, FlowPeer
+
+VERDICTS = ("FORWARDED", "DROPPED", "AUDIT", "REDIRECTED", "ERROR")
+TYPES = ("drop", "trace", "policy-verdict", "l7")
+PEER_FIELDS = ("pod", "namespace", "label", "identity", "ip", "port")
+FLOW_FIELDS = ("verdict", "type", "protocol", "node")
+FIELDS = (
+    *FLOW_FIELDS,
+    *PEER_FIELDS,
+    *(f"from_{f}" for f in PEER_FIELDS),
+    *(f"to_{f}" for f in PEER_FIELDS),
+)
+
+PeerTest = Callable[[FlowPeer], bool]
+FlowTest = Callable[[EnrichedFlow], bool]
+
+
+def _pod_test(value: str) -> PeerTest:
+    # Hubble's form: [namespace/]name-prefix; without a namespace any namespace matches
+    namespace, slash, name = value.rpartition("/")
+    if not name:
+        raise InvalidArgument(f"pod filter {value!r} has no name", field="pod")
+
+    def test(peer: FlowPeer) -> bool:
+        if not peer.pod.startswith(name):
+            return False
+        return not slash or peer.namespace == namespace
+
+    return test
+
+
+def _label_test(value: str) -> PeerTest:
+    """``k=v[,k2=v2]`` (all must hold) or ``k`` (present); keys match with or without a source
+    prefix such as ``k8s:``."""
+    wanted: list[tuple[str, str | None]] = []
+    for part in value.split(","):
+        key, eq, want = part.strip().partition("=")
+        if not key:
+            raise InvalidArgument(f"label filter {value!r} has an empty key", field="label")
+        wanted.append((key, want if eq else None))
+
+    def matches(label: str, key: str, want: str | None) -> bool:
+        name, _eq, have = label.partition("=")
+        if name != key and name.partition(":")[2] != key:
+            return False
+        return want is None or have == want
+
+    def test(peer: FlowPeer) -> bool:
+        return all(any(matches(lab, k, w) for lab in peer.labels) for k, w in wanted)
+
+    return test
+
+
+def _int(value: str, field: str, upper: int) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise InvalidArgument(f"{value!r} is not a number", field=field) from None
+    if not 0 <= number <= upper:
+        raise InvalidArgument(f"{number} is out of range 0..{upper}", field=field)
+    return number
+
+
+def _ip_test(value: str, field: str) -> PeerTest:
+    try:
+        network = ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise InvalidArgument(f"{value!r} is not an IP address or CIDR", field=field) from None
+
+    def test(peer: FlowPeer) -> bool:
+        try:
+            return bool(peer.ip) and ipaddress.ip_address(peer.ip) in network
+        except ValueError:
+            return False
+
+    return test
+
+
+def _peer_test(kind: str, value: str, field: str) -> PeerTest:
+    if kind == "pod":
+        return _pod_test(value)
+    if kind == "namespace":
+        return lambda peer: peer.namespace == value
+    if kind == "label":
+        return _label_test(value)
+    if kind == "identity":
+        number = _int(value, field, 2**32 - 1)
+        return lambda peer: peer.identity == number
+    if kind == "ip":
+        return _ip_test(value, field)
+    port = _int(value, field, 65535)
+    return lambda peer: peer.port == port
+
+
+def _value_test(field: str, value: str) -> FlowTest:
+    if field == "verdict":
+        verdict = value.upper()
+        if verdict not in VERDICTS:
+            raise InvalidArgument(f"unknown verdict {value!r}: {', '.join(VERDICTS)}", field=field)
+        return lambda flow: flow.verdict == verdict
+    if field == "type":
+        kind = value.lower()
+        if kind not in TYPES:
+            raise InvalidArgument(f"unknown type {value!r}: {', '.join(TYPES)}", field=field)
+        return lambda flow: flow.type == kind
+    if field == "protocol":
+        protocol = value.upper()
+        return lambda flow: flow.protocol.upper() == protocol
+    if field == "node":
+        return lambda flow: flow.node == value
+    side, _, kind = field.partition("_") if field.startswith(("from_", "to_")) else ("", "", field)
+    peer = _peer_test(kind, value, field)
+    if side == "from":
+        return lambda flow: peer(flow.source)
+    if side == "to":
+        return lambda flow: peer(flow.destination)
+    return lambda flow: peer(flow.source) or peer(flow.destination)
+
+
+def compile_filter(terms: Sequence[FlowFilterTerm]) -> FlowTest:
+    """One predicate for the whole query; a bad term raises InvalidArgument naming it."""
+    tests: list[tuple[list[FlowTest], bool]] = []
+    for index, term in enumerate(terms):
+        if term.field not in FIELDS:
+            raise InvalidArgument(
+                f"unknown filter {term.field!r}: {', '.join(FIELDS)}", field=f"filters[{index}]"
+            )
+        if not term.values:
+            raise InvalidArgument("a filter needs a value", field=f"filters[{index}].values")
+        tests.append(([_value_test(term.field, v) for v in term.values], term.negate))
+    if not tests:
+        return lambda flow: True
+
+    def test(flow: EnrichedFlow) -> bool:
+        return all(any(t(flow) for t in alts) != negate for alts, negate in tests)
+
+    return test

@@ -1,0 +1,262 @@
+"""The monitor service against a real nats-server: batches in, enriched flows out.
+
+KV buckets are filled the way the identity, datapath and policy services fill them; flow
+batches are published the way the flow publisher does; queries go through the CLI's client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import msgspec
+import pytest
+
+from membrane import cli_observe
+from membrane.servers import ServerProcess
+from services.monitor.service import MonitorSettings, Running, start
+from shared import subjects
+from shared.bus import Bus
+from shared.flow_api import EnrichedFlow, FlowFilterTerm, FlowQuery, MonitorStatus
+from shared.messages import (
+    Empty,
+    Endpoint,
+    Flow,
+    FlowBatch,
+    Identity,
+    IPCacheEntry,
+    PolicyEntry,
+    ResolvedPolicy,
+)
+from tests.conftest import eventually, scrape
+
+RULE = 0xABCDEF
+
+
+async def fill_buckets(bus: Bus) -> None:
+    ids = await bus.kv(subjects.KV_IDENTITIES)
+    for number, app in ((1001, "xwing"), (1002, "deathstar")):
+        labels = [f"k8s:app={app}", "k8s:io.kubernetes.pod.namespace=empire"]
+        await ids.put(
+            str(number), msgspec.json.encode(Identity(id=number, labels=labels, kind="cluster"))
+        )
+    endpoints = await bus.kv(subjects.KV_ENDPOINTS)
+    for name, ip, ident, node in (
+        ("xwing", "10.9.1.5", 1001, "n1"),
+        ("deathstar-1", "10.9.2.7", 1002, "n2"),
+    ):
+        ep = Endpoint(namespace="empire", name=name, node=node, ip=ip, identity=ident, labels={})
+        await endpoints.put(f"empire.{name}", msgspec.json.encode(ep))
+    ipcache = await bus.kv(subjects.KV_IPCACHE)
+    await ipcache.put(
+        "10.9.3.1", msgspec.json.encode(IPCacheEntry(cidr="10.9.3.1/32", identity=6, node="n3"))
+    )
+    resolved = await bus.kv(subjects.KV_RESOLVED)
+    policy = ResolvedPolicy(
+        identity=1002,
+        revision=1,
+        ingress_enforced=True,
+        ingress=[PolicyEntry(peer=1001, protocol=6, port=80, rule_id=RULE)],
+        rules={RULE: "empire/deathstar-policy[0]"},
+    )
+    await resolved.put("1002", msgspec.json.encode(policy))
+
+
+def flow(verdict: str, *, dport: int = 80, rule: int = 0, t: float | None = None) -> Flow:
+    dropped = verdict == "DROPPED"
+    return Flow(
+        time=t or time.time(),
+        node="n2",
+        type="drop" if dropped else "policy-verdict",
+        verdict=verdict,
+        reason=133 if dropped else 0,
+        reason_name="Policy denied" if dropped else "",
+        direction="ingress",
+        observation_point="to-endpoint",
+        src_ip="10.9.1.5",
+        dst_ip="10.9.2.7",
+        src_port=40000,
+        dst_port=dport,
+        protocol="TCP",
+        tcp_flags=["SYN"],
+        src_identity=1001,
+        dst_identity=1002,
+        rule_id=rule,
+    )
+
+
+@pytest.fixture
+async def monitor(nats_server: ServerProcess, bus: Bus) -> AsyncIterator[Running]:
+    await fill_buckets(bus)
+    running = await start(
+        MonitorSettings(nats_url=nats_server.url, replica="m1", ring_size=1000, queue_batches=4)
+    )
+    yield running
+    await running.stop()
+
+
+async def test_batches_are_enriched_queried_and_republished(bus: Bus, monitor: Running) -> None:
+    received: list[EnrichedFlow] = []
+
+    async def on_event(msg: object) -> None:
+        received.append(msgspec.json.decode(msg.data, type=EnrichedFlow))  # type: ignore[attr-defined]
+
+    sub = await bus.nc.subscribe(subjects.event_flows("DROPPED", "empire"), cb=on_event)
+    await bus.nc.flush()
+    batch = FlowBatch(node="n2", flows=[flow("FORWARDED", rule=RULE), flow("DROPPED", dport=81)])
+    await bus.publish(subjects.flows("n2"), batch)
+
+    async def two() -> list[EnrichedFlow]:
+        found = await cli_observe.query(bus, FlowQuery(last=10))
+        assert len(found) == 2
+        return found
+
+    allowed, dropped = await eventually(two, timeout=10, what="two enriched flows")
+    assert allowed.verdict == "FORWARDED" and allowed.policy == "empire/deathstar-policy"
+    assert allowed.rule == "empire/deathstar-policy[0]"
+    assert dropped.drop_reason == 133 and dropped.drop_reason_desc == "Policy denied"
+    for f in (allowed, dropped):
+        assert (f.source.namespace, f.source.pod, f.source.node) == ("empire", "xwing", "n1")
+        assert f.destination.pod == "deathstar-1" and f.destination.identity == 1002
+        assert "k8s:app=xwing" in f.source.labels and "k8s:app=deathstar" in f.destination.labels
+
+    async def delivered() -> None:
+        assert [f.destination.port for f in received] == [81]
+
+    await eventually(delivered, timeout=5, what="the drop on its events subject")
+    await sub.unsubscribe()
+
+    # filters and their negation, through the replica
+    drops = await cli_observe.query(
+        bus, FlowQuery(filters=[FlowFilterTerm(field="verdict", values=["DROPPED"])])
+    )
+    assert [f.verdict for f in drops] == ["DROPPED"]
+    others = await cli_observe.query(
+        bus,
+        FlowQuery(filters=[FlowFilterTerm(field="to_port", values=["81"], negate=True)]),
+    )
+    assert [f.destination.port for f in others] == [80]
+
+    # the history stream kept the drop: a query the ring cannot satisfy finds it there
+    def history_request() -> FlowQuery:
+        return FlowQuery(filters=[FlowFilterTerm(field="verdict", values=["DROPPED"])], last=5)
+
+    async def in_history() -> None:
+        reply = await bus.request(
+            subjects.MONITOR_HISTORY, history_request(), cli_observe.FlowQueryReply
+        )
+        assert [f.destination.port for f in reply.flows] == [81]
+
+    await eventually(in_history, timeout=5, what="the drop in the history stream")
+
+    samples = await scrape(f"127.0.0.1:{monitor.metrics_port}")
+    assert samples[("membrane_monitor_drops_total", ("ingress", "Policy denied"))] >= 1
+    assert samples[("membrane_monitor_flows_processed_total", ("policy-verdict", "FORWARDED"))] >= 1
+    assert samples[("membrane_monitor_policy_verdicts_total", ("allowed", "ingress", "rule"))] >= 1
+
+
+async def test_malformed_and_lost_are_counted_and_the_replica_keeps_serving(
+    bus: Bus, monitor: Running
+) -> None:
+    await bus.nc.publish(subjects.flows("n9"), b"{not json")
+    await bus.nc.publish(subjects.flows("n9"), b'{"node": "n9", "flows": [{"time": "x"}]}')
+    await bus.publish(subjects.flows("n9"), FlowBatch(node="n9", flows=[], lost=7))
+    replica = monitor.micro.id
+
+    async def counted() -> MonitorStatus:
+        status = await bus.request(subjects.monitor_status(replica), Empty(), MonitorStatus)
+        assert status.malformed_batches == 2 and status.flows_lost == 7
+        return status
+
+    await eventually(counted, timeout=5, what="malformed batches and lost events counted")
+
+    # a flood bigger than the intake queue: what it cannot take is counted, none vanishes
+    flows = [flow("FORWARDED") for _ in range(100)]
+    payload = msgspec.json.encode(FlowBatch(node="n2", flows=flows))
+    for _ in range(200):
+        await bus.nc.publish(subjects.flows("n2"), payload)
+    await bus.nc.flush()
+    # while it works through the flood, the replica keeps answering
+    asked = time.monotonic()
+    await bus.request(subjects.monitor_status(replica), Empty(), MonitorStatus, timeout=2)
+    assert time.monotonic() - asked < 1.0
+
+    async def accounted() -> MonitorStatus:
+        status = await bus.request(subjects.monitor_status(replica), Empty(), MonitorStatus)
+        assert status.flows_seen + status.flows_lost - 7 == 200 * 100
+        return status
+
+    status = await eventually(accounted, timeout=30, what="every flooded flow seen or lost")
+    assert status.ring_size == status.ring_capacity == 1000
+    samples = await scrape(f"127.0.0.1:{monitor.metrics_port}")
+    assert samples[("membrane_monitor_malformed_batches_total", ())] >= 2
+
+
+async def test_two_replicas_share_batches_and_a_query_sees_both(
+    nats_server: ServerProcess, bus: Bus
+) -> None:
+    await fill_buckets(bus)
+    monitor = await start(MonitorSettings(nats_url=nats_server.url, replica="m1"))
+    second = await start(MonitorSettings(nats_url=nats_server.url, replica="m2"))
+    try:
+        now = time.time()
+        for i in range(40):
+            await bus.publish(
+                subjects.flows("n2"), FlowBatch(node="n2", flows=[flow("FORWARDED", t=now + i)])
+            )
+        await bus.nc.flush()
+
+        async def all_forty() -> None:
+            found = await cli_observe.query(bus, FlowQuery())
+            assert len(found) == 40
+
+        await eventually(all_forty, timeout=10, what="40 flows across two replicas")
+        assert monitor.monitor.flows_seen > 0 and second.monitor.flows_seen > 0
+        assert monitor.monitor.flows_seen + second.monitor.flows_seen == 40
+    finally:
+        await second.stop()
+        await monitor.stop()
+
+
+async def test_a_bad_filter_is_an_error_naming_it(bus: Bus, monitor: Running) -> None:
+    from shared.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="unknown verdict"):
+        await cli_observe.query(
+            bus, FlowQuery(filters=[FlowFilterTerm(field="verdict", values=["MAYBE"])])
+        )
+    await asyncio.sleep(0)
+
+
+async def test_after_a_restart_drops_come_from_history_and_since_bounds_the_ring(
+    nats_server: ServerProcess, bus: Bus
+) -> None:
+    await fill_buckets(bus)
+    settings = MonitorSettings(nats_url=nats_server.url, replica="m1")
+    first = await start(settings)
+    now = time.time()
+    try:
+        old, new = flow("DROPPED", dport=90, t=now - 600), flow("DROPPED", dport=91, t=now)
+        await bus.publish(subjects.flows("n2"), FlowBatch(node="n2", flows=[old, new]))
+
+        async def both() -> None:
+            assert len(await cli_observe.query(bus, FlowQuery())) == 2
+
+        await eventually(both, timeout=10, what="two drops in the ring")
+        recent = await cli_observe.query(bus, FlowQuery(since=now - 60))
+        assert [f.destination.port for f in recent] == [91]
+    finally:
+        await first.stop()
+
+    # a new replica has an empty ring: the drops come from the history stream
+    second = await start(settings)
+    try:
+        drops = FlowFilterTerm(field="verdict", values=["DROPPED"])
+        found = await cli_observe.query(bus, FlowQuery(filters=[drops], last=10))
+        assert [f.destination.port for f in found] == [90, 91]
+        assert found[0].source.pod == "xwing"  # stored enriched
+        recent = await cli_observe.query(bus, FlowQuery(filters=[drops], since=now - 60))
+        assert [f.destination.port for f in recent] == [91]
+    finally:
+        await second.stop()

@@ -1,0 +1,302 @@
+"""Filters, formatting and enrichment of flows, on plain data."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from membrane import cli_observe
+from services.monitor.enrich import Enricher, event_namespace, policy_of
+from services.monitor.ring import FlowRing
+from shared import subjects
+from shared.errors import InvalidArgument
+from shared.flow_api import EnrichedFlow, FlowFilterTerm, FlowPeer
+from shared.flow_filter import compile_filter
+from shared.messages import Endpoint, Flow, Identity, IPCacheEntry, PolicyEntry, ResolvedPolicy
+
+
+def peer(ns: str, pod: str, ip: str, port: int, ident: int, *labels: str) -> FlowPeer:
+    return FlowPeer(ip=ip, port=port, identity=ident, namespace=ns, pod=pod, labels=sorted(labels))
+
+
+XWING = peer("default", "xwing", "10.0.1.5", 39322, 1234, "k8s:app=xwing", "k8s:org=alliance")
+DEATHSTAR = peer("default", "deathstar-1", "10.0.2.7", 80, 5678, "k8s:app=deathstar")
+WORLD = FlowPeer(ip="1.2.3.4", port=443, identity=2, labels=["reserved:world"])
+
+
+def make(
+    verdict: str = "DROPPED", src: FlowPeer = XWING, dst: FlowPeer = DEATHSTAR, **kw: object
+) -> EnrichedFlow:
+    fields: dict[str, object] = {
+        "time": 1795600801.123,
+        "node": "n1",
+        "type": "drop" if verdict == "DROPPED" else "trace",
+        "verdict": verdict,
+        "direction": "ingress",
+        "observation_point": "to-endpoint",
+        "protocol": "TCP",
+        "tcp_flags": ["SYN"],
+        "source": src,
+        "destination": dst,
+    }
+    if verdict == "DROPPED":
+        fields |= {"drop_reason": 133, "drop_reason_desc": "Policy denied"}
+    fields |= kw
+    return EnrichedFlow(**fields)  # type: ignore[arg-type]
+
+
+def matches(flow: EnrichedFlow, *terms: tuple[str, str] | tuple[str, str, bool]) -> bool:
+    built = [
+        FlowFilterTerm(field=t[0], values=[t[1]], negate=bool(t[2]) if len(t) > 2 else False)
+        for t in terms
+    ]
+    return compile_filter(built)(flow)
+
+
+@pytest.mark.parametrize(
+    ("term", "expected"),
+    [
+        (("verdict", "dropped"), True),
+        (("verdict", "FORWARDED"), False),
+        (("type", "drop"), True),
+        (("type", "trace"), False),
+        (("pod", "default/xwing"), True),
+        (("pod", "xwing"), True),  # any namespace
+        (("pod", "deathstar"), True),  # a name prefix
+        (("pod", "kube-system/xwing"), False),
+        (("from_pod", "deathstar"), False),
+        (("to_pod", "default/deathstar-1"), True),
+        (("namespace", "default"), True),
+        (("from_namespace", "other"), False),
+        (("label", "app=xwing"), True),
+        (("label", "k8s:app=xwing"), True),
+        (("label", "org"), True),
+        (("label", "app=xwing,org=empire"), False),
+        (("to_label", "app=xwing"), False),
+        (("identity", "5678"), True),
+        (("from_identity", "5678"), False),
+        (("ip", "10.0.0.0/16"), True),
+        (("to_ip", "10.0.2.7"), True),
+        (("from_ip", "10.0.2.7"), False),
+        (("port", "80"), True),
+        (("from_port", "80"), False),
+        (("protocol", "tcp"), True),
+        (("protocol", "UDP"), False),
+        (("node", "n1"), True),
+        (("node", "n2"), False),
+    ],
+)
+def test_each_filter_selects_what_it_says(term: tuple[str, str], expected: bool) -> None:
+    flow = make()
+    assert matches(flow, term) is expected
+    assert matches(flow, (term[0], term[1], True)) is not expected  # --not inverts
+
+
+def test_terms_and_values_combine() -> None:
+    flow = make()
+    # values of one term: any; terms: all
+    either = FlowFilterTerm(field="verdict", values=["FORWARDED", "DROPPED"])
+    assert compile_filter([either])(flow)
+    assert compile_filter([either, FlowFilterTerm(field="to_port", values=["81"])])(flow) is False
+    assert compile_filter([])(flow)
+    none_of = FlowFilterTerm(field="pod", values=["a", "xwing"], negate=True)
+    assert compile_filter([none_of])(flow) is False
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("verdict", "MAYBE", "unknown verdict"),
+        ("type", "x", "unknown type"),
+        ("port", "http", "not a number"),
+        ("port", "70000", "out of range"),
+        ("identity", "-1", "out of range"),
+        ("ip", "10.0.0.300", "not an IP"),
+        ("label", "=x", "empty key"),
+        ("pod", "ns/", "no name"),
+        ("color", "red", "unknown filter"),
+    ],
+)
+def test_bad_filters_name_themselves(field: str, value: str, message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        compile_filter([FlowFilterTerm(field=field, values=[value])])
+
+
+def test_compact_line_reads_like_hubble() -> None:
+    line = cli_observe.compact(make(rule="default/rule1[0]", policy="default/rule1"))
+    assert line.endswith(
+        ": default/xwing:39322 (ID:1234) -> default/deathstar-1:80 (ID:5678) "
+        "Policy denied DROPPED (TCP Flags: SYN) by default/rule1"
+    )
+    assert line.startswith("Nov ")
+    forwarded = cli_observe.compact(make("FORWARDED", src=XWING, dst=WORLD, is_reply=True))
+    assert "default/xwing:39322 (ID:1234) <- 1.2.3.4:443 (ID:2 world)" in forwarded
+    assert forwarded.endswith("to-endpoint FORWARDED (TCP Flags: SYN)")
+
+
+def test_json_is_one_flow_per_line_and_decodes_back() -> None:
+    flow = make()
+    line = cli_observe.json_line(flow)
+    assert "\n" not in line
+    assert msgspec.json.decode(line, type=EnrichedFlow) == flow
+
+
+def test_table_has_a_row_per_flow() -> None:
+    text = cli_observe.table([make(), make("FORWARDED")])
+    lines = text.splitlines()
+    assert lines[0].split()[:3] == ["TIMESTAMP", "SOURCE", "DESTINATION"]
+    assert len(lines) == 3 and "DROPPED" in lines[1] and "FORWARDED" in lines[2]
+    assert lines[1].split("DROPPED")[1].strip() == "Policy denied (TCP Flags: SYN)"
+    row = cli_observe.fixed_row(cli_observe._row(make()))
+    assert row.split()[3:5] == ["default/xwing:39322", "(ID:1234)"]
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("30", 30), ("30s", 30), ("5m", 300), ("1h30m", 5400), ("250ms", 0.25)]
+)
+def test_durations(text: str, seconds: float) -> None:
+    assert cli_observe.parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "5x", "m5", "5m3"])
+def test_bad_durations(text: str) -> None:
+    with pytest.raises(InvalidArgument, match="not a duration"):
+        cli_observe.parse_duration(text)
+
+
+def test_not_negates_only_the_next_filter_and_repeats_or() -> None:
+    from membrane.cli import build_parser
+
+    args = build_parser().parse_args(
+        [
+            "observe",
+            "--verdict",
+            "DROPPED",
+            "--not",
+            "--pod",
+            "a",
+            "--pod",
+            "b",
+            "--not",
+            "--pod",
+            "c",
+        ]
+    )
+    terms = {(t.field, t.negate): t.values for t in args.filters}
+    assert terms == {
+        ("verdict", False): ["DROPPED"],
+        ("pod", True): ["a", "c"],
+        ("pod", False): ["b"],
+    }
+
+
+def raw_flow(**kw: object) -> Flow:
+    fields: dict[str, object] = {
+        "time": 1.0,
+        "node": "n1",
+        "type": "policy-verdict",
+        "verdict": "FORWARDED",
+        "direction": "egress",
+        "src_ip": "10.0.1.5",
+        "dst_ip": "10.0.9.9",
+        "src_port": 5000,
+        "dst_port": 80,
+        "src_identity": 1234,
+        "dst_identity": 6,
+    }
+    return Flow(**(fields | kw))  # type: ignore[arg-type]
+
+
+def test_enrichment_follows_bucket_changes() -> None:
+    e = Enricher()
+    enc = msgspec.json.encode
+    e.on_identity("1234", enc(Identity(id=1234, labels=["k8s:b=2", "k8s:a=1"], kind="cluster")))
+    e.on_endpoint(
+        "default.xwing",
+        enc(
+            Endpoint(
+                namespace="default",
+                name="xwing",
+                node="n1",
+                ip="10.0.1.5",
+                identity=1234,
+                labels={},
+            )
+        ),
+    )
+    e.on_ipcache("10.0.9.9", enc(IPCacheEntry(cidr="10.0.9.9/32", identity=6, node="n2")))
+    e.on_resolved("1234", enc(ResolvedPolicy(identity=1234, revision=1, rules={7: "default/p[2]"})))
+    e.on_service(
+        "default.web",
+        b'{"namespace": "default", "name": "web", "frontends": [{"ip": "10.0.9.9", "port": 80}]}',
+    )
+    flow = e.enrich(raw_flow(rule_id=7))
+    assert (flow.source.namespace, flow.source.pod, flow.source.node) == ("default", "xwing", "n1")
+    assert flow.source.labels == ["k8s:a=1", "k8s:b=2"]
+    assert (flow.destination.pod, flow.destination.node) == ("", "n2")
+    assert flow.destination.labels == ["reserved:remote-node"]
+    assert flow.destination.service == "default/web"
+    assert (flow.rule, flow.policy) == ("default/p[2]", "default/p")
+    assert event_namespace(flow) == "default"  # egress: the source's namespace
+
+    # deletions and moves are followed; garbage is counted, never fatal
+    e.on_endpoint("default.xwing", None)
+    e.on_resolved("1234", None)
+    e.on_service("default.web", None)
+    e.on_identity("1234", b"{broken")
+    e.on_identity("abc", b"{}")
+    e.on_service("x", b"[1]")
+    flow = e.enrich(raw_flow(rule_id=7))
+    assert (flow.source.pod, flow.rule, flow.destination.service) == ("", "", "")
+    assert e.bad_entries == 3
+    assert e.counts()["endpoints"] == 0
+
+
+def test_a_rule_name_lives_while_any_subject_carries_it() -> None:
+    e = Enricher()
+    enc = msgspec.json.encode
+    for subject in ("1", "2"):
+        e.on_resolved(
+            subject, enc(ResolvedPolicy(identity=int(subject), revision=1, rules={9: "ns/p[0]"}))
+        )
+    e.on_resolved("1", None)
+    assert e.rules == {9: "ns/p[0]"}
+    e.on_resolved("2", enc(ResolvedPolicy(identity=2, revision=2, rules={})))
+    assert e.rules == {}
+
+
+def test_names_and_subjects() -> None:
+    assert policy_of("default/rule1[3]") == "default/rule1" and policy_of("cw[0]") == "cw"
+    assert subjects.event_flows("DROPPED", "") == "membrane.events.flows.DROPPED._"
+    assert subjects.event_flows("AUDIT", "a.b") == "membrane.events.flows.AUDIT.a_b"
+
+
+def test_the_ring_keeps_the_newest_and_walks_back() -> None:
+    ring = FlowRing(5)
+    ring.extend(make(time=float(t)) for t in range(10))
+    assert len(ring) == 5 and ring.oldest == 5.0
+    everything = compile_filter([])
+    assert [f.time for f in ring.query(everything, last=2)] == [8.0, 9.0]
+    assert [f.time for f in ring.query(everything, since=7.0)] == [7.0, 8.0, 9.0]
+
+
+def test_a_default_deny_drop_names_the_policies_that_enforce_the_direction() -> None:
+    e = Enricher()
+    policy = ResolvedPolicy(
+        identity=1234,
+        revision=1,
+        ingress_enforced=True,
+        ingress=[PolicyEntry(peer=9, protocol=6, port=80, rule_id=7)],
+        rules={7: "default/p[0]", 8: "default/q[0]"},
+    )
+    e.on_resolved("1234", msgspec.json.encode(policy))
+    drop = raw_flow(
+        verdict="DROPPED", type="drop", reason=133, direction="ingress", dst_identity=1234
+    )
+    assert e.enrich(drop).policy == "default/p"
+    assert (
+        e.enrich(msgspec.structs.replace(drop, direction="egress", src_identity=1234)).policy == ""
+    )
+    assert e.enrich(msgspec.structs.replace(drop, reason=134)).policy == ""
+    e.on_resolved("1234", None)
+    assert e.enrich(drop).policy == ""
