@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import uvloop
 
-from membrane import cli_policy, cli_workloads, cliutil, nodes, output, stack
+from membrane import cli_lb, cli_policy, cli_workloads, cliutil, nodes, output, stack
 from membrane.registry import SERVICES
 from shared import config, log, subjects
 from shared.bus import Bus, redact
@@ -268,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_workloads.add_parsers(sub)
     cli_policy.add_parsers(sub)
+    cli_lb.add_parsers(sub)
 
     p = sub.add_parser("identity", help="security identities")
     id_sub = p.add_subparsers(dest="identity_command", required=True, metavar="ACTION")

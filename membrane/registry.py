@@ -8,6 +8,7 @@ from typing import Any
 
 from services.datapath import service as datapath
 from services.identity import service as identity
+from services.lb import service as lb
 from services.policy import service as policy
 from shared import subjects
 
@@ -36,6 +37,13 @@ SERVICES: dict[str, ServiceEntry] = {
         micro_name=subjects.POLICY_SERVICE,
         default_replicas=1,
         summary="CiliumNetworkPolicy/NetworkPolicy resolved into per-identity entries",
+    ),
+    "lb": ServiceEntry(
+        settings=lb.LBSettings,
+        run=lb.run,
+        micro_name=subjects.LB_SERVICE,
+        default_replicas=1,
+        summary="Services and EndpointSlices into frontends, backends and Maglev tables",
     ),
     "datapath": ServiceEntry(
         settings=datapath.DatapathSettings,

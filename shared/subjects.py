@@ -53,3 +53,15 @@ def flows(node: str) -> str:
 MICRO_PING: Final = "$SRV.PING"
 MICRO_INFO: Final = "$SRV.INFO"
 MICRO_STATS: Final = "$SRV.STATS"
+
+# lb service: Services, EndpointSlices and API-driven frontends -> the `services` bucket
+LB_SERVICE: Final = "membrane-lb"
+LB_QUEUE: Final = "membrane-lb"
+LB_APPLY: Final = "membrane.lb.apply"
+LB_CREATE: Final = "membrane.lb.create"
+LB_DELETE: Final = "membrane.lb.delete"
+LB_LIST: Final = "membrane.lb.list"
+LB_GET: Final = "membrane.lb.get"
+# the lb service's own record of what was applied (Service specs, EndpointSlices)
+KV_LB_SPECS: Final = "lb-specs"
+LB_DELETE_SLICE: Final = "membrane.lb.delete-slice"
