@@ -107,9 +107,9 @@ async def _pod_cidr(bus: Bus, node: str, logger: Any) -> PodCIDR:
 
 async def run(settings: DatapathSettings) -> None:
     if settings.dump_program:
-        from services.datapath.loader import SOURCE
+        from services.datapath.loader import program_source
 
-        print(SOURCE.read_text())
+        print(program_source())
         return
     if settings.netns:
         enter_netns(settings.netns)
