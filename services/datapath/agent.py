@@ -127,6 +127,7 @@ class Agent:
         # addresses whose identity changed or went: their connections are purged shortly
         self.ct_stale: set[str] = set()
         self.watched: dict[str, set[str]] = {}  # bucket -> keys with a value, as applied
+        self.lb: Any = None  # the LBSync of services/datapath/lb_sync.py, set at start-up
         self.log = log.get("datapath.agent", node=node.name)
 
     # --- start-up: adopt what a previous agent left ------------------------------------------
@@ -638,9 +639,11 @@ class Agent:
             rows = [dataclasses.asdict(e) for e in entries if e.expires_in >= 0]
         elif req.table == "metrics":
             rows = self._dump_metrics()
+        elif req.table == "lb" and self.lb is not None:
+            rows = self.lb.dump()
         else:
             raise InvalidArgument(
-                f"unknown table {req.table!r}: endpoints, ipcache, policy, ct or metrics",
+                f"unknown table {req.table!r}: endpoints, ipcache, policy, ct, metrics or lb",
                 field="table",
             )
         return DumpReply(table=req.table, node=self.node.name, rows=rows)

@@ -24,6 +24,7 @@ import msgspec
 from services.datapath import netns
 from services.datapath.agent import Agent, Buckets
 from services.datapath.flow_publisher import FlowPublisher
+from services.datapath.lb_sync import LBSync, open_tables
 from services.datapath.loader import Datapath
 from services.datapath.maps import IPCacheValue
 from services.datapath.ringbuf import RingBuffer
@@ -164,6 +165,14 @@ async def run(settings: DatapathSettings) -> None:
         "watch-namespaces",
         lambda: agent.follow("namespaces", buckets.namespaces, agent.on_namespace),
     )
+    # service load balancing: the services bucket into the lb maps (bpf/lb.h)
+    agent.lb = LBSync(open_tables(datapath.bpf))
+    services_kv = await bus.kv(
+        subjects.KV_SERVICES,
+        description="namespace.name -> frontends, backends, revision",
+        replicas=settings.kv_replicas,
+    )
+    tasks.spawn("watch-services", lambda: agent.lb.run(services_kv, buckets.nodes))
     for name, event in agent.synced.items():
         await event.wait()
         logger.debug("snapshot applied", bucket=name)

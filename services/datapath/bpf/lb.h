@@ -55,22 +55,18 @@ struct lb_backend {
 	__u8 pad;
 };
 
-struct lb_revnat {
-	__u32 ip; /* the frontend, network byte order */
-	__u16 port;
-	__u16 pad;
-};
-
 /* per connection, keyed by the original tuple (client -> frontend, scope CT_EGRESS) */
 struct lb_nat {
 	__u32 backend_id;
 	__u32 frontend_id;
 };
 
-/* per connection, keyed by the reply tuple (backend -> client, scope CT_INGRESS) */
+/* per connection, keyed by the reply tuple (backend -> client, scope CT_INGRESS): the
+ * address the client connected to (a cluster IP, or any node's address for a node port) */
 struct lb_rnat {
-	__u32 frontend_id;
-	__u32 pad;
+	__u32 ip; /* network byte order */
+	__u16 port; /* network byte order */
+	__u16 pad;
 };
 
 struct lb_affinity_key {
@@ -92,8 +88,6 @@ BPF_TABLE_PINNED("hash", struct lb_slot_key, __u32, lb_slots, LB_BACKENDS_MAX,
 		 PIN_DIR "/lb_slots", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("hash", struct lb_slot_key, __u32, lb_maglev, LB_MAGLEV_MAX,
 		 PIN_DIR "/lb_maglev", BPF_F_NO_PREALLOC);
-BPF_TABLE_PINNED("hash", __u32, struct lb_revnat, lb_revnat_map, LB_SERVICES_MAX,
-		 PIN_DIR "/lb_revnat", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lru_hash", struct ct_key, struct lb_nat, lb_nat_map, LB_NAT_MAX,
 		 PIN_DIR "/lb_nat");
 BPF_TABLE_PINNED("lru_hash", struct ct_key, struct lb_rnat, lb_rnat_map, LB_NAT_MAX,
@@ -277,7 +271,7 @@ static __always_inline int lb_from_container(struct __sk_buff *skb)
 			.protocol = l.protocol,
 			.scope = CT_INGRESS,
 		};
-		struct lb_rnat rfresh = { .frontend_id = svc->id };
+		struct lb_rnat rfresh = { .ip = l.daddr, .port = l.dport };
 		lb_rnat_map.update(&reply, &rfresh);
 	}
 	if (lb_rewrite(skb, &l, ETH_HLEN + offsetof(struct iphdr, daddr), l.daddr, backend->ip,
@@ -306,12 +300,8 @@ static __always_inline void lb_to_container(struct __sk_buff *skb)
 	struct lb_rnat *r = lb_rnat_map.lookup(&reply);
 	if (!r)
 		return;
-	__u32 id = r->frontend_id;
-	struct lb_revnat *front = lb_revnat_map.lookup(&id);
-	if (!front)
-		return;
-	lb_rewrite(skb, &l, ETH_HLEN + offsetof(struct iphdr, saddr), l.saddr, front->ip, l.l4off,
-		   l.sport, front->port);
+	lb_rewrite(skb, &l, ETH_HLEN + offsetof(struct iphdr, saddr), l.saddr, r->ip, l.l4off,
+		   l.sport, r->port);
 }
 
 #endif
