@@ -8,8 +8,8 @@ count PORT SECONDS            count datagrams arriving on PORT for SECONDS; prin
 matrix TIMEOUT IP:PORT...     try every TCP connection at once; print {"IP:PORT": outcome} as JSON,
                               outcome "ok" (answered), "timeout" (dropped) or the error's name
 whoami tcp|udp PORT           answer every connection / datagram with this pod's own address
-ask tcp|udp IP PORT N [SPORT] N connections (or datagrams from one source port SPORT); print the
-                              answers as a JSON list ("failed" for none)
+ask tcp|udp IP PORT N [SPORT [GAP_MS]]  N connections (or datagrams from one source port
+                              SPORT, 0: any), GAP_MS apart; print the answers as a JSON list
 agent PORT...                 serve TCP on every PORT, print "ready", then answer each stdin line
                               "TIMEOUT IP:PORT..." with one line of matrix JSON, until EOF
 """
@@ -165,7 +165,7 @@ def _own_address(peer: tuple[str, int]) -> str:
         return str(probe.getsockname()[0])
 
 
-def ask(proto: str, ip: str, port: int, n: int, sport: int) -> int:
+def ask(proto: str, ip: str, port: int, n: int, sport: int, gap_ms: float = 0) -> int:
     answers: list[str] = []
     if proto == "udp":
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
@@ -186,6 +186,7 @@ def ask(proto: str, ip: str, port: int, n: int, sport: int) -> int:
                     answers.append(sock.recv(2048).decode() or "failed")
             except OSError:
                 answers.append("failed")
+            time.sleep(gap_ms / 1000)
     print(json.dumps(answers))
     return 0
 
@@ -209,7 +210,8 @@ def main(argv: list[str]) -> int:
         whoami(rest[0], int(rest[1]))
     if command == "ask":
         sport = int(rest[4]) if len(rest) > 4 else 0
-        return ask(rest[0], rest[1], int(rest[2]), int(rest[3]), sport)
+        gap = float(rest[5]) if len(rest) > 5 else 0.0
+        return ask(rest[0], rest[1], int(rest[2]), int(rest[3]), sport, gap)
     if command == "agent":
         return agent([int(p) for p in rest])
     print(__doc__)
