@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+import msgspec
+
 from membrane import cli_policy, output
 from membrane.cliutil import output_flag, with_bus
 from shared import subjects
@@ -21,17 +23,38 @@ from shared.messages import (
 )
 
 TIMEOUT = 60.0  # a bulk apply of tens of thousands of services takes seconds
+CHUNK_BYTES = 3 << 20  # requests stay well below NATS's max_payload (8 MB here)
+
+
+def chunks(documents: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Documents split into requests of at most CHUNK_BYTES of JSON each."""
+    out: list[list[dict[str, Any]]] = [[]]
+    size = 0
+    for doc in documents:
+        n = len(msgspec.json.encode(doc))
+        if out[-1] and size + n > CHUNK_BYTES:
+            out.append([])
+            size = 0
+        out[-1].append(doc)
+        size += n
+    return out
 
 
 async def apply_documents(
     bus: Bus, documents: list[dict[str, Any]], source: str, *, dry_run: bool
 ) -> LBApplyReply:
-    return await bus.request(
-        subjects.LB_APPLY,
-        LBApplyRequest(documents=documents, source=source, dry_run=dry_run),
-        LBApplyReply,
-        timeout=TIMEOUT,
-    )
+    """One request per chunk; ``dry_run`` first (as ``membrane apply`` does) checks them all
+    before any chunk is applied."""
+    results: list[str] = []
+    for chunk in chunks(documents):
+        reply = await bus.request(
+            subjects.LB_APPLY,
+            LBApplyRequest(documents=chunk, source=source, dry_run=dry_run),
+            LBApplyReply,
+            timeout=TIMEOUT,
+        )
+        results.extend(reply.results)
+    return LBApplyReply(results=results)
 
 
 def _rows(services: list[LBService]) -> list[list[Any]]:
@@ -92,6 +115,7 @@ def cmd_service_apply(args: argparse.Namespace) -> int:
     documents, source = cli_policy.load_documents(args.filename)
 
     async def go(bus: Bus) -> LBApplyReply:
+        await apply_documents(bus, documents, source, dry_run=True)  # all valid, or nothing
         return await apply_documents(bus, documents, source, dry_run=False)
 
     for line in with_bus(args, go).results:
