@@ -143,6 +143,10 @@ class LBCore:
         self.specs: dict[str, Spec] = {}  # by record key
         self.algorithms: dict[str, str] = {}
         self.slices: dict[str, EndpointSliceSpec] = {}  # by ns.slice-name
+        self.slices_of: dict[str, set[str]] = {}  # record key -> its slices' keys
+        self.frontend_owners: dict[tuple[str, int, str], str] = {}  # -> record key
+        # ids never change once given (Redis keeps them): known ones need no round trip
+        self.known_ids: dict[tuple[str, str], int] = {}
         self.pods: dict[str, Endpoint] = {}  # by endpoints key
         self.records: dict[str, LBService] = {}
         self.lock = asyncio.Lock()
@@ -150,6 +154,33 @@ class LBCore:
         self.wake = asyncio.Event()
         self.synced = {n: asyncio.Event() for n in ("specs", "endpoints", "services")}
         self.log = log.get("lb")
+
+    def _set_slice(self, key: str, item: EndpointSliceSpec | None) -> None:
+        old = self.slices.pop(key, None)
+        if old is not None:
+            self.slices_of.get(record_key(old.namespace, old.service), set()).discard(key)
+        if item is not None:
+            self.slices[key] = item
+            self.slices_of.setdefault(record_key(item.namespace, item.service), set()).add(key)
+
+    def _set_record(self, key: str, record: LBService | None) -> None:
+        old = self.records.pop(key, None)
+        if old is not None:
+            for f in old.frontends:
+                if self.frontend_owners.get((f.ip, f.port, f.protocol)) == key:
+                    del self.frontend_owners[(f.ip, f.port, f.protocol)]
+        if record is not None:
+            self.records[key] = record
+            for f in record.frontends:
+                self.frontend_owners[(f.ip, f.port, f.protocol)] = key
+
+    async def _ids(self, pool: ids.Pool, owners: list[str]) -> dict[str, int]:
+        missing = [o for o in owners if (pool.name, o) not in self.known_ids]
+        if missing:
+            values = await self.allocator.allocate(pool, [(o, 0) for o in missing])
+            for owner, value in zip(missing, values, strict=True):
+                self.known_ids[(pool.name, owner)] = value
+        return {o: self.known_ids[(pool.name, o)] for o in owners}
 
     # --- parsing -----------------------------------------------------------------------------
 
@@ -193,12 +224,8 @@ class LBCore:
 
     def _check_frontends(self, specs: Iterable[tuple[str, Spec]]) -> None:
         """A frontend address belongs to one service."""
-        owners: dict[tuple[str, int, str], str] = {}
-        for key, record in self.records.items():
-            for f in record.frontends:
-                owners[(f.ip, f.port, f.protocol)] = key
-        replacing = {key for key, _ in specs}
-        owners = {k: v for k, v in owners.items() if v not in replacing}
+        owners = self.frontend_owners
+        claimed: dict[tuple[str, int, str], str] = {}
         for key, spec in specs:
             if isinstance(spec, ApiService):
                 wanted = [(f.ip, f.port, f.protocol) for f in spec.frontends]
@@ -207,13 +234,13 @@ class LBCore:
                 if spec.cluster_ip:
                     wanted += [(spec.cluster_ip, p.port, p.protocol) for p in spec.ports]
             for address in wanted:
-                holder = owners.get(address)
+                holder = claimed.get(address) or owners.get(address)
                 if holder is not None and holder != key:
                     raise AlreadyExists(
                         f"frontend {frontend_owner(*address)} of {key} belongs to {holder}",
                         field="frontends",
                     )
-                owners[address] = key
+                claimed[address] = key
 
     # --- requests ----------------------------------------------------------------------------
 
@@ -240,7 +267,7 @@ class LBCore:
             for kind, item, document in parsed:
                 skey = spec_key(kind, item.namespace, item.name)
                 if isinstance(item, EndpointSliceSpec):
-                    self.slices[f"{item.namespace}.{item.name}"] = item
+                    self._set_slice(f"{item.namespace}.{item.name}", item)
                 else:
                     meta = document.get("metadata") or {}
                     algorithm = (meta.get("annotations") or {}).get(ALGORITHM_ANNOTATION)
@@ -258,7 +285,6 @@ class LBCore:
                     )
                 )
                 results.append(f"{kind.lower()}/{item.name} applied")
-            await _gather_chunked(stores)
             touched = {
                 record_key(i.namespace, i.name)
                 for _, i, _ in parsed
@@ -269,7 +295,7 @@ class LBCore:
                 for _, i, _ in parsed
                 if isinstance(i, EndpointSliceSpec)
             }
-            await self._recompute(touched)
+            await self._recompute(touched, stores)  # specs and records written together
             RECOMPUTE_SECONDS.labels("apply").observe(time.perf_counter() - started)
         SERVICES.set(len(self.specs))
         return LBApplyReply(results=results)
@@ -366,7 +392,7 @@ class LBCore:
         async with self.lock:
             spec = self.specs.pop(key, None)
             self.algorithms.pop(key, None)
-            self.records.pop(key, None)
+            self._set_record(key, None)
             await self.specs_kv.delete(spec_key("Service", namespace, name))
             await self.services_kv.delete(key)
             WRITES.labels("delete").inc()
@@ -380,7 +406,8 @@ class LBCore:
 
     async def delete_slice(self, ref: LBServiceRef) -> LBDeleteReply:
         key = f"{ref.namespace or 'default'}.{ref.name}"
-        found = self.slices.pop(key, None)
+        found = self.slices.get(key)
+        self._set_slice(key, None)
         if found is None:
             raise NotFound(f"no EndpointSlice {key}", field="name")
         async with self.lock:
@@ -431,9 +458,9 @@ class LBCore:
                         found.append((pod.ip, cp.port, False))
                         break
         else:
-            for s in self.slices.values():
-                if s.namespace != spec.namespace or s.service != spec.name:
-                    continue
+            key = record_key(spec.namespace, spec.name)
+            for slice_key in sorted(self.slices_of.get(key, ())):
+                s = self.slices[slice_key]
                 for sp in s.ports:
                     if sp.name != port_name or sp.protocol != protocol:
                         continue
@@ -442,8 +469,8 @@ class LBCore:
                             found.append((e.ip, sp.port, e.terminating))
         return sorted(set(found))
 
-    async def _recompute(self, keys: set[str]) -> None:
-        """Write the records of ``keys`` that changed (or delete those without a spec)."""
+    async def _recompute(self, keys: set[str], writes: list[Awaitable[Any]] | None = None) -> None:
+        """Write the records of ``keys`` that changed, with ``writes`` (pipelined together)."""
         wanted = [d for d in (self._desired(k) for k in sorted(keys)) if d is not None]
         fronts = sorted(
             {
@@ -460,21 +487,9 @@ class LBCore:
                 for bip, bport, _ in backends
             }
         )
-        front_ids = dict(
-            zip(
-                fronts,
-                await self.allocator.allocate(ids.FRONTENDS, [(o, 0) for o in fronts]),
-                strict=True,
-            )
-        )
-        back_ids = dict(
-            zip(
-                backs,
-                await self.allocator.allocate(ids.BACKENDS, [(o, 0) for o in backs]),
-                strict=True,
-            )
-        )
-        writes: list[Awaitable[Any]] = []
+        front_ids = await self._ids(ids.FRONTENDS, fronts)
+        back_ids = await self._ids(ids.BACKENDS, backs)
+        writes = writes if writes is not None else []
         for d in wanted:
             record = LBService(
                 namespace=d.spec.namespace,
@@ -508,7 +523,7 @@ class LBCore:
             if old is not None and msgspec.structs.replace(old, revision=0) == record:
                 continue
             record = msgspec.structs.replace(record, revision=(old.revision if old else 0) + 1)
-            self.records[d.key] = record
+            self._set_record(d.key, record)
             writes.append(self.services_kv.put(d.key, msgspec.json.encode(record)))
         WRITES.labels("put").inc(len(writes))
         await _gather_chunked(writes)
@@ -520,7 +535,8 @@ class LBCore:
         kind_prefix, _, rest = event.key.partition(".")
         if event.value is None:
             if kind_prefix == "slice":
-                found = self.slices.pop(rest, None)
+                found = self.slices.get(rest)
+                self._set_slice(rest, None)
                 if found is not None:
                     self._mark(record_key(found.namespace, found.service))
             else:
@@ -531,7 +547,7 @@ class LBCore:
             if stored.kind == "EndpointSlice":
                 item = parse_endpoint_slice(stored.document)
                 if self.slices.get(rest) != item:
-                    self.slices[rest] = item
+                    self._set_slice(rest, item)
                     self._mark(record_key(item.namespace, item.service))
             elif stored.kind == "Service":
                 spec = parse_service(stored.document, None)
@@ -584,7 +600,7 @@ class LBCore:
 
     def on_record(self, event: KVEvent) -> None:
         if event.value is None:
-            self.records.pop(event.key, None)
+            self._set_record(event.key, None)
             return
         try:
             record = msgspec.json.decode(event.value, type=LBService)
@@ -593,7 +609,7 @@ class LBCore:
             return
         old = self.records.get(event.key)
         if old is None or old.revision <= record.revision:
-            self.records[event.key] = record
+            self._set_record(event.key, record)
 
     def _mark(self, key: str) -> None:
         self.dirty.add(key)
@@ -621,7 +637,7 @@ class LBCore:
                 keys, self.dirty = self.dirty, set()
                 stale = [k for k in keys if k not in self.specs and k in self.records]
                 for key in stale:
-                    self.records.pop(key, None)
+                    self._set_record(key, None)
                     await self.services_kv.delete(key)
                 started = time.perf_counter()
                 try:
