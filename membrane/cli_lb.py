@@ -23,7 +23,7 @@ from shared.messages import (
 )
 
 TIMEOUT = 60.0  # a bulk apply of tens of thousands of services takes seconds
-CHUNK_BYTES = 3 << 20  # requests stay well below NATS's max_payload (8 MB here)
+CHUNK_BYTES = 6 << 20  # requests stay below NATS's max_payload (8 MB here)
 
 
 def chunks(documents: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:

@@ -1,28 +1,31 @@
--- Batched, idempotent allocation of numbers from a range: service ids, backend ids, cluster IPs
--- (as integers) and node ports all use it. One call serves a whole apply.
+-- Batched, idempotent allocation of numbers from a range: frontend ids, backend ids, cluster
+-- IPs (as integers) and node ports all use it. One call serves a whole apply.
 -- KEYS: owners hash (owner -> value), values hash (value -> owner), cursor
--- ARGV: low, high, then pairs (owner, requested value or 0 for any)
--- Returns the value of each owner in order, or an error "conflict:<index>:<holder>" /
--- "exhausted"; on an error nothing was allocated (a first pass checks every request).
+-- ARGV: low, high, requests "owner<TAB>wanted\n..." (wanted 0: any) -- one argument rather than
+-- two per owner: tens of thousands of arguments cost the client more than the script
+-- Returns the values, comma-separated in request order, or an error
+-- "conflict:<index>:<holder>" / "exhausted"; on an error nothing was allocated.
 local owners, values, cursor = KEYS[1], KEYS[2], KEYS[3]
 local low, high = tonumber(ARGV[1]), tonumber(ARGV[2])
-local n = (#ARGV - 2) / 2
-for i = 0, n - 1 do
-  local owner, want = ARGV[3 + 2 * i], tonumber(ARGV[4 + 2 * i])
-  if want ~= 0 then
-    local holder = redis.call('HGET', values, tostring(want))
-    if holder and holder ~= owner then
-      return redis.error_reply('conflict:' .. i .. ':' .. holder)
+local requests = {}
+for owner, want in string.gmatch(ARGV[3], "([^\t\n]+)\t(%d+)") do
+  requests[#requests + 1] = {owner, tonumber(want)}
+end
+for i, r in ipairs(requests) do
+  if r[2] ~= 0 then
+    local holder = redis.call('HGET', values, tostring(r[2]))
+    if holder and holder ~= r[1] then
+      return redis.error_reply('conflict:' .. (i - 1) .. ':' .. holder)
     end
   end
 end
 local out = {}
 local next_value = tonumber(redis.call('GET', cursor) or low)
-for i = 0, n - 1 do
-  local owner, want = ARGV[3 + 2 * i], tonumber(ARGV[4 + 2 * i])
+for _, r in ipairs(requests) do
+  local owner, want = r[1], r[2]
   local have = redis.call('HGET', owners, owner)
   if have and (want == 0 or tonumber(have) == want) then
-    out[#out + 1] = tonumber(have)
+    out[#out + 1] = have
   else
     if have then
       redis.call('HDEL', values, have)
@@ -42,8 +45,8 @@ for i = 0, n - 1 do
     end
     redis.call('HSET', owners, owner, tostring(value))
     redis.call('HSET', values, tostring(value), owner)
-    out[#out + 1] = value
+    out[#out + 1] = tostring(value)
   end
 end
 redis.call('SET', cursor, tostring(next_value))
-return out
+return table.concat(out, ',')

@@ -53,9 +53,10 @@ class Allocator:
         """The value of each (owner, requested or 0); raises :class:`Conflict` (nothing taken)."""
         if not requests:
             return []
-        args: list[str | int] = [pool.low, pool.high]
-        for owner, want in requests:
-            args.extend((owner, want))
+        for owner, _ in requests:
+            if "\t" in owner or "\n" in owner:
+                raise ValueError(f"an owner holds a tab or newline: {owner!r}")
+        args = [pool.low, pool.high, "\n".join(f"{o}\t{w}" for o, w in requests)]
         with redis_errors(f"allocating {pool.name}s"):
             try:
                 result = await self._allocate(keys=pool.keys(), args=args)
@@ -69,7 +70,8 @@ class Allocator:
                         f"no {pool.name} left in {pool.low}-{pool.high}"
                     ) from None
                 raise
-        return [int(v) for v in result]
+        text = result.decode() if isinstance(result, bytes) else str(result)
+        return [int(v) for v in text.split(",")]
 
     async def release(self, pool: Pool, owners: Sequence[str]) -> None:
         if owners:

@@ -55,7 +55,6 @@ Res = TypeVar("Res", bound=Message)
 
 ALGORITHM_ANNOTATION = "lb.membrane.io/algorithm"
 ALGORITHMS = ("maglev", "random")
-WRITE_CHUNK = 4096  # KV writes in flight at once
 
 SERVICES = Gauge("membrane_lb_services", "Services known to this replica")
 WRITES = Counter("membrane_lb_records_written_total", "services bucket writes", ["op"])
@@ -263,7 +262,7 @@ class LBCore:
             # node ports not given are allocated, stable per service port
             await self._allocate_node_ports([key for key, _ in services])
             results: list[str] = []
-            stores: list[Awaitable[Any]] = []
+            stores: list[tuple[str, bytes]] = []
             for kind, item, document in parsed:
                 skey = spec_key(kind, item.namespace, item.name)
                 if isinstance(item, EndpointSliceSpec):
@@ -280,8 +279,9 @@ class LBCore:
                         stored, self.specs[record_key(item.namespace, item.name)]
                     )
                 stores.append(
-                    self.specs_kv.put(
-                        skey, msgspec.json.encode(StoredSpec(kind=kind, document=stored))
+                    (
+                        kv_subject(subjects.KV_LB_SPECS, skey),
+                        msgspec.json.encode(StoredSpec(kind=kind, document=stored)),
                     )
                 )
                 results.append(f"{kind.lower()}/{item.name} applied")
@@ -469,7 +469,9 @@ class LBCore:
                             found.append((e.ip, sp.port, e.terminating))
         return sorted(set(found))
 
-    async def _recompute(self, keys: set[str], writes: list[Awaitable[Any]] | None = None) -> None:
+    async def _recompute(
+        self, keys: set[str], writes: list[tuple[str, bytes]] | None = None
+    ) -> None:
         """Write the records of ``keys`` that changed, with ``writes`` (pipelined together)."""
         wanted = [d for d in (self._desired(k) for k in sorted(keys)) if d is not None]
         fronts = sorted(
@@ -524,9 +526,22 @@ class LBCore:
                 continue
             record = msgspec.structs.replace(record, revision=(old.revision if old else 0) + 1)
             self._set_record(d.key, record)
-            writes.append(self.services_kv.put(d.key, msgspec.json.encode(record)))
+            writes.append((kv_subject(subjects.KV_SERVICES, d.key), msgspec.json.encode(record)))
         WRITES.labels("put").inc(len(writes))
-        await _gather_chunked(writes)
+        await self._write(writes)
+
+    async def _write(self, puts: list[tuple[str, bytes]]) -> None:
+        """KV puts, pipelined: all but the last published without waiting for an ack, the
+        last acked. JetStream stores one connection's messages in the order sent, so that ack
+        means every earlier one is stored (an ack per put would cost a round trip each, which
+        at tens of thousands of services is most of the time)."""
+        if not puts:
+            return
+        nc = self.bus.nc
+        for subject, payload in puts[:-1]:
+            await nc.publish(subject, payload)
+        subject, payload = puts[-1]
+        await self.bus.js.publish(subject, payload)
 
     # --- watches -----------------------------------------------------------------------------
 
@@ -692,9 +707,9 @@ def _with_cluster_ip(document: dict[str, Any], spec: Spec) -> dict[str, Any]:
     return body
 
 
-async def _gather_chunked(calls: list[Awaitable[Any]]) -> None:
-    for start in range(0, len(calls), WRITE_CHUNK):
-        await asyncio.gather(*calls[start : start + WRITE_CHUNK])
+def kv_subject(bucket: str, key: str) -> str:
+    """The subject a KV put goes to (JetStream's KV convention)."""
+    return f"$KV.{bucket}.{key}"
 
 
 async def run(settings: LBSettings) -> None:
