@@ -44,10 +44,8 @@ import yaml
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR.parent))
-sys.path.insert(0, str(BENCH_DIR))
 
-from datapath import BPFFS, Cluster, MapEntry, obj_get  # noqa: E402
-
+from bench.datapath import BPFFS, Cluster, MapEntry, _free_octet, obj_get  # noqa: E402
 from membrane import cli_lb  # noqa: E402
 from services.datapath.lb_sync import backend_value, service_key  # noqa: E402
 from shared.bus import Bus  # noqa: E402
@@ -216,14 +214,14 @@ def iptables_rules(plan: Plan, first: int, last: int, chains: bool = True) -> It
     for i in range(first, last):
         svc = f"KUBE-SVC-{i:012d}"
         a, b = plan.backends(i)
-        seps = [(f"KUBE-SEP-{i:010d}A", a), (f"KUBE-SEP-{i:010d}B", b)]
+        endpoints = [(f"KUBE-SEP-{i:010d}A", a), (f"KUBE-SEP-{i:010d}B", b)]
         yield (
             f"-A KUBE-SERVICES -d {plan.vip(i)}/32 -p tcp -m comment --comment bench/s{i}:http"
             f" -m tcp --dport 80 -j {svc}"
         )
-        yield f"-A {svc} -m statistic --mode random --probability 0.5 -j {seps[0][0]}"
-        yield f"-A {svc} -j {seps[1][0]}"
-        for sep, ip in seps:
+        yield f"-A {svc} -m statistic --mode random --probability 0.5 -j {endpoints[0][0]}"
+        yield f"-A {svc} -j {endpoints[1][0]}"
+        for sep, ip in endpoints:
             yield f"-A {sep} -s {ip}/32 -j KUBE-MARK-MASQ"
             yield f"-A {sep} -p tcp -m tcp -j DNAT --to-destination {ip}:8080"
 
@@ -410,8 +408,6 @@ def membrane_connect(cluster: Cluster, vip: str, n: int) -> float:
 
 class TwoNodeCluster(Cluster):
     def up(self) -> None:  # bench/datapath.py's, with two nodes
-        from datapath import _free_octet
-
         from membrane.state import StateDir
 
         octet = _free_octet()

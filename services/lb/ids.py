@@ -56,7 +56,7 @@ class Allocator:
         for owner, _ in requests:
             if "\t" in owner or "\n" in owner:
                 raise ValueError(f"an owner holds a tab or newline: {owner!r}")
-        args = [pool.low, pool.high, "\n".join(f"{o}\t{w}" for o, w in requests)]
+        args: list[str | int] = [pool.low, pool.high, "\n".join(f"{o}\t{w}" for o, w in requests)]
         with redis_errors(f"allocating {pool.name}s"):
             try:
                 result = await self._allocate(keys=pool.keys(), args=args)

@@ -376,3 +376,28 @@ def test_duplicates_are_refused(cluster: Cluster, tmp_path: Path) -> None:
     finally:
         assert taken.returncode == 0
         cluster.run("service", "delete", "first")
+
+
+def test_example_deployment_behind_a_service(cluster: Cluster, tmp_path: Path) -> None:
+    """examples/web-service.yaml (the demo's): 3 replicas, a named targetPort, requests spread."""
+    example = Path(__file__).resolve().parents[2] / "examples" / "web-service.yaml"
+    text = example.read_text().replace("membrane-node-1", cluster.nodes[0])
+    text = text.replace("name: web\n", "name: ex-web\n").replace("app: web", "app: ex-web")
+    manifest = tmp_path / "example.yaml"
+    manifest.write_text(text)
+    create_pod(cluster, "ex-client", "app=ex-client")
+    servers = []
+    try:
+        cluster.run("apply", "-f", str(manifest))
+        pods = [p for p in cluster.json("pod", "list") if p["labels"].get("app") == "ex-web"]
+        assert len(pods) == 3
+        servers = [whoami(cluster, p["name"], "tcp", 8080) for p in pods]
+        vip = service(cluster, "ex-web")["frontends"][0]["ip"]
+        wait_backends(cluster, f"{vip}:80", 3, cluster.nodes[:1])
+        answers = ask(cluster, "ex-client", "tcp", vip, "80", "24")
+        assert set(answers) == {p["ip"] for p in pods}, answers
+    finally:
+        for proc in servers:
+            proc.kill()
+        cluster.run("delete", "-f", str(manifest), check=False)
+        cluster.run("pod", "delete", "ex-client", check=False)
