@@ -49,12 +49,12 @@ MAP_OPS = Counter("membrane_datapath_lb_map_ops_total", "LB map entries written 
 
 
 def service_key(ip: str, port: int, protocol: int) -> bytes:
-    return _SERVICE_KEY.pack(IPv4Address(ip).packed, port.to_bytes(2, "big"), protocol)
+    return _SERVICE_KEY.pack(socket.inet_aton(ip), port.to_bytes(2, "big"), protocol)
 
 
 def backend_value(ip: str, port: int, terminating: bool) -> bytes:
     flags = TERMINATING if terminating else 0
-    return _BACKEND.pack(IPv4Address(ip).packed, port.to_bytes(2, "big"), flags)
+    return _BACKEND.pack(socket.inet_aton(ip), port.to_bytes(2, "big"), flags)
 
 
 @dataclass

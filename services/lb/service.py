@@ -146,6 +146,8 @@ class LBCore:
         self.frontend_owners: dict[tuple[str, int, str], str] = {}  # -> record key
         # ids never change once given (Redis keeps them): known ones need no round trip
         self.known_ids: dict[tuple[str, str], int] = {}
+        # KV subject -> hash of what this replica last wrote there: the watch skips its echo
+        self.own_writes: dict[str, int] = {}
         self.pods: dict[str, Endpoint] = {}  # by endpoints key
         self.records: dict[str, LBService] = {}
         self.lock = asyncio.Lock()
@@ -538,6 +540,9 @@ class LBCore:
         if not puts:
             return
         nc = self.bus.nc
+        own = self.own_writes
+        for subject, payload in puts:
+            own[subject] = hash(payload)
         for subject, payload in puts[:-1]:
             await nc.publish(subject, payload)
         subject, payload = puts[-1]
@@ -545,8 +550,16 @@ class LBCore:
 
     # --- watches -----------------------------------------------------------------------------
 
+    def _own(self, bucket: str, event: KVEvent) -> bool:
+        """Whether this is this replica's own write coming back (already applied here)."""
+        subject = kv_subject(bucket, event.key)
+        mine = self.own_writes.pop(subject, None)
+        return mine is not None and event.value is not None and hash(event.value) == mine
+
     def on_spec(self, event: KVEvent) -> None:
         """Another replica's (or an earlier run's) applied specs."""
+        if self._own(subjects.KV_LB_SPECS, event):
+            return
         kind_prefix, _, rest = event.key.partition(".")
         if event.value is None:
             if kind_prefix == "slice":
@@ -614,6 +627,8 @@ class LBCore:
                     self._mark(key)
 
     def on_record(self, event: KVEvent) -> None:
+        if self._own(subjects.KV_SERVICES, event):
+            return
         if event.value is None:
             self._set_record(event.key, None)
             return
@@ -696,6 +711,9 @@ class LBCore:
 
 def _with_cluster_ip(document: dict[str, Any], spec: Spec) -> dict[str, Any]:
     assert isinstance(spec, ServiceSpec)
+    given = document.get("spec") or {}
+    if given.get("clusterIP") == spec.cluster_ip and not spec.node_port:
+        return document  # nothing was allocated: store it as it came
     body = dict(document)
     body["spec"] = dict(body.get("spec") or {})
     body["spec"]["clusterIP"] = spec.cluster_ip
