@@ -401,3 +401,34 @@ def test_example_deployment_behind_a_service(cluster: Cluster, tmp_path: Path) -
             proc.kill()
         cluster.run("delete", "-f", str(manifest), check=False)
         cluster.run("pod", "delete", "ex-client", check=False)
+
+
+async def test_node_port_through_any_node_address(
+    cluster: Cluster, bus: Bus, web: list[str], tmp_path: Path
+) -> None:
+    """A NodePort service is reached through each node's underlay address: the client's node
+    translates to a backend at once (backends on the client's node, as elsewhere here)."""
+    from membrane import workloads
+
+    await asyncio.to_thread(create_pod, cluster, "np-client", "app=np-client")
+    text = SERVICE.format(name="np", algorithm="random", extra="type: NodePort").replace(
+        "    targetPort: 8080\n", "    targetPort: 8080\n    nodePort: 30080\n", 1
+    )
+    try:
+        await asyncio.to_thread(apply, cluster, tmp_path, text)
+        nodes = await workloads.nodes(bus)
+        for node in cluster.nodes:
+            address = nodes[node].underlay_ip
+            await asyncio.to_thread(wait_backends, cluster, f"{address}:30080", 3, cluster.nodes)
+        for node in cluster.nodes:  # the other node's address too
+            address = nodes[node].underlay_ip
+            answers = await asyncio.to_thread(
+                ask, cluster, "np-client", "tcp", address, "30080", "12"
+            )
+            assert "failed" not in answers and set(answers) <= set(web), (node, answers)
+        record = await asyncio.to_thread(service, cluster, "np")
+        node_ports = {(f["port"], f["protocol"]) for f in record["frontends"] if f["node_port"]}
+        assert (30080, "TCP") in node_ports and len(node_ports) == 2  # the UDP one allocated
+    finally:
+        await asyncio.to_thread(cluster.run, "service", "delete", "np", check=False)
+        await asyncio.to_thread(cluster.run, "pod", "delete", "np-client", check=False)
