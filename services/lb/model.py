@@ -140,16 +140,14 @@ def check_protocol(value: Any, where: str) -> str:
     return str(value)
 
 
-_IPV4_RE = re.compile(
-    r"^(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(\.(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}$"
-)
-
-
 def check_ipv4(value: Any, where: str) -> str:
     """Dotted-quad IPv4 in canonical form (no leading zeros), as Kubernetes accepts it."""
     if not isinstance(value, str):
         raise InvalidArgument(f"must be an IPv4 address, got {_type(value)}", field=where)
-    if not _IPV4_RE.match(value):
+    parts = value.split(".")
+    if len(parts) != 4 or not all(
+        p.isascii() and p.isdigit() and (p == "0" or p[0] != "0") and int(p) <= 255 for p in parts
+    ):
         raise InvalidArgument(f"{value!r} is not a valid IPv4 address", field=where)
     return value
 
