@@ -239,15 +239,20 @@ def test_backends_added_and_removed_while_a_client_runs(
     extra_ip = str(create_pod(cluster, "web-3", "app=other")["ip"])
     server = whoami(cluster, "web-3", "tcp", 8080)
 
-    def slice_with(ips: list[str]) -> str:
-        return SLICED.format(endpoints=json.dumps([{"addresses": [ip]} for ip in ips]))
+    def slice_with(ips: list[str], terminating: tuple[str, ...] = ()) -> str:
+        endpoints = [{"addresses": [ip]} for ip in ips]
+        endpoints += [
+            {"addresses": [ip], "conditions": {"ready": False, "terminating": True}}
+            for ip in terminating
+        ]
+        return SLICED.format(endpoints=json.dumps(endpoints))
 
     try:
         apply(cluster, tmp_path, slice_with(web))
         vip = service(cluster, "sliced")["frontends"][0]["ip"]
         wait_backends(cluster, f"{vip}:80", 3, cluster.nodes[:1])
         runner = subprocess.Popen(
-            [*_probe_cmd(cluster, "chg-client"), "ask", "tcp", vip, "80", "300", "0", "15"],
+            [*_probe_cmd(cluster, "chg-client"), "ask", "tcp", vip, "80", "800", "0", "15"],
             env=cluster.env(),
             stdout=subprocess.PIPE,
             text=True,
@@ -256,8 +261,12 @@ def test_backends_added_and_removed_while_a_client_runs(
         apply(cluster, tmp_path, slice_with([*web, extra_ip]))
         wait_backends(cluster, f"{vip}:80", 4, cluster.nodes[:1])
         time.sleep(1.0)
-        apply(cluster, tmp_path, slice_with(web[:2]))
+        # as Kubernetes removes one: terminating first (keeps its connections), then gone
+        apply(cluster, tmp_path, slice_with(web[:2], (web[2], extra_ip)))
         wait_backends(cluster, f"{vip}:80", 2, cluster.nodes[:1])
+        time.sleep(0.5)
+        apply(cluster, tmp_path, slice_with(web[:2]))
+        time.sleep(0.5)
         assert runner.poll() is None, "the client finished before the changes were made"
         out, _ = runner.communicate(timeout=120)
         answers = json.loads(out)

@@ -233,6 +233,11 @@ static __always_inline int lb_from_container(struct __sk_buff *skb)
 	struct lb_service_value *svc = lb_services.lookup(&skey);
 	if (!svc)
 		return TC_ACT_OK;
+	/* a spoofed source must not leave NAT state behind: handle() drops the packet */
+	__u32 ifindex = skb->ifindex;
+	struct endpoint_info *ep = endpoints.lookup(&ifindex);
+	if (!ep || ep->ip != l.saddr)
+		return TC_ACT_OK;
 	struct ct_key orig = {
 		.saddr = l.saddr,
 		.daddr = l.daddr,
@@ -256,10 +261,8 @@ static __always_inline int lb_from_container(struct __sk_buff *skb)
 		if (!backend) {
 			struct packet p = {};
 			parse(skb, &p);
-			__u32 ifindex = skb->ifindex;
-			struct endpoint_info *ep = endpoints.lookup(&ifindex);
 			return drop(DROP_NO_SERVICE, DIR_EGRESS, OBS_FROM_ENDPOINT, &p, ifindex,
-				    ep ? ep->identity : 0, 0, 0);
+				    ep->identity, 0, 0);
 		}
 		struct lb_nat fresh = { .backend_id = backend_id, .frontend_id = svc->id };
 		lb_nat_map.update(&orig, &fresh);
@@ -278,7 +281,8 @@ static __always_inline int lb_from_container(struct __sk_buff *skb)
 		       l.l4off + 2, l.dport, backend->port) < 0) {
 		struct packet p = {};
 		parse(skb, &p);
-		return drop(DROP_INVALID, DIR_EGRESS, OBS_FROM_ENDPOINT, &p, skb->ifindex, 0, 0, 0);
+		return drop(DROP_INVALID, DIR_EGRESS, OBS_FROM_ENDPOINT, &p, ifindex, ep->identity, 0,
+			    0);
 	}
 	return TC_ACT_OK;
 }
