@@ -493,7 +493,7 @@ class LBCore:
         )
         front_ids = await self._ids(ids.FRONTENDS, fronts)
         back_ids = await self._ids(ids.BACKENDS, backs)
-        writes = writes if writes is not None else []
+        records: list[tuple[str, bytes]] = []
         for d in wanted:
             record = LBService(
                 namespace=d.spec.namespace,
@@ -528,9 +528,10 @@ class LBCore:
                 continue
             record = msgspec.structs.replace(record, revision=(old.revision if old else 0) + 1)
             self._set_record(d.key, record)
-            writes.append((kv_subject(subjects.KV_SERVICES, d.key), msgspec.json.encode(record)))
-        WRITES.labels("put").inc(len(writes))
-        await self._write(writes)
+            records.append((kv_subject(subjects.KV_SERVICES, d.key), msgspec.json.encode(record)))
+        WRITES.labels("put").inc(len(records))
+        # the records first: they are what the datapath waits for
+        await self._write(records + (writes or []))
 
     async def _write(self, puts: list[tuple[str, bytes]]) -> None:
         """KV puts, pipelined: all but the last published without waiting for an ack, the

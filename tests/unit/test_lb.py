@@ -183,3 +183,15 @@ async def test_lb_sync_batches_a_burst_into_one_flush() -> None:
     sync.on_record(KVEvent(key="default.s0", value=b"{not json", revision=101))
     await asyncio.sleep(0)
     assert len(tables["lb_services"]) == 99  # an unreadable record takes its service out
+
+
+def test_lb_sync_prunes_what_a_previous_agent_left() -> None:
+    tables: dict[str, dict[bytes, bytes]] = {name: {} for name in lb_sync.MAP_NAMES}
+    stale = lb_sync.service_key("10.96.9.9", 80, 6)
+    tables["lb_services"][stale] = b"\0" * 20  # a service deleted while no agent ran
+    sync = LBSync(tables)
+    ops = lb_sync.Ops()
+    sync._apply("default.web", record([(1, "10.0.0.1", False)]), ops)
+    sync.write(ops)
+    assert sync.prune() == 1
+    assert list(tables["lb_services"]) == [lb_sync.service_key("10.96.0.10", 80, 6)]
