@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import uvloop
 
 from membrane import (
+    cli_lb,
     cli_observe,
     cli_policy,
     cli_status,
@@ -280,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_workloads.add_parsers(sub)
     cli_policy.add_parsers(sub)
     cli_observe.add_parser(sub)
+    cli_lb.add_parsers(sub)
 
     p = sub.add_parser("identity", help="security identities")
     id_sub = p.add_subparsers(dest="identity_command", required=True, metavar="ACTION")

@@ -142,6 +142,17 @@ BPF_COLUMNS = {
         "rule_id",
     ],
     "metrics": ["reason", "reason_name", "direction", "packets", "bytes"],
+    "lb": [
+        "service",
+        "frontend",
+        "protocol",
+        "id",
+        "algorithm",
+        "backends",
+        "maglev_entries",
+        "affinity_timeout",
+        "backend_addresses",
+    ],
 }
 
 
@@ -231,6 +242,7 @@ def add_parsers(sub: Any) -> None:
         ("ipcache", "address -> identity"),
         ("ct", "connection tracking"),
         ("metrics", "packets and bytes by reason and direction"),
+        ("lb", "service frontends, their backends and Maglev tables"),
     ):
         sp = bpf_sub.add_parser(table, help=help_text)
         sp.add_argument("--node", default="", help="one node (default: all)")

@@ -8,6 +8,7 @@ from typing import Any
 
 from services.datapath import service as datapath
 from services.identity import service as identity
+from services.lb import service as lb
 from services.monitor import service as monitor
 from services.policy import service as policy
 from shared import subjects
@@ -44,6 +45,13 @@ SERVICES: dict[str, ServiceEntry] = {
         micro_name=subjects.MONITOR_SERVICE,
         default_replicas=1,
         summary="enriched flows, flow queries, metrics and event subscriptions",
+    ),
+    "lb": ServiceEntry(
+        settings=lb.LBSettings,
+        run=lb.run,
+        micro_name=subjects.LB_SERVICE,
+        default_replicas=1,
+        summary="Services and EndpointSlices into frontends, backends and Maglev tables",
     ),
     "datapath": ServiceEntry(
         settings=datapath.DatapathSettings,

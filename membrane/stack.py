@@ -122,6 +122,7 @@ def build_plan(state: StateDir, info: ClusterInfo, replicas: dict[str, int]) -> 
         "MEMBRANE_REDIS_URL": info.redis_url,
         "MEMBRANE_LOG_FORMAT": "json",
         "MEMBRANE_CLUSTER_CIDR": info.cluster_cidr,
+        "MEMBRANE_SERVICE_CIDR": info.service_cidr,
     }
     for service, count in replicas.items():
         if SERVICES[service].per_node:

@@ -14,13 +14,21 @@ from pathlib import Path
 
 import msgspec
 
-from membrane import cli_policy, manifests
+from membrane import cli_lb, cli_policy, manifests
 from membrane.manifests import DeploymentDoc, NamespaceDoc, PodDoc, RoutedDoc
 from shared import agent_api, subjects
 from shared.agent_api import AddEndpoint, EndpointRef
 from shared.bus import Bus
 from shared.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
-from shared.messages import Endpoint, NamespaceRecord, Node, PolicyDeleteReply, PolicyRef
+from shared.messages import (
+    Endpoint,
+    LBDeleteReply,
+    LBServiceRef,
+    NamespaceRecord,
+    Node,
+    PolicyDeleteReply,
+    PolicyRef,
+)
 from shared.names import validate_dns_label
 
 METADATA_NAME_LABEL = "kubernetes.io/metadata.name"
@@ -136,15 +144,12 @@ async def apply(bus: Bus, docs: Sequence[manifests.Document], source: str = "-")
     existing = {(e.namespace, e.name): e for e in await endpoints(bus)}
     known_nodes = await nodes(bus)
     routed = [doc for doc in docs if isinstance(doc, RoutedDoc)]
-    unserved = sorted({doc.kind for doc in routed if doc.service != "policy"})
-    if unserved:
-        raise Unavailable(
-            f"{', '.join(unserved)} is handled by the lb service, which this cluster does "
-            "not run yet; nothing was applied"
-        )
-    policies = [doc.body for doc in routed if doc.service == "policy"]
+    policies = [doc.body for doc in routed if doc.service == manifests.SERVICE_POLICY]
+    services = [doc.body for doc in routed if doc.service == manifests.SERVICE_LB]
     if policies:  # the policy service validates them before anything here changes
         await cli_policy.apply_documents(bus, policies, source, audit=False, dry_run=True)
+    if services:  # and the lb service its documents
+        await cli_lb.apply_documents(bus, services, source, dry_run=True)
     for doc in docs:
         if isinstance(doc, NamespaceDoc):
             changed = await put_namespace(bus, doc)
@@ -158,6 +163,9 @@ async def apply(bus: Bus, docs: Sequence[manifests.Document], source: str = "-")
             lines.append(f"pod/{doc.name} created")
         elif isinstance(doc, DeploymentDoc):
             lines.extend(await _scale(bus, doc, existing, known_nodes))
+    if services:  # one request for all of them: a bulk apply is one round trip
+        lb_reply = await cli_lb.apply_documents(bus, services, source, dry_run=False)
+        lines.extend(lb_reply.results)
     if policies:
         reply = await cli_policy.apply_documents(bus, policies, source, audit=False, dry_run=False)
         lines.extend(reply.results)
@@ -213,10 +221,14 @@ async def delete(bus: Bus, docs: Sequence[manifests.Document], source: str = "-"
             )
             lines.extend(f"{key} deleted" for key in reply.deleted)
         elif isinstance(doc, RoutedDoc):
-            raise Unavailable(
-                f"{doc.kind} is handled by the {doc.service} service, which this cluster does "
-                "not run yet"
-            )
+            subject = subjects.LB_DELETE if doc.kind == "Service" else subjects.LB_DELETE_SLICE
+            try:
+                lb_reply = await bus.request(
+                    subject, LBServiceRef(name=doc.name, namespace=doc.namespace), LBDeleteReply
+                )
+                lines.extend(f"{doc.kind.lower()}/{key} deleted" for key in lb_reply.deleted)
+            except NotFound:
+                lines.append(f"{doc.kind.lower()}/{doc.name} not found")
     for doc in docs:
         if isinstance(doc, NamespaceDoc):
             await delete_namespace(bus, doc.name)

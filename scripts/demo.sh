@@ -50,6 +50,22 @@ step "The policy entries installed for the deathstar, and the connections tracke
 run bpf policy deathstar
 run bpf ct --node membrane-node-1
 
+step "A Deployment of 3 replicas behind a Service: one cluster IP, BPF hash maps on every node"
+run apply -f examples/web-service.yaml
+WEB_PODS=$("$M" pod list -o json | $PY -c "import json,sys; print(' '.join(p['name'] for p in json.load(sys.stdin) if p['labels'].get('app')=='web'))")
+WEB_SERVERS=""
+for pod in $WEB_PODS; do
+  "$M" pod exec "$pod" -- $PY tests/e2e/netprobe.py whoami tcp 8080 >/dev/null &
+  WEB_SERVERS="$WEB_SERVERS $!"
+done
+trap 'kill $SERVER $WEB_SERVERS 2>/dev/null || true' EXIT
+sleep 1
+run service list
+VIP=$("$M" service get web -o json | $PY -c "import json,sys; print(json.load(sys.stdin)['frontends'][0]['ip'])")
+echo "tiefighter asks $VIP:80 twelve times; each answer is the replica that served it:"
+"$M" pod exec tiefighter -- $PY tests/e2e/netprobe.py ask tcp "$VIP" 80 12 | $PY -c "import collections,json,sys; print(dict(collections.Counter(json.load(sys.stdin))))"
+run bpf lb --node membrane-node-1
+
 step "What runs where"
 run status
 

@@ -322,3 +322,73 @@ class ExplainRequest(Message):
 class ExplainReply(Message):
     allowed: bool
     lines: list[str]
+
+
+# --- services (lb) ----------------------------------------------------------------------------
+
+
+class LBBackend(Message):
+    """One backend of a frontend; ``id`` is stable and unique cluster-wide."""
+
+    id: int
+    ip: str
+    port: int
+    terminating: bool = False  # keeps its connections, gets no new ones
+
+
+class LBFrontend(Message):
+    """An address clients connect to, with its own id (the reverse-NAT index)."""
+
+    id: int
+    ip: str
+    port: int
+    protocol: str  # TCP | UDP | SCTP
+    backends: list[LBBackend] = []
+    node_port: bool = False  # ip is 0.0.0.0: every node's underlay address
+
+
+class LBService(Message):
+    """A ``services`` bucket value (key ``<namespace>.<name>``)."""
+
+    namespace: str
+    name: str
+    frontends: list[LBFrontend]
+    algorithm: str = "maglev"  # maglev | random
+    maglev_seed: int = 0
+    maglev_size: int = 16381
+    affinity_timeout: int = 0  # seconds of ClientIP session affinity; 0 = none
+    revision: int = 0
+    source: str = "api"  # api | kubernetes
+
+
+class LBApplyRequest(Message):
+    documents: list[dict[str, Any]]
+    source: str = "-"
+    dry_run: bool = False
+
+
+class LBApplyReply(Message):
+    results: list[str]
+
+
+class LBCreateRequest(Message):
+    """API mode: frontends "IP:PORT/PROTO" and backends "IP:PORT" given directly."""
+
+    name: str
+    namespace: str = "default"
+    frontends: list[str] = []
+    backends: list[str] = []
+    affinity_timeout: int = 0
+
+
+class LBServiceRef(Message):
+    name: str
+    namespace: str = "default"
+
+
+class LBListReply(Message):
+    services: list[LBService]
+
+
+class LBDeleteReply(Message):
+    deleted: list[str]

@@ -84,3 +84,16 @@ def event_flows(verdict: str, namespace: str) -> str:
     """The subject of an enriched flow; NATS tokens cannot be empty or hold dots."""
     token = namespace.replace(".", "_") if namespace else NO_NAMESPACE
     return f"{EVENTS_FLOWS_PREFIX}.{verdict}.{token}"
+
+
+# lb service: Services, EndpointSlices and API-driven frontends -> the `services` bucket
+LB_SERVICE: Final = "membrane-lb"
+LB_QUEUE: Final = "membrane-lb"
+LB_APPLY: Final = "membrane.lb.apply"
+LB_CREATE: Final = "membrane.lb.create"
+LB_DELETE: Final = "membrane.lb.delete"
+LB_LIST: Final = "membrane.lb.list"
+LB_GET: Final = "membrane.lb.get"
+# the lb service's own record of what was applied (Service specs, EndpointSlices)
+KV_LB_SPECS: Final = "lb-specs"
+LB_DELETE_SLICE: Final = "membrane.lb.delete-slice"

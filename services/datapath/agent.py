@@ -136,6 +136,7 @@ class Agent:
         # every pod's (identity, container ports), cluster-wide: egress named ports
         self.pod_ports: dict[str, tuple[int, tuple[ContainerPort, ...]]] = {}
         self.pods_of_identity: dict[int, set[str]] = {}
+        self.lb: Any = None  # the LBSync of services/datapath/lb_sync.py, set at start-up
         self.log = log.get("datapath.agent", node=node.name)
 
     # --- start-up: adopt what a previous agent left ------------------------------------------
@@ -692,9 +693,11 @@ class Agent:
             rows = [dataclasses.asdict(e) for e in entries if e.expires_in >= 0]
         elif req.table == "metrics":
             rows = self._dump_metrics()
+        elif req.table == "lb" and self.lb is not None:
+            rows = self.lb.dump()
         else:
             raise InvalidArgument(
-                f"unknown table {req.table!r}: endpoints, ipcache, policy, ct or metrics",
+                f"unknown table {req.table!r}: endpoints, ipcache, policy, ct, metrics or lb",
                 field="table",
             )
         return DumpReply(table=req.table, node=self.node.name, rows=rows)

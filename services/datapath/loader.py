@@ -34,6 +34,18 @@ FILTER_PRIO = 1
 FILTER_HANDLE = ":1"
 
 
+# Headers whose functions use map methods (table.lookup ...): bcc rewrites those only in the
+# main file, so these are spliced into it instead of being #included.
+INLINED_HEADERS = ("lb.h",)
+
+
+def program_source() -> str:
+    text = SOURCE.read_text()
+    for header in INLINED_HEADERS:
+        text = text.replace(f'#include "{header}"', (BPF_DIR / header).read_text())
+    return text
+
+
 def pin_dir(bpffs: Path, node: str) -> Path:
     return bpffs / "membrane" / node
 
@@ -68,7 +80,7 @@ class Datapath:
             f"-DEVENTS_BYTES={events_bytes}",
         ]
         try:
-            self.bpf = BPF(src_file=str(SOURCE).encode(), cflags=cflags)
+            self.bpf = BPF(text=program_source().encode(), cflags=cflags)
             fns = [self.bpf.load_func(name.encode(), BPF.SCHED_CLS) for name in PROGRAMS]
         except Exception as exc:  # bcc raises bare Exceptions for compile and verifier errors
             raise Internal(f"cannot load the datapath programs: {exc}") from exc

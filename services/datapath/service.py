@@ -25,6 +25,7 @@ from prometheus_client import REGISTRY
 from services.datapath import netns
 from services.datapath.agent import Agent, Buckets
 from services.datapath.flow_publisher import FlowPublisher
+from services.datapath.lb_sync import LBSync, open_tables
 from services.datapath.loader import Datapath
 from services.datapath.maps import IPCacheValue
 from services.datapath.metrics_collector import DatapathCollector
@@ -109,9 +110,9 @@ async def _pod_cidr(bus: Bus, node: str, logger: Any) -> PodCIDR:
 
 async def run(settings: DatapathSettings) -> None:
     if settings.dump_program:
-        from services.datapath.loader import SOURCE
+        from services.datapath.loader import program_source
 
-        print(SOURCE.read_text())
+        print(program_source())
         return
     if settings.netns:
         enter_netns(settings.netns)
@@ -172,6 +173,14 @@ async def run(settings: DatapathSettings) -> None:
         "watch-namespaces",
         lambda: agent.follow("namespaces", buckets.namespaces, agent.on_namespace),
     )
+    # service load balancing: the services bucket into the lb maps (bpf/lb.h)
+    agent.lb = LBSync(open_tables(datapath.bpf))
+    services_kv = await bus.kv(
+        subjects.KV_SERVICES,
+        description="namespace.name -> frontends, backends, revision",
+        replicas=settings.kv_replicas,
+    )
+    tasks.spawn("watch-services", lambda: agent.lb.run(services_kv, buckets.nodes))
     for name, event in agent.synced.items():
         await event.wait()
         logger.debug("snapshot applied", bucket=name)

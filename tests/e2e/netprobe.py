@@ -7,6 +7,9 @@ stream IP PORT COUNT GAP_MS   send COUNT numbered datagrams, GAP_MS apart (no an
 count PORT SECONDS            count datagrams arriving on PORT for SECONDS; print the count
 matrix TIMEOUT IP:PORT...     try every TCP connection at once; print {"IP:PORT": outcome} as JSON,
                               outcome "ok" (answered), "timeout" (dropped) or the error's name
+whoami tcp|udp PORT           answer every connection / datagram with this pod's own address
+ask tcp|udp IP PORT N [SPORT [GAP_MS]]  N connections (or datagrams from one source port
+                              SPORT, 0: any), GAP_MS apart; print the answers as a JSON list
 agent PORT...                 serve TCP on every PORT, print "ready", then answer each stdin line
                               "TIMEOUT IP:PORT..." with one line of matrix JSON, until EOF
 """
@@ -139,6 +142,55 @@ def count(port: int, seconds: float) -> int:
     return 0
 
 
+def whoami(proto: str, port: int) -> None:
+    if proto == "udp":
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("0.0.0.0", port))
+        print("ready", flush=True)
+        while True:
+            _, peer = sock.recvfrom(2048)
+            # the address the datagram was sent to, as this pod sees it
+            sock.sendto(_own_address(peer).encode(), peer)
+    listener = _listen(port)
+    print("ready", flush=True)
+    while True:
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(conn.getsockname()[0].encode())
+
+
+def _own_address(peer: tuple[str, int]) -> str:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(peer)
+        return str(probe.getsockname()[0])
+
+
+def ask(proto: str, ip: str, port: int, n: int, sport: int, gap_ms: float = 0) -> int:
+    answers: list[str] = []
+    if proto == "udp":
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind(("0.0.0.0", sport))
+            sock.settimeout(TIMEOUT)
+            for _ in range(n):
+                sock.sendto(b"who", (ip, port))
+                try:
+                    data, peer = sock.recvfrom(2048)
+                    # the answer must come from the address asked (reverse NAT)
+                    answers.append(data.decode() if peer == (ip, port) else f"from {peer[0]}")
+                except OSError:
+                    answers.append("failed")
+    else:
+        for _ in range(n):
+            try:
+                with socket.create_connection((ip, port), timeout=TIMEOUT) as sock:
+                    answers.append(sock.recv(2048).decode() or "failed")
+            except OSError:
+                answers.append("failed")
+            time.sleep(gap_ms / 1000)
+    print(json.dumps(answers))
+    return 0
+
+
 def main(argv: list[str]) -> int:
     command, *rest = argv
     if command == "serve":
@@ -154,6 +206,12 @@ def main(argv: list[str]) -> int:
     if command == "matrix":
         print(json.dumps(matrix(float(rest[0]), rest[1:])))
         return 0
+    if command == "whoami":
+        whoami(rest[0], int(rest[1]))
+    if command == "ask":
+        sport = int(rest[4]) if len(rest) > 4 else 0
+        gap = float(rest[5]) if len(rest) > 5 else 0.0
+        return ask(rest[0], rest[1], int(rest[2]), int(rest[3]), sport, gap)
     if command == "agent":
         return agent([int(p) for p in rest])
     print(__doc__)

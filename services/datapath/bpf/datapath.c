@@ -442,12 +442,21 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction, __u8 ob
 	return forward(skb, direction, p.tuple.daddr);
 }
 
+/* --- service load balancing (lb.h): DNAT before egress policy, reverse NAT after ingress --- */
+#include "lb.h"
+
 int from_container(struct __sk_buff *skb)
 {
+	int lb = lb_from_container(skb);
+	if (lb != TC_ACT_OK)
+		return lb;
 	return handle(skb, DIR_EGRESS, OBS_FROM_ENDPOINT, CT_EGRESS, CT_INGRESS);
 }
 
 int to_container(struct __sk_buff *skb)
 {
-	return handle(skb, DIR_INGRESS, OBS_TO_ENDPOINT, CT_INGRESS, CT_EGRESS);
+	int ret = handle(skb, DIR_INGRESS, OBS_TO_ENDPOINT, CT_INGRESS, CT_EGRESS);
+	if (ret == TC_ACT_OK)
+		lb_to_container(skb);
+	return ret;
 }

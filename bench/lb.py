@@ -1,0 +1,608 @@
+"""Services: membrane's BPF hash maps against kube-proxy's iptables model, side by side.
+
+    sudo .venv/bin/python bench/lb.py [--services 20000] [--updates 50] [--connections 300]
+
+Starts its own two-node cluster (``membrane up``, removed with ``membrane down --purge``) and
+measures, for the same services (one TCP port, two backends each, from EndpointSlices):
+
+1. membrane: the time from applying the services (the documents as ``membrane apply`` sends
+   them to the lb service) to every service entry present in the BPF maps of every node,
+   polled through the pinned maps; also what parsing the same manifests as YAML costs the
+   CLI. Then single-service updates (a backend's port changed, apply -> the backend entry in
+   node 1's map) with 100, 1,000 and all services present: p50/p99.
+2. kube-proxy's iptables model in scratch network namespaces: KUBE-SERVICES / KUBE-SVC-* /
+   KUBE-SEP-* chains (statistic random, DNAT, masquerade mark) for the same services, loaded
+   with iptables-restore; then one service added with ``iptables`` commands at each scale,
+   with the legacy and the nft backends.
+3. New-connection latency to a cluster IP with 100 vs all services: a client pod through
+   membrane's maps, and a client namespace through iptables-legacy DNAT.
+
+Services use random backend selection (annotation lb.membrane.io/algorithm: random): a Maglev
+table per service (16381 slots) for tens of thousands of services does not fit this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+import uvloop
+import yaml
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR.parent))
+
+from bench.datapath import BPFFS, Cluster, MapEntry, _free_octet, obj_get  # noqa: E402
+from membrane import cli_lb  # noqa: E402
+from services.datapath.lb_sync import backend_value, service_key  # noqa: E402
+from shared.bus import Bus  # noqa: E402
+from shared.messages import LBService  # noqa: E402
+
+GOAL_BULK_SECONDS = 3.0
+GOAL_P99_MS = 5.0
+GOAL_FLAT = 1.5
+GOAL_VS_LEGACY = 100.0
+GOAL_CONNECT = 0.10
+SCALES = (100, 1000)
+POLL = 0.0002
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
+
+
+class Plan:
+    """The services: cluster IPs from the cluster's service range, backends from a range no
+    pod uses (their answers are not needed: only maps and rules are measured), except the one
+    measured service, whose backend is a real pod."""
+
+    def __init__(self, octet: int, count: int) -> None:
+        self.octet = octet
+        self.count = count
+
+    def vip(self, i: int) -> str:
+        return str(IPv4Address(f"10.{self.octet + 1}.0.0") + 10 + i)
+
+    def backends(self, i: int) -> list[str]:
+        base = IPv4Address("10.250.0.0") + 2 * i
+        return [str(base), str(base + 1)]
+
+    def documents(self, first: int, last: int) -> list[dict[str, Any]]:
+        docs: list[dict[str, Any]] = []
+        for i in range(first, last):
+            name = f"s{i}"
+            docs.append(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Service",
+                    "metadata": {
+                        "name": name,
+                        "namespace": "bench",
+                        "annotations": {"lb.membrane.io/algorithm": "random"},
+                    },
+                    "spec": {"clusterIP": self.vip(i), "ports": [{"name": "http", "port": 80}]},
+                }
+            )
+            docs.append(
+                {
+                    "apiVersion": "discovery.k8s.io/v1",
+                    "kind": "EndpointSlice",
+                    "metadata": {
+                        "name": f"{name}-1",
+                        "namespace": "bench",
+                        "labels": {"kubernetes.io/service-name": name},
+                    },
+                    "addressType": "IPv4",
+                    "ports": [{"name": "http", "port": 8080}],
+                    "endpoints": [{"addresses": [ip]} for ip in self.backends(i)],
+                }
+            )
+        return docs
+
+
+def wait_all(entries: list[MapEntry], deadline: float) -> float:
+    """Poll until every entry exists; the moment the last was seen."""
+    index = 0
+    while index < len(entries):
+        if entries[index].get() is not None:
+            index += 1
+            continue
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"{len(entries) - index} entries missing")
+        time.sleep(POLL)
+    return time.perf_counter()
+
+
+def wait_value(entry: MapEntry, value: bytes, deadline: float) -> float:
+    while entry.get() != value:
+        if time.perf_counter() > deadline:
+            raise TimeoutError("map entry not written")
+        time.sleep(POLL)
+    return time.perf_counter()
+
+
+class Membrane:
+    def __init__(self, cluster: Cluster, plan: Plan) -> None:
+        self.cluster = cluster
+        self.plan = plan
+        self.nodes = [f"{cluster.name}-node-1", f"{cluster.name}-node-2"]
+        self.fds = {
+            node: {
+                m: obj_get(BPFFS / "membrane" / node / m) for m in ("lb_services", "lb_backends")
+            }
+            for node in self.nodes
+        }
+        self.ids: dict[int, int] = {}
+
+    def service_entries(self, first: int, last: int) -> list[MapEntry]:
+        return [
+            MapEntry(self.fds[node]["lb_services"], service_key(self.plan.vip(i), 80, 6), 20)
+            for node in self.nodes
+            for i in range(first, last)
+        ]
+
+    async def bulk(self, bus: Bus, first: int, last: int) -> float:
+        """The documents straight to the lb service (as a Kubernetes watcher would send them)."""
+        docs = self.plan.documents(first, last)
+        entries = self.service_entries(first, last)
+        started = time.perf_counter()
+        poll = asyncio.ensure_future(asyncio.to_thread(wait_all, entries, started + 300))
+        await cli_lb.apply_documents(bus, docs, "bench", dry_run=False)
+        done = await poll
+        return done - started
+
+    async def bulk_cli(self, first: int, last: int, path: Path) -> tuple[float, float]:
+        """``membrane apply -f FILE`` (written already): (CLI returned, every entry in every
+        node's maps)."""
+        entries = self.service_entries(first, last)
+        started = time.perf_counter()
+        poll = asyncio.ensure_future(asyncio.to_thread(wait_all, entries, started + 600))
+        proc = await asyncio.create_subprocess_exec(
+            *self.cluster.command("apply", "-f", str(path)),
+            env=self.cluster.env(),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await proc.communicate()
+        returned = time.perf_counter() - started
+        if proc.returncode != 0:
+            raise RuntimeError(f"membrane apply failed: {err.decode()[-2000:]}")
+        done = await poll
+        return returned, done - started
+
+    async def updates(self, bus: Bus, count: int) -> list[float]:
+        """A backend port of service 0 changed, ``count`` times: apply -> node 1's map."""
+        seconds = []
+        ip = self.plan.backends(0)[0]
+        record = await bus.request("membrane.lb.get", _ref("s0"), LBService)
+        bid = next(b.id for b in record.frontends[0].backends if b.ip == ip)
+        # a backend is (address, port): the changed port is a new backend id; learn both
+        for n in range(count + 2):
+            port = 9000 + (n % 2)  # alternate, so that every apply is a change
+            docs = self.plan.documents(0, 1)[1:]
+            docs[0]["ports"][0]["port"] = port
+            started = time.perf_counter()
+            await cli_lb.apply_documents(bus, docs, "bench", dry_run=False)
+            if n < 2:
+                record = await bus.request("membrane.lb.get", _ref("s0"), LBService)
+                bid = next(b.id for b in record.frontends[0].backends if b.ip == ip)
+                self.ids[port] = bid
+                continue
+            entry = MapEntry(
+                self.fds[self.nodes[0]]["lb_backends"], self.ids[port].to_bytes(4, "little"), 8
+            )
+            done = await asyncio.to_thread(
+                wait_value, entry, backend_value(ip, port, False), started + 10
+            )
+            seconds.append(done - started)
+            await asyncio.sleep(0.01)
+        return seconds
+
+
+def _ref(name: str) -> Any:
+    from shared.messages import LBServiceRef
+
+    return LBServiceRef(name=name, namespace="bench")
+
+
+# --- iptables --------------------------------------------------------------------------------
+
+
+def iptables_rules(plan: Plan, first: int, last: int, chains: bool = True) -> Iterator[str]:
+    """kube-proxy's nat table for services first..last-1 (iptables-restore syntax, no header)."""
+    for i in range(first, last):
+        svc = f"KUBE-SVC-{i:012d}"
+        seps = [f"KUBE-SEP-{i:010d}A", f"KUBE-SEP-{i:010d}B"]
+        if chains:
+            yield f":{svc} - [0:0]"
+            for sep in seps:
+                yield f":{sep} - [0:0]"
+    for i in range(first, last):
+        svc = f"KUBE-SVC-{i:012d}"
+        a, b = plan.backends(i)
+        endpoints = [(f"KUBE-SEP-{i:010d}A", a), (f"KUBE-SEP-{i:010d}B", b)]
+        yield (
+            f"-A KUBE-SERVICES -d {plan.vip(i)}/32 -p tcp -m comment --comment bench/s{i}:http"
+            f" -m tcp --dport 80 -j {svc}"
+        )
+        yield f"-A {svc} -m statistic --mode random --probability 0.5 -j {endpoints[0][0]}"
+        yield f"-A {svc} -j {endpoints[1][0]}"
+        for sep, ip in endpoints:
+            yield f"-A {sep} -s {ip}/32 -j KUBE-MARK-MASQ"
+            yield f"-A {sep} -p tcp -m tcp -j DNAT --to-destination {ip}:8080"
+
+
+def iptables_table(plan: Plan, count: int, measured: tuple[str, str] | None = None) -> str:
+    lines = [
+        "*nat",
+        ":PREROUTING ACCEPT [0:0]",
+        ":OUTPUT ACCEPT [0:0]",
+        ":POSTROUTING ACCEPT [0:0]",
+        ":KUBE-SERVICES - [0:0]",
+        ":KUBE-MARK-MASQ - [0:0]",
+        ":KUBE-POSTROUTING - [0:0]",
+        "-A PREROUTING -j KUBE-SERVICES",
+        "-A OUTPUT -j KUBE-SERVICES",
+        "-A POSTROUTING -j KUBE-POSTROUTING",
+        "-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000",
+        "-A KUBE-POSTROUTING -m mark --mark 0x4000/0x4000 -j MASQUERADE",
+    ]
+    lines.extend(iptables_rules(plan, 0, count))
+    if measured is not None:  # the service connections are timed against: last in the walk
+        vip, backend = measured
+        lines += [
+            ":KUBE-SVC-MEASURED - [0:0]",
+            f"-A KUBE-SERVICES -d {vip}/32 -p tcp -m tcp --dport 80 -j KUBE-SVC-MEASURED",
+            f"-A KUBE-SVC-MEASURED -p tcp -j DNAT --to-destination {backend}:8080",
+        ]
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+class Netns:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        subprocess.run(["ip", "netns", "add", name], check=True)
+
+    def run(self, *cmd: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["ip", "netns", "exec", self.name, *cmd],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+
+    def delete(self) -> None:
+        subprocess.run(["ip", "netns", "del", self.name], check=False)
+
+
+def iptables_add_one(ns: Netns, binary: str, plan: Plan, i: int) -> float:
+    """What ``iptables`` commands take to add service ``i`` (3 chains, 7 rules)."""
+    rules = list(iptables_rules(plan, i, i + 1, chains=False))
+    chains = [f"KUBE-SVC-{i:012d}", f"KUBE-SEP-{i:010d}A", f"KUBE-SEP-{i:010d}B"]
+    started = time.perf_counter()
+    for chain in chains:
+        ns.run(binary, "-w", "-t", "nat", "-N", chain)
+    for rule in rules:
+        ns.run(binary, "-w", "-t", "nat", *rule.split())
+    return time.perf_counter() - started
+
+
+def iptables_scale(plan: Plan, scales: list[int]) -> dict[str, dict[int, tuple[float, float]]]:
+    """(load seconds, one-service add seconds) per backend and scale."""
+    out: dict[str, dict[int, tuple[float, float]]] = {}
+    for binary in ("iptables-legacy", "iptables-nft"):
+        out[binary] = {}
+        for count in scales:
+            ns = Netns(f"lbb-{secrets.token_hex(3)}")
+            try:
+                table = iptables_table(plan, count)
+                started = time.perf_counter()
+                ns.run(f"{binary}-restore", stdin=table)
+                load = time.perf_counter() - started
+                adds = [iptables_add_one(ns, binary, plan, count + k) for k in range(3)]
+                out[binary][count] = (load, statistics.median(adds))
+            finally:
+                ns.delete()
+            print(
+                f"  {binary:16} {count:>6} services: restore {load:7.2f} s, "
+                f"one service added {out[binary][count][1] * 1000:9.1f} ms",
+                flush=True,
+            )
+    return out
+
+
+CONNECT_SCRIPT = """
+import socket, sys, time, statistics
+ip, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+out = []
+for _ in range(n):
+    s = socket.socket(); t = time.perf_counter()
+    s.connect((ip, port)); out.append(time.perf_counter() - t); s.close()
+out.sort()
+print(out[len(out) // 2] * 1e6, out[int(len(out) * 0.9)] * 1e6)
+"""
+SERVE_SCRIPT = """
+import socket
+l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("0.0.0.0", 8080)); l.listen(1024); print("ready", flush=True)
+while True:
+    c, _ = l.accept(); c.close()
+"""
+
+
+def iptables_connect(plan: Plan, counts: list[int], n: int) -> dict[int, float]:
+    """Median connect latency, client namespace with kube-proxy's table -> server namespace."""
+    client, server = Netns(f"lbc-{secrets.token_hex(3)}"), Netns(f"lbs-{secrets.token_hex(3)}")
+    veth = f"lbv{secrets.token_hex(3)}"
+    proc = None
+    try:
+        subprocess.run(
+            [
+                "ip",
+                "link",
+                "add",
+                veth,
+                "netns",
+                client.name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                veth + "p",
+                "netns",
+                server.name,
+            ],
+            check=True,
+        )
+        client.run("ip", "addr", "add", "192.168.77.1/24", "dev", veth)
+        client.run("ip", "link", "set", veth, "up")
+        client.run("ip", "link", "set", "lo", "up")
+        client.run("ip", "route", "add", "default", "via", "192.168.77.2")
+        server.run("ip", "addr", "add", "192.168.77.2/24", "dev", veth + "p")
+        server.run("ip", "link", "set", veth + "p", "up")
+        server.run("ip", "link", "set", "lo", "up")
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", server.name, sys.executable, "-c", SERVE_SCRIPT],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        out = {}
+        vip = plan.vip(plan.count + 5)
+        for count in counts:
+            client.run(
+                "iptables-legacy-restore", stdin=iptables_table(plan, count, (vip, "192.168.77.2"))
+            )
+            result = client.run(sys.executable, "-c", CONNECT_SCRIPT, vip, "80", str(n))
+            out[count] = float(result.stdout.split()[0])
+        return out
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+        client.delete()
+        server.delete()
+
+
+def membrane_connect(cluster: Cluster, vip: str, n: int) -> float:
+    result = subprocess.run(
+        cluster.command(
+            "pod",
+            "exec",
+            "bench-client",
+            "--",
+            sys.executable,
+            "-c",
+            CONNECT_SCRIPT,
+            vip,
+            "80",
+            str(n),
+        ),
+        env=cluster.env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return float(result.stdout.split()[0])
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+class TwoNodeCluster(Cluster):
+    def up(self) -> None:  # bench/datapath.py's, with two nodes
+        from membrane.state import StateDir
+
+        octet = _free_octet()
+        self.run(
+            "up",
+            "--name",
+            self.name,
+            "--nodes",
+            "2",
+            "--identity-replicas",
+            "1",
+            "--underlay-cidr",
+            f"172.31.{octet}.0/24",
+            "--cluster-cidr",
+            f"10.{octet}.0.0/16",
+            "--service-cidr",
+            f"10.{octet + 1}.0.0/16",
+            timeout=180,
+        )
+        info = StateDir(self.state).read_cluster()
+        assert info is not None
+        self.nats_url = info.nats_url
+        self.octet = octet
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "n/a"
+
+
+async def membrane_part(cluster: Cluster, args: argparse.Namespace) -> dict[str, Any]:
+    plan = Plan(cluster.octet, args.services)
+    lb = Membrane(cluster, plan)
+    res: dict[str, Any] = {"updates": {}}
+    bus = await Bus.connect(cluster.nats_url, "bench", retry_for=10)
+    try:
+        # the measured service for connections: a real backend pod on node 1
+        cluster.run("pod", "create", "bench-server", "--node", lb.nodes[0], "--labels", "app=bs")
+        cluster.run("pod", "create", "bench-client", "--node", lb.nodes[0], "--labels", "app=bc")
+        pods = json.loads(cluster.run("pod", "list", "-o", "json").stdout)
+        server_ip = next(p["ip"] for p in pods if p["name"] == "bench-server")
+        server = subprocess.Popen(  # noqa: ASYNC220 - a long-running server, not awaited
+            cluster.command(
+                "pod", "exec", "bench-server", "--", sys.executable, "-c", SERVE_SCRIPT
+            ),
+            env=cluster.env(),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        measured_vip = "10.249.0.1"
+        cluster.run(
+            "service",
+            "create",
+            "measured",
+            "--frontend",
+            f"{measured_vip}:80/TCP",
+            "--backend",
+            f"{server_ip}:8080",
+        )
+        await asyncio.sleep(1)
+        done = 0
+        connect: dict[int, float] = {}
+        for scale in SCALES:
+            seconds = await lb.bulk(bus, done, scale)
+            print(
+                f"  applied services {done}..{scale}: {seconds:.2f} s to every node's maps",
+                flush=True,
+            )
+            done = scale
+            res["updates"][scale] = await lb.updates(bus, args.updates)
+            connect[scale] = membrane_connect(cluster, measured_vip, args.connections)
+        # the bulk: every service not there yet, from one `membrane apply -f`
+        res["bulk_count"] = args.services - done
+        bulk_file = Path(args.workdir) / "bulk.yaml"
+        text = yaml.safe_dump_all(plan.documents(done, args.services))
+        await asyncio.to_thread(bulk_file.write_text, text)
+        res["cli_seconds"], res["bulk_seconds"] = await lb.bulk_cli(done, args.services, bulk_file)
+        print(
+            f"  membrane apply -f of services {done}..{args.services}: "
+            f"{res['bulk_seconds']:.2f} s to every node's maps",
+            flush=True,
+        )
+        res["updates"][args.services] = await lb.updates(bus, args.updates)
+        connect[args.services] = membrane_connect(cluster, measured_vip, args.connections)
+        res["connect"] = connect
+        server.kill()
+        server.wait()
+    finally:
+        await bus.close()
+    return res
+
+
+def run(args: argparse.Namespace) -> None:
+    if os.geteuid() != 0:
+        sys.exit("bench/lb.py needs root (namespaces, BPF, iptables)")
+    scales = [*SCALES, args.services]
+    with tempfile.TemporaryDirectory(prefix="membrane-lb-bench-") as tmp:
+        args.workdir = tmp
+        cluster = TwoNodeCluster(Path(tmp) / "state")
+        print(f"starting a two-node cluster {cluster.name} ...", flush=True)
+        cluster.up()
+        try:
+            print("1. membrane", flush=True)
+            mem = uvloop.run(membrane_part(cluster, args))
+        finally:
+            cluster.down()
+    plan = Plan(200, args.services)
+    print("2. kube-proxy's iptables model (scratch namespaces)", flush=True)
+    ipt = iptables_scale(plan, scales)
+    print("3. new-connection latency, iptables-legacy DNAT", flush=True)
+    ipt_connect = iptables_connect(plan, [SCALES[0], args.services], args.connections)
+
+    n = args.services
+    print()
+    print(f"== services: {n} (2 backends each), updates {args.updates} per scale ==")
+    print(
+        f"membrane, `membrane apply -f` of {mem['bulk_count']} services (+ their "
+        f"EndpointSlices) -> in every node's maps: {mem['bulk_seconds']:.2f} s (goal <= "
+        f"{GOAL_BULK_SECONDS:g} s: "
+        f"{'met' if mem['bulk_seconds'] <= GOAL_BULK_SECONDS else 'NOT met'}); the CLI "
+        f"returned after {mem['cli_seconds']:.2f} s"
+    )
+    p99 = {}
+    for scale in scales:
+        values = mem["updates"][scale]
+        p50, p99[scale] = percentile(values, 0.5) * 1000, percentile(values, 0.99) * 1000
+        legacy = ipt["iptables-legacy"][scale][1] * 1000
+        nft = ipt["iptables-nft"][scale][1] * 1000
+        print(
+            f"single update with {scale:>6} services: membrane p50 {p50:6.2f} ms p99 "
+            f"{p99[scale]:6.2f} ms | iptables-legacy {legacy:9.1f} ms ({ratio(legacy, p99[scale])}"
+            f" of membrane p99) | iptables-nft {nft:9.1f} ms ({ratio(nft, p99[scale])})"
+        )
+    flat = p99[n] / p99[SCALES[0]]
+    vs_legacy = ipt["iptables-legacy"][n][1] * 1000 / p99[n]
+    print(
+        f"p99 at {n} / p99 at {SCALES[0]}: {flat:.2f} (goal <= {GOAL_FLAT}: "
+        f"{'met' if flat <= GOAL_FLAT else 'NOT met'}); p99 goal <= {GOAL_P99_MS} ms: "
+        f"{'met' if max(p99.values()) <= GOAL_P99_MS else 'NOT met'}"
+    )
+    print(
+        f"iptables-legacy single add / membrane p99 at {n}: {vs_legacy:.0f}x (goal >= "
+        f"{GOAL_VS_LEGACY:g}x: {'met' if vs_legacy >= GOAL_VS_LEGACY else 'NOT met'})"
+    )
+    for binary, rows in ipt.items():
+        print(
+            f"{binary} restore of {n} services: {rows[n][0]:.2f} s; add at {n} / add at "
+            f"{SCALES[0]}: {ratio(rows[n][1], rows[SCALES[0]][1])}"
+        )
+    c = mem["connect"]
+    growth = c[n] / c[SCALES[0]] - 1
+    print(
+        f"new connection (median): membrane {c[SCALES[0]]:.0f} us at {SCALES[0]}, "
+        f"{c[n]:.0f} us at {n} ({growth:+.1%}, goal within {GOAL_CONNECT:.0%}: "
+        f"{'met' if abs(growth) <= GOAL_CONNECT else 'NOT met'})"
+    )
+    ig = ipt_connect[n] / ipt_connect[SCALES[0]] - 1
+    print(
+        f"new connection (median): iptables-legacy {ipt_connect[SCALES[0]]:.0f} us at "
+        f"{SCALES[0]}, {ipt_connect[n]:.0f} us at {n} ({ig:+.1%}); membrane / iptables at "
+        f"{n}: {ratio(c[n], ipt_connect[n])}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--services", type=int, default=20000)
+    parser.add_argument("--updates", type=int, default=50, help="single updates per scale")
+    parser.add_argument("--connections", type=int, default=300, help="connections per sample")
+    args = parser.parse_args()
+    if args.services <= SCALES[-1]:
+        parser.error(f"--services must be more than {SCALES[-1]}")
+    run(args)
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()

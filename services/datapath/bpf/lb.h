@@ -1,0 +1,311 @@
+/* Service load balancing (kube-proxy replacement): DNAT to a backend on the first packet of a
+ * connection to a frontend, the choice remembered per connection; reverse NAT of the replies.
+ * services/datapath/lb_sync.py writes these maps; keep the layouts in step with it.
+ *
+ * Included by datapath.c after its helpers (parse, drop), so that it can use them. */
+#ifndef MEMBRANE_LB_H
+#define MEMBRANE_LB_H
+
+#ifndef LB_SERVICES_MAX
+#define LB_SERVICES_MAX 131072
+#endif
+#ifndef LB_BACKENDS_MAX
+#define LB_BACKENDS_MAX 262144
+#endif
+#ifndef LB_MAGLEV_MAX
+#define LB_MAGLEV_MAX 4194304
+#endif
+#ifndef LB_NAT_MAX
+#define LB_NAT_MAX 65536
+#endif
+
+#define DROP_NO_SERVICE 158 /* Cilium: "Service backend not found" */
+
+#define LB_ALG_RANDOM 0
+#define LB_ALG_MAGLEV 1
+
+struct lb_service_key {
+	__u32 ip; /* network byte order */
+	__u16 port; /* network byte order */
+	__u8 protocol;
+	__u8 pad;
+};
+
+struct lb_service_value {
+	__u32 id; /* frontend id: reverse-NAT index, key of its slots and Maglev table */
+	__u32 count; /* active backends: slots 0..count-1 */
+	__u32 affinity_timeout; /* seconds; 0 = no session affinity */
+	__u32 table_size; /* Maglev table size */
+	__u8 algorithm;
+	__u8 pad[3];
+};
+
+/* backend slots (random selection) and Maglev table entries share this key */
+struct lb_slot_key {
+	__u32 id;
+	__u32 slot;
+};
+
+#define LB_BACKEND_TERMINATING 0x1
+
+struct lb_backend {
+	__u32 ip; /* network byte order */
+	__u16 port; /* network byte order */
+	__u8 flags;
+	__u8 pad;
+};
+
+/* per connection, keyed by the original tuple (client -> frontend, scope CT_EGRESS) */
+struct lb_nat {
+	__u32 backend_id;
+	__u32 frontend_id;
+};
+
+/* per connection, keyed by the reply tuple (backend -> client, scope CT_INGRESS): the
+ * address the client connected to (a cluster IP, or any node's address for a node port) */
+struct lb_rnat {
+	__u32 ip; /* network byte order */
+	__u16 port; /* network byte order */
+	__u16 pad;
+};
+
+struct lb_affinity_key {
+	__u32 client; /* network byte order */
+	__u32 frontend_id;
+};
+
+struct lb_affinity {
+	__u64 last_ns;
+	__u32 backend_id;
+	__u32 pad;
+};
+
+BPF_TABLE_PINNED("hash", struct lb_service_key, struct lb_service_value, lb_services,
+		 LB_SERVICES_MAX, PIN_DIR "/lb_services", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", __u32, struct lb_backend, lb_backends, LB_BACKENDS_MAX,
+		 PIN_DIR "/lb_backends", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", struct lb_slot_key, __u32, lb_slots, LB_BACKENDS_MAX,
+		 PIN_DIR "/lb_slots", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", struct lb_slot_key, __u32, lb_maglev, LB_MAGLEV_MAX,
+		 PIN_DIR "/lb_maglev", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lru_hash", struct ct_key, struct lb_nat, lb_nat_map, LB_NAT_MAX,
+		 PIN_DIR "/lb_nat");
+BPF_TABLE_PINNED("lru_hash", struct ct_key, struct lb_rnat, lb_rnat_map, LB_NAT_MAX,
+		 PIN_DIR "/lb_rnat");
+BPF_TABLE_PINNED("lru_hash", struct lb_affinity_key, struct lb_affinity, lb_affinity_map,
+		 LB_NAT_MAX, PIN_DIR "/lb_affinity");
+
+struct lb_l4 {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport; /* network byte order, as in the packet */
+	__u16 dport;
+	__u8 protocol;
+	__u8 syn; /* a pure SYN: a new connection */
+	__u16 l4off;
+};
+
+/* TCP or UDP over IPv4 without fragments: the only traffic services take */
+static __always_inline int lb_parse(struct __sk_buff *skb, struct lb_l4 *l)
+{
+	struct iphdr ip;
+	if (skb->protocol != bpf_htons(ETH_P_IP))
+		return -1;
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) < 0 || ip.version != 4 ||
+	    ip.ihl < 5)
+		return -1;
+	if (ip.protocol != IPPROTO_TCP && ip.protocol != IPPROTO_UDP)
+		return -1;
+	if (ip.frag_off & bpf_htons(0x3fff))
+		return -1;
+	l->l4off = ETH_HLEN + ip.ihl * 4;
+	__u16 ports[2];
+	if (bpf_skb_load_bytes(skb, l->l4off, ports, sizeof(ports)) < 0)
+		return -1;
+	l->saddr = ip.saddr;
+	l->daddr = ip.daddr;
+	l->sport = ports[0];
+	l->dport = ports[1];
+	l->protocol = ip.protocol;
+	l->syn = 0;
+	if (ip.protocol == IPPROTO_TCP) {
+		__u8 flags;
+		if (bpf_skb_load_bytes(skb, l->l4off + 13, &flags, 1) < 0)
+			return -1;
+		l->syn = (flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
+	}
+	return 0;
+}
+
+/* Rewrite one address (at addr_off) and one port (at port_off), fixing both checksums. */
+static __always_inline int lb_rewrite(struct __sk_buff *skb, struct lb_l4 *l, __u32 addr_off,
+				      __u32 old_ip, __u32 new_ip, __u32 port_off, __u16 old_port,
+				      __u16 new_port)
+{
+	__u32 csum_off = l->l4off + (l->protocol == IPPROTO_TCP ? 16 : 6);
+	__u64 mangled = l->protocol == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+	if (old_ip != new_ip) {
+		if (bpf_l4_csum_replace(skb, csum_off, old_ip, new_ip,
+					mangled | BPF_F_PSEUDO_HDR | sizeof(new_ip)) < 0)
+			return -1;
+		if (bpf_l3_csum_replace(skb, ETH_HLEN + offsetof(struct iphdr, check), old_ip,
+					new_ip, sizeof(new_ip)) < 0)
+			return -1;
+		if (bpf_skb_store_bytes(skb, addr_off, &new_ip, sizeof(new_ip), 0) < 0)
+			return -1;
+	}
+	if (old_port != new_port) {
+		if (bpf_l4_csum_replace(skb, csum_off, old_port, new_port,
+					mangled | sizeof(new_port)) < 0)
+			return -1;
+		if (bpf_skb_store_bytes(skb, port_off, &new_port, sizeof(new_port), 0) < 0)
+			return -1;
+	}
+	return 0;
+}
+
+/* The same on every node, so that Maglev sends a flow to the same backend wherever it enters. */
+static __always_inline __u32 lb_mix(__u32 h, __u32 k)
+{
+	k *= 0xcc9e2d51;
+	k = (k << 15) | (k >> 17);
+	h ^= k * 0x1b873593;
+	return ((h << 13) | (h >> 19)) * 5 + 0xe6546b64;
+}
+
+static __always_inline __u32 lb_hash(struct lb_l4 *l)
+{
+	__u32 h = lb_mix(0x9e3779b9, l->saddr);
+	h = lb_mix(h, l->daddr);
+	h = lb_mix(h, ((__u32)l->sport << 16) | l->dport);
+	h ^= l->protocol;
+	h ^= h >> 16;
+	h *= 0x85ebca6b;
+	h ^= h >> 13;
+	h *= 0xc2b2ae35;
+	h ^= h >> 16;
+	return h;
+}
+
+static __always_inline int lb_usable(struct lb_backend *b)
+{
+	return b && !(b->flags & LB_BACKEND_TERMINATING);
+}
+
+static __always_inline __u32 lb_select(struct lb_service_value *svc, struct lb_l4 *l, __u64 now)
+{
+	struct lb_affinity_key akey = { .client = l->saddr, .frontend_id = svc->id };
+	if (svc->affinity_timeout) {
+		struct lb_affinity *a = lb_affinity_map.lookup(&akey);
+		if (a && now - a->last_ns < (__u64)svc->affinity_timeout * NSEC &&
+		    lb_usable(lb_backends.lookup(&a->backend_id))) {
+			a->last_ns = now;
+			return a->backend_id;
+		}
+	}
+	struct lb_slot_key skey = { .id = svc->id };
+	__u32 *id;
+	if (svc->algorithm == LB_ALG_MAGLEV && svc->table_size) {
+		skey.slot = lb_hash(l) % svc->table_size;
+		id = lb_maglev.lookup(&skey);
+	} else {
+		skey.slot = bpf_get_prandom_u32() % svc->count;
+		id = lb_slots.lookup(&skey);
+	}
+	if (!id)
+		return 0;
+	if (svc->affinity_timeout) {
+		struct lb_affinity fresh = { .last_ns = now, .backend_id = *id };
+		lb_affinity_map.update(&akey, &fresh);
+	}
+	return *id;
+}
+
+/* from-container, before policy: a packet to a frontend goes to the connection's backend (the
+ * one chosen on its first packet, or a new choice when that backend went away). The policy
+ * and conntrack that follow see the backend's address, so policy applies to its identity. */
+static __always_inline int lb_from_container(struct __sk_buff *skb)
+{
+	struct lb_l4 l;
+	if (lb_parse(skb, &l) < 0)
+		return TC_ACT_OK;
+	struct lb_service_key skey = { .ip = l.daddr, .port = l.dport, .protocol = l.protocol };
+	struct lb_service_value *svc = lb_services.lookup(&skey);
+	if (!svc)
+		return TC_ACT_OK;
+	/* a spoofed source must not leave NAT state behind: handle() drops the packet */
+	__u32 ifindex = skb->ifindex;
+	struct endpoint_info *ep = endpoints.lookup(&ifindex);
+	if (!ep || ep->ip != l.saddr)
+		return TC_ACT_OK;
+	struct ct_key orig = {
+		.saddr = l.saddr,
+		.daddr = l.daddr,
+		.sport = bpf_ntohs(l.sport),
+		.dport = bpf_ntohs(l.dport),
+		.protocol = l.protocol,
+		.scope = CT_EGRESS,
+	};
+	__u64 now = bpf_ktime_get_coarse_ns();
+	struct lb_backend *backend = NULL;
+	__u32 backend_id = 0;
+	struct lb_nat *nat = lb_nat_map.lookup(&orig);
+	if (nat && nat->frontend_id == svc->id && !l.syn) {
+		backend_id = nat->backend_id;
+		backend = lb_backends.lookup(&backend_id);
+	}
+	if (!backend) {
+		if (svc->count)
+			backend_id = lb_select(svc, &l, now);
+		backend = backend_id ? lb_backends.lookup(&backend_id) : NULL;
+		if (!backend) {
+			struct packet p = {};
+			parse(skb, &p);
+			return drop(DROP_NO_SERVICE, DIR_EGRESS, OBS_FROM_ENDPOINT, &p, ifindex,
+				    ep->identity, 0, 0);
+		}
+		struct lb_nat fresh = { .backend_id = backend_id, .frontend_id = svc->id };
+		lb_nat_map.update(&orig, &fresh);
+		struct ct_key reply = {
+			.saddr = backend->ip,
+			.daddr = l.saddr,
+			.sport = bpf_ntohs(backend->port),
+			.dport = bpf_ntohs(l.sport),
+			.protocol = l.protocol,
+			.scope = CT_INGRESS,
+		};
+		struct lb_rnat rfresh = { .ip = l.daddr, .port = l.dport };
+		lb_rnat_map.update(&reply, &rfresh);
+	}
+	if (lb_rewrite(skb, &l, ETH_HLEN + offsetof(struct iphdr, daddr), l.daddr, backend->ip,
+		       l.l4off + 2, l.dport, backend->port) < 0) {
+		struct packet p = {};
+		parse(skb, &p);
+		return drop(DROP_INVALID, DIR_EGRESS, OBS_FROM_ENDPOINT, &p, ifindex, ep->identity, 0,
+			    0);
+	}
+	return TC_ACT_OK;
+}
+
+/* to-container, after policy: a reply from a backend is given the frontend's address back. */
+static __always_inline void lb_to_container(struct __sk_buff *skb)
+{
+	struct lb_l4 l;
+	if (lb_parse(skb, &l) < 0)
+		return;
+	struct ct_key reply = {
+		.saddr = l.saddr,
+		.daddr = l.daddr,
+		.sport = bpf_ntohs(l.sport),
+		.dport = bpf_ntohs(l.dport),
+		.protocol = l.protocol,
+		.scope = CT_INGRESS,
+	};
+	struct lb_rnat *r = lb_rnat_map.lookup(&reply);
+	if (!r)
+		return;
+	lb_rewrite(skb, &l, ETH_HLEN + offsetof(struct iphdr, saddr), l.saddr, r->ip, l.l4off,
+		   l.sport, r->port);
+}
+
+#endif

@@ -1,0 +1,382 @@
+"""The ``services`` bucket -> this node's load-balancing maps (bpf/lb.h), incrementally.
+
+Each service's frontends are diffed against what was installed for it: only entries that
+changed are written, only those that went are deleted. Events that arrive together (the
+snapshot of tens of thousands of services, or a burst) are flushed together, with one batch
+syscall per map. Order keeps the datapath consistent at every moment: backends, slots and
+Maglev entries before the service entry that points at them; on removal, the reverse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+from typing import Any
+
+import msgspec
+from nats.js.kv import KeyValue
+from prometheus_client import Counter, Histogram
+
+from services.lb import maglev
+from shared import log
+from shared.bus import Bus, KVEvent
+from shared.messages import LBFrontend, LBService, Node
+
+PROTOCOLS = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP}  # SCTP: not translated
+ALG_RANDOM, ALG_MAGLEV = 0, 1
+TERMINATING = 0x1
+
+_SERVICE_KEY = struct.Struct("<4s2sBx")
+_SERVICE_VALUE = struct.Struct("<IIIIB3x")
+_SLOT_KEY = struct.Struct("<II")
+_U32 = struct.Struct("<I")
+_BACKEND = struct.Struct("<4s2sBx")
+
+MAP_NAMES = ("lb_backends", "lb_slots", "lb_maglev", "lb_services")
+
+BAD_RECORDS = Counter("membrane_datapath_lb_bad_records_total", "services entries not decoded")
+FLUSH_SECONDS = Histogram(
+    "membrane_datapath_lb_flush_seconds",
+    "Writing one batch of service changes into the maps",
+    buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
+)
+MAP_OPS = Counter("membrane_datapath_lb_map_ops_total", "LB map entries written or deleted", ["op"])
+
+
+def service_key(ip: str, port: int, protocol: int) -> bytes:
+    return _SERVICE_KEY.pack(socket.inet_aton(ip), port.to_bytes(2, "big"), protocol)
+
+
+def backend_value(ip: str, port: int, terminating: bool) -> bytes:
+    flags = TERMINATING if terminating else 0
+    return _BACKEND.pack(socket.inet_aton(ip), port.to_bytes(2, "big"), flags)
+
+
+@dataclass
+class Installed:
+    """What one frontend put into the maps."""
+
+    keys: list[bytes]  # lb_services keys (a node port has one per node address)
+    value: bytes
+    slots: list[int]  # backend ids of slots 0..n-1
+    table: list[int]  # Maglev table (empty for random selection)
+    table_of: tuple[tuple[int, ...], int, int] = ((), 0, 0)  # (active ids, size, seed)
+    backends: dict[int, bytes] = field(default_factory=dict)
+
+
+@dataclass
+class Ops:
+    updates: dict[str, dict[bytes, bytes]] = field(
+        default_factory=lambda: {name: {} for name in MAP_NAMES}
+    )
+    deletes: dict[str, set[bytes]] = field(
+        default_factory=lambda: {name: set() for name in MAP_NAMES}
+    )
+
+    def put(self, name: str, key: bytes, value: bytes) -> None:
+        self.deletes[name].discard(key)
+        self.updates[name][key] = value
+
+    def remove(self, name: str, key: bytes) -> None:
+        self.updates[name].pop(key, None)
+        self.deletes[name].add(key)
+
+    def __bool__(self) -> bool:
+        return any(self.updates.values()) or any(self.deletes.values())
+
+
+class LBSync:
+    def __init__(self, tables: dict[str, Any]) -> None:
+        self.tables = tables  # bcc tables by name (a dict of fakes in unit tests)
+        self.installed: dict[str, dict[int, Installed]] = {}  # service key -> frontend id ->
+        self.records: dict[str, LBService] = {}
+        self.backend_refs: dict[int, int] = {}
+        self.backend_values: dict[int, bytes] = {}
+        self.node_ips: set[str] = set()
+        self.node_names: dict[str, str] = {}
+        self.pending: dict[str, LBService | None] = {}
+        self.flush_scheduled = False
+        self.synced = asyncio.Event()
+        self.log = log.get("datapath.lb")
+
+    # --- desired state -> operations ---------------------------------------------------------
+
+    def _frontend_keys(self, f: LBFrontend, protocol: int) -> list[bytes]:
+        if f.node_port:
+            return [service_key(ip, f.port, protocol) for ip in sorted(self.node_ips)]
+        return [service_key(f.ip, f.port, protocol)]
+
+    def _apply(self, key: str, record: LBService | None, ops: Ops) -> None:
+        old = self.installed.pop(key, {})
+        new: dict[int, Installed] = {}
+        if record is not None:
+            self.records[key] = record
+            for f in record.frontends:
+                protocol = PROTOCOLS.get(f.protocol)
+                if protocol is None:
+                    continue
+                new[f.id] = self._frontend(record, f, protocol, old.get(f.id))
+        else:
+            self.records.pop(key, None)
+        # additions and changes: backends, then slots and tables, then the service entries
+        for fid, state in new.items():
+            before = old.get(fid)
+            for bid, value in state.backends.items():
+                if before is None or bid not in before.backends:
+                    self._ref_backend(bid, value, ops)
+                elif before.backends[bid] != value:
+                    self.backend_values[bid] = value
+                    ops.put("lb_backends", _U32.pack(bid), value)
+            self._diff_list("lb_slots", fid, before.slots if before else [], state.slots, ops)
+            self._diff_list("lb_maglev", fid, before.table if before else [], state.table, ops)
+            for k in state.keys:
+                if before is None or k not in before.keys or before.value != state.value:
+                    ops.put("lb_services", k, state.value)
+            if before is not None:
+                for k in before.keys:
+                    if k not in state.keys:
+                        ops.remove("lb_services", k)
+                for bid in before.backends:
+                    if bid not in state.backends:
+                        self._unref_backend(bid, ops)
+        for fid, before in old.items():
+            if fid in new:
+                continue
+            for k in before.keys:
+                ops.remove("lb_services", k)
+            self._diff_list("lb_slots", fid, before.slots, [], ops)
+            self._diff_list("lb_maglev", fid, before.table, [], ops)
+            for bid in before.backends:
+                self._unref_backend(bid, ops)
+        if new:
+            self.installed[key] = new
+
+    def _frontend(
+        self, record: LBService, f: LBFrontend, protocol: int, before: Installed | None
+    ) -> Installed:
+        active = sorted(b.id for b in f.backends if not b.terminating)
+        algorithm = ALG_MAGLEV if record.algorithm == "maglev" else ALG_RANDOM
+        table: list[int] = []
+        table_of: tuple[tuple[int, ...], int, int] = ((), 0, 0)
+        size = record.maglev_size if algorithm == ALG_MAGLEV else 0
+        if algorithm == ALG_MAGLEV and active:
+            table_of = (tuple(active), size, record.maglev_seed)
+            if before is not None and before.table_of == table_of:
+                table = before.table  # the backends did not change: neither did the table
+            else:
+                table = maglev.table(active, size, record.maglev_seed)
+        value = _SERVICE_VALUE.pack(f.id, len(active), record.affinity_timeout, size, algorithm)
+        return Installed(
+            keys=self._frontend_keys(f, protocol),
+            value=value,
+            slots=active if algorithm == ALG_RANDOM else [],
+            table=table,
+            table_of=table_of,
+            backends={b.id: backend_value(b.ip, b.port, b.terminating) for b in f.backends},
+        )
+
+    @staticmethod
+    def _diff_list(name: str, fid: int, old: list[int], new: list[int], ops: Ops) -> None:
+        pack = _SLOT_KEY.pack
+        value = _U32.pack
+        common = min(len(old), len(new))
+        for slot in range(common):
+            if old[slot] != new[slot]:
+                ops.put(name, pack(fid, slot), value(new[slot]))
+        for slot in range(common, len(new)):
+            ops.put(name, pack(fid, slot), value(new[slot]))
+        for slot in range(common, len(old)):
+            ops.remove(name, pack(fid, slot))
+
+    def _ref_backend(self, bid: int, value: bytes, ops: Ops) -> None:
+        count = self.backend_refs.get(bid, 0)
+        self.backend_refs[bid] = count + 1
+        if count == 0 or self.backend_values.get(bid) != value:
+            self.backend_values[bid] = value
+            ops.put("lb_backends", _U32.pack(bid), value)
+
+    def _unref_backend(self, bid: int, ops: Ops) -> None:
+        count = self.backend_refs.get(bid, 0) - 1
+        if count > 0:
+            self.backend_refs[bid] = count
+            return
+        self.backend_refs.pop(bid, None)
+        self.backend_values.pop(bid, None)
+        ops.remove("lb_backends", _U32.pack(bid))
+
+    # --- operations -> kernel ------------------------------------------------------------------
+
+    def write(self, ops: Ops) -> None:
+        for name in MAP_NAMES:  # what the service entries point at goes in first
+            items = ops.updates[name]
+            if items:
+                _update_batch(self.tables[name], items)
+                MAP_OPS.labels("update").inc(len(items))
+        for name in reversed(MAP_NAMES):  # and out last
+            keys = ops.deletes[name]
+            if keys:
+                _delete(self.tables[name], keys)
+                MAP_OPS.labels("delete").inc(len(keys))
+
+    def flush(self) -> None:
+        self.flush_scheduled = False
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, {}
+        with FLUSH_SECONDS.time():
+            ops = Ops()
+            for key, record in pending.items():
+                self._apply(key, record, ops)
+            try:
+                self.write(ops)
+            except OSError as exc:
+                # a full map: what could not be written is retried with the next change
+                self.log.error("lb map update failed", error=str(exc))
+
+    def prune(self) -> int:
+        """Once the snapshot is in: remove service entries a previous agent left for services
+        deleted while no agent ran (their slots and tables go with the next reuse of the id)."""
+        wanted = {
+            k for frontends in self.installed.values() for f in frontends.values() for k in f.keys
+        }
+        table = self.tables["lb_services"]
+        stale = {bytes(k) for k in list(table.keys()) if bytes(k) not in wanted}
+        if stale:
+            _delete(table, stale)
+        return len(stale)
+
+    # --- bus ------------------------------------------------------------------------------------
+
+    def on_record(self, event: KVEvent) -> None:
+        record: LBService | None = None
+        if event.value is not None:
+            try:
+                record = msgspec.json.decode(event.value, type=LBService)
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                BAD_RECORDS.inc()
+                record = None  # a record nobody can read takes its service out (fail closed)
+        self.pending[event.key] = record
+        if not self.flush_scheduled:
+            # runs once the watch has drained what arrived together: one batch per burst
+            self.flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def on_node(self, event: KVEvent) -> None:
+        try:
+            if event.value is not None:
+                node = msgspec.json.decode(event.value, type=Node)
+                self.node_names[event.key] = node.underlay_ip
+            else:
+                self.node_names.pop(event.key, None)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return
+        ips = set(self.node_names.values())
+        if ips == self.node_ips:
+            return
+        self.node_ips = ips
+        for key, record in self.records.items():  # node ports follow the nodes
+            if any(f.node_port for f in record.frontends):
+                self.pending[key] = record
+        if self.pending and not self.flush_scheduled:
+            self.flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    async def follow(self, kv: KeyValue, handle: Callable[[KVEvent], None]) -> None:
+        async with contextlib.aclosing(Bus.watch(kv)) as events:
+            async for event in events:
+                if event is None:
+                    self.flush()
+                    if handle == self.on_record and not self.synced.is_set():
+                        self.prune()
+                        self.synced.set()
+                    continue
+                handle(event)
+
+    async def run(self, services: KeyValue, nodes: KeyValue) -> None:
+        await asyncio.gather(
+            self.follow(nodes, self.on_node), self.follow(services, self.on_record)
+        )
+
+    # --- introspection --------------------------------------------------------------------------
+
+    def dump(self) -> list[dict[str, Any]]:
+        """The maps as the kernel has them (not this process's idea of them)."""
+        backends = {}
+        for k, v in self.tables["lb_backends"].items():
+            ip, port, flags = _BACKEND.unpack(bytes(v))
+            backends[_U32.unpack(bytes(k))[0]] = (
+                f"{IPv4Address(ip)}:{int.from_bytes(port, 'big')}"
+                + ("(terminating)" if flags & TERMINATING else "")
+            )
+        slots: dict[int, list[tuple[int, int]]] = {}
+        for k, v in self.tables["lb_slots"].items():
+            fid, slot = _SLOT_KEY.unpack(bytes(k))
+            slots.setdefault(fid, []).append((slot, _U32.unpack(bytes(v))[0]))
+        maglev_ids: dict[int, set[int]] = {}
+        maglev_count: dict[int, int] = {}
+        for k, v in self.tables["lb_maglev"].items():
+            fid, _ = _SLOT_KEY.unpack(bytes(k))
+            maglev_count[fid] = maglev_count.get(fid, 0) + 1
+            maglev_ids.setdefault(fid, set()).add(_U32.unpack(bytes(v))[0])
+        owners = {f.id: key for key, record in self.records.items() for f in record.frontends}
+        rows = []
+        for k, v in self.tables["lb_services"].items():
+            ip, port, proto = _SERVICE_KEY.unpack(bytes(k))
+            fid, count, affinity, _size, algorithm = _SERVICE_VALUE.unpack(bytes(v))
+            chosen = (
+                sorted(maglev_ids.get(fid, set()))
+                if algorithm == ALG_MAGLEV
+                else [b for _, b in sorted(slots.get(fid, []))]
+            )
+            rows.append(
+                {
+                    "frontend": f"{IPv4Address(ip)}:{int.from_bytes(port, 'big')}",
+                    "protocol": {6: "TCP", 17: "UDP"}.get(proto, str(proto)),
+                    "id": fid,
+                    "service": owners.get(fid, ""),
+                    "algorithm": "maglev" if algorithm == ALG_MAGLEV else "random",
+                    "backends": count,
+                    "maglev_entries": maglev_count.get(fid, 0),
+                    "affinity_timeout": affinity,
+                    "backend_addresses": [backends.get(b, f"#{b}?") for b in chosen],
+                }
+            )
+        rows.sort(key=lambda r: (r["service"], r["frontend"]))
+        return rows
+
+
+def _update_batch(table: Any, items: dict[bytes, bytes]) -> None:
+    if not hasattr(table, "items_update_batch"):  # a plain dict (unit tests)
+        table.update(items)
+        return
+    keys = list(items)
+    key_type, leaf_type = table.Key, table.Leaf
+    for start in range(0, len(keys), 65536):
+        chunk = keys[start : start + 65536]
+        n = len(chunk)
+        ckeys = (key_type * n).from_buffer_copy(b"".join(chunk))
+        cvalues = (leaf_type * n).from_buffer_copy(b"".join(items[k] for k in chunk))
+        try:
+            table.items_update_batch(ckeys, cvalues)
+        except Exception as exc:  # bcc raises a bare Exception
+            raise OSError(str(exc)) from exc
+
+
+def _delete(table: Any, keys: set[bytes]) -> None:
+    if not hasattr(table, "items_delete_batch"):
+        for k in keys:
+            table.pop(k, None)
+        return
+    key_type = table.Key
+    for k in keys:  # one by one: a batch delete stops at the first key already gone
+        with contextlib.suppress(KeyError):
+            del table[key_type.from_buffer_copy(k)]
+
+
+def open_tables(bpf: Any) -> dict[str, Any]:
+    return {name: bpf.get_table(name) for name in MAP_NAMES}

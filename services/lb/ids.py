@@ -1,0 +1,89 @@
+"""Numbers the lb service hands out, kept in Redis so that they are stable and unique across
+replicas and restarts: frontend ids (the reverse-NAT index), backend ids, cluster IPs, node
+ports. Each kind is a pool; a whole apply allocates in one round trip per pool."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from shared.errors import AlreadyExists, ResourceExhausted
+from shared.redis_store import redis_errors
+
+PREFIX = "membrane:lb:"
+MAX_ID = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class Pool:
+    name: str
+    low: int
+    high: int
+
+    def keys(self) -> list[str]:
+        base = f"{PREFIX}{self.name}:"
+        return [base + "owners", base + "values", base + "cursor"]
+
+
+FRONTENDS = Pool("frontend", 1, MAX_ID)
+BACKENDS = Pool("backend", 1, MAX_ID)
+NODE_PORTS = Pool("nodeport", 30000, 32767)
+
+
+class Conflict(AlreadyExists):
+    def __init__(self, index: int, holder: str) -> None:
+        super().__init__(f"already allocated to {holder}")
+        self.index = index
+        self.holder = holder
+
+
+class Allocator:
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+        scripts = resources.files("services.lb")
+        self._allocate = client.register_script(scripts.joinpath("allocate.lua").read_text())
+        self._release = client.register_script(scripts.joinpath("release.lua").read_text())
+
+    async def allocate(self, pool: Pool, requests: Sequence[tuple[str, int]]) -> list[int]:
+        """The value of each (owner, requested or 0); raises :class:`Conflict` (nothing taken)."""
+        if not requests:
+            return []
+        for owner, _ in requests:
+            if "\t" in owner or "\n" in owner:
+                raise ValueError(f"an owner holds a tab or newline: {owner!r}")
+        args: list[str | int] = [pool.low, pool.high, "\n".join(f"{o}\t{w}" for o, w in requests)]
+        with redis_errors(f"allocating {pool.name}s"):
+            try:
+                result = await self._allocate(keys=pool.keys(), args=args)
+            except redis.exceptions.ResponseError as exc:
+                text = str(exc)
+                if text.startswith("conflict:"):
+                    _, index, holder = text.split(":", 2)
+                    raise Conflict(int(index), holder) from None
+                if "exhausted" in text:
+                    raise ResourceExhausted(
+                        f"no {pool.name} left in {pool.low}-{pool.high}"
+                    ) from None
+                raise
+        text = result.decode() if isinstance(result, bytes) else str(result)
+        return [int(v) for v in text.split(",")]
+
+    async def release(self, pool: Pool, owners: Sequence[str]) -> None:
+        if owners:
+            with redis_errors(f"releasing {pool.name}s"):
+                await self._release(keys=pool.keys()[:2], args=list(owners))
+
+    async def maglev_seed(self) -> int:
+        """One seed for the whole cluster, chosen by whichever replica asks first."""
+        key = PREFIX + "maglev-seed"
+        with redis_errors("reading the Maglev seed"):
+            await self.client.set(key, str(secrets.randbits(32)), nx=True)
+            value = await self.client.get(key)
+        if value is None:
+            raise ResourceExhausted("the Maglev seed vanished from Redis")
+        return int(value)

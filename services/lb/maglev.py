@@ -1,0 +1,70 @@
+"""Maglev lookup tables (Eisenbud et al., NSDI 2016), computed the same way on every node.
+
+Each backend gets a permutation of the table's slots from two hashes of its id and the cluster's
+seed; backends take turns claiming their next preferred free slot until the table is full. The
+table depends only on (backend ids, size, seed), so every node that computes it picks the same
+backend for the same flow, and a backend added or removed moves only about 1/N of the slots.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+DEFAULT_SIZE = 16381  # a prime, as the permutation needs; Cilium's default too
+
+
+def is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    if n % 2 == 0:
+        return n == 2
+    f = 3
+    while f * f <= n:
+        if n % f == 0:
+            return False
+        f += 2
+    return True
+
+
+def _offset_skip(backend: int, size: int, seed: int) -> tuple[int, int]:
+    digest = hashlib.blake2b(
+        backend.to_bytes(4, "little"), digest_size=16, key=seed.to_bytes(8, "little")
+    ).digest()
+    h1 = int.from_bytes(digest[:8], "little")
+    h2 = int.from_bytes(digest[8:], "little")
+    return h1 % size, h2 % (size - 1) + 1
+
+
+def table(backends: Sequence[int], size: int = DEFAULT_SIZE, seed: int = 0) -> list[int]:
+    """The backend id for every slot; ``[]`` without backends. ``size`` must be prime."""
+    ids = sorted(set(backends))  # the order must not depend on how the list was built
+    if not ids:
+        return []
+    if len(ids) == 1:
+        return [ids[0]] * size
+    n = len(ids)
+    entry = [0] * size
+    taken = bytearray(size)
+    pos: list[int] = []
+    skips: list[int] = []
+    for backend in ids:
+        offset, skip = _offset_skip(backend, size, seed)
+        pos.append(offset)
+        skips.append(skip)
+    filled = 0
+    while True:
+        for i in range(n):
+            c = pos[i]
+            s = skips[i]
+            while taken[c]:
+                c += s
+                if c >= size:
+                    c -= size
+            taken[c] = 1
+            entry[c] = ids[i]
+            c += s
+            pos[i] = c - size if c >= size else c
+            filled += 1
+            if filled == size:
+                return entry

@@ -1,0 +1,770 @@
+"""The lb service: Services, EndpointSlices and API frontends in, ``services`` records out.
+
+A request is validated completely, then its cluster IPs, node ports, frontend ids and backend
+ids are allocated in Redis (one round trip per pool for the whole request), then specs and
+records are written to the buckets, pipelined. Replicas share requests through a queue group;
+each follows the ``endpoints`` bucket so that services with a selector follow their pods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any, TypeVar
+
+import msgspec
+from nats.js.kv import KeyValue
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.lb import ids, maglev
+from services.lb.model import (
+    ApiService,
+    EndpointSliceSpec,
+    ServiceSpec,
+    parse_api,
+    parse_endpoint_slice,
+    parse_service,
+)
+from shared import __version__, log, metrics, subjects
+from shared.bus import Bus, KVEvent, MicroService, redact
+from shared.config import CommonSettings, env_name, setting
+from shared.errors import AlreadyExists, InvalidArgument, NotFound
+from shared.messages import (
+    Empty,
+    Endpoint,
+    LBApplyReply,
+    LBApplyRequest,
+    LBBackend,
+    LBCreateRequest,
+    LBDeleteReply,
+    LBFrontend,
+    LBListReply,
+    LBService,
+    LBServiceRef,
+    Message,
+)
+from shared.redis_store import make_redis
+from shared.runtime import TaskGroup, wait_for_shutdown
+
+Req = TypeVar("Req", bound=Message)
+Res = TypeVar("Res", bound=Message)
+
+ALGORITHM_ANNOTATION = "lb.membrane.io/algorithm"
+ALGORITHMS = ("maglev", "random")
+
+SERVICES = Gauge("membrane_lb_services", "Services known to this replica")
+WRITES = Counter("membrane_lb_records_written_total", "services bucket writes", ["op"])
+RECOMPUTE_SECONDS = Histogram(
+    "membrane_lb_recompute_seconds",
+    "From a pod or request to its services' records written",
+    ["cause"],
+    buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class LBSettings(CommonSettings):
+    service_cidr: str = setting("10.96.0.0/12", "range cluster IPs are allocated from")
+    lb_algorithm: str = setting("maglev", "backend selection: maglev or random")
+    maglev_table_size: int = setting(maglev.DEFAULT_SIZE, "Maglev table size (a prime)")
+    maglev_seed: int = setting(0, "Maglev seed for the cluster (0: chosen once, kept in Redis)")
+    concurrency: int = setting(32, "requests served at once per replica")
+
+    def __post_init__(self) -> None:
+        try:
+            IPv4Network(self.service_cidr)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc), field=env_name("service_cidr")) from None
+        if self.lb_algorithm not in ALGORITHMS:
+            raise InvalidArgument("maglev or random", field=env_name("lb_algorithm"))
+        if not maglev.is_prime(self.maglev_table_size) or self.maglev_table_size > 131071:
+            raise InvalidArgument(
+                "must be a prime up to 131071", field=env_name("maglev_table_size")
+            )
+
+
+class StoredSpec(msgspec.Struct, kw_only=True):
+    """An ``lb-specs`` value: what was applied (a Service, an EndpointSlice, an API service)."""
+
+    kind: str  # Service | EndpointSlice | api
+    document: dict[str, Any]
+
+
+Spec = ServiceSpec | ApiService
+
+
+def spec_key(kind: str, namespace: str, name: str) -> str:
+    return f"{'slice' if kind == 'EndpointSlice' else 'service'}.{namespace}.{name}"
+
+
+def record_key(namespace: str, name: str) -> str:
+    return f"{namespace}.{name}"
+
+
+def frontend_owner(ip: str, port: int, protocol: str) -> str:
+    return f"{ip}:{port}/{protocol}"
+
+
+@dataclasses.dataclass
+class Desired:
+    """A service's frontends and backends before ids are attached."""
+
+    key: str
+    spec: Spec
+    frontends: list[tuple[str, int, str, bool, list[tuple[str, int, bool]]]]
+    algorithm: str
+
+
+class LBCore:
+    def __init__(
+        self,
+        bus: Bus,
+        specs_kv: KeyValue,
+        services_kv: KeyValue,
+        allocator: ids.Allocator,
+        settings: LBSettings,
+        seed: int,
+    ) -> None:
+        self.bus = bus
+        self.specs_kv = specs_kv
+        self.services_kv = services_kv
+        self.allocator = allocator
+        self.settings = settings
+        self.cidr = IPv4Network(settings.service_cidr)
+        self.cluster_ips = ids.Pool(
+            "clusterip", int(self.cidr.network_address) + 1, int(self.cidr.broadcast_address) - 1
+        )
+        self.seed = seed
+        self.specs: dict[str, Spec] = {}  # by record key
+        self.algorithms: dict[str, str] = {}
+        self.slices: dict[str, EndpointSliceSpec] = {}  # by ns.slice-name
+        self.slices_of: dict[str, set[str]] = {}  # record key -> its slices' keys
+        self.frontend_owners: dict[tuple[str, int, str], str] = {}  # -> record key
+        # ids never change once given (Redis keeps them): known ones need no round trip
+        self.known_ids: dict[tuple[str, str], int] = {}
+        # KV subject -> hash of what this replica last wrote there: the watch skips its echo
+        self.own_writes: dict[str, int] = {}
+        self.pods: dict[str, Endpoint] = {}  # by endpoints key
+        self.records: dict[str, LBService] = {}
+        self.lock = asyncio.Lock()
+        self.dirty: set[str] = set()
+        self.wake = asyncio.Event()
+        self.synced = {n: asyncio.Event() for n in ("specs", "endpoints", "services")}
+        self.log = log.get("lb")
+
+    def _set_slice(self, key: str, item: EndpointSliceSpec | None) -> None:
+        old = self.slices.pop(key, None)
+        if old is not None:
+            self.slices_of.get(record_key(old.namespace, old.service), set()).discard(key)
+        if item is not None:
+            self.slices[key] = item
+            self.slices_of.setdefault(record_key(item.namespace, item.service), set()).add(key)
+
+    def _set_record(self, key: str, record: LBService | None) -> None:
+        old = self.records.pop(key, None)
+        if old is not None:
+            for f in old.frontends:
+                if self.frontend_owners.get((f.ip, f.port, f.protocol)) == key:
+                    del self.frontend_owners[(f.ip, f.port, f.protocol)]
+        if record is not None:
+            self.records[key] = record
+            for f in record.frontends:
+                self.frontend_owners[(f.ip, f.port, f.protocol)] = key
+
+    async def _ids(self, pool: ids.Pool, owners: list[str]) -> dict[str, int]:
+        missing = [o for o in owners if (pool.name, o) not in self.known_ids]
+        if missing:
+            values = await self.allocator.allocate(pool, [(o, 0) for o in missing])
+            for owner, value in zip(missing, values, strict=True):
+                self.known_ids[(pool.name, owner)] = value
+        return {o: self.known_ids[(pool.name, o)] for o in owners}
+
+    # --- parsing -----------------------------------------------------------------------------
+
+    def _parse(self, req: LBApplyRequest) -> list[tuple[str, Spec | EndpointSliceSpec, Any]]:
+        parsed: list[tuple[str, Spec | EndpointSliceSpec, Any]] = []
+        seen: set[tuple[str, str, str]] = set()
+        for index, document in enumerate(req.documents, start=1):
+            kind = document.get("kind") if isinstance(document, dict) else None
+            meta = document.get("metadata") if isinstance(document, dict) else None
+            name = meta.get("name", "?") if isinstance(meta, dict) else "?"
+            label = f"{req.source}: document {index} ({kind} {name})"
+            try:
+                item: Spec | EndpointSliceSpec
+                if kind == "Service":
+                    item = parse_service(document, self.cidr)
+                    annotations = meta.get("annotations") if isinstance(meta, dict) else None
+                    algorithm = (annotations or {}).get(ALGORITHM_ANNOTATION)
+                    if algorithm is not None and algorithm not in ALGORITHMS:
+                        raise InvalidArgument(
+                            f"{algorithm!r} is not maglev or random",
+                            field=f"metadata.annotations.{ALGORITHM_ANNOTATION}",
+                        )
+                elif kind == "EndpointSlice":
+                    item = parse_endpoint_slice(document)
+                else:
+                    raise InvalidArgument(
+                        f"the lb service takes Service and EndpointSlice, not {kind!r}",
+                        field="kind",
+                    )
+                ident = (str(kind), item.namespace, item.name)
+                if ident in seen:
+                    raise InvalidArgument(
+                        f"{kind} {item.namespace}/{item.name} is given twice", field="metadata.name"
+                    )
+                seen.add(ident)
+            except InvalidArgument as exc:
+                where = f"{exc.field}: " if exc.field else ""
+                raise InvalidArgument(f"{label}: {where}{exc.message}", field=exc.field) from None
+            parsed.append((str(kind), item, document))
+        return parsed
+
+    def _check_frontends(self, specs: Iterable[tuple[str, Spec]]) -> None:
+        """A frontend address belongs to one service."""
+        owners = self.frontend_owners
+        claimed: dict[tuple[str, int, str], str] = {}
+        for key, spec in specs:
+            if isinstance(spec, ApiService):
+                wanted = [(f.ip, f.port, f.protocol) for f in spec.frontends]
+            else:
+                wanted = [("0.0.0.0", p.node_port, p.protocol) for p in spec.ports if p.node_port]
+                if spec.cluster_ip:
+                    wanted += [(spec.cluster_ip, p.port, p.protocol) for p in spec.ports]
+            for address in wanted:
+                holder = claimed.get(address) or owners.get(address)
+                if holder is not None and holder != key:
+                    raise AlreadyExists(
+                        f"frontend {frontend_owner(*address)} of {key} belongs to {holder}",
+                        field="frontends",
+                    )
+                claimed[address] = key
+
+    # --- requests ----------------------------------------------------------------------------
+
+    async def apply(self, req: LBApplyRequest) -> LBApplyReply:
+        parsed = self._parse(req)
+        services = [
+            (record_key(i.namespace, i.name), i) for _, i, _ in parsed if isinstance(i, ServiceSpec)
+        ]
+        self._check_frontends(services)
+        if req.dry_run:
+            return LBApplyReply(results=[f"{k.lower()}/{i.name} valid" for k, i, _ in parsed])
+        async with self.lock:
+            started = time.perf_counter()
+            # cluster IPs first: a conflict there must stop the request before anything else
+            ips = await self._allocate_cluster_ips(services, parsed)
+            for (key, spec), ip in zip(services, ips, strict=True):
+                ip_text = str(IPv4Address(ip))
+                services_spec = dataclasses.replace(spec, cluster_ip=ip_text)
+                self.specs[key] = services_spec
+            # node ports not given are allocated, stable per service port
+            await self._allocate_node_ports([key for key, _ in services])
+            results: list[str] = []
+            stores: list[tuple[str, bytes]] = []
+            for kind, item, document in parsed:
+                skey = spec_key(kind, item.namespace, item.name)
+                if isinstance(item, EndpointSliceSpec):
+                    self._set_slice(f"{item.namespace}.{item.name}", item)
+                else:
+                    meta = document.get("metadata") or {}
+                    algorithm = (meta.get("annotations") or {}).get(ALGORITHM_ANNOTATION)
+                    self.algorithms[record_key(item.namespace, item.name)] = (
+                        algorithm or self.settings.lb_algorithm
+                    )
+                stored = dict(document)
+                if isinstance(item, ServiceSpec):  # the allocated address sticks on re-apply
+                    stored = _with_cluster_ip(
+                        stored, self.specs[record_key(item.namespace, item.name)]
+                    )
+                stores.append(
+                    (
+                        kv_subject(subjects.KV_LB_SPECS, skey),
+                        msgspec.json.encode(StoredSpec(kind=kind, document=stored)),
+                    )
+                )
+                results.append(f"{kind.lower()}/{item.name} applied")
+            touched = {
+                record_key(i.namespace, i.name)
+                for _, i, _ in parsed
+                if not isinstance(i, EndpointSliceSpec)
+            }
+            touched |= {
+                record_key(i.namespace, i.service)
+                for _, i, _ in parsed
+                if isinstance(i, EndpointSliceSpec)
+            }
+            await self._recompute(touched, stores)  # specs and records written together
+            RECOMPUTE_SECONDS.labels("apply").observe(time.perf_counter() - started)
+        SERVICES.set(len(self.specs))
+        return LBApplyReply(results=results)
+
+    async def _allocate_cluster_ips(
+        self, services: list[tuple[str, ServiceSpec]], parsed: list[Any]
+    ) -> list[int]:
+        requests = [
+            (key, int(IPv4Address(s.cluster_ip)) if s.cluster_ip else self._known_ip(key))
+            for key, s in services
+        ]
+        try:
+            return await self.allocator.allocate(self.cluster_ips, requests)
+        except ids.Conflict as exc:
+            key, spec = services[exc.index]
+            raise AlreadyExists(
+                f"{key}: spec.clusterIP: {spec.cluster_ip} is already allocated to {exc.holder}",
+                field="spec.clusterIP",
+            ) from None
+
+    def _known_ip(self, key: str) -> int:
+        spec = self.specs.get(key)
+        if isinstance(spec, ServiceSpec) and spec.cluster_ip:
+            return int(IPv4Address(spec.cluster_ip))
+        return 0
+
+    async def _allocate_node_ports(self, keys: list[str]) -> None:
+        requests: list[tuple[str, int]] = []
+        where: list[tuple[str, int]] = []
+        for key in keys:
+            spec = self.specs[key]
+            if not isinstance(spec, ServiceSpec) or not spec.node_port:
+                continue
+            for i, port in enumerate(spec.ports):
+                requests.append((f"{key}/{port.port}/{port.protocol}", port.node_port))
+                where.append((key, i))
+        try:
+            values = await self.allocator.allocate(ids.NODE_PORTS, requests)
+        except ids.Conflict as exc:
+            key, i = where[exc.index]
+            raise AlreadyExists(
+                f"{key}: spec.ports[{i}].nodePort: {requests[exc.index][1]} is already "
+                f"allocated to {exc.holder}",
+                field=f"spec.ports[{i}].nodePort",
+            ) from None
+        for (key, i), value in zip(where, values, strict=True):
+            spec = self.specs[key]
+            assert isinstance(spec, ServiceSpec)
+            ports = list(spec.ports)
+            ports[i] = dataclasses.replace(ports[i], node_port=value)
+            self.specs[key] = dataclasses.replace(spec, ports=tuple(ports))
+
+    async def create(self, req: LBCreateRequest) -> LBService:
+        spec = parse_api(req.namespace, req.name, req.frontends, req.backends, req.affinity_timeout)
+        key = record_key(spec.namespace, spec.name)
+        current = self.specs.get(key)
+        if isinstance(current, ServiceSpec):
+            raise AlreadyExists(f"{key} is a Kubernetes Service; delete it first", field="name")
+        self._check_frontends([(key, spec)])
+        async with self.lock:
+            self.specs[key] = spec
+            self.algorithms[key] = self.settings.lb_algorithm
+            document = {
+                "frontends": list(req.frontends),
+                "backends": list(req.backends),
+                "affinity_timeout": req.affinity_timeout,
+            }
+            await self.specs_kv.put(
+                spec_key("api", spec.namespace, spec.name),
+                msgspec.json.encode(StoredSpec(kind="api", document=document)),
+            )
+            await self._recompute({key})
+        return self.records[key]
+
+    def _find(self, ref: LBServiceRef) -> str:
+        key = record_key(ref.namespace or "default", ref.name)
+        if key not in self.specs and key not in self.records:
+            raise NotFound(f"no service {ref.namespace or 'default'}/{ref.name}", field="name")
+        return key
+
+    async def get(self, ref: LBServiceRef) -> LBService:
+        key = self._find(ref)
+        record = self.records.get(key)
+        if record is None:
+            raise NotFound(f"service {key} has no record yet", field="name")
+        return record
+
+    async def list_services(self, _: Empty) -> LBListReply:
+        return LBListReply(services=[self.records[k] for k in sorted(self.records)])
+
+    async def delete(self, ref: LBServiceRef) -> LBDeleteReply:
+        key = self._find(ref)
+        namespace, name = key.split(".", 1)
+        async with self.lock:
+            spec = self.specs.pop(key, None)
+            self.algorithms.pop(key, None)
+            self._set_record(key, None)
+            await self.specs_kv.delete(spec_key("Service", namespace, name))
+            await self.services_kv.delete(key)
+            WRITES.labels("delete").inc()
+            if isinstance(spec, ServiceSpec):
+                await self.allocator.release(self.cluster_ips, [key])
+                await self.allocator.release(
+                    ids.NODE_PORTS, [f"{key}/{p.port}/{p.protocol}" for p in spec.ports]
+                )
+        SERVICES.set(len(self.specs))
+        return LBDeleteReply(deleted=[key])
+
+    async def delete_slice(self, ref: LBServiceRef) -> LBDeleteReply:
+        key = f"{ref.namespace or 'default'}.{ref.name}"
+        found = self.slices.get(key)
+        self._set_slice(key, None)
+        if found is None:
+            raise NotFound(f"no EndpointSlice {key}", field="name")
+        async with self.lock:
+            await self.specs_kv.delete(f"slice.{key}")
+            await self._recompute({record_key(found.namespace, found.service)})
+        return LBDeleteReply(deleted=[f"slice/{key}"])
+
+    # --- records -----------------------------------------------------------------------------
+
+    def _desired(self, key: str) -> Desired | None:
+        spec = self.specs.get(key)
+        if spec is None:
+            return None
+        algorithm = self.algorithms.get(key, self.settings.lb_algorithm)
+        if isinstance(spec, ApiService):
+            backends = [(ip, port, False) for ip, port in spec.backends]
+            return Desired(
+                key,
+                spec,
+                [(f.ip, f.port, f.protocol, False, backends) for f in spec.frontends],
+                algorithm,
+            )
+        frontends: list[tuple[str, int, str, bool, list[tuple[str, int, bool]]]] = []
+        for port in spec.ports:
+            backends = self._backends(spec, port.name, port.protocol, port.target_port)
+            frontends.append((spec.cluster_ip, port.port, port.protocol, False, backends))
+            if port.node_port:
+                frontends.append(("0.0.0.0", port.node_port, port.protocol, True, backends))
+        return Desired(key, spec, frontends, algorithm)
+
+    def _backends(
+        self, spec: ServiceSpec, port_name: str, protocol: str, target: int | str
+    ) -> list[tuple[str, int, bool]]:
+        found: list[tuple[str, int, bool]] = []
+        if spec.selector is not None:
+            if not spec.selector:
+                return found  # an empty selector selects nothing for a Service
+            for pod in self.pods.values():
+                if pod.namespace != spec.namespace or not pod.ip:
+                    continue
+                if any(pod.labels.get(k) != v for k, v in spec.selector.items()):
+                    continue
+                if isinstance(target, int):
+                    found.append((pod.ip, target, False))
+                    continue
+                for cp in pod.ports:  # a named targetPort: the pod's port of that name
+                    if cp.name == target and cp.protocol == protocol:
+                        found.append((pod.ip, cp.port, False))
+                        break
+        else:
+            key = record_key(spec.namespace, spec.name)
+            for slice_key in sorted(self.slices_of.get(key, ())):
+                s = self.slices[slice_key]
+                for sp in s.ports:
+                    if sp.name != port_name or sp.protocol != protocol:
+                        continue
+                    for e in s.endpoints:
+                        if e.ready or e.terminating:
+                            found.append((e.ip, sp.port, e.terminating))
+        return sorted(set(found))
+
+    async def _recompute(
+        self, keys: set[str], writes: list[tuple[str, bytes]] | None = None
+    ) -> None:
+        """Write the records of ``keys`` that changed, with ``writes`` (pipelined together)."""
+        wanted = [d for d in (self._desired(k) for k in sorted(keys)) if d is not None]
+        fronts = sorted(
+            {
+                frontend_owner(ip, port, proto)
+                for d in wanted
+                for ip, port, proto, _, _ in d.frontends
+            }
+        )
+        backs = sorted(
+            {
+                frontend_owner(bip, bport, proto)
+                for d in wanted
+                for _, _, proto, _, backends in d.frontends
+                for bip, bport, _ in backends
+            }
+        )
+        front_ids = await self._ids(ids.FRONTENDS, fronts)
+        back_ids = await self._ids(ids.BACKENDS, backs)
+        records: list[tuple[str, bytes]] = []
+        for d in wanted:
+            record = LBService(
+                namespace=d.spec.namespace,
+                name=d.spec.name,
+                frontends=[
+                    LBFrontend(
+                        id=front_ids[frontend_owner(ip, port, proto)],
+                        ip=ip,
+                        port=port,
+                        protocol=proto,
+                        node_port=node_port,
+                        backends=[
+                            LBBackend(
+                                id=back_ids[frontend_owner(bip, bport, proto)],
+                                ip=bip,
+                                port=bport,
+                                terminating=terminating,
+                            )
+                            for bip, bport, terminating in backends
+                        ],
+                    )
+                    for ip, port, proto, node_port, backends in d.frontends
+                ],
+                algorithm=d.algorithm,
+                maglev_seed=self.seed,
+                maglev_size=self.settings.maglev_table_size,
+                affinity_timeout=d.spec.affinity_timeout,
+                source="api" if isinstance(d.spec, ApiService) else "kubernetes",
+            )
+            old = self.records.get(d.key)
+            if old is not None and msgspec.structs.replace(old, revision=0) == record:
+                continue
+            record = msgspec.structs.replace(record, revision=(old.revision if old else 0) + 1)
+            self._set_record(d.key, record)
+            records.append((kv_subject(subjects.KV_SERVICES, d.key), msgspec.json.encode(record)))
+        WRITES.labels("put").inc(len(records))
+        # the records first: they are what the datapath waits for
+        await self._write(records + (writes or []))
+
+    async def _write(self, puts: list[tuple[str, bytes]]) -> None:
+        """KV puts, pipelined: all but the last published without waiting for an ack, the
+        last acked. JetStream stores one connection's messages in the order sent, so that ack
+        means every earlier one is stored (an ack per put would cost a round trip each, which
+        at tens of thousands of services is most of the time)."""
+        if not puts:
+            return
+        nc = self.bus.nc
+        own = self.own_writes
+        for subject, payload in puts:
+            own[subject] = hash(payload)
+        for subject, payload in puts[:-1]:
+            await nc.publish(subject, payload)
+        subject, payload = puts[-1]
+        await self.bus.js.publish(subject, payload)
+
+    # --- watches -----------------------------------------------------------------------------
+
+    def _own(self, bucket: str, event: KVEvent) -> bool:
+        """Whether this is this replica's own write coming back (already applied here)."""
+        subject = kv_subject(bucket, event.key)
+        mine = self.own_writes.pop(subject, None)
+        return mine is not None and event.value is not None and hash(event.value) == mine
+
+    def on_spec(self, event: KVEvent) -> None:
+        """Another replica's (or an earlier run's) applied specs."""
+        if self._own(subjects.KV_LB_SPECS, event):
+            return
+        kind_prefix, _, rest = event.key.partition(".")
+        if event.value is None:
+            if kind_prefix == "slice":
+                found = self.slices.get(rest)
+                self._set_slice(rest, None)
+                if found is not None:
+                    self._mark(record_key(found.namespace, found.service))
+            else:
+                self.specs.pop(rest, None)
+            return
+        try:
+            stored = msgspec.json.decode(event.value, type=StoredSpec)
+            if stored.kind == "EndpointSlice":
+                item = parse_endpoint_slice(stored.document)
+                if self.slices.get(rest) != item:
+                    self._set_slice(rest, item)
+                    self._mark(record_key(item.namespace, item.service))
+            elif stored.kind == "Service":
+                spec = parse_service(stored.document, None)
+                if self.specs.get(rest) != spec:
+                    self.specs[rest] = spec
+                    annotations = (stored.document.get("metadata") or {}).get("annotations") or {}
+                    self.algorithms[rest] = annotations.get(
+                        ALGORITHM_ANNOTATION, self.settings.lb_algorithm
+                    )
+                    self._mark(rest)
+            else:
+                doc = stored.document
+                namespace, name = rest.split(".", 1)
+                api = parse_api(
+                    namespace,
+                    name,
+                    doc.get("frontends", []),
+                    doc.get("backends", []),
+                    int(doc.get("affinity_timeout", 0)),
+                )
+                if self.specs.get(rest) != api:
+                    self.specs[rest] = api
+                    self._mark(rest)
+        except (msgspec.ValidationError, msgspec.DecodeError, InvalidArgument) as exc:
+            self.log.error("stored spec does not parse; ignored", key=event.key, error=str(exc))
+
+    def on_endpoint(self, event: KVEvent) -> None:
+        old = self.pods.get(event.key)
+        new: Endpoint | None = None
+        if event.value is not None:
+            try:
+                new = msgspec.json.decode(event.value, type=Endpoint)
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                self.log.warning("unreadable endpoint", key=event.key)
+                return
+            self.pods[event.key] = new
+        else:
+            self.pods.pop(event.key, None)
+        for pod in (old, new):
+            if pod is None:
+                continue
+            for key, spec in self.specs.items():
+                if (
+                    isinstance(spec, ServiceSpec)
+                    and spec.selector
+                    and spec.namespace == pod.namespace
+                    and all(pod.labels.get(k) == v for k, v in spec.selector.items())
+                ):
+                    self._mark(key)
+
+    def on_record(self, event: KVEvent) -> None:
+        if self._own(subjects.KV_SERVICES, event):
+            return
+        if event.value is None:
+            self._set_record(event.key, None)
+            return
+        try:
+            record = msgspec.json.decode(event.value, type=LBService)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            self.log.warning("unreadable service record", key=event.key)
+            return
+        old = self.records.get(event.key)
+        if old is None or old.revision <= record.revision:
+            self._set_record(event.key, record)
+
+    def _mark(self, key: str) -> None:
+        self.dirty.add(key)
+        self.wake.set()
+
+    async def follow(self, name: str, kv: KeyValue, handle: Callable[[KVEvent], None]) -> None:
+        async with contextlib.aclosing(Bus.watch(kv)) as events:
+            async for event in events:
+                if event is None:
+                    self.synced[name].set()
+                    continue
+                handle(event)
+
+    async def reconcile_forever(self) -> None:
+        """Recompute services whose pods or slices changed, in batches."""
+        for event in self.synced.values():
+            await event.wait()
+        self.dirty |= set(self.specs) | set(self.records)  # start: make the bucket right
+        self.wake.set()
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            await asyncio.sleep(0.01)  # let a burst of pod changes coalesce
+            async with self.lock:
+                keys, self.dirty = self.dirty, set()
+                stale = [k for k in keys if k not in self.specs and k in self.records]
+                for key in stale:
+                    self._set_record(key, None)
+                    await self.services_kv.delete(key)
+                started = time.perf_counter()
+                try:
+                    await self._recompute(keys)
+                except Exception as exc:  # Redis or NATS away: try again shortly
+                    self.log.warning("recompute failed; retrying", error=str(exc))
+                    self.dirty |= keys
+                    await asyncio.sleep(1.0)
+                    self.wake.set()
+                    continue
+                RECOMPUTE_SECONDS.labels("watch").observe(time.perf_counter() - started)
+
+    async def register(self, metadata: dict[str, str], concurrency: int) -> MicroService:
+        micro = await self.bus.add_service(
+            subjects.LB_SERVICE, __version__, "services: frontends, backends, Maglev", metadata
+        )
+
+        async def serve(
+            name: str,
+            subject: str,
+            request_type: type[Req],
+            handler: Callable[[Req], Awaitable[Res]],
+        ) -> None:
+            await micro.endpoint(
+                name,
+                subject,
+                request_type,
+                handler,
+                queue_group=subjects.LB_QUEUE,
+                concurrency=concurrency,
+            )
+
+        await serve("apply", subjects.LB_APPLY, LBApplyRequest, self.apply)
+        await serve("create", subjects.LB_CREATE, LBCreateRequest, self.create)
+        await serve("delete", subjects.LB_DELETE, LBServiceRef, self.delete)
+        await serve("delete-slice", subjects.LB_DELETE_SLICE, LBServiceRef, self.delete_slice)
+        await serve("list", subjects.LB_LIST, Empty, self.list_services)
+        await serve("get", subjects.LB_GET, LBServiceRef, self.get)
+        return micro
+
+
+def _with_cluster_ip(document: dict[str, Any], spec: Spec) -> dict[str, Any]:
+    assert isinstance(spec, ServiceSpec)
+    given = document.get("spec") or {}
+    if given.get("clusterIP") == spec.cluster_ip and not spec.node_port:
+        return document  # nothing was allocated: store it as it came
+    body = dict(document)
+    body["spec"] = dict(body.get("spec") or {})
+    body["spec"]["clusterIP"] = spec.cluster_ip
+    ports = [dict(p) for p in body["spec"].get("ports") or []]
+    for port, parsed in zip(ports, spec.ports, strict=False):
+        if parsed.node_port:
+            port["nodePort"] = parsed.node_port
+    body["spec"]["ports"] = ports
+    return body
+
+
+def kv_subject(bucket: str, key: str) -> str:
+    """The subject a KV put goes to (JetStream's KV convention)."""
+    return f"$KV.{bucket}.{key}"
+
+
+async def run(settings: LBSettings) -> None:
+    logger = log.get("lb")
+    bus = await Bus.connect(settings.nats_url, "membrane-lb")
+
+    async def kv(name: str, description: str) -> KeyValue:
+        return await bus.kv(name, description=description, replicas=settings.kv_replicas)
+
+    allocator = ids.Allocator(make_redis(settings.redis_url))
+    seed = settings.maglev_seed or await allocator.maglev_seed()
+    core = LBCore(
+        bus,
+        await kv(subjects.KV_LB_SPECS, "service./slice.<namespace>.<name> -> applied document"),
+        await kv(subjects.KV_SERVICES, "namespace.name -> frontends, backends, revision"),
+        allocator,
+        settings,
+        seed,
+    )
+    endpoints = await kv(subjects.KV_ENDPOINTS, "namespace.pod -> endpoint")
+    tasks = TaskGroup()
+    tasks.spawn("watch-specs", lambda: core.follow("specs", core.specs_kv, core.on_spec))
+    tasks.spawn("watch-endpoints", lambda: core.follow("endpoints", endpoints, core.on_endpoint))
+    tasks.spawn("watch-services", lambda: core.follow("services", core.services_kv, core.on_record))
+    for event in core.synced.values():
+        await event.wait()
+    core.dirty.clear()
+    tasks.spawn("reconcile", core.reconcile_forever)
+    metrics_port = metrics.serve(settings.metrics_host, settings.metrics_port)
+    replica = settings.replica or f"lb-{id(core) & 0xFFFF}"
+    await core.register(
+        {"replica": replica, "metrics": f"{settings.metrics_host}:{metrics_port}"},
+        settings.concurrency,
+    )
+    logger.info("lb service ready", nats=redact(settings.nats_url), services=len(core.specs))
+    signal_name = await wait_for_shutdown()
+    logger.info("shutting down", signal=signal_name)
+    await tasks.close()
+    await bus.close()

@@ -1,0 +1,197 @@
+"""The lb service's pure parts: Maglev tables, Service/EndpointSlice parsing, map diffs."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from services.datapath import lb_sync
+from services.datapath.lb_sync import LBSync
+from services.lb import maglev
+from services.lb.model import parse_api, parse_endpoint_slice, parse_service
+from shared.errors import InvalidArgument
+from shared.messages import LBBackend, LBFrontend, LBService
+
+
+def test_maglev_is_balanced_deterministic_and_minimally_disrupted() -> None:
+    table = maglev.table([7, 3, 5], 16381, seed=42)
+    assert table == maglev.table([5, 7, 3], 16381, seed=42)  # order does not matter
+    counts = Counter(table)
+    assert set(counts) == {3, 5, 7}
+    assert max(counts.values()) - min(counts.values()) <= 1
+    assert maglev.table([3, 5, 7], 16381, seed=43) != table  # the seed matters
+    grown = maglev.table([3, 5, 7, 9], 16381, seed=42)
+    moved = sum(1 for a, b in zip(table, grown, strict=True) if a != b and b != 9)
+    assert moved < 16381 * 0.05  # adding a backend moves slots mostly to the new one
+    assert maglev.table([], 17) == []
+    assert maglev.table([4], 17) == [4] * 17
+    assert maglev.is_prime(16381) and not maglev.is_prime(16383)
+
+
+def svc(**spec: Any) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"}, "spec": spec}
+
+
+def test_service_parses_ports_named_target_affinity_and_node_port() -> None:
+    parsed = parse_service(
+        svc(
+            type="NodePort",
+            selector={"app": "web"},
+            sessionAffinity="ClientIP",
+            sessionAffinityConfig={"clientIP": {"timeoutSeconds": 30}},
+            ports=[
+                {"name": "http", "port": 80, "targetPort": "http-alt"},
+                {"name": "dns", "port": 53, "protocol": "UDP", "nodePort": 30053},
+            ],
+        )
+    )
+    assert parsed.selector == {"app": "web"}
+    assert parsed.affinity_timeout == 30
+    assert parsed.ports[0].target_port == "http-alt"
+    assert parsed.ports[1].target_port == 53 and parsed.ports[1].node_port == 30053
+    assert parsed.node_port and parsed.cluster_ip == ""
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({}, "spec.ports"),
+        ({"ports": [{"port": 0}]}, "spec.ports[0].port"),
+        ({"ports": [{"port": 70000}]}, "spec.ports[0].port"),
+        ({"ports": [{"port": 80}], "clusterIP": "10.1.2.300"}, "spec.clusterIP"),
+        ({"ports": [{"port": 80}], "clusterIP": "192.168.0.1"}, "spec.clusterIP"),
+        ({"ports": [{"port": 80, "protocol": "HTTP"}]}, "spec.ports[0].protocol"),
+        ({"ports": [{"port": 80}, {"port": 81}]}, "spec.ports[0].name"),
+        ({"ports": [{"name": "a", "port": 80}, {"name": "a", "port": 81}]}, "spec.ports[1].name"),
+        ({"ports": [{"name": "a", "port": 80}, {"name": "b", "port": 80}]}, "spec.ports[1].port"),
+        ({"ports": [{"port": 80, "nodePort": 30000}]}, "spec.ports[0].nodePort"),
+        ({"type": "NodePort", "ports": [{"port": 80, "nodePort": 80}]}, "spec.ports[0].nodePort"),
+        ({"ports": [{"port": 80}], "sessionAffinity": "Cookie"}, "spec.sessionAffinity"),
+        ({"ports": [{"port": 80, "targetPort": "Not_A_Name"}]}, "spec.ports[0].targetPort"),
+    ],
+)
+def test_bad_services_name_the_field(spec: dict[str, Any], field: str) -> None:
+    from ipaddress import IPv4Network
+
+    with pytest.raises(InvalidArgument) as caught:
+        parse_service(svc(**spec), IPv4Network("10.96.0.0/12"))
+    assert caught.value.field == field
+
+
+def test_endpoint_slice_and_api_mode() -> None:
+    parsed = parse_endpoint_slice(
+        {
+            "metadata": {"name": "s1", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080}],
+            "endpoints": [
+                {"addresses": ["10.0.0.1"]},
+                {"addresses": ["10.0.0.2"], "conditions": {"ready": False, "terminating": True}},
+            ],
+        }
+    )
+    assert parsed.service == "web" and parsed.ports[0].port == 8080
+    assert [(e.ready, e.terminating) for e in parsed.endpoints] == [(True, False), (False, True)]
+    with pytest.raises(InvalidArgument) as caught:
+        parse_endpoint_slice({"metadata": {"name": "s"}, "addressType": "IPv4"})
+    assert caught.value.field == "metadata.labels.kubernetes.io/service-name"
+    api = parse_api("default", "dns", ["10.1.0.1:53/udp"], ["10.0.0.1:5353"], 0)
+    assert api.frontends[0].protocol == "UDP" and api.backends == (("10.0.0.1", 5353),)
+    for frontends, backends, field in (
+        ([], [], "frontends"),
+        (["10.1.0.1"], [], "frontends[0]"),
+        (["10.1.0.1:80/TCP", "10.1.0.1:80/TCP"], [], "frontends"),
+        (["10.1.0.1:80"], ["10.0.0.1:99999"], "backends[0]"),
+    ):
+        with pytest.raises(InvalidArgument) as caught:
+            parse_api("default", "x", frontends, backends, 0)
+        assert caught.value.field == field
+
+
+def record(backends: list[tuple[int, str, bool]], algorithm: str = "random") -> LBService:
+    return LBService(
+        namespace="default",
+        name="web",
+        algorithm=algorithm,
+        maglev_size=17,
+        maglev_seed=1,
+        frontends=[
+            LBFrontend(
+                id=9,
+                ip="10.96.0.10",
+                port=80,
+                protocol="TCP",
+                backends=[
+                    LBBackend(id=i, ip=ip, port=8080, terminating=t) for i, ip, t in backends
+                ],
+            )
+        ],
+    )
+
+
+def test_lb_sync_writes_only_the_difference() -> None:
+    tables: dict[str, dict[bytes, bytes]] = {name: {} for name in lb_sync.MAP_NAMES}
+    sync = LBSync(tables)
+    ops = lb_sync.Ops()
+    sync._apply("default.web", record([(1, "10.0.0.1", False), (2, "10.0.0.2", False)]), ops)
+    sync.write(ops)
+    assert len(tables["lb_services"]) == 1 and len(tables["lb_slots"]) == 2
+    assert len(tables["lb_backends"]) == 2
+    # one backend goes terminating: it keeps its backend entry, loses its slot
+    ops = lb_sync.Ops()
+    sync._apply("default.web", record([(1, "10.0.0.1", False), (2, "10.0.0.2", True)]), ops)
+    assert sum(len(u) for u in ops.updates.values()) == 2  # service count, backend flags
+    assert sum(len(d) for d in ops.deletes.values()) == 1  # slot 1
+    sync.write(ops)
+    assert len(tables["lb_slots"]) == 1 and len(tables["lb_backends"]) == 2
+    # Maglev: the full table once, then only the slots that move
+    ops = lb_sync.Ops()
+    sync._apply("default.web", record([(1, "10.0.0.1", False)], "maglev"), ops)
+    sync.write(ops)
+    assert len(tables["lb_maglev"]) == 17 and not tables["lb_slots"]
+    ops = lb_sync.Ops()
+    sync._apply(
+        "default.web", record([(1, "10.0.0.1", False), (3, "10.0.0.3", False)], "maglev"), ops
+    )
+    assert 0 < len(ops.updates["lb_maglev"]) < 17
+    sync.write(ops)
+    # gone: nothing left behind
+    ops = lb_sync.Ops()
+    sync._apply("default.web", None, ops)
+    sync.write(ops)
+    assert all(not t for t in tables.values()), tables
+
+
+async def test_lb_sync_batches_a_burst_into_one_flush() -> None:
+    tables: dict[str, dict[bytes, bytes]] = {name: {} for name in lb_sync.MAP_NAMES}
+    sync = LBSync(tables)
+    import msgspec
+
+    from shared.bus import KVEvent
+
+    for i in range(100):
+        rec = msgspec.structs.replace(record([(i + 1, "10.0.0.1", False)]), name=f"s{i}")
+        rec.frontends[0].id = 1000 + i
+        rec.frontends[0].port = 1000 + i
+        sync.on_record(KVEvent(key=f"default.s{i}", value=msgspec.json.encode(rec), revision=i))
+    assert not tables["lb_services"]  # nothing until the loop runs the flush
+    await asyncio.sleep(0)
+    assert len(tables["lb_services"]) == 100
+    sync.on_record(KVEvent(key="default.s0", value=b"{not json", revision=101))
+    await asyncio.sleep(0)
+    assert len(tables["lb_services"]) == 99  # an unreadable record takes its service out
+
+
+def test_lb_sync_prunes_what_a_previous_agent_left() -> None:
+    tables: dict[str, dict[bytes, bytes]] = {name: {} for name in lb_sync.MAP_NAMES}
+    stale = lb_sync.service_key("10.96.9.9", 80, 6)
+    tables["lb_services"][stale] = b"\0" * 20  # a service deleted while no agent ran
+    sync = LBSync(tables)
+    ops = lb_sync.Ops()
+    sync._apply("default.web", record([(1, "10.0.0.1", False)]), ops)
+    sync.write(ops)
+    assert sync.prune() == 1
+    assert list(tables["lb_services"]) == [lb_sync.service_key("10.96.0.10", 80, 6)]
