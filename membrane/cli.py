@@ -57,6 +57,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         redis_url=args.redis_url or os.environ.get("MEMBRANE_REDIS_URL"),
         replicas=replicas,
         topology=topology,
+        routing=args.routing,
     )
     cliutil.say(f"cluster is up ({time.monotonic() - started:.1f}s)")
     print()
@@ -249,6 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--underlay-cidr", default=str(nodes.DEFAULT_RANGES[0]))
     p.add_argument("--cluster-cidr", default=str(nodes.DEFAULT_RANGES[1]), help="pod range")
     p.add_argument("--service-cidr", default=str(nodes.DEFAULT_RANGES[2]))
+    p.add_argument(
+        "--routing",
+        choices=("tunnel", "native"),
+        default="tunnel",
+        help="pod traffic between nodes: VXLAN tunnel carrying the identity, or native routes",
+    )
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("down", help="stop the local cluster and remove what it created")

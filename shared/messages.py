@@ -118,6 +118,8 @@ class Node(Message):
     router_ip: str
     heartbeat: float  # unix time of the last refresh; the entry is rewritten periodically
     version: str = ""
+    health_ip: str = ""  # the node's health endpoint (reserved identity health)
+    routing: str = ""  # tunnel | native, as this node's agent runs
 
 
 class ContainerPort(Message):
@@ -220,7 +222,7 @@ class Flow(Message):
     reason: int = 0  # Cilium drop reason code; 0 when forwarded
     reason_name: str = ""
     direction: str = ""  # "ingress" | "egress"
-    observation_point: str = ""  # "from-endpoint" | "to-endpoint"
+    observation_point: str = ""  # from-endpoint | to-endpoint | to-overlay | from-overlay
     src_ip: str = ""
     dst_ip: str = ""
     src_port: int = 0

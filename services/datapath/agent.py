@@ -26,7 +26,7 @@ from services.datapath.loader import Datapath
 from services.datapath.local_ipam import NodeIPAM
 from services.datapath.maps import EndpointInfo, IPCacheValue, LxcInfo, decode_ct, percpu_sum
 from services.datapath.policy_sync import LocalEndpoint, PolicySync
-from shared import agent_api, identities, log, subjects
+from shared import agent_api, log, subjects
 from shared.agent_api import AddEndpoint, DumpReply, DumpRequest, EndpointList, EndpointRef
 from shared.bus import Bus, KVEvent
 from shared.errors import AlreadyExists, InvalidArgument, MembraneError, NotFound
@@ -516,23 +516,6 @@ class Agent:
             self.ct_stale.add(str(old_net.network_address))
         self.ipcache.apply(event.key, entry)
         KV_TO_MAP.labels(subjects.KV_IPCACHE).inc()
-
-    def on_node(self, event: KVEvent) -> None:
-        if event.key == self.node.name:
-            return
-        peers = self.ipcache.local
-        if event.value is None:
-            return
-        try:
-            node = msgspec.json.decode(event.value, type=Node)
-            address = IPv4Network(f"{node.underlay_ip}/32")
-        except (msgspec.ValidationError, msgspec.DecodeError, ValueError):
-            BAD_MESSAGES.labels(subjects.KV_NODES).inc()
-            return
-        if address not in peers:
-            self.ipcache.set_local(
-                address, IPCacheValue(identities.REMOTE_NODE, address.network_address)
-            )
 
     async def follow(self, name: str, kv: KeyValue, handle: Callable[[KVEvent], None]) -> None:
         """Apply a bucket's snapshot, signal that it is in, then apply every change."""

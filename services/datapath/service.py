@@ -21,7 +21,7 @@ from typing import Any
 
 import msgspec
 
-from services.datapath import netns
+from services.datapath import netns, routing, tunnel
 from services.datapath.agent import Agent, Buckets
 from services.datapath.flow_publisher import FlowPublisher
 from services.datapath.loader import Datapath
@@ -61,6 +61,17 @@ class DatapathSettings(CommonSettings):
     )
     ct_gc_interval: float = setting(30.0, "seconds between sweeps of expired conntrack entries")
     dump_program: bool = setting(False, "print the BPF C source the agent compiles, and exit")
+    routing: str = setting("tunnel", "pod traffic between nodes: tunnel (VXLAN) or native")
+    tunnel_device: str = setting("mbr_vxlan", "the node's VXLAN device (tunnel mode)")
+    tunnel_port: int = setting(8472, "UDP port of the VXLAN overlay")
+    node_expiry: float = setting(
+        15.0, "seconds without a heartbeat after which another node counts as dead"
+    )
+    node_grace: float = setting(
+        60.0, "seconds a dead node's pods are kept (ipcache, endpoints) before release"
+    )
+    health_interval: float = setting(5.0, "seconds between health probes of every other node")
+    health_timeout: float = setting(2.0, "seconds a health probe waits for its answer")
 
     def __post_init__(self) -> None:
         if not self.node and not self.dump_program:
@@ -69,6 +80,10 @@ class DatapathSettings(CommonSettings):
             raise InvalidArgument("must be a power of two >= 4096", field=env_name("events_bytes"))
         if self.heartbeat_interval <= 0:
             raise InvalidArgument("must be positive", field=env_name("heartbeat_interval"))
+        tunnel.check_mode(self.routing, env_name("routing"))
+        for name in ("node_expiry", "health_interval", "health_timeout"):
+            if getattr(self, name) <= 0:
+                raise InvalidArgument("must be positive", field=env_name(name))
 
     @property
     def socket_path(self) -> Path:
@@ -107,9 +122,9 @@ async def _pod_cidr(bus: Bus, node: str, logger: Any) -> PodCIDR:
 
 async def run(settings: DatapathSettings) -> None:
     if settings.dump_program:
-        from services.datapath.loader import SOURCE
+        from services.datapath.loader import program_text
 
-        print(SOURCE.read_text())
+        print(program_text())
         return
     if settings.netns:
         enter_netns(settings.netns)
@@ -129,6 +144,7 @@ async def run(settings: DatapathSettings) -> None:
         router_ip=str(router),
         heartbeat=time.time(),
         version=__version__,
+        routing=settings.routing,
     )
     started = time.perf_counter()
     datapath = await asyncio.to_thread(
@@ -154,12 +170,39 @@ async def run(settings: DatapathSettings) -> None:
     for own in (underlay, router):
         agent.ipcache.set_local(IPv4Network(f"{own}/32"), IPCacheValue(identities.HOST))
 
+    vxlan_ifindex = 0
+    if settings.routing == "tunnel":
+        mtu = await asyncio.to_thread(tunnel.link_mtu, settings.underlay_device)
+        vxlan_ifindex = await asyncio.to_thread(
+            tunnel.ensure_vxlan, settings.tunnel_device, settings.tunnel_port, mtu
+        )
+        await asyncio.to_thread(datapath.attach_overlay, vxlan_ifindex)
+    else:
+        await asyncio.to_thread(tunnel.remove_vxlan, settings.tunnel_device)
+    tunnel.write_config(
+        datapath.overlay_config,
+        tunnel.OverlayConfig(
+            underlay,
+            vxlan_ifindex,
+            tunnel.ROUTING_TUNNEL if settings.routing == "tunnel" else tunnel.ROUTING_NATIVE,
+        ),
+    )
+    peers = routing.Peers(
+        node,
+        settings.routing,
+        agent.ipcache,
+        datapath.tunnel_peers,
+        expiry=settings.node_expiry,
+        grace=settings.node_grace,
+        release=lambda name: routing.release_node(buckets.ipcache, buckets.endpoints, name),
+    )
+
     tasks = TaskGroup()
     tasks.spawn(
         "watch-resolved", lambda: agent.follow("resolved", buckets.resolved, agent.on_resolved)
     )
     tasks.spawn("watch-ipcache", lambda: agent.follow("ipcache", buckets.ipcache, agent.on_ipcache))
-    tasks.spawn("watch-nodes", lambda: agent.follow("nodes", buckets.nodes, agent.on_node))
+    tasks.spawn("watch-nodes", lambda: agent.follow("nodes", buckets.nodes, peers.on_node))
     tasks.spawn(
         "watch-namespaces",
         lambda: agent.follow("namespaces", buckets.namespaces, agent.on_namespace),
@@ -168,6 +211,7 @@ async def run(settings: DatapathSettings) -> None:
         await event.wait()
         logger.debug("snapshot applied", bucket=name)
     await agent.adopt()
+    tasks.spawn("peers", peers.run)
 
     publisher = FlowPublisher(
         bus,
