@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import uvloop
 
-from membrane import cli_policy, cli_workloads, cliutil, nodes, output, stack
+from membrane import cli_nodes, cli_policy, cli_workloads, cliutil, nodes, output, stack
 from membrane.registry import SERVICES
 from shared import config, log, subjects
 from shared.bus import Bus, redact
@@ -91,6 +91,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     state = cliutil.state_dir(args)
     found = cliutil.with_bus(args, lambda bus: bus.discover(timeout=0.5))
     processes = state.processes()
+    cluster = state.read_cluster()
+    node_view = cli_nodes.show(args) if cluster is None or cluster.nodes else None
     if args.output == "json":
         output.emit_json(
             {
@@ -102,6 +104,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                     {"name": p.name, "pid": p.pid, "running": p.running, "restarts": p.restarts}
                     for p in processes
                 ],
+                **(cli_nodes.as_json(node_view) if node_view is not None else {}),
             }
         )
         return 0
@@ -118,7 +121,6 @@ def cmd_status(args: argparse.Namespace) -> int:
         ]
         for name, infos in sorted(by_name.items())
     ]
-    cluster = state.read_cluster()
     for name, entry in SERVICES.items():
         if entry.per_node and cluster is not None and not cluster.nodes:
             continue  # a local cluster without nodes runs no agent
@@ -144,6 +146,9 @@ def cmd_status(args: argparse.Namespace) -> int:
                 ],
             )
         )
+    if node_view is not None and node_view.nodes:
+        print()
+        print(cli_nodes.render(node_view))
     return 0
 
 
@@ -262,7 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--purge", action="store_true", help="also delete the state directory")
     p.set_defaults(func=cmd_down)
 
-    p = sub.add_parser("status", help="services, replicas and processes")
+    p = sub.add_parser(
+        "status", help="services, replicas, processes, nodes and their latency matrix"
+    )
     cliutil.output_flag(p)
     p.set_defaults(func=cmd_status)
 

@@ -305,3 +305,24 @@ class ExplainRequest(Message):
 class ExplainReply(Message):
     allowed: bool
     lines: list[str]
+
+
+class PeerHealth(Message):
+    """One node's view of another: the latest probe of each kind (milliseconds, or None when
+    it got no answer within the timeout)."""
+
+    node: str
+    icmp_ms: float | None = None  # echo to the node's underlay address
+    http_ms: float | None = None  # GET from this node's health endpoint to the peer's
+    reachable: bool = False  # the HTTP probe, through the datapath, answered
+    alive: bool = True  # its heartbeat in the nodes bucket is recent
+    failures: int = 0  # consecutive rounds without an HTTP answer
+
+
+class NodeHealth(Message):
+    """A round of health probes by one node (``membrane.health.<node>``, ``health`` bucket)."""
+
+    node: str
+    timestamp: float
+    interval: float
+    peers: list[PeerHealth] = msgspec.field(default_factory=list)

@@ -24,6 +24,7 @@ import msgspec
 from services.datapath import netns, routing, tunnel
 from services.datapath.agent import Agent, Buckets
 from services.datapath.flow_publisher import FlowPublisher
+from services.datapath.health import Health, health_address
 from services.datapath.loader import Datapath
 from services.datapath.maps import IPCacheValue
 from services.datapath.ringbuf import RingBuffer
@@ -145,6 +146,7 @@ async def run(settings: DatapathSettings) -> None:
         heartbeat=time.time(),
         version=__version__,
         routing=settings.routing,
+        health_ip=str(health_address(cidr.cidr)),
     )
     started = time.perf_counter()
     datapath = await asyncio.to_thread(
@@ -197,6 +199,20 @@ async def run(settings: DatapathSettings) -> None:
         release=lambda name: routing.release_node(buckets.ipcache, buckets.endpoints, name),
     )
 
+    health = Health(
+        agent,
+        peers,
+        bus,
+        await bus.kv(
+            subjects.KV_HEALTH,
+            description="node -> its latest health probes of every other node",
+            replicas=settings.kv_replicas,
+        ),
+        interval=settings.health_interval,
+        timeout=settings.health_timeout,
+    )
+    health.claim_address()
+
     tasks = TaskGroup()
     tasks.spawn(
         "watch-resolved", lambda: agent.follow("resolved", buckets.resolved, agent.on_resolved)
@@ -212,6 +228,8 @@ async def run(settings: DatapathSettings) -> None:
         logger.debug("snapshot applied", bucket=name)
     await agent.adopt()
     tasks.spawn("peers", peers.run)
+    await health.start()
+    tasks.spawn("health", health.run)
 
     publisher = FlowPublisher(
         bus,
@@ -274,6 +292,7 @@ async def run(settings: DatapathSettings) -> None:
     # a graceful stop leaves pods, programs and maps in place: the next agent adopts them
     logger.info("shutting down; endpoints keep forwarding", signal=signal_name)
     server.close()
+    await health.close()
     await micro.stop()
     await tasks.close()
     with contextlib.suppress(Exception):
