@@ -103,12 +103,16 @@ def render(view: NodesView, now: float | None = None) -> str:
         cells = []
         for source in names:
             report = reports.get(source)
+            # a node that stopped reporting: its last word is no longer news
+            stale = report is not None and now - report.timestamp > 3 * report.interval
             by_peer = {p.node: p for p in report.peers} if report else {}
             row: list[Any] = [source]
             for target in names:
                 probe = by_peer.get(target)
                 if target == source:
                     row.append("-")
+                elif stale:
+                    row.append("stale")
                 elif probe is None:
                     row.append("?")
                 elif not probe.reachable:

@@ -147,7 +147,10 @@ class Agent:
             ifindex = await asyncio.to_thread(netns.link_index, endpoint.host_ifname)
             if ifindex is None:
                 self.log.info("endpoint vanished while no agent ran; removing", endpoint=key)
-                await self._forget(endpoint)
+                # its namespace, if this node made it, holds a dead veth end: it goes too, so
+                # that the pod can be created again (the node itself died and came back)
+                owned = endpoint.netns.startswith(f"{netns.NETNS_DIR}/{self.pod_netns_prefix}")
+                await self._forget(endpoint, delete_netns=owned)
                 continue
             if ifindex != endpoint.host_ifindex or not endpoint.host_mac:
                 host_mac = await asyncio.to_thread(netns.link_mac, endpoint.host_ifname)

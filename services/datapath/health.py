@@ -101,6 +101,10 @@ class Health:
         on it and publish its ipcache entry. After ``adopt``, which prunes what it does not
         know."""
         agent, datapath = self.agent, self.agent.datapath
+        if await asyncio.to_thread(netns.link_index, HEALTH_IFNAME) is None:
+            # a namespace left from before this node's own namespace was recreated holds the
+            # other end of a veth that no longer exists: start afresh
+            await asyncio.to_thread(netns.delete_netns, netns_name(self.node.name))
         self.netns = await asyncio.to_thread(netns.ensure_netns, netns_name(self.node.name))
         wired = await asyncio.to_thread(
             netns.wire_endpoint, self.netns, "eth0", HEALTH_IFNAME, self.ip, agent.router

@@ -39,7 +39,7 @@ from shared.bus import KVEvent
 from shared.messages import Node
 
 NODES_ALIVE = Gauge("membrane_datapath_peer_nodes", "Other nodes by state", ["state"])
-ROUTE_PROTO = 188  # marks routes this module owns (any number iproute2 does not use)
+ROUTE_PROTO = 109  # marks routes this module owns (a number iproute2 names no protocol for)
 
 
 @dataclass(frozen=True)
