@@ -319,6 +319,13 @@ async def test_killed_node_is_marked_unreachable_fails_fast_and_rejoins(
         for proc in StateDir(cluster.state).processes()
         if proc.name == f"datapath-{victim_node}"
     )
+
+    async def all_reachable() -> None:
+        matrix = (await asyncio.to_thread(cluster.json, "status"))["matrix"]
+        for source in cluster.nodes[:2]:
+            assert matrix.get(source, {}).get(victim_node) is not None, matrix
+
+    await eventually(all_reachable, timeout=30, what="the victim reachable before the kill")
     os.kill(pid, signal.SIGKILL)
     await asyncio.to_thread(netns.remove_node, victim_node, f"{cluster.name}-u3")
     killed = time.monotonic()
@@ -326,7 +333,7 @@ async def test_killed_node_is_marked_unreachable_fails_fast_and_rejoins(
     async def unreachable() -> None:
         matrix = (await asyncio.to_thread(cluster.json, "status"))["matrix"]
         for source in cluster.nodes[:2]:
-            assert matrix[source][victim_node] is None, matrix
+            assert victim_node in matrix[source] and matrix[source][victim_node] is None, matrix
 
     # three probe intervals (5 s each), and a little for the last round's timeout
     await eventually(unreachable, timeout=17, what="the killed node marked unreachable")
