@@ -344,7 +344,7 @@ def rounds(bench: Bench, args: argparse.Namespace) -> Results:
 
 def report(results: Results, args: argparse.Namespace) -> float:
     def med(variant: str, metric: str) -> float:
-        return statistics.median(getattr(r, metric) for r in results.runs[variant])
+        return float(statistics.median(getattr(r, metric) for r in results.runs[variant]))
 
     print(
         f"Cross-node TCP, client on node 1 and server on node 2, both pinned to CPU {args.cpu}; "
