@@ -126,6 +126,9 @@ class Agent:
         self.namespace_labels: dict[str, dict[str, str]] = {}  # as last seen in the bucket
         # addresses whose identity changed or went: their connections are purged shortly
         self.ct_stale: set[str] = set()
+        # local addresses that are not pods' (the health endpoint): their connections are not
+        # swept as those of a pod gone
+        self.keep_ct: set[str] = set()
         self.watched: dict[str, set[str]] = {}  # bucket -> keys with a value, as applied
         self.log = log.get("datapath.agent", node=node.name)
 
@@ -562,7 +565,7 @@ class Agent:
 
     async def sweep_ct(self) -> None:
         """Expired entries, and those of addresses that changed hands (periodic)."""
-        live = {e.ip for e in self.endpoints.values()}
+        live = {e.ip for e in self.endpoints.values()} | self.keep_ct
         stale, self.ct_stale = self.ct_stale, set()
         await asyncio.to_thread(self.collect_ct, live)
         if stale:

@@ -218,6 +218,23 @@ async def test_policy_enforced_on_the_receiving_node(
         assert drop["reason"] == 133
         expected = "from-overlay" if mode == "tunnel" else "to-endpoint"
         assert drop["observation_point"] == expected
+        client_id = int(p["mn-client"]["identity"])
+
+        async def left_by_overlay() -> None:
+            traces = [
+                f
+                for f in tap.flows
+                if f["observation_point"] == "to-overlay"
+                and f["src_identity"] == client_id
+                and f["dst_identity"] == server_id
+            ]
+            if mode == "native":
+                assert not traces
+                return
+            assert traces and traces[0]["node"] == p["mn-client"]["node"]
+            assert traces[0]["verdict"] == "FORWARDED"
+
+        await eventually(left_by_overlay, timeout=10, what="a to-overlay trace of the client")
     finally:
         await tap.sub.unsubscribe()
         proc.kill()

@@ -35,7 +35,7 @@ def node_ns() -> Iterator[Path]:
     name = "mtest" + secrets.token_hex(3)
     path = netns.ensure_netns(name)
     try:
-        netns.in_netns(path, _underlay, IPv4Interface("192.0.2.11/24"))
+        netns.in_netns(path, _underlay, IPv4Interface("198.51.100.11/24"))
         yield path
     finally:
         netns.delete_netns(name)
@@ -67,7 +67,7 @@ def _routes() -> dict[str, tuple[str, str | None]]:
 def node(name: str, octet: int, heartbeat: float) -> Node:
     return Node(
         name=name,
-        underlay_ip=f"192.0.2.{octet}",
+        underlay_ip=f"198.51.100.{octet}",
         pod_cidr=f"10.9.{octet}.0/24",
         router_ip=f"10.9.{octet}.1",
         heartbeat=heartbeat,
@@ -102,14 +102,15 @@ async def test_join_expire_rejoin_leave(node_ns: Path, mode: str) -> None:
     peers.on_node(event(node("self", 11, time.time()), "self"))  # itself: ignored
     peers.on_node(event(node("b", 12, time.time()), "b"))
     routes = await reconcile()
-    b_address = IPv4Address("192.0.2.12")
+    b_address = IPv4Address("198.51.100.12")
     if mode == "native":
-        assert routes == {"10.9.12.0/24": ("unicast", "192.0.2.12")}
+        assert routes == {"10.9.12.0/24": ("unicast", "198.51.100.12")}
         assert tunnel_peers == {}
     else:
         assert routes == {}
         assert tunnel_peers == {b_address: 1}
-    assert ipcache[IPv4Network("192.0.2.12/32")] == IPCacheValue(identities.REMOTE_NODE, b_address)
+    remote_node = IPCacheValue(identities.REMOTE_NODE, b_address)
+    assert ipcache[IPv4Network("198.51.100.12/32")] == remote_node
 
     # its heartbeat expires: unreachable, whatever the mode; no tunnel to it
     peers.on_node(event(node("b", 12, time.time() - 20), "b"))
@@ -138,7 +139,7 @@ async def test_a_dead_nodes_pods_are_released_after_the_grace(bus: Bus) -> None:
     ipcache_kv = await bus.kv(subjects.KV_IPCACHE)
     endpoints_kv = await bus.kv(subjects.KV_ENDPOINTS)
     for key, owner in (("10.9.12.5", "b"), ("10.9.13.5", "c")):
-        entry = IPCacheEntry(cidr=f"{key}/32", identity=300, node=owner, host_ip="192.0.2.1")
+        entry = IPCacheEntry(cidr=f"{key}/32", identity=300, node=owner, host_ip="198.51.100.1")
         await ipcache_kv.put(key, msgspec.json.encode(entry))
         pod = Endpoint(
             namespace="default", name=f"p{owner}", node=owner, ip=key, identity=300, labels={}

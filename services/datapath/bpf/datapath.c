@@ -45,6 +45,7 @@ struct packet {
 	__u16 policy_port; /* host order: L4 destination port, or the ICMP type */
 	struct ct_key inner;
 	__u32 len;
+	__u8 opened; /* set by enforce(): this packet opened a connection (it made the ct entry) */
 };
 
 static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, __u8 proto, __u32 *saddr,
@@ -318,13 +319,14 @@ static __always_inline void reverse(struct ct_key *dst, struct ct_key *src, __u8
 /* A packet for a pod on this node goes straight to that pod's veth, where to_container
  * enforces its ingress policy: the node's routing and netfilter are skipped (as Cilium does).
  * Anything else takes the node's routing table. */
-static __always_inline int forward(struct __sk_buff *skb, __u8 direction, __u32 daddr)
+static __always_inline int forward(struct __sk_buff *skb, __u8 direction, struct packet *p)
 {
+	__u32 daddr = p->tuple.daddr;
 	if (direction != DIR_EGRESS)
 		return TC_ACT_OK;
 	struct lxc_info *dst = lxc.lookup(&daddr);
 	if (!dst)
-		return to_overlay(skb, daddr); /* overlay.h: another node's pod, in tunnel mode */
+		return to_overlay(skb, p); /* overlay.h: another node's pod, in tunnel mode */
 	struct ethhdr eth = {};
 	__builtin_memcpy(eth.h_dest, dst->mac, ETH_ALEN);
 	__builtin_memcpy(eth.h_source, dst->host_mac, ETH_ALEN);
@@ -421,6 +423,7 @@ static __always_inline int enforce(struct packet *p, struct endpoint_info *ep, _
 	fresh.expires_ns =
 		now + (p->tuple.protocol == IPPROTO_TCP ? CT_LIFETIME_TCP : CT_LIFETIME_NONTCP);
 	ct.update(&key, &fresh);
+	p->opened = 1;
 	count(0, direction, p->len);
 	emit(type, reason, direction, obs, p, ifindex, src_id, dst_id, rule_id, verdict);
 	return TC_ACT_OK;
@@ -455,7 +458,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction, __u8 ob
 	ret = enforce(&p, ep, ifindex, direction, obs, own, other, 0);
 	if (ret != TC_ACT_OK)
 		return ret;
-	return forward(skb, direction, p.tuple.daddr);
+	return forward(skb, direction, &p);
 }
 
 int from_container(struct __sk_buff *skb)

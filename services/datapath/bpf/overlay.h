@@ -56,8 +56,9 @@ static __always_inline int valid_vni(__u32 id)
 	       (id >= ID_CLUSTER_MIN && id <= ID_CLUSTER_MAX);
 }
 
-static __always_inline int to_overlay(struct __sk_buff *skb, __u32 daddr)
+static __always_inline int to_overlay(struct __sk_buff *skb, struct packet *p)
 {
+	__u32 daddr = p->tuple.daddr;
 	__u32 zero = 0;
 	struct overlay_config *cfg = overlay_config.lookup(&zero);
 	if (!cfg || cfg->mode != ROUTING_TUNNEL || !cfg->vxlan_ifindex)
@@ -82,6 +83,11 @@ static __always_inline int to_overlay(struct __sk_buff *skb, __u32 daddr)
 	tkey.tunnel_ttl = 64;
 	if (bpf_skb_set_tunnel_key(skb, &tkey, sizeof(tkey), BPF_F_ZERO_CSUM_TX) < 0)
 		return TC_ACT_SHOT;
+	/* the first packet of a connection is traced leaving for the other node, as Hubble's
+	 * to-overlay; established traffic is not (one event per packet would cost too much) */
+	if (p->opened)
+		emit(EVENT_TRACE, 0, DIR_EGRESS, OBS_TO_OVERLAY, p, ifindex, ep->identity, v->identity,
+		     0, EVENT_F_ALLOWED);
 	return bpf_redirect(cfg->vxlan_ifindex, 0);
 }
 
