@@ -131,8 +131,11 @@ int from_overlay(struct __sk_buff *skb)
 	eth.h_proto = bpf_htons(ETH_P_IP);
 	if (bpf_skb_store_bytes(skb, 0, &eth, sizeof(eth), 0) < 0)
 		return TC_ACT_SHOT;
+	/* straight into the pod's namespace (the veth's peer), as Cilium does from tc ingress:
+	 * no second pass through the veth and its backlog queue. The mark is for the fallback of
+	 * a plain redirect; it does not cross into the pod's namespace either way. */
 	skb->mark = MARK_FROM_OVERLAY;
-	return bpf_redirect(dst_ifindex, 0);
+	return bpf_redirect_peer(dst_ifindex, 0);
 }
 
 static __always_inline int delivered_from_overlay(struct __sk_buff *skb)
