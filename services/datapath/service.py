@@ -73,6 +73,9 @@ class DatapathSettings(CommonSettings):
     )
     health_interval: float = setting(5.0, "seconds between health probes of every other node")
     health_timeout: float = setting(2.0, "seconds a health probe waits for its answer")
+    leave_on_stop: bool = setting(
+        False, "delete this node from the nodes bucket when stopped (a node taken out for good)"
+    )
 
     def __post_init__(self) -> None:
         if not self.node and not self.dump_program:
@@ -295,6 +298,13 @@ async def run(settings: DatapathSettings) -> None:
     await health.close()
     await micro.stop()
     await tasks.close()
+    if settings.leave_on_stop:
+        # a graceful leave: the other nodes drop its routes and tunnel endpoint at once
+        try:
+            await buckets.nodes.delete(settings.node)
+            logger.info("left the cluster")
+        except Exception as exc:
+            logger.warning("could not leave the cluster", error=str(exc))
     with contextlib.suppress(Exception):
         await publisher.flush()
     await bus.close()
