@@ -15,6 +15,7 @@ import uvloop
 
 from membrane import (
     cli_lb,
+    cli_nodes,
     cli_observe,
     cli_policy,
     cli_status,
@@ -67,6 +68,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         redis_url=args.redis_url or os.environ.get("MEMBRANE_REDIS_URL"),
         replicas=replicas,
         topology=topology,
+        routing=args.routing,
     )
     cliutil.say(f"cluster is up ({time.monotonic() - started:.1f}s)")
     print()
@@ -100,6 +102,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     state = cliutil.state_dir(args)
     found = cliutil.with_bus(args, lambda bus: bus.discover(timeout=0.5))
     processes = state.processes()
+    cluster = state.read_cluster()
+    node_view = cli_nodes.show(args) if cluster is None or cluster.nodes else None
     if args.output == "json":
         output.emit_json(
             {
@@ -112,6 +116,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                     for p in processes
                 ],
                 **cli_status.cluster_json(args),
+                **(cli_nodes.as_json(node_view) if node_view is not None else {}),
             }
         )
         return 0
@@ -128,7 +133,6 @@ def cmd_status(args: argparse.Namespace) -> int:
         ]
         for name, infos in sorted(by_name.items())
     ]
-    cluster = state.read_cluster()
     for name, entry in SERVICES.items():
         if entry.per_node and cluster is not None and not cluster.nodes:
             continue  # a local cluster without nodes runs no agent
@@ -155,6 +159,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             )
         )
     cli_status.print_cluster(args)
+    if node_view is not None and node_view.nodes:
+        print()
+        print(cli_nodes.render(node_view))
     return 0
 
 
@@ -261,13 +268,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--underlay-cidr", default=str(nodes.DEFAULT_RANGES[0]))
     p.add_argument("--cluster-cidr", default=str(nodes.DEFAULT_RANGES[1]), help="pod range")
     p.add_argument("--service-cidr", default=str(nodes.DEFAULT_RANGES[2]))
+    p.add_argument(
+        "--routing",
+        choices=("tunnel", "native"),
+        default="tunnel",
+        help="pod traffic between nodes: VXLAN tunnel carrying the identity, or native routes",
+    )
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("down", help="stop the local cluster and remove what it created")
     p.add_argument("--purge", action="store_true", help="also delete the state directory")
     p.set_defaults(func=cmd_down)
 
-    p = sub.add_parser("status", help="services, replicas and processes")
+    p = sub.add_parser(
+        "status", help="services, replicas, processes, nodes and their latency matrix"
+    )
     cliutil.output_flag(p)
     p.set_defaults(func=cmd_status)
 

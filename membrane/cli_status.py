@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import time
 import urllib.request
 from typing import Any
 
@@ -23,10 +22,8 @@ from shared import subjects
 from shared.bus import Bus, ServiceInfo
 from shared.errors import MembraneError
 from shared.flow_api import MonitorStatus
-from shared.messages import Empty, Node, PolicyListReply
+from shared.messages import Empty, PolicyListReply
 
-# a node whose heartbeat is older than this is shown as not ready
-STALE_AFTER_S = 20.0
 SCRAPE_TIMEOUT_S = 2.0
 
 
@@ -39,34 +36,6 @@ async def _count_keys(bus: Bus, bucket: str) -> int | None:
         return None
     except (nats.errors.Error, TimeoutError):
         return None
-
-
-async def _nodes(bus: Bus) -> list[dict[str, Any]]:
-    try:
-        kv = await bus.js.key_value(subjects.KV_NODES)
-        entries = await Bus.snapshot(kv)
-    except (nats.errors.Error, TimeoutError):
-        return []
-    now = time.time()
-    found = []
-    for key, value in sorted(entries.items()):
-        try:
-            node = msgspec.json.decode(value, type=Node)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            found.append({"name": key, "ready": False, "error": "unreadable entry"})
-            continue
-        age = max(0.0, now - node.heartbeat)
-        found.append(
-            {
-                "name": node.name,
-                "underlay_ip": node.underlay_ip,
-                "pod_cidr": node.pod_cidr,
-                "version": node.version,
-                "heartbeat_age": round(age, 1),
-                "ready": age < STALE_AFTER_S,
-            }
-        )
-    return found
 
 
 def _scrape_pressure(address: str) -> dict[str, list[int]]:
@@ -120,8 +89,7 @@ async def gather(bus: Bus) -> dict[str, Any]:
     found = await bus.discover(timeout=0.5)
     agents = [i for i in found if i.name == subjects.DATAPATH_SERVICE]
     monitors = [i for i in found if i.name == subjects.MONITOR_SERVICE]
-    nodes, identities, endpoints, services, policies, monitor, pressure = await asyncio.gather(
-        _nodes(bus),
+    identities, endpoints, services, policies, monitor, pressure = await asyncio.gather(
         _count_keys(bus, subjects.KV_IDENTITIES),
         _count_keys(bus, subjects.KV_ENDPOINTS),
         _count_keys(bus, subjects.KV_SERVICES),
@@ -129,8 +97,8 @@ async def gather(bus: Bus) -> dict[str, Any]:
         _monitors(bus, monitors),
         _pressure(agents),
     )
+    # nodes, their health and the latency matrix: membrane.cli_nodes
     return {
-        "nodes": nodes,
         "counts": {
             "identities": identities,
             "endpoints": endpoints,
@@ -154,23 +122,6 @@ def _or_dash(value: object) -> str:
 def print_cluster(args: argparse.Namespace) -> None:
     """The cluster part of ``membrane status``, as tables."""
     summary = cliutil.with_bus(args, gather)
-    if summary["nodes"]:
-        print()
-        print(
-            output.table(
-                ["NODE", "READY", "UNDERLAY", "POD CIDR", "HEARTBEAT"],
-                [
-                    [
-                        n["name"],
-                        "yes" if n["ready"] else "no",
-                        n.get("underlay_ip", "-"),
-                        n.get("pod_cidr", "-"),
-                        f"{n['heartbeat_age']:.0f}s ago" if "heartbeat_age" in n else "-",
-                    ]
-                    for n in summary["nodes"]
-                ],
-            )
-        )
     print()
     counts = summary["counts"]
     print(

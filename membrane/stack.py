@@ -63,7 +63,11 @@ def nats_host(topology: Topology) -> str:
 
 
 def _cluster_info(
-    state: StateDir, nats_url: str | None, redis_url: str | None, topology: Topology
+    state: StateDir,
+    nats_url: str | None,
+    redis_url: str | None,
+    topology: Topology,
+    routing: str = "tunnel",
 ) -> ClusterInfo:
     """Keep ports and passwords of an earlier run, so clients and data stay valid."""
     old = state.read_cluster()
@@ -90,6 +94,7 @@ def _cluster_info(
         underlay_cidr=str(topology.underlay),
         cluster_cidr=str(topology.cluster_cidr),
         service_cidr=str(topology.service_cidr),
+        routing=routing,
     )
 
 
@@ -147,6 +152,7 @@ def build_plan(state: StateDir, info: ClusterInfo, replicas: dict[str, int]) -> 
                     "MEMBRANE_NODE": node,
                     "MEMBRANE_NETNS": node,
                     "MEMBRANE_METRICS_HOST": str(topology.node_address(index).ip),
+                    "MEMBRANE_ROUTING": info.routing,
                 },
             )
         )
@@ -161,6 +167,7 @@ def up(
     redis_url: str | None = None,
     replicas: dict[str, int] | None = None,
     topology: Topology | None = None,
+    routing: str = "tunnel",
     timeout: float = 90.0,
 ) -> ClusterInfo:
     replicas = replicas or {name: entry.default_replicas for name, entry in SERVICES.items()}
@@ -180,7 +187,7 @@ def up(
         except BaseException:
             nodes.remove(topology)  # nothing of a half-made node stays behind
             raise
-    info = _cluster_info(state, nats_url, redis_url, topology)
+    info = _cluster_info(state, nats_url, redis_url, topology, routing)
     state.write_cluster(info)
     state.run.mkdir(mode=0o700, parents=True, exist_ok=True)
     state.logs.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -37,6 +37,7 @@ class ClusterInfo(msgspec.Struct, kw_only=True):
     underlay_cidr: str = "172.31.0.0/24"
     cluster_cidr: str = "10.244.0.0/16"
     service_cidr: str = "10.96.0.0/12"
+    routing: str = "tunnel"  # pod traffic between nodes: tunnel (VXLAN) or native
 
 
 class ProcessState(msgspec.Struct, kw_only=True):

@@ -12,10 +12,10 @@ run() { printf '$ membrane %s\n' "$*"; "$M" "$@"; }
 step "Start the local cluster: NATS, Redis, the identity service, 2 nodes with their agents"
 "$M" up --nodes 2
 
-step "Three pods on one node; each gets an IP from the node's pod CIDR and an identity"
+step "Three pods on two nodes; each gets an IP from its node's pod CIDR and an identity"
 run pod create deathstar --labels org=empire,class=deathstar --node membrane-node-1
-run pod create xwing --labels org=alliance,class=xwing --node membrane-node-1
-run pod create tiefighter --labels org=empire,class=tiefighter --node membrane-node-1
+run pod create xwing --labels org=alliance,class=xwing --node membrane-node-2
+run pod create tiefighter --labels org=empire,class=tiefighter --node membrane-node-2
 run pod list
 
 ip_of() { "$M" pod list -o json | $PY -c "import json,sys; print([p['ip'] for p in json.load(sys.stdin) if p['name']=='$1'][0])"; }
@@ -23,7 +23,7 @@ DS_IP=$(ip_of deathstar)
 # a policy from an earlier run of this demo would still be stored
 "$M" policy delete empire-only >/dev/null 2>&1 || true
 
-step "A server in the deathstar pod; both ships can reach it (no policy yet)"
+step "A server in the deathstar pod (node 1); both ships (node 2) reach it over the VXLAN overlay"
 "$M" pod exec deathstar -- $PY tests/e2e/netprobe.py serve tcp 80 >/dev/null &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
@@ -66,7 +66,7 @@ echo "tiefighter asks $VIP:80 twelve times; each answer is the replica that serv
 "$M" pod exec tiefighter -- $PY tests/e2e/netprobe.py ask tcp "$VIP" 80 12 | $PY -c "import collections,json,sys; print(dict(collections.Counter(json.load(sys.stdin))))"
 run bpf lb --node membrane-node-1
 
-step "What runs where"
+step "What runs where, the nodes, and their latency matrix (health probes every 5 s)"
 run status
 
 step "The demo's flows as the monitor saw them: both pods, identities, reason and deciding policy"

@@ -368,19 +368,41 @@ class Bus:
         updates until its queue is full, and then blocks the connection's drain.
         """
         watcher = await kv.watch(keys)
+        caught_up = seen_any = False
         try:
             async for entry in watcher:
                 if entry is None:
+                    if caught_up:
+                        continue  # already signalled, at the last entry (below)
+                    if not seen_any and keys == ">" and await _has_messages(kv):
+                        # nats.py's marker can come too early: it reads the consumer's pending
+                        # count as 0 when the server already pushed every entry but none has been
+                        # processed yet (seen under load: an empty snapshot of a full bucket).
+                        # The entries are on their way; the last of them (delta 0) catches up.
+                        continue
+                    caught_up = True
                     yield None
                     continue
+                seen_any = True
                 deleted = entry.operation in ("DEL", "PURGE")
                 yield KVEvent(
                     key=entry.key,
                     value=None if deleted else entry.value,
                     revision=entry.revision or 0,
                 )
+                if not caught_up and entry.delta == 0:
+                    caught_up = True
+                    yield None
         finally:
             await watcher.stop()  # type: ignore[no-untyped-call]
+
+
+async def _has_messages(kv: KeyValue) -> bool:
+    """Whether the bucket's stream holds anything (values or delete markers)."""
+    try:
+        return bool((await kv.status()).values)
+    except Exception:  # no answer: trust the marker, as before
+        return False
 
 
 class MicroService:

@@ -118,6 +118,8 @@ class Node(Message):
     router_ip: str
     heartbeat: float  # unix time of the last refresh; the entry is rewritten periodically
     version: str = ""
+    health_ip: str = ""  # the node's health endpoint (reserved identity health)
+    routing: str = ""  # tunnel | native, as this node's agent runs
 
 
 class ContainerPort(Message):
@@ -239,7 +241,7 @@ class Flow(Message):
     reason: int = 0  # Cilium drop reason code; 0 when forwarded
     reason_name: str = ""
     direction: str = ""  # "ingress" | "egress"
-    observation_point: str = ""  # "from-endpoint" | "to-endpoint"
+    observation_point: str = ""  # from-endpoint | to-endpoint | to-overlay | from-overlay
     src_ip: str = ""
     dst_ip: str = ""
     src_port: int = 0
@@ -392,3 +394,24 @@ class LBListReply(Message):
 
 class LBDeleteReply(Message):
     deleted: list[str]
+
+
+class PeerHealth(Message):
+    """One node's view of another: the latest probe of each kind (milliseconds, or None when
+    it got no answer within the timeout)."""
+
+    node: str
+    icmp_ms: float | None = None  # echo to the node's underlay address
+    http_ms: float | None = None  # GET from this node's health endpoint to the peer's
+    reachable: bool = False  # the HTTP probe, through the datapath, answered
+    alive: bool = True  # its heartbeat in the nodes bucket is recent
+    failures: int = 0  # consecutive rounds without an HTTP answer
+
+
+class NodeHealth(Message):
+    """A round of health probes by one node (``membrane.health.<node>``, ``health`` bucket)."""
+
+    node: str
+    timestamp: float
+    interval: float
+    peers: list[PeerHealth] = msgspec.field(default_factory=list)

@@ -40,6 +40,8 @@ KV_RESOLVED: Final = "resolved"
 KV_SELECTORS: Final = "selectors"
 KV_SERVICES: Final = "services"
 KV_NAMESPACES: Final = "namespaces"
+# node -> its latest NodeHealth (probes of every other node)
+KV_HEALTH: Final = "health"
 
 # datapath agents publish batched flows on FLOWS_PREFIX.<node>
 FLOWS_PREFIX: Final = "membrane.flows"
@@ -48,6 +50,15 @@ FLOWS_ALL: Final = "membrane.flows.*"
 
 def flows(node: str) -> str:
     return f"{FLOWS_PREFIX}.{node}"
+
+
+# datapath agents publish each round of node health probes on HEALTH_PREFIX.<node>
+HEALTH_PREFIX: Final = "membrane.health"
+HEALTH_ALL: Final = "membrane.health.*"
+
+
+def health(node: str) -> str:
+    return f"{HEALTH_PREFIX}.{node}"
 
 
 # NATS micro discovery (the protocol's own subjects, used by `membrane status`)

@@ -27,7 +27,7 @@ from services.datapath.local_ipam import NodeIPAM
 from services.datapath.maps import EndpointInfo, IPCacheValue, LxcInfo, decode_ct, percpu_sum
 from services.datapath.metrics_collector import POLICY_IMPLEMENTATION
 from services.datapath.policy_sync import LocalEndpoint, PolicySync
-from shared import agent_api, identities, log, subjects
+from shared import agent_api, log, subjects
 from shared.agent_api import AddEndpoint, DumpReply, DumpRequest, EndpointList, EndpointRef
 from shared.bus import Bus, KVEvent
 from shared.errors import AlreadyExists, InvalidArgument, MembraneError, NotFound
@@ -132,6 +132,9 @@ class Agent:
         self.namespace_labels: dict[str, dict[str, str]] = {}  # as last seen in the bucket
         # addresses whose identity changed or went: their connections are purged shortly
         self.ct_stale: set[str] = set()
+        # local addresses that are not pods' (the health endpoint): their connections are not
+        # swept as those of a pod gone
+        self.keep_ct: set[str] = set()
         self.watched: dict[str, set[str]] = {}  # bucket -> keys with a value, as applied
         # every pod's (identity, container ports), cluster-wide: egress named ports
         self.pod_ports: dict[str, tuple[int, tuple[ContainerPort, ...]]] = {}
@@ -157,7 +160,10 @@ class Agent:
             ifindex = await asyncio.to_thread(netns.link_index, endpoint.host_ifname)
             if ifindex is None:
                 self.log.info("endpoint vanished while no agent ran; removing", endpoint=key)
-                await self._forget(endpoint)
+                # its namespace, if this node made it, holds a dead veth end: it goes too, so
+                # that the pod can be created again (the node itself died and came back)
+                owned = endpoint.netns.startswith(f"{netns.NETNS_DIR}/{self.pod_netns_prefix}")
+                await self._forget(endpoint, delete_netns=owned)
                 continue
             if ifindex != endpoint.host_ifindex or not endpoint.host_mac:
                 host_mac = await asyncio.to_thread(netns.link_mac, endpoint.host_ifname)
@@ -572,23 +578,6 @@ class Agent:
         self.ipcache.apply(event.key, entry)
         KV_TO_MAP.labels(subjects.KV_IPCACHE).inc()
 
-    def on_node(self, event: KVEvent) -> None:
-        if event.key == self.node.name:
-            return
-        peers = self.ipcache.local
-        if event.value is None:
-            return
-        try:
-            node = msgspec.json.decode(event.value, type=Node)
-            address = IPv4Network(f"{node.underlay_ip}/32")
-        except (msgspec.ValidationError, msgspec.DecodeError, ValueError):
-            BAD_MESSAGES.labels(subjects.KV_NODES).inc()
-            return
-        if address not in peers:
-            self.ipcache.set_local(
-                address, IPCacheValue(identities.REMOTE_NODE, address.network_address)
-            )
-
     async def follow(self, name: str, kv: KeyValue, handle: Callable[[KVEvent], None]) -> None:
         """Apply a bucket's snapshot, signal that it is in, then apply every change."""
         known = self.watched.setdefault(name, set())
@@ -631,7 +620,7 @@ class Agent:
 
     async def sweep_ct(self) -> None:
         """Expired entries, and those of addresses that changed hands (periodic)."""
-        live = {e.ip for e in self.endpoints.values()}
+        live = {e.ip for e in self.endpoints.values()} | self.keep_ct
         stale, self.ct_stale = self.ct_stale, set()
         await asyncio.to_thread(self.collect_ct, live)
         if stale:

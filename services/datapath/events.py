@@ -50,7 +50,9 @@ TYPES: Final = _table(
     {EVENT_DROP: "drop", EVENT_TRACE: "trace", EVENT_POLICY_VERDICT: "policy-verdict"}
 )
 DIRECTIONS: Final = _table({1: "ingress", 2: "egress"}, "")
-OBSERVATION_POINTS: Final = _table({1: "from-endpoint", 2: "to-endpoint"}, "")
+OBSERVATION_POINTS: Final = _table(
+    {1: "from-endpoint", 2: "to-endpoint", 3: "to-overlay", 4: "from-overlay"}, ""
+)
 PROTOCOLS: Final = _table({6: "TCP", 17: "UDP", 1: "ICMP"})
 # forwarded events carry reason 0 and, like Hubble, no reason name
 REASON_NAMES: Final = ("", *(reason_name(code) for code in range(1, 256)))

@@ -26,24 +26,15 @@ from shared.errors import Internal
 
 BPF_DIR = Path(__file__).resolve().parent / "bpf"
 SOURCE = BPF_DIR / "datapath.c"
-PROGRAMS = ("from_container", "to_container")
+# headers with code that calls map methods (map.lookup(...)): bcc rewrites those calls only in
+# the main source, so these are pasted into it in place of their #include
+INLINED_HEADERS = ("lb.h", "overlay.h")
+PROGRAMS = ("from_container", "to_container", "from_overlay")
 # tc hooks of the host-side veth: ingress sees what the pod sends
 PARENT_INGRESS = "ffff:fff2"
 PARENT_EGRESS = "ffff:fff3"
 FILTER_PRIO = 1
 FILTER_HANDLE = ":1"
-
-
-# Headers whose functions use map methods (table.lookup ...): bcc rewrites those only in the
-# main file, so these are spliced into it instead of being #included.
-INLINED_HEADERS = ("lb.h",)
-
-
-def program_source() -> str:
-    text = SOURCE.read_text()
-    for header in INLINED_HEADERS:
-        text = text.replace(f'#include "{header}"', (BPF_DIR / header).read_text())
-    return text
 
 
 def pin_dir(bpffs: Path, node: str) -> Path:
@@ -58,10 +49,22 @@ def remove_pins(bpffs: Path, node: str) -> None:
         pins.parent.rmdir()
 
 
+def program_text() -> str:
+    """The datapath's C source as bcc compiles it: datapath.c with INLINED_HEADERS pasted."""
+    text = SOURCE.read_text()
+    for header in INLINED_HEADERS:
+        include = f'#include "{header}"'
+        if include not in text:
+            raise Internal(f"{SOURCE.name} does not include {header}")
+        text = text.replace(include, (BPF_DIR / header).read_text(), 1)
+    return text
+
+
 @dataclass
 class Programs:
     from_container: Any
     to_container: Any
+    from_overlay: Any
 
 
 class Datapath:
@@ -80,7 +83,7 @@ class Datapath:
             f"-DEVENTS_BYTES={events_bytes}",
         ]
         try:
-            self.bpf = BPF(text=program_source().encode(), cflags=cflags)
+            self.bpf = BPF(text=program_text().encode(), cflags=cflags)
             fns = [self.bpf.load_func(name.encode(), BPF.SCHED_CLS) for name in PROGRAMS]
         except Exception as exc:  # bcc raises bare Exceptions for compile and verifier errors
             raise Internal(f"cannot load the datapath programs: {exc}") from exc
@@ -115,6 +118,14 @@ class Datapath:
             LxcInfo.pack,
             LxcInfo.unpack,
         )
+        self.overlay_config = table("overlay_config")
+        self.tunnel_peers: BpfMap[IPv4Address, int] = BpfMap(
+            table("tunnel_peers"),
+            maps.pack_address,
+            maps.unpack_address,
+            maps.pack_u32,
+            maps.unpack_u32,
+        )
         self.ct = table("ct")
         self.metrics = table("metrics")
         self.lost_events = table("lost_events")
@@ -128,16 +139,26 @@ class Datapath:
 
     def attach(self, ifindex: int) -> None:
         """Put both programs on a host-side veth (idempotent; replaces older programs)."""
+        self._attach(
+            ifindex,
+            (
+                (PARENT_INGRESS, self.programs.from_container),
+                (PARENT_EGRESS, self.programs.to_container),
+            ),
+        )
+
+    def attach_overlay(self, ifindex: int) -> None:
+        """Put from_overlay on the VXLAN device's ingress (idempotent)."""
+        self._attach(ifindex, ((PARENT_INGRESS, self.programs.from_overlay),))
+
+    def _attach(self, ifindex: int, hooks: tuple[tuple[str, Any], ...]) -> None:
         with IPRoute() as ipr:
             try:
                 ipr.tc("add", "clsact", ifindex)
             except NetlinkError as exc:
                 if exc.code != errno.EEXIST:
                     raise
-            for parent, fn in (
-                (PARENT_INGRESS, self.programs.from_container),
-                (PARENT_EGRESS, self.programs.to_container),
-            ):
+            for parent, fn in hooks:
                 ipr.tc(
                     "replace-filter",
                     "bpf",

@@ -66,6 +66,9 @@ IFF_UP = 0x1
 NODE_IFNAME = "eth0"
 ROUTER_KINDS = ("dummy", "ifb")  # in order of preference
 BLACKHOLE_METRIC = 4_000_000_000
+# the underlay carries 1500-byte pod frames inside VXLAN (50 bytes of headers), as a data
+# centre network with a raised MTU does: no fragmentation of the overlay, pods keep 1500
+UNDERLAY_MTU = 1550
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -198,7 +201,9 @@ def ensure_node(netns: str, bridge: str, address: IPv4Interface, root_ifname: st
             raise NotFound(f"underlay bridge {bridge} does not exist", field="bridge")
         link = _ensure_veth(ipr, root_ifname, path, NODE_IFNAME)
         _sysctl(f"net/ipv6/conf/{root_ifname}/disable_ipv6", "1", optional=True)
-        ipr.link("set", index=_index(link), master=_index(bridge_link), state="up")
+        ipr.link(
+            "set", index=_index(link), master=_index(bridge_link), mtu=UNDERLAY_MTU, state="up"
+        )
     in_netns(path, _configure_node_side, address)
 
 
@@ -547,7 +552,7 @@ def _configure_node_side(address: IPv4Interface) -> None:
         if link is None:
             raise Internal(f"{NODE_IFNAME} missing in the node namespace")
         _ensure_addr(ipr, _index(link), address)
-        ipr.link("set", index=_index(link), state="up")
+        ipr.link("set", index=_index(link), mtu=UNDERLAY_MTU, state="up")
 
 
 def _configure_pod_side(ifname: str, address: IPv4Address, router: IPv4Address) -> str:

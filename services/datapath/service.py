@@ -22,9 +22,10 @@ from typing import Any
 import msgspec
 from prometheus_client import REGISTRY
 
-from services.datapath import netns
+from services.datapath import netns, routing, tunnel
 from services.datapath.agent import Agent, Buckets
 from services.datapath.flow_publisher import FlowPublisher
+from services.datapath.health import Health, health_address
 from services.datapath.lb_sync import LBSync, open_tables
 from services.datapath.loader import Datapath
 from services.datapath.maps import IPCacheValue
@@ -64,6 +65,20 @@ class DatapathSettings(CommonSettings):
     )
     ct_gc_interval: float = setting(30.0, "seconds between sweeps of expired conntrack entries")
     dump_program: bool = setting(False, "print the BPF C source the agent compiles, and exit")
+    routing: str = setting("tunnel", "pod traffic between nodes: tunnel (VXLAN) or native")
+    tunnel_device: str = setting("mbr_vxlan", "the node's VXLAN device (tunnel mode)")
+    tunnel_port: int = setting(8472, "UDP port of the VXLAN overlay")
+    node_expiry: float = setting(
+        15.0, "seconds without a heartbeat after which another node counts as dead"
+    )
+    node_grace: float = setting(
+        60.0, "seconds a dead node's pods are kept (ipcache, endpoints) before release"
+    )
+    health_interval: float = setting(5.0, "seconds between health probes of every other node")
+    health_timeout: float = setting(2.0, "seconds a health probe waits for its answer")
+    leave_on_stop: bool = setting(
+        False, "delete this node from the nodes bucket when stopped (a node taken out for good)"
+    )
 
     def __post_init__(self) -> None:
         if not self.node and not self.dump_program:
@@ -72,6 +87,10 @@ class DatapathSettings(CommonSettings):
             raise InvalidArgument("must be a power of two >= 4096", field=env_name("events_bytes"))
         if self.heartbeat_interval <= 0:
             raise InvalidArgument("must be positive", field=env_name("heartbeat_interval"))
+        tunnel.check_mode(self.routing, env_name("routing"))
+        for name in ("node_expiry", "health_interval", "health_timeout"):
+            if getattr(self, name) <= 0:
+                raise InvalidArgument("must be positive", field=env_name(name))
 
     @property
     def socket_path(self) -> Path:
@@ -110,9 +129,9 @@ async def _pod_cidr(bus: Bus, node: str, logger: Any) -> PodCIDR:
 
 async def run(settings: DatapathSettings) -> None:
     if settings.dump_program:
-        from services.datapath.loader import program_source
+        from services.datapath.loader import program_text
 
-        print(program_source())
+        print(program_text())
         return
     if settings.netns:
         enter_netns(settings.netns)
@@ -132,6 +151,8 @@ async def run(settings: DatapathSettings) -> None:
         router_ip=str(router),
         heartbeat=time.time(),
         version=__version__,
+        routing=settings.routing,
+        health_ip=str(health_address(cidr.cidr)),
     )
     started = time.perf_counter()
     datapath = await asyncio.to_thread(
@@ -157,6 +178,47 @@ async def run(settings: DatapathSettings) -> None:
     for own in (underlay, router):
         agent.ipcache.set_local(IPv4Network(f"{own}/32"), IPCacheValue(identities.HOST))
 
+    vxlan_ifindex = 0
+    if settings.routing == "tunnel":
+        mtu = await asyncio.to_thread(tunnel.link_mtu, settings.underlay_device)
+        vxlan_ifindex = await asyncio.to_thread(
+            tunnel.ensure_vxlan, settings.tunnel_device, settings.tunnel_port, mtu
+        )
+        await asyncio.to_thread(datapath.attach_overlay, vxlan_ifindex)
+    else:
+        await asyncio.to_thread(tunnel.remove_vxlan, settings.tunnel_device)
+    tunnel.write_config(
+        datapath.overlay_config,
+        tunnel.OverlayConfig(
+            underlay,
+            vxlan_ifindex,
+            tunnel.ROUTING_TUNNEL if settings.routing == "tunnel" else tunnel.ROUTING_NATIVE,
+        ),
+    )
+    peers = routing.Peers(
+        node,
+        settings.routing,
+        agent.ipcache,
+        datapath.tunnel_peers,
+        expiry=settings.node_expiry,
+        grace=settings.node_grace,
+        release=lambda name: routing.release_node(buckets.ipcache, buckets.endpoints, name),
+    )
+
+    health = Health(
+        agent,
+        peers,
+        bus,
+        await bus.kv(
+            subjects.KV_HEALTH,
+            description="node -> its latest health probes of every other node",
+            replicas=settings.kv_replicas,
+        ),
+        interval=settings.health_interval,
+        timeout=settings.health_timeout,
+    )
+    health.claim_address()
+
     tasks = TaskGroup()
     tasks.spawn(
         "watch-resolved", lambda: agent.follow("resolved", buckets.resolved, agent.on_resolved)
@@ -168,7 +230,7 @@ async def run(settings: DatapathSettings) -> None:
         "watch-endpoints", lambda: agent.follow("endpoints", buckets.endpoints, agent.on_endpoint)
     )
     tasks.spawn("watch-ipcache", lambda: agent.follow("ipcache", buckets.ipcache, agent.on_ipcache))
-    tasks.spawn("watch-nodes", lambda: agent.follow("nodes", buckets.nodes, agent.on_node))
+    tasks.spawn("watch-nodes", lambda: agent.follow("nodes", buckets.nodes, peers.on_node))
     tasks.spawn(
         "watch-namespaces",
         lambda: agent.follow("namespaces", buckets.namespaces, agent.on_namespace),
@@ -185,6 +247,9 @@ async def run(settings: DatapathSettings) -> None:
         await event.wait()
         logger.debug("snapshot applied", bucket=name)
     await agent.adopt()
+    tasks.spawn("peers", peers.run)
+    await health.start()
+    tasks.spawn("health", health.run)
 
     publisher = FlowPublisher(
         bus,
@@ -249,8 +314,16 @@ async def run(settings: DatapathSettings) -> None:
     # a graceful stop leaves pods, programs and maps in place: the next agent adopts them
     logger.info("shutting down; endpoints keep forwarding", signal=signal_name)
     server.close()
+    await health.close()
     await micro.stop()
     await tasks.close()
+    if settings.leave_on_stop:
+        # a graceful leave: the other nodes drop its routes and tunnel endpoint at once
+        try:
+            await buckets.nodes.delete(settings.node)
+            logger.info("left the cluster")
+        except Exception as exc:
+            logger.warning("could not leave the cluster", error=str(exc))
     with contextlib.suppress(Exception):
         await publisher.flush()
     await bus.close()

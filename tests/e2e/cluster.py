@@ -25,10 +25,11 @@ class Cluster:
     state: Path
     name: str
     nats_url: str
+    node_count: int = 2
 
     @property
     def nodes(self) -> list[str]:
-        return [f"{self.name}-node-1", f"{self.name}-node-2"]
+        return [f"{self.name}-node-{i}" for i in range(1, self.node_count + 1)]
 
     def env(self) -> dict[str, str]:
         env = {**os.environ, "MEMBRANE_STATE_DIR": str(self.state)}

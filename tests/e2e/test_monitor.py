@@ -350,7 +350,7 @@ def test_status_lists_services_nodes_counts_and_map_pressure(
         "membrane-policy",
     } <= names
     assert [n["name"] for n in status["nodes"]] == cluster.nodes
-    assert all(n["ready"] for n in status["nodes"])
+    assert all(n["alive"] for n in status["nodes"])
     counts = status["counts"]
     assert counts["identities"] >= 3  # the three pods'; reserved ones are not in the bucket
     assert counts["endpoints"] >= 3 and counts["policies"] >= 1

@@ -45,6 +45,7 @@ struct packet {
 	__u16 policy_port; /* host order: L4 destination port, or the ICMP type */
 	struct ct_key inner;
 	__u32 len;
+	__u8 opened; /* set by enforce(): this packet opened a connection (it made the ct entry) */
 };
 
 static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, __u8 proto, __u32 *saddr,
@@ -313,16 +314,21 @@ static __always_inline void reverse(struct ct_key *dst, struct ct_key *src, __u8
 	dst->pad = 0;
 }
 
+/* --- service load balancing (lb.h): DNAT before egress policy, reverse NAT after ingress --- */
+#include "lb.h"
+#include "overlay.h" /* multi-node: to_overlay, the from_overlay program */
+
 /* A packet for a pod on this node goes straight to that pod's veth, where to_container
  * enforces its ingress policy: the node's routing and netfilter are skipped (as Cilium does).
  * Anything else takes the node's routing table. */
-static __always_inline int forward(struct __sk_buff *skb, __u8 direction, __u32 daddr)
+static __always_inline int forward(struct __sk_buff *skb, __u8 direction, struct packet *p)
 {
+	__u32 daddr = p->tuple.daddr;
 	if (direction != DIR_EGRESS)
 		return TC_ACT_OK;
 	struct lxc_info *dst = lxc.lookup(&daddr);
 	if (!dst)
-		return TC_ACT_OK;
+		return to_overlay(skb, p); /* overlay.h: another node's pod, in tunnel mode */
 	struct ethhdr eth = {};
 	__builtin_memcpy(eth.h_dest, dst->mac, ETH_ALEN);
 	__builtin_memcpy(eth.h_source, dst->host_mac, ETH_ALEN);
@@ -332,8 +338,100 @@ static __always_inline int forward(struct __sk_buff *skb, __u8 direction, __u32 
 	return bpf_redirect(dst->ifindex, 0);
 }
 
-/* Shared by both directions. `own` is the local endpoint's scope (CT_EGRESS when it sends),
- * `other` the scope in which its peer's side of the same traffic is tracked. */
+/* Conntrack and the endpoint's policy for one parsed packet: TC_ACT_OK when it may pass (the
+ * caller then forwards or delivers it), else it is dropped here. `own` is the local endpoint's
+ * scope (CT_EGRESS when it sends), `other` the scope in which its peer's side of the same
+ * traffic is tracked. `peer_hint` is the peer's identity when the caller knows it (the VNI of a
+ * packet from the overlay); 0 means "look it up in the ipcache". */
+static __always_inline int enforce(struct packet *p, struct endpoint_info *ep, __u32 ifindex,
+				   __u8 direction, __u8 obs, __u8 own, __u8 other, __u32 peer_hint)
+{
+	/* established traffic needs no identities: conntrack first, the ipcache only when new.
+	 * Conntrack lifetimes are seconds long: the coarse clock (a cached read) is enough. */
+	__u64 now = bpf_ktime_get_coarse_ns();
+	struct ct_key key = p->tuple;
+	key.scope = own;
+	key.pad = 0;
+	struct ct_entry *e = ct_lookup(&key, now);
+	if (e && !reopens(e, p)) {
+		ct_refresh(e, p, now);
+		count(0, direction, p->len);
+		return TC_ACT_OK;
+	}
+	/* a reply never opens: a SYN is a new connection even against a tracked one's
+	 * direction, so it need not look for one */
+	if (!pure_syn(p)) {
+		struct ct_key rkey = {};
+		reverse(&rkey, &p->tuple, other);
+		e = ct_lookup(&rkey, now);
+		if (e) {
+			ct_refresh(e, p, now);
+			count(0, direction, p->len);
+			return TC_ACT_OK;
+		}
+	}
+	/* An ICMP error about a connection this endpoint is part of, in either role. The quoted
+	 * packet must involve the endpoint itself -- sent by it (an error it receives) or to it
+	 * (an error it sends back to the sender) -- or a pod could smuggle any ICMP past policy
+	 * by quoting some other pod's connection. */
+	if (p->icmp_related &&
+	    (direction == DIR_INGRESS ? p->inner.saddr == ep->ip
+				      : p->inner.daddr == ep->ip && p->inner.saddr == p->tuple.daddr)) {
+		struct ct_key ikey = p->inner;
+		ikey.scope = other;
+		ikey.pad = 0;
+		if (ct_lookup(&ikey, now)) {
+			count(0, direction, p->len);
+			return TC_ACT_OK;
+		}
+		reverse(&ikey, &p->inner, own);
+		if (ct_lookup(&ikey, now)) {
+			count(0, direction, p->len);
+			return TC_ACT_OK;
+		}
+	}
+
+	/* a new connection */
+	__u32 peer_id = peer_hint ? peer_hint
+				  : lookup_identity(direction == DIR_EGRESS ? p->tuple.daddr
+									    : p->tuple.saddr);
+	__u32 src_id = direction == DIR_EGRESS ? ep->identity : peer_id;
+	__u32 dst_id = direction == DIR_EGRESS ? peer_id : ep->identity;
+	__u32 enforced = direction == DIR_EGRESS ? EP_ENFORCE_EGRESS : EP_ENFORCE_INGRESS;
+	__u32 audit = direction == DIR_EGRESS ? EP_AUDIT_EGRESS : EP_AUDIT_INGRESS;
+	__u32 rule_id = 0;
+	__u8 type = EVENT_TRACE;
+	__u8 verdict = EVENT_F_ALLOWED;
+	int reason = 0;
+	if (ep->flags & EP_POLICY_FAILED)
+		return drop(DROP_POLICY, direction, obs, p, ifindex, src_id, dst_id, 0);
+	if (ep->flags & enforced) {
+		reason = policy_check(ifindex, direction, peer_id, p->tuple.protocol, p->policy_port,
+				      &rule_id);
+		if (reason && !(ep->flags & audit))
+			return drop(reason, direction, obs, p, ifindex, src_id, dst_id, rule_id);
+		if (reason)
+			verdict = EVENT_F_AUDIT; /* let through, but say what would have happened */
+		type = EVENT_POLICY_VERDICT;
+	}
+	struct ct_entry fresh = {
+		.packets = 1,
+		.bytes = p->len,
+		.rule_id = rule_id,
+		.src_identity = src_id,
+		.dst_identity = dst_id,
+		.tcp_flags_seen = p->tcp_flags,
+	};
+	fresh.expires_ns =
+		now + (p->tuple.protocol == IPPROTO_TCP ? CT_LIFETIME_TCP : CT_LIFETIME_NONTCP);
+	ct.update(&key, &fresh);
+	p->opened = 1;
+	count(0, direction, p->len);
+	emit(type, reason, direction, obs, p, ifindex, src_id, dst_id, rule_id, verdict);
+	return TC_ACT_OK;
+}
+
+/* Shared by both directions of a pod's veth. */
 static __always_inline int handle(struct __sk_buff *skb, __u8 direction, __u8 obs, __u8 own,
 				  __u8 other)
 {
@@ -359,91 +457,11 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction, __u8 ob
 	/* a pod may only send from its own address */
 	if (direction == DIR_EGRESS && p.tuple.saddr != ep->ip)
 		return drop(DROP_INVALID_SIP, direction, obs, &p, ifindex, ep->identity, 0, 0);
-
-	/* established traffic needs no identities: conntrack first, the ipcache only when new.
-	 * Conntrack lifetimes are seconds long: the coarse clock (a cached read) is enough. */
-	__u64 now = bpf_ktime_get_coarse_ns();
-	struct ct_key key = p.tuple;
-	key.scope = own;
-	key.pad = 0;
-	struct ct_entry *e = ct_lookup(&key, now);
-	if (e && !reopens(e, &p)) {
-		ct_refresh(e, &p, now);
-		count(0, direction, p.len);
-		return forward(skb, direction, p.tuple.daddr);
-	}
-	/* a reply never opens: a SYN is a new connection even against a tracked one's
-	 * direction, so it need not look for one */
-	if (!pure_syn(&p)) {
-		struct ct_key rkey = {};
-		reverse(&rkey, &p.tuple, other);
-		e = ct_lookup(&rkey, now);
-		if (e) {
-			ct_refresh(e, &p, now);
-			count(0, direction, p.len);
-			return forward(skb, direction, p.tuple.daddr);
-		}
-	}
-	/* An ICMP error about a connection this endpoint is part of, in either role. The quoted
-	 * packet must involve the endpoint itself -- sent by it (an error it receives) or to it
-	 * (an error it sends back to the sender) -- or a pod could smuggle any ICMP past policy
-	 * by quoting some other pod's connection. */
-	if (p.icmp_related &&
-	    (direction == DIR_INGRESS ? p.inner.saddr == ep->ip
-				      : p.inner.daddr == ep->ip && p.inner.saddr == p.tuple.daddr)) {
-		struct ct_key ikey = p.inner;
-		ikey.scope = other;
-		ikey.pad = 0;
-		if (ct_lookup(&ikey, now)) {
-			count(0, direction, p.len);
-			return forward(skb, direction, p.tuple.daddr);
-		}
-		reverse(&ikey, &p.inner, own);
-		if (ct_lookup(&ikey, now)) {
-			count(0, direction, p.len);
-			return forward(skb, direction, p.tuple.daddr);
-		}
-	}
-
-	/* a new connection */
-	__u32 peer_id = lookup_identity(direction == DIR_EGRESS ? p.tuple.daddr : p.tuple.saddr);
-	__u32 src_id = direction == DIR_EGRESS ? ep->identity : peer_id;
-	__u32 dst_id = direction == DIR_EGRESS ? peer_id : ep->identity;
-	__u32 enforce = direction == DIR_EGRESS ? EP_ENFORCE_EGRESS : EP_ENFORCE_INGRESS;
-	__u32 audit = direction == DIR_EGRESS ? EP_AUDIT_EGRESS : EP_AUDIT_INGRESS;
-	__u32 rule_id = 0;
-	__u8 type = EVENT_TRACE;
-	__u8 verdict = EVENT_F_ALLOWED;
-	int reason = 0;
-	if (ep->flags & EP_POLICY_FAILED)
-		return drop(DROP_POLICY, direction, obs, &p, ifindex, src_id, dst_id, 0);
-	if (ep->flags & enforce) {
-		reason = policy_check(ifindex, direction, peer_id, p.tuple.protocol, p.policy_port,
-				      &rule_id);
-		if (reason && !(ep->flags & audit))
-			return drop(reason, direction, obs, &p, ifindex, src_id, dst_id, rule_id);
-		if (reason)
-			verdict = EVENT_F_AUDIT; /* let through, but say what would have happened */
-		type = EVENT_POLICY_VERDICT;
-	}
-	struct ct_entry fresh = {
-		.packets = 1,
-		.bytes = p.len,
-		.rule_id = rule_id,
-		.src_identity = src_id,
-		.dst_identity = dst_id,
-		.tcp_flags_seen = p.tcp_flags,
-	};
-	fresh.expires_ns =
-		now + (p.tuple.protocol == IPPROTO_TCP ? CT_LIFETIME_TCP : CT_LIFETIME_NONTCP);
-	ct.update(&key, &fresh);
-	count(0, direction, p.len);
-	emit(type, reason, direction, obs, &p, ifindex, src_id, dst_id, rule_id, verdict);
-	return forward(skb, direction, p.tuple.daddr);
+	ret = enforce(&p, ep, ifindex, direction, obs, own, other, 0);
+	if (ret != TC_ACT_OK)
+		return ret;
+	return forward(skb, direction, &p);
 }
-
-/* --- service load balancing (lb.h): DNAT before egress policy, reverse NAT after ingress --- */
-#include "lb.h"
 
 int from_container(struct __sk_buff *skb)
 {
@@ -455,6 +473,8 @@ int from_container(struct __sk_buff *skb)
 
 int to_container(struct __sk_buff *skb)
 {
+	if (delivered_from_overlay(skb)) /* overlay.h: from_overlay enforced (and un-NATed) it */
+		return TC_ACT_OK;
 	int ret = handle(skb, DIR_INGRESS, OBS_TO_ENDPOINT, CT_INGRESS, CT_EGRESS);
 	if (ret == TC_ACT_OK)
 		lb_to_container(skb);

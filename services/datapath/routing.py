@@ -1,0 +1,240 @@
+"""The other nodes, as this node's agent sees them: routes, tunnel endpoints, node addresses.
+
+The ``nodes`` bucket is the membership: a node joins by writing its entry and stays by
+rewriting it (the heartbeat); it leaves gracefully by deleting it. A node whose heartbeat is
+older than ``expiry`` is dead. For every other node the kernel gets:
+
+- alive, native routing: a route for its pod CIDR via its underlay address;
+- alive, tunnel mode: its underlay address in the ``tunnel_peers`` map (from_container
+  tunnels to it; the ipcache says which pod sits behind which node);
+- dead: an unreachable route for its pod CIDR and no tunnel entry, so that traffic to its pods
+  fails at once with an ICMP error instead of vanishing into the underlay;
+- its underlay address in the ipcache as ``remote-node`` while it is known.
+
+A dead node's pods (their ipcache and endpoints entries) are released by the survivors after
+``grace`` seconds: whichever agent gets there first deletes them, the rest find nothing to do.
+All kernel work is a diff against what was applied, so a heartbeat costs nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+import msgspec
+from prometheus_client import Gauge
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from services.datapath.ipcache_sync import IPCacheSync
+from services.datapath.maps import IPCacheValue
+from shared import identities, log, subjects
+from shared.bus import KVEvent
+from shared.messages import Node
+
+NODES_ALIVE = Gauge("membrane_datapath_peer_nodes", "Other nodes by state", ["state"])
+ROUTE_PROTO = 109  # marks routes this module owns (a number iproute2 names no protocol for)
+
+
+@dataclass(frozen=True)
+class PeerState:
+    """What the kernel holds for one other node."""
+
+    pod_cidr: str
+    underlay_ip: str
+    alive: bool
+
+
+class Peers:
+    def __init__(
+        self,
+        node: Node,
+        mode: str,
+        ipcache: IPCacheSync,
+        tunnel_peers: Any,  # MutableMapping[IPv4Address, int], the BPF map
+        *,
+        expiry: float,
+        grace: float,
+        release: Callable[[str], Awaitable[int]] | None = None,
+    ) -> None:
+        self.node = node
+        self.mode = mode
+        self.ipcache = ipcache
+        self.tunnel_peers = tunnel_peers
+        self.expiry = expiry
+        self.grace = grace
+        self.release = release
+        self.nodes: dict[str, Node] = {}  # the bucket's view, this node excluded
+        self.applied: dict[str, PeerState] = {}
+        self.released: set[str] = set()  # dead nodes whose pods were released
+        self.changed = asyncio.Event()
+        self.log = log.get("datapath.routing", node=node.name)
+
+    # --- the bucket -----------------------------------------------------------------------
+
+    def on_node(self, event: KVEvent) -> None:
+        if event.key == self.node.name:
+            return
+        if event.value is None:
+            if self.nodes.pop(event.key, None) is not None:
+                self.log.info("node left", peer=event.key)
+        else:
+            try:
+                peer = msgspec.json.decode(event.value, type=Node)
+                IPv4Network(peer.pod_cidr)
+                IPv4Address(peer.underlay_ip)
+            except (msgspec.ValidationError, msgspec.DecodeError, ValueError):
+                from services.datapath.agent import BAD_MESSAGES
+
+                BAD_MESSAGES.labels(subjects.KV_NODES).inc()
+                return
+            if event.key not in self.nodes:
+                self.log.info("node joined", peer=event.key, underlay=peer.underlay_ip)
+            self.released.discard(event.key)
+            self.nodes[event.key] = peer
+        self.changed.set()
+
+    def alive(self, peer: Node, now: float | None = None) -> bool:
+        return (now if now is not None else time.time()) - peer.heartbeat <= self.expiry
+
+    def desired(self, now: float) -> dict[str, PeerState]:
+        return {
+            name: PeerState(peer.pod_cidr, peer.underlay_ip, self.alive(peer, now))
+            for name, peer in self.nodes.items()
+        }
+
+    # --- the kernel -----------------------------------------------------------------------
+
+    async def run(self, tick: float = 1.0) -> None:
+        """Apply membership changes as they come, and heartbeat expiry once a ``tick``."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), tick)
+            self.changed.clear()
+            await self.reconcile()
+
+    async def reconcile(self) -> None:
+        now = time.time()
+        desired = self.desired(now)
+        if desired != self.applied:
+            await asyncio.to_thread(self._apply, desired)
+        NODES_ALIVE.labels("alive").set(sum(1 for s in desired.values() if s.alive))
+        NODES_ALIVE.labels("dead").set(sum(1 for s in desired.values() if not s.alive))
+        if self.release is None:
+            return
+        for name, peer in list(self.nodes.items()):
+            if name in self.released or now - peer.heartbeat <= self.expiry + self.grace:
+                continue
+            self.released.add(name)
+            try:
+                count = await self.release(name)
+            except Exception as exc:  # NATS away: try again on a later tick
+                self.released.discard(name)
+                self.log.warning("releasing a dead node's pods failed", peer=name, error=str(exc))
+                continue
+            self.log.warning("released a dead node's pods", peer=name, entries=count)
+
+    def _apply(self, desired: dict[str, PeerState]) -> None:
+        """Diff ``desired`` against what was applied; runs in a thread."""
+        with IPRoute() as ipr:
+            for name in [n for n in self.applied if n not in desired]:
+                self._remove(ipr, name, self.applied.pop(name))
+            for name, state in desired.items():
+                old = self.applied.get(name)
+                if old == state:
+                    continue
+                if old is not None and (old.pod_cidr, old.underlay_ip) != (
+                    state.pod_cidr,
+                    state.underlay_ip,
+                ):
+                    self._remove(ipr, name, old)
+                self._install(ipr, state)
+                self.applied[name] = state
+                self.log.info(
+                    "peer node updated",
+                    peer=name,
+                    alive=state.alive,
+                    pod_cidr=state.pod_cidr,
+                    underlay=state.underlay_ip,
+                    routing=self.mode,
+                )
+
+    def _install(self, ipr: Any, state: PeerState) -> None:
+        address = IPv4Address(state.underlay_ip)
+        node_net = IPv4Network(f"{address}/32")
+        if node_net not in self.ipcache.local:
+            self.ipcache.set_local(node_net, IPCacheValue(identities.REMOTE_NODE, address))
+        if not state.alive:
+            self.tunnel_peers.pop(address, None)
+            _route(ipr, "replace", dst=state.pod_cidr, type="unreachable")
+        elif self.mode == "native":
+            self.tunnel_peers.pop(address, None)
+            _route(ipr, "replace", dst=state.pod_cidr, gateway=state.underlay_ip)
+        else:
+            self.tunnel_peers[address] = 1
+            _route(ipr, "del", dst=state.pod_cidr)
+
+    def _remove(self, ipr: Any, name: str, state: PeerState) -> None:
+        address = IPv4Address(state.underlay_ip)
+        self.tunnel_peers.pop(address, None)
+        self.ipcache.remove_local(IPv4Network(f"{address}/32"))
+        _route(ipr, "del", dst=state.pod_cidr)
+        self.log.info("peer node removed", peer=name)
+
+    def table(self) -> list[dict[str, Any]]:
+        now = time.time()
+        return [
+            {
+                "node": name,
+                "underlay_ip": peer.underlay_ip,
+                "pod_cidr": peer.pod_cidr,
+                "health_ip": peer.health_ip,
+                "alive": self.alive(peer, now),
+                "heartbeat_age": round(now - peer.heartbeat, 1),
+            }
+            for name, peer in sorted(self.nodes.items())
+        ]
+
+
+def _route(ipr: Any, command: str, **spec: Any) -> None:
+    """One route of ours (proto ROUTE_PROTO); a missing one on delete is fine. A delete
+    removes the prefix whatever its type (a route via a node, or unreachable)."""
+    if command != "del":
+        ipr.route(command, proto=ROUTE_PROTO, **spec)
+        return
+    for kind in ("unicast", "unreachable"):
+        try:
+            ipr.route("del", proto=ROUTE_PROTO, type=kind, **spec)
+        except NetlinkError as exc:
+            if exc.code != errno.ESRCH:
+                raise
+
+
+async def release_node(ipcache_kv: Any, endpoints_kv: Any, node: str) -> int:
+    """Delete a dead node's ipcache and endpoints entries; how many went. Its identity
+    references lapse on their own (the identity lease is no longer renewed)."""
+    from shared.bus import Bus
+    from shared.messages import Endpoint, IPCacheEntry
+
+    count = 0
+    kinds: tuple[tuple[Any, type[IPCacheEntry] | type[Endpoint]], ...] = (
+        (ipcache_kv, IPCacheEntry),
+        (endpoints_kv, Endpoint),
+    )
+    for kv, kind in kinds:
+        for key, raw in (await Bus.snapshot(kv)).items():
+            try:
+                entry = msgspec.json.decode(raw, type=kind)
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                continue
+            if entry.node == node:
+                with contextlib.suppress(Exception):  # deleted by another survivor meanwhile
+                    await kv.delete(key)
+                    count += 1
+    return count

@@ -1,0 +1,141 @@
+"""The node's VXLAN device (external / collect_md mode) and the overlay's settings in BPF.
+
+One device per node carries the traffic to every other node: the remote address and the VNI
+are set per packet by the datapath (``bpf_skb_set_tunnel_key``), so nothing here changes when
+nodes come and go. Like Cilium, the device listens on UDP 8472 by default.
+
+Blocking netlink calls: run them in a worker thread (``asyncio.to_thread``).
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from typing import Any, Final
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from shared.errors import AlreadyExists, Internal, InvalidArgument
+
+ROUTING_MODES: Final = ("tunnel", "native")
+ROUTING_NATIVE: Final = 0  # bpf/overlay.h ROUTING_*
+ROUTING_TUNNEL: Final = 1
+VXLAN_OVERHEAD: Final = 50  # outer Ethernet + IPv4 + UDP + VXLAN headers
+
+
+def check_mode(mode: str, field: str) -> str:
+    if mode not in ROUTING_MODES:
+        raise InvalidArgument(
+            f"routing mode {mode!r}: one of {', '.join(ROUTING_MODES)}", field=field
+        )
+    return mode
+
+
+@dataclass(frozen=True)
+class OverlayConfig:
+    """bpf/overlay.h struct overlay_config."""
+
+    underlay_ip: IPv4Address
+    vxlan_ifindex: int
+    mode: int
+
+    _LAYOUT = struct.Struct("<4sIII")
+
+    def pack(self) -> bytes:
+        return self._LAYOUT.pack(self.underlay_ip.packed, self.vxlan_ifindex, self.mode, 0)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> OverlayConfig:
+        ip, ifindex, mode, _ = cls._LAYOUT.unpack(data)
+        return cls(IPv4Address(ip), ifindex, mode)
+
+
+def write_config(table: Any, config: OverlayConfig) -> None:
+    """Store ``config`` in the pinned one-entry array (a single map write)."""
+    key = table.Key(0)
+    table[key] = table.Leaf.from_buffer_copy(config.pack())
+
+
+def read_config(table: Any) -> OverlayConfig:
+    return OverlayConfig.unpack(bytes(table[table.Key(0)]))
+
+
+def ensure_vxlan(device: str, port: int, underlay_mtu: int) -> int:
+    """The VXLAN device in external mode on ``port``, up; its ifindex (idempotent).
+
+    An existing device with other settings is replaced (a node switched ports, say)."""
+    if not 0 < port < 65536:
+        raise InvalidArgument(f"UDP port {port} out of range", field="tunnel_port")
+    with IPRoute() as ipr:
+        link = _get(ipr, device)
+        if link is not None and not _matches(link, port):
+            if link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") != "vxlan":
+                raise AlreadyExists(f"link {device} exists and is not a vxlan", field="device")
+            ipr.link("del", index=int(link["index"]))
+            link = None
+        if link is None:
+            try:
+                ipr.link(
+                    "add",
+                    ifname=device,
+                    kind="vxlan",
+                    vxlan_collect_metadata=1,
+                    vxlan_port=port,
+                    vxlan_learning=0,
+                )
+            except NetlinkError as exc:
+                if exc.code != errno.EEXIST:
+                    raise Internal(
+                        f"cannot create the VXLAN device {device}: kernel refused: "
+                        f"{exc.args[-1] if exc.args else exc.code}"
+                    ) from exc
+            link = _get(ipr, device)
+            if link is None:
+                raise Internal(f"VXLAN device {device} vanished right after it was created")
+        index = int(link["index"])
+        _sysctl(f"net/ipv6/conf/{device}/disable_ipv6", "1")
+        _sysctl(f"net/ipv4/conf/{device}/rp_filter", "0")
+        ipr.link("set", index=index, mtu=underlay_mtu - VXLAN_OVERHEAD, state="up")
+        return index
+
+
+def remove_vxlan(device: str) -> None:
+    with IPRoute() as ipr:
+        link = _get(ipr, device)
+        if link is not None and link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") == "vxlan":
+            ipr.link("del", index=int(link["index"]))
+
+
+def link_mtu(ifname: str) -> int:
+    with IPRoute() as ipr:
+        link = _get(ipr, ifname)
+        if link is None:
+            raise Internal(f"link {ifname} does not exist")
+        return int(link.get("mtu") or 1500)
+
+
+def _get(ipr: Any, name: str) -> Any | None:
+    try:
+        return ipr.link("get", ifname=name)[0]
+    except NetlinkError as exc:
+        if exc.code == errno.ENODEV:
+            return None
+        raise
+
+
+def _matches(link: Any, port: int) -> bool:
+    data = link.get_nested("IFLA_LINKINFO", "IFLA_INFO_DATA")
+    if link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") != "vxlan" or data is None:
+        return False
+    return bool(data.get("IFLA_VXLAN_COLLECT_METADATA")) and data.get("IFLA_VXLAN_PORT") == port
+
+
+def _sysctl(key: str, value: str) -> None:
+    try:
+        with open(f"/proc/sys/{key}", "w") as f:
+            f.write(value)
+    except OSError:
+        pass  # an optional knob (IPv6 may be compiled out)

@@ -1,0 +1,396 @@
+"""Three nodes, both routing modes: cross-node traffic, identity policy on the receiving node,
+the identity in the VNI, forged VNIs, node health, a node killed and brought back.
+
+One cluster serves the module. It comes up in tunnel mode; when the tunnel-mode tests are done
+it is switched to native routing by ``down`` + ``up --routing native`` on the same state
+directory, and the same manifests are applied again (the switch is itself under test).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from ipaddress import IPv4Interface
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from membrane.state import StateDir
+from services.datapath import netns
+from shared.bus import Bus
+from tests.conftest import eventually
+from tests.e2e.cluster import Cluster, free_octet, pod_info
+from tests.e2e.test_datapath import FlowTap
+
+pytestmark = [pytest.mark.e2e, pytest.mark.root]
+
+UNDERLAY_TOOL = Path(__file__).with_name("underlay.py")
+VXLAN_PORT = 8472
+NODES = 3
+
+
+def manifest(cluster: Cluster) -> str:
+    """Pods on three nodes and a policy: the server takes anything from the client only."""
+    n1, n2, n3 = cluster.nodes
+    pods = [("mn-client", n1), ("mn-server", n2), ("mn-other", n3)]
+    docs = [
+        f"apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  labels: {{app: {name}}}\n"
+        f"spec:\n  nodeName: {node}\n  containers: [{{name: c, image: none}}]\n"
+        for name, node in pods
+    ]
+    docs.append(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: mn-server\n"
+        "spec:\n  endpointSelector:\n    matchLabels: {app: mn-server}\n  ingress:\n"
+        "  - fromEndpoints:\n    - matchLabels: {app: mn-client}\n"
+    )
+    return "---\n".join(docs)
+
+
+def apply_manifest(cluster: Cluster) -> None:
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(manifest(cluster))
+    try:
+        cluster.run("apply", "-f", f.name, timeout=120)
+    finally:
+        os.unlink(f.name)
+
+
+def up(cluster: Cluster, octet: int, routing: str) -> None:
+    cluster.run(
+        "up",
+        "--name",
+        cluster.name,
+        "--nodes",
+        str(NODES),
+        "--identity-replicas",
+        "1",
+        "--routing",
+        routing,
+        "--underlay-cidr",
+        f"172.31.{octet}.0/24",
+        "--cluster-cidr",
+        f"10.{octet}.0.0/16",
+        "--service-cidr",
+        f"10.{octet + 1}.0.0/16",
+        timeout=240,
+    )
+    info = StateDir(cluster.state).read_cluster()
+    assert info is not None and info.routing == routing
+    cluster.nats_url = info.nats_url
+    apply_manifest(cluster)
+
+
+_running: dict[str, Any] = {}  # the cluster that carries over from tunnel to native mode
+
+
+@pytest.fixture(scope="module", params=["tunnel", "native"])
+def multinode(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Cluster, str]]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: network namespaces and BPF")
+    mode: str = request.param
+    previous = _running.pop("cluster", None)
+    if previous is None:
+        state = tmp_path_factory.mktemp("multinode") / "state"
+        cluster = Cluster(state=state, name="m" + secrets.token_hex(3), nats_url="")
+        cluster.node_count = NODES
+        octet = free_octet()
+    else:
+        cluster, octet = previous
+    up(cluster, octet, mode)
+    try:
+        yield cluster, mode
+    finally:
+        if mode == "tunnel":
+            # the switch: down without purge, the next mode comes up on the same state
+            down = cluster.run("down", check=False, timeout=120)
+            assert down.returncode == 0, down.stderr
+            _running["cluster"] = (cluster, octet)
+        else:
+            down = cluster.run("down", "--purge", check=False, timeout=120)
+            leftovers = [p.name for p in Path("/run/netns").glob(f"{cluster.name}*")]
+            links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+            assert down.returncode == 0, down.stderr
+            assert not leftovers, leftovers
+            assert f"{cluster.name}-" not in links
+
+
+@pytest.fixture
+async def bus(multinode: tuple[Cluster, str]) -> AsyncIterator[Bus]:
+    client = await Bus.connect(multinode[0].nats_url, "test", retry_for=5)
+    yield client
+    await client.close()
+
+
+def pods(cluster: Cluster) -> dict[str, dict[str, Any]]:
+    return {name: pod_info(cluster, name) for name in ("mn-client", "mn-server", "mn-other")}
+
+
+def in_node(node: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["ip", "netns", "exec", node, sys.executable, str(UNDERLAY_TOOL), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+class Sniffer:
+    """Captures the VXLAN packets arriving on a node's underlay interface."""
+
+    def __init__(self, node: str, seconds: float) -> None:
+        tool = [sys.executable, str(UNDERLAY_TOOL)]
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", node, *tool, "sniff", "eth0", str(VXLAN_PORT), str(seconds)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline().strip() == "ready"
+
+    def packets(self) -> list[list[Any]]:
+        out, err = self.proc.communicate(timeout=60)
+        assert self.proc.returncode == 0, err
+        result: list[list[Any]] = json.loads(out)
+        return result
+
+
+def test_cross_node_tcp_udp_icmp(multinode: tuple[Cluster, str]) -> None:
+    cluster, _ = multinode
+    p = pods(cluster)
+    server = str(p["mn-server"]["ip"])
+    assert p["mn-client"]["node"] != p["mn-server"]["node"]
+    servers = [
+        cluster.background("mn-server", "serve", "tcp", "8080"),
+        cluster.background("mn-server", "serve", "udp", "8081"),
+        cluster.background("mn-other", "serve", "tcp", "8080"),
+    ]
+    try:
+        assert "pong ping" in cluster.probe("mn-client", "tcp", server, "8080").stdout
+        assert "pong ping" in cluster.probe("mn-client", "udp", server, "8081").stdout
+        ping = cluster.run(
+            "pod", "exec", "mn-client", "--", "ping", "-c", "2", "-W", "2", server, check=False
+        )
+        assert ping.returncode == 0, ping.stdout
+        # the other direction and the third node: the server has no egress policy
+        other = str(p["mn-other"]["ip"])
+        assert "pong ping" in cluster.probe("mn-server", "tcp", other, "8080").stdout
+    finally:
+        for proc in servers:
+            proc.kill()
+
+
+async def test_policy_enforced_on_the_receiving_node(
+    multinode: tuple[Cluster, str], bus: Bus
+) -> None:
+    cluster, mode = multinode
+    p = pods(cluster)
+    server = str(p["mn-server"]["ip"])
+    other_id = int(p["mn-other"]["identity"])
+    server_id = int(p["mn-server"]["identity"])
+    tap = FlowTap()
+    await tap.start(bus)
+    proc = cluster.background("mn-server", "serve", "tcp", "8080")
+    try:
+        allowed = await asyncio.to_thread(cluster.probe, "mn-client", "tcp", server, "8080")
+        assert "pong ping" in allowed.stdout
+        denied = await asyncio.to_thread(cluster.probe, "mn-other", "tcp", server, "8080")
+        assert denied.returncode == 1, denied.stdout
+
+        async def drop_seen() -> dict[str, object]:
+            found = tap.drops(src_identity=other_id, dst_identity=server_id, dst_port=8080)
+            assert found
+            return found[0]
+
+        drop = await eventually(drop_seen, timeout=10, what="the policy drop of mn-other")
+        assert drop["node"] == p["mn-server"]["node"]  # enforced where the server lives
+        assert drop["reason"] == 133
+        expected = "from-overlay" if mode == "tunnel" else "to-endpoint"
+        assert drop["observation_point"] == expected
+        client_id = int(p["mn-client"]["identity"])
+
+        async def left_by_overlay() -> None:
+            traces = [
+                f
+                for f in tap.flows
+                if f["observation_point"] == "to-overlay"
+                and f["src_identity"] == client_id
+                and f["dst_identity"] == server_id
+            ]
+            if mode == "native":
+                assert not traces
+                return
+            assert traces and traces[0]["node"] == p["mn-client"]["node"]
+            assert traces[0]["verdict"] == "FORWARDED"
+
+        await eventually(left_by_overlay, timeout=10, what="a to-overlay trace of the client")
+    finally:
+        await tap.sub.unsubscribe()
+        proc.kill()
+
+
+def test_vni_on_the_wire_is_the_senders_identity(multinode: tuple[Cluster, str]) -> None:
+    cluster, mode = multinode
+    p = pods(cluster)
+    server = str(p["mn-server"]["ip"])
+    client = str(p["mn-client"]["ip"])
+    proc = cluster.background("mn-server", "serve", "tcp", "8080")
+    sniffer = Sniffer(str(p["mn-server"]["node"]), 4)
+    try:
+        for _ in range(3):
+            assert cluster.probe("mn-client", "tcp", server, "8080").returncode == 0
+    finally:
+        proc.kill()
+    packets = sniffer.packets()
+    if mode == "native":
+        assert packets == [], "native routing must not encapsulate"
+        return
+    to_server = [pkt for pkt in packets if pkt[1] == client and pkt[2] == server]
+    assert to_server, packets
+    assert {pkt[0] for pkt in to_server} == {int(p["mn-client"]["identity"])}
+
+
+def test_forged_vni_is_dropped(multinode: tuple[Cluster, str]) -> None:
+    cluster, mode = multinode
+    if mode != "tunnel":
+        pytest.skip("the VNI exists in tunnel mode only")
+    p = pods(cluster)
+    server = str(p["mn-server"]["ip"])
+    server_node = str(p["mn-server"]["node"])
+    remote = cluster.json("status")["nodes"]
+    underlay = {n["name"]: n["underlay_ip"] for n in remote}[server_node]
+    attacker = str(p["mn-other"]["node"])
+
+    def invalid_vni_drops() -> int:
+        rows = cluster.json("bpf", "metrics", "--node", server_node)[0]["rows"]
+        return sum(r["packets"] for r in rows if r["reason"] == 183)
+
+    before = invalid_vni_drops()
+    counter = cluster.background("mn-server", "count", "9000", "4")
+    try:
+        # not an identity at all: reason 183
+        for vni in ("100", "0"):
+            args = ("forge", underlay, "8472", vni, "10.0.0.1", server, "9000", "x")
+            forged = in_node(attacker, *args)
+            assert forged.returncode == 0, forged.stderr
+        # a real identity the server's policy denies, with the allowed client's address as
+        # source: the VNI decides, not the address
+        client_ip = str(p["mn-client"]["ip"])
+        other_id = str(p["mn-other"]["identity"])
+        in_node(attacker, "forge", underlay, "8472", other_id, client_ip, server, "9000", "y")
+        # and the client's identity from an address nobody has: let through
+        client_id = str(p["mn-client"]["identity"])
+        in_node(attacker, "forge", underlay, "8472", client_id, "10.0.0.9", server, "9000", "z")
+        out, _ = counter.communicate(timeout=30)
+    finally:
+        counter.kill()
+    assert out.split()[-1] == "1", out
+    assert invalid_vni_drops() >= before + 2
+
+
+async def test_status_shows_nodes_and_latency_matrix(multinode: tuple[Cluster, str]) -> None:
+    cluster, mode = multinode
+
+    async def all_reachable() -> dict[str, Any]:
+        status = await asyncio.to_thread(cluster.json, "status")
+        matrix = status["matrix"]
+        assert set(matrix) == set(cluster.nodes), matrix
+        for source in cluster.nodes:
+            for target in cluster.nodes:
+                if source != target:
+                    assert matrix[source][target] is not None, matrix
+        return dict(status)
+
+    status = await eventually(all_reachable, timeout=30, what="every node pair reachable")
+    assert {n["name"] for n in status["nodes"]} == set(cluster.nodes)
+    assert all(n["alive"] and n["routing"] == mode for n in status["nodes"])
+    text = cluster.run("status").stdout
+    assert "FROM \\ TO" in text and "UNREACHABLE" not in text
+
+
+async def test_killed_node_is_marked_unreachable_fails_fast_and_rejoins(
+    multinode: tuple[Cluster, str],
+) -> None:
+    cluster, mode = multinode
+    if mode != "tunnel":
+        pytest.skip("once is enough: node lifecycle does not depend on the routing mode")
+    victim_node = cluster.nodes[2]
+    victim = pod_info(cluster, "mn-other")
+    assert victim["node"] == victim_node
+    info = StateDir(cluster.state).read_cluster()
+    assert info is not None
+    octet = int(info.underlay_cidr.split(".")[2])
+    pid = next(
+        proc.pid
+        for proc in StateDir(cluster.state).processes()
+        if proc.name == f"datapath-{victim_node}"
+    )
+
+    async def all_reachable() -> None:
+        matrix = (await asyncio.to_thread(cluster.json, "status"))["matrix"]
+        for source in cluster.nodes[:2]:
+            assert matrix.get(source, {}).get(victim_node) is not None, matrix
+
+    await eventually(all_reachable, timeout=30, what="the victim reachable before the kill")
+    os.kill(pid, signal.SIGKILL)
+    await asyncio.to_thread(netns.remove_node, victim_node, f"{cluster.name}-u3")
+    killed = time.monotonic()
+
+    async def unreachable() -> None:
+        matrix = (await asyncio.to_thread(cluster.json, "status"))["matrix"]
+        for source in cluster.nodes[:2]:
+            assert victim_node in matrix[source] and matrix[source][victim_node] is None, matrix
+
+    # three probe intervals (5 s each), and a little for the last round's timeout and for
+    # `membrane status` itself on a loaded machine
+    await eventually(unreachable, timeout=20, what="the killed node marked unreachable")
+    assert time.monotonic() - killed < 22
+    text = cluster.run("status").stdout
+    assert "UNREACHABLE" in text
+
+    async def fails_fast() -> None:
+        started = time.monotonic()
+        result = await asyncio.to_thread(
+            cluster.probe, "mn-client", "tcp", str(victim["ip"]), "8080"
+        )
+        assert result.returncode == 1
+        assert "No route to host" in result.stdout, result.stdout
+        assert time.monotonic() - started < 5
+
+    # once its heartbeat expired (15 s): an unreachable route, not a silent black hole
+    await eventually(fails_fast, timeout=30, what="traffic to the dead node's pods failing fast")
+
+    # it comes back: the namespace again, and the supervisor restarts its agent
+    address = IPv4Interface(f"172.31.{octet}.{10 + 3}/24")
+    await asyncio.to_thread(
+        netns.ensure_node, victim_node, f"{cluster.name}-br", address, f"{cluster.name}-u3"
+    )
+
+    async def rejoined() -> None:
+        status = await asyncio.to_thread(cluster.json, "status")
+        assert all(n["alive"] for n in status["nodes"]), status["nodes"]
+        for source in cluster.nodes[:2]:
+            assert status["matrix"][source][victim_node] is not None, status["matrix"]
+
+    await eventually(rejoined, timeout=120, what="the node back and reachable")
+    # its pod died with it; a new one there is reachable across the overlay again
+    cluster.run("pod", "delete", "mn-other", check=False)
+    apply_manifest(cluster)
+    new = pod_info(cluster, "mn-other")
+    proc = cluster.background("mn-other", "serve", "tcp", "8080")
+    try:
+        reply = cluster.probe("mn-client", "tcp", str(new["ip"]), "8080")
+        assert "pong ping" in reply.stdout, reply.stdout + reply.stderr
+    finally:
+        proc.kill()

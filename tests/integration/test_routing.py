@@ -1,0 +1,173 @@
+"""Peer nodes -> kernel: routes and tunnel peers in a real (throwaway) network namespace."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+import time
+from collections.abc import Iterator
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from services.datapath import netns
+from services.datapath.ipcache_sync import IPCacheSync
+from services.datapath.maps import IPCacheValue
+from services.datapath.routing import ROUTE_PROTO, Peers, release_node
+from shared import identities, subjects
+from shared.bus import Bus, KVEvent
+from shared.messages import Endpoint, IPCacheEntry, Node
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture
+def node_ns() -> Iterator[Path]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: network namespaces")
+    name = "mtest" + secrets.token_hex(3)
+    path = netns.ensure_netns(name)
+    try:
+        netns.in_netns(path, _underlay, IPv4Interface("198.51.100.11/24"))
+        yield path
+    finally:
+        netns.delete_netns(name)
+
+
+def _underlay(address: IPv4Interface) -> None:
+    with IPRoute() as ipr:
+        for kind in netns.ROUTER_KINDS:  # a kernel may lack dummy (see netns.ensure_router)
+            try:
+                ipr.link("add", ifname="eth0", kind=kind)
+                break
+            except NetlinkError:
+                continue
+        index = ipr.link_lookup(ifname="eth0")[0]
+        ipr.addr("add", index=index, address=str(address.ip), prefixlen=address.network.prefixlen)
+        ipr.link("set", index=index, state="up")
+
+
+def _routes() -> dict[str, tuple[str, str | None]]:
+    """dst -> (type, gateway) of the routes Peers owns."""
+    with IPRoute() as ipr:
+        found = {}
+        for route in ipr.route("dump", family=socket.AF_INET, proto=ROUTE_PROTO):
+            kind = {1: "unicast", 7: "unreachable"}.get(route["type"], str(route["type"]))
+            found[f"{route.get('dst')}/{route['dst_len']}"] = (kind, route.get("gateway"))
+        return found
+
+
+def node(name: str, octet: int, heartbeat: float) -> Node:
+    return Node(
+        name=name,
+        underlay_ip=f"198.51.100.{octet}",
+        pod_cidr=f"10.9.{octet}.0/24",
+        router_ip=f"10.9.{octet}.1",
+        heartbeat=heartbeat,
+    )
+
+
+def event(peer: Node | None, key: str) -> KVEvent:
+    return KVEvent(key=key, value=None if peer is None else msgspec.json.encode(peer), revision=1)
+
+
+def make(mode: str, tunnel_peers: dict[IPv4Address, int], ipcache: dict[Any, Any]) -> Peers:
+    return Peers(
+        node("self", 11, time.time()),
+        mode,
+        IPCacheSync(ipcache),
+        tunnel_peers,
+        expiry=15.0,
+        grace=60.0,
+    )
+
+
+@pytest.mark.parametrize("mode", ["tunnel", "native"])
+async def test_join_expire_rejoin_leave(node_ns: Path, mode: str) -> None:
+    tunnel_peers: dict[IPv4Address, int] = {}
+    ipcache: dict[Any, Any] = {}
+    peers = make(mode, tunnel_peers, ipcache)
+
+    async def reconcile() -> dict[str, tuple[str, str | None]]:
+        await asyncio.to_thread(netns.in_netns, node_ns, peers._apply, peers.desired(time.time()))
+        return await asyncio.to_thread(netns.in_netns, node_ns, _routes)
+
+    peers.on_node(event(node("self", 11, time.time()), "self"))  # itself: ignored
+    peers.on_node(event(node("b", 12, time.time()), "b"))
+    routes = await reconcile()
+    b_address = IPv4Address("198.51.100.12")
+    if mode == "native":
+        assert routes == {"10.9.12.0/24": ("unicast", "198.51.100.12")}
+        assert tunnel_peers == {}
+    else:
+        assert routes == {}
+        assert tunnel_peers == {b_address: 1}
+    remote_node = IPCacheValue(identities.REMOTE_NODE, b_address)
+    assert ipcache[IPv4Network("198.51.100.12/32")] == remote_node
+
+    # its heartbeat expires: unreachable, whatever the mode; no tunnel to it
+    peers.on_node(event(node("b", 12, time.time() - 20), "b"))
+    assert [row["alive"] for row in peers.table()] == [False]
+    assert await reconcile() == {"10.9.12.0/24": ("unreachable", None)}
+    assert tunnel_peers == {}
+
+    # back, then gone for good (a graceful leave): nothing of it stays
+    peers.on_node(event(node("b", 12, time.time()), "b"))
+    assert "10.9.12.0/24" in await reconcile() or mode == "tunnel"
+    assert tunnel_peers == ({b_address: 1} if mode == "tunnel" else {})
+    peers.on_node(event(None, "b"))
+    assert await reconcile() == {}
+    assert tunnel_peers == {} and ipcache == {}
+
+
+def test_a_bad_node_entry_is_ignored() -> None:
+    peers = make("tunnel", {}, {})
+    peers.on_node(KVEvent(key="x", value=b"{not json", revision=1))
+    bad = msgspec.json.encode(node("x", 13, time.time())).replace(b"10.9.13.0/24", b"nonsense")
+    peers.on_node(KVEvent(key="x", value=bad, revision=1))
+    assert peers.nodes == {}
+
+
+async def test_a_dead_nodes_pods_are_released_after_the_grace(bus: Bus) -> None:
+    ipcache_kv = await bus.kv(subjects.KV_IPCACHE)
+    endpoints_kv = await bus.kv(subjects.KV_ENDPOINTS)
+    for key, owner in (("10.9.12.5", "b"), ("10.9.13.5", "c")):
+        entry = IPCacheEntry(cidr=f"{key}/32", identity=300, node=owner, host_ip="198.51.100.1")
+        await ipcache_kv.put(key, msgspec.json.encode(entry))
+        pod = Endpoint(
+            namespace="default", name=f"p{owner}", node=owner, ip=key, identity=300, labels={}
+        )
+        await endpoints_kv.put(f"default.p{owner}", msgspec.json.encode(pod))
+    released: list[str] = []
+
+    async def release(name: str) -> int:
+        released.append(name)
+        return await release_node(ipcache_kv, endpoints_kv, name)
+
+    peers = Peers(
+        node("self", 11, time.time()),
+        "tunnel",
+        IPCacheSync({}),
+        {},
+        expiry=15.0,
+        grace=60.0,
+        release=release,
+    )
+    peers._apply = lambda desired: None  # type: ignore[method-assign]  # no kernel here
+    peers.on_node(event(node("b", 12, time.time() - 20), "b"))  # dead, within the grace
+    peers.on_node(event(node("c", 13, time.time()), "c"))
+    await peers.reconcile()
+    assert released == []
+    peers.on_node(event(node("b", 12, time.time() - 80), "b"))  # dead past the grace
+    await peers.reconcile()
+    await peers.reconcile()  # once only
+    assert released == ["b"]
+    assert set(await Bus.snapshot(ipcache_kv)) == {"10.9.13.5"}
+    assert set(await Bus.snapshot(endpoints_kv)) == {"default.pc"}
