@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
-from ipaddress import IPv4Interface
+from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +189,35 @@ def test_cross_node_tcp_udp_icmp(multinode: tuple[Cluster, str]) -> None:
     finally:
         for proc in servers:
             proc.kill()
+
+
+def test_a_service_backend_on_another_node_answers_through_the_cluster_ip(
+    multinode: tuple[Cluster, str],
+) -> None:
+    # the client's node translates the request; the reply comes back over the overlay (or the
+    # underlay) and must get the service address back before the client sees it
+    cluster, _ = multinode
+    p = pods(cluster)
+    assert p["mn-client"]["node"] != p["mn-server"]["node"]
+    info = StateDir(cluster.state).read_cluster()
+    assert info is not None
+    vip = str(IPv4Network(info.service_cidr).network_address + 77)
+    server = str(p["mn-server"]["ip"])
+    cluster.run(
+        "service", "create", "xnode", "--frontend", f"{vip}:80/TCP", "--backend", f"{server}:8080"
+    )
+    proc = cluster.background("mn-server", "serve", "tcp", "8080")
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            answer = cluster.probe("mn-client", "tcp", vip, "80")
+            if "pong ping" in answer.stdout or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert "pong ping" in answer.stdout, answer.stdout + answer.stderr
+    finally:
+        proc.kill()
+        cluster.run("service", "delete", "xnode", check=False)
 
 
 async def test_policy_enforced_on_the_receiving_node(
