@@ -29,7 +29,7 @@ from services.lb.model import (
     parse_endpoint_slice,
     parse_service,
 )
-from shared import __version__, log, metrics, subjects
+from shared import __version__, gcpause, log, metrics, subjects
 from shared.bus import Bus, KVEvent, MicroService, redact
 from shared.config import CommonSettings, env_name, setting
 from shared.errors import AlreadyExists, InvalidArgument, NotFound
@@ -246,6 +246,10 @@ class LBCore:
     # --- requests ----------------------------------------------------------------------------
 
     async def apply(self, req: LBApplyRequest) -> LBApplyReply:
+        with gcpause.paused():  # a bulk apply builds records for tens of thousands of services
+            return await self._apply(req)
+
+    async def _apply(self, req: LBApplyRequest) -> LBApplyReply:
         parsed = self._parse(req)
         services = [
             (record_key(i.namespace, i.name), i) for _, i, _ in parsed if isinstance(i, ServiceSpec)
