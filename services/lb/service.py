@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Network
 from typing import Any, TypeVar
 
 import msgspec
@@ -25,6 +25,8 @@ from services.lb.model import (
     ApiService,
     EndpointSliceSpec,
     ServiceSpec,
+    ipv4_int,
+    ipv4_text,
     parse_api,
     parse_endpoint_slice,
     parse_service,
@@ -262,7 +264,7 @@ class LBCore:
             # cluster IPs first: a conflict there must stop the request before anything else
             ips = await self._allocate_cluster_ips(services, parsed)
             for (key, spec), ip in zip(services, ips, strict=True):
-                ip_text = str(IPv4Address(ip))
+                ip_text = ipv4_text(ip)
                 services_spec = dataclasses.replace(spec, cluster_ip=ip_text)
                 self.specs[key] = services_spec
             # node ports not given are allocated, stable per service port
@@ -310,7 +312,7 @@ class LBCore:
         self, services: list[tuple[str, ServiceSpec]], parsed: list[Any]
     ) -> list[int]:
         requests = [
-            (key, int(IPv4Address(s.cluster_ip)) if s.cluster_ip else self._known_ip(key))
+            (key, ipv4_int(s.cluster_ip) if s.cluster_ip else self._known_ip(key))
             for key, s in services
         ]
         try:
@@ -325,7 +327,7 @@ class LBCore:
     def _known_ip(self, key: str) -> int:
         spec = self.specs.get(key)
         if isinstance(spec, ServiceSpec) and spec.cluster_ip:
-            return int(IPv4Address(spec.cluster_ip))
+            return ipv4_int(spec.cluster_ip)
         return 0
 
     async def _allocate_node_ports(self, keys: list[str]) -> None:
