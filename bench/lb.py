@@ -435,6 +435,26 @@ class TwoNodeCluster(Cluster):
         from membrane.state import StateDir
 
         octet = _free_octet()
+        with self._logs_on_failure():
+            self._up(octet)
+        info = StateDir(self.state).read_cluster()
+        assert info is not None
+        self.nats_url = info.nats_url
+        self.octet = octet
+
+    @contextlib.contextmanager
+    def _logs_on_failure(self) -> Iterator[None]:
+        """The services' last log lines when ``up`` fails (the state directory goes with the
+        temporary directory)."""
+        try:
+            yield
+        except RuntimeError:
+            for path in sorted((self.state / "logs").glob("*.log")):
+                tail = path.read_text(errors="replace").splitlines()[-15:]
+                print(f"--- {path.name}\n" + "\n".join(tail), file=sys.stderr)
+            raise
+
+    def _up(self, octet: int) -> None:
         self.run(
             "up",
             "--name",
@@ -451,10 +471,6 @@ class TwoNodeCluster(Cluster):
             f"10.{octet + 1}.0.0/16",
             timeout=180,
         )
-        info = StateDir(self.state).read_cluster()
-        assert info is not None
-        self.nats_url = info.nats_url
-        self.octet = octet
 
 
 def ratio(a: float, b: float) -> str:

@@ -265,8 +265,9 @@ class LBCore:
             ips = await self._allocate_cluster_ips(services, parsed)
             for (key, spec), ip in zip(services, ips, strict=True):
                 ip_text = ipv4_text(ip)
-                services_spec = dataclasses.replace(spec, cluster_ip=ip_text)
-                self.specs[key] = services_spec
+                if spec.cluster_ip != ip_text:  # allocated here, or kept from an earlier apply
+                    spec = dataclasses.replace(spec, cluster_ip=ip_text)
+                self.specs[key] = spec
             # node ports not given are allocated, stable per service port
             await self._allocate_node_ports([key for key, _ in services])
             results: list[str] = []
@@ -281,7 +282,7 @@ class LBCore:
                     self.algorithms[record_key(item.namespace, item.name)] = (
                         algorithm or self.settings.lb_algorithm
                     )
-                stored = dict(document)
+                stored = document  # copied by _with_cluster_ip when it changes anything
                 if isinstance(item, ServiceSpec):  # the allocated address sticks on re-apply
                     stored = _with_cluster_ip(
                         stored, self.specs[record_key(item.namespace, item.name)]
