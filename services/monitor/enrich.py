@@ -9,7 +9,6 @@ Unreadable entries are skipped and counted, never fatal.
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +21,7 @@ from shared.messages import (
     Flow,
     Identity,
     IPCacheEntry,
+    LBService,
     PolicyEntry,
     ResolvedPolicy,
 )
@@ -112,22 +112,17 @@ class Enricher:
                 self.rules.pop(rule, None)
 
     def on_service(self, key: str, value: bytes | None) -> None:
-        """A ``services`` entry, read loosely: the lb service's schema is its own, so any
-        object with a name (and namespace) and frontend address/port fields is understood."""
+        """A ``services`` entry (``LBService``): each frontend address names the service.
+        NodePort frontends (0.0.0.0) name no address of their own."""
         for frontend in self.service_keys.pop(key, []):
             self.services.pop(frontend, None)
         if value is None:
             return
-        try:
-            document = json.loads(value)
-        except ValueError:
-            self.bad_entries += 1
+        service = self._decode(value, LBService)
+        if service is None:
             return
-        if not isinstance(document, dict):
-            self.bad_entries += 1
-            return
-        name = _service_name(document, key)
-        frontends = _frontends(document)
+        name = f"{service.namespace}/{service.name}"
+        frontends = sorted({(f.ip, f.port) for f in service.frontends if not f.node_port})
         self.service_keys[key] = frontends
         for frontend in frontends:
             self.services[frontend] = name
@@ -239,39 +234,3 @@ def event_namespace(flow: EnrichedFlow) -> str:
         else (flow.destination, flow.source)
     )
     return near.namespace or far.namespace
-
-
-def _service_name(document: dict[str, Any], key: str) -> str:
-    meta = document.get("metadata")
-    source = meta if isinstance(meta, dict) else document
-    name = source.get("name")
-    namespace = source.get("namespace")
-    if isinstance(name, str) and name:
-        return f"{namespace}/{name}" if isinstance(namespace, str) and namespace else name
-    return key.replace(".", "/", 1)
-
-
-def _frontends(document: dict[str, Any]) -> list[tuple[str, int]]:
-    found: list[tuple[str, int]] = []
-    candidates: list[Any] = [document]
-    for list_key in ("frontends", "ports"):
-        items = document.get(list_key)
-        if isinstance(items, list):
-            candidates.extend(items)
-    default_ip = _first_str(document, ("ip", "vip", "address", "cluster_ip", "clusterIP"))
-    for item in candidates:
-        if not isinstance(item, dict):
-            continue
-        ip = _first_str(item, ("ip", "vip", "address", "cluster_ip", "clusterIP")) or default_ip
-        port = item.get("port")
-        if ip and isinstance(port, int) and not isinstance(port, bool):
-            found.append((ip, port))
-    return sorted(set(found))
-
-
-def _first_str(document: dict[str, Any], keys: tuple[str, ...]) -> str:
-    for key in keys:
-        value = document.get(key)
-        if isinstance(value, str) and value:
-            return value
-    return ""

@@ -52,4 +52,5 @@ async def follow_optional(
         except nats.js.errors.BucketNotFoundError:
             synced.set()  # nothing to wait for
             await asyncio.sleep(OPTIONAL_BUCKET_POLL_S)
-    await follow(bucket, kv, handle, asyncio.Event())
+    # the same event: when the bucket is there at once, its snapshot is what start-up waits for
+    await follow(bucket, kv, handle, synced)

@@ -26,6 +26,8 @@ from shared.messages import (
     FlowBatch,
     Identity,
     IPCacheEntry,
+    LBFrontend,
+    LBService,
     PolicyEntry,
     ResolvedPolicy,
 )
@@ -260,3 +262,25 @@ async def test_after_a_restart_drops_come_from_history_and_since_bounds_the_ring
         assert [f.destination.port for f in recent] == [91]
     finally:
         await second.stop()
+
+
+async def test_a_services_bucket_there_before_the_monitor_is_read_and_start_up_ends(
+    nats_server: ServerProcess, bus: Bus
+) -> None:
+    # the lb service usually creates the bucket first; start-up must not wait on it forever
+    await fill_buckets(bus)
+    services = await bus.kv(subjects.KV_SERVICES)
+    deathstar = LBService(
+        namespace="empire",
+        name="deathstar",
+        frontends=[LBFrontend(id=1, ip="10.9.2.7", port=80, protocol="TCP")],
+    )
+    await services.put("empire.deathstar", msgspec.json.encode(deathstar))
+    running = await asyncio.wait_for(
+        start(MonitorSettings(nats_url=nats_server.url, replica="m1")), 15
+    )
+    try:
+        enriched = running.monitor.enricher.enrich(flow("DROPPED"))
+        assert enriched.destination.service == "empire/deathstar"
+    finally:
+        await running.stop()

@@ -12,7 +12,16 @@ from shared import subjects
 from shared.errors import InvalidArgument
 from shared.flow_api import EnrichedFlow, FlowFilterTerm, FlowPeer
 from shared.flow_filter import compile_filter
-from shared.messages import Endpoint, Flow, Identity, IPCacheEntry, PolicyEntry, ResolvedPolicy
+from shared.messages import (
+    Endpoint,
+    Flow,
+    Identity,
+    IPCacheEntry,
+    LBFrontend,
+    LBService,
+    PolicyEntry,
+    ResolvedPolicy,
+)
 
 
 def peer(ns: str, pod: str, ip: str, port: int, ident: int, *labels: str) -> FlowPeer:
@@ -226,10 +235,15 @@ def test_enrichment_follows_bucket_changes() -> None:
     )
     e.on_ipcache("10.0.9.9", enc(IPCacheEntry(cidr="10.0.9.9/32", identity=6, node="n2")))
     e.on_resolved("1234", enc(ResolvedPolicy(identity=1234, revision=1, rules={7: "default/p[2]"})))
-    e.on_service(
-        "default.web",
-        b'{"namespace": "default", "name": "web", "frontends": [{"ip": "10.0.9.9", "port": 80}]}',
+    web = LBService(
+        namespace="default",
+        name="web",
+        frontends=[
+            LBFrontend(id=1, ip="10.0.9.9", port=80, protocol="TCP"),
+            LBFrontend(id=2, ip="0.0.0.0", port=30080, protocol="TCP", node_port=True),
+        ],
     )
+    e.on_service("default.web", enc(web))
     flow = e.enrich(raw_flow(rule_id=7))
     assert (flow.source.namespace, flow.source.pod, flow.source.node) == ("default", "xwing", "n1")
     assert flow.source.labels == ["k8s:a=1", "k8s:b=2"]
