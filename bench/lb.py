@@ -1,6 +1,7 @@
 """Services: membrane's BPF hash maps against kube-proxy's iptables model, side by side.
 
     sudo .venv/bin/python bench/lb.py [--services 20000] [--updates 50] [--connections 300]
+    sudo .venv/bin/python bench/lb.py --services 20000 --bulk-only   # only the bulk apply
 
 Starts its own two-node cluster (``membrane up``, removed with ``membrane down --purge``) and
 measures, for the same services (one TCP port, two backends each, from EndpointSlices):
