@@ -83,7 +83,7 @@ authorization {{
   user: "{self.user}"
   password: "{self.password}"
 }}
-max_payload: 8MB
+max_payload: 32MB
 """,
         )
         return conf

@@ -148,8 +148,9 @@ async def apply(bus: Bus, docs: Sequence[manifests.Document], source: str = "-")
     services = [doc.body for doc in routed if doc.service == manifests.SERVICE_LB]
     if policies:  # the policy service validates them before anything here changes
         await cli_policy.apply_documents(bus, policies, source, audit=False, dry_run=True)
-    if services:  # and the lb service its documents
-        await cli_lb.apply_documents(bus, services, source, dry_run=True)
+    lb_lines: list[str] = []
+    if services:  # the lb service checks all of them before it changes anything
+        lb_lines = (await cli_lb.apply_all_or_nothing(bus, services, source)).results
     for doc in docs:
         if isinstance(doc, NamespaceDoc):
             changed = await put_namespace(bus, doc)
@@ -163,9 +164,7 @@ async def apply(bus: Bus, docs: Sequence[manifests.Document], source: str = "-")
             lines.append(f"pod/{doc.name} created")
         elif isinstance(doc, DeploymentDoc):
             lines.extend(await _scale(bus, doc, existing, known_nodes))
-    if services:  # one request for all of them: a bulk apply is one round trip
-        lb_reply = await cli_lb.apply_documents(bus, services, source, dry_run=False)
-        lines.extend(lb_reply.results)
+    lines.extend(lb_lines)
     if policies:
         reply = await cli_policy.apply_documents(bus, policies, source, audit=False, dry_run=False)
         lines.extend(reply.results)

@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Network
 from typing import Any, TypeVar
 
 import msgspec
@@ -25,11 +25,13 @@ from services.lb.model import (
     ApiService,
     EndpointSliceSpec,
     ServiceSpec,
+    ipv4_int,
+    ipv4_text,
     parse_api,
     parse_endpoint_slice,
     parse_service,
 )
-from shared import __version__, log, metrics, subjects
+from shared import __version__, gcpause, log, metrics, subjects
 from shared.bus import Bus, KVEvent, MicroService, redact
 from shared.config import CommonSettings, env_name, setting
 from shared.errors import AlreadyExists, InvalidArgument, NotFound
@@ -246,6 +248,10 @@ class LBCore:
     # --- requests ----------------------------------------------------------------------------
 
     async def apply(self, req: LBApplyRequest) -> LBApplyReply:
+        with gcpause.paused():  # a bulk apply builds records for tens of thousands of services
+            return await self._apply(req)
+
+    async def _apply(self, req: LBApplyRequest) -> LBApplyReply:
         parsed = self._parse(req)
         services = [
             (record_key(i.namespace, i.name), i) for _, i, _ in parsed if isinstance(i, ServiceSpec)
@@ -258,9 +264,10 @@ class LBCore:
             # cluster IPs first: a conflict there must stop the request before anything else
             ips = await self._allocate_cluster_ips(services, parsed)
             for (key, spec), ip in zip(services, ips, strict=True):
-                ip_text = str(IPv4Address(ip))
-                services_spec = dataclasses.replace(spec, cluster_ip=ip_text)
-                self.specs[key] = services_spec
+                ip_text = ipv4_text(ip)
+                if spec.cluster_ip != ip_text:  # allocated here, or kept from an earlier apply
+                    spec = dataclasses.replace(spec, cluster_ip=ip_text)
+                self.specs[key] = spec
             # node ports not given are allocated, stable per service port
             await self._allocate_node_ports([key for key, _ in services])
             results: list[str] = []
@@ -275,7 +282,7 @@ class LBCore:
                     self.algorithms[record_key(item.namespace, item.name)] = (
                         algorithm or self.settings.lb_algorithm
                     )
-                stored = dict(document)
+                stored = document  # copied by _with_cluster_ip when it changes anything
                 if isinstance(item, ServiceSpec):  # the allocated address sticks on re-apply
                     stored = _with_cluster_ip(
                         stored, self.specs[record_key(item.namespace, item.name)]
@@ -306,7 +313,7 @@ class LBCore:
         self, services: list[tuple[str, ServiceSpec]], parsed: list[Any]
     ) -> list[int]:
         requests = [
-            (key, int(IPv4Address(s.cluster_ip)) if s.cluster_ip else self._known_ip(key))
+            (key, ipv4_int(s.cluster_ip) if s.cluster_ip else self._known_ip(key))
             for key, s in services
         ]
         try:
@@ -321,7 +328,7 @@ class LBCore:
     def _known_ip(self, key: str) -> int:
         spec = self.specs.get(key)
         if isinstance(spec, ServiceSpec) and spec.cluster_ip:
-            return int(IPv4Address(spec.cluster_ip))
+            return ipv4_int(spec.cluster_ip)
         return 0
 
     async def _allocate_node_ports(self, keys: list[str]) -> None:
