@@ -61,12 +61,18 @@ def load_all(
         return _load_all(text, source, error)
 
 
+# below this size PyYAML's own readers take milliseconds: the fast subset reader is for bulk
+FAST_READER_MIN_BYTES = 256 * 1024
+
+
 def _load_all(text: str, source: str, error: Callable[[str], Exception]) -> list[Any]:
     # plain block YAML (what generated bulk manifests are) read line by line, several times
-    # faster than even libyaml through PyYAML; anything else is PyYAML's, with its messages
-    simple = fast_yaml.load_all(text, _Loader(""))
-    if simple is not None:
-        return simple
+    # faster than even libyaml through PyYAML; anything else is PyYAML's, with its messages.
+    # Hand-written manifests, small, always take PyYAML's path.
+    if len(text) >= FAST_READER_MIN_BYTES:
+        simple = fast_yaml.load_all(text, _Loader(""))
+        if simple is not None:
+            return simple
     if _CLoader is not None:
         # libyaml's parser, tens of times faster on bulk manifests (tens of thousands of
         # Services); on any error the Python parser reads the text again, so that messages
