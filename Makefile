@@ -28,6 +28,9 @@ bench: setup
 	$(PY) bench/identity.py
 	$(PY) bench/flows.py
 	$(PY) bench/datapath.py
+	$(PY) bench/policy.py
+	$(PY) bench/lb.py --services 20000
+	$(PY) bench/overlay.py
 	$(PY) -m bench.monitor
 
 down:
