@@ -22,6 +22,7 @@ from prometheus_client import Counter, Gauge
 
 from services.datapath import netns
 from services.datapath.ipcache_sync import IPCacheSync, entry_value
+from services.datapath.lb_sync import LBSync
 from services.datapath.loader import Datapath
 from services.datapath.local_ipam import NodeIPAM
 from services.datapath.maps import EndpointInfo, IPCacheValue, LxcInfo, decode_ct, percpu_sum
@@ -139,7 +140,7 @@ class Agent:
         # every pod's (identity, container ports), cluster-wide: egress named ports
         self.pod_ports: dict[str, tuple[int, tuple[ContainerPort, ...]]] = {}
         self.pods_of_identity: dict[int, set[str]] = {}
-        self.lb: Any = None  # the LBSync of services/datapath/lb_sync.py, set at start-up
+        self.lb: LBSync | None = None  # set at start-up, once the lb maps are open
         self.log = log.get("datapath.agent", node=node.name)
 
     # --- start-up: adopt what a previous agent left ------------------------------------------

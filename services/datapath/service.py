@@ -236,13 +236,13 @@ async def run(settings: DatapathSettings) -> None:
         lambda: agent.follow("namespaces", buckets.namespaces, agent.on_namespace),
     )
     # service load balancing: the services bucket into the lb maps (bpf/lb.h)
-    agent.lb = LBSync(open_tables(datapath.bpf))
+    lb = agent.lb = LBSync(open_tables(datapath.bpf))
     services_kv = await bus.kv(
         subjects.KV_SERVICES,
         description="namespace.name -> frontends, backends, revision",
         replicas=settings.kv_replicas,
     )
-    tasks.spawn("watch-services", lambda: agent.lb.run(services_kv, buckets.nodes))
+    tasks.spawn("watch-services", lambda: lb.run(services_kv, buckets.nodes))
     for name, event in agent.synced.items():
         await event.wait()
         logger.debug("snapshot applied", bucket=name)
