@@ -17,6 +17,7 @@ class NodeIPAM:
         self.cidr = cidr
         self.router = next(cidr.hosts())
         self._used: set[IPv4Address] = {self.router}
+        self._reserved: set[IPv4Address] = {self.router}  # never released (router, health)
         self._next = int(self.router) + 1
 
     def allocate(self) -> IPv4Address:
@@ -37,8 +38,14 @@ class NodeIPAM:
             raise AlreadyExists(f"{address} is not a pod address of {self.cidr}")
         self._used.add(address)
 
+    def reserve(self, address: IPv4Address) -> None:
+        """An address of the node's own (the health endpoint's): in use for good, so that the
+        clean-up of a stale pod that once held it cannot hand it out again."""
+        self.claim(address)
+        self._reserved.add(address)
+
     def release(self, address: IPv4Address) -> None:
-        if address != self.router:
+        if address not in self._reserved:
             self._used.discard(address)
 
     @property

@@ -308,3 +308,14 @@ def test_node_ipam_skips_the_router_and_does_not_reuse_at_once() -> None:
     ipam.release(got[1])
     ipam.release(got[2])
     assert ipam.allocate() == got[1]  # the next free one after the cursor, wrapping around
+
+
+def test_a_reserved_address_outlives_the_release_of_a_stale_pod_that_held_it() -> None:
+    # the health endpoint's address, once a pod's before a restart: the stale pod's clean-up
+    # releases its address, which must not make the health address free for the next pod
+    ipam = NodeIPAM(IPv4Network("10.9.0.0/29"))
+    health = IPv4Address("10.9.0.2")
+    ipam.reserve(health)
+    ipam.release(health)
+    assert ipam.allocate() == IPv4Address("10.9.0.3")
+    assert health not in [ipam.allocate() for _ in range(3)]
