@@ -18,7 +18,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from shared import kube_yaml
+from shared import doc_fields, kube_yaml
 from shared.errors import InvalidArgument
 from shared.labels import validate_key, validate_value
 from shared.messages import ContainerPort
@@ -203,7 +203,7 @@ def _objects(raw: Any, where: str, source: str) -> list[tuple[str, Any]]:
                 f"List is served as apiVersion {_LIST_API_VERSION!r}, got {api_version!r}",
                 field="apiVersion",
             )
-        items = _optional_list(raw, "items", "")
+        items = doc_fields.optional_list(raw, "items", "")
         for position, item in enumerate(items):
             if isinstance(item, Mapping) and item.get("kind") == _LIST_KIND:
                 raise InvalidArgument(
@@ -234,13 +234,15 @@ def _identity(doc: Document) -> tuple[str, str, str]:
 def _parse_object(obj: Any) -> Document:
     if not isinstance(obj, Mapping):
         raise InvalidArgument(
-            f"a document must be a mapping (a Kubernetes object), got {_type_name(obj)}"
+            f"a document must be a mapping (a Kubernetes object), got {doc_fields.type_name(obj)}"
         )
     kind_name = obj.get("kind")
     if kind_name is None:
         raise InvalidArgument("is required", field="kind")
     if not isinstance(kind_name, str):
-        raise InvalidArgument(f"must be a string, got {_type_name(kind_name)}", field="kind")
+        raise InvalidArgument(
+            f"must be a string, got {doc_fields.type_name(kind_name)}", field="kind"
+        )
     kind = KINDS.get(kind_name)
     if kind is None:
         raise InvalidArgument(
@@ -257,25 +259,25 @@ def _parse_object(obj: Any) -> Document:
     if kind.service:
         return _routed(obj, kind_name, kind)
     _check_fields(obj, _OBJECT_FIELDS, "")
-    meta = _mapping(obj, "metadata", "")
+    meta = doc_fields.mapping(obj, "metadata", "")
     _check_fields(meta, _META_FIELDS, "metadata")
     name = _name(meta, kind)
     if kind_name == "Namespace":
         labels = _labels(meta, "metadata")
-        _check_fields(_mapping(obj, "spec", ""), _NAMESPACE_SPEC_FIELDS, "spec")
+        _check_fields(doc_fields.mapping(obj, "spec", ""), _NAMESPACE_SPEC_FIELDS, "spec")
         # the API server sets this label on every namespace, overriding what the user wrote
         labels[NAMESPACE_NAME_LABEL] = name
         return NamespaceDoc(name=name, labels=labels)
     namespace = _namespace(meta)
     labels = _labels(meta, "metadata")
     if kind_name == "Pod":
-        spec = _mapping(obj, "spec", "", required=True)
+        spec = doc_fields.mapping(obj, "spec", "", required=True)
         return _pod(spec, "spec", namespace=namespace, name=name, labels=labels)
     return _deployment(obj, namespace, name)
 
 
 def _routed(obj: Mapping[str, Any], kind_name: str, kind: _Kind) -> RoutedDoc:
-    meta = _mapping(obj, "metadata", "")
+    meta = doc_fields.mapping(obj, "metadata", "")
     name = _name(meta, kind)
     # a cluster-scoped object has no namespace; Kubernetes ignores one if given
     namespace = _namespace(meta) if kind.namespaced else ""
@@ -295,7 +297,9 @@ def _name(meta: Mapping[str, Any], kind: _Kind) -> str:
         hint = " (generateName is not supported by apply)" if "generateName" in meta else ""
         raise InvalidArgument(f"is required{hint}", field="metadata.name")
     if not isinstance(name, str):
-        raise InvalidArgument(f"must be a string, got {_type_name(name)}", field="metadata.name")
+        raise InvalidArgument(
+            f"must be a string, got {doc_fields.type_name(name)}", field="metadata.name"
+        )
     if kind.name_rule == "label":
         _check_dns_label(name, "metadata.name")
     elif kind.name_rule == "1035":
@@ -324,7 +328,7 @@ def _pod(
     node_name = _optional_str(spec, "nodeName", path, "")
     if node_name:
         _check_dns_subdomain(node_name, f"{path}.nodeName")
-    containers = _optional_list(spec, "containers", path)
+    containers = doc_fields.optional_list(spec, "containers", path)
     if not containers:
         raise InvalidArgument("must list at least one container", field=f"{path}.containers")
     ports: list[ContainerPort] = []
@@ -333,13 +337,15 @@ def _pod(
     for c_index, container in enumerate(containers):
         c_path = f"{path}.containers[{c_index}]"
         if not isinstance(container, Mapping):
-            raise InvalidArgument(f"must be a mapping, got {_type_name(container)}", field=c_path)
+            raise InvalidArgument(
+                f"must be a mapping, got {doc_fields.type_name(container)}", field=c_path
+            )
         c_name = container.get("name")
         if c_name is None or c_name == "":
             raise InvalidArgument("is required", field=f"{c_path}.name")
         if not isinstance(c_name, str):
             raise InvalidArgument(
-                f"must be a string, got {_type_name(c_name)}", field=f"{c_path}.name"
+                f"must be a string, got {doc_fields.type_name(c_name)}", field=f"{c_path}.name"
             )
         _check_dns_label(c_name, f"{c_path}.name")
         if c_name in container_names:
@@ -348,7 +354,7 @@ def _pod(
                 field=f"{c_path}.name",
             )
         container_names[c_name] = f"{c_path}.name"
-        for p_index, entry in enumerate(_optional_list(container, "ports", c_path)):
+        for p_index, entry in enumerate(doc_fields.optional_list(container, "ports", c_path)):
             p_path = f"{c_path}.ports[{p_index}]"
             port = _port(entry, p_path)
             if port.name:
@@ -371,14 +377,15 @@ def _pod(
 
 def _port(entry: Any, path: str) -> ContainerPort:
     if not isinstance(entry, Mapping):
-        raise InvalidArgument(f"must be a mapping, got {_type_name(entry)}", field=path)
+        raise InvalidArgument(f"must be a mapping, got {doc_fields.type_name(entry)}", field=path)
     _check_fields(entry, _PORT_FIELDS, path)
     number = entry.get("containerPort")
     if number is None:
         raise InvalidArgument("is required", field=f"{path}.containerPort")
-    if not _is_int(number) or not 1 <= number <= 65535:
+    if not doc_fields.is_int(number) or not 1 <= number <= 65535:
         raise InvalidArgument(
-            f"must be an integer in 1..65535, got {_show(number)}", field=f"{path}.containerPort"
+            f"must be an integer in 1..65535, got {doc_fields.show(number)}",
+            field=f"{path}.containerPort",
         )
     protocol = _optional_str(entry, "protocol", path, "TCP")
     if protocol not in PROTOCOLS:
@@ -392,17 +399,17 @@ def _port(entry: Any, path: str) -> ContainerPort:
 
 
 def _deployment(obj: Mapping[str, Any], namespace: str, name: str) -> DeploymentDoc:
-    spec = _mapping(obj, "spec", "", required=True)
+    spec = doc_fields.mapping(obj, "spec", "", required=True)
     _check_fields(spec, _DEPLOYMENT_SPEC_FIELDS, "spec")
     replicas = spec.get("replicas", 1)
     if replicas is None:
         replicas = 1
-    if not _is_int(replicas) or not 0 <= replicas <= MAX_REPLICAS:
+    if not doc_fields.is_int(replicas) or not 0 <= replicas <= MAX_REPLICAS:
         raise InvalidArgument(
-            f"must be an integer in 0..{MAX_REPLICAS}, got {_show(replicas)}",
+            f"must be an integer in 0..{MAX_REPLICAS}, got {doc_fields.show(replicas)}",
             field="spec.replicas",
         )
-    raw_selector = _mapping(spec, "selector", "spec", required=True)
+    raw_selector = doc_fields.mapping(spec, "selector", "spec", required=True)
     # matchLabels first with the plain Kubernetes key rules (no Cilium "k8s:" source prefix)
     match_labels = _label_map(raw_selector.get("matchLabels"), "spec.selector.matchLabels")
     selector = LabelSelector.parse(raw_selector, "spec.selector")
@@ -411,9 +418,9 @@ def _deployment(obj: Mapping[str, Any], namespace: str, name: str) -> Deployment
             "must not be empty: a Deployment must say which pods are its own",
             field="spec.selector",
         )
-    template = _mapping(spec, "template", "spec", required=True)
+    template = doc_fields.mapping(spec, "template", "spec", required=True)
     _check_fields(template, _TEMPLATE_FIELDS, "spec.template")
-    t_meta = _mapping(template, "metadata", "spec.template")
+    t_meta = doc_fields.mapping(template, "metadata", "spec.template")
     _check_fields(t_meta, _META_FIELDS, "spec.template.metadata")
     t_labels = _labels(t_meta, "spec.template.metadata")
     if not selector.matches(t_labels):
@@ -422,7 +429,7 @@ def _deployment(obj: Mapping[str, Any], namespace: str, name: str) -> Deployment
             f"template labels {_show_labels(t_labels)})",
             field="spec.template.metadata.labels",
         )
-    t_spec = _mapping(template, "spec", "spec.template", required=True)
+    t_spec = doc_fields.mapping(template, "spec", "spec.template", required=True)
     # the template's own namespace and name are ignored: the pods live where the deployment is
     pod = _pod(t_spec, "spec.template.spec", namespace=namespace, name="", labels=t_labels)
     return DeploymentDoc(
@@ -502,73 +509,14 @@ def _encode(digest: bytes, length: int) -> str:
 # --- field helpers ----------------------------------------------------------------------------
 
 
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, Mapping):
-        return "mapping"
-    if isinstance(value, list):
-        return "list"
-    return type(value).__name__
-
-
-def _show(value: Any) -> str:
-    """A value out of range as itself; one of the wrong type with its type too."""
-    return str(value) if _is_int(value) else _typed(value)
-
-
-def _typed(value: Any) -> str:
-    if isinstance(value, bool | int | float | str):
-        return f"{_type_name(value)} {value!r}"
-    return _type_name(value)
-
-
-def _is_int(value: Any) -> bool:
-    # YAML true/false are Python bools, which are ints; Kubernetes rejects them as numbers
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _mapping(
-    parent: Mapping[str, Any], key: str, path: str, *, required: bool = False
-) -> Mapping[str, Any]:
-    value = parent.get(key)
-    if value is None:
-        if required:
-            raise InvalidArgument("is required", field=_join(path, key))
-        return {}
-    if not isinstance(value, Mapping):
-        raise InvalidArgument(f"must be a mapping, got {_type_name(value)}", field=_join(path, key))
-    return value
-
-
-def _optional_list(parent: Mapping[str, Any], key: str, path: str) -> list[Any]:
-    value = parent.get(key)
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise InvalidArgument(f"must be a list, got {_type_name(value)}", field=_join(path, key))
-    return value
-
-
 def _optional_str(parent: Mapping[str, Any], key: str, path: str, default: str) -> str:
     value = parent.get(key)
     if value is None or value == "":
         return default
     if not isinstance(value, str):
         raise InvalidArgument(
-            f"must be a string, got {_typed(value)} (quote it in YAML)", field=_join(path, key)
+            f"must be a string, got {doc_fields.typed(value)} (quote it in YAML)",
+            field=doc_fields.join(path, key),
         )
     return value
 
@@ -586,31 +534,34 @@ def _check_fields(obj: Mapping[Any, Any], known: frozenset[str], path: str) -> N
         if isinstance(key, str):
             close = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise InvalidArgument(f"unknown field{hint}", field=_join(path, str(key)))
+        raise InvalidArgument(f"unknown field{hint}", field=doc_fields.join(path, str(key)))
 
 
 def _labels(meta: Mapping[str, Any], path: str) -> dict[str, str]:
-    return _label_map(meta.get("labels"), _join(path, "labels"))
+    return _label_map(meta.get("labels"), doc_fields.join(path, "labels"))
 
 
 def _label_map(raw: Any, path: str) -> dict[str, str]:
     if raw is None:
         return {}
     if not isinstance(raw, Mapping):
-        raise InvalidArgument(f"must be a mapping of key: value, got {_type_name(raw)}", field=path)
+        raise InvalidArgument(
+            f"must be a mapping of key: value, got {doc_fields.type_name(raw)}", field=path
+        )
     labels: dict[str, str] = {}
     for key, value in raw.items():
         field = f"{path}[{key!r}]"
         if not isinstance(key, str):
             raise InvalidArgument(
-                f"label key must be a string, got {_typed(key)} (quote it in YAML)", field=field
+                f"label key must be a string, got {doc_fields.typed(key)} (quote it in YAML)",
+                field=field,
             )
         validate_key(key, field=field)
         if value is None:
             value = ""  # what Kubernetes makes of a null string
         if not isinstance(value, str):
             raise InvalidArgument(
-                f"label value must be a string, got {_typed(value)} (quote it in YAML)",
+                f"label value must be a string, got {doc_fields.typed(value)} (quote it in YAML)",
                 field=field,
             )
         validate_value(value, field=field)

@@ -83,7 +83,7 @@ from services.policy.model import (
     Selector,
     rule_id,
 )
-from shared import kube_yaml
+from shared import doc_fields, kube_yaml
 from shared.errors import InvalidArgument
 from shared.labels import NAMESPACE_LABEL, NAMESPACE_LABELS_PREFIX, validate_key, validate_value
 from shared.selectors import LabelSelector, Requirement
@@ -304,7 +304,7 @@ def _objects(raw: Any, where: str, source: str) -> list[tuple[str, Any]]:
                 f"List is served as apiVersion 'v1', got {raw.get('apiVersion')!r}",
                 field="apiVersion",
             )
-        items = _list(raw, "items", "")
+        items = doc_fields.optional_list(raw, "items", "")
     except InvalidArgument as exc:
         raise _located(source, f"{where} (List)", exc) from None
     return [(f"{where} items[{position}]", item) for position, item in enumerate(items)]
@@ -349,7 +349,7 @@ class _Context:
 
 def _parse_policy(obj: Any) -> Policy:
     if not isinstance(obj, Mapping):
-        raise InvalidArgument(f"a document must be a mapping, got {_type_name(obj)}")
+        raise InvalidArgument(f"a document must be a mapping, got {doc_fields.type_name(obj)}")
     kind_name = obj.get("kind")
     if kind_name is None:
         raise InvalidArgument("is required", field="kind")
@@ -369,7 +369,7 @@ def _parse_policy(obj: Any) -> Policy:
         )
     _check_fields(obj, _KNP_FIELDS if kind is PolicyKind.KNP else _CILIUM_FIELDS, "")
     source = _plain(obj, "")
-    meta = _mapping(obj, "metadata", "", required=True)
+    meta = doc_fields.mapping(obj, "metadata", "", required=True)
     _check_fields(meta, _META_FIELDS, "metadata")
     name = _name(meta)
     warnings: list[str] = []
@@ -405,7 +405,9 @@ def _name(meta: Mapping[str, Any]) -> str:
         hint = " (generateName is not supported)" if "generateName" in meta else ""
         raise InvalidArgument(f"is required{hint}", field="metadata.name")
     if not isinstance(name, str):
-        raise InvalidArgument(f"must be a string, got {_type_name(name)}", field="metadata.name")
+        raise InvalidArgument(
+            f"must be a string, got {doc_fields.type_name(name)}", field="metadata.name"
+        )
     if len(name) > 253 or not _DNS_SUBDOMAIN_RE.match(name):
         raise InvalidArgument(
             f"{name!r} is not a DNS-1123 subdomain: at most 253 lowercase letters, digits, "
@@ -434,7 +436,9 @@ def _cilium_specs(obj: Mapping[str, Any], ctx: _Context) -> tuple[PolicySpec, ..
     entries: list[tuple[str, Any]] = []
     if obj.get("spec") is not None:
         entries.append(("spec", obj["spec"]))
-    entries.extend((f"specs[{i}]", spec) for i, spec in enumerate(_list(obj, "specs", "")))
+    entries.extend(
+        (f"specs[{i}]", spec) for i, spec in enumerate(doc_fields.optional_list(obj, "specs", ""))
+    )
     if not entries:
         raise InvalidArgument(
             f"a {ctx.kind.value} needs a spec or a non-empty specs list", field="spec"
@@ -444,7 +448,7 @@ def _cilium_specs(obj: Mapping[str, Any], ctx: _Context) -> tuple[PolicySpec, ..
 
 def _cilium_spec(raw: Any, path: str, ctx: _Context) -> PolicySpec:
     if not isinstance(raw, Mapping):
-        raise InvalidArgument(f"must be a mapping, got {_type_name(raw)}", field=path)
+        raise InvalidArgument(f"must be a mapping, got {doc_fields.type_name(raw)}", field=path)
     _check_fields(raw, _SPEC_FIELDS, path)
     if "endpointSelector" not in raw or raw["endpointSelector"] is None:
         raise InvalidArgument(
@@ -454,15 +458,19 @@ def _cilium_spec(raw: Any, path: str, ctx: _Context) -> PolicySpec:
         )
     subject = _subject_selector(raw["endpointSelector"], f"{path}.endpointSelector", ctx)
     description = _optional_str(raw, "description", path)
-    _list(raw, "labels", path)  # Cilium rule labels: metadata only, kept in the source
-    sections = {section: _list(raw, section, path) for section, _, _ in _SECTIONS}
+    doc_fields.optional_list(
+        raw, "labels", path
+    )  # Cilium rule labels: metadata only, kept in the source
+    sections = {
+        section: doc_fields.optional_list(raw, section, path) for section, _, _ in _SECTIONS
+    }
     if not any(sections.values()):
         raise InvalidArgument(
             "must have a non-empty ingress, ingressDeny, egress or egressDeny list "
             "(ingress: [{}] enforces ingress and allows nothing)",
             field=path,
         )
-    default_deny = _mapping(raw, "enableDefaultDeny", path)
+    default_deny = doc_fields.mapping(raw, "enableDefaultDeny", path)
     _check_fields(default_deny, frozenset({"ingress", "egress"}), f"{path}.enableDefaultDeny")
     enforces = {
         Direction.INGRESS: bool(sections["ingress"] or sections["ingressDeny"]),
@@ -474,7 +482,7 @@ def _cilium_spec(raw: Any, path: str, ctx: _Context) -> PolicySpec:
             continue
         if not isinstance(explicit, bool):
             raise InvalidArgument(
-                f"must be true or false, got {_typed(explicit)}",
+                f"must be true or false, got {doc_fields.typed(explicit)}",
                 field=f"{path}.enableDefaultDeny.{direction.value}",
             )
         enforces[direction] = explicit
@@ -500,7 +508,7 @@ def _cilium_rule(
     if entry is None:
         entry = {}  # "- " in YAML: an empty rule, as Go decodes null
     if not isinstance(entry, Mapping):
-        raise InvalidArgument(f"must be a mapping, got {_type_name(entry)}", field=path)
+        raise InvalidArgument(f"must be a mapping, got {doc_fields.type_name(entry)}", field=path)
     l3_fields = _INGRESS_L3 if direction is Direction.INGRESS else _EGRESS_L3
     _check_fields(entry, frozenset(l3_fields) | _L4_FIELDS, path)
     given = [name for name in l3_fields if entry.get(name) is not None]
@@ -513,18 +521,18 @@ def _cilium_rule(
         )
     endpoints_key, cidr_key, cidr_set_key, entities_key = l3_fields
     peers: list[Peer] = []
-    for index, raw in enumerate(_list(entry, endpoints_key, path)):
+    for index, raw in enumerate(doc_fields.optional_list(entry, endpoints_key, path)):
         selector = _peer_selector(raw, f"{path}.{endpoints_key}[{index}]", ctx)
         peers.append(Peer(selector=selector))
-    for index, raw in enumerate(_list(entry, cidr_key, path)):
+    for index, raw in enumerate(doc_fields.optional_list(entry, cidr_key, path)):
         cidr = _cidr_value(raw, f"{path}.{cidr_key}[{index}]", ctx, allow_address=True)
         peers.append(Peer(cidr=CIDRRule(cidr)))
-    for index, raw in enumerate(_list(entry, cidr_set_key, path)):
+    for index, raw in enumerate(doc_fields.optional_list(entry, cidr_set_key, path)):
         peers.append(Peer(cidr=_cidr_set(raw, f"{path}.{cidr_set_key}[{index}]", ctx)))
-    for index, raw in enumerate(_list(entry, entities_key, path)):
+    for index, raw in enumerate(doc_fields.optional_list(entry, entities_key, path)):
         peers.append(Peer(entity=_entity(raw, f"{path}.{entities_key}[{index}]")))
-    to_ports = _list(entry, "toPorts", path)
-    icmps = _list(entry, "icmps", path)
+    to_ports = doc_fields.optional_list(entry, "toPorts", path)
+    icmps = doc_fields.optional_list(entry, "icmps", path)
     if to_ports and icmps:
         raise InvalidArgument(
             "icmps and toPorts cannot be in the same rule (as in Cilium): write a separate rule",
@@ -579,7 +587,7 @@ def _cilium_label_selector(raw: Any, path: str) -> LabelSelector:
     if not isinstance(raw, Mapping):
         raise InvalidArgument(
             f"must be a mapping with matchLabels/matchExpressions (use {{}} to select all), "
-            f"got {_type_name(raw)}",
+            f"got {doc_fields.type_name(raw)}",
             field=path,
         )
     match_labels = raw.get("matchLabels")
@@ -597,7 +605,8 @@ def _cilium_label_selector(raw: Any, path: str) -> LabelSelector:
 def _check_source(key: Any, path: str) -> None:
     if not isinstance(key, str):
         raise InvalidArgument(
-            f"label key must be a string, got {_typed(key)} (quote it in YAML)", field=path
+            f"label key must be a string, got {doc_fields.typed(key)} (quote it in YAML)",
+            field=path,
         )
     head, colon, _ = key.partition(":")
     if not colon or head in ("k8s", "any"):
@@ -644,13 +653,16 @@ def _entity(raw: Any, path: str) -> Entity:
 def _cidr_set(raw: Any, path: str, ctx: _Context) -> CIDRRule:
     if not isinstance(raw, Mapping):
         raise InvalidArgument(
-            f"must be a mapping with cidr and except, got {_type_name(raw)}", field=path
+            f"must be a mapping with cidr and except, got {doc_fields.type_name(raw)}", field=path
         )
     _check_fields(raw, frozenset({"cidr", "except"}), path)
     if raw.get("cidr") is None:
         raise InvalidArgument("is required", field=f"{path}.cidr")
     network = _cidr_value(raw["cidr"], f"{path}.cidr", ctx, allow_address=False)
-    return CIDRRule(network, _excepts(network, _list(raw, "except", path), f"{path}.except", ctx))
+    return CIDRRule(
+        network,
+        _excepts(network, doc_fields.optional_list(raw, "except", path), f"{path}.except", ctx),
+    )
 
 
 def _excepts(network: Network, raw: list[Any], path: str, ctx: _Context) -> tuple[Network, ...]:
@@ -672,7 +684,7 @@ def _excepts(network: Network, raw: list[Any], path: str, ctx: _Context) -> tupl
 
 def _cidr_value(raw: Any, path: str, ctx: _Context, *, allow_address: bool) -> Network:
     if not isinstance(raw, str):
-        raise InvalidArgument(f"must be a CIDR string, got {_typed(raw)}", field=path)
+        raise InvalidArgument(f"must be a CIDR string, got {doc_fields.typed(raw)}", field=path)
     if "/" not in raw and not allow_address:
         raise InvalidArgument(f"{raw!r} is not a CIDR: write address/prefix-length", field=path)
     try:
@@ -694,13 +706,15 @@ def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 
 def _cilium_port_rule(raw: Any, path: str, direction: Direction, deny: bool) -> list[PortRule]:
     if not isinstance(raw, Mapping):
-        raise InvalidArgument(f"must be a mapping with ports, got {_type_name(raw)}", field=path)
+        raise InvalidArgument(
+            f"must be a mapping with ports, got {doc_fields.type_name(raw)}", field=path
+        )
     if deny and "rules" in raw:
         raise InvalidArgument(
             "L7 rules are not allowed in deny rules (as in Cilium)", field=f"{path}.rules"
         )
     _check_fields(raw, frozenset({"ports"} if deny else {"ports", "rules"}), path)
-    entries = _list(raw, "ports", path)
+    entries = doc_fields.optional_list(raw, "ports", path)
     if not entries:
         raise InvalidArgument(
             "must list at least one port (an entry without ports allows nothing)",
@@ -720,7 +734,7 @@ def _cilium_port_rule(raw: Any, path: str, direction: Direction, deny: bool) -> 
 def _cilium_port(raw: Any, path: str) -> PortRule:
     if not isinstance(raw, Mapping):
         raise InvalidArgument(
-            f"must be a mapping with port, protocol, got {_type_name(raw)}", field=path
+            f"must be a mapping with port, protocol, got {doc_fields.type_name(raw)}", field=path
         )
     _check_fields(raw, frozenset({"port", "endPort", "protocol"}), path)
     protocol_text = _optional_str(raw, "protocol", path) or "ANY"
@@ -735,14 +749,15 @@ def _cilium_port(raw: Any, path: str) -> PortRule:
     value = raw.get("port")
     if value is None or value == "":
         raise InvalidArgument("is required (0 for every port)", field=f"{path}.port")
-    if _is_int(value) or (isinstance(value, str) and value.isdigit()):
+    if doc_fields.is_int(value) or (isinstance(value, str) and value.isdigit()):
         number = int(value)
         if not 0 <= number <= 65535:
             raise InvalidArgument(f"must be in 0..65535, got {number}", field=f"{path}.port")
         return PortRule(protocol, number, _end_port(raw, number, path))
     if not isinstance(value, str):
         raise InvalidArgument(
-            f"must be a port number or a port name, got {_typed(value)}", field=f"{path}.port"
+            f"must be a port number or a port name, got {doc_fields.typed(value)}",
+            field=f"{path}.port",
         )
     name = value.lower()  # Cilium compares port names case-insensitively
     _check_port_name(name, f"{path}.port")
@@ -756,9 +771,9 @@ def _end_port(raw: Mapping[str, Any], port: int, path: str) -> int:
     end = raw.get("endPort")
     if end is None:
         return 0
-    if not _is_int(end) or not 1 <= end <= 65535:
+    if not doc_fields.is_int(end) or not 1 <= end <= 65535:
         raise InvalidArgument(
-            f"must be an integer in 1..65535, got {_show(end)}", field=f"{path}.endPort"
+            f"must be an integer in 1..65535, got {doc_fields.show(end)}", field=f"{path}.endPort"
         )
     if port == 0:
         raise InvalidArgument("needs a port to start the range", field=f"{path}.endPort")
@@ -771,9 +786,11 @@ def _end_port(raw: Mapping[str, Any], port: int, path: str) -> int:
 
 def _icmp_rule(raw: Any, path: str) -> list[PortRule]:
     if not isinstance(raw, Mapping):
-        raise InvalidArgument(f"must be a mapping with fields, got {_type_name(raw)}", field=path)
+        raise InvalidArgument(
+            f"must be a mapping with fields, got {doc_fields.type_name(raw)}", field=path
+        )
     _check_fields(raw, frozenset({"fields"}), path)
-    fields = _list(raw, "fields", path)
+    fields = doc_fields.optional_list(raw, "fields", path)
     if len(fields) > MAX_ICMP_FIELDS:
         raise InvalidArgument(
             f"at most {MAX_ICMP_FIELDS} fields, got {len(fields)}", field=f"{path}.fields"
@@ -783,7 +800,8 @@ def _icmp_rule(raw: Any, path: str) -> list[PortRule]:
         fpath = f"{path}.fields[{index}]"
         if not isinstance(entry, Mapping):
             raise InvalidArgument(
-                f"must be a mapping with type, family, got {_type_name(entry)}", field=fpath
+                f"must be a mapping with type, family, got {doc_fields.type_name(entry)}",
+                field=fpath,
             )
         _check_fields(entry, frozenset({"type", "family"}), fpath)
         family = _optional_str(entry, "family", fpath) or "IPv4"
@@ -797,7 +815,7 @@ def _icmp_rule(raw: Any, path: str) -> list[PortRule]:
 def _icmp_type(value: Any, protocol: int, path: str) -> int:
     if value is None:
         raise InvalidArgument("is required", field=path)
-    if _is_int(value) or (isinstance(value, str) and value.isdigit()):
+    if doc_fields.is_int(value) or (isinstance(value, str) and value.isdigit()):
         number = int(value)
         if not 0 <= number <= 255:
             raise InvalidArgument(f"must be in 0..255, got {number}", field=path)
@@ -808,7 +826,7 @@ def _icmp_type(value: Any, protocol: int, path: str) -> int:
     family = "IPv4" if protocol == PROTO_ICMP else "IPv6"
     raise InvalidArgument(
         f"must be a number in 0..255 or an {family} ICMP type name ({', '.join(names)}), "
-        f"got {_typed(value)}",
+        f"got {doc_fields.typed(value)}",
         field=path,
     )
 
@@ -821,7 +839,7 @@ def _l7_rules(raw: Any, path: str, ports: list[PortRule], direction: Direction) 
         return None
     if not isinstance(raw, Mapping):
         raise InvalidArgument(
-            f"must be a mapping (http, kafka or dns), got {_type_name(raw)}", field=path
+            f"must be a mapping (http, kafka or dns), got {doc_fields.type_name(raw)}", field=path
         )
     _check_fields(raw, frozenset(("http", "kafka", "dns")), path)
     given = [name for name in ("http", "kafka", "dns") if raw.get(name) is not None]
@@ -848,7 +866,7 @@ def _l7_rules(raw: Any, path: str, ports: list[PortRule], direction: Direction) 
             raise InvalidArgument(
                 "DNS rules do not support port ranges", field=f"{path}.{protocol}"
             )
-    rules = _list(raw, protocol, path)
+    rules = doc_fields.optional_list(raw, protocol, path)
     checked = [
         _l7_rule(protocol, rule, f"{path}.{protocol}[{index}]") for index, rule in enumerate(rules)
     ]
@@ -857,7 +875,7 @@ def _l7_rules(raw: Any, path: str, ports: list[PortRule], direction: Direction) 
 
 def _l7_rule(protocol: str, raw: Any, path: str) -> dict[str, Any]:
     if not isinstance(raw, Mapping):
-        raise InvalidArgument(f"must be a mapping, got {_type_name(raw)}", field=path)
+        raise InvalidArgument(f"must be a mapping, got {doc_fields.type_name(raw)}", field=path)
     shape = {"http": _HTTP_FIELDS, "kafka": _KAFKA_FIELDS, "dns": _DNS_FIELDS}[protocol]
     _check_shape(raw, shape, path)
     rule: dict[str, Any] = _plain(raw, path)
@@ -865,12 +883,15 @@ def _l7_rule(protocol: str, raw: Any, path: str) -> dict[str, Any]:
         for index, header in enumerate(rule.get("headers") or []):
             if not isinstance(header, str):
                 raise InvalidArgument(
-                    f"must be a string, got {_typed(header)}", field=f"{path}.headers[{index}]"
+                    f"must be a string, got {doc_fields.typed(header)}",
+                    field=f"{path}.headers[{index}]",
                 )
         for index, match in enumerate(rule.get("headerMatches") or []):
             mpath = f"{path}.headerMatches[{index}]"
             if not isinstance(match, Mapping):
-                raise InvalidArgument(f"must be a mapping, got {_type_name(match)}", field=mpath)
+                raise InvalidArgument(
+                    f"must be a mapping, got {doc_fields.type_name(match)}", field=mpath
+                )
             _check_shape(match, _HEADER_MATCH_FIELDS, mpath)
             if not match.get("name"):
                 raise InvalidArgument("is required", field=f"{mpath}.name")
@@ -901,7 +922,9 @@ def _check_shape(raw: Mapping[str, Any], shape: Mapping[str, type], path: str) -
         value = raw.get(key)
         if value is not None and not isinstance(value, expected):
             want = _TYPE_WORDS[expected]
-            raise InvalidArgument(f"must be {want}, got {_typed(value)}", field=_join(path, key))
+            raise InvalidArgument(
+                f"must be {want}, got {doc_fields.typed(value)}", field=doc_fields.join(path, key)
+            )
 
 
 # --- NetworkPolicy -----------------------------------------------------------------------------
@@ -911,7 +934,7 @@ def _knp_spec(raw: Any, ctx: _Context) -> PolicySpec:
     if raw is None:
         raw = {}  # Kubernetes decodes a missing spec as the empty one
     if not isinstance(raw, Mapping):
-        raise InvalidArgument(f"must be a mapping, got {_type_name(raw)}", field="spec")
+        raise InvalidArgument(f"must be a mapping, got {doc_fields.type_name(raw)}", field="spec")
     _check_fields(raw, frozenset({"podSelector", "policyTypes", "ingress", "egress"}), "spec")
     pod_selector = _knp_label_selector(raw.get("podSelector", {}), "spec.podSelector")
     subject = Selector(
@@ -922,8 +945,8 @@ def _knp_spec(raw: Any, ctx: _Context) -> PolicySpec:
             ]
         )
     )
-    ingress = _list(raw, "ingress", "spec")
-    egress = _list(raw, "egress", "spec")
+    ingress = doc_fields.optional_list(raw, "ingress", "spec")
+    egress = doc_fields.optional_list(raw, "egress", "spec")
     types = _policy_types(raw)
     if not types:  # Kubernetes' defaulting: Ingress always, Egress when there are egress rules
         types = {"Ingress", "Egress"} if egress else {"Ingress"}
@@ -956,13 +979,13 @@ def _knp_spec(raw: Any, ctx: _Context) -> PolicySpec:
 
 
 def _policy_types(raw: Mapping[str, Any]) -> set[str]:
-    types = _list(raw, "policyTypes", "spec")
+    types = doc_fields.optional_list(raw, "policyTypes", "spec")
     if len(types) > 2:
         raise InvalidArgument("may not specify more than two policyTypes", field="spec.policyTypes")
     for index, value in enumerate(types):
         if value not in ("Ingress", "Egress"):
             raise InvalidArgument(
-                f"must be Ingress or Egress, got {_typed(value)}",
+                f"must be Ingress or Egress, got {doc_fields.typed(value)}",
                 field=f"spec.policyTypes[{index}]",
             )
     return set(types)
@@ -974,7 +997,7 @@ def _knp_rule(
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
-        raise InvalidArgument(f"must be a mapping, got {_type_name(raw)}", field=path)
+        raise InvalidArgument(f"must be a mapping, got {doc_fields.type_name(raw)}", field=path)
     other = "to" if peer_key == "from" else "from"
     if other in raw:
         raise InvalidArgument(
@@ -983,19 +1006,20 @@ def _knp_rule(
             field=f"{path}.{other}",
         )
     _check_fields(raw, frozenset({peer_key, "ports"}), path)
-    entries = _list(raw, peer_key, path)
+    entries = doc_fields.optional_list(raw, peer_key, path)
     peers = [_knp_peer(entry, f"{path}.{peer_key}[{i}]", ctx) for i, entry in enumerate(entries)]
     if not entries:
         peers = [Peer(entity=Entity.ALL)]  # no from/to: every source/destination
     ports = [
-        _knp_port(entry, f"{path}.ports[{i}]") for i, entry in enumerate(_list(raw, "ports", path))
+        _knp_port(entry, f"{path}.ports[{i}]")
+        for i, entry in enumerate(doc_fields.optional_list(raw, "ports", path))
     ]
     return _unique(peers), _unique(ports)
 
 
 def _knp_peer(raw: Any, path: str, ctx: _Context) -> Peer:
     if not isinstance(raw, Mapping):
-        raise InvalidArgument(f"must be a mapping, got {_type_name(raw)}", field=path)
+        raise InvalidArgument(f"must be a mapping, got {doc_fields.type_name(raw)}", field=path)
     _check_fields(raw, frozenset({"podSelector", "namespaceSelector", "ipBlock"}), path)
     given = [
         key for key in ("podSelector", "namespaceSelector", "ipBlock") if raw.get(key) is not None
@@ -1049,7 +1073,8 @@ def _knp_label_selector(raw: Any, path: str) -> LabelSelector:
                 )
             if key is not None and not isinstance(key, str):
                 raise InvalidArgument(
-                    f"label key must be a string, got {_typed(key)} (quote it in YAML)", field=kpath
+                    f"label key must be a string, got {doc_fields.typed(key)} (quote it in YAML)",
+                    field=kpath,
                 )
     return LabelSelector.parse(raw, path)
 
@@ -1057,20 +1082,23 @@ def _knp_label_selector(raw: Any, path: str) -> LabelSelector:
 def _ip_block(raw: Any, path: str, ctx: _Context) -> CIDRRule:
     if not isinstance(raw, Mapping):
         raise InvalidArgument(
-            f"must be a mapping with cidr and except, got {_type_name(raw)}", field=path
+            f"must be a mapping with cidr and except, got {doc_fields.type_name(raw)}", field=path
         )
     _check_fields(raw, frozenset({"cidr", "except"}), path)
     if not raw.get("cidr"):
         raise InvalidArgument("is required", field=f"{path}.cidr")
     network = _cidr_value(raw["cidr"], f"{path}.cidr", ctx, allow_address=False)
-    return CIDRRule(network, _excepts(network, _list(raw, "except", path), f"{path}.except", ctx))
+    return CIDRRule(
+        network,
+        _excepts(network, doc_fields.optional_list(raw, "except", path), f"{path}.except", ctx),
+    )
 
 
 def _knp_port(raw: Any, path: str) -> PortRule:
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
-        raise InvalidArgument(f"must be a mapping, got {_type_name(raw)}", field=path)
+        raise InvalidArgument(f"must be a mapping, got {doc_fields.type_name(raw)}", field=path)
     _check_fields(raw, frozenset({"protocol", "port", "endPort"}), path)
     protocol_text = _optional_str(raw, "protocol", path) or "TCP"
     protocol = _KNP_PROTOCOLS.get(protocol_text)
@@ -1084,13 +1112,13 @@ def _knp_port(raw: Any, path: str) -> PortRule:
         if raw.get("endPort") is not None:
             raise InvalidArgument("may not be specified when port is not", field=f"{path}.endPort")
         return PortRule(protocol)
-    if _is_int(value):
+    if doc_fields.is_int(value):
         if not 1 <= value <= 65535:
             raise InvalidArgument(f"must be in 1..65535, got {value}", field=f"{path}.port")
         return PortRule(protocol, value, _end_port(raw, value, path))
     if not isinstance(value, str):
         raise InvalidArgument(
-            f"must be a number or a port name, got {_typed(value)}", field=f"{path}.port"
+            f"must be a number or a port name, got {doc_fields.typed(value)}", field=f"{path}.port"
         )
     _check_port_name(value, f"{path}.port")
     if raw.get("endPort") is not None:
@@ -1107,72 +1135,14 @@ def _unique(items: Iterable[Any]) -> tuple[Any, ...]:
     return tuple(dict.fromkeys(items))
 
 
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, Mapping):
-        return "mapping"
-    if isinstance(value, list):
-        return "list"
-    return type(value).__name__
-
-
-def _typed(value: Any) -> str:
-    if isinstance(value, bool | int | float | str):
-        return f"{_type_name(value)} {value!r}"
-    return _type_name(value)
-
-
-def _show(value: Any) -> str:
-    return str(value) if _is_int(value) else _typed(value)
-
-
-def _is_int(value: Any) -> bool:
-    # YAML true/false are Python bools, which are ints; Kubernetes rejects them as numbers
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _mapping(
-    parent: Mapping[str, Any], key: str, path: str, *, required: bool = False
-) -> Mapping[str, Any]:
-    value = parent.get(key)
-    if value is None:
-        if required:
-            raise InvalidArgument("is required", field=_join(path, key))
-        return {}
-    if not isinstance(value, Mapping):
-        raise InvalidArgument(f"must be a mapping, got {_type_name(value)}", field=_join(path, key))
-    return value
-
-
-def _list(parent: Mapping[str, Any], key: str, path: str) -> list[Any]:
-    value = parent.get(key)
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise InvalidArgument(f"must be a list, got {_type_name(value)}", field=_join(path, key))
-    return value
-
-
 def _optional_str(parent: Mapping[str, Any], key: str, path: str) -> str:
     value = parent.get(key)
     if value is None:
         return ""
     if not isinstance(value, str):
         raise InvalidArgument(
-            f"must be a string, got {_typed(value)} (quote it in YAML)", field=_join(path, key)
+            f"must be a string, got {doc_fields.typed(value)} (quote it in YAML)",
+            field=doc_fields.join(path, key),
         )
     return value
 
@@ -1184,29 +1154,32 @@ def _check_fields(obj: Mapping[Any, Any], known: frozenset[str], path: str) -> N
             continue
         reason = _UNSUPPORTED.get(key) if isinstance(key, str) else None
         if reason is not None:
-            raise InvalidArgument(reason, field=_join(path, key))
+            raise InvalidArgument(reason, field=doc_fields.join(path, key))
         hint = ""
         if isinstance(key, str):
             close = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise InvalidArgument(f"unknown field{hint}", field=_join(path, str(key)))
+        raise InvalidArgument(f"unknown field{hint}", field=doc_fields.join(path, str(key)))
 
 
 def _string_map(raw: Any, path: str, *, labels: bool) -> dict[str, str]:
     if raw is None:
         return {}
     if not isinstance(raw, Mapping):
-        raise InvalidArgument(f"must be a mapping of key: value, got {_type_name(raw)}", field=path)
+        raise InvalidArgument(
+            f"must be a mapping of key: value, got {doc_fields.type_name(raw)}", field=path
+        )
     result: dict[str, str] = {}
     for key, value in raw.items():
         fpath = f"{path}[{key!r}]"
         if not isinstance(key, str):
-            raise InvalidArgument(f"key must be a string, got {_typed(key)}", field=fpath)
+            raise InvalidArgument(f"key must be a string, got {doc_fields.typed(key)}", field=fpath)
         if value is None:
             value = ""
         if not isinstance(value, str):
             raise InvalidArgument(
-                f"value must be a string, got {_typed(value)} (quote it in YAML)", field=fpath
+                f"value must be a string, got {doc_fields.typed(value)} (quote it in YAML)",
+                field=fpath,
             )
         if labels:
             validate_key(key, field=fpath)
@@ -1222,10 +1195,10 @@ def _plain(value: Any, path: str) -> Any:
         for key, item in value.items():
             if not isinstance(key, str):
                 raise InvalidArgument(
-                    f"keys must be strings, got {_typed(key)} (quote it in YAML)",
-                    field=_join(path, str(key)),
+                    f"keys must be strings, got {doc_fields.typed(key)} (quote it in YAML)",
+                    field=doc_fields.join(path, str(key)),
                 )
-            copied[key] = _plain(item, _join(path, key))
+            copied[key] = _plain(item, doc_fields.join(path, key))
         return copied
     if isinstance(value, list):
         return [_plain(item, f"{path}[{index}]") for index, item in enumerate(value)]
