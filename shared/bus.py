@@ -273,9 +273,19 @@ class Bus:
     # --- micro services -------------------------------------------------------------------
 
     async def add_service(
-        self, name: str, version: str, description: str, metadata: dict[str, str] | None = None
+        self,
+        name: str,
+        version: str,
+        description: str,
+        metadata: dict[str, str] | None = None,
+        *,
+        queue_group: str = "",
+        concurrency: int = 64,
     ) -> MicroService:
-        """Register a NATS micro service, so every replica answers $SRV.PING/INFO/STATS."""
+        """Register a NATS micro service, so every replica answers $SRV.PING/INFO/STATS.
+
+        ``queue_group`` and ``concurrency`` are what its endpoints use unless they say otherwise.
+        """
         service = await add_service(
             self.nc,
             name=name,
@@ -283,7 +293,7 @@ class Bus:
             description=description,
             metadata=metadata or {},
         )
-        micro = MicroService(service, name)
+        micro = MicroService(service, name, queue_group=queue_group, concurrency=concurrency)
         self._services.append(micro)
         return micro
 
@@ -408,9 +418,13 @@ async def _has_messages(kv: KeyValue) -> bool:
 class MicroService:
     """A NATS micro service whose endpoints decode, dispatch, reply and count."""
 
-    def __init__(self, service: Service, name: str) -> None:
+    def __init__(
+        self, service: Service, name: str, *, queue_group: str = "", concurrency: int = 64
+    ) -> None:
         self._service = service
         self.name = name
+        self.queue_group = queue_group
+        self.concurrency = concurrency
         self._inflight: set[asyncio.Task[None]] = set()
 
     @property
@@ -424,15 +438,19 @@ class MicroService:
         request_type: type[Req],
         handler: Callable[[Req], Awaitable[Message]],
         *,
-        queue_group: str,
-        concurrency: int = 64,
+        queue_group: str = "",
+        concurrency: int = 0,
     ) -> None:
-        """Serve ``subject``; up to ``concurrency`` requests run at once per replica.
+        """Serve ``subject``; up to ``concurrency`` requests run at once per replica (the
+        service's queue group and concurrency unless given).
 
         The NATS client delivers a subscription's messages one at a time, so each request is
         handed to its own task; the semaphore bounds them and pushes back on the subscription.
         """
-        slots = asyncio.Semaphore(concurrency)
+        queue_group = queue_group or self.queue_group
+        if not queue_group:
+            raise ValueError(f"endpoint {name} of {self.name} has no queue group")
+        slots = asyncio.Semaphore(concurrency or self.concurrency)
         # the metric children of this endpoint, looked up once instead of per request
         seconds = REQUEST_SECONDS.labels(self.name, name)
         malformed = MALFORMED.labels(self.name, name)

@@ -121,9 +121,9 @@ class IdentityService:
             __version__,
             "security identities from labels, and cluster-pool IPAM",
             metadata,
+            queue_group=subjects.IDENTITY_QUEUE,
+            concurrency=self.settings.concurrency,
         )
-        queue = subjects.IDENTITY_QUEUE
-        n = self.settings.concurrency
 
         async def serve(
             name: str,
@@ -131,9 +131,7 @@ class IdentityService:
             request_type: type[Req],
             handler: Callable[[Req], Awaitable[Res]],
         ) -> None:
-            await micro.endpoint(
-                name, subject, request_type, _counting(handler), queue_group=queue, concurrency=n
-            )
+            await micro.endpoint(name, subject, request_type, _counting(handler))
 
         await serve("allocate", subjects.IDENTITY_ALLOCATE, AllocateRequest, self.allocate)
         await serve("release", subjects.IDENTITY_RELEASE, ReleaseRequest, self.release)

@@ -12,9 +12,9 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from ipaddress import IPv4Network
-from typing import Any, TypeVar
+from typing import Any
 
 import msgspec
 from nats.js.kv import KeyValue
@@ -47,13 +47,9 @@ from shared.messages import (
     LBListReply,
     LBService,
     LBServiceRef,
-    Message,
 )
 from shared.redis_store import make_redis
 from shared.runtime import TaskGroup, wait_for_shutdown
-
-Req = TypeVar("Req", bound=Message)
-Res = TypeVar("Res", bound=Message)
 
 ALGORITHM_ANNOTATION = "lb.membrane.io/algorithm"
 ALGORITHMS = ("maglev", "random")
@@ -690,24 +686,14 @@ class LBCore:
 
     async def register(self, metadata: dict[str, str], concurrency: int) -> MicroService:
         micro = await self.bus.add_service(
-            subjects.LB_SERVICE, __version__, "services: frontends, backends, Maglev", metadata
+            subjects.LB_SERVICE,
+            __version__,
+            "services: frontends, backends, Maglev",
+            metadata,
+            queue_group=subjects.LB_QUEUE,
+            concurrency=concurrency,
         )
-
-        async def serve(
-            name: str,
-            subject: str,
-            request_type: type[Req],
-            handler: Callable[[Req], Awaitable[Res]],
-        ) -> None:
-            await micro.endpoint(
-                name,
-                subject,
-                request_type,
-                handler,
-                queue_group=subjects.LB_QUEUE,
-                concurrency=concurrency,
-            )
-
+        serve = micro.endpoint
         await serve("apply", subjects.LB_APPLY, LBApplyRequest, self.apply)
         await serve("create", subjects.LB_CREATE, LBCreateRequest, self.create)
         await serve("delete", subjects.LB_DELETE, LBServiceRef, self.delete)

@@ -340,6 +340,7 @@ async def start(settings: MonitorSettings) -> Running:
         __version__,
         "enriched flows, flow queries, metrics and event subscriptions",
         {"replica": settings.replica, "metrics": f"{settings.metrics_host}:{metrics_port}"},
+        queue_group=subjects.MONITOR_QUEUE,
     )
     monitor.replica = micro.id
     # per-replica subjects: each replica holds only its share of the flows, so a query asks all
@@ -348,7 +349,6 @@ async def start(settings: MonitorSettings) -> Running:
         subjects.monitor_query(micro.id),
         FlowQuery,
         monitor.query,
-        queue_group=subjects.MONITOR_QUEUE,
         concurrency=4,
     )
     await micro.endpoint(
@@ -356,14 +356,12 @@ async def start(settings: MonitorSettings) -> Running:
         subjects.monitor_status(micro.id),
         Empty,
         monitor.status,
-        queue_group=subjects.MONITOR_QUEUE,
     )
     await micro.endpoint(
         "history",
         subjects.MONITOR_HISTORY,
         FlowQuery,
         monitor.history,
-        queue_group=subjects.MONITOR_QUEUE,
         concurrency=4,
     )
     tasks.spawn("enrich", monitor.process_forever)

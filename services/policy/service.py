@@ -18,7 +18,7 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import msgspec
 import nats.errors
@@ -38,7 +38,6 @@ from shared.messages import (
     ExplainRequest,
     Identity,
     IPCacheEntry,
-    Message,
     PolicyApplyReply,
     PolicyApplyRequest,
     PolicyDeleteReply,
@@ -48,9 +47,6 @@ from shared.messages import (
     PolicySummary,
 )
 from shared.runtime import TaskGroup, periodically, wait_for_shutdown
-
-Req = TypeVar("Req", bound=Message)
-Res = TypeVar("Res", bound=Message)
 
 AUDIT_ANNOTATION = "policy.membrane.io/audit"
 
@@ -213,23 +209,10 @@ class PolicyService:
             __version__,
             "policy documents resolved into per-identity allow/deny entries",
             metadata,
+            queue_group=subjects.POLICY_QUEUE,
+            concurrency=concurrency,
         )
-
-        async def serve(
-            name: str,
-            subject: str,
-            request_type: type[Req],
-            handler: Callable[[Req], Awaitable[Res]],
-        ) -> None:
-            await micro.endpoint(
-                name,
-                subject,
-                request_type,
-                handler,
-                queue_group=subjects.POLICY_QUEUE,
-                concurrency=concurrency,
-            )
-
+        serve = micro.endpoint
         await serve("apply", subjects.POLICY_APPLY, PolicyApplyRequest, self.apply)
         await serve("delete", subjects.POLICY_DELETE, PolicyRef, self.delete)
         await serve("list", subjects.POLICY_LIST, Empty, self.list)
