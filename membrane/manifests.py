@@ -13,7 +13,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +21,7 @@ from shared import doc_fields, kube_yaml
 from shared.errors import InvalidArgument
 from shared.labels import validate_key, validate_value
 from shared.messages import ContainerPort
+from shared.names import DNS_1035_LABEL, DNS_LABEL, DNS_SUBDOMAIN, IANA_SVC_NAME
 from shared.selectors import LabelSelector
 
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
@@ -40,10 +40,6 @@ _MAX_GENERATED_BASE = 63 - _SUFFIX_LENGTH
 # The alphabet Kubernetes uses for generated names: no vowels (no words), no look-alikes.
 _SAFE_CHARS = "bcdfghjklmnpqrstvwxz2456789"
 
-_DNS_LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_DNS_1035_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-_DNS_SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-_IANA_SVC_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 
 _OBJECT_FIELDS = frozenset({"apiVersion", "kind", "metadata", "spec", "status"})
 _META_FIELDS = frozenset(
@@ -570,7 +566,7 @@ def _label_map(raw: Any, path: str) -> dict[str, str]:
 
 
 def _check_dns_label(value: str, field: str) -> None:
-    if len(value) > 63 or not _DNS_LABEL_RE.match(value):
+    if len(value) > 63 or not DNS_LABEL.match(value):
         raise InvalidArgument(
             f"{value!r} is not a DNS-1123 label: at most 63 lowercase letters, digits and '-', "
             "starting and ending with a letter or digit",
@@ -579,7 +575,7 @@ def _check_dns_label(value: str, field: str) -> None:
 
 
 def _check_dns_1035_label(value: str, field: str) -> None:
-    if len(value) > 63 or not _DNS_1035_RE.match(value):
+    if len(value) > 63 or not DNS_1035_LABEL.match(value):
         raise InvalidArgument(
             f"{value!r} is not a DNS-1035 label: at most 63 lowercase letters, digits and '-', "
             "starting with a letter and ending with a letter or digit",
@@ -588,7 +584,7 @@ def _check_dns_1035_label(value: str, field: str) -> None:
 
 
 def _check_dns_subdomain(value: str, field: str) -> None:
-    if len(value) > 253 or not _DNS_SUBDOMAIN_RE.match(value):
+    if len(value) > 253 or not DNS_SUBDOMAIN.match(value):
         raise InvalidArgument(
             f"{value!r} is not a DNS-1123 subdomain: at most 253 lowercase letters, digits, "
             "'-' and '.', each dot-separated part starting and ending with a letter or digit",
@@ -600,7 +596,7 @@ def _check_port_name(name: str, field: str) -> None:
     """IANA_SVC_NAME, which named ports in policies and services refer to."""
     if len(name) > 15:
         raise InvalidArgument(f"{name!r} is longer than 15 characters", field=field)
-    if not _IANA_SVC_NAME_RE.match(name) or "--" in name:
+    if not IANA_SVC_NAME.match(name) or "--" in name:
         raise InvalidArgument(
             f"{name!r} must be lowercase letters, digits and '-', starting and ending with a "
             "letter or digit, without '--'",

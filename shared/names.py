@@ -6,12 +6,15 @@ import re
 
 from shared.errors import InvalidArgument
 
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+# the patterns alone, for readers with messages of their own (length limits not included)
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")  # RFC 1123 label
+DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")  # Service names
+DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+IANA_SVC_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")  # port names; no "--" either
 
 
 def validate_dns_label(value: str, field: str) -> None:
-    if not value or len(value) > 63 or not _DNS_LABEL.match(value):
+    if not value or len(value) > 63 or not DNS_LABEL.match(value):
         raise InvalidArgument(
             f"{value!r} is not a valid name: at most 63 lowercase letters, digits and '-', "
             "starting and ending with a letter or digit",
@@ -20,7 +23,7 @@ def validate_dns_label(value: str, field: str) -> None:
 
 
 def validate_dns_subdomain(value: str, field: str) -> None:
-    if not value or len(value) > 253 or not _DNS_SUBDOMAIN.match(value):
+    if not value or len(value) > 253 or not DNS_SUBDOMAIN.match(value):
         raise InvalidArgument(
             f"{value!r} is not a valid name: at most 253 lowercase letters, digits, '-' and "
             "'.', each dot-separated part starting and ending with a letter or digit",

@@ -15,14 +15,12 @@ from ipaddress import IPv4Network
 from typing import Any
 
 from shared.errors import InvalidArgument
+from shared.names import DNS_1035_LABEL, DNS_LABEL, IANA_SVC_NAME
 
 PROTOCOLS = ("TCP", "UDP", "SCTP")
 DEFAULT_AFFINITY_TIMEOUT = 10800  # Kubernetes' default for sessionAffinity ClientIP
 MAX_AFFINITY_TIMEOUT = 86400
 NODE_PORT_RANGE = (30000, 32767)
-_DNS_1035_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-_DNS_LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_PORT_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 # four decimal octets 0-255 without leading zeros (ASCII digits only)
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9][0-9]|[0-9])"
 _IPV4_RE = re.compile(rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}")
@@ -168,14 +166,14 @@ def _meta(doc: Mapping[str, Any]) -> tuple[str, str]:
     if not name:
         raise InvalidArgument("is required", field="metadata.name")
     namespace = _str(meta, "namespace", "metadata.", "default") or "default"
-    if not _DNS_LABEL_RE.match(namespace) or len(namespace) > 63:
+    if not DNS_LABEL.match(namespace) or len(namespace) > 63:
         raise InvalidArgument(f"{namespace!r} is not a DNS label", field="metadata.namespace")
     return namespace, name
 
 
 def parse_service(doc: Mapping[str, Any], service_cidr: IPv4Network | None = None) -> ServiceSpec:
     namespace, name = _meta(doc)
-    if not _DNS_1035_RE.match(name) or len(name) > 63:
+    if not DNS_1035_LABEL.match(name) or len(name) > 63:
         raise InvalidArgument(
             f"{name!r} must be a DNS-1035 label (lowercase letters, digits and '-', starting "
             "with a letter)",
@@ -220,7 +218,7 @@ def parse_service(doc: Mapping[str, Any], service_cidr: IPv4Network | None = Non
                 "is required when a service has several ports", field=f"{where}.name"
             )
         if port_name:
-            if not _PORT_NAME_RE.match(port_name) or len(port_name) > 63:
+            if not IANA_SVC_NAME.match(port_name) or len(port_name) > 63:
                 raise InvalidArgument(
                     f"{port_name!r} is not a valid port name", field=f"{where}.name"
                 )
@@ -235,7 +233,7 @@ def parse_service(doc: Mapping[str, Any], service_cidr: IPv4Network | None = Non
         if isinstance(raw_target, str):
             if raw_target.isdigit():
                 target = check_port(int(raw_target), f"{where}.targetPort")
-            elif not _PORT_NAME_RE.match(raw_target) or len(raw_target) > 15:
+            elif not IANA_SVC_NAME.match(raw_target) or len(raw_target) > 15:
                 raise InvalidArgument(
                     f"{raw_target!r} is neither a port number nor a port name",
                     field=f"{where}.targetPort",
@@ -362,7 +360,7 @@ def parse_backend(text: str, where: str) -> tuple[str, int]:
 def parse_api(
     namespace: str, name: str, frontends: list[str], backends: list[str], affinity_timeout: int
 ) -> ApiService:
-    if not _DNS_1035_RE.match(name) or len(name) > 63:
+    if not DNS_1035_LABEL.match(name) or len(name) > 63:
         raise InvalidArgument(f"{name!r} must be a DNS-1035 label", field="name")
     if not frontends:
         raise InvalidArgument("give at least one --frontend IP:PORT/PROTO", field="frontends")

@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,6 +85,7 @@ from services.policy.model import (
 from shared import doc_fields, kube_yaml
 from shared.errors import InvalidArgument
 from shared.labels import NAMESPACE_LABEL, NAMESPACE_LABELS_PREFIX, validate_key, validate_value
+from shared.names import DNS_LABEL, DNS_SUBDOMAIN, IANA_SVC_NAME
 from shared.selectors import LabelSelector, Requirement
 
 AUDIT_ANNOTATION = "policy.membrane.io/audit"
@@ -94,9 +94,6 @@ MAX_PORTS = 40  # Cilium's maxPorts per toPorts entry
 MAX_ICMP_FIELDS = 40  # Cilium's maxICMPFields
 
 _LIST_KIND = "List"
-_DNS_LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_DNS_SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-_IANA_SVC_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 
 _CILIUM_FIELDS = frozenset({"apiVersion", "kind", "metadata", "spec", "specs", "status"})
 _KNP_FIELDS = frozenset({"apiVersion", "kind", "metadata", "spec", "status"})
@@ -408,7 +405,7 @@ def _name(meta: Mapping[str, Any]) -> str:
         raise InvalidArgument(
             f"must be a string, got {doc_fields.type_name(name)}", field="metadata.name"
         )
-    if len(name) > 253 or not _DNS_SUBDOMAIN_RE.match(name):
+    if len(name) > 253 or not DNS_SUBDOMAIN.match(name):
         raise InvalidArgument(
             f"{name!r} is not a DNS-1123 subdomain: at most 253 lowercase letters, digits, "
             "'-' and '.', each dot-separated part starting and ending with a letter or digit",
@@ -1208,7 +1205,7 @@ def _plain(value: Any, path: str) -> Any:
 
 
 def _check_dns_label(value: str, path: str) -> None:
-    if len(value) > 63 or not _DNS_LABEL_RE.match(value):
+    if len(value) > 63 or not DNS_LABEL.match(value):
         raise InvalidArgument(
             f"{value!r} is not a DNS-1123 label: at most 63 lowercase letters, digits and '-', "
             "starting and ending with a letter or digit",
@@ -1220,7 +1217,7 @@ def _check_port_name(name: str, path: str) -> None:
     """IANA_SVC_NAME, what container port names are and named ports in policies refer to."""
     if len(name) > 15:
         raise InvalidArgument(f"port name {name!r} is longer than 15 characters", field=path)
-    if not _IANA_SVC_NAME_RE.match(name) or "--" in name:
+    if not IANA_SVC_NAME.match(name) or "--" in name:
         raise InvalidArgument(
             f"port name {name!r} must be lowercase letters, digits and '-', starting and ending "
             "with a letter or digit, without '--'",
