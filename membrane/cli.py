@@ -27,7 +27,7 @@ from membrane import (
 )
 from membrane.registry import SERVICES
 from shared import config, log, subjects
-from shared.bus import Bus, redact
+from shared.bus import Bus, ServiceInfo, redact
 from shared.errors import MembraneError
 from shared.messages import (
     AllocateReply,
@@ -100,10 +100,19 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     state = cliutil.state_dir(args)
-    found = cliutil.with_bus(args, lambda bus: bus.discover(timeout=0.5))
     processes = state.processes()
     cluster = state.read_cluster()
-    node_view = cli_nodes.show(args) if cluster is None or cluster.nodes else None
+    with_nodes = cluster is None or bool(cluster.nodes)
+
+    async def collect(
+        bus: Bus,
+    ) -> tuple[list[ServiceInfo], dict[str, Any], cli_nodes.NodesView | None]:
+        # one connection and one discovery for every part of the status
+        found = await bus.discover(timeout=0.5)
+        summary = await cli_status.gather(bus, found)
+        return found, summary, await cli_nodes.fetch(bus) if with_nodes else None
+
+    found, summary, node_view = cliutil.with_bus(args, collect)
     if args.output == "json":
         output.emit_json(
             {
@@ -115,7 +124,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                     {"name": p.name, "pid": p.pid, "running": p.running, "restarts": p.restarts}
                     for p in processes
                 ],
-                **cli_status.cluster_json(args),
+                **summary,
                 **(cli_nodes.as_json(node_view) if node_view is not None else {}),
             }
         )
@@ -158,7 +167,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 ],
             )
         )
-    cli_status.print_cluster(args)
+    cli_status.print_cluster(summary)
     if node_view is not None and node_view.nodes:
         print()
         print(cli_nodes.render(node_view))

@@ -6,13 +6,12 @@ Both come from the bus: the ``nodes`` bucket (membership, heartbeats) and the ``
 
 from __future__ import annotations
 
-import argparse
 import time
 from typing import Any
 
 import msgspec
 
-from membrane import cliutil, output
+from membrane import output
 from shared import subjects
 from shared.bus import Bus
 from shared.messages import Node, NodeHealth
@@ -125,7 +124,3 @@ def render(view: NodesView, now: float | None = None) -> str:
             + output.table(["FROM \\ TO", *names], cells)
         )
     return "\n\n".join(parts)
-
-
-def show(args: argparse.Namespace) -> NodesView:
-    return cliutil.with_bus(args, fetch)

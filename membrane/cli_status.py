@@ -7,7 +7,6 @@ A part that cannot be read shows as ``-``; status never fails because one part i
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import urllib.request
 from typing import Any
@@ -17,7 +16,7 @@ import nats.errors
 import nats.js.errors
 from prometheus_client.parser import text_string_to_metric_families
 
-from membrane import cliutil, output
+from membrane import output
 from shared import subjects
 from shared.bus import Bus, ServiceInfo
 from shared.errors import MembraneError
@@ -85,8 +84,8 @@ async def _policies(bus: Bus) -> int | None:
     return len(reply.policies)
 
 
-async def gather(bus: Bus) -> dict[str, Any]:
-    found = await bus.discover(timeout=0.5)
+async def gather(bus: Bus, found: list[ServiceInfo]) -> dict[str, Any]:
+    """Counts, monitor counters and map pressure; ``found``: the replicas discovered."""
     agents = [i for i in found if i.name == subjects.DATAPATH_SERVICE]
     monitors = [i for i in found if i.name == subjects.MONITOR_SERVICE]
     identities, endpoints, services, policies, monitor, pressure = await asyncio.gather(
@@ -110,18 +109,12 @@ async def gather(bus: Bus) -> dict[str, Any]:
     }
 
 
-def cluster_json(args: argparse.Namespace) -> dict[str, Any]:
-    """The cluster part of ``membrane status -o json``."""
-    return cliutil.with_bus(args, gather)
-
-
 def _or_dash(value: object) -> str:
     return "-" if value is None else str(value)
 
 
-def print_cluster(args: argparse.Namespace) -> None:
-    """The cluster part of ``membrane status``, as tables."""
-    summary = cliutil.with_bus(args, gather)
+def print_cluster(summary: dict[str, Any]) -> None:
+    """The cluster part of ``membrane status`` (:func:`gather`), as tables."""
     print()
     counts = summary["counts"]
     print(
