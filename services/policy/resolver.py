@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Network
 
@@ -255,14 +255,19 @@ class Resolver:
         policy = self._resolved.get(identity)
         if policy is None:
             return None
-        members = {sid: self._members(self._set_owner[sid]) for sid in referenced(policy)}
-        if peer is not None:
-            members = {sid: found & {peer} for sid, found in members.items()}
+        members: dict[int, Collection[int]] = {}
+        for set_id in referenced(policy):
+            found = self._members(self._set_owner[set_id])
+            members[set_id] = found if peer is None else ({peer} & found)
         return expand(policy, members)
 
     def peer_sets(self) -> dict[int, PeerSet]:
         """Every peer set as last taken (:meth:`take_peer_set_changes`)."""
         return dict(self._peer_sets)
+
+    def peer_set(self, set_id: int) -> PeerSet | None:
+        """One peer set as last taken; None when no rule uses it (any more)."""
+        return self._peer_sets.get(set_id)
 
     def take_peer_set_changes(self) -> tuple[list[PeerSet], list[int]]:
         """Peer sets new or with other members since the last call, and those no rule uses."""

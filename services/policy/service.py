@@ -305,7 +305,8 @@ class PolicyService:
         ``peer_sets``, to write again), and CIDR identity changes."""
         changed_sets, gone_sets = self.resolver.take_peer_set_changes()
         touched_sets = {s.id for s in changed_sets} | set(gone_sets) | (peer_sets or set())
-        current = self.resolver.peer_sets()
+        # the sets to write now, by id (looked up, not the whole table copied, per event)
+        current = {i: s for i in touched_sets if (s := self.resolver.peer_set(i)) is not None}
         added, removed = self.resolver.take_cidr_changes()
         first: list[Awaitable[object]] = []  # CIDR identities and peer sets, before subjects
         for net, number in added.items():
