@@ -26,7 +26,7 @@ from membrane import (
     stack,
 )
 from membrane.registry import SERVICES
-from shared import config, log, subjects
+from shared import config, gcpause, log, subjects
 from shared.bus import Bus, ServiceInfo, redact
 from shared.errors import MembraneError
 from shared.messages import (
@@ -177,6 +177,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     entry = SERVICES[args.service]
     settings = config.load(entry.settings, args)
+    gcpause.tune_for_service()
     with contextlib.suppress(KeyboardInterrupt):
         uvloop.run(entry.run(settings))  # a faster event loop: services are all network I/O
     return 0

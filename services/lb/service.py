@@ -1,8 +1,9 @@
 """The lb service: Services, EndpointSlices and API frontends in, ``services`` records out.
 
 A request is validated completely, then its cluster IPs, node ports, frontend ids and backend
-ids are allocated in Redis (one round trip per pool for the whole request), then specs and
-records are written to the buckets, pipelined. Replicas share requests through a queue group;
+ids are allocated in Redis (one round trip per pool for the whole request), then the records
+are written to ``services`` (pipelined) and the specs to ``lb-specs`` (in shards, see
+spec_store.py). Replicas share requests through a queue group;
 each follows the ``endpoints`` bucket so that services with a selector follow their pods.
 """
 
@@ -31,6 +32,7 @@ from services.lb.model import (
     parse_endpoint_slice,
     parse_service,
 )
+from services.lb.spec_store import SpecStore
 from shared import __version__, gcpause, log, metrics, subjects
 from shared.bus import Bus, KVEvent, MicroService, redact
 from shared.config import CommonSettings, env_name, setting
@@ -129,6 +131,7 @@ class LBCore:
     ) -> None:
         self.bus = bus
         self.specs_kv = specs_kv
+        self.store = SpecStore(specs_kv)
         self.services_kv = services_kv
         self.allocator = allocator
         self.settings = settings
@@ -267,7 +270,7 @@ class LBCore:
             # node ports not given are allocated, stable per service port
             await self._allocate_node_ports([key for key, _ in services])
             results: list[str] = []
-            stores: list[tuple[str, bytes]] = []
+            stores: dict[str, bytes] = {}
             for kind, item, document in parsed:
                 skey = spec_key(kind, item.namespace, item.name)
                 if isinstance(item, EndpointSliceSpec):
@@ -283,12 +286,7 @@ class LBCore:
                     stored = _with_cluster_ip(
                         stored, self.specs[record_key(item.namespace, item.name)]
                     )
-                stores.append(
-                    (
-                        kv_subject(subjects.KV_LB_SPECS, skey),
-                        msgspec.json.encode(StoredSpec(kind=kind, document=stored)),
-                    )
-                )
+                stores[skey] = msgspec.json.encode(StoredSpec(kind=kind, document=stored))
                 results.append(f"{kind.lower()}/{item.name} applied")
             touched = {
                 record_key(i.namespace, i.name)
@@ -300,7 +298,8 @@ class LBCore:
                 for _, i, _ in parsed
                 if isinstance(i, EndpointSliceSpec)
             }
-            await self._recompute(touched, stores)  # specs and records written together
+            await self._recompute(touched)  # the records first: the datapath waits for them
+            await self.store.write(stores)
             RECOMPUTE_SECONDS.labels("apply").observe(time.perf_counter() - started)
         SERVICES.set(len(self.specs))
         return LBApplyReply(results=results)
@@ -368,11 +367,14 @@ class LBCore:
                 "backends": list(req.backends),
                 "affinity_timeout": req.affinity_timeout,
             }
-            await self.specs_kv.put(
-                spec_key("api", spec.namespace, spec.name),
-                msgspec.json.encode(StoredSpec(kind="api", document=document)),
-            )
             await self._recompute({key})
+            await self.store.write(
+                {
+                    spec_key("api", spec.namespace, spec.name): msgspec.json.encode(
+                        StoredSpec(kind="api", document=document)
+                    )
+                }
+            )
         return self.records[key]
 
     def _find(self, ref: LBServiceRef) -> str:
@@ -398,7 +400,7 @@ class LBCore:
             spec = self.specs.pop(key, None)
             self.algorithms.pop(key, None)
             self._set_record(key, None)
-            await self.specs_kv.delete(spec_key("Service", namespace, name))
+            await self.store.write({spec_key("Service", namespace, name): None})
             await self.services_kv.delete(key)
             WRITES.labels("delete").inc()
             if isinstance(spec, ServiceSpec):
@@ -416,7 +418,7 @@ class LBCore:
         if found is None:
             raise NotFound(f"no EndpointSlice {key}", field="name")
         async with self.lock:
-            await self.specs_kv.delete(f"slice.{key}")
+            await self.store.write({f"slice.{key}": None})
             await self._recompute({record_key(found.namespace, found.service)})
         return LBDeleteReply(deleted=[f"slice/{key}"])
 
@@ -474,10 +476,8 @@ class LBCore:
                             found.append((e.ip, sp.port, e.terminating))
         return sorted(set(found))
 
-    async def _recompute(
-        self, keys: set[str], writes: list[tuple[str, bytes]] | None = None
-    ) -> None:
-        """Write the records of ``keys`` that changed, with ``writes`` (pipelined together)."""
+    async def _recompute(self, keys: set[str]) -> None:
+        """Write the records of ``keys`` that changed."""
         wanted = [d for d in (self._desired(k) for k in sorted(keys)) if d is not None]
         fronts = sorted(
             {
@@ -533,8 +533,7 @@ class LBCore:
             self._set_record(d.key, record)
             records.append((kv_subject(subjects.KV_SERVICES, d.key), msgspec.json.encode(record)))
         WRITES.labels("put").inc(len(records))
-        # the records first: they are what the datapath waits for
-        await self._write(records + (writes or []))
+        await self._write(records)
 
     async def _write(self, puts: list[tuple[str, bytes]]) -> None:
         """KV puts, pipelined: all but the last published without waiting for an ack, the
@@ -561,11 +560,13 @@ class LBCore:
         return mine is not None and event.value is not None and hash(event.value) == mine
 
     def on_spec(self, event: KVEvent) -> None:
-        """Another replica's (or an earlier run's) applied specs."""
-        if self._own(subjects.KV_LB_SPECS, event):
-            return
-        kind_prefix, _, rest = event.key.partition(".")
-        if event.value is None:
+        """A shard of applied specs written by another replica (or an earlier run)."""
+        for key, value in self.store.on_event(event).items():
+            self._spec_changed(key, value)
+
+    def _spec_changed(self, key: str, value: bytes | None) -> None:
+        kind_prefix, _, rest = key.partition(".")
+        if value is None:
             if kind_prefix == "slice":
                 found = self.slices.get(rest)
                 self._set_slice(rest, None)
@@ -575,7 +576,7 @@ class LBCore:
                 self.specs.pop(rest, None)
             return
         try:
-            stored = msgspec.json.decode(event.value, type=StoredSpec)
+            stored = msgspec.json.decode(value, type=StoredSpec)
             if stored.kind == "EndpointSlice":
                 item = parse_endpoint_slice(stored.document)
                 if self.slices.get(rest) != item:
@@ -604,7 +605,7 @@ class LBCore:
                     self.specs[rest] = api
                     self._mark(rest)
         except (msgspec.ValidationError, msgspec.DecodeError, InvalidArgument) as exc:
-            self.log.error("stored spec does not parse; ignored", key=event.key, error=str(exc))
+            self.log.error("stored spec does not parse; ignored", key=key, error=str(exc))
 
     def on_endpoint(self, event: KVEvent) -> None:
         old = self.pods.get(event.key)
