@@ -21,11 +21,10 @@ from membrane import (
     cli_status,
     cli_workloads,
     cliutil,
-    nodes,
     output,
-    stack,
 )
 from membrane.registry import SERVICES
+from membrane.state import DEFAULT_RANGES
 from shared import config, gcpause, log, subjects
 from shared.bus import Bus, ServiceInfo, redact
 from shared.errors import MembraneError
@@ -48,6 +47,8 @@ T = TypeVar("T")
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from membrane import nodes, stack  # pyroute2 and the services: only for up and down
+
     state = cliutil.state_dir(args)
     replicas = {name: entry.default_replicas for name, entry in SERVICES.items()}
     if args.identity_replicas is not None:
@@ -94,6 +95,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
+    from membrane import stack
+
     stack.down(cliutil.state_dir(args), cliutil.say, purge=args.purge)
     return 0
 
@@ -250,7 +253,9 @@ def cmd_identity_release(args: argparse.Namespace) -> int:
 # --- parser ----------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(run_flags: bool = True) -> argparse.ArgumentParser:
+    """The whole command line; ``run_flags``: the settings flags of ``run SERVICE``, which
+    import every service (main() asks for them only when the command is ``run``)."""
     parser = argparse.ArgumentParser(
         prog="membrane",
         description="Container networking with identity-based security and an eBPF datapath.",
@@ -275,9 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--name", default="membrane", help="cluster name, prefixes node names (default membrane)"
     )
-    p.add_argument("--underlay-cidr", default=str(nodes.DEFAULT_RANGES[0]))
-    p.add_argument("--cluster-cidr", default=str(nodes.DEFAULT_RANGES[1]), help="pod range")
-    p.add_argument("--service-cidr", default=str(nodes.DEFAULT_RANGES[2]))
+    p.add_argument("--underlay-cidr", default=str(DEFAULT_RANGES[0]))
+    p.add_argument("--cluster-cidr", default=str(DEFAULT_RANGES[1]), help="pod range")
+    p.add_argument("--service-cidr", default=str(DEFAULT_RANGES[2]))
     p.add_argument(
         "--routing",
         choices=("tunnel", "native"),
@@ -300,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     run_sub = p.add_subparsers(dest="service", required=True, metavar="SERVICE")
     for name, entry in SERVICES.items():
         sp = run_sub.add_parser(name, help=entry.summary)
-        config.add_arguments(sp, entry.settings)
+        if run_flags:
+            config.add_arguments(sp, entry.settings)
         sp.set_defaults(func=cmd_run, service=name)
 
     cli_workloads.add_parsers(sub)
@@ -336,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(run_flags="run" in argv).parse_args(argv)
     if args.func is not cmd_run:
         # the CLI reports failures itself; library chatter (retries) would only be noise
         log.configure("error", "console")

@@ -24,12 +24,6 @@ from shared.errors import Internal, InvalidArgument
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,9}$")
 FIRST_NODE_HOST = 10
-# underlay, cluster (pod) and service ranges of a default local cluster
-DEFAULT_RANGES = (
-    IPv4Network("172.31.0.0/24"),
-    IPv4Network("10.244.0.0/16"),
-    IPv4Network("10.96.0.0/12"),
-)
 BPFFS = Path("/sys/fs/bpf")
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import msgspec
 
 from membrane import nodes
-from membrane.nodes import DEFAULT_RANGES, Topology, topology_of
+from membrane.nodes import Topology, topology_of
 from membrane.registry import SERVICES
 from membrane.servers import (
     LOOPBACK,
@@ -31,7 +31,7 @@ from membrane.servers import (
     port_open,
     write_secret,
 )
-from membrane.state import ClusterInfo, Plan, ProcessSpec, StateDir
+from membrane.state import DEFAULT_RANGES, ClusterInfo, Plan, ProcessSpec, StateDir
 from shared.bus import Bus
 from shared.errors import Unavailable
 

@@ -12,6 +12,7 @@ Layout of the state directory:
 from __future__ import annotations
 
 import os
+from ipaddress import IPv4Network
 from pathlib import Path
 
 import msgspec
@@ -20,6 +21,13 @@ from membrane.servers import write_secret
 from shared.errors import Unavailable
 
 ENV_STATE_DIR = "MEMBRANE_STATE_DIR"
+
+# underlay, cluster (pod) and service ranges of a default local cluster
+DEFAULT_RANGES = (
+    IPv4Network("172.31.0.0/24"),
+    IPv4Network("10.244.0.0/16"),
+    IPv4Network("10.96.0.0/12"),
+)
 
 
 class ClusterInfo(msgspec.Struct, kw_only=True):

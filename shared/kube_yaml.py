@@ -70,7 +70,7 @@ def _load_all(text: str, source: str, error: Callable[[str], Exception]) -> list
     # faster than even libyaml through PyYAML; anything else is PyYAML's, with its messages.
     # Hand-written manifests, small, always take PyYAML's path.
     if len(text) >= FAST_READER_MIN_BYTES:
-        simple = fast_yaml.load_all(text, _Loader(""))
+        simple = fast_yaml.load_all_split(text, _Loader(""))
         if simple is not None:
             return simple
     if _CLoader is not None:

@@ -125,3 +125,46 @@ def test_gc_pause_nests() -> None:
             assert not gc.isenabled()
         assert not gc.isenabled()
     assert gc.isenabled()
+
+
+@pytest.fixture
+def split_always(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """load_all_split forking at any size and with pytest's threads about; the forks made."""
+    forks: list[int] = []
+    real_fork = fast_yaml.os.fork
+
+    def fork() -> int:
+        pid = real_fork()
+        if pid:
+            forks.append(pid)
+        return pid
+
+    monkeypatch.setattr(fast_yaml, "SPLIT_MIN_BYTES", 0)
+    monkeypatch.setattr(fast_yaml.threading, "active_count", lambda: 1)
+    monkeypatch.setattr(fast_yaml.os, "fork", fork)
+    return forks
+
+
+def split(text: str) -> list[Any] | None:
+    return fast_yaml.load_all_split(text, kube_yaml._Loader(""))
+
+
+def test_split_reading_gives_exactly_what_one_reader_gives(split_always: list[int]) -> None:
+    docs: list[Any] = [{"n": i, 80: "http", "flag": True, "x": None} for i in range(200)]
+    text = yaml.safe_dump_all(docs[:100]) + "---\n---\n" + yaml.safe_dump_all(docs[100:])
+    expected = fast(text)
+    assert expected is not None and len(expected) == 201  # the empty document is kept
+    got = split(text)
+    assert got == expected and [type(k) for k in got[-1]] == [type(k) for k in expected[-1]]
+    assert len(split_always) == 1
+
+
+@pytest.mark.parametrize("where", ["first", "second"])
+def test_split_reading_declines_when_either_half_does(split_always: list[int], where: str) -> None:
+    halves = [yaml.safe_dump_all([{"n": i} for i in range(100)]) for _ in range(2)]
+    index = 0 if where == "first" else 1
+    halves[index] = halves[index].replace("n: 50\n", "n: &anchor 50\n")
+    text = halves[0] + "---\n" + halves[1]
+    assert fast(text) is None
+    assert split(text) is None
+    assert len(split_always) == 1
