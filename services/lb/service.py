@@ -58,6 +58,9 @@ ALGORITHMS = ("maglev", "random")
 
 SERVICES = Gauge("membrane_lb_services", "Services known to this replica")
 WRITES = Counter("membrane_lb_records_written_total", "services bucket writes", ["op"])
+# services per chunk of records: big enough that the two Redis calls of a chunk are cheap,
+# small enough that the agents start on the first while the rest are built
+RECORD_CHUNK = 2000
 RECOMPUTE_SECONDS = Histogram(
     "membrane_lb_recompute_seconds",
     "From a pod or request to its services' records written",
@@ -269,10 +272,7 @@ class LBCore:
                 self.specs[key] = spec
             # node ports not given are allocated, stable per service port
             await self._allocate_node_ports([key for key, _ in services])
-            results: list[str] = []
-            stores: dict[str, bytes] = {}
-            for kind, item, document in parsed:
-                skey = spec_key(kind, item.namespace, item.name)
+            for _, item, document in parsed:
                 if isinstance(item, EndpointSliceSpec):
                     self._set_slice(f"{item.namespace}.{item.name}", item)
                 else:
@@ -281,13 +281,6 @@ class LBCore:
                     self.algorithms[record_key(item.namespace, item.name)] = (
                         algorithm or self.settings.lb_algorithm
                     )
-                stored = document  # copied by _with_cluster_ip when it changes anything
-                if isinstance(item, ServiceSpec):  # the allocated address sticks on re-apply
-                    stored = _with_cluster_ip(
-                        stored, self.specs[record_key(item.namespace, item.name)]
-                    )
-                stores[skey] = msgspec.json.encode(StoredSpec(kind=kind, document=stored))
-                results.append(f"{kind.lower()}/{item.name} applied")
             touched = {
                 record_key(i.namespace, i.name)
                 for _, i, _ in parsed
@@ -299,10 +292,22 @@ class LBCore:
                 if isinstance(i, EndpointSliceSpec)
             }
             await self._recompute(touched)  # the records first: the datapath waits for them
-            await self.store.write(stores)
+            await self.store.write(self._stored(parsed))
             RECOMPUTE_SECONDS.labels("apply").observe(time.perf_counter() - started)
         SERVICES.set(len(self.specs))
-        return LBApplyReply(results=results)
+        return LBApplyReply(results=[f"{kind.lower()}/{i.name} applied" for kind, i, _ in parsed])
+
+    def _stored(self, parsed: list[tuple[str, Spec | EndpointSliceSpec, Any]]) -> dict[str, bytes]:
+        """The ``lb-specs`` values of applied documents."""
+        out: dict[str, bytes] = {}
+        for kind, item, document in parsed:
+            stored = document  # copied by _with_cluster_ip when it changes anything
+            if isinstance(item, ServiceSpec):  # the allocated address sticks on re-apply
+                stored = _with_cluster_ip(stored, self.specs[record_key(item.namespace, item.name)])
+            out[spec_key(kind, item.namespace, item.name)] = msgspec.json.encode(
+                StoredSpec(kind=kind, document=stored)
+            )
+        return out
 
     async def _allocate_cluster_ips(
         self, services: list[tuple[str, ServiceSpec]], parsed: list[Any]
@@ -477,8 +482,32 @@ class LBCore:
         return sorted(set(found))
 
     async def _recompute(self, keys: set[str]) -> None:
-        """Write the records of ``keys`` that changed."""
-        wanted = [d for d in (self._desired(k) for k in sorted(keys)) if d is not None]
+        """Write the records of ``keys`` that changed, ``RECORD_CHUNK`` services at a time:
+        the agents program the first chunk while the next is built.
+
+        Puts are pipelined: published without waiting for an ack, except the very last, which
+        is acked. JetStream stores one connection's messages in the order sent, so that ack
+        means every earlier one is stored (an ack per put would cost a round trip each, which
+        at tens of thousands of services is most of the time).
+        """
+        ordered = sorted(keys)
+        held: tuple[str, bytes] | None = None  # the last put so far: the one to be acked
+        for start in range(0, len(ordered), RECORD_CHUNK):
+            puts = await self._records(ordered[start : start + RECORD_CHUNK])
+            if not puts:
+                continue
+            if held is not None:
+                puts.insert(0, held)
+            held = puts.pop()
+            await self._publish(puts)
+        if held is not None:
+            self.own_writes[held[0]] = hash(held[1])
+            await self.bus.js.publish(*held)
+
+    async def _records(self, keys: list[str]) -> list[tuple[str, bytes]]:
+        """The changed records of ``keys``, as KV puts; ids allocated for their frontends
+        and backends."""
+        wanted = [d for d in (self._desired(k) for k in keys) if d is not None]
         fronts = sorted(
             {
                 frontend_owner(ip, port, proto)
@@ -533,23 +562,15 @@ class LBCore:
             self._set_record(d.key, record)
             records.append((kv_subject(subjects.KV_SERVICES, d.key), msgspec.json.encode(record)))
         WRITES.labels("put").inc(len(records))
-        await self._write(records)
+        return records
 
-    async def _write(self, puts: list[tuple[str, bytes]]) -> None:
-        """KV puts, pipelined: all but the last published without waiting for an ack, the
-        last acked. JetStream stores one connection's messages in the order sent, so that ack
-        means every earlier one is stored (an ack per put would cost a round trip each, which
-        at tens of thousands of services is most of the time)."""
-        if not puts:
-            return
+    async def _publish(self, puts: list[tuple[str, bytes]]) -> None:
+        """KV puts without waiting for their acks (see _recompute)."""
         nc = self.bus.nc
         own = self.own_writes
         for subject, payload in puts:
             own[subject] = hash(payload)
-        for subject, payload in puts[:-1]:
             await nc.publish(subject, payload)
-        subject, payload = puts[-1]
-        await self.bus.js.publish(subject, payload)
 
     # --- watches -----------------------------------------------------------------------------
 
