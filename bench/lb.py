@@ -17,8 +17,10 @@ measures, for the same services (one TCP port, two backends each, from EndpointS
    KUBE-SEP-* chains (statistic random, DNAT, masquerade mark) for the same services, loaded
    with iptables-restore; then one service added with ``iptables`` commands at each scale,
    with the legacy and the nft backends.
-3. New-connection latency to a cluster IP with 100 vs all services: a client pod through
-   membrane's maps, and a client namespace through iptables-legacy DNAT.
+3. New-connection latency to a service address with 100 vs all services: a client pod
+   through membrane's maps, in rounds alternating between the third cluster (100 services
+   then) and the first (all of them), side by side; and a client namespace through
+   iptables-legacy DNAT.
 
 Services use random backend selection (annotation lb.membrane.io/algorithm: random): a Maglev
 table per service (16381 slots) for tens of thousands of services does not fit this machine.
@@ -409,35 +411,79 @@ def iptables_connect(plan: Plan, counts: list[int], n: int) -> dict[int, float]:
 
 
 CONNECT_ROUNDS = 5
+MEASURED_VIP = "10.249.0.1"
 
 
-def membrane_connect(cluster: Cluster, vip: str, n: int) -> float:
-    """The median of CONNECT_ROUNDS rounds' median connect latencies: a single round's
-    median moved by tens of percent with what else this shared machine ran meanwhile."""
-    return statistics.median(membrane_connect_round(cluster, vip, n) for _ in range(CONNECT_ROUNDS))
+class ConnectProbe:
+    """A client pod and a server pod on node 1 of a cluster, the server behind a service:
+    rounds of new connections from the client to the service's address."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        node = f"{cluster.name}-node-1"
+        cluster.run("pod", "create", "bench-server", "--node", node, "--labels", "app=bs")
+        cluster.run("pod", "create", "bench-client", "--node", node, "--labels", "app=bc")
+        pods = json.loads(cluster.run("pod", "list", "-o", "json").stdout)
+        server_ip = next(p["ip"] for p in pods if p["name"] == "bench-server")
+        self.server = subprocess.Popen(
+            cluster.command(
+                "pod", "exec", "bench-server", "--", sys.executable, "-c", SERVE_SCRIPT
+            ),
+            env=cluster.env(),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.server.stdout is not None
+        assert self.server.stdout.readline().strip() == "ready"
+        cluster.run(
+            "service",
+            "create",
+            "measured",
+            "--frontend",
+            f"{MEASURED_VIP}:80/TCP",
+            "--backend",
+            f"{server_ip}:8080",
+        )
+        time.sleep(1)
+
+    def round(self, n: int) -> float:
+        """The median connect latency of ``n`` connections, in microseconds."""
+        result = subprocess.run(
+            self.cluster.command(
+                "pod",
+                "exec",
+                "bench-client",
+                "--",
+                sys.executable,
+                "-c",
+                CONNECT_SCRIPT,
+                MEASURED_VIP,
+                "80",
+                str(n),
+            ),
+            env=self.cluster.env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        return float(result.stdout.split()[0])
+
+    def close(self) -> None:
+        self.server.kill()
+        self.server.wait()
 
 
-def membrane_connect_round(cluster: Cluster, vip: str, n: int) -> float:
-    result = subprocess.run(
-        cluster.command(
-            "pod",
-            "exec",
-            "bench-client",
-            "--",
-            sys.executable,
-            "-c",
-            CONNECT_SCRIPT,
-            vip,
-            "80",
-            str(n),
-        ),
-        env=cluster.env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    return float(result.stdout.split()[0])
+def connect_side_by_side(few: ConnectProbe, many: ConnectProbe, n: int) -> tuple[float, float]:
+    """Median connect latency through each probe's cluster, rounds alternating between the
+    two (one round's median moved by tens of percent with what else this shared machine ran
+    at that moment): the median of CONNECT_ROUNDS round medians each."""
+    a: list[float] = []
+    b: list[float] = []
+    for _ in range(CONNECT_ROUNDS):
+        a.append(few.round(n))
+        b.append(many.round(n))
+    return statistics.median(a), statistics.median(b)
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -490,39 +536,18 @@ def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "n/a"
 
 
-async def membrane_part(cluster: Cluster, args: argparse.Namespace) -> dict[str, Any]:
+async def membrane_part(
+    cluster: Cluster, args: argparse.Namespace, loaded: ConnectProbe
+) -> dict[str, Any]:
+    """Single updates at each scale; new connections with the first scale's services
+    present, side by side with ``loaded``, a cluster holding all of them."""
     plan = Plan(cluster.octet, args.services)
     lb = Membrane(cluster, plan)
     res: dict[str, Any] = {"updates": {}}
     bus = await Bus.connect(cluster.nats_url, "bench", retry_for=10)
+    probe = await asyncio.to_thread(ConnectProbe, cluster)
     try:
-        # the measured service for connections: a real backend pod on node 1
-        cluster.run("pod", "create", "bench-server", "--node", lb.nodes[0], "--labels", "app=bs")
-        cluster.run("pod", "create", "bench-client", "--node", lb.nodes[0], "--labels", "app=bc")
-        pods = json.loads(cluster.run("pod", "list", "-o", "json").stdout)
-        server_ip = next(p["ip"] for p in pods if p["name"] == "bench-server")
-        server = subprocess.Popen(  # noqa: ASYNC220 - a long-running server, not awaited
-            cluster.command(
-                "pod", "exec", "bench-server", "--", sys.executable, "-c", SERVE_SCRIPT
-            ),
-            env=cluster.env(),
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-        measured_vip = "10.249.0.1"
-        cluster.run(
-            "service",
-            "create",
-            "measured",
-            "--frontend",
-            f"{measured_vip}:80/TCP",
-            "--backend",
-            f"{server_ip}:8080",
-        )
-        await asyncio.sleep(1)
         done = 0
-        connect: dict[int, float] = {}
         for scale in SCALES:
             seconds = await lb.bulk(bus, done, scale)
             print(
@@ -531,7 +556,10 @@ async def membrane_part(cluster: Cluster, args: argparse.Namespace) -> dict[str,
             )
             done = scale
             res["updates"][scale] = await lb.updates(bus, args.updates)
-            connect[scale] = membrane_connect(cluster, measured_vip, args.connections)
+            if scale == SCALES[0]:
+                res["connect"] = await asyncio.to_thread(
+                    connect_side_by_side, probe, loaded, args.connections
+                )
         seconds = await lb.bulk(bus, done, args.services)
         print(
             f"  applied services {done}..{args.services}: {seconds:.2f} s to every node's maps",
@@ -542,11 +570,8 @@ async def membrane_part(cluster: Cluster, args: argparse.Namespace) -> dict[str,
         # services present, at steady state
         await asyncio.sleep(SETTLE_SECONDS)
         res["updates"][args.services] = await lb.updates(bus, args.updates)
-        connect[args.services] = membrane_connect(cluster, measured_vip, args.connections)
-        res["connect"] = connect
-        server.kill()
-        server.wait()
     finally:
+        probe.close()
         await bus.close()
     return res
 
@@ -569,17 +594,23 @@ async def bulk_once(cluster: Cluster, args: argparse.Namespace, via: str) -> dic
     return {"seconds": seconds, "returned": returned, "bytes": len(text)}
 
 
-def bulk_both(args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """The bulk through each path, each on its own fresh two-node cluster."""
+def bulk_both(args: argparse.Namespace, keep: list[Cluster]) -> dict[str, dict[str, float]]:
+    """The bulk through each path, each on its own fresh two-node cluster; the first
+    cluster, holding every service, is appended to ``keep`` and left up (the caller downs it)."""
     out = {}
     for via in ("api", "cli"):
         cluster = TwoNodeCluster(Path(args.workdir) / f"state-{via}")
         print(f"starting a two-node cluster {cluster.name} for the bulk via {via} ...", flush=True)
         cluster.up()
+        kept = False
         try:
             out[via] = uvloop.run(bulk_once(cluster, args, via))
+            if via == "api":
+                keep.append(cluster)
+                kept = True
         finally:
-            cluster.down()
+            if not kept:
+                cluster.down()
         print(f"  {via}: {out[via]['seconds']:.2f} s to every node's maps", flush=True)
     return out
 
@@ -599,24 +630,35 @@ def print_bulk(n: int, bulk: dict[str, dict[str, float]]) -> None:
 def run(args: argparse.Namespace) -> None:
     if os.geteuid() != 0:
         sys.exit("bench/lb.py needs root (namespaces, BPF, iptables)")
+    kept: list[Cluster] = []  # the cluster of the bulk through the API, holding every service
     if args.bulk_only:
         with tempfile.TemporaryDirectory(prefix="membrane-lb-bench-") as tmp:
             args.workdir = tmp
-            print_bulk(args.services, bulk_both(args))
+            try:
+                print_bulk(args.services, bulk_both(args, kept))
+            finally:
+                for spare in kept:
+                    spare.down()
         return
     scales = [*SCALES, args.services]
     with tempfile.TemporaryDirectory(prefix="membrane-lb-bench-") as tmp:
         args.workdir = tmp
         print("1. membrane: every service at once", flush=True)
-        bulk = bulk_both(args)
-        cluster = TwoNodeCluster(Path(tmp) / "state")
-        print(f"starting a two-node cluster {cluster.name} ...", flush=True)
-        cluster.up()
         try:
-            print("1. membrane: single updates and connections", flush=True)
-            mem = uvloop.run(membrane_part(cluster, args))
+            bulk = bulk_both(args, kept)
+            loaded = ConnectProbe(kept[0])
+            cluster = TwoNodeCluster(Path(tmp) / "state")
+            print(f"starting a two-node cluster {cluster.name} ...", flush=True)
+            cluster.up()
+            try:
+                print("1. membrane: single updates and connections", flush=True)
+                mem = uvloop.run(membrane_part(cluster, args, loaded))
+            finally:
+                loaded.close()
+                cluster.down()
         finally:
-            cluster.down()
+            for spare in kept:
+                spare.down()
     plan = Plan(200, args.services)
     print("2. kube-proxy's iptables model (scratch namespaces)", flush=True)
     ipt = iptables_scale(plan, scales)
@@ -654,18 +696,19 @@ def run(args: argparse.Namespace) -> None:
             f"{binary} restore of {n} services: {rows[n][0]:.2f} s; add at {n} / add at "
             f"{SCALES[0]}: {ratio(rows[n][1], rows[SCALES[0]][1])}"
         )
-    c = mem["connect"]
-    growth = c[n] / c[SCALES[0]] - 1
+    few, many = mem["connect"]
+    growth = many / few - 1
     print(
-        f"new connection (median): membrane {c[SCALES[0]]:.0f} us at {SCALES[0]}, "
-        f"{c[n]:.0f} us at {n} ({growth:+.1%}, goal within {GOAL_CONNECT:.0%}: "
+        f"new connection (median of {CONNECT_ROUNDS} alternating rounds of {args.connections}, "
+        f"two clusters side by side): membrane {few:.1f} us with {SCALES[0]} services, "
+        f"{many:.1f} us with {n} ({growth:+.1%}, goal within {GOAL_CONNECT:.0%}: "
         f"{'met' if abs(growth) <= GOAL_CONNECT else 'NOT met'})"
     )
     ig = ipt_connect[n] / ipt_connect[SCALES[0]] - 1
     print(
         f"new connection (median): iptables-legacy {ipt_connect[SCALES[0]]:.0f} us at "
         f"{SCALES[0]}, {ipt_connect[n]:.0f} us at {n} ({ig:+.1%}); membrane / iptables at "
-        f"{n}: {ratio(c[n], ipt_connect[n])}"
+        f"{n}: {ratio(many, ipt_connect[n])}"
     )
 
 

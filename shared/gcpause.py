@@ -42,7 +42,7 @@ def paused() -> Iterator[None]:
 # of tens of thousands of KV entries ran a young collection every few dozen messages, and each
 # promoted survivors that older collections then traversed again: about a fifth of an agent's
 # CPU while 20,000 services arrived. Memory held by cycles waits a little longer; nothing else.
-SERVICE_THRESHOLDS = (50_000, 20, 100)
+SERVICE_THRESHOLDS = (10_000, 20, 100)
 
 
 def tune_for_service() -> None:

@@ -3,8 +3,8 @@
 A request is validated completely, then its cluster IPs, node ports, frontend ids and backend
 ids are allocated in Redis (one round trip per pool for the whole request), then the records
 are written to ``services`` (pipelined) and the specs to ``lb-specs`` (in shards, see
-spec_store.py). Replicas share requests through a queue group;
-each follows the ``endpoints`` bucket so that services with a selector follow their pods.
+spec_store.py). Replicas share requests through a queue group; each follows the ``endpoints``
+bucket so that services with a selector follow their pods.
 """
 
 from __future__ import annotations
