@@ -13,7 +13,6 @@ import re
 import time
 import urllib.parse
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import msgspec
@@ -29,9 +28,10 @@ from nats.micro.request import Request
 from nats.micro.service import EndpointConfig, Service
 from prometheus_client import Counter, Histogram
 
-from shared import log
+from shared import kv_watch, log
 from shared.errors import DeadlineExceeded, Internal, InvalidArgument, MembraneError, Unavailable
 from shared.errors import from_code as error_from_code
+from shared.kv_watch import KVEvent as KVEvent  # re-exported: KV consumers import it here
 from shared.messages import ErrorBody, Message
 from shared.subjects import MICRO_INFO
 
@@ -127,15 +127,6 @@ class ServiceInfo(msgspec.Struct, kw_only=True):
     description: str = ""
     metadata: dict[str, str] = {}
     endpoints: list[dict[str, object]] = []
-
-
-@dataclass(frozen=True)
-class KVEvent:
-    """One change of a KV key; ``value`` is None when the key was deleted or purged."""
-
-    key: str
-    value: bytes | None
-    revision: int
 
 
 class Bus:
@@ -370,49 +361,10 @@ class Bus:
         return found
 
     @staticmethod
-    async def watch(kv: KeyValue, keys: str = ">") -> AsyncGenerator[KVEvent | None, None]:
-        """Yield the current value of every key, then ``None`` once caught up, then changes.
-
-        A consumer that restarts gets the whole current state again, so it resyncs by itself.
-        Close it (``contextlib.aclosing``) when done: an abandoned watcher keeps receiving
-        updates until its queue is full, and then blocks the connection's drain.
-        """
-        watcher = await kv.watch(keys)
-        caught_up = seen_any = False
-        try:
-            async for entry in watcher:
-                if entry is None:
-                    if caught_up:
-                        continue  # already signalled, at the last entry (below)
-                    if not seen_any and keys == ">" and await _has_messages(kv):
-                        # nats.py's marker can come too early: it reads the consumer's pending
-                        # count as 0 when the server already pushed every entry but none has been
-                        # processed yet (seen under load: an empty snapshot of a full bucket).
-                        # The entries are on their way; the last of them (delta 0) catches up.
-                        continue
-                    caught_up = True
-                    yield None
-                    continue
-                seen_any = True
-                deleted = entry.operation in ("DEL", "PURGE")
-                yield KVEvent(
-                    key=entry.key,
-                    value=None if deleted else entry.value,
-                    revision=entry.revision or 0,
-                )
-                if not caught_up and entry.delta == 0:
-                    caught_up = True
-                    yield None
-        finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
-
-
-async def _has_messages(kv: KeyValue) -> bool:
-    """Whether the bucket's stream holds anything (values or delete markers)."""
-    try:
-        return bool((await kv.status()).values)
-    except Exception:  # no answer: trust the marker, as before
-        return False
+    def watch(kv: KeyValue, keys: str = ">") -> AsyncGenerator[KVEvent | None, None]:
+        """Yield the current value of every key, then ``None`` once caught up, then changes
+        (see shared/kv_watch.py). Close it (``contextlib.aclosing``) when done."""
+        return kv_watch.watch(kv, keys)
 
 
 class MicroService:

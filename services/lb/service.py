@@ -291,8 +291,15 @@ class LBCore:
                 for _, i, _ in parsed
                 if isinstance(i, EndpointSliceSpec)
             }
-            await self._recompute(touched)  # the records first: the datapath waits for them
-            await self.store.write(self._stored(parsed))
+            # the records first, the datapath waits for them; the specs' shard writes go out
+            # while the records' ack is on its way (an apply waits for the slower of the two
+            # round trips, not for their sum)
+            acked = await self._send_records(touched)
+            try:
+                await self.store.write(self._stored(parsed))
+            finally:
+                if acked is not None:
+                    await acked
             RECOMPUTE_SECONDS.labels("apply").observe(time.perf_counter() - started)
         SERVICES.set(len(self.specs))
         return LBApplyReply(results=[f"{kind.lower()}/{i.name} applied" for kind, i, _ in parsed])
@@ -482,8 +489,15 @@ class LBCore:
         return sorted(set(found))
 
     async def _recompute(self, keys: set[str]) -> None:
-        """Write the records of ``keys`` that changed, ``RECORD_CHUNK`` services at a time:
-        the agents program the first chunk while the next is built.
+        """Write the records of ``keys`` that changed."""
+        acked = await self._send_records(keys)
+        if acked is not None:
+            await acked
+
+    async def _send_records(self, keys: set[str]) -> asyncio.Future[Any] | None:
+        """Publish the records of ``keys`` that changed, ``RECORD_CHUNK`` services at a time
+        (the agents program the first chunk while the next is built); the future of the ack
+        of the last, or None when nothing changed.
 
         Puts are pipelined: published without waiting for an ack, except the very last, which
         is acked. JetStream stores one connection's messages in the order sent, so that ack
@@ -500,9 +514,11 @@ class LBCore:
                 puts.insert(0, held)
             held = puts.pop()
             await self._publish(puts)
-        if held is not None:
-            self.own_writes[held[0]] = hash(held[1])
-            await self.bus.js.publish(*held)
+        if held is None:
+            return None
+        self.own_writes[held[0]] = hash(held[1])
+        # a task is scheduled in order: it publishes before anything this caller starts next
+        return asyncio.ensure_future(self.bus.js.publish(*held))
 
     async def _records(self, keys: list[str]) -> list[tuple[str, bytes]]:
         """The changed records of ``keys``, as KV puts; ids allocated for their frontends

@@ -4,7 +4,7 @@ One KV entry per spec made a bulk apply of 20,000 Services (with their EndpointS
 writes, each stored by JetStream and read back by every replica's watch: more than a third of
 the CPU of the whole apply. A shard is one entry holding every spec whose key hashes to it, so
 a bulk apply writes each shard once (``SHARDS`` writes in all) and a single change writes one
-shard of a few hundred specs, tens of kilobytes.
+shard of a few dozen specs (about 10 KB at 20,000 services).
 
 Replicas write shards concurrently, so each write names the revision it started from (KV
 ``update``): when another replica wrote that shard in between, the write fails, the shard is
@@ -27,7 +27,7 @@ from shared import log
 from shared.bus import KVEvent
 from shared.errors import Unavailable
 
-SHARDS = 256
+SHARDS = 1024
 PREFIX = "shard."
 ATTEMPTS = 20  # a shard contended this often in a row means something is badly wrong
 

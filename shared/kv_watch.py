@@ -1,0 +1,133 @@
+"""Watching a KV bucket: its current entries, a marker once they are all in, then changes.
+
+nats.py's own ``KeyValue.watch`` costs about 17 µs per entry in Python: it parses each
+message's JetStream metadata into dataclasses with a ``datetime``, builds an ``Entry``, and
+hands it over through a bounded queue read with ``asyncio.wait_for`` (a timer and a task per
+entry). Four processes read each of 20,000 service records during a bulk apply, so that was a
+large part of the machine's CPU. This watcher subscribes the same ordered push consumer (last
+value per subject, flow control, heartbeats and gap recovery stay nats.py's), takes the stream
+sequence and the pending count straight from the reply subject, and hands entries over in
+batches: about 8 µs per entry.
+
+"Caught up" is decided from the server's side: the entry that arrives with nothing pending
+behind it, or, for an empty bucket, a consumer that has delivered nothing and has nothing
+pending (nats.py read its own received count there, which is 0 while delivered entries still
+wait in its queue: under load that gave empty snapshots of full buckets).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+
+from nats.aio.msg import Msg
+from nats.js import api
+from nats.js.kv import KeyValue
+
+# KV headers (JetStream's KV convention; nats-server 2.11+ marks TTL expiries differently)
+_OPERATION = "KV-Operation"
+_MARKER_REASON = "Nats-Marker-Reason"
+_REMOVED = frozenset({"DEL", "PURGE"})
+_REMOVED_BY_MARKER = frozenset({"MaxAge", "Purge", "Remove"})
+
+# a consumer this far behind makes the subscription wait (the connection's own limits, then
+# the server's flow control, push back from there)
+MAX_BUFFERED = 8192
+INACTIVE_THRESHOLD_S = 300.0  # the server drops a consumer whose watcher went away
+
+
+@dataclass(frozen=True, slots=True)
+class KVEvent:
+    """One change of a KV key; ``value`` is None when the key was deleted or purged."""
+
+    key: str
+    value: bytes | None
+    revision: int
+
+
+def _sequence_and_pending(reply: str) -> tuple[int, int]:
+    """The stream sequence and the pending count from a JetStream ack subject
+    (``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>``, or the
+    12-token form with domain and account hash)."""
+    tokens = reply.split(".")
+    if len(tokens) == 9:
+        return int(tokens[5]), int(tokens[8])
+    return int(tokens[Msg.Ack.StreamSeq]), int(tokens[Msg.Ack.NumPending])
+
+
+async def watch(kv: KeyValue, keys: str = ">") -> AsyncGenerator[KVEvent | None, None]:
+    """Yield the current value of every key, then ``None`` once caught up, then changes.
+
+    A consumer that restarts gets the whole current state again, so it resyncs by itself.
+    Close it (``contextlib.aclosing``) when done: that removes the subscription and its
+    consumer.
+    """
+    prefix = kv._pre  # "$KV.<bucket>.": nats.py keeps the bucket's names private
+    cut = len(prefix)
+    buffered: deque[KVEvent | None] = deque()
+    arrived = asyncio.Event()
+    room = asyncio.Event()
+    room.set()
+    caught_up = False
+
+    def hand_over(item: KVEvent | None) -> None:
+        buffered.append(item)
+        arrived.set()
+
+    async def on_message(msg: Msg) -> None:
+        nonlocal caught_up
+        if len(buffered) >= MAX_BUFFERED:
+            room.clear()
+            await room.wait()
+        sequence, pending = _sequence_and_pending(msg.reply)
+        headers = msg.headers
+        removed = False
+        if headers:
+            operation = headers.get(_OPERATION)
+            reason = headers.get(_MARKER_REASON)
+            if operation is not None:
+                removed = operation in _REMOVED
+            elif reason is not None:
+                removed = reason in _REMOVED_BY_MARKER
+                if not removed:  # a marker of a kind this version does not know: not a value
+                    if pending == 0 and not caught_up:
+                        caught_up = True
+                        hand_over(None)
+                    return
+        hand_over(KVEvent(msg.subject[cut:], None if removed else msg.data, sequence))
+        if pending == 0 and not caught_up:
+            caught_up = True
+            hand_over(None)
+
+    subscription = await kv._js.subscribe(
+        prefix + keys,
+        stream=kv._stream,
+        cb=on_message,
+        ordered_consumer=True,
+        deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
+        inactive_threshold=INACTIVE_THRESHOLD_S,
+    )
+    try:
+        info = await subscription.consumer_info()
+        delivered = info.delivered.consumer_seq if info.delivered is not None else 0
+        if not caught_up and info.num_pending == 0 and not delivered:
+            caught_up = True  # nothing there, and nothing on its way
+            hand_over(None)
+        while True:
+            if not buffered:
+                arrived.clear()
+                await arrived.wait()
+            while buffered:
+                item = buffered.popleft()
+                if not room.is_set() and len(buffered) < MAX_BUFFERED // 2:
+                    room.set()
+                yield item
+    finally:
+        await subscription.unsubscribe()
+        # the consumer goes now rather than after the inactivity threshold (its current name:
+        # nats.py renames an ordered consumer when it recreates it after a gap)
+        with contextlib.suppress(Exception):  # gone already, or NATS away: the threshold acts
+            await kv._js.delete_consumer(subscription._stream, subscription._consumer)
