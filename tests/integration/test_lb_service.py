@@ -32,10 +32,10 @@ from shared.runtime import TaskGroup
 from tests.conftest import eventually
 
 
-@pytest.fixture
-async def lb(bus: Bus, redis_server: ServerProcess) -> AsyncIterator[LBCore]:
-    settings = LBSettings(service_cidr="10.96.0.0/16", redis_url=redis_server.url)
-    allocator = ids.Allocator(make_redis(redis_server.url))
+async def start_replica(bus: Bus, redis_url: str, name: str) -> tuple[LBCore, TaskGroup]:
+    """An lb replica as run() starts one: watches synced, reconciling, serving requests."""
+    settings = LBSettings(service_cidr="10.96.0.0/16", redis_url=redis_url)
+    allocator = ids.Allocator(make_redis(redis_url))
     core = LBCore(
         bus,
         await bus.kv(subjects.KV_LB_SPECS),
@@ -52,7 +52,13 @@ async def lb(bus: Bus, redis_server: ServerProcess) -> AsyncIterator[LBCore]:
     for event in core.synced.values():
         await event.wait()
     tasks.spawn("reconcile", core.reconcile_forever)
-    await core.register({"replica": "test"}, 8)
+    await core.register({"replica": name}, 8)
+    return core, tasks
+
+
+@pytest.fixture
+async def lb(bus: Bus, redis_server: ServerProcess) -> AsyncIterator[LBCore]:
+    core, tasks = await start_replica(bus, redis_server.url, "test")
     yield core
     await tasks.close()
 
@@ -164,3 +170,52 @@ async def test_bulk_apply_is_one_request_per_chunk(lb: LBCore, bus: Bus) -> None
     assert sum(len(s.frontends[0].backends) for s in listed.services) == 2000
     assert elapsed < 20, elapsed  # generous: a shared, noisy machine
     await asyncio.sleep(0)
+
+
+async def test_two_replicas_share_requests_and_lose_no_spec(
+    nats_server: ServerProcess, redis_server: ServerProcess
+) -> None:
+    """Requests spread over two replicas on the queue group, concurrently: every spec lands in
+    the shards (their compare-and-set writes race), both replicas end up knowing every service,
+    and a replica started afterwards reads them all back."""
+    buses = [await Bus.connect(nats_server.url, f"replica-{i}", retry_for=5) for i in range(3)]
+    client = await Bus.connect(nats_server.url, "client", retry_for=5)
+    started: list[TaskGroup] = []
+    try:
+        a, tasks_a = await start_replica(buses[0], redis_server.url, "a")
+        b, tasks_b = await start_replica(buses[1], redis_server.url, "b")
+        started += [tasks_a, tasks_b]
+        names = [f"svc{i}" for i in range(60)]
+        await asyncio.gather(
+            *(
+                cli_lb.apply_documents(
+                    client, [service(n, ports=[{"port": 80}])], "t", dry_run=False
+                )
+                for n in names
+            )
+        )
+
+        async def both_know_all() -> None:
+            for core in (a, b):
+                assert {k.split(".", 1)[1] for k in core.specs} >= set(names)
+                assert {k.split(".", 1)[1] for k in core.records} >= set(names)
+
+        await eventually(both_know_all, timeout=10, what="both replicas know every service")
+        # the queue group gave each replica some of the requests: both wrote shards
+        assert a.store.own and b.store.own
+        ips = {a.records[f"default.{n}"].frontends[0].ip for n in names}
+        assert len(ips) == len(names)  # one cluster IP each, whichever replica allocated it
+        assert all(
+            a.records[f"default.{n}"].frontends[0].ip == b.records[f"default.{n}"].frontends[0].ip
+            for n in names
+        )
+        c, tasks_c = await start_replica(buses[2], redis_server.url, "c")
+        started.append(tasks_c)
+        assert {k.split(".", 1)[1] for k in c.specs} >= set(names)  # read back from the shards
+        listed = await client.request(subjects.LB_LIST, Empty(), LBListReply, timeout=10)
+        assert {s.name for s in listed.services} >= set(names)
+    finally:
+        for tasks in started:
+            await tasks.close()
+        for each in [*buses, client]:
+            await each.close()
