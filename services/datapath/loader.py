@@ -28,7 +28,7 @@ BPF_DIR = Path(__file__).resolve().parent / "bpf"
 SOURCE = BPF_DIR / "datapath.c"
 # headers with code that calls map methods (map.lookup(...)): bcc rewrites those calls only in
 # the main source, so these are pasted into it in place of their #include
-INLINED_HEADERS = ("lb.h", "overlay.h")
+INLINED_HEADERS = ("lb.h", "lb_icmp.h", "overlay.h")  # in this order: lb.h includes lb_icmp.h
 PROGRAMS = ("from_container", "to_container", "from_overlay")
 # tc hooks of the host-side veth: ingress sees what the pod sends
 PARENT_INGRESS = "ffff:fff2"

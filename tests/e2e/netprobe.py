@@ -3,6 +3,8 @@
 serve tcp|udp PORT            answer every TCP connection / UDP datagram with "pong <data>"
 tcp IP PORT                   connect, send, print the answer; exit 0 on an answer, 1 otherwise
 udp IP PORT                   send one datagram, print the answer; exit 0 on an answer
+udpc IP PORT                  the same from a connected socket, which hears ICMP errors: exit 0
+                              on an answer, 3 on "connection refused", 1 on no answer
 stream IP PORT COUNT GAP_MS   send COUNT numbered datagrams, GAP_MS apart (no answers awaited)
 count PORT SECONDS            count datagrams arriving on PORT for SECONDS; print the count
 matrix TIMEOUT IP:PORT...     try every TCP connection at once; print {"IP:PORT": outcome} as JSON,
@@ -116,6 +118,22 @@ def udp(ip: str, port: int) -> int:
             return 1
 
 
+def udp_connected(ip: str, port: int) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(TIMEOUT)
+        sock.connect((ip, port))
+        sock.send(b"ping")
+        try:
+            print(sock.recv(2048).decode())
+            return 0
+        except ConnectionRefusedError:
+            print("refused")
+            return 3
+        except OSError as exc:
+            print(f"failed: {exc}")
+            return 1
+
+
 def stream(ip: str, port: int, count: int, gap_ms: float) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         start = time.monotonic()
@@ -199,6 +217,8 @@ def main(argv: list[str]) -> int:
         return tcp(rest[0], int(rest[1]))
     if command == "udp":
         return udp(rest[0], int(rest[1]))
+    if command == "udpc":
+        return udp_connected(rest[0], int(rest[1]))
     if command == "stream":
         return stream(rest[0], int(rest[1]), int(rest[2]), float(rest[3]))
     if command == "count":

@@ -441,3 +441,34 @@ async def test_node_port_through_any_node_address(
     finally:
         await asyncio.to_thread(cluster.run, "service", "delete", "np", check=False)
         await asyncio.to_thread(cluster.run, "pod", "delete", "np-client", check=False)
+
+
+def test_icmp_errors_about_a_service_connection_carry_the_frontend(cluster: Cluster) -> None:
+    """A UDP service whose backend has no listener: the backend's port-unreachable quotes the
+    backend's address, and the client's connected socket hears it only once it is translated
+    back to the frontend's -- for a backend on the client's node and one on the other node
+    (through the overlay)."""
+    create_pod(cluster, "icmp-client", "app=icmp-client")
+    near = create_pod(cluster, "icmp-near", "app=icmp-backend", node=1)
+    far = create_pod(cluster, "icmp-far", "app=icmp-backend", node=2)
+    listener = whoami(cluster, "icmp-near", "udp", 5400)  # the answering case, for contrast
+    try:
+        for name, vip, backend in (
+            ("icmp-near", "10.250.0.71", f"{near['ip']}:5999"),
+            ("icmp-far", "10.250.0.72", f"{far['ip']}:5999"),
+            ("icmp-open", "10.250.0.73", f"{near['ip']}:5400"),
+        ):
+            cluster.run(
+                "service", "create", name, "--frontend", f"{vip}:53/UDP", "--backend", backend
+            )
+            wait_backends(cluster, f"{vip}:53", 1, cluster.nodes[:1])
+        for vip in ("10.250.0.71", "10.250.0.72"):
+            result = cluster.probe("icmp-client", "udpc", vip, "53")
+            assert (result.returncode, result.stdout.strip()) == (3, "refused"), (vip, result)
+        result = cluster.probe("icmp-client", "udpc", "10.250.0.73", "53")
+        assert result.returncode == 0 and result.stdout.strip() == near["ip"], result
+    finally:
+        listener.kill()
+        listener.wait()
+        cluster.run("service", "delete", "icmp-near", "icmp-far", "icmp-open", check=False)
+        cluster.run("pod", "delete", "icmp-client", "icmp-near", "icmp-far", check=False)

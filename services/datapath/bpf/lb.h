@@ -287,12 +287,17 @@ static __always_inline int lb_from_container(struct __sk_buff *skb)
 	return TC_ACT_OK;
 }
 
-/* to-container, after policy: a reply from a backend is given the frontend's address back. */
+#include "lb_icmp.h"
+
+/* to-container, after policy: a reply from a backend is given the frontend's address back,
+ * and so is an ICMP error about a connection to a frontend (lb_icmp.h). */
 static __always_inline void lb_to_container(struct __sk_buff *skb)
 {
 	struct lb_l4 l;
-	if (lb_parse(skb, &l) < 0)
+	if (lb_parse(skb, &l) < 0) {
+		lb_icmp_error_to_container(skb);
 		return;
+	}
 	struct ct_key reply = {
 		.saddr = l.saddr,
 		.daddr = l.daddr,
