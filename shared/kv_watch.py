@@ -37,6 +37,7 @@ _REMOVED_BY_MARKER = frozenset({"MaxAge", "Purge", "Remove"})
 # the server's flow control, push back from there)
 MAX_BUFFERED = 8192
 INACTIVE_THRESHOLD_S = 300.0  # the server drops a consumer whose watcher went away
+DELETE_TIMEOUT_S = 2.0  # closing a watch does not wait longer than this for the server
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,5 +130,9 @@ async def watch(kv: KeyValue, keys: str = ">") -> AsyncGenerator[KVEvent | None,
         await subscription.unsubscribe()
         # the consumer goes now rather than after the inactivity threshold (its current name:
         # nats.py renames an ordered consumer when it recreates it after a gap)
-        with contextlib.suppress(Exception):  # gone already, or NATS away: the threshold acts
-            await kv._js.delete_consumer(subscription._stream, subscription._consumer)
+        if kv._js._nc.is_connected:  # NATS away: the threshold removes it, nobody waits here
+            with contextlib.suppress(Exception):  # gone already: nothing to do
+                await asyncio.wait_for(
+                    kv._js.delete_consumer(subscription._stream, subscription._consumer),
+                    DELETE_TIMEOUT_S,
+                )
