@@ -195,8 +195,6 @@ class LBCore:
         for index, document in enumerate(req.documents, start=1):
             kind = document.get("kind") if isinstance(document, dict) else None
             meta = document.get("metadata") if isinstance(document, dict) else None
-            name = meta.get("name", "?") if isinstance(meta, dict) else "?"
-            label = f"{req.source}: document {index} ({kind} {name})"
             try:
                 item: Spec | EndpointSliceSpec
                 if kind == "Service":
@@ -222,6 +220,8 @@ class LBCore:
                     )
                 seen.add(ident)
             except InvalidArgument as exc:
+                name = meta.get("name", "?") if isinstance(meta, dict) else "?"
+                label = f"{req.source}: document {index} ({kind} {name})"
                 where = f"{exc.field}: " if exc.field else ""
                 raise InvalidArgument(f"{label}: {where}{exc.message}", field=exc.field) from None
             parsed.append((str(kind), item, document))
