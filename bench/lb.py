@@ -350,8 +350,10 @@ print(out[len(out) // 2] * 1e6, out[int(len(out) * 0.9)] * 1e6)
 # the same measurement, a round per line on stdin: a client that stays up between rounds, so
 # that rounds alternating between two clusters are short and close together in time
 CONNECT_ROUNDS_SCRIPT = """
-import socket, sys, time
+import os, socket, sys, time
 ip, port = sys.argv[1], int(sys.argv[2])
+if len(sys.argv) > 3:
+    os.sched_setaffinity(0, {int(sys.argv[3])})
 print("ready", flush=True)
 for line in sys.stdin:
     out = []
@@ -362,7 +364,9 @@ for line in sys.stdin:
     print(out[len(out) // 2] * 1e6, flush=True)
 """
 SERVE_SCRIPT = """
-import socket
+import os, socket, sys
+if len(sys.argv) > 1:
+    os.sched_setaffinity(0, {int(sys.argv[1])})
 l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 l.bind(("0.0.0.0", 8080)); l.listen(1024); print("ready", flush=True)
 while True:
@@ -426,6 +430,9 @@ def iptables_connect(plan: Plan, counts: list[int], n: int) -> dict[int, float]:
 
 CONNECT_ROUNDS = 21
 MEASURED_VIP = "10.249.0.1"
+# client and server pinned, the same in both clusters: where the scheduler put them (one CPU
+# or two, a wake-up across CPUs or not) moved a round's median by 10 us either way
+CLIENT_CPU, SERVER_CPU = "0", "1"
 
 
 class ConnectProbe:
@@ -441,7 +448,7 @@ class ConnectProbe:
         server_ip = next(p["ip"] for p in pods if p["name"] == "bench-server")
         self.server = subprocess.Popen(
             cluster.command(
-                "pod", "exec", "bench-server", "--", sys.executable, "-c", SERVE_SCRIPT
+                "pod", "exec", "bench-server", "--", sys.executable, "-c", SERVE_SCRIPT, SERVER_CPU
             ),
             env=cluster.env(),
             stdout=subprocess.PIPE,
@@ -470,6 +477,7 @@ class ConnectProbe:
                 CONNECT_ROUNDS_SCRIPT,
                 MEASURED_VIP,
                 "80",
+                CLIENT_CPU,
             ),
             env=cluster.env(),
             stdin=subprocess.PIPE,
