@@ -12,7 +12,9 @@ measures, for the same services (one TCP port, two backends each, from EndpointS
    API client sends them; (b) ``membrane apply -f`` of the same services as one YAML file,
    which adds the CLI's start and its reading of about 9 MB of YAML. Then, on a third
    cluster, single-service updates (a backend's port changed, apply -> the backend entry in
-   node 1's map) with 100, 1,000 and all services present: p50/p99.
+   node 1's map) with 100, 1,000 and all services present: p50/p99; and, for the goals,
+   updates alternating between the third cluster with 100 services and the first with all
+   of them, so that the machine's load falls on both alike.
 2. kube-proxy's iptables model in scratch network namespaces: KUBE-SERVICES / KUBE-SVC-* /
    KUBE-SEP-* chains (statistic random, DNAT, masquerade mark) for the same services, loaded
    with iptables-restore; then one service added with ``iptables`` commands at each scale,
@@ -196,31 +198,61 @@ class Membrane:
 
     async def updates(self, bus: Bus, count: int) -> list[float]:
         """A backend port of service 0 changed, ``count`` times: apply -> node 1's map."""
+        await self.learn_update_ids(bus)
         seconds = []
-        ip = self.plan.backends(0)[0]
-        record = await bus.request("membrane.lb.get", _ref("s0"), LBService)
-        bid = next(b.id for b in record.frontends[0].backends if b.ip == ip)
-        # a backend is (address, port): the changed port is a new backend id; learn both
-        for n in range(count + 2):
-            port = 9000 + (n % 2)  # alternate, so that every apply is a change
-            docs = self.plan.documents(0, 1)[1:]
-            docs[0]["ports"][0]["port"] = port
-            started = time.perf_counter()
-            await cli_lb.apply_documents(bus, docs, "bench", dry_run=False)
-            if n < 2:
-                record = await bus.request("membrane.lb.get", _ref("s0"), LBService)
-                bid = next(b.id for b in record.frontends[0].backends if b.ip == ip)
-                self.ids[port] = bid
-                continue
-            entry = MapEntry(
-                self.fds[self.nodes[0]]["lb_backends"], self.ids[port].to_bytes(4, "little"), 8
-            )
-            done = await asyncio.to_thread(
-                wait_value, entry, backend_value(ip, port, False), started + 10
-            )
-            seconds.append(done - started)
+        for n in range(count):
+            seconds.append(await self.update(bus, n))
             await asyncio.sleep(0.01)
         return seconds
+
+    async def learn_update_ids(self, bus: Bus) -> None:
+        """A backend is (address, port): each of the two ports update() alternates between
+        is a backend id of its own; apply both once and learn them."""
+        ip = self.plan.backends(0)[0]
+        for port in (9000, 9001):
+            await cli_lb.apply_documents(bus, self._update_docs(port), "bench", dry_run=False)
+            record = await bus.request("membrane.lb.get", _ref("s0"), LBService)
+            self.ids[port] = next(b.id for b in record.frontends[0].backends if b.ip == ip)
+
+    def _update_docs(self, port: int) -> list[dict[str, Any]]:
+        docs = self.plan.documents(0, 1)[1:]  # service 0's EndpointSlice
+        docs[0]["ports"][0]["port"] = port
+        return docs
+
+    async def update(self, bus: Bus, n: int) -> float:
+        """The ``n``-th single update (its port alternates, so every apply is a change):
+        seconds from the apply to the new backend entry in node 1's map."""
+        ip = self.plan.backends(0)[0]
+        port = 9000 + (n % 2)
+        docs = self._update_docs(port)
+        entry = MapEntry(
+            self.fds[self.nodes[0]]["lb_backends"], self.ids[port].to_bytes(4, "little"), 8
+        )
+        started = time.perf_counter()
+        # polled from the moment of the apply: the entry is often in the map before the lb
+        # service's reply is back (the reply waits for the spec's write as well)
+        poll = asyncio.ensure_future(
+            asyncio.to_thread(wait_value, entry, backend_value(ip, port, False), started + 10)
+        )
+        await cli_lb.apply_documents(bus, docs, "bench", dry_run=False)
+        done = await poll
+        return done - started
+
+
+async def updates_side_by_side(
+    few: tuple[Membrane, Bus], many: tuple[Membrane, Bus], count: int
+) -> tuple[list[float], list[float]]:
+    """Single updates alternating between two clusters, one update each in turn: what the
+    machine does meanwhile falls on both alike."""
+    for lb, bus in (few, many):
+        await lb.learn_update_ids(bus)
+    a: list[float] = []
+    b: list[float] = []
+    for n in range(count):
+        a.append(await few[0].update(few[1], n))
+        b.append(await many[0].update(many[1], n))
+        await asyncio.sleep(0.01)
+    return a, b
 
 
 def _ref(name: str) -> Any:
@@ -586,6 +618,14 @@ async def membrane_part(
                 res["connect"] = await asyncio.to_thread(
                     connect_side_by_side, probe, loaded, args.connections
                 )
+                big = Membrane(loaded.cluster, Plan(loaded.cluster.octet, args.services))
+                big_bus = await Bus.connect(loaded.cluster.nats_url, "bench", retry_for=10)
+                try:
+                    res["updates_side_by_side"] = await updates_side_by_side(
+                        (lb, bus), (big, big_bus), args.updates
+                    )
+                finally:
+                    await big_bus.close()
         seconds = await lb.bulk(bus, done, args.services)
         print(
             f"  applied services {done}..{args.services}: {seconds:.2f} s to every node's maps",
@@ -706,13 +746,26 @@ def run(args: argparse.Namespace) -> None:
             f"{p99[scale]:6.2f} ms | iptables-legacy {legacy:9.1f} ms ({ratio(legacy, p99[scale])}"
             f" of membrane p99) | iptables-nft {nft:9.1f} ms ({ratio(nft, p99[scale])})"
         )
-    flat = p99[n] / p99[SCALES[0]]
-    vs_legacy = ipt["iptables-legacy"][n][1] * 1000 / p99[n]
+    print(
+        f"  (one scale after another on one cluster: p99 at {n} / p99 at {SCALES[0]} "
+        f"{p99[n] / p99[SCALES[0]]:.2f})"
+    )
+    # the goals, from updates alternating between two clusters (what the machine does
+    # meanwhile falls on both alike)
+    small, big = (sorted(v) for v in mem["updates_side_by_side"])
+    s50, s99 = percentile(small, 0.5) * 1000, percentile(small, 0.99) * 1000
+    b50, b99 = percentile(big, 0.5) * 1000, percentile(big, 0.99) * 1000
+    flat = b99 / s99
+    print(
+        f"single update, {len(small)} alternating between two clusters: with {SCALES[0]} "
+        f"services p50 {s50:.2f} ms p99 {s99:.2f} ms, with {n} p50 {b50:.2f} ms p99 {b99:.2f} ms"
+    )
     print(
         f"p99 at {n} / p99 at {SCALES[0]}: {flat:.2f} (goal <= {GOAL_FLAT}: "
         f"{'met' if flat <= GOAL_FLAT else 'NOT met'}); p99 goal <= {GOAL_P99_MS} ms: "
-        f"{'met' if max(p99.values()) <= GOAL_P99_MS else 'NOT met'}"
+        f"{'met' if max(s99, b99) <= GOAL_P99_MS else 'NOT met'}"
     )
+    vs_legacy = ipt["iptables-legacy"][n][1] * 1000 / b99
     print(
         f"iptables-legacy single add / membrane p99 at {n}: {vs_legacy:.0f}x (goal >= "
         f"{GOAL_VS_LEGACY:g}x: {'met' if vs_legacy >= GOAL_VS_LEGACY else 'NOT met'})"
