@@ -9,10 +9,14 @@ value per subject, flow control, heartbeats and gap recovery stay nats.py's), ta
 sequence and the pending count straight from the reply subject, and hands entries over in
 batches: about 8 µs per entry.
 
-"Caught up" is decided from the server's side: the entry that arrives with nothing pending
-behind it, or, for an empty bucket, a consumer that has delivered nothing and has nothing
-pending (nats.py read its own received count there, which is 0 while delivered entries still
-wait in its queue: under load that gave empty snapshots of full buckets).
+"Caught up" is decided from the server's side. For an empty bucket: a consumer that has
+delivered nothing and has nothing pending (nats.py read its own received count there, which
+is 0 while delivered entries still wait in its queue: under load that gave empty snapshots of
+full buckets). Otherwise the entry that arrives with nothing pending behind it is not enough:
+a key rewritten while the snapshot is delivered (a heartbeat) loses the message the server had
+lined up for it and comes again after that entry, so a snapshot ending there missed the key
+(nats.py's watch does the same). The watch then reads the stream's last sequence and is caught
+up once it has handed on everything up to there.
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ _REMOVED_BY_MARKER = frozenset({"MaxAge", "Purge", "Remove"})
 MAX_BUFFERED = 8192
 INACTIVE_THRESHOLD_S = 300.0  # the server drops a consumer whose watcher went away
 DELETE_TIMEOUT_S = 2.0  # closing a watch does not wait longer than this for the server
+# a snapshot waiting for the stream's last sequence is caught up after this long without a
+# message anyway (only a purge of the stream itself takes messages away without a marker)
+CATCH_UP_WAIT_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +54,19 @@ class KVEvent:
     key: str
     value: bytes | None
     revision: int
+
+
+_CHECK = object()  # the server said nothing is pending: time to see whether the snapshot is in
+
+
+async def _last_sequence(kv: KeyValue) -> int:
+    """The bucket's last stream sequence; 0 (trust the server's pending count, as nats.py
+    does) when it cannot be read."""
+    try:
+        info = await kv._js.stream_info(kv._stream)
+    except Exception:  # NATS away for a moment: the pending count alone, as before
+        return 0
+    return int(info.state.last_seq or 0)
 
 
 def _sequence_and_pending(reply: str) -> tuple[int, int]:
@@ -68,24 +88,26 @@ async def watch(kv: KeyValue, keys: str = ">") -> AsyncGenerator[KVEvent | None,
     """
     prefix = kv._pre  # "$KV.<bucket>.": nats.py keeps the bucket's names private
     cut = len(prefix)
-    buffered: deque[KVEvent | None] = deque()
+    # KV events, stream sequences of messages that are not (progress only), _CHECK
+    buffered: deque[KVEvent | int | object] = deque()
     arrived = asyncio.Event()
     room = asyncio.Event()
     room.set()
     caught_up = False
+    check_queued = False
 
-    def hand_over(item: KVEvent | None) -> None:
+    def hand_over(item: KVEvent | int | object) -> None:
         buffered.append(item)
         arrived.set()
 
     async def on_message(msg: Msg) -> None:
-        nonlocal caught_up
+        nonlocal check_queued
         if len(buffered) >= MAX_BUFFERED:
             room.clear()
             await room.wait()
         sequence, pending = _sequence_and_pending(msg.reply)
         headers = msg.headers
-        removed = False
+        removed = unknown = False
         if headers:
             operation = headers.get(_OPERATION)
             reason = headers.get(_MARKER_REASON)
@@ -93,15 +115,14 @@ async def watch(kv: KeyValue, keys: str = ">") -> AsyncGenerator[KVEvent | None,
                 removed = operation in _REMOVED
             elif reason is not None:
                 removed = reason in _REMOVED_BY_MARKER
-                if not removed:  # a marker of a kind this version does not know: not a value
-                    if pending == 0 and not caught_up:
-                        caught_up = True
-                        hand_over(None)
-                    return
-        hand_over(KVEvent(msg.subject[cut:], None if removed else msg.data, sequence))
-        if pending == 0 and not caught_up:
-            caught_up = True
-            hand_over(None)
+                unknown = not removed  # a marker of a kind this version does not know
+        if unknown:
+            hand_over(sequence)  # not a value: only how far the watch has come
+        else:
+            hand_over(KVEvent(msg.subject[cut:], None if removed else msg.data, sequence))
+        if pending == 0 and not caught_up and not check_queued:
+            check_queued = True
+            hand_over(_CHECK)
 
     subscription = await kv._js.subscribe(
         prefix + keys,
@@ -114,18 +135,41 @@ async def watch(kv: KeyValue, keys: str = ">") -> AsyncGenerator[KVEvent | None,
     try:
         info = await subscription.consumer_info()
         delivered = info.delivered.consumer_seq if info.delivered is not None else 0
-        if not caught_up and info.num_pending == 0 and not delivered:
+        if info.num_pending == 0 and not delivered and not check_queued:
             caught_up = True  # nothing there, and nothing on its way
-            hand_over(None)
+            yield None
+        target = -1  # the stream sequence the snapshot must reach (-1: not known yet)
+        reached = 0  # the highest stream sequence handed on (or passed over)
         while True:
             if not buffered:
                 arrived.clear()
-                await arrived.wait()
+                if caught_up or target < 0:
+                    await arrived.wait()
+                else:
+                    try:  # the messages up to the target are on their way
+                        await asyncio.wait_for(arrived.wait(), CATCH_UP_WAIT_S)
+                    except TimeoutError:  # a message purged from the stream never comes
+                        caught_up = True
+                        yield None
+                        continue
             while buffered:
                 item = buffered.popleft()
                 if not room.is_set() and len(buffered) < MAX_BUFFERED // 2:
                     room.set()
-                yield item
+                if item is _CHECK:
+                    # the server says nothing is pending; but a key rewritten while the
+                    # snapshot was delivered lost the message the server had lined up, and
+                    # comes again only after this one: caught up is where the stream was now
+                    target = await _last_sequence(kv) if keys == ">" else 0
+                elif isinstance(item, KVEvent):
+                    reached = max(reached, item.revision)
+                    yield item
+                else:
+                    assert isinstance(item, int)
+                    reached = max(reached, item)
+                if not caught_up and 0 <= target <= reached:
+                    caught_up = True
+                    yield None
     finally:
         await subscription.unsubscribe()
         # the consumer goes now rather than after the inactivity threshold (its current name:

@@ -106,3 +106,49 @@ async def test_a_large_snapshot_is_read_quickly(bus: Bus) -> None:
     assert count == 20_001
     # about 0.2 s here (nats.py's own KV watch: 0.35 s); the bound only catches a regression
     assert seconds < 3, seconds
+
+
+async def test_a_snapshot_has_every_key_while_keys_are_rewritten(bus: Bus) -> None:
+    """Heartbeats rewrite their keys all the time: a key rewritten while a watch delivers its
+    snapshot loses its old message (history 1) and comes again as a new one, after the
+    message the server marked with nothing pending. The snapshot must still hold it."""
+    kv = await bus.kv("watch-busy")
+    keys = [f"node-{i}" for i in range(300)]
+    for key in keys:
+        await kv.put(key, b"1")
+    stop = asyncio.Event()
+
+    async def heartbeats() -> None:
+        n = 0
+        while not stop.is_set():
+            await kv.put(keys[n % 20], str(n).encode())  # the first 20 keys, over and over
+            n += 1
+            await asyncio.sleep(0)
+
+    writer = asyncio.create_task(heartbeats())
+    try:
+        for _ in range(40):
+            snapshot = await Bus.snapshot(kv)
+            assert set(snapshot) == set(keys), sorted(set(keys) - set(snapshot))[:5]
+    finally:
+        stop.set()
+        await writer
+
+
+async def test_a_target_never_reached_catches_up_after_a_wait(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a purge of the stream itself takes messages away without a marker: the snapshot
+    then waits CATCH_UP_WAIT_S for them and is caught up anyway."""
+
+    async def beyond(_: object) -> int:
+        return 10**9
+
+    monkeypatch.setattr(kv_watch, "_last_sequence", beyond)
+    monkeypatch.setattr(kv_watch, "CATCH_UP_WAIT_S", 0.3)
+    kv = await bus.kv("watch-purged")
+    await kv.put("a", b"1")
+    started = time.perf_counter()
+    async with contextlib.aclosing(Bus.watch(kv)) as events:
+        assert await take(events, 2) == [KVEvent("a", b"1", 1), None]
+    assert 0.3 <= time.perf_counter() - started < 3
