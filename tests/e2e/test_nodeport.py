@@ -1,0 +1,244 @@
+"""NodePort from outside the pod network, with real packets: a client in another node's *host*
+namespace (the node itself, not a pod) connects to node 1's underlay address and node port, in
+both routing modes. from_netdev (bpf/nodeport.h) on node 1's underlay device translates it to
+backends on node 1 and on node 2 and the replies back; the backends' ingress policy judges the
+client's identity (remote-node, for another node's host); no backend is drop 158."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from membrane.state import StateDir
+from shared import identities
+from shared.bus import Bus
+from shared.messages import ResolvedPolicy
+from tests.conftest import eventually
+from tests.e2e.cluster import PROBE, Cluster, create_pod, free_octet
+from tests.e2e.test_datapath import FlowTap, clear_policy, put_policy
+from tests.e2e.test_lb import wait_backends, whoami
+
+pytestmark = [pytest.mark.e2e, pytest.mark.root]
+
+SERVICE = """
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}}}
+spec:
+  type: NodePort
+  selector: {selector}
+  ports:
+  - {{name: http, port: 80, targetPort: 8080, nodePort: {tcp}}}
+  - {{name: dns, port: 53, protocol: UDP, targetPort: 5353, nodePort: {udp}}}
+"""
+
+
+@pytest.fixture(scope="module", params=["tunnel", "native"])
+def np_cluster(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: network namespaces and BPF")
+    routing: str = request.param
+    state = tmp_path_factory.mktemp("nodeport") / "state"
+    name = "p" + secrets.token_hex(3)
+    octet = free_octet()
+    c = Cluster(state=state, name=name, nats_url="")
+    c.run(
+        "up",
+        "--name",
+        name,
+        "--nodes",
+        "2",
+        "--identity-replicas",
+        "1",
+        "--routing",
+        routing,
+        "--underlay-cidr",
+        f"172.31.{octet}.0/24",
+        "--cluster-cidr",
+        f"10.{octet}.0.0/16",
+        "--service-cidr",
+        f"10.{octet + 1}.0.0/16",
+        timeout=240,
+    )
+    info = StateDir(state).read_cluster()
+    assert info is not None and info.routing == routing
+    c.nats_url = info.nats_url
+    try:
+        yield c
+    finally:
+        down = c.run("down", "--purge", check=False, timeout=120)
+        leftovers = [p.name for p in Path("/run/netns").glob(f"{name}*")]
+        pins = list(Path("/sys/fs/bpf/membrane").glob(f"{name}*"))
+        links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+        assert down.returncode == 0, down.stderr
+        assert not leftovers, leftovers
+        assert not pins, pins
+        assert f"{name}-" not in links
+
+
+@pytest.fixture
+async def bus(np_cluster: Cluster) -> AsyncIterator[Bus]:
+    client = await Bus.connect(np_cluster.nats_url, "test", retry_for=5)
+    yield client
+    await client.close()
+
+
+@pytest.fixture(scope="module")
+def backends(np_cluster: Cluster) -> Iterator[dict[str, dict[str, Any]]]:
+    """Two pods on node 1 (side=one) and two on node 2 (side=two), all app=npweb, answering
+    TCP 8080 and UDP 5353 with their own address."""
+    pods: dict[str, dict[str, Any]] = {}
+    servers = []
+    for node, side in ((1, "one"), (2, "two")):
+        for i in range(2):
+            name = f"npweb-{side}-{i}"
+            pods[name] = create_pod(np_cluster, name, f"app=npweb,side={side}", node=node)
+            servers.append(whoami(np_cluster, name, "tcp", 8080))
+            servers.append(whoami(np_cluster, name, "udp", 5353))
+    yield pods
+    for proc in servers:
+        proc.kill()
+        proc.wait()
+    np_cluster.run("pod", "delete", *pods, check=False)
+
+
+def underlay(cluster: Cluster) -> dict[str, str]:
+    return {n["name"]: n["underlay_ip"] for n in cluster.json("status")["nodes"]}
+
+
+def from_host(cluster: Cluster, node: int, *args: str, timeout: float = 90) -> list[str]:
+    """netprobe in a node's own (host) namespace: no pod, no from_container on the way out."""
+    result = subprocess.run(
+        ["ip", "netns", "exec", cluster.nodes[node - 1], sys.executable, str(PROBE), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stderr
+    answers = json.loads(result.stdout)
+    assert isinstance(answers, list)
+    return [str(a) for a in answers]
+
+
+def apply(cluster: Cluster, tmp_path: Path, text: str) -> None:
+    path = tmp_path / f"np{time.monotonic_ns()}.yaml"
+    path.write_text(text)
+    cluster.run("apply", "-f", str(path))
+
+
+def test_host_of_another_node_reaches_backends_on_both_nodes(
+    np_cluster: Cluster, backends: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    cluster = np_cluster
+    ips = underlay(cluster)
+    node1, node2 = (ips[n] for n in cluster.nodes)
+    by_side = {
+        side: {str(p["ip"]) for n, p in backends.items() if f"-{side}-" in n}
+        for side in ("one", "two")
+    }
+    apply(
+        cluster,
+        tmp_path,
+        SERVICE.format(name="npall", selector="{app: npweb}", tcp=30090, udp=30091),
+    )
+    try:
+        for address in (node1, node2):
+            wait_backends(cluster, f"{address}:30090", 4, cluster.nodes)
+        # node 2's host -> node 1's address: node 1 translates, to both nodes' backends
+        answers = from_host(cluster, 2, "ask", "tcp", node1, "30090", "32")
+        assert "failed" not in answers, answers
+        assert set(answers) <= by_side["one"] | by_side["two"], answers
+        assert set(answers) & by_side["one"], answers  # a local backend of node 1
+        assert set(answers) & by_side["two"], answers  # one behind the other node
+        # and the other way round
+        back = from_host(cluster, 1, "ask", "tcp", node2, "30090", "16")
+        assert "failed" not in back and set(back) & by_side["two"], back
+        # UDP: one flow keeps its backend, and the answers come from the address asked
+        udp = from_host(cluster, 2, "ask", "udp", node1, "30091", "4", "41234")
+        assert len(set(udp)) == 1 and udp[0] in by_side["one"] | by_side["two"], udp
+        # a port no service holds passes untouched (to the node's stack, which refuses it)
+        closed = from_host(cluster, 2, "ask", "tcp", node1, "30099", "1")
+        assert closed == ["failed"], closed
+        # the node's own traffic on the device goes on: NATS (the agents), the health probes
+        status = cluster.json("status")
+        assert all(n["alive"] for n in status["nodes"]), status
+    finally:
+        cluster.run("service", "delete", "npall", check=False)
+
+
+@pytest.mark.parametrize("side", ["one", "two"])
+async def test_backend_policy_judges_the_client_identity(
+    np_cluster: Cluster, bus: Bus, backends: dict[str, dict[str, Any]], tmp_path: Path, side: str
+) -> None:
+    """Backend on node 1 (delivered by from_netdev) or on node 2 (over the overlay or the
+    native routes): its ingress policy sees the client as remote-node (another node's host)."""
+    cluster = np_cluster
+    node1 = (await asyncio.to_thread(underlay, cluster))[cluster.nodes[0]]
+    identity = int(backends[f"npweb-{side}-0"]["identity"])
+    name = f"np{side}"
+    tcp = 30100 if side == "one" else 30102
+    text = SERVICE.format(name=name, selector=f"{{side: {side}}}", tcp=tcp, udp=tcp + 1)
+    tap = FlowTap()
+    await tap.start(bus)
+    try:
+        await asyncio.to_thread(apply, cluster, tmp_path, text)
+        await asyncio.to_thread(wait_backends, cluster, f"{node1}:{tcp}", 2, cluster.nodes[:1])
+        ok = await asyncio.to_thread(from_host, cluster, 2, "ask", "tcp", node1, str(tcp), "2")
+        assert "failed" not in ok, ok
+        # ingress enforced with nothing allowed: the client's identity is denied
+        await put_policy(bus, ResolvedPolicy(identity=identity, revision=1, ingress_enforced=True))
+        await asyncio.sleep(0.5)
+        denied = await asyncio.to_thread(
+            from_host, cluster, 2, "ask", "tcp", node1, str(tcp), "1"
+        )
+        assert denied == ["failed"], denied
+
+        async def seen() -> None:
+            drops = tap.drops(
+                reason=133, src_identity=identities.REMOTE_NODE, dst_identity=identity
+            )
+            assert drops, tap.flows
+
+        await eventually(seen, timeout=5, what="a policy drop of the client's identity")
+    finally:
+        await tap.sub.unsubscribe()
+        await clear_policy(bus, identity)
+        await asyncio.to_thread(cluster.run, "service", "delete", name, check=False)
+
+
+async def test_node_port_without_backends_drops_with_158(
+    np_cluster: Cluster, bus: Bus, tmp_path: Path
+) -> None:
+    cluster = np_cluster
+    node1 = (await asyncio.to_thread(underlay, cluster))[cluster.nodes[0]]
+    tap = FlowTap()
+    await tap.start(bus)
+    text = SERVICE.format(name="npnone", selector="{app: nobody}", tcp=30110, udp=30111)
+    try:
+        await asyncio.to_thread(apply, cluster, tmp_path, text)
+        await asyncio.to_thread(wait_backends, cluster, f"{node1}:30110", 0, cluster.nodes[:1])
+        failed = await asyncio.to_thread(from_host, cluster, 2, "ask", "tcp", node1, "30110", "1")
+        assert failed == ["failed"], failed
+
+        async def seen() -> None:
+            drops = tap.drops(reason=158, src_identity=identities.REMOTE_NODE)
+            assert drops, tap.flows
+            assert drops[0]["reason_name"] == "Service backend not found"
+            assert drops[0]["observation_point"] == "from-network", drops[0]
+
+        await eventually(seen, timeout=5, what="a 158 drop event")
+    finally:
+        await tap.sub.unsubscribe()
+        await asyncio.to_thread(cluster.run, "service", "delete", "npnone", check=False)
