@@ -118,18 +118,42 @@ def underlay(cluster: Cluster) -> dict[str, str]:
     return {n["name"]: n["underlay_ip"] for n in cluster.json("status")["nodes"]}
 
 
-def from_host(cluster: Cluster, node: int, *args: str, timeout: float = 90) -> list[str]:
-    """netprobe in a node's own (host) namespace: no pod, no from_container on the way out."""
+def from_host(
+    cluster: Cluster, node: int, *args: str, source: str = "", timeout: float = 90
+) -> list[str]:
+    """netprobe in a node's own (host) namespace: no pod, no from_container on the way out;
+    from the address ``source`` when given."""
+    env = {**os.environ, "NETPROBE_SOURCE": source} if source else None
     result = subprocess.run(
         ["ip", "netns", "exec", cluster.nodes[node - 1], sys.executable, str(PROBE), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=env,
     )
     assert result.returncode == 0, result.stderr
     answers = json.loads(result.stdout)
     assert isinstance(answers, list)
     return [str(a) for a in answers]
+
+
+def routing(cluster: Cluster) -> str:
+    info = StateDir(cluster.state).read_cluster()
+    assert info is not None
+    return info.routing
+
+
+@pytest.fixture(scope="module")
+def outsider(np_cluster: Cluster) -> Iterator[str]:
+    """A second address on node 2's underlay interface that no one in the cluster knows: a
+    client from it is `world`, as any host on the underlay would be."""
+    ips = underlay(np_cluster)
+    node2 = ips[np_cluster.nodes[1]]
+    address = node2.rsplit(".", 1)[0] + ".250"
+    ns = ["ip", "netns", "exec", np_cluster.nodes[1]]
+    subprocess.run([*ns, "ip", "addr", "add", f"{address}/24", "dev", "eth0"], check=True)
+    yield address
+    subprocess.run([*ns, "ip", "addr", "del", f"{address}/24", "dev", "eth0"], check=False)
 
 
 def apply(cluster: Cluster, tmp_path: Path, text: str) -> None:
@@ -180,10 +204,17 @@ def test_host_of_another_node_reaches_backends_on_both_nodes(
 
 @pytest.mark.parametrize("side", ["one", "two"])
 async def test_backend_policy_judges_the_client_identity(
-    np_cluster: Cluster, bus: Bus, backends: dict[str, dict[str, Any]], tmp_path: Path, side: str
+    np_cluster: Cluster,
+    bus: Bus,
+    backends: dict[str, dict[str, Any]],
+    outsider: str,
+    tmp_path: Path,
+    side: str,
 ) -> None:
     """Backend on node 1 (delivered by from_netdev) or on node 2 (over the overlay or the
-    native routes): its ingress policy sees the client as remote-node (another node's host)."""
+    native routes): its ingress policy sees the client as remote-node (another node's host) or
+    world (an address nobody in the cluster has). In native mode a backend on another node sees
+    the forwarding node (remote-node): nothing carries the client's identity there."""
     cluster = np_cluster
     node1 = (await asyncio.to_thread(underlay, cluster))[cluster.nodes[0]]
     identity = int(backends[f"npweb-{side}-0"]["identity"])
@@ -197,19 +228,26 @@ async def test_backend_policy_judges_the_client_identity(
         await asyncio.to_thread(wait_backends, cluster, f"{node1}:{tcp}", 2, cluster.nodes[:1])
         ok = await asyncio.to_thread(from_host, cluster, 2, "ask", "tcp", node1, str(tcp), "2")
         assert "failed" not in ok, ok
+        world = await asyncio.to_thread(
+            from_host, cluster, 2, "ask", "tcp", node1, str(tcp), "2", source=outsider
+        )
+        assert "failed" not in world, world
         # ingress enforced with nothing allowed: the client's identity is denied
         await put_policy(bus, ResolvedPolicy(identity=identity, revision=1, ingress_enforced=True))
         await asyncio.sleep(0.5)
+        denied = await asyncio.to_thread(from_host, cluster, 2, "ask", "tcp", node1, str(tcp), "1")
+        assert denied == ["failed"], denied
         denied = await asyncio.to_thread(
-            from_host, cluster, 2, "ask", "tcp", node1, str(tcp), "1"
+            from_host, cluster, 2, "ask", "tcp", node1, str(tcp), "1", source=outsider
         )
         assert denied == ["failed"], denied
+        forwarded_as_node = side == "two" and routing(cluster) == "native"
+        world_id = identities.REMOTE_NODE if forwarded_as_node else identities.WORLD
 
         async def seen() -> None:
-            drops = tap.drops(
-                reason=133, src_identity=identities.REMOTE_NODE, dst_identity=identity
-            )
-            assert drops, tap.flows
+            for client in (identities.REMOTE_NODE, world_id):
+                drops = tap.drops(reason=133, src_identity=client, dst_identity=identity)
+                assert drops, (client, tap.flows)
 
         await eventually(seen, timeout=5, what="a policy drop of the client's identity")
     finally:
@@ -242,3 +280,49 @@ async def test_node_port_without_backends_drops_with_158(
     finally:
         await tap.sub.unsubscribe()
         await asyncio.to_thread(cluster.run, "service", "delete", "npnone", check=False)
+
+
+def test_maglev_choice_is_from_containers_and_affinity_holds(
+    np_cluster: Cluster, backends: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    """The same selection code as from_container: a Maglev service's flow lands on the backend
+    the table names for its hash (with this node's address as destination); ClientIP affinity
+    keeps one client on one backend."""
+    from services.lb import maglev
+    from tests.e2e.test_lb import flow_hash
+
+    cluster = np_cluster
+    ips = underlay(cluster)
+    node1, node2 = (ips[n] for n in cluster.nodes)
+    maglev_svc = SERVICE.format(name="npmag", selector="{app: npweb}", tcp=30120, udp=30121)
+    maglev_svc = maglev_svc.replace(
+        "metadata: {name: npmag}",
+        "metadata: {name: npmag, annotations: {lb.membrane.io/algorithm: maglev}}",
+    )
+    sticky = SERVICE.format(name="npsticky", selector="{app: npweb}", tcp=30130, udp=30131)
+    sticky = sticky.replace(
+        "  type: NodePort\n",
+        "  type: NodePort\n  sessionAffinity: ClientIP\n"
+        "  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n",
+    )
+    try:
+        apply(cluster, tmp_path, maglev_svc)
+        apply(cluster, tmp_path, sticky)
+        wait_backends(cluster, f"{node1}:30121", 4, cluster.nodes[:1])
+        wait_backends(cluster, f"{node1}:30130", 4, cluster.nodes[:1])
+        record = cluster.json("service", "get", "npmag")
+        (udp,) = [f for f in record["frontends"] if f["node_port"] and f["protocol"] == "UDP"]
+        ids = {b["id"]: b["ip"] for b in udp["backends"]}
+        size, seed = record["maglev_size"], record["maglev_seed"]
+        table = maglev.table(list(ids), size, seed)
+        chosen = set()
+        for sport in (42000, 42001, 42002, 42003, 42004, 42005):
+            answers = from_host(cluster, 2, "ask", "udp", node1, "30121", "2", str(sport))
+            expected = ids[table[flow_hash(node2, node1, sport, 30121, 17) % size]]
+            assert answers == [expected, expected], (sport, answers, expected)
+            chosen.add(expected)
+        assert len(chosen) > 1
+        answers = from_host(cluster, 2, "ask", "tcp", node1, "30130", "12")
+        assert len(set(answers)) == 1 and "failed" not in answers, answers
+    finally:
+        cluster.run("service", "delete", "npmag", "npsticky", check=False)
