@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ from typing import Any
 import pytest
 
 from membrane.state import StateDir
-from shared import identities
+from shared import identities, subjects
 from shared.bus import Bus
 from shared.messages import ResolvedPolicy
 from tests.conftest import eventually
@@ -326,3 +327,64 @@ def test_maglev_choice_is_from_containers_and_affinity_holds(
         assert len(set(answers)) == 1 and "failed" not in answers, answers
     finally:
         cluster.run("service", "delete", "npmag", "npsticky", check=False)
+
+
+def stream_from_host(cluster: Cluster, node: int, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        ["ip", "netns", "exec", cluster.nodes[node - 1], sys.executable, str(PROBE), *args],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+async def test_agent_restart_keeps_node_port_flows(
+    np_cluster: Cluster, bus: Bus, tmp_path: Path
+) -> None:
+    """SIGKILL of the translating node's agent: the program stays attached, the NAT records are
+    pinned, the restarted agent swaps the program in place; a flow through the node port to a
+    backend on the other node loses nothing."""
+    from tests.e2e.test_datapath import _agent_pid
+
+    cluster = np_cluster
+    ips = await asyncio.to_thread(underlay, cluster)
+    node1 = ips[cluster.nodes[0]]
+    await asyncio.to_thread(create_pod, cluster, "np-sink", "app=np-sink", 2)
+    text = """
+apiVersion: v1
+kind: Service
+metadata: {name: npsink}
+spec:
+  type: NodePort
+  selector: {app: np-sink}
+  ports: [{port: 9100, protocol: UDP, targetPort: 9100, nodePort: 30140}]
+"""
+    counter = None
+    sender = None
+    try:
+        await asyncio.to_thread(apply, cluster, tmp_path, text)
+        await asyncio.to_thread(wait_backends, cluster, f"{node1}:30140", 1, cluster.nodes[:1])
+        counter = await asyncio.to_thread(cluster.background, "np-sink", "count", "9100", "10")
+        # 500 datagrams 10 ms apart, one flow, from node 2's host through node 1's node port
+        sender = await asyncio.to_thread(
+            stream_from_host, cluster, 2, "stream", node1, "30140", "500", "10"
+        )
+        await asyncio.sleep(1.0)
+        old = _agent_pid(cluster, cluster.nodes[0])
+        os.kill(old, signal.SIGKILL)
+
+        async def restarted() -> None:
+            pid = _agent_pid(cluster, cluster.nodes[0])
+            assert pid != old
+            services = await bus.discover(subjects.DATAPATH_SERVICE, timeout=0.3)
+            assert cluster.nodes[0] in {s.metadata.get("node") for s in services}
+
+        await eventually(restarted, timeout=30, what="the agent to come back")
+        out, _ = await asyncio.to_thread(counter.communicate, timeout=30)
+        sender.communicate(timeout=30)
+        assert out.split()[-1] == "500", f"the flow lost datagrams across the restart: {out}"
+    finally:
+        for proc in (counter, sender):
+            if proc is not None:
+                proc.kill()
+        await asyncio.to_thread(cluster.run, "service", "delete", "npsink", check=False)
+        await asyncio.to_thread(cluster.run, "pod", "delete", "np-sink", check=False)
