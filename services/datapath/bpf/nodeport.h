@@ -279,6 +279,15 @@ int from_netdev(struct __sk_buff *skb)
 	if ((void *)(ip + 1) > data_end || ip->daddr != cfg->underlay_ip ||
 	    (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP))
 		return TC_ACT_OK;
+	/* the usual header (no options, not a fragment): the port decides in place, and the node's
+	 * own traffic leaves here without a single helper call */
+	__be16 *ports = (void *)(ip + 1);
+	if (ip->ihl == 5 && !(ip->frag_off & bpf_htons(0x3fff)) && (void *)(ports + 2) <= data_end) {
+		__u16 port = bpf_ntohs(ports[1]);
+		if ((port < cfg->snat_min || port > cfg->snat_max) &&
+		    (port < cfg->nodeport_min || port > cfg->nodeport_max))
+			return TC_ACT_OK;
+	}
 	struct lb_l4 l;
 	if (lb_parse(skb, &l) < 0)
 		return TC_ACT_OK; /* fragments, options beyond reach: the node's own business */
