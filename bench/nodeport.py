@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import os
 import secrets
 import socket
 import statistics
@@ -42,7 +43,7 @@ BACKEND = "10.250.1.7"
 
 
 def _csum(data: bytes) -> int:
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total = int(sum(struct.unpack(f"!{len(data) // 2}H", data)))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
@@ -109,7 +110,7 @@ def test_run(fd: int, data: bytes, repeat: int) -> tuple[int, int]:
     )
     if _libc.syscall(SYS_BPF, BPF_PROG_TEST_RUN, ctypes.byref(attr), ctypes.sizeof(attr)) < 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"BPF_PROG_TEST_RUN: {socket.errno.errorcode.get(err, err)}")  # type: ignore[attr-defined]
+        raise OSError(err, f"BPF_PROG_TEST_RUN: {os.strerror(err)}")
     return attr.retval, attr.duration
 
 
