@@ -241,7 +241,8 @@ class Flow(Message):
     reason: int = 0  # Cilium drop reason code; 0 when forwarded
     reason_name: str = ""
     direction: str = ""  # "ingress" | "egress"
-    observation_point: str = ""  # from-endpoint | to-endpoint | to-overlay | from-overlay
+    # from-endpoint | to-endpoint | to-overlay | from-overlay | from-network
+    observation_point: str = ""
     src_ip: str = ""
     dst_ip: str = ""
     src_port: int = 0

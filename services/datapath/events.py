@@ -51,7 +51,14 @@ TYPES: Final = _table(
 )
 DIRECTIONS: Final = _table({1: "ingress", 2: "egress"}, "")
 OBSERVATION_POINTS: Final = _table(
-    {1: "from-endpoint", 2: "to-endpoint", 3: "to-overlay", 4: "from-overlay"}, ""
+    {
+        1: "from-endpoint",
+        2: "to-endpoint",
+        3: "to-overlay",
+        4: "from-overlay",
+        5: "from-network",
+    },
+    "",
 )
 PROTOCOLS: Final = _table({6: "TCP", 17: "UDP", 1: "ICMP"})
 # forwarded events carry reason 0 and, like Hubble, no reason name

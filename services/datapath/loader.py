@@ -28,8 +28,9 @@ BPF_DIR = Path(__file__).resolve().parent / "bpf"
 SOURCE = BPF_DIR / "datapath.c"
 # headers with code that calls map methods (map.lookup(...)): bcc rewrites those calls only in
 # the main source, so these are pasted into it in place of their #include
-INLINED_HEADERS = ("lb.h", "lb_icmp.h", "overlay.h")  # in this order: lb.h includes lb_icmp.h
-PROGRAMS = ("from_container", "to_container", "from_overlay")
+# (in this order: lb.h includes lb_icmp.h)
+INLINED_HEADERS = ("lb.h", "lb_icmp.h", "overlay.h", "nodeport.h")
+PROGRAMS = ("from_container", "to_container", "from_overlay", "from_netdev")
 # tc hooks of the host-side veth: ingress sees what the pod sends
 PARENT_INGRESS = "ffff:fff2"
 PARENT_EGRESS = "ffff:fff3"
@@ -65,6 +66,7 @@ class Programs:
     from_container: Any
     to_container: Any
     from_overlay: Any
+    from_netdev: Any
 
 
 class Datapath:
@@ -150,6 +152,10 @@ class Datapath:
     def attach_overlay(self, ifindex: int) -> None:
         """Put from_overlay on the VXLAN device's ingress (idempotent)."""
         self._attach(ifindex, ((PARENT_INGRESS, self.programs.from_overlay),))
+
+    def attach_netdev(self, ifindex: int) -> None:
+        """Put from_netdev on the underlay device's ingress (idempotent): node ports."""
+        self._attach(ifindex, ((PARENT_INGRESS, self.programs.from_netdev),))
 
     def _attach(self, ifindex: int, hooks: tuple[tuple[str, Any], ...]) -> None:
         with IPRoute() as ipr:

@@ -22,7 +22,7 @@ from typing import Any
 import msgspec
 from prometheus_client import REGISTRY
 
-from services.datapath import netns, routing, tunnel
+from services.datapath import netns, nodeport, routing, tunnel
 from services.datapath.agent import Agent, Buckets
 from services.datapath.flow_publisher import FlowPublisher
 from services.datapath.health import Health, health_address
@@ -195,6 +195,8 @@ async def run(settings: DatapathSettings) -> None:
             tunnel.ROUTING_TUNNEL if settings.routing == "tunnel" else tunnel.ROUTING_NATIVE,
         ),
     )
+    # node ports for clients outside the pod network (bpf/nodeport.h)
+    await asyncio.to_thread(nodeport.enable, datapath, settings.underlay_device, underlay)
     peers = routing.Peers(
         node,
         settings.routing,

@@ -12,6 +12,7 @@ matrix TIMEOUT IP:PORT...     try every TCP connection at once; print {"IP:PORT"
 whoami tcp|udp PORT           answer every connection / datagram with this pod's own address
 ask tcp|udp IP PORT N [SPORT [GAP_MS]]  N connections (or datagrams from one source port
                               SPORT, 0: any), GAP_MS apart; print the answers as a JSON list
+                              (from the address in $NETPROBE_SOURCE when it is set)
 agent PORT...                 serve TCP on every PORT, print "ready", then answer each stdin line
                               "TIMEOUT IP:PORT..." with one line of matrix JSON, until EOF
 """
@@ -19,6 +20,7 @@ agent PORT...                 serve TCP on every PORT, print "ready", then answe
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 import threading
@@ -185,9 +187,10 @@ def _own_address(peer: tuple[str, int]) -> str:
 
 def ask(proto: str, ip: str, port: int, n: int, sport: int, gap_ms: float = 0) -> int:
     answers: list[str] = []
+    source = os.environ.get("NETPROBE_SOURCE", "0.0.0.0")
     if proto == "udp":
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            sock.bind(("0.0.0.0", sport))
+            sock.bind((source, sport))
             sock.settimeout(TIMEOUT)
             for _ in range(n):
                 sock.sendto(b"who", (ip, port))
@@ -200,7 +203,9 @@ def ask(proto: str, ip: str, port: int, n: int, sport: int, gap_ms: float = 0) -
     else:
         for _ in range(n):
             try:
-                with socket.create_connection((ip, port), timeout=TIMEOUT) as sock:
+                with socket.create_connection(
+                    (ip, port), timeout=TIMEOUT, source_address=(source, 0)
+                ) as sock:
                     answers.append(sock.recv(2048).decode() or "failed")
             except OSError:
                 answers.append("failed")

@@ -317,6 +317,7 @@ static __always_inline void reverse(struct ct_key *dst, struct ct_key *src, __u8
 /* --- service load balancing (lb.h): DNAT before egress policy, reverse NAT after ingress --- */
 #include "lb.h"
 #include "overlay.h" /* multi-node: to_overlay, the from_overlay program */
+#include "nodeport.h" /* node ports from outside the pod network: from_netdev */
 
 /* A packet for a pod on this node goes straight to that pod's veth, where to_container
  * enforces its ingress policy: the node's routing and netfilter are skipped (as Cilium does).
@@ -327,8 +328,12 @@ static __always_inline int forward(struct __sk_buff *skb, __u8 direction, struct
 	if (direction != DIR_EGRESS)
 		return TC_ACT_OK;
 	struct lxc_info *dst = lxc.lookup(&daddr);
-	if (!dst)
+	if (!dst) {
+		int np = nodeport_reply(skb, p); /* nodeport.h: a reply to a node-port client */
+		if (np >= 0)
+			return np;
 		return to_overlay(skb, p); /* overlay.h: another node's pod, in tunnel mode */
+	}
 	struct ethhdr eth = {};
 	__builtin_memcpy(eth.h_dest, dst->mac, ETH_ALEN);
 	__builtin_memcpy(eth.h_source, dst->host_mac, ETH_ALEN);

@@ -14,6 +14,7 @@
 #define OBS_TO_ENDPOINT 2
 #define OBS_TO_OVERLAY 3
 #define OBS_FROM_OVERLAY 4
+#define OBS_FROM_NETWORK 5 /* the node's underlay device (node ports) */
 
 #define EVENT_F_REPLY 0x1
 #define EVENT_F_ALLOWED 0x2 /* policy verdict: allowed (else denied) */

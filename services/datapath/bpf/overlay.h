@@ -48,11 +48,12 @@ BPF_TABLE_PINNED("hash", __u32, __u32, tunnel_peers, 4096, PIN_DIR "/tunnel_peer
 static __always_inline int enforce(struct packet *p, struct endpoint_info *ep, __u32 ifindex,
 				   __u8 direction, __u8 obs, __u8 own, __u8 other, __u32 peer_hint);
 
-/* An identity that may ride in a VNI: a reserved one (not world: the world is never behind a
- * tunnel) or a cluster-local one. Node-local (CIDR) identities do not fit 24 bits anyway. */
+/* An identity that may ride in a VNI: a reserved one or a cluster-local one. World rides in
+ * it for a node-port client another node forwards (nodeport.h); claiming it gains nothing.
+ * Node-local (CIDR) identities do not fit 24 bits anyway. */
 static __always_inline int valid_vni(__u32 id)
 {
-	return (id >= 1 && id <= ID_RESERVED_MAX && id != ID_WORLD) ||
+	return (id >= 1 && id <= ID_RESERVED_MAX) ||
 	       (id >= ID_CLUSTER_MIN && id <= ID_CLUSTER_MAX);
 }
 

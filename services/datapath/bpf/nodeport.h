@@ -1,0 +1,389 @@
+/* NodePort from outside the pod network (kube-proxy's and Cilium's externalTrafficPolicy:
+ * Cluster): a client that is not a pod -- another node's host, any host on the underlay --
+ * connects to <this node's underlay address>:<nodePort>.
+ *
+ * from_netdev:    tc ingress of the node's underlay device. A packet for one of this node's
+ *                 node-port frontends (lb_services, written by lb_sync.py for every node
+ *                 address) gets a backend -- the same selection as from_container (lb_select:
+ *                 random or Maglev, session affinity) -- and is translated twice: DNAT to the
+ *                 backend, SNAT to this node's address and a port of its own (NP_SNAT_MIN..MAX),
+ *                 so that the reply comes back through this node. A local backend is delivered
+ *                 straight into its pod (its ingress policy enforced here with the client's
+ *                 identity, as from_overlay does); a backend on another node is reached through
+ *                 the overlay (tunnel mode; VNI = the client's identity) or the routing table
+ *                 (native mode, or a backend outside the pod network). A reply from a backend
+ *                 on another node arrives here too (to this node's address and SNAT port): it
+ *                 is translated back and sent out of the underlay device to the client.
+ * nodeport_reply: called by forward() (from_container) for a packet leaving a local pod for
+ *                 something that is not a local pod: a local backend's reply, translated back
+ *                 and sent out of the underlay device the same way.
+ *
+ * Everything else on the device passes untouched: only TCP/UDP to this node's address on a
+ * port in the node-port range (one lb_services lookup) or in the SNAT range (one np_rnat
+ * lookup) is looked at; the rest costs a config read and a header check. */
+#ifndef MEMBRANE_NODEPORT_H
+#define MEMBRANE_NODEPORT_H
+
+#ifndef NP_NAT_MAX
+#define NP_NAT_MAX 65536
+#endif
+
+#define DROP_NAT_NO_MAPPING 167 /* Cilium: "No mapping for NAT masquerade" */
+#define ID_HOST 1
+#define ID_REMOTE_NODE 6
+#define ID_LOCAL_BASE (1 << 24) /* node-local CIDR identities */
+#define NP_SNAT_TRIES 8
+
+/* written by the agent (services/datapath/nodeport.py); one entry. Ports in host order. */
+struct np_config {
+	__u32 underlay_ip; /* network byte order; 0 = not configured: everything passes */
+	__u32 underlay_ifindex;
+	__u16 nodeport_min;
+	__u16 nodeport_max;
+	__u16 snat_min;
+	__u16 snat_max;
+};
+
+/* per connection, keyed by the original tuple (client -> this node : nodePort, scope 0) */
+struct np_nat {
+	__u64 expires_ns;
+	__u32 backend_id;
+	__u32 frontend_id;
+	__u32 client_identity;
+	__u16 snat_port; /* network byte order */
+	__u8 flags; /* CT_F_CLOSING */
+	__u8 pad;
+};
+
+/* per connection, keyed by the translated reply tuple (backend -> this node : SNAT port,
+ * scope 0): where the reply goes and what it must look like */
+struct np_rnat {
+	__u64 expires_ns;
+	__u32 client_ip; /* network byte order */
+	__u32 frontend_ip;
+	__u16 client_port; /* network byte order */
+	__u16 frontend_port;
+	__u8 flags;
+	__u8 pad[3];
+};
+
+/* bcc's declaration of this helper lacks the kernel's `plen` argument (flags would land in
+ * its place and the real flags register stay unset): declared here as the kernel has it */
+static long (*np_redirect_neigh)(__u32 ifindex, void *params, int plen, __u64 flags) =
+	(void *)BPF_FUNC_redirect_neigh;
+
+BPF_TABLE_PINNED("array", __u32, struct np_config, np_config, 1, PIN_DIR "/np_config");
+BPF_TABLE_PINNED("lru_hash", struct ct_key, struct np_nat, np_nat_map, NP_NAT_MAX,
+		 PIN_DIR "/np_nat");
+BPF_TABLE_PINNED("lru_hash", struct ct_key, struct np_rnat, np_rnat_map, NP_NAT_MAX,
+		 PIN_DIR "/np_rnat");
+
+static __always_inline struct np_config *np_cfg(void)
+{
+	__u32 zero = 0;
+	struct np_config *cfg = np_config.lookup(&zero);
+	return cfg && cfg->underlay_ip ? cfg : NULL;
+}
+
+/* A handshake not yet answered lives as long as a UDP flow; an established TCP connection as
+ * long as its conntrack entry; one that saw FIN or RST ten seconds. */
+static __always_inline __u64 np_lifetime(struct lb_l4 *l, __u8 tcp_flags, __u8 *closing)
+{
+	if (l->protocol != IPPROTO_TCP)
+		return CT_LIFETIME_NONTCP;
+	if (tcp_flags & (TCP_FIN | TCP_RST))
+		*closing = CT_F_CLOSING;
+	if (*closing)
+		return CT_LIFETIME_CLOSE;
+	return l->syn ? CT_LIFETIME_NONTCP : CT_LIFETIME_TCP;
+}
+
+static __always_inline void np_refresh(__u64 *expires, __u8 *flags, struct lb_l4 *l,
+				       __u8 tcp_flags, __u64 now)
+{
+	__u8 closing = *flags & CT_F_CLOSING;
+	__u64 lifetime = np_lifetime(l, tcp_flags, &closing);
+	if (closing != (*flags & CT_F_CLOSING))
+		*flags |= CT_F_CLOSING;
+	/* written at most once a second per entry, unless closing shortens it */
+	if (now + lifetime > *expires + NSEC || closing)
+		*expires = now + lifetime;
+}
+
+static __always_inline __u8 np_tcp_flags(struct __sk_buff *skb, struct lb_l4 *l)
+{
+	__u8 f = 0;
+	if (l->protocol == IPPROTO_TCP)
+		bpf_skb_load_bytes(skb, l->l4off + 13, &f, 1);
+	return f;
+}
+
+/* Rewrite a packet's source and destination (address and port each), checksums fixed. */
+static __always_inline int np_rewrite(struct __sk_buff *skb, struct lb_l4 *l, __u32 saddr,
+				      __u16 sport, __u32 daddr, __u16 dport)
+{
+	if (lb_rewrite(skb, l, ETH_HLEN + offsetof(struct iphdr, daddr), l->daddr, daddr,
+		       l->l4off + 2, l->dport, dport) < 0)
+		return -1;
+	return lb_rewrite(skb, l, ETH_HLEN + offsetof(struct iphdr, saddr), l->saddr, saddr,
+			  l->l4off, l->sport, sport);
+}
+
+/* A translated reply leaves through the underlay device; the neighbour subsystem fills in the
+ * Ethernet header (the kernel's own forwarding would refuse a packet with a local source). */
+static __always_inline int np_reply(struct __sk_buff *skb, struct lb_l4 *l,
+				    struct np_config *cfg)
+{
+	struct ct_key key = {
+		.saddr = l->saddr,
+		.daddr = l->daddr,
+		.sport = bpf_ntohs(l->sport),
+		.dport = bpf_ntohs(l->dport),
+		.protocol = l->protocol,
+	};
+	struct np_rnat *r = np_rnat_map.lookup(&key);
+	__u64 now = bpf_ktime_get_coarse_ns();
+	if (!r || r->expires_ns < now)
+		return -1;
+	np_refresh(&r->expires_ns, &r->flags, l, np_tcp_flags(skb, l), now);
+	if (np_rewrite(skb, l, r->frontend_ip, r->frontend_port, r->client_ip, r->client_port) < 0)
+		return TC_ACT_SHOT;
+	count(0, DIR_EGRESS, skb->len);
+	return np_redirect_neigh(cfg->underlay_ifindex, NULL, 0, 0);
+}
+
+/* from_container (forward()): a local backend's reply to a node-port client. -1: not one. */
+static __always_inline int nodeport_reply(struct __sk_buff *skb, struct packet *p)
+{
+	struct np_config *cfg = np_cfg();
+	if (!cfg || p->tuple.daddr != cfg->underlay_ip || p->tuple.dport < cfg->snat_min ||
+	    p->tuple.dport > cfg->snat_max ||
+	    (p->tuple.protocol != IPPROTO_TCP && p->tuple.protocol != IPPROTO_UDP))
+		return -1;
+	struct lb_l4 l;
+	if (lb_parse(skb, &l) < 0)
+		return -1;
+	return np_reply(skb, &l, cfg);
+}
+
+/* A port of this node for the translated connection: free when no reply tuple holds it, or
+ * the one holding it expired and so did its connection. Tried from a hash of the client's
+ * tuple, NP_SNAT_TRIES times. 0: none free. */
+static __always_inline __u16 np_snat_port(struct np_config *cfg, struct lb_l4 *l,
+					  struct lb_backend *b, __u64 now)
+{
+	__u32 range = (__u32)cfg->snat_max - cfg->snat_min + 1;
+	__u32 h = lb_hash(l);
+	struct ct_key rkey = {
+		.saddr = b->ip,
+		.daddr = cfg->underlay_ip,
+		.sport = bpf_ntohs(b->port),
+		.protocol = l->protocol,
+	};
+#pragma unroll
+	for (int i = 0; i < NP_SNAT_TRIES; i++) {
+		__u16 port = cfg->snat_min + (h + i * 7919) % range;
+		rkey.dport = port;
+		struct np_rnat *r = np_rnat_map.lookup(&rkey);
+		if (!r)
+			return port;
+		if (r->expires_ns >= now)
+			continue;
+		struct ct_key okey = {
+			.saddr = r->client_ip,
+			.daddr = r->frontend_ip,
+			.sport = bpf_ntohs(r->client_port),
+			.dport = bpf_ntohs(r->frontend_port),
+			.protocol = l->protocol,
+		};
+		struct np_nat *n = np_nat_map.lookup(&okey);
+		if (!n || n->expires_ns < now || n->snat_port != bpf_htons(port))
+			return port;
+	}
+	return 0;
+}
+
+/* Who the client is: the ipcache says, but only identities that can stand outside the pod
+ * network are believed from the underlay. A packet claiming this node's own address or a
+ * pod's is forged: pods reach node ports through their own node's from_container. */
+static __always_inline int np_client_identity(__u32 saddr, __u32 *id)
+{
+	*id = lookup_identity(saddr);
+	return *id == ID_WORLD || *id == ID_REMOTE_NODE || *id >= ID_LOCAL_BASE;
+}
+
+/* Hand the translated packet to its backend. Returns a tc verdict. */
+static __always_inline int np_deliver(struct __sk_buff *skb, struct np_config *cfg,
+				      struct packet *p, __u32 client_id, int opened)
+{
+	__u32 daddr = p->tuple.daddr;
+	__u32 ifindex = skb->ifindex;
+	struct lxc_info *dst = lxc.lookup(&daddr);
+	if (dst) {
+		/* a local pod: its ingress policy with the client's identity, then straight in */
+		__u32 dst_ifindex = dst->ifindex;
+		struct endpoint_info *ep = endpoints.lookup(&dst_ifindex);
+		if (!ep)
+			return drop(DROP_NO_CONFIG, DIR_INGRESS, OBS_FROM_NETWORK, p, dst_ifindex,
+				    client_id, 0, 0);
+		int ret = enforce(p, ep, dst_ifindex, DIR_INGRESS, OBS_FROM_NETWORK, CT_INGRESS,
+				  CT_EGRESS, client_id);
+		if (ret != TC_ACT_OK)
+			return ret;
+		struct ethhdr eth = {};
+		__builtin_memcpy(eth.h_dest, dst->mac, ETH_ALEN);
+		__builtin_memcpy(eth.h_source, dst->host_mac, ETH_ALEN);
+		eth.h_proto = bpf_htons(ETH_P_IP);
+		if (bpf_skb_store_bytes(skb, 0, &eth, sizeof(eth), 0) < 0)
+			return TC_ACT_SHOT;
+		skb->mark = MARK_FROM_OVERLAY; /* to_container must not enforce it again */
+		return bpf_redirect_peer(dst_ifindex, 0);
+	}
+	__u32 zero = 0;
+	struct overlay_config *ov = overlay_config.lookup(&zero);
+	struct ipcache_key key = { .prefixlen = 32, .ip = daddr };
+	struct ipcache_value *v = ipcache.lookup(&key);
+	if (opened)
+		emit(EVENT_TRACE, 0, DIR_INGRESS, OBS_FROM_NETWORK, p, ifindex, client_id,
+		     v ? v->identity : ID_WORLD, 0, EVENT_F_ALLOWED);
+	count(0, DIR_INGRESS, p->len);
+	if (ov && ov->mode == ROUTING_TUNNEL && ov->vxlan_ifindex && v && v->tunnel_endpoint &&
+	    v->tunnel_endpoint != cfg->underlay_ip && v->tunnel_endpoint != daddr) {
+		__u32 remote = v->tunnel_endpoint;
+		if (!tunnel_peers.lookup(&remote)) /* a dead node: fail now, not in the underlay */
+			return drop(DROP_UNKNOWN_TARGET, DIR_INGRESS, OBS_FROM_NETWORK, p, ifindex,
+				    client_id, v->identity, 0);
+		struct bpf_tunnel_key tkey = {};
+		/* the receiving node judges the client, not this node: its identity rides in the
+		 * VNI (node-local CIDR identities do not fit 24 bits: they travel as world) */
+		tkey.tunnel_id = valid_vni(client_id) ? client_id : ID_WORLD;
+		tkey.remote_ipv4 = bpf_ntohl(remote);
+		tkey.tunnel_ttl = 64;
+		if (bpf_skb_set_tunnel_key(skb, &tkey, sizeof(tkey), BPF_F_ZERO_CSUM_TX) < 0)
+			return TC_ACT_SHOT;
+		return bpf_redirect(ov->vxlan_ifindex, 0);
+	}
+	/* native routing (or a backend outside the pod network): the node's routes */
+	return np_redirect_neigh(cfg->underlay_ifindex, NULL, 0, 0);
+}
+
+int from_netdev(struct __sk_buff *skb)
+{
+	struct np_config *cfg = np_cfg();
+	if (!cfg || skb->protocol != bpf_htons(ETH_P_IP))
+		return TC_ACT_OK;
+	/* the cheap test first, in place: TCP or UDP to this node's address on a port of ours */
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct iphdr *ip = data + ETH_HLEN;
+	if ((void *)(ip + 1) > data_end || ip->daddr != cfg->underlay_ip ||
+	    (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP))
+		return TC_ACT_OK;
+	/* the usual header (no options, not a fragment): the port decides in place, and the node's
+	 * own traffic leaves here without a single helper call */
+	__be16 *ports = (void *)(ip + 1);
+	if (ip->ihl == 5 && !(ip->frag_off & bpf_htons(0x3fff)) && (void *)(ports + 2) <= data_end) {
+		__u16 port = bpf_ntohs(ports[1]);
+		if ((port < cfg->snat_min || port > cfg->snat_max) &&
+		    (port < cfg->nodeport_min || port > cfg->nodeport_max))
+			return TC_ACT_OK;
+	}
+	struct lb_l4 l;
+	if (lb_parse(skb, &l) < 0)
+		return TC_ACT_OK; /* fragments, options beyond reach: the node's own business */
+	__u16 dport = bpf_ntohs(l.dport);
+	if (dport >= cfg->snat_min && dport <= cfg->snat_max) {
+		int ret = np_reply(skb, &l, cfg);
+		return ret < 0 ? TC_ACT_OK : ret;
+	}
+	if (dport < cfg->nodeport_min || dport > cfg->nodeport_max)
+		return TC_ACT_OK;
+	struct lb_service_key skey = { .ip = l.daddr, .port = l.dport, .protocol = l.protocol };
+	struct lb_service_value *svc = lb_services.lookup(&skey);
+	if (!svc)
+		return TC_ACT_OK; /* a port no service holds: the node answers (or not) */
+
+	/* a node-port frontend: from here on, translated or dropped (fail closed) */
+	__u32 ifindex = skb->ifindex;
+	struct packet p = {};
+	int ret = parse(skb, &p);
+	if (ret < 0)
+		return drop(-ret, DIR_INGRESS, OBS_FROM_NETWORK, &p, ifindex, 0, 0, 0);
+	__u32 client_id = 0;
+	if (!np_client_identity(l.saddr, &client_id))
+		return drop(DROP_INVALID_SIP, DIR_INGRESS, OBS_FROM_NETWORK, &p, ifindex, client_id,
+			    0, 0);
+	struct ct_key orig = {
+		.saddr = l.saddr,
+		.daddr = l.daddr,
+		.sport = bpf_ntohs(l.sport),
+		.dport = dport,
+		.protocol = l.protocol,
+	};
+	__u64 now = bpf_ktime_get_coarse_ns();
+	__u8 tcp_flags = p.tcp_flags;
+	struct lb_backend *backend = NULL;
+	__u32 backend_id = 0;
+	__u16 snat_port = 0;
+	int opened = 0;
+	struct np_nat *nat = np_nat_map.lookup(&orig);
+	/* the connection's record holds while it lives (SYN retransmissions included); a SYN
+	 * after FIN or RST, or a record outlived, is a new connection */
+	if (nat && nat->frontend_id == svc->id && nat->expires_ns >= now &&
+	    !(l.syn && (nat->flags & CT_F_CLOSING))) {
+		backend_id = nat->backend_id;
+		backend = lb_backends.lookup(&backend_id);
+		if (backend) {
+			snat_port = nat->snat_port;
+			client_id = nat->client_identity;
+			np_refresh(&nat->expires_ns, &nat->flags, &l, tcp_flags, now);
+		}
+	}
+	if (!backend) {
+		backend_id = svc->count ? lb_select(svc, &l, now) : 0;
+		backend = backend_id ? lb_backends.lookup(&backend_id) : NULL;
+		if (!backend)
+			return drop(DROP_NO_SERVICE, DIR_INGRESS, OBS_FROM_NETWORK, &p, ifindex,
+				    client_id, 0, 0);
+		__u16 port = np_snat_port(cfg, &l, backend, now);
+		if (!port)
+			return drop(DROP_NAT_NO_MAPPING, DIR_INGRESS, OBS_FROM_NETWORK, &p, ifindex,
+				    client_id, 0, 0);
+		snat_port = bpf_htons(port);
+		struct np_nat fresh = {
+			.backend_id = backend_id,
+			.frontend_id = svc->id,
+			.client_identity = client_id,
+			.snat_port = snat_port,
+		};
+		np_refresh(&fresh.expires_ns, &fresh.flags, &l, tcp_flags, now);
+		struct np_rnat rfresh = {
+			.client_ip = l.saddr,
+			.client_port = l.sport,
+			.frontend_ip = l.daddr,
+			.frontend_port = l.dport,
+			.expires_ns = fresh.expires_ns,
+		};
+		struct ct_key reply = {
+			.saddr = backend->ip,
+			.daddr = cfg->underlay_ip,
+			.sport = bpf_ntohs(backend->port),
+			.dport = port,
+			.protocol = l.protocol,
+		};
+		/* the reply's record first: a reply never finds a connection it cannot map back */
+		np_rnat_map.update(&reply, &rfresh);
+		np_nat_map.update(&orig, &fresh);
+		opened = 1;
+	}
+	if (np_rewrite(skb, &l, cfg->underlay_ip, snat_port, backend->ip, backend->port) < 0)
+		return drop(DROP_INVALID, DIR_INGRESS, OBS_FROM_NETWORK, &p, ifindex, client_id, 0,
+			    0);
+	/* the packet as the backend sees it, for conntrack, policy and events */
+	ret = parse(skb, &p);
+	if (ret < 0)
+		return drop(-ret, DIR_INGRESS, OBS_FROM_NETWORK, &p, ifindex, client_id, 0, 0);
+	return np_deliver(skb, cfg, &p, client_id, opened);
+}
+
+#endif

@@ -1,0 +1,390 @@
+"""NodePort from outside the pod network, with real packets: a client in another node's *host*
+namespace (the node itself, not a pod) connects to node 1's underlay address and node port, in
+both routing modes. from_netdev (bpf/nodeport.h) on node 1's underlay device translates it to
+backends on node 1 and on node 2 and the replies back; the backends' ingress policy judges the
+client's identity (remote-node, for another node's host); no backend is drop 158."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from membrane.state import StateDir
+from shared import identities, subjects
+from shared.bus import Bus
+from shared.messages import ResolvedPolicy
+from tests.conftest import eventually
+from tests.e2e.cluster import PROBE, Cluster, create_pod, free_octet
+from tests.e2e.test_datapath import FlowTap, clear_policy, put_policy
+from tests.e2e.test_lb import wait_backends, whoami
+
+pytestmark = [pytest.mark.e2e, pytest.mark.root]
+
+SERVICE = """
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}}}
+spec:
+  type: NodePort
+  selector: {selector}
+  ports:
+  - {{name: http, port: 80, targetPort: 8080, nodePort: {tcp}}}
+  - {{name: dns, port: 53, protocol: UDP, targetPort: 5353, nodePort: {udp}}}
+"""
+
+
+@pytest.fixture(scope="module", params=["tunnel", "native"])
+def np_cluster(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: network namespaces and BPF")
+    routing: str = request.param
+    state = tmp_path_factory.mktemp("nodeport") / "state"
+    name = "p" + secrets.token_hex(3)
+    octet = free_octet()
+    c = Cluster(state=state, name=name, nats_url="")
+    c.run(
+        "up",
+        "--name",
+        name,
+        "--nodes",
+        "2",
+        "--identity-replicas",
+        "1",
+        "--routing",
+        routing,
+        "--underlay-cidr",
+        f"172.31.{octet}.0/24",
+        "--cluster-cidr",
+        f"10.{octet}.0.0/16",
+        "--service-cidr",
+        f"10.{octet + 1}.0.0/16",
+        timeout=240,
+    )
+    info = StateDir(state).read_cluster()
+    assert info is not None and info.routing == routing
+    c.nats_url = info.nats_url
+    try:
+        yield c
+    finally:
+        down = c.run("down", "--purge", check=False, timeout=120)
+        leftovers = [p.name for p in Path("/run/netns").glob(f"{name}*")]
+        pins = list(Path("/sys/fs/bpf/membrane").glob(f"{name}*"))
+        links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+        assert down.returncode == 0, down.stderr
+        assert not leftovers, leftovers
+        assert not pins, pins
+        assert f"{name}-" not in links
+
+
+@pytest.fixture
+async def bus(np_cluster: Cluster) -> AsyncIterator[Bus]:
+    client = await Bus.connect(np_cluster.nats_url, "test", retry_for=5)
+    yield client
+    await client.close()
+
+
+@pytest.fixture(scope="module")
+def backends(np_cluster: Cluster) -> Iterator[dict[str, dict[str, Any]]]:
+    """Two pods on node 1 (side=one) and two on node 2 (side=two), all app=npweb, answering
+    TCP 8080 and UDP 5353 with their own address."""
+    pods: dict[str, dict[str, Any]] = {}
+    servers = []
+    for node, side in ((1, "one"), (2, "two")):
+        for i in range(2):
+            name = f"npweb-{side}-{i}"
+            pods[name] = create_pod(np_cluster, name, f"app=npweb,side={side}", node=node)
+            servers.append(whoami(np_cluster, name, "tcp", 8080))
+            servers.append(whoami(np_cluster, name, "udp", 5353))
+    yield pods
+    for proc in servers:
+        proc.kill()
+        proc.wait()
+    np_cluster.run("pod", "delete", *pods, check=False)
+
+
+def underlay(cluster: Cluster) -> dict[str, str]:
+    return {n["name"]: n["underlay_ip"] for n in cluster.json("status")["nodes"]}
+
+
+def from_host(
+    cluster: Cluster, node: int, *args: str, source: str = "", timeout: float = 90
+) -> list[str]:
+    """netprobe in a node's own (host) namespace: no pod, no from_container on the way out;
+    from the address ``source`` when given."""
+    env = {**os.environ, "NETPROBE_SOURCE": source} if source else None
+    result = subprocess.run(
+        ["ip", "netns", "exec", cluster.nodes[node - 1], sys.executable, str(PROBE), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    answers = json.loads(result.stdout)
+    assert isinstance(answers, list)
+    return [str(a) for a in answers]
+
+
+def routing(cluster: Cluster) -> str:
+    info = StateDir(cluster.state).read_cluster()
+    assert info is not None
+    return info.routing
+
+
+@pytest.fixture(scope="module")
+def outsider(np_cluster: Cluster) -> Iterator[str]:
+    """A second address on node 2's underlay interface that no one in the cluster knows: a
+    client from it is `world`, as any host on the underlay would be."""
+    ips = underlay(np_cluster)
+    node2 = ips[np_cluster.nodes[1]]
+    address = node2.rsplit(".", 1)[0] + ".250"
+    ns = ["ip", "netns", "exec", np_cluster.nodes[1]]
+    subprocess.run([*ns, "ip", "addr", "add", f"{address}/24", "dev", "eth0"], check=True)
+    yield address
+    subprocess.run([*ns, "ip", "addr", "del", f"{address}/24", "dev", "eth0"], check=False)
+
+
+def apply(cluster: Cluster, tmp_path: Path, text: str) -> None:
+    path = tmp_path / f"np{time.monotonic_ns()}.yaml"
+    path.write_text(text)
+    cluster.run("apply", "-f", str(path))
+
+
+def test_host_of_another_node_reaches_backends_on_both_nodes(
+    np_cluster: Cluster, backends: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    cluster = np_cluster
+    ips = underlay(cluster)
+    node1, node2 = (ips[n] for n in cluster.nodes)
+    by_side = {
+        side: {str(p["ip"]) for n, p in backends.items() if f"-{side}-" in n}
+        for side in ("one", "two")
+    }
+    apply(
+        cluster,
+        tmp_path,
+        SERVICE.format(name="npall", selector="{app: npweb}", tcp=30090, udp=30091),
+    )
+    try:
+        for address in (node1, node2):
+            wait_backends(cluster, f"{address}:30090", 4, cluster.nodes)
+        # node 2's host -> node 1's address: node 1 translates, to both nodes' backends
+        answers = from_host(cluster, 2, "ask", "tcp", node1, "30090", "32")
+        assert "failed" not in answers, answers
+        assert set(answers) <= by_side["one"] | by_side["two"], answers
+        assert set(answers) & by_side["one"], answers  # a local backend of node 1
+        assert set(answers) & by_side["two"], answers  # one behind the other node
+        # and the other way round
+        back = from_host(cluster, 1, "ask", "tcp", node2, "30090", "16")
+        assert "failed" not in back and set(back) & by_side["two"], back
+        # UDP: one flow keeps its backend, and the answers come from the address asked
+        udp = from_host(cluster, 2, "ask", "udp", node1, "30091", "4", "41234")
+        assert len(set(udp)) == 1 and udp[0] in by_side["one"] | by_side["two"], udp
+        # a port no service holds passes untouched (to the node's stack, which refuses it)
+        closed = from_host(cluster, 2, "ask", "tcp", node1, "30099", "1")
+        assert closed == ["failed"], closed
+        # the node's own traffic on the device goes on: NATS (the agents), the health probes
+        status = cluster.json("status")
+        assert all(n["alive"] for n in status["nodes"]), status
+    finally:
+        cluster.run("service", "delete", "npall", check=False)
+
+
+@pytest.mark.parametrize("side", ["one", "two"])
+async def test_backend_policy_judges_the_client_identity(
+    np_cluster: Cluster,
+    bus: Bus,
+    backends: dict[str, dict[str, Any]],
+    outsider: str,
+    tmp_path: Path,
+    side: str,
+) -> None:
+    """Backend on node 1 (delivered by from_netdev) or on node 2 (over the overlay or the
+    native routes): its ingress policy sees the client as remote-node (another node's host) or
+    world (an address nobody in the cluster has). In native mode a backend on another node sees
+    the forwarding node (remote-node): nothing carries the client's identity there."""
+    cluster = np_cluster
+    node1 = (await asyncio.to_thread(underlay, cluster))[cluster.nodes[0]]
+    identity = int(backends[f"npweb-{side}-0"]["identity"])
+    name = f"np{side}"
+    tcp = 30100 if side == "one" else 30102
+    text = SERVICE.format(name=name, selector=f"{{side: {side}}}", tcp=tcp, udp=tcp + 1)
+    tap = FlowTap()
+    await tap.start(bus)
+    try:
+        await asyncio.to_thread(apply, cluster, tmp_path, text)
+        await asyncio.to_thread(wait_backends, cluster, f"{node1}:{tcp}", 2, cluster.nodes[:1])
+        ok = await asyncio.to_thread(from_host, cluster, 2, "ask", "tcp", node1, str(tcp), "2")
+        assert "failed" not in ok, ok
+        world = await asyncio.to_thread(
+            from_host, cluster, 2, "ask", "tcp", node1, str(tcp), "2", source=outsider
+        )
+        assert "failed" not in world, world
+        # ingress enforced with nothing allowed: the client's identity is denied
+        await put_policy(bus, ResolvedPolicy(identity=identity, revision=1, ingress_enforced=True))
+        await asyncio.sleep(0.5)
+        denied = await asyncio.to_thread(from_host, cluster, 2, "ask", "tcp", node1, str(tcp), "1")
+        assert denied == ["failed"], denied
+        denied = await asyncio.to_thread(
+            from_host, cluster, 2, "ask", "tcp", node1, str(tcp), "1", source=outsider
+        )
+        assert denied == ["failed"], denied
+        forwarded_as_node = side == "two" and routing(cluster) == "native"
+        world_id = identities.REMOTE_NODE if forwarded_as_node else identities.WORLD
+
+        async def seen() -> None:
+            for client in (identities.REMOTE_NODE, world_id):
+                drops = tap.drops(reason=133, src_identity=client, dst_identity=identity)
+                assert drops, (client, tap.flows)
+
+        await eventually(seen, timeout=5, what="a policy drop of the client's identity")
+    finally:
+        await tap.sub.unsubscribe()
+        await clear_policy(bus, identity)
+        await asyncio.to_thread(cluster.run, "service", "delete", name, check=False)
+
+
+async def test_node_port_without_backends_drops_with_158(
+    np_cluster: Cluster, bus: Bus, tmp_path: Path
+) -> None:
+    cluster = np_cluster
+    node1 = (await asyncio.to_thread(underlay, cluster))[cluster.nodes[0]]
+    tap = FlowTap()
+    await tap.start(bus)
+    text = SERVICE.format(name="npnone", selector="{app: nobody}", tcp=30110, udp=30111)
+    try:
+        await asyncio.to_thread(apply, cluster, tmp_path, text)
+        await asyncio.to_thread(wait_backends, cluster, f"{node1}:30110", 0, cluster.nodes[:1])
+        failed = await asyncio.to_thread(from_host, cluster, 2, "ask", "tcp", node1, "30110", "1")
+        assert failed == ["failed"], failed
+
+        async def seen() -> None:
+            drops = tap.drops(reason=158, src_identity=identities.REMOTE_NODE)
+            assert drops, tap.flows
+            assert drops[0]["reason_name"] == "Service backend not found"
+            assert drops[0]["observation_point"] == "from-network", drops[0]
+
+        await eventually(seen, timeout=5, what="a 158 drop event")
+    finally:
+        await tap.sub.unsubscribe()
+        await asyncio.to_thread(cluster.run, "service", "delete", "npnone", check=False)
+
+
+def test_maglev_choice_is_from_containers_and_affinity_holds(
+    np_cluster: Cluster, backends: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    """The same selection code as from_container: a Maglev service's flow lands on the backend
+    the table names for its hash (with this node's address as destination); ClientIP affinity
+    keeps one client on one backend."""
+    from services.lb import maglev
+    from tests.e2e.test_lb import flow_hash
+
+    cluster = np_cluster
+    ips = underlay(cluster)
+    node1, node2 = (ips[n] for n in cluster.nodes)
+    maglev_svc = SERVICE.format(name="npmag", selector="{app: npweb}", tcp=30120, udp=30121)
+    maglev_svc = maglev_svc.replace(
+        "metadata: {name: npmag}",
+        "metadata: {name: npmag, annotations: {lb.membrane.io/algorithm: maglev}}",
+    )
+    sticky = SERVICE.format(name="npsticky", selector="{app: npweb}", tcp=30130, udp=30131)
+    sticky = sticky.replace(
+        "  type: NodePort\n",
+        "  type: NodePort\n  sessionAffinity: ClientIP\n"
+        "  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n",
+    )
+    try:
+        apply(cluster, tmp_path, maglev_svc)
+        apply(cluster, tmp_path, sticky)
+        wait_backends(cluster, f"{node1}:30121", 4, cluster.nodes[:1])
+        wait_backends(cluster, f"{node1}:30130", 4, cluster.nodes[:1])
+        record = cluster.json("service", "get", "npmag")
+        (udp,) = [f for f in record["frontends"] if f["node_port"] and f["protocol"] == "UDP"]
+        ids = {b["id"]: b["ip"] for b in udp["backends"]}
+        size, seed = record["maglev_size"], record["maglev_seed"]
+        table = maglev.table(list(ids), size, seed)
+        chosen = set()
+        for sport in (42000, 42001, 42002, 42003, 42004, 42005):
+            answers = from_host(cluster, 2, "ask", "udp", node1, "30121", "2", str(sport))
+            expected = ids[table[flow_hash(node2, node1, sport, 30121, 17) % size]]
+            assert answers == [expected, expected], (sport, answers, expected)
+            chosen.add(expected)
+        assert len(chosen) > 1
+        answers = from_host(cluster, 2, "ask", "tcp", node1, "30130", "12")
+        assert len(set(answers)) == 1 and "failed" not in answers, answers
+    finally:
+        cluster.run("service", "delete", "npmag", "npsticky", check=False)
+
+
+def stream_from_host(cluster: Cluster, node: int, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        ["ip", "netns", "exec", cluster.nodes[node - 1], sys.executable, str(PROBE), *args],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+async def test_agent_restart_keeps_node_port_flows(
+    np_cluster: Cluster, bus: Bus, tmp_path: Path
+) -> None:
+    """SIGKILL of the translating node's agent: the program stays attached, the NAT records are
+    pinned, the restarted agent swaps the program in place; a flow through the node port to a
+    backend on the other node loses nothing."""
+    from tests.e2e.test_datapath import _agent_pid
+
+    cluster = np_cluster
+    ips = await asyncio.to_thread(underlay, cluster)
+    node1 = ips[cluster.nodes[0]]
+    await asyncio.to_thread(create_pod, cluster, "np-sink", "app=np-sink", 2)
+    text = """
+apiVersion: v1
+kind: Service
+metadata: {name: npsink}
+spec:
+  type: NodePort
+  selector: {app: np-sink}
+  ports: [{port: 9100, protocol: UDP, targetPort: 9100, nodePort: 30140}]
+"""
+    counter = None
+    sender = None
+    try:
+        await asyncio.to_thread(apply, cluster, tmp_path, text)
+        await asyncio.to_thread(wait_backends, cluster, f"{node1}:30140", 1, cluster.nodes[:1])
+        counter = await asyncio.to_thread(cluster.background, "np-sink", "count", "9100", "10")
+        # 500 datagrams 10 ms apart, one flow, from node 2's host through node 1's node port
+        sender = await asyncio.to_thread(
+            stream_from_host, cluster, 2, "stream", node1, "30140", "500", "10"
+        )
+        await asyncio.sleep(1.0)
+        old = _agent_pid(cluster, cluster.nodes[0])
+        os.kill(old, signal.SIGKILL)
+
+        async def restarted() -> None:
+            pid = _agent_pid(cluster, cluster.nodes[0])
+            assert pid != old
+            services = await bus.discover(subjects.DATAPATH_SERVICE, timeout=0.3)
+            assert cluster.nodes[0] in {s.metadata.get("node") for s in services}
+
+        await eventually(restarted, timeout=30, what="the agent to come back")
+        out, _ = await asyncio.to_thread(counter.communicate, timeout=30)
+        sender.communicate(timeout=30)
+        assert out.split()[-1] == "500", f"the flow lost datagrams across the restart: {out}"
+    finally:
+        for proc in (counter, sender):
+            if proc is not None:
+                proc.kill()
+        await asyncio.to_thread(cluster.run, "service", "delete", "npsink", check=False)
+        await asyncio.to_thread(cluster.run, "pod", "delete", "np-sink", check=False)
