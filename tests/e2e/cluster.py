@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from membrane.state import StateDir
 from tests.conftest import membrane_command
 
 PROBE = Path(__file__).with_name("netprobe.py")
@@ -81,6 +82,33 @@ class Cluster:
 
 def free_octet() -> int:
     return 100 + secrets.randbelow(100)
+
+
+def up(cluster: Cluster, octet: int, routing: str = "", timeout: float = 240) -> None:
+    """``membrane up`` of ``cluster`` on address ranges of its own (172.31.<octet>.0/24,
+    10.<octet>.0.0/16 for pods, 10.<octet+1>.0.0/16 for services); its NATS URL learned."""
+    args = ["up", "--name", cluster.name, "--nodes", str(cluster.node_count)]
+    args += ["--identity-replicas", "1"]
+    if routing:
+        args += ["--routing", routing]
+    args += ["--underlay-cidr", f"172.31.{octet}.0/24", "--cluster-cidr", f"10.{octet}.0.0/16"]
+    args += ["--service-cidr", f"10.{octet + 1}.0.0/16"]
+    cluster.run(*args, timeout=timeout)
+    info = StateDir(cluster.state).read_cluster()
+    assert info is not None and info.routing == (routing or info.routing)
+    cluster.nats_url = info.nats_url
+
+
+def down_leaving_nothing(cluster: Cluster) -> None:
+    """``membrane down --purge``, and no namespace, pin or link of the cluster is left."""
+    down = cluster.run("down", "--purge", check=False, timeout=120)
+    leftovers = [p.name for p in Path("/run/netns").glob(f"{cluster.name}*")]
+    pins = list(Path("/sys/fs/bpf/membrane").glob(f"{cluster.name}*"))
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    assert down.returncode == 0, down.stderr
+    assert not leftovers, leftovers
+    assert not pins, pins
+    assert f"{cluster.name}-" not in links
 
 
 def pod_info(cluster: Cluster, name: str) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from membrane.state import StateDir
 from services.datapath import netns
 from shared.bus import Bus
 from tests.conftest import eventually
-from tests.e2e.cluster import Cluster, free_octet, pod_info
+from tests.e2e.cluster import Cluster, down_leaving_nothing, free_octet, pod_info, up
 from tests.e2e.test_datapath import FlowTap
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
@@ -64,28 +64,8 @@ def apply_manifest(cluster: Cluster) -> None:
         os.unlink(f.name)
 
 
-def up(cluster: Cluster, octet: int, routing: str) -> None:
-    cluster.run(
-        "up",
-        "--name",
-        cluster.name,
-        "--nodes",
-        str(NODES),
-        "--identity-replicas",
-        "1",
-        "--routing",
-        routing,
-        "--underlay-cidr",
-        f"172.31.{octet}.0/24",
-        "--cluster-cidr",
-        f"10.{octet}.0.0/16",
-        "--service-cidr",
-        f"10.{octet + 1}.0.0/16",
-        timeout=240,
-    )
-    info = StateDir(cluster.state).read_cluster()
-    assert info is not None and info.routing == routing
-    cluster.nats_url = info.nats_url
+def up_with_manifest(cluster: Cluster, octet: int, routing: str) -> None:
+    up(cluster, octet, routing)
     apply_manifest(cluster)
 
 
@@ -107,7 +87,7 @@ def multinode(
         octet = free_octet()
     else:
         cluster, octet = previous
-    up(cluster, octet, mode)
+    up_with_manifest(cluster, octet, mode)
     try:
         yield cluster, mode
     finally:
@@ -117,12 +97,7 @@ def multinode(
             assert down.returncode == 0, down.stderr
             _running["cluster"] = (cluster, octet)
         else:
-            down = cluster.run("down", "--purge", check=False, timeout=120)
-            leftovers = [p.name for p in Path("/run/netns").glob(f"{cluster.name}*")]
-            links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
-            assert down.returncode == 0, down.stderr
-            assert not leftovers, leftovers
-            assert f"{cluster.name}-" not in links
+            down_leaving_nothing(cluster)
 
 
 @pytest.fixture

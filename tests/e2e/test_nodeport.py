@@ -25,7 +25,7 @@ from shared import identities, subjects
 from shared.bus import Bus
 from shared.messages import ResolvedPolicy
 from tests.conftest import eventually
-from tests.e2e.cluster import PROBE, Cluster, create_pod, free_octet
+from tests.e2e.cluster import PROBE, Cluster, create_pod, down_leaving_nothing, free_octet, up
 from tests.e2e.test_datapath import FlowTap, clear_policy, put_policy
 from tests.e2e.test_lb import wait_backends, whoami
 
@@ -52,41 +52,12 @@ def np_cluster(
         pytest.skip("needs root: network namespaces and BPF")
     routing: str = request.param
     state = tmp_path_factory.mktemp("nodeport") / "state"
-    name = "p" + secrets.token_hex(3)
-    octet = free_octet()
-    c = Cluster(state=state, name=name, nats_url="")
-    c.run(
-        "up",
-        "--name",
-        name,
-        "--nodes",
-        "2",
-        "--identity-replicas",
-        "1",
-        "--routing",
-        routing,
-        "--underlay-cidr",
-        f"172.31.{octet}.0/24",
-        "--cluster-cidr",
-        f"10.{octet}.0.0/16",
-        "--service-cidr",
-        f"10.{octet + 1}.0.0/16",
-        timeout=240,
-    )
-    info = StateDir(state).read_cluster()
-    assert info is not None and info.routing == routing
-    c.nats_url = info.nats_url
+    c = Cluster(state=state, name="p" + secrets.token_hex(3), nats_url="")
+    up(c, free_octet(), routing)
     try:
         yield c
     finally:
-        down = c.run("down", "--purge", check=False, timeout=120)
-        leftovers = [p.name for p in Path("/run/netns").glob(f"{name}*")]
-        pins = list(Path("/sys/fs/bpf/membrane").glob(f"{name}*"))
-        links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
-        assert down.returncode == 0, down.stderr
-        assert not leftovers, leftovers
-        assert not pins, pins
-        assert f"{name}-" not in links
+        down_leaving_nothing(c)
 
 
 @pytest.fixture
