@@ -35,10 +35,13 @@ from typing import Any
 import uvloop
 from prometheus_client import REGISTRY
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/flows.py`
+
+from bench.testrun import test_run
 from membrane.servers import NatsServer, ServerProcess
 from services.datapath.events import RECORD, Decoder
 from services.datapath.flow_publisher import FlowPublisher, RecordSource
-from services.datapath.ringbuf import RingBuffer, bpf
+from services.datapath.ringbuf import RingBuffer
 from shared import subjects
 from shared.bus import Bus
 
@@ -48,45 +51,12 @@ EVENTS_H_DIR = REPO / "services" / "datapath" / "bpf"
 GOAL = 200_000.0
 NODE = "bench-node"
 
-BPF_PROG_TEST_RUN = 10
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-class _TestRunAttr(ctypes.Structure):
-    # the ``test`` member of union bpf_attr
-    _fields_ = [
-        ("prog_fd", ctypes.c_uint32),
-        ("retval", ctypes.c_uint32),
-        ("data_size_in", ctypes.c_uint32),
-        ("data_size_out", ctypes.c_uint32),
-        ("data_in", ctypes.c_uint64),
-        ("data_out", ctypes.c_uint64),
-        ("repeat", ctypes.c_uint32),
-        ("duration", ctypes.c_uint32),
-        ("ctx_size_in", ctypes.c_uint32),
-        ("ctx_size_out", ctypes.c_uint32),
-        ("ctx_in", ctypes.c_uint64),
-        ("ctx_out", ctypes.c_uint64),
-        ("flags", ctypes.c_uint32),
-        ("cpu", ctypes.c_uint32),
-        ("batch_size", ctypes.c_uint32),
-    ]
-
-
 def prog_test_run(prog_fd: int, packet: bytes, repeat: int) -> int:
-    """Run a tc program ``repeat`` times on ``packet`` in the kernel; its last return value.
-
-    ctypes releases the GIL for the call, so other threads run while the kernel works.
-    """
-    buffer = ctypes.create_string_buffer(packet, len(packet))
-    attr = _TestRunAttr(
-        prog_fd=prog_fd,
-        data_size_in=len(packet),
-        data_in=ctypes.addressof(buffer),
-        repeat=repeat,
-    )
-    bpf(BPF_PROG_TEST_RUN, attr)
-    return int(attr.retval)
+    """Run a tc program ``repeat`` times on ``packet`` in the kernel; its last return value."""
+    return test_run(prog_fd, packet, repeat)[0]
 
 
 def sample_packet(payload: int = 10) -> bytes:

@@ -20,8 +20,6 @@ Prints ns per packet for each, and the extra over the floor.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import os
 import secrets
 import socket
 import statistics
@@ -32,11 +30,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.testrun import test_run
 from services.datapath import lb_sync, nodeport
 from services.datapath.loader import Datapath, remove_pins
 
-BPF_PROG_TEST_RUN = 10
-SYS_BPF = 321  # x86_64
 NODE = "172.31.250.11"
 CLIENT = "172.31.250.12"
 BACKEND = "10.250.1.7"
@@ -72,48 +69,6 @@ def frame(src: str, dst: str, proto: int, sport: int, dport: int, flags: int = 0
     return eth + ip + l4 + b"\x00" * 32
 
 
-class _TestAttr(ctypes.Structure):
-    _fields_ = [
-        ("prog_fd", ctypes.c_uint32),
-        ("retval", ctypes.c_uint32),
-        ("data_size_in", ctypes.c_uint32),
-        ("data_size_out", ctypes.c_uint32),
-        ("data_in", ctypes.c_uint64),
-        ("data_out", ctypes.c_uint64),
-        ("repeat", ctypes.c_uint32),
-        ("duration", ctypes.c_uint32),
-        ("ctx_size_in", ctypes.c_uint32),
-        ("ctx_size_out", ctypes.c_uint32),
-        ("ctx_in", ctypes.c_uint64),
-        ("ctx_out", ctypes.c_uint64),
-        ("flags", ctypes.c_uint32),
-        ("cpu", ctypes.c_uint32),
-        ("batch_size", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
-    ]
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def test_run(fd: int, data: bytes, repeat: int) -> tuple[int, int]:
-    """(verdict, ns per run) of one packet run ``repeat`` times."""
-    buf = ctypes.create_string_buffer(data, len(data))
-    out = ctypes.create_string_buffer(len(data) + 256)
-    attr = _TestAttr(
-        prog_fd=fd,
-        data_size_in=len(data),
-        data_size_out=len(out),
-        data_in=ctypes.addressof(buf),
-        data_out=ctypes.addressof(out),
-        repeat=repeat,
-    )
-    if _libc.syscall(SYS_BPF, BPF_PROG_TEST_RUN, ctypes.byref(attr), ctypes.sizeof(attr)) < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"BPF_PROG_TEST_RUN: {os.strerror(err)}")
-    return attr.retval, attr.duration
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=5)
@@ -144,7 +99,7 @@ def main() -> int:
         lb.write(ops)
         fd = dp.programs.from_netdev.fd
         syn = frame(CLIENT, NODE, socket.IPPROTO_TCP, 40000, 30080, flags=0x02)
-        verdict, _ = test_run(fd, syn, 1)  # opens the connection: NAT records written
+        verdict, _ = test_run(fd, syn, 1, room=256)  # opens the connection: NAT records written
         cases = {
             "pass (TCP to the node, port 4222)": frame(
                 CLIENT, NODE, socket.IPPROTO_TCP, 40000, 4222
@@ -162,13 +117,15 @@ def main() -> int:
         floors: list[float] = []
         verdicts = {}
         for _ in range(args.rounds):
-            floors.append(test_run(floor_fd, cases["pass (VXLAN, UDP 8472)"], args.repeat)[1])
+            floors.append(
+                test_run(floor_fd, cases["pass (VXLAN, UDP 8472)"], args.repeat, room=256)[1]
+            )
             for label, data in cases.items():
-                verdicts[label], ns = test_run(fd, data, args.repeat)
+                verdicts[label], ns = test_run(fd, data, args.repeat, room=256)
                 results[label].append(ns)
             for _ in range(2000):
-                single_floors.append(test_run(floor_fd, established, 1)[1])
-                translated, ns = test_run(fd, established, 1)
+                single_floors.append(test_run(floor_fd, established, 1, room=256)[1])
+                translated, ns = test_run(fd, established, 1, room=256)
                 singles.append(ns)
         base = statistics.median(floors)
         print(f"first SYN to the node port: verdict {verdict} (7 = TC_ACT_REDIRECT)")

@@ -189,7 +189,7 @@ async def follow(
         queue.put_nowait(msg.data)
 
     sub = await bus.nc.subscribe(subject, cb=on_msg)
-    await bus.nc.flush()
+    await bus.flush()
     if ready:
         print("following", file=sys.stderr, flush=True)  # for scripts that wait for it
     printed = 0

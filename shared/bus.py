@@ -214,6 +214,10 @@ class Bus:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
+    async def flush(self) -> None:
+        """Return once the server has processed everything this connection sent so far."""
+        await flush_connection(self.nc)
+
     async def close(self) -> None:
         """Stop every micro service (waiting for in-flight requests), then drain."""
         self._closing.set()
@@ -369,6 +373,18 @@ class Bus:
         return kv_watch.watch(kv, keys)
 
 
+async def flush_connection(nc: Client) -> None:
+    """Return once the server has processed everything ``nc`` sent so far.
+
+    nats.py's ``flush`` writes its PING straight to the socket while earlier commands (a SUB, a
+    PUB) may still wait in its buffer for the flusher task, so under load the PONG came back
+    before the server had seen them: a subscription said to be in place missed the first
+    messages ("no responders", a queue group member left out). The buffer goes out first here.
+    """
+    await nc._flush_pending(force_flush=True)
+    await nc.flush()
+
+
 class MicroService:
     """A NATS micro service whose endpoints decode, dispatch, reply and count."""
 
@@ -445,6 +461,8 @@ class MicroService:
         await self._service.add_endpoint(
             EndpointConfig(name=name, subject=subject, handler=dispatch, queue_group=queue_group)
         )
+        # served from the moment this returns: callers announce readiness after it
+        await flush_connection(self._service._client)
 
     async def stop(self) -> None:
         """Stop taking requests and wait for the ones in flight (graceful drain)."""

@@ -159,7 +159,9 @@ async def watch(kv: KeyValue, keys: str = ">") -> AsyncGenerator[KVEvent | None,
                 if item is _CHECK:
                     # the server says nothing is pending; but a key rewritten while the
                     # snapshot was delivered lost the message the server had lined up, and
-                    # comes again only after this one: caught up is where the stream was now
+                    # comes again only after this one: caught up is where the stream was now.
+                    # (A filtered watch cannot tell: the stream's last message may be another
+                    # key's, which it never sees. It trusts the pending count, as nats.py.)
                     target = await _last_sequence(kv) if keys == ">" else 0
                 elif isinstance(item, KVEvent):
                     reached = max(reached, item.revision)

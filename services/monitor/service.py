@@ -372,7 +372,7 @@ async def start(settings: MonitorSettings) -> Running:
         cb=monitor.on_batch,
         pending_msgs_limit=max(1024, settings.queue_batches * 4),
     )
-    await bus.nc.flush()  # subscriptions in place at the server before anyone is told "ready"
+    await bus.flush()  # subscriptions in place at the server before anyone is told "ready"
     return Running(monitor, bus, micro, tasks, sub, metrics_port)
 
 

@@ -314,6 +314,17 @@ static __always_inline void reverse(struct ct_key *dst, struct ct_key *src, __u8
 	dst->pad = 0;
 }
 
+/* The Ethernet header of a frame about to enter a local pod: its MAC as the destination, the
+ * host side of its veth as the source. Negative when the frame could not be written. */
+static __always_inline int set_pod_eth(struct __sk_buff *skb, struct lxc_info *dst)
+{
+	struct ethhdr eth = {};
+	__builtin_memcpy(eth.h_dest, dst->mac, ETH_ALEN);
+	__builtin_memcpy(eth.h_source, dst->host_mac, ETH_ALEN);
+	eth.h_proto = bpf_htons(ETH_P_IP);
+	return bpf_skb_store_bytes(skb, 0, &eth, sizeof(eth), 0);
+}
+
 /* --- service load balancing (lb.h): DNAT before egress policy, reverse NAT after ingress --- */
 #include "lb.h"
 #include "overlay.h" /* multi-node: to_overlay, the from_overlay program */
@@ -334,11 +345,7 @@ static __always_inline int forward(struct __sk_buff *skb, __u8 direction, struct
 			return np;
 		return to_overlay(skb, p); /* overlay.h: another node's pod, in tunnel mode */
 	}
-	struct ethhdr eth = {};
-	__builtin_memcpy(eth.h_dest, dst->mac, ETH_ALEN);
-	__builtin_memcpy(eth.h_source, dst->host_mac, ETH_ALEN);
-	eth.h_proto = bpf_htons(ETH_P_IP);
-	if (bpf_skb_store_bytes(skb, 0, &eth, sizeof(eth), 0) < 0)
+	if (set_pod_eth(skb, dst) < 0)
 		return TC_ACT_OK;
 	return bpf_redirect(dst->ifindex, 0);
 }

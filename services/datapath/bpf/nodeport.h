@@ -230,11 +230,7 @@ static __always_inline int np_deliver(struct __sk_buff *skb, struct np_config *c
 				  CT_EGRESS, client_id);
 		if (ret != TC_ACT_OK)
 			return ret;
-		struct ethhdr eth = {};
-		__builtin_memcpy(eth.h_dest, dst->mac, ETH_ALEN);
-		__builtin_memcpy(eth.h_source, dst->host_mac, ETH_ALEN);
-		eth.h_proto = bpf_htons(ETH_P_IP);
-		if (bpf_skb_store_bytes(skb, 0, &eth, sizeof(eth), 0) < 0)
+		if (set_pod_eth(skb, dst) < 0)
 			return TC_ACT_SHOT;
 		skb->mark = MARK_FROM_OVERLAY; /* to_container must not enforce it again */
 		return bpf_redirect_peer(dst_ifindex, 0);

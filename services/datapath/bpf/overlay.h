@@ -129,11 +129,7 @@ int from_overlay(struct __sk_buff *skb)
 	/* a reply from a service backend on another node: this node translated the request, so
 	 * it puts the service address back (to_container, which would, is skipped below) */
 	lb_to_container(skb);
-	struct ethhdr eth = {};
-	__builtin_memcpy(eth.h_dest, dst->mac, ETH_ALEN);
-	__builtin_memcpy(eth.h_source, dst->host_mac, ETH_ALEN);
-	eth.h_proto = bpf_htons(ETH_P_IP);
-	if (bpf_skb_store_bytes(skb, 0, &eth, sizeof(eth), 0) < 0)
+	if (set_pod_eth(skb, dst) < 0)
 		return TC_ACT_SHOT;
 	/* straight into the pod's namespace (the veth's peer), as Cilium does from tc ingress:
 	 * no second pass through the veth and its backlog queue. The mark is for the fallback of
