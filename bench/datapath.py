@@ -273,6 +273,8 @@ class Pod:
 class Cluster:
     """A one-node ``membrane up`` in its own state directory, driven through the CLI."""
 
+    NODES = 1
+
     def __init__(self, state: Path) -> None:
         self.state = state
         self.name = "b" + secrets.token_hex(2)
@@ -308,7 +310,7 @@ class Cluster:
             "--name",
             self.name,
             "--nodes",
-            "1",
+            str(self.NODES),
             "--identity-replicas",
             "1",
             "--underlay-cidr",

@@ -52,7 +52,7 @@ import yaml
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR.parent))
 
-from bench.datapath import BPFFS, Cluster, MapEntry, _free_octet, obj_get  # noqa: E402
+from bench.datapath import BPFFS, Cluster, MapEntry, obj_get  # noqa: E402
 from membrane import cli_lb  # noqa: E402
 from services.datapath.lb_sync import backend_value, service_key  # noqa: E402
 from shared.bus import Bus  # noqa: E402
@@ -548,16 +548,11 @@ def connect_side_by_side(few: ConnectProbe, many: ConnectProbe, n: int) -> tuple
 
 
 class TwoNodeCluster(Cluster):
-    def up(self) -> None:  # bench/datapath.py's, with two nodes
-        from membrane.state import StateDir
+    NODES = 2
 
-        octet = _free_octet()
+    def up(self) -> None:
         with self._logs_on_failure():
-            self._up(octet)
-        info = StateDir(self.state).read_cluster()
-        assert info is not None
-        self.nats_url = info.nats_url
-        self.octet = octet
+            super().up()
 
     @contextlib.contextmanager
     def _logs_on_failure(self) -> Iterator[None]:
@@ -570,24 +565,6 @@ class TwoNodeCluster(Cluster):
                 tail = path.read_text(errors="replace").splitlines()[-15:]
                 print(f"--- {path.name}\n" + "\n".join(tail), file=sys.stderr)
             raise
-
-    def _up(self, octet: int) -> None:
-        self.run(
-            "up",
-            "--name",
-            self.name,
-            "--nodes",
-            "2",
-            "--identity-replicas",
-            "1",
-            "--underlay-cidr",
-            f"172.31.{octet}.0/24",
-            "--cluster-cidr",
-            f"10.{octet}.0.0/16",
-            "--service-cidr",
-            f"10.{octet + 1}.0.0/16",
-            timeout=180,
-        )
 
 
 def ratio(a: float, b: float) -> str:

@@ -182,3 +182,31 @@ async def watch(kv: KeyValue, keys: str = ">") -> AsyncGenerator[KVEvent | None,
                     kv._js.delete_consumer(subscription._stream, subscription._consumer),
                     DELETE_TIMEOUT_S,
                 )
+
+
+async def resyncing(
+    events: AsyncGenerator[KVEvent | None, None], known: set[str]
+) -> AsyncGenerator[KVEvent | None, None]:
+    """``events`` of a watch, plus a deletion for every key of ``known`` its snapshot lacks.
+
+    ``known`` is the set of keys the consumer holds, kept by the caller across restarts of its
+    watch: a key deleted while the watch was away is simply absent from the new snapshot, and
+    its deletion comes just before the caught-up marker. The set is kept current here.
+    """
+    seen: set[str] | None = set()  # keys in this watch's snapshot, until it ends
+    async for event in events:
+        if event is None:
+            if seen is not None:
+                for key in known - seen:
+                    known.discard(key)
+                    yield KVEvent(key, None, 0)
+                seen = None
+            yield None
+            continue
+        if event.value is None:
+            known.discard(event.key)
+        else:
+            known.add(event.key)
+            if seen is not None:
+                seen.add(event.key)
+        yield event

@@ -28,7 +28,7 @@ from services.datapath.local_ipam import NodeIPAM
 from services.datapath.maps import EndpointInfo, IPCacheValue, LxcInfo, decode_ct, percpu_sum
 from services.datapath.metrics_collector import POLICY_IMPLEMENTATION
 from services.datapath.policy_sync import LocalEndpoint, PolicySync
-from shared import agent_api, log, subjects
+from shared import agent_api, kv_watch, log, subjects
 from shared.agent_api import AddEndpoint, DumpReply, DumpRequest, EndpointList, EndpointRef
 from shared.bus import Bus, KVEvent
 from shared.errors import AlreadyExists, InvalidArgument, MembraneError, NotFound
@@ -581,25 +581,13 @@ class Agent:
 
     async def follow(self, name: str, kv: KeyValue, handle: Callable[[KVEvent], None]) -> None:
         """Apply a bucket's snapshot, signal that it is in, then apply every change."""
-        known = self.watched.setdefault(name, set())
-        seen: set[str] | None = set()  # keys in this watch's snapshot, until it ends
+        known = self.watched.setdefault(name, set())  # outlives a restarted watch
         async with contextlib.aclosing(Bus.watch(kv)) as events:
-            async for event in events:
+            async for event in kv_watch.resyncing(events, known):
                 if event is None:
-                    if seen is not None:
-                        # a restarted watch: what vanished meanwhile gets its delete now
-                        for key in known - seen:
-                            handle(KVEvent(key=key, value=None, revision=0))
-                        seen = None
                     self.synced[name].set()
-                    continue
-                if event.value is None:
-                    known.discard(event.key)
                 else:
-                    known.add(event.key)
-                    if seen is not None:
-                        seen.add(event.key)
-                handle(event)
+                    handle(event)
 
     def collect_ct(self, live: set[str]) -> int:
         """Delete expired conntrack entries, and those of pod addresses no local endpoint holds

@@ -722,6 +722,23 @@ class LBCore:
                     continue
                 RECOMPUTE_SECONDS.labels("watch").observe(time.perf_counter() - started)
 
+    async def start(self, endpoints: KeyValue) -> TaskGroup:
+        """Follow the three buckets until their snapshots are in, then reconcile in the
+        background; the tasks, for the caller to close."""
+        tasks = TaskGroup()
+        tasks.spawn("watch-specs", lambda: self.follow("specs", self.specs_kv, self.on_spec))
+        tasks.spawn(
+            "watch-endpoints", lambda: self.follow("endpoints", endpoints, self.on_endpoint)
+        )
+        tasks.spawn(
+            "watch-services", lambda: self.follow("services", self.services_kv, self.on_record)
+        )
+        for event in self.synced.values():
+            await event.wait()
+        self.dirty.clear()  # reconcile_forever starts with every service anyway
+        tasks.spawn("reconcile", self.reconcile_forever)
+        return tasks
+
     async def register(self, metadata: dict[str, str], concurrency: int) -> MicroService:
         micro = await self.bus.add_service(
             subjects.LB_SERVICE,
@@ -773,21 +790,13 @@ async def run(settings: LBSettings) -> None:
     seed = settings.maglev_seed or await allocator.maglev_seed()
     core = LBCore(
         bus,
-        await kv(subjects.KV_LB_SPECS, "service./slice.<namespace>.<name> -> applied document"),
+        await kv(subjects.KV_LB_SPECS, "shard.<n> -> the applied documents whose key hashes to n"),
         await kv(subjects.KV_SERVICES, "namespace.name -> frontends, backends, revision"),
         allocator,
         settings,
         seed,
     )
-    endpoints = await kv(subjects.KV_ENDPOINTS, "namespace.pod -> endpoint")
-    tasks = TaskGroup()
-    tasks.spawn("watch-specs", lambda: core.follow("specs", core.specs_kv, core.on_spec))
-    tasks.spawn("watch-endpoints", lambda: core.follow("endpoints", endpoints, core.on_endpoint))
-    tasks.spawn("watch-services", lambda: core.follow("services", core.services_kv, core.on_record))
-    for event in core.synced.values():
-        await event.wait()
-    core.dirty.clear()
-    tasks.spawn("reconcile", core.reconcile_forever)
+    tasks = await core.start(await kv(subjects.KV_ENDPOINTS, "namespace.pod -> endpoint"))
     metrics_port = metrics.serve(settings.metrics_host, settings.metrics_port)
     replica = settings.replica or f"lb-{id(core) & 0xFFFF}"
     await core.register(

@@ -313,17 +313,21 @@ async def start(settings: MonitorSettings) -> Running:
         kv = await bus.kv(bucket, replicas=settings.kv_replicas)
         event = asyncio.Event()
         synced.append(event)
-        tasks.spawn(f"watch-{bucket}", lambda: follow(bucket, kv, handle, event))
+        known: set[str] = set()  # outlives a restarted watch
+        tasks.spawn(f"watch-{bucket}", lambda: follow(kv, handle, event, known))
 
     await watch(subjects.KV_IDENTITIES, enricher.on_identity)
     await watch(subjects.KV_ENDPOINTS, enricher.on_endpoint)
     await watch(subjects.KV_IPCACHE, enricher.on_ipcache)
     await watch(subjects.KV_RESOLVED, enricher.on_resolved)
     services_synced = asyncio.Event()
+    known_services: set[str] = set()
     synced.append(services_synced)
     tasks.spawn(
         "watch-services",
-        lambda: follow_optional(bus, subjects.KV_SERVICES, enricher.on_service, services_synced),
+        lambda: follow_optional(
+            bus, subjects.KV_SERVICES, enricher.on_service, services_synced, known_services
+        ),
     )
     for event in synced:
         await event.wait()  # enrich from the start: flows before the snapshots would be bare

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import nats.js.errors
 from nats.js.kv import KeyValue
 
+from shared import kv_watch
 from shared.bus import Bus
 
 # how often the monitor looks for a bucket another service has not created yet
@@ -16,32 +17,28 @@ OPTIONAL_BUCKET_POLL_S = 5.0
 
 
 async def follow(
-    name: str, kv: KeyValue, handle: Callable[[str, bytes | None], None], synced: asyncio.Event
+    kv: KeyValue,
+    handle: Callable[[str, bytes | None], None],
+    synced: asyncio.Event,
+    known: set[str],
 ) -> None:
     """Feed a bucket's snapshot and then its changes to ``handle``; a restarted watch also
-    deletes what vanished while it was away."""
-    known: set[str] = set()
-    seen: set[str] | None = set()
+    deletes what vanished while it was away (``known``: the keys held, kept by the caller
+    across restarts)."""
     async with contextlib.aclosing(Bus.watch(kv)) as events:
-        async for event in events:
+        async for event in kv_watch.resyncing(events, known):
             if event is None:
-                if seen is not None:
-                    for key in known - seen:
-                        handle(key, None)
-                    known, seen = seen, None
                 synced.set()
-                continue
-            if event.value is None:
-                known.discard(event.key)
             else:
-                known.add(event.key)
-                if seen is not None:
-                    seen.add(event.key)
-            handle(event.key, event.value)
+                handle(event.key, event.value)
 
 
 async def follow_optional(
-    bus: Bus, bucket: str, handle: Callable[[str, bytes | None], None], synced: asyncio.Event
+    bus: Bus,
+    bucket: str,
+    handle: Callable[[str, bytes | None], None],
+    synced: asyncio.Event,
+    known: set[str],
 ) -> None:
     """Like :func:`follow` for a bucket another service creates (``services``, by lb): until it
     exists there is nothing to enrich with, so wait for it instead of creating it."""
@@ -53,4 +50,4 @@ async def follow_optional(
             synced.set()  # nothing to wait for
             await asyncio.sleep(OPTIONAL_BUCKET_POLL_S)
     # the same event: when the bucket is there at once, its snapshot is what start-up waits for
-    await follow(bucket, kv, handle, synced)
+    await follow(kv, handle, synced, known)

@@ -152,3 +152,15 @@ async def test_a_target_never_reached_catches_up_after_a_wait(
     async with contextlib.aclosing(Bus.watch(kv)) as events:
         assert await take(events, 2) == [KVEvent("a", b"1", 1), None]
     assert 0.3 <= time.perf_counter() - started < 3
+
+
+async def test_a_restarted_watch_deletes_what_vanished_meanwhile(bus: Bus) -> None:
+    kv = await bus.kv("watch-resync")
+    await kv.put("a", b"1")
+    await kv.put("b", b"2")
+    known = {"a", "b", "gone"}  # held from an earlier watch; "gone" was deleted since
+    async with contextlib.aclosing(Bus.watch(kv)) as watch:
+        events = kv_watch.resyncing(watch, known)
+        got = [await asyncio.wait_for(anext(events), 5) for _ in range(4)]
+    assert got == [KVEvent("a", b"1", 1), KVEvent("b", b"2", 2), KVEvent("gone", None, 0), None]
+    assert known == {"a", "b"}

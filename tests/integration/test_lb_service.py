@@ -44,14 +44,7 @@ async def start_replica(bus: Bus, redis_url: str, name: str) -> tuple[LBCore, Ta
         settings,
         await allocator.maglev_seed(),
     )
-    endpoints = await bus.kv(subjects.KV_ENDPOINTS)
-    tasks = TaskGroup()
-    tasks.spawn("specs", lambda: core.follow("specs", core.specs_kv, core.on_spec))
-    tasks.spawn("endpoints", lambda: core.follow("endpoints", endpoints, core.on_endpoint))
-    tasks.spawn("services", lambda: core.follow("services", core.services_kv, core.on_record))
-    for event in core.synced.values():
-        await event.wait()
-    tasks.spawn("reconcile", core.reconcile_forever)
+    tasks = await core.start(await bus.kv(subjects.KV_ENDPOINTS))
     await core.register({"replica": name}, 8)
     return core, tasks
 
