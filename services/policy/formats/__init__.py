@@ -1,0 +1,1 @@
+"""The policy formats membrane reads; :mod:`services.policy.parser` is their entry point."""
