@@ -53,10 +53,9 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR.parent))
 
 from bench.datapath import BPFFS, Cluster, MapEntry, obj_get  # noqa: E402
-from membrane import cli_lb  # noqa: E402
+from membrane.client import lb as lb_client  # noqa: E402
 from services.datapath.lb_sync import backend_value, service_key  # noqa: E402
 from shared.bus import Bus  # noqa: E402
-from shared.messages import LBService  # noqa: E402
 
 GOAL_BULK_SECONDS = 3.0
 GOAL_P99_MS = 5.0
@@ -173,7 +172,7 @@ class Membrane:
         entries = self.service_entries(first, last)
         started = time.perf_counter()
         poll = asyncio.ensure_future(asyncio.to_thread(wait_all, entries, started + 300))
-        await cli_lb.apply_documents(bus, docs, "bench", dry_run=False)
+        await lb_client.apply_documents(bus, docs, "bench", dry_run=False)
         done = await poll
         return done - started
 
@@ -210,8 +209,8 @@ class Membrane:
         is a backend id of its own; apply both once and learn them."""
         ip = self.plan.backends(0)[0]
         for port in (9000, 9001):
-            await cli_lb.apply_documents(bus, self._update_docs(port), "bench", dry_run=False)
-            record = await bus.request("membrane.lb.get", _ref("s0"), LBService)
+            await lb_client.apply_documents(bus, self._update_docs(port), "bench", dry_run=False)
+            record = await lb_client.get(bus, "bench", "s0")
             self.ids[port] = next(b.id for b in record.frontends[0].backends if b.ip == ip)
 
     def _update_docs(self, port: int) -> list[dict[str, Any]]:
@@ -234,7 +233,7 @@ class Membrane:
         poll = asyncio.ensure_future(
             asyncio.to_thread(wait_value, entry, backend_value(ip, port, False), started + 10)
         )
-        await cli_lb.apply_documents(bus, docs, "bench", dry_run=False)
+        await lb_client.apply_documents(bus, docs, "bench", dry_run=False)
         done = await poll
         return done - started
 
@@ -253,12 +252,6 @@ async def updates_side_by_side(
         b.append(await many[0].update(many[1], n))
         await asyncio.sleep(0.01)
     return a, b
-
-
-def _ref(name: str) -> Any:
-    from shared.messages import LBServiceRef
-
-    return LBServiceRef(name=name, namespace="bench")
 
 
 # --- iptables --------------------------------------------------------------------------------

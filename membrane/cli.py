@@ -9,7 +9,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import uvloop
 
@@ -23,24 +23,15 @@ from membrane import (
     cliutil,
     output,
 )
+from membrane.client import identity
 from membrane.registry import SERVICES
 from membrane.state import DEFAULT_RANGES
-from shared import config, gcpause, log, subjects
+from shared import config, gcpause, log
 from shared.bus import Bus, ServiceInfo, redact
 from shared.errors import MembraneError
-from shared.messages import (
-    AllocateReply,
-    AllocateRequest,
-    Empty,
-    GetRequest,
-    Identity,
-    ListReply,
-    ReleaseReply,
-    ReleaseRequest,
-)
+from shared.messages import AllocateReply, Identity, ReleaseReply
 
 Command = Callable[[argparse.Namespace], int]
-T = TypeVar("T")
 
 
 # --- local cluster ---------------------------------------------------------------------------
@@ -202,52 +193,41 @@ def _print_identities(args: argparse.Namespace, identities: list[Identity]) -> N
 
 
 def cmd_identity_list(args: argparse.Namespace) -> int:
-    async def go(bus: Bus) -> int:
-        reply = await bus.request(subjects.IDENTITY_LIST, Empty(), ListReply)
-        _print_identities(args, reply.identities)
-        return 0
-
-    return cliutil.with_bus(args, go)
+    _print_identities(args, cliutil.with_bus(args, identity.list_identities))
+    return 0
 
 
 def cmd_identity_get(args: argparse.Namespace) -> int:
-    async def go(bus: Bus) -> int:
-        identity = await bus.request(subjects.IDENTITY_GET, GetRequest(id=args.id), Identity)
-        _print_identities(args, [identity])
-        return 0
+    async def go(bus: Bus) -> Identity:
+        return await identity.get(bus, args.id)
 
-    return cliutil.with_bus(args, go)
+    _print_identities(args, [cliutil.with_bus(args, go)])
+    return 0
 
 
 def cmd_identity_allocate(args: argparse.Namespace) -> int:
-    async def go(bus: Bus) -> int:
-        reply = await bus.request(
-            subjects.IDENTITY_ALLOCATE,
-            AllocateRequest(labels=args.labels, owner=args.owner),
-            AllocateReply,
-        )
-        if args.output == "json":
-            output.emit_json(reply)
-        else:
-            state = "new" if reply.new else "existing"
-            print(f"{reply.identity.id}\t{state}\t{', '.join(reply.identity.labels)}")
-        return 0
+    async def go(bus: Bus) -> AllocateReply:
+        return await identity.allocate(bus, args.labels, args.owner)
 
-    return cliutil.with_bus(args, go)
+    reply = cliutil.with_bus(args, go)
+    if args.output == "json":
+        output.emit_json(reply)
+    else:
+        state = "new" if reply.new else "existing"
+        print(f"{reply.identity.id}\t{state}\t{', '.join(reply.identity.labels)}")
+    return 0
 
 
 def cmd_identity_release(args: argparse.Namespace) -> int:
-    async def go(bus: Bus) -> int:
-        reply = await bus.request(
-            subjects.IDENTITY_RELEASE, ReleaseRequest(id=args.id, owner=args.owner), ReleaseReply
-        )
-        if args.output == "json":
-            output.emit_json(reply)
-        else:
-            print(f"released identity {reply.id}; {reply.references} reference(s) left")
-        return 0
+    async def go(bus: Bus) -> ReleaseReply:
+        return await identity.release(bus, args.id, args.owner)
 
-    return cliutil.with_bus(args, go)
+    reply = cliutil.with_bus(args, go)
+    if args.output == "json":
+        output.emit_json(reply)
+    else:
+        print(f"released identity {reply.id}; {reply.references} reference(s) left")
+    return 0
 
 
 # --- parser ----------------------------------------------------------------------------------

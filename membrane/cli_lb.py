@@ -5,72 +5,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-import msgspec
-
-from membrane import cli_policy, output
+from membrane import output
+from membrane.client import files, lb
 from membrane.cliutil import output_flag, with_bus
-from shared import subjects
 from shared.bus import Bus
-from shared.messages import (
-    Empty,
-    LBApplyReply,
-    LBApplyRequest,
-    LBCreateRequest,
-    LBDeleteReply,
-    LBListReply,
-    LBService,
-    LBServiceRef,
-)
-
-TIMEOUT = 60.0  # a bulk apply of tens of thousands of services takes seconds
-# requests stay below NATS's max_payload (32 MB here): 20,000 Services with their
-# EndpointSlices are about 10 MB of JSON, one request, checked and applied in one pass
-CHUNK_BYTES = 24 << 20
-
-
-def chunks(documents: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """Documents split into requests of at most CHUNK_BYTES of JSON each."""
-    out: list[list[dict[str, Any]]] = [[]]
-    size = 0
-    for doc in documents:
-        n = len(msgspec.json.encode(doc))
-        if out[-1] and size + n > CHUNK_BYTES:
-            out.append([])
-            size = 0
-        out[-1].append(doc)
-        size += n
-    return out
-
-
-async def apply_documents(
-    bus: Bus, documents: list[dict[str, Any]], source: str, *, dry_run: bool
-) -> LBApplyReply:
-    """One request per chunk; ``dry_run`` first (as ``membrane apply`` does) checks them all
-    before any chunk is applied."""
-    results: list[str] = []
-    for chunk in chunks(documents):
-        reply = await bus.request(
-            subjects.LB_APPLY,
-            LBApplyRequest(documents=chunk, source=source, dry_run=dry_run),
-            LBApplyReply,
-            timeout=TIMEOUT,
-        )
-        results.extend(reply.results)
-    return LBApplyReply(results=results)
-
-
-async def apply_all_or_nothing(
-    bus: Bus, documents: list[dict[str, Any]], source: str
-) -> LBApplyReply:
-    """Apply, changing nothing on any invalid document.
-
-    One request (the usual case) is validated completely by the service before it changes
-    anything, so it needs no separate check; several requests are all checked with a dry run
-    first, so that an error in the last cannot leave the first applied.
-    """
-    if len(chunks(documents)) > 1:
-        await apply_documents(bus, documents, source, dry_run=True)
-    return await apply_documents(bus, documents, source, dry_run=False)
+from shared.messages import LBApplyReply, LBCreateRequest, LBService
 
 
 def _rows(services: list[LBService]) -> list[list[Any]]:
@@ -106,8 +45,8 @@ def _print(services: list[LBService]) -> None:
 
 def cmd_service_create(args: argparse.Namespace) -> int:
     async def go(bus: Bus) -> LBService:
-        return await bus.request(
-            subjects.LB_CREATE,
+        return await lb.create(
+            bus,
             LBCreateRequest(
                 name=args.name,
                 namespace=args.namespace,
@@ -115,8 +54,6 @@ def cmd_service_create(args: argparse.Namespace) -> int:
                 backends=list(args.backend or []),
                 affinity_timeout=args.affinity_timeout,
             ),
-            LBService,
-            timeout=TIMEOUT,
         )
 
     service = with_bus(args, go)
@@ -128,10 +65,10 @@ def cmd_service_create(args: argparse.Namespace) -> int:
 
 
 def cmd_service_apply(args: argparse.Namespace) -> int:
-    documents, source = cli_policy.load_documents(args.filename)
+    documents, source = files.load_documents(args.filename)
 
     async def go(bus: Bus) -> LBApplyReply:
-        return await apply_all_or_nothing(bus, documents, source)
+        return await lb.apply_all_or_nothing(bus, documents, source)
 
     for line in with_bus(args, go).results:
         print(line)
@@ -139,10 +76,7 @@ def cmd_service_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_service_list(args: argparse.Namespace) -> int:
-    async def go(bus: Bus) -> LBListReply:
-        return await bus.request(subjects.LB_LIST, Empty(), LBListReply, timeout=TIMEOUT)
-
-    found = with_bus(args, go).services
+    found = with_bus(args, lb.list_services)
     if args.namespace:
         found = [s for s in found if s.namespace == args.namespace]
     if args.output == "json":
@@ -154,9 +88,7 @@ def cmd_service_list(args: argparse.Namespace) -> int:
 
 def cmd_service_get(args: argparse.Namespace) -> int:
     async def go(bus: Bus) -> LBService:
-        return await bus.request(
-            subjects.LB_GET, LBServiceRef(name=args.name, namespace=args.namespace), LBService
-        )
+        return await lb.get(bus, args.namespace, args.name)
 
     service = with_bus(args, go)
     if args.output == "json":
@@ -170,12 +102,7 @@ def cmd_service_delete(args: argparse.Namespace) -> int:
     async def go(bus: Bus) -> list[str]:
         deleted: list[str] = []
         for name in args.names:
-            reply = await bus.request(
-                subjects.LB_DELETE,
-                LBServiceRef(name=name, namespace=args.namespace),
-                LBDeleteReply,
-            )
-            deleted.extend(reply.deleted)
+            deleted.extend(await lb.delete(bus, args.namespace, name))
         return deleted
 
     for key in with_bus(args, go):

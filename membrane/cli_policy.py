@@ -9,46 +9,14 @@ from typing import Any
 
 import yaml
 
-from membrane import output, workloads
+from membrane import output
+from membrane.client import files, policy, workloads
 from membrane.cliutil import with_bus
-from shared import kube_yaml, subjects
 from shared.bus import Bus
 from shared.errors import InvalidArgument
-from shared.messages import (
-    Empty,
-    ExplainReply,
-    ExplainRequest,
-    PolicyApplyReply,
-    PolicyApplyRequest,
-    PolicyDeleteReply,
-    PolicyDocument,
-    PolicyListReply,
-    PolicyRef,
-)
+from shared.messages import ExplainReply, ExplainRequest, PolicyApplyReply, PolicyRef
 
 PROTOCOLS = {"TCP": 6, "UDP": 17, "SCTP": 132, "ICMP": 1, "ANY": 0}
-TIMEOUT = 30.0
-
-
-def load_documents(path: str) -> tuple[list[dict[str, Any]], str]:
-    text, source = workloads.load_file(path)
-    # kubectl's reading (timestamps stay strings): the documents travel to the service as JSON
-    docs = [d for d in kube_yaml.load_all(text, source) if d is not None]
-    for index, doc in enumerate(docs, start=1):
-        if not isinstance(doc, dict):
-            raise InvalidArgument(f"{source}: document {index} is not a mapping", field="file")
-    return docs, source
-
-
-async def apply_documents(
-    bus: Bus, documents: list[dict[str, Any]], source: str, *, audit: bool, dry_run: bool
-) -> PolicyApplyReply:
-    return await bus.request(
-        subjects.POLICY_APPLY,
-        PolicyApplyRequest(documents=documents, source=source, audit=audit, dry_run=dry_run),
-        PolicyApplyReply,
-        timeout=TIMEOUT,
-    )
 
 
 def print_apply(reply: PolicyApplyReply) -> None:
@@ -61,10 +29,10 @@ def print_apply(reply: PolicyApplyReply) -> None:
 
 
 def cmd_policy_apply(args: argparse.Namespace) -> int:
-    documents, source = load_documents(args.filename)
+    documents, source = files.load_documents(args.filename)
 
     async def go(bus: Bus) -> PolicyApplyReply:
-        return await apply_documents(bus, documents, source, audit=args.audit, dry_run=False)
+        return await policy.apply_documents(bus, documents, source, audit=args.audit, dry_run=False)
 
     print_apply(with_bus(args, go))
     return 0
@@ -73,29 +41,14 @@ def cmd_policy_apply(args: argparse.Namespace) -> int:
 def cmd_policy_delete(args: argparse.Namespace) -> int:
     refs: list[PolicyRef] = []
     if args.filename:
-        documents, _ = load_documents(args.filename)
-        for doc in documents:
-            metadata = doc.get("metadata") or {}
-            refs.append(
-                PolicyRef(
-                    kind=str(doc.get("kind", "")),
-                    namespace=str(metadata.get("namespace") or "default")
-                    if doc.get("kind") != "CiliumClusterwideNetworkPolicy"
-                    else "",
-                    name=str(metadata.get("name", "")),
-                )
-            )
+        refs = policy.refs_of(files.load_documents(args.filename)[0])
     elif args.name:
         refs.append(PolicyRef(name=args.name, namespace=args.namespace))
     else:
         raise InvalidArgument("name a policy, or give -f FILE", field="name")
 
     async def go(bus: Bus) -> list[str]:
-        deleted: list[str] = []
-        for ref in refs:
-            reply = await bus.request(subjects.POLICY_DELETE, ref, PolicyDeleteReply)
-            deleted.extend(reply.deleted)
-        return deleted
+        return await policy.delete(bus, refs)
 
     for key in with_bus(args, go):
         print(f"{key} deleted")
@@ -103,19 +56,16 @@ def cmd_policy_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_policy_list(args: argparse.Namespace) -> int:
-    async def go(bus: Bus) -> PolicyListReply:
-        return await bus.request(subjects.POLICY_LIST, Empty(), PolicyListReply)
-
-    reply = with_bus(args, go)
+    policies = with_bus(args, policy.list_policies)
     if args.output == "json":
-        output.emit_json(reply.policies)
+        output.emit_json(policies)
         return 0
     print(
         output.table(
             ["KIND", "NAMESPACE", "NAME", "RULES", "SUBJECTS", "AUDIT"],
             [
                 [p.kind, p.namespace or "-", p.name, p.rules, p.subjects, "yes" if p.audit else ""]
-                for p in reply.policies
+                for p in policies
             ],
         )
     )
@@ -123,12 +73,10 @@ def cmd_policy_list(args: argparse.Namespace) -> int:
 
 
 def cmd_policy_get(args: argparse.Namespace) -> int:
-    async def go(bus: Bus) -> PolicyDocument:
-        return await bus.request(
-            subjects.POLICY_GET, PolicyRef(name=args.name, namespace=args.namespace), PolicyDocument
-        )
+    async def go(bus: Bus) -> dict[str, Any]:
+        return await policy.get(bus, args.namespace, args.name)
 
-    document = with_bus(args, go).document
+    document = with_bus(args, go)
     if args.output == "json":
         print(json.dumps(document, indent=2, sort_keys=True))
     else:
@@ -164,8 +112,8 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
     async def go(bus: Bus) -> ExplainReply:
         src = await workloads.find_pod(bus, *_pod_ref(args.src))
         dst = await workloads.find_pod(bus, *_pod_ref(args.dst))
-        return await bus.request(
-            subjects.POLICY_EXPLAIN,
+        return await policy.explain(
+            bus,
             ExplainRequest(
                 src_identity=src.identity,
                 dst_identity=dst.identity,
@@ -174,7 +122,6 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
                 src_ports=src.ports,
                 dst_ports=dst.ports,
             ),
-            ExplainReply,
         )
 
     reply = with_bus(args, go)

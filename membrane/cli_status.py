@@ -17,11 +17,12 @@ import nats.js.errors
 from prometheus_client.parser import text_string_to_metric_families
 
 from membrane import output
+from membrane.client import policy
 from shared import subjects
 from shared.bus import Bus, ServiceInfo
 from shared.errors import MembraneError
 from shared.flow_api import MonitorStatus
-from shared.messages import Empty, PolicyListReply
+from shared.messages import Empty
 
 SCRAPE_TIMEOUT_S = 2.0
 
@@ -78,10 +79,9 @@ async def _monitors(bus: Bus, replicas: list[ServiceInfo]) -> list[dict[str, Any
 
 async def _policies(bus: Bus) -> int | None:
     try:
-        reply = await bus.request(subjects.POLICY_LIST, Empty(), PolicyListReply, timeout=2)
+        return len(await policy.list_policies(bus, timeout=2))
     except MembraneError:
         return None
-    return len(reply.policies)
 
 
 async def gather(bus: Bus, found: list[ServiceInfo]) -> dict[str, Any]:

@@ -9,8 +9,9 @@ from typing import Any
 
 import yaml
 
-from membrane import manifests, output, workloads
-from membrane.cliutil import output_flag, with_bus
+from membrane import manifests, output
+from membrane.client import files, workloads
+from membrane.cliutil import output_flag, parse_labels, with_bus
 from membrane.manifests import PodDoc
 from shared import agent_api, gcpause
 from shared.agent_api import DumpReply, DumpRequest
@@ -24,7 +25,7 @@ def _pod_row(e: Endpoint) -> list[Any]:
 
 
 def cmd_pod_create(args: argparse.Namespace) -> int:
-    labels = workloads.parse_labels(args.labels or "")
+    labels = parse_labels(args.labels or "")
     manifest = {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -104,7 +105,7 @@ def _with_manifests(
 ) -> int:
     """Validate the whole file first (nothing happens on any error), then act on it."""
     with gcpause.paused():  # a bulk of documents: nothing for the collector to find
-        text, source = workloads.load_file(args.filename)
+        text, source = files.load_file(args.filename)
         docs = manifests.load(text, source)
 
         async def go(bus: Bus) -> list[str]:

@@ -10,6 +10,7 @@ from typing import TypeVar
 
 from membrane.state import StateDir, default_state_dir, resolve_nats_url
 from shared.bus import Bus
+from shared.errors import AlreadyExists, InvalidArgument
 
 T = TypeVar("T")
 
@@ -37,3 +38,16 @@ def with_bus(args: argparse.Namespace, action: Callable[[Bus], Awaitable[T]]) ->
 
 def output_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", choices=["table", "json"], default="table")
+
+
+def parse_labels(text: str) -> dict[str, str]:
+    """``k=v,k=v`` -> a label mapping."""
+    labels: dict[str, str] = {}
+    for index, item in enumerate(filter(None, text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidArgument(f"label {item!r} is not key=value", field=f"labels[{index}]")
+        if key in labels:
+            raise AlreadyExists(f"label {key!r} given twice", field=f"labels[{index}]")
+        labels[key.strip()] = value.strip()
+    return labels

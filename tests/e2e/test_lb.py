@@ -417,7 +417,7 @@ async def test_node_port_through_any_node_address(
 ) -> None:
     """A NodePort service is reached through each node's underlay address: the client's node
     translates to a backend at once (backends on the client's node, as elsewhere here)."""
-    from membrane import workloads
+    from membrane.client import workloads
 
     await asyncio.to_thread(create_pod, cluster, "np-client", "app=np-client")
     text = SERVICE.format(name="np", algorithm="random", extra="type: NodePort").replace(

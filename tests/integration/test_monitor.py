@@ -13,12 +13,12 @@ from collections.abc import AsyncIterator
 import msgspec
 import pytest
 
-from membrane import cli_observe
+from membrane.client import flows as flow_client
 from membrane.servers import ServerProcess
 from services.monitor.service import MonitorSettings, Running, start
 from shared import subjects
 from shared.bus import Bus
-from shared.flow_api import EnrichedFlow, FlowFilterTerm, FlowQuery, MonitorStatus
+from shared.flow_api import EnrichedFlow, FlowFilterTerm, FlowQuery, FlowQueryReply, MonitorStatus
 from shared.messages import (
     Empty,
     Endpoint,
@@ -110,7 +110,7 @@ async def test_batches_are_enriched_queried_and_republished(bus: Bus, monitor: R
     await bus.publish(subjects.flows("n2"), batch)
 
     async def two() -> list[EnrichedFlow]:
-        found = await cli_observe.query(bus, FlowQuery(last=10))
+        found = await flow_client.query(bus, FlowQuery(last=10))
         assert len(found) == 2
         return found
 
@@ -130,11 +130,11 @@ async def test_batches_are_enriched_queried_and_republished(bus: Bus, monitor: R
     await sub.unsubscribe()
 
     # filters and their negation, through the replica
-    drops = await cli_observe.query(
+    drops = await flow_client.query(
         bus, FlowQuery(filters=[FlowFilterTerm(field="verdict", values=["DROPPED"])])
     )
     assert [f.verdict for f in drops] == ["DROPPED"]
-    others = await cli_observe.query(
+    others = await flow_client.query(
         bus,
         FlowQuery(filters=[FlowFilterTerm(field="to_port", values=["81"], negate=True)]),
     )
@@ -145,9 +145,7 @@ async def test_batches_are_enriched_queried_and_republished(bus: Bus, monitor: R
         return FlowQuery(filters=[FlowFilterTerm(field="verdict", values=["DROPPED"])], last=5)
 
     async def in_history() -> None:
-        reply = await bus.request(
-            subjects.MONITOR_HISTORY, history_request(), cli_observe.FlowQueryReply
-        )
+        reply = await bus.request(subjects.MONITOR_HISTORY, history_request(), FlowQueryReply)
         assert [f.destination.port for f in reply.flows] == [81]
 
     await eventually(in_history, timeout=5, what="the drop in the history stream")
@@ -210,7 +208,7 @@ async def test_two_replicas_share_batches_and_a_query_sees_both(
         await bus.nc.flush()
 
         async def all_forty() -> None:
-            found = await cli_observe.query(bus, FlowQuery())
+            found = await flow_client.query(bus, FlowQuery())
             assert len(found) == 40
 
         await eventually(all_forty, timeout=10, what="40 flows across two replicas")
@@ -225,7 +223,7 @@ async def test_a_bad_filter_is_an_error_naming_it(bus: Bus, monitor: Running) ->
     from shared.errors import InvalidArgument
 
     with pytest.raises(InvalidArgument, match="unknown verdict"):
-        await cli_observe.query(
+        await flow_client.query(
             bus, FlowQuery(filters=[FlowFilterTerm(field="verdict", values=["MAYBE"])])
         )
     await asyncio.sleep(0)
@@ -243,10 +241,10 @@ async def test_after_a_restart_drops_come_from_history_and_since_bounds_the_ring
         await bus.publish(subjects.flows("n2"), FlowBatch(node="n2", flows=[old, new]))
 
         async def both() -> None:
-            assert len(await cli_observe.query(bus, FlowQuery())) == 2
+            assert len(await flow_client.query(bus, FlowQuery())) == 2
 
         await eventually(both, timeout=10, what="two drops in the ring")
-        recent = await cli_observe.query(bus, FlowQuery(since=now - 60))
+        recent = await flow_client.query(bus, FlowQuery(since=now - 60))
         assert [f.destination.port for f in recent] == [91]
     finally:
         await first.stop()
@@ -255,10 +253,10 @@ async def test_after_a_restart_drops_come_from_history_and_since_bounds_the_ring
     second = await start(settings)
     try:
         drops = FlowFilterTerm(field="verdict", values=["DROPPED"])
-        found = await cli_observe.query(bus, FlowQuery(filters=[drops], last=10))
+        found = await flow_client.query(bus, FlowQuery(filters=[drops], last=10))
         assert [f.destination.port for f in found] == [90, 91]
         assert found[0].source.pod == "xwing"  # stored enriched
-        recent = await cli_observe.query(bus, FlowQuery(filters=[drops], since=now - 60))
+        recent = await flow_client.query(bus, FlowQuery(filters=[drops], since=now - 60))
         assert [f.destination.port for f in recent] == [91]
     finally:
         await second.stop()

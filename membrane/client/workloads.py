@@ -1,6 +1,8 @@
-"""Pods, namespaces and Deployments in the local cluster, as the CLI manages them.
+"""Pods, namespaces and Deployments in the local cluster; the apply path of manifests.
 
-The CLI plays kubelet and controller here: it validates manifests, picks nodes, and asks each
+``apply``/``delete`` are what ``membrane apply -f``/``membrane delete -f`` run, and what any
+other source of manifests (the Kubernetes bridge) feeds. The client plays kubelet and
+controller here: it validates manifests, picks nodes, and asks each
 node's agent (over its unix socket) to wire pods. What exists is read back from the buckets the
 agents write, so there is no second source of truth.
 """
@@ -14,24 +16,15 @@ from pathlib import Path
 
 import msgspec
 
-from membrane import cli_lb, cli_policy, manifests
+from membrane import manifests
+from membrane.client import lb, policy
 from membrane.manifests import DeploymentDoc, NamespaceDoc, PodDoc, RoutedDoc
 from shared import agent_api, subjects
 from shared.agent_api import AddEndpoint, EndpointRef
 from shared.bus import Bus
-from shared.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
-from shared.messages import (
-    Endpoint,
-    LBDeleteReply,
-    LBServiceRef,
-    NamespaceRecord,
-    Node,
-    PolicyDeleteReply,
-    PolicyRef,
-)
-from shared.names import validate_dns_label
+from shared.errors import InvalidArgument, NotFound, Unavailable
+from shared.messages import Endpoint, NamespaceRecord, Node, PolicyRef
 
-METADATA_NAME_LABEL = "kubernetes.io/metadata.name"
 AGENT_TIMEOUT = 30.0
 
 
@@ -123,17 +116,6 @@ async def delete_namespace(bus: Bus, name: str) -> None:
     await kv.delete(name)
 
 
-def load_file(path: str) -> tuple[str, str]:
-    if path == "-":
-        import sys
-
-        return sys.stdin.read(), "-"
-    try:
-        return Path(path).read_text(), path
-    except OSError as exc:
-        raise InvalidArgument(f"cannot read {path}: {exc.strerror}", field="file") from None
-
-
 async def apply(bus: Bus, docs: Sequence[manifests.Document], source: str = "-") -> list[str]:
     """Create or update what the documents describe; returns one line per change.
 
@@ -147,10 +129,10 @@ async def apply(bus: Bus, docs: Sequence[manifests.Document], source: str = "-")
     policies = [doc.body for doc in routed if doc.service == manifests.SERVICE_POLICY]
     services = [doc.body for doc in routed if doc.service == manifests.SERVICE_LB]
     if policies:  # the policy service validates them before anything here changes
-        await cli_policy.apply_documents(bus, policies, source, audit=False, dry_run=True)
+        await policy.apply_documents(bus, policies, source, audit=False, dry_run=True)
     lb_lines: list[str] = []
     if services:  # the lb service checks all of them before it changes anything
-        lb_lines = (await cli_lb.apply_all_or_nothing(bus, services, source)).results
+        lb_lines = (await lb.apply_all_or_nothing(bus, services, source)).results
     for doc in docs:
         if isinstance(doc, NamespaceDoc):
             changed = await put_namespace(bus, doc)
@@ -166,7 +148,7 @@ async def apply(bus: Bus, docs: Sequence[manifests.Document], source: str = "-")
             lines.extend(await _scale(bus, doc, existing, known_nodes))
     lines.extend(lb_lines)
     if policies:
-        reply = await cli_policy.apply_documents(bus, policies, source, audit=False, dry_run=False)
+        reply = await policy.apply_documents(bus, policies, source, audit=False, dry_run=False)
         lines.extend(reply.results)
         lines.extend(
             f"note: {key} has L7 rules, enforced at L4 only for now" for key in reply.l7_at_l4
@@ -213,19 +195,12 @@ async def delete(bus: Bus, docs: Sequence[manifests.Document], source: str = "-"
                 await delete_pod(bus, endpoint.namespace, endpoint.name)
             lines.append(f"deployment/{doc.name} deleted ({len(pods)} pods)")
         elif isinstance(doc, RoutedDoc) and doc.service == "policy":
-            reply = await bus.request(
-                subjects.POLICY_DELETE,
-                PolicyRef(kind=doc.kind, namespace=doc.namespace, name=doc.name),
-                PolicyDeleteReply,
-            )
-            lines.extend(f"{key} deleted" for key in reply.deleted)
+            ref = PolicyRef(kind=doc.kind, namespace=doc.namespace, name=doc.name)
+            lines.extend(f"{key} deleted" for key in await policy.delete(bus, [ref]))
         elif isinstance(doc, RoutedDoc):
-            subject = subjects.LB_DELETE if doc.kind == "Service" else subjects.LB_DELETE_SLICE
             try:
-                lb_reply = await bus.request(
-                    subject, LBServiceRef(name=doc.name, namespace=doc.namespace), LBDeleteReply
-                )
-                lines.extend(f"{doc.kind.lower()}/{key} deleted" for key in lb_reply.deleted)
+                deleted = await lb.delete(bus, doc.namespace, doc.name, kind=doc.kind)
+                lines.extend(f"{doc.kind.lower()}/{key} deleted" for key in deleted)
             except NotFound:
                 lines.append(f"{doc.kind.lower()}/{doc.name} not found")
     for doc in docs:
@@ -242,20 +217,3 @@ def exec_in_pod(endpoint: Endpoint, command: Sequence[str]) -> None:
     if not endpoint.netns or not Path(endpoint.netns).exists():
         raise Unavailable(f"the network namespace of {endpoint.namespace}/{endpoint.name} is gone")
     os.execvp("nsenter", ["nsenter", f"--net={endpoint.netns}", "--", *command])
-
-
-def parse_labels(text: str) -> dict[str, str]:
-    labels: dict[str, str] = {}
-    for index, item in enumerate(filter(None, text.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise InvalidArgument(f"label {item!r} is not key=value", field=f"labels[{index}]")
-        if key in labels:
-            raise AlreadyExists(f"label {key!r} given twice", field=f"labels[{index}]")
-        labels[key.strip()] = value.strip()
-    return labels
-
-
-def check_namespace(name: str) -> str:
-    validate_dns_label(name, "namespace")
-    return name
