@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 
 from shared import log
@@ -76,3 +77,12 @@ async def periodically(interval: float, action: Callable[[], Awaitable[None]]) -
             raise
         except Exception:
             _log.exception("periodic task failed", action=getattr(action, "__name__", "?"))
+
+
+def unblock_aiohttp() -> None:
+    """Let aiohttp be imported again: the Kubernetes client (``kubernetes.aio``) runs on it.
+
+    ``membrane/__init__`` hides it from nats.py to keep every CLI command's start-up short.
+    """
+    if "aiohttp" in sys.modules and sys.modules["aiohttp"] is None:
+        del sys.modules["aiohttp"]

@@ -16,9 +16,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from membrane.servers import NatsServer, RedisServer, ServerProcess
 from shared.bus import Bus
+from shared.runtime import unblock_aiohttp
 
 REPO = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
+unblock_aiohttp()  # the fake Kubernetes API server and the official client run on it
 
 
 @pytest.fixture
