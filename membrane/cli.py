@@ -8,7 +8,7 @@ import ipaddress
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import uvloop
@@ -233,24 +233,68 @@ def cmd_identity_release(args: argparse.Namespace) -> int:
 # --- parser ----------------------------------------------------------------------------------
 
 
+class Parser(argparse.ArgumentParser):
+    """Every parser of the tree: an argument none of them knows is reported by the
+    subcommand it was given to, with that subcommand's usage (argparse leaves extras to the
+    top level, which prints its own usage)."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
+
+
+def add_global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """The options every command takes, before or after the subcommand. Below the top their
+    default is "absent", so that a value given before the subcommand is not overwritten."""
+
+    def default(value: object) -> object:
+        return value if top else argparse.SUPPRESS
+
+    for flag, kwargs in GLOBAL_OPTIONS:
+        if flag not in parser._option_string_actions:  # `run SERVICE` has its own --nats-url
+            parser.add_argument(flag, **kwargs, default=default(GLOBAL_DEFAULTS.get(flag)))
+
+
+GLOBAL_OPTIONS: list[tuple[str, dict[str, Any]]] = [
+    (
+        "--state-dir",
+        {
+            "help": "local cluster state directory "
+            "[env MEMBRANE_STATE_DIR, default /var/lib/membrane as root]"
+        },
+    ),
+    (
+        "--nats-url",
+        {"help": "NATS to talk to [env MEMBRANE_NATS_URL, default: the local cluster's]"},
+    ),
+    ("--timeout", {"type": float, "help": "seconds to wait for NATS (default 5)"}),
+]
+GLOBAL_DEFAULTS: dict[str, object] = {"--timeout": 5.0}
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every parser below ``parser``, depth first."""
+    found: list[argparse.ArgumentParser] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):  # aliases map to one parser
+                found.append(child)
+                found.extend(_subparsers(child))
+    return found
+
+
 def build_parser(run_flags: bool = True) -> argparse.ArgumentParser:
     """The whole command line; ``run_flags``: the settings flags of ``run SERVICE``, which
     import every service (main() asks for them only when the command is ``run``)."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="membrane",
         description="Container networking with identity-based security and an eBPF datapath.",
     )
-    parser.add_argument(
-        "--state-dir",
-        help="local cluster state directory "
-        "[env MEMBRANE_STATE_DIR, default /var/lib/membrane as root]",
-    )
-    parser.add_argument(
-        "--nats-url", help="NATS to talk to [env MEMBRANE_NATS_URL, default: the local cluster's]"
-    )
-    parser.add_argument(
-        "--timeout", type=float, default=5.0, help="seconds to wait for NATS (default 5)"
-    )
+    add_global_options(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("up", help="start the local cluster")
@@ -318,7 +362,17 @@ def build_parser(run_flags: bool = True) -> argparse.ArgumentParser:
     sp.add_argument("--owner", default="cli")
     cliutil.output_flag(sp)
     sp.set_defaults(func=cmd_identity_release)
+    for child in _subparsers(parser):
+        add_global_options(child, top=False)
     return parser
+
+
+def located(exc: MembraneError) -> str:
+    """The error with its location said once: a message that names its field already (the
+    policy parser's do, with the file and document) is not prefixed with it again."""
+    if exc.field and exc.field in exc.message:
+        return exc.message
+    return str(exc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -331,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return func(args)
     except MembraneError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {located(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

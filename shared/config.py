@@ -88,9 +88,13 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
         default = f.default if f.default is not dataclasses.MISSING else None
         if isinstance(default, tuple):
             default = ",".join(default)
+        flag_only = _base_type(hints[f.name]) is bool
         parser.add_argument(
             flag_name(f.name),
             dest=f.name,
+            # a boolean may stand alone (``--dump-program``) or take a value (``... false``)
+            nargs="?" if flag_only else None,
+            const="true" if flag_only else None,
             # absent flags leave no attribute, so they never mask one set by a parent parser
             default=argparse.SUPPRESS,
             metavar=_base_type(hints[f.name]).__name__.upper()
