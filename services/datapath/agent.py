@@ -21,7 +21,7 @@ from nats.js.kv import KeyValue
 from prometheus_client import Counter, Gauge
 
 from services.datapath import netns
-from services.datapath.ipcache_sync import IPCacheSync, entry_value
+from services.datapath.ipcache_sync import IPCacheSync
 from services.datapath.lb_sync import LBSync
 from services.datapath.loader import Datapath
 from services.datapath.local_ipam import NodeIPAM
@@ -571,12 +571,13 @@ class Agent:
                 # an address nobody can vouch for is treated as unknown (world), not as before
                 BAD_MESSAGES.labels(subjects.KV_IPCACHE).inc()
                 entry = None
-        old_net = self.ipcache.keys.get(event.key)
-        old = self.ipcache.from_kv.get(old_net) if old_net is not None else None
-        changed = entry is None or entry_value(entry) != (old_net, old)
-        if old_net is not None and old is not None and changed:
-            self.ct_stale.add(str(old_net.network_address))
+        # connections of an address whose holder changed go; a policy prefix naming an owned
+        # address changes no holder
+        old = self.ipcache.value_of(event.key)
+        before = self.ipcache.chosen(old[0]) if old is not None else None
         self.ipcache.apply(event.key, entry)
+        if old is not None and self.ipcache.chosen(old[0]) != before:
+            self.ct_stale.add(str(old[0].network_address))
         KV_TO_MAP.labels(subjects.KV_IPCACHE).inc()
 
     async def follow(self, name: str, kv: KeyValue, handle: Callable[[KVEvent], None]) -> None:

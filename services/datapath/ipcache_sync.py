@@ -1,5 +1,12 @@
 """Keep the ipcache map equal to the ``ipcache`` KV bucket plus this node's own addresses.
 
+Addresses keep their owner (Cilium's ipcache precedence): for one prefix, this node's own
+addresses (``local``) beat the bucket's owned entries (an endpoint, a node, the health
+endpoint: any identity below ``LOCAL_BASE``), which beat the CIDR identities policies publish.
+A policy naming a pod's ``/32`` (an ``ipBlock.except``, say) therefore never changes who the
+address belongs to, and deleting it leaves the pod's entry as it was. Prefixes of policies
+still reach the map for addresses nobody owns, with the map's longest-prefix match.
+
 Each KV change becomes at most one map write; at start the bucket's snapshot is applied entry
 by entry (unchanged entries are not rewritten) and then whatever a previous agent left that
 nobody wants is pruned, so nothing is ever flushed.
@@ -13,7 +20,7 @@ from ipaddress import IPv4Address, IPv4Network
 from prometheus_client import Counter
 
 from services.datapath.maps import IPCacheValue
-from shared import log
+from shared import identities, log
 from shared.messages import IPCacheEntry
 
 UPDATES = Counter(
@@ -26,18 +33,40 @@ def entry_value(entry: IPCacheEntry) -> tuple[IPv4Network, IPCacheValue]:
     return IPv4Network(entry.cidr), IPCacheValue(entry.identity, tunnel)
 
 
+def is_prefix(value: IPCacheValue) -> bool:
+    """A policy's CIDR identity (node-local), not an address someone owns."""
+    return value.identity >= identities.LOCAL_BASE
+
+
 class IPCacheSync:
     def __init__(self, ipcache_map: MutableMapping[IPv4Network, IPCacheValue]) -> None:
         self.map = ipcache_map
-        # the bucket's view (KV key -> address, address -> value) and the addresses this node
-        # pins itself (its own host and router addresses), which win over the bucket
+        # the bucket's view: KV key -> address, and per address the value of each key naming
+        # it (an owner's key and a policy prefix's key can name the same /32); and the
+        # addresses this node pins itself (its own host and router addresses), which win
         self.keys: dict[str, IPv4Network] = {}
-        self.from_kv: dict[IPv4Network, IPCacheValue] = {}
+        self.from_kv: dict[IPv4Network, dict[str, IPCacheValue]] = {}
         self.local: dict[IPv4Network, IPCacheValue] = {}
         self.log = log.get("datapath.ipcache")
 
+    def value_of(self, key: str) -> tuple[IPv4Network, IPCacheValue] | None:
+        """What the bucket's ``key`` says now, if anything."""
+        net = self.keys.get(key)
+        return None if net is None else (net, self.from_kv[net][key])
+
+    def chosen(self, net: IPv4Network) -> IPCacheValue | None:
+        """The value the map holds for ``net``: local, else an owner, else a policy prefix."""
+        if (value := self.local.get(net)) is not None:
+            return value
+        named = self.from_kv.get(net)
+        if not named:
+            return None
+        # owners before prefixes; among equals the smallest key, so every agent agrees
+        return min(named.items(), key=lambda kv: (is_prefix(kv[1]), kv[0]))[1]
+
     def desired(self) -> dict[IPv4Network, IPCacheValue]:
-        return {**self.from_kv, **self.local}
+        nets = set(self.from_kv) | set(self.local)
+        return {net: value for net in nets if (value := self.chosen(net)) is not None}
 
     def prune(self) -> int:
         """Delete map entries nothing wants (left by a previous agent); after the snapshot."""
@@ -61,17 +90,20 @@ class IPCacheSync:
         """One KV change: write or delete the single affected entry."""
         old = self.keys.pop(key, None)
         if old is not None:
-            self.from_kv.pop(old, None)
+            named = self.from_kv[old]
+            del named[key]
+            if not named:
+                del self.from_kv[old]
         if entry is not None:
             net, value = entry_value(entry)
             self.keys[key] = net
-            self.from_kv[net] = value
+            self.from_kv.setdefault(net, {})[key] = value
             self._write(net)
-        if old is not None and old not in self.from_kv:
+        if old is not None and (entry is None or old != self.keys[key]):
             self._write(old)
 
     def _write(self, net: IPv4Network) -> None:
-        value = self.local.get(net) or self.from_kv.get(net)
+        value = self.chosen(net)
         if value is None:
             if self.map.pop(net, None) is not None:
                 UPDATES.labels("delete").inc()

@@ -80,9 +80,10 @@ class Enricher:
         )
 
     def on_ipcache(self, key: str, value: bytes | None) -> None:
-        address = key.split("/")[0]
         if value is None:
-            self.ip_nodes.pop(address, None)
+            # a pod's key is its bare address; a policy prefix's ("10.0.1.5/32") owns no node
+            if "/" not in key:
+                self.ip_nodes.pop(key, None)
             return
         entry = self._decode(value, IPCacheEntry)
         if entry is not None and entry.node and entry.cidr.endswith("/32"):

@@ -8,13 +8,15 @@ udpc IP PORT                  the same from a connected socket, which hears ICMP
 stream IP PORT COUNT GAP_MS   send COUNT numbered datagrams, GAP_MS apart (no answers awaited)
 count PORT SECONDS            count datagrams arriving on PORT for SECONDS; print the count
 matrix TIMEOUT IP:PORT...     try every TCP connection at once; print {"IP:PORT": outcome} as JSON,
-                              outcome "ok" (answered), "timeout" (dropped) or the error's name
+                              outcome "ok" (answered), "timeout" (dropped) or the error's name;
+                              a target "udp:IP:PORT" sends one UDP datagram and awaits the answer
 whoami tcp|udp PORT           answer every connection / datagram with this pod's own address
 ask tcp|udp IP PORT N [SPORT [GAP_MS]]  N connections (or datagrams from one source port
                               SPORT, 0: any), GAP_MS apart; print the answers as a JSON list
                               (from the address in $NETPROBE_SOURCE when it is set)
-agent PORT...                 serve TCP on every PORT, print "ready", then answer each stdin line
-                              "TIMEOUT IP:PORT..." with one line of matrix JSON, until EOF
+agent PORT...                 serve TCP (and UDP, for a PORT "udp:N") on every PORT, print "ready",
+                              then answer each stdin line "TIMEOUT TARGET..." with one line of
+                              matrix JSON, until EOF
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ def _answer_forever(listener: socket.socket) -> None:
 
 def _attempt(target: str, timeout: float) -> str:
     ip, _, port = target.rpartition(":")
+    if ip.startswith("udp:"):
+        return _attempt_udp(ip.removeprefix("udp:"), int(port), timeout)
     try:
         with socket.create_connection((ip, int(port)), timeout=timeout) as sock:
             sock.sendall(b"ping")
@@ -70,6 +74,31 @@ def _attempt(target: str, timeout: float) -> str:
         return "timeout"
     except OSError as exc:
         return type(exc).__name__
+
+
+def _attempt_udp(ip: str, port: int, timeout: float) -> str:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect((ip, port))
+            sock.send(b"ping")
+            return "ok" if sock.recv(2048) == b"pong ping" else "bad answer"
+        except TimeoutError:
+            return "timeout"
+        except OSError as exc:
+            return type(exc).__name__
+
+
+def _bind_udp(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("0.0.0.0", port))
+    return sock
+
+
+def _answer_udp_forever(sock: socket.socket) -> None:
+    while True:
+        data, peer = sock.recvfrom(2048)
+        sock.sendto(b"pong " + data, peer)
 
 
 def matrix(timeout: float, targets: list[str]) -> dict[str, str]:
@@ -87,9 +116,14 @@ def matrix(timeout: float, targets: list[str]) -> dict[str, str]:
     return results
 
 
-def agent(ports: list[int]) -> int:
-    for listener in [_listen(port) for port in ports]:
-        threading.Thread(target=_answer_forever, args=(listener,), daemon=True).start()
+def agent(ports: list[str]) -> int:
+    for port in ports:
+        if port.startswith("udp:"):
+            sock = _bind_udp(int(port[4:]))
+            threading.Thread(target=_answer_udp_forever, args=(sock,), daemon=True).start()
+        else:
+            listener = _listen(int(port))
+            threading.Thread(target=_answer_forever, args=(listener,), daemon=True).start()
     print("ready", flush=True)
     for line in sys.stdin:
         timeout, *targets = line.split()
@@ -238,7 +272,7 @@ def main(argv: list[str]) -> int:
         gap = float(rest[5]) if len(rest) > 5 else 0.0
         return ask(rest[0], rest[1], int(rest[2]), int(rest[3]), sport, gap)
     if command == "agent":
-        return agent([int(p) for p in rest])
+        return agent(rest)
     print(__doc__)
     return 2
 

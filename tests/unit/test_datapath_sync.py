@@ -20,6 +20,7 @@ from services.datapath.maps import (
 from services.datapath.policy_compiler import PolicyKey, PolicyValue
 from services.datapath.policy_sync import LocalEndpoint, PolicySync
 from shared.errors import ResourceExhausted
+from shared.identities import LOCAL_BASE
 from shared.messages import ContainerPort, IPCacheEntry, PolicyEntry, ResolvedPolicy
 
 K = TypeVar("K")
@@ -295,6 +296,60 @@ def test_a_local_address_removed_before_or_after_the_bucket_delete_is_gone() -> 
             assert net in cache  # the bucket still says so, until its delete arrives
             sync.apply("10.0.0.5", None)
         assert net not in cache
+
+
+def prefix(cidr: str, identity: int) -> IPCacheEntry:
+    """What the policy service publishes for a network a policy names (key: the CIDR)."""
+    return IPCacheEntry(cidr=cidr, identity=identity)
+
+
+def test_a_policy_prefix_never_takes_an_owned_address_and_its_removal_restores_nothing_lost() -> (
+    None
+):
+    # the regression of issue 14: an ipBlock.except naming another pod's /32 rewrote the pod's
+    # entry into a CIDR identity without a tunnel endpoint, and deleting the policy deleted it
+    cidr_id = LOCAL_BASE | 77
+    for prefix_first in (True, False):
+        cache: CountingMap[IPv4Network, IPCacheValue] = CountingMap()
+        sync = IPCacheSync(cache)
+        sync.apply("10.0.0.1", entry("10.0.0.1", 300))
+        sync.apply("10.0.0.0/24", prefix("10.0.0.0/24", LOCAL_BASE | 1))
+        before = dict(cache.data)
+        if prefix_first:
+            sync.apply("10.0.0.5/32", prefix("10.0.0.5/32", cidr_id))
+            assert cache[IPv4Network("10.0.0.5/32")].identity == cidr_id  # nobody's, for now
+            sync.apply("10.0.0.5", entry("10.0.0.5", 400))
+        else:
+            sync.apply("10.0.0.5", entry("10.0.0.5", 400))
+            before = dict(cache.data)
+            writes = cache.writes
+            sync.apply("10.0.0.5/32", prefix("10.0.0.5/32", cidr_id))
+            assert cache.writes == writes  # the map did not even see it
+        owned = IPCacheValue(400, IPv4Address("172.31.0.11"))
+        assert cache[IPv4Network("10.0.0.5/32")] == owned
+        assert cache[IPv4Network("10.0.0.1/32")].identity == 300  # inside the /24: still its own
+        assert sync.prune() == 0
+        sync.apply("10.0.0.5/32", None)  # the policy goes
+        assert cache[IPv4Network("10.0.0.5/32")] == owned
+        if not prefix_first:
+            assert cache.data == before
+        sync.apply("10.0.0.5", None)  # then the pod: nothing of either is left
+        assert IPv4Network("10.0.0.5/32") not in cache
+
+
+def test_the_owner_leaving_hands_the_address_back_to_the_policy_prefix() -> None:
+    cache: CountingMap[IPv4Network, IPCacheValue] = CountingMap()
+    sync = IPCacheSync(cache)
+    net = IPv4Network("10.0.0.5/32")
+    sync.apply("10.0.0.5", entry("10.0.0.5", 400))
+    sync.apply("10.0.0.5/32", prefix("10.0.0.5/32", LOCAL_BASE | 3))
+    sync.apply("10.0.0.5", None)
+    assert cache[net] == IPCacheValue(LOCAL_BASE | 3, IPv4Address(0))
+    sync.set_local(net, IPCacheValue(1))  # and this node's own address beats both
+    assert cache[net].identity == 1
+    sync.apply("10.0.0.5", entry("10.0.0.5", 400))
+    sync.remove_local(net)
+    assert cache[net].identity == 400
 
 
 def test_node_ipam_skips_the_router_and_does_not_reuse_at_once() -> None:
