@@ -88,3 +88,50 @@ spec:
     world.cluster.run("delete", "-f", str(path))
     world.settle(Reachability(world.pods, True), TCP80, "after deleting the policy")
     assert ipcache(world.cluster) == before, "deleting the policy did not restore the ipcache"
+
+
+# --- bad input: rejected as the API server would, naming the field; nothing applied -------------
+
+GOOD = """
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny-all-ingress, namespace: x}
+spec: {podSelector: {}, policyTypes: [Ingress]}
+"""
+
+
+@pytest.mark.parametrize(
+    ("spec", "field", "reason"),
+    [
+        (
+            "ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/33}}]}]",
+            "spec.ingress[0].from[0].ipBlock.cidr",
+            "'10.0.0.0/33' is not a CIDR",
+        ),
+        (
+            "egress: [{to: [{ipBlock: {cidr: 10.0.0.0/16, except: [10.1.0.0/24]}}]}]",
+            "spec.egress[0].to[0].ipBlock.except[0]",
+            "10.1.0.0/24 is not a strict subnet of 10.0.0.0/16",
+        ),
+        (
+            "ingress: [{ports: [{port: 81, endPort: 80}]}]",
+            "spec.ingress[0].ports[0].endPort",
+            "must be greater than or equal to port",
+        ),
+    ],
+    ids=["invalid-cidr", "except-outside-cidr", "endport-below-port"],
+)
+def test_an_invalid_network_policy_is_rejected_naming_the_field_and_nothing_is_applied(
+    world: World, tmp_path: Path, spec: str, field: str, reason: str
+) -> None:
+    bad = (
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n"
+        f"metadata: {{name: bad, namespace: y}}\nspec:\n  podSelector: {{}}\n  {spec}\n"
+    )
+    path = tmp_path / "batch.yaml"
+    path.write_text(GOOD + "---\n" + bad)
+    result = world.cluster.run("apply", "-f", str(path), check=False)
+    assert result.returncode != 0
+    assert field in result.stderr and reason in result.stderr, result.stderr
+    assert world.cluster.json("policy", "list") == []  # not even the valid document
+    world.settle(Reachability(world.pods, True), TCP80, "after the rejected batch")

@@ -1714,6 +1714,43 @@ ERRORS: list[tuple[str, dict[str, Any], str, str]] = [
         "not a strict subnet of 10.0.0.0/8",
     ),
     (
+        "knp ipBlock except disjoint from its cidr",
+        knp_rule({"from": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["192.168.1.0/24"]}}]}),
+        f"{KPEER}.ipBlock.except[0]",
+        "192.168.1.0/24 is not a strict subnet of 10.0.0.0/8",
+    ),
+    (
+        "knp ipBlock IPv6 except in an IPv4 cidr",
+        knp_rule({"from": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["fd00::/64"]}}]}),
+        f"{KPEER}.ipBlock.except[0]",
+        "not a strict subnet of 10.0.0.0/8",
+    ),
+    (
+        "knp ipBlock bad except",
+        knp_rule({"from": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.1.0.0/33"]}}]}),
+        f"{KPEER}.ipBlock.except[0]",
+        "'10.1.0.0/33' is not a CIDR",
+    ),
+    (
+        "knp egress ipBlock except outside",
+        knp(
+            {
+                "podSelector": {},
+                "egress": [
+                    {"to": [{"ipBlock": {"cidr": "10.1.0.0/16", "except": ["10.0.0.0/8"]}}]}
+                ],
+            }
+        ),
+        "spec.egress[0].to[0].ipBlock.except[0]",
+        "10.0.0.0/8 is not a strict subnet of 10.1.0.0/16",
+    ),
+    (
+        "knp ipBlock address without prefix",
+        knp_rule({"from": [{"ipBlock": {"cidr": "10.1.2.3"}}]}),
+        f"{KPEER}.ipBlock.cidr",
+        "is not a CIDR",
+    ),
+    (
         "knp bad ipBlock",
         knp_rule({"from": [{"ipBlock": {"cidr": "10.0.0/8"}}]}),
         f"{KPEER}.ipBlock.cidr",
