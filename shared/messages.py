@@ -193,7 +193,7 @@ class PolicyEntry(Message):
     port_name: str = ""
     deny: bool = False
     rule_id: int = 0  # key into ResolvedPolicy.rules; carried into every verdict
-    l7: list[dict[str, object]] = []  # L7 rules, carried for the proxy (enforced at L4 for now)
+    l7: list[dict[str, object]] = []  # L7 rules: the connections go to the node's proxy
 
 
 class ResolvedPolicy(Message):
@@ -280,7 +280,7 @@ class PolicyApplyRequest(Message):
 class PolicyApplyReply(Message):
     results: list[str]  # "CiliumNetworkPolicy/default/rule1 created|configured|unchanged"
     warnings: list[str] = []
-    l7_at_l4: list[str] = []  # policies whose L7 rules are accepted but enforced at L4 only
+    l7_at_l4: list[str] = []  # policies with L7 rules (name kept for the wire)
 
 
 class PolicyRef(Message):

@@ -20,6 +20,8 @@ NO_SERVICE: Final = 158  # DROP_NO_SERVICE: a service frontend without a backend
 UNKNOWN_CT: Final = 163  # DROP_UNKNOWN_CT
 NO_FIB: Final = 169  # DROP_NO_FIB
 INVALID_IDENTITY: Final = 171  # DROP_INVALID_IDENTITY
+# an allow with L7 rules whose connection the proxy could not take (fail closed)
+PROXY_UNSUPPORTED: Final = 180  # DROP_PROXY_UNKNOWN_PROTO
 POLICY_DENY: Final = 181  # DROP_POLICY_DENY: a deny entry matched (deny beats allow)
 INVALID_VNI: Final = 183  # DROP_INVALID_VNI
 TTL_EXCEEDED: Final = 196  # DROP_TTL_EXCEEDED

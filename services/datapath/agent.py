@@ -697,7 +697,7 @@ class Agent:
                 "protocol": key.protocol,
                 "port": key.port,
                 "prefixlen": key.prefixlen,
-                "action": "deny" if value.deny else "allow",
+                "action": "deny" if value.deny else "proxy" if value.proxy_port else "allow",
                 "rule_id": value.rule_id,
                 "rule": rules.get(value.rule_id, ""),
             }

@@ -169,7 +169,7 @@ def decode_ct(key: bytes, value: bytes, now_ns: int) -> CTEntry:
 
 
 _POLICY_KEY = struct.Struct("<I4sB3x4sBxH")
-_POLICY_VALUE = struct.Struct("<IB3x")
+_POLICY_VALUE = struct.Struct("<IBxH")
 
 
 def unpack_policy_key(data: bytes) -> PolicyKey:
@@ -185,8 +185,8 @@ def unpack_policy_key(data: bytes) -> PolicyKey:
 
 
 def unpack_policy_value(data: bytes) -> PolicyValue:
-    rule_id, deny = _POLICY_VALUE.unpack(data)
-    return PolicyValue(rule_id=rule_id, deny=bool(deny))
+    rule_id, deny, proxy_port = _POLICY_VALUE.unpack(data)
+    return PolicyValue(rule_id=rule_id, deny=bool(deny), proxy_port=proxy_port)
 
 
 class BpfMap(MutableMapping[K, V], Generic[K, V]):

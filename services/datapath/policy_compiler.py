@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from shared.messages import ContainerPort, PolicyEntry, ResolvedPolicy
+from shared.proxy import PROXY_PORT
 
 INGRESS = 1
 EGRESS = 2
@@ -48,7 +49,7 @@ KEY_BITS = PROTO_BITS + 16  # port
 _MAX_PORT = 0xFFFF
 _PREFIXLEN = struct.Struct("<I")
 _DATA = struct.Struct(">IB3xIBxH")
-_VALUE = struct.Struct("<IB3x")
+_VALUE = struct.Struct("<IBxH")
 
 
 @dataclass(frozen=True, order=True)
@@ -85,10 +86,13 @@ class PolicyKey:
 class PolicyValue:
     rule_id: int
     deny: bool
+    # non-zero: the entry's port carries L7 rules; its connections go to the node's proxy on
+    # this port (and are dropped when it cannot take them), never allowed at L4
+    proxy_port: int = 0
 
     def pack(self) -> bytes:
         """The C ``struct policy_value`` (host order, little-endian here)."""
-        return _VALUE.pack(self.rule_id, int(self.deny))
+        return _VALUE.pack(self.rule_id, int(self.deny), self.proxy_port)
 
 
 # (prefixlen, protocol, port) of a key within its slot
@@ -152,8 +156,14 @@ def _ancestors(prefix: _Prefix) -> Iterator[_Prefix]:
 
 
 def _stronger(new: PolicyValue, old: PolicyValue) -> bool:
-    """Which of two values for one key is kept: deny beats allow, then the lowest rule id."""
-    return (not new.deny, new.rule_id) < (not old.deny, old.rule_id)
+    """Which of two values for one key is kept: deny beats allow, an L7 redirect beats a plain
+    allow (the proxy then allows what the plain allow does: every request), then the lowest
+    rule id."""
+    return (not new.deny, not new.proxy_port, new.rule_id) < (
+        not old.deny,
+        not old.proxy_port,
+        old.rule_id,
+    )
 
 
 def _without_hidden_allows(slot: Mapping[_Prefix, PolicyValue]) -> dict[_Prefix, PolicyValue]:
@@ -190,6 +200,7 @@ def compile_endpoint(
     policy: ResolvedPolicy | None,
     ports: Sequence[ContainerPort],
     peer_ports: Mapping[int, Sequence[ContainerPort]] | None = None,
+    proxy_port: int = PROXY_PORT,
 ) -> dict[PolicyKey, PolicyValue]:
     """All trie entries of one endpoint, both directions (none without a policy).
 
@@ -197,7 +208,8 @@ def compile_endpoint(
     egress: ``peer_ports`` gives each peer identity's container ports (its pods', cluster-wide).
     An egress entry for any peer becomes one entry per identity declaring the name, with that
     identity's number, so that each destination is reached on its own port only. Whether a
-    direction is enforced lives in the endpoint map, not here.
+    direction is enforced lives in the endpoint map, not here. An allow with L7 rules holds
+    ``proxy_port``: the node's proxy decides its connections.
     """
     out: dict[PolicyKey, PolicyValue] = {}
     if policy is None:
@@ -206,7 +218,8 @@ def compile_endpoint(
     for direction, entries in ((INGRESS, policy.ingress), (EGRESS, policy.egress)):
         slots: dict[int, dict[_Prefix, PolicyValue]] = {}
         for entry in entries:
-            value = PolicyValue(entry.rule_id, entry.deny)
+            redirect = proxy_port if entry.l7 and not entry.deny else 0
+            value = PolicyValue(entry.rule_id, entry.deny, redirect)
             targets: Iterable[tuple[int, Sequence[ContainerPort]]]
             if direction == INGRESS or not entry.port_name:
                 targets = ((entry.peer, ports),)
@@ -261,11 +274,12 @@ def verdict(
     protocol: int,
     port: int,
 ) -> tuple[str, int]:
-    """The datapath's policy decision: ("allow" | "deny" | "none", rule id).
+    """The datapath's policy decision: ("allow" | "proxy" | "deny" | "none", rule id).
 
     Mirrors ``policy_check`` in bpf/datapath.c: the peer's slot and the any-identity slot, a
-    deny from either first, then an allow, the peer's result before the other. "none" (rule 0)
-    is a drop only when the direction is enforced, which the caller knows.
+    deny from either first, then an allow, the peer's result before the other; "proxy" is an
+    allow with L7 rules (the proxy decides each request). "none" (rule 0) is a drop only when
+    the direction is enforced, which the caller knows.
     """
     found = [
         _lookup(entries, PolicyKey(KEY_BITS, endpoint, direction, identity, protocol, port))
@@ -274,5 +288,7 @@ def verdict(
     for deny in (True, False):
         for value in found:
             if value is not None and value.deny is deny:
-                return ("deny" if deny else "allow", value.rule_id)
+                if deny:
+                    return ("deny", value.rule_id)
+                return ("proxy" if value.proxy_port else "allow", value.rule_id)
     return ("none", 0)

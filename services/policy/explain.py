@@ -26,6 +26,7 @@ DENY = "deny"
 DROP = "drop (no rule allows)"
 NOT_ENFORCED = "not enforced"
 AUDIT = "audit (would be dropped; allowed and reported)"
+PROXY = "proxy (L7 rules decide each request)"
 _ENDPOINT = 1  # any endpoint number: the compiled entries of one endpoint are looked up alone
 
 
@@ -44,7 +45,7 @@ class SideVerdict:
     direction: str  # "egress" | "ingress"
     subject: int  # whose policy decides
     peer: int  # the other side
-    verdict: str  # ALLOW | DENY | DROP | NOT_ENFORCED | AUDIT
+    verdict: str  # ALLOW | PROXY | DENY | DROP | NOT_ENFORCED | AUDIT
     rule_id: int = 0  # the deciding rule (0: none, or the allow-all next to deny-only rules)
     rule: str = ""  # its name
     selected_by: tuple[str, ...] = ()  # the policies (and specs) selecting the subject
@@ -52,7 +53,7 @@ class SideVerdict:
 
     @property
     def allowed(self) -> bool:
-        return self.verdict in (ALLOW, NOT_ENFORCED, AUDIT)
+        return self.verdict in (ALLOW, PROXY, NOT_ENFORCED, AUDIT)
 
     @property
     def drop_reason(self) -> int:
@@ -160,6 +161,14 @@ def _side(
         head = (
             f"no policy enforces {direction} on identity {subject}, but deny rules apply"
             f" ({_join(names)})"
+        )
+    if decision == "proxy":
+        tail = (
+            f"{rule} allows identity {peer} on {service} with L7 rules: the connection goes to"
+            " the node's L7 proxy, which checks every request (dropped when no proxy takes it)"
+        )
+        return SideVerdict(
+            direction, subject, peer, PROXY, rule_id, rule, enforcing or names, f"{head}; {tail}"
         )
     if in_audit and decision != "allow":
         would = (

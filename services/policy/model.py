@@ -378,7 +378,7 @@ class Policy:
 
     @property
     def has_l7(self) -> bool:
-        """L7 rules are kept and carried, but enforced at L4 only for now: ``apply`` says so."""
+        """Some port carries L7 rules: its connections need the node's proxy (``apply`` says so)."""
         return any(rule.has_l7 for rule in self.rules)
 
     def rule_names(self) -> dict[int, str]:

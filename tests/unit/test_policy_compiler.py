@@ -22,6 +22,7 @@ from services.datapath.policy_compiler import (
     verdict,
 )
 from shared.messages import ContainerPort, PolicyEntry, ResolvedPolicy
+from shared.proxy import PROXY_PORT
 
 EP = 7
 WEB = 1000
@@ -71,6 +72,33 @@ def test_key_pack_layout() -> None:
 def test_value_pack_layout() -> None:
     assert PolicyValue(0x01020304, True).pack() == bytes.fromhex("0403020101000000")
     assert PolicyValue(5, False).pack() == bytes.fromhex("0500000000000000")
+    assert PolicyValue(5, False, 15001).pack() == bytes.fromhex("050000000000993a")
+
+
+# --- L7: never an L4 allow ------------------------------------------------------------------------
+
+HTTP = [{"http": {"method": "GET"}}]
+
+
+def test_l7_allow_holds_the_proxy_port() -> None:
+    entries = compiled(PolicyEntry(peer=WEB, protocol=TCP, port=80, rule_id=1, l7=HTTP))
+    (value,) = entries.values()
+    assert value == PolicyValue(1, False, PROXY_PORT)
+    assert verdict(entries, EP, INGRESS, WEB, TCP, 80) == ("proxy", 1)
+    assert ingress(entries, WEB, TCP, 81) == "none"
+
+
+def test_l7_beats_a_plain_allow_of_the_same_key_and_deny_beats_both() -> None:
+    plain = PolicyEntry(peer=WEB, protocol=TCP, port=80, rule_id=1)
+    l7 = PolicyEntry(peer=WEB, protocol=TCP, port=80, rule_id=2, l7=HTTP)
+    for order in ((plain, l7), (l7, plain)):
+        assert verdict(compiled(*order), EP, INGRESS, WEB, TCP, 80) == ("proxy", 2)
+    deny = PolicyEntry(peer=WEB, protocol=TCP, port=0, rule_id=3, deny=True)
+    assert verdict(compiled(plain, l7, deny), EP, INGRESS, WEB, TCP, 80) == ("deny", 3)
+    # a wider plain allow of the any-identity slot does not make the L7 port an L4 allow
+    wide = PolicyEntry(peer=0, protocol=TCP, port=0, rule_id=4)
+    assert verdict(compiled(l7, wide), EP, INGRESS, WEB, TCP, 80) == ("proxy", 2)
+    assert verdict(compiled(l7, wide), EP, INGRESS, WEB, TCP, 81) == ("allow", 4)
 
 
 # --- port ranges ----------------------------------------------------------------------------------

@@ -24,6 +24,7 @@
 #define DROP_CT_INVALID_HDR 135
 #define DROP_UNSUPPORTED_L3 139
 #define DROP_NO_CONFIG 165
+#define DROP_PROXY_UNSUPPORTED 180
 #define DROP_POLICY_DENY 181
 
 #define ID_WORLD 2
@@ -228,9 +229,10 @@ static __always_inline __u32 lookup_identity(__u32 addr)
 }
 
 /* Two longest-prefix lookups, (peer, proto, port) and (any, proto, port); a deny from either
- * wins, then an allow (the peer-specific one names the rule). Returns 0 or a drop reason. */
+ * wins, then an allow (the peer-specific one names the rule). Returns 0 or a drop reason;
+ * `proxy_port` is the allow's L7 proxy port (0: a plain L4 allow). */
 static __always_inline int policy_check(__u32 endpoint, __u8 direction, __u32 peer, __u8 proto,
-					__u16 port, __u32 *rule_id)
+					__u16 port, __u32 *rule_id, __u16 *proxy_port)
 {
 	struct policy_key key = {
 		.prefixlen = POLICY_FULL_PREFIX,
@@ -254,10 +256,12 @@ static __always_inline int policy_check(__u32 endpoint, __u8 direction, __u32 pe
 	}
 	if (specific) {
 		*rule_id = specific->rule_id;
+		*proxy_port = specific->proxy_port;
 		return 0;
 	}
 	if (any) {
 		*rule_id = any->rule_id;
+		*proxy_port = any->proxy_port;
 		return 0;
 	}
 	*rule_id = 0;
@@ -412,6 +416,7 @@ static __always_inline int enforce(struct packet *p, struct endpoint_info *ep, _
 	__u32 enforced = direction == DIR_EGRESS ? EP_ENFORCE_EGRESS : EP_ENFORCE_INGRESS;
 	__u32 audit = direction == DIR_EGRESS ? EP_AUDIT_EGRESS : EP_AUDIT_INGRESS;
 	__u32 rule_id = 0;
+	__u16 proxy_port = 0;
 	__u8 type = EVENT_TRACE;
 	__u8 verdict = EVENT_F_ALLOWED;
 	int reason = 0;
@@ -419,7 +424,12 @@ static __always_inline int enforce(struct packet *p, struct endpoint_info *ep, _
 		return drop(DROP_POLICY, direction, obs, p, ifindex, src_id, dst_id, 0);
 	if (ep->flags & enforced) {
 		reason = policy_check(ifindex, direction, peer_id, p->tuple.protocol, p->policy_port,
-				      &rule_id);
+				      &rule_id, &proxy_port);
+		/* L7 rules are enforced by the proxy or not at all: never an L4 allow, in audit
+		 * mode neither (fail closed) */
+		if (proxy_port)
+			return drop(DROP_PROXY_UNSUPPORTED, direction, obs, p, ifindex, src_id, dst_id,
+				    rule_id);
 		if (reason && !(ep->flags & audit))
 			return drop(reason, direction, obs, p, ifindex, src_id, dst_id, rule_id);
 		if (reason)

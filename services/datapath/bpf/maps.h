@@ -67,7 +67,10 @@ struct policy_key {
 struct policy_value {
 	__u32 rule_id;
 	__u8 deny;
-	__u8 pad[3];
+	__u8 pad;
+	/* host order; non-zero: the port carries L7 rules, its connections go to the node's
+	 * proxy listening there and are never an L4 allow (shared/proxy.py) */
+	__u16 proxy_port;
 };
 
 #define CT_EGRESS 1 /* opened by a local endpoint (from-container) */

@@ -1,0 +1,31 @@
+"""What the datapath and the per-node L7 proxy agree on: the proxy's port and packet marks.
+
+A policy entry whose port carries L7 rules is never an L4 allow: the datapath steers its
+connections to the node's proxy (``bpf_sk_assign`` to the listener on ``PROXY_PORT`` in the
+node's namespace), or drops them when no proxy listens there (Cilium's reason 178, "Socket
+lookup failed"). The proxy's upstream connections carry ``MARK_FROM_PROXY`` and the source's
+identity in the upper half of the mark, so that the datapath does not redirect them again and
+applies the L3/L4 policy to the original source. A pod cannot forge the mark: the kernel clears
+``skb->mark`` on packets that cross from a pod's namespace into the node's.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# one listener per node namespace; each node is its own namespace, so every node uses this port
+PROXY_PORT: Final = 15001
+
+MARK_MAGIC_MASK: Final = 0x0F00
+# set by the datapath on packets it assigned to the proxy's socket: the node's policy route
+# (fwmark MARK_TO_PROXY -> table PROXY_ROUTE_TABLE, "local 0.0.0.0/0 dev lo") delivers them
+MARK_TO_PROXY: Final = 0x0200
+# set by the proxy on its upstream sockets (SO_MARK), with the source identity << 16
+MARK_FROM_PROXY: Final = 0x0B00
+PROXY_ROUTE_TABLE: Final = 2004
+PROXY_RULE_PRIORITY: Final = 9
+
+
+def from_proxy_mark(identity: int) -> int:
+    """The SO_MARK of an upstream connection on behalf of ``identity`` (world beyond 16 bits)."""
+    return (identity if 0 < identity <= 0xFFFF else 2) << 16 | MARK_FROM_PROXY
