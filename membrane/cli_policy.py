@@ -19,17 +19,13 @@ from shared.messages import ExplainReply, ExplainRequest, PolicyApplyReply, Poli
 PROTOCOLS = {"TCP": 6, "UDP": 17, "SCTP": 132, "ICMP": 1, "ANY": 0}
 
 
-# the datapath never allows an L7 port at L4 (shared/proxy.py)
-L7_NOTE = "connections to those ports are dropped unless the node's L7 proxy takes them"
-
-
 def print_apply(reply: PolicyApplyReply) -> None:
     for line in reply.results:
         print(line)
     for warning in reply.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     for key in reply.l7_at_l4:
-        print(f"note: {key} has L7 rules: {L7_NOTE}")
+        print(f"note: {key} has L7 rules: {policy.L7_NOTE}")
 
 
 def cmd_policy_apply(args: argparse.Namespace) -> int:

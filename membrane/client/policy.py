@@ -21,6 +21,9 @@ from shared.messages import (
 
 TIMEOUT = 30.0
 
+# the datapath never allows an L7 port at L4 (shared/proxy.py)
+L7_NOTE = "connections to those ports are dropped unless the node's L7 proxy takes them"
+
 
 async def apply_documents(
     bus: Bus, documents: list[dict[str, Any]], source: str, *, audit: bool, dry_run: bool

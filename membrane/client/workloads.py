@@ -150,7 +150,7 @@ async def apply(bus: Bus, docs: Sequence[manifests.Document], source: str = "-")
     if policies:
         reply = await policy.apply_documents(bus, policies, source, audit=False, dry_run=False)
         lines.extend(reply.results)
-        lines.extend(f"note: {key} has L7 rules: {cli_policy.L7_NOTE}" for key in reply.l7_at_l4)
+        lines.extend(f"note: {key} has L7 rules: {policy.L7_NOTE}" for key in reply.l7_at_l4)
     return lines
 
 

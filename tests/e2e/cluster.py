@@ -11,13 +11,16 @@ import os
 import secrets
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from membrane.state import StateDir
 from tests.conftest import membrane_command
 
+T = TypeVar("T")
 PROBE = Path(__file__).with_name("netprobe.py")
 
 
@@ -78,6 +81,18 @@ class Cluster:
         line = proc.stdout.readline() if args[0] in ("serve", "count") and args[1] != "udp" else ""
         assert args[0] != "count" or line.strip() == "ready", line
         return proc
+
+
+def until(probe: Callable[[], T], what: str, timeout: float = 30) -> T:
+    """``probe()``'s result once it stops raising AssertionError (its last one after timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return probe()
+        except AssertionError as exc:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"expected {what} within {timeout:g}s: {exc}") from exc
+            time.sleep(0.3)
 
 
 def free_octet() -> int:

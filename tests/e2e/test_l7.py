@@ -12,37 +12,24 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 from tests.conftest import REPO, membrane_command
-from tests.e2e.cluster import Cluster
+from tests.e2e.cluster import Cluster, until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
 
-T = TypeVar("T")
 STARWARS = REPO / "examples" / "starwars"
 APP = STARWARS / "http-sw-app.yaml"
 POLICY = STARWARS / "sw_l3_l4_l7_policy.yaml"
 CLIENT = Path(__file__).with_name("starwars.py")
 LANDING = ("POST", "/v1/request-landing")
 EXHAUST = ("PUT", "/v1/exhaust-port")
-
-
-def until(probe: Callable[[], T], what: str, timeout: float = 30) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return probe()
-        except AssertionError as exc:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"expected {what} within {timeout:g}s: {exc}") from exc
-            time.sleep(0.3)
 
 
 @dataclass

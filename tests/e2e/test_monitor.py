@@ -16,21 +16,19 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 from tests.conftest import REPO, membrane_command
-from tests.e2e.cluster import Cluster, create_pod
+from tests.e2e.cluster import Cluster, create_pod, until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
 
-T = TypeVar("T")
 
 POLICY = """
 apiVersion: cilium.io/v2
@@ -50,17 +48,6 @@ spec:
   - fromEndpoints:
     - matchLabels: {app: xwing}
 """
-
-
-def until(probe: Callable[[], T], what: str, timeout: float = 30) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return probe()
-        except AssertionError as exc:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"expected {what} within {timeout:g}s: {exc}") from exc
-            time.sleep(0.3)
 
 
 def observe(cluster: Cluster, *args: str) -> list[dict[str, Any]]:
