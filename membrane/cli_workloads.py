@@ -16,6 +16,7 @@ from membrane.manifests import PodDoc
 from shared import agent_api, gcpause
 from shared.agent_api import DumpReply, DumpRequest
 from shared.bus import Bus
+from shared.errors import InvalidArgument
 from shared.messages import Endpoint
 
 
@@ -77,13 +78,34 @@ def cmd_pod_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def split_exec_command(tokens: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The options given after the pod name (``pod exec web -n prod -- CMD``, kubectl's
+    habit: argparse leaves them in the command) and the command after ``--``."""
+    tokens = list(tokens)
+    if "--" not in tokens:
+        return [], tokens
+    cut = tokens.index("--")
+    return tokens[:cut], tokens[cut + 1 :]
+
+
+def _exec_options() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="membrane pod exec NAME", add_help=False)
+    parser.add_argument("-n", "--namespace")
+    return parser
+
+
 def cmd_pod_exec(args: argparse.Namespace) -> int:
-    command = list(args.command)
-    if command and command[0] == "--":
-        command = command[1:]
+    options, command = split_exec_command(args.command)
+    late, unknown = _exec_options().parse_known_args(options)
+    if unknown:
+        raise InvalidArgument(
+            f"unknown option {unknown[0]!r} before --; usage: pod exec NAME [-n NS] -- CMD",
+            field="command",
+        )
+    namespace = late.namespace or args.namespace
 
     async def go(bus: Bus) -> Endpoint:
-        return await workloads.find_pod(bus, args.namespace, args.name)
+        return await workloads.find_pod(bus, namespace, args.name)
 
     endpoint = with_bus(args, go)
     sys.stdout.flush()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import msgspec
 
-from membrane import nodes
+from membrane import node_registry, nodes
 from membrane.nodes import Topology, topology_of
 from membrane.registry import SERVICES
 from membrane.servers import (
@@ -33,7 +33,7 @@ from membrane.servers import (
 )
 from membrane.state import DEFAULT_RANGES, ClusterInfo, Plan, ProcessSpec, StateDir
 from shared.bus import Bus
-from shared.errors import Unavailable
+from shared.errors import MembraneError, Unavailable
 
 Say = Callable[[str], None]
 OS_PACKAGES = ("nats-server", "redis-server")  # Debian names them as their binaries
@@ -154,6 +154,7 @@ def build_plan(state: StateDir, info: ClusterInfo, replicas: dict[str, int]) -> 
                     "MEMBRANE_METRICS_HOST": str(topology.node_address(index).ip),
                     "MEMBRANE_ROUTING": info.routing,
                 },
+                node=node,
             )
         )
     return Plan(processes=processes)
@@ -187,6 +188,7 @@ def up(
         except BaseException:
             nodes.remove(topology)  # nothing of a half-made node stays behind
             raise
+    earlier = state.read_cluster()
     info = _cluster_info(state, nats_url, redis_url, topology, routing)
     state.write_cluster(info)
     state.run.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -204,7 +206,7 @@ def up(
     )
     log.close()
     try:
-        asyncio.run(_wait_until_ready(state, info, replicas, supervisor, say, timeout))
+        asyncio.run(_wait_until_ready(state, info, replicas, supervisor, say, timeout, earlier))
     except BaseException:
         say("start failed; stopping what was started")
         down(state, lambda _: None)
@@ -219,6 +221,7 @@ async def _wait_until_ready(
     supervisor: subprocess.Popen[bytes],
     say: Say,
     timeout: float,
+    earlier: ClusterInfo | None = None,
 ) -> None:
     deadline = time.monotonic() + timeout
 
@@ -256,6 +259,14 @@ async def _wait_until_ready(
                         f"{service} did not become ready; see {state.logs}/{service}-*.log"
                     )
             say(f"{service}: {count} replica(s) ready ({time.monotonic() - started:.1f}s)")
+        # nodes of an earlier run that this one does not start (`up --nodes 1` after 2)
+        local = node_registry.local_node_pattern([info.name, *([earlier.name] if earlier else [])])
+        started_nodes = set(topology_of(info).node_names())
+        forgotten = await node_registry.forget_nodes(
+            bus, lambda node: bool(local.match(node)) and node not in started_nodes
+        )
+        if forgotten:
+            say(f"forgot node(s) of an earlier run: {', '.join(forgotten)}")
     finally:
         await bus.close()
 
@@ -264,9 +275,12 @@ def down(state: StateDir, say: Say, *, purge: bool = False, timeout: float = 30.
     """Stop the cluster; returns how many supervised processes were running."""
     pid = state.supervisor_pid()
     running = sum(1 for p in state.processes() if p.running)
+    info = state.read_cluster()
     if pid is None:
         say("not running")
     else:
+        if info is not None and info.nodes:
+            _deregister_nodes(state, info, pid, say, timeout)
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
         while state.supervisor_pid() is not None and time.monotonic() < deadline:
@@ -278,7 +292,6 @@ def down(state: StateDir, say: Say, *, purge: bool = False, timeout: float = 30.
         _kill_session(pid)
         say(f"stopped {running} process(es)")
     shutil.rmtree(state.run, ignore_errors=True)
-    info = state.read_cluster()
     if info is not None and info.nodes:
         removed = nodes.remove(topology_of(info))
         say(f"removed {len(removed)} node and pod namespace(s), the underlay and the pins")
@@ -286,6 +299,39 @@ def down(state: StateDir, say: Say, *, purge: bool = False, timeout: float = 30.
         shutil.rmtree(state.root, ignore_errors=True)
         say(f"removed {state.root}")
     return running
+
+
+def _deregister_nodes(
+    state: StateDir, info: ClusterInfo, pid: int, say: Say, timeout: float
+) -> None:
+    """Stop the node agents (the supervisor holds them), then delete their nodes' records
+    while NATS still runs: the nodes and their pods are about to be removed."""
+    os.kill(pid, signal.SIGUSR1)
+    agents = {f"datapath-{node}" for node in topology_of(info).node_names()}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        held = {p.name for p in state.processes() if p.held and not p.running}
+        if agents <= held:
+            break
+        time.sleep(0.1)
+    else:
+        say("the node agents did not stop in time; their nodes stay registered until `up`")
+        return
+    names = set(topology_of(info).node_names())
+
+    async def forget() -> list[str]:
+        bus = await Bus.connect(info.nats_url, "membrane-down", retry_for=2.0)
+        try:
+            return await node_registry.forget_nodes(bus, names.__contains__)
+        finally:
+            await bus.close()
+
+    try:
+        forgotten = asyncio.run(forget())
+    except MembraneError as exc:
+        say(f"could not deregister the nodes ({exc}); `up` will")
+        return
+    say(f"deregistered {len(forgotten)} node(s)")
 
 
 def _kill_session(sid: int) -> None:

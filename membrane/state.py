@@ -55,6 +55,7 @@ class ProcessState(msgspec.Struct, kw_only=True):
     started_at: float
     log: str
     running: bool = True
+    held: bool = False  # stopped on request (``down`` stops the agents first), not restarted
 
 
 class ProcessSpec(msgspec.Struct, kw_only=True):
@@ -63,6 +64,7 @@ class ProcessSpec(msgspec.Struct, kw_only=True):
     env: dict[str, str] = {}
     ready_port: int = 0
     ready_host: str = "127.0.0.1"
+    node: str = ""  # the node a datapath agent serves; ``down`` stops these first
 
 
 class Plan(msgspec.Struct, kw_only=True):

@@ -2,8 +2,10 @@
 
 It runs detached (``membrane up`` starts it) with the state directory's ``run/plan.json`` as
 its program, writes ``run/processes.json`` so that ``membrane status`` can show what runs, and
-on SIGTERM stops everything in reverse order and removes ``run/``. Children are told by the
-kernel to die with it (PR_SET_PDEATHSIG), so even a killed supervisor leaves nothing behind.
+on SIGTERM stops everything in reverse order and removes ``run/``; on SIGUSR1 it stops only the
+node agents, for good, so that ``down`` deregisters their nodes while NATS still runs. Children
+are told by the kernel to die with it (PR_SET_PDEATHSIG), so even a killed supervisor leaves
+nothing behind.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class Child:
     started_at: float = 0.0
     next_start: float = 0.0
     backoff: float = 1.0
+    held: bool = False
 
     def start(self) -> None:
         with open(self.log_path, "ab") as log:  # the child keeps its own copy of the fd
@@ -65,6 +68,7 @@ class Child:
             started_at=self.started_at,
             log=str(self.log_path),
             running=running,
+            held=self.held,
         )
 
 
@@ -75,6 +79,7 @@ class Supervisor:
         state.logs.mkdir(parents=True, exist_ok=True)
         self.children = [Child(spec, state.logs / f"{spec.name}.log") for spec in plan.processes]
         self.stopping = False
+        self.stop_agents = False  # SIGUSR1: stop the node agents, keep the rest running
 
     def say(self, message: str) -> None:
         print(f"{time.strftime('%H:%M:%S')} supervisor: {message}", flush=True)
@@ -100,11 +105,27 @@ class Supervisor:
                 )
             self.write_status()
 
+    def hold_agents(self) -> None:
+        """Stop the node agents for good, so that ``down`` can deregister their nodes while
+        NATS still runs (an agent stopped otherwise keeps its node: it comes back)."""
+        for child in self.children:
+            if child.spec.node and not child.held:
+                child.held = True
+                if child.process is not None:
+                    terminate([child.process], STOP_TIMEOUT)
+                    child.process = None
+                self.say(f"stopped {child.spec.name} (held)")
+        self.write_status()
+
     def watch(self) -> None:
         while not self.stopping:
+            if self.stop_agents:
+                self.hold_agents()
             now = time.time()
             changed = False
             for child in self.children:
+                if child.held:
+                    continue
                 proc = child.process
                 if proc is not None and proc.poll() is not None:
                     code = proc.returncode
@@ -143,8 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     def on_signal(signum: int, _frame: object) -> None:
         supervisor.stopping = True
 
+    def on_usr1(signum: int, _frame: object) -> None:
+        supervisor.stop_agents = True
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGUSR1, on_usr1)
     state.pid_file.write_text(str(os.getpid()))
     try:
         supervisor.start_all()

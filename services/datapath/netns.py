@@ -33,6 +33,7 @@ import fcntl
 import functools
 import hashlib
 import os
+import signal
 import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -126,13 +127,39 @@ def ensure_netns(name: str) -> Path:
 
 
 def delete_netns(name: str) -> None:
-    """Unmount and remove the named namespace if present; its links die with its last user."""
+    """Kill the processes inside the named namespace (what ``pod exec`` started there: it
+    must not outlive its pod), then unmount and remove it; its links die with its last user."""
     path = netns_path(name)
+    kill_processes_in(path)
     if _libc.umount2(os.fsencode(path), MNT_DETACH) != 0:
         err = ctypes.get_errno()
         if err not in (errno.EINVAL, errno.ENOENT):  # not a mount point / already gone
             raise OSError(err, f"umount {path}: {os.strerror(err)}")
     path.unlink(missing_ok=True)
+
+
+def kill_processes_in(path: Path) -> list[int]:
+    """SIGKILL every process whose network namespace is the one bound at ``path`` (never this
+    one); the pids signalled. Matched by the namespace's inode, so no other namespace's
+    processes are touched, whoever made them."""
+    try:
+        target = path.stat()
+    except FileNotFoundError:
+        return []
+    if not _is_netns(path):
+        return []
+    killed: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            ns = os.stat(entry / "ns" / "net")
+            if (ns.st_dev, ns.st_ino) == (target.st_dev, target.st_ino):
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed.append(int(entry.name))
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue  # exited meanwhile, or a kernel thread
+    return killed
 
 
 def list_netns(prefix: str) -> list[str]:

@@ -81,9 +81,11 @@ class Cluster:
 
 
 def plan() -> Cluster:
-    """Unique names and a random /24 pair, so that parallel runs do not collide."""
+    """Unique names and a random /24 pair no route of the machine uses yet (a module's
+    cluster and parallel runs are alive at the same time), so that runs do not collide."""
     prefix = f"mbt{secrets.token_hex(2)}"
-    octet = 200 + secrets.randbelow(50)
+    taken = {r["dst"] for r in routes()}
+    octet = secrets.choice([o for o in range(200, 250) if f"172.31.{o}.0/24" not in taken])
     pods_net = IPv4Network(f"10.250.{octet}.0/25")
     return Cluster(
         prefix=prefix,
@@ -506,8 +508,17 @@ def test_unwire_removes_link_route_and_peer(cluster: Cluster) -> None:
 
 def test_teardown_leaves_nothing() -> None:
     cluster = plan()
+    # Another cluster on this machine (another test run) may use the same /24; what is left
+    # is judged by this cluster's own objects, never by the machine's global tables.
+    neighbour = f"{cluster.prefix}nb"
     try:
         build(cluster)
+        bridge_index = link_names()[cluster.bridge]
+        with IPRoute() as ipr:
+            ipr.link("add", ifname=neighbour, kind="bridge")
+            index = ipr.link_lookup(ifname=neighbour)[0]
+            ipr.addr("add", index=index, address=str(cluster.gateway.ip), prefixlen=24)
+            ipr.link("set", index=index, state="up")
         assert set(list_netns(cluster.prefix)) == {*cluster.nodes, *cluster.pods}
         for pod in cluster.pods:
             delete_netns(pod)
@@ -521,9 +532,12 @@ def test_teardown_leaves_nothing() -> None:
             remove_underlay(cluster.bridge, cluster.blackholes)
             assert cluster.bridge not in link_names()
             assert blackholes_in_root(cluster.blackholes) == set()
-        assert not [name for name in link_names() if name.startswith(cluster.prefix)]
-        assert str(cluster.gateway.network) not in {r["dst"] for r in routes()}
+        assert [name for name in link_names() if name.startswith(cluster.prefix)] == [neighbour]
+        assert not [r for r in routes() if r["oif"] == bridge_index]
     finally:
+        with IPRoute() as ipr:
+            for index in ipr.link_lookup(ifname=neighbour):
+                ipr.link("del", index=index)
         teardown(cluster)
 
 
@@ -547,6 +561,32 @@ def test_ensure_netns_is_idempotent_and_replaces_a_stale_file() -> None:
     finally:
         delete_netns(name)
     assert list_netns(name) == []
+
+
+def test_deleting_a_namespace_kills_its_processes_and_no_others() -> None:
+    name = f"mbt{secrets.token_hex(2)}-px"
+    other = f"mbt{secrets.token_hex(2)}-py"
+    inside = outside = elsewhere = None
+    try:
+        ensure_netns(other)
+        inside = subprocess.Popen(["nsenter", f"--net={ensure_netns(name)}", "sleep", "300"])
+        elsewhere = subprocess.Popen(["nsenter", f"--net={netns_path(other)}", "sleep", "300"])
+        outside = subprocess.Popen(["sleep", "300"])
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{inside.pid}/comm").read_text().strip() != "sleep":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        delete_netns(name)
+        assert inside.wait(timeout=5) == -9
+        assert outside.poll() is None and elsewhere.poll() is None
+        assert not netns_path(name).exists()
+    finally:
+        for proc in (inside, outside, elsewhere):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+        delete_netns(name)
+        delete_netns(other)
 
 
 def test_in_netns_runs_in_the_namespace_and_leaves_the_caller_alone() -> None:
