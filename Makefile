@@ -29,6 +29,7 @@ bench: setup
 	$(PY) bench/flows.py
 	$(PY) bench/datapath.py
 	$(PY) bench/policy.py
+	$(PY) bench/policy_diff.py
 	$(PY) bench/lb.py --services 20000
 	$(PY) bench/overlay.py
 	$(PY) -m bench.monitor

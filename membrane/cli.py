@@ -18,6 +18,7 @@ from membrane import (
     cli_nodes,
     cli_observe,
     cli_policy,
+    cli_policy_diff,
     cli_status,
     cli_workloads,
     cliutil,
@@ -334,7 +335,7 @@ def build_parser(run_flags: bool = True) -> argparse.ArgumentParser:
         sp.set_defaults(func=cmd_run, service=name)
 
     cli_workloads.add_parsers(sub)
-    cli_policy.add_parsers(sub)
+    cli_policy_diff.add_parser(cli_policy.add_parsers(sub))
     cli_observe.add_parser(sub)
     cli_lb.add_parsers(sub)
 

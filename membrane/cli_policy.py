@@ -133,7 +133,8 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
     return 0 if reply.allowed else 1
 
 
-def add_parsers(sub: Any) -> None:
+def add_parsers(sub: Any) -> Any:
+    """Returns the ``policy`` sub-parsers, for the commands of other modules."""
     p = sub.add_parser("policy", help="network policies (Cilium and Kubernetes formats)")
     policy_sub = p.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
 
@@ -166,3 +167,4 @@ def add_parsers(sub: Any) -> None:
     sp.add_argument("--port", default="0/ANY", help="PORT[/PROTO], e.g. 80/TCP")
     sp.add_argument("-o", "--output", choices=["table", "json"], default="table")
     sp.set_defaults(func=cmd_policy_explain)
+    return policy_sub

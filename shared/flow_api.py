@@ -7,11 +7,11 @@ like every payload (``v``); fields are only ever added, with defaults.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 
-from shared.messages import Message
+from shared.messages import ContainerPort, Message
 
 
 def _doc(text: str) -> msgspec.Meta:
@@ -79,6 +79,7 @@ class FlowQuery(Message):
     filters: list[FlowFilterTerm] = []
     last: int = 0
     since: float = 0.0  # unix time; 0: no lower bound
+    until: float = 0.0  # unix time, excluded; 0: no upper bound (history groups: the rings' part)
 
 
 class FlowQueryReply(Message):
@@ -102,3 +103,62 @@ class MonitorStatus(Message):
     rules: int
     services: int
     nodes: int
+
+
+class FlowGroup(Message):
+    """Flows of one connection kind, counted: source workload -> destination workload on one
+    protocol and port with one recorded verdict (:mod:`shared.flow_groups`). Replies are left
+    out: conntrack lets them through without policy."""
+
+    source: Annotated[str, _doc("namespace/app of a pod, or world, host, ... , or the address")]
+    destination: Annotated[str, _doc("as source")]
+    src_identity: int
+    dst_identity: int
+    src_ip: Annotated[str, _doc("the address when the source is no pod (world, CIDR)")] = ""
+    dst_ip: Annotated[str, _doc("the address when the destination is no pod")] = ""
+    protocol: Annotated[str, _doc("TCP, UDP, ICMP or the IANA number")] = ""
+    port: Annotated[int, _doc("destination port; for ICMP the type")] = 0
+    verdict: Annotated[str, _doc("the recorded verdict: FORWARDED, DROPPED or AUDIT")] = ""
+    drop_reason: int = 0
+    policy: Annotated[str, _doc("the recorded deciding policy")] = ""
+    count: int = 0
+    first: Annotated[float, _doc("unix time of the first flow")] = 0.0
+    last: Annotated[float, _doc("unix time of the last flow")] = 0.0
+
+
+class FlowGroupsReply(Message):
+    groups: list[FlowGroup]
+    flows: int = 0  # flows counted into the groups
+    oldest: float = 0.0  # as FlowQueryReply.oldest
+    replica: str = ""
+
+
+class PolicyDiffRequest(Message):
+    """``membrane.policy.diff``: replay ``groups`` (recorded flows) against today's policies
+    and against today's with ``documents`` applied."""
+
+    documents: list[dict[str, Any]]
+    source: str = "-"
+    groups: list[FlowGroup] = []
+    # container ports by identity, for named ports (the datapath resolves them per endpoint)
+    ports: dict[int, list[ContainerPort]] = {}
+
+
+class VerdictChange(Message):
+    group: FlowGroup
+    before: Annotated[str, _doc("allowed, audit or dropped: today's policies")]
+    after: Annotated[str, _doc("allowed, audit or dropped: with the documents applied")]
+    direction: Annotated[str, _doc("the side that decides the new verdict: egress or ingress")]
+    policy: Annotated[str, _doc("the policy causing it (for a default deny: those selecting)")]
+    rule: Annotated[str, _doc("the deciding rule, empty for a default deny")] = ""
+    reason: Annotated[str, _doc("explain's sentence for that side")] = ""
+
+    @property
+    def newly_denied(self) -> bool:
+        return self.after == "dropped" and self.before != "dropped"
+
+
+class PolicyDiffReply(Message):
+    changes: list[VerdictChange]
+    groups: int = 0  # flow groups replayed
+    affected: int = 0  # identities whose policy the documents change

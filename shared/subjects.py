@@ -26,6 +26,8 @@ POLICY_DELETE: Final = "membrane.policy.delete"
 POLICY_LIST: Final = "membrane.policy.list"
 POLICY_GET: Final = "membrane.policy.get"
 POLICY_EXPLAIN: Final = "membrane.policy.explain"
+# recorded flows replayed against today's policies and a candidate set (policy diff, suggest)
+POLICY_DIFF: Final = "membrane.policy.diff"
 
 # datapath agents (one per node) register as a micro service for discovery and status
 DATAPATH_SERVICE: Final = "membrane-datapath"
@@ -74,6 +76,9 @@ MONITOR_QUEUE: Final = "membrane-monitor"
 MONITOR_QUERY_PREFIX: Final = "membrane.monitor.query"
 MONITOR_STATUS_PREFIX: Final = "membrane.monitor.status"
 MONITOR_HISTORY: Final = "membrane.monitor.history"
+# the same flows counted by connection kind (shared.flow_groups): per replica, and of the history
+MONITOR_GROUPS_PREFIX: Final = "membrane.monitor.groups"
+MONITOR_HISTORY_GROUPS: Final = "membrane.monitor.history-groups"
 # enriched flows for anyone: membrane.events.flows.<verdict>.<namespace>
 EVENTS_FLOWS_PREFIX: Final = "membrane.events.flows"
 EVENTS_FLOWS_ALL: Final = "membrane.events.flows.>"
@@ -85,6 +90,10 @@ STREAM_FLOW_HISTORY: Final = "MEMBRANE_FLOW_HISTORY"
 
 def monitor_query(replica: str) -> str:
     return f"{MONITOR_QUERY_PREFIX}.{replica}"
+
+
+def monitor_groups(replica: str) -> str:
+    return f"{MONITOR_GROUPS_PREFIX}.{replica}"
 
 
 def monitor_status(replica: str) -> str:

@@ -30,11 +30,17 @@ from services.monitor import history
 from services.monitor.enrich import Enricher, event_namespace
 from services.monitor.ring import FlowRing
 from services.monitor.watches import follow, follow_optional
-from shared import __version__, log, metrics, subjects
+from shared import __version__, flow_groups, log, metrics, subjects
 from shared.bus import Bus, MicroService, redact
 from shared.config import CommonSettings, env_name, setting
 from shared.errors import InvalidArgument
-from shared.flow_api import EnrichedFlow, FlowQuery, FlowQueryReply, MonitorStatus
+from shared.flow_api import (
+    EnrichedFlow,
+    FlowGroupsReply,
+    FlowQuery,
+    FlowQueryReply,
+    MonitorStatus,
+)
 from shared.flow_filter import compile_filter
 from shared.messages import Empty, Flow, FlowBatch
 from shared.runtime import TaskGroup, periodically, wait_for_shutdown
@@ -261,6 +267,27 @@ class Monitor:
         )
         return FlowQueryReply(flows=flows, replica=self.replica)
 
+    async def groups(self, req: FlowQuery) -> FlowGroupsReply:
+        """The ring's matching flows counted by connection kind (:mod:`shared.flow_groups`)."""
+        flows = (await self.query(req)).flows
+        if req.until:
+            flows = [f for f in flows if f.time < req.until]
+        return FlowGroupsReply(
+            groups=flow_groups.group(flows),
+            flows=len(flows),
+            oldest=self.ring.oldest,
+            replica=self.replica,
+        )
+
+    async def history_groups(self, req: FlowQuery) -> FlowGroupsReply:
+        """The history stream's matching flows before ``until`` (where the rings begin)."""
+        flows = (await self.history(req)).flows
+        if req.until:
+            flows = [f for f in flows if f.time < req.until]
+        return FlowGroupsReply(
+            groups=flow_groups.group(flows), flows=len(flows), replica=self.replica
+        )
+
     async def status(self, _: Empty) -> MonitorStatus:
         counts = self.enricher.counts()
         return MonitorStatus(
@@ -354,6 +381,20 @@ async def start(settings: MonitorSettings) -> Running:
         FlowQuery,
         monitor.query,
         concurrency=4,
+    )
+    await micro.endpoint(
+        "groups",
+        subjects.monitor_groups(micro.id),
+        FlowQuery,
+        monitor.groups,
+        concurrency=2,
+    )
+    await micro.endpoint(
+        "history-groups",
+        subjects.MONITOR_HISTORY_GROUPS,
+        FlowQuery,
+        monitor.history_groups,
+        concurrency=2,
     )
     await micro.endpoint(
         "status",

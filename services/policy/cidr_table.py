@@ -103,6 +103,13 @@ class CIDRTable:
         self._dirty.clear()
         return added, removed
 
+    def pending(self) -> set[Network]:
+        """The networks :meth:`take_changes` would look at (for a trial to put back)."""
+        return set(self._dirty)
+
+    def restore_pending(self, dirty: set[Network]) -> None:
+        self._dirty = dirty
+
     # --- references ----------------------------------------------------------------------------
 
     def acquire(self, rule: CIDRRule) -> CIDRChange:

@@ -34,9 +34,10 @@ govern is enforced in audit mode (the datapath reports what it would drop and dr
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Network
 
@@ -335,6 +336,42 @@ class Resolver:
     def rule_name(self, rule_id: int) -> str:
         owner = self._rule_names.get(rule_id)
         return owner[1] if owner else ""
+
+    @contextlib.contextmanager
+    def trial(self, policies: Sequence[Policy]) -> Iterator[set[int]]:
+        """Applies ``policies`` (added, or replacing those with the same key) for the block and
+        yields the subjects whose resolved policy they change; afterwards everything is as it
+        was: policies, results, revisions, and the changes still to be taken by the service.
+
+        For ``policy diff``: the work is the change's, not a second resolver's. The block must
+        not await: nothing else may see the trial.
+        """
+        saved = (
+            dict(self._results),
+            dict(self._resolved),
+            dict(self._revisions),
+            set(self._dirty_sets),
+            set(self._gone_sets),
+            dict(self._rule_names),
+            self._cidrs.pending(),
+        )
+        applied: list[tuple[str, Policy | None]] = []
+        changed: set[int] = set()
+        try:
+            for policy in policies:
+                previous = self._policies.get(policy.key)
+                changed |= self.set_policy(policy)
+                applied.append((policy.key, previous))
+            yield changed
+        finally:
+            for key, previous in reversed(applied):
+                if previous is None:
+                    self.remove_policy(key)
+                else:
+                    self.set_policy(previous)
+            self._results, self._resolved, self._revisions = saved[0], saved[1], saved[2]
+            self._dirty_sets, self._gone_sets, self._rule_names = saved[3], saved[4], saved[5]
+            self._cidrs.restore_pending(saved[6])
 
     def cidr_identity(self, network: IPv4Network) -> int | None:
         return self._cidrs.identity_of(network)

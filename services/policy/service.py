@@ -25,6 +25,7 @@ import nats.errors
 from nats.js.kv import KeyValue
 from prometheus_client import Counter, Gauge, Histogram
 
+from services.policy import diff as policy_diff
 from services.policy.model import Policy
 from services.policy.parser import parse_document
 from services.policy.resolver import Resolver, explain
@@ -32,6 +33,7 @@ from shared import __version__, log, metrics, subjects
 from shared.bus import Bus, KVEvent, MicroService, redact
 from shared.config import CommonSettings, env_name, setting
 from shared.errors import InvalidArgument, MembraneError, NotFound
+from shared.flow_api import PolicyDiffReply, PolicyDiffRequest
 from shared.messages import (
     Empty,
     ExplainReply,
@@ -203,6 +205,16 @@ class PolicyService:
         )
         return ExplainReply(allowed=result.allowed, lines=result.lines())
 
+    async def diff(self, req: PolicyDiffRequest) -> PolicyDiffReply:
+        """Recorded flows replayed against today's policies and with ``req.documents`` applied.
+        Synchronous on purpose: the resolver does not move while both sides are decided."""
+        documents = [
+            parse_document(document, req.source, index)
+            for index, document in enumerate(req.documents, start=1)
+        ]
+        changes, affected = policy_diff.diff(self.resolver, documents, req.groups, req.ports)
+        return PolicyDiffReply(changes=changes, groups=len(req.groups), affected=len(affected))
+
     async def register(self, metadata: dict[str, str], concurrency: int) -> MicroService:
         micro = await self.bus.add_service(
             subjects.POLICY_SERVICE,
@@ -218,6 +230,7 @@ class PolicyService:
         await serve("list", subjects.POLICY_LIST, Empty, self.list)
         await serve("get", subjects.POLICY_GET, PolicyRef, self.get)
         await serve("explain", subjects.POLICY_EXPLAIN, ExplainRequest, self.explain)
+        await serve("diff", subjects.POLICY_DIFF, PolicyDiffRequest, self.diff)
         return micro
 
     # --- bucket watches -> resolver -> resolved ---------------------------------------------
