@@ -2,7 +2,7 @@
 
 The CLI only gathers: the documents (validated by the policy service first, so a file that does
 not parse is the parser's error and nothing is evaluated), the recorded flows counted by the
-monitor (:mod:`membrane.recorded`) and the pods' container ports. The policy service decides,
+monitor (:mod:`membrane.client.recorded`) and the pods' container ports. The policy service decides,
 with the resolver and ``explain`` it enforces with (``membrane.policy.diff``).
 
 Exit status: 0 nothing would be newly denied, 1 something would (a CI gate), 2 error.
@@ -17,15 +17,15 @@ from typing import Any
 
 import msgspec
 
-from membrane import cli_policy, cliutil, output, recorded
+from membrane import cliutil, output
 from membrane.cli_observe import parse_duration, timestamp
-from shared import subjects
+from membrane.client import files, recorded
+from membrane.client import policy as policy_client
 from shared.bus import Bus
 from shared.errors import MembraneError
-from shared.flow_api import FlowFilterTerm, FlowGroup, PolicyDiffReply, PolicyDiffRequest
+from shared.flow_api import FlowFilterTerm, FlowGroup, PolicyDiffReply
 
 EXIT_SAFE, EXIT_DENIES, EXIT_ERROR = 0, 1, 2
-DIFF_TIMEOUT_S = 60.0
 
 
 def namespace_filter(namespace: str | None) -> list[FlowFilterTerm]:
@@ -82,26 +82,18 @@ def cmd_policy_diff(args: argparse.Namespace) -> int:
 
 
 def _diff(args: argparse.Namespace) -> int:
-    documents, source = cli_policy.load_documents(args.filename)
+    documents, source = files.load_documents(args.filename)
     since = time.time() - parse_duration(args.since)
 
     async def go(bus: Bus) -> tuple[PolicyDiffReply | None, int]:
         # the parser's verdict first: a file that does not parse evaluates nothing
-        await cli_policy.apply_documents(bus, documents, source, audit=False, dry_run=True)
+        await policy_client.apply_documents(bus, documents, source, audit=False, dry_run=True)
         found = await recorded.recorded_groups(
             bus, since=since, filters=namespace_filter(args.namespace)
         )
         if not found.groups:
             return None, found.flows
-        request = PolicyDiffRequest(
-            documents=documents,
-            source=source,
-            groups=found.groups,
-            ports=await recorded.container_ports(bus),
-        )
-        reply = await bus.request(
-            subjects.POLICY_DIFF, request, PolicyDiffReply, timeout=DIFF_TIMEOUT_S
-        )
+        reply = await recorded.diff(bus, documents, source, found.groups)
         return reply, found.flows
 
     reply, flows = cliutil.with_bus(args, go)

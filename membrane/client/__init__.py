@@ -8,6 +8,7 @@ Layers (each imports only the ones below it)::
 
     membrane.cli, membrane.cli_*        argparse, rendering
     membrane.client.workloads           pods, Deployments, namespaces, manifests applied
+    membrane.client.recorded            recorded flows counted by the monitor, pods' ports
     membrane.client.{lb,policy,flows,cluster,identity}   one service's requests each
     membrane.client.files               reading YAML from files and stdin
 """

@@ -1,4 +1,5 @@
-"""Recorded flows, counted by connection kind, from every monitor replica and the history stream.
+"""Recorded flows counted by connection kind (every monitor replica and the history stream), and
+what the policy service makes of them (``membrane.policy.diff``).
 
 Each replica counts its own ring (``membrane.monitor.groups.<replica>``), so 100,000 flows cross
 the bus as the few hundred groups they make; the DROPPED/AUDIT history stream is read only for
@@ -9,15 +10,24 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import Any
 
-from membrane import workloads
+from membrane.client import workloads
 from shared import flow_groups, subjects
 from shared.bus import Bus
 from shared.errors import Unavailable
-from shared.flow_api import FlowFilterTerm, FlowGroup, FlowGroupsReply, FlowQuery
+from shared.flow_api import (
+    FlowFilterTerm,
+    FlowGroup,
+    FlowGroupsReply,
+    FlowQuery,
+    PolicyDiffReply,
+    PolicyDiffRequest,
+)
 from shared.messages import ContainerPort
 
 TIMEOUT_S = 20.0
+DIFF_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -62,3 +72,13 @@ async def container_ports(bus: Bus) -> dict[int, list[ContainerPort]]:
         known = found.setdefault(endpoint.identity, [])
         known.extend(p for p in endpoint.ports if p not in known)
     return found
+
+
+async def diff(
+    bus: Bus, documents: list[dict[str, Any]], source: str, groups: list[FlowGroup]
+) -> PolicyDiffReply:
+    """The groups whose verdict ``documents`` would change, decided by the policy service."""
+    request = PolicyDiffRequest(
+        documents=documents, source=source, groups=groups, ports=await container_ports(bus)
+    )
+    return await bus.request(subjects.POLICY_DIFF, request, PolicyDiffReply, timeout=DIFF_TIMEOUT_S)
