@@ -22,7 +22,6 @@ from tests.conftest import membrane_command
 
 T = TypeVar("T")
 PROBE = Path(__file__).with_name("netprobe.py")
-T = TypeVar("T")
 
 
 @dataclass
@@ -137,15 +136,3 @@ def pod_info(cluster: Cluster, name: str) -> dict[str, Any]:
 def create_pod(cluster: Cluster, name: str, labels: str, node: int = 1) -> dict[str, Any]:
     cluster.run("pod", "create", name, "--labels", labels, "--node", cluster.nodes[node - 1])
     return pod_info(cluster, name)
-
-
-def until(probe: Callable[[], T], what: str, timeout: float = 30) -> T:
-    """``probe()``'s value once it stops raising AssertionError; its last error after timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return probe()
-        except AssertionError as exc:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"expected {what} within {timeout:g}s: {exc}") from exc
-            time.sleep(0.3)
