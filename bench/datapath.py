@@ -59,17 +59,17 @@ from nats.js.kv import KeyValue
 
 from membrane.state import StateDir
 from services.datapath.maps import IPCacheValue, pack_ipcache_key
-from services.datapath.policy_compiler import (
+from services.datapath.ringbuf import bpf
+from shared import subjects
+from shared.bus import Bus
+from shared.messages import IPCacheEntry, PolicyEntry, ResolvedPolicy
+from shared.policy_map import (
     INGRESS,
     KEY_BITS,
     PROTO_TCP,
     PolicyKey,
     PolicyValue,
 )
-from services.datapath.ringbuf import bpf
-from shared import subjects
-from shared.bus import Bus
-from shared.messages import IPCacheEntry, PolicyEntry, ResolvedPolicy
 
 GOAL_KV_P99_MS = 5.0
 GOAL_TCP_OVERHEAD = 0.10

@@ -48,7 +48,7 @@ from membrane.servers import NatsServer, ServerProcess
 from services.policy.model import CLUSTER_MIN, Policy
 from services.policy.parser import parse_documents
 from services.policy.resolver import Resolver
-from services.policy.service import PolicyService, StoredPolicy, store_key
+from services.policy.service import PolicyService, StoredPolicy
 from shared import log, subjects
 from shared.bus import Bus, KVEvent
 from shared.labels import pod_identity_labels
@@ -317,7 +317,7 @@ class PolicySet:
 
     @property
     def keys(self) -> list[str]:
-        return [store_key(p.kind.value, p.namespace, p.name) for p in self.policies]
+        return [subjects.policy_key(p.kind.value, p.namespace, p.name) for p in self.policies]
 
 
 def parse_set(documents: list[dict[str, Any]]) -> PolicySet:

@@ -12,11 +12,12 @@ import yaml
 from membrane import output
 from membrane.client import files, policy, workloads
 from membrane.cliutil import with_bus
+from shared import protocols
 from shared.bus import Bus
 from shared.errors import InvalidArgument
 from shared.messages import ExplainReply, ExplainRequest, PolicyApplyReply, PolicyRef
 
-PROTOCOLS = {"TCP": 6, "UDP": 17, "SCTP": 132, "ICMP": 1, "ANY": 0}
+PROTOCOLS = {**protocols.PORT_PROTOCOLS, "ICMP": protocols.ICMP, "ANY": protocols.ANY}
 
 
 def print_apply(reply: PolicyApplyReply) -> None:

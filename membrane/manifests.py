@@ -17,7 +17,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from shared import doc_fields, kube_yaml
+from shared import doc_fields, kube_yaml, protocols
 from shared.errors import InvalidArgument
 from shared.labels import validate_key, validate_value
 from shared.messages import ContainerPort
@@ -28,7 +28,7 @@ NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
 POD_TEMPLATE_HASH_LABEL = "pod-template-hash"
 DEFAULT_NAMESPACE = "default"
 DEFAULT_SERVICE_ACCOUNT = "default"
-PROTOCOLS = ("TCP", "UDP", "SCTP")
+PROTOCOLS = tuple(protocols.PORT_PROTOCOLS)
 SERVICE_POLICY = "policy"
 SERVICE_LB = "lb"
 

@@ -1,5 +1,6 @@
 """Every NATS subject, queue group and KV bucket name membrane uses; no string subject elsewhere."""
 
+from ipaddress import IPv4Address, IPv4Network
 from typing import Final
 
 PREFIX: Final = "membrane"
@@ -117,3 +118,36 @@ LB_GET: Final = "membrane.lb.get"
 # the lb service's own record of what was applied (Service specs, EndpointSlices)
 KV_LB_SPECS: Final = "lb-specs"
 LB_DELETE_SLICE: Final = "membrane.lb.delete-slice"
+
+
+# --- KV keys: every writer and reader of a bucket spells its keys with these -------------------
+
+
+def endpoint_key(namespace: str, name: str) -> str:
+    """``endpoints``: one pod."""
+    return f"{namespace}.{name}"
+
+
+def service_key(namespace: str, name: str) -> str:
+    """``services``: one Service (or API-driven service) record."""
+    return f"{namespace}.{name}"
+
+
+def policy_key(kind: str, namespace: str, name: str) -> str:
+    """``policies``: kind, namespace and name (a CNP and a NetworkPolicy may share the rest)."""
+    return f"{kind}/{namespace}/{name}"
+
+
+def ipcache_key(prefix: IPv4Address | IPv4Network) -> str:
+    """``ipcache``: a pod or node address as the address, a policy CIDR as the network."""
+    return str(prefix)
+
+
+def identity_key(identity: int) -> str:
+    """``identities`` and ``resolved``: the identity's number."""
+    return str(identity)
+
+
+def selector_key(peer_set: int) -> str:
+    """``selectors``: the peer set's id."""
+    return str(peer_set)

@@ -44,7 +44,7 @@ async def endpoints(bus: Bus) -> list[Endpoint]:
 async def find_pod(bus: Bus, namespace: str, name: str) -> Endpoint:
     kv = await bus.kv(subjects.KV_ENDPOINTS)
     try:
-        entry = await kv.get(f"{namespace}.{name}")
+        entry = await kv.get(subjects.endpoint_key(namespace, name))
     except Exception:  # nats.js: KeyNotFoundError / KeyDeletedError
         entry = None
     if entry is None or entry.value is None:

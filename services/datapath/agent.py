@@ -87,14 +87,6 @@ class Buckets:
         )
 
 
-def endpoint_key(namespace: str, name: str) -> str:
-    return f"{namespace}.{name}"
-
-
-def ipcache_key(ip: IPv4Address) -> str:
-    return str(ip)
-
-
 def deny_all(identity: int) -> ResolvedPolicy:
     """What an identity gets when its resolved policy cannot be read: nothing."""
     return ResolvedPolicy(
@@ -123,7 +115,7 @@ class Agent:
         self.ipam = NodeIPAM(IPv4Network(node.pod_cidr))
         self.policy = PolicySync(datapath.policy, datapath.endpoints)
         self.ipcache = IPCacheSync(datapath.ipcache)
-        self.endpoints: dict[str, Endpoint] = {}  # by endpoint_key
+        self.endpoints: dict[str, Endpoint] = {}  # by subjects.endpoint_key
         self.lock = asyncio.Lock()
         self.synced = {
             name: asyncio.Event()
@@ -211,14 +203,14 @@ class Agent:
             IPv4Network(f"{endpoint.ip}/32"),
             IPCacheValue(endpoint.identity, IPv4Address(self.node.underlay_ip)),
         )
-        self.endpoints[endpoint_key(endpoint.namespace, endpoint.name)] = endpoint
+        self.endpoints[subjects.endpoint_key(endpoint.namespace, endpoint.name)] = endpoint
 
     # --- endpoint operations (socket API) ---------------------------------------------------
 
     async def add_endpoint(self, req: AddEndpoint) -> Endpoint:
         validate_dns_label(req.namespace, "namespace")
         validate_dns_subdomain(req.name, "name")
-        key = endpoint_key(req.namespace, req.name)
+        key = subjects.endpoint_key(req.namespace, req.name)
         async with self.lock:
             existing = self.endpoints.get(key)
             if existing is not None:
@@ -317,7 +309,7 @@ class Agent:
     async def _publish(self, endpoint: Endpoint) -> None:
         """The endpoint's ipcache and endpoints entries on the bus."""
         await self.kv.ipcache.put(
-            ipcache_key(IPv4Address(endpoint.ip)),
+            subjects.ipcache_key(IPv4Address(endpoint.ip)),
             msgspec.json.encode(
                 IPCacheEntry(
                     cidr=f"{endpoint.ip}/32",
@@ -328,7 +320,7 @@ class Agent:
             ),
         )
         await self.kv.endpoints.put(
-            endpoint_key(endpoint.namespace, endpoint.name), msgspec.json.encode(endpoint)
+            subjects.endpoint_key(endpoint.namespace, endpoint.name), msgspec.json.encode(endpoint)
         )
 
     async def _create(self, req: AddEndpoint) -> Endpoint:
@@ -402,7 +394,7 @@ class Agent:
 
     async def _forget(self, endpoint: Endpoint, *, delete_netns: bool = False) -> None:
         """Undo whatever exists of an endpoint; every step tolerates the thing being gone."""
-        key = endpoint_key(endpoint.namespace, endpoint.name)
+        key = subjects.endpoint_key(endpoint.namespace, endpoint.name)
         self.endpoints.pop(key, None)
         # the kernel side first: it must go even when NATS is away
         if endpoint.ip:
@@ -455,7 +447,7 @@ class Agent:
 
     def _find(self, ref: EndpointRef) -> Endpoint | None:
         if ref.name:
-            return self.endpoints.get(endpoint_key(ref.namespace or "default", ref.name))
+            return self.endpoints.get(subjects.endpoint_key(ref.namespace or "default", ref.name))
         if ref.container_id:
             for endpoint in self.endpoints.values():
                 if endpoint.container_id == ref.container_id:
@@ -682,7 +674,7 @@ class Agent:
         return DumpReply(table=req.table, node=self.node.name, rows=rows)
 
     def _dump_policy(self, req: DumpRequest) -> list[dict[str, Any]]:
-        endpoint = self.endpoints.get(endpoint_key(req.namespace or "default", req.pod))
+        endpoint = self.endpoints.get(subjects.endpoint_key(req.namespace or "default", req.pod))
         if endpoint is None:
             raise NotFound(
                 f"no pod {req.namespace or 'default'}/{req.pod} on node {self.node.name}"

@@ -16,6 +16,7 @@ from typing import Any, Final
 
 import msgspec
 
+from shared import protocols
 from shared.messages import SCHEMA_VERSION, Flow, Message
 from shared.reasons import reason_name
 
@@ -60,7 +61,10 @@ OBSERVATION_POINTS: Final = _table(
     },
     "",
 )
-PROTOCOLS: Final = _table({6: "TCP", 17: "UDP", 1: "ICMP"})
+# the protocols the datapath reports by name; others (SCTP too) print as their number
+PROTOCOLS: Final = _table(
+    {n: protocols.NAMES[n] for n in (protocols.TCP, protocols.UDP, protocols.ICMP)}
+)
 # forwarded events carry reason 0 and, like Hubble, no reason name
 REASON_NAMES: Final = ("", *(reason_name(code) for code in range(1, 256)))
 # bit order of the TCP header, names and order as Hubble prints them

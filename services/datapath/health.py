@@ -123,7 +123,7 @@ class Health:
             IPCacheValue(identities.HEALTH, IPv4Address(self.node.underlay_ip)),
         )
         await agent.kv.ipcache.put(
-            str(self.ip),
+            subjects.ipcache_key(IPv4Address(self.ip)),
             msgspec.json.encode(
                 IPCacheEntry(
                     cidr=f"{self.ip}/32",

@@ -22,12 +22,11 @@ import msgspec
 from nats.js.kv import KeyValue
 from prometheus_client import Counter, Histogram
 
-from services.lb import maglev
-from shared import log
+from shared import log, maglev, protocols
 from shared.bus import Bus, KVEvent
 from shared.messages import LBFrontend, LBService, Node
 
-PROTOCOLS = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP}  # SCTP: not translated
+PROTOCOLS = {"TCP": protocols.TCP, "UDP": protocols.UDP}  # SCTP: not translated
 ALG_RANDOM, ALG_MAGLEV = 0, 1
 TERMINATING = 0x1
 
@@ -336,7 +335,7 @@ class LBSync:
             rows.append(
                 {
                     "frontend": f"{IPv4Address(ip)}:{int.from_bytes(port, 'big')}",
-                    "protocol": {6: "TCP", 17: "UDP"}.get(proto, str(proto)),
+                    "protocol": protocols.NAMES.get(proto, str(proto)),
                     "id": fid,
                     "service": owners.get(fid, ""),
                     "algorithm": "maglev" if algorithm == ALG_MAGLEV else "random",

@@ -21,8 +21,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from services.datapath import maps
 from services.datapath.maps import BpfMap, EndpointInfo, IPCacheValue, LxcInfo
-from services.datapath.policy_compiler import PolicyKey, PolicyValue
 from shared.errors import Internal
+from shared.policy_map import PolicyKey, PolicyValue
 
 BPF_DIR = Path(__file__).resolve().parent / "bpf"
 SOURCE = BPF_DIR / "datapath.c"
@@ -109,9 +109,9 @@ class Datapath:
         self.policy: BpfMap[PolicyKey, PolicyValue] = BpfMap(
             table("policy"),
             PolicyKey.pack,
-            maps.unpack_policy_key,
+            PolicyKey.unpack,
             PolicyValue.pack,
-            maps.unpack_policy_value,
+            PolicyValue.unpack,
         )
         self.lxc: BpfMap[IPv4Address, LxcInfo] = BpfMap(
             table("lxc"),

@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, Generic, TypeVar
 
-from services.datapath.policy_compiler import PolicyKey, PolicyValue
-
 NO_ADDRESS = IPv4Address(0)
 K = TypeVar("K")
 V = TypeVar("V")
@@ -166,27 +164,6 @@ def decode_ct(key: bytes, value: bytes, now_ns: int) -> CTEntry:
         closing=bool(flags & CT_F_CLOSING),
         tcp_flags_seen=seen,
     )
-
-
-_POLICY_KEY = struct.Struct("<I4sB3x4sBxH")
-_POLICY_VALUE = struct.Struct("<IBxH")
-
-
-def unpack_policy_key(data: bytes) -> PolicyKey:
-    prefixlen, endpoint, direction, identity, protocol, port = _POLICY_KEY.unpack(data)
-    return PolicyKey(
-        prefixlen=prefixlen,
-        endpoint=int.from_bytes(endpoint, "big"),
-        direction=direction,
-        identity=int.from_bytes(identity, "big"),
-        protocol=protocol,
-        port=socket.ntohs(port),
-    )
-
-
-def unpack_policy_value(data: bytes) -> PolicyValue:
-    rule_id, deny, proxy_port = _POLICY_VALUE.unpack(data)
-    return PolicyValue(rule_id=rule_id, deny=bool(deny), proxy_port=proxy_port)
 
 
 class BpfMap(MutableMapping[K, V], Generic[K, V]):

@@ -19,8 +19,8 @@ from typing import Any, Final
 from pyroute2 import IPRoute
 
 from services.datapath.loader import Datapath
-from services.lb.model import NODE_PORT_RANGE
 from shared.errors import Internal, InvalidArgument
+from shared.protocols import NODE_PORT_RANGE
 
 # The SNAT ports: above Linux's default ephemeral range (32768-60999), so that the node's own
 # connections never hold the same reply tuple as a translated one.

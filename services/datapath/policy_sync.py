@@ -32,10 +32,10 @@ from services.datapath.maps import (
     EP_POLICY_FAILED,
     EndpointInfo,
 )
-from services.datapath.policy_compiler import PolicyKey, PolicyValue, compile_endpoint, diff
 from shared import log
 from shared.messages import ContainerPort, ResolvedPolicy
 from shared.peer_sets import expand, referenced
+from shared.policy_map import PolicyKey, PolicyValue, compile_endpoint, diff
 
 MAP_UPDATES = Counter(
     "membrane_datapath_policy_map_updates_total",

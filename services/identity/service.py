@@ -213,9 +213,9 @@ class IdentityService:
         """
         try:
             if value is None:
-                await self.kv.delete(str(number))
+                await self.kv.delete(subjects.identity_key(number))
             else:
-                await self.kv.put(str(number), value)
+                await self.kv.put(subjects.identity_key(number), value)
             self._backlog.pop(number, None)
         except (nats.errors.Error, TimeoutError) as exc:
             self.log.warning(

@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from shared.errors import AlreadyExists, ResourceExhausted
+from shared.protocols import NODE_PORT_RANGE
 from shared.redis_store import redis_errors
 
 PREFIX = "membrane:lb:"
@@ -32,7 +33,7 @@ class Pool:
 
 FRONTENDS = Pool("frontend", 1, MAX_ID)
 BACKENDS = Pool("backend", 1, MAX_ID)
-NODE_PORTS = Pool("nodeport", 30000, 32767)
+NODE_PORTS = Pool("nodeport", *NODE_PORT_RANGE)
 
 
 class Conflict(AlreadyExists):

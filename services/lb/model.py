@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 from typing import Any
 
+from shared import protocols
 from shared.errors import InvalidArgument
 from shared.names import DNS_1035_LABEL, DNS_LABEL, IANA_SVC_NAME
 
-PROTOCOLS = ("TCP", "UDP", "SCTP")
+PROTOCOLS = tuple(protocols.PORT_PROTOCOLS)
 DEFAULT_AFFINITY_TIMEOUT = 10800  # Kubernetes' default for sessionAffinity ClientIP
 MAX_AFFINITY_TIMEOUT = 86400
-NODE_PORT_RANGE = (30000, 32767)
 # four decimal octets 0-255 without leading zeros (ASCII digits only)
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9][0-9]|[0-9])"
 _IPV4_RE = re.compile(rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}")
@@ -249,7 +249,7 @@ def parse_service(doc: Mapping[str, Any], service_cidr: IPv4Network | None = Non
                     "only a NodePort service has node ports", field=f"{where}.nodePort"
                 )
             node_port = _int(raw["nodePort"], f"{where}.nodePort")
-            low, high = NODE_PORT_RANGE
+            low, high = protocols.NODE_PORT_RANGE
             if not low <= node_port <= high:
                 raise InvalidArgument(
                     f"node port {node_port} is out of range {low}-{high}",

@@ -21,7 +21,7 @@ import msgspec
 from nats.js.kv import KeyValue
 from prometheus_client import Counter, Gauge, Histogram
 
-from services.lb import ids, maglev
+from services.lb import ids
 from services.lb.model import (
     ApiService,
     EndpointSliceSpec,
@@ -33,7 +33,7 @@ from services.lb.model import (
     parse_service,
 )
 from services.lb.spec_store import SpecStore
-from shared import __version__, gcpause, log, metrics, subjects
+from shared import __version__, gcpause, log, maglev, metrics, subjects
 from shared.bus import Bus, KVEvent, MicroService, redact
 from shared.config import CommonSettings, env_name, setting
 from shared.errors import AlreadyExists, InvalidArgument, NotFound
@@ -104,10 +104,6 @@ def spec_key(kind: str, namespace: str, name: str) -> str:
     return f"{'slice' if kind == 'EndpointSlice' else 'service'}.{namespace}.{name}"
 
 
-def record_key(namespace: str, name: str) -> str:
-    return f"{namespace}.{name}"
-
-
 def frontend_owner(ip: str, port: int, protocol: str) -> str:
     return f"{ip}:{port}/{protocol}"
 
@@ -163,10 +159,12 @@ class LBCore:
     def _set_slice(self, key: str, item: EndpointSliceSpec | None) -> None:
         old = self.slices.pop(key, None)
         if old is not None:
-            self.slices_of.get(record_key(old.namespace, old.service), set()).discard(key)
+            self.slices_of.get(subjects.service_key(old.namespace, old.service), set()).discard(key)
         if item is not None:
             self.slices[key] = item
-            self.slices_of.setdefault(record_key(item.namespace, item.service), set()).add(key)
+            self.slices_of.setdefault(
+                subjects.service_key(item.namespace, item.service), set()
+            ).add(key)
 
     def _set_record(self, key: str, record: LBService | None) -> None:
         old = self.records.pop(key, None)
@@ -256,7 +254,9 @@ class LBCore:
     async def _apply(self, req: LBApplyRequest) -> LBApplyReply:
         parsed = self._parse(req)
         services = [
-            (record_key(i.namespace, i.name), i) for _, i, _ in parsed if isinstance(i, ServiceSpec)
+            (subjects.service_key(i.namespace, i.name), i)
+            for _, i, _ in parsed
+            if isinstance(i, ServiceSpec)
         ]
         self._check_frontends(services)
         if req.dry_run:
@@ -278,16 +278,16 @@ class LBCore:
                 else:
                     meta = document.get("metadata") or {}
                     algorithm = (meta.get("annotations") or {}).get(ALGORITHM_ANNOTATION)
-                    self.algorithms[record_key(item.namespace, item.name)] = (
+                    self.algorithms[subjects.service_key(item.namespace, item.name)] = (
                         algorithm or self.settings.lb_algorithm
                     )
             touched = {
-                record_key(i.namespace, i.name)
+                subjects.service_key(i.namespace, i.name)
                 for _, i, _ in parsed
                 if not isinstance(i, EndpointSliceSpec)
             }
             touched |= {
-                record_key(i.namespace, i.service)
+                subjects.service_key(i.namespace, i.service)
                 for _, i, _ in parsed
                 if isinstance(i, EndpointSliceSpec)
             }
@@ -310,7 +310,9 @@ class LBCore:
         for kind, item, document in parsed:
             stored = document  # copied by _with_cluster_ip when it changes anything
             if isinstance(item, ServiceSpec):  # the allocated address sticks on re-apply
-                stored = _with_cluster_ip(stored, self.specs[record_key(item.namespace, item.name)])
+                stored = _with_cluster_ip(
+                    stored, self.specs[subjects.service_key(item.namespace, item.name)]
+                )
             out[spec_key(kind, item.namespace, item.name)] = msgspec.json.encode(
                 StoredSpec(kind=kind, document=stored)
             )
@@ -366,7 +368,7 @@ class LBCore:
 
     async def create(self, req: LBCreateRequest) -> LBService:
         spec = parse_api(req.namespace, req.name, req.frontends, req.backends, req.affinity_timeout)
-        key = record_key(spec.namespace, spec.name)
+        key = subjects.service_key(spec.namespace, spec.name)
         current = self.specs.get(key)
         if isinstance(current, ServiceSpec):
             raise AlreadyExists(f"{key} is a Kubernetes Service; delete it first", field="name")
@@ -390,7 +392,7 @@ class LBCore:
         return self.records[key]
 
     def _find(self, ref: LBServiceRef) -> str:
-        key = record_key(ref.namespace or "default", ref.name)
+        key = subjects.service_key(ref.namespace or "default", ref.name)
         if key not in self.specs and key not in self.records:
             raise NotFound(f"no service {ref.namespace or 'default'}/{ref.name}", field="name")
         return key
@@ -431,7 +433,7 @@ class LBCore:
             raise NotFound(f"no EndpointSlice {key}", field="name")
         async with self.lock:
             await self.store.write({f"slice.{key}": None})
-            await self._recompute({record_key(found.namespace, found.service)})
+            await self._recompute({subjects.service_key(found.namespace, found.service)})
         return LBDeleteReply(deleted=[f"slice/{key}"])
 
     # --- records -----------------------------------------------------------------------------
@@ -477,7 +479,7 @@ class LBCore:
                         found.append((pod.ip, cp.port, False))
                         break
         else:
-            key = record_key(spec.namespace, spec.name)
+            key = subjects.service_key(spec.namespace, spec.name)
             for slice_key in sorted(self.slices_of.get(key, ())):
                 s = self.slices[slice_key]
                 for sp in s.ports:
@@ -608,7 +610,7 @@ class LBCore:
                 found = self.slices.get(rest)
                 self._set_slice(rest, None)
                 if found is not None:
-                    self._mark(record_key(found.namespace, found.service))
+                    self._mark(subjects.service_key(found.namespace, found.service))
             else:
                 self.specs.pop(rest, None)
             return
@@ -618,7 +620,7 @@ class LBCore:
                 item = parse_endpoint_slice(stored.document)
                 if self.slices.get(rest) != item:
                     self._set_slice(rest, item)
-                    self._mark(record_key(item.namespace, item.service))
+                    self._mark(subjects.service_key(item.namespace, item.service))
             elif stored.kind == "Service":
                 spec = parse_service(stored.document, None)
                 if self.specs.get(rest) != spec:

@@ -1,9 +1,8 @@
 """What the datapath would decide for a new connection, and why, from the resolved policy.
 
 It uses the datapath's own data and code: each side's ResolvedPolicy compiled by
-``services.datapath.policy_compiler.compile_endpoint`` and looked up by its ``verdict()``, the
-Python model of ``policy_check`` in ``bpf/datapath.c``. (That is an import of another service's
-pure module, kept until the compiler moves to ``shared``.) Named ports are resolved the way the
+``shared.policy_map.compile_endpoint`` and looked up by its ``verdict()``, the
+Python model of ``policy_check`` in ``bpf/datapath.c``. Named ports are resolved the way the
 datapath resolves them: against the container ports of the endpoint whose policy it is.
 """
 
@@ -13,9 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from services.datapath.policy_compiler import EGRESS, INGRESS, compile_endpoint, verdict
 from services.policy.model import PROTO_ICMP, PROTO_ICMPV6, PROTOCOL_NAMES, Policy, PolicySpec
 from shared.messages import ContainerPort
+from shared.policy_map import EGRESS, INGRESS, compile_endpoint, verdict
 from shared.reasons import POLICY_DENIED, POLICY_DENY, REASONS
 
 if TYPE_CHECKING:

@@ -65,7 +65,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared import identities
+from shared import identities, protocols
 from shared.labels import SOURCE_K8S, LabelSet
 from shared.selectors import LabelSelector, Requirement
 
@@ -86,20 +86,13 @@ CLUSTER_MAX = identities.CLUSTER_MAX
 LOCAL_BASE = identities.LOCAL_BASE
 
 # IANA protocol numbers, as PolicyEntry.protocol carries them. 0 is "any": TCP, UDP and SCTP.
-PROTO_ANY = 0
-PROTO_ICMP = 1
-PROTO_TCP = 6
-PROTO_UDP = 17
-PROTO_ICMPV6 = 58
-PROTO_SCTP = 132
-PROTOCOL_NAMES: dict[int, str] = {
-    PROTO_ANY: "ANY",
-    PROTO_ICMP: "ICMP",
-    PROTO_TCP: "TCP",
-    PROTO_UDP: "UDP",
-    PROTO_ICMPV6: "ICMPv6",
-    PROTO_SCTP: "SCTP",
-}
+PROTO_ANY = protocols.ANY
+PROTO_ICMP = protocols.ICMP
+PROTO_TCP = protocols.TCP
+PROTO_UDP = protocols.UDP
+PROTO_ICMPV6 = protocols.ICMPV6
+PROTO_SCTP = protocols.SCTP
+PROTOCOL_NAMES = protocols.NAMES
 
 
 class PolicyKind(enum.Enum):

@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network
 
 from services.policy.cidr_table import CIDRChange, CIDRTable
-from services.policy.explain import Explanation, explain
 from services.policy.model import (
     CLUSTER_MIN,
     LOCAL_BASE,
@@ -61,7 +60,7 @@ from shared.labels import SOURCE_RESERVED, Label, LabelSet
 from shared.messages import PeerSet, PolicyEntry, ResolvedPolicy
 from shared.peer_sets import expand, referenced
 
-__all__ = ["Explanation", "PeerClass", "Resolver", "explain", "is_subject_range"]
+__all__ = ["PeerClass", "Resolver", "is_subject_range"]
 
 
 class PeerClass(enum.Enum):

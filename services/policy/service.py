@@ -26,9 +26,10 @@ from nats.js.kv import KeyValue
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.policy import diff as policy_diff
+from services.policy.explain import explain
 from services.policy.model import Policy
 from services.policy.parser import parse_document
-from services.policy.resolver import Resolver, explain
+from services.policy.resolver import Resolver
 from shared import __version__, log, metrics, subjects
 from shared.bus import Bus, KVEvent, MicroService, redact
 from shared.config import CommonSettings, env_name, setting
@@ -75,12 +76,6 @@ class PolicySettings(CommonSettings):
             raise InvalidArgument("must be at least 1", field=env_name("concurrency"))
 
 
-def store_key(kind: str, namespace: str, name: str) -> str:
-    """The ``policies`` bucket key: kind, namespace and name (CNP and NetworkPolicy may share
-    a namespace and a name)."""
-    return f"{kind}/{namespace}/{name}"
-
-
 class StoredPolicy(msgspec.Struct, kw_only=True):
     """A ``policies`` bucket value: the document as applied."""
 
@@ -124,7 +119,11 @@ class PolicyService:
                 REJECTED.labels((exc.field or "document").split(".")[0].split("[")[0]).inc()
                 raise
             parsed.append(
-                (store_key(policy.kind.value, policy.namespace, policy.name), policy, document)
+                (
+                    subjects.policy_key(policy.kind.value, policy.namespace, policy.name),
+                    policy,
+                    document,
+                )
             )
         return parsed
 
@@ -324,9 +323,9 @@ class PolicyService:
         first: list[Awaitable[object]] = []  # CIDR identities and peer sets, before subjects
         for net, number in added.items():
             entry = IPCacheEntry(cidr=str(net), identity=number)
-            first.append(self.ipcache.put(str(net), msgspec.json.encode(entry)))
+            first.append(self.ipcache.put(subjects.ipcache_key(net), msgspec.json.encode(entry)))
         first.extend(
-            self.selectors_kv.put(str(i), msgspec.json.encode(current[i]))
+            self.selectors_kv.put(subjects.selector_key(i), msgspec.json.encode(current[i]))
             for i in sorted(touched_sets)
             if i in current
         )
@@ -334,11 +333,21 @@ class PolicyService:
         for subject in sorted(subjects_changed):
             resolved = self.resolver.resolved(subject)
             if resolved is None:
-                then.append(self.resolved_kv.delete(str(subject)))
+                then.append(self.resolved_kv.delete(subjects.identity_key(subject)))
             else:
-                then.append(self.resolved_kv.put(str(subject), msgspec.json.encode(resolved)))
-        last: list[Awaitable[object]] = [self.ipcache.delete(str(net)) for net in removed]
-        last.extend(self.selectors_kv.delete(str(i)) for i in touched_sets if i not in current)
+                then.append(
+                    self.resolved_kv.put(
+                        subjects.identity_key(subject), msgspec.json.encode(resolved)
+                    )
+                )
+        last: list[Awaitable[object]] = [
+            self.ipcache.delete(subjects.ipcache_key(net)) for net in removed
+        ]
+        last.extend(
+            self.selectors_kv.delete(subjects.selector_key(i))
+            for i in touched_sets
+            if i not in current
+        )
         try:
             for writes in (first, then, last):
                 for start in range(0, len(writes), 256):  # bounded: a cold start is thousands

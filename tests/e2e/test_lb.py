@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from services.lb import maglev
+from shared import maglev
 from shared.bus import Bus
 from shared.messages import ResolvedPolicy
 from tests.conftest import eventually

@@ -260,7 +260,7 @@ def test_maglev_choice_is_from_containers_and_affinity_holds(
     """The same selection code as from_container: a Maglev service's flow lands on the backend
     the table names for its hash (with this node's address as destination); ClientIP affinity
     keeps one client on one backend."""
-    from services.lb import maglev
+    from shared import maglev
     from tests.e2e.test_lb import flow_hash
 
     cluster = np_cluster

@@ -17,11 +17,11 @@ from services.datapath.maps import (
     EndpointInfo,
     IPCacheValue,
 )
-from services.datapath.policy_compiler import PolicyKey, PolicyValue
 from services.datapath.policy_sync import LocalEndpoint, PolicySync
 from shared.errors import ResourceExhausted
 from shared.identities import LOCAL_BASE
 from shared.messages import ContainerPort, IPCacheEntry, PolicyEntry, ResolvedPolicy
+from shared.policy_map import PolicyKey, PolicyValue
 
 K = TypeVar("K")
 V = TypeVar("V")

@@ -10,8 +10,8 @@ import pytest
 
 from services.datapath import lb_sync
 from services.datapath.lb_sync import LBSync
-from services.lb import maglev
 from services.lb.model import parse_api, parse_endpoint_slice, parse_service
+from shared import maglev
 from shared.errors import InvalidArgument
 from shared.messages import LBBackend, LBFrontend, LBService
 

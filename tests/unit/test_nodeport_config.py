@@ -8,8 +8,8 @@ from ipaddress import IPv4Address
 import pytest
 
 from services.datapath.nodeport import SNAT_RANGE, NodePortConfig
-from services.lb.model import NODE_PORT_RANGE
 from shared.errors import InvalidArgument
+from shared.protocols import NODE_PORT_RANGE
 
 
 def test_layout_is_bpf_struct_np_config() -> None:

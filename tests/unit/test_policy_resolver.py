@@ -15,9 +15,10 @@ from collections.abc import Callable, Iterable
 import msgspec
 import pytest
 
+from services.policy.explain import explain
 from services.policy.model import LOCAL_BASE, PROTO_TCP, PROTO_UDP, Policy
 from services.policy.parser import parse_documents
-from services.policy.resolver import Resolver, explain
+from services.policy.resolver import Resolver
 from shared.errors import AlreadyExists
 from shared.labels import pod_identity_labels
 from shared.messages import ContainerPort, ResolvedPolicy

@@ -25,9 +25,6 @@ from services.policy.model import (
     PROTO_ANY,
     PROTO_ICMP,
     PROTO_ICMPV6,
-    PROTO_SCTP,
-    PROTO_TCP,
-    PROTO_UDP,
     CIDRRule,
     Direction,
     Entity,
@@ -38,7 +35,7 @@ from services.policy.model import (
     Rule,
     Selector,
 )
-from shared import doc_fields
+from shared import doc_fields, protocols
 from shared.errors import InvalidArgument
 from shared.labels import NAMESPACE_LABEL, NAMESPACE_LABELS_PREFIX
 from shared.selectors import LabelSelector, Requirement
@@ -58,7 +55,7 @@ _SPEC_FIELDS = frozenset(
 _INGRESS_L3 = ("fromEndpoints", "fromCIDR", "fromCIDRSet", "fromEntities")
 _EGRESS_L3 = ("toEndpoints", "toCIDR", "toCIDRSet", "toEntities")
 _L4_FIELDS = frozenset({"toPorts", "icmps"})
-_CILIUM_PROTOCOLS = {"TCP": PROTO_TCP, "UDP": PROTO_UDP, "SCTP": PROTO_SCTP, "ANY": PROTO_ANY}
+_CILIUM_PROTOCOLS = {**protocols.PORT_PROTOCOLS, "ANY": PROTO_ANY}
 _ICMP_FAMILIES = {"IPv4": PROTO_ICMP, "IPv6": PROTO_ICMPV6}
 _ICMP_TYPES: dict[int, dict[str, int]] = {
     PROTO_ICMP: {

@@ -20,9 +20,6 @@ from services.policy.formats.common import (
     unique,
 )
 from services.policy.model import (
-    PROTO_SCTP,
-    PROTO_TCP,
-    PROTO_UDP,
     CIDRRule,
     Direction,
     Entity,
@@ -32,12 +29,12 @@ from services.policy.model import (
     Rule,
     Selector,
 )
-from shared import doc_fields
+from shared import doc_fields, protocols
 from shared.errors import InvalidArgument
 from shared.labels import NAMESPACE_LABEL, NAMESPACE_LABELS_PREFIX
 from shared.selectors import LabelSelector, Requirement
 
-_KNP_PROTOCOLS = {"TCP": PROTO_TCP, "UDP": PROTO_UDP, "SCTP": PROTO_SCTP}
+_KNP_PROTOCOLS = protocols.PORT_PROTOCOLS
 
 
 def netpol_spec(raw: Any, ctx: Context) -> PolicySpec:

@@ -1,4 +1,8 @@
-"""Resolved policy -> entries of the datapath's policy LPM trie, and a model of its lookup.
+"""The datapath's policy LPM trie: its key and value encoding (both ways), the compiler from
+resolved policy to entries, and a model of its lookup.
+
+A contract, hence in ``shared``: the datapath agent writes these entries, and the policy
+service's ``explain`` answers with the same compilation and lookup.
 
 One trie holds every endpoint's policy. Its key is ``endpoint | direction | pad | identity``
 (96 bits, always fully matched: one "slot" per endpoint, direction and peer identity) followed
@@ -25,28 +29,28 @@ import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+from shared import protocols
 from shared.messages import ContainerPort, PolicyEntry, ResolvedPolicy
 from shared.proxy import PROXY_PORT
 
 INGRESS = 1
 EGRESS = 2
 
-PROTO_ANY = 0
-PROTO_ICMP = 1
-PROTO_TCP = 6
-PROTO_UDP = 17
-PROTO_SCTP = 132
+PROTO_ANY = protocols.ANY
+PROTO_ICMP = protocols.ICMP
+PROTO_TCP = protocols.TCP
+PROTO_UDP = protocols.UDP
+PROTO_SCTP = protocols.SCTP
 # a port without a protocol means these (Cilium expands it the same way): the key has no
 # "any protocol, this port" form, since the protocol byte precedes the port
-PORT_PROTOCOLS = (PROTO_TCP, PROTO_UDP, PROTO_SCTP)
-_PROTOCOL_NUMBERS = {"TCP": PROTO_TCP, "UDP": PROTO_UDP, "SCTP": PROTO_SCTP}
+PORT_PROTOCOLS = tuple(protocols.PORT_PROTOCOLS.values())
 
 # prefix lengths, in bits, counted over the key after its prefixlen field
 SLOT_BITS = 96  # endpoint 32 + direction 8 + pad 24 + identity 32
 PROTO_BITS = SLOT_BITS + 16  # protocol 8 + pad2 8
 KEY_BITS = PROTO_BITS + 16  # port
 
-_MAX_PORT = 0xFFFF
+_MAX_PORT = protocols.MAX_PORT
 _PREFIXLEN = struct.Struct("<I")
 _DATA = struct.Struct(">IB3xIBxH")
 _VALUE = struct.Struct("<IBxH")
@@ -67,6 +71,13 @@ class PolicyKey:
         """The C ``struct policy_key``: prefixlen in host order (the kernel's
         ``bpf_lpm_trie_key``), the matched fields big-endian so the trie's bit order is theirs."""
         return _PREFIXLEN.pack(self.prefixlen) + self._data()
+
+    @classmethod
+    def unpack(cls, data: bytes) -> PolicyKey:
+        """The inverse of :meth:`pack`, for keys read back from the map."""
+        (prefixlen,) = _PREFIXLEN.unpack_from(data)
+        fields = _DATA.unpack(data[_PREFIXLEN.size :])
+        return cls(prefixlen, *fields)
 
     def _data(self) -> bytes:
         return _DATA.pack(self.endpoint, self.direction, self.identity, self.protocol, self.port)
@@ -93,6 +104,11 @@ class PolicyValue:
     def pack(self) -> bytes:
         """The C ``struct policy_value`` (host order, little-endian here)."""
         return _VALUE.pack(self.rule_id, int(self.deny), self.proxy_port)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> PolicyValue:
+        rule_id, deny, proxy_port = _VALUE.unpack(data)
+        return cls(rule_id=rule_id, deny=bool(deny), proxy_port=proxy_port)
 
 
 # (prefixlen, protocol, port) of a key within its slot
@@ -133,7 +149,7 @@ def _entry_prefixes(entry: PolicyEntry, ports: Sequence[ContainerPort]) -> Itera
     if entry.port_name:
         # Cilium semantics: a named port the endpoint does not declare yields nothing
         for cp in ports:
-            proto = _PROTOCOL_NUMBERS.get(cp.protocol.upper())
+            proto = protocols.PORT_PROTOCOLS.get(cp.protocol.upper())
             if cp.name != entry.port_name or proto is None or not 0 < cp.port <= _MAX_PORT:
                 continue
             if entry.protocol in (PROTO_ANY, proto):

@@ -8,7 +8,8 @@ from collections.abc import Mapping, Sequence
 
 import pytest
 
-from services.datapath.policy_compiler import (
+from shared.messages import ContainerPort, PolicyEntry, ResolvedPolicy
+from shared.policy_map import (
     EGRESS,
     INGRESS,
     KEY_BITS,
@@ -21,7 +22,6 @@ from services.datapath.policy_compiler import (
     port_prefixes,
     verdict,
 )
-from shared.messages import ContainerPort, PolicyEntry, ResolvedPolicy
 from shared.proxy import PROXY_PORT
 
 EP = 7
@@ -656,3 +656,18 @@ def test_random_wide_ranges_match_reference() -> None:
             | {rng.randint(0, 1200) for _ in range(30)}
         )
         check_equivalent(resolved, SMALL_PORTS, query_ports, f"wide n={n}")
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        PolicyKey(SLOT_BITS, 7, INGRESS, 0, 0, 0),
+        PolicyKey(PROTO_BITS + 3, 0xFFFFFFFF, EGRESS, 16777217, 6, 0xE000),
+        PolicyKey(KEY_BITS, 12, EGRESS, 65535, 132, 65535),
+    ],
+)
+def test_key_and_value_read_back_as_written(key: PolicyKey) -> None:
+    """The map's keys and values decode with the layout they were encoded with (one module)."""
+    assert PolicyKey.unpack(key.pack()) == key
+    for value in (PolicyValue(0, False), PolicyValue(0xFFFFFFFF, True, proxy_port=15001)):
+        assert PolicyValue.unpack(value.pack()) == value
