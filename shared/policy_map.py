@@ -25,11 +25,10 @@ Pure logic: no BPF, no I/O.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-from shared import protocols
+from shared import bpf_layouts, protocols
 from shared.messages import ContainerPort, PolicyEntry, ResolvedPolicy
 from shared.proxy import PROXY_PORT
 
@@ -51,9 +50,9 @@ PROTO_BITS = SLOT_BITS + 16  # protocol 8 + pad2 8
 KEY_BITS = PROTO_BITS + 16  # port
 
 _MAX_PORT = protocols.MAX_PORT
-_PREFIXLEN = struct.Struct("<I")
-_DATA = struct.Struct(">IB3xIBxH")
-_VALUE = struct.Struct("<IBxH")
+_PREFIXLEN = bpf_layouts.POLICY_KEY_PREFIXLEN
+_DATA = bpf_layouts.POLICY_KEY_DATA
+_VALUE = bpf_layouts.POLICY_VALUE
 
 
 @dataclass(frozen=True, order=True)

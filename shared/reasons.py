@@ -25,6 +25,28 @@ PROXY_UNSUPPORTED: Final = 180  # DROP_PROXY_UNKNOWN_PROTO
 POLICY_DENY: Final = 181  # DROP_POLICY_DENY: a deny entry matched (deny beats allow)
 INVALID_VNI: Final = 183  # DROP_INVALID_VNI
 TTL_EXCEEDED: Final = 196  # DROP_TTL_EXCEEDED
+NO_TUNNEL_KEY: Final = 147  # DROP_NO_TUNNEL_KEY: a VXLAN packet without its tunnel metadata
+UNKNOWN_TARGET: Final = 150  # DROP_UNKNOWN_TARGET: no local pod for the destination
+NO_CONFIG: Final = 165  # DROP_NO_CONFIG: the endpoint has no configuration (fail closed)
+NAT_NO_MAPPING: Final = 167  # DROP_NAT_NO_MAPPING: no free SNAT port for a node port
+
+# the codes services/datapath/bpf/drop_reasons.h defines, by macro name (a unit test keeps the
+# two equal); the others above are Cilium codes the datapath does not emit (yet)
+DATAPATH_DROPS: Final[dict[str, int]] = {
+    "DROP_INVALID_SIP": INVALID_SOURCE_IP,
+    "DROP_POLICY": POLICY_DENIED,
+    "DROP_INVALID": INVALID_PACKET,
+    "DROP_CT_INVALID_HDR": CT_INVALID_HDR,
+    "DROP_UNSUPPORTED_L3": UNSUPPORTED_L3,
+    "DROP_NO_TUNNEL_KEY": NO_TUNNEL_KEY,
+    "DROP_UNKNOWN_TARGET": UNKNOWN_TARGET,
+    "DROP_NO_SERVICE": NO_SERVICE,
+    "DROP_NO_CONFIG": NO_CONFIG,
+    "DROP_NAT_NO_MAPPING": NAT_NO_MAPPING,
+    "DROP_PROXY_UNSUPPORTED": PROXY_UNSUPPORTED,
+    "DROP_POLICY_DENY": POLICY_DENY,
+    "DROP_INVALID_VNI": INVALID_VNI,
+}
 
 REASONS: Final[dict[int, str]] = {
     0: "Success",

@@ -16,14 +16,14 @@ from typing import Any, Final
 
 import msgspec
 
-from shared import protocols
+from shared import bpf_layouts, protocols
 from shared.messages import SCHEMA_VERSION, Flow, Message
 from shared.reasons import reason_name
 
 EVENT_SIZE: Final = 48
 # struct flow_event, native byte order (the kernel writes host-order integers), no padding;
 # saddr/daddr are read as host-order u32 and packed back to get their network-order bytes
-EVENT: Final = struct.Struct("=QBBBBBBBBIIIIIHHII")
+EVENT: Final = bpf_layouts.FLOW_EVENT
 # a ring buffer record: the u32 length and u32 page offset header, then the event
 RECORD: Final = struct.Struct("=II" + EVENT.format[1:])
 assert EVENT.size == EVENT_SIZE and RECORD.size == EVENT_SIZE + 8

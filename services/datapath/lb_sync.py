@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
@@ -22,7 +21,7 @@ import msgspec
 from nats.js.kv import KeyValue
 from prometheus_client import Counter, Histogram
 
-from shared import log, maglev, protocols
+from shared import bpf_layouts, log, maglev, protocols
 from shared.bus import Bus, KVEvent
 from shared.messages import LBFrontend, LBService, Node
 
@@ -30,11 +29,11 @@ PROTOCOLS = {"TCP": protocols.TCP, "UDP": protocols.UDP}  # SCTP: not translated
 ALG_RANDOM, ALG_MAGLEV = 0, 1
 TERMINATING = 0x1
 
-_SERVICE_KEY = struct.Struct("<4s2sBx")
-_SERVICE_VALUE = struct.Struct("<IIIIB3x")
-_SLOT_KEY = struct.Struct("<II")
-_U32 = struct.Struct("<I")
-_BACKEND = struct.Struct("<4s2sBx")
+_SERVICE_KEY = bpf_layouts.LB_SERVICE_KEY
+_SERVICE_VALUE = bpf_layouts.LB_SERVICE_VALUE
+_SLOT_KEY = bpf_layouts.LB_SLOT_KEY
+_U32 = bpf_layouts.U32
+_BACKEND = bpf_layouts.LB_BACKEND
 
 MAP_NAMES = ("lb_backends", "lb_slots", "lb_maglev", "lb_services")
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, Generic, TypeVar
 
+from shared import bpf_layouts
+
 NO_ADDRESS = IPv4Address(0)
 K = TypeVar("K")
 V = TypeVar("V")
@@ -37,7 +39,7 @@ class EndpointInfo:
     ip: IPv4Address
     flags: int
 
-    _LAYOUT = struct.Struct("<I4sII")
+    _LAYOUT = bpf_layouts.ENDPOINT_INFO
 
     def pack(self) -> bytes:
         return self._LAYOUT.pack(self.identity, self.ip.packed, self.flags, 0)
@@ -53,7 +55,7 @@ class IPCacheValue:
     identity: int
     tunnel_endpoint: IPv4Address = NO_ADDRESS
 
-    _LAYOUT = struct.Struct("<I4s")
+    _LAYOUT = bpf_layouts.IPCACHE_VALUE
 
     def pack(self) -> bytes:
         return self._LAYOUT.pack(self.identity, self.tunnel_endpoint.packed)
@@ -72,7 +74,7 @@ class LxcInfo:
     mac: str  # the pod's interface
     host_mac: str  # the host side of its veth
 
-    _LAYOUT = struct.Struct("<I6s6s")
+    _LAYOUT = bpf_layouts.LXC_INFO
 
     def pack(self) -> bytes:
         return self._LAYOUT.pack(self.ifindex, _mac(self.mac), _mac(self.host_mac))
@@ -98,7 +100,7 @@ def unpack_address(data: bytes) -> IPv4Address:
     return IPv4Address(data)
 
 
-_IPCACHE_KEY = struct.Struct("<I4s")
+_IPCACHE_KEY = bpf_layouts.IPCACHE_KEY
 
 
 def pack_ipcache_key(net: IPv4Network) -> bytes:
@@ -110,7 +112,7 @@ def unpack_ipcache_key(data: bytes) -> IPv4Network:
     return IPv4Network((IPv4Address(addr), prefixlen))
 
 
-_U32 = struct.Struct("<I")
+_U32 = bpf_layouts.U32
 
 
 def pack_u32(value: int) -> bytes:
@@ -141,8 +143,8 @@ class CTEntry:
     tcp_flags_seen: int
 
 
-_CT_KEY = struct.Struct("<4s4sHHBBH")
-_CT_VALUE = struct.Struct("<QQQIIIBBH")
+_CT_KEY = bpf_layouts.CT_KEY
+_CT_VALUE = bpf_layouts.CT_ENTRY
 
 
 def decode_ct(key: bytes, value: bytes, now_ns: int) -> CTEntry:

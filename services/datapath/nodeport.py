@@ -11,7 +11,6 @@ Blocking netlink calls: run them in a worker thread (``asyncio.to_thread``).
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Any, Final
@@ -19,6 +18,7 @@ from typing import Any, Final
 from pyroute2 import IPRoute
 
 from services.datapath.loader import Datapath
+from shared import bpf_layouts
 from shared.errors import Internal, InvalidArgument
 from shared.protocols import NODE_PORT_RANGE
 
@@ -36,7 +36,7 @@ class NodePortConfig:
     nodeport_range: tuple[int, int] = NODE_PORT_RANGE
     snat_range: tuple[int, int] = SNAT_RANGE
 
-    _LAYOUT = struct.Struct("<4sIHHHH")
+    _LAYOUT = bpf_layouts.NP_CONFIG
 
     def __post_init__(self) -> None:
         for name in ("nodeport_range", "snat_range"):

@@ -10,7 +10,6 @@ Blocking netlink calls: run them in a worker thread (``asyncio.to_thread``).
 from __future__ import annotations
 
 import errno
-import struct
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Any, Final
@@ -18,6 +17,7 @@ from typing import Any, Final
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from shared import bpf_layouts
 from shared.errors import AlreadyExists, Internal, InvalidArgument
 
 ROUTING_MODES: Final = ("tunnel", "native")
@@ -42,7 +42,7 @@ class OverlayConfig:
     vxlan_ifindex: int
     mode: int
 
-    _LAYOUT = struct.Struct("<4sIII")
+    _LAYOUT = bpf_layouts.OVERLAY_CONFIG
 
     def pack(self) -> bytes:
         return self._LAYOUT.pack(self.underlay_ip.packed, self.vxlan_ifindex, self.mode, 0)

@@ -16,16 +16,7 @@
 #include <uapi/linux/icmp.h>
 
 #include "maps.h"
-
-/* Cilium's drop reasons (positive here; Cilium's C uses negatives) */
-#define DROP_INVALID_SIP 132
-#define DROP_POLICY 133
-#define DROP_INVALID 134
-#define DROP_CT_INVALID_HDR 135
-#define DROP_UNSUPPORTED_L3 139
-#define DROP_NO_CONFIG 165
-#define DROP_PROXY_UNSUPPORTED 180
-#define DROP_POLICY_DENY 181
+#include "drop_reasons.h"
 
 #define ID_WORLD 2
 

@@ -1,5 +1,5 @@
 /* Events the datapath sends to its agent through the ring buffer, and the metrics it counts.
- * services/datapath/events.py decodes this layout; keep the two in step. */
+ * shared/bpf_layouts.py holds this layout for Python; a test compares the two. */
 #ifndef MEMBRANE_EVENTS_H
 #define MEMBRANE_EVENTS_H
 

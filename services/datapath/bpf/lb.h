@@ -19,8 +19,6 @@
 #define LB_NAT_MAX 65536
 #endif
 
-#define DROP_NO_SERVICE 158 /* Cilium: "Service backend not found" */
-
 #define LB_ALG_RANDOM 0
 #define LB_ALG_MAGLEV 1
 

@@ -1,4 +1,5 @@
-/* Map layouts shared by the programs and by services/datapath/maps.py (keep both in step).
+/* Map layouts shared by the programs and by shared/bpf_layouts.py (tests/integration/
+ * test_bpf_layouts.py compares the two).
  * Every map is pinned under PIN_DIR, so a restarted agent reopens the same maps and the
  * programs that tc keeps attached go on using them in the meantime. */
 #ifndef MEMBRANE_MAPS_H

@@ -28,7 +28,6 @@
 #define NP_NAT_MAX 65536
 #endif
 
-#define DROP_NAT_NO_MAPPING 167 /* Cilium: "No mapping for NAT masquerade" */
 #define ID_HOST 1
 #define ID_REMOTE_NODE 6
 #define ID_LOCAL_BASE (1 << 24) /* node-local CIDR identities */
