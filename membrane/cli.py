@@ -19,6 +19,7 @@ from membrane import (
     cli_observe,
     cli_policy,
     cli_policy_diff,
+    cli_policy_suggest,
     cli_status,
     cli_workloads,
     cliutil,
@@ -335,7 +336,9 @@ def build_parser(run_flags: bool = True) -> argparse.ArgumentParser:
         sp.set_defaults(func=cmd_run, service=name)
 
     cli_workloads.add_parsers(sub)
-    cli_policy_diff.add_parser(cli_policy.add_parsers(sub))
+    policy_sub = cli_policy.add_parsers(sub)
+    cli_policy_diff.add_parser(policy_sub)
+    cli_policy_suggest.add_parser(policy_sub)
     cli_observe.add_parser(sub)
     cli_lb.add_parsers(sub)
 
