@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.testrun import test_run
 from services.datapath import lb_sync, nodeport
-from services.datapath.loader import Datapath, remove_pins
+from services.datapath.loader import Datapath
+from shared.pins import remove_pins
 
 NODE = "172.31.250.11"
 CLIENT = "172.31.250.12"

@@ -14,17 +14,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from ipaddress import IPv4Interface, IPv4Network
-from pathlib import Path
 
 from membrane.state import ClusterInfo
-from services.datapath import netns
-from services.datapath.loader import remove_pins
-from shared import agent_api
+from shared import agent_api, netns
 from shared.errors import Internal, InvalidArgument
+from shared.pins import BPFFS, remove_pins
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,9}$")
 FIRST_NODE_HOST = 10
-BPFFS = Path("/sys/fs/bpf")
 
 
 @dataclass(frozen=True)

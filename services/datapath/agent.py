@@ -20,7 +20,6 @@ import msgspec
 from nats.js.kv import KeyValue
 from prometheus_client import Counter, Gauge
 
-from services.datapath import netns
 from services.datapath.ipcache_sync import IPCacheSync
 from services.datapath.lb_sync import LBSync
 from services.datapath.loader import Datapath
@@ -28,7 +27,7 @@ from services.datapath.local_ipam import NodeIPAM
 from services.datapath.maps import EndpointInfo, IPCacheValue, LxcInfo, decode_ct, percpu_sum
 from services.datapath.metrics_collector import POLICY_IMPLEMENTATION
 from services.datapath.policy_sync import LocalEndpoint, PolicySync
-from shared import agent_api, kv_watch, log, subjects
+from shared import agent_api, kv_watch, log, netns, subjects
 from shared.agent_api import AddEndpoint, DumpReply, DumpRequest, EndpointList, EndpointRef
 from shared.bus import Bus, KVEvent
 from shared.errors import AlreadyExists, InvalidArgument, MembraneError, NotFound

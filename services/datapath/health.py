@@ -27,10 +27,9 @@ from typing import TYPE_CHECKING, Any, Final
 import msgspec
 from prometheus_client import Gauge
 
-from services.datapath import netns
 from services.datapath.maps import EndpointInfo, IPCacheValue, LxcInfo
 from services.datapath.policy_sync import LocalEndpoint
-from shared import identities, log, subjects
+from shared import identities, log, netns, subjects
 from shared.bus import Bus
 from shared.messages import IPCacheEntry, Node, NodeHealth, PeerHealth
 

@@ -8,9 +8,7 @@ never none.
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import shutil
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -22,6 +20,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from services.datapath import maps
 from services.datapath.maps import BpfMap, EndpointInfo, IPCacheValue, LxcInfo
 from shared.errors import Internal
+from shared.pins import pin_dir
 from shared.policy_map import PolicyKey, PolicyValue
 
 BPF_DIR = Path(__file__).resolve().parent / "bpf"
@@ -36,18 +35,6 @@ PARENT_INGRESS = "ffff:fff2"
 PARENT_EGRESS = "ffff:fff3"
 FILTER_PRIO = 1
 FILTER_HANDLE = ":1"
-
-
-def pin_dir(bpffs: Path, node: str) -> Path:
-    return bpffs / "membrane" / node
-
-
-def remove_pins(bpffs: Path, node: str) -> None:
-    """Unpin every map of ``node``; the kernel frees them once no program holds them."""
-    pins = pin_dir(bpffs, node)
-    shutil.rmtree(pins, ignore_errors=True)
-    with contextlib.suppress(OSError):  # the last node out removes membrane/ itself
-        pins.parent.rmdir()
 
 
 def program_text() -> str:

@@ -22,7 +22,7 @@ from typing import Any
 import msgspec
 from prometheus_client import REGISTRY
 
-from services.datapath import netns, nodeport, routing, tunnel
+from services.datapath import nodeport, routing, tunnel
 from services.datapath.agent import Agent, Buckets
 from services.datapath.flow_publisher import FlowPublisher
 from services.datapath.health import Health, health_address
@@ -31,7 +31,7 @@ from services.datapath.loader import Datapath
 from services.datapath.maps import IPCacheValue
 from services.datapath.metrics_collector import DatapathCollector
 from services.datapath.ringbuf import RingBuffer
-from shared import __version__, agent_api, identities, log, metrics, subjects
+from shared import __version__, agent_api, identities, log, metrics, netns, subjects
 from shared.bus import Bus, redact
 from shared.config import CommonSettings, env_name, setting
 from shared.errors import InvalidArgument, MembraneError, NotFound, Unavailable

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from membrane.state import StateDir
-from services.datapath import netns
+from shared import netns
 from shared.bus import Bus
 from tests.conftest import eventually
 from tests.e2e.cluster import Cluster, down_leaving_nothing, free_octet, pod_info, up

@@ -1,4 +1,4 @@
-"""Kernel plumbing of the local cluster (services.datapath.netns) against the real kernel.
+"""Kernel plumbing of the local cluster (shared.netns) against the real kernel.
 
 Builds an underlay bridge in the root namespace, two node namespaces on it and, in the first
 node, a router device and pods wired with real veths, then proves the wiring with real ICMP
@@ -28,7 +28,8 @@ from typing import Any
 import pytest
 from pyroute2 import IPRoute
 
-from services.datapath.netns import (
+from shared.errors import AlreadyExists, InvalidArgument, NotFound
+from shared.netns import (
     NETNS_DIR,
     WiredEndpoint,
     delete_netns,
@@ -46,7 +47,6 @@ from services.datapath.netns import (
     unwire_endpoint,
     wire_endpoint,
 )
-from shared.errors import AlreadyExists, InvalidArgument, NotFound
 
 pytestmark = [
     pytest.mark.root,

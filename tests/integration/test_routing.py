@@ -17,11 +17,10 @@ import pytest
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from services.datapath import netns
 from services.datapath.ipcache_sync import IPCacheSync
 from services.datapath.maps import IPCacheValue
 from services.datapath.routing import ROUTE_PROTO, Peers, release_node
-from shared import identities, subjects
+from shared import identities, netns, subjects
 from shared.bus import Bus, KVEvent
 from shared.messages import Endpoint, IPCacheEntry, Node
 
