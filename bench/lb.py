@@ -55,6 +55,7 @@ sys.path.insert(0, str(BENCH_DIR.parent))
 from bench.datapath import BPFFS, Cluster, MapEntry, obj_get  # noqa: E402
 from membrane.client import lb as lb_client  # noqa: E402
 from services.datapath.lb_sync import backend_value, service_key  # noqa: E402
+from shared import apply  # noqa: E402
 from shared.bus import Bus  # noqa: E402
 
 GOAL_BULK_SECONDS = 3.0
@@ -172,7 +173,7 @@ class Membrane:
         entries = self.service_entries(first, last)
         started = time.perf_counter()
         poll = asyncio.ensure_future(asyncio.to_thread(wait_all, entries, started + 300))
-        await lb_client.apply_documents(bus, docs, "bench", dry_run=False)
+        await apply.apply_services(bus, docs, "bench", dry_run=False)
         done = await poll
         return done - started
 
@@ -209,7 +210,7 @@ class Membrane:
         is a backend id of its own; apply both once and learn them."""
         ip = self.plan.backends(0)[0]
         for port in (9000, 9001):
-            await lb_client.apply_documents(bus, self._update_docs(port), "bench", dry_run=False)
+            await apply.apply_services(bus, self._update_docs(port), "bench", dry_run=False)
             record = await lb_client.get(bus, "bench", "s0")
             self.ids[port] = next(b.id for b in record.frontends[0].backends if b.ip == ip)
 
@@ -233,7 +234,7 @@ class Membrane:
         poll = asyncio.ensure_future(
             asyncio.to_thread(wait_value, entry, backend_value(ip, port, False), started + 10)
         )
-        await lb_client.apply_documents(bus, docs, "bench", dry_run=False)
+        await apply.apply_services(bus, docs, "bench", dry_run=False)
         done = await poll
         return done - started
 

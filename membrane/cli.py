@@ -141,6 +141,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     for name, entry in SERVICES.items():
         if entry.per_node and cluster is not None and not cluster.nodes:
             continue  # a local cluster without nodes runs no agent
+        if entry.kubernetes_only:
+            continue  # the local cluster has no Kubernetes API to bridge
         if entry.micro_name not in by_name:
             rows.append([entry.micro_name, "DOWN", 0, "-", f"no replica of {name} answers"])
     print(output.table(["SERVICE", "STATUS", "REPLICAS", "VERSION", "INSTANCES"], rows))

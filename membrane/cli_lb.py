@@ -8,6 +8,7 @@ from typing import Any
 from membrane import output
 from membrane.client import files, lb
 from membrane.cliutil import output_flag, with_bus
+from shared import apply
 from shared.bus import Bus
 from shared.messages import LBApplyReply, LBCreateRequest, LBService
 
@@ -68,7 +69,7 @@ def cmd_service_apply(args: argparse.Namespace) -> int:
     documents, source = files.load_documents(args.filename)
 
     async def go(bus: Bus) -> LBApplyReply:
-        return await lb.apply_all_or_nothing(bus, documents, source)
+        return await apply.apply_services_all_or_nothing(bus, documents, source)
 
     for line in with_bus(args, go).results:
         print(line)
@@ -102,7 +103,7 @@ def cmd_service_delete(args: argparse.Namespace) -> int:
     async def go(bus: Bus) -> list[str]:
         deleted: list[str] = []
         for name in args.names:
-            deleted.extend(await lb.delete(bus, args.namespace, name))
+            deleted.extend(await apply.delete_service(bus, args.namespace, name))
         return deleted
 
     for key in with_bus(args, go):

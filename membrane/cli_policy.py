@@ -12,7 +12,7 @@ import yaml
 from membrane import output
 from membrane.client import files, policy, workloads
 from membrane.cliutil import with_bus
-from shared import protocols
+from shared import apply, protocols
 from shared.bus import Bus
 from shared.errors import InvalidArgument
 from shared.messages import ExplainReply, ExplainRequest, PolicyApplyReply, PolicyRef
@@ -26,14 +26,14 @@ def print_apply(reply: PolicyApplyReply) -> None:
     for warning in reply.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     for key in reply.l7_at_l4:
-        print(f"note: {key} has L7 rules: {policy.L7_NOTE}")
+        print(f"note: {key} has L7 rules: {apply.L7_NOTE}")
 
 
 def cmd_policy_apply(args: argparse.Namespace) -> int:
     documents, source = files.load_documents(args.filename)
 
     async def go(bus: Bus) -> PolicyApplyReply:
-        return await policy.apply_documents(bus, documents, source, audit=args.audit, dry_run=False)
+        return await apply.apply_policies(bus, documents, source, audit=args.audit, dry_run=False)
 
     print_apply(with_bus(args, go))
     return 0
@@ -49,7 +49,7 @@ def cmd_policy_delete(args: argparse.Namespace) -> int:
         raise InvalidArgument("name a policy, or give -f FILE", field="name")
 
     async def go(bus: Bus) -> list[str]:
-        return await policy.delete(bus, refs)
+        return await apply.delete_policies(bus, refs)
 
     for key in with_bus(args, go):
         print(f"{key} deleted")

@@ -20,7 +20,7 @@ import msgspec
 from membrane import cliutil, output
 from membrane.cli_observe import parse_duration, timestamp
 from membrane.client import files, recorded
-from membrane.client import policy as policy_client
+from shared import apply
 from shared.bus import Bus
 from shared.errors import MembraneError
 from shared.flow_api import FlowFilterTerm, FlowGroup, PolicyDiffReply
@@ -87,7 +87,7 @@ def _diff(args: argparse.Namespace) -> int:
 
     async def go(bus: Bus) -> tuple[PolicyDiffReply | None, int]:
         # the parser's verdict first: a file that does not parse evaluates nothing
-        await policy_client.apply_documents(bus, documents, source, audit=False, dry_run=True)
+        await apply.apply_policies(bus, documents, source, audit=False, dry_run=True)
         found = await recorded.recorded_groups(
             bus, since=since, filters=namespace_filter(args.namespace)
         )

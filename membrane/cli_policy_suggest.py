@@ -18,7 +18,7 @@ from membrane import cliutil, output, suggest
 from membrane.cli_observe import parse_duration, timestamp
 from membrane.cli_policy_diff import namespace_filter
 from membrane.client import identity, recorded
-from membrane.client import policy as policy_client
+from shared import apply
 from shared.bus import Bus
 
 
@@ -34,7 +34,7 @@ def cmd_policy_suggest(args: argparse.Namespace) -> int:
             found.groups, labels, args.namespace, kind=args.kind, workload=args.workload or ""
         )
         if result.documents:  # the service's parser says it is valid, or this is a bug
-            await policy_client.apply_documents(
+            await apply.apply_policies(
                 bus, result.documents, "policy suggest", audit=False, dry_run=True
             )
         return result

@@ -9,14 +9,14 @@ from typing import Any
 
 import yaml
 
-from membrane import manifests, output
+from membrane import output
 from membrane.client import files, workloads
 from membrane.cliutil import output_flag, parse_labels, with_bus
-from membrane.manifests import PodDoc
-from shared import agent_api, gcpause
+from shared import agent_api, gcpause, manifests
 from shared.agent_api import DumpReply, DumpRequest
 from shared.bus import Bus
 from shared.errors import InvalidArgument
+from shared.manifests import PodDoc
 from shared.messages import Endpoint
 
 

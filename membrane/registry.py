@@ -23,6 +23,8 @@ class ServiceEntry:
     default_replicas: int
     summary: str
     per_node: bool = False  # one instance per node (in its namespace), not replicas
+    # needs a Kubernetes API server: the local cluster does not start it, status does not miss it
+    kubernetes_only: bool = False
 
     @property
     def settings(self) -> type[Any]:
@@ -69,5 +71,13 @@ SERVICES: dict[str, ServiceEntry] = {
         default_replicas=0,
         summary="node agent: pods, BPF programs and maps, flows",
         per_node=True,
+    ),
+    "k8s": ServiceEntry(
+        module="services.k8s.service",
+        settings_class="K8sSettings",
+        micro_name=subjects.K8S_SERVICE,
+        default_replicas=0,
+        summary="the Kubernetes bridge: API objects into membrane (leader-elected)",
+        kubernetes_only=True,
     ),
 }

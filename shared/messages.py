@@ -169,6 +169,30 @@ class NamespaceRecord(Message):
     implicit: bool = False  # created because a pod used it before it was declared
 
 
+class PodRecord(Message):
+    """A pod as the Kubernetes API has it (``pods`` bucket, written by the k8s bridge): the
+    labels and service account its identity comes from, whatever the CNI call carried."""
+
+    namespace: str
+    name: str
+    labels: dict[str, str]
+    service_account: str = "default"
+    node: str = ""  # spec.nodeName: "" until the scheduler placed it
+    uid: str = ""
+
+
+class K8sStatus(Message):
+    """``membrane.k8s.status``: what one bridge replica holds."""
+
+    replica: str
+    leader: bool
+    holder: str  # the Lease's holder as this replica last read it
+    synced: dict[str, bool]  # kind -> its first list applied
+    objects: dict[str, int]  # kind -> objects known
+    pending: int  # objects waiting to be handed over again (the bus was away)
+    rejected: int  # objects refused since start (reported on the object as an Event)
+
+
 # --- resolved policy (policy service -> datapath) ----------------------------------------------
 
 

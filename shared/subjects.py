@@ -43,6 +43,7 @@ KV_RESOLVED: Final = "resolved"
 KV_SELECTORS: Final = "selectors"
 KV_SERVICES: Final = "services"
 KV_NAMESPACES: Final = "namespaces"
+KV_PODS: Final = "pods"  # namespace.pod -> the pod's labels from the Kubernetes API
 # node -> its latest NodeHealth (probes of every other node)
 KV_HEALTH: Final = "health"
 
@@ -151,3 +152,9 @@ def identity_key(identity: int) -> str:
 def selector_key(peer_set: int) -> str:
     """``selectors``: the peer set's id."""
     return str(peer_set)
+
+
+# the Kubernetes bridge: API objects in, the apply paths out; one leader (a Lease) writes
+K8S_SERVICE: Final = "membrane-k8s"
+K8S_QUEUE: Final = "membrane-k8s"
+K8S_STATUS: Final = "membrane.k8s.status"

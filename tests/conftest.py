@@ -16,11 +16,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from membrane.servers import NatsServer, RedisServer, ServerProcess
 from shared.bus import Bus
-from shared.runtime import unblock_aiohttp
+from tests.kubeapi.server import FakeKubeAPI
 
 REPO = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
-unblock_aiohttp()  # the fake Kubernetes API server and the official client run on it
 
 
 @pytest.fixture
@@ -37,6 +36,14 @@ def redis_server(tmp_path: Path) -> Iterator[ServerProcess]:
     proc.start()
     yield proc
     proc.stop()
+
+
+@pytest.fixture
+def kube_api() -> Iterator[FakeKubeAPI]:
+    """A fake Kubernetes API server (tests/kubeapi), bookmarks every 0.1 s when asked."""
+    server = FakeKubeAPI(bookmark_interval=0.1).start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

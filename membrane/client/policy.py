@@ -1,4 +1,7 @@
-"""Requests to the policy service: apply, delete, list, get, explain."""
+"""Requests to the policy service: list, get, explain.
+
+Applying and deleting policies is ``shared.apply`` (the one apply path).
+"""
 
 from __future__ import annotations
 
@@ -10,9 +13,6 @@ from shared.messages import (
     Empty,
     ExplainReply,
     ExplainRequest,
-    PolicyApplyReply,
-    PolicyApplyRequest,
-    PolicyDeleteReply,
     PolicyDocument,
     PolicyListReply,
     PolicyRef,
@@ -20,20 +20,6 @@ from shared.messages import (
 )
 
 TIMEOUT = 30.0
-
-# the datapath never allows an L7 port at L4 (shared/proxy.py)
-L7_NOTE = "connections to those ports are dropped unless the node's L7 proxy takes them"
-
-
-async def apply_documents(
-    bus: Bus, documents: list[dict[str, Any]], source: str, *, audit: bool, dry_run: bool
-) -> PolicyApplyReply:
-    return await bus.request(
-        subjects.POLICY_APPLY,
-        PolicyApplyRequest(documents=documents, source=source, audit=audit, dry_run=dry_run),
-        PolicyApplyReply,
-        timeout=TIMEOUT,
-    )
 
 
 def refs_of(documents: list[dict[str, Any]]) -> list[PolicyRef]:
@@ -50,15 +36,6 @@ def refs_of(documents: list[dict[str, Any]]) -> list[PolicyRef]:
             )
         )
     return refs
-
-
-async def delete(bus: Bus, refs: list[PolicyRef]) -> list[str]:
-    """Delete each policy; the keys deleted."""
-    deleted: list[str] = []
-    for ref in refs:
-        reply = await bus.request(subjects.POLICY_DELETE, ref, PolicyDeleteReply)
-        deleted.extend(reply.deleted)
-    return deleted
 
 
 async def list_policies(bus: Bus, timeout: float = 5.0) -> list[PolicySummary]:

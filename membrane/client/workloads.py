@@ -1,10 +1,10 @@
 """Pods, namespaces and Deployments in the local cluster; the apply path of manifests.
 
-``apply``/``delete`` are what ``membrane apply -f``/``membrane delete -f`` run, and what any
-other source of manifests (the Kubernetes bridge) feeds. The client plays kubelet and
-controller here: it validates manifests, picks nodes, and asks each
-node's agent (over its unix socket) to wire pods. What exists is read back from the buckets the
-agents write, so there is no second source of truth.
+``apply``/``delete`` are what ``membrane apply -f``/``membrane delete -f`` run: the one apply
+path of ``shared.apply`` (which the Kubernetes bridge feeds too) plus what only the local
+cluster does with pods and Deployments. The client plays kubelet and controller here: it picks
+nodes and asks each node's agent (over its unix socket) to wire pods. What exists is read back
+from the buckets the agents write, so there is no second source of truth.
 """
 
 from __future__ import annotations
@@ -16,14 +16,13 @@ from pathlib import Path
 
 import msgspec
 
-from membrane import manifests
-from membrane.client import lb, policy
-from membrane.manifests import DeploymentDoc, NamespaceDoc, PodDoc, RoutedDoc
-from shared import agent_api, subjects
+from shared import agent_api, manifests, subjects
+from shared import apply as apply_path
 from shared.agent_api import AddEndpoint, EndpointRef
 from shared.bus import Bus
 from shared.errors import InvalidArgument, NotFound, Unavailable
-from shared.messages import Endpoint, NamespaceRecord, Node, PolicyRef
+from shared.manifests import DeploymentDoc, NamespaceDoc, PodDoc, RoutedDoc
+from shared.messages import Endpoint, Node
 
 AGENT_TIMEOUT = 30.0
 
@@ -94,64 +93,37 @@ async def delete_pod(bus: Bus, namespace: str, name: str) -> Endpoint:
     )
 
 
-async def put_namespace(bus: Bus, doc: NamespaceDoc) -> bool:
-    """Store a namespace's labels; returns whether anything changed."""
-    kv = await bus.kv(subjects.KV_NAMESPACES)
-    record = NamespaceRecord(name=doc.name, labels=dict(doc.labels))
-    try:
-        entry = await kv.get(doc.name)
-        if entry.value and msgspec.json.decode(entry.value, type=NamespaceRecord) == record:
-            return False
-    except Exception:  # not there yet
-        pass
-    await kv.put(doc.name, msgspec.json.encode(record))
-    return True
-
-
 async def delete_namespace(bus: Bus, name: str) -> None:
     pods = [e for e in await endpoints(bus) if e.namespace == name]
     for endpoint in pods:
         await delete_pod(bus, endpoint.namespace, endpoint.name)
-    kv = await bus.kv(subjects.KV_NAMESPACES)
-    await kv.delete(name)
+    await apply_path.delete_namespace_record(bus, name)
 
 
 async def apply(bus: Bus, docs: Sequence[manifests.Document], source: str = "-") -> list[str]:
     """Create or update what the documents describe; returns one line per change.
 
-    Everything was validated before this runs; pods that already exist are left as they are
-    (pods are immutable in Kubernetes too), Deployments are scaled to their replica count.
+    ``shared.apply`` sends policies, services and namespaces; this adds the local cluster's
+    kubelet and controller: pods that already exist are left as they are (pods are immutable
+    in Kubernetes too), Deployments are scaled to their replica count.
     """
-    lines: list[str] = []
-    existing = {(e.namespace, e.name): e for e in await endpoints(bus)}
-    known_nodes = await nodes(bus)
-    routed = [doc for doc in docs if isinstance(doc, RoutedDoc)]
-    policies = [doc.body for doc in routed if doc.service == manifests.SERVICE_POLICY]
-    services = [doc.body for doc in routed if doc.service == manifests.SERVICE_LB]
-    if policies:  # the policy service validates them before anything here changes
-        await policy.apply_documents(bus, policies, source, audit=False, dry_run=True)
-    lb_lines: list[str] = []
-    if services:  # the lb service checks all of them before it changes anything
-        lb_lines = (await lb.apply_all_or_nothing(bus, services, source)).results
-    for doc in docs:
-        if isinstance(doc, NamespaceDoc):
-            changed = await put_namespace(bus, doc)
-            lines.append(f"namespace/{doc.name} {'configured' if changed else 'unchanged'}")
-    for doc in docs:
-        if isinstance(doc, PodDoc):
-            if (doc.namespace, doc.name) in existing:
-                lines.append(f"pod/{doc.name} unchanged")
-                continue
-            await create_pod(bus, doc)
-            lines.append(f"pod/{doc.name} created")
-        elif isinstance(doc, DeploymentDoc):
-            lines.extend(await _scale(bus, doc, existing, known_nodes))
-    lines.extend(lb_lines)
-    if policies:
-        reply = await policy.apply_documents(bus, policies, source, audit=False, dry_run=False)
-        lines.extend(reply.results)
-        lines.extend(f"note: {key} has L7 rules: {policy.L7_NOTE}" for key in reply.l7_at_l4)
-    return lines
+
+    async def pods_and_deployments() -> list[str]:
+        lines: list[str] = []
+        existing = {(e.namespace, e.name): e for e in await endpoints(bus)}
+        known_nodes = await nodes(bus)
+        for doc in docs:
+            if isinstance(doc, PodDoc):
+                if (doc.namespace, doc.name) in existing:
+                    lines.append(f"pod/{doc.name} unchanged")
+                    continue
+                await create_pod(bus, doc)
+                lines.append(f"pod/{doc.name} created")
+            elif isinstance(doc, DeploymentDoc):
+                lines.extend(await _scale(bus, doc, existing, known_nodes))
+        return lines
+
+    return await apply_path.apply_documents(bus, docs, source, pods_and_deployments)
 
 
 async def _scale(
@@ -192,15 +164,8 @@ async def delete(bus: Bus, docs: Sequence[manifests.Document], source: str = "-"
             for endpoint in pods:
                 await delete_pod(bus, endpoint.namespace, endpoint.name)
             lines.append(f"deployment/{doc.name} deleted ({len(pods)} pods)")
-        elif isinstance(doc, RoutedDoc) and doc.service == "policy":
-            ref = PolicyRef(kind=doc.kind, namespace=doc.namespace, name=doc.name)
-            lines.extend(f"{key} deleted" for key in await policy.delete(bus, [ref]))
         elif isinstance(doc, RoutedDoc):
-            try:
-                deleted = await lb.delete(bus, doc.namespace, doc.name, kind=doc.kind)
-                lines.extend(f"{doc.kind.lower()}/{key} deleted" for key in deleted)
-            except NotFound:
-                lines.append(f"{doc.kind.lower()}/{doc.name} not found")
+            lines.extend(await apply_path.delete_routed(bus, doc))
     for doc in docs:
         if isinstance(doc, NamespaceDoc):
             await delete_namespace(bus, doc.name)

@@ -8,7 +8,7 @@ API:
   service receives it over the bus.
 - :class:`PolicyDocumentError`, an ``InvalidArgument`` raised for the first error; its message
   is ``"<source>: document <N> (<Kind>/<name>): <field.path>: <reason>"`` (the form of
-  ``membrane/manifests.py``) and ``field`` is the path. A document with any error is rejected whole.
+  ``shared/manifests.py``) and ``field`` is the path. A document with any error is rejected whole.
 - :data:`AUDIT_ANNOTATION`: ``policy.membrane.io/audit: "true"`` sets ``Policy.audit``.
 
 This module reads the document (kind, apiVersion, metadata, ``kind: List``); the specs are read

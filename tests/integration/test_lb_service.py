@@ -11,11 +11,10 @@ from typing import Any
 import msgspec
 import pytest
 
-from membrane.client import lb as lb_client
 from membrane.servers import ServerProcess
 from services.lb import ids
 from services.lb.service import LBCore, LBSettings
-from shared import subjects
+from shared import apply, subjects
 from shared.bus import Bus
 from shared.errors import AlreadyExists, InvalidArgument
 from shared.messages import (
@@ -71,7 +70,7 @@ async def test_selector_backends_follow_pods_with_named_ports(lb: LBCore, bus: B
         sessionAffinity="ClientIP",
         ports=[{"name": "http", "port": 80, "targetPort": "http"}],
     )
-    await lb_client.apply_documents(bus, [doc], "t", dry_run=False)
+    await apply.apply_services(bus, [doc], "t", dry_run=False)
     first = await record(bus, "web")
     assert first.frontends[0].backends == [] and first.affinity_timeout == 10800
     vip = first.frontends[0].ip
@@ -106,17 +105,17 @@ async def test_selector_backends_follow_pods_with_named_ports(lb: LBCore, bus: B
     again = await record(bus, "web")
     assert again.frontends[0].ip == vip and again.revision > first.revision
     # re-applying keeps the allocated address
-    await lb_client.apply_documents(bus, [doc], "t", dry_run=False)
+    await apply.apply_services(bus, [doc], "t", dry_run=False)
     assert (await record(bus, "web")).frontends[0].ip == vip
 
 
 async def test_conflicts_and_bad_documents_change_nothing(lb: LBCore, bus: Bus) -> None:
-    await lb_client.apply_documents(
+    await apply.apply_services(
         bus, [service("a", clusterIP="10.96.0.50", ports=[{"port": 80}])], "t", dry_run=False
     )
     before = await bus.request(subjects.LB_LIST, Empty(), LBListReply)
     with pytest.raises(AlreadyExists) as caught:
-        await lb_client.apply_documents(
+        await apply.apply_services(
             bus,
             [
                 service("b", ports=[{"port": 80}]),
@@ -127,7 +126,7 @@ async def test_conflicts_and_bad_documents_change_nothing(lb: LBCore, bus: Bus) 
         )
     assert "already allocated to default.a" in str(caught.value)
     with pytest.raises(InvalidArgument) as bad:
-        await lb_client.apply_documents(
+        await apply.apply_services(
             bus, [service("d", ports=[{"port": 80}]), service("e")], "f.yaml", dry_run=False
         )
     assert bad.value.field == "spec.ports" and "f.yaml: document 2" in str(bad.value)
@@ -156,7 +155,7 @@ async def test_bulk_apply_is_one_request_per_chunk(lb: LBCore, bus: Bus) -> None
             }
         )
     started = time.perf_counter()
-    reply = await lb_client.apply_documents(bus, docs, "bulk", dry_run=False)
+    reply = await apply.apply_services(bus, docs, "bulk", dry_run=False)
     elapsed = time.perf_counter() - started
     assert len(reply.results) == 4000
     listed = await bus.request(subjects.LB_LIST, Empty(), LBListReply, timeout=30)
@@ -181,9 +180,7 @@ async def test_two_replicas_share_requests_and_lose_no_spec(
         names = [f"svc{i}" for i in range(60)]
         await asyncio.gather(
             *(
-                lb_client.apply_documents(
-                    client, [service(n, ports=[{"port": 80}])], "t", dry_run=False
-                )
+                apply.apply_services(client, [service(n, ports=[{"port": 80}])], "t", dry_run=False)
                 for n in names
             )
         )

@@ -194,6 +194,7 @@ class LoggedRequest:
     resource: str  # plural, with "/subresource" when one was addressed
     namespace: str
     name: str
+    resource_version: str = ""  # what a list or watch asked for
 
 
 @dataclass
@@ -631,7 +632,16 @@ class FakeKubeAPI:
         }.get(method, method.lower())
         logged = resource.plural + (f"/{sub}" if sub else "")
         with self._lock:
-            self.requests.append(LoggedRequest(verb, resource.group, logged, namespace, name))
+            self.requests.append(
+                LoggedRequest(
+                    verb,
+                    resource.group,
+                    logged,
+                    namespace,
+                    name,
+                    query.get("resourceVersion", ""),
+                )
+            )
             self._raise_fault(resource.plural, verb)
         if verb == "watch":
             return await self._watch(request, resource, namespace)

@@ -6,7 +6,7 @@ Driven through the official client (``kubernetes.aio``) and a kubeconfig, as the
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -14,36 +14,18 @@ import aiohttp
 import pytest
 from kubernetes.aio import client, config
 
+from tests.kubeapi.objects import namespace as ns
+from tests.kubeapi.objects import pod
 from tests.kubeapi.server import FakeKubeAPI
 
 Obj = dict[str, Any]
 
 
-def ns(name: str, **labels: str) -> Obj:
-    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}}
-
-
-def pod(name: str, node: str, namespace: str = "default", **labels: str) -> Obj:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace, "labels": labels},
-        "spec": {"nodeName": node, "containers": [{"name": "c"}]},
-    }
-
-
 @pytest.fixture
-def api() -> Iterator[FakeKubeAPI]:
-    server = FakeKubeAPI(bookmark_interval=0.1).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-async def core(api: FakeKubeAPI, tmp_path: Path) -> AsyncIterator[client.CoreV1Api]:
+async def core(kube_api: FakeKubeAPI, tmp_path: Path) -> AsyncIterator[client.CoreV1Api]:
     configuration = client.Configuration()
     await config.load_kube_config(
-        config_file=str(api.write_kubeconfig(tmp_path / "kubeconfig")),
+        config_file=str(kube_api.write_kubeconfig(tmp_path / "kubeconfig")),
         client_configuration=configuration,
     )
     async with client.ApiClient(configuration) as api_client:
@@ -57,14 +39,16 @@ async def lines(response: aiohttp.ClientResponse) -> list[Obj]:
     return events
 
 
-async def test_list_then_watch_from_its_version(api: FakeKubeAPI, core: client.CoreV1Api) -> None:
-    api.create(ns("a"))
+async def test_list_then_watch_from_its_version(
+    kube_api: FakeKubeAPI, core: client.CoreV1Api
+) -> None:
+    kube_api.create(ns("a"))
     listed = await (await core.list_namespace_without_preload_content()).json()
     rv = listed["metadata"]["resourceVersion"]
     assert [i["metadata"]["name"] for i in listed["items"]] == ["a"]
     assert "kind" not in listed["items"][0]  # built-in list items carry no kind, as the real one
-    api.create(ns("b"))
-    api.delete("namespaces", "", "a")
+    kube_api.create(ns("b"))
+    kube_api.delete("namespaces", "", "a")
     stream = await core.list_namespace_without_preload_content(
         watch=True, resource_version=rv, timeout_seconds=1
     )
@@ -77,9 +61,9 @@ async def test_list_then_watch_from_its_version(api: FakeKubeAPI, core: client.C
     assert versions == sorted(versions) and versions[0] > int(rv)
 
 
-async def test_bookmarks_only_when_asked(api: FakeKubeAPI, core: client.CoreV1Api) -> None:
-    api.create(ns("a"))
-    rv = str(api.resource_version)
+async def test_bookmarks_only_when_asked(kube_api: FakeKubeAPI, core: client.CoreV1Api) -> None:
+    kube_api.create(ns("a"))
+    rv = str(kube_api.resource_version)
     plain = await lines(
         await core.list_namespace_without_preload_content(
             watch=True, resource_version=rv, timeout_seconds=1
@@ -95,11 +79,11 @@ async def test_bookmarks_only_when_asked(api: FakeKubeAPI, core: client.CoreV1Ap
     assert marked[-1]["object"]["metadata"]["resourceVersion"] == rv
 
 
-async def test_compacted_version_gives_410(api: FakeKubeAPI, core: client.CoreV1Api) -> None:
-    api.create(ns("a"))
-    old = str(api.resource_version)
-    api.create(ns("b"))
-    api.compact()
+async def test_compacted_version_gives_410(kube_api: FakeKubeAPI, core: client.CoreV1Api) -> None:
+    kube_api.create(ns("a"))
+    old = str(kube_api.resource_version)
+    kube_api.create(ns("b"))
+    kube_api.compact()
     events = await lines(
         await core.list_namespace_without_preload_content(
             watch=True, resource_version=old, timeout_seconds=5
@@ -113,21 +97,21 @@ async def test_compacted_version_gives_410(api: FakeKubeAPI, core: client.CoreV1
     assert (await listed.json())["reason"] == "Expired"
 
 
-async def test_mid_stream_410(api: FakeKubeAPI, core: client.CoreV1Api) -> None:
+async def test_mid_stream_410(kube_api: FakeKubeAPI, core: client.CoreV1Api) -> None:
     stream = await core.list_namespace_without_preload_content(
-        watch=True, resource_version=str(api.resource_version), timeout_seconds=10
+        watch=True, resource_version=str(kube_api.resource_version), timeout_seconds=10
     )
-    assert api.open_watches("namespaces") == 1
-    api.create(ns("a"))
-    assert api.expire_watches() == 1
+    assert kube_api.open_watches("namespaces") == 1
+    kube_api.create(ns("a"))
+    assert kube_api.expire_watches() == 1
     events = await lines(stream)
     assert [e["type"] for e in events] == ["ADDED", "ERROR"]
     assert events[-1]["object"]["code"] == 410
 
 
-async def test_selectors(api: FakeKubeAPI, core: client.CoreV1Api) -> None:
-    api.create(pod("p1", "node-1", app="web"))
-    api.create(pod("p2", "node-2", app="db"))
+async def test_selectors(kube_api: FakeKubeAPI, core: client.CoreV1Api) -> None:
+    kube_api.create(pod("p1", "node-1", app="web"))
+    kube_api.create(pod("p2", "node-2", app="db"))
     on_node = await (
         await core.list_pod_for_all_namespaces_without_preload_content(
             field_selector="spec.nodeName=node-1"
@@ -157,12 +141,12 @@ async def test_selectors(api: FakeKubeAPI, core: client.CoreV1Api) -> None:
     assert refused.status == 400
 
 
-async def test_selector_exit_is_a_delete(api: FakeKubeAPI, core: client.CoreV1Api) -> None:
-    api.create(pod("p1", "node-1", app="web"))
-    rv = str(api.resource_version)
+async def test_selector_exit_is_a_delete(kube_api: FakeKubeAPI, core: client.CoreV1Api) -> None:
+    kube_api.create(pod("p1", "node-1", app="web"))
+    rv = str(kube_api.resource_version)
     relabelled = pod("p1", "node-1", app="db")
-    api.apply(relabelled)
-    api.apply(pod("p1", "node-1", app="web"))
+    kube_api.apply(relabelled)
+    kube_api.apply(pod("p1", "node-1", app="web"))
     events = await lines(
         await core.list_pod_for_all_namespaces_without_preload_content(
             watch=True, resource_version=rv, label_selector="app=web", timeout_seconds=1
@@ -171,11 +155,11 @@ async def test_selector_exit_is_a_delete(api: FakeKubeAPI, core: client.CoreV1Ap
     assert [e["type"] for e in events] == ["DELETED", "ADDED"]
 
 
-async def test_conflicts(api: FakeKubeAPI, core: client.CoreV1Api) -> None:
-    created = api.create(ns("a"))
+async def test_conflicts(kube_api: FakeKubeAPI, core: client.CoreV1Api) -> None:
+    created = kube_api.create(ns("a"))
     again = await core.create_namespace_without_preload_content(ns("a"))
     assert again.status == 409 and (await again.json())["reason"] == "AlreadyExists"
-    api.apply(ns("a", team="x"))  # moves the resourceVersion on
+    kube_api.apply(ns("a", team="x"))  # moves the resourceVersion on
     stale = await core.replace_namespace_without_preload_content("a", created)
     assert stale.status == 409 and (await stale.json())["reason"] == "Conflict"
 
@@ -195,24 +179,24 @@ async def test_discovery_for_cilium(core: client.CoreV1Api) -> None:
     assert names["ciliumclusterwidenetworkpolicies"]["namespaced"] is False
 
 
-async def test_faults(api: FakeKubeAPI, core: client.CoreV1Api) -> None:
-    api.fail(429, resource="namespaces", verb="list", retry_after=2)
+async def test_faults(kube_api: FakeKubeAPI, core: client.CoreV1Api) -> None:
+    kube_api.fail(429, resource="namespaces", verb="list", retry_after=2)
     throttled = await core.list_namespace_without_preload_content()
     assert throttled.status == 429 and throttled.headers["Retry-After"] == "2"
     assert (await core.list_namespace_without_preload_content()).status == 200
-    api.max_watch_seconds = 0.2  # very short watches, whatever the client asks
+    kube_api.max_watch_seconds = 0.2  # very short watches, whatever the client asks
     short = await core.list_namespace_without_preload_content(watch=True, timeout_seconds=60)
     assert await lines(short) == []
-    api.max_watch_seconds = None
+    kube_api.max_watch_seconds = None
     stream = await core.list_namespace_without_preload_content(watch=True, timeout_seconds=60)
-    assert api.open_watches("namespaces") == 1
-    assert api.drop_watches() == 1
+    assert kube_api.open_watches("namespaces") == 1
+    assert kube_api.drop_watches() == 1
     with pytest.raises(aiohttp.ClientPayloadError):
         await lines(stream)
 
 
-async def test_token_required(api: FakeKubeAPI) -> None:
-    async with aiohttp.ClientSession() as session, session.get(f"{api.url}/api/v1/pods") as r:
+async def test_token_required(kube_api: FakeKubeAPI) -> None:
+    async with aiohttp.ClientSession() as session, session.get(f"{kube_api.url}/api/v1/pods") as r:
         assert r.status == 401
-    verbs = {(r.verb, r.resource) for r in api.requests}
+    verbs = {(r.verb, r.resource) for r in kube_api.requests}
     assert ("list", "pods") not in verbs  # refused before it counts as a use

@@ -1,4 +1,4 @@
-"""membrane.manifests: parsing, Kubernetes validation and Deployment expansion, on plain text."""
+"""shared.manifests: parsing, Kubernetes validation and Deployment expansion, on plain text."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 import yaml
 
-from membrane.manifests import (
+from shared.errors import InvalidArgument
+from shared.manifests import (
     NAMESPACE_NAME_LABEL,
     POD_TEMPLATE_HASH_LABEL,
     DeploymentDoc,
@@ -22,7 +23,6 @@ from membrane.manifests import (
     load,
     template_hash,
 )
-from shared.errors import InvalidArgument
 from shared.messages import ContainerPort
 
 SAFE = "bcdfghjklmnpqrstvwxz2456789"

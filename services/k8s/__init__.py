@@ -1,0 +1,1 @@
+"""The Kubernetes bridge: API objects in, the paths ``membrane apply`` feeds out."""
