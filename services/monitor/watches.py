@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 
 import nats.js.errors
@@ -25,12 +24,7 @@ async def follow(
     """Feed a bucket's snapshot and then its changes to ``handle``; a restarted watch also
     deletes what vanished while it was away (``known``: the keys held, kept by the caller
     across restarts)."""
-    async with contextlib.aclosing(Bus.watch(kv)) as events:
-        async for event in kv_watch.resyncing(events, known):
-            if event is None:
-                synced.set()
-            else:
-                handle(event.key, event.value)
+    await kv_watch.follow(kv, lambda event: handle(event.key, event.value), synced.set, known)
 
 
 async def follow_optional(
