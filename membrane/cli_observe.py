@@ -67,7 +67,10 @@ def timestamp(flow_time: float) -> str:
 
 def summary(flow: EnrichedFlow) -> str:
     parts = []
-    if flow.verdict == "DROPPED" and flow.drop_reason_desc:
+    if flow.l7 is not None:
+        l7 = flow.l7
+        parts.append(f"http {l7.method} {l7.host}{l7.url} => {l7.status} ({l7.latency_ms:g} ms)")
+    elif flow.verdict == "DROPPED" and flow.drop_reason_desc:
         parts.append(flow.drop_reason_desc)
     elif flow.observation_point:
         parts.append(flow.observation_point)
@@ -253,6 +256,9 @@ def add_parser(sub: Any) -> None:
     flag("--type", "type", "drop, trace, policy-verdict or l7")
     flag("--protocol", "protocol", "TCP, UDP, ICMP or a number")
     flag("--node", "node", "the node that observed the flow")
+    flag("--http-method", "http_method", "L7 flows: the request's method (GET, POST, ...)")
+    flag("--http-path", "http_path", "L7 flows: a regular expression searched in the URL")
+    flag("--http-status", "http_status", "L7 flows: the status code, or 4+ for every 4xx")
     what = {
         "pod": "[NAMESPACE/]NAME (a name prefix; any namespace without one)",
         "namespace": "namespace",

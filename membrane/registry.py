@@ -80,4 +80,12 @@ SERVICES: dict[str, ServiceEntry] = {
         summary="the Kubernetes bridge: API objects into membrane (leader-elected)",
         kubernetes_only=True,
     ),
+    "proxy": ServiceEntry(
+        module="services.proxy.service",
+        settings_class="ProxySettings",
+        micro_name=subjects.PROXY_SERVICE,
+        default_replicas=0,
+        summary="node L7 proxy: HTTP rules of the policy, per request",
+        per_node=True,
+    ),
 }

@@ -143,20 +143,22 @@ def build_plan(state: StateDir, info: ClusterInfo, replicas: dict[str, int]) -> 
             )
     topology = topology_of(info)
     for index, node in enumerate(topology.node_names(), start=1):
-        processes.append(
-            ProcessSpec(
-                name=f"datapath-{node}",
-                command=[sys.executable, "-m", "membrane", "run", "datapath"],
-                env={
-                    **env,
-                    "MEMBRANE_NODE": node,
-                    "MEMBRANE_NETNS": node,
-                    "MEMBRANE_METRICS_HOST": str(topology.node_address(index).ip),
-                    "MEMBRANE_ROUTING": info.routing,
-                },
-                node=node,
+        # the agent and the L7 proxy of each node, both in the node's namespace
+        for service, extra in (("datapath", {"MEMBRANE_ROUTING": info.routing}), ("proxy", {})):
+            processes.append(
+                ProcessSpec(
+                    name=f"{service}-{node}",
+                    command=[sys.executable, "-m", "membrane", "run", service],
+                    env={
+                        **env,
+                        "MEMBRANE_NODE": node,
+                        "MEMBRANE_NETNS": node,
+                        "MEMBRANE_METRICS_HOST": str(topology.node_address(index).ip),
+                        **extra,
+                    },
+                    node=node,
+                )
             )
-        )
     return Plan(processes=processes)
 
 

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from shared.messages import ContainerPort, Message
+from shared.messages import ContainerPort, L7Info, Message
 
 
 def _doc(text: str) -> msgspec.Meta:
@@ -37,7 +37,7 @@ class EnrichedFlow(Message, gc=False):
 
     time: Annotated[float, _doc("unix time in seconds of the kernel event")]
     node: Annotated[str, _doc("the node whose datapath observed the flow")]
-    type: Annotated[str, _doc("drop, trace or policy-verdict")]
+    type: Annotated[str, _doc("drop, trace, policy-verdict or l7")]
     verdict: Annotated[str, _doc("FORWARDED, DROPPED or AUDIT")]
     drop_reason: Annotated[int, _doc("Cilium's drop reason code; 0 unless dropped")] = 0
     drop_reason_desc: Annotated[str, _doc("Cilium's name of the reason: Policy denied")] = ""
@@ -49,6 +49,9 @@ class EnrichedFlow(Message, gc=False):
     bytes: Annotated[int, _doc("packet length")] = 0
     source: FlowPeer = msgspec.field(default_factory=FlowPeer)
     destination: FlowPeer = msgspec.field(default_factory=FlowPeer)
+    l7: Annotated[
+        L7Info | None, _doc("type l7: the request (method, URL, host) and its status, latency")
+    ] = None
     rule_id: Annotated[int, _doc("id of the deciding policy rule; 0 when no rule decided")] = 0
     rule: Annotated[str, _doc("the deciding rule: namespace/name[index]")] = ""
     policy: Annotated[

@@ -8,6 +8,7 @@ its values, or, negated (``--not``), when it matches none. Peer fields come in t
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable, Sequence
 
 from shared.errors import InvalidArgument
@@ -16,7 +17,7 @@ from shared.flow_api import EnrichedFlow, FlowFilterTerm, FlowPeer
 VERDICTS = ("FORWARDED", "DROPPED", "AUDIT", "REDIRECTED", "ERROR")
 TYPES = ("drop", "trace", "policy-verdict", "l7")
 PEER_FIELDS = ("pod", "namespace", "label", "identity", "ip", "port")
-FLOW_FIELDS = ("verdict", "type", "protocol", "node")
+FLOW_FIELDS = ("verdict", "type", "protocol", "node", "http_method", "http_path", "http_status")
 FIELDS = (
     *FLOW_FIELDS,
     *PEER_FIELDS,
@@ -105,6 +106,25 @@ def _peer_test(kind: str, value: str, field: str) -> PeerTest:
     return lambda peer: peer.port == port
 
 
+def _http_test(field: str, value: str) -> FlowTest:
+    """L7 flows: method (any case), path (a regular expression searched in the URL, as
+    Hubble's --http-path), status (a code, or "4+" for every 4xx)."""
+    if field == "http_method":
+        method = value.upper()
+        return lambda flow: flow.l7 is not None and flow.l7.method.upper() == method
+    if field == "http_path":
+        try:
+            pattern = re.compile(value)
+        except re.error as exc:
+            raise InvalidArgument(f"not a regular expression: {exc}", field=field) from None
+        return lambda flow: flow.l7 is not None and pattern.search(flow.l7.url) is not None
+    if value.endswith("+"):
+        digit = _int(value[:-1], field, 5)
+        return lambda flow: flow.l7 is not None and flow.l7.status // 100 == digit
+    status = _int(value, field, 999)
+    return lambda flow: flow.l7 is not None and flow.l7.status == status
+
+
 def _value_test(field: str, value: str) -> FlowTest:
     if field == "verdict":
         verdict = value.upper()
@@ -121,6 +141,8 @@ def _value_test(field: str, value: str) -> FlowTest:
         return lambda flow: flow.protocol.upper() == protocol
     if field == "node":
         return lambda flow: flow.node == value
+    if field.startswith("http_"):
+        return _http_test(field, value)
     side, _, kind = field.partition("_") if field.startswith(("from_", "to_")) else ("", "", field)
     peer = _peer_test(kind, value, field)
     if side == "from":

@@ -255,8 +255,19 @@ class PeerSet(Message):
 # --- flows (datapath -> monitor) -------------------------------------------------------------
 
 
+class L7Info(Message, gc=False):
+    """One request the node's L7 proxy decided (``Flow.l7``, ``EnrichedFlow.l7``)."""
+
+    protocol: str  # "http"
+    method: str = ""
+    url: str = ""  # the request target: path and query
+    host: str = ""
+    status: int = 0  # the response's status; 403 when the proxy denied the request
+    latency_ms: float = 0.0  # request headers in -> response headers out
+
+
 class Flow(Message):
-    """One event from a node's datapath, decoded but not enriched."""
+    """One event from a node's datapath (or its L7 proxy), decoded but not enriched."""
 
     time: float  # unix time, seconds
     node: str
@@ -279,6 +290,7 @@ class Flow(Message):
     rule_id: int = 0
     is_reply: bool = False
     bytes: int = 0
+    l7: L7Info | None = None  # type "l7": the request and its answer
 
 
 class FlowBatch(Message):

@@ -46,6 +46,7 @@ from typing import Any, ParamSpec, TypeVar
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from shared import proxy
 from shared.errors import AlreadyExists, Internal, InvalidArgument, NotFound
 
 NETNS_DIR = Path("/run/netns")
@@ -61,6 +62,7 @@ MNT_DETACH = 0x2
 NS_GET_NSTYPE = 0xB703  # ioctl on an nsfs file: which kind of namespace it is
 IFNAMSIZ = 16  # including the trailing NUL
 RT_SCOPE_LINK = 253
+RT_SCOPE_HOST = 254
 RT_TABLE_MAIN = 254
 RTNH_F_ONLINK = 4
 IFF_UP = 0x1
@@ -259,6 +261,34 @@ def ensure_router(device: str, router: IPv4Address) -> None:
         _sysctl(f"net/ipv6/conf/{device}/disable_ipv6", "1", optional=True)
         _ensure_addr(ipr, _index(link), IPv4Interface(f"{router}/32"))
         ipr.link("set", index=_index(link), state="up")
+
+
+@_wrap_netlink
+def ensure_proxy_route() -> None:
+    """Packets the datapath assigned to the L7 proxy's socket (``MARK_TO_PROXY``) are delivered
+    locally whatever their destination address: a rule for the mark and a table whose only
+    route is ``local 0.0.0.0/0 dev lo`` (shared/proxy.py)."""
+    with _ipr() as ipr:
+        lo = _index(_get_link(ipr, "lo"))
+        ipr.route(
+            "replace",
+            dst="0.0.0.0/0",
+            type="local",
+            oif=lo,
+            table=proxy.PROXY_ROUTE_TABLE,
+            scope=RT_SCOPE_HOST,
+        )
+        rule = {
+            "table": proxy.PROXY_ROUTE_TABLE,
+            "priority": proxy.PROXY_RULE_PRIORITY,
+            "fwmark": proxy.MARK_TO_PROXY,
+            "fwmask": proxy.MARK_MAGIC_MASK,
+        }
+        try:
+            ipr.rule("add", family=socket.AF_INET, **rule)
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise
 
 
 @_wrap_netlink

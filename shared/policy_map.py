@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from shared import bpf_layouts, protocols
 from shared.messages import ContainerPort, PolicyEntry, ResolvedPolicy
-from shared.proxy import PROXY_PORT
+from shared.proxy import PROXY_PORT, needs_proxy
 
 INGRESS = 1
 EGRESS = 2
@@ -233,7 +233,7 @@ def compile_endpoint(
     for direction, entries in ((INGRESS, policy.ingress), (EGRESS, policy.egress)):
         slots: dict[int, dict[_Prefix, PolicyValue]] = {}
         for entry in entries:
-            redirect = proxy_port if entry.l7 and not entry.deny else 0
+            redirect = proxy_port if needs_proxy(entry.l7) and not entry.deny else 0
             value = PolicyValue(entry.rule_id, entry.deny, redirect)
             targets: Iterable[tuple[int, Sequence[ContainerPort]]]
             if direction == INGRESS or not entry.port_name:

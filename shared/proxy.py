@@ -29,3 +29,9 @@ PROXY_RULE_PRIORITY: Final = 9
 def from_proxy_mark(identity: int) -> int:
     """The SO_MARK of an upstream connection on behalf of ``identity`` (world beyond 16 bits)."""
     return (identity if 0 < identity <= 0xFFFF else 2) << 16 | MARK_FROM_PROXY
+
+
+def needs_proxy(l7: list[dict[str, object]]) -> bool:
+    """Whether an allow's L7 rules restrict anything: DNS rules that match every name
+    (``matchPattern: "*"``) do not, so they stay an L4 allow (there is no DNS proxy)."""
+    return any(rule != {"dns": {"matchPattern": "*"}} for rule in l7)

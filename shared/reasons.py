@@ -20,6 +20,9 @@ NO_SERVICE: Final = 158  # DROP_NO_SERVICE: a service frontend without a backend
 UNKNOWN_CT: Final = 163  # DROP_UNKNOWN_CT
 NO_FIB: Final = 169  # DROP_NO_FIB
 INVALID_IDENTITY: Final = 171  # DROP_INVALID_IDENTITY
+# no proxy socket to assign an L7 connection to (the proxy is down or not synced yet)
+PROXY_LOOKUP_FAILED: Final = 178  # DROP_PROXY_LOOKUP_FAILED
+PROXY_SET_FAILED: Final = 179  # DROP_PROXY_SET_FAILED
 # an allow with L7 rules whose connection the proxy could not take (fail closed)
 PROXY_UNSUPPORTED: Final = 180  # DROP_PROXY_UNKNOWN_PROTO
 POLICY_DENY: Final = 181  # DROP_POLICY_DENY: a deny entry matched (deny beats allow)
@@ -43,6 +46,8 @@ DATAPATH_DROPS: Final[dict[str, int]] = {
     "DROP_NO_SERVICE": NO_SERVICE,
     "DROP_NO_CONFIG": NO_CONFIG,
     "DROP_NAT_NO_MAPPING": NAT_NO_MAPPING,
+    "DROP_PROXY_LOOKUP_FAILED": PROXY_LOOKUP_FAILED,
+    "DROP_PROXY_SET_FAILED": PROXY_SET_FAILED,
     "DROP_PROXY_UNSUPPORTED": PROXY_UNSUPPORTED,
     "DROP_POLICY_DENY": POLICY_DENY,
     "DROP_INVALID_VNI": INVALID_VNI,

@@ -3,13 +3,34 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from shared import log
+from shared.errors import Unavailable
 
 _log = log.get("runtime")
+
+CLONE_NEWNET = 0x40000000
+NETNS_DIR = Path("/run/netns")  # the ``ip netns`` convention
+
+
+def enter_netns(target: str) -> None:
+    """Move this whole process into a network namespace (a name under /run/netns, or a path),
+    before any thread exists."""
+    path = target if "/" in target else str(NETNS_DIR / target)
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise Unavailable(f"cannot enter network namespace {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
 
 
 class TaskGroup:

@@ -32,6 +32,7 @@ POLICY_DIFF: Final = "membrane.policy.diff"
 
 # datapath agents (one per node) register as a micro service for discovery and status
 DATAPATH_SERVICE: Final = "membrane-datapath"
+PROXY_SERVICE: Final = "membrane-proxy"  # the per-node L7 proxy (NATS micro: status only)
 
 # JetStream KV buckets
 KV_IDENTITIES: Final = "identities"

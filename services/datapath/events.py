@@ -17,7 +17,7 @@ from typing import Any, Final
 import msgspec
 
 from shared import bpf_layouts, protocols
-from shared.messages import SCHEMA_VERSION, Flow, Message
+from shared.messages import SCHEMA_VERSION, Flow, L7Info, Message
 from shared.reasons import reason_name
 
 EVENT_SIZE: Final = 48
@@ -58,6 +58,8 @@ OBSERVATION_POINTS: Final = _table(
         3: "to-overlay",
         4: "from-overlay",
         5: "from-network",
+        6: "to-proxy",
+        7: "from-proxy",
     },
     "",
 )
@@ -114,6 +116,7 @@ class WireFlow(msgspec.Struct, gc=False):
     rule_id: int
     is_reply: bool
     bytes: int
+    l7: L7Info | None = None  # the proxy's flows only
     v: int = SCHEMA_VERSION
 
 

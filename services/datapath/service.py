@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import dataclasses
-import os
 import time
 from collections.abc import Awaitable, Callable
 from ipaddress import IPv4Network
@@ -42,10 +40,7 @@ from shared.messages import (
     PodCIDR,
     PodCIDRRequest,
 )
-from shared.runtime import TaskGroup, periodically, wait_for_shutdown
-
-CLONE_NEWNET = 0x40000000
-K8S_NODE_NAME = "K8S_NODE_NAME"
+from shared.runtime import TaskGroup, enter_netns, periodically, wait_for_shutdown
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,10 +77,6 @@ class DatapathSettings(CommonSettings):
     )
 
     def __post_init__(self) -> None:
-        if not self.node and os.environ.get(K8S_NODE_NAME):
-            # on a Kubernetes node: the DaemonSet passes spec.nodeName (the downward API) in
-            # the variable Cilium's agent reads too
-            object.__setattr__(self, "node", os.environ[K8S_NODE_NAME])
         if not self.node and not self.dump_program:
             raise InvalidArgument("the node name is required", field=env_name("node"))
         if self.events_bytes < 4096 or self.events_bytes & (self.events_bytes - 1):
@@ -100,19 +91,6 @@ class DatapathSettings(CommonSettings):
     @property
     def socket_path(self) -> Path:
         return Path(self.socket) if self.socket else agent_api.default_socket(self.node)
-
-
-def enter_netns(target: str) -> None:
-    """Move this whole process into a network namespace, before any thread exists."""
-    path = target if "/" in target else str(netns.netns_path(target))
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise Unavailable(f"cannot enter network namespace {path}: {os.strerror(err)}")
-    finally:
-        os.close(fd)
 
 
 async def _pod_cidr(bus: Bus, node: str, logger: Any) -> PodCIDR:
@@ -149,6 +127,7 @@ async def run(settings: DatapathSettings) -> None:
         raise Unavailable(f"the underlay device {settings.underlay_device} has no IPv4 address")
     router = next(IPv4Network(cidr.cidr).hosts())
     await asyncio.to_thread(netns.ensure_router, settings.router_device, router)
+    await asyncio.to_thread(netns.ensure_proxy_route)
     node = Node(
         name=settings.node,
         underlay_ip=str(underlay),
@@ -242,7 +221,6 @@ async def run(settings: DatapathSettings) -> None:
         "watch-namespaces",
         lambda: agent.follow("namespaces", buckets.namespaces, agent.on_namespace),
     )
-    tasks.spawn("watch-pods", lambda: agent.follow("pods", buckets.pods, agent.on_pod))
     # service load balancing: the services bucket into the lb maps (bpf/lb.h)
     lb = agent.lb = LBSync(open_tables(datapath.bpf))
     services_kv = await bus.kv(

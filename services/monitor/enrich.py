@@ -186,6 +186,7 @@ class Enricher:
             rule_id=flow.rule_id,
             rule=rule,
             policy=policy,
+            l7=flow.l7,
         )
 
     def _default_deny_policy(self, flow: Flow) -> str:

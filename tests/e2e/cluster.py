@@ -41,10 +41,15 @@ class Cluster:
         return env
 
     def run(
-        self, *args: str, check: bool = True, timeout: float = 60
+        self, *args: str, check: bool = True, timeout: float = 60, input_text: str | None = None
     ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
-            membrane_command(*args), env=self.env(), capture_output=True, text=True, timeout=timeout
+            membrane_command(*args),
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input_text,
         )
         if check and result.returncode != 0:
             raise AssertionError(

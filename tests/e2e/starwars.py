@@ -8,6 +8,8 @@ request TIMEOUT IP PORT METHOD PATH...   one keep-alive connection; each METHOD 
                                    {"status": int, "body": str} or {"error": name}
 session IP PORT                    one keep-alive connection; for each stdin line "METHOD PATH"
                                    one request, one JSON line as above, until EOF
+hammer SECONDS IP PORT METHOD PATH   a new connection per request for SECONDS; prints the count
+                                   of each outcome as JSON: {"200": n, "403": n, "error": n}
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import http.client
 import http.server
 import json
 import sys
+import time
 
 ANSWERS = {
     ("POST", "/v1/request-landing"): (200, "Ship landed\n"),
@@ -76,6 +79,17 @@ def main() -> None:
         for line in sys.stdin:
             method, path = line.split()
             print(json.dumps(one(conn, method, path)), flush=True)
+    elif mode == "hammer":
+        seconds, ip, port, method, path = sys.argv[2:7]
+        outcomes: dict[str, int] = {}
+        deadline = time.monotonic() + float(seconds)
+        while time.monotonic() < deadline:
+            conn = http.client.HTTPConnection(ip, int(port), timeout=0.5)
+            answer = one(conn, method, path)
+            conn.close()
+            key = str(answer.get("status", "error"))
+            outcomes[key] = outcomes.get(key, 0) + 1
+        print(json.dumps(outcomes), flush=True)
     else:
         raise SystemExit(__doc__)
 

@@ -38,6 +38,9 @@ struct packet {
 	struct ct_key inner;
 	__u32 len;
 	__u8 opened; /* set by enforce(): this packet opened a connection (it made the ct entry) */
+	__u8 redirect_ok; /* set by the caller: a tc ingress hook that can steer to the proxy */
+	__u16 proxy_port; /* set by enforce(): the connection goes to the L7 proxy on this port */
+	__u32 proxy_identity; /* set by the caller: the client's, on the proxy's upstream packets */
 };
 
 static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, __u8 proto, __u32 *saddr,
@@ -320,6 +323,28 @@ static __always_inline int set_pod_eth(struct __sk_buff *skb, struct lxc_info *d
 	return bpf_skb_store_bytes(skb, 0, &eth, sizeof(eth), 0);
 }
 
+/* The proxy port of a local destination's ingress entry for a new connection (0: none, or
+ * the destination's own policy decides at to_container as usual). */
+static __always_inline __u16 local_ingress_proxy(struct packet *p, __u32 src_id)
+{
+	__u32 daddr = p->tuple.daddr;
+	struct lxc_info *dst = lxc.lookup(&daddr);
+	if (!dst)
+		return 0;
+	__u32 dst_ifindex = dst->ifindex;
+	struct endpoint_info *dep = endpoints.lookup(&dst_ifindex);
+	if (!dep || !(dep->flags & EP_ENFORCE_INGRESS) || (dep->flags & EP_POLICY_FAILED))
+		return 0;
+	__u32 rule_id = 0;
+	__u16 proxy_port = 0;
+	if (policy_check(dst_ifindex, DIR_INGRESS, src_id, p->tuple.protocol, p->policy_port,
+			 &rule_id, &proxy_port))
+		return 0;
+	return proxy_port;
+}
+
+#include "proxy.h" /* L7: to_proxy(), from_proxy_identity() */
+
 /* --- service load balancing (lb.h): DNAT before egress policy, reverse NAT after ingress --- */
 #include "lb.h"
 #include "overlay.h" /* multi-node: to_overlay, the from_overlay program */
@@ -363,6 +388,7 @@ static __always_inline int enforce(struct packet *p, struct endpoint_info *ep, _
 	if (e && !reopens(e, p)) {
 		ct_refresh(e, p, now);
 		count(0, direction, p->len);
+		p->proxy_port = e->proxy_port;
 		return TC_ACT_OK;
 	}
 	/* a reply never opens: a SYN is a new connection even against a tracked one's
@@ -417,8 +443,13 @@ static __always_inline int enforce(struct packet *p, struct endpoint_info *ep, _
 		reason = policy_check(ifindex, direction, peer_id, p->tuple.protocol, p->policy_port,
 				      &rule_id, &proxy_port);
 		/* L7 rules are enforced by the proxy or not at all: never an L4 allow, in audit
-		 * mode neither (fail closed) */
-		if (proxy_port)
+		 * mode neither (fail closed). The proxy's own upstream connection has been checked
+		 * at L7: for it the entry is the L3/L4 allow. */
+		if (proxy_port && p->proxy_identity) {
+			proxy_port = 0;
+			obs = OBS_FROM_PROXY;
+		}
+		if (proxy_port && !p->redirect_ok)
 			return drop(DROP_PROXY_UNSUPPORTED, direction, obs, p, ifindex, src_id, dst_id,
 				    rule_id);
 		if (reason && !(ep->flags & audit))
@@ -427,6 +458,14 @@ static __always_inline int enforce(struct packet *p, struct endpoint_info *ep, _
 			verdict = EVENT_F_AUDIT; /* let through, but say what would have happened */
 		type = EVENT_POLICY_VERDICT;
 	}
+	/* a local destination whose ingress has L7 rules: the proxy, here at tc ingress, since
+	 * its to_container (tc egress) could not steer the connection there */
+	if (!proxy_port && p->redirect_ok && direction == DIR_EGRESS)
+		proxy_port = local_ingress_proxy(p, src_id);
+	if (proxy_port) {
+		p->proxy_port = proxy_port;
+		obs = OBS_TO_PROXY;
+	}
 	struct ct_entry fresh = {
 		.packets = 1,
 		.bytes = p->len,
@@ -434,6 +473,7 @@ static __always_inline int enforce(struct packet *p, struct endpoint_info *ep, _
 		.src_identity = src_id,
 		.dst_identity = dst_id,
 		.tcp_flags_seen = p->tcp_flags,
+		.proxy_port = proxy_port,
 	};
 	fresh.expires_ns =
 		now + (p->tuple.protocol == IPPROTO_TCP ? CT_LIFETIME_TCP : CT_LIFETIME_NONTCP);
@@ -470,9 +510,20 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction, __u8 ob
 	/* a pod may only send from its own address */
 	if (direction == DIR_EGRESS && p.tuple.saddr != ep->ip)
 		return drop(DROP_INVALID_SIP, direction, obs, &p, ifindex, ep->identity, 0, 0);
-	ret = enforce(&p, ep, ifindex, direction, obs, own, other, 0);
+	__u32 peer_hint = 0;
+	if (direction == DIR_EGRESS) {
+		/* the proxy reaches pods of this node only (L7 across nodes: dropped, 180) */
+		__u32 daddr = p.tuple.daddr;
+		p.redirect_ok = p.tuple.protocol == IPPROTO_TCP && lxc.lookup(&daddr) != NULL;
+	} else {
+		p.proxy_identity = from_proxy_identity(skb);
+		peer_hint = p.proxy_identity;
+	}
+	ret = enforce(&p, ep, ifindex, direction, obs, own, other, peer_hint);
 	if (ret != TC_ACT_OK)
 		return ret;
+	if (p.proxy_port)
+		return to_proxy(skb, &p, direction, OBS_TO_PROXY, ifindex, ep->identity, 0);
 	return forward(skb, direction, &p);
 }
 

@@ -15,6 +15,8 @@
 #define OBS_TO_OVERLAY 3
 #define OBS_FROM_OVERLAY 4
 #define OBS_FROM_NETWORK 5 /* the node's underlay device (node ports) */
+#define OBS_TO_PROXY 6 /* steered to the node's L7 proxy */
+#define OBS_FROM_PROXY 7 /* the proxy's upstream connection, after its L7 check */
 
 #define EVENT_F_REPLY 0x1
 #define EVENT_F_ALLOWED 0x2 /* policy verdict: allowed (else denied) */

@@ -98,7 +98,7 @@ struct ct_entry {
 	__u32 dst_identity;
 	__u8 flags;
 	__u8 tcp_flags_seen;
-	__u16 pad;
+	__u16 proxy_port; /* host order; non-zero: the connection goes to the L7 proxy */
 };
 
 BPF_TABLE_PINNED("hash", __u32, struct endpoint_info, endpoints, 65536, PIN_DIR "/endpoints");

@@ -118,6 +118,8 @@ int from_overlay(struct __sk_buff *skb)
 	if (!ep)
 		return drop(DROP_NO_CONFIG, DIR_INGRESS, OBS_FROM_OVERLAY, &p, dst_ifindex, src_id,
 			    0, 0);
+	/* L7 across nodes is not supported yet: the proxy's answers to a client behind another node
+	 * would need a route into the overlay. Such connections are dropped (180), not allowed. */
 	ret = enforce(&p, ep, dst_ifindex, DIR_INGRESS, OBS_FROM_OVERLAY, CT_INGRESS, CT_EGRESS,
 		      src_id);
 	if (ret != TC_ACT_OK)

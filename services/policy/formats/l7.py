@@ -16,7 +16,7 @@ from services.policy.model import (
     L7Rules,
     PortRule,
 )
-from shared import doc_fields
+from shared import doc_fields, l7_http
 from shared.errors import InvalidArgument
 
 # L7 rule shapes (Cilium PortRuleHTTP, kafka.PortRule, PortRuleDNS): field -> expected type
@@ -108,6 +108,8 @@ def _l7_rule(protocol: str, raw: Any, path: str) -> dict[str, Any]:
                     f"must be one of {', '.join(_HEADER_MISMATCH_ACTIONS)}, got {action!r}",
                     field=f"{mpath}.mismatch",
                 )
+        # what the proxy will match each request against must compile now, not at a request
+        l7_http.compile_rule(rule, path)
     elif protocol == "kafka":
         role = rule.get("role")
         if role is not None and role not in _KAFKA_ROLES:

@@ -1,0 +1,68 @@
+/* L7 proxy redirection (the numbers are shared/proxy.py's; keep both in step).
+ *
+ * A policy allow whose port carries L7 rules holds the node's proxy port. Its connections are
+ * steered, at tc ingress in the node's namespace (from_container, from_overlay), to the proxy's
+ * socket with bpf_sk_assign -- the connection's own socket when the proxy already accepted it,
+ * else the listener -- and a mark that the node's policy route (fwmark MARK_TO_PROXY -> local
+ * table) delivers locally: the original destination stays in the packet, so clients and
+ * servers change nothing. Where that cannot be done (tc egress, the underlay device) or when
+ * no proxy listens, the connection is dropped: an L7 port is never an L4 allow.
+ *
+ * The proxy's upstream connections carry MARK_FROM_PROXY and the client's identity in the
+ * upper 16 bits of the mark (SO_MARK). to_container applies the L3/L4 policy to them with that
+ * identity, the L7 entry counting as an allow, so they are not redirected a second time. A pod
+ * cannot forge the mark: crossing from its namespace into the node's scrubs skb->mark. */
+#ifndef MEMBRANE_PROXY_H
+#define MEMBRANE_PROXY_H
+
+#define MARK_MAGIC_MASK 0x0F00
+#define MARK_TO_PROXY 0x0200
+#define MARK_FROM_PROXY 0x0B00
+
+/* the identity a packet from the proxy carries (0: not from the proxy) */
+static __always_inline __u32 from_proxy_identity(struct __sk_buff *skb)
+{
+	if ((skb->mark & MARK_MAGIC_MASK) != MARK_FROM_PROXY)
+		return 0;
+	return skb->mark >> 16;
+}
+
+/* Assign the packet to the proxy's socket for its connection, or to its listener; a drop
+ * (178 "Socket lookup failed", 179 "Socket assign failed") when there is none. */
+static __always_inline int to_proxy(struct __sk_buff *skb, struct packet *p, __u8 direction,
+				    __u8 obs, __u32 ifindex, __u32 src_id, __u32 dst_id)
+{
+	struct bpf_sock_tuple tuple = {};
+	tuple.ipv4.saddr = p->tuple.saddr;
+	tuple.ipv4.daddr = p->tuple.daddr;
+	tuple.ipv4.sport = bpf_htons(p->tuple.sport);
+	tuple.ipv4.dport = bpf_htons(p->tuple.dport);
+	struct bpf_sock *sk =
+		bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+	/* a listener of the node's own on the original port, or a closed connection: not ours */
+	if (sk && (sk->state == BPF_TCP_LISTEN || sk->state == BPF_TCP_TIME_WAIT)) {
+		bpf_sk_release(sk);
+		sk = NULL;
+	}
+	if (!sk) {
+		__builtin_memset(&tuple, 0, sizeof(tuple));
+		tuple.ipv4.dport = bpf_htons(p->proxy_port);
+		sk = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+		if (!sk)
+			return drop(DROP_PROXY_LOOKUP_FAILED, direction, obs, p, ifindex, src_id,
+				    dst_id, 0);
+		if (sk->state != BPF_TCP_LISTEN) {
+			bpf_sk_release(sk);
+			return drop(DROP_PROXY_LOOKUP_FAILED, direction, obs, p, ifindex, src_id,
+				    dst_id, 0);
+		}
+	}
+	long ret = bpf_sk_assign(skb, sk, 0);
+	bpf_sk_release(sk);
+	if (ret)
+		return drop(DROP_PROXY_SET_FAILED, direction, obs, p, ifindex, src_id, dst_id, 0);
+	skb->mark = MARK_TO_PROXY;
+	return TC_ACT_OK;
+}
+
+#endif

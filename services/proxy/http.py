@@ -1,0 +1,358 @@
+"""One client connection the datapath steered to the proxy: HTTP/1.1, each request on its own.
+
+Requests are parsed with httptools (llhttp) and written again to the upstream connection:
+request line, the headers as received, the body (chunked bodies re-chunked as they arrive, so
+nothing is buffered whole). Each request is checked when its headers are complete; a denied one
+is answered here with ``403 Access denied`` and its body is read and dropped, so the connection
+stays usable (keep-alive, pipelining). Responses go back in request order: answers made here
+wait for the upstream's answers to the requests before them, which the response parser counts.
+
+- ``Expect: 100-continue``: forwarded when allowed (the upstream's 100 is passed on); denied,
+  the 403 comes at once and the connection is closed after it (the client may never send the
+  body, and what it sends next could not be told apart from it);
+- ``Upgrade``: an allowed upgrade request is forwarded and the connection becomes a plain
+  byte pipe; a denied one gets 403 and the connection is closed;
+- malformed request -> ``400`` and close; a header block over ``MAX_HEADER_BYTES`` -> ``431``
+  and close. Nothing a client sends ends the proxy: errors end that connection only.
+
+Known limits: responses to HEAD requests that announce a body length are not supported (the
+response parser would wait for the body); trailers of chunked bodies are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+
+import httptools
+
+from services.proxy.view import Verdict, View
+from shared.proxy import from_proxy_mark
+
+MAX_HEADER_BYTES = 64 * 1024  # Envoy's default limit is 60 KiB
+READ_SIZE = 256 * 1024
+CONNECT_TIMEOUT_S = 5.0
+
+DENIED_BODY = b"Access denied\r\n"
+
+
+def local_response(status: int, reason: str, body: bytes, *, close: bool) -> bytes:
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-length: {len(body)}\r\n"
+        f"content-type: text/plain\r\n{'connection: close' if close else ''}"
+    ).rstrip()
+    return head.encode() + b"\r\n\r\n" + body
+
+
+@dataclass
+class Request:
+    """A request in flight: what a flow reports about it, and how its answer is made."""
+
+    method: str
+    url: str
+    host: str
+    verdict: Verdict
+    started: float
+    keep_alive: bool
+    local: bytes = b""  # the answer made here (denied); empty: the upstream answers
+    close_after: bool = False
+    status: int = 0
+
+
+# called once per request with its final status: the flow and the metrics
+Report = Callable[[Request, IPv4Address, int, IPv4Address, int], None]
+
+
+@dataclass
+class _Parsing:
+    url: bytearray = field(default_factory=bytearray)
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    size: int = 0
+    chunked: bool = False
+    allowed: bool = False
+    request: Request | None = None
+
+
+class HeadersTooLarge(Exception):
+    pass
+
+
+class HttpConnection:
+    def __init__(
+        self,
+        view: View,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        report: Report,
+    ) -> None:
+        self.view = view
+        self.reader = reader
+        self.writer = writer
+        self.report = report
+        src_ip, self.src_port = writer.get_extra_info("peername")[:2]
+        # the datapath assigned the packet to this socket unchanged: the local address of the
+        # accepted connection is the one the client connected to
+        dst_ip, self.dst_port = writer.get_extra_info("sockname")[:2]
+        self.src, self.dst = IPv4Address(src_ip), IPv4Address(dst_ip)
+        self.parser = httptools.HttpRequestParser(self)
+        self.cur = _Parsing()
+        self.pending: deque[Request] = deque()  # in request order, awaiting their answers
+        self.to_upstream: list[bytes] = []
+        self.to_client: list[bytes] = []
+        self.up_reader: asyncio.StreamReader | None = None
+        self.up_writer: asyncio.StreamWriter | None = None
+        self.response: _Response | None = None
+        self.closing = False
+        self.upgraded = False
+
+    # --- httptools request callbacks ---------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.cur = _Parsing()
+
+    def on_url(self, data: bytes) -> None:
+        self.cur.url += data
+        self._count(len(data))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.cur.headers.append((name, value))
+        self._count(len(name) + len(value) + 4)
+
+    def _count(self, size: int) -> None:
+        self.cur.size += size
+        if self.cur.size > MAX_HEADER_BYTES:
+            raise HeadersTooLarge
+
+    def on_headers_complete(self) -> None:
+        cur, parser = self.cur, self.parser
+        method = parser.get_method().decode("latin-1")
+        url = cur.url.decode("latin-1")
+        headers: dict[str, str] = {}
+        for name, value in cur.headers:
+            key = name.decode("latin-1").lower()
+            text = value.decode("latin-1")
+            headers[key] = f"{headers[key]},{text}" if key in headers else text
+        cur.chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+        verdict = self.view.http(self.src, self.dst, self.dst_port, method, url, headers)
+        keep_alive = parser.should_keep_alive()
+        request = Request(
+            method, url, headers.get("host", ""), verdict, time.perf_counter(), keep_alive
+        )
+        cur.request = request
+        cur.allowed = verdict.allowed
+        if verdict.allowed:
+            version = parser.get_http_version()
+            head = [f"{method} ".encode(), bytes(cur.url), f" HTTP/{version}\r\n".encode()]
+            for name, value in cur.headers:
+                head += (name, b": ", value, b"\r\n")
+            head.append(b"\r\n")
+            self.to_upstream.append(b"".join(head))
+            self.pending.append(request)
+            return
+        expects = headers.get("expect", "").lower() == "100-continue"
+        body = cur.chunked or int(headers.get("content-length", "0") or 0) > 0
+        request.close_after = not keep_alive or parser.should_upgrade() or (expects and body)
+        request.status = 403
+        request.local = local_response(403, "Forbidden", DENIED_BODY, close=request.close_after)
+        self.pending.append(request)
+        self._answer_local()
+
+    def on_body(self, data: bytes) -> None:
+        if not self.cur.allowed:
+            return
+        if self.cur.chunked:
+            self.to_upstream += (f"{len(data):x}\r\n".encode(), data, b"\r\n")
+        else:
+            self.to_upstream.append(data)
+
+    def on_message_complete(self) -> None:
+        if self.cur.allowed and self.cur.chunked:
+            self.to_upstream.append(b"0\r\n\r\n")
+
+    # --- answers --------------------------------------------------------------------------------
+
+    def _answer_local(self) -> None:
+        """Answers made here, as far as they are at the head of the line."""
+        while self.pending and self.pending[0].local:
+            request = self.pending.popleft()
+            self.to_client.append(request.local)
+            self._done(request)
+            if request.close_after:
+                self.closing = True
+                return
+
+    def _done(self, request: Request) -> None:
+        self.report(request, self.src, self.src_port, self.dst, self.dst_port)
+        if not request.keep_alive:
+            self.closing = True
+
+    def response_complete(self, status: int) -> None:
+        if not self.pending:
+            return
+        request = self.pending.popleft()
+        request.status = status
+        self._done(request)
+        self._answer_local()
+
+    # --- I/O --------------------------------------------------------------------------------------
+
+    async def _connect(self, identity: int) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            # the datapath lets this connection through on the L3/L4 policy, as the client
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, from_proxy_mark(identity))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setblocking(False)
+            loop = asyncio.get_running_loop()
+            await asyncio.wait_for(
+                loop.sock_connect(sock, (str(self.dst), self.dst_port)), CONNECT_TIMEOUT_S
+            )
+        except BaseException:
+            sock.close()
+            raise
+        self.up_reader, self.up_writer = await asyncio.open_connection(sock=sock, limit=READ_SIZE)
+        self.response = _Response(self)
+
+    async def run(self) -> None:
+        pump: asyncio.Task[None] | None = None
+        try:
+            while not self.closing:
+                data = await self.reader.read(READ_SIZE)
+                if not data:
+                    break
+                if self.upgraded:
+                    assert self.up_writer is not None
+                    self.up_writer.write(data)
+                    await self.up_writer.drain()
+                    continue
+                try:
+                    self.parser.feed_data(data)
+                except HeadersTooLarge:
+                    self._fail(431, "Request Header Fields Too Large")
+                except httptools.HttpParserUpgrade as upgrade:
+                    if self.cur.allowed:
+                        self.upgraded = True
+                        self.to_upstream.append(data[upgrade.args[0] :])
+                    else:
+                        self.closing = True
+                except httptools.HttpParserError:
+                    self._fail(400, "Bad Request")
+                if self.to_upstream:
+                    if self.up_writer is None:
+                        await self._connect(self.pending[-1].verdict.src_identity)
+                        pump = asyncio.create_task(self._pump())
+                    assert self.up_writer is not None
+                    self.up_writer.write(b"".join(self.to_upstream))
+                    self.to_upstream.clear()
+                    await self.up_writer.drain()
+                await self._flush()
+            await self._flush()
+            if pump is not None and self.pending and not self.closing:
+                await pump  # the answers still owed to a client that stopped sending
+        except (OSError, TimeoutError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            if pump is not None:
+                pump.cancel()
+                with contextlib.suppress(BaseException):
+                    await pump
+            self._close()
+
+    def _fail(self, status: int, reason: str) -> None:
+        """A request that cannot be parsed: answered after those before it, then closed."""
+        self.closing = True
+        if self.pending:  # answers still owed to earlier requests come first: drop the rest
+            return
+        self.to_client.append(local_response(status, reason, b"", close=True))
+
+    async def _flush(self) -> None:
+        if self.to_client:
+            self.writer.write(b"".join(self.to_client))
+            self.to_client.clear()
+            await self.writer.drain()
+
+    async def _pump(self) -> None:
+        """The upstream's answers, back to the client in order."""
+        assert self.up_reader is not None and self.response is not None
+        while True:
+            data = await self.up_reader.read(READ_SIZE)
+            if not data:
+                break
+            if self.upgraded and not self.pending:
+                self.writer.write(data)
+                await self.writer.drain()
+                continue
+            try:
+                self.response.parser.feed_data(data)
+            except httptools.HttpParserUpgrade as upgrade:
+                # 101 Switching Protocols: from here on the connection is a byte pipe
+                self.to_client.append(data[upgrade.args[0] :])
+                self.pending.clear()
+            except httptools.HttpParserError:
+                break
+            await self._flush()
+            if self.closing and not self.pending:
+                break
+        # the upstream is done: whatever the client still waits for will not come
+        self.closing = True
+        with contextlib.suppress(OSError):
+            self.writer.close()
+
+    def _close(self) -> None:
+        for writer in (self.writer, self.up_writer):
+            if writer is not None:
+                with contextlib.suppress(OSError, RuntimeError):
+                    writer.close()
+
+
+class _Response:
+    """httptools response callbacks: each upstream answer written again to the client."""
+
+    def __init__(self, conn: HttpConnection) -> None:
+        self.conn = conn
+        self.parser = httptools.HttpResponseParser(self)
+        self.reason = bytearray()
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.chunked = False
+        self.status = 0
+
+    def on_message_begin(self) -> None:
+        self.reason.clear()
+        self.headers = []
+
+    def on_status(self, data: bytes) -> None:
+        self.reason += data
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+        version = self.parser.get_http_version()
+        out = [f"HTTP/{version} {self.status} ".encode(), bytes(self.reason), b"\r\n"]
+        self.chunked = False
+        for name, value in self.headers:
+            if name.lower() == b"transfer-encoding" and b"chunked" in value.lower():
+                self.chunked = True
+            out += (name, b": ", value, b"\r\n")
+        out.append(b"\r\n")
+        self.conn.to_client.append(b"".join(out))
+
+    def on_body(self, data: bytes) -> None:
+        if self.chunked:
+            self.conn.to_client += (f"{len(data):x}\r\n".encode(), data, b"\r\n")
+        else:
+            self.conn.to_client.append(data)
+
+    def on_message_complete(self) -> None:
+        if self.chunked:
+            self.conn.to_client.append(b"0\r\n\r\n")
+        if 100 <= self.status < 200 and self.status != 101:
+            return  # informational (100 Continue): the final answer is still to come
+        self.conn.response_complete(self.status)

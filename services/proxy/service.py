@@ -1,0 +1,179 @@
+"""``membrane run proxy --node NAME``: the node's L7 proxy, in the node's network namespace.
+
+It watches the ``ipcache``, ``resolved`` and ``selectors`` buckets (each change applied to the
+:class:`View` by itself, nothing recomputed), and only once all three are caught up does it
+listen on ``PROXY_PORT``: until then the datapath finds no listener and drops L7 connections
+(178 "Socket lookup failed"). The listener is transparent (``IP_TRANSPARENT``: it answers for
+the original destination address) and has no ``SO_REUSEPORT`` (``bpf_sk_assign`` refuses
+reuseport sockets). Each request becomes a flow (type ``l7``) on ``membrane.flows.<node>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import socket
+import time
+from collections.abc import Callable
+from ipaddress import IPv4Address
+
+from prometheus_client import Counter, Histogram
+
+from services.proxy.http import HttpConnection, Request
+from services.proxy.view import View
+from shared import __version__, log, metrics, proxy, subjects
+from shared.bus import Bus
+from shared.config import CommonSettings, setting
+from shared.kv_watch import follow
+from shared.messages import Flow, FlowBatch, L7Info
+from shared.runtime import TaskGroup, enter_netns, wait_for_shutdown
+
+IP_TRANSPARENT = 19  # linux/in.h; the socket module does not name it
+FLUSH_S = 0.05
+MAX_BATCH = 512
+
+REQUESTS = Counter(
+    "membrane_proxy_requests_total",
+    "Requests the L7 proxy decided, by protocol, verdict and the direction whose rules decided",
+    ["protocol", "verdict", "direction"],
+)
+LATENCY = Histogram(
+    "membrane_proxy_request_seconds",
+    "Time from a request's headers to its answer's end, through the L7 proxy",
+    ["protocol"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
+)
+CONNECTIONS = Counter("membrane_proxy_connections_total", "Connections the L7 proxy accepted")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProxySettings(CommonSettings):
+    node: str = setting("", "name of the node this proxy serves (required)")
+    netns: str = setting(
+        "", "network namespace to enter at start (name under /run/netns, or a path)"
+    )
+    proxy_port: int = setting(proxy.PROXY_PORT, "port of the transparent listener in the node")
+
+
+class FlowSink:
+    """L7 flows to the monitor, batched like the datapath's."""
+
+    def __init__(self, bus: Bus, node: str) -> None:
+        self.bus = bus
+        self.node = node
+        self.flows: list[Flow] = []
+        self.wake = asyncio.Event()
+
+    def add(
+        self, request: Request, src: IPv4Address, sport: int, dst: IPv4Address, dport: int
+    ) -> None:
+        verdict = request.verdict
+        latency = time.perf_counter() - request.started
+        outcome = "FORWARDED" if verdict.allowed else "DROPPED"
+        REQUESTS.labels("http", outcome, verdict.direction or "none").inc()
+        LATENCY.labels("http").observe(latency)
+        self.flows.append(
+            Flow(
+                time=time.time(),
+                node=self.node,
+                type="l7",
+                verdict=outcome,
+                direction=verdict.direction,
+                observation_point="to-proxy",
+                src_ip=str(src),
+                dst_ip=str(dst),
+                src_port=sport,
+                dst_port=dport,
+                protocol="TCP",
+                src_identity=verdict.src_identity,
+                dst_identity=verdict.dst_identity,
+                rule_id=verdict.rule_id,
+                l7=L7Info(
+                    protocol="http",
+                    method=request.method,
+                    url=request.url,
+                    host=request.host,
+                    status=request.status,
+                    latency_ms=round(latency * 1000, 3),
+                ),
+            )
+        )
+        if len(self.flows) >= MAX_BATCH:
+            self.wake.set()
+
+    async def run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), FLUSH_S)
+            self.wake.clear()
+            if not self.flows:
+                continue
+            batch, self.flows = self.flows, []
+            with contextlib.suppress(Exception):  # flows are best effort; requests are not
+                await self.bus.publish(subjects.flows(self.node), FlowBatch(self.node, batch))
+
+
+def listener(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+    sock.bind(("0.0.0.0", port))
+    sock.listen(4096)
+    sock.setblocking(False)
+    return sock
+
+
+async def run(settings: ProxySettings) -> None:
+    if settings.netns:
+        enter_netns(settings.netns)
+    logger = log.get("proxy", node=settings.node)
+    bus = await Bus.connect(settings.nats_url, f"membrane-proxy-{settings.node}")
+    view = View()
+    tasks = TaskGroup()
+    synced: list[asyncio.Event] = []
+
+    async def watch(bucket: str, handle: Callable[[str, bytes | None], None]) -> None:
+        kv = await bus.kv(bucket, replicas=settings.kv_replicas)
+        event = asyncio.Event()
+        synced.append(event)
+        known: set[str] = set()  # outlives a restarted watch
+        tasks.spawn(f"watch-{bucket}", lambda: follow(kv, handle, event, known))
+
+    await watch(subjects.KV_IPCACHE, view.set_ipcache)
+    await watch(subjects.KV_RESOLVED, view.set_resolved)
+    await watch(subjects.KV_SELECTORS, view.set_members)
+    # no listener before the view is whole: until then the datapath drops L7 connections
+    await asyncio.gather(*(event.wait() for event in synced))
+    sink = FlowSink(bus, settings.node)
+    tasks.spawn("flows", sink.run)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        CONNECTIONS.inc()
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            await HttpConnection(view, reader, writer, sink.add).run()
+        except Exception:
+            logger.exception("connection failed")
+
+    server = await asyncio.start_server(serve, sock=listener(settings.proxy_port), limit=256 * 1024)
+    metrics_port = metrics.serve(settings.metrics_host, settings.metrics_port)
+    micro = await bus.add_service(
+        subjects.PROXY_SERVICE,
+        __version__,
+        "L7 proxy: HTTP rules per request",
+        {
+            "replica": settings.node,
+            "node": settings.node,
+            "metrics": f"{settings.metrics_host}:{metrics_port}",
+        },
+    )
+    logger.info("proxy ready", port=settings.proxy_port, resolved=len(view.resolved))
+    signal_name = await wait_for_shutdown()
+    logger.info("shutting down", signal=signal_name)
+    server.close()
+    await micro.stop()
+    await tasks.close()
+    await bus.close()

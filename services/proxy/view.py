@@ -1,0 +1,201 @@
+"""What the proxy knows (ipcache, resolved policies, peer sets) and the L7 verdict of a request.
+
+The datapath steered a connection here because an allow entry of its port holds L7 rules, at
+the client's egress, the server's ingress, or both. For each request the proxy finds, per
+direction, the allow entries that match the connection (peer identity, TCP, port) as the
+datapath's compiler does, and:
+
+- no matching entry in a direction, or the direction not enforced: that side does not restrict;
+- a matching entry without L7 rules (a plain L4 allow of the same peer and port): that side
+  allows every request, as Cilium's wildcard L7 rule does;
+- otherwise the request must match one of the matching entries' HTTP rules.
+
+A request is allowed when every restricting side allows it. A connection for which neither side
+restricts anything should not have come here (the proxy is not synced yet, or a named port it
+cannot resolve): it is denied, fail closed.
+
+Pure logic: the service feeds it KV events.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+
+import msgspec
+
+from shared import identities, l7_http
+from shared.messages import IPCacheEntry, PeerSet, PolicyEntry, ResolvedPolicy
+
+PROTO_TCP = 6
+_resolved_decoder = msgspec.json.Decoder(ResolvedPolicy)
+_ipcache_decoder = msgspec.json.Decoder(IPCacheEntry)
+_peer_set_decoder = msgspec.json.Decoder(PeerSet)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    allowed: bool
+    src_identity: int
+    dst_identity: int
+    rule_id: int = 0  # the rule that allowed it, or one that restricts and did not match
+    policy: str = ""  # that rule's name: namespace/name[index]
+    direction: str = ""  # the side that decided: ingress | egress
+    logged: bool = False  # allowed with a headerMatches LOG mismatch
+
+
+@dataclass(frozen=True)
+class _Side:
+    direction: str
+    rules: tuple[tuple[int, l7_http.HttpRule], ...]  # (rule id, rule)
+    allow_all_rule: int  # a plain allow's rule id (0: none)
+    restricting_rule: int  # the first entry with L7 rules: named when nothing matches
+    names: Mapping[int, str]
+
+
+class View:
+    def __init__(self) -> None:
+        self._ipcache_keys: dict[str, IPv4Network] = {}
+        self.ipcache: dict[IPv4Address, int] = {}
+        self.prefixes: dict[IPv4Network, int] = {}  # CIDR entries, longest first on lookup
+        self.resolved: dict[int, ResolvedPolicy] = {}
+        self.members: dict[int, frozenset[int]] = {}
+        self._compiled: dict[str, tuple[l7_http.HttpRule, ...]] = {}
+        self.generation = 0  # moves on every change: connections re-check their next request
+
+    # --- KV events --------------------------------------------------------------------------
+
+    def set_ipcache(self, key: str, data: bytes | None) -> None:
+        old = self._ipcache_keys.pop(key, None)
+        if old is not None:
+            if old.prefixlen == 32:
+                self.ipcache.pop(old.network_address, None)
+            else:
+                self.prefixes.pop(old, None)
+        if data is not None:
+            entry = _ipcache_decoder.decode(data)
+            network = IPv4Network(entry.cidr, strict=False)
+            self._ipcache_keys[key] = network
+            if network.prefixlen == 32:
+                self.ipcache[network.network_address] = entry.identity
+            else:
+                self.prefixes[network] = entry.identity
+        self.generation += 1
+
+    def set_resolved(self, key: str, data: bytes | None) -> None:
+        if data is None:
+            self.resolved.pop(int(key), None)
+        else:
+            policy = _resolved_decoder.decode(data)
+            self.resolved[policy.identity] = policy
+        self.generation += 1
+
+    def set_members(self, key: str, data: bytes | None) -> None:
+        if data is None:
+            self.members.pop(int(key), None)
+        else:
+            peer_set = _peer_set_decoder.decode(data)
+            self.members[peer_set.id] = frozenset(peer_set.identities)
+        self.generation += 1
+
+    # --- lookups ------------------------------------------------------------------------------
+
+    def identity_of(self, address: IPv4Address) -> int:
+        found = self.ipcache.get(address)
+        if found is not None:
+            return found
+        best: tuple[int, int] | None = None
+        for network, identity in self.prefixes.items():
+            if address in network and (best is None or network.prefixlen > best[0]):
+                best = (network.prefixlen, identity)
+        return best[1] if best else identities.WORLD
+
+    def _matches(self, entry: PolicyEntry, peer: int, port: int) -> bool:
+        if entry.deny or entry.protocol not in (0, PROTO_TCP) or entry.port_name:
+            return False
+        if entry.selector:
+            if peer not in self.members.get(entry.selector, ()):
+                return False
+        elif entry.peer and entry.peer != peer:
+            return False
+        if entry.port == 0:
+            return True
+        return entry.port <= port <= max(entry.port, entry.end_port)
+
+    def _rules(self, entry: PolicyEntry) -> tuple[l7_http.HttpRule, ...]:
+        key = msgspec.json.encode(entry.l7).decode()
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            http = [rule["http"] for rule in entry.l7 if isinstance(rule.get("http"), dict)]
+            # validated at apply; a rule that still fails to compile matches nothing
+            try:
+                compiled = l7_http.compile_rules(http, "http")  # type: ignore[arg-type]
+            except ValueError:
+                compiled = ()
+            self._compiled[key] = compiled
+        return compiled
+
+    def _side(self, subject: int, direction: str, peer: int, port: int) -> _Side | None:
+        policy = self.resolved.get(subject)
+        if policy is None:
+            return None
+        enforced = policy.ingress_enforced if direction == "ingress" else policy.egress_enforced
+        if not enforced:
+            return None
+        entries = policy.ingress if direction == "ingress" else policy.egress
+        rules: list[tuple[int, l7_http.HttpRule]] = []
+        allow_all = 0
+        restricting = 0
+        for entry in entries:
+            if not self._matches(entry, peer, port):
+                continue
+            if entry.l7:
+                restricting = restricting or entry.rule_id
+                rules.extend((entry.rule_id, rule) for rule in self._rules(entry))
+            elif not allow_all:
+                allow_all = entry.rule_id
+        if not restricting:
+            return None
+        return _Side(direction, tuple(rules), allow_all, restricting, policy.rules)
+
+    def http(
+        self,
+        src: IPv4Address,
+        dst: IPv4Address,
+        port: int,
+        method: str,
+        target: str,
+        headers: Mapping[str, str],
+    ) -> Verdict:
+        src_id, dst_id = self.identity_of(src), self.identity_of(dst)
+        sides = [
+            side
+            for side in (
+                self._side(src_id, "egress", dst_id, port),
+                self._side(dst_id, "ingress", src_id, port),
+            )
+            if side is not None
+        ]
+        if not sides:
+            return Verdict(False, src_id, dst_id)
+        allowed_by = (0, "", "")
+        logged = False
+        for side in sides:
+            if side.allow_all_rule:
+                rule_id = side.allow_all_rule
+                allowed_by = (rule_id, side.names.get(rule_id, ""), side.direction)
+                continue
+            for rule_id, rule in side.rules:
+                ok, log = rule.matches(method, target, headers)
+                if ok:
+                    logged = logged or log
+                    allowed_by = (rule_id, side.names.get(rule_id, ""), side.direction)
+                    break
+            else:
+                # denied: name the policy whose rules restrict this side
+                rule_id = side.restricting_rule
+                return Verdict(
+                    False, src_id, dst_id, rule_id, side.names.get(rule_id, ""), side.direction
+                )
+        return Verdict(True, src_id, dst_id, *allowed_by, logged=logged)
