@@ -122,6 +122,8 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
                 port=port,
                 src_ports=src.ports,
                 dst_ports=dst.ports,
+                src_ip=src.ip,
+                dst_ip=dst.ip,
             ),
         )
 

@@ -30,3 +30,10 @@ BY_ID: Final[dict[int, str]] = {number: name for name, number in RESERVED.items(
 CLUSTER_MIN: Final = 256
 CLUSTER_MAX: Final = 65535
 LOCAL_BASE: Final = 1 << 24
+
+# Policy-map identities of pod *addresses* (never a real identity, never on the wire): a CIDR
+# rule with the NetworkPolicy meaning (ipBlock) matches pod addresses too, per address. The
+# datapath looks a pod address up in the policy prefixes (longest match; ``WORLD`` when none)
+# and consults the slot ``ADDRESS | that identity`` besides the pod's own identity; such rules
+# select ``ADDRESS | n`` for every CIDR identity n they select. See docs/policy.md.
+ADDRESS: Final = 1 << 31

@@ -356,6 +356,9 @@ class ExplainRequest(Message):
     port: int
     src_ports: list[ContainerPort] = []
     dst_ports: list[ContainerPort] = []
+    # the pods' addresses, for rules that match pod addresses (ipBlock); "": identity only
+    src_ip: str = ""
+    dst_ip: str = ""
 
 
 class ExplainReply(Message):

@@ -288,17 +288,19 @@ def verdict(
     peer: int,
     protocol: int,
     port: int,
+    address: int = 0,
 ) -> tuple[str, int]:
     """The datapath's policy decision: ("allow" | "proxy" | "deny" | "none", rule id).
 
-    Mirrors ``policy_check`` in bpf/datapath.c: the peer's slot and the any-identity slot, a
-    deny from either first, then an allow, the peer's result before the other; "proxy" is an
-    allow with L7 rules (the proxy decides each request). "none" (rule 0) is a drop only when
-    the direction is enforced, which the caller knows.
+    Mirrors ``policy_check`` in bpf/datapath.c: the peer's slot, the slot of the peer's address
+    (``address``, ``ADDRESS | n`` for a pod address; 0: none) and the any-identity slot, a deny
+    from any first, then an allow, in that order; "proxy" is an allow with L7 rules (the proxy
+    decides each request). "none" (rule 0) is a drop only when the direction is enforced,
+    which the caller knows.
     """
     found = [
         _lookup(entries, PolicyKey(KEY_BITS, endpoint, direction, identity, protocol, port))
-        for identity in (peer, 0)
+        for identity in ((peer, address, 0) if address else (peer, 0))
     ]
     for deny in (True, False):
         for value in found:

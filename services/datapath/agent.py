@@ -113,7 +113,7 @@ class Agent:
         self.router = IPv4Address(node.router_ip)
         self.ipam = NodeIPAM(IPv4Network(node.pod_cidr))
         self.policy = PolicySync(datapath.policy, datapath.endpoints)
-        self.ipcache = IPCacheSync(datapath.ipcache)
+        self.ipcache = IPCacheSync(datapath.ipcache, datapath.prefixes)
         self.endpoints: dict[str, Endpoint] = {}  # by subjects.endpoint_key
         self.lock = asyncio.Lock()
         self.synced = {

@@ -7,7 +7,11 @@ A policy naming a pod's ``/32`` (an ``ipBlock.except``, say) therefore never cha
 address belongs to, and deleting it leaves the pod's entry as it was. Prefixes of policies
 still reach the map for addresses nobody owns, with the map's longest-prefix match.
 
-Each KV change becomes at most one map write; at start the bucket's snapshot is applied entry
+The ``prefixes`` map holds every policy prefix whoever owns its addresses: the datapath asks it
+which policy prefix holds a pod's address, for the NetworkPolicy meaning of CIDR rules
+(``address_identity`` in bpf/datapath.c).
+
+Each KV change becomes at most one write per map; at start the bucket's snapshot is applied entry
 by entry (unchanged entries are not rewritten) and then whatever a previous agent left that
 nobody wants is pruned, so nothing is ever flushed.
 """
@@ -16,12 +20,15 @@ from __future__ import annotations
 
 from collections.abc import MutableMapping
 from ipaddress import IPv4Address, IPv4Network
+from typing import TypeVar
 
 from prometheus_client import Counter
 
 from services.datapath.maps import IPCacheValue
 from shared import identities, log
 from shared.messages import IPCacheEntry
+
+V = TypeVar("V")
 
 UPDATES = Counter(
     "membrane_datapath_ipcache_updates_total", "ipcache map writes, by operation", ["operation"]
@@ -39,8 +46,13 @@ def is_prefix(value: IPCacheValue) -> bool:
 
 
 class IPCacheSync:
-    def __init__(self, ipcache_map: MutableMapping[IPv4Network, IPCacheValue]) -> None:
+    def __init__(
+        self,
+        ipcache_map: MutableMapping[IPv4Network, IPCacheValue],
+        prefixes_map: MutableMapping[IPv4Network, int] | None = None,
+    ) -> None:
         self.map = ipcache_map
+        self.prefixes = prefixes_map if prefixes_map is not None else {}
         # the bucket's view: KV key -> address, and per address the value of each key naming
         # it (an owner's key and a policy prefix's key can name the same /32); and the
         # addresses this node pins itself (its own host and router addresses), which win
@@ -64,6 +76,11 @@ class IPCacheSync:
         # owners before prefixes; among equals the smallest key, so every agent agrees
         return min(named.items(), key=lambda kv: (is_prefix(kv[1]), kv[0]))[1]
 
+    def prefix(self, net: IPv4Network) -> int | None:
+        """The CIDR identity of ``net`` if a policy names it (what ``prefixes`` holds)."""
+        numbers = [v.identity for v in self.from_kv.get(net, {}).values() if is_prefix(v)]
+        return min(numbers) if numbers else None
+
     def desired(self) -> dict[IPv4Network, IPCacheValue]:
         nets = set(self.from_kv) | set(self.local)
         return {net: value for net in nets if (value := self.chosen(net)) is not None}
@@ -74,8 +91,11 @@ class IPCacheSync:
         stale = [net for net in self.map if net not in wanted]
         for net in stale:
             self.map.pop(net, None)
-        UPDATES.labels("delete").inc(len(stale))
-        return len(stale)
+        stale_prefixes = [net for net in self.prefixes if self.prefix(net) is None]
+        for net in stale_prefixes:
+            self.prefixes.pop(net, None)
+        UPDATES.labels("delete").inc(len(stale) + len(stale_prefixes))
+        return len(stale) + len(stale_prefixes)
 
     def set_local(self, net: IPv4Network, value: IPCacheValue) -> None:
         self.local[net] = value
@@ -103,10 +123,15 @@ class IPCacheSync:
             self._write(old)
 
     def _write(self, net: IPv4Network) -> None:
-        value = self.chosen(net)
-        if value is None:
-            if self.map.pop(net, None) is not None:
-                UPDATES.labels("delete").inc()
-        elif self.map.get(net) != value:
-            self.map[net] = value
-            UPDATES.labels("update").inc()
+        _put(self.prefixes, net, self.prefix(net))
+        _put(self.map, net, self.chosen(net))
+
+
+def _put(bpf_map: MutableMapping[IPv4Network, V], net: IPv4Network, value: V | None) -> None:
+    """Make ``bpf_map[net]`` be ``value`` (None: absent), writing only on a change."""
+    if value is None:
+        if bpf_map.pop(net, None) is not None:
+            UPDATES.labels("delete").inc()
+    elif bpf_map.get(net) != value:
+        bpf_map[net] = value
+        UPDATES.labels("update").inc()

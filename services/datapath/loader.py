@@ -93,6 +93,13 @@ class Datapath:
             IPCacheValue.pack,
             IPCacheValue.unpack,
         )
+        self.prefixes: BpfMap[IPv4Network, int] = BpfMap(
+            table("prefixes"),
+            maps.pack_ipcache_key,
+            maps.unpack_ipcache_key,
+            maps.pack_u32,
+            maps.unpack_u32,
+        )
         self.policy: BpfMap[PolicyKey, PolicyValue] = BpfMap(
             table("policy"),
             PolicyKey.pack,

@@ -18,6 +18,11 @@ The approach (the same as Cilium's CIDR identities):
   take addresses away from P's rule.
 - The selection of each rule is cached and maintained incrementally: a new network N is offered
   only to the rules whose network is one of N's at most 33 (IPv4) / 129 (IPv6) supernets.
+- A rule with the NetworkPolicy meaning (``CIDRRule.pods``) also selects ``ADDRESS | id`` for
+  every identity it selects: the slots the datapath consults with a pod address's own most
+  specific policy prefix (``shared.identities.ADDRESS``). The same nesting argument makes that
+  exact per address: a pod address gets the identity of the most specific known network holding
+  it, or ``world``, exactly as an address outside the cluster would.
 
 IPv6 networks get identities too (so rules naming them resolve), but the ipcache is IPv4 only
 (``services.datapath.ipcache_sync``), so :meth:`CIDRTable.identities` and
@@ -31,6 +36,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network
 
 from services.policy.model import LOCAL_BASE, RESERVED_WORLD, CIDRRule, Network
+from shared.identities import ADDRESS
 
 _LOCAL_SPAN = 1 << 24  # n runs over 1 .. 2**24 - 1
 
@@ -45,6 +51,11 @@ def _excluded(rule: CIDRRule, network: Network) -> bool:
         network.version == exc.version and network.subnet_of(exc)  # type: ignore[arg-type]
         for exc in rule.excepts
     )
+
+
+def _selected(rule: CIDRRule, ident: int) -> tuple[int, ...]:
+    """What selecting ``ident`` means for ``rule``: the identity, and its address slot too."""
+    return (ident, ADDRESS | ident) if rule.pods else (ident,)
 
 
 def _within(rule: CIDRRule, network: Network) -> bool:
@@ -121,9 +132,14 @@ class CIDRTable:
         for net in self._networks(rule):
             self._add_network(net, change)
         self._rules_by_network.setdefault(rule.network, set()).add(rule)
-        selected = {ident for net, ident in self._ids.items() if _within(rule, net)}
+        selected = {
+            number
+            for net, ident in self._ids.items()
+            if _within(rule, net)
+            for number in _selected(rule, ident)
+        }
         if rule.selects_world:
-            selected.add(RESERVED_WORLD)
+            selected.update(_selected(rule, RESERVED_WORLD))
         self._matches[rule] = selected
         return change
 
@@ -169,7 +185,7 @@ class CIDRTable:
         change.table_changed = True
         for rule in self._containing_rules(network):
             if not _excluded(rule, network):
-                self._matches[rule].add(ident)
+                self._matches[rule].update(_selected(rule, ident))
                 change.rules.add(rule)
 
     def _release_network(self, network: Network, change: CIDRChange) -> None:
@@ -184,5 +200,5 @@ class CIDRTable:
         change.table_changed = True
         for rule in self._containing_rules(network):
             if ident in self._matches[rule]:
-                self._matches[rule].discard(ident)
+                self._matches[rule].difference_update(_selected(rule, ident))
                 change.rules.add(rule)

@@ -96,15 +96,26 @@ def explain(
     *,
     src_ports: Sequence[ContainerPort] = (),
     dst_ports: Sequence[ContainerPort] = (),
+    src_ip: str = "",
+    dst_ip: str = "",
 ) -> Explanation:
-    """The verdict for a new connection ``src -> dst``: the egress of src, the ingress of dst."""
+    """The verdict for a new connection ``src -> dst``: the egress of src, the ingress of dst.
+
+    With the pods' addresses, rules that match pod addresses (ipBlock) are evaluated as the
+    datapath does, through each address's slot (``Resolver.address_identity``)."""
+    dst_address = resolver.address_identity(dst_ip, dst)
+    src_address = resolver.address_identity(src_ip, src)
     return Explanation(
         src=src,
         dst=dst,
         protocol=protocol,
         port=port,
-        egress=_side(resolver, "egress", src, dst, protocol, port, src_ports, dst_ports),
-        ingress=_side(resolver, "ingress", dst, src, protocol, port, dst_ports, src_ports),
+        egress=_side(
+            resolver, "egress", src, (dst, dst_address), protocol, port, src_ports, dst_ports
+        ),
+        ingress=_side(
+            resolver, "ingress", dst, (src, src_address), protocol, port, dst_ports, src_ports
+        ),
     )
 
 
@@ -119,15 +130,17 @@ def _side(
     resolver: Resolver,
     direction: str,
     subject: int,
-    peer: int,
+    peer_and_address: tuple[int, int],
     protocol: int,
     port: int,
     ports: Sequence[ContainerPort],
     peer_ports: Sequence[ContainerPort],
 ) -> SideVerdict:
     """``ports``: the subject's container ports, ``peer_ports`` the peer's (named ports resolve
-    against the destination: the subject's for ingress, the peer's for egress)."""
-    resolved = resolver.expanded(subject, peer=peer)
+    against the destination: the subject's for ingress, the peer's for egress);
+    ``peer_and_address``: the peer's identity and its address's slot (0: none)."""
+    peer, address = peer_and_address
+    resolved = resolver.expanded(subject, peer=peer, address=address)
     selecting = resolver.selecting(subject)
     in_audit = resolved is not None and (
         resolved.ingress_audit if direction == "ingress" else resolved.egress_audit
@@ -152,7 +165,7 @@ def _side(
         return SideVerdict(direction, subject, peer, NOT_ENFORCED, selected_by=names, reason=why)
     entries = compile_endpoint(_ENDPOINT, resolved, ports, {peer: peer_ports})
     code = INGRESS if direction == "ingress" else EGRESS
-    decision, rule_id = verdict(entries, _ENDPOINT, code, peer, protocol, port)
+    decision, rule_id = verdict(entries, _ENDPOINT, code, peer, protocol, port, address)
     rule = resolved.rules.get(rule_id, "") or resolver.rule_name(rule_id)
     if enforcing:
         head = f"{_join(enforcing)} {_verb(enforcing)} identity {subject} for {direction}"

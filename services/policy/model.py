@@ -211,10 +211,16 @@ def _show_requirement(req: Requirement) -> str:
 
 @dataclass(frozen=True, slots=True)
 class CIDRRule:
-    """A network outside the cluster, minus the ``excepts`` (each a strict subnet of it)."""
+    """A network, minus the ``excepts`` (each a strict subnet of it).
+
+    ``pods``: the NetworkPolicy meaning (``ipBlock``), which also matches pod addresses inside
+    the network and outside every except, per address; without it, Cilium's meaning
+    (``fromCIDR``/``toCIDR``/``fromCIDRSet``): addresses outside the cluster only, a pod being
+    its identity whatever its address."""
 
     network: Network
     excepts: tuple[Network, ...] = ()
+    pods: bool = False
 
     @property
     def selects_world(self) -> bool:
@@ -227,9 +233,10 @@ class CIDRRule:
         return not any(address in excluded for excluded in self.excepts)
 
     def __str__(self) -> str:
-        if not self.excepts:
-            return str(self.network)
-        return f"{self.network} except {', '.join(str(net) for net in self.excepts)}"
+        text = str(self.network)
+        if self.excepts:
+            text += f" except {', '.join(str(net) for net in self.excepts)}"
+        return f"{text} (pod addresses too)" if self.pods else text
 
 
 @dataclass(frozen=True, slots=True)

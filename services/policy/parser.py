@@ -143,14 +143,19 @@ def parse_documents(text: str, source: str) -> list[Policy]:
     return policies
 
 
-def parse_document(doc: Mapping[str, Any], source: str, index: int = 1) -> Policy:
-    """One decoded document (``index``: its 1-based position in ``source``), validated."""
-    return _parse_located(doc, source, f"document {index}")
+def parse_document(
+    doc: Mapping[str, Any], source: str, index: int = 1, *, cidr_matches_pods: bool = False
+) -> Policy:
+    """One decoded document (``index``: its 1-based position in ``source``), validated.
+
+    ``cidr_matches_pods``: Cilium's CIDR rules get the NetworkPolicy meaning (they match pod
+    addresses too, as ``ipBlock`` always does); the policy service's setting of that name."""
+    return _parse_located(doc, source, f"document {index}", cidr_matches_pods)
 
 
-def _parse_located(obj: Any, source: str, where: str) -> Policy:
+def _parse_located(obj: Any, source: str, where: str, cidr_matches_pods: bool = False) -> Policy:
     try:
-        return _parse_policy(obj)
+        return _parse_policy(obj, cidr_matches_pods)
     except InvalidArgument as exc:
         raise _located(source, kube_yaml.describe(where, obj), exc) from None
 
@@ -179,7 +184,7 @@ def _objects(raw: Any, where: str, source: str) -> list[tuple[str, Any]]:
     return [(f"{where} items[{position}]", item) for position, item in enumerate(items)]
 
 
-def _parse_policy(obj: Any) -> Policy:
+def _parse_policy(obj: Any, cidr_matches_pods: bool) -> Policy:
     if not isinstance(obj, Mapping):
         raise InvalidArgument(f"a document must be a mapping, got {doc_fields.type_name(obj)}")
     kind_name = obj.get("kind")
@@ -215,7 +220,7 @@ def _parse_policy(obj: Any) -> Policy:
     string_map(meta.get("labels"), "metadata.labels", labels=True)
     annotations = string_map(meta.get("annotations"), "metadata.annotations", labels=False)
     audit = _audit(annotations)
-    ctx = Context(kind, namespace, name, warnings)
+    ctx = Context(kind, namespace, name, warnings, cidr_matches_pods=cidr_matches_pods)
     if kind is PolicyKind.KNP:
         specs: tuple[PolicySpec, ...] = (netpol_spec(obj.get("spec"), ctx),)
     else:

@@ -39,7 +39,7 @@ import enum
 import hashlib
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 
 from services.policy.cidr_table import CIDRChange, CIDRTable
 from services.policy.model import (
@@ -249,17 +249,33 @@ class Resolver:
     def subjects(self) -> set[int]:
         return set(self._resolved)
 
-    def expanded(self, identity: int, *, peer: int | None = None) -> ResolvedPolicy | None:
+    def expanded(
+        self, identity: int, *, peer: int | None = None, address: int = 0
+    ) -> ResolvedPolicy | None:
         """The resolved policy with one entry per peer identity, as the datapath compiles it;
-        with ``peer``, only the entries that could apply to that one peer (for ``explain``)."""
+        with ``peer``, only the entries that could apply to that one peer and to its address's
+        slot ``address`` (for ``explain``)."""
         policy = self._resolved.get(identity)
         if policy is None:
             return None
         members: dict[int, Collection[int]] = {}
         for set_id in referenced(policy):
             found = self._members(self._set_owner[set_id])
-            members[set_id] = found if peer is None else ({peer} & found)
+            members[set_id] = found if peer is None else ({peer, address} & found)
         return expand(policy, members)
+
+    def address_identity(self, ip: str, peer: int) -> int:
+        """The policy slot of a pod's address, as the datapath finds it (``address_identity``
+        in bpf/datapath.c): ``ADDRESS |`` the identity of the most specific policy prefix
+        holding ``ip``, or of ``world``; 0 when ``peer`` is not a pod or ``ip`` is not given."""
+        if not ip or not is_subject_range(peer):
+            return 0
+        address = IPv4Address(ip)
+        for prefixlen in range(32, 0, -1):
+            number = self._cidrs.identity_of(IPv4Network((address, prefixlen), strict=False))
+            if number is not None:
+                return identities.ADDRESS | number
+        return identities.ADDRESS | identities.WORLD
 
     def peer_sets(self) -> dict[int, PeerSet]:
         """Every peer set as last taken (:meth:`take_peer_set_changes`)."""

@@ -70,6 +70,12 @@ REJECTED = Counter(
 @dataclasses.dataclass(frozen=True)
 class PolicySettings(CommonSettings):
     concurrency: int = setting(32, "requests served at once per replica")
+    cidr_matches_pods: bool = setting(
+        False,
+        "Cilium's fromCIDR/toCIDR/fromCIDRSet/toCIDRSet match pod addresses too, per address, "
+        "as a NetworkPolicy ipBlock always does (default: Cilium's meaning, outside the "
+        "cluster only); every replica must agree",
+    )
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -91,8 +97,11 @@ class PolicyService:
         resolved: KeyValue,
         selectors: KeyValue,
         ipcache: KeyValue,
+        *,
+        cidr_matches_pods: bool = False,
     ) -> None:
         self.bus = bus
+        self.cidr_matches_pods = cidr_matches_pods
         self.policies = policies
         self.resolved_kv = resolved
         self.selectors_kv = selectors
@@ -114,7 +123,9 @@ class PolicyService:
             if req.audit:
                 document = _with_audit(document)
             try:
-                policy = parse_document(document, req.source, index)
+                policy = parse_document(
+                    document, req.source, index, cidr_matches_pods=self.cidr_matches_pods
+                )
             except InvalidArgument as exc:
                 REJECTED.labels((exc.field or "document").split(".")[0].split("[")[0]).inc()
                 raise
@@ -201,6 +212,8 @@ class PolicyService:
             req.port,
             src_ports=req.src_ports,
             dst_ports=req.dst_ports,
+            src_ip=req.src_ip,
+            dst_ip=req.dst_ip,
         )
         return ExplainReply(allowed=result.allowed, lines=result.lines())
 
@@ -256,7 +269,9 @@ class PolicyService:
         if event.value is not None:
             try:
                 stored = msgspec.json.decode(event.value, type=StoredPolicy)
-                policy = parse_document(stored.document, stored.source)
+                policy = parse_document(
+                    stored.document, stored.source, cidr_matches_pods=self.cidr_matches_pods
+                )
             except (msgspec.ValidationError, msgspec.DecodeError, MembraneError) as exc:
                 # stored by a newer or buggy writer: leave it out rather than guess
                 self.log.error(
@@ -400,6 +415,7 @@ async def run(settings: PolicySettings) -> None:
         await kv(subjects.KV_RESOLVED, "identity -> resolved policy"),
         await kv(subjects.KV_SELECTORS, "peer set id -> identities it selects"),
         await kv(subjects.KV_IPCACHE, "address -> identity, node"),
+        cidr_matches_pods=settings.cidr_matches_pods,
     )
     identities = await kv(subjects.KV_IDENTITIES, "identity -> labels")
     tasks = TaskGroup()

@@ -14,6 +14,7 @@ whoami tcp|udp PORT           answer every connection / datagram with this pod's
 ask tcp|udp IP PORT N [SPORT [GAP_MS]]  N connections (or datagrams from one source port
                               SPORT, 0: any), GAP_MS apart; print the answers as a JSON list
                               (from the address in $NETPROBE_SOURCE when it is set)
+spoof SRC DST DPORT PAYLOAD    send one UDP datagram from the forged address SRC (a raw socket)
 agent PORT...                 serve TCP (and UDP, for a PORT "udp:N") on every PORT, print "ready",
                               then answer each stdin line "TIMEOUT TARGET..." with one line of
                               matrix JSON, until EOF
@@ -248,6 +249,16 @@ def ask(proto: str, ip: str, port: int, n: int, sport: int, gap_ms: float = 0) -
     return 0
 
 
+def spoof(src: str, dst: str, dport: int, payload: bytes) -> int:
+    """A datagram whose IP source is ``src``, not this pod's address (needs CAP_NET_RAW)."""
+    from underlay import ipv4_udp  # the script's own directory is on sys.path
+
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as sock:
+        sock.sendto(ipv4_udp(src, dst, dport, payload), (dst, 0))
+    print("sent")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     command, *rest = argv
     if command == "serve":
@@ -271,6 +282,8 @@ def main(argv: list[str]) -> int:
         sport = int(rest[4]) if len(rest) > 4 else 0
         gap = float(rest[5]) if len(rest) > 5 else 0.0
         return ask(rest[0], rest[1], int(rest[2]), int(rest[3]), sport, gap)
+    if command == "spoof":
+        return spoof(rest[0], rest[1], int(rest[2]), rest[3].encode())
     if command == "agent":
         return agent(rest)
     print(__doc__)

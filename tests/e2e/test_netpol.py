@@ -6,6 +6,9 @@ serve the whole module, and every case deletes its policies when it ends.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from string import Template
@@ -13,12 +16,13 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.cluster import Cluster
-from tests.e2e.netpol_world import Reachability, World, manifest, world_pods
+from tests.e2e.cluster import Cluster, create_pod
+from tests.e2e.netpol_world import SETTLE, Reachability, World, manifest, world_pods
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
 
 TCP80 = [("TCP", 80)]
+UNDERLAY_TOOL = Path(__file__).with_name("underlay.py")
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +85,8 @@ spec:
   - from: [{ipBlock: {cidr: 0.0.0.0/0, except: [$y_b/32]}}]
 """,
     )
-    # x/a is isolated (ipBlock selects no pod addresses in Cilium's meaning); nothing else is
-    want = Reachability(world.pods, True).expect_all_ingress("x/a", False)
+    # the block holds every pod address but y/b's: only y/b loses x/a, nothing else changes
+    want = Reachability(world.pods, True).expect("y/b", "x/a", False)
     world.settle(want, [("TCP", 80), ("UDP", 81)], "with the except naming y/b")
     assert ipcache(world.cluster) == before, "a policy changed who an address belongs to"
     world.cluster.run("delete", "-f", str(path))
@@ -135,3 +139,66 @@ def test_an_invalid_network_policy_is_rejected_naming_the_field_and_nothing_is_a
     assert field in result.stderr and reason in result.stderr, result.stderr
     assert world.cluster.json("policy", "list") == []  # not even the valid document
     world.settle(Reachability(world.pods, True), TCP80, "after the rejected batch")
+
+
+# --- ipBlock matches pod addresses, per address; forged addresses gain nothing ------------------
+
+
+def test_ip_block_matches_pod_addresses_per_address_and_a_forged_source_gains_nothing(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    target = create_pod(cluster, "target", "app=target", node=1)
+    r1 = create_pod(cluster, "replica-1", "app=replica", node=2)
+    r2 = create_pod(cluster, "replica-2", "app=replica", node=2)
+    other = create_pod(cluster, "other", "app=other", node=2)
+    assert r1["identity"] == r2["identity"] != other["identity"]  # replicas: one identity
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n"
+        "metadata: {name: target-from-block}\nspec:\n"
+        "  podSelector: {matchLabels: {app: target}}\n  ingress:\n"
+        f"  - from: [{{ipBlock: {{cidr: 0.0.0.0/0, except: [{r1['ip']}/32]}}}}]\n"
+    )
+    server = cluster.background("target", "serve", "tcp", "80")
+    try:
+        cluster.run("apply", "-f", str(policy))
+
+        def verdicts() -> list[bool]:
+            return [
+                cluster.probe(pod, "tcp", target["ip"], "80").returncode == 0
+                for pod in ("replica-1", "replica-2")
+            ]
+
+        deadline = time.monotonic() + SETTLE
+        while (seen := verdicts()) != [False, True]:
+            assert time.monotonic() < deadline, f"replica-1, replica-2 -> target: {seen}"
+        # crafted packets to the target's UDP 9000, which only counts them: the genuine one from
+        # replica-2's own address; replica-1 forging replica-2's address (a pod may only send
+        # from its own); replica-1 from its own address (the except); from the underlay, a VXLAN
+        # packet carrying another pod's identity with replica-2's address (the address must
+        # belong to the identity the packet carries)
+        counter = cluster.background("target", "count", "9000", "4")
+        sends = [
+            ("replica-2", r2["ip"], "genuine"),
+            ("replica-1", r2["ip"], "forged-by-pod"),
+            ("replica-1", r1["ip"], "excepted"),
+        ]
+        for pod, source, payload in sends:
+            sent = cluster.probe(pod, "spoof", source, target["ip"], "9000", payload)
+            assert sent.returncode == 0, sent.stdout + sent.stderr
+        status = cluster.json("status")["nodes"]
+        underlay = {n["name"]: n["underlay_ip"] for n in status}[target["node"]]
+        forged = subprocess.run(
+            ["ip", "netns", "exec", other["node"], sys.executable, str(UNDERLAY_TOOL), "forge",
+             underlay, "8472", str(other["identity"]), r2["ip"], target["ip"], "9000",
+             "forged-vni"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert forged.returncode == 0, forged.stderr
+        out, _ = counter.communicate(timeout=30)
+        assert out.split()[-1] == "1", out
+    finally:
+        server.kill()
+        cluster.run("delete", "-f", str(policy), check=False)
+        for name in ("target", "replica-1", "replica-2", "other"):
+            cluster.run("pod", "delete", name, check=False)

@@ -56,7 +56,9 @@ def checksum(data: bytes) -> int:
     return ~total & 0xFFFF
 
 
-def forge(remote: str, port: int, vni: int, src: str, dst: str, dport: int, payload: bytes) -> None:
+def ipv4_udp(src: str, dst: str, dport: int, payload: bytes) -> bytes:
+    """An IPv4 + UDP datagram from ``src`` (any address) to ``dst``, UDP checksum left out.
+    (netprobe.py sends it from inside a pod, with a forged source.)"""
     udp = struct.pack("!HHHH", 40000, dport, 8 + len(payload), 0) + payload
     header = struct.pack(
         "!BBHHHBBH4s4s",
@@ -71,11 +73,15 @@ def forge(remote: str, port: int, vni: int, src: str, dst: str, dport: int, payl
         socket.inet_aton(src),
         socket.inet_aton(dst),
     )
-    ip = header[:10] + struct.pack("!H", checksum(header)) + header[12:]
+    return header[:10] + struct.pack("!H", checksum(header)) + header[12:] + udp
+
+
+def forge(remote: str, port: int, vni: int, src: str, dst: str, dport: int, payload: bytes) -> None:
+    ip = ipv4_udp(src, dst, dport, payload)
     eth = b"\x02\x00\x00\x00\x00\x01" + b"\x02\x00\x00\x00\x00\x02" + b"\x08\x00"
     vxlan = struct.pack("!II", 0x08000000, vni << 8)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.sendto(vxlan + eth + ip + udp, (remote, port))
+        sock.sendto(vxlan + eth + ip, (remote, port))
 
 
 def main(argv: list[str]) -> int:

@@ -924,8 +924,9 @@ def test_network_policy_separate_peers_are_or() -> None:
 
 def test_network_policy_ip_block_with_except() -> None:
     (peer,) = knp_peers({"ipBlock": {"cidr": "172.17.0.0/16", "except": ["172.17.1.0/24"]}})
+    # Kubernetes' meaning: pod addresses in the block match too
     assert peer.cidr == CIDRRule(
-        ipaddress.ip_network("172.17.0.0/16"), (ipaddress.ip_network("172.17.1.0/24"),)
+        ipaddress.ip_network("172.17.0.0/16"), (ipaddress.ip_network("172.17.1.0/24"),), pods=True
     )
 
 

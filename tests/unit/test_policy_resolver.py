@@ -879,3 +879,151 @@ def test_new_identity_work_does_not_grow_with_unrelated_policies() -> None:
     small = evaluations_for_new_identity(100)
     large = evaluations_for_new_identity(1000)
     assert small == large == 1
+
+
+# --- ipBlock on pod addresses (issue 14) ------------------------------------------------------
+
+
+def allowed_at(
+    resolver: Resolver, src: tuple[int, str], dst: tuple[int, str], port: int = 80
+) -> bool:
+    """Like :func:`allowed`, with the pods' addresses: what the datapath decides per address."""
+    (src_id, src_ip), (dst_id, dst_ip) = src, dst
+    return explain(
+        resolver,
+        src_id,
+        dst_id,
+        PROTO_TCP,
+        port,
+        src_ports=PORTS,
+        dst_ports=PORTS,
+        src_ip=src_ip,
+        dst_ip=dst_ip,
+    ).allowed
+
+
+def test_ip_block_matches_pod_addresses_per_address_not_per_identity() -> None:
+    # two replicas of y/b share one identity; the except names one of them
+    resolver = cluster()
+    resolver.set_policy(
+        knp(
+            "from-block",
+            "x",
+            """
+podSelector: {matchLabels: {pod: a}}
+ingress:
+- from: [{ipBlock: {cidr: 10.0.0.0/16, except: [10.0.1.7/32]}}]
+""",
+        )
+    )
+    x_a = (ident("x", "a"), "10.0.0.2")
+    replica_in_except = (ident("y", "b"), "10.0.1.7")
+    replica_outside = (ident("y", "b"), "10.0.1.8")
+    outside_block = (ident("z", "c"), "10.1.0.5")
+    assert allowed_at(resolver, replica_outside, x_a)
+    assert not allowed_at(resolver, replica_in_except, x_a)
+    assert not allowed_at(resolver, outside_block, x_a)
+    # without an address (or for the identity alone) a pod is no CIDR peer
+    assert not allowed(resolver, ident("y", "b"), ident("x", "a"), 80)
+
+
+def test_ip_block_on_egress_and_a_zero_prefix_match_pod_addresses() -> None:
+    resolver = cluster()
+    resolver.set_policy(
+        knp(
+            "to-all-but-one",
+            "x",
+            """
+podSelector: {matchLabels: {pod: a}}
+policyTypes: [Egress]
+egress:
+- to: [{ipBlock: {cidr: 0.0.0.0/0, except: [10.0.2.0/24]}}]
+  ports: [{port: 80}]
+""",
+        )
+    )
+    x_a = (ident("x", "a"), "10.0.0.2")
+    assert allowed_at(resolver, x_a, (ident("z", "a"), "10.0.3.3"))
+    assert not allowed_at(resolver, x_a, (ident("z", "a"), "10.0.3.3"), port=81)
+    assert not allowed_at(resolver, x_a, (ident("z", "b"), "10.0.2.9"))
+    assert allowed(resolver, ident("x", "a"), WORLD, 80)  # outside the cluster as before
+
+
+def test_cilium_cidr_rules_keep_ciliums_meaning_unless_the_setting_says_otherwise() -> None:
+    text = (
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\n"
+        "metadata: {name: from-cidr, namespace: x}\nspec:\n"
+        "  endpointSelector: {matchLabels: {pod: a}}\n"
+        "  ingress: [{fromCIDR: [10.0.0.0/16]}]\n"
+    )
+    from services.policy.parser import parse_document
+    from shared import kube_yaml
+
+    (doc,) = kube_yaml.load_all(text, "t.yaml", ValueError)
+    x_a, y_b = (ident("x", "a"), "10.0.0.2"), (ident("y", "b"), "10.0.1.8")
+    for matches_pods in (False, True):
+        resolver = cluster()
+        resolver.set_policy(parse_document(doc, "t.yaml", cidr_matches_pods=matches_pods))
+        assert allowed_at(resolver, y_b, x_a) is matches_pods
+        assert allowed(resolver, lpm(resolver, "10.0.9.9"), ident("x", "a"), 80)
+
+
+def test_ip_block_verdicts_do_not_depend_on_the_order_policies_were_created() -> None:
+    # kubernetes/kubernetes#83191: overlapping blocks and excepts over several policies
+    docs = [
+        knp(
+            "wide",
+            "x",
+            """
+podSelector: {matchLabels: {pod: a}}
+ingress:
+- from: [{ipBlock: {cidr: 10.0.0.0/16, except: [10.0.1.0/24]}}]
+""",
+        ),
+        knp(
+            "narrow",
+            "x",
+            """
+podSelector: {matchLabels: {pod: a}}
+ingress:
+- from: [{ipBlock: {cidr: 10.0.1.0/24, except: [10.0.1.128/25]}}]
+""",
+        ),
+        knp(
+            "one",
+            "x",
+            """
+podSelector: {matchLabels: {pod: a}}
+ingress:
+- from: [{ipBlock: {cidr: 10.0.1.200/32}}]
+""",
+        ),
+    ]
+    x_a = (ident("x", "a"), "10.0.0.2")
+    sources = ["10.0.0.9", "10.0.1.5", "10.0.1.130", "10.0.1.200", "10.0.2.1", "10.1.0.1"]
+    expected = {"10.0.0.9", "10.0.1.5", "10.0.1.200", "10.0.2.1"}
+
+    def verdicts(order: Iterable[Policy], removed: Policy | None = None) -> set[str]:
+        resolver = cluster()
+        for doc in order:
+            resolver.set_policy(doc)
+        if removed is not None:
+            resolver.set_policy(removed)
+            resolver.remove_policy(removed.key)
+        return {ip for ip in sources if allowed_at(resolver, (ident("y", "b"), ip), x_a)}
+
+    rng = random.Random(83191)
+    for _ in range(6):
+        order = rng.sample(docs, len(docs))
+        assert verdicts(order) == expected, [d.key for d in order]
+    # a policy added and removed again leaves no trace
+    extra = knp(
+        "extra",
+        "x",
+        """
+podSelector: {matchLabels: {pod: a}}
+ingress:
+- from: [{ipBlock: {cidr: 10.0.0.0/8, except: [10.0.0.0/9]}}]
+""",
+    )
+    assert verdicts(docs, removed=extra) == expected

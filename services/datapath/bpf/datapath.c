@@ -19,6 +19,9 @@
 #include "drop_reasons.h"
 
 #define ID_WORLD 2
+#define ID_ADDRESS (1u << 31) /* a pod address's policy slot (shared/identities.py ADDRESS) */
+#define ID_CLUSTER_MIN 256 /* also in overlay.h: identical definitions */
+#define ID_LOCAL_BASE (1 << 24) /* node-local CIDR identities; also in nodeport.h */
 
 #define NSEC 1000000000ULL
 #define CT_LIFETIME_TCP (21600 * NSEC)
@@ -222,11 +225,29 @@ static __always_inline __u32 lookup_identity(__u32 addr)
 	return v ? v->identity : ID_WORLD;
 }
 
-/* Two longest-prefix lookups, (peer, proto, port) and (any, proto, port); a deny from either
- * wins, then an allow (the peer-specific one names the rule). Returns 0 or a drop reason;
- * `proxy_port` is the allow's L7 proxy port (0: a plain L4 allow). */
-static __always_inline int policy_check(__u32 endpoint, __u8 direction, __u32 peer, __u8 proto,
-					__u16 port, __u32 *rule_id, __u16 *proxy_port)
+/* The policy slot of a pod's *address* (shared/identities.py ADDRESS): rules with the
+ * NetworkPolicy meaning of a CIDR (ipBlock) match pod addresses too, per address, through the
+ * most specific policy prefix holding the address (world when none). Only for an address that
+ * belongs to the pod identity the packet carries -- so a forged source address (a VNI paired
+ * with someone else's address) matches no ipBlock. 0: no address slot. */
+static __always_inline __u32 address_identity(__u32 addr, __u32 peer_id)
+{
+	if (peer_id < ID_CLUSTER_MIN || peer_id >= ID_LOCAL_BASE)
+		return 0; /* not a pod: its address already is its identity */
+	if (lookup_identity(addr) != peer_id)
+		return 0;
+	struct ipcache_key key = { .prefixlen = 32, .ip = addr };
+	__u32 *id = prefixes.lookup(&key);
+	return ID_ADDRESS | (id ? *id : ID_WORLD);
+}
+
+/* Longest-prefix lookups of (peer, proto, port), of the peer's address slot when it has one,
+ * and of (any, proto, port); a deny from any wins, then an allow in that order (the most
+ * specific names the rule). Returns 0 or a drop reason; `proxy_port` is the allow's L7 proxy
+ * port (0: a plain L4 allow). */
+static __always_inline int policy_check(__u32 endpoint, __u8 direction, __u32 peer,
+					__u32 addr_peer, __u8 proto, __u16 port, __u32 *rule_id,
+					__u16 *proxy_port)
 {
 	struct policy_key key = {
 		.prefixlen = POLICY_FULL_PREFIX,
@@ -237,11 +258,20 @@ static __always_inline int policy_check(__u32 endpoint, __u8 direction, __u32 pe
 		.port = bpf_htons(port),
 	};
 	struct policy_value *specific = policy.lookup(&key);
+	struct policy_value *by_address = NULL;
+	if (addr_peer) {
+		key.identity = bpf_htonl(addr_peer);
+		by_address = policy.lookup(&key);
+	}
 	key.identity = 0;
 	struct policy_value *any = policy.lookup(&key);
 
 	if (specific && specific->deny) {
 		*rule_id = specific->rule_id;
+		return DROP_POLICY_DENY;
+	}
+	if (by_address && by_address->deny) {
+		*rule_id = by_address->rule_id;
 		return DROP_POLICY_DENY;
 	}
 	if (any && any->deny) {
@@ -251,6 +281,11 @@ static __always_inline int policy_check(__u32 endpoint, __u8 direction, __u32 pe
 	if (specific) {
 		*rule_id = specific->rule_id;
 		*proxy_port = specific->proxy_port;
+		return 0;
+	}
+	if (by_address) {
+		*rule_id = by_address->rule_id;
+		*proxy_port = by_address->proxy_port;
 		return 0;
 	}
 	if (any) {
@@ -440,8 +475,10 @@ static __always_inline int enforce(struct packet *p, struct endpoint_info *ep, _
 	if (ep->flags & EP_POLICY_FAILED)
 		return drop(DROP_POLICY, direction, obs, p, ifindex, src_id, dst_id, 0);
 	if (ep->flags & enforced) {
-		reason = policy_check(ifindex, direction, peer_id, p->tuple.protocol, p->policy_port,
-				      &rule_id, &proxy_port);
+		__u32 addr_id = address_identity(
+			direction == DIR_EGRESS ? p->tuple.daddr : p->tuple.saddr, peer_id);
+		reason = policy_check(ifindex, direction, peer_id, addr_id, p->tuple.protocol,
+				      p->policy_port, &rule_id, &proxy_port);
 		/* L7 rules are enforced by the proxy or not at all: never an L4 allow, in audit
 		 * mode neither (fail closed). The proxy's own upstream connection has been checked
 		 * at L7: for it the entry is the L3/L4 allow. */

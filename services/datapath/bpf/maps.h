@@ -105,6 +105,11 @@ BPF_TABLE_PINNED("hash", __u32, struct endpoint_info, endpoints, 65536, PIN_DIR 
 BPF_TABLE_PINNED("hash", __u32, struct lxc_info, lxc, 65536, PIN_DIR "/lxc");
 BPF_TABLE_PINNED("lpm_trie", struct ipcache_key, struct ipcache_value, ipcache, 524288,
 		 PIN_DIR "/ipcache", BPF_F_NO_PREALLOC);
+/* every prefix a policy names -> its CIDR identity, whoever owns the addresses in it: the
+ * ipcache answers who an address is, this map which policy prefix holds a pod address (for
+ * the NetworkPolicy meaning of CIDR rules, see address_identity in datapath.c) */
+BPF_TABLE_PINNED("lpm_trie", struct ipcache_key, __u32, prefixes, 65536, PIN_DIR "/prefixes",
+		 BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lpm_trie", struct policy_key, struct policy_value, policy, 1048576,
 		 PIN_DIR "/policy", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_entry, ct, CT_MAP_SIZE, PIN_DIR "/ct");

@@ -200,7 +200,7 @@ def _cilium_rule(
         peers.append(Peer(selector=selector))
     for index, raw in enumerate(doc_fields.optional_list(entry, cidr_key, path)):
         cidr = cidr_value(raw, f"{path}.{cidr_key}[{index}]", ctx, allow_address=True)
-        peers.append(Peer(cidr=CIDRRule(cidr)))
+        peers.append(Peer(cidr=CIDRRule(cidr, pods=ctx.cidr_matches_pods)))
     for index, raw in enumerate(doc_fields.optional_list(entry, cidr_set_key, path)):
         peers.append(Peer(cidr=_cidr_set(raw, f"{path}.{cidr_set_key}[{index}]", ctx)))
     for index, raw in enumerate(doc_fields.optional_list(entry, entities_key, path)):
@@ -330,6 +330,7 @@ def _cidr_set(raw: Any, path: str, ctx: Context) -> CIDRRule:
     return CIDRRule(
         network,
         cidr_excepts(network, doc_fields.optional_list(raw, "except", path), f"{path}.except", ctx),
+        pods=ctx.cidr_matches_pods,
     )
 
 

@@ -60,6 +60,7 @@ class Context:
     name: str
     warnings: list[str] = field(default_factory=list)
     next_index: int = 0
+    cidr_matches_pods: bool = False  # Cilium CIDR rules with the NetworkPolicy meaning
 
     def rule(
         self,

@@ -195,9 +195,11 @@ def _ip_block(raw: Any, path: str, ctx: Context) -> CIDRRule:
     if not raw.get("cidr"):
         raise InvalidArgument("is required", field=f"{path}.cidr")
     network = cidr_value(raw["cidr"], f"{path}.cidr", ctx, allow_address=False)
+    # Kubernetes' meaning: an ipBlock matches every address in it, pod addresses included
     return CIDRRule(
         network,
         cidr_excepts(network, doc_fields.optional_list(raw, "except", path), f"{path}.except", ctx),
+        pods=True,
     )
 
 
