@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 
 from nats.aio.msg import Msg
@@ -214,16 +214,20 @@ async def resyncing(
 
 async def follow(
     kv: KeyValue,
-    handle: Callable[[str, bytes | None], None],
-    synced: asyncio.Event,
-    known: set[str],
+    on_event: Callable[[KVEvent], Awaitable[None] | None],
+    on_synced: Callable[[], Awaitable[None] | None],
+    known: set[str] | None = None,
 ) -> None:
-    """Feed a bucket's snapshot and then its changes to ``handle``; a restarted watch also
-    deletes what vanished while it was away (``known``: the keys held, kept by the caller
-    across restarts)."""
+    """Follow a bucket: every entry of its snapshot, ``on_synced`` once they are all in, then
+    every change, until cancelled. The one loop every KV consumer runs.
+
+    ``known``: the keys the consumer holds, kept by the caller across restarts of this call;
+    a key deleted while the watch was away then comes as a deletion before ``on_synced`` (see
+    :func:`resyncing`). Without it each call starts afresh. Either callback may be a
+    coroutine function; an event is handled before the next is read (per-key order).
+    """
     async with contextlib.aclosing(watch(kv)) as events:
-        async for event in resyncing(events, known):
-            if event is None:
-                synced.set()
-            else:
-                handle(event.key, event.value)
+        async for event in resyncing(events, set() if known is None else known):
+            result = on_synced() if event is None else on_event(event)
+            if result is not None:
+                await result

@@ -574,12 +574,7 @@ class Agent:
     async def follow(self, name: str, kv: KeyValue, handle: Callable[[KVEvent], None]) -> None:
         """Apply a bucket's snapshot, signal that it is in, then apply every change."""
         known = self.watched.setdefault(name, set())  # outlives a restarted watch
-        async with contextlib.aclosing(Bus.watch(kv)) as events:
-            async for event in kv_watch.resyncing(events, known):
-                if event is None:
-                    self.synced[name].set()
-                else:
-                    handle(event)
+        await kv_watch.follow(kv, handle, self.synced[name].set, known)
 
     def collect_ct(self, live: set[str]) -> int:
         """Delete expired conntrack entries, and those of pod addresses no local endpoint holds

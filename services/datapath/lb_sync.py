@@ -21,8 +21,8 @@ import msgspec
 from nats.js.kv import KeyValue
 from prometheus_client import Counter, Histogram
 
-from shared import bpf_layouts, log, maglev, protocols
-from shared.bus import Bus, KVEvent
+from shared import bpf_layouts, kv_watch, log, maglev, protocols
+from shared.bus import KVEvent
 from shared.messages import LBFrontend, LBService, Node
 
 PROTOCOLS = {"TCP": protocols.TCP, "UDP": protocols.UDP}  # SCTP: not translated
@@ -285,15 +285,13 @@ class LBSync:
             asyncio.get_running_loop().call_soon(self.flush)
 
     async def follow(self, kv: KeyValue, handle: Callable[[KVEvent], None]) -> None:
-        async with contextlib.aclosing(Bus.watch(kv)) as events:
-            async for event in events:
-                if event is None:
-                    self.flush()
-                    if handle == self.on_record and not self.synced.is_set():
-                        self.prune()
-                        self.synced.set()
-                    continue
-                handle(event)
+        def synced() -> None:
+            self.flush()
+            if handle == self.on_record and not self.synced.is_set():
+                self.prune()
+                self.synced.set()
+
+        await kv_watch.follow(kv, handle, synced)
 
     async def run(self, services: KeyValue, nodes: KeyValue) -> None:
         await asyncio.gather(

@@ -10,7 +10,6 @@ bucket so that services with a selector follow their pods.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Iterable
@@ -33,7 +32,7 @@ from services.lb.model import (
     parse_service,
 )
 from services.lb.spec_store import SpecStore
-from shared import __version__, gcpause, log, maglev, metrics, subjects
+from shared import __version__, gcpause, kv_watch, log, maglev, metrics, subjects
 from shared.bus import Bus, KVEvent, MicroService, redact
 from shared.config import CommonSettings, env_name, setting
 from shared.errors import AlreadyExists, InvalidArgument, NotFound
@@ -690,12 +689,7 @@ class LBCore:
         self.wake.set()
 
     async def follow(self, name: str, kv: KeyValue, handle: Callable[[KVEvent], None]) -> None:
-        async with contextlib.aclosing(Bus.watch(kv)) as events:
-            async for event in events:
-                if event is None:
-                    self.synced[name].set()
-                    continue
-                handle(event)
+        await kv_watch.follow(kv, handle, self.synced[name].set)
 
     async def reconcile_forever(self) -> None:
         """Recompute services whose pods or slices changed, in batches."""

@@ -14,7 +14,6 @@ changed peer sets first, then the subjects, then the deletions of peer sets nobo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import time
 from collections.abc import Awaitable, Callable
@@ -30,7 +29,7 @@ from services.policy.explain import explain
 from services.policy.model import Policy
 from services.policy.parser import parse_document
 from services.policy.resolver import Resolver
-from shared import __version__, log, metrics, subjects
+from shared import __version__, kv_watch, log, metrics, subjects
 from shared.bus import Bus, KVEvent, MicroService, redact
 from shared.config import CommonSettings, env_name, setting
 from shared.errors import InvalidArgument, MembraneError, NotFound
@@ -285,26 +284,27 @@ class PolicyService:
         return changed
 
     async def follow(self, name: str, kv: KeyValue, handle: Callable[[KVEvent], set[int]]) -> None:
-        async with contextlib.aclosing(Bus.watch(kv)) as events:
-            async for event in events:
-                if event is None:
-                    self.synced[name].set()
-                    if not all(e.is_set() for e in self.synced.values()):
-                        continue  # half the picture: publishing now could narrow policy
-                    if not self.reconciled:
-                        self.reconciled = True
-                        await self.reconcile()
-                    elif self.pending:
-                        await self.publish(self.pending, name)
-                    self.pending = set()
-                    continue
-                started = time.perf_counter()
-                changed = handle(event)
-                if all(e.is_set() for e in self.synced.values()):
-                    await self.publish(changed, name)
-                    RESOLVE_SECONDS.labels(name).observe(time.perf_counter() - started)
-                else:
-                    self.pending |= changed
+        async def synced() -> None:
+            self.synced[name].set()
+            if not all(e.is_set() for e in self.synced.values()):
+                return  # half the picture: publishing now could narrow policy
+            if not self.reconciled:
+                self.reconciled = True
+                await self.reconcile()
+            elif self.pending:
+                await self.publish(self.pending, name)
+            self.pending = set()
+
+        async def changed(event: KVEvent) -> None:
+            started = time.perf_counter()
+            changed = handle(event)
+            if all(e.is_set() for e in self.synced.values()):
+                await self.publish(changed, name)
+                RESOLVE_SECONDS.labels(name).observe(time.perf_counter() - started)
+            else:
+                self.pending |= changed
+
+        await kv_watch.follow(kv, changed, synced)
 
     async def reconcile(self) -> None:
         """Once both snapshots are in: make the ``resolved`` bucket exactly what the resolver

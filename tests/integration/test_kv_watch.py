@@ -164,3 +164,36 @@ async def test_a_restarted_watch_deletes_what_vanished_meanwhile(bus: Bus) -> No
         got = [await asyncio.wait_for(anext(events), 5) for _ in range(4)]
     assert got == [KVEvent("a", b"1", 1), KVEvent("b", b"2", 2), KVEvent("gone", None, 0), None]
     assert known == {"a", "b"}
+
+
+async def test_follow_hands_on_in_order_to_plain_and_coroutine_callbacks(bus: Bus) -> None:
+    """kv_watch.follow, the loop every KV consumer runs: snapshot, one synced call, changes;
+    a coroutine callback is awaited before the next event, and ``known`` resyncs."""
+    kv = await bus.kv("watch-follow")
+    await kv.put("a", b"1")
+    seen: list[tuple[str, bytes | None] | str] = []
+    synced = asyncio.Event()
+    changed = asyncio.Event()
+
+    async def on_event(event: KVEvent) -> None:
+        await asyncio.sleep(0)  # awaited before the next event is handed on
+        seen.append((event.key, event.value))
+        if event.key == "c":
+            changed.set()
+
+    def on_synced() -> None:
+        seen.append("synced")
+        synced.set()
+
+    known = {"a", "gone"}
+    task = asyncio.create_task(kv_watch.follow(kv, on_event, on_synced, known))
+    try:
+        await asyncio.wait_for(synced.wait(), 5)
+        await kv.put("c", b"3")
+        await asyncio.wait_for(changed.wait(), 5)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert seen == [("a", b"1"), ("gone", None), "synced", ("c", b"3")]
+    assert known == {"a", "c"}
