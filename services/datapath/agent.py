@@ -42,6 +42,7 @@ from shared.messages import (
     NamespaceRecord,
     Node,
     PeerSet,
+    PodRecord,
     ReleaseReply,
     ReleaseRequest,
     ResolvedPolicy,
@@ -70,6 +71,7 @@ class Buckets:
     resolved: KeyValue
     selectors: KeyValue
     namespaces: KeyValue
+    pods: KeyValue  # the pods' labels from the Kubernetes API (the k8s bridge writes it)
 
     @classmethod
     async def open(cls, bus: Bus, replicas: int) -> Buckets:
@@ -83,6 +85,7 @@ class Buckets:
             resolved=await kv(subjects.KV_RESOLVED, "identity -> resolved policy"),
             selectors=await kv(subjects.KV_SELECTORS, "peer set id -> identities it selects"),
             namespaces=await kv(subjects.KV_NAMESPACES, "namespace -> labels"),
+            pods=await kv(subjects.KV_PODS, "namespace.pod -> labels from the Kubernetes API"),
         )
 
 
@@ -118,10 +121,21 @@ class Agent:
         self.lock = asyncio.Lock()
         self.synced = {
             name: asyncio.Event()
-            for name in ("resolved", "selectors", "ipcache", "nodes", "namespaces", "endpoints")
+            for name in (
+                "resolved",
+                "selectors",
+                "ipcache",
+                "nodes",
+                "namespaces",
+                "endpoints",
+                "pods",
+            )
         }
         self._background: set[asyncio.Task[None]] = set()
         self.namespace_labels: dict[str, dict[str, str]] = {}  # as last seen in the bucket
+        # pods as the Kubernetes API has them (``pods`` bucket): their labels win over the CNI
+        # call's, which kubelet cannot fill
+        self.pod_records: dict[str, PodRecord] = {}
         # addresses whose identity changed or went: their connections are purged shortly
         self.ct_stale: set[str] = set()
         # local addresses that are not pods' (the health endpoint): their connections are not
@@ -257,13 +271,20 @@ class Agent:
                 if endpoint.namespace == namespace:
                     await self._reidentify(endpoint, release_old=True)
 
-    async def _reidentify(self, endpoint: Endpoint, *, release_old: bool) -> None:
+    async def _reidentify(
+        self, endpoint: Endpoint, *, release_old: bool, publish: bool = False
+    ) -> None:
+        """Allocate the endpoint's identity again; move it if the number changed (``publish``:
+        write the endpoint out even if not, its labels being new)."""
         identity = await self._allocate_identity(
             endpoint.namespace, endpoint.name, endpoint.labels, endpoint.service_account
         )
         if identity == endpoint.identity:
             if release_old:  # the allocation above took a second reference to it
                 await self._release_identity(endpoint.identity, f"{endpoint.name}/same")
+            if publish:
+                self.endpoints[subjects.endpoint_key(endpoint.namespace, endpoint.name)] = endpoint
+                await self._publish(endpoint)
             return
         self.log.info(
             "pod identity changed",
@@ -300,6 +321,38 @@ class Agent:
             self._background.add(task)
             task.add_done_callback(self._relabel_done)
 
+    def on_pod(self, event: KVEvent) -> None:
+        """A pod's labels from the API: a local endpoint whose labels differ is re-identified
+        (the CNI ADD may have come before the bridge wrote the pod)."""
+        if event.value is None:
+            self.pod_records.pop(event.key, None)
+            return
+        try:
+            record = msgspec.json.decode(event.value, type=PodRecord)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            BAD_MESSAGES.labels(subjects.KV_PODS).inc()
+            return
+        self.pod_records[event.key] = record
+        endpoint = self.endpoints.get(event.key)
+        if endpoint is None or (endpoint.labels, endpoint.service_account) == (
+            record.labels,
+            record.service_account,
+        ):
+            return
+        task = asyncio.create_task(self.relabel_pod(event.key, record))
+        self._background.add(task)
+        task.add_done_callback(self._relabel_done)
+
+    async def relabel_pod(self, key: str, record: PodRecord) -> None:
+        async with self.lock:
+            endpoint = self.endpoints.get(key)
+            if endpoint is None:
+                return
+            relabelled = msgspec.structs.replace(
+                endpoint, labels=dict(record.labels), service_account=record.service_account
+            )
+            await self._reidentify(relabelled, release_old=True, publish=True)
+
     def _relabel_done(self, task: asyncio.Task[None]) -> None:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
@@ -323,6 +376,11 @@ class Agent:
         )
 
     async def _create(self, req: AddEndpoint) -> Endpoint:
+        record = self.pod_records.get(subjects.endpoint_key(req.namespace, req.name))
+        if record is not None:
+            req = msgspec.structs.replace(
+                req, labels=dict(record.labels), service_account=record.service_account
+            )
         identity = await self._allocate_identity(
             req.namespace, req.name, req.labels, req.service_account
         )

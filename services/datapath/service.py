@@ -42,6 +42,8 @@ from shared.messages import (
 )
 from shared.runtime import TaskGroup, enter_netns, periodically, wait_for_shutdown
 
+K8S_NODE_NAME = "K8S_NODE_NAME"
+
 
 @dataclasses.dataclass(frozen=True)
 class DatapathSettings(CommonSettings):
@@ -77,6 +79,10 @@ class DatapathSettings(CommonSettings):
     )
 
     def __post_init__(self) -> None:
+        if not self.node and os.environ.get(K8S_NODE_NAME):
+            # on a Kubernetes node: the DaemonSet passes spec.nodeName (the downward API) in
+            # the variable Cilium's agent reads too
+            object.__setattr__(self, "node", os.environ[K8S_NODE_NAME])
         if not self.node and not self.dump_program:
             raise InvalidArgument("the node name is required", field=env_name("node"))
         if self.events_bytes < 4096 or self.events_bytes & (self.events_bytes - 1):
@@ -221,6 +227,7 @@ async def run(settings: DatapathSettings) -> None:
         "watch-namespaces",
         lambda: agent.follow("namespaces", buckets.namespaces, agent.on_namespace),
     )
+    tasks.spawn("watch-pods", lambda: agent.follow("pods", buckets.pods, agent.on_pod))
     # service load balancing: the services bucket into the lb maps (bpf/lb.h)
     lb = agent.lb = LBSync(open_tables(datapath.bpf))
     services_kv = await bus.kv(

@@ -250,3 +250,15 @@ def test_help_text_may_contain_percent() -> None:
     p = argparse.ArgumentParser()
     add_arguments(p, PercentSettings)
     assert "50% by default" in p.format_help()
+
+
+def test_datapath_node_from_kubernetes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a Kubernetes node the DaemonSet hands the node name over as K8S_NODE_NAME."""
+    from services.datapath.service import DatapathSettings
+
+    monkeypatch.setenv("K8S_NODE_NAME", "worker-3")
+    assert load(DatapathSettings, environ={}).node == "worker-3"
+    assert load(DatapathSettings, environ={"MEMBRANE_NODE": "n1"}).node == "n1"
+    monkeypatch.delenv("K8S_NODE_NAME")
+    with pytest.raises(InvalidArgument, match="node name"):
+        load(DatapathSettings, environ={})
