@@ -29,7 +29,7 @@ from prometheus_client import Counter, Gauge
 from services.monitor import history
 from services.monitor.enrich import Enricher, event_namespace
 from services.monitor.ring import FlowRing
-from services.monitor.watches import follow_optional
+from services.monitor.watches import follow, follow_optional
 from shared import __version__, flow_groups, log, metrics, subjects
 from shared.bus import Bus, MicroService, redact
 from shared.config import CommonSettings, env_name, setting
@@ -42,7 +42,6 @@ from shared.flow_api import (
     MonitorStatus,
 )
 from shared.flow_filter import compile_filter
-from shared.kv_watch import follow
 from shared.messages import Empty, Flow, FlowBatch
 from shared.runtime import TaskGroup, periodically, wait_for_shutdown
 

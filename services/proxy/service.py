@@ -138,7 +138,10 @@ async def run(settings: ProxySettings) -> None:
         event = asyncio.Event()
         synced.append(event)
         known: set[str] = set()  # outlives a restarted watch
-        tasks.spawn(f"watch-{bucket}", lambda: follow(kv, handle, event, known))
+        tasks.spawn(
+            f"watch-{bucket}",
+            lambda: follow(kv, lambda e: handle(e.key, e.value), event.set, known),
+        )
 
     await watch(subjects.KV_IPCACHE, view.set_ipcache)
     await watch(subjects.KV_RESOLVED, view.set_resolved)
