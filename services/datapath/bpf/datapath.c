@@ -372,8 +372,9 @@ static __always_inline __u16 local_ingress_proxy(struct packet *p, __u32 src_id)
 		return 0;
 	__u32 rule_id = 0;
 	__u16 proxy_port = 0;
-	if (policy_check(dst_ifindex, DIR_INGRESS, src_id, p->tuple.protocol, p->policy_port,
-			 &rule_id, &proxy_port))
+	__u32 addr_id = address_identity(p->tuple.saddr, src_id);
+	if (policy_check(dst_ifindex, DIR_INGRESS, src_id, addr_id, p->tuple.protocol,
+			 p->policy_port, &rule_id, &proxy_port))
 		return 0;
 	return proxy_port;
 }
