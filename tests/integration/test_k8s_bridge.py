@@ -18,6 +18,7 @@ from typing import Any
 
 import msgspec
 import pytest
+import yaml
 
 from membrane.client import lb, policy
 from membrane.servers import ServerProcess, terminate
@@ -28,9 +29,10 @@ from shared.messages import K8sStatus, NamespaceRecord, PodRecord
 from tests.conftest import eventually, membrane_command, service_env
 from tests.kubeapi.objects import cnp, pod
 from tests.kubeapi.objects import namespace as ns
-from tests.kubeapi.server import FakeKubeAPI
+from tests.kubeapi.server import FakeKubeAPI, LoggedRequest
 
 Obj = dict[str, Any]
+RBAC = Path(__file__).resolve().parents[2] / "k8s" / "rbac.yaml"
 Starter = Callable[..., subprocess.Popen[bytes]]
 LEASE = {"lease_duration": "3", "renew_deadline": "2", "retry_period": "0.3"}
 
@@ -193,6 +195,50 @@ async def test_objects_reach_membrane_and_leave_it(
         assert "shop.web-1" not in await bucket(bus, subjects.KV_PODS)
 
     await eventually(forgotten, timeout=15, what="what vanished while no bridge ran gone")
+    assert rbac_problems(kube_api.requests, load_rbac()) == []
+
+
+def load_rbac() -> list[Obj]:
+    return [d for d in yaml.safe_load_all(RBAC.read_text()) if d]
+
+
+def rbac_problems(requests: list[LoggedRequest], rbac: list[Obj]) -> list[str]:
+    """Every request the bridge made is granted by k8s/rbac.yaml, and every rule there is
+    used: (group, resource, verb), and a Role's only in its namespace."""
+    granted: dict[tuple[str, str, str], str] = {}  # -> "" (cluster-wide) or the namespace
+    for doc in rbac:
+        if doc["kind"] not in ("ClusterRole", "Role"):
+            continue
+        scope = doc["metadata"].get("namespace", "") if doc["kind"] == "Role" else ""
+        for rule in doc["rules"]:
+            for group in rule["apiGroups"]:
+                for resource in rule["resources"]:
+                    for verb in rule["verbs"]:
+                        granted[(group, resource, verb)] = scope
+    problems = []
+    used = set()
+    for request in requests:
+        key = (request.group, request.resource, request.verb)
+        scope = granted.get(key)
+        if scope is None or (scope and request.namespace != scope):
+            problems.append(f"not granted: {key} in {request.namespace or 'the cluster'}")
+        used.add(key)
+    problems += [f"granted but never used: {key}" for key in sorted(set(granted) - used)]
+    return problems
+
+
+def test_rbac_check_catches_a_missing_and_an_unused_grant() -> None:
+    rbac = load_rbac()
+    for doc in rbac:
+        if doc["kind"] == "ClusterRole":
+            doc["rules"][0]["verbs"] = ["list", "watch", "delete"]
+    requests = [LoggedRequest("create", "", "events", "default", "x")]
+    problems = rbac_problems(requests, rbac)
+    assert "granted but never used: ('', 'pods', 'delete')" in problems
+    requests.append(LoggedRequest("patch", "", "pods", "default", "x"))
+    assert "not granted: ('', 'pods', 'patch') in default" in rbac_problems(requests, rbac)
+    requests = [LoggedRequest("get", "coordination.k8s.io", "leases", "default", "x")]
+    assert any("not granted" in p for p in rbac_problems(requests, rbac))
 
 
 async def test_one_lease_holder_and_failover(

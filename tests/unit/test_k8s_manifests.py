@@ -24,6 +24,7 @@ K8S = Path(__file__).resolve().parents[2] / "k8s"
 KUSTOMIZATION = "kustomization.yaml"
 NAMESPACE = "membrane"
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet")
+CLUSTER_SCOPED = ("Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding")
 PROBES = ("livenessProbe", "readinessProbe", "startupProbe")
 PLACEHOLDER = "CHANGE-ME"
 IDENTITY = "identity"
@@ -133,7 +134,7 @@ def metadata_problems(docs: list[Doc]) -> list[str]:
             if not isinstance(value, str) or not value:
                 problems.append(f"{name_of(doc)} has no {field}")
         namespace = metadata.get("namespace")
-        if doc.get("kind") == "Namespace":
+        if doc.get("kind") in CLUSTER_SCOPED:
             if namespace is not None:
                 problems.append(f"{name_of(doc)} is cluster-scoped but has a namespace")
         elif namespace != NAMESPACE:

@@ -1,0 +1,99 @@
+"""k8s/ as a whole: valid for the Kubernetes versions we support, every control-plane service
+deployable and scalable on its own, and each container configured with its own settings."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import kubernetes_validate
+import pytest
+
+from membrane.registry import SERVICES
+from tests.unit.test_k8s_manifests import (
+    K8S,
+    containers,
+    load_docs,
+    pod_labels,
+    selects,
+    settings_env_problems,
+)
+
+# the oldest and newest minor versions the manifests are checked against
+OLDEST, NEWEST = "1.29.0", "1.37.0"
+Doc = dict[str, Any]
+DOCS = load_docs(K8S)
+# deployment name -> the service it runs; the bridge is leader-elected, so it has no HPA
+CONTROL_PLANE = {
+    "identity": "identity",
+    "policy": "policy",
+    "lb": "lb",
+    "monitor": "monitor",
+    "k8s-bridge": "k8s",
+}
+NO_HPA = {"k8s-bridge"}
+
+
+def of_kind(kind: str) -> list[Doc]:
+    return [d for d in DOCS if d["kind"] == kind]
+
+
+@pytest.mark.parametrize("version", [OLDEST, NEWEST])
+def test_every_manifest_validates_strictly(version: str) -> None:
+    for doc in DOCS:
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_strict_validation_catches_an_unknown_field() -> None:
+    deployment = copy.deepcopy(of_kind("Deployment")[0])
+    deployment["spec"]["template"]["spec"]["containers"][0]["imagePullPolcy"] = "Always"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, NEWEST, strict=True)
+
+
+@pytest.mark.parametrize("name", sorted(CONTROL_PLANE))
+def test_each_service_is_deployed_exposed_protected_and_scaled(name: str) -> None:
+    (deployment,) = [d for d in of_kind("Deployment") if d["metadata"]["name"] == name]
+    labels = pod_labels(deployment)
+    (container,) = containers(deployment)
+    service = CONTROL_PLANE[name]
+    assert container["args"] == ["run", service]
+    assert settings_env_problems(container, SERVICES[service].settings) == []
+    assert any(selects(s["spec"]["selector"], labels) for s in of_kind("Service"))
+    assert any(
+        selects(p["spec"]["selector"]["matchLabels"], labels)
+        for p in of_kind("PodDisruptionBudget")
+    )
+    scalers = [
+        h
+        for h in of_kind("HorizontalPodAutoscaler")
+        if h["spec"]["scaleTargetRef"]
+        == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
+    ]
+    if name in NO_HPA:
+        assert scalers == []
+        return
+    (scaler,) = scalers
+    assert scaler["apiVersion"] == "autoscaling/v2"
+    assert scaler["spec"]["minReplicas"] >= 2
+    assert scaler["spec"]["maxReplicas"] > scaler["spec"]["minReplicas"]
+
+
+def test_the_bridge_runs_with_its_service_account_and_a_token() -> None:
+    (bridge,) = [d for d in of_kind("Deployment") if d["metadata"]["name"] == "k8s-bridge"]
+    spec = bridge["spec"]["template"]["spec"]
+    assert spec["serviceAccountName"] == "k8s-bridge"
+    assert spec["automountServiceAccountToken"] is True
+    assert bridge["spec"]["replicas"] == 2
+    bindings = [b for b in DOCS if b["kind"] in ("ClusterRoleBinding", "RoleBinding")]
+    assert all(b["subjects"][0]["name"] == "k8s-bridge" for b in bindings)
+    # no other workload can call the API
+    for deployment in of_kind("Deployment"):
+        if deployment is not bridge:
+            assert deployment["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+
+
+def test_namespace_enforces_a_pod_security_level() -> None:
+    (namespace,) = of_kind("Namespace")
+    labels = namespace["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] in ("restricted", "baseline", "privileged")
