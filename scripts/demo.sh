@@ -66,6 +66,24 @@ echo "tiefighter asks $VIP:80 twelve times; each answer is the replica that serv
 "$M" pod exec tiefighter -- $PY tests/e2e/netprobe.py ask tcp "$VIP" 80 12 | $PY -c "import collections,json,sys; print(dict(collections.Counter(json.load(sys.stdin))))"
 run bpf lb --node membrane-node-1
 
+step "L7: Cilium's Star Wars policy, unchanged. Only POST /v1/request-landing from empire ships"
+# the node's transparent proxy checks every HTTP request; it serves the pods of its own node,
+# so the L7 stage uses a second tiefighter next to the deathstar
+kill $SERVER 2>/dev/null || true
+"$M" policy delete empire-only >/dev/null
+"$M" policy delete rule1 >/dev/null 2>&1 || true
+run pod create tiefighter-l7 --labels org=empire,class=tiefighter --node membrane-node-1
+"$M" pod exec deathstar -- $PY tests/e2e/starwars.py serve 80 >/dev/null &
+SERVER=$!
+sleep 1
+cat examples/starwars/sw_l3_l4_l7_policy.yaml
+run apply -f examples/starwars/sw_l3_l4_l7_policy.yaml
+sleep 0.5
+echo "tiefighter: POST /v1/request-landing, then PUT /v1/exhaust-port, on one connection:"
+run pod exec tiefighter-l7 -- $PY tests/e2e/starwars.py request 2 "$DS_IP" 80 POST /v1/request-landing PUT /v1/exhaust-port
+sleep 0.5
+run observe --type l7 --last 2
+
 step "What runs where, the nodes, and their latency matrix (health probes every 5 s)"
 run status
 

@@ -110,11 +110,16 @@ class HttpConnection:
         self.response: _Response | None = None
         self.closing = False
         self.upgraded = False
+        # llhttp keeps an unfinished header line whole: bound what it may hold
+        self.in_head = False
+        self.head_fed = 0
+        self.too_large = False
 
     # --- httptools request callbacks ---------------------------------------------------------
 
     def on_message_begin(self) -> None:
         self.cur = _Parsing()
+        self.in_head = True
 
     def on_url(self, data: bytes) -> None:
         self.cur.url += data
@@ -127,9 +132,12 @@ class HttpConnection:
     def _count(self, size: int) -> None:
         self.cur.size += size
         if self.cur.size > MAX_HEADER_BYTES:
+            self.too_large = True
             raise HeadersTooLarge
 
     def on_headers_complete(self) -> None:
+        self.in_head = False
+        self.head_fed = 0
         cur, parser = self.cur, self.parser
         method = parser.get_method().decode("latin-1")
         url = cur.url.decode("latin-1")
@@ -233,6 +241,11 @@ class HttpConnection:
                     continue
                 try:
                     self.parser.feed_data(data)
+                    if self.in_head:
+                        self.head_fed += len(data)
+                        if self.head_fed > 2 * MAX_HEADER_BYTES:
+                            self.too_large = True
+                            raise HeadersTooLarge
                 except HeadersTooLarge:
                     self._fail(431, "Request Header Fields Too Large")
                 except httptools.HttpParserUpgrade as upgrade:
@@ -242,7 +255,11 @@ class HttpConnection:
                     else:
                         self.closing = True
                 except httptools.HttpParserError:
-                    self._fail(400, "Bad Request")
+                    # an exception raised in a callback comes out wrapped
+                    if self.too_large:
+                        self._fail(431, "Request Header Fields Too Large")
+                    else:
+                        self._fail(400, "Bad Request")
                 if self.to_upstream:
                     if self.up_writer is None:
                         await self._connect(self.pending[-1].verdict.src_identity)

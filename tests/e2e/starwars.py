@@ -8,6 +8,7 @@ request TIMEOUT IP PORT METHOD PATH...   one keep-alive connection; each METHOD 
                                    {"status": int, "body": str} or {"error": name}
 session IP PORT                    one keep-alive connection; for each stdin line "METHOD PATH"
                                    one request, one JSON line as above, until EOF
+$STARWARS_MARK (request): the client socket's SO_MARK, as a pod forging the proxy's mark would
 hammer SECONDS IP PORT METHOD PATH   a new connection per request for SECONDS; prints the count
                                    of each outcome as JSON: {"200": n, "403": n, "error": n}
 """
@@ -17,6 +18,8 @@ from __future__ import annotations
 import http.client
 import http.server
 import json
+import os
+import socket
 import sys
 import time
 
@@ -71,6 +74,12 @@ def main() -> None:
     elif mode == "request":
         timeout, ip, port, rest = float(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5:]
         conn = http.client.HTTPConnection(ip, port, timeout=timeout)
+        if mark := os.environ.get("STARWARS_MARK"):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, int(mark, 0))
+            sock.settimeout(timeout)
+            sock.connect((ip, port))
+            conn.sock = sock
         for method, path in zip(rest[::2], rest[1::2], strict=True):
             print(json.dumps(one(conn, method, path)), flush=True)
     elif mode == "session":

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from membrane.state import StateDir
+from shared.proxy import from_proxy_mark
 from tests.conftest import REPO, membrane_command
 from tests.e2e.cluster import Cluster, down_leaving_nothing, free_octet, until, up
 
@@ -36,6 +37,7 @@ POLICY = STARWARS / "sw_l3_l4_l7_policy.yaml"
 CLIENT = Path(__file__).with_name("starwars.py")
 LANDING = ("POST", "/v1/request-landing")
 EXHAUST = ("PUT", "/v1/exhaust-port")
+TIEFIGHTER_ANY = 257  # any identity will do: the mark must not survive the pod's veth
 LANDED = {"status": 200, "body": "Ship landed\n"}
 DENIED = {"status": 403, "body": "Access denied\r\n"}
 # the same policy, with the exhaust port opened as well
@@ -142,6 +144,22 @@ def test_exhaust_port_denied_landing_allowed_on_one_connection(galaxy: Galaxy) -
     # the datapath traced the connection to the proxy
     traced = galaxy.flows("--from-pod", "tiefighter", "--type", "trace")
     assert any(f["observation_point"] == "to-proxy" for f in traced), traced[-5:]
+
+
+def test_a_pod_cannot_forge_the_proxys_mark(galaxy: Galaxy) -> None:
+    """A tiefighter claiming to be the proxy (SO_MARK with the proxy's magic) is still sent to
+    the proxy and checked: from_container never reads the mark, and the kernel scrubs it when
+    the packet leaves the pod's namespace."""
+    forged = hex(from_proxy_mark(TIEFIGHTER_ANY))
+    result = subprocess.run(
+        membrane_command("pod", "exec", "tiefighter", "--", "env", f"STARWARS_MARK={forged}",
+                         sys.executable, str(CLIENT), "request", "2", galaxy.vip, "80",
+                         *EXHAUST, *LANDING),
+        env=galaxy.cluster.env(), capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    answers = [json.loads(line) for line in result.stdout.splitlines()]
+    assert answers == [DENIED, LANDED], answers
 
 
 def test_xwing_times_out_at_l3_l4(galaxy: Galaxy) -> None:
