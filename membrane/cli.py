@@ -21,6 +21,7 @@ from membrane import (
     cli_policy_diff,
     cli_policy_suggest,
     cli_status,
+    cli_ui,
     cli_workloads,
     cliutil,
     output,
@@ -341,6 +342,7 @@ def build_parser(run_flags: bool = True) -> argparse.ArgumentParser:
     policy_sub = cli_policy.add_parsers(sub)
     cli_policy_diff.add_parser(policy_sub)
     cli_policy_suggest.add_parser(policy_sub)
+    cli_ui.add_parser(sub)
     cli_observe.add_parser(sub)
     cli_lb.add_parsers(sub)
 

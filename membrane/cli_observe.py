@@ -266,6 +266,7 @@ def add_parser(sub: Any) -> None:
         "identity": "security identity number",
         "ip": "address or CIDR",
         "port": "L4 port",
+        "workload": "NAMESPACE/APP as the UI's service map names it, or world, host, ...",
     }
     for kind in PEER_FIELDS:
         flag(f"--{kind}", kind, f"either side: {what[kind]}")

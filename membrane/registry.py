@@ -57,6 +57,13 @@ SERVICES: dict[str, ServiceEntry] = {
         default_replicas=1,
         summary="enriched flows, flow queries, metrics and event subscriptions",
     ),
+    "ui": ServiceEntry(
+        module="services.ui.service",
+        settings_class="UISettings",
+        micro_name=subjects.UI_SERVICE,
+        default_replicas=1,
+        summary="the web UI: service map, flows, nodes (`membrane ui` prints its URL)",
+    ),
     "lb": ServiceEntry(
         module="services.lb.service",
         settings_class="LBSettings",

@@ -95,6 +95,7 @@ def _cluster_info(
         cluster_cidr=str(topology.cluster_cidr),
         service_cidr=str(topology.service_cidr),
         routing=routing,
+        ui_port=_reuse_port(old.ui_port if old else 0),
     )
 
 
@@ -134,11 +135,14 @@ def build_plan(state: StateDir, info: ClusterInfo, replicas: dict[str, int]) -> 
             continue
         for index in range(1, count + 1):
             replica = f"{service}-{index}"
+            own = {"MEMBRANE_REPLICA": replica}
+            if service == "ui" and index == 1 and info.ui_port:
+                own["MEMBRANE_UI_PORT"] = str(info.ui_port)
             processes.append(
                 ProcessSpec(
                     name=replica,
                     command=[sys.executable, "-m", "membrane", "run", service],
-                    env={**env, "MEMBRANE_REPLICA": replica},
+                    env={**env, **own},
                 )
             )
     topology = topology_of(info)

@@ -46,6 +46,9 @@ class ClusterInfo(msgspec.Struct, kw_only=True):
     cluster_cidr: str = "10.244.0.0/16"
     service_cidr: str = "10.96.0.0/12"
     routing: str = "tunnel"  # pod traffic between nodes: tunnel (VXLAN) or native
+    # the web UI's port on loopback: fixed for the cluster, so a restarted UI is where the
+    # browser reconnects to
+    ui_port: int = 0
 
 
 class ProcessState(msgspec.Struct, kw_only=True):

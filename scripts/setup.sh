@@ -69,6 +69,8 @@ APT_PACKAGES=(
   python3 python3-venv iputils-ping util-linux sockperf
   # the monitor's metrics are scraped by a real Prometheus in tests/e2e/test_monitor.py
   prometheus
+  # the web UI is tested in a real browser (tests/e2e/test_ui.py, through Selenium)
+  chromium chromium-driver
 )
 SYSTEM_SERVICES=(redis-server nats-server prometheus)
 

@@ -68,7 +68,9 @@ class FlowFilterTerm(Message):
 
     Fields: verdict, type, pod, from_pod, to_pod, namespace, from_namespace, to_namespace,
     label, from_label, to_label, identity, from_identity, to_identity, ip, from_ip, to_ip,
-    port, from_port, to_port, protocol, node. Unprefixed peer fields match either side.
+    port, from_port, to_port, workload, from_workload, to_workload (a box of the UI's service
+    map: ``shared.flow_groups.workload``), protocol, node. Unprefixed peer fields match either
+    side.
     """
 
     field: str

@@ -13,10 +13,11 @@ from collections.abc import Callable, Sequence
 
 from shared.errors import InvalidArgument
 from shared.flow_api import EnrichedFlow, FlowFilterTerm, FlowPeer
+from shared.flow_groups import workload
 
 VERDICTS = ("FORWARDED", "DROPPED", "AUDIT", "REDIRECTED", "ERROR")
 TYPES = ("drop", "trace", "policy-verdict", "l7")
-PEER_FIELDS = ("pod", "namespace", "label", "identity", "ip", "port")
+PEER_FIELDS = ("pod", "namespace", "label", "identity", "ip", "port", "workload")
 FLOW_FIELDS = ("verdict", "type", "protocol", "node", "http_method", "http_path", "http_status")
 FIELDS = (
     *FLOW_FIELDS,
@@ -102,6 +103,8 @@ def _peer_test(kind: str, value: str, field: str) -> PeerTest:
         return lambda peer: peer.identity == number
     if kind == "ip":
         return _ip_test(value, field)
+    if kind == "workload":
+        return lambda peer: workload(peer) == value
     port = _int(value, field, 65535)
     return lambda peer: peer.port == port
 

@@ -28,6 +28,9 @@ _REPLICA_SUFFIX = re.compile(r"(-[a-z0-9]{6,10})?-[a-z0-9]{5}$|-\d+$")
 POLICY_REASONS = frozenset({POLICY_DENIED, POLICY_DENY})
 
 GroupKey = tuple[str, str, int, int, str, str, str, int, str, int]
+ConnectionKey = tuple[str, int, str, int, str]
+CONNECTION_S = 10.0
+VERDICT_RANK = {"FORWARDED": 0, "AUDIT": 1, "DROPPED": 2}
 
 
 def workload(peer: FlowPeer) -> str:
@@ -68,6 +71,43 @@ def is_connection(flow: EnrichedFlow) -> bool:
     return flow.verdict in ("FORWARDED", "AUDIT")
 
 
+def connection_key(flow: EnrichedFlow) -> ConnectionKey:
+    s, d = flow.source, flow.destination
+    return (s.ip, s.port, d.ip, d.port, flow.protocol)
+
+
+def outranks(flow: EnrichedFlow, other: EnrichedFlow) -> bool:
+    """Of two events of one connection, whether ``flow`` tells its outcome better: a drop beats
+    an audit beats forwarded, and a policy's verdict beats a forwarding trace."""
+    return (VERDICT_RANK.get(flow.verdict, 0), bool(flow.policy)) > (
+        VERDICT_RANK.get(other.verdict, 0),
+        bool(other.policy),
+    )
+
+
+def connections(flows: Iterable[EnrichedFlow]) -> list[EnrichedFlow]:
+    """One event per connection attempt. A connection leaves an event at each observation point
+    (a trace where it leaves its pod, one where it enters the overlay, a policy verdict or a drop
+    where it arrives) and a dropped SYN is sent again: the events of one 5-tuple within
+    ``CONNECTION_S`` are one connection, told by the event with its outcome (:func:`outranks`)."""
+    current: dict[ConnectionKey, EnrichedFlow] = {}
+    done: list[EnrichedFlow] = []
+    for flow in flows:
+        if not is_connection(flow):
+            continue
+        key = connection_key(flow)
+        seen = current.get(key)
+        if seen is None:
+            current[key] = flow
+        elif abs(flow.time - seen.time) > CONNECTION_S:  # the port used again: a new one
+            done.append(seen)
+            current[key] = flow
+        elif outranks(flow, seen):
+            current[key] = flow
+    done.extend(current.values())
+    return done
+
+
 def group_key(flow: EnrichedFlow, names: dict[tuple[str, str, int, str], str]) -> GroupKey:
     """``names``: workloads already worked out, by (namespace, pod, identity, address)."""
     s, d = flow.source, flow.destination
@@ -93,13 +133,11 @@ def _workload_memo(peer: FlowPeer, names: dict[tuple[str, str, int, str], str]) 
     return found
 
 
-def group(flows: Iterable[EnrichedFlow], *, only_connections: bool = True) -> list[FlowGroup]:
-    """Counts the flows (only policy decisions unless told otherwise) by :func:`group_key`."""
+def group(flows: Iterable[EnrichedFlow]) -> list[FlowGroup]:
+    """Counts the connections (:func:`connections`) by :func:`group_key`."""
     found: dict[GroupKey, FlowGroup] = {}
     names: dict[tuple[str, str, int, str], str] = {}
-    for flow in flows:
-        if only_connections and not is_connection(flow):
-            continue
+    for flow in connections(flows):
         key = group_key(flow, names)
         entry = found.get(key)
         if entry is None:

@@ -82,6 +82,8 @@ MONITOR_HISTORY: Final = "membrane.monitor.history"
 # the same flows counted by connection kind (shared.flow_groups): per replica, and of the history
 MONITOR_GROUPS_PREFIX: Final = "membrane.monitor.groups"
 MONITOR_HISTORY_GROUPS: Final = "membrane.monitor.history-groups"
+# the web UI (its URL in its NATS micro metadata, `url`)
+UI_SERVICE: Final = "membrane-ui"
 # enriched flows for anyone: membrane.events.flows.<verdict>.<namespace>
 EVENTS_FLOWS_PREFIX: Final = "membrane.events.flows"
 EVENTS_FLOWS_ALL: Final = "membrane.events.flows.>"

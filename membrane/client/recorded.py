@@ -1,68 +1,25 @@
-"""Recorded flows counted by connection kind (every monitor replica and the history stream), and
-what the policy service makes of them (``membrane.policy.diff``).
-
-Each replica counts its own ring (``membrane.monitor.groups.<replica>``), so 100,000 flows cross
-the bus as the few hundred groups they make; the DROPPED/AUDIT history stream is read only for
-the time before the rings begin (``until``), so no flow is counted twice.
+"""Recorded flows counted by connection kind (:mod:`shared.recorded_flows`, which the UI service
+uses too), the pods' container ports, and what the policy service makes of the flows
+(``membrane.policy.diff``).
 """
 
 from __future__ import annotations
 
-import asyncio
-from dataclasses import dataclass
 from typing import Any
 
 from membrane.client import workloads
-from shared import flow_groups, subjects
+from shared import subjects
 from shared.bus import Bus
-from shared.errors import Unavailable
 from shared.flow_api import (
-    FlowFilterTerm,
     FlowGroup,
-    FlowGroupsReply,
-    FlowQuery,
     PolicyDiffReply,
     PolicyDiffRequest,
 )
 from shared.messages import ContainerPort
+from shared.recorded_flows import Recorded as Recorded
+from shared.recorded_flows import recorded_groups as recorded_groups
 
-TIMEOUT_S = 20.0
 DIFF_TIMEOUT_S = 60.0
-
-
-@dataclass(frozen=True)
-class Recorded:
-    groups: list[FlowGroup]
-    flows: int
-
-
-async def recorded_groups(
-    bus: Bus, *, since: float, filters: list[FlowFilterTerm] | None = None
-) -> Recorded:
-    replicas = await bus.discover(subjects.MONITOR_SERVICE)
-    if not replicas:
-        raise Unavailable("no monitor replica answers (is the cluster up? `membrane status`)")
-    query = FlowQuery(filters=filters or [], since=since)
-    replies = list(
-        await asyncio.gather(
-            *(
-                bus.request(
-                    subjects.monitor_groups(info.id), query, FlowGroupsReply, timeout=TIMEOUT_S
-                )
-                for info in replicas
-            )
-        )
-    )
-    begins = max((r.oldest for r in replies if r.oldest), default=0.0)
-    if not begins or since < begins:
-        history = FlowQuery(filters=query.filters, since=since, until=begins)
-        replies.append(
-            await bus.request(
-                subjects.MONITOR_HISTORY_GROUPS, history, FlowGroupsReply, timeout=TIMEOUT_S
-            )
-        )
-    groups = flow_groups.merge(g for reply in replies for g in reply.groups)
-    return Recorded(groups=groups, flows=sum(r.flows for r in replies))
 
 
 async def container_ports(bus: Bus) -> dict[int, list[ContainerPort]]:

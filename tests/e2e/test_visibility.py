@@ -8,11 +8,17 @@ a CI gate reads; the live policy must be untouched afterwards (checked with pack
 A namespace `shop` with three workloads (frontend -> api:8080 -> db:5432, no policy): `policy
 suggest` must write policies that parse, that `policy diff` finds change no observed flow, and
 that, applied, let the observed connections through and deny an unobserved one (packets).
+
+The web UI in Debian's chromium through Selenium (headless, a fresh profile): the map shows
+tiefighter -> deathstar green and xwing -> deathstar red; the red edge lists the drop with its
+policy; a new drop appears without a reload; the nodes view has every pair. Screenshots go to
+test-artifacts/ui/ (or $MEMBRANE_TEST_ARTIFACTS/ui).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -218,3 +224,111 @@ def test_a_suggestion_parses_changes_no_observed_flow_and_denies_the_unobserved(
         assert shop_exec(cluster, "api", "tcp", shop["db"], "5432") == 0
     finally:
         cluster.run("policy", "delete", "-f", str(suggestion), check=False)
+
+
+# --- the web UI in a real browser -----------------------------------------------------------
+
+ARTIFACTS = Path(os.environ.get("MEMBRANE_TEST_ARTIFACTS", REPO / "test-artifacts")) / "ui"
+GREEN, RED = "rgb(46, 125, 50)", "rgb(198, 40, 40)"
+CHROMIUM_FLAGS = (
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--window-size=1280,800",
+)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    if not (Path("/usr/bin/chromium").exists() and Path("/usr/bin/chromedriver").exists()):
+        pytest.fail("chromium and chromium-driver are missing: run `make setup`")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+    driver.set_page_load_timeout(30)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def edge_selector(source: str, destination: str, verdict: str) -> str:
+    return (
+        f'g.edge[data-source="{source}"][data-destination="{destination}"]'
+        f'[data-verdict="{verdict}"]'
+    )
+
+
+def find(driver: Any, css: str, what: str, timeout: float = 30) -> Any:
+    from selenium.webdriver.common.by import By
+
+    def found() -> Any:
+        elements = driver.find_elements(By.CSS_SELECTOR, css)
+        assert elements, f"nothing matches {css}"
+        return elements[0]
+
+    return until(found, what, timeout)
+
+
+def stroke(driver: Any, edge: Any) -> str:
+    path = edge.find_element("css selector", "path")
+    return str(driver.execute_script("return getComputedStyle(arguments[0]).stroke", path))
+
+
+def test_the_service_map_shows_verdicts_flows_live_drops_and_nodes(
+    cluster: Cluster, starwars: dict[str, dict[str, Any]], browser: Any
+) -> None:
+    url = cluster.run("ui").stdout.strip()
+    assert url.startswith("http://127.0.0.1:"), url
+    browser.get(url)
+    allowed = find(
+        browser, edge_selector("default/tiefighter", "default/deathstar", "FORWARDED"), "green"
+    )
+    denied = find(browser, edge_selector("default/xwing", "default/deathstar", "DROPPED"), "red")
+    assert stroke(browser, allowed) == GREEN and stroke(browser, denied) == RED
+    assert browser.find_element("id", "status").text == "Live"
+    for control in ("namespace", "pause", "filter", "tab-nodes"):  # accessible names
+        element = browser.find_element("id", control)
+        assert element.accessible_name, control
+    browser.save_screenshot(str(ARTIFACTS / "service-map.png"))
+
+    # the red edge -> the drop, with the policy that decided
+    denied.find_element("css selector", "text").click()  # its label, at the middle
+
+    def drop_listed() -> None:
+        rows = [r.text for r in browser.find_elements("css selector", "#flow-table tbody tr")]
+        assert any("DROPPED" in r and "default/empire-only" in r for r in rows), rows
+        assert all("default/xwing" in r for r in rows), rows
+
+    until(drop_listed, "the drop listed with its policy")
+    browser.save_screenshot(str(ARTIFACTS / "edge-flows.png"))
+
+    # a new drop (tiefighter on 81: no rule allows it) appears without a reload
+    browser.execute_script("window.notReloaded = true")
+    ip = str(starwars["deathstar"]["ip"])
+    assert cluster.probe("tiefighter", "tcp", ip, "81", timeout=10).returncode == 1
+    find(browser, edge_selector("default/tiefighter", "default/deathstar", "DROPPED"), "new drop")
+    assert browser.execute_script("return window.notReloaded === true")
+
+    # the nodes view: every pair of nodes
+    browser.find_element("id", "tab-nodes").click()
+    nodes = cluster.nodes
+
+    def every_pair() -> None:
+        cells = browser.find_elements("css selector", "#matrix td[data-state]")
+        pairs = {(c.get_attribute("data-from"), c.get_attribute("data-to")) for c in cells}
+        assert pairs == {(a, b) for a in nodes for b in nodes if a != b}, pairs
+        assert all(c.get_attribute("data-state") == "ok" for c in cells)
+
+    until(every_pair, "every node pair in the matrix")
+    browser.save_screenshot(str(ARTIFACTS / "nodes.png"))

@@ -7,6 +7,10 @@ that a document naming a CIDR gives outside addresses their new identity.
 
 from __future__ import annotations
 
+import itertools
+
+import msgspec
+
 from services.policy.diff import diff
 from services.policy.parser import parse_documents
 from services.policy.resolver import Resolver
@@ -30,6 +34,9 @@ spec:
   - fromEndpoints: [{matchLabels: {%s}}]
     toPorts: [{ports: [{port: "80", protocol: TCP}]}]
 """
+
+
+SOURCE_PORTS = itertools.count(40000)  # each flow its own connection
 
 
 def resolver(*documents: str) -> Resolver:
@@ -60,7 +67,7 @@ def flow(
         drop_reason=133 if verdict == "DROPPED" else 0,
         protocol="TCP",
         is_reply=bool(kw.get("is_reply", False)),
-        source=peer(src, 40000),
+        source=peer(src, next(SOURCE_PORTS)),
         destination=peer(dst, port),
     )
 
@@ -156,3 +163,17 @@ def test_a_trial_leaves_the_resolver_as_it_was() -> None:
     assert live.take_peer_set_changes() == ([], [])
     assert live.take_cidr_changes() == ({}, [])
     assert not live.cidr_identities() and live.policy("default/g2") is None
+
+
+def test_the_events_of_one_connection_count_once_with_its_outcome() -> None:
+    sent = flow(XWING, DEATHSTAR, time=10)  # the trace where it left its pod
+    dropped = EnrichedFlow(
+        **{
+            **msgspec.structs.asdict(flow(XWING, DEATHSTAR, "DROPPED", time=10.2)),
+            "source": sent.source,
+        }
+    )
+    again = EnrichedFlow(**{**msgspec.structs.asdict(dropped), "time": 11.2})  # the SYN resent
+    later = EnrichedFlow(**{**msgspec.structs.asdict(dropped), "time": 40.0})  # the port reused
+    (only,) = groups(sent, dropped, again, later)
+    assert (only.verdict, only.count) == ("DROPPED", 2)

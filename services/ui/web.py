@@ -1,0 +1,217 @@
+"""The UI's HTTP side (aiohttp): static page, JSON views, and the live stream (server-sent
+events).
+
+- ``/``, ``/static/*``: the page, plain HTML, JS and SVG shipped in this package (no CDN);
+- ``/api/namespaces``: namespaces with pods (``endpoints`` bucket);
+- ``/api/map?namespace=&since=``: the service map of the recorded flows
+  (:func:`views.service_map`);
+- ``/api/flows?<observe's filters>&last=&since=``: flows, newest first;
+- ``/api/nodes``: the health matrix of ``membrane status``;
+- ``/api/events?namespace=``: every 250 ms a batch (:class:`live.LiveView`): edge counts, a
+  sample of the flows, the rate, and whether a monitor replica answers.
+
+Every batch doubles as a heartbeat: the page marks what it shows as not live when batches stop
+(the UI service is away) or say ``monitor: false`` (no monitor replica answers), and reloads
+the map when they resume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import nats.errors
+import nats.js.errors
+from aiohttp import web
+from nats.aio.msg import Msg
+
+from services.ui import views
+from services.ui.live import LiveView
+from services.ui.service import UISettings
+from shared import __version__, log, metrics, subjects
+from shared.bus import Bus, redact
+from shared.errors import InvalidArgument, MembraneError
+from shared.flow_api import EnrichedFlow, FlowFilterTerm, FlowQuery
+from shared.messages import Endpoint, Node, NodeHealth
+from shared.recorded_flows import query, recorded_groups
+from shared.runtime import TaskGroup, periodically, wait_for_shutdown
+
+STATIC = Path(__file__).with_name("static")
+TICK_S = 0.25
+MONITOR_CHECK_S = 2.0
+DEFAULT_SINCE_S = 3600.0
+FLOWS_SHOWN = 200
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(value: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        body=msgspec.json.encode(value), status=status, content_type="application/json"
+    )
+
+
+def _errors(handler: Handler) -> Handler:
+    """A user's mistake is a 400 naming the field; the cluster away is a 503; both JSON."""
+
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except InvalidArgument as exc:
+            return _json({"error": str(exc), "field": exc.field}, 400)
+        except (MembraneError, nats.errors.Error, TimeoutError) as exc:
+            return _json({"error": str(exc) or type(exc).__name__}, 503)
+
+    return wrapped
+
+
+def _seconds(request: web.Request, name: str, default: float) -> float:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidArgument(f"{raw!r} is not a number of seconds", field=name) from None
+    if value <= 0:
+        raise InvalidArgument("must be positive", field=name)
+    return value
+
+
+def _namespace_terms(request: web.Request) -> list[FlowFilterTerm]:
+    namespace = request.query.get("namespace", "")
+    return [FlowFilterTerm(field="namespace", values=[namespace])] if namespace else []
+
+
+class UIServer:
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self.views: set[LiveView] = set()
+        self.monitor_up = False
+        self.decode = msgspec.json.Decoder(EnrichedFlow).decode
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/", self.index)
+        app.router.add_static("/static/", STATIC)
+        app.router.add_get("/api/namespaces", _errors(self.namespaces))
+        app.router.add_get("/api/map", _errors(self.service_map))
+        app.router.add_get("/api/flows", _errors(self.flows))
+        app.router.add_get("/api/nodes", _errors(self.nodes))
+        app.router.add_get("/api/events", self.events)
+        return app
+
+    async def index(self, _: web.Request) -> web.FileResponse:
+        return web.FileResponse(STATIC / "index.html")
+
+    async def _bucket(self, name: str) -> dict[str, bytes]:
+        try:
+            kv = await self.bus.js.key_value(name)
+        except nats.js.errors.BucketNotFoundError:
+            return {}
+        return await Bus.snapshot(kv)
+
+    async def namespaces(self, _: web.Request) -> web.Response:
+        found = set()
+        for raw in (await self._bucket(subjects.KV_ENDPOINTS)).values():
+            with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                found.add(msgspec.json.decode(raw, type=Endpoint).namespace)
+        return _json(sorted(found))
+
+    async def service_map(self, request: web.Request) -> web.Response:
+        since = time.time() - _seconds(request, "since", DEFAULT_SINCE_S)
+        recorded = await recorded_groups(self.bus, since=since, filters=_namespace_terms(request))
+        return _json({**views.service_map(recorded.groups), "flows": recorded.flows})
+
+    async def flows(self, request: web.Request) -> web.Response:
+        terms = views.filters(request.query)
+        last = int(_seconds(request, "last", FLOWS_SHOWN))
+        since = time.time() - _seconds(request, "since", 0) if "since" in request.query else 0.0
+        found = await query(self.bus, FlowQuery(filters=terms, last=last, since=since))
+        return _json(views.flow_rows(found))
+
+    async def nodes(self, _: web.Request) -> web.Response:
+        nodes = [
+            msgspec.json.decode(raw, type=Node)
+            for raw in (await self._bucket(subjects.KV_NODES)).values()
+        ]
+        health = [
+            msgspec.json.decode(raw, type=NodeHealth)
+            for raw in (await self._bucket(subjects.KV_HEALTH)).values()
+        ]
+        return _json(views.health_matrix(nodes, health))
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        view = LiveView(request.query.get("namespace", ""))
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        self.views.add(view)
+        try:
+            await response.write(b"retry: 1000\n\n")  # the browser reconnects after 1 s
+            while True:
+                batch = view.take(time.time(), self.monitor_up)
+                await response.write(b"data: " + json.dumps(batch).encode() + b"\n\n")
+                await asyncio.sleep(TICK_S)
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            self.views.discard(view)
+        return response
+
+    async def on_flow(self, msg: Msg) -> None:
+        if not self.views:
+            return
+        try:
+            flow = self.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return
+        for view in self.views:
+            view.offer(flow)
+
+    async def check_monitor(self) -> None:
+        try:
+            self.monitor_up = bool(await self.bus.discover(subjects.MONITOR_SERVICE))
+        except (nats.errors.Error, TimeoutError):
+            self.monitor_up = False
+
+
+async def run(settings: UISettings) -> None:
+    logger = log.get("ui")
+    bus = await Bus.connect(settings.nats_url, "membrane-ui")
+    server = UIServer(bus)
+    runner = web.AppRunner(server.app(), access_log=None)
+    await runner.setup()
+    # bound here so that port 0 is known (the URL goes into the micro metadata)
+    listener = socket.create_server((settings.ui_host, settings.ui_port))
+    await web.SockSite(runner, listener).start()
+    url = f"http://{settings.ui_host}:{listener.getsockname()[1]}/"
+    await server.check_monitor()
+    tasks = TaskGroup()
+    tasks.spawn("monitor-check", lambda: periodically(MONITOR_CHECK_S, server.check_monitor))
+    subscription = await bus.nc.subscribe(subjects.EVENTS_FLOWS_ALL, cb=server.on_flow)
+    await bus.flush()
+    metrics_port = metrics.serve(settings.metrics_host, settings.metrics_port)
+    await bus.add_service(
+        subjects.UI_SERVICE,
+        __version__,
+        "the web UI: service map, flows, nodes",
+        {"url": url, "metrics": f"{settings.metrics_host}:{metrics_port}"},
+        queue_group=subjects.UI_SERVICE,
+    )
+    logger.info("ui ready", url=url, nats=redact(settings.nats_url))
+    signal_name = await wait_for_shutdown()
+    logger.info("shutting down", signal=signal_name)
+    with contextlib.suppress(nats.errors.Error):
+        await subscription.unsubscribe()
+    await tasks.close()
+    await runner.cleanup()
+    await bus.close()
