@@ -31,6 +31,7 @@ bench: setup
 	$(PY) bench/datapath.py
 	$(PY) bench/policy.py
 	$(PY) bench/policy_diff.py
+	$(PY) bench/ui.py
 	$(PY) bench/lb.py --services 20000
 	$(PY) bench/overlay.py
 	$(PY) -m bench.monitor

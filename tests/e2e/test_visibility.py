@@ -280,9 +280,23 @@ def find(driver: Any, css: str, what: str, timeout: float = 30) -> Any:
     return until(found, what, timeout)
 
 
-def stroke(driver: Any, edge: Any) -> str:
-    path = edge.find_element("css selector", "path")
-    return str(driver.execute_script("return getComputedStyle(arguments[0]).stroke", path))
+def stroke(driver: Any, css: str) -> str:
+    script = "return getComputedStyle(document.querySelector(arguments[0])).stroke"
+    return str(driver.execute_script(script, css + " path"))
+
+
+def click(driver: Any, css: str, what: str) -> None:
+    """Clicks the element; the map lays itself out again when a new edge comes, so an element
+    found a moment ago may be gone: find it again."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    def clicked() -> None:
+        try:
+            find(driver, css, what).click()
+        except StaleElementReferenceException as exc:
+            raise AssertionError("the map was drawn again") from exc
+
+    until(clicked, what, timeout=15)
 
 
 def test_the_service_map_shows_verdicts_flows_live_drops_and_nodes(
@@ -291,10 +305,10 @@ def test_the_service_map_shows_verdicts_flows_live_drops_and_nodes(
     url = cluster.run("ui").stdout.strip()
     assert url.startswith("http://127.0.0.1:"), url
     browser.get(url)
-    allowed = find(
-        browser, edge_selector("default/tiefighter", "default/deathstar", "FORWARDED"), "green"
-    )
-    denied = find(browser, edge_selector("default/xwing", "default/deathstar", "DROPPED"), "red")
+    allowed = edge_selector("default/tiefighter", "default/deathstar", "FORWARDED")
+    denied = edge_selector("default/xwing", "default/deathstar", "DROPPED")
+    find(browser, allowed, "tiefighter -> deathstar")
+    find(browser, denied, "xwing -> deathstar")
     assert stroke(browser, allowed) == GREEN and stroke(browser, denied) == RED
     assert browser.find_element("id", "status").text == "Live"
     for control in ("namespace", "pause", "filter", "tab-nodes"):  # accessible names
@@ -303,7 +317,7 @@ def test_the_service_map_shows_verdicts_flows_live_drops_and_nodes(
     browser.save_screenshot(str(ARTIFACTS / "service-map.png"))
 
     # the red edge -> the drop, with the policy that decided
-    denied.find_element("css selector", "text").click()  # its label, at the middle
+    click(browser, denied + " text", "the red edge's label")  # at the middle of the edge
 
     def drop_listed() -> None:
         rows = [r.text for r in browser.find_elements("css selector", "#flow-table tbody tr")]
@@ -321,7 +335,7 @@ def test_the_service_map_shows_verdicts_flows_live_drops_and_nodes(
     assert browser.execute_script("return window.notReloaded === true")
 
     # the nodes view: every pair of nodes
-    browser.find_element("id", "tab-nodes").click()
+    click(browser, "#tab-nodes", "the nodes tab")
     nodes = cluster.nodes
 
     def every_pair() -> None:

@@ -112,7 +112,7 @@ function render() {
       d = `M ${a.x + BOX_W / 2 + off} ${a.y + BOX_H} C ${a.x + BOX_W / 2} ${bottom}, ${b.x + BOX_W / 2} ${bottom}, ${b.x + BOX_W / 2 + off} ${b.y + BOX_H}`;
       lx = (a.x + b.x) / 2 + BOX_W / 2; ly = bottom - 2;
     }
-    const label = `${e.source} to ${e.destination}: ${e.count} ${e.verdict.toLowerCase()} (${e.ports.join(", ")})${e.policy ? ", policy " + e.policy : ""}`;
+    const label = edgeLabel(e);
     const g = svg("g", {
       class: `edge ${e.verdict}`, role: "button", tabindex: 0, "aria-label": label,
       "data-source": e.source, "data-destination": e.destination, "data-verdict": e.verdict, "data-count": e.count,
@@ -136,6 +136,21 @@ function render() {
     svg("text", { x: 10, y: 36, class: "kind" }, g).textContent = reserved ? `reserved: ${box.kind}` : "workload";
     if (state.selected && state.selected.type === "box" && state.selected.id === id) g.classList.add("selected");
     activate(g, () => select({ type: "box", id }));
+  }
+}
+
+function edgeLabel(e) {
+  return `${e.source} to ${e.destination}: ${e.count} ${e.verdict.toLowerCase()} (${e.ports.join(", ")})${e.policy ? ", policy " + e.policy : ""}`;
+}
+
+function updateCounts() {
+  for (const g of $("map").querySelectorAll("g.edge")) {
+    const e = state.edges.get(`${g.dataset.source}|${g.dataset.destination}|${g.dataset.verdict}`);
+    if (!e) continue;
+    g.dataset.count = e.count;
+    g.setAttribute("aria-label", edgeLabel(e));
+    g.querySelector("title").textContent = edgeLabel(e);
+    g.querySelector("text").textContent = `${e.count} ${e.ports.slice(0, 2).join(",")}`;
   }
 }
 
@@ -236,28 +251,30 @@ function onBatch(batch) {
   } else sampling.hidden = true;
   if (state.paused || !batch.monitor) { setStatus(); return; }
   if (wasDown) { loadMap(); setStatus(); return; } // back: what was shown is not what happened
-  let changed = false, touched = false;
+  let changed = false, counted = false, touched = false;
   for (const e of batch.edges) {
+    const boxes = state.boxes.size;
     addBox(e.source, e.source_kind);
     addBox(e.destination, e.destination_kind);
     const key = edgeKey(e);
     const known = state.edges.get(key);
-    if (known) known.count += e.count;
-    else state.edges.set(key, { source: e.source, destination: e.destination, verdict: e.verdict, count: e.count, ports: [], policy: "" });
+    if (known) { known.count += e.count; counted = true; }
+    else { state.edges.set(key, { source: e.source, destination: e.destination, verdict: e.verdict, count: e.count, ports: [], policy: "" }); changed = true; }
+    if (state.boxes.size !== boxes) changed = true;
     if (state.edges.get(key).count <= 0) { state.edges.delete(key); changed = true; continue; } // it was a drop after all
     for (const f of batch.flows) {
       if (f.source.workload === e.source && f.destination.workload === e.destination && f.verdict === e.verdict) {
         const edge = state.edges.get(key);
         const port = `${f.destination.port}/${f.protocol}`;
-        if (!edge.ports.includes(port)) edge.ports.push(port);
+        if (!edge.ports.includes(port)) { edge.ports.push(port); changed = true; }
         if (f.policy) edge.policy = f.policy;
       }
     }
-    changed = true;
     touched = touched || touchesSelection(e);
   }
   state.asOf = batch.time;
-  if (changed) render();
+  if (changed) render(); // new boxes or edges: lay out again
+  else if (counted) updateCounts(); // only numbers: the elements (and keyboard focus) stay
   if (touched && !state.refetchTimer) {
     state.refetchTimer = setTimeout(() => { state.refetchTimer = null; loadFlows(); }, 500);
   }
