@@ -64,7 +64,7 @@ def _label(labels: Iterable[str], key: str) -> str:
 def is_connection(flow: EnrichedFlow) -> bool:
     """A flow policy decided: a new connection forwarded or audited, or dropped by policy (not
     a reply, which conntrack lets through, nor a drop for another reason such as no backend)."""
-    if flow.is_reply:
+    if flow.is_reply or flow.type == "l7":  # an HTTP request rides on a connection counted once
         return False
     if flow.verdict == "DROPPED":
         return flow.drop_reason in POLICY_REASONS

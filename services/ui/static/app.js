@@ -217,7 +217,7 @@ async function loadFlows() {
     tr.className = f.verdict;
     const l4 = `${f.protocol}${f.tcp_flags.length ? " " + f.tcp_flags.join(",") : ""}`;
     const reason = f.verdict === "DROPPED" ? `${f.drop_reason} ${f.drop_reason_desc}` : "";
-    const cells = [clock(f.time), peerText(f.source), peerText(f.destination), l4, f.l7 ? JSON.stringify(f.l7) : "—", f.verdict, reason, f.policy || "—"];
+    const cells = [clock(f.time), peerText(f.source), peerText(f.destination), l4, f.l7 ? `${f.l7.method} ${f.l7.url} → ${f.l7.status || "?"} (${f.l7.latency_ms.toFixed(1)} ms)` : "—", f.verdict, reason, f.policy || "—"];
     cells.forEach((text, i) => {
       const td = document.createElement("td");
       td.textContent = text;
