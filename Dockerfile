@@ -36,6 +36,14 @@ COPY membrane ./membrane
 RUN pip install --no-deps . \
     && pip check
 
+# --- the CNI plugin: a static binary the node's runtime executes (no Python on the host) -------
+FROM ${PYTHON_IMAGE} AS cni
+RUN apt-get update \
+    && apt-get install --yes --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+COPY cni/membrane-cni.c /src/
+RUN gcc -O2 -static -Wall -Wextra -Werror -o /membrane-cni /src/membrane-cni.c
+
 # --- runtime: the virtualenv alone, run by an unprivileged user --------------------------------
 FROM ${PYTHON_IMAGE}
 
@@ -49,6 +57,8 @@ RUN groupadd --system --gid 10001 membrane \
        --home-dir /nonexistent --shell /usr/sbin/nologin membrane
 
 COPY --from=build /opt/membrane /opt/membrane
+# an init container of the agent DaemonSet copies it to the node's /opt/cni/bin
+COPY --from=cni /membrane-cni /opt/membrane/cni/membrane-cni
 
 ENV PATH=/opt/membrane/bin:$PATH \
     PYTHONUNBUFFERED=1 \

@@ -252,7 +252,7 @@ async def _wait_until_ready(
     bus = await Bus.connect(
         info.nats_url, "membrane-up", retry_for=max(1.0, deadline - time.monotonic())
     )
-    wanted = {s: n for s, n in replicas.items() if not SERVICES[s].per_node}
+    wanted = {s: n for s, n in replicas.items() if n and not SERVICES[s].per_node}
     wanted |= {s: info.nodes for s, e in SERVICES.items() if e.per_node and info.nodes}
     try:
         for service, count in wanted.items():

@@ -71,6 +71,8 @@ APT_PACKAGES=(
   prometheus
   # the web UI is tested in a real browser (tests/e2e/test_ui.py, through Selenium)
   chromium chromium-driver
+  # the compiled CNI plugin (cni/membrane-cni.c), static
+  gcc libc6-dev
 )
 SYSTEM_SERVICES=(redis-server nats-server prometheus)
 
@@ -274,6 +276,16 @@ BCC_DIR=${BCC_INIT%/__init__.py}
 [[ -f $BCC_DIR/__init__.py ]] || die "bcc python package not found (python3-bpfcc installed?)"
 SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 ensure_link "$BCC_DIR" "$SITE/bcc"
+
+# the CNI plugin a node's runtime executes: a static binary, no Python needed on the host
+CNI_SRC=$REPO_ROOT/cni/membrane-cni.c
+CNI_BIN=$REPO_ROOT/build/membrane-cni
+if [[ ! -x $CNI_BIN || $CNI_SRC -nt $CNI_BIN ]]; then
+  log "building $CNI_BIN"
+  mkdir -p "$REPO_ROOT/build"
+  gcc -O2 -static -Wall -Wextra -Werror -o "$CNI_BIN.tmp" "$CNI_SRC" && mv "$CNI_BIN.tmp" "$CNI_BIN" \
+    || die "could not build the CNI plugin from $CNI_SRC"
+fi
 
 # -------------------------------------------------- 5. /usr/local/bin links --
 for exe in membrane membrane-cni; do

@@ -71,8 +71,24 @@ class DumpReply(Message):
     rows: list[dict[str, Any]]
 
 
+class CNIExec(Message):
+    """``cni``: a CNI invocation forwarded as it came (the compiled plugin, cni/membrane-cni.c):
+    the ``CNI_*`` (and ``MEMBRANE_*``) environment and the network configuration text."""
+
+    env: dict[str, str]
+    config: str = ""
+
+
+class CNIOutput(Message):
+    """What the plugin prints on stdout, and its exit status."""
+
+    status: int
+    output: str
+
+
 class Request(msgspec.Struct, kw_only=True):
-    op: str  # "endpoint.add" | "endpoint.delete" | "endpoint.get" | "endpoint.list" | "dump"
+    # "endpoint.add" | "endpoint.delete" | "endpoint.get" | "endpoint.list" | "dump" | "cni"
+    op: str
     body: msgspec.Raw = msgspec.Raw(b"{}")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -30,13 +31,15 @@ from services.datapath.loader import Datapath
 from services.datapath.maps import IPCacheValue
 from services.datapath.metrics_collector import DatapathCollector
 from services.datapath.ringbuf import RingBuffer
-from shared import __version__, agent_api, identities, log, metrics, netns, subjects
+from shared import __version__, agent_api, cni, identities, log, metrics, netns, subjects
+from shared.agent_api import CNIExec, CNIOutput
 from shared.bus import Bus, redact
 from shared.config import CommonSettings, env_name, setting
 from shared.errors import InvalidArgument, MembraneError, NotFound, Unavailable
 from shared.messages import (
     HeartbeatReply,
     HeartbeatRequest,
+    Message,
     Node,
     PodCIDR,
     PodCIDRRequest,
@@ -115,6 +118,20 @@ async def _pod_cidr(bus: Bus, node: str, logger: Any) -> PodCIDR:
                 raise
         await asyncio.sleep(delay)
         delay = min(delay * 2, 5.0)
+
+
+def cni_handler(socket: Path) -> agent_api.Handler:
+    """The compiled CNI plugin's requests: shared.cni runs them, as the Python plugin does,
+    and calls this agent back on its socket (in a thread: the plugin's code is synchronous)."""
+
+    async def handle(body: bytes) -> Message:
+        request = agent_api.decode(body, CNIExec)
+        env = {"MEMBRANE_AGENT_SOCKET": str(socket), **request.env}
+        status, document = await asyncio.to_thread(cni.run, env, request.config.encode)
+        output = json.dumps(document) + "\n" if document is not None else ""
+        return CNIOutput(status=status, output=output)
+
+    return handle
 
 
 async def run(settings: DatapathSettings) -> None:
@@ -280,7 +297,9 @@ async def run(settings: DatapathSettings) -> None:
     tasks.spawn("ct-purge", lambda: periodically(1.0, agent.purge_stale_ct))
     tasks.spawn("ct-gc", lambda: periodically(settings.ct_gc_interval, agent.sweep_ct))
 
-    server = await agent_api.serve(settings.socket_path, agent.handlers())
+    server = await agent_api.serve(
+        settings.socket_path, {**agent.handlers(), "cni": cni_handler(settings.socket_path)}
+    )
     collector = DatapathCollector(datapath)
     REGISTRY.register(collector)
     metrics_port = metrics.serve(settings.metrics_host, settings.metrics_port)

@@ -331,7 +331,7 @@ def test_cni_add_check_del_version(cluster: Cluster, tmp_path: Path) -> None:
 
     def cni(command: str, **env: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "membrane.cni"],
+            [sys.executable, "-m", "shared.cni"],
             input=config,
             env={**os.environ, **base, "CNI_COMMAND": command, **env},
             capture_output=True,

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
+import os
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -173,3 +176,68 @@ def _bucket_keys(cluster: Cluster, bucket: str) -> set[str]:
             await bus.close()
 
     return asyncio.run(keys())
+
+
+PLUGIN = Path(__file__).resolve().parents[2] / "build" / "membrane-cni"
+
+
+def test_compiled_cni_plugin_wires_a_pod_with_its_api_labels(
+    cluster: Cluster, api: FakeKubeAPI, bridge: subprocess.Popen[bytes]
+) -> None:
+    """The static plugin (cni/membrane-cni.c, built by make setup) forwards ADD/CHECK/DEL to a
+    real agent; the pod is named by CNI_ARGS and labelled from the API."""
+    assert PLUGIN.is_file(), "build/membrane-cni is built by `make setup`"
+    node = cluster.nodes[0]
+    api.apply(pod("k-cni", node, app="cni-web"))
+    until(lambda: _has_key(cluster, "pods", "default.k-cni"), "the pod's record", timeout=60)
+    netns_name = f"{cluster.name}-kcni"
+    subprocess.run(["ip", "netns", "add", netns_name], check=True)
+    config = json.dumps({"cniVersion": "1.0.0", "name": "membrane", "type": "membrane-cni"})
+    base = {
+        "PATH": os.environ["PATH"],  # nothing of the virtualenv: the runtime's environment
+        "CNI_CONTAINERID": "k0ffee",
+        "CNI_NETNS": f"/run/netns/{netns_name}",
+        "CNI_IFNAME": "eth0",
+        "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=k-cni",
+        "CNI_PATH": "/opt/cni/bin",
+        "MEMBRANE_AGENT_SOCKET": f"/run/membrane/{node}/agent.sock",
+    }
+
+    def plugin(command: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(PLUGIN)],
+            input=config,
+            env={**base, "CNI_COMMAND": command, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    try:
+        version = plugin("VERSION")
+        assert (
+            version.returncode == 0 and "1.0.0" in json.loads(version.stdout)["supportedVersions"]
+        )
+        added = plugin("ADD")
+        assert added.returncode == 0, added.stdout + added.stderr
+        address = json.loads(added.stdout)["ips"][0]["address"]
+        wired = pod_info(cluster, "k-cni")
+        assert wired["ip"] == address.split("/")[0]
+        assert wired["labels"] == {"app": "cni-web"}  # from the API, the call carried none
+        assert plugin("CHECK").returncode == 0
+        wrong = plugin("CHECK", CNI_ARGS="K8S_POD_NAMESPACE=default;K8S_POD_NAME=other")
+        assert wrong.returncode == 1 and json.loads(wrong.stdout)["code"] == 100
+        invalid = plugin("ADD", CNI_NETNS="")
+        assert invalid.returncode == 1 and json.loads(invalid.stdout)["code"] == 4
+        assert plugin("DEL").returncode == 0
+        assert plugin("DEL").returncode == 0  # idempotent
+        assert "k-cni" not in [p["name"] for p in cluster.json("pod", "list", "-A")]
+        away = plugin("ADD", MEMBRANE_AGENT_SOCKET="/run/membrane/nowhere/agent.sock")
+        assert away.returncode == 1 and json.loads(away.stdout)["code"] == 11
+    finally:
+        plugin("DEL")
+        subprocess.run(["ip", "netns", "del", netns_name], check=False)
+
+
+def _has_key(cluster: Cluster, bucket: str, key: str) -> None:
+    assert key in _bucket_keys(cluster, bucket)

@@ -21,10 +21,9 @@ from typing import Any
 
 import pytest
 
-from membrane import cni
-from membrane.cni import CNIError, Code, Invocation, NetworkConfig
-from shared import agent_api
+from shared import agent_api, cni
 from shared.agent_api import AddEndpoint, EndpointRef
+from shared.cni import CNIError, Code, Invocation, NetworkConfig
 from shared.errors import AlreadyExists, Internal, MembraneError, NotFound, Unavailable
 from shared.messages import Endpoint, Message
 
@@ -170,7 +169,7 @@ def run_plugin(env: dict[str, str], stdin: bytes) -> subprocess.CompletedProcess
     """The plugin as a runtime executes it: a process, env vars, JSON on stdin."""
     full = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(REPO), **env}
     return subprocess.run(
-        [sys.executable, "-m", "membrane.cni"],
+        [sys.executable, "-m", "shared.cni"],
         input=stdin,
         env=full,
         capture_output=True,
