@@ -35,6 +35,7 @@ bench: setup
 	$(PY) bench/lb.py --services 20000
 	$(PY) bench/overlay.py
 	$(PY) -m bench.monitor
+	$(PY) bench/l7.py
 
 down:
 	$(VENV)/bin/membrane down

@@ -17,6 +17,7 @@ import socket
 import time
 from collections.abc import Callable
 from ipaddress import IPv4Address
+from typing import Any
 
 from prometheus_client import Counter, Histogram
 
@@ -64,6 +65,8 @@ class FlowSink:
         self.node = node
         self.flows: list[Flow] = []
         self.wake = asyncio.Event()
+        self._counters: dict[tuple[str, str], Any] = {}
+        self._latency = LATENCY.labels("http")
 
     def add(
         self, request: Request, src: IPv4Address, sport: int, dst: IPv4Address, dport: int
@@ -71,8 +74,12 @@ class FlowSink:
         verdict = request.verdict
         latency = time.perf_counter() - request.started
         outcome = "FORWARDED" if verdict.allowed else "DROPPED"
-        REQUESTS.labels("http", outcome, verdict.direction or "none").inc()
-        LATENCY.labels("http").observe(latency)
+        key = (outcome, verdict.direction or "none")
+        counter = self._counters.get(key)
+        if counter is None:  # labels() costs a lock and a lookup: once per label set
+            counter = self._counters[key] = REQUESTS.labels("http", *key)
+        counter.inc()
+        self._latency.observe(latency)
         self.flows.append(
             Flow(
                 time=time.time(),

@@ -63,6 +63,10 @@ class View:
         self.members: dict[int, frozenset[int]] = {}
         self._compiled: dict[str, tuple[l7_http.HttpRule, ...]] = {}
         self.generation = 0  # moves on every change: connections re-check their next request
+        # what restricts a (source, destination, port), computed once per generation: the
+        # next request after any change sees the change
+        self._sides: dict[tuple[IPv4Address, IPv4Address, int], tuple[int, int, list[_Side]]] = {}
+        self._sides_generation = 0
 
     # --- KV events --------------------------------------------------------------------------
 
@@ -159,6 +163,29 @@ class View:
             return None
         return _Side(direction, tuple(rules), allow_all, restricting, policy.rules)
 
+    def _sides_of(
+        self, src: IPv4Address, dst: IPv4Address, port: int
+    ) -> tuple[int, int, list[_Side]]:
+        if self._sides_generation != self.generation:
+            self._sides.clear()
+            self._sides_generation = self.generation
+        key = (src, dst, port)
+        found = self._sides.get(key)
+        if found is None:
+            src_id, dst_id = self.identity_of(src), self.identity_of(dst)
+            sides = [
+                side
+                for side in (
+                    self._side(src_id, "egress", dst_id, port),
+                    self._side(dst_id, "ingress", src_id, port),
+                )
+                if side is not None
+            ]
+            if len(self._sides) > 65536:  # bounded: one entry per connection tuple seen
+                self._sides.clear()
+            found = self._sides[key] = (src_id, dst_id, sides)
+        return found
+
     def http(
         self,
         src: IPv4Address,
@@ -168,15 +195,7 @@ class View:
         target: str,
         headers: Mapping[str, str],
     ) -> Verdict:
-        src_id, dst_id = self.identity_of(src), self.identity_of(dst)
-        sides = [
-            side
-            for side in (
-                self._side(src_id, "egress", dst_id, port),
-                self._side(dst_id, "ingress", src_id, port),
-            )
-            if side is not None
-        ]
+        src_id, dst_id, sides = self._sides_of(src, dst, port)
         if not sides:
             return Verdict(False, src_id, dst_id)
         allowed_by = (0, "", "")

@@ -9,8 +9,9 @@ request TIMEOUT IP PORT METHOD PATH...   one keep-alive connection; each METHOD 
 session IP PORT                    one keep-alive connection; for each stdin line "METHOD PATH"
                                    one request, one JSON line as above, until EOF
 $STARWARS_MARK (request): the client socket's SO_MARK, as a pod forging the proxy's mark would
-hammer SECONDS IP PORT METHOD PATH   a new connection per request for SECONDS; prints the count
-                                   of each outcome as JSON: {"200": n, "403": n, "error": n}
+hammer SECONDS IP PORT METHOD PATH   a new connection per request for SECONDS; prints "first"
+                                   after the first answer, then the count of each outcome as
+                                   JSON: {"200": n, "403": n, "error": n}
 """
 
 from __future__ import annotations
@@ -97,6 +98,8 @@ def main() -> None:
             answer = one(conn, method, path)
             conn.close()
             key = str(answer.get("status", "error"))
+            if not outcomes and key != "error":
+                print("first", flush=True)
             outcomes[key] = outcomes.get(key, 0) + 1
         print(json.dumps(outcomes), flush=True)
     else:

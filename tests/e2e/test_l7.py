@@ -213,10 +213,11 @@ def _proxy_pid(cluster: Cluster) -> int:
 
 def test_proxy_sigkill_lets_nothing_through_and_traffic_resumes(galaxy: Galaxy) -> None:
     hammer = subprocess.Popen(
-        galaxy.exec("tiefighter", "hammer", "6", galaxy.vip, "80", *EXHAUST),
+        galaxy.exec("tiefighter", "hammer", "8", galaxy.vip, "80", *EXHAUST),
         env=galaxy.cluster.env(), stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
-    time.sleep(1.5)
+    assert hammer.stdout is not None and hammer.stdout.readline().strip() == "first"
+    time.sleep(0.5)  # requests through the proxy, then the kill in their midst
     old = _proxy_pid(galaxy.cluster)
     os.kill(old, signal.SIGKILL)
     out, _ = hammer.communicate(timeout=60)

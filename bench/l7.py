@@ -1,0 +1,228 @@
+"""L7 proxy cost, side by side in one run: the same client and server pods, HTTP/1.1 to a port
+with an L3/L4 allow and to a port with an L7 (HTTP) allow, which the datapath steers through the
+node's proxy. Keep-alive connections, then a new connection per request; requests/s, p50 and
+p99 latency, errors, and the ratios.
+
+Goals (issue 12): proxied throughput >= 25 % of the L3/L4 path, added p50 <= 0.5 ms, 0 errors.
+
+    sudo .venv/bin/python bench/l7.py [--seconds 5] [--connections 4]
+
+The server (uvloop + a fixed answer) and the load generator (asyncio, one task per
+connection) run inside the pods: ``bench/l7.py serve`` / ``bench/l7.py load``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.datapath import Cluster
+
+L4_PORT, L7_PORT = 8080, 8081
+ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok"
+CLOSE_ANSWER = (
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\nContent-Type: text/plain"
+    b"\r\n\r\nok"
+)
+POLICY = f"""
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: bench-l7}}
+spec:
+  endpointSelector: {{matchLabels: {{app: bench-server}}}}
+  ingress:
+  - fromEndpoints: [{{matchLabels: {{app: bench-client}}}}]
+    toPorts:
+    - ports: [{{port: "{L4_PORT}", protocol: TCP}}]
+  - fromEndpoints: [{{matchLabels: {{app: bench-client}}}}]
+    toPorts:
+    - ports: [{{port: "{L7_PORT}", protocol: TCP}}]
+      rules:
+        http: [{{method: GET, path: "/bench/.*"}}]
+"""
+
+
+# --- inside the pods ---------------------------------------------------------------------------
+
+
+async def _serve() -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                close = b"connection: close" in head.lower()
+                writer.write(CLOSE_ANSWER if close else ANSWER)
+                if close:
+                    await writer.drain()
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    for port in (L4_PORT, L7_PORT):
+        await asyncio.start_server(handle, "0.0.0.0", port, backlog=1024)
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+
+async def _read_answer(reader: asyncio.StreamReader) -> None:
+    head = await reader.readuntil(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise ConnectionError(head.split(b"\r\n")[0].decode(errors="replace"))
+    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    await reader.readexactly(length)
+
+
+async def _load(ip: str, port: int, mode: str, seconds: float, connections: int) -> None:
+    latencies: list[float] = []
+    errors = 0
+    deadline = time.perf_counter() + seconds
+    request = f"GET /bench/x HTTP/1.1\r\nHost: {ip}\r\n\r\n".encode()
+    closing = f"GET /bench/x HTTP/1.1\r\nHost: {ip}\r\nConnection: close\r\n\r\n".encode()
+
+    async def keep_alive() -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection(ip, port)
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            try:
+                writer.write(request)
+                await _read_answer(reader)
+            except (OSError, asyncio.IncompleteReadError):
+                errors += 1
+                writer.close()
+                reader, writer = await asyncio.open_connection(ip, port)
+                continue
+            latencies.append(time.perf_counter() - started)
+        writer.close()
+
+    async def new_connection() -> None:
+        nonlocal errors
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(ip, port), 2)
+                writer.write(closing)
+                await asyncio.wait_for(_read_answer(reader), 2)
+                writer.close()
+            except (OSError, TimeoutError, asyncio.IncompleteReadError):
+                errors += 1
+                continue
+            latencies.append(time.perf_counter() - started)
+
+    worker = keep_alive if mode == "keepalive" else new_connection
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(connections)))
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    print(
+        json.dumps(
+            {
+                "rps": len(latencies) / elapsed,
+                "p50_ms": 1000 * statistics.median(latencies) if latencies else 0.0,
+                "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)] if latencies else 0.0,
+                "requests": len(latencies),
+                "errors": errors,
+            }
+        )
+    )
+
+
+# --- the driver ----------------------------------------------------------------------------------
+
+
+def _pod_ip(cluster: Cluster, name: str) -> str:
+    pods = json.loads(cluster.run("pod", "list", "-o", "json").stdout)
+    return str(next(p["ip"] for p in pods if p["name"] == name))
+
+
+def run(args: argparse.Namespace) -> int:
+    me = str(Path(__file__).resolve())
+    with tempfile.TemporaryDirectory(prefix="membrane-bench-l7-") as tmp:
+        cluster = Cluster(Path(tmp) / "state")
+        cluster.up()
+        server = None
+        try:
+            cluster.run("pod", "create", "server", "--labels", "app=bench-server",
+                        "--node", cluster.node)  # fmt: skip
+            cluster.run("pod", "create", "client", "--labels", "app=bench-client",
+                        "--node", cluster.node)  # fmt: skip
+            policy = Path(tmp) / "policy.yaml"
+            policy.write_text(POLICY)
+            cluster.run("apply", "-f", str(policy))
+            server = subprocess.Popen(
+                cluster.command("pod", "exec", "server", "--", sys.executable, me, "serve"),
+                env=cluster.env(), stdout=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+            ip = _pod_ip(cluster, "server")
+            time.sleep(1.0)  # the policy in the datapath and the proxy
+            results: dict[tuple[str, str], dict[str, float]] = {}
+            for mode in ("keepalive", "newconn"):
+                # alternate the paths so that machine load drifts hit both alike
+                for path, port in (("L3/L4", L4_PORT), ("L7", L7_PORT)) * args.rounds:
+                    out = cluster.run(
+                        "pod", "exec", "client", "--", sys.executable, me, "load", ip,
+                        str(port), mode, str(args.seconds), str(args.connections),
+                        timeout=args.seconds + 60,
+                    ).stdout  # fmt: skip
+                    got = json.loads(out)
+                    best = results.get((mode, path))
+                    if best is None or got["rps"] > best["rps"]:
+                        results[(mode, path)] = got
+            print(f"\nL7 proxy vs L3/L4, {args.connections} connections, {args.seconds:g} s "
+                  f"per run, best of {args.rounds} (one node, same client and server)")  # fmt: skip
+            print(f"{'mode':10} {'path':6} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
+            ok = True  # printed, not an exit status: make bench runs every benchmark
+            for mode in ("keepalive", "newconn"):
+                for path in ("L3/L4", "L7"):
+                    r = results[(mode, path)]
+                    print(f"{mode:10} {path:6} {r['rps']:9.0f} {r['p50_ms']:8.3f} "
+                          f"{r['p99_ms']:8.3f} {r['errors']:7d}")  # fmt: skip
+                l4, l7 = results[(mode, "L3/L4")], results[(mode, "L7")]
+                share = l7["rps"] / l4["rps"] if l4["rps"] else 0.0
+                added = l7["p50_ms"] - l4["p50_ms"]
+                errors = l4["errors"] + l7["errors"]
+                met = share >= 0.25 and added <= 0.5 and errors == 0
+                ok = ok and met
+                print(f"  {mode}: L7 throughput {share:.0%} of L3/L4 (goal >= 25%), added p50 "
+                      f"{added:+.3f} ms (goal <= 0.5), errors {errors} (goal 0): "
+                      f"{'met' if met else 'NOT met'}")  # fmt: skip
+            print("all goals met" if ok else "goals not all met (see above)")
+            return 0
+        finally:
+            if server is not None:
+                server.kill()
+            cluster.down()
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "serve":
+        import uvloop
+
+        uvloop.run(_serve())
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "load":
+        import uvloop
+
+        ip, port, mode, seconds, connections = sys.argv[2:7]
+        uvloop.run(_load(ip, int(port), mode, float(seconds), int(connections)))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=2)
+    sys.exit(run(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
