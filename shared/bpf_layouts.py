@@ -40,7 +40,9 @@ LB_SLOT_KEY: Final = struct.Struct("<II")  # id, slot
 LB_BACKEND: Final = struct.Struct("<4s2sBx")  # ip, port, flags
 
 # overlay.h, nodeport.h
-OVERLAY_CONFIG: Final = struct.Struct("<4sIII")  # underlay_ip, vxlan_ifindex, mode, pad
+OVERLAY_CONFIG: Final = struct.Struct(
+    "<4sIIHH"
+)  # underlay_ip, vxlan_ifindex, mode, tunnel_port, pad
 # underlay_ip, underlay_ifindex, nodeport low/high, snat low/high
 NP_CONFIG: Final = struct.Struct("<4sIHHHH")
 

@@ -19,7 +19,9 @@ UNKNOWN_L4: Final = 142  # DROP_UNKNOWN_L4
 NO_SERVICE: Final = 158  # DROP_NO_SERVICE: a service frontend without a backend
 UNKNOWN_CT: Final = 163  # DROP_UNKNOWN_CT
 NO_FIB: Final = 169  # DROP_NO_FIB
-INVALID_IDENTITY: Final = 171  # DROP_INVALID_IDENTITY
+ENCAP_PROHIBITED: Final = 170  # DROP_ENCAP_PROHIBITED: a pod's UDP to a node's tunnel port
+INVALID_IDENTITY: Final = 171  # DROP_INVALID_IDENTITY: a VNI that is not its source's identity
+UNKNOWN_SENDER: Final = 172  # DROP_UNKNOWN_SENDER: a VXLAN frame from a node that is no peer
 # no proxy socket to assign an L7 connection to (the proxy is down or not synced yet)
 PROXY_LOOKUP_FAILED: Final = 178  # DROP_PROXY_LOOKUP_FAILED
 PROXY_SET_FAILED: Final = 179  # DROP_PROXY_SET_FAILED
@@ -29,7 +31,7 @@ POLICY_DENY: Final = 181  # DROP_POLICY_DENY: a deny entry matched (deny beats a
 INVALID_VNI: Final = 183  # DROP_INVALID_VNI
 TTL_EXCEEDED: Final = 196  # DROP_TTL_EXCEEDED
 NO_TUNNEL_KEY: Final = 147  # DROP_NO_TUNNEL_KEY: a VXLAN packet without its tunnel metadata
-UNKNOWN_TARGET: Final = 150  # DROP_UNKNOWN_TARGET: no local pod for the destination
+UNKNOWN_TARGET: Final = 150  # DROP_UNKNOWN_TARGET: no local pod for it (or not that way)
 NO_CONFIG: Final = 165  # DROP_NO_CONFIG: the endpoint has no configuration (fail closed)
 NAT_NO_MAPPING: Final = 167  # DROP_NAT_NO_MAPPING: no free SNAT port for a node port
 
@@ -46,6 +48,9 @@ DATAPATH_DROPS: Final[dict[str, int]] = {
     "DROP_NO_SERVICE": NO_SERVICE,
     "DROP_NO_CONFIG": NO_CONFIG,
     "DROP_NAT_NO_MAPPING": NAT_NO_MAPPING,
+    "DROP_ENCAP_PROHIBITED": ENCAP_PROHIBITED,
+    "DROP_INVALID_IDENTITY": INVALID_IDENTITY,
+    "DROP_UNKNOWN_SENDER": UNKNOWN_SENDER,
     "DROP_PROXY_LOOKUP_FAILED": PROXY_LOOKUP_FAILED,
     "DROP_PROXY_SET_FAILED": PROXY_SET_FAILED,
     "DROP_PROXY_UNSUPPORTED": PROXY_UNSUPPORTED,

@@ -190,7 +190,7 @@ async def run(settings: DatapathSettings) -> None:
     if settings.routing == "tunnel":
         mtu = await asyncio.to_thread(tunnel.link_mtu, settings.underlay_device)
         vxlan_ifindex = await asyncio.to_thread(
-            tunnel.ensure_vxlan, settings.tunnel_device, settings.tunnel_port, mtu
+            tunnel.ensure_vxlan, settings.tunnel_device, settings.tunnel_port, underlay, mtu
         )
         await asyncio.to_thread(datapath.attach_overlay, vxlan_ifindex)
     else:
@@ -201,6 +201,7 @@ async def run(settings: DatapathSettings) -> None:
             underlay,
             vxlan_ifindex,
             tunnel.ROUTING_TUNNEL if settings.routing == "tunnel" else tunnel.ROUTING_NATIVE,
+            settings.tunnel_port,
         ),
     )
     # node ports for clients outside the pod network (bpf/nodeport.h)

@@ -41,16 +41,19 @@ class OverlayConfig:
     underlay_ip: IPv4Address
     vxlan_ifindex: int
     mode: int
+    tunnel_port: int
 
     _LAYOUT = bpf_layouts.OVERLAY_CONFIG
 
     def pack(self) -> bytes:
-        return self._LAYOUT.pack(self.underlay_ip.packed, self.vxlan_ifindex, self.mode, 0)
+        return self._LAYOUT.pack(
+            self.underlay_ip.packed, self.vxlan_ifindex, self.mode, self.tunnel_port, 0
+        )
 
     @classmethod
     def unpack(cls, data: bytes) -> OverlayConfig:
-        ip, ifindex, mode, _ = cls._LAYOUT.unpack(data)
-        return cls(IPv4Address(ip), ifindex, mode)
+        ip, ifindex, mode, port, _ = cls._LAYOUT.unpack(data)
+        return cls(IPv4Address(ip), ifindex, mode, port)
 
 
 def write_config(table: Any, config: OverlayConfig) -> None:
@@ -63,15 +66,18 @@ def read_config(table: Any) -> OverlayConfig:
     return OverlayConfig.unpack(bytes(table[table.Key(0)]))
 
 
-def ensure_vxlan(device: str, port: int, underlay_mtu: int) -> int:
-    """The VXLAN device in external mode on ``port``, up; its ifindex (idempotent).
+def ensure_vxlan(device: str, port: int, local: IPv4Address, underlay_mtu: int) -> int:
+    """The VXLAN device in external mode on ``port`` with ``local`` (the underlay address) as
+    its source, up; its ifindex (idempotent).
 
+    The kernel's VXLAN socket listens on every address of the node whatever ``local`` says:
+    from_overlay drops a frame that was not sent to ``local`` (bpf/overlay.h).
     An existing device with other settings is replaced (a node switched ports, say)."""
     if not 0 < port < 65536:
         raise InvalidArgument(f"UDP port {port} out of range", field="tunnel_port")
     with IPRoute() as ipr:
         link = _get(ipr, device)
-        if link is not None and not _matches(link, port):
+        if link is not None and not _matches(link, port, local):
             if link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") != "vxlan":
                 raise AlreadyExists(f"link {device} exists and is not a vxlan", field="device")
             ipr.link("del", index=int(link["index"]))
@@ -84,6 +90,7 @@ def ensure_vxlan(device: str, port: int, underlay_mtu: int) -> int:
                     kind="vxlan",
                     vxlan_collect_metadata=1,
                     vxlan_port=port,
+                    vxlan_local=str(local),
                     vxlan_learning=0,
                 )
             except NetlinkError as exc:
@@ -126,11 +133,15 @@ def _get(ipr: Any, name: str) -> Any | None:
         raise
 
 
-def _matches(link: Any, port: int) -> bool:
+def _matches(link: Any, port: int, local: IPv4Address) -> bool:
     data = link.get_nested("IFLA_LINKINFO", "IFLA_INFO_DATA")
     if link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") != "vxlan" or data is None:
         return False
-    return bool(data.get("IFLA_VXLAN_COLLECT_METADATA")) and data.get("IFLA_VXLAN_PORT") == port
+    return (
+        bool(data.get("IFLA_VXLAN_COLLECT_METADATA"))
+        and data.get("IFLA_VXLAN_PORT") == port
+        and data.get("IFLA_VXLAN_LOCAL") == str(local)
+    )
 
 
 def _sysctl(key: str, value: str) -> None:

@@ -1,5 +1,6 @@
 """Three nodes, both routing modes: cross-node traffic, identity policy on the receiving node,
-the identity in the VNI, forged VNIs, node health, a node killed and brought back.
+the identity in the VNI, forged VXLAN frames and forged sources (from a pod and from the
+underlay), node health, a node killed and brought back.
 
 One cluster serves the module. It comes up in tunnel mode; when the tunnel-mode tests are done
 it is switched to native routing by ``down`` + ``up --routing native`` on the same state
@@ -9,6 +10,7 @@ directory, and the same manifests are applied again (the switch is itself under 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -17,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
 from typing import Any
@@ -25,10 +27,17 @@ from typing import Any
 import pytest
 
 from membrane.state import StateDir
-from shared import netns
+from shared import netns, reasons
 from shared.bus import Bus
 from tests.conftest import eventually
-from tests.e2e.cluster import Cluster, down_leaving_nothing, free_octet, pod_info, up
+from tests.e2e.cluster import (
+    Cluster,
+    create_pod,
+    down_leaving_nothing,
+    free_octet,
+    pod_info,
+    up,
+)
 from tests.e2e.test_datapath import FlowTap
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
@@ -265,42 +274,184 @@ def test_vni_on_the_wire_is_the_senders_identity(multinode: tuple[Cluster, str])
     assert {pkt[0] for pkt in to_server} == {int(p["mn-client"]["identity"])}
 
 
-def test_forged_vni_is_dropped(multinode: tuple[Cluster, str]) -> None:
-    cluster, mode = multinode
+def drops(cluster: Cluster, node: str, reason: int) -> int:
+    rows = cluster.json("bpf", "metrics", "--node", node)[0]["rows"]
+    return sum(int(r["packets"]) for r in rows if r["reason"] == reason)
+
+
+def arrivals(cluster: Cluster, pods_: list[str], send: Callable[[], None]) -> list[str]:
+    """How many distinct UDP datagrams each pod in ``pods_`` got on port 9000 while ``send``
+    ran (each counter listens 4 s, started before ``send``)."""
+    counters = [cluster.background(pod, "count", "9000", "4") for pod in pods_]
+    try:
+        send()
+        return [counter.communicate(timeout=30)[0].split()[-1] for counter in counters]
+    finally:
+        for counter in counters:
+            counter.kill()
+
+
+def intruder_ip(cluster: Cluster) -> str:
+    """The underlay's address .9 (the bridge has .1, nodes start at .11)."""
+    info = StateDir(cluster.state).read_cluster()
+    assert info is not None
+    return str(IPv4Network(info.underlay_cidr).network_address + 9)
+
+
+@contextlib.contextmanager
+def intruder(cluster: Cluster) -> Iterator[str]:
+    """A host on the underlay bridge that is not a node (a namespace with intruder_ip);
+    removed afterwards."""
+    info = StateDir(cluster.state).read_cluster()
+    assert info is not None
+    name = f"{cluster.name}-intr"
+    prefix = IPv4Network(info.underlay_cidr).prefixlen
+    address = IPv4Interface(f"{intruder_ip(cluster)}/{prefix}")
+    netns.ensure_node(name, f"{cluster.name}-br", address, f"{cluster.name}-ui")
+    try:
+        yield name
+    finally:
+        netns.remove_node(name, f"{cluster.name}-ui")
+
+
+def tunnel_only(mode: str) -> None:
     if mode != "tunnel":
-        pytest.skip("the VNI exists in tunnel mode only")
+        pytest.skip("the overlay exists in tunnel mode only")
+
+
+def test_forged_vxlan_from_a_pod_is_dropped(multinode: tuple[Cluster, str]) -> None:
+    # A pod hands a VXLAN frame to its own node (the router, a broadcast address) and to another
+    # node: VNI and inner source are the allowed client's, the inner packet goes to pods that
+    # admit only that client. The frame must never reach a VXLAN device.
+    cluster, mode = multinode
+    tunnel_only(mode)
+    p = pods(cluster)
+    attacker_node = str(p["mn-other"]["node"])
+    victim = create_pod(
+        cluster, "mn-victim", "app=mn-server", node=cluster.nodes.index(attacker_node) + 1
+    )
+    try:
+        nodes = {n["name"]: n for n in cluster.json("status")["nodes"]}
+        client_id = str(p["mn-client"]["identity"])
+        client_ip = str(p["mn-client"]["ip"])
+        targets = {
+            "router": (nodes[attacker_node]["router_ip"], str(victim["ip"])),
+            "broadcast": ("255.255.255.255", str(victim["ip"])),
+            "other node": (
+                nodes[str(p["mn-server"]["node"])]["underlay_ip"],
+                str(p["mn-server"]["ip"]),
+            ),
+        }
+        before = drops(cluster, attacker_node, reasons.ENCAP_PROHIBITED)
+
+        def send() -> None:
+            for name, (remote, inner_dst) in targets.items():
+                args = (remote, str(VXLAN_PORT), client_id, client_ip, inner_dst, "9000", name)
+                sent = cluster.run(
+                    "pod",
+                    "exec",
+                    "mn-other",
+                    "--",
+                    sys.executable,
+                    str(UNDERLAY_TOOL),
+                    "forge",
+                    *args,
+                    check=False,
+                )
+                assert sent.returncode == 0, sent.stderr
+
+        assert arrivals(cluster, ["mn-victim", "mn-server"], send) == ["0", "0"]
+        assert drops(cluster, attacker_node, reasons.ENCAP_PROHIBITED) >= before + 3
+    finally:
+        cluster.run("pod", "delete", "mn-victim", check=False)
+
+
+def test_forged_vxlan_from_the_underlay_is_dropped(multinode: tuple[Cluster, str]) -> None:
+    # A node (a tunnel peer) and a host that is not one send frames to the server's node: the
+    # VNI must be one membrane sends, equal to the inner source's identity, and that source must
+    # live behind the sending node.
+    cluster, mode = multinode
+    tunnel_only(mode)
     p = pods(cluster)
     server = str(p["mn-server"]["ip"])
     server_node = str(p["mn-server"]["node"])
-    remote = cluster.json("status")["nodes"]
-    underlay = {n["name"]: n["underlay_ip"] for n in remote}[server_node]
+    underlay = {n["name"]: n["underlay_ip"] for n in cluster.json("status")["nodes"]}
     attacker = str(p["mn-other"]["node"])
+    client_ip = str(p["mn-client"]["ip"])
+    client_id = str(p["mn-client"]["identity"])
+    other_id = str(p["mn-other"]["identity"])
+    before = {
+        r: drops(cluster, server_node, r)
+        for r in (reasons.INVALID_VNI, reasons.INVALID_IDENTITY, reasons.UNKNOWN_SENDER)
+    }
 
-    def invalid_vni_drops() -> int:
-        rows = cluster.json("bpf", "metrics", "--node", server_node)[0]["rows"]
-        return sum(r["packets"] for r in rows if r["reason"] == 183)
+    def forge(node: str, vni: str, src: str, tag: str) -> None:
+        args = ("forge", underlay[server_node], str(VXLAN_PORT), vni, src, server, "9000", tag)
+        forged = in_node(node, *args)
+        assert forged.returncode == 0, forged.stderr
 
-    before = invalid_vni_drops()
-    counter = cluster.background("mn-server", "count", "9000", "4")
-    try:
-        # not an identity at all: reason 183
-        for vni in ("100", "0"):
-            args = ("forge", underlay, "8472", vni, "10.0.0.1", server, "9000", "x")
-            forged = in_node(attacker, *args)
-            assert forged.returncode == 0, forged.stderr
-        # a real identity the server's policy denies, with the allowed client's address as
-        # source: the VNI decides, not the address
-        client_ip = str(p["mn-client"]["ip"])
-        other_id = str(p["mn-other"]["identity"])
-        in_node(attacker, "forge", underlay, "8472", other_id, client_ip, server, "9000", "y")
-        # and the client's identity from an address nobody has: let through
-        client_id = str(p["mn-client"]["identity"])
-        in_node(attacker, "forge", underlay, "8472", client_id, "10.0.0.9", server, "9000", "z")
-        out, _ = counter.communicate(timeout=30)
-    finally:
-        counter.kill()
-    assert out.split()[-1] == "1", out
-    assert invalid_vni_drops() >= before + 2
+    with intruder(cluster) as outsider:
+
+        def send() -> None:
+            forge(attacker, "100", "10.0.0.1", "a")  # not an identity membrane sends
+            forge(attacker, "1", underlay[attacker], "b")  # host never travels
+            # the client's identity and address, from a node the client does not live on
+            forge(attacker, client_id, client_ip, "c")
+            forge(attacker, client_id, "10.0.0.9", "d")  # ... or from an address nobody has
+            forge(attacker, other_id, client_ip, "e")  # the VNI is not the source's identity
+            forge(attacker, "2", client_ip, "f")  # world vouches only for the node's own address
+            forge(outsider, client_id, client_ip, "g")  # not a tunnel peer at all
+
+        assert arrivals(cluster, ["mn-server"], send) == ["0"]
+    assert drops(cluster, server_node, reasons.INVALID_VNI) >= before[reasons.INVALID_VNI] + 2
+    assert drops(cluster, server_node, reasons.INVALID_IDENTITY) >= (
+        before[reasons.INVALID_IDENTITY] + 4
+    )
+    assert drops(cluster, server_node, reasons.UNKNOWN_SENDER) >= (
+        before[reasons.UNKNOWN_SENDER] + 1
+    )
+
+
+def test_forged_source_from_the_underlay_is_dropped(multinode: tuple[Cluster, str]) -> None:
+    # In tunnel mode a pod's packets cross the underlay only inside VXLAN: a plain packet from
+    # the underlay claiming the allowed client's address is forged, whoever routes it to the
+    # server's node.
+    cluster, mode = multinode
+    tunnel_only(mode)
+    p = pods(cluster)
+    server = str(p["mn-server"]["ip"])
+    server_node = str(p["mn-server"]["node"])
+    underlay = {n["name"]: n["underlay_ip"] for n in cluster.json("status")["nodes"]}
+    client_ip = str(p["mn-client"]["ip"])
+    before = drops(cluster, server_node, reasons.INVALID_SOURCE_IP)
+    unknown = drops(cluster, server_node, reasons.UNKNOWN_TARGET)
+    with intruder(cluster) as outsider:
+        subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                outsider,
+                "ip",
+                "route",
+                "add",
+                f"{server}/32",
+                "via",
+                underlay[server_node],
+            ],
+            check=True,
+        )
+
+        def send() -> None:
+            spoofed = in_node(outsider, "spoof", client_ip, server, "9000", "spoofed")
+            assert spoofed.returncode == 0, spoofed.stderr
+            # its own address: not forged, but a pod is reached only through the tunnel
+            own = in_node(outsider, "spoof", intruder_ip(cluster), server, "9000", "plain")
+            assert own.returncode == 0, own.stderr
+
+        assert arrivals(cluster, ["mn-server"], send) == ["0"]
+    assert drops(cluster, server_node, reasons.INVALID_SOURCE_IP) >= before + 1
+    assert drops(cluster, server_node, reasons.UNKNOWN_TARGET) >= unknown + 1
 
 
 async def test_status_shows_nodes_and_latency_matrix(multinode: tuple[Cluster, str]) -> None:

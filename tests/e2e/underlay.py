@@ -5,6 +5,9 @@ sniff IFACE PORT SECONDS
     JSON list of [vni, inner source, inner destination, inner protocol]
 forge REMOTE PORT VNI SRC DST DPORT PAYLOAD
     send one VXLAN packet to REMOTE:PORT with VNI, carrying a UDP datagram SRC -> DST:DPORT
+    (REMOTE may be a broadcast address)
+spoof SRC DST DPORT PAYLOAD
+    send one UDP datagram SRC -> DST:DPORT from a raw socket, whatever this host's address
 """
 
 from __future__ import annotations
@@ -77,11 +80,16 @@ def ipv4_udp(src: str, dst: str, dport: int, payload: bytes) -> bytes:
 
 
 def forge(remote: str, port: int, vni: int, src: str, dst: str, dport: int, payload: bytes) -> None:
-    ip = ipv4_udp(src, dst, dport, payload)
     eth = b"\x02\x00\x00\x00\x00\x01" + b"\x02\x00\x00\x00\x00\x02" + b"\x08\x00"
     vxlan = struct.pack("!II", 0x08000000, vni << 8)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.sendto(vxlan + eth + ip, (remote, port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        sock.sendto(vxlan + eth + ipv4_udp(src, dst, dport, payload), (remote, port))
+
+
+def spoof(src: str, dst: str, dport: int, payload: bytes) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as sock:
+        sock.sendto(ipv4_udp(src, dst, dport, payload), (dst, 0))
 
 
 def main(argv: list[str]) -> int:
@@ -92,6 +100,10 @@ def main(argv: list[str]) -> int:
     if command == "forge":
         remote, port, vni, src, dst, dport, payload = rest
         forge(remote, int(port), int(vni), src, dst, int(dport), payload.encode())
+        return 0
+    if command == "spoof":
+        src, dst, dport, payload = rest
+        spoof(src, dst, int(dport), payload.encode())
         return 0
     print(__doc__, file=sys.stderr)
     return 2

@@ -58,8 +58,9 @@ def test_matrix_marks_unreachable_dead_and_stale() -> None:
 def test_overlay_config_layout() -> None:
     from ipaddress import IPv4Address
 
-    config = OverlayConfig(IPv4Address("172.31.0.11"), 7, 1)
+    config = OverlayConfig(IPv4Address("172.31.0.11"), 7, 1, 8472)
     packed = config.pack()
-    assert len(packed) == 16  # struct overlay_config: four u32
+    assert len(packed) == 16  # struct overlay_config: three u32, two u16
     assert packed[:4] == bytes([172, 31, 0, 11])  # network byte order, as the datapath compares
+    assert packed[12:14] == (8472).to_bytes(2, "little")  # the tunnel port, host order
     assert OverlayConfig.unpack(packed) == config

@@ -18,7 +18,8 @@
  *                 something that is not a local pod: a local backend's reply, translated back
  *                 and sent out of the underlay device the same way.
  *
- * Everything else on the device passes untouched: only TCP/UDP to this node's address on a
+ * Forged packets are dropped first (overlay.h underlay_forged: a pod's address claimed from the
+ * underlay). Everything else on the device passes untouched: only TCP/UDP to this node's address on a
  * port in the node-port range (one lb_services lookup) or in the SNAT range (one np_rnat
  * lookup) is looked at; the rest costs a config read and a header check. */
 #ifndef MEMBRANE_NODEPORT_H
@@ -29,7 +30,6 @@
 #endif
 
 #define ID_HOST 1
-#define ID_REMOTE_NODE 6
 #define ID_LOCAL_BASE (1 << 24) /* node-local CIDR identities */
 #define NP_SNAT_TRIES 8
 
@@ -267,11 +267,29 @@ int from_netdev(struct __sk_buff *skb)
 	struct np_config *cfg = np_cfg();
 	if (!cfg || skb->protocol != bpf_htons(ETH_P_IP))
 		return TC_ACT_OK;
-	/* the cheap test first, in place: TCP or UDP to this node's address on a port of ours */
+	/* the IP header in place (pulled in if the driver left it outside the linear part) */
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct iphdr *ip = data + ETH_HLEN;
-	if ((void *)(ip + 1) > data_end || ip->daddr != cfg->underlay_ip ||
+	if ((void *)(ip + 1) > data_end) {
+		if (bpf_skb_pull_data(skb, ETH_HLEN + sizeof(*ip)) < 0)
+			return TC_ACT_SHOT; /* shorter than an IP header */
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+		ip = data + ETH_HLEN;
+		if ((void *)(ip + 1) > data_end)
+			return TC_ACT_SHOT;
+	}
+	/* a pod's address claimed from the underlay (overlay.h) */
+	int forged = underlay_forged(ip->saddr, ip->daddr);
+	if (forged) {
+		struct packet fp = {};
+		parse(skb, &fp); /* for the event only: a packet it cannot parse is dropped too */
+		return drop(forged, DIR_INGRESS, OBS_FROM_NETWORK, &fp, skb->ifindex,
+			    lookup_identity(fp.tuple.saddr), 0, 0);
+	}
+	/* the cheap test first: TCP or UDP to this node's address on a port of ours */
+	if (ip->daddr != cfg->underlay_ip ||
 	    (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP))
 		return TC_ACT_OK;
 	/* the usual header (no options, not a fragment): the port decides in place, and the node's

@@ -5,9 +5,19 @@
  *               endpoint, sets the tunnel key (VNI = the source pod's identity, remote = that
  *               node's underlay address) and redirects to the node's VXLAN device.
  * from_overlay: tc ingress of the VXLAN device (external / collect_md mode). The source
- *               identity is the tunnel id -- never looked up by source address -- and the
- *               destination pod's ingress policy is enforced with it (the same conntrack and
- *               policy path as to_container), then the packet is delivered to the pod's veth.
+ *               identity is the tunnel id, believed only when the frame proves it (below);
+ *               the destination pod's ingress policy is enforced with it (the same conntrack
+ *               and policy path as to_container), then the packet is delivered to the pod's
+ *               veth.
+ *
+ * Anyone who can reach UDP <tunnel port> on a node can hand its VXLAN device a frame: a pod
+ * (to its router, to another node, to a broadcast address), a host on the underlay. So a frame
+ * is accepted only when (overlay_accepts): it was sent to this node's underlay address, by a
+ * node in tunnel_peers, with a VNI membrane ever sends, and the VNI is the ipcache identity of
+ * the inner source whose tunnel endpoint is that very node -- world and remote-node (a node-
+ * port client another node forwards, nodeport.h) only with that node's own address as the inner
+ * source. A pod's own UDP to the tunnel port of any node is dropped in to_overlay, before it
+ * gets that far.
  *
  * In native-routing mode to_overlay lets the packet go to the node's routing table (routes for
  * every other node's pod CIDR via its underlay address), and the receiving node's
@@ -23,7 +33,8 @@
  * A mark set inside a pod never reaches here: crossing a namespace scrubs it. */
 #define MARK_FROM_OVERLAY 0x4d420e00
 
-#define ID_RESERVED_MAX 8
+#define ID_HEALTH 4
+#define ID_REMOTE_NODE 6
 #define ID_CLUSTER_MIN 256
 #define ID_CLUSTER_MAX 65535
 
@@ -32,7 +43,8 @@ struct overlay_config {
 	__u32 underlay_ip; /* this node's, network byte order */
 	__u32 vxlan_ifindex; /* 0 until the device exists: nothing is tunnelled */
 	__u32 mode; /* ROUTING_* */
-	__u32 pad;
+	__u16 tunnel_port; /* host order: the VXLAN device's UDP port */
+	__u16 pad;
 };
 
 BPF_TABLE_PINNED("array", __u32, struct overlay_config, overlay_config, 1, PIN_DIR "/overlay");
@@ -44,13 +56,36 @@ BPF_TABLE_PINNED("hash", __u32, __u32, tunnel_peers, 4096, PIN_DIR "/tunnel_peer
 static __always_inline int enforce(struct packet *p, struct endpoint_info *ep, __u32 ifindex,
 				   __u8 direction, __u8 obs, __u8 own, __u8 other, __u32 peer_hint);
 
-/* An identity that may ride in a VNI: a reserved one or a cluster-local one. World rides in
- * it for a node-port client another node forwards (nodeport.h); claiming it gains nothing.
- * Node-local (CIDR) identities do not fit 24 bits anyway. */
+/* A VNI membrane sends: a pod's identity (cluster-local, or health for the health endpoint), or
+ * world / remote-node for a node-port client another node forwards (nodeport.h). Host and the
+ * other reserved identities never travel; node-local (CIDR) ones do not fit 24 bits. */
 static __always_inline int valid_vni(__u32 id)
 {
-	return (id >= 1 && id <= ID_RESERVED_MAX) ||
+	return id == ID_WORLD || id == ID_REMOTE_NODE || id == ID_HEALTH ||
 	       (id >= ID_CLUSTER_MIN && id <= ID_CLUSTER_MAX);
+}
+
+/* 0 when the frame's VNI may be believed, else the drop reason. `outer` is the sending node's
+ * address (network byte order); a world / remote-node VNI vouches only for that node's own
+ * address, any other VNI for a pod whose ipcache entry has exactly that identity and node. */
+static __always_inline int overlay_accepts(struct overlay_config *cfg,
+					   struct bpf_tunnel_key *tkey, __u32 saddr)
+{
+	__u32 outer = bpf_htonl(tkey->remote_ipv4);
+	if (!cfg || bpf_htonl(tkey->local_ipv4) != cfg->underlay_ip)
+		return DROP_UNKNOWN_TARGET;
+	if (!tunnel_peers.lookup(&outer))
+		return DROP_UNKNOWN_SENDER;
+	__u32 vni = tkey->tunnel_id;
+	if (!valid_vni(vni))
+		return DROP_INVALID_VNI;
+	if (vni == ID_WORLD || vni == ID_REMOTE_NODE)
+		return saddr == outer ? 0 : DROP_INVALID_IDENTITY;
+	struct ipcache_key key = { .prefixlen = 32, .ip = saddr };
+	struct ipcache_value *v = ipcache.lookup(&key);
+	if (!v || v->identity != vni || v->tunnel_endpoint != outer)
+		return DROP_INVALID_IDENTITY;
+	return 0;
 }
 
 static __always_inline int to_overlay(struct __sk_buff *skb, struct packet *p)
@@ -62,15 +97,20 @@ static __always_inline int to_overlay(struct __sk_buff *skb, struct packet *p)
 		return TC_ACT_OK;
 	struct ipcache_key key = { .prefixlen = 32, .ip = daddr };
 	struct ipcache_value *v = ipcache.lookup(&key);
+	__u32 ifindex = skb->ifindex;
 	/* only pods behind another node are tunnelled; a node's own address is reached over the
-	 * underlay directly */
+	 * underlay directly -- but never its tunnel port: a pod has no business handing any node's
+	 * VXLAN device a frame (it would choose its own VNI) */
 	if (!v || !v->tunnel_endpoint || v->tunnel_endpoint == cfg->underlay_ip ||
-	    v->tunnel_endpoint == daddr)
+	    v->tunnel_endpoint == daddr) {
+		if (p->tuple.protocol == IPPROTO_UDP && p->tuple.dport == cfg->tunnel_port)
+			return drop(DROP_ENCAP_PROHIBITED, DIR_EGRESS, OBS_FROM_ENDPOINT, p, ifindex,
+				    0, v ? v->identity : ID_WORLD, 0);
 		return TC_ACT_OK;
+	}
 	__u32 remote = v->tunnel_endpoint;
 	if (!tunnel_peers.lookup(&remote))
 		return TC_ACT_OK;
-	__u32 ifindex = skb->ifindex;
 	struct endpoint_info *ep = endpoints.lookup(&ifindex);
 	if (!ep)
 		return TC_ACT_SHOT; /* from_container checked it: the endpoint went meanwhile */
@@ -105,9 +145,10 @@ int from_overlay(struct __sk_buff *skb)
 	if (bpf_skb_get_tunnel_key(skb, &tkey, sizeof(tkey), 0) < 0)
 		return drop(DROP_NO_TUNNEL_KEY, DIR_INGRESS, OBS_FROM_OVERLAY, &p, ifindex, 0, 0, 0);
 	__u32 src_id = tkey.tunnel_id;
-	if (!valid_vni(src_id))
-		return drop(DROP_INVALID_VNI, DIR_INGRESS, OBS_FROM_OVERLAY, &p, ifindex, src_id, 0,
-			    0);
+	__u32 zero = 0;
+	ret = overlay_accepts(overlay_config.lookup(&zero), &tkey, p.tuple.saddr);
+	if (ret)
+		return drop(ret, DIR_INGRESS, OBS_FROM_OVERLAY, &p, ifindex, src_id, 0, 0);
 	__u32 daddr = p.tuple.daddr;
 	struct lxc_info *dst = lxc.lookup(&daddr);
 	if (!dst) /* the overlay only carries traffic for this node's pods */
@@ -134,6 +175,27 @@ int from_overlay(struct __sk_buff *skb)
 	 * a plain redirect; it does not cross into the pod's namespace either way. */
 	skb->mark = MARK_FROM_OVERLAY;
 	return bpf_redirect_peer(dst_ifindex, 0);
+}
+
+/* from_netdev (nodeport.h): 0 when a packet arriving from the underlay may be what it claims,
+ * else the drop reason. A local pod's packets never arrive there. In tunnel mode no pod's do
+ * (they cross the underlay inside VXLAN only), and nothing from there may go to a local pod
+ * except through the tunnel (node ports are translated before): so a plain packet from a pod
+ * or health address, or to a local pod, is forged -- whoever routed it to this node. In native
+ * mode pods' packets do cross the underlay and are believed by their source address, as
+ * Cilium's native routing believes its underlay (docs/routing.md). */
+static __always_inline int underlay_forged(__u32 saddr, __u32 daddr)
+{
+	if (lxc.lookup(&saddr))
+		return DROP_INVALID_SIP;
+	__u32 zero = 0;
+	struct overlay_config *cfg = overlay_config.lookup(&zero);
+	if (!cfg || cfg->mode != ROUTING_TUNNEL)
+		return 0;
+	__u32 id = lookup_identity(saddr);
+	if (id == ID_HEALTH || (id >= ID_CLUSTER_MIN && id <= ID_CLUSTER_MAX))
+		return DROP_INVALID_SIP;
+	return lxc.lookup(&daddr) ? DROP_UNKNOWN_TARGET : 0;
 }
 
 static __always_inline int delivered_from_overlay(struct __sk_buff *skb)
