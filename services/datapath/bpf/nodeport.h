@@ -262,6 +262,18 @@ static __always_inline int np_deliver(struct __sk_buff *skb, struct np_config *c
 	return np_redirect_neigh(cfg->underlay_ifindex, NULL, 0, 0);
 }
 
+/* from_netdev's verdict for a packet it does not translate: a forged one (underlay_forged's
+ * reason) is dropped, the rest passes to the node */
+static __always_inline int np_pass(struct __sk_buff *skb, int forged)
+{
+	if (!forged)
+		return TC_ACT_OK;
+	struct packet p = {};
+	parse(skb, &p); /* for the event only: one it cannot parse is dropped all the same */
+	return drop(forged, DIR_INGRESS, OBS_FROM_NETWORK, &p, skb->ifindex,
+		    lookup_identity(p.tuple.saddr), 0, 0);
+}
+
 int from_netdev(struct __sk_buff *skb)
 {
 	struct np_config *cfg = np_cfg();
@@ -280,18 +292,14 @@ int from_netdev(struct __sk_buff *skb)
 		if ((void *)(ip + 1) > data_end)
 			return TC_ACT_SHOT;
 	}
-	/* a pod's address claimed from the underlay (overlay.h) */
+	/* a pod's address claimed from the underlay (overlay.h): dropped wherever the packet
+	 * would otherwise pass. Only a node-port reply may come from a pod's address (a backend
+	 * behind another node answers over the underlay), and only for a connection np_rnat holds */
 	int forged = underlay_forged(ip->saddr, ip->daddr);
-	if (forged) {
-		struct packet fp = {};
-		parse(skb, &fp); /* for the event only: a packet it cannot parse is dropped too */
-		return drop(forged, DIR_INGRESS, OBS_FROM_NETWORK, &fp, skb->ifindex,
-			    lookup_identity(fp.tuple.saddr), 0, 0);
-	}
 	/* the cheap test first: TCP or UDP to this node's address on a port of ours */
 	if (ip->daddr != cfg->underlay_ip ||
 	    (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP))
-		return TC_ACT_OK;
+		return np_pass(skb, forged);
 	/* the usual header (no options, not a fragment): the port decides in place, and the node's
 	 * own traffic leaves here without a single helper call */
 	__be16 *ports = (void *)(ip + 1);
@@ -299,18 +307,18 @@ int from_netdev(struct __sk_buff *skb)
 		__u16 port = bpf_ntohs(ports[1]);
 		if ((port < cfg->snat_min || port > cfg->snat_max) &&
 		    (port < cfg->nodeport_min || port > cfg->nodeport_max))
-			return TC_ACT_OK;
+			return np_pass(skb, forged);
 	}
 	struct lb_l4 l;
 	if (lb_parse(skb, &l) < 0)
-		return TC_ACT_OK; /* fragments, options beyond reach: the node's own business */
+		return np_pass(skb, forged); /* fragments, options beyond reach: the node's */
 	__u16 dport = bpf_ntohs(l.dport);
 	if (dport >= cfg->snat_min && dport <= cfg->snat_max) {
 		int ret = np_reply(skb, &l, cfg);
-		return ret < 0 ? TC_ACT_OK : ret;
+		return ret < 0 ? np_pass(skb, forged) : ret;
 	}
-	if (dport < cfg->nodeport_min || dport > cfg->nodeport_max)
-		return TC_ACT_OK;
+	if (forged || dport < cfg->nodeport_min || dport > cfg->nodeport_max)
+		return np_pass(skb, forged);
 	struct lb_service_key skey = { .ip = l.daddr, .port = l.dport, .protocol = l.protocol };
 	struct lb_service_value *svc = lb_services.lookup(&skey);
 	if (!svc)
