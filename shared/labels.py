@@ -24,6 +24,10 @@ SOURCES = (SOURCE_K8S, SOURCE_RESERVED, SOURCE_CIDR)
 NAMESPACE_LABEL = "io.kubernetes.pod.namespace"
 NAMESPACE_LABELS_PREFIX = "io.cilium.k8s.namespace.labels."
 SERVICE_ACCOUNT_LABEL = "io.cilium.k8s.policy.serviceaccount"
+# Keys under these prefixes say what the pod's namespace and service account are: only the
+# cluster may write them (pod_identity_labels), never a pod's own labels, or a pod labelled
+# io.cilium.k8s.namespace.labels.team=trusted would be selected as if its namespace were.
+RESERVED_POD_LABEL_PREFIXES = (NAMESPACE_LABEL, "io.cilium.k8s.")
 
 MAX_NAME_LENGTH = 63
 MAX_PREFIX_LENGTH = 253
@@ -276,14 +280,35 @@ class LabelFilter:
         return LabelSet(label for label in labels.values() if self.keeps(label))
 
 
+def reserved_pod_label(key: str) -> bool:
+    return key.startswith(RESERVED_POD_LABEL_PREFIXES)
+
+
+def check_pod_labels(labels: Mapping[str, str], field: str) -> None:
+    """A pod's own labels must not claim a namespace label or a service account."""
+    for key in labels:
+        if reserved_pod_label(key):
+            raise InvalidArgument(
+                f"label {key!r}: keys under {' and '.join(RESERVED_POD_LABEL_PREFIXES)} are "
+                "set from the pod's namespace and service account, a pod cannot carry them",
+                field=f"{field}[{key!r}]",
+            )
+
+
 def pod_identity_labels(
     namespace: str,
     pod_labels: Mapping[str, str],
     namespace_labels: Mapping[str, str],
     service_account: str,
 ) -> list[str]:
-    """The labels a pod's identity is allocated from, spelled as Cilium spells them."""
-    labels = [f"{SOURCE_K8S}:{key}={value}" for key, value in pod_labels.items()]
+    """The labels a pod's identity is allocated from, spelled as Cilium spells them. Pod labels
+    under the reserved prefixes are left out (apply refuses them; whatever else creates pods
+    cannot smuggle them in)."""
+    labels = [
+        f"{SOURCE_K8S}:{key}={value}"
+        for key, value in pod_labels.items()
+        if not reserved_pod_label(key)
+    ]
     labels.append(f"{SOURCE_K8S}:{NAMESPACE_LABEL}={namespace}")
     labels.extend(
         f"{SOURCE_K8S}:{NAMESPACE_LABELS_PREFIX}{key}={value}"

@@ -19,7 +19,7 @@ from typing import Any
 
 from shared import doc_fields, kube_yaml, protocols
 from shared.errors import InvalidArgument
-from shared.labels import validate_key, validate_value
+from shared.labels import check_pod_labels, validate_key, validate_value
 from shared.messages import ContainerPort
 from shared.names import DNS_1035_LABEL, DNS_LABEL, DNS_SUBDOMAIN, IANA_SVC_NAME
 from shared.selectors import LabelSelector
@@ -267,6 +267,7 @@ def _parse_object(obj: Any) -> Document:
     namespace = _namespace(meta)
     labels = _labels(meta, "metadata")
     if kind_name == "Pod":
+        check_pod_labels(labels, "metadata.labels")
         spec = doc_fields.mapping(obj, "spec", "", required=True)
         return _pod(spec, "spec", namespace=namespace, name=name, labels=labels)
     return _deployment(obj, namespace, name)
@@ -419,6 +420,7 @@ def _deployment(obj: Mapping[str, Any], namespace: str, name: str) -> Deployment
     t_meta = doc_fields.mapping(template, "metadata", "spec.template")
     _check_fields(t_meta, _META_FIELDS, "spec.template.metadata")
     t_labels = _labels(t_meta, "spec.template.metadata")
+    check_pod_labels(t_labels, "spec.template.metadata.labels")
     if not selector.matches(t_labels):
         raise InvalidArgument(
             f"selector does not match template labels (selector {_show_selector(selector)}, "

@@ -16,6 +16,7 @@ from shared.labels import (
     Label,
     LabelFilter,
     LabelSet,
+    pod_identity_labels,
     validate_key,
     validate_value,
 )
@@ -493,3 +494,20 @@ def test_invalid_regex_names_the_pattern(patterns: list[str], index: int) -> Non
     with pytest.raises(InvalidArgument, match="not a regular expression") as info:
         LabelFilter(patterns)
     assert info.value.field == f"label_filter[{index}]"
+
+
+def test_pod_labels_cannot_forge_namespace_labels_or_service_account() -> None:
+    # what apply refuses (test_manifests), anything else that creates pods cannot smuggle in
+    forged = {
+        "app": "web",
+        "io.cilium.k8s.namespace.labels.team": "trusted",
+        "io.cilium.k8s.policy.serviceaccount": "admin",
+        "io.kubernetes.pod.namespace": "kube-system",
+    }
+    labels = LabelSet.parse(pod_identity_labels("dev", forged, {"team": "dev"}, "web"))
+    assert labels.k8s_map() == {
+        "app": "web",
+        "io.cilium.k8s.namespace.labels.team": "dev",
+        "io.cilium.k8s.policy.serviceaccount": "web",
+        "io.kubernetes.pod.namespace": "dev",
+    }

@@ -903,3 +903,25 @@ def test_suffix_skips_one_already_taken() -> None:
     second = _suffix("api/hash/0", {first})
     assert second != first
     assert len(second) == 5 and set(second) <= set(SAFE)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "io.cilium.k8s.namespace.labels.team",
+        "io.cilium.k8s.policy.serviceaccount",
+        "io.kubernetes.pod.namespace",
+    ],
+)
+def test_a_pod_cannot_label_itself_with_its_namespace_or_service_account(key: str) -> None:
+    # io.cilium.k8s.namespace.labels.team: trusted on a pod would make namespaceSelector
+    # {team: trusted} select it; the cluster alone derives these from the namespace
+    doc = pod()
+    doc["metadata"]["labels"] = {"app": "web", key: "x"}
+    error = load_error(dump(doc))
+    assert error.field == f"metadata.labels[{key!r}]"
+    assert "set from the pod's namespace and service account" in error.message
+    doc = deployment()
+    doc["spec"]["template"]["metadata"]["labels"][key] = "x"
+    error = load_error(dump(doc))
+    assert error.field == f"spec.template.metadata.labels[{key!r}]"
