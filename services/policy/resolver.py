@@ -54,11 +54,13 @@ from services.policy.model import (
     Selector,
 )
 from services.policy.selector_cache import SelectorCache
-from shared import identities
+from shared import identities, protocols
 from shared.errors import AlreadyExists
 from shared.labels import SOURCE_RESERVED, Label, LabelSet
 from shared.messages import PeerSet, PolicyEntry, ResolvedPolicy
 from shared.peer_sets import expand, referenced
+
+PORT_PROTOCOLS = tuple(protocols.PORT_PROTOCOLS.values())
 
 __all__ = ["PeerClass", "Resolver", "is_subject_range"]
 
@@ -131,6 +133,10 @@ def describe_peer_set(dep: Dependency) -> str:
     if isinstance(dep, PeerClass):
         return f"every {dep.value} identity"
     return str(dep)
+
+
+def _port_protocols(protocol: int) -> tuple[int, ...]:
+    return PORT_PROTOCOLS if protocol == protocols.ANY else (protocol,)
 
 
 def _entry(key: EntryKey) -> PolicyEntry:
@@ -621,20 +627,23 @@ class Resolver:
                 out.add((peer, selector, 0, 0, 0, "", rule.deny, rule.id, "", ""))
             for port in rule.ports:
                 l7_proto, l7_json = (port.l7.protocol, port.l7.canonical) if port.l7 else ("", "")
-                out.add(
-                    (
-                        peer,
-                        selector,
-                        port.protocol,
-                        port.port,
-                        port.end_port,
-                        port.port_name,
-                        rule.deny,
-                        rule.id,
-                        l7_proto,
-                        l7_json,
+                # a port rule without a protocol is TCP, UDP and SCTP (port 0 included), never
+                # the any-protocol entry of a rule without ports: that would admit ICMP, GRE...
+                for protocol in _port_protocols(port.protocol):
+                    out.add(
+                        (
+                            peer,
+                            selector,
+                            protocol,
+                            port.port,
+                            port.end_port,
+                            port.port_name,
+                            rule.deny,
+                            rule.id,
+                            l7_proto,
+                            l7_json,
+                        )
                     )
-                )
         entries = frozenset(out)
         memo[rule.index] = entries
         return entries

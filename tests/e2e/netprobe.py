@@ -15,6 +15,9 @@ ask tcp|udp IP PORT N [SPORT [GAP_MS]]  N connections (or datagrams from one sou
                               SPORT, 0: any), GAP_MS apart; print the answers as a JSON list
                               (from the address in $NETPROBE_SOURCE when it is set)
 spoof SRC DST DPORT PAYLOAD    send one UDP datagram from the forged address SRC (a raw socket)
+rawcount PROTO SECONDS        count the IP packets of protocol PROTO arriving for SECONDS (raw
+                              socket; prints "ready" first); print the count
+rawsend PROTO IP COUNT        send COUNT IP packets of protocol PROTO to IP (raw socket)
 agent PORT...                 serve TCP (and UDP, for a PORT "udp:N") on every PORT, print "ready",
                               then answer each stdin line "TIMEOUT TARGET..." with one line of
                               matrix JSON, until EOF
@@ -259,6 +262,31 @@ def spoof(src: str, dst: str, dport: int, payload: bytes) -> int:
     return 0
 
 
+def rawcount(proto: int, seconds: float) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, proto) as sock:
+        sock.settimeout(0.2)
+        print("ready", flush=True)
+        seen = 0
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                sock.recv(2048)
+                seen += 1
+            except TimeoutError:
+                continue
+        print(seen)
+    return 0
+
+
+def rawsend(proto: int, ip: str, count: int) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, proto) as sock:
+        for i in range(count):
+            # a GRE header (no flags, protocol 0x0800) is 4 bytes; any payload will do for others
+            sock.sendto(b"\x00\x00\x08\x00" + str(i).encode(), (ip, 0))
+    print(count)
+    return 0
+
+
 def main(argv: list[str]) -> int:
     command, *rest = argv
     if command == "serve":
@@ -284,6 +312,10 @@ def main(argv: list[str]) -> int:
         return ask(rest[0], rest[1], int(rest[2]), int(rest[3]), sport, gap)
     if command == "spoof":
         return spoof(rest[0], rest[1], int(rest[2]), rest[3].encode())
+    if command == "rawcount":
+        return rawcount(int(rest[0]), float(rest[1]))
+    if command == "rawsend":
+        return rawsend(int(rest[0]), rest[1], int(rest[2]))
     if command == "agent":
         return agent(rest)
     print(__doc__)

@@ -1027,3 +1027,21 @@ ingress:
 """,
     )
     assert verdicts(docs, removed=extra) == expected
+
+
+def test_port_zero_without_a_protocol_is_tcp_udp_sctp_only() -> None:
+    # ANY means TCP, UDP and SCTP (the model, and Cilium); port 0 of ANY must not become the
+    # any-protocol entry of a rule without ports, which admits ICMP, GRE, ESP...
+    resolver = cluster()
+    resolver.set_policy(
+        cnp(
+            "any-port",
+            "endpointSelector: {matchLabels: {pod: a}}\n"
+            "ingress:\n- fromEndpoints: [{}]\n  toPorts: [{ports: [{port: '0'}]}]",
+        )
+    )
+    src, dst = ident("x", "b"), ident("x", "a")
+    for proto, port in ((PROTO_TCP, 80), (PROTO_UDP, 53), (132, 9)):
+        assert allowed(resolver, src, dst, port, proto), proto
+    for proto, port in ((1, 8), (47, 0), (50, 0)):  # ICMP echo, GRE, ESP
+        assert not allowed(resolver, src, dst, port, proto), proto
