@@ -39,7 +39,10 @@ LB_TIMEOUT = 60.0  # a bulk apply of tens of thousands of services takes seconds
 CHUNK_BYTES = 24 << 20
 
 # the datapath never allows an L7 port at L4 (shared/proxy.py)
-L7_NOTE = "connections to those ports are dropped unless the node's L7 proxy takes them"
+L7_NOTE = (
+    "HTTP requests on those ports are checked by the node's L7 proxy; other L7 protocols"
+    " (kafka) are not enforced there yet: their requests are denied (docs/l7.md)"
+)
 
 
 # --- policies ---------------------------------------------------------------------------------

@@ -5,14 +5,15 @@ the client's egress, the server's ingress, or both. For each request the proxy f
 direction, the allow entries that match the connection (peer identity, TCP, port) as the
 datapath's compiler does, and:
 
-- no matching entry in a direction, or the direction not enforced: that side does not restrict;
+- the direction not enforced: that side does not restrict;
+- enforced, but no allow entry matches (a named port, which the proxy does not resolve, or a
+  policy that changed under an open connection): that side denies everything (fail closed);
 - a matching entry without L7 rules (a plain L4 allow of the same peer and port): that side
   allows every request, as Cilium's wildcard L7 rule does;
 - otherwise the request must match one of the matching entries' HTTP rules.
 
-A request is allowed when every restricting side allows it. A connection for which neither side
-restricts anything should not have come here (the proxy is not synced yet, or a named port it
-cannot resolve): it is denied, fail closed.
+A request is allowed when every side allows it: an open keep-alive connection whose L7 rules
+were removed goes on as the L3/L4 policy now says.
 
 Pure logic: the service feeds it KV events.
 """
@@ -159,7 +160,7 @@ class View:
                 rules.extend((entry.rule_id, rule) for rule in self._rules(entry))
             elif not allow_all:
                 allow_all = entry.rule_id
-        if not restricting:
+        if not restricting and allow_all:
             return None
         return _Side(direction, tuple(rules), allow_all, restricting, policy.rules)
 
@@ -196,8 +197,6 @@ class View:
         headers: Mapping[str, str],
     ) -> Verdict:
         src_id, dst_id, sides = self._sides_of(src, dst, port)
-        if not sides:
-            return Verdict(False, src_id, dst_id)
         allowed_by = (0, "", "")
         logged = False
         for side in sides:

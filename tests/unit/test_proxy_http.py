@@ -7,10 +7,13 @@ from __future__ import annotations
 import asyncio
 import random
 
+import msgspec
 import pytest
 
 from services.proxy.http import MAX_HEADER_BYTES, HttpConnection, Request
 from services.proxy.view import View
+from shared import identities
+from shared.messages import ResolvedPolicy
 
 SEED = 20261202
 VALID = (
@@ -21,6 +24,14 @@ VALID = (
 )
 
 
+def deny_all() -> View:
+    """Loopback is "world" here: its ingress enforced with nothing allowed."""
+    view = View()
+    policy = ResolvedPolicy(identity=identities.WORLD, revision=1, ingress_enforced=True)
+    view.set_resolved(str(identities.WORLD), msgspec.json.encode(policy))
+    return view
+
+
 async def exchange(data: bytes, *, close: bool = True) -> tuple[bytes, list[Request]]:
     """``data`` sent to a proxied connection; everything it answered, and what it reported."""
     reported: list[Request] = []
@@ -28,7 +39,7 @@ async def exchange(data: bytes, *, close: bool = True) -> tuple[bytes, list[Requ
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            await HttpConnection(View(), reader, writer, lambda r, *_: reported.append(r)).run()
+            await HttpConnection(deny_all(), reader, writer, lambda r, *_: reported.append(r)).run()
         except BaseException as exc:
             failures.append(exc)
 

@@ -54,9 +54,11 @@ def test_star_wars_rule() -> None:
     # anchored at both ends: a longer path or a query does not match
     assert not ask(v, "POST", "/v1/request-landing/x")
     assert not ask(v, "POSTX", "/v1/request-landing")
-    # the xwing matches no entry at all: nothing restricts it here, and the datapath would not
-    # have sent it; a connection nobody restricts is denied (fail closed)
+    # the xwing matches no entry of the enforced ingress: denied (the datapath drops it first)
     assert not ask(v, "POST", "/v1/request-landing", src=OTHER)
+    # the policy gone (an open keep-alive connection outlives it): no side restricts any more
+    v.set_resolved(str(DEATHSTAR), None)
+    assert ask(v, "PUT", "/v1/exhaust-port")
 
 
 def test_peer_sets_ports_and_a_plain_allow_next_to_l7() -> None:
@@ -84,7 +86,7 @@ def test_policy_change_is_seen_by_the_next_request() -> None:
     policy = ingress(PolicyEntry(peer=TIE, protocol=6, port=80, rule_id=1, l7=LANDING + put))
     v.set_resolved(str(DEATHSTAR), msgspec.json.encode(policy))
     assert v.generation > before and ask(v, "PUT", "/v1/exhaust-port")
-    v.set_resolved(str(DEATHSTAR), None)
+    v.set_resolved(str(DEATHSTAR), msgspec.json.encode(ingress()))  # enforced, nothing allowed
     assert not ask(v, "PUT", "/v1/exhaust-port")
 
 
