@@ -148,7 +148,12 @@ def build_plan(state: StateDir, info: ClusterInfo, replicas: dict[str, int]) -> 
     topology = topology_of(info)
     for index, node in enumerate(topology.node_names(), start=1):
         # the agent and the L7 proxy of each node, both in the node's namespace
-        for service, extra in (("datapath", {"MEMBRANE_ROUTING": info.routing}), ("proxy", {})):
+        # each agent writes its node's CNI conflist while it serves, as on a Kubernetes node
+        datapath_env = {
+            "MEMBRANE_ROUTING": info.routing,
+            "MEMBRANE_CNI_CONF_DIR": str(state.root / "cni" / node),
+        }
+        for service, extra in (("datapath", datapath_env), ("proxy", {})):
             processes.append(
                 ProcessSpec(
                     name=f"{service}-{node}",

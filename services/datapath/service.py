@@ -22,7 +22,7 @@ from typing import Any
 import msgspec
 from prometheus_client import REGISTRY
 
-from services.datapath import nodeport, routing, tunnel
+from services.datapath import cni_conf, nodeport, routing, tunnel
 from services.datapath.agent import Agent, Buckets
 from services.datapath.flow_publisher import FlowPublisher
 from services.datapath.health import Health, health_address
@@ -56,6 +56,9 @@ class DatapathSettings(CommonSettings):
         "", "network namespace to enter at start (name under /run/netns, or a path)"
     )
     socket: str = setting("", "unix socket for the CNI plugin and CLI (default per node)")
+    cni_conf_dir: str = setting(
+        "", "write the CNI conflist here while the agent serves (/etc/cni/net.d on a node)"
+    )
     underlay_device: str = setting("eth0", "interface whose IPv4 address is the node's")
     bpffs: str = setting("/sys/fs/bpf", "where bpffs is mounted")
     ct_size: int = setting(65536, "connection-tracking entries (LRU)")
@@ -316,6 +319,8 @@ async def run(settings: DatapathSettings) -> None:
             "pod_cidr": cidr.cidr,
         },
     )
+    if settings.cni_conf_dir:  # the node's runtime may call the plugin from now on
+        await asyncio.to_thread(cni_conf.write, Path(settings.cni_conf_dir), settings.socket_path)
     logger.info(
         "datapath agent ready",
         nats=redact(settings.nats_url),
@@ -327,6 +332,8 @@ async def run(settings: DatapathSettings) -> None:
     signal_name = await wait_for_shutdown()
     # a graceful stop leaves pods, programs and maps in place: the next agent adopts them
     logger.info("shutting down; endpoints keep forwarding", signal=signal_name)
+    if settings.cni_conf_dir:  # new pods wait for the next agent rather than fail
+        await asyncio.to_thread(cni_conf.remove, Path(settings.cni_conf_dir))
     server.close()
     await health.close()
     await micro.stop()

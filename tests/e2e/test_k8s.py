@@ -192,7 +192,11 @@ def test_compiled_cni_plugin_wires_a_pod_with_its_api_labels(
     until(lambda: _has_key(cluster, "pods", "default.k-cni"), "the pod's record", timeout=60)
     netns_name = f"{cluster.name}-kcni"
     subprocess.run(["ip", "netns", "add", netns_name], check=True)
-    config = json.dumps({"cniVersion": "1.0.0", "name": "membrane", "type": "membrane-cni"})
+    # the node's agent wrote its conflist once it served; the runtime hands the plugin its entry
+    conflist = json.loads((cluster.state / "cni" / node / "05-membrane.conflist").read_text())
+    (entry,) = conflist["plugins"]
+    assert entry["agentSocket"] == f"/run/membrane/{node}/agent.sock"
+    config = json.dumps({"cniVersion": conflist["cniVersion"], "name": conflist["name"], **entry})
     base = {
         "PATH": os.environ["PATH"],  # nothing of the virtualenv: the runtime's environment
         "CNI_CONTAINERID": "k0ffee",

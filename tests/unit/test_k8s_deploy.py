@@ -4,6 +4,7 @@ deployable and scalable on its own, and each container configured with its own s
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
@@ -19,6 +20,7 @@ from tests.unit.test_k8s_manifests import (
     settings_env_problems,
 )
 
+ROOT = Path(__file__).resolve().parents[2]
 # the oldest and newest minor versions the manifests are checked against
 OLDEST, NEWEST = "1.29.0", "1.37.0"
 Doc = dict[str, Any]
@@ -97,3 +99,44 @@ def test_namespace_enforces_a_pod_security_level() -> None:
     (namespace,) = of_kind("Namespace")
     labels = namespace["metadata"]["labels"]
     assert labels["pod-security.kubernetes.io/enforce"] in ("restricted", "baseline", "privileged")
+
+
+def host_path_of(workload: Doc, container: Doc, mount_path: str) -> str:
+    """The host directory mounted at ``mount_path`` in ``container``."""
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == mount_path]
+    volumes = workload["spec"]["template"]["spec"]["volumes"]
+    (volume,) = [v for v in volumes if v["name"] == mount["name"]]
+    return str(volume["hostPath"]["path"])
+
+
+def test_the_agent_runs_on_every_node_with_what_it_needs() -> None:
+    (agent,) = of_kind("DaemonSet")
+    spec = agent["spec"]["template"]["spec"]
+    assert spec["hostNetwork"] is True
+    assert spec["priorityClassName"] == "system-node-critical"
+    assert {"operator": "Exists"} in spec["tolerations"]
+    (container,) = spec["containers"]
+    assert container["args"] == ["run", "datapath"]
+    assert settings_env_problems(container, SERVICES["datapath"].settings) == []
+    env = {e["name"]: e for e in container["env"]}
+    assert env["K8S_NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    conf_dir = env["MEMBRANE_CNI_CONF_DIR"]["value"]
+    assert host_path_of(agent, container, conf_dir) == "/etc/cni/net.d"
+    for path in ("/sys/fs/bpf", "/run/netns", "/run/membrane", "/lib/modules", "/usr/src"):
+        assert host_path_of(agent, container, path) == path
+    # the plugin the Dockerfile builds goes where the runtime looks for plugins
+    (install,) = spec["initContainers"]
+    source, target = install["command"][1:]
+    assert source in (ROOT / "Dockerfile").read_text()
+    assert host_path_of(agent, install, str(Path(target).parent)) == "/opt/cni/bin"
+    assert Path(target).name == "membrane-cni"
+    assert container["readinessProbe"]["httpGet"]["port"] == "metrics"
+
+
+def test_only_the_agent_is_privileged() -> None:
+    for workload in [*of_kind("Deployment"), *of_kind("StatefulSet"), *of_kind("DaemonSet")]:
+        spec = workload["spec"]["template"]["spec"]
+        privileged = spec.get("hostNetwork") or any(
+            (c.get("securityContext") or {}).get("privileged") for c in containers(workload)
+        )
+        assert bool(privileged) == (workload["kind"] == "DaemonSet"), workload["metadata"]["name"]
