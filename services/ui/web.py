@@ -11,8 +11,9 @@ events).
   sample of the flows, the rate, and whether a monitor replica answers.
 
 Every batch doubles as a heartbeat: the page marks what it shows as not live when batches stop
-(the UI service is away) or say ``monitor: false`` (no monitor replica answers), and reloads
-the map when they resume.
+(the UI service is away) or say ``monitor: false`` (no monitor replica answers, checked every
+second), and reloads the map when they resume or when ``monitors`` (the replicas' ids) changes,
+since a restarted replica's ring starts empty.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from shared.runtime import TaskGroup, periodically, wait_for_shutdown
 
 STATIC = Path(__file__).with_name("static")
 TICK_S = 0.25
-MONITOR_CHECK_S = 2.0
+MONITOR_CHECK_S = 1.0
 DEFAULT_SINCE_S = 3600.0
 FLOWS_SHOWN = 200
 
@@ -95,6 +96,8 @@ class UIServer:
         self.bus = bus
         self.views: set[LiveView] = set()
         self.monitor_up = False
+        self.monitors = ""  # the replicas' ids: a new one is a restarted replica, its ring empty
+        self.closing = asyncio.Event()  # ends the streams (which never end by themselves)
         self.decode = msgspec.json.Decoder(EnrichedFlow).decode
 
     def app(self) -> web.Application:
@@ -157,8 +160,9 @@ class UIServer:
         self.views.add(view)
         try:
             await response.write(b"retry: 1000\n\n")  # the browser reconnects after 1 s
-            while True:
+            while not self.closing.is_set():
                 batch = view.take(time.time(), self.monitor_up)
+                batch["monitors"] = self.monitors
                 await response.write(b"data: " + json.dumps(batch).encode() + b"\n\n")
                 await asyncio.sleep(TICK_S)
         except (ConnectionResetError, asyncio.CancelledError):
@@ -179,9 +183,13 @@ class UIServer:
 
     async def check_monitor(self) -> None:
         try:
-            self.monitor_up = bool(await self.bus.discover(subjects.MONITOR_SERVICE))
+            replicas = await self.bus.discover(subjects.MONITOR_SERVICE)
         except (nats.errors.Error, TimeoutError):
-            self.monitor_up = False
+            replicas = []
+        self.monitor_up = bool(replicas)
+        self.monitors = ",".join(sorted(info.id for info in replicas))
+        self.monitors = ""  # the replicas' ids: a new one is a restarted replica, its ring empty
+        self.closing = asyncio.Event()  # ends the streams (which never end by themselves)
 
 
 async def run(settings: UISettings) -> None:
@@ -210,6 +218,7 @@ async def run(settings: UISettings) -> None:
     logger.info("ui ready", url=url, nats=redact(settings.nats_url))
     signal_name = await wait_for_shutdown()
     logger.info("shutting down", signal=signal_name)
+    server.closing.set()  # else the shutdown waits for the streams, still saying "live"
     with contextlib.suppress(nats.errors.Error):
         await subscription.unsubscribe()
     await tasks.close()

@@ -11,18 +11,20 @@ that, applied, let the observed connections through and deny an unobserved one (
 
 The web UI in Debian's chromium through Selenium (headless, a fresh profile): the map shows
 tiefighter -> deathstar green and xwing -> deathstar red; the red edge lists the drop with its
-policy; a new drop appears without a reload; the nodes view has every pair. Screenshots go to
-test-artifacts/ui/ (or $MEMBRANE_TEST_ARTIFACTS/ui).
+policy; a new drop appears without a reload; the nodes view has every pair; while the UI
+service or the monitor restarts the page says it is not live, and it is live again once they
+are back (no reload). Screenshots go to test-artifacts/ui/ (or $MEMBRANE_TEST_ARTIFACTS/ui).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -339,10 +341,63 @@ def test_the_service_map_shows_verdicts_flows_live_drops_and_nodes(
     nodes = cluster.nodes
 
     def every_pair() -> None:
-        cells = browser.find_elements("css selector", "#matrix td[data-state]")
-        pairs = {(c.get_attribute("data-from"), c.get_attribute("data-to")) for c in cells}
-        assert pairs == {(a, b) for a in nodes for b in nodes if a != b}, pairs
-        assert all(c.get_attribute("data-state") == "ok" for c in cells)
+        cells = browser.execute_script(  # in one go: the matrix is drawn again every 5 s
+            "return [...document.querySelectorAll('#matrix td[data-state]')]"
+            ".map(c => [c.dataset.from, c.dataset.to, c.dataset.state])"
+        )
+        assert {(a, b) for a, b, _ in cells} == {(a, b) for a in nodes for b in nodes if a != b}
+        assert all(state == "ok" for _, _, state in cells), cells
 
     until(every_pair, "every node pair in the matrix")
     browser.save_screenshot(str(ARTIFACTS / "nodes.png"))
+
+
+def test_the_page_is_not_live_while_the_ui_or_the_monitor_restarts_and_comes_back(
+    cluster: Cluster, starwars: dict[str, dict[str, Any]], browser: Any
+) -> None:
+    browser.get(cluster.run("ui").stdout.strip())
+
+    def status(starts: str) -> Callable[[], None]:
+        def check() -> None:
+            text = browser.find_element("id", "status").text
+            assert text.startswith(starts), text
+
+        return check
+
+    until(status("Live"), "the page live")
+    browser.execute_script("window.notReloaded = true")
+
+    def pid(process: str) -> int:
+        (found,) = [p["pid"] for p in cluster.json("status")["processes"] if p["name"] == process]
+        return int(found)
+
+    # frozen (so that it stays away as long as the test needs): not live, then live again
+    for process, why in (("ui-1", "reconnecting to the UI service"), ("monitor-1", "no monitor")):
+        frozen = pid(process)
+        os.kill(frozen, signal.SIGSTOP)
+        try:
+            until(status(f"Not live: {why}"), f"the page not live without {process}", timeout=15)
+            assert "stale" in (
+                browser.find_element("tag name", "body").get_attribute("class") or ""
+            )
+            browser.save_screenshot(str(ARTIFACTS / f"not-live-{process}.png"))
+        finally:
+            os.kill(frozen, signal.SIGCONT)
+        until(status("Live"), f"the page live again with {process} back", timeout=30)
+
+    # restarted: the page reconnects by itself, to the port the cluster keeps for the UI
+    old = pid("ui-1")
+    os.kill(old, signal.SIGTERM)
+
+    def restarted() -> float:
+        assert pid("ui-1") != old, "not restarted yet"
+        return float(browser.execute_script("return Date.now()"))
+
+    since = until(restarted, "the UI service restarted", timeout=30)
+
+    def reconnected() -> None:
+        status("Live")()
+        assert browser.execute_script("return window.membrane.lastBatch") > since
+
+    until(reconnected, "batches from the restarted UI service", timeout=60)
+    assert browser.execute_script("return window.notReloaded === true")

@@ -14,6 +14,7 @@ const state = {
   refetchTimer: null,
 };
 
+window.membrane = state; // for the browser test and the console: what the page holds
 const $ = (id) => document.getElementById(id);
 const edgeKey = (e) => `${e.source}|${e.destination}|${e.verdict}`;
 
@@ -242,8 +243,10 @@ function touchesSelection(edge) {
 
 function onBatch(batch) {
   state.lastBatch = Date.now();
-  const wasDown = !state.monitorUp;
+  // back from an outage, or a replica restarted (its ring started empty): reload the map
+  const wasDown = !state.monitorUp || (state.monitors !== undefined && batch.monitors !== state.monitors);
   state.monitorUp = batch.monitor;
+  state.monitors = batch.monitors;
   const sampling = $("sampling");
   if (batch.rate > SAMPLE_RATE || batch.sampled) {
     sampling.hidden = false;
