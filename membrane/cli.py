@@ -14,6 +14,7 @@ from typing import Any
 import uvloop
 
 from membrane import (
+    cli_credentials,
     cli_lb,
     cli_nodes,
     cli_observe,
@@ -345,6 +346,7 @@ def build_parser(run_flags: bool = True) -> argparse.ArgumentParser:
     cli_ui.add_parser(sub)
     cli_observe.add_parser(sub)
     cli_lb.add_parsers(sub)
+    cli_credentials.add_parser(sub)
 
     p = sub.add_parser("identity", help="security identities")
     id_sub = p.add_subparsers(dest="identity_command", required=True, metavar="ACTION")

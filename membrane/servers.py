@@ -5,6 +5,7 @@ The local cluster (``membrane up``) and the test suite start them the same way, 
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.errors import Unavailable
+from shared.roles import ADMIN, Permissions
 
 LOOPBACK = "127.0.0.1"
 
@@ -59,6 +61,9 @@ class NatsServer:
     host: str = LOOPBACK
     user: str = "membrane"
     password: str = field(default_factory=lambda: secrets.token_urlsafe(18))
+    # more users, each with the permissions of its role (shared/roles.py); ``user`` is the
+    # administrator, with every right
+    users: list[tuple[str, str, Permissions]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.port = self.port or free_port(self.host)
@@ -79,14 +84,21 @@ jetstream {{
   max_memory_store: 256MB
   max_file_store: 2GB
 }}
-authorization {{
-  user: "{self.user}"
-  password: "{self.password}"
-}}
+{self._authorization()}
 max_payload: 32MB
 """,
         )
         return conf
+
+    def _authorization(self) -> str:
+        if not self.users:
+            return f'authorization {{\n  user: "{self.user}"\n  password: "{self.password}"\n}}'
+        users = [
+            {"user": name, "password": password, "permissions": perms.render(name)}
+            for name, password, perms in [(self.user, self.password, ADMIN), *self.users]
+        ]
+        # JSON is valid nats-server configuration; quoted strings keep their '$' literal
+        return "authorization {\n  users: " + json.dumps(users, indent=2) + "\n}"
 
     def command(self) -> list[str]:
         return [require_binary("nats-server"), "-c", str(self.write_config())]

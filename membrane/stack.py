@@ -20,7 +20,7 @@ from pathlib import Path
 
 import msgspec
 
-from membrane import node_registry, nodes
+from membrane import credentials, node_registry, nodes
 from membrane.nodes import Topology, topology_of
 from membrane.registry import SERVICES
 from membrane.servers import (
@@ -32,6 +32,7 @@ from membrane.servers import (
     write_secret,
 )
 from membrane.state import DEFAULT_RANGES, ClusterInfo, Plan, ProcessSpec, StateDir
+from shared import roles
 from shared.bus import Bus
 from shared.errors import MembraneError, Unavailable
 
@@ -99,15 +100,30 @@ def _cluster_info(
     )
 
 
+def _roles(replicas: dict[str, int], topology: Topology) -> list[tuple[str, str]]:
+    """(role, node) of every service process the cluster runs (shared/roles.py)."""
+    wanted: list[tuple[str, str]] = []
+    for service, count in replicas.items():
+        role = roles.role_of_service(service)
+        if SERVICES[service].per_node:
+            wanted += [(role, node) for node in topology.node_names()]
+        elif count:
+            wanted.append((role, ""))
+    return wanted
+
+
 def build_plan(state: StateDir, info: ClusterInfo, replicas: dict[str, int]) -> Plan:
     processes: list[ProcessSpec] = []
+    creds = credentials.load(state)
+
+    def nats_url(user: str) -> str:
+        """Each service connects as the user of its role (an external NATS: as given)."""
+        if info.nats_external:
+            return info.nats_url
+        return credentials.url_for(info, creds[user])
+
     if not info.nats_external:
-        nats = NatsServer(
-            state.root / "nats",
-            port=info.nats_port,
-            password=info.nats_password,
-            host=nats_host(topology_of(info)),
-        )
+        nats = credentials.server(state, info, nats_host(topology_of(info)))
         processes.append(
             ProcessSpec(
                 name="nats-server",
@@ -124,7 +140,6 @@ def build_plan(state: StateDir, info: ClusterInfo, replicas: dict[str, int]) -> 
             ProcessSpec(name="redis-server", command=redis.command(), ready_port=info.redis_port)
         )
     env = {
-        "MEMBRANE_NATS_URL": info.nats_url,
         "MEMBRANE_REDIS_URL": info.redis_url,
         "MEMBRANE_LOG_FORMAT": "json",
         "MEMBRANE_CLUSTER_CIDR": info.cluster_cidr,
@@ -135,7 +150,12 @@ def build_plan(state: StateDir, info: ClusterInfo, replicas: dict[str, int]) -> 
             continue
         for index in range(1, count + 1):
             replica = f"{service}-{index}"
-            own = {"MEMBRANE_REPLICA": replica}
+            own = {
+                "MEMBRANE_REPLICA": replica,
+                "MEMBRANE_NATS_URL": nats_url(
+                    credentials.service_user(roles.role_of_service(service))
+                ),
+            }
             if service == "ui" and index == 1 and info.ui_port:
                 own["MEMBRANE_UI_PORT"] = str(info.ui_port)
             processes.append(
@@ -160,6 +180,9 @@ def build_plan(state: StateDir, info: ClusterInfo, replicas: dict[str, int]) -> 
                     command=[sys.executable, "-m", "membrane", "run", service],
                     env={
                         **env,
+                        "MEMBRANE_NATS_URL": nats_url(
+                            credentials.service_user(roles.role_of_service(service), node)
+                        ),
                         "MEMBRANE_NODE": node,
                         "MEMBRANE_NETNS": node,
                         "MEMBRANE_METRICS_HOST": str(topology.node_address(index).ip),
@@ -202,6 +225,7 @@ def up(
     earlier = state.read_cluster()
     info = _cluster_info(state, nats_url, redis_url, topology, routing)
     state.write_cluster(info)
+    credentials.ensure_builtin(state, _roles(replicas, topology))
     state.run.mkdir(mode=0o700, parents=True, exist_ok=True)
     state.logs.mkdir(mode=0o700, parents=True, exist_ok=True)
     plan = build_plan(state, info, replicas)

@@ -28,7 +28,7 @@ from nats.micro.request import Request
 from nats.micro.service import EndpointConfig, Service
 from prometheus_client import Counter, Histogram
 
-from shared import gcpause, kv_watch, log
+from shared import gcpause, kv_watch, log, roles
 from shared.errors import DeadlineExceeded, Internal, InvalidArgument, MembraneError, Unavailable
 from shared.errors import from_code as error_from_code
 from shared.kv_watch import KVEvent as KVEvent  # re-exported: KV consumers import it here
@@ -497,8 +497,17 @@ def _credentials(url: str) -> dict[str, Any]:
         if userinfo is not None:
             user, colon, password = userinfo.partition(":")
             if colon:
+                user = urllib.parse.unquote(user)
                 options.update(
-                    user=urllib.parse.unquote(user), password=urllib.parse.unquote(password)
+                    user=user,
+                    password=urllib.parse.unquote(password),
+                    # replies to this user arrive under a prefix of its own, the only inbox
+                    # its role may subscribe to (shared/roles.py)
+                    **(
+                        {"inbox_prefix": roles.inbox_prefix(user)}
+                        if roles.USER_RE.match(user)
+                        else {}
+                    ),
                 )
             else:
                 options["token"] = urllib.parse.unquote(user)

@@ -7,15 +7,19 @@ import asyncio
 import contextlib
 import subprocess
 import time
+import urllib.parse
 from collections.abc import AsyncIterator
 from ipaddress import IPv4Network
 from pathlib import Path
 
 import msgspec
+import nats
+import nats.errors
 import pytest
+from nats.aio.msg import Msg
 
 from membrane.servers import LOOPBACK, NatsServer, ServerProcess
-from membrane.state import StateDir
+from membrane.state import Plan, StateDir
 from shared import subjects
 from shared.bus import Bus
 from shared.messages import Endpoint, Node
@@ -68,6 +72,61 @@ def test_processes_started_with_pod_exec_die_with_the_pod(cluster: Cluster) -> N
     finally:
         foreground.kill()
         foreground.wait()
+
+
+async def test_services_run_as_their_roles_and_a_subscriber_only_reads(cluster: Cluster) -> None:
+    state = StateDir(cluster.state)
+    plan = msgspec.json.decode(state.plan_file.read_bytes(), type=Plan)
+    users = {
+        p.name: urllib.parse.urlsplit(p.env["MEMBRANE_NATS_URL"]).username
+        for p in plan.processes
+        if "MEMBRANE_NATS_URL" in p.env
+    }
+    assert users == {
+        "identity-1": "identity",
+        "policy-1": "policy",
+        "lb-1": "lb",
+        "monitor-1": "monitor",
+        **{f"datapath-{node}": f"datapath-{node}" for node in cluster.nodes},
+        **{f"proxy-{node}": f"proxy-{node}" for node in cluster.nodes},
+    }
+    assert (cluster.state / "credentials.json").stat().st_mode & 0o077 == 0
+    created = cluster.json("credentials", "create", "dash", "--role", "subscriber")
+    assert created["role"] == "subscriber"
+    errors: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc).lower())
+
+    nc = await nats.connect(created["url"], error_cb=on_error, inbox_prefix="_INBOX.dash")
+    try:
+        flows: asyncio.Queue[bytes] = asyncio.Queue()
+
+        async def on_flow(msg: Msg) -> None:
+            flows.put_nowait(msg.data)
+
+        await nc.subscribe(subjects.EVENTS_FLOWS_ALL, cb=on_flow)
+        await nc.flush()
+        cluster.run("pod", "create", "sub1", "--labels", "app=sub1")
+        target = cluster.json("pod", "create", "sub2", "--labels", "app=sub2")["ip"]
+        cluster.run("pod", "exec", "sub1", "--", "ping", "-c1", "-W1", target, check=False)
+        flow = msgspec.json.decode(await asyncio.wait_for(flows.get(), 15))
+        assert flow["verdict"] in ("FORWARDED", "DROPPED")
+        with pytest.raises(nats.errors.Error):
+            await nc.request(subjects.IDENTITY_ALLOCATE, b"{}", timeout=1)
+        await nc.publish("$KV.resolved.256", b"{}")
+        await nc.flush()
+        await asyncio.sleep(0.3)
+        assert any('publish to "$kv.resolved.256"' in e for e in errors), errors
+        assert "dash" in cluster.run("credentials", "list").stdout
+        cluster.run("credentials", "revoke", "dash")
+        deadline = time.monotonic() + 10
+        while not nc.is_closed and not nc.is_reconnecting:
+            assert time.monotonic() < deadline, "a revoked credential kept its connection"
+            await asyncio.sleep(0.1)
+    finally:
+        await nc.close()
+        cluster.run("pod", "delete", "sub1", "sub2", check=False)
 
 
 @contextlib.asynccontextmanager
