@@ -87,6 +87,7 @@ async def test_services_run_as_their_roles_and_a_subscriber_only_reads(cluster: 
         "policy-1": "policy",
         "lb-1": "lb",
         "monitor-1": "monitor",
+        "ui-1": "ui",
         **{f"datapath-{node}": f"datapath-{node}" for node in cluster.nodes},
         **{f"proxy-{node}": f"proxy-{node}" for node in cluster.nodes},
     }
