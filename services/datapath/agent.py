@@ -8,8 +8,6 @@ Map updates from KV watches are not behind it; each is a handful of map writes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -20,15 +18,17 @@ import msgspec
 from nats.js.kv import KeyValue
 from prometheus_client import Counter, Gauge
 
+from services.datapath import introspection
+from services.datapath.conntrack import Conntrack
 from services.datapath.ipcache_sync import IPCacheSync
 from services.datapath.lb_sync import LBSync
 from services.datapath.loader import Datapath
 from services.datapath.local_ipam import NodeIPAM
-from services.datapath.maps import EndpointInfo, IPCacheValue, LxcInfo, decode_ct, percpu_sum
+from services.datapath.maps import EndpointInfo, IPCacheValue, LxcInfo
 from services.datapath.metrics_collector import POLICY_IMPLEMENTATION
 from services.datapath.policy_sync import LocalEndpoint, PolicySync
 from shared import agent_api, kv_watch, log, netns, subjects
-from shared.agent_api import AddEndpoint, DumpReply, DumpRequest, EndpointList, EndpointRef
+from shared.agent_api import AddEndpoint, DumpRequest, EndpointList, EndpointRef
 from shared.bus import Bus, KVEvent
 from shared.errors import AlreadyExists, InvalidArgument, MembraneError, NotFound
 from shared.labels import pod_identity_labels
@@ -48,7 +48,6 @@ from shared.messages import (
     ResolvedPolicy,
 )
 from shared.names import validate_dns_label, validate_dns_subdomain
-from shared.reasons import reason_name
 
 METADATA_NAME_LABEL = "kubernetes.io/metadata.name"
 
@@ -136,11 +135,7 @@ class Agent:
         # pods as the Kubernetes API has them (``pods`` bucket): their labels win over the CNI
         # call's, which kubelet cannot fill
         self.pod_records: dict[str, PodRecord] = {}
-        # addresses whose identity changed or went: their connections are purged shortly
-        self.ct_stale: set[str] = set()
-        # local addresses that are not pods' (the health endpoint): their connections are not
-        # swept as those of a pod gone
-        self.keep_ct: set[str] = set()
+        self.conntrack = Conntrack(datapath.ct, self.ipam.cidr)
         self.watched: dict[str, set[str]] = {}  # bucket -> keys with a value, as applied
         # every pod's (identity, container ports), cluster-wide: egress named ports
         self.pod_ports: dict[str, tuple[int, tuple[ContainerPort, ...]]] = {}
@@ -468,7 +463,7 @@ class Agent:
             # the bucket's delete event may arrive before or after this, either is fine
             self.ipcache.remove_local(IPv4Network(f"{ip}/32"))
             # connections of the old pod must not carry over to the next holder of its address
-            await asyncio.to_thread(self.purge_ct, {endpoint.ip})
+            await asyncio.to_thread(self.conntrack.purge, {endpoint.ip})
             self.ipam.release(ip)
         for kv, kv_key in (
             (self.kv.endpoints, key),
@@ -626,7 +621,7 @@ class Agent:
         before = self.ipcache.chosen(old[0]) if old is not None else None
         self.ipcache.apply(event.key, entry)
         if old is not None and self.ipcache.chosen(old[0]) != before:
-            self.ct_stale.add(str(old[0].network_address))
+            self.conntrack.stale.add(str(old[0].network_address))
         KV_TO_MAP.labels(subjects.KV_IPCACHE).inc()
 
     async def follow(self, name: str, kv: KeyValue, handle: Callable[[KVEvent], None]) -> None:
@@ -634,148 +629,9 @@ class Agent:
         known = self.watched.setdefault(name, set())  # outlives a restarted watch
         await kv_watch.follow(kv, handle, self.synced[name].set, known)
 
-    def collect_ct(self, live: set[str]) -> int:
-        """Delete expired conntrack entries, and those of pod addresses no local endpoint holds
-        (``live``, taken on the event loop). Runs in a thread."""
-        now = time.monotonic_ns()
-        cidr = self.ipam.cidr
-        doomed = []
-        for key, value in self.datapath.ct.items():
-            entry = decode_ct(bytes(key), bytes(value), now)
-            gone = [
-                ip for ip in (entry.src, entry.dst) if IPv4Address(ip) in cidr and ip not in live
-            ]
-            if entry.expires_in < 0 or gone:
-                doomed.append(key)
-        for key in doomed:
-            with contextlib.suppress(KeyError):
-                del self.datapath.ct[key]
-        return len(doomed)
-
     async def sweep_ct(self) -> None:
-        """Expired entries, and those of addresses that changed hands (periodic)."""
-        live = {e.ip for e in self.endpoints.values()} | self.keep_ct
-        stale, self.ct_stale = self.ct_stale, set()
-        await asyncio.to_thread(self.collect_ct, live)
-        if stale:
-            await asyncio.to_thread(self.purge_ct, stale)
-
-    async def purge_stale_ct(self) -> None:
-        if self.ct_stale:
-            stale, self.ct_stale = self.ct_stale, set()
-            await asyncio.to_thread(self.purge_ct, stale)
-
-    def purge_ct(self, addresses: set[str]) -> int:
-        """Delete every conntrack entry of these addresses (their holder changed). A thread."""
-        now = time.monotonic_ns()
-        doomed = []
-        for key, value in self.datapath.ct.items():
-            entry = decode_ct(bytes(key), bytes(value), now)
-            if entry.src in addresses or entry.dst in addresses:
-                doomed.append(key)
-        for key in doomed:
-            with contextlib.suppress(KeyError):
-                del self.datapath.ct[key]
-        return len(doomed)
-
-    # --- introspection -----------------------------------------------------------------------
-
-    def dump(self, req: DumpRequest) -> DumpReply:
-        rows: list[dict[str, Any]]
-        if req.table == "endpoints":
-            by_ifindex = {e.host_ifindex: e for e in self.endpoints.values()}
-            rows = []
-            for ifindex, info in sorted(self.datapath.endpoints.items()):
-                endpoint = by_ifindex.get(ifindex)
-                rows.append(
-                    {
-                        "ifindex": ifindex,
-                        "pod": f"{endpoint.namespace}/{endpoint.name}" if endpoint else "",
-                        "ip": str(info.ip),
-                        "identity": info.identity,
-                        "ingress_enforced": bool(info.flags & 0x1),
-                        "egress_enforced": bool(info.flags & 0x2),
-                        "policy_failed": bool(info.flags & 0x4),
-                    }
-                )
-        elif req.table == "ipcache":
-            rows = [
-                {
-                    "cidr": str(net),
-                    "identity": v.identity,
-                    "tunnel_endpoint": str(v.tunnel_endpoint),
-                }
-                for net, v in sorted(self.datapath.ipcache.items())
-            ]
-        elif req.table == "policy":
-            rows = self._dump_policy(req)
-        elif req.table == "ct":
-            now = time.monotonic_ns()
-            entries = (decode_ct(bytes(k), bytes(v), now) for k, v in self.datapath.ct.items())
-            # an expired entry is already gone for the datapath; the sweep just has not run
-            rows = [dataclasses.asdict(e) for e in entries if e.expires_in >= 0]
-        elif req.table == "metrics":
-            rows = self._dump_metrics()
-        elif req.table == "lb" and self.lb is not None:
-            rows = self.lb.dump()
-        else:
-            raise InvalidArgument(
-                f"unknown table {req.table!r}: endpoints, ipcache, policy, ct, metrics or lb",
-                field="table",
-            )
-        return DumpReply(table=req.table, node=self.node.name, rows=rows)
-
-    def _dump_policy(self, req: DumpRequest) -> list[dict[str, Any]]:
-        endpoint = self.endpoints.get(subjects.endpoint_key(req.namespace or "default", req.pod))
-        if endpoint is None:
-            raise NotFound(
-                f"no pod {req.namespace or 'default'}/{req.pod} on node {self.node.name}"
-            )
-        resolved = self.policy.resolved.get(endpoint.identity)
-        rules = resolved.rules if resolved else {}
-        installed = self.policy.installed.get(endpoint.host_ifindex, {})
-        return [
-            {
-                "direction": "ingress" if key.direction == 1 else "egress",
-                "identity": key.identity,
-                "protocol": key.protocol,
-                "port": key.port,
-                "prefixlen": key.prefixlen,
-                "action": "deny" if value.deny else "proxy" if value.proxy_port else "allow",
-                "rule_id": value.rule_id,
-                "rule": rules.get(value.rule_id, ""),
-            }
-            for key, value in sorted(installed.items())
-        ]
-
-    def _dump_metrics(self) -> list[dict[str, Any]]:
-        rows = []
-        table = self.datapath.metrics
-        for index, values in table.items():
-            packets, nbytes = percpu_sum(values, ("packets", "bytes"))
-            if not packets:
-                continue
-            reason, direction = divmod(int(index.value), 4)
-            rows.append(
-                {
-                    "reason": reason,
-                    "reason_name": "Forwarded" if reason == 0 else reason_name(reason),
-                    "direction": "ingress" if direction == 1 else "egress",
-                    "packets": packets,
-                    "bytes": nbytes,
-                }
-            )
-        rows.sort(key=lambda r: (r["reason"], r["direction"]))
-        rows.append(
-            {
-                "reason": -1,
-                "reason_name": "Lost events",
-                "direction": "",
-                "packets": self.datapath.lost_event_count(),
-                "bytes": 0,
-            }
-        )
-        return rows
+        """Conntrack entries that expired or whose pod is gone (periodic; conntrack.py)."""
+        await self.conntrack.sweep(e.ip for e in self.endpoints.values())
 
     # --- the socket API ----------------------------------------------------------------------
 
@@ -795,7 +651,7 @@ class Agent:
             return EndpointList(endpoints=sorted(self.endpoints.values(), key=_sort_key))
 
         async def dump(req: DumpRequest) -> Message:
-            return await asyncio.to_thread(self.dump, req)
+            return await asyncio.to_thread(introspection.dump, self, req)
 
         return {
             "endpoint.add": typed(AddEndpoint, self.add_endpoint),

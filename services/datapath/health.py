@@ -94,7 +94,7 @@ class Health:
     def claim_address(self) -> None:
         """Before any pod is adopted or created: the address is never a pod's."""
         self.agent.ipam.reserve(self.ip)
-        self.agent.keep_ct.add(str(self.ip))
+        self.agent.conntrack.keep.add(str(self.ip))
 
     async def start(self) -> None:
         """Wire the health endpoint (idempotent: an agent restart re-installs it), serve HTTP

@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import time
 from collections.abc import Awaitable, Callable
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from services.datapath.loader import Datapath
 from services.datapath.maps import IPCacheValue
 from services.datapath.metrics_collector import DatapathCollector
 from services.datapath.ringbuf import RingBuffer
-from shared import __version__, agent_api, cni, identities, log, metrics, netns, subjects
+from shared import __version__, agent_api, cni, identities, netns, startup, subjects
 from shared.agent_api import CNIExec, CNIOutput
 from shared.bus import Bus, redact
 from shared.config import CommonSettings, env_name, setting
@@ -44,7 +45,7 @@ from shared.messages import (
     PodCIDR,
     PodCIDRRequest,
 )
-from shared.runtime import TaskGroup, enter_netns, periodically, wait_for_shutdown
+from shared.runtime import TaskGroup, enter_netns, periodically
 
 K8S_NODE_NAME = "K8S_NODE_NAME"
 
@@ -137,7 +138,23 @@ def cni_handler(socket: Path) -> agent_api.Handler:
     return handle
 
 
+@dataclasses.dataclass
+class _Node:
+    """What start-up has brought up, for the tasks and the stop."""
+
+    started: startup.Started
+    buckets: Buckets
+    node: Node
+    underlay: IPv4Address
+    datapath: Datapath
+    agent: Agent
+    peers: routing.Peers
+    health: Health
+
+
 async def run(settings: DatapathSettings) -> None:
+    """The agent from start to a graceful stop: bring the node up (:func:`_bring_up`), follow
+    the bus and serve (:func:`_start_tasks`, :func:`_serve`), stop leaving pods forwarding."""
     if settings.dump_program:
         from services.datapath.loader import program_text
 
@@ -145,8 +162,62 @@ async def run(settings: DatapathSettings) -> None:
         return
     if settings.netns:
         enter_netns(settings.netns)
-    logger = log.get("datapath", node=settings.node)
-    bus = await Bus.connect(settings.nats_url, f"membrane-datapath-{settings.node}")
+    started = await startup.start(
+        settings,
+        "datapath",
+        replica=settings.node,
+        connection=f"membrane-datapath-{settings.node}",
+        node=settings.node,
+    )
+    up = await _bring_up(settings, started)
+    tasks, publisher = await _start_tasks(settings, up)
+    server = await agent_api.serve(
+        settings.socket_path, {**up.agent.handlers(), "cni": cni_handler(settings.socket_path)}
+    )
+    collector = DatapathCollector(up.datapath)
+    REGISTRY.register(collector)
+    micro = await started.bus.add_service(
+        subjects.DATAPATH_SERVICE,
+        __version__,
+        "node agent: endpoints, BPF maps, flows",
+        {
+            **started.metadata,
+            "node": settings.node,
+            "underlay": str(up.underlay),
+            "pod_cidr": up.node.pod_cidr,
+        },
+    )
+    if settings.cni_conf_dir:  # the node's runtime may call the plugin from now on
+        await asyncio.to_thread(cni_conf.write, Path(settings.cni_conf_dir), settings.socket_path)
+    started.log.info(
+        "datapath agent ready",
+        nats=redact(settings.nats_url),
+        socket=str(settings.socket_path),
+        underlay=str(up.underlay),
+        pod_cidr=up.node.pod_cidr,
+        endpoints=len(up.agent.endpoints),
+    )
+    # a graceful stop leaves pods, programs and maps in place: the next agent adopts them
+    await started.until_signalled("shutting down; endpoints keep forwarding")
+    if settings.cni_conf_dir:  # new pods wait for the next agent rather than fail
+        await asyncio.to_thread(cni_conf.remove, Path(settings.cni_conf_dir))
+    server.close()
+    await up.health.close()
+    await micro.stop()
+    await tasks.close()
+    if settings.leave_on_stop:
+        await _leave(up)
+    with contextlib.suppress(Exception):
+        await publisher.flush()
+    await started.bus.close()
+    REGISTRY.unregister(collector)
+    up.datapath.close()
+
+
+async def _bring_up(settings: DatapathSettings, started: startup.Started) -> _Node:
+    """The node's address, pod CIDR and router, the compiled programs over the pinned maps,
+    the overlay or native routing, node ports, and the agent, peers and health on top."""
+    bus, logger = started.bus, started.log
     buckets = await Buckets.open(bus, settings.kv_replicas)
     cidr = await _pod_cidr(bus, settings.node, logger)
     underlay = await asyncio.to_thread(netns.interface_address, settings.underlay_device)
@@ -165,7 +236,7 @@ async def run(settings: DatapathSettings) -> None:
         routing=settings.routing,
         health_ip=str(health_address(cidr.cidr)),
     )
-    started = time.perf_counter()
+    begun = time.perf_counter()
     datapath = await asyncio.to_thread(
         Datapath,
         Path(settings.bpffs),
@@ -175,7 +246,7 @@ async def run(settings: DatapathSettings) -> None:
     )
     logger.info(
         "datapath compiled",
-        seconds=round(time.perf_counter() - started, 2),
+        seconds=round(time.perf_counter() - begun, 2),
         maps_reused=datapath.adopted,
     )
     agent = Agent(
@@ -188,7 +259,33 @@ async def run(settings: DatapathSettings) -> None:
     )
     for own in (underlay, router):
         agent.ipcache.set_local(IPv4Network(f"{own}/32"), IPCacheValue(identities.HOST))
+    await _route(settings, datapath, underlay)
+    peers = routing.Peers(
+        node,
+        settings.routing,
+        agent.ipcache,
+        datapath.tunnel_peers,
+        expiry=settings.node_expiry,
+        grace=settings.node_grace,
+        release=lambda name: routing.release_node(buckets.ipcache, buckets.endpoints, name),
+    )
+    health = Health(
+        agent,
+        peers,
+        bus,
+        await started.kv(
+            subjects.KV_HEALTH, "node -> its latest health probes of every other node"
+        ),
+        interval=settings.health_interval,
+        timeout=settings.health_timeout,
+    )
+    health.claim_address()
+    return _Node(started, buckets, node, underlay, datapath, agent, peers, health)
 
+
+async def _route(settings: DatapathSettings, datapath: Datapath, underlay: IPv4Address) -> None:
+    """The VXLAN device (tunnel mode) or its absence, the overlay configuration map, and
+    node ports for clients outside the pod network (bpf/nodeport.h)."""
     vxlan_ifindex = 0
     if settings.routing == "tunnel":
         mtu = await asyncio.to_thread(tunnel.link_mtu, settings.underlay_device)
@@ -207,149 +304,83 @@ async def run(settings: DatapathSettings) -> None:
             settings.tunnel_port,
         ),
     )
-    # node ports for clients outside the pod network (bpf/nodeport.h)
     await asyncio.to_thread(nodeport.enable, datapath, settings.underlay_device, underlay)
-    peers = routing.Peers(
-        node,
-        settings.routing,
-        agent.ipcache,
-        datapath.tunnel_peers,
-        expiry=settings.node_expiry,
-        grace=settings.node_grace,
-        release=lambda name: routing.release_node(buckets.ipcache, buckets.endpoints, name),
-    )
 
-    health = Health(
-        agent,
-        peers,
-        bus,
-        await bus.kv(
-            subjects.KV_HEALTH,
-            description="node -> its latest health probes of every other node",
-            replicas=settings.kv_replicas,
-        ),
-        interval=settings.health_interval,
-        timeout=settings.health_timeout,
-    )
-    health.claim_address()
 
+async def _start_tasks(settings: DatapathSettings, up: _Node) -> tuple[TaskGroup, FlowPublisher]:
+    """Follow the buckets until every snapshot is in, adopt what a previous agent left, then
+    the peers, health, flows, heartbeat and conntrack tasks."""
+    agent, buckets, logger = up.agent, up.buckets, up.started.log
     tasks = TaskGroup()
-    tasks.spawn(
-        "watch-resolved", lambda: agent.follow("resolved", buckets.resolved, agent.on_resolved)
-    )
-    tasks.spawn(
-        "watch-selectors", lambda: agent.follow("selectors", buckets.selectors, agent.on_selector)
-    )
-    tasks.spawn(
-        "watch-endpoints", lambda: agent.follow("endpoints", buckets.endpoints, agent.on_endpoint)
-    )
-    tasks.spawn("watch-ipcache", lambda: agent.follow("ipcache", buckets.ipcache, agent.on_ipcache))
-    tasks.spawn("watch-nodes", lambda: agent.follow("nodes", buckets.nodes, peers.on_node))
-    tasks.spawn(
-        "watch-namespaces",
-        lambda: agent.follow("namespaces", buckets.namespaces, agent.on_namespace),
-    )
-    tasks.spawn("watch-pods", lambda: agent.follow("pods", buckets.pods, agent.on_pod))
+    for name, kv, handle in (
+        ("resolved", buckets.resolved, agent.on_resolved),
+        ("selectors", buckets.selectors, agent.on_selector),
+        ("endpoints", buckets.endpoints, agent.on_endpoint),
+        ("ipcache", buckets.ipcache, agent.on_ipcache),
+        ("nodes", buckets.nodes, up.peers.on_node),
+        ("namespaces", buckets.namespaces, agent.on_namespace),
+        ("pods", buckets.pods, agent.on_pod),
+    ):
+        tasks.spawn(f"watch-{name}", functools.partial(agent.follow, name, kv, handle))
     # service load balancing: the services bucket into the lb maps (bpf/lb.h)
-    lb = agent.lb = LBSync(open_tables(datapath.bpf))
-    services_kv = await bus.kv(
-        subjects.KV_SERVICES,
-        description="namespace.name -> frontends, backends, revision",
-        replicas=settings.kv_replicas,
+    lb = agent.lb = LBSync(open_tables(up.datapath.bpf))
+    services_kv = await up.started.kv(
+        subjects.KV_SERVICES, "namespace.name -> frontends, backends, revision"
     )
     tasks.spawn("watch-services", lambda: lb.run(services_kv, buckets.nodes))
     for name, event in agent.synced.items():
         await event.wait()
         logger.debug("snapshot applied", bucket=name)
     await agent.adopt()
-    tasks.spawn("peers", peers.run)
-    await health.start()
-    tasks.spawn("health", health.run)
-
+    tasks.spawn("peers", up.peers.run)
+    await up.health.start()
+    tasks.spawn("health", up.health.run)
     publisher = FlowPublisher(
-        bus,
+        up.started.bus,
         settings.node,
-        RingBuffer(datapath.events_fd(), settings.events_bytes),
-        datapath.lost_event_count,
+        RingBuffer(up.datapath.events_fd(), settings.events_bytes),
+        up.datapath.lost_event_count,
     )
     tasks.spawn("flows", publisher.run)
-
-    async def heartbeat() -> None:
-        await buckets.nodes.put(
-            settings.node,
-            msgspec.json.encode(msgspec.structs.replace(node, heartbeat=time.time())),
-        )
-        if not agent.endpoints:
-            return  # the lease covers this node's pods' identities; without pods there is none
-        try:
-            await bus.request(
-                subjects.IDENTITY_HEARTBEAT,
-                HeartbeatRequest(owner=settings.node, ttl_seconds=settings.identity_lease),
-                HeartbeatReply,
-            )
-        except NotFound:
-            # the lease lapsed (this node was away too long) and its references are gone: take
-            # them again, or the numbers could be handed to other label sets
-            logger.warning("identity lease lapsed; allocating the pods' identities again")
-            await agent.reclaim_identities()
-        except MembraneError as exc:
-            logger.warning("identity lease not renewed", error=str(exc))
-
+    heartbeat = functools.partial(_heartbeat, settings, up)
     await heartbeat()
     tasks.spawn("heartbeat", lambda: periodically(settings.heartbeat_interval, heartbeat))
     tasks.spawn("policy-retry", lambda: periodically(5.0, _on_loop(agent.policy.retry_failed)))
-    tasks.spawn("ct-purge", lambda: periodically(1.0, agent.purge_stale_ct))
+    tasks.spawn("ct-purge", lambda: periodically(1.0, agent.conntrack.purge_stale))
     tasks.spawn("ct-gc", lambda: periodically(settings.ct_gc_interval, agent.sweep_ct))
+    return tasks, publisher
 
-    server = await agent_api.serve(
-        settings.socket_path, {**agent.handlers(), "cni": cni_handler(settings.socket_path)}
+
+async def _heartbeat(settings: DatapathSettings, up: _Node) -> None:
+    """The node's entry in ``nodes`` (its liveness) and the lease on its pods' identities."""
+    await up.buckets.nodes.put(
+        settings.node,
+        msgspec.json.encode(msgspec.structs.replace(up.node, heartbeat=time.time())),
     )
-    collector = DatapathCollector(datapath)
-    REGISTRY.register(collector)
-    metrics_port = metrics.serve(settings.metrics_host, settings.metrics_port)
-    micro = await bus.add_service(
-        subjects.DATAPATH_SERVICE,
-        __version__,
-        "node agent: endpoints, BPF maps, flows",
-        {
-            "replica": settings.node,
-            "node": settings.node,
-            "metrics": f"{settings.metrics_host}:{metrics_port}",
-            "underlay": str(underlay),
-            "pod_cidr": cidr.cidr,
-        },
-    )
-    if settings.cni_conf_dir:  # the node's runtime may call the plugin from now on
-        await asyncio.to_thread(cni_conf.write, Path(settings.cni_conf_dir), settings.socket_path)
-    logger.info(
-        "datapath agent ready",
-        nats=redact(settings.nats_url),
-        socket=str(settings.socket_path),
-        underlay=str(underlay),
-        pod_cidr=cidr.cidr,
-        endpoints=len(agent.endpoints),
-    )
-    signal_name = await wait_for_shutdown()
-    # a graceful stop leaves pods, programs and maps in place: the next agent adopts them
-    logger.info("shutting down; endpoints keep forwarding", signal=signal_name)
-    if settings.cni_conf_dir:  # new pods wait for the next agent rather than fail
-        await asyncio.to_thread(cni_conf.remove, Path(settings.cni_conf_dir))
-    server.close()
-    await health.close()
-    await micro.stop()
-    await tasks.close()
-    if settings.leave_on_stop:
-        # a graceful leave: the other nodes drop its routes and tunnel endpoint at once
-        try:
-            await buckets.nodes.delete(settings.node)
-            logger.info("left the cluster")
-        except Exception as exc:
-            logger.warning("could not leave the cluster", error=str(exc))
-    with contextlib.suppress(Exception):
-        await publisher.flush()
-    await bus.close()
-    REGISTRY.unregister(collector)
-    datapath.close()
+    if not up.agent.endpoints:
+        return  # the lease covers this node's pods' identities; without pods there is none
+    try:
+        await up.started.bus.request(
+            subjects.IDENTITY_HEARTBEAT,
+            HeartbeatRequest(owner=settings.node, ttl_seconds=settings.identity_lease),
+            HeartbeatReply,
+        )
+    except NotFound:
+        # the lease lapsed (this node was away too long) and its references are gone: take
+        # them again, or the numbers could be handed to other label sets
+        up.started.log.warning("identity lease lapsed; allocating the pods' identities again")
+        await up.agent.reclaim_identities()
+    except MembraneError as exc:
+        up.started.log.warning("identity lease not renewed", error=str(exc))
+
+
+async def _leave(up: _Node) -> None:
+    """A graceful leave: the other nodes drop this node's routes and tunnel endpoint at once."""
+    try:
+        await up.buckets.nodes.delete(up.node.name)
+        up.started.log.info("left the cluster")
+    except Exception as exc:
+        up.started.log.warning("could not leave the cluster", error=str(exc))
 
 
 def _on_loop(action: Callable[[], object]) -> Callable[[], Awaitable[None]]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -22,7 +21,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from services.identity import reserved
 from services.identity.allocator import Allocation, IdentityAllocator
 from services.identity.ipam import PodCIDRAllocator
-from shared import __version__, log, metrics, subjects
+from shared import __version__, log, startup, subjects
 from shared.bus import Bus, MicroService, encode, redact
 from shared.config import CommonSettings, env_name, setting
 from shared.errors import InvalidArgument, MembraneError, Unavailable
@@ -44,7 +43,7 @@ from shared.messages import (
     ReleaseRequest,
 )
 from shared.redis_store import make_redis
-from shared.runtime import TaskGroup, periodically, wait_for_shutdown
+from shared.runtime import TaskGroup, periodically
 
 Req = TypeVar("Req", bound=Message)
 Res = TypeVar("Res", bound=Message)
@@ -277,9 +276,7 @@ def _counting(handler: Callable[[Req], Awaitable[Res]]) -> Callable[[Req], Await
 
 
 async def run(settings: IdentitySettings) -> None:
-    replica = settings.replica or f"identity-{os.getpid()}"
-    log.configure(settings.log_level, settings.log_format, service="identity", replica=replica)
-    logger = log.get("identity")
+    started = await startup.start(settings, "identity")
     label_filter = LabelFilter(settings.label_filter)
     client = make_redis(settings.redis_url)
     allocator = IdentityAllocator(
@@ -290,30 +287,22 @@ async def run(settings: IdentitySettings) -> None:
         grace_seconds=settings.grace_period,
     )
     pool = PodCIDRAllocator(client, settings.cluster_cidr, settings.node_mask_size)
-    bus = await Bus.connect(settings.nats_url, f"identity/{replica}")
-    kv = await bus.kv(
-        subjects.KV_IDENTITIES,
-        description="security identity -> labels",
-        replicas=settings.kv_replicas,
-    )
+    bus = started.bus
+    kv = await started.kv(subjects.KV_IDENTITIES, "security identity -> labels")
     service = IdentityService(bus, kv, allocator, pool, settings)
-    metrics_port = metrics.serve(settings.metrics_host, settings.metrics_port)
-    await service.register(
-        {"replica": replica, "metrics": f"{settings.metrics_host}:{metrics_port}"}
-    )
+    await service.register(started.metadata)
     IDENTITIES.labels("reserved").set(len(reserved.BY_ID) - 1)  # "unknown" is no identity
     tasks = TaskGroup()
     tasks.spawn("gc", lambda: periodically(settings.gc_interval, service.collect_garbage))
     tasks.spawn("kv-backlog", lambda: periodically(1.0, service.flush_backlog))
     tasks.spawn("reconcile", lambda: _reconcile_loop(service, settings.reconcile_interval))
-    logger.info(
+    started.log.info(
         "identity service ready",
         nats=redact(settings.nats_url),
         redis=redact(settings.redis_url),
-        metrics=metrics_port,
+        metrics=started.metrics_port,
     )
-    signal_name = await wait_for_shutdown()
-    logger.info("shutting down", signal=signal_name)
+    await started.until_signalled()
     await tasks.close()
     await bus.close()
     await allocator.close()

@@ -20,7 +20,7 @@ import msgspec
 from nats.js.kv import KeyValue
 from prometheus_client import Counter, Gauge, Histogram
 
-from services.lb import ids
+from services.lb import ids, records
 from services.lb.model import (
     ApiService,
     EndpointSliceSpec,
@@ -31,8 +31,9 @@ from services.lb.model import (
     parse_endpoint_slice,
     parse_service,
 )
+from services.lb.records import Spec
 from services.lb.spec_store import SpecStore
-from shared import __version__, gcpause, kv_watch, log, maglev, metrics, subjects
+from shared import __version__, gcpause, kv_watch, log, maglev, startup, subjects
 from shared.bus import Bus, KVEvent, MicroService, redact
 from shared.config import CommonSettings, env_name, setting
 from shared.errors import AlreadyExists, InvalidArgument, NotFound
@@ -41,16 +42,14 @@ from shared.messages import (
     Endpoint,
     LBApplyReply,
     LBApplyRequest,
-    LBBackend,
     LBCreateRequest,
     LBDeleteReply,
-    LBFrontend,
     LBListReply,
     LBService,
     LBServiceRef,
 )
 from shared.redis_store import make_redis
-from shared.runtime import TaskGroup, wait_for_shutdown
+from shared.runtime import TaskGroup
 
 ALGORITHM_ANNOTATION = "lb.membrane.io/algorithm"
 ALGORITHMS = ("maglev", "random")
@@ -96,25 +95,8 @@ class StoredSpec(msgspec.Struct, kw_only=True):
     document: dict[str, Any]
 
 
-Spec = ServiceSpec | ApiService
-
-
 def spec_key(kind: str, namespace: str, name: str) -> str:
     return f"{'slice' if kind == 'EndpointSlice' else 'service'}.{namespace}.{name}"
-
-
-def frontend_owner(ip: str, port: int, protocol: str) -> str:
-    return f"{ip}:{port}/{protocol}"
-
-
-@dataclasses.dataclass
-class Desired:
-    """A service's frontends and backends before ids are attached."""
-
-    key: str
-    spec: Spec
-    frontends: list[tuple[str, int, str, bool, list[tuple[str, int, bool]]]]
-    algorithm: str
 
 
 class LBCore:
@@ -239,7 +221,7 @@ class LBCore:
                 holder = claimed.get(address) or owners.get(address)
                 if holder is not None and holder != key:
                     raise AlreadyExists(
-                        f"frontend {frontend_owner(*address)} of {key} belongs to {holder}",
+                        f"frontend {records.frontend_owner(*address)} of {key} belongs to {holder}",
                         field="frontends",
                     )
                 claimed[address] = key
@@ -437,57 +419,18 @@ class LBCore:
 
     # --- records -----------------------------------------------------------------------------
 
-    def _desired(self, key: str) -> Desired | None:
+    def _desired(self, key: str) -> records.Desired | None:
         spec = self.specs.get(key)
         if spec is None:
             return None
-        algorithm = self.algorithms.get(key, self.settings.lb_algorithm)
-        if isinstance(spec, ApiService):
-            backends = [(ip, port, False) for ip, port in spec.backends]
-            return Desired(
-                key,
-                spec,
-                [(f.ip, f.port, f.protocol, False, backends) for f in spec.frontends],
-                algorithm,
-            )
-        frontends: list[tuple[str, int, str, bool, list[tuple[str, int, bool]]]] = []
-        for port in spec.ports:
-            backends = self._backends(spec, port.name, port.protocol, port.target_port)
-            frontends.append((spec.cluster_ip, port.port, port.protocol, False, backends))
-            if port.node_port:
-                frontends.append(("0.0.0.0", port.node_port, port.protocol, True, backends))
-        return Desired(key, spec, frontends, algorithm)
-
-    def _backends(
-        self, spec: ServiceSpec, port_name: str, protocol: str, target: int | str
-    ) -> list[tuple[str, int, bool]]:
-        found: list[tuple[str, int, bool]] = []
-        if spec.selector is not None:
-            if not spec.selector:
-                return found  # an empty selector selects nothing for a Service
-            for pod in self.pods.values():
-                if pod.namespace != spec.namespace or not pod.ip:
-                    continue
-                if any(pod.labels.get(k) != v for k, v in spec.selector.items()):
-                    continue
-                if isinstance(target, int):
-                    found.append((pod.ip, target, False))
-                    continue
-                for cp in pod.ports:  # a named targetPort: the pod's port of that name
-                    if cp.name == target and cp.protocol == protocol:
-                        found.append((pod.ip, cp.port, False))
-                        break
-        else:
-            key = subjects.service_key(spec.namespace, spec.name)
-            for slice_key in sorted(self.slices_of.get(key, ())):
-                s = self.slices[slice_key]
-                for sp in s.ports:
-                    if sp.name != port_name or sp.protocol != protocol:
-                        continue
-                    for e in s.endpoints:
-                        if e.ready or e.terminating:
-                            found.append((e.ip, sp.port, e.terminating))
-        return sorted(set(found))
+        own = sorted(self.slices_of.get(subjects.service_key(spec.namespace, spec.name), ()))
+        return records.desired(
+            key,
+            spec,
+            self.algorithms.get(key, self.settings.lb_algorithm),
+            self.pods.values(),
+            [self.slices[k] for k in own],
+        )
 
     async def _recompute(self, keys: set[str]) -> None:
         """Write the records of ``keys`` that changed."""
@@ -525,61 +468,21 @@ class LBCore:
         """The changed records of ``keys``, as KV puts; ids allocated for their frontends
         and backends."""
         wanted = [d for d in (self._desired(k) for k in keys) if d is not None]
-        fronts = sorted(
-            {
-                frontend_owner(ip, port, proto)
-                for d in wanted
-                for ip, port, proto, _, _ in d.frontends
-            }
-        )
-        backs = sorted(
-            {
-                frontend_owner(bip, bport, proto)
-                for d in wanted
-                for _, _, proto, _, backends in d.frontends
-                for bip, bport, _ in backends
-            }
-        )
+        fronts, backs = records.owners(wanted)
         front_ids = await self._ids(ids.FRONTENDS, fronts)
         back_ids = await self._ids(ids.BACKENDS, backs)
-        records: list[tuple[str, bytes]] = []
+        puts: list[tuple[str, bytes]] = []
         for d in wanted:
-            record = LBService(
-                namespace=d.spec.namespace,
-                name=d.spec.name,
-                frontends=[
-                    LBFrontend(
-                        id=front_ids[frontend_owner(ip, port, proto)],
-                        ip=ip,
-                        port=port,
-                        protocol=proto,
-                        node_port=node_port,
-                        backends=[
-                            LBBackend(
-                                id=back_ids[frontend_owner(bip, bport, proto)],
-                                ip=bip,
-                                port=bport,
-                                terminating=terminating,
-                            )
-                            for bip, bport, terminating in backends
-                        ],
-                    )
-                    for ip, port, proto, node_port, backends in d.frontends
-                ],
-                algorithm=d.algorithm,
-                maglev_seed=self.seed,
-                maglev_size=self.settings.maglev_table_size,
-                affinity_timeout=d.spec.affinity_timeout,
-                source="api" if isinstance(d.spec, ApiService) else "kubernetes",
+            built = records.record(
+                d, front_ids, back_ids, seed=self.seed, maglev_size=self.settings.maglev_table_size
             )
-            old = self.records.get(d.key)
-            if old is not None and msgspec.structs.replace(old, revision=0) == record:
+            record = records.changed(self.records.get(d.key), built)
+            if record is None:
                 continue
-            record = msgspec.structs.replace(record, revision=(old.revision if old else 0) + 1)
             self._set_record(d.key, record)
-            records.append((kv_subject(subjects.KV_SERVICES, d.key), msgspec.json.encode(record)))
-        WRITES.labels("put").inc(len(records))
-        return records
+            puts.append((kv_subject(subjects.KV_SERVICES, d.key), msgspec.json.encode(record)))
+        WRITES.labels("put").inc(len(puts))
+        return puts
 
     async def _publish(self, puts: list[tuple[str, bytes]]) -> None:
         """KV puts without waiting for their acks (see _recompute)."""
@@ -776,16 +679,12 @@ def kv_subject(bucket: str, key: str) -> str:
 
 
 async def run(settings: LBSettings) -> None:
-    logger = log.get("lb")
-    bus = await Bus.connect(settings.nats_url, "membrane-lb")
-
-    async def kv(name: str, description: str) -> KeyValue:
-        return await bus.kv(name, description=description, replicas=settings.kv_replicas)
-
+    started = await startup.start(settings, "lb")
+    kv = started.kv
     allocator = ids.Allocator(make_redis(settings.redis_url))
     seed = settings.maglev_seed or await allocator.maglev_seed()
     core = LBCore(
-        bus,
+        started.bus,
         await kv(subjects.KV_LB_SPECS, "shard.<n> -> the applied documents whose key hashes to n"),
         await kv(subjects.KV_SERVICES, "namespace.name -> frontends, backends, revision"),
         allocator,
@@ -793,14 +692,8 @@ async def run(settings: LBSettings) -> None:
         seed,
     )
     tasks = await core.start(await kv(subjects.KV_ENDPOINTS, "namespace.pod -> endpoint"))
-    metrics_port = metrics.serve(settings.metrics_host, settings.metrics_port)
-    replica = settings.replica or f"lb-{id(core) & 0xFFFF}"
-    await core.register(
-        {"replica": replica, "metrics": f"{settings.metrics_host}:{metrics_port}"},
-        settings.concurrency,
-    )
-    logger.info("lb service ready", nats=redact(settings.nats_url), services=len(core.specs))
-    signal_name = await wait_for_shutdown()
-    logger.info("shutting down", signal=signal_name)
+    await core.register(started.metadata, settings.concurrency)
+    started.log.info("lb service ready", nats=redact(settings.nats_url), services=len(core.specs))
+    await started.until_signalled()
     await tasks.close()
-    await bus.close()
+    await started.bus.close()

@@ -16,6 +16,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import os
 import time
 from collections.abc import Callable
 from typing import Any, Final
@@ -30,7 +31,7 @@ from services.monitor import history
 from services.monitor.enrich import Enricher, event_namespace
 from services.monitor.ring import FlowRing
 from services.monitor.watches import follow, follow_optional
-from shared import __version__, flow_groups, log, metrics, subjects
+from shared import __version__, flow_groups, log, metrics, startup, subjects
 from shared.bus import Bus, MicroService, redact
 from shared.config import CommonSettings, env_name, setting
 from shared.errors import InvalidArgument
@@ -422,7 +423,9 @@ async def start(settings: MonitorSettings) -> Running:
 
 
 async def run(settings: MonitorSettings) -> None:
-    logger = log.get("monitor", replica=settings.replica)
+    logger = startup.configure_logging(
+        settings, "monitor", settings.replica or f"monitor-{os.getpid()}"
+    )
     running = await start(settings)
     logger.info(
         "monitor ready",

@@ -29,7 +29,7 @@ from services.policy.explain import explain
 from services.policy.model import Policy
 from services.policy.parser import parse_document
 from services.policy.resolver import Resolver
-from shared import __version__, kv_watch, log, metrics, subjects
+from shared import __version__, kv_watch, log, startup, subjects
 from shared.bus import Bus, KVEvent, MicroService, redact
 from shared.config import CommonSettings, env_name, setting
 from shared.errors import InvalidArgument, MembraneError, NotFound
@@ -48,7 +48,7 @@ from shared.messages import (
     PolicyRef,
     PolicySummary,
 )
-from shared.runtime import TaskGroup, periodically, wait_for_shutdown
+from shared.runtime import TaskGroup, periodically
 
 AUDIT_ANNOTATION = "policy.membrane.io/audit"
 
@@ -403,14 +403,10 @@ async def _get(kv: KeyValue, key: str) -> bytes | None:
 
 
 async def run(settings: PolicySettings) -> None:
-    logger = log.get("policy")
-    bus = await Bus.connect(settings.nats_url, "membrane-policy")
-
-    async def kv(name: str, description: str) -> KeyValue:
-        return await bus.kv(name, description=description, replicas=settings.kv_replicas)
-
+    started = await startup.start(settings, "policy")
+    kv = started.kv
     service = PolicyService(
-        bus,
+        started.bus,
         await kv(subjects.KV_POLICIES, "kind/namespace/name -> policy document"),
         await kv(subjects.KV_RESOLVED, "identity -> resolved policy"),
         await kv(subjects.KV_SELECTORS, "peer set id -> identities it selects"),
@@ -426,14 +422,10 @@ async def run(settings: PolicySettings) -> None:
         "watch-policies", lambda: service.follow("policies", service.policies, service.on_policy)
     )
     tasks.spawn("retry", lambda: periodically(1.0, service.retry_unpublished))
-    metrics_port = metrics.serve(settings.metrics_host, settings.metrics_port)
-    replica = settings.replica or f"policy-{id(service) & 0xFFFF}"
-    await service.register(
-        {"replica": replica, "metrics": f"{settings.metrics_host}:{metrics_port}"},
-        settings.concurrency,
+    await service.register(started.metadata, settings.concurrency)
+    started.log.info(
+        "policy service ready", nats=redact(settings.nats_url), metrics=started.metrics_port
     )
-    logger.info("policy service ready", nats=redact(settings.nats_url), metrics=metrics_port)
-    signal_name = await wait_for_shutdown()
-    logger.info("shutting down", signal=signal_name)
+    await started.until_signalled()
     await tasks.close()
-    await bus.close()
+    await started.bus.close()

@@ -489,3 +489,18 @@ spec:
         server.kill()
         await asyncio.to_thread(cluster.run, "policy", "delete", "lockdown", check=False)
         await asyncio.to_thread(cluster.run, "pod", "delete", "audited", "auditor")
+
+
+def test_the_agent_logs_as_membrane_up_asks(cluster: Cluster) -> None:
+    """`membrane up` runs every service with MEMBRANE_LOG_FORMAT=json; the agent honours it
+    (shared/startup.py), so its structlog lines are JSON naming the service and node. (Other
+    lines, such as the C compiler's warnings, are not structlog's.)"""
+    logs = StateDir(cluster.state).logs
+    for node in cluster.nodes:
+        lines = (logs / f"datapath-{node}.log").read_text().splitlines()
+        records = [json.loads(line) for line in lines if line.startswith("{")]
+        ready = [r for r in records if r.get("event") == "datapath agent ready"]
+        assert ready, f"no JSON 'ready' line in the log of datapath-{node}"
+        assert all(r["service"] == "datapath" and r["node"] == node for r in ready)
+        console = [line for line in lines if "[info" in line or "[warning" in line]
+        assert console == [], f"datapath-{node} logged in the console format"

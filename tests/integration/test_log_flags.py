@@ -1,0 +1,76 @@
+"""Every control-plane service honours --log-format and --log-level (shared/startup.py).
+
+Each runs as ``membrane run <service>`` would run it, against real NATS and Redis: with
+``--log-format json`` every line it writes is a JSON object naming the service, and
+``--log-level warning`` silences its "ready" line. (The datapath agent, which needs a node,
+is covered by tests/e2e/test_cli.py reading the local cluster's logs.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import subprocess
+import time
+
+import pytest
+
+from membrane.servers import ServerProcess
+from tests.conftest import membrane_command
+
+SERVICES = ("identity", "policy", "lb", "monitor")
+
+
+def run_until_ready(args: list[str], env: dict[str, str], timeout: float = 60) -> list[str]:
+    """Start a service, read its stderr until its "... ready" line (or ``timeout``), stop it
+    with SIGTERM, and return every line it wrote."""
+    proc = subprocess.Popen(
+        membrane_command("run", *args),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stderr, selectors.EVENT_READ)
+        while time.monotonic() < deadline and not any("ready" in line for line in lines):
+            if sel.select(timeout=0.5):
+                line = proc.stderr.readline()
+                if not line:
+                    break
+                lines.append(line.rstrip("\n"))
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, rest = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:  # how it stops is not this test's business
+        proc.kill()
+        _, rest = proc.communicate()
+    lines.extend(rest.splitlines())
+    return [line for line in lines if line.strip()]
+
+
+def env_of(nats: ServerProcess, redis: ServerProcess) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMBRANE_")}
+    env.update(MEMBRANE_NATS_URL=nats.url, MEMBRANE_REDIS_URL=redis.url)
+    return env
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_json_lines_at_the_level_asked(
+    service: str, nats_server: ServerProcess, redis_server: ServerProcess
+) -> None:
+    env = env_of(nats_server, redis_server)
+    lines = run_until_ready([service, "--log-format", "json", "--log-level", "debug"], env)
+    assert any("ready" in line for line in lines), f"{service} never said it was ready: {lines}"
+    for line in lines:
+        record = json.loads(line)  # the console format would not parse
+        assert record["service"] == service, line
+    quiet = run_until_ready(
+        [service, "--log-format", "json", "--log-level", "warning"], env, timeout=6
+    )
+    assert not [line for line in quiet if json.loads(line)["level"] in ("debug", "info")]
