@@ -48,6 +48,8 @@ def _ref(kind: str, name: str) -> dict[str, str]:
 
 
 def build() -> dict[str, Any]:
+    """The AsyncAPI document. Over 80 lines because it is one literal, the document as it is
+    published: read top to bottom it is the document; split, it would be scattered."""
     _, schemas = msgspec.json.schema_components([t for _, t, _ in MESSAGES], ref_template=REF)
     events = subjects.EVENTS_FLOWS_PREFIX
     channels: dict[str, Any] = {

@@ -85,6 +85,10 @@ async def watch(kv: KeyValue, keys: str = ">") -> AsyncGenerator[KVEvent | None,
     A consumer that restarts gets the whole current state again, so it resyncs by itself.
     Close it (``contextlib.aclosing``) when done: that removes the subscription and its
     consumer.
+
+    Over 80 lines on purpose: the message callback and the generator share their state (the
+    buffer, the caught-up flags, the target sequence) as closure variables; split into
+    functions, that state would have to travel through every call of a hot path.
     """
     prefix = kv._pre  # "$KV.<bucket>.": nats.py keeps the bucket's names private
     cut = len(prefix)

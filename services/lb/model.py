@@ -185,6 +185,48 @@ def parse_service(doc: Mapping[str, Any], service_cidr: IPv4Network | None = Non
         raise InvalidArgument(
             f"type {kind!r} is not supported (ClusterIP or NodePort)", field="spec.type"
         )
+    cluster_ip = _cluster_ip(spec, service_cidr)
+    raw_ports = _list(spec, "ports", "spec.")
+    if not raw_ports:
+        raise InvalidArgument("a service needs at least one port", field="spec.ports")
+    ports: list[ServicePort] = []
+    seen_names: set[str] = set()
+    seen_ports: set[tuple[int, str]] = set()
+    for i, raw in enumerate(raw_ports):
+        port = _service_port(raw, f"spec.ports[{i}]", kind, several=len(raw_ports) > 1)
+        where = f"spec.ports[{i}]"
+        if port.name:
+            if port.name in seen_names:
+                raise InvalidArgument(f"duplicate port name {port.name!r}", field=f"{where}.name")
+            seen_names.add(port.name)
+        if (port.port, port.protocol) in seen_ports:
+            raise InvalidArgument(
+                f"duplicate port {port.port}/{port.protocol}", field=f"{where}.port"
+            )
+        seen_ports.add((port.port, port.protocol))
+        ports.append(port)
+    selector: dict[str, str] | None = None
+    if spec.get("selector") is not None:
+        raw_selector = _map(spec, "selector", "spec.")
+        selector = {}
+        for key, value in raw_selector.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise InvalidArgument(
+                    "keys and values must be strings", field=f"spec.selector.{key}"
+                )
+            selector[key] = value
+    return ServiceSpec(
+        namespace=namespace,
+        name=name,
+        cluster_ip=cluster_ip,
+        ports=tuple(ports),
+        selector=selector,
+        affinity_timeout=_affinity_timeout(spec),
+        node_port=kind == "NodePort",
+    )
+
+
+def _cluster_ip(spec: Mapping[str, Any], service_cidr: IPv4Network | None) -> str:
     cluster_ip = _str(spec, "clusterIP", "spec.")
     if cluster_ip.lower() == "none":
         raise InvalidArgument(
@@ -200,96 +242,67 @@ def parse_service(doc: Mapping[str, Any], service_cidr: IPv4Network | None = Non
             raise InvalidArgument(
                 f"{cluster_ip} is not in the service CIDR {service_cidr}", field="spec.clusterIP"
             )
-    raw_ports = _list(spec, "ports", "spec.")
-    if not raw_ports:
-        raise InvalidArgument("a service needs at least one port", field="spec.ports")
-    ports: list[ServicePort] = []
-    seen_names: set[str] = set()
-    seen_ports: set[tuple[int, str]] = set()
-    for i, raw in enumerate(raw_ports):
-        where = f"spec.ports[{i}]"
-        if not isinstance(raw, Mapping):
-            raise InvalidArgument(f"must be a mapping, got {_type(raw)}", field=where)
-        port = check_port(raw.get("port"), f"{where}.port")
-        protocol = check_protocol(raw.get("protocol"), f"{where}.protocol")
-        port_name = _str(raw, "name", f"{where}.")
-        if len(raw_ports) > 1 and not port_name:
+    return cluster_ip
+
+
+def _service_port(raw: Any, where: str, kind: str, *, several: bool) -> ServicePort:
+    """One entry of ``spec.ports`` (its uniqueness among the others is the caller's)."""
+    if not isinstance(raw, Mapping):
+        raise InvalidArgument(f"must be a mapping, got {_type(raw)}", field=where)
+    port = check_port(raw.get("port"), f"{where}.port")
+    protocol = check_protocol(raw.get("protocol"), f"{where}.protocol")
+    port_name = _str(raw, "name", f"{where}.")
+    if several and not port_name:
+        raise InvalidArgument("is required when a service has several ports", field=f"{where}.name")
+    if port_name and (not IANA_SVC_NAME.match(port_name) or len(port_name) > 63):
+        raise InvalidArgument(f"{port_name!r} is not a valid port name", field=f"{where}.name")
+    target: int | str = port
+    raw_target = raw.get("targetPort")
+    if isinstance(raw_target, str):
+        if raw_target.isdigit():
+            target = check_port(int(raw_target), f"{where}.targetPort")
+        elif not IANA_SVC_NAME.match(raw_target) or len(raw_target) > 15:
             raise InvalidArgument(
-                "is required when a service has several ports", field=f"{where}.name"
+                f"{raw_target!r} is neither a port number nor a port name",
+                field=f"{where}.targetPort",
             )
-        if port_name:
-            if not IANA_SVC_NAME.match(port_name) or len(port_name) > 63:
-                raise InvalidArgument(
-                    f"{port_name!r} is not a valid port name", field=f"{where}.name"
-                )
-            if port_name in seen_names:
-                raise InvalidArgument(f"duplicate port name {port_name!r}", field=f"{where}.name")
-            seen_names.add(port_name)
-        if (port, protocol) in seen_ports:
-            raise InvalidArgument(f"duplicate port {port}/{protocol}", field=f"{where}.port")
-        seen_ports.add((port, protocol))
-        target: int | str = port
-        raw_target = raw.get("targetPort")
-        if isinstance(raw_target, str):
-            if raw_target.isdigit():
-                target = check_port(int(raw_target), f"{where}.targetPort")
-            elif not IANA_SVC_NAME.match(raw_target) or len(raw_target) > 15:
-                raise InvalidArgument(
-                    f"{raw_target!r} is neither a port number nor a port name",
-                    field=f"{where}.targetPort",
-                )
-            else:
-                target = raw_target
-        elif raw_target is not None:
-            target = check_port(raw_target, f"{where}.targetPort")
-        node_port = 0
-        if raw.get("nodePort") is not None:
-            if kind != "NodePort":
-                raise InvalidArgument(
-                    "only a NodePort service has node ports", field=f"{where}.nodePort"
-                )
-            node_port = _int(raw["nodePort"], f"{where}.nodePort")
-            low, high = protocols.NODE_PORT_RANGE
-            if not low <= node_port <= high:
-                raise InvalidArgument(
-                    f"node port {node_port} is out of range {low}-{high}",
-                    field=f"{where}.nodePort",
-                )
-        ports.append(ServicePort(port_name, port, protocol, target, node_port))
-    selector: dict[str, str] | None = None
-    if spec.get("selector") is not None:
-        raw_selector = _map(spec, "selector", "spec.")
-        selector = {}
-        for key, value in raw_selector.items():
-            if not isinstance(key, str) or not isinstance(value, str):
-                raise InvalidArgument(
-                    "keys and values must be strings", field=f"spec.selector.{key}"
-                )
-            selector[key] = value
+        else:
+            target = raw_target
+    elif raw_target is not None:
+        target = check_port(raw_target, f"{where}.targetPort")
+    node_port = 0
+    if raw.get("nodePort") is not None:
+        if kind != "NodePort":
+            raise InvalidArgument(
+                "only a NodePort service has node ports", field=f"{where}.nodePort"
+            )
+        node_port = _int(raw["nodePort"], f"{where}.nodePort")
+        low, high = protocols.NODE_PORT_RANGE
+        if not low <= node_port <= high:
+            raise InvalidArgument(
+                f"node port {node_port} is out of range {low}-{high}", field=f"{where}.nodePort"
+            )
+    return ServicePort(port_name, port, protocol, target, node_port)
+
+
+def _affinity_timeout(spec: Mapping[str, Any]) -> int:
+    """``sessionAffinity: ClientIP``'s timeout in seconds; 0 without session affinity."""
     affinity = _str(spec, "sessionAffinity", "spec.", "None")
-    timeout = 0
-    if affinity == "ClientIP":
-        config = _map(
-            _map(spec, "sessionAffinityConfig", "spec."), "clientIP", "spec.sessionAffinityConfig."
-        )
-        raw_timeout = config.get("timeoutSeconds", DEFAULT_AFFINITY_TIMEOUT)
-        timeout = _int(raw_timeout, "spec.sessionAffinityConfig.clientIP.timeoutSeconds")
-        if not 1 <= timeout <= MAX_AFFINITY_TIMEOUT:
-            raise InvalidArgument(
-                f"must be between 1 and {MAX_AFFINITY_TIMEOUT}",
-                field="spec.sessionAffinityConfig.clientIP.timeoutSeconds",
-            )
-    elif affinity != "None":
+    if affinity == "None":
+        return 0
+    if affinity != "ClientIP":
         raise InvalidArgument(f"{affinity!r} is not None or ClientIP", field="spec.sessionAffinity")
-    return ServiceSpec(
-        namespace=namespace,
-        name=name,
-        cluster_ip=cluster_ip,
-        ports=tuple(ports),
-        selector=selector,
-        affinity_timeout=timeout,
-        node_port=kind == "NodePort",
+    config = _map(
+        _map(spec, "sessionAffinityConfig", "spec."), "clientIP", "spec.sessionAffinityConfig."
     )
+    raw_timeout = config.get("timeoutSeconds", DEFAULT_AFFINITY_TIMEOUT)
+    timeout = _int(raw_timeout, "spec.sessionAffinityConfig.clientIP.timeoutSeconds")
+    if not 1 <= timeout <= MAX_AFFINITY_TIMEOUT:
+        raise InvalidArgument(
+            f"must be between 1 and {MAX_AFFINITY_TIMEOUT}",
+            field="spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+        )
+    return timeout
 
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"

@@ -374,6 +374,21 @@ async def start(settings: MonitorSettings) -> Running:
         {"replica": settings.replica, "metrics": f"{settings.metrics_host}:{metrics_port}"},
         queue_group=subjects.MONITOR_QUEUE,
     )
+    await _endpoints(micro, monitor)
+    tasks.spawn("enrich", monitor.process_forever)
+    tasks.spawn("cache-gauges", lambda: periodically(5.0, _on_loop(monitor.update_cache_gauges)))
+    sub = await bus.nc.subscribe(
+        subjects.FLOWS_ALL,
+        queue=subjects.MONITOR_QUEUE,
+        cb=monitor.on_batch,
+        pending_msgs_limit=max(1024, settings.queue_batches * 4),
+    )
+    await bus.flush()  # subscriptions in place at the server before anyone is told "ready"
+    return Running(monitor, bus, micro, tasks, sub, metrics_port)
+
+
+async def _endpoints(micro: MicroService, monitor: Monitor) -> None:
+    """The replica's request endpoints on its micro service."""
     monitor.replica = micro.id
     # per-replica subjects: each replica holds only its share of the flows, so a query asks all
     await micro.endpoint(
@@ -410,16 +425,6 @@ async def start(settings: MonitorSettings) -> Running:
         monitor.history,
         concurrency=4,
     )
-    tasks.spawn("enrich", monitor.process_forever)
-    tasks.spawn("cache-gauges", lambda: periodically(5.0, _on_loop(monitor.update_cache_gauges)))
-    sub = await bus.nc.subscribe(
-        subjects.FLOWS_ALL,
-        queue=subjects.MONITOR_QUEUE,
-        cb=monitor.on_batch,
-        pending_msgs_limit=max(1024, settings.queue_batches * 4),
-    )
-    await bus.flush()  # subscriptions in place at the server before anyone is told "ready"
-    return Running(monitor, bus, micro, tasks, sub, metrics_port)
 
 
 async def run(settings: MonitorSettings) -> None:
