@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared import identities
+from shared import identities, protocols
 from shared.flow_api import FlowGroup
 from shared.flow_groups import is_pod_identity
 from shared.labels import (
@@ -38,7 +38,7 @@ CNP = "CiliumNetworkPolicy"
 KNP = "NetworkPolicy"
 KINDS = (CNP, KNP)
 DELIVERED = ("FORWARDED", "AUDIT")  # audited connections were delivered too
-PORT_PROTOCOLS = ("TCP", "UDP", "SCTP")
+PORT_PROTOCOLS = tuple(protocols.PORT_PROTOCOLS)
 MAX_PORTS = 40  # per toPorts entry (Cilium's limit)
 ENTITIES = {
     name: name
