@@ -20,7 +20,7 @@ from services.k8s.leader import LeaderElector, LeaseConfig
 from services.k8s.reflector import Reflector
 from services.k8s.resync import forget_vanished
 from services.k8s.sink import Sink
-from shared import __version__, log, metrics, subjects
+from shared import __version__, log, metrics, startup, subjects
 from shared.bus import Bus, redact
 from shared.config import CommonSettings, env_name, setting
 from shared.errors import InvalidArgument
@@ -124,11 +124,11 @@ class Bridge:
 
 
 async def run(settings: K8sSettings) -> None:
-    logger = log.get("k8s")
-    bus = await Bus.connect(settings.nats_url, "membrane-k8s")
-    kube = await KubeClient.connect(settings.kubeconfig)
     # in a pod the host name is the pod's name: unique among the replicas, as a Lease needs
     replica = settings.replica or os.environ.get("POD_NAME") or socket.gethostname()
+    logger = startup.configure_logging(settings, "k8s", replica)
+    bus = await Bus.connect(settings.nats_url, "membrane-k8s")
+    kube = await KubeClient.connect(settings.kubeconfig)
     bridge = Bridge(bus, kube, settings, replica)
     metrics_port = metrics.serve(settings.metrics_host, settings.metrics_port)
     await bridge.register(

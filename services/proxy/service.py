@@ -23,7 +23,7 @@ from prometheus_client import Counter, Histogram
 
 from services.proxy.http import HttpConnection, Request
 from services.proxy.view import View
-from shared import __version__, log, metrics, proxy, subjects
+from shared import __version__, metrics, proxy, startup, subjects
 from shared.bus import Bus
 from shared.config import CommonSettings, setting
 from shared.kv_watch import follow
@@ -134,7 +134,7 @@ def listener(port: int) -> socket.socket:
 async def run(settings: ProxySettings) -> None:
     if settings.netns:
         enter_netns(settings.netns)
-    logger = log.get("proxy", node=settings.node)
+    logger = startup.configure_logging(settings, "proxy", settings.node, node=settings.node)
     bus = await Bus.connect(settings.nats_url, f"membrane-proxy-{settings.node}")
     view = View()
     tasks = TaskGroup()

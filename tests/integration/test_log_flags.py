@@ -3,7 +3,8 @@
 Each runs as ``membrane run <service>`` would run it, against real NATS and Redis: with
 ``--log-format json`` every line it writes is a JSON object naming the service, and
 ``--log-level warning`` silences its "ready" line. (The datapath agent, which needs a node,
-is covered by tests/e2e/test_cli.py reading the local cluster's logs.)
+is covered by tests/e2e/test_datapath.py reading the local cluster's logs; the k8s bridge
+needs a Kubernetes API and takes its logging from the same start-up.)
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import os
 import selectors
 import signal
+import socket
 import subprocess
 import time
 
@@ -20,7 +22,7 @@ import pytest
 from membrane.servers import ServerProcess
 from tests.conftest import membrane_command
 
-SERVICES = ("identity", "policy", "lb", "monitor")
+SERVICES = ("identity", "policy", "lb", "monitor", "proxy")
 
 
 def run_until_ready(args: list[str], env: dict[str, str], timeout: float = 60) -> list[str]:
@@ -54,6 +56,21 @@ def run_until_ready(args: list[str], env: dict[str, str], timeout: float = 60) -
     return [line for line in lines if line.strip()]
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def extra_args(service: str) -> list[str]:
+    if service != "proxy":
+        return []
+    if os.geteuid() != 0:
+        pytest.skip("the proxy's transparent listener needs root")
+    # a proxy in the root namespace: its listener on a free port, for a node nobody runs
+    return ["--node", "log-flags", "--proxy-port", str(free_port())]
+
+
 def env_of(nats: ServerProcess, redis: ServerProcess) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEMBRANE_")}
     env.update(MEMBRANE_NATS_URL=nats.url, MEMBRANE_REDIS_URL=redis.url)
@@ -65,12 +82,13 @@ def test_json_lines_at_the_level_asked(
     service: str, nats_server: ServerProcess, redis_server: ServerProcess
 ) -> None:
     env = env_of(nats_server, redis_server)
-    lines = run_until_ready([service, "--log-format", "json", "--log-level", "debug"], env)
+    extra = extra_args(service)
+    lines = run_until_ready([service, *extra, "--log-format", "json", "--log-level", "debug"], env)
     assert any("ready" in line for line in lines), f"{service} never said it was ready: {lines}"
     for line in lines:
         record = json.loads(line)  # the console format would not parse
         assert record["service"] == service, line
     quiet = run_until_ready(
-        [service, "--log-format", "json", "--log-level", "warning"], env, timeout=6
+        [service, *extra, "--log-format", "json", "--log-level", "warning"], env, timeout=6
     )
     assert not [line for line in quiet if json.loads(line)["level"] in ("debug", "info")]
