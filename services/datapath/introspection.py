@@ -9,19 +9,29 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from services.datapath.conntrack import Conntrack
+from services.datapath.lb_sync import LBSync
+from services.datapath.loader import Datapath
 from services.datapath.maps import percpu_sum
+from services.datapath.policy_sync import PolicySync
 from shared import subjects
 from shared.agent_api import DumpReply, DumpRequest
 from shared.errors import InvalidArgument, NotFound
-from shared.messages import Endpoint
+from shared.messages import Endpoint, Node
 from shared.reasons import reason_name
 
-if TYPE_CHECKING:
-    from services.datapath.agent import Agent
 
-TABLES = ("endpoints", "ipcache", "policy", "ct", "metrics", "lb")
+class Agent(Protocol):
+    """What a dump reads of the agent (services/datapath/agent.py), which imports this."""
+
+    node: Node
+    datapath: Datapath
+    endpoints: dict[str, Endpoint]
+    policy: PolicySync
+    conntrack: Conntrack
+    lb: LBSync | None
 
 
 def dump(agent: Agent, req: DumpRequest) -> DumpReply:
