@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -36,7 +37,7 @@ from nats.aio.msg import Msg
 from services.ui import views
 from services.ui.live import LiveView
 from services.ui.service import UISettings
-from shared import __version__, log, metrics, subjects
+from shared import __version__, metrics, startup, subjects
 from shared.bus import Bus, redact
 from shared.errors import InvalidArgument, MembraneError
 from shared.flow_api import EnrichedFlow, FlowFilterTerm, FlowQuery
@@ -193,7 +194,7 @@ class UIServer:
 
 
 async def run(settings: UISettings) -> None:
-    logger = log.get("ui")
+    logger = startup.configure_logging(settings, "ui", settings.replica or f"ui-{os.getpid()}")
     bus = await Bus.connect(settings.nats_url, "membrane-ui")
     server = UIServer(bus)
     runner = web.AppRunner(server.app(), access_log=None)

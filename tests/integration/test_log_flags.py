@@ -22,7 +22,7 @@ import pytest
 from membrane.servers import ServerProcess
 from tests.conftest import membrane_command
 
-SERVICES = ("identity", "policy", "lb", "monitor", "proxy")
+SERVICES = ("identity", "policy", "lb", "monitor", "proxy", "ui")
 
 
 def run_until_ready(args: list[str], env: dict[str, str], timeout: float = 60) -> list[str]:
