@@ -28,7 +28,8 @@ POLICY_KEY_PREFIXLEN: Final = struct.Struct("<I")
 POLICY_KEY_DATA: Final = struct.Struct(">IB3xIBxH")  # endpoint, direction, identity, proto, port
 POLICY_KEY: Final = struct.Struct("<I" + POLICY_KEY_DATA.format[1:])
 POLICY_VALUE: Final = struct.Struct("<IBxH")  # rule_id, deny, pad, proxy_port
-CT_KEY: Final = struct.Struct("<4s4sHHBBH")  # saddr, daddr, sport, dport, protocol, scope, pad
+# saddr, daddr, sport, dport, protocol, scope, icmp_class
+CT_KEY: Final = struct.Struct("<4s4sHHBBH")
 # expires_ns, packets, bytes, rule_id, src_identity, dst_identity, flags, tcp_flags_seen, pad
 CT_ENTRY: Final = struct.Struct("<QQQIIIBBH")
 

@@ -15,6 +15,11 @@ ask tcp|udp IP PORT N [SPORT [GAP_MS]]  N connections (or datagrams from one sou
                               SPORT, 0: any), GAP_MS apart; print the answers as a JSON list
                               (from the address in $NETPROBE_SOURCE when it is set)
 spoof SRC DST DPORT PAYLOAD    send one UDP datagram from the forged address SRC (a raw socket)
+udpwait IP PORT SPORT SECONDS send one datagram from SPORT on a connected socket, print "sent",
+                              then wait SECONDS: exit 0 on an answer, 3 on an ICMP error
+                              ("connection refused"), 1 on nothing
+icmperr VICTIM SERVER DPORT N send VICTIM N ICMP port-unreachable errors quoting its UDP datagram
+                              VICTIM:40000 -> SERVER:DPORT (100 ms apart)
 rawcount PROTO SECONDS        count the IP packets of protocol PROTO arriving for SECONDS (raw
                               socket; prints "ready" first); print the count
 rawsend PROTO IP COUNT        send COUNT IP packets of protocol PROTO to IP (raw socket)
@@ -28,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import struct
 import sys
 import threading
 import time
@@ -262,6 +268,39 @@ def spoof(src: str, dst: str, dport: int, payload: bytes) -> int:
     return 0
 
 
+def udpwait(ip: str, port: int, sport: int, seconds: float) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("0.0.0.0", sport))
+        sock.connect((ip, port))
+        sock.settimeout(seconds)
+        sock.send(b"ping")
+        print("sent", flush=True)
+        try:
+            print(sock.recv(2048).decode())
+            return 0
+        except ConnectionRefusedError:
+            print("refused")
+            return 3
+        except OSError as exc:
+            print(f"failed: {exc}")
+            return 1
+
+
+def icmperr(victim: str, server: str, dport: int, count: int) -> int:
+    """Port unreachable, as if from SERVER's node, quoting VICTIM's datagram to SERVER."""
+    from underlay import checksum, ipv4_udp  # the script's own directory is on sys.path
+
+    quoted = ipv4_udp(victim, server, dport, b"ping")[:28]  # IP header + 8 bytes of UDP
+    header = struct.pack("!BBHI", 3, 3, 0, 0)
+    message = header[:2] + struct.pack("!H", checksum(header + quoted)) + header[4:] + quoted
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as sock:
+        for _ in range(count):
+            sock.sendto(message, (victim, 0))
+            time.sleep(0.1)
+    print(count)
+    return 0
+
+
 def rawcount(proto: int, seconds: float) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_RAW, proto) as sock:
         sock.settimeout(0.2)
@@ -312,6 +351,10 @@ def main(argv: list[str]) -> int:
         return ask(rest[0], rest[1], int(rest[2]), int(rest[3]), sport, gap)
     if command == "spoof":
         return spoof(rest[0], rest[1], int(rest[2]), rest[3].encode())
+    if command == "udpwait":
+        return udpwait(rest[0], int(rest[1]), int(rest[2]), float(rest[3]))
+    if command == "icmperr":
+        return icmperr(rest[0], rest[1], int(rest[2]), int(rest[3]))
     if command == "rawcount":
         return rawcount(int(rest[0]), float(rest[1]))
     if command == "rawsend":

@@ -124,3 +124,38 @@ def test_port_zero_of_any_protocol_admits_no_icmp_or_gre(cluster: Cluster, tmp_p
         listener.kill()
         cluster.run("delete", "-f", str(tmp_path / "p0.yaml"), check=False)
         cluster.run("pod", "delete", "p0server", "p0client", check=False)
+
+
+def test_an_icmp_error_from_an_unrelated_pod_is_dropped(cluster: Cluster, tmp_path: Path) -> None:
+    # The victim talks UDP to a server that does not answer; an unrelated pod sends it "port
+    # unreachable" quoting that datagram. Only the server (or a node on the way) may: anyone
+    # else would break the victim's connections, or get ICMP past its policy.
+    victim = create_pod(cluster, "icmpv", "app=icmpv")
+    server = create_pod(cluster, "icmps", "app=icmps")
+    create_pod(cluster, "icmpx", "app=icmpx")
+    listener = cluster.background("icmpv", "serve", "tcp", "80")
+    silent = cluster.background("icmps", "count", "9000", "30")  # receives, never answers
+    apply_text(
+        cluster,
+        tmp_path,
+        "icmpv",
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: icmpv}\nspec:\n"
+        "  endpointSelector: {matchLabels: {app: icmpv}}\n  ingress:\n"
+        "  - fromEndpoints: [{matchLabels: {app: icmps}}]\n",
+    )
+    v_ip, s_ip = str(victim["ip"]), str(server["ip"])
+    try:
+        denied_eventually(cluster, "icmpx", v_ip, "80")  # the victim's policy is in force
+        # the server's own error still arrives (nothing listens on 9001 there)
+        assert cluster.probe("icmpv", "udpc", s_ip, "9001").returncode == 3
+        waiting = cluster.background("icmpv", "udpwait", s_ip, "9000", "40000", "5")
+        assert waiting.stdout is not None and waiting.stdout.readline().strip() == "sent"
+        forged = cluster.probe("icmpx", "icmperr", v_ip, s_ip, "9000", "5")
+        assert forged.returncode == 0, forged.stdout + forged.stderr
+        out, _ = waiting.communicate(timeout=30)
+        assert waiting.returncode == 1, out  # 3: the forged error got through
+    finally:
+        listener.kill()
+        silent.kill()
+        cluster.run("delete", "-f", str(tmp_path / "icmpv.yaml"), check=False)
+        cluster.run("pod", "delete", "icmpv", "icmps", "icmpx", check=False)

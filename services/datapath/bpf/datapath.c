@@ -46,6 +46,19 @@ struct packet {
 	__u32 proxy_identity; /* set by the caller: the client's, on the proxy's upstream packets */
 };
 
+static __always_inline int icmp_error(__u8 type)
+{
+	return type == ICMP_DEST_UNREACH || type == ICMP_TIME_EXCEEDED || type == ICMP_PARAMETERPROB;
+}
+
+/* the request a reply answers (timestamp, information, address mask), else the type itself */
+static __always_inline __u8 icmp_request_type(__u8 type)
+{
+	return type == ICMP_TIMESTAMPREPLY || type == ICMP_INFO_REPLY || type == ICMP_ADDRESSREPLY
+		       ? type - 1
+		       : type;
+}
+
 static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, __u8 proto, __u32 *saddr,
 				    __u32 *daddr, struct ct_key *t, __u8 *flags, __u16 *icmp_type)
 {
@@ -54,6 +67,7 @@ static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, __u8 proto
 	t->protocol = proto;
 	t->sport = 0;
 	t->dport = 0;
+	t->icmp_class = 0;
 	if (proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP) {
 		__u16 ports[2]; /* the first four bytes of all three headers */
 		if (bpf_skb_load_bytes(skb, off, ports, sizeof(ports)) < 0)
@@ -76,6 +90,8 @@ static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, __u8 proto
 			t->sport = bpf_ntohs(icmp.un.echo.id);
 		else if (icmp.type == ICMP_ECHOREPLY)
 			t->dport = bpf_ntohs(icmp.un.echo.id);
+		else if (!icmp_error(icmp.type))
+			t->icmp_class = 0x100 | icmp_request_type(icmp.type);
 	}
 	return 0;
 }
@@ -108,9 +124,7 @@ static __always_inline int parse_slow(struct __sk_buff *skb, struct packet *p)
 	if (ret < 0)
 		return ret;
 	p->policy_port = ip.protocol == IPPROTO_ICMP ? icmp_type : p->tuple.dport;
-	if (ip.protocol == IPPROTO_ICMP &&
-	    (icmp_type == ICMP_DEST_UNREACH || icmp_type == ICMP_TIME_EXCEEDED ||
-	     icmp_type == ICMP_PARAMETERPROB)) {
+	if (ip.protocol == IPPROTO_ICMP && icmp_error(icmp_type)) {
 		/* the error quotes the IP header and 8 bytes of the packet it is about */
 		struct iphdr inner;
 		__u32 ioff = off + sizeof(struct icmphdr);
@@ -141,6 +155,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct packet *p)
 	p->tuple.saddr = ip->saddr;
 	p->tuple.daddr = ip->daddr;
 	p->tuple.protocol = ip->protocol;
+	p->tuple.icmp_class = 0;
 	if (ip->protocol == IPPROTO_TCP) {
 		struct tcphdr *th = (void *)(ip + 1);
 		if ((void *)(th + 1) > data_end)
@@ -344,7 +359,7 @@ static __always_inline void reverse(struct ct_key *dst, struct ct_key *src, __u8
 	dst->dport = src->sport;
 	dst->protocol = src->protocol;
 	dst->scope = scope;
-	dst->pad = 0;
+	dst->icmp_class = src->icmp_class;
 }
 
 /* The Ethernet header of a frame about to enter a local pod: its MAC as the destination, the
@@ -406,6 +421,18 @@ static __always_inline int forward(struct __sk_buff *skb, __u8 direction, struct
 	return bpf_redirect(dst->ifindex, 0);
 }
 
+/* An ICMP error a local endpoint receives comes from the peer it sent the quoted packet to or
+ * from a router on the way, which in this network is a node (host, remote-node). Anyone else
+ * quoting the endpoint's connection forges the error: to break the connection, or to get ICMP
+ * past policy. */
+static __always_inline int icmp_error_from_path(struct packet *p)
+{
+	if (p->tuple.saddr == p->inner.daddr)
+		return 1;
+	__u32 id = lookup_identity(p->tuple.saddr);
+	return id == ID_HOST || id == ID_REMOTE_NODE;
+}
+
 /* Conntrack and the endpoint's policy for one parsed packet: TC_ACT_OK when it may pass (the
  * caller then forwards or delivers it), else it is dropped here. `own` is the local endpoint's
  * scope (CT_EGRESS when it sends), `other` the scope in which its peer's side of the same
@@ -419,7 +446,6 @@ static __always_inline int enforce(struct packet *p, struct endpoint_info *ep, _
 	__u64 now = bpf_ktime_get_coarse_ns();
 	struct ct_key key = p->tuple;
 	key.scope = own;
-	key.pad = 0;
 	struct ct_entry *e = ct_lookup(&key, now);
 	if (e && !reopens(e, p)) {
 		ct_refresh(e, p, now);
@@ -444,11 +470,10 @@ static __always_inline int enforce(struct packet *p, struct endpoint_info *ep, _
 	 * (an error it sends back to the sender) -- or a pod could smuggle any ICMP past policy
 	 * by quoting some other pod's connection. */
 	if (p->icmp_related &&
-	    (direction == DIR_INGRESS ? p->inner.saddr == ep->ip
+	    (direction == DIR_INGRESS ? p->inner.saddr == ep->ip && icmp_error_from_path(p)
 				      : p->inner.daddr == ep->ip && p->inner.saddr == p->tuple.daddr)) {
 		struct ct_key ikey = p->inner;
 		ikey.scope = other;
-		ikey.pad = 0;
 		if (ct_lookup(&ikey, now)) {
 			count(0, direction, p->len);
 			return TC_ACT_OK;

@@ -84,7 +84,9 @@ struct ct_key {
 	__u16 dport;
 	__u8 protocol;
 	__u8 scope; /* CT_EGRESS | CT_INGRESS */
-	__u16 pad;
+	/* ICMP other than echo and errors: 0x100 | the request's type (a reply's class is its
+	 * request's), so that one kind of ICMP exchange never answers for another; else 0 */
+	__u16 icmp_class;
 };
 
 #define CT_F_CLOSING 0x1
