@@ -1,0 +1,119 @@
+"""Faults under traffic: the bus (nats-server) killed with SIGKILL while packets flow on an
+allowed and on a denied path, as the agent-restart test does for the agent. Figures are printed
+(`pytest -s`) as well as asserted: packets lost, packets wrongly let through, recovery time."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from membrane.registry import SERVICES
+from membrane.state import StateDir
+from shared import roles
+from shared.bus import Bus
+from tests.e2e.cluster import Cluster, create_pod
+
+pytestmark = [pytest.mark.e2e, pytest.mark.root]
+
+PACKETS = 500  # 10 ms apart: 5 s of traffic on each path
+
+
+def _pid(cluster: Cluster, name: str) -> int:
+    for proc in StateDir(cluster.state).processes():
+        if proc.name == name and proc.running:
+            return proc.pid
+    return 0
+
+
+def policy(name: str, ports: list[int]) -> str:
+    port_list = ", ".join(f'{{port: "{p}", protocol: UDP}}' for p in ports)
+    return f"""apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: {name}, namespace: default}}
+spec:
+  endpointSelector: {{matchLabels: {{app: f-b}}}}
+  ingress:
+  - fromEndpoints: [{{matchLabels: {{app: f-a}}}}]
+    toPorts: [{{ports: [{port_list}]}}]
+"""
+
+
+async def kv_counts(bus: Bus) -> dict[str, int]:
+    return {b: len(await Bus.snapshot(await bus.kv(b))) for b in roles.ALL_BUCKETS}
+
+
+async def all_services_answer(bus: Bus, nodes: int) -> bool:
+    """Every service the local cluster runs answers discovery (per-node ones on each node)."""
+    names = [s.name for s in await bus.discover(timeout=0.5)]
+    for entry in SERVICES.values():
+        if entry.kubernetes_only or not (entry.per_node or entry.default_replicas):
+            continue
+        if names.count(entry.micro_name) < (nodes if entry.per_node else 1):
+            return False
+    return True
+
+
+async def test_nats_sigkill_under_traffic(cluster: Cluster, tmp_path: Path) -> None:
+    create_pod(cluster, "f-a", "app=f-a")
+    b = create_pod(cluster, "f-b", "app=f-b", node=2)
+    create_pod(cluster, "f-c", "app=f-c")
+    manifest = tmp_path / "policy.yaml"
+    manifest.write_text(policy("f-allow", [9000]))
+    cluster.run("apply", "-f", str(manifest))
+    bus = await Bus.connect(cluster.nats_url, "test-faults", retry_for=5)
+    before = await kv_counts(bus)
+    await bus.close()
+    await asyncio.sleep(1.0)  # the policy reaches the agents
+    bip = str(b["ip"])
+    counters = [cluster.background("f-b", "count", str(p), "9") for p in (9000, 9001)]
+    senders = [
+        cluster.background("f-a", "stream", bip, "9000", str(PACKETS), "10"),
+        cluster.background("f-c", "stream", bip, "9001", str(PACKETS), "10"),
+    ]
+    try:
+        await asyncio.sleep(1.0)
+        victim = _pid(cluster, "nats-server")
+        assert victim
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        while _pid(cluster, "nats-server") in (0, victim):
+            assert time.monotonic() - killed < 30, "the supervisor did not restart nats-server"
+            await asyncio.sleep(0.1)
+        bus = await Bus.connect(cluster.nats_url, "test-faults", retry_for=20)
+        try:
+            while not await all_services_answer(bus, cluster.node_count):
+                assert time.monotonic() - killed < 60, "services did not come back on the bus"
+            recovered = time.monotonic() - killed
+            outputs = [proc.communicate(timeout=30)[0] for proc in senders + counters]
+            allowed, denied = int(outputs[2].split()[-1]), int(outputs[3].split()[-1])
+            print(
+                f"\nnats-server SIGKILL: allowed lost {PACKETS - allowed}/{PACKETS}, "
+                f"denied let through {denied}/{PACKETS}, services back in {recovered:.1f}s"
+            )
+            assert allowed == PACKETS, f"allowed path lost {PACKETS - allowed} datagrams"
+            assert denied == 0, f"denied path let {denied} datagrams through"
+            assert await kv_counts(bus) == before  # no KV entry lost
+        finally:
+            await bus.close()
+        # a policy change after recovery takes effect: 9001 opens
+        manifest.write_text(policy("f-allow", [9000, 9001]))
+        cluster.run("apply", "-f", str(manifest))
+        deadline = time.monotonic() + 20
+        while True:
+            counter = cluster.background("f-b", "count", "9001", "2")
+            sender = cluster.background("f-a", "stream", bip, "9001", "50", "10")
+            got = int(counter.communicate(timeout=20)[0].split()[-1])
+            sender.communicate(timeout=20)
+            if got:
+                break
+            assert time.monotonic() < deadline, "the policy change after recovery never applied"
+    finally:
+        for proc in senders + counters:
+            proc.kill()
+        cluster.run("delete", "-f", str(manifest), check=False)
+        cluster.run("pod", "delete", "f-a", "f-b", "f-c", check=False)
