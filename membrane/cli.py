@@ -380,7 +380,7 @@ def build_parser(run_flags: bool = True) -> argparse.ArgumentParser:
 def located(exc: MembraneError) -> str:
     """The error with its location said once: a message that names its field already (the
     policy parser's do, with the file and document) is not prefixed with it again."""
-    if exc.field and exc.field in exc.message:
+    if exc.field and f"{exc.field}:" in exc.message:
         return exc.message
     return str(exc)
 
@@ -396,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         return func(args)
     except MembraneError as exc:
         print(f"error: {located(exc)}", file=sys.stderr)
-        return 1
+        # a command whose exit code 1 means an answer (explain: dropped) gives errors another
+        code: int = getattr(args, "error_exit", 1)
+        return code
     except KeyboardInterrupt:
         return 130

@@ -2,7 +2,8 @@
 
 History comes from every monitor replica's ring (each holds its share of the flows) and, for
 what the rings no longer hold, from the DROPPED/AUDIT history stream; ``--follow`` subscribes
-to the enriched flows the monitor publishes, the same subjects external systems use.
+to the enriched flows the monitor publishes, the same subjects external systems use. Flags
+are Hubble's (``hubble observe``) where Hubble has one.
 """
 
 from __future__ import annotations
@@ -12,24 +13,26 @@ import asyncio
 import re
 import sys
 import time
-from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 
-from membrane import cliutil, output
+from membrane import cliutil, flowfmt
 from membrane.client.flows import query
+from membrane.flowfmt import Style
 from shared import subjects
 from shared.bus import Bus
 from shared.errors import InvalidArgument
-from shared.flow_api import EnrichedFlow, FlowFilterTerm, FlowPeer, FlowQuery
+from shared.flow_api import EnrichedFlow, FlowFilterTerm, FlowQuery
 from shared.flow_filter import PEER_FIELDS, compile_filter
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+DEFAULT_LAST = 20
 
 
-def parse_duration(text: str) -> float:
+def parse_duration(text: str, field: str = "--since") -> float:
     """``90``, ``30s``, ``5m``, ``1h30m`` -> seconds."""
     text = text.strip()
     try:
@@ -43,106 +46,36 @@ def parse_duration(text: str) -> float:
         total += float(match.group(1)) * _UNITS[match.group(2)]
         pos = match.end()
     if pos != len(text) or not text:
-        raise InvalidArgument(f"{text!r} is not a duration (e.g. 30s, 5m, 1h)", field="--since")
+        raise InvalidArgument(
+            f"{text!r} is not a duration (e.g. 30s, 5m, 1h) or a timestamp "
+            "(e.g. 2026-11-25T18:00:00Z)",
+            field=field,
+        )
     return total
 
 
-# --- formatting --------------------------------------------------------------------------------
+def parse_time(text: str, field: str, now: float | None = None) -> float:
+    """A point in time as Hubble's --since/--until take it: a duration back from now (``5m``)
+    or an RFC 3339 timestamp (``2026-11-25T18:00:00Z``; no zone: local time)."""
+    now = time.time() if now is None else now
+    if "-" in text.strip()[1:] or "T" in text:
+        try:
+            moment = datetime.fromisoformat(text.strip())
+        except ValueError:
+            raise InvalidArgument(f"{text!r} is not an RFC 3339 timestamp", field=field) from None
+        if moment.tzinfo is None:
+            moment = moment.astimezone()  # the local zone, as `date` prints it
+        return moment.astimezone(UTC).timestamp()
+    return now - parse_duration(text, field)
 
 
-def _peer_text(peer: FlowPeer) -> str:
-    where = f"{peer.namespace}/{peer.pod}" if peer.pod else peer.ip
-    if peer.port:
-        where += f":{peer.port}"
-    reserved = [lab.partition(":")[2] for lab in peer.labels if lab.startswith("reserved:")]
-    who = f"ID:{peer.identity}" + (f" {','.join(reserved)}" if reserved else "")
-    service = f" [{peer.service}]" if peer.service else ""
-    return f"{where} ({who}){service}"
-
-
-def timestamp(flow_time: float) -> str:
-    seconds = time.localtime(flow_time)
-    return time.strftime("%b %d %H:%M:%S", seconds) + f".{int(flow_time * 1000) % 1000:03d}"
-
-
-def summary(flow: EnrichedFlow) -> str:
-    parts = []
-    if flow.l7 is not None:
-        l7 = flow.l7
-        parts.append(f"http {l7.method} {l7.host}{l7.url} => {l7.status} ({l7.latency_ms:g} ms)")
-    elif flow.verdict == "DROPPED" and flow.drop_reason_desc:
-        parts.append(flow.drop_reason_desc)
-    elif flow.observation_point:
-        parts.append(flow.observation_point)
-    parts.append(flow.verdict)
-    if flow.tcp_flags:
-        parts.append(f"(TCP Flags: {', '.join(flow.tcp_flags)})")
-    elif flow.protocol and flow.protocol != "TCP":
-        parts.append(f"({flow.protocol})")
-    if flow.policy:
-        parts.append(f"by {flow.policy}")
-    return " ".join(parts)
-
-
-def compact(flow: EnrichedFlow) -> str:
-    """``Nov 25 18:00:01.123: default/xwing:39322 (ID:1234) -> default/deathstar-1:80 (ID:5678)
-    Policy denied DROPPED (TCP Flags: SYN) by default/rule1``"""
-    arrow = "<-" if flow.is_reply else "->"
-    src, dst = _peer_text(flow.source), _peer_text(flow.destination)
-    return f"{timestamp(flow.time)}: {src} {arrow} {dst} {summary(flow)}"
-
-
-TABLE_HEADERS = ("TIMESTAMP", "SOURCE", "DESTINATION", "TYPE", "VERDICT", "SUMMARY")
-# column widths of a followed table, whose rows cannot be measured in advance
-FOLLOW_WIDTHS = (22, 40, 40, 14, 9)
-
-
-def _row(f: EnrichedFlow) -> list[str]:
-    rest = summary(f).replace(f.verdict, "", 1).replace("  ", " ").strip()
-    return [
-        timestamp(f.time),
-        _peer_text(f.source),
-        _peer_text(f.destination),
-        f.type,
-        f.verdict,
-        rest,
-    ]
-
-
-def table(flows: Sequence[EnrichedFlow]) -> str:
-    return output.table(TABLE_HEADERS, [_row(f) for f in flows])
-
-
-def fixed_row(cells: Sequence[str]) -> str:
-    padded = [c.ljust(w) for c, w in zip(cells, FOLLOW_WIDTHS, strict=False)]
-    return "   ".join([*padded, *cells[len(FOLLOW_WIDTHS) :]]).rstrip()
-
-
-_json = msgspec.json.Encoder()
-
-
-def json_line(flow: EnrichedFlow) -> str:
-    return _json.encode(flow).decode()
-
-
-def emit(flows: Sequence[EnrichedFlow], fmt: str) -> None:
-    if fmt == "table":
-        if flows:
-            print(table(flows), flush=True)
-        return
-    render = json_line if fmt == "json" else compact
-    out = sys.stdout
-    for flow in flows:
-        out.write(render(flow) + "\n")
-    out.flush()
-
-
-# --- querying ----------------------------------------------------------------------------------
+# --- following ---------------------------------------------------------------------------------
 
 
 async def follow(
-    bus: Bus, terms: list[FlowFilterTerm], fmt: str, max_flows: int, ready: bool
+    bus: Bus, terms: list[FlowFilterTerm], fmt: str, max_flows: int, ready: bool, style: Style
 ) -> None:
+    """Print new matching flows until ``max_flows`` (0: no end) are printed."""
     test = compile_filter(terms)
     decode = msgspec.json.Decoder(EnrichedFlow).decode
     queue: asyncio.Queue[bytes] = asyncio.Queue()
@@ -162,7 +95,7 @@ async def follow(
         print("following", file=sys.stderr, flush=True)  # for scripts that wait for it
     printed = 0
     if fmt == "table":
-        print(fixed_row(TABLE_HEADERS), flush=True)
+        print(flowfmt.fixed_row(flowfmt.headers(style)), flush=True)
     try:
         while not max_flows or printed < max_flows:
             data = await queue.get()
@@ -171,10 +104,7 @@ async def follow(
             except (msgspec.DecodeError, msgspec.ValidationError):
                 continue
             if test(flow):
-                if fmt == "table":
-                    print(fixed_row(_row(flow)), flush=True)
-                else:
-                    emit([flow], fmt)
+                print(flowfmt.line(flow, fmt, style), flush=True)
                 printed += 1
     finally:
         await sub.unsubscribe()
@@ -184,8 +114,9 @@ async def follow(
 
 
 class _FilterAction(argparse.Action):
-    """Collects filter flags into terms; ``--not`` negates the next one. Repeating a flag ORs
-    its values, as in Hubble."""
+    """Collects filter flags into terms. Repeating a flag ORs its values, as in Hubble;
+    ``--not`` negates the next filter, and the same flag repeated right after it joins the
+    negation: ``--not --pod a --pod b`` matches neither a nor b."""
 
     def __call__(
         self,
@@ -196,7 +127,10 @@ class _FilterAction(argparse.Action):
     ) -> None:
         terms: list[FlowFilterTerm] = getattr(namespace, "filters", None) or []
         negate = bool(getattr(namespace, "negate_next", False))
+        if not negate and getattr(namespace, "negated_last", "") == self.dest:
+            negate = True  # a repeat of the filter --not just negated
         namespace.negate_next = False
+        namespace.negated_last = self.dest if negate else ""
         for term in terms:
             if term.field == self.dest and term.negate == negate:
                 term.values.append(str(values))
@@ -206,40 +140,94 @@ class _FilterAction(argparse.Action):
         namespace.filters = terms
 
 
+def _count(args: argparse.Namespace) -> tuple[int, int]:
+    """(last, first) to ask for: how many of the newest or of the oldest flows (0: all)."""
+    chosen = [flag for flag in ("last", "first", "all") if getattr(args, flag) not in (None, False)]
+    if len(chosen) > 1:
+        raise InvalidArgument(f"give one of --{', --'.join(chosen)}", field=f"--{chosen[1]}")
+    for flag in ("last", "first", "max_flows"):
+        if (getattr(args, flag) or 0) < 0:
+            raise InvalidArgument("must not be negative", field=f"--{flag.replace('_', '-')}")
+    if args.first is not None:
+        return 0, args.first
+    if args.all:
+        return 0, 0
+    if args.last is not None:
+        return args.last, 0
+    if args.follow or args.since:
+        return 0, 0  # following shows history only when asked; --since bounds it itself
+    return args.max_flows or DEFAULT_LAST, 0
+
+
 def cmd_observe(args: argparse.Namespace) -> int:
     terms: list[FlowFilterTerm] = getattr(args, "filters", None) or []
     if getattr(args, "negate_next", False):
         raise InvalidArgument("--not must come before a filter", field="--not")
     compile_filter(terms)  # bad filters fail here, before anything is asked
-    since = time.time() - parse_duration(args.since) if args.since else 0.0
-    if args.last is not None and args.last < 0:
-        raise InvalidArgument("must not be negative", field="--last")
-    last = args.last if args.last is not None else (0 if args.follow or since else 20)
+    since = parse_time(args.since, "--since") if args.since else 0.0
+    until = parse_time(args.until, "--until") if args.until else 0.0
+    last, first = _count(args)
+    if args.follow and (until or first):
+        raise InvalidArgument(
+            "cannot be combined with --follow", field="--until" if until else "--first"
+        )
+    history = not args.follow or args.last is not None or bool(since) or args.all
+    style = Style(node_name=args.print_node_name, numeric=args.numeric)
 
     async def go(bus: Bus) -> int:
-        if not args.follow or args.last is not None or since:
-            flows = await query(bus, FlowQuery(filters=terms, last=last, since=since))
-            emit(flows, args.output)
-        if args.follow:
-            await follow(bus, terms, args.output, args.max_flows, args.ready)
+        printed = 0
+        if history:
+            flows = await query(bus, FlowQuery(filters=terms, last=last, since=since, until=until))
+            if first:
+                flows = flows[:first]
+            if args.max_flows:
+                flows = flows[: args.max_flows]
+            flowfmt.emit(flows, args.output, style)
+            printed = len(flows)
+        if args.follow and not (args.max_flows and printed >= args.max_flows):
+            remaining = args.max_flows - printed if args.max_flows else 0
+            await follow(bus, terms, args.output, remaining, args.ready, style)
         return 0
 
     return cliutil.with_bus(args, go)
+
+
+PEER_HELP = {
+    "pod": "[NAMESPACE/]NAME (a name prefix; any namespace without one)",
+    "namespace": "namespace",
+    "label": "KEY=VALUE[,KEY=VALUE] or KEY",
+    "identity": "security identity number",
+    "ip": "address or CIDR",
+    "port": "L4 port",
+    "service": "[NAMESPACE/]NAME of a service frontend",
+    "workload": "NAMESPACE/APP as the UI's service map names it, or world, host, ...",
+}
+SHORT = {"namespace": "-n", "label": "-l"}
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "observe",
         help="recent and live flows with workloads, labels, reasons and policies",
-        description="Flows as the monitor enriched them. Filters of different kinds must all "
-        "hold; a filter given twice matches either value; --not negates the next filter.",
+        description="Flows as the monitor enriched them, with hubble observe's flags. Filters "
+        "of different kinds must all hold; a filter given twice matches either value; --not "
+        "negates the next filter (and its repeats right after it).",
     )
     p.add_argument("-f", "--follow", action="store_true", help="print new flows as they come")
-    p.add_argument("--last", type=int, help="the newest N matching flows (default 20)")
-    p.add_argument("--since", help="flows of the last DURATION (e.g. 30s, 5m, 1h)")
-    p.add_argument("--max-flows", type=int, default=0, help="with --follow: stop after N flows")
+    p.add_argument("--last", type=int, help=f"the newest N matching flows (default {DEFAULT_LAST})")
+    p.add_argument("--first", type=int, help="the oldest N matching flows the monitor holds")
+    p.add_argument("--all", action="store_true", help="every matching flow the monitor holds")
+    p.add_argument(
+        "--since", help="flows from then on: a DURATION ago (30s, 5m, 1h) or an RFC 3339 time"
+    )
+    p.add_argument("--until", help="flows up to then: a DURATION ago or an RFC 3339 time")
+    p.add_argument(
+        "--max-flows", type=int, default=0, help="print at most N flows (history and followed)"
+    )
     p.add_argument("--ready", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("-o", "--output", choices=["compact", "json", "table"], default="compact")
+    p.add_argument("-o", "--output", choices=flowfmt.FORMATS, default="compact")
+    p.add_argument("--print-node-name", action="store_true", help="the observing node, too")
+    p.add_argument("--numeric", action="store_true", help="addresses and identity numbers only")
     p.add_argument(
         "--not",
         dest="negate_next",
@@ -249,27 +237,35 @@ def add_parser(sub: Any) -> None:
         help="negate the next filter",
     )
 
-    def flag(name: str, dest: str, help_text: str) -> None:
-        p.add_argument(name, dest=dest, action=_FilterAction, metavar="VALUE", help=help_text)
+    def flag(*names: str, dest: str, help_text: str, **kwargs: Any) -> None:
+        p.add_argument(
+            *names, dest=dest, action=_FilterAction, metavar="VALUE", help=help_text, **kwargs
+        )
 
-    flag("--verdict", "verdict", "FORWARDED, DROPPED, AUDIT, REDIRECTED or ERROR")
-    flag("--type", "type", "drop, trace, policy-verdict or l7")
-    flag("--protocol", "protocol", "TCP, UDP, ICMP or a number")
-    flag("--node", "node", "the node that observed the flow")
-    flag("--http-method", "http_method", "L7 flows: the request's method (GET, POST, ...)")
-    flag("--http-path", "http_path", "L7 flows: a regular expression searched in the URL")
-    flag("--http-status", "http_status", "L7 flows: the status code, or 4+ for every 4xx")
-    what = {
-        "pod": "[NAMESPACE/]NAME (a name prefix; any namespace without one)",
-        "namespace": "namespace",
-        "label": "KEY=VALUE[,KEY=VALUE] or KEY",
-        "identity": "security identity number",
-        "ip": "address or CIDR",
-        "port": "L4 port",
-        "workload": "NAMESPACE/APP as the UI's service map names it, or world, host, ...",
-    }
+    flag("--verdict", dest="verdict", help_text="FORWARDED, DROPPED, AUDIT, REDIRECTED or ERROR")
+    flag("-t", "--type", dest="type", help_text="drop, trace, policy-verdict or l7")
+    flag("--protocol", dest="protocol", help_text="TCP, UDP, ICMP, SCTP or a number (6, 17, 1)")
+    flag(
+        "--node",
+        "--node-name",
+        dest="node",
+        help_text="the node that observed the flow (a name or a shell pattern)",
+    )
+    flag("--traffic-direction", dest="traffic_direction", help_text="ingress or egress")
+    flag("--tcp-flags", dest="tcp_flags", help_text="SYN,ACK: flows with all of them set")
+    flag(
+        "--reply",
+        dest="reply",
+        nargs="?",
+        const="true",
+        help_text="replies only (--reply false: requests only)",
+    )
+    flag("--http-method", dest="http_method", help_text="L7 flows: the request's method (GET, ...)")
+    flag("--http-path", dest="http_path", help_text="L7 flows: a regular expression in the URL")
+    flag("--http-status", dest="http_status", help_text="L7 flows: the status, or 4+ for any 4xx")
     for kind in PEER_FIELDS:
-        flag(f"--{kind}", kind, f"either side: {what[kind]}")
-        flag(f"--from-{kind}", f"from_{kind}", f"source: {what[kind]}")
-        flag(f"--to-{kind}", f"to_{kind}", f"destination: {what[kind]}")
+        names = [SHORT[kind]] if kind in SHORT else []
+        flag(*names, f"--{kind}", dest=kind, help_text=f"either side: {PEER_HELP[kind]}")
+        flag(f"--from-{kind}", dest=f"from_{kind}", help_text=f"source: {PEER_HELP[kind]}")
+        flag(f"--to-{kind}", dest=f"to_{kind}", help_text=f"destination: {PEER_HELP[kind]}")
     p.set_defaults(func=cmd_observe, filters=None)

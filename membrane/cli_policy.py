@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from typing import Any
 
+import msgspec
 import yaml
 
 from membrane import output
@@ -15,7 +17,7 @@ from membrane.cliutil import with_bus
 from shared import apply, protocols
 from shared.bus import Bus
 from shared.errors import InvalidArgument
-from shared.messages import ExplainReply, ExplainRequest, PolicyApplyReply, PolicyRef
+from shared.messages import Endpoint, ExplainReply, ExplainRequest, PolicyApplyReply, PolicyRef
 
 PROTOCOLS = {**protocols.PORT_PROTOCOLS, "ICMP": protocols.ICMP, "ANY": protocols.ANY}
 
@@ -102,18 +104,52 @@ def parse_port(text: str) -> tuple[int, int]:
     return protocol, port
 
 
-def _pod_ref(text: str) -> tuple[str, str]:
-    namespace, _, name = text.rpartition("/")
-    return namespace or "default", name
+def _workload(endpoint: Endpoint) -> str:
+    """``deploy/web`` for a Deployment's pod (every replica has its identity), else the pod."""
+    if endpoint.owner.startswith("Deployment/"):
+        return "deploy/" + endpoint.owner.partition("/")[2]
+    return endpoint.name
+
+
+def _named(endpoint: Endpoint) -> str:
+    workload = f" ({_workload(endpoint)})" if endpoint.owner else ""
+    return f"{endpoint.namespace}/{endpoint.name}{workload}"
+
+
+def _side(endpoint: Endpoint) -> dict[str, Any]:
+    return {
+        "namespace": endpoint.namespace,
+        "pod": endpoint.name,
+        "workload": endpoint.owner,
+        "identity": endpoint.identity,
+        "labels": dict(sorted(endpoint.labels.items())),
+    }
+
+
+def explain_lines(src: Endpoint, dst: Endpoint, reply: ExplainReply) -> list[str]:
+    """The service's explanation with the workloads named where it speaks of identities."""
+    names = {src.identity: _workload(src), dst.identity: _workload(dst)}
+    if src.identity == dst.identity and _workload(src) != _workload(dst):
+        names[src.identity] = f"{_workload(src)}, {_workload(dst)}"
+
+    def name(match: re.Match[str]) -> str:
+        number = int(match.group(1))
+        return f"{match.group(0)} ({names[number]})" if number in names else match.group(0)
+
+    header = [
+        f"from {_named(src)}: identity {src.identity}, labels {output.labels(src.labels)}",
+        f"to   {_named(dst)}: identity {dst.identity}, labels {output.labels(dst.labels)}",
+    ]
+    return header + [re.sub(r"identity (\d+)", name, line) for line in reply.lines]
 
 
 def cmd_policy_explain(args: argparse.Namespace) -> int:
     protocol, port = parse_port(args.port)
 
-    async def go(bus: Bus) -> ExplainReply:
-        src = await workloads.find_pod(bus, *_pod_ref(args.src))
-        dst = await workloads.find_pod(bus, *_pod_ref(args.dst))
-        return await policy.explain(
+    async def go(bus: Bus) -> tuple[Endpoint, Endpoint, ExplainReply]:
+        src = (await workloads.resolve(bus, args.src, args.namespace))[0]
+        dst = (await workloads.resolve(bus, args.dst, args.namespace))[0]
+        reply = await policy.explain(
             bus,
             ExplainRequest(
                 src_identity=src.identity,
@@ -126,12 +162,13 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
                 dst_ip=dst.ip,
             ),
         )
+        return src, dst, reply
 
-    reply = with_bus(args, go)
+    src, dst, reply = with_bus(args, go)
     if args.output == "json":
-        output.emit_json(reply)
+        output.emit_json({**msgspec.to_builtins(reply), "from": _side(src), "to": _side(dst)})
     else:
-        for line in reply.lines:
+        for line in explain_lines(src, dst, reply):
             print(line)
     return 0 if reply.allowed else 1
 
@@ -164,10 +201,17 @@ def add_parsers(sub: Any) -> Any:
     sp.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml")
     sp.set_defaults(func=cmd_policy_get)
 
-    sp = policy_sub.add_parser("explain", help="the verdict for a new connection, and why")
-    sp.add_argument("--from", dest="src", required=True, metavar="[NS/]POD")
-    sp.add_argument("--to", dest="dst", required=True, metavar="[NS/]POD")
+    sp = policy_sub.add_parser(
+        "explain",
+        help="the verdict for a new connection, and why",
+        description="Exit code 0: allowed; 1: dropped; 2: an error (such as an unknown pod). "
+        "WORKLOAD: a pod, deploy/NAME (one of its pods), svc/NAME (a pod behind it), or a "
+        "bare name that is a pod or else a Deployment; NS/ before it picks the namespace.",
+    )
+    sp.add_argument("--from", dest="src", required=True, metavar="[NS/]WORKLOAD")
+    sp.add_argument("--to", dest="dst", required=True, metavar="[NS/]WORKLOAD")
+    sp.add_argument("-n", "--namespace", default="default", help="namespace (default default)")
     sp.add_argument("--port", default="0/ANY", help="PORT[/PROTO], e.g. 80/TCP")
     sp.add_argument("-o", "--output", choices=["table", "json"], default="table")
-    sp.set_defaults(func=cmd_policy_explain)
+    sp.set_defaults(func=cmd_policy_explain, error_exit=2)
     return policy_sub

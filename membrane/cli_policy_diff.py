@@ -18,8 +18,9 @@ from typing import Any
 import msgspec
 
 from membrane import cliutil, output
-from membrane.cli_observe import parse_duration, timestamp
+from membrane.cli_observe import parse_duration
 from membrane.client import files, recorded
+from membrane.flowfmt import timestamp
 from shared import apply
 from shared.bus import Bus
 from shared.errors import MembraneError

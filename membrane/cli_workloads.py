@@ -55,8 +55,9 @@ def cmd_pod_create(args: argparse.Namespace) -> int:
 def cmd_pod_delete(args: argparse.Namespace) -> int:
     async def go(bus: Bus) -> None:
         for name in args.names:
-            await workloads.delete_pod(bus, args.namespace, name)
-            print(f"pod/{name} deleted")
+            for pod in await workloads.resolve(bus, name, args.namespace):
+                await workloads.delete_pod(bus, pod.namespace, pod.name)
+                print(f"pod/{pod.name} deleted")
 
     with_bus(args, go)
     return 0
@@ -105,7 +106,7 @@ def cmd_pod_exec(args: argparse.Namespace) -> int:
     namespace = late.namespace or args.namespace
 
     async def go(bus: Bus) -> Endpoint:
-        return await workloads.find_pod(bus, namespace, args.name)
+        return (await workloads.resolve(bus, args.name, namespace))[0]
 
     endpoint = with_bus(args, go)
     sys.stdout.flush()
@@ -183,12 +184,12 @@ BPF_COLUMNS = {
 
 def cmd_bpf(args: argparse.Namespace) -> int:
     table: str = args.table
-    namespace = getattr(args, "namespace", "") or ""
-    pod = getattr(args, "pod", "") or ""
 
     async def go(bus: Bus) -> list[DumpReply]:
+        request = DumpRequest(table=table)
         if table == "policy":
-            endpoint = await workloads.find_pod(bus, namespace or "default", pod)
+            endpoint = (await workloads.resolve(bus, args.pod, args.namespace))[0]
+            request = DumpRequest(table=table, namespace=endpoint.namespace, pod=endpoint.name)
             node_names = [endpoint.node]
         elif args.node:
             node_names = [await workloads.pick_node(bus, args.node)]
@@ -200,7 +201,7 @@ def cmd_bpf(args: argparse.Namespace) -> int:
                 await agent_api.call(
                     agent_api.default_socket(node),
                     "dump",
-                    DumpRequest(table=table, namespace=namespace, pod=pod),
+                    request,
                     DumpReply,
                     workloads.AGENT_TIMEOUT,
                 )

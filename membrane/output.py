@@ -27,3 +27,8 @@ def emit_json(value: Any) -> None:
         value = msgspec.to_builtins(value)
     json.dump(value, sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")
+
+
+def labels(mapping: dict[str, str]) -> str:
+    """``app=web,tier=front`` (sorted), ``<none>`` for none, as kubectl prints them."""
+    return ",".join(f"{k}={v}" for k, v in sorted(mapping.items())) or "<none>"

@@ -68,9 +68,10 @@ class FlowFilterTerm(Message):
 
     Fields: verdict, type, pod, from_pod, to_pod, namespace, from_namespace, to_namespace,
     label, from_label, to_label, identity, from_identity, to_identity, ip, from_ip, to_ip,
-    port, from_port, to_port, workload, from_workload, to_workload (a box of the UI's service
-    map: ``shared.flow_groups.workload``), protocol, node. Unprefixed peer fields match either
-    side.
+    port, from_port, to_port, service, from_service, to_service, workload, from_workload,
+    to_workload (a box of the UI's service map: ``shared.flow_groups.workload``), protocol (name
+    or number), node (a name or shell pattern), traffic_direction (ingress|egress), tcp_flags
+    (``SYN,ACK``: all set), reply (true|false). Unprefixed peer fields match either side.
     """
 
     field: str

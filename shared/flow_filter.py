@@ -7,6 +7,7 @@ its values, or, negated (``--not``), when it matches none. Peer fields come in t
 
 from __future__ import annotations
 
+import fnmatch
 import ipaddress
 import re
 from collections.abc import Callable, Sequence
@@ -17,8 +18,24 @@ from shared.flow_groups import workload
 
 VERDICTS = ("FORWARDED", "DROPPED", "AUDIT", "REDIRECTED", "ERROR")
 TYPES = ("drop", "trace", "policy-verdict", "l7")
-PEER_FIELDS = ("pod", "namespace", "label", "identity", "ip", "port", "workload")
-FLOW_FIELDS = ("verdict", "type", "protocol", "node", "http_method", "http_path", "http_status")
+PEER_FIELDS = ("pod", "namespace", "label", "identity", "ip", "port", "service", "workload")
+FLOW_FIELDS = (
+    "verdict",
+    "type",
+    "protocol",
+    "node",
+    "traffic_direction",
+    "tcp_flags",
+    "reply",
+    "http_method",
+    "http_path",
+    "http_status",
+)
+# protocols as flows carry them (services/datapath/events.py): a name, else the number
+PROTOCOL_NAMES = {6: "TCP", 17: "UDP", 1: "ICMP"}
+PROTOCOL_NUMBERS = {"TCP": 6, "UDP": 17, "ICMP": 1, "SCTP": 132}
+TCP_FLAGS = ("SYN", "ACK", "FIN", "RST", "PSH", "URG", "ECE", "CWR")
+DIRECTIONS = ("ingress", "egress")
 FIELDS = (
     *FLOW_FIELDS,
     *PEER_FIELDS,
@@ -42,6 +59,51 @@ def _pod_test(value: str) -> PeerTest:
         return not slash or peer.namespace == namespace
 
     return test
+
+
+def _service_test(value: str) -> PeerTest:
+    # Hubble's form: [namespace/]name; without a namespace any namespace matches
+    namespace, slash, name = value.rpartition("/")
+    if not name:
+        raise InvalidArgument(f"service filter {value!r} has no name", field="service")
+
+    def test(peer: FlowPeer) -> bool:
+        have_namespace, _, have_name = peer.service.partition("/")
+        return have_name == name and (not slash or have_namespace == namespace)
+
+    return test
+
+
+def protocol_name(value: str, field: str = "protocol") -> str:
+    """``tcp``, ``TCP`` or ``6`` -> ``TCP``; ``SCTP`` -> ``132``: what a flow carries."""
+    text = value.strip().upper()
+    if text.isdigit():
+        number = _int(text, field, 255)
+        return PROTOCOL_NAMES.get(number, str(number))
+    if text not in PROTOCOL_NUMBERS:
+        raise InvalidArgument(
+            f"unknown protocol {value!r}: {', '.join(PROTOCOL_NUMBERS)} or a number", field=field
+        )
+    return PROTOCOL_NAMES.get(PROTOCOL_NUMBERS[text], str(PROTOCOL_NUMBERS[text]))
+
+
+def _tcp_flags_test(value: str, field: str) -> FlowTest:
+    """``SYN,ACK``: every one of the flags is set (Hubble's reading)."""
+    wanted = [flag.strip().upper() for flag in value.split(",") if flag.strip()]
+    unknown = [flag for flag in wanted if flag not in TCP_FLAGS]
+    if unknown or not wanted:
+        raise InvalidArgument(
+            f"unknown TCP flag {','.join(unknown) or value!r}: {', '.join(TCP_FLAGS)}",
+            field=field,
+        )
+    return lambda flow: all(flag in flow.tcp_flags for flag in wanted)
+
+
+def _bool(value: str, field: str) -> bool:
+    text = value.strip().lower()
+    if text not in ("true", "false"):
+        raise InvalidArgument(f"{value!r} is not true or false", field=field)
+    return text == "true"
 
 
 def _label_test(value: str) -> PeerTest:
@@ -105,6 +167,8 @@ def _peer_test(kind: str, value: str, field: str) -> PeerTest:
         return _ip_test(value, field)
     if kind == "workload":
         return lambda peer: workload(peer) == value
+    if kind == "service":
+        return _service_test(value)
     port = _int(value, field, 65535)
     return lambda peer: peer.port == port
 
@@ -140,10 +204,20 @@ def _value_test(field: str, value: str) -> FlowTest:
             raise InvalidArgument(f"unknown type {value!r}: {', '.join(TYPES)}", field=field)
         return lambda flow: flow.type == kind
     if field == "protocol":
-        protocol = value.upper()
+        protocol = protocol_name(value, field)
         return lambda flow: flow.protocol.upper() == protocol
-    if field == "node":
-        return lambda flow: flow.node == value
+    if field == "node":  # a name or a shell pattern, as Hubble's --node-name takes
+        return lambda flow: fnmatch.fnmatchcase(flow.node, value)
+    if field == "traffic_direction":
+        direction = value.lower()
+        if direction not in DIRECTIONS:
+            raise InvalidArgument(f"unknown direction {value!r}: ingress, egress", field=field)
+        return lambda flow: flow.direction == direction
+    if field == "tcp_flags":
+        return _tcp_flags_test(value, field)
+    if field == "reply":
+        reply = _bool(value, field)
+        return lambda flow: flow.is_reply == reply
     if field.startswith("http_"):
         return _http_test(field, value)
     side, _, kind = field.partition("_") if field.startswith(("from_", "to_")) else ("", "", field)
@@ -155,8 +229,9 @@ def _value_test(field: str, value: str) -> FlowTest:
     return lambda flow: peer(flow.source) or peer(flow.destination)
 
 
-def compile_filter(terms: Sequence[FlowFilterTerm]) -> FlowTest:
-    """One predicate for the whole query; a bad term raises InvalidArgument naming it."""
+def compile_filter(terms: Sequence[FlowFilterTerm], until: float = 0.0) -> FlowTest:
+    """One predicate for the whole query, flows from ``until`` on (unix time, 0: no bound)
+    excluded; a bad term raises InvalidArgument naming it."""
     tests: list[tuple[list[FlowTest], bool]] = []
     for index, term in enumerate(terms):
         if term.field not in FIELDS:
@@ -166,6 +241,8 @@ def compile_filter(terms: Sequence[FlowFilterTerm]) -> FlowTest:
         if not term.values:
             raise InvalidArgument("a filter needs a value", field=f"filters[{index}].values")
         tests.append(([_value_test(term.field, v) for v in term.values], term.negate))
+    if until:
+        tests.append(([lambda flow: flow.time < until], False))
     if not tests:
         return lambda flow: True
 

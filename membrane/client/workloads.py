@@ -16,6 +16,7 @@ from pathlib import Path
 
 import msgspec
 
+from membrane.client import lb
 from shared import agent_api, manifests, subjects
 from shared import apply as apply_path
 from shared.agent_api import AddEndpoint, EndpointRef
@@ -49,6 +50,72 @@ async def find_pod(bus: Bus, namespace: str, name: str) -> Endpoint:
     if entry is None or entry.value is None:
         raise NotFound(f"pod {namespace}/{name} not found")
     return msgspec.json.decode(entry.value, type=Endpoint)
+
+
+# the kinds a workload reference may name, in kubectl's spellings
+POD_KINDS = frozenset({"pod", "pods", "po"})
+DEPLOYMENT_KINDS = frozenset({"deploy", "deployment", "deployments"})
+SERVICE_KINDS = frozenset({"svc", "service", "services"})
+
+
+def parse_ref(text: str, namespace: str = "default") -> tuple[str, str, str]:
+    """A workload reference -> (namespace, kind, name); kind is "" for a bare name.
+
+    ``NAME``, ``NS/NAME``, ``KIND/NAME`` or ``NS/KIND/NAME``, KIND being ``pod``, ``deploy``
+    or ``svc`` (kubectl's spellings): a first part that is a kind is one, else a namespace.
+    """
+    parts = text.split("/")
+    if len(parts) == 3 or (
+        len(parts) == 2 and parts[0] in POD_KINDS | DEPLOYMENT_KINDS | SERVICE_KINDS
+    ):
+        namespace, kind, name = parts if len(parts) == 3 else [namespace, *parts]
+    elif len(parts) == 2:
+        namespace, name = parts
+        kind = ""
+    elif len(parts) == 1:
+        kind, name = "", parts[0]
+    else:
+        raise InvalidArgument(f"{text!r} is not [NS/][KIND/]NAME", field="workload")
+    if kind and kind not in POD_KINDS | DEPLOYMENT_KINDS | SERVICE_KINDS:
+        raise InvalidArgument(
+            f"unknown kind {kind!r} in {text!r}: pod, deploy, svc", field="workload"
+        )
+    if not name or not namespace:
+        raise InvalidArgument(f"{text!r} is not [NS/][KIND/]NAME", field="workload")
+    return namespace, kind, name
+
+
+async def resolve(bus: Bus, text: str, namespace: str = "default") -> list[Endpoint]:
+    """The pods a workload reference names (see :func:`parse_ref`), at least one.
+
+    A bare name is a pod, else the pods of the Deployment of that name (as ``kubectl exec``
+    takes ``deploy/NAME``); ``svc/NAME`` is the pods behind the service's frontends.
+    """
+    namespace, kind, name = parse_ref(text, namespace)
+    if not kind or kind in POD_KINDS:
+        try:
+            return [await find_pod(bus, namespace, name)]  # one read: the usual case
+        except NotFound:
+            if kind:
+                raise
+    everything = await endpoints(bus)
+    pods = [e for e in everything if e.namespace == namespace]
+    if not kind:
+        found, what = _owned(pods, name), f"no pod or deployment {namespace}/{name}"
+    elif kind in DEPLOYMENT_KINDS:
+        found, what = _owned(pods, name), f"deployment {namespace}/{name} has no pods"
+    else:
+        service = await lb.get(bus, namespace, name)
+        backends = {b.ip for f in service.frontends for b in f.backends if not b.terminating}
+        found = [e for e in everything if e.ip in backends]
+        what = f"service {namespace}/{name} has no pod behind it"
+    if not found:
+        raise NotFound(what, field="workload")
+    return found
+
+
+def _owned(pods: list[Endpoint], deployment: str) -> list[Endpoint]:
+    return [e for e in pods if e.owner == f"Deployment/{deployment}"]
 
 
 async def pick_node(bus: Bus, wanted: str, known: dict[str, Node] | None = None) -> str:

@@ -252,7 +252,7 @@ class Monitor:
     # --- requests ---------------------------------------------------------------------------
 
     async def query(self, req: FlowQuery) -> FlowQueryReply:
-        test = compile_filter(req.filters)
+        test = compile_filter(req.filters, req.until)
         if req.last < 0:
             raise InvalidArgument("must not be negative", field="last")
         flows = self.ring.query(test, last=req.last, since=req.since)
@@ -260,7 +260,7 @@ class Monitor:
 
     async def history(self, req: FlowQuery) -> FlowQueryReply:
         """DROPPED and AUDIT flows from the history stream (any replica answers)."""
-        test = compile_filter(req.filters)
+        test = compile_filter(req.filters, req.until)
         if req.last < 0:
             raise InvalidArgument("must not be negative", field="last")
         flows = await history.read(

@@ -415,6 +415,12 @@ spec:
         )
         assert denied.returncode == 1
         assert "default/empire-only" in denied.stdout, denied.stdout
+        assert "from default/xwing: identity" in denied.stdout, denied.stdout
+        # docs/policy.md: 0 allowed, 1 dropped, 2 an error (here an unknown workload)
+        unknown = cluster.run(
+            "policy", "explain", "--from", "nobody", "--to", "deathstar", check=False
+        )
+        assert unknown.returncode == 2 and "no pod or deployment default/nobody" in unknown.stderr
         listed = cluster.json("policy", "list")
         assert [(p["name"], p["subjects"]) for p in listed] == [("empire-only", 1)]
         assert "empire-only" in cluster.run("policy", "get", "empire-only").stdout

@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from membrane import cli_observe
+from membrane import cli_observe, flowfmt
 from services.monitor.enrich import Enricher, event_namespace, policy_of
 from services.monitor.ring import FlowRing
 from shared import subjects
@@ -132,31 +132,31 @@ def test_bad_filters_name_themselves(field: str, value: str, message: str) -> No
 
 
 def test_compact_line_reads_like_hubble() -> None:
-    line = cli_observe.compact(make(rule="default/rule1[0]", policy="default/rule1"))
+    line = flowfmt.compact(make(rule="default/rule1[0]", policy="default/rule1"))
     assert line.endswith(
         ": default/xwing:39322 (ID:1234) -> default/deathstar-1:80 (ID:5678) "
         "Policy denied DROPPED (TCP Flags: SYN) by default/rule1"
     )
     assert line.startswith("Nov ")
-    forwarded = cli_observe.compact(make("FORWARDED", src=XWING, dst=WORLD, is_reply=True))
+    forwarded = flowfmt.compact(make("FORWARDED", src=XWING, dst=WORLD, is_reply=True))
     assert "default/xwing:39322 (ID:1234) <- 1.2.3.4:443 (ID:2 world)" in forwarded
     assert forwarded.endswith("to-endpoint FORWARDED (TCP Flags: SYN)")
 
 
 def test_json_is_one_flow_per_line_and_decodes_back() -> None:
     flow = make()
-    line = cli_observe.json_line(flow)
+    line = flowfmt.json_line(flow)
     assert "\n" not in line
     assert msgspec.json.decode(line, type=EnrichedFlow) == flow
 
 
 def test_table_has_a_row_per_flow() -> None:
-    text = cli_observe.table([make(), make("FORWARDED")])
+    text = flowfmt.table([make(), make("FORWARDED")])
     lines = text.splitlines()
     assert lines[0].split()[:3] == ["TIMESTAMP", "SOURCE", "DESTINATION"]
     assert len(lines) == 3 and "DROPPED" in lines[1] and "FORWARDED" in lines[2]
     assert lines[1].split("DROPPED")[1].strip() == "Policy denied (TCP Flags: SYN)"
-    row = cli_observe.fixed_row(cli_observe._row(make()))
+    row = flowfmt.fixed_row(flowfmt.row(make()))
     assert row.split()[3:5] == ["default/xwing:39322", "(ID:1234)"]
 
 
@@ -173,7 +173,7 @@ def test_bad_durations(text: str) -> None:
         cli_observe.parse_duration(text)
 
 
-def test_not_negates_only_the_next_filter_and_repeats_or() -> None:
+def test_not_negates_the_next_filter_and_its_repeats_and_repeats_or() -> None:
     from membrane.cli import build_parser
 
     args = build_parser().parse_args(
@@ -191,12 +191,15 @@ def test_not_negates_only_the_next_filter_and_repeats_or() -> None:
             "c",
         ]
     )
+    # docs/monitor.md: `--not --pod a --pod b` matches neither (this test asserted Hubble's
+    # one-shot --not before, under which it matched b; issue 21 chose the documented reading)
     terms = {(t.field, t.negate): t.values for t in args.filters}
-    assert terms == {
-        ("verdict", False): ["DROPPED"],
-        ("pod", True): ["a", "c"],
-        ("pod", False): ["b"],
-    }
+    assert terms == {("verdict", False): ["DROPPED"], ("pod", True): ["a", "b", "c"]}
+    args = build_parser().parse_args(
+        ["observe", "--not", "--pod", "a", "--verdict", "X", "--pod", "b"]
+    )
+    terms = {(t.field, t.negate): t.values for t in args.filters}
+    assert terms == {("pod", True): ["a"], ("verdict", False): ["X"], ("pod", False): ["b"]}
 
 
 def raw_flow(**kw: object) -> Flow:
