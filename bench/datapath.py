@@ -340,7 +340,7 @@ class Cluster:
 
     def create_pod(self, name: str) -> Pod:
         self.run("pod", "create", name, "--labels", f"app={name}", "--node", self.node)
-        pods = json.loads(self.run("pod", "list", "-o", "json").stdout)
+        pods = json.loads(self.run("pod", "list", "-o", "json").stdout)["items"]
         (found,) = [p for p in pods if p["name"] == name]
         return Pod(
             name=name,

@@ -470,7 +470,7 @@ class ConnectProbe:
         node = f"{cluster.name}-node-1"
         cluster.run("pod", "create", "bench-server", "--node", node, "--labels", "app=bs")
         cluster.run("pod", "create", "bench-client", "--node", node, "--labels", "app=bc")
-        pods = json.loads(cluster.run("pod", "list", "-o", "json").stdout)
+        pods = json.loads(cluster.run("pod", "list", "-o", "json").stdout)["items"]
         server_ip = next(p["ip"] for p in pods if p["name"] == "bench-server")
         self.server = subprocess.Popen(
             cluster.command(

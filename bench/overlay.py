@@ -130,7 +130,7 @@ class Cluster:
 
     def create_pod(self, name: str, node: str) -> Pod:
         self.run("pod", "create", name, "--labels", f"app={name}", "--node", node)
-        pods = json.loads(self.run("pod", "list", "-o", "json"))
+        pods = json.loads(self.run("pod", "list", "-o", "json"))["items"]
         (found,) = [p for p in pods if p["name"] == name]
         return Pod(name, node, found["ip"], found["host_ifname"])
 

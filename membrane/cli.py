@@ -15,6 +15,7 @@ import uvloop
 
 from membrane import (
     cli_credentials,
+    cli_get,
     cli_lb,
     cli_nodes,
     cli_observe,
@@ -26,6 +27,7 @@ from membrane import (
     cli_workloads,
     cliutil,
     output,
+    resources,
 )
 from membrane.client import identity
 from membrane.registry import SERVICES
@@ -33,7 +35,7 @@ from membrane.state import DEFAULT_RANGES
 from shared import config, gcpause, log
 from shared.bus import Bus, ServiceInfo, redact
 from shared.errors import MembraneError
-from shared.messages import AllocateReply, Identity, ReleaseReply
+from shared.messages import AllocateReply, ReleaseReply
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -186,31 +188,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 # --- identities ------------------------------------------------------------------------------
 
 
-def _print_identities(args: argparse.Namespace, identities: list[Identity]) -> None:
-    if args.output == "json":
-        output.emit_json(identities)
-        return
-    print(
-        output.table(
-            ["ID", "KIND", "LABELS"],
-            [[i.id, i.kind, ", ".join(i.labels)] for i in identities],
-        )
-    )
-
-
-def cmd_identity_list(args: argparse.Namespace) -> int:
-    _print_identities(args, cliutil.with_bus(args, identity.list_identities))
-    return 0
-
-
-def cmd_identity_get(args: argparse.Namespace) -> int:
-    async def go(bus: Bus) -> Identity:
-        return await identity.get(bus, args.id)
-
-    _print_identities(args, [cliutil.with_bus(args, go)])
-    return 0
-
-
 def cmd_identity_allocate(args: argparse.Namespace) -> int:
     async def go(bus: Bus) -> AllocateReply:
         return await identity.allocate(bus, args.labels, args.owner)
@@ -347,16 +324,17 @@ def build_parser(run_flags: bool = True) -> argparse.ArgumentParser:
     cli_observe.add_parser(sub)
     cli_lb.add_parsers(sub)
     cli_credentials.add_parser(sub)
+    cli_get.add_parsers(sub)
 
     p = sub.add_parser("identity", help="security identities")
     id_sub = p.add_subparsers(dest="identity_command", required=True, metavar="ACTION")
-    sp = id_sub.add_parser("list", help="every identity, reserved ones included")
-    cliutil.output_flag(sp)
-    sp.set_defaults(func=cmd_identity_list)
-    sp = id_sub.add_parser("get", help="one identity by number")
-    sp.add_argument("id", type=int)
-    cliutil.output_flag(sp)
-    sp.set_defaults(func=cmd_identity_get)
+    for action, help_text in (
+        ("list", "every identity, reserved ones included"),
+        ("get", "identities by number"),
+    ):
+        sp = id_sub.add_parser(action, help=help_text)
+        cli_get.list_flags(sp, resources.IDENTITIES, names=True)
+        sp.set_defaults(func=cli_get.cmd_list, kind=resources.IDENTITIES)
     sp = id_sub.add_parser("allocate", help="the identity of a label set (allocated if new)")
     sp.add_argument(
         "labels",
@@ -401,3 +379,6 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `membrane get pods | head`: the reader is gone, as for kubectl
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from membrane import output
+from membrane import cli_get, output, resources
 from membrane.client import files, lb
 from membrane.cliutil import output_flag, with_bus
 from shared import apply
@@ -61,7 +61,8 @@ def cmd_service_create(args: argparse.Namespace) -> int:
     if args.output == "json":
         output.emit_json(service)
     else:
-        print(f"service/{service.name} configured (revision {service.revision})")
+        state = "created" if service.revision <= 1 else "configured"
+        print(f"service/{service.name} {state} (revision {service.revision})")
     return 0
 
 
@@ -73,29 +74,6 @@ def cmd_service_apply(args: argparse.Namespace) -> int:
 
     for line in with_bus(args, go).results:
         print(line)
-    return 0
-
-
-def cmd_service_list(args: argparse.Namespace) -> int:
-    found = with_bus(args, lb.list_services)
-    if args.namespace:
-        found = [s for s in found if s.namespace == args.namespace]
-    if args.output == "json":
-        output.emit_json(found)
-    else:
-        _print(found)
-    return 0
-
-
-def cmd_service_get(args: argparse.Namespace) -> int:
-    async def go(bus: Bus) -> LBService:
-        return await lb.get(bus, args.namespace, args.name)
-
-    service = with_bus(args, go)
-    if args.output == "json":
-        output.emit_json(service)
-    else:
-        _print([service])
     return 0
 
 
@@ -132,16 +110,13 @@ def add_parsers(sub: Any) -> None:
     sp.add_argument("-f", "--filename", required=True, help="YAML file, or - for stdin")
     sp.set_defaults(func=cmd_service_apply)
 
-    sp = svc.add_parser("list", help="every service with its frontends and backends")
-    sp.add_argument("-n", "--namespace", default="")
-    output_flag(sp)
-    sp.set_defaults(func=cmd_service_list)
-
-    sp = svc.add_parser("get", help="one service")
-    sp.add_argument("name")
-    sp.add_argument("-n", "--namespace", default="default")
-    output_flag(sp)
-    sp.set_defaults(func=cmd_service_get)
+    for action, help_text in (
+        ("list", "services with frontends and backends"),
+        ("get", "services"),
+    ):
+        sp = svc.add_parser(action, help=help_text)
+        cli_get.list_flags(sp, resources.SERVICES, names=True)
+        sp.set_defaults(func=cli_get.cmd_list, kind=resources.SERVICES)
 
     sp = svc.add_parser("delete", help="delete services")
     sp.add_argument("names", nargs="+", metavar="NAME")

@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 import yaml
 
-from membrane import output
+from membrane import cli_get, output, resources
 from membrane.client import files, policy, workloads
 from membrane.cliutil import with_bus
 from shared import apply, protocols
@@ -55,23 +55,6 @@ def cmd_policy_delete(args: argparse.Namespace) -> int:
 
     for key in with_bus(args, go):
         print(f"{key} deleted")
-    return 0
-
-
-def cmd_policy_list(args: argparse.Namespace) -> int:
-    policies = with_bus(args, policy.list_policies)
-    if args.output == "json":
-        output.emit_json(policies)
-        return 0
-    print(
-        output.table(
-            ["KIND", "NAMESPACE", "NAME", "RULES", "SUBJECTS", "AUDIT"],
-            [
-                [p.kind, p.namespace or "-", p.name, p.rules, p.subjects, "yes" if p.audit else ""]
-                for p in policies
-            ],
-        )
-    )
     return 0
 
 
@@ -192,8 +175,8 @@ def add_parsers(sub: Any) -> Any:
     sp.set_defaults(func=cmd_policy_delete)
 
     sp = policy_sub.add_parser("list", help="stored policies")
-    sp.add_argument("-o", "--output", choices=["table", "json"], default="table")
-    sp.set_defaults(func=cmd_policy_list)
+    cli_get.list_flags(sp, resources.POLICIES, names=True)
+    sp.set_defaults(func=cli_get.cmd_list, kind=resources.POLICIES)
 
     sp = policy_sub.add_parser("get", help="one policy as applied")
     sp.add_argument("name")

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from membrane import output
+from membrane import cli_get, output, resources
 from membrane.client import files, workloads
 from membrane.cliutil import output_flag, parse_labels, with_bus
 from shared import agent_api, gcpause, manifests
@@ -60,22 +60,6 @@ def cmd_pod_delete(args: argparse.Namespace) -> int:
                 print(f"pod/{pod.name} deleted")
 
     with_bus(args, go)
-    return 0
-
-
-def cmd_pod_list(args: argparse.Namespace) -> int:
-    found = with_bus(args, workloads.endpoints)
-    if not args.all_namespaces and args.namespace:
-        found = [e for e in found if e.namespace == args.namespace]
-    if args.output == "json":
-        output.emit_json(found)
-        return 0
-    print(
-        output.table(
-            ["NAMESPACE", "NAME", "NODE", "IP", "IDENTITY", "LABELS"],
-            [_pod_row(e) for e in found],
-        )
-    )
     return 0
 
 
@@ -209,18 +193,31 @@ def cmd_bpf(args: argparse.Namespace) -> int:
         return replies
 
     replies = with_bus(args, go)
+    dumps = [(r.node, [_readable(row) for row in r.rows]) for r in replies]
     if args.output == "json":
-        output.emit_json([{"node": r.node, "table": r.table, "rows": r.rows} for r in replies])
+        items = [{"node": node, "table": table, "rows": rows} for node, rows in dumps]
+        output.emit_json({"items": items})
         return 0
     columns = BPF_COLUMNS[table]
-    for reply in replies:
-        print(f"# node {reply.node}: {table} ({len(reply.rows)} entries)")
+    for node, rows in dumps:
+        print(f"# node {node}: {table} ({len(rows)} entries)")
         print(
             output.table(
-                [c.upper() for c in columns], [[r.get(c, "") for c in columns] for r in reply.rows]
+                [c.upper() for c in columns],
+                [[output.cell(r.get(c, "")) for c in columns] for r in rows],
             )
         )
     return 0
+
+
+def _readable(row: dict[str, Any]) -> dict[str, Any]:
+    """A map entry as every other output writes it: protocols by name, namespace/name."""
+    out = dict(row)
+    if isinstance(row.get("protocol"), int):
+        out["protocol"] = output.protocol_name(row["protocol"])
+    if isinstance(row.get("service"), str):  # the lb map's record key, namespace.name
+        out["service"] = row["service"].replace(".", "/", 1)
+    return out
 
 
 def add_parsers(sub: Any) -> None:
@@ -241,11 +238,10 @@ def add_parsers(sub: Any) -> None:
     sp.add_argument("-n", "--namespace", default="default")
     sp.set_defaults(func=cmd_pod_delete)
 
-    sp = pod_sub.add_parser("list", help="pods with node, IP and identity")
-    sp.add_argument("-n", "--namespace", default="")
-    sp.add_argument("-A", "--all-namespaces", action="store_true")
-    output_flag(sp)
-    sp.set_defaults(func=cmd_pod_list)
+    for action, help_text in (("list", "pods with node, IP and identity"), ("get", "pods")):
+        sp = pod_sub.add_parser(action, help=help_text)
+        cli_get.list_flags(sp, resources.PODS, names=True)
+        sp.set_defaults(func=cli_get.cmd_list, kind=resources.PODS)
 
     sp = pod_sub.add_parser("exec", help="run a command in a pod's network namespace")
     sp.add_argument("name")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -11,6 +12,7 @@ from typing import TypeVar
 from membrane.state import StateDir, default_state_dir, resolve_nats_url
 from shared.bus import Bus
 from shared.errors import AlreadyExists, InvalidArgument
+from shared.selectors import LabelSelector, Requirement
 
 T = TypeVar("T")
 
@@ -51,3 +53,37 @@ def parse_labels(text: str) -> dict[str, str]:
             raise AlreadyExists(f"label {key!r} given twice", field=f"labels[{index}]")
         labels[key.strip()] = value.strip()
     return labels
+
+
+_SET = re.compile(r"^\s*([^\s!=]+)\s+(in|notin)\s+\(([^)]*)\)\s*$")
+
+
+def parse_selector(text: str) -> LabelSelector:
+    """kubectl's ``-l``: ``k=v``, ``k==v``, ``k!=v``, ``k in (a,b)``, ``k notin (a,b)``, ``k``,
+    ``!k``, comma-separated, all must hold."""
+    requirements = []
+    # commas inside (a,b) belong to the set, not between requirements
+    for index, part in enumerate(re.split(r",(?![^(]*\))", text) if text.strip() else []):
+        field = f"selector[{index}]"
+        found = _SET.match(part)
+        if found:
+            key, op, values = found.groups()
+            names = frozenset(v.strip() for v in values.split(",") if v.strip())
+            requirements.append(Requirement(key, "In" if op == "in" else "NotIn", names))
+            continue
+        part = part.strip()
+        if "!=" in part:
+            key, _, value = part.partition("!=")
+            requirements.append(Requirement(key.strip(), "NotIn", frozenset([value.strip()])))
+        elif "=" in part:
+            key, _, value = part.partition("==" if "==" in part else "=")
+            requirements.append(Requirement(key.strip(), "In", frozenset([value.strip()])))
+        elif part.startswith("!") and part[1:].strip():
+            requirements.append(Requirement(part[1:].strip(), "DoesNotExist"))
+        elif part and re.fullmatch(r"[\w./-]+", part):
+            requirements.append(Requirement(part, "Exists"))
+        else:
+            raise InvalidArgument(f"{part!r} is not a label requirement", field=field)
+        if not requirements[-1].key:
+            raise InvalidArgument(f"{part!r} has no key", field=field)
+    return LabelSelector(tuple(requirements))

@@ -20,15 +20,30 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def json_text(value: Any) -> str:
+    """Indented, sorted JSON of plain values or msgspec structs."""
+    return json.dumps(msgspec.to_builtins(value), indent=2, sort_keys=True)
+
+
 def emit_json(value: Any) -> None:
-    if isinstance(value, msgspec.Struct) or (
-        isinstance(value, list) and value and isinstance(value[0], msgspec.Struct)
-    ):
-        value = msgspec.to_builtins(value)
-    json.dump(value, sys.stdout, indent=2, sort_keys=True)
-    sys.stdout.write("\n")
+    sys.stdout.write(json_text(value) + "\n")
 
 
 def labels(mapping: dict[str, str]) -> str:
     """``app=web,tier=front`` (sorted), ``<none>`` for none, as kubectl prints them."""
     return ",".join(f"{k}={v}" for k, v in sorted(mapping.items())) or "<none>"
+
+
+PROTOCOL_NAMES = {0: "ANY", 1: "ICMP", 6: "TCP", 17: "UDP", 132: "SCTP"}
+
+
+def protocol_name(number: int) -> str:
+    """``6`` -> ``TCP``, as flows, services and policies write protocols; else the number."""
+    return PROTOCOL_NAMES.get(number, str(number))
+
+
+def cell(value: Any) -> str:
+    """A table cell: lists joined with commas (not Python's repr), the rest as text."""
+    if isinstance(value, list | tuple):
+        return ",".join(cell(v) for v in value) or "-"
+    return str(value)

@@ -18,7 +18,7 @@ run pod create xwing --labels org=alliance,class=xwing --node membrane-node-2
 run pod create tiefighter --labels org=empire,class=tiefighter --node membrane-node-2
 run pod list
 
-ip_of() { "$M" pod list -o json | $PY -c "import json,sys; print([p['ip'] for p in json.load(sys.stdin) if p['name']=='$1'][0])"; }
+ip_of() { "$M" pod list -o json | $PY -c "import json,sys; print([p['ip'] for p in json.load(sys.stdin)['items'] if p['name']=='$1'][0])"; }
 DS_IP=$(ip_of deathstar)
 # a policy from an earlier run of this demo would still be stored
 "$M" policy delete empire-only >/dev/null 2>&1 || true
@@ -52,7 +52,7 @@ run bpf ct --node membrane-node-1
 
 step "A Deployment of 3 replicas behind a Service: one cluster IP, BPF hash maps on every node"
 run apply -f examples/web-service.yaml
-WEB_PODS=$("$M" pod list -o json | $PY -c "import json,sys; print(' '.join(p['name'] for p in json.load(sys.stdin) if p['labels'].get('app')=='web'))")
+WEB_PODS=$("$M" pod list -o json | $PY -c "import json,sys; print(' '.join(p['name'] for p in json.load(sys.stdin)['items'] if p['labels'].get('app')=='web'))")
 WEB_SERVERS=""
 for pod in $WEB_PODS; do
   "$M" pod exec "$pod" -- $PY tests/e2e/netprobe.py whoami tcp 8080 >/dev/null &

@@ -128,18 +128,22 @@ async def delete_service(
 # --- namespaces -------------------------------------------------------------------------------
 
 
-async def put_namespace(bus: Bus, doc: NamespaceDoc) -> bool:
-    """Store a namespace's labels; returns whether anything changed."""
+async def put_namespace(bus: Bus, doc: NamespaceDoc) -> str:
+    """Store a namespace's labels; returns kubectl's word for it: created, configured or
+    unchanged."""
     kv = await bus.kv(subjects.KV_NAMESPACES)
     record = NamespaceRecord(name=doc.name, labels=dict(doc.labels))
+    state = "created"
     try:
         entry = await kv.get(doc.name)
-        if entry.value and msgspec.json.decode(entry.value, type=NamespaceRecord) == record:
-            return False
+        if entry.value:
+            if msgspec.json.decode(entry.value, type=NamespaceRecord) == record:
+                return "unchanged"
+            state = "configured"
     except Exception:  # not there yet
         pass
     await kv.put(doc.name, msgspec.json.encode(record))
-    return True
+    return state
 
 
 async def delete_namespace_record(bus: Bus, name: str) -> None:
@@ -175,8 +179,7 @@ async def apply_documents(
     lines: list[str] = []
     for doc in docs:
         if isinstance(doc, NamespaceDoc):
-            changed = await put_namespace(bus, doc)
-            lines.append(f"namespace/{doc.name} {'configured' if changed else 'unchanged'}")
+            lines.append(f"namespace/{doc.name} {await put_namespace(bus, doc)}")
     if workloads is not None:
         lines.extend(await workloads())
     lines.extend(lb_lines)

@@ -99,6 +99,11 @@ def spec_key(kind: str, namespace: str, name: str) -> str:
     return f"{'slice' if kind == 'EndpointSlice' else 'service'}.{namespace}.{name}"
 
 
+def shown(key: str) -> str:
+    """A record key as users read names everywhere: ``namespace/name``."""
+    return key.replace(".", "/", 1)
+
+
 class LBCore:
     def __init__(
         self,
@@ -221,7 +226,8 @@ class LBCore:
                 holder = claimed.get(address) or owners.get(address)
                 if holder is not None and holder != key:
                     raise AlreadyExists(
-                        f"frontend {records.frontend_owner(*address)} of {key} belongs to {holder}",
+                        f"frontend {records.frontend_owner(*address)} of {shown(key)} belongs to "
+                        f"{shown(holder)}",
                         field="frontends",
                     )
                 claimed[address] = key
@@ -243,6 +249,13 @@ class LBCore:
         if req.dry_run:
             return LBApplyReply(results=[f"{k.lower()}/{i.name} valid" for k, i, _ in parsed])
         async with self.lock:
+            # kubectl's words: what was there before is configured, the rest created
+            existed = [
+                f"{i.namespace}.{i.name}" in self.slices
+                if isinstance(i, EndpointSliceSpec)
+                else subjects.service_key(i.namespace, i.name) in self.specs
+                for _, i, _ in parsed
+            ]
             started = time.perf_counter()
             # cluster IPs first: a conflict there must stop the request before anything else
             ips = await self._allocate_cluster_ips(services, parsed)
@@ -283,7 +296,12 @@ class LBCore:
                     await acked
             RECOMPUTE_SECONDS.labels("apply").observe(time.perf_counter() - started)
         SERVICES.set(len(self.specs))
-        return LBApplyReply(results=[f"{kind.lower()}/{i.name} applied" for kind, i, _ in parsed])
+        return LBApplyReply(
+            results=[
+                f"{kind.lower()}/{i.name} {'configured' if known else 'created'}"
+                for (kind, i, _), known in zip(parsed, existed, strict=True)
+            ]
+        )
 
     def _stored(self, parsed: list[tuple[str, Spec | EndpointSliceSpec, Any]]) -> dict[str, bytes]:
         """The ``lb-specs`` values of applied documents."""
@@ -352,7 +370,9 @@ class LBCore:
         key = subjects.service_key(spec.namespace, spec.name)
         current = self.specs.get(key)
         if isinstance(current, ServiceSpec):
-            raise AlreadyExists(f"{key} is a Kubernetes Service; delete it first", field="name")
+            raise AlreadyExists(
+                f"{shown(key)} is a Kubernetes Service; delete it first", field="name"
+            )
         self._check_frontends([(key, spec)])
         async with self.lock:
             self.specs[key] = spec
@@ -404,18 +424,18 @@ class LBCore:
                     ids.NODE_PORTS, [f"{key}/{p.port}/{p.protocol}" for p in spec.ports]
                 )
         SERVICES.set(len(self.specs))
-        return LBDeleteReply(deleted=[key])
+        return LBDeleteReply(deleted=[shown(key)])
 
     async def delete_slice(self, ref: LBServiceRef) -> LBDeleteReply:
         key = f"{ref.namespace or 'default'}.{ref.name}"
         found = self.slices.get(key)
         self._set_slice(key, None)
         if found is None:
-            raise NotFound(f"no EndpointSlice {key}", field="name")
+            raise NotFound(f"no EndpointSlice {shown(key)}", field="name")
         async with self.lock:
             await self.store.write({f"slice.{key}": None})
             await self._recompute({subjects.service_key(found.namespace, found.service)})
-        return LBDeleteReply(deleted=[f"slice/{key}"])
+        return LBDeleteReply(deleted=[shown(key)])
 
     # --- records -----------------------------------------------------------------------------
 

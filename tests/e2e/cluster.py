@@ -59,7 +59,10 @@ class Cluster:
         return result
 
     def json(self, *args: str) -> Any:
-        return json.loads(self.run(*args, "-o", "json").stdout)
+        """The command's ``-o json``: one object, or a list's items (the CLI wraps lists in
+        ``{"items": [...]}`` as kubectl does; tests/e2e/test_cli.py checks the wrapper)."""
+        value = json.loads(self.run(*args, "-o", "json").stdout)
+        return value["items"] if isinstance(value, dict) and set(value) == {"items"} else value
 
     def probe(self, pod: str, *args: str, timeout: float = 15) -> subprocess.CompletedProcess[str]:
         return self.run(

@@ -65,11 +65,13 @@ def test_up_allocate_down_up_again(state: Path) -> None:
     assert bad.returncode == 1
     assert "labels['app=-bad']" in bad.stderr and "Traceback" not in bad.stderr
 
-    listed = json.loads(membrane(state, "identity", "list", "-o", "json").stdout)
+    # lists are {"items": [...]} and one object is itself, as kubectl prints them (issue 21:
+    # this test read a bare list, and a one-element list from get)
+    listed = json.loads(membrane(state, "identity", "list", "-o", "json").stdout)["items"]
     assert {"id": int(number), "kind": "cluster", "labels": ["k8s:app=web"], "v": 1} in listed
     assert {i["id"] for i in listed if i["kind"] == "reserved"} == set(range(1, 9))
     got = json.loads(membrane(state, "identity", "get", number, "-o", "json").stdout)
-    assert got[0]["labels"] == ["k8s:app=web"]
+    assert got["labels"] == ["k8s:app=web"]
     missing = membrane(state, "identity", "get", "60000", check=False)
     assert missing.returncode == 1 and "does not exist" in missing.stderr
 

@@ -281,7 +281,7 @@ spec:
     assert {p["node"] for p in pods} == set(cluster.nodes)  # spread over both nodes
     assert len({p["identity"] for p in pods}) == 1  # replicas share one identity
     identity = cluster.json("identity", "get", str(pods[0]["identity"]))
-    labels = set(identity[0]["labels"])
+    labels = set(identity["labels"])
     assert "k8s:io.cilium.k8s.namespace.labels.team=blue" in labels
     assert "k8s:io.kubernetes.pod.namespace=shop" in labels
     # idempotent
@@ -294,7 +294,7 @@ spec:
     while True:
         now = cluster.json("pod", "list", "-n", "shop")
         ids = {p["identity"] for p in now}
-        labels = set(cluster.json("identity", "get", str(now[0]["identity"]))[0]["labels"])
+        labels = set(cluster.json("identity", "get", str(now[0]["identity"]))["labels"])
         if "k8s:io.cilium.k8s.namespace.labels.team=red" in labels and len(ids) == 1:
             break
         assert time.monotonic() < deadline, f"pods kept their old identity: {ids} {labels}"

@@ -120,7 +120,7 @@ def test_cluster_ip_spreads_over_three_backends_on_every_node(
     create_pod(cluster, "lb-client", "app=lb-client")
     try:
         out = apply(cluster, tmp_path, SERVICE.format(name="web", algorithm="random", extra=""))
-        assert "service/web applied" in out.stdout, out.stdout
+        assert "service/web created" in out.stdout, out.stdout
         record = service(cluster, "web")
         vip = record["frontends"][0]["ip"]
         assert vip.startswith("10."), record
@@ -131,7 +131,7 @@ def test_cluster_ip_spreads_over_three_backends_on_every_node(
         udp = ask(cluster, "lb-client", "udp", vip, "53", "3", "40001")
         assert len(set(udp)) == 1 and udp[0] in web, udp  # one flow, one backend, reverse NAT
         listed = cluster.run("service", "list").stdout
-        assert "default" in listed and f"{vip}:80/TCP" in listed
+        assert "web" in listed and f"{vip}:80/TCP" in listed
     finally:
         cluster.run("service", "delete", "web", check=False)
         cluster.run("pod", "delete", "lb-client", check=False)
@@ -380,7 +380,7 @@ def test_duplicates_are_refused(cluster: Cluster, tmp_path: Path) -> None:
         clash = cluster.run(
             "service", "create", "second", "--frontend", "10.250.1.1:80/TCP", check=False
         )
-        assert clash.returncode == 1 and "belongs to default.first" in clash.stderr
+        assert clash.returncode == 1 and "belongs to default/first" in clash.stderr
         assert "second" not in cluster.run("service", "list").stdout
     finally:
         assert taken.returncode == 0
