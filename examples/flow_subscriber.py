@@ -1,16 +1,21 @@
 """A minimal external subscriber: print membrane's dropped flows as they happen.
 
-    python examples/flow_subscriber.py nats://user:password@127.0.0.1:4222 [SUBJECT]
+    .venv/bin/python examples/flow_subscriber.py [NATS_URL] [SUBJECT]
 
-It uses only nats-py and the JSON documented in docs/events.md — no membrane code — the way a
-SIEM or dashboard would. SUBJECT defaults to every drop in every namespace.
+It uses only nats-py (hence the project's interpreter, which has it) and the JSON documented
+in docs/events.md — no membrane code — the way a SIEM or dashboard would. NATS_URL (with its
+credentials) defaults to the local cluster's, read from ``cluster.json`` in the state
+directory (``$MEMBRANE_STATE_DIR``, else /var/lib/membrane as root); `membrane up` prints it
+with the password hidden. SUBJECT defaults to every drop in every namespace.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
+from pathlib import Path
 
 import nats
 
@@ -32,9 +37,17 @@ async def main(url: str, subject: str) -> None:
         )
 
 
+def local_cluster_url() -> str:
+    """The NATS URL `membrane up` wrote to its state directory (the layout of docs/cli.md)."""
+    default = "/var/lib/membrane" if os.geteuid() == 0 else "~/.local/state/membrane"
+    state = Path(os.environ.get("MEMBRANE_STATE_DIR") or default).expanduser()
+    try:
+        return str(json.loads((state / "cluster.json").read_text())["nats_url"])
+    except (OSError, ValueError, KeyError):
+        sys.exit(f"no NATS URL given and no local cluster in {state}\n{__doc__}")
+
+
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        sys.exit(__doc__)
-    asyncio.run(
-        main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "membrane.events.flows.DROPPED.>")
-    )
+    args = sys.argv[1:]
+    url = args.pop(0) if args and "://" in args[0] else local_cluster_url()
+    asyncio.run(main(url, args[0] if args else "membrane.events.flows.DROPPED.>"))

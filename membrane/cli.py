@@ -31,10 +31,10 @@ from membrane import (
 )
 from membrane.client import identity
 from membrane.registry import SERVICES
-from membrane.state import DEFAULT_RANGES
+from membrane.state import DEFAULT_RANGES, ClusterInfo, StateDir
 from shared import config, gcpause, log
 from shared.bus import Bus, ServiceInfo, redact
-from shared.errors import MembraneError
+from shared.errors import InvalidArgument, MembraneError
 from shared.messages import AllocateReply, ReleaseReply
 
 Command = Callable[[argparse.Namespace], int]
@@ -47,15 +47,20 @@ def cmd_up(args: argparse.Namespace) -> int:
     from membrane import nodes, stack  # pyroute2 and the services: only for up and down
 
     state = cliutil.state_dir(args)
+    given = {flag: getattr(args, flag) for flag in UP_DEFAULTS if getattr(args, flag) is not None}
+    running = state.read_cluster() if state.supervisor_pid() is not None else None
+    if running is not None:
+        return _already_up(state, running, given)
+    wanted = {**UP_DEFAULTS, **given}
     replicas = {name: entry.default_replicas for name, entry in SERVICES.items()}
     if args.identity_replicas is not None:
         replicas["identity"] = args.identity_replicas
     topology = nodes.Topology(
-        name=args.name,
-        nodes=args.nodes,
-        underlay=ipaddress.IPv4Network(args.underlay_cidr),
-        cluster_cidr=ipaddress.IPv4Network(args.cluster_cidr),
-        service_cidr=ipaddress.IPv4Network(args.service_cidr),
+        name=str(wanted["name"]),
+        nodes=int(wanted["nodes"]),
+        underlay=ipaddress.IPv4Network(wanted["underlay_cidr"]),
+        cluster_cidr=ipaddress.IPv4Network(wanted["cluster_cidr"]),
+        service_cidr=ipaddress.IPv4Network(wanted["service_cidr"]),
     )
     started = time.monotonic()
     # as everywhere: the flag, else the environment; neither means "start our own"
@@ -66,7 +71,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         redis_url=args.redis_url or os.environ.get("MEMBRANE_REDIS_URL"),
         replicas=replicas,
         topology=topology,
-        routing=args.routing,
+        routing=str(wanted["routing"]),
     )
     cliutil.say(f"cluster is up ({time.monotonic() - started:.1f}s)")
     print()
@@ -87,6 +92,43 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(
         "Next: `membrane pod create web --labels app=web`, `membrane pod list`, "
         "`membrane status`; stop with `membrane down`."
+    )
+    return 0
+
+
+# what `up` starts unless told otherwise (its flags default to None: given or not matters)
+UP_DEFAULTS: dict[str, object] = {
+    "nodes": 2,
+    "name": "membrane",
+    "routing": "tunnel",
+    "underlay_cidr": str(DEFAULT_RANGES[0]),
+    "cluster_cidr": str(DEFAULT_RANGES[1]),
+    "service_cidr": str(DEFAULT_RANGES[2]),
+}
+
+
+def _already_up(state: StateDir, info: ClusterInfo, given: dict[str, object]) -> int:
+    """``up`` on a running cluster: nothing to do, or a refusal naming what differs (nodes,
+    routing and ranges are fixed while it runs; `down` then `up` changes them and keeps
+    identities, policies and services)."""
+    have = {
+        "nodes": info.nodes,
+        "name": info.name,
+        "routing": info.routing,
+        "underlay_cidr": info.underlay_cidr,
+        "cluster_cidr": info.cluster_cidr,
+        "service_cidr": info.service_cidr,
+    }
+    differ = [k for k, v in given.items() if str(v) != str(have[k])]
+    if differ:
+        flags = ", ".join(f"--{k.replace('_', '-')} {given[k]} (it runs {have[k]})" for k in differ)
+        raise InvalidArgument(
+            f"the cluster in {state.root} is already up; {flags}: run `membrane down` first, "
+            "then `membrane up` with the new flags (identities, policies and services are kept)",
+            field=f"--{differ[0].replace('_', '-')}",
+        )
+    cliutil.say(
+        f"already up (state directory {state.root}): {info.nodes} node(s), {info.routing} routing"
     )
     return 0
 
@@ -283,18 +325,16 @@ def build_parser(run_flags: bool = True) -> argparse.ArgumentParser:
     p = sub.add_parser("up", help="start the local cluster")
     p.add_argument("--redis-url", help="use this Redis instead of starting one")
     p.add_argument("--identity-replicas", type=int, help="identity service replicas (default 2)")
-    p.add_argument("--nodes", type=int, default=2, help="nodes to create (default 2)")
-    p.add_argument(
-        "--name", default="membrane", help="cluster name, prefixes node names (default membrane)"
-    )
-    p.add_argument("--underlay-cidr", default=str(DEFAULT_RANGES[0]))
-    p.add_argument("--cluster-cidr", default=str(DEFAULT_RANGES[1]), help="pod range")
-    p.add_argument("--service-cidr", default=str(DEFAULT_RANGES[2]))
+    p.add_argument("--nodes", type=int, help="nodes to create (default 2)")
+    p.add_argument("--name", help="cluster name, prefixes node names (default membrane)")
+    p.add_argument("--underlay-cidr", help=f"(default {DEFAULT_RANGES[0]})")
+    p.add_argument("--cluster-cidr", help=f"pod range (default {DEFAULT_RANGES[1]})")
+    p.add_argument("--service-cidr", help=f"(default {DEFAULT_RANGES[2]})")
     p.add_argument(
         "--routing",
         choices=("tunnel", "native"),
-        default="tunnel",
-        help="pod traffic between nodes: VXLAN tunnel carrying the identity, or native routes",
+        help="pod traffic between nodes: VXLAN tunnel carrying the identity (default), or "
+        "native routes",
     )
     p.set_defaults(func=cmd_up)
 

@@ -9,6 +9,7 @@ outside the data it keeps (NATS store, Redis AOF, logs).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -32,9 +33,10 @@ from membrane.servers import (
     write_secret,
 )
 from membrane.state import DEFAULT_RANGES, ClusterInfo, Plan, ProcessSpec, StateDir
-from shared import roles
+from shared import roles, subjects
 from shared.bus import Bus
 from shared.errors import MembraneError, Unavailable
+from shared.messages import NodeHealth
 
 Say = Callable[[str], None]
 OS_PACKAGES = ("nats-server", "redis-server")  # Debian names them as their binaries
@@ -302,8 +304,35 @@ async def _wait_until_ready(
         )
         if forgotten:
             say(f"forgot node(s) of an earlier run: {', '.join(forgotten)}")
+        if info.nodes > 1:
+            await _wait_for_mesh(bus, sorted(started_nodes), say)
     finally:
         await bus.close()
+
+
+async def _wait_for_mesh(bus: Bus, names: list[str], say: Say, timeout: float = 10.0) -> None:
+    """Until every node's latest health round reached every other node (so that `status`
+    right after `up` shows the mesh as it is, not a first probe that was too early); a
+    pair still failing after ``timeout`` is reported, not fatal: `status` shows it."""
+    started = time.monotonic()
+    kv = await bus.kv(subjects.KV_HEALTH)
+    missing: list[str] = []
+    while True:
+        reports = {}
+        for raw in (await Bus.snapshot(kv)).values():
+            with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                report = msgspec.json.decode(raw, type=NodeHealth)
+                reports[report.node] = {p.node for p in report.peers if p.reachable}
+        missing = [
+            f"{a} -> {b}" for a in names for b in names if a != b and b not in reports.get(a, ())
+        ]
+        if not missing or time.monotonic() - started > timeout:
+            break
+        await asyncio.sleep(0.2)
+    if missing:
+        say(f"not yet reachable node to node: {', '.join(missing)} (see `membrane status`)")
+    else:
+        say(f"nodes reach each other ({time.monotonic() - started:.1f}s)")
 
 
 def down(state: StateDir, say: Say, *, purge: bool = False, timeout: float = 30.0) -> int:

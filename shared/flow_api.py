@@ -29,7 +29,13 @@ class FlowPeer(Message, gc=False):  # gc=False: no cycles, and enrichment makes 
     pod: Annotated[str, _doc("the pod's name; empty when the address is no pod")] = ""
     node: Annotated[str, _doc("the node hosting the address")] = ""
     labels: Annotated[list[str], _doc("the identity's labels, sorted: k8s:app=web")] = []
-    service: Annotated[str, _doc("namespace/name when ip:port is a service frontend")] = ""
+    service: Annotated[
+        str,
+        _doc(
+            "namespace/name of the service when ip:port is its frontend, or its backend on a"
+            " request's destination / a reply's source (comma-separated when several)"
+        ),
+    ] = ""
 
 
 class EnrichedFlow(Message, gc=False):

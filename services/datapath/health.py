@@ -41,6 +41,9 @@ HEALTH_PORT: Final = 4240
 HEALTH_IFNAME: Final = "lxc_health"
 ICMP_ECHO: Final = 8
 ICMP_ECHOREPLY: Final = 0
+# a peer that never answered is probed again this soon, for this many rounds (start-up)
+STARTUP_RETRY_S: Final = 1.0
+STARTUP_RETRIES: Final = 5
 
 PEER_REACHABLE = Gauge(
     "membrane_node_connectivity_status",
@@ -87,6 +90,7 @@ class Health:
         self.netns: Path | None = None
         self.server: asyncio.AbstractServer | None = None
         self.results: dict[str, PeerHealth] = {}
+        self.reached: set[str] = set()  # peers that answered at least once
         self.log = log.get("datapath.health", node=self.node.name)
 
     # --- the endpoint ---------------------------------------------------------------------
@@ -207,6 +211,8 @@ class Health:
                 peer=peer.name,
             )
         self.results[peer.name] = result
+        if result.reachable:
+            self.reached.add(peer.name)
         for kind, seconds in (("icmp", icmp), ("http", http)):
             PEER_REACHABLE.labels(peer.name, kind).set(0 if seconds is None else 1)
             if seconds is not None:
@@ -264,6 +270,16 @@ class Health:
                 return None
             return time.perf_counter() - started
 
+    def next_round_in(self) -> float:
+        """The interval; a second while a peer that never answered fails (its first few
+        rounds): nodes start together, and a peer's endpoint a moment late would otherwise
+        read UNREACHABLE for a whole interval (`membrane status` right after `up`)."""
+        starting = any(
+            not r.reachable and name not in self.reached and r.failures <= STARTUP_RETRIES
+            for name, r in self.results.items()
+        )
+        return min(self.interval, STARTUP_RETRY_S) if starting else self.interval
+
     async def run(self) -> None:
         while True:
             started = time.monotonic()
@@ -271,7 +287,7 @@ class Health:
                 await self.probe_round()
             except Exception as exc:  # a round must never end the probing
                 self.log.error("health round failed", error=repr(exc), exc_info=True)
-            await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
+            await asyncio.sleep(max(0.0, self.next_round_in() - (time.monotonic() - started)))
 
 
 def _allow_ping_sockets() -> None:

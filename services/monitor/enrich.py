@@ -48,6 +48,10 @@ class Enricher:
     enforcing: dict[int, tuple[str, str]] = field(default_factory=dict)
     services: dict[tuple[str, int], str] = field(default_factory=dict)  # (ip, port) -> "ns/name"
     service_keys: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
+    # (ip, port) of a backend -> the services it serves: the datapath reports a flow to a
+    # frontend after translating it, so the backend is what names the service
+    backends: dict[tuple[str, int], set[str]] = field(default_factory=dict)
+    backend_keys: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
     bad_entries: int = 0
 
     # --- bucket changes -------------------------------------------------------------------
@@ -117,6 +121,12 @@ class Enricher:
         NodePort frontends (0.0.0.0) name no address of their own."""
         for frontend in self.service_keys.pop(key, []):
             self.services.pop(frontend, None)
+        old_name = key.replace(".", "/", 1)  # the bucket key is namespace.name
+        for backend in self.backend_keys.pop(key, []):
+            serving = self.backends.get(backend, set())
+            serving.discard(old_name)
+            if not serving:
+                self.backends.pop(backend, None)
         if value is None:
             return
         service = self._decode(value, LBService)
@@ -127,6 +137,15 @@ class Enricher:
         self.service_keys[key] = frontends
         for frontend in frontends:
             self.services[frontend] = name
+        backends = sorted({(b.ip, b.port) for f in service.frontends for b in f.backends})
+        self.backend_keys[key] = backends
+        for backend in backends:
+            self.backends.setdefault(backend, set()).add(name)
+
+    def backend_service(self, ip: str, port: int) -> str:
+        """The services ``ip:port`` is a backend of (comma-separated, sorted), or ""."""
+        serving = self.backends.get((ip, port)) if self.backends else None
+        return ",".join(sorted(serving)) if serving else ""
 
     def _decode(self, value: bytes, type_: type[Any]) -> Any:
         try:
@@ -137,10 +156,14 @@ class Enricher:
 
     # --- flows ----------------------------------------------------------------------------
 
-    def peer(self, ip: str, port: int, identity: int) -> FlowPeer:
+    def peer(self, ip: str, port: int, identity: int, backend: bool = False) -> FlowPeer:
+        """One side of a flow; ``backend``: the side a service's traffic was translated to
+        (the destination of a request, the source of a reply), named by its service."""
         pod = self.pods.get(ip)
         labels = self.labels.get(identity) or _RESERVED_LABELS.get(identity, [])
         service = self.services.get((ip, port), "") if self.services else ""
+        if not service and backend:
+            service = self.backend_service(ip, port)
         if pod is None:
             return FlowPeer(
                 ip=ip,
@@ -181,8 +204,8 @@ class Enricher:
             tcp_flags=flow.tcp_flags,
             is_reply=flow.is_reply,
             bytes=flow.bytes,
-            source=self.peer(flow.src_ip, flow.src_port, flow.src_identity),
-            destination=self.peer(flow.dst_ip, flow.dst_port, flow.dst_identity),
+            source=self.peer(flow.src_ip, flow.src_port, flow.src_identity, flow.is_reply),
+            destination=self.peer(flow.dst_ip, flow.dst_port, flow.dst_identity, not flow.is_reply),
             rule_id=flow.rule_id,
             rule=rule,
             policy=policy,

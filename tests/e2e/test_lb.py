@@ -132,6 +132,9 @@ def test_cluster_ip_spreads_over_three_backends_on_every_node(
         assert len(set(udp)) == 1 and udp[0] in web, udp  # one flow, one backend, reverse NAT
         listed = cluster.run("service", "list").stdout
         assert "web" in listed and f"{vip}:80/TCP" in listed
+        # flows to the ClusterIP name the service, though the datapath reports the backend
+        through = cluster.run("observe", "--to-service", "default/web", "--last", "3").stdout
+        assert through.count("[default/web]") == 3, through
     finally:
         cluster.run("service", "delete", "web", check=False)
         cluster.run("pod", "delete", "lb-client", check=False)

@@ -64,3 +64,19 @@ def test_overlay_config_layout() -> None:
     assert packed[:4] == bytes([172, 31, 0, 11])  # network byte order, as the datapath compares
     assert packed[12:14] == (8472).to_bytes(2, "little")  # the tunnel port, host order
     assert OverlayConfig.unpack(packed) == config
+
+
+def test_a_peer_that_never_answered_is_probed_again_soon() -> None:
+    from services.datapath.health import STARTUP_RETRIES, STARTUP_RETRY_S, Health
+
+    health = Health.__new__(Health)  # the scheduling only: no agent, bus or namespace
+    health.interval, health.reached = 5.0, set()
+    health.results = {"n2": PeerHealth(node="n2", reachable=False, failures=1)}
+    assert health.next_round_in() == STARTUP_RETRY_S  # start-up: the peer may be a moment late
+    health.results["n2"] = PeerHealth(node="n2", reachable=True)
+    health.reached.add("n2")
+    assert health.next_round_in() == 5.0
+    health.results["n2"] = PeerHealth(node="n2", reachable=False, failures=1)
+    assert health.next_round_in() == 5.0  # it answered before: a real failure, the interval
+    health.results["n3"] = PeerHealth(node="n3", failures=STARTUP_RETRIES + 1)
+    assert health.next_round_in() == 5.0  # never answered, but long enough: not start-up

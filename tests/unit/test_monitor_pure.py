@@ -17,6 +17,7 @@ from shared.messages import (
     Flow,
     Identity,
     IPCacheEntry,
+    LBBackend,
     LBFrontend,
     LBService,
     PolicyEntry,
@@ -317,3 +318,35 @@ def test_a_default_deny_drop_names_the_policies_that_enforce_the_direction() -> 
     assert e.enrich(msgspec.structs.replace(drop, reason=134)).policy == ""
     e.on_resolved("1234", None)
     assert e.enrich(drop).policy == ""
+
+
+def test_a_flow_translated_to_a_backend_names_its_service() -> None:
+    """The datapath reports a ClusterIP flow after choosing the backend: the backend's
+    address and port name the service (the destination of requests, the source of replies)."""
+    e = Enricher()
+    backend = LBBackend(id=1, ip="10.0.2.7", port=8080)
+    for name in ("web", "www"):
+        e.on_service(
+            f"default.{name}",
+            msgspec.json.encode(
+                LBService(
+                    namespace="default",
+                    name=name,
+                    frontends=[
+                        LBFrontend(
+                            id=1, ip="10.96.0.9", port=80, protocol="TCP", backends=[backend]
+                        )
+                    ],
+                )
+            ),
+        )
+    request = e.enrich(raw_flow(dst_ip="10.0.2.7", dst_port=8080))
+    assert request.destination.service == "default/web,default/www"
+    assert request.source.service == ""
+    reply = e.enrich(raw_flow(src_ip="10.0.2.7", src_port=8080, dst_ip="10.0.1.5", is_reply=True))
+    assert (reply.source.service, reply.destination.service) == ("default/web,default/www", "")
+    e.on_service("default.www", None)
+    assert e.enrich(raw_flow(dst_ip="10.0.2.7", dst_port=8080)).destination.service == "default/web"
+    e.on_service("default.web", None)
+    assert e.enrich(raw_flow(dst_ip="10.0.2.7", dst_port=8080)).destination.service == ""
+    assert not e.backends
