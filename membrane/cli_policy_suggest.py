@@ -15,9 +15,10 @@ from typing import Any
 import yaml
 
 from membrane import cliutil, output, suggest
-from membrane.cli_observe import parse_duration, timestamp
+from membrane.cli_observe import parse_duration
 from membrane.cli_policy_diff import namespace_filter
 from membrane.client import identity, recorded
+from membrane.flowfmt import timestamp
 from shared import apply
 from shared.bus import Bus
 
