@@ -368,13 +368,12 @@ def build_parser(run_flags: bool = True) -> argparse.ArgumentParser:
 
     p = sub.add_parser("identity", help="security identities")
     id_sub = p.add_subparsers(dest="identity_command", required=True, metavar="ACTION")
-    for action, help_text in (
-        ("list", "every identity, reserved ones included"),
-        ("get", "identities by number"),
-    ):
-        sp = id_sub.add_parser(action, help=help_text)
-        cli_get.list_flags(sp, resources.IDENTITIES, names=True)
-        sp.set_defaults(func=cli_get.cmd_list, kind=resources.IDENTITIES)
+    cli_get.add_listing(
+        id_sub,
+        resources.IDENTITIES,
+        list="every identity, reserved ones included",
+        get="identities by number",
+    )
     sp = id_sub.add_parser("allocate", help="the identity of a label set (allocated if new)")
     sp.add_argument(
         "labels",

@@ -37,6 +37,15 @@ def list_flags(parser: argparse.ArgumentParser, kind: Kind, *, names: bool) -> N
     parser.add_argument("-o", "--output", choices=FORMATS, default="table")
 
 
+def add_listing(sub: Any, kind: Kind, **helps: str) -> None:
+    """``list``/``get`` actions of ``kind`` under a command (``pod list``, ``pod get``): the
+    actions named in ``helps`` (action -> help), with the listing's flags."""
+    for action, help_text in helps.items():
+        parser = sub.add_parser(action, help=help_text)
+        list_flags(parser, kind, names=True)
+        parser.set_defaults(func=cmd_list, kind=kind)
+
+
 def namespace_of(args: argparse.Namespace) -> str:
     return getattr(args, "namespace", None) or DEFAULT_NAMESPACE
 

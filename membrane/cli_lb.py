@@ -110,13 +110,9 @@ def add_parsers(sub: Any) -> None:
     sp.add_argument("-f", "--filename", required=True, help="YAML file, or - for stdin")
     sp.set_defaults(func=cmd_service_apply)
 
-    for action, help_text in (
-        ("list", "services with frontends and backends"),
-        ("get", "services"),
-    ):
-        sp = svc.add_parser(action, help=help_text)
-        cli_get.list_flags(sp, resources.SERVICES, names=True)
-        sp.set_defaults(func=cli_get.cmd_list, kind=resources.SERVICES)
+    cli_get.add_listing(
+        svc, resources.SERVICES, list="services with frontends and backends", get="services"
+    )
 
     sp = svc.add_parser("delete", help="delete services")
     sp.add_argument("names", nargs="+", metavar="NAME")

@@ -174,9 +174,7 @@ def add_parsers(sub: Any) -> Any:
     sp.add_argument("-f", "--filename")
     sp.set_defaults(func=cmd_policy_delete)
 
-    sp = policy_sub.add_parser("list", help="stored policies")
-    cli_get.list_flags(sp, resources.POLICIES, names=True)
-    sp.set_defaults(func=cli_get.cmd_list, kind=resources.POLICIES)
+    cli_get.add_listing(policy_sub, resources.POLICIES, list="stored policies")
 
     sp = policy_sub.add_parser("get", help="one policy as applied")
     sp.add_argument("name")

@@ -238,10 +238,7 @@ def add_parsers(sub: Any) -> None:
     sp.add_argument("-n", "--namespace", default="default")
     sp.set_defaults(func=cmd_pod_delete)
 
-    for action, help_text in (("list", "pods with node, IP and identity"), ("get", "pods")):
-        sp = pod_sub.add_parser(action, help=help_text)
-        cli_get.list_flags(sp, resources.PODS, names=True)
-        sp.set_defaults(func=cli_get.cmd_list, kind=resources.PODS)
+    cli_get.add_listing(pod_sub, resources.PODS, list="pods with node, IP and identity", get="pods")
 
     sp = pod_sub.add_parser("exec", help="run a command in a pod's network namespace")
     sp.add_argument("name")
