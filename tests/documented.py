@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 SOURCES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "examples"]
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.M | re.S)
 INLINE = re.compile(r"`(membrane [^`]+)`")
+SHELL = frozenset({"|", "||", "&&", ";", "<"})
 
 
 @dataclass(frozen=True)
@@ -42,14 +43,17 @@ def concrete() -> list[Command]:
             for index, line in enumerate(lines):
                 if not line.startswith("$ membrane "):
                     continue
-                command = line[2:].split(" | ")[0]
+                words = shlex.split(line[2:], comments=True)
+                # the shell's part ends the command: pipes, redirections, lists
+                cut = [i for i, w in enumerate(words) if w in SHELL or w.startswith((">", "2>"))]
+                words = words[: cut[0]] if cut else words
                 code = 0
                 rest = [x for x in lines[index + 1 :] if x.startswith("$ ")]
                 if rest and rest[0] == "$ echo $?":
                     after = lines[lines.index(rest[0], index + 1) + 1]
                     code = int(after.strip())
                 where = f"{path.relative_to(REPO)}:{first_line + index}"
-                commands.append(Command(where, shlex.split(command)[1:], code))
+                commands.append(Command(where, words[1:], code))
     return commands
 
 

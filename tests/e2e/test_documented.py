@@ -22,6 +22,8 @@ def needs_other_state(command: Command) -> str:
         return "it starts or stops services"
     if ("-f" in argv and argv[0] == "observe") or "--follow" in argv:
         return "it follows until interrupted"
+    if "--open" in argv:
+        return "it starts a browser"
     if "-f" in argv and argv[0] != "observe":
         path = argv[argv.index("-f") + 1]
         if not (REPO / path).exists():
