@@ -141,7 +141,7 @@ async def _load(ip: str, port: int, mode: str, seconds: float, connections: int)
 
 
 def _pod_ip(cluster: Cluster, name: str) -> str:
-    pods = json.loads(cluster.run("pod", "list", "-o", "json").stdout)
+    pods = json.loads(cluster.run("pod", "list", "-o", "json").stdout)["items"]
     return str(next(p["ip"] for p in pods if p["name"] == name))
 
 
