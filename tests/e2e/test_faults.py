@@ -14,8 +14,10 @@ import pytest
 
 from membrane.registry import SERVICES
 from membrane.state import StateDir
-from shared import roles
+from shared import roles, subjects
 from shared.bus import Bus
+from shared.errors import Unavailable
+from shared.messages import AllocateReply, AllocateRequest, Empty, ListReply
 from tests.e2e.cluster import Cluster, create_pod
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
@@ -117,3 +119,49 @@ async def test_nats_sigkill_under_traffic(cluster: Cluster, tmp_path: Path) -> N
             proc.kill()
         cluster.run("delete", "-f", str(manifest), check=False)
         cluster.run("pod", "delete", "f-a", "f-b", "f-c", check=False)
+
+
+async def test_redis_sigkill_allocations_unavailable_identities_kept(cluster: Cluster) -> None:
+    """The supervisor is paused (SIGSTOP) while redis-server is dead, so that the gap is as
+    long as the test needs; then it restarts Redis on its AOF."""
+    bus = await Bus.connect(cluster.nats_url, "test-faults", retry_for=5)
+    try:
+        existing = await bus.request(
+            subjects.IDENTITY_ALLOCATE, AllocateRequest(labels=["app=kept"]), AllocateReply
+        )
+        before = await bus.request(subjects.IDENTITY_LIST, Empty(), ListReply)
+        supervisor = StateDir(cluster.state).supervisor_pid()
+        assert supervisor
+        victim = _pid(cluster, "redis-server")
+        os.kill(supervisor, signal.SIGSTOP)
+        try:
+            os.kill(victim, signal.SIGKILL)
+            killed = time.monotonic()
+            for labels in (["app=new-in-gap"], ["app=kept"]):
+                with pytest.raises(Unavailable):
+                    await bus.request(
+                        subjects.IDENTITY_ALLOCATE, AllocateRequest(labels=labels), AllocateReply
+                    )
+            answered_in = time.monotonic() - killed
+        finally:
+            os.kill(supervisor, signal.SIGCONT)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                again = await bus.request(
+                    subjects.IDENTITY_ALLOCATE, AllocateRequest(labels=["app=kept"]), AllocateReply
+                )
+                break
+            except Unavailable:
+                assert time.monotonic() < deadline, "identities did not come back after Redis"
+                await asyncio.sleep(0.2)
+        recovered = time.monotonic() - killed
+        print(
+            f"\nredis-server SIGKILL: allocations in the gap answered unavailable "
+            f"(2 requests in {answered_in:.1f}s); allocation works {recovered:.1f}s after the kill"
+        )
+        assert again.identity == existing.identity and not again.new
+        after = await bus.request(subjects.IDENTITY_LIST, Empty(), ListReply)
+        assert after.identities == before.identities
+    finally:
+        await bus.close()
