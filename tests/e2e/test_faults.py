@@ -165,3 +165,48 @@ async def test_redis_sigkill_allocations_unavailable_identities_kept(cluster: Cl
         assert after.identities == before.identities
     finally:
         await bus.close()
+
+
+async def test_each_service_sigkilled_in_turn_under_traffic(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    create_pod(cluster, "s-a", "app=f-a")
+    b = create_pod(cluster, "s-b", "app=f-b", node=2)
+    create_pod(cluster, "s-c", "app=f-c")
+    manifest = tmp_path / "policy.yaml"
+    manifest.write_text(policy("s-allow", [9000]))
+    cluster.run("apply", "-f", str(manifest))
+    await asyncio.sleep(1.0)
+    bip = str(b["ip"])
+    victims = ["identity-1", "policy-1", "lb-1", "monitor-1", f"proxy-{cluster.nodes[1]}"]
+    counters = [cluster.background("s-b", "count", str(p), "12") for p in (9000, 9001)]
+    senders = [
+        cluster.background("s-a", "stream", bip, "9000", "800", "10"),
+        cluster.background("s-c", "stream", bip, "9001", "800", "10"),
+    ]
+    bus = await Bus.connect(cluster.nats_url, "test-faults", retry_for=5)
+    try:
+        await asyncio.sleep(0.5)
+        killed = time.monotonic()
+        for name in victims:
+            pid = _pid(cluster, name)
+            assert pid, name
+            os.kill(pid, signal.SIGKILL)
+            await asyncio.sleep(0.5)
+        while not await all_services_answer(bus, cluster.node_count):
+            assert time.monotonic() - killed < 90, "services did not come back"
+        recovered = time.monotonic() - killed
+        outputs = [proc.communicate(timeout=30)[0] for proc in senders + counters]
+        allowed, denied = int(outputs[2].split()[-1]), int(outputs[3].split()[-1])
+        print(
+            f"\n{', '.join(victims)} SIGKILLed 0.5 s apart: allowed lost {800 - allowed}/800, "
+            f"denied let through {denied}/800, all back {recovered:.1f}s after the first kill"
+        )
+        assert allowed == 800, f"allowed path lost {800 - allowed} datagrams"
+        assert denied == 0, f"denied path let {denied} datagrams through"
+    finally:
+        await bus.close()
+        for proc in senders + counters:
+            proc.kill()
+        cluster.run("delete", "-f", str(manifest), check=False)
+        cluster.run("pod", "delete", "s-a", "s-b", "s-c", check=False)
