@@ -29,7 +29,7 @@ SOURCE = BPF_DIR / "datapath.c"
 # the main source, so these are pasted into it in place of their #include
 # (in this order: lb.h includes lb_icmp.h)
 INLINED_HEADERS = ("lb.h", "lb_icmp.h", "overlay.h", "nodeport.h")
-PROGRAMS = ("from_container", "to_container", "from_overlay", "from_netdev")
+PROGRAMS = ("from_container", "to_container", "from_overlay", "from_netdev", "overlay_egress")
 # tc hooks of the host-side veth: ingress sees what the pod sends
 PARENT_INGRESS = "ffff:fff2"
 PARENT_EGRESS = "ffff:fff3"
@@ -54,6 +54,7 @@ class Programs:
     to_container: Any
     from_overlay: Any
     from_netdev: Any
+    overlay_egress: Any
 
 
 class Datapath:
@@ -144,8 +145,15 @@ class Datapath:
         )
 
     def attach_overlay(self, ifindex: int) -> None:
-        """Put from_overlay on the VXLAN device's ingress (idempotent)."""
-        self._attach(ifindex, ((PARENT_INGRESS, self.programs.from_overlay),))
+        """from_overlay on the VXLAN device's ingress, overlay_egress on its egress
+        (idempotent)."""
+        self._attach(
+            ifindex,
+            (
+                (PARENT_INGRESS, self.programs.from_overlay),
+                (PARENT_EGRESS, self.programs.overlay_egress),
+            ),
+        )
 
     def attach_netdev(self, ifindex: int) -> None:
         """Put from_netdev on the underlay device's ingress (idempotent): node ports."""

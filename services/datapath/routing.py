@@ -62,8 +62,13 @@ class Peers:
         expiry: float,
         grace: float,
         release: Callable[[str], Awaitable[int]] | None = None,
+        overlay_ifindex: int = 0,
     ) -> None:
         self.node = node
+        # tunnel mode: what the node itself sends to another node's pods (the L7 proxy's
+        # answers, as the server pod) is routed into the VXLAN device, whose egress program
+        # sets the tunnel key (bpf/overlay.h overlay_egress)
+        self.overlay_ifindex = overlay_ifindex
         self.mode = mode
         self.ipcache = ipcache
         self.tunnel_peers = tunnel_peers
@@ -178,7 +183,10 @@ class Peers:
             _route(ipr, "replace", dst=state.pod_cidr, gateway=state.underlay_ip)
         else:
             self.tunnel_peers[address] = 1
-            _route(ipr, "del", dst=state.pod_cidr)
+            if self.overlay_ifindex:
+                _route(ipr, "replace", dst=state.pod_cidr, oif=self.overlay_ifindex, scope=253)
+            else:
+                _route(ipr, "del", dst=state.pod_cidr)
 
     def _remove(self, ipr: Any, name: str, state: PeerState) -> None:
         address = IPv4Address(state.underlay_ip)

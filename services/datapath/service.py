@@ -259,7 +259,7 @@ async def _bring_up(settings: DatapathSettings, started: startup.Started) -> _No
     )
     for own in (underlay, router):
         agent.ipcache.set_local(IPv4Network(f"{own}/32"), IPCacheValue(identities.HOST))
-    await _route(settings, datapath, underlay)
+    vxlan_ifindex = await _route(settings, datapath, underlay)
     peers = routing.Peers(
         node,
         settings.routing,
@@ -268,6 +268,7 @@ async def _bring_up(settings: DatapathSettings, started: startup.Started) -> _No
         expiry=settings.node_expiry,
         grace=settings.node_grace,
         release=lambda name: routing.release_node(buckets.ipcache, buckets.endpoints, name),
+        overlay_ifindex=vxlan_ifindex,
     )
     health = Health(
         agent,
@@ -283,9 +284,10 @@ async def _bring_up(settings: DatapathSettings, started: startup.Started) -> _No
     return _Node(started, buckets, node, underlay, datapath, agent, peers, health)
 
 
-async def _route(settings: DatapathSettings, datapath: Datapath, underlay: IPv4Address) -> None:
+async def _route(settings: DatapathSettings, datapath: Datapath, underlay: IPv4Address) -> int:
     """The VXLAN device (tunnel mode) or its absence, the overlay configuration map, and
-    node ports for clients outside the pod network (bpf/nodeport.h)."""
+    node ports for clients outside the pod network (bpf/nodeport.h); the device's ifindex
+    (0: none)."""
     vxlan_ifindex = 0
     if settings.routing == "tunnel":
         mtu = await asyncio.to_thread(tunnel.link_mtu, settings.underlay_device)
@@ -305,6 +307,7 @@ async def _route(settings: DatapathSettings, datapath: Datapath, underlay: IPv4A
         ),
     )
     await asyncio.to_thread(nodeport.enable, datapath, settings.underlay_device, underlay)
+    return vxlan_ifindex
 
 
 async def _start_tasks(settings: DatapathSettings, up: _Node) -> tuple[TaskGroup, FlowPublisher]:

@@ -23,6 +23,7 @@ from shared.errors import AlreadyExists, Internal, InvalidArgument
 ROUTING_MODES: Final = ("tunnel", "native")
 ROUTING_NATIVE: Final = 0  # bpf/overlay.h ROUTING_*
 ROUTING_TUNNEL: Final = 1
+IFF_NOARP: Final = 0x80
 VXLAN_OVERHEAD: Final = 50  # outer Ethernet + IPv4 + UDP + VXLAN headers
 
 
@@ -106,6 +107,9 @@ def ensure_vxlan(device: str, port: int, local: IPv4Address, underlay_mtu: int) 
         _sysctl(f"net/ipv6/conf/{device}/disable_ipv6", "1")
         _sysctl(f"net/ipv4/conf/{device}/rp_filter", "0")
         ipr.link("set", index=index, mtu=underlay_mtu - VXLAN_OVERHEAD, state="up")
+        # routes into the device (the node's own traffic to other nodes' pods) need no
+        # neighbour: overlay_egress sets the tunnel key, the far side the Ethernet header
+        ipr.link("set", index=index, flags=IFF_NOARP, change=IFF_NOARP)
         return index
 
 

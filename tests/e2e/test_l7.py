@@ -1,7 +1,8 @@
 """L7 policy on real packets: Cilium's Star Wars demo, manifests unchanged (examples/starwars).
 
-One node (the proxy serves the pods of its own node; across nodes L7 connections are dropped,
-see docs/l7.md). The deathstar's API runs in both deathstar replicas (tests/e2e/starwars.py);
+Two nodes, VXLAN: the deathstar's two replicas land on both, so the ships' calls through the
+Service reach the proxy of their own node and of the other one. The deathstar's API runs in both
+deathstar replicas (tests/e2e/starwars.py);
 the ships call it through the deathstar Service, as in Cilium's getting-started guide. The
 policy restricts the deathstar's port 80 to POST /v1/request-landing from empire ships: the
 tiefighter lands, its PUT /v1/exhaust-port gets 403 "Access denied" (a DROPPED L7 flow names the
@@ -80,7 +81,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     if os.geteuid() != 0:
         pytest.skip("needs root: network namespaces and BPF")
     state = tmp_path_factory.mktemp("cluster") / "state"
-    c = Cluster(state=state, name="l" + secrets.token_hex(3), nats_url="", node_count=1)
+    c = Cluster(state=state, name="l" + secrets.token_hex(3), nats_url="")
     up(c, free_octet())
     try:
         yield c
@@ -204,11 +205,10 @@ def test_policy_change_applies_to_the_next_request_of_an_open_connection(
         galaxy.apply(POLICY.read_text())
 
 
-def _proxy_pid(cluster: Cluster) -> int:
-    for proc in StateDir(cluster.state).processes():
-        if proc.name == f"proxy-{cluster.nodes[0]}":
-            return proc.pid
-    raise AssertionError("no proxy process")
+def _proxy_pids(cluster: Cluster) -> set[int]:
+    pids = {p.pid for p in StateDir(cluster.state).processes() if p.name.startswith("proxy-")}
+    assert len(pids) == len(cluster.nodes), pids
+    return pids
 
 
 def test_proxy_sigkill_lets_nothing_through_and_traffic_resumes(galaxy: Galaxy) -> None:
@@ -218,13 +218,14 @@ def test_proxy_sigkill_lets_nothing_through_and_traffic_resumes(galaxy: Galaxy) 
     )  # fmt: skip
     assert hammer.stdout is not None and hammer.stdout.readline().strip() == "first"
     time.sleep(0.5)  # requests through the proxy, then the kill in their midst
-    old = _proxy_pid(galaxy.cluster)
-    os.kill(old, signal.SIGKILL)
+    old = _proxy_pids(galaxy.cluster)
+    for pid in old:
+        os.kill(pid, signal.SIGKILL)
     out, _ = hammer.communicate(timeout=60)
     outcomes = json.loads(out)
     assert "503" not in outcomes, f"the exhaust port was reached unchecked: {outcomes}"
     assert outcomes.get("403", 0) > 0, outcomes
-    assert _proxy_pid(galaxy.cluster) != old
+    assert not _proxy_pids(galaxy.cluster) & old
     until(lambda: _landed(galaxy), "traffic through the restarted proxy", timeout=60)
     # while no proxy listened, the datapath dropped the connections and said why
     drops = galaxy.flows("--verdict", "DROPPED", "--from-pod", "tiefighter")

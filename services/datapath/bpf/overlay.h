@@ -159,12 +159,15 @@ int from_overlay(struct __sk_buff *skb)
 	if (!ep)
 		return drop(DROP_NO_CONFIG, DIR_INGRESS, OBS_FROM_OVERLAY, &p, dst_ifindex, src_id,
 			    0, 0);
-	/* L7 across nodes is not supported yet: the proxy's answers to a client behind another node
-	 * would need a route into the overlay. Such connections are dropped (180), not allowed. */
+	/* a connection to an L7 port goes to this node's proxy, whose answers return to the client's
+	 * node through overlay_egress */
+	p.redirect_ok = p.tuple.protocol == IPPROTO_TCP;
 	ret = enforce(&p, ep, dst_ifindex, DIR_INGRESS, OBS_FROM_OVERLAY, CT_INGRESS, CT_EGRESS,
 		      src_id);
 	if (ret != TC_ACT_OK)
 		return ret;
+	if (p.proxy_port)
+		return to_proxy(skb, &p, DIR_INGRESS, OBS_TO_PROXY, dst_ifindex, src_id, ep->identity);
 	/* a reply from a service backend on another node: this node translated the request, so
 	 * it puts the service address back (to_container, which would, is skipped below) */
 	lb_to_container(skb);
@@ -196,6 +199,45 @@ static __always_inline int underlay_forged(__u32 saddr, __u32 daddr)
 	if (id == ID_HEALTH || (id >= ID_CLUSTER_MIN && id <= ID_CLUSTER_MAX))
 		return DROP_INVALID_SIP;
 	return lxc.lookup(&daddr) ? DROP_UNKNOWN_TARGET : 0;
+}
+
+/* tc egress of the VXLAN device. Pod traffic from_container tunnels carries its key already;
+ * anything else is the node's own, routed here for another node's pod: only the L7 proxy's
+ * answers, which leave as the local server pod (transparent socket), go -- with that pod's
+ * identity as the VNI, which the far side checks against its ipcache. */
+int overlay_egress(struct __sk_buff *skb)
+{
+	struct bpf_tunnel_key tkey = {};
+	if (bpf_skb_get_tunnel_key(skb, &tkey, sizeof(tkey), 0) == 0)
+		return TC_ACT_OK;
+	struct packet p = {};
+	if (skb->protocol != bpf_htons(ETH_P_IP) || parse(skb, &p) < 0)
+		return TC_ACT_SHOT;
+	__u32 zero = 0;
+	struct overlay_config *cfg = overlay_config.lookup(&zero);
+	if (!cfg || cfg->mode != ROUTING_TUNNEL)
+		return TC_ACT_SHOT;
+	__u32 saddr = p.tuple.saddr;
+	struct lxc_info *src = lxc.lookup(&saddr);
+	if (!src)
+		return TC_ACT_SHOT;
+	__u32 src_ifindex = src->ifindex;
+	struct endpoint_info *ep = endpoints.lookup(&src_ifindex);
+	if (!ep)
+		return TC_ACT_SHOT;
+	struct ipcache_key key = { .prefixlen = 32, .ip = p.tuple.daddr };
+	struct ipcache_value *v = ipcache.lookup(&key);
+	if (!v || !v->tunnel_endpoint || v->tunnel_endpoint == cfg->underlay_ip)
+		return TC_ACT_SHOT;
+	__u32 remote = v->tunnel_endpoint;
+	if (!tunnel_peers.lookup(&remote))
+		return TC_ACT_SHOT;
+	tkey.tunnel_id = ep->identity;
+	tkey.remote_ipv4 = bpf_ntohl(remote);
+	tkey.tunnel_ttl = 64;
+	if (bpf_skb_set_tunnel_key(skb, &tkey, sizeof(tkey), BPF_F_ZERO_CSUM_TX) < 0)
+		return TC_ACT_SHOT;
+	return TC_ACT_OK;
 }
 
 static __always_inline int delivered_from_overlay(struct __sk_buff *skb)

@@ -62,6 +62,9 @@ static __always_inline int to_proxy(struct __sk_buff *skb, struct packet *p, __u
 	if (ret)
 		return drop(DROP_PROXY_SET_FAILED, direction, obs, p, ifindex, src_id, dst_id, 0);
 	skb->mark = MARK_TO_PROXY;
+	/* a frame from the overlay is addressed to the sending side's MAC: ip_rcv drops such
+	 * "other host" frames before the socket could take them (PACKET_HOST is 0) */
+	bpf_skb_change_type(skb, 0);
 	return TC_ACT_OK;
 }
 
