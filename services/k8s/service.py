@@ -20,12 +20,12 @@ from services.k8s.leader import LeaderElector, LeaseConfig
 from services.k8s.reflector import Reflector
 from services.k8s.resync import forget_vanished
 from services.k8s.sink import Sink
-from shared import __version__, log, metrics, startup, subjects
+from shared import __version__, log, startup, subjects
 from shared.bus import Bus, redact
 from shared.config import CommonSettings, env_name, setting
 from shared.errors import InvalidArgument
 from shared.messages import Empty, K8sStatus
-from shared.runtime import TaskGroup, periodically, wait_for_shutdown
+from shared.runtime import TaskGroup, periodically
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,18 +126,14 @@ class Bridge:
 async def run(settings: K8sSettings) -> None:
     # in a pod the host name is the pod's name: unique among the replicas, as a Lease needs
     replica = settings.replica or os.environ.get("POD_NAME") or socket.gethostname()
-    logger = startup.configure_logging(settings, "k8s", replica)
-    bus = await Bus.connect(settings.nats_url, "membrane-k8s")
+    started = await startup.start(settings, "k8s", replica=replica)
+    bus = started.bus
     kube = await KubeClient.connect(settings.kubeconfig)
     bridge = Bridge(bus, kube, settings, replica)
-    metrics_port = metrics.serve(settings.metrics_host, settings.metrics_port)
-    await bridge.register(
-        {"replica": replica, "metrics": f"{settings.metrics_host}:{metrics_port}"}
-    )
+    await bridge.register(started.metadata)
     election = asyncio.create_task(bridge.elector.run())
-    logger.info("k8s bridge ready", nats=redact(settings.nats_url), replica=replica)
-    signal_name = await wait_for_shutdown()
-    logger.info("shutting down", signal=signal_name)
+    started.log.info("k8s bridge ready", nats=redact(settings.nats_url), replica=replica)
+    await started.until_signalled()
     election.cancel()
     await asyncio.gather(election, return_exceptions=True)
     await bridge.elector.release()
