@@ -14,7 +14,10 @@ import asyncio
 import ipaddress
 import json
 import os
+import signal
+import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -245,3 +248,48 @@ def test_compiled_cni_plugin_wires_a_pod_with_its_api_labels(
 
 def _has_key(cluster: Cluster, bucket: str, key: str) -> None:
     assert key in _bucket_keys(cluster, bucket)
+
+
+def test_conflist_exists_only_while_the_agent_serves(cluster: Cluster) -> None:
+    """A node's agent stopped (SIGTERM, the supervisor paused so that none replaces it) removes
+    its conflist before it exits, so the runtime stops calling the plugin; the next agent writes
+    it again only once its socket answers. Runs last: it restarts a node's agent."""
+    node = cluster.nodes[-1]
+    conflist = cluster.state / "cni" / node / "05-membrane.conflist"
+    agent_socket = f"/run/membrane/{node}/agent.sock"
+    assert conflist.is_file() and _answers(agent_socket)
+    supervisor = StateDir(cluster.state).supervisor_pid()
+    agent = next(p.pid for p in StateDir(cluster.state).processes() if p.name == f"datapath-{node}")
+    assert supervisor and agent
+    os.kill(supervisor, signal.SIGSTOP)
+    try:
+        os.kill(agent, signal.SIGTERM)
+        # a child of the stopped supervisor: it stays a zombie until the supervisor reaps it
+        until(lambda: _exited(agent), "the agent's exit", timeout=60)
+        assert not conflist.exists(), "the conflist outlived its agent"
+        assert not _answers(agent_socket)
+    finally:
+        os.kill(supervisor, signal.SIGCONT)
+    # the replacement: from the first moment its conflist exists, its socket answers
+    deadline = time.monotonic() + 180
+    while not conflist.exists():
+        assert time.monotonic() < deadline, "no new agent wrote the conflist"
+        time.sleep(0.01)
+    assert _answers(agent_socket), "the conflist was written before the agent served"
+
+
+def _exited(pid: int) -> None:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return
+    assert state == "Z", f"state {state}"
+
+
+def _answers(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        try:
+            client.connect(path)
+        except OSError:
+            return False
+    return True
