@@ -155,21 +155,21 @@ def cmd_status(args: argparse.Namespace) -> int:
         return found, summary, await cli_nodes.fetch(bus) if with_nodes else None
 
     found, summary, node_view = cliutil.with_bus(args, collect)
-    if args.output == "json":
-        output.emit_json(
-            {
-                "services": [
-                    {"name": s.name, "id": s.id, "version": s.version, "metadata": s.metadata}
-                    for s in found
-                ],
-                "processes": [
-                    {"name": p.name, "pid": p.pid, "running": p.running, "restarts": p.restarts}
-                    for p in processes
-                ],
-                **summary,
-                **(cli_nodes.as_json(node_view) if node_view is not None else {}),
-            }
-        )
+    if cliutil.emit_structured(
+        {
+            "services": [
+                {"name": s.name, "id": s.id, "version": s.version, "metadata": s.metadata}
+                for s in found
+            ],
+            "processes": [
+                {"name": p.name, "pid": p.pid, "running": p.running, "restarts": p.restarts}
+                for p in processes
+            ],
+            **summary,
+            **(cli_nodes.as_json(node_view) if node_view is not None else {}),
+        },
+        args.output,
+    ):
         return 0
     by_name: dict[str, list[Any]] = {}
     for info in found:
@@ -345,7 +345,7 @@ def build_parser(run_flags: bool = True) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "status", help="services, replicas, processes, nodes and their latency matrix"
     )
-    cliutil.output_flag(p)
+    cliutil.output_flag(p, yaml=True)
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("run", help="run one service in the foreground, as a container would")

@@ -72,11 +72,7 @@ def render(kind: Kind, objects: Sequence[Any], fmt: str, *, one: bool, everywher
     if fmt in ("json", "yaml"):
         docs = [kind.document(o) for o in objects]
         value: Any = docs[0] if one and len(docs) == 1 else {"items": docs}
-        return (
-            output.json_text(value)
-            if fmt == "json"
-            else yaml.safe_dump(value, sort_keys=False).rstrip("\n")
-        )
+        return output.structured_text(value, fmt)
     columns = list(kind.columns) + (list(kind.wide) if fmt == "wide" else [])
     if kind.namespaced and everywhere:
         columns.insert(0, ("NAMESPACE", lambda o: getattr(o, "namespace", "") or "-"))

@@ -7,7 +7,7 @@ from typing import Any
 
 from membrane import cli_get, output, resources
 from membrane.client import files, lb
-from membrane.cliutil import output_flag, with_bus
+from membrane.cliutil import emit_structured, output_flag, with_bus
 from shared import apply
 from shared.bus import Bus
 from shared.messages import LBApplyReply, LBCreateRequest, LBService
@@ -58,9 +58,7 @@ def cmd_service_create(args: argparse.Namespace) -> int:
         )
 
     service = with_bus(args, go)
-    if args.output == "json":
-        output.emit_json(service)
-    else:
+    if not emit_structured(service, args.output):
         state = "created" if service.revision <= 1 else "configured"
         print(f"service/{service.name} {state} (revision {service.revision})")
     return 0
@@ -103,7 +101,7 @@ def add_parsers(sub: Any) -> None:
     sp.add_argument(
         "--affinity-timeout", type=int, default=0, help="ClientIP session affinity seconds"
     )
-    output_flag(sp)
+    output_flag(sp, yaml=True)
     sp.set_defaults(func=cmd_service_create)
 
     sp = svc.add_parser("apply", help="Services and EndpointSlices from a YAML file")

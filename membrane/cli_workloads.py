@@ -11,7 +11,7 @@ import yaml
 
 from membrane import cli_get, output, resources
 from membrane.client import files, workloads
-from membrane.cliutil import output_flag, parse_labels, with_bus
+from membrane.cliutil import emit_structured, output_flag, parse_labels, with_bus
 from shared import agent_api, gcpause, manifests
 from shared.agent_api import DumpReply, DumpRequest
 from shared.bus import Bus
@@ -42,9 +42,9 @@ def cmd_pod_create(args: argparse.Namespace) -> int:
         return await workloads.create_pod(bus, pod, args.node or "")
 
     endpoint = with_bus(args, go)
-    if args.output == "json":
-        output.emit_json(endpoint)
-    else:
+    if not emit_structured(endpoint, args.output):
+        # kubectl's line for what create/apply/delete did is KIND/NAME VERB (the namespace is
+        # the one the command was given), so pods read as apply's and deployments' do
         print(
             f"pod/{endpoint.name} created on {endpoint.node}: "
             f"{endpoint.ip}, identity {endpoint.identity}"
@@ -57,7 +57,7 @@ def cmd_pod_delete(args: argparse.Namespace) -> int:
         for name in args.names:
             for pod in await workloads.resolve(bus, name, args.namespace):
                 await workloads.delete_pod(bus, pod.namespace, pod.name)
-                print(f"pod/{pod.name} deleted")
+                print(f"pod/{pod.name} deleted")  # kubectl's KIND/NAME VERB, as apply's
 
     with_bus(args, go)
     return 0
@@ -194,9 +194,8 @@ def cmd_bpf(args: argparse.Namespace) -> int:
 
     replies = with_bus(args, go)
     dumps = [(r.node, [_readable(row) for row in r.rows]) for r in replies]
-    if args.output == "json":
-        items = [{"node": node, "table": table, "rows": rows} for node, rows in dumps]
-        output.emit_json({"items": items})
+    items = [{"node": node, "table": table, "rows": rows} for node, rows in dumps]
+    if emit_structured({"items": items}, args.output):
         return 0
     columns = BPF_COLUMNS[table]
     for node, rows in dumps:
@@ -230,7 +229,7 @@ def add_parsers(sub: Any) -> None:
     sp.add_argument("--node", help="node to run on (default: the one with the fewest pods)")
     sp.add_argument("--labels", "-l", default="", help="k=v,k=v")
     sp.add_argument("--service-account", default="")
-    output_flag(sp)
+    output_flag(sp, yaml=True)
     sp.set_defaults(func=cmd_pod_create)
 
     sp = pod_sub.add_parser("delete", help="delete pods")
@@ -265,11 +264,11 @@ def add_parsers(sub: Any) -> None:
     ):
         sp = bpf_sub.add_parser(table, help=help_text)
         sp.add_argument("--node", default="", help="one node (default: all)")
-        output_flag(sp)
+        output_flag(sp, yaml=True)
         sp.set_defaults(func=cmd_bpf)
     sp = bpf_sub.add_parser("policy", help="the policy entries installed for one pod")
     sp.add_argument("pod")
     sp.add_argument("-n", "--namespace", default="default")
     sp.add_argument("--node", default="")
-    output_flag(sp)
+    output_flag(sp, yaml=True)
     sp.set_defaults(func=cmd_bpf)

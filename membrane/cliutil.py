@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
+from membrane import output
 from membrane.state import StateDir, default_state_dir, resolve_nats_url
 from shared.bus import Bus
 from shared.errors import AlreadyExists, InvalidArgument
@@ -38,8 +39,19 @@ def with_bus(args: argparse.Namespace, action: Callable[[Bus], Awaitable[T]]) ->
     return asyncio.run(go())
 
 
-def output_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-o", "--output", choices=["table", "json"], default="table")
+def output_flag(parser: argparse.ArgumentParser, *, yaml: bool = False) -> None:
+    """``-o``; with ``yaml``: kubectl's four formats (``wide`` prints the table, whose
+    columns are already all there is)."""
+    choices = ["table", "wide", "json", "yaml"] if yaml else ["table", "json"]
+    parser.add_argument("-o", "--output", choices=choices, default="table")
+
+
+def emit_structured(value: object, fmt: str) -> bool:
+    """Print ``value`` when ``-o`` asked for json or yaml; False when a table is wanted."""
+    if fmt not in output.STRUCTURED:
+        return False
+    print(output.structured_text(value, fmt))
+    return True
 
 
 def parse_labels(text: str) -> dict[str, str]:

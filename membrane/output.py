@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import msgspec
+import yaml
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -27,6 +28,16 @@ def json_text(value: Any) -> str:
 
 def emit_json(value: Any) -> None:
     sys.stdout.write(json_text(value) + "\n")
+
+
+STRUCTURED = ("json", "yaml")
+
+
+def structured_text(value: Any, fmt: str) -> str:
+    """``value`` (plain values or msgspec structs) as ``-o json`` or ``-o yaml`` print it."""
+    if fmt == "json":
+        return json_text(value)
+    return yaml.safe_dump(msgspec.to_builtins(value), sort_keys=False).rstrip("\n")
 
 
 def labels(mapping: dict[str, str]) -> str:

@@ -3,10 +3,15 @@ located once. Parsing only: no cluster."""
 
 from __future__ import annotations
 
-import pytest
+import json
 
+import pytest
+import yaml
+
+from membrane import output
 from membrane.cli import build_parser, located
 from shared.errors import InvalidArgument
+from shared.messages import Endpoint
 
 
 @pytest.mark.parametrize(
@@ -56,3 +61,29 @@ def test_an_error_states_its_location_once() -> None:
     message = f"bad.yaml: document 2 (CiliumNetworkPolicy x): {field}: must be a list"
     assert located(InvalidArgument(message, field=field)) == message
     assert located(InvalidArgument("is not a number", field="port")) == "port: is not a number"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["status"],
+        ["bpf", "lb"],
+        ["bpf", "policy", "web"],
+        ["pod", "create", "web"],
+        ["service", "create", "web"],
+        ["get", "pods"],
+    ],
+)
+@pytest.mark.parametrize("fmt", ["table", "wide", "json", "yaml"])
+def test_kubectl_output_formats(argv: list[str], fmt: str) -> None:
+    assert build_parser(run_flags=False).parse_args([*argv, "-o", fmt]).output == fmt
+
+
+def test_yaml_says_what_json_says() -> None:
+    endpoint = Endpoint(
+        namespace="prod", name="web", node="n1", ip="10.0.0.2", identity=256, labels={}
+    )
+    as_json = json.loads(output.structured_text(endpoint, "json"))
+    assert yaml.safe_load(output.structured_text(endpoint, "yaml")) == as_json
+    assert as_json["name"] == "web"
+    assert output.structured_text({"items": []}, "yaml") == "items: []"
