@@ -6,9 +6,12 @@
 #   docker build -t ghcr.io/membrane-project/membrane:0.1.0 .
 #   docker run --rm ghcr.io/membrane-project/membrane:0.1.0 run identity --help
 #
-# The datapath DaemonSet image (a later issue) additionally needs Debian's python3-bpfcc (the
-# BCC Python bindings are not on PyPI, and they need the kernel headers of the node at run
-# time); the control-plane services built here do not.
+# The agent DaemonSet (k8s/agent.yaml) runs the same image: it carries Debian's bcc
+# (python3-bpfcc + libbpfcc: the BCC Python bindings are not on PyPI), iproute2, the compiled
+# CNI plugin, and membrane-kernel-headers (scripts/kernel-headers.sh), which the agent's init
+# container runs to make the node's kernel headers findable by bcc (docs/kubernetes.md says
+# what a node must provide). Not built on the machine this was written on (no Docker engine
+# there): tests/unit/test_dockerfile.py checks what can be checked without building it.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -56,9 +59,25 @@ RUN groupadd --system --gid 10001 membrane \
     && useradd --system --uid 10001 --gid membrane --no-create-home \
        --home-dir /nonexistent --shell /usr/sbin/nologin membrane
 
+# the agent's needs: bcc compiles the BPF programs against the node's kernel headers (mounted
+# from the host at run time); iproute2 so that `kubectl exec` into the agent can inspect the
+# node (ip, tc, ss: the agent itself speaks netlink through pyroute2). The control-plane
+# services do not use them; one image keeps one thing to build, scan and pin.
+RUN apt-get update \
+    && apt-get install --yes --no-install-recommends python3-bpfcc libbpfcc iproute2 \
+    && rm -rf /var/lib/apt/lists/*
+
 COPY --from=build /opt/membrane /opt/membrane
 # an init container of the agent DaemonSet copies it to the node's /opt/cni/bin
 COPY --from=cni /membrane-cni /opt/membrane/cni/membrane-cni
+# the agent's init container links the node's kernel headers where bcc looks (as make setup does)
+COPY --chmod=0755 scripts/kernel-headers.sh /opt/membrane/bin/membrane-kernel-headers
+# Debian's bcc package into the virtualenv (only bcc, not all of dist-packages), as
+# scripts/setup.sh links it; the same Python minor (3.11) on both sides, and bcc is pure
+# Python over libbcc through ctypes. Importing it proves libbcc loads.
+RUN ln -s /usr/lib/python3/dist-packages/bcc \
+       "$(/opt/membrane/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/bcc" \
+    && /opt/membrane/bin/python -c 'import bcc'
 
 ENV PATH=/opt/membrane/bin:$PATH \
     PYTHONUNBUFFERED=1 \

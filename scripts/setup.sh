@@ -172,39 +172,10 @@ for svc in "${SYSTEM_SERVICES[@]}"; do quiesce_service "$svc"; done
 # ------------------------------------------------------ 2. kernel headers ----
 KREL=$(uname -r)
 MODDIR=/lib/modules/$KREL
-newest_headers() {
-  local d best=""
-  # sort -V picks e.g. 6.1.0-56 over 6.1.0-9; only trees with a -common sibling
-  while IFS= read -r d; do
-    [[ -d ${d%-amd64}-common ]] && best=$d
-  done < <(compgen -G '/usr/src/linux-headers-*-amd64' | sort -V || true)
-  printf '%s' "$best"
-}
-ensure_link() { # ensure_link TARGET LINK: create/repoint a symlink, never clobber a real dir/file
-  local target=$1 link=$2
-  if [[ -L $link ]]; then
-    [[ $(readlink -- "$link") == "$target" ]] && return 0
-  elif [[ -e $link ]]; then
-    log "keeping existing $link (not a symlink)"
-    return 0
-  fi
-  ln -sfn -- "$target" "$link"
-  log "linked $link -> $target"
-}
-if [[ -d $MODDIR/build && ! -L $MODDIR/build ]]; then
-  log "kernel headers: $MODDIR/build is a real directory, leaving it alone"
-else
-  HDR_ARCH=$(newest_headers)
-  [[ -n $HDR_ARCH ]] || die "no /usr/src/linux-headers-*-amd64 (+ -common) tree found; is linux-headers-amd64 installed?"
-  HDR_COMMON=${HDR_ARCH%-amd64}-common
-  mkdir -p "$MODDIR"
-  ensure_link "$HDR_ARCH" "$MODDIR/build"
-  ensure_link "$HDR_COMMON" "$MODDIR/source"
-fi
-[[ -f $MODDIR/build/include/generated/autoconf.h ]] \
-  || die "kernel headers incomplete: $MODDIR/build/include/generated/autoconf.h missing"
-[[ -f $MODDIR/source/include/linux/kconfig.h || -f $MODDIR/build/include/linux/kconfig.h ]] \
-  || die "kernel headers incomplete: include/linux/kconfig.h missing under $MODDIR/{source,build}"
+# the same script links them on a Kubernetes node (the agent's init container, k8s/agent.yaml);
+# sourced, it also gives this script ensure_link
+source "$SCRIPT_DIR/kernel-headers.sh"
+link_kernel_headers "$MODDIR" /usr/src
 
 # --------------------------------------------------------------- 3. bpffs ----
 bpffs_mounted() { awk '$2 == "/sys/fs/bpf" && $3 == "bpf" { found = 1 } END { exit !found }' /proc/self/mounts; }

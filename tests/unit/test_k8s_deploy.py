@@ -125,12 +125,21 @@ def test_the_agent_runs_on_every_node_with_what_it_needs() -> None:
     for path in ("/sys/fs/bpf", "/run/netns", "/run/membrane", "/lib/modules", "/usr/src"):
         assert host_path_of(agent, container, path) == path
     # the plugin the Dockerfile builds goes where the runtime looks for plugins
-    (install,) = spec["initContainers"]
+    init = {c["name"]: c for c in spec["initContainers"]}
+    install = init["install-cni"]
     source, target = install["command"][1:]
     assert source in (ROOT / "Dockerfile").read_text()
     assert host_path_of(agent, install, str(Path(target).parent)) == "/opt/cni/bin"
     assert Path(target).name == "membrane-cni"
     assert container["readinessProbe"]["httpGet"]["port"] == "metrics"
+    # a privileged non-root process has no capabilities: the agent must run as root
+    assert container["securityContext"]["runAsUser"] == 0
+    # the headers are linked before the agent starts, in the host's trees at the same paths
+    headers = init["kernel-headers"]
+    assert headers["command"] == ["/opt/membrane/bin/membrane-kernel-headers"]
+    assert list(init) == ["kernel-headers", "install-cni"]
+    for path in ("/lib/modules", "/usr/src"):
+        assert host_path_of(agent, headers, path) == path
 
 
 def test_only_the_agent_is_privileged() -> None:
