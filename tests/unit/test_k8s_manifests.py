@@ -22,6 +22,7 @@ from services.identity.service import IdentitySettings
 
 K8S = Path(__file__).resolve().parents[2] / "k8s"
 KUSTOMIZATION = "kustomization.yaml"
+OPTIONAL = "optional"
 NAMESPACE = "membrane"
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet")
 # the datapath agent loads BPF programs and makes network namespaces: the one privileged workload
@@ -43,10 +44,15 @@ Doc = dict[str, Any]
 
 
 def manifest_files(directory: Path) -> list[Path]:
+    """The manifests `kubectl apply -k` installs: not those under optional/ (applied by hand
+    where their CRDs exist, tests/unit/test_k8s_optional.py)."""
     return sorted(
         p
         for p in directory.rglob("*")
-        if p.suffix in (".yaml", ".yml") and p.name != KUSTOMIZATION and p.is_file()
+        if p.suffix in (".yaml", ".yml")
+        and p.name != KUSTOMIZATION
+        and p.is_file()
+        and OPTIONAL not in p.relative_to(directory).parts
     )
 
 
