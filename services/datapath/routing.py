@@ -33,6 +33,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from services.datapath.ipcache_sync import IPCacheSync
+from services.datapath.lifecycle import BAD_MESSAGES
 from services.datapath.maps import IPCacheValue
 from shared import identities, log, subjects
 from shared.bus import KVEvent
@@ -95,8 +96,6 @@ class Peers:
                 IPv4Network(peer.pod_cidr)
                 IPv4Address(peer.underlay_ip)
             except (msgspec.ValidationError, msgspec.DecodeError, ValueError):
-                from services.datapath.agent import BAD_MESSAGES
-
                 BAD_MESSAGES.labels(subjects.KV_NODES).inc()
                 return
             if event.key not in self.nodes:

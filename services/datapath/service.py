@@ -321,8 +321,8 @@ async def _start_tasks(settings: DatapathSettings, up: _Node) -> tuple[TaskGroup
         ("endpoints", buckets.endpoints, agent.on_endpoint),
         ("ipcache", buckets.ipcache, agent.on_ipcache),
         ("nodes", buckets.nodes, up.peers.on_node),
-        ("namespaces", buckets.namespaces, agent.on_namespace),
-        ("pods", buckets.pods, agent.on_pod),
+        ("namespaces", buckets.namespaces, agent.lifecycle.on_namespace),
+        ("pods", buckets.pods, agent.lifecycle.on_pod),
     ):
         tasks.spawn(f"watch-{name}", functools.partial(agent.follow, name, kv, handle))
     # service load balancing: the services bucket into the lb maps (bpf/lb.h)
@@ -334,7 +334,7 @@ async def _start_tasks(settings: DatapathSettings, up: _Node) -> tuple[TaskGroup
     for name, event in agent.synced.items():
         await event.wait()
         logger.debug("snapshot applied", bucket=name)
-    await agent.adopt()
+    await agent.lifecycle.adopt()
     tasks.spawn("peers", up.peers.run)
     await up.health.start()
     tasks.spawn("health", up.health.run)
@@ -372,7 +372,7 @@ async def _heartbeat(settings: DatapathSettings, up: _Node) -> None:
         # the lease lapsed (this node was away too long) and its references are gone: take
         # them again, or the numbers could be handed to other label sets
         up.started.log.warning("identity lease lapsed; allocating the pods' identities again")
-        await up.agent.reclaim_identities()
+        await up.agent.lifecycle.reclaim_identities()
     except MembraneError as exc:
         up.started.log.warning("identity lease not renewed", error=str(exc))
 
