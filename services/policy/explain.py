@@ -152,7 +152,6 @@ def _side(
         and (spec.enforces_ingress if direction == "ingress" else spec.enforces_egress)
     )
     names = tuple(_spec_name(policy, spec) for policy, spec in selecting)
-    service = service_text(protocol, port)
     enforced = resolved is not None and (
         resolved.ingress_enforced if direction == "ingress" else resolved.egress_enforced
     )
@@ -174,13 +173,24 @@ def _side(
             f"no policy enforces {direction} on identity {subject}, but deny rules apply"
             f" ({_join(names)})"
         )
+    outcome, tail = _decided(decision, in_audit, rule_id, rule, peer, service_text(protocol, port))
+    if outcome == DROP:
+        rule_id, rule = 0, ""
+    # an AUDIT or DROP names only the policies enforcing the direction, which may be none
+    selected_by = enforcing if outcome in (AUDIT, DROP) else enforcing or names
+    return SideVerdict(
+        direction, subject, peer, outcome, rule_id, rule, selected_by, f"{head}; {tail}"
+    )
+
+
+def _decided(
+    decision: str, in_audit: bool, rule_id: int, rule: str, peer: int, service: str
+) -> tuple[str, str]:
+    """The verdict of an enforcing side, from the datapath's decision, and why."""
     if decision == "proxy":
-        tail = (
+        return PROXY, (
             f"{rule} allows identity {peer} on {service} with L7 rules: the connection goes to"
             " the node's L7 proxy, which checks every request (dropped when no proxy takes it)"
-        )
-        return SideVerdict(
-            direction, subject, peer, PROXY, rule_id, rule, enforcing or names, f"{head}; {tail}"
         )
     if in_audit and decision != "allow":
         would = (
@@ -188,26 +198,16 @@ def _side(
             if decision == "deny"
             else f"no rule would allow identity {peer} on {service}"
         )
-        tail = f"{would}; audit mode lets it through and reports it (verdict AUDIT)"
-        return SideVerdict(
-            direction, subject, peer, AUDIT, rule_id, rule, enforcing, f"{head}; {tail}"
-        )
+        return AUDIT, f"{would}; audit mode lets it through and reports it (verdict AUDIT)"
     if decision == "deny":
-        tail = f"{rule} denies identity {peer} on {service} (deny wins over any allow)"
-        return SideVerdict(
-            direction, subject, peer, DENY, rule_id, rule, enforcing or names, f"{head}; {tail}"
-        )
+        return DENY, f"{rule} denies identity {peer} on {service} (deny wins over any allow)"
     if decision == "allow":
-        tail = (
+        return ALLOW, (
             f"{rule} allows identity {peer} on {service}"
             if rule_id
             else f"no deny rule matches identity {peer} on {service}"
         )
-        return SideVerdict(
-            direction, subject, peer, ALLOW, rule_id, rule, enforcing or names, f"{head}; {tail}"
-        )
-    tail = f"no rule allows identity {peer} on {service}"
-    return SideVerdict(direction, subject, peer, DROP, 0, "", enforcing, f"{head}; {tail}")
+    return DROP, f"no rule allows identity {peer} on {service}"
 
 
 def _verb(names: tuple[str, ...]) -> str:
