@@ -63,16 +63,26 @@ async def _pressure(agents: list[ServiceInfo]) -> dict[str, dict[str, list[int]]
     return {a.metadata.get("node", a.id): r for a, r in zip(agents, results, strict=True)}
 
 
+def monitor_entry(
+    info: ServiceInfo, status: MonitorStatus | None, error: str = ""
+) -> dict[str, Any]:
+    """One monitor replica in ``status``: named as the supervisor named it (``monitor-1``, as
+    every other replica is shown), not by the NATS micro id its MonitorStatus carries."""
+    name = info.metadata.get("replica") or info.id
+    if status is None:
+        return {"replica": name, "id": info.id, "error": error}
+    return {**msgspec.to_builtins(status), "replica": name, "id": info.id}
+
+
 async def _monitors(bus: Bus, replicas: list[ServiceInfo]) -> list[dict[str, Any]]:
     async def one(info: ServiceInfo) -> dict[str, Any]:
-        name = info.metadata.get("replica", info.id)
         try:
             status = await bus.request(
                 subjects.monitor_status(info.id), Empty(), MonitorStatus, timeout=2
             )
         except MembraneError as exc:
-            return {"replica": name, "error": str(exc)}
-        return {"replica": name, **msgspec.to_builtins(status)}
+            return monitor_entry(info, None, str(exc))
+        return monitor_entry(info, status)
 
     return list(await asyncio.gather(*(one(r) for r in replicas)))
 
