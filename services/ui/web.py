@@ -189,8 +189,6 @@ class UIServer:
             replicas = []
         self.monitor_up = bool(replicas)
         self.monitors = ",".join(sorted(info.id for info in replicas))
-        self.monitors = ""  # the replicas' ids: a new one is a restarted replica, its ring empty
-        self.closing = asyncio.Event()  # ends the streams (which never end by themselves)
 
 
 async def run(settings: UISettings) -> None:
