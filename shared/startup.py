@@ -67,6 +67,12 @@ async def start(
     """
     replica = replica or settings.replica or f"{name}-{os.getpid()}"
     logger = configure_logging(settings, name, replica, **context)
-    bus = await Bus.connect(settings.nats_url, connection or f"membrane-{name}")
-    metrics_port = metrics.serve(settings.metrics_host, settings.metrics_port)
+    bus, metrics_port = await attach(settings, connection or f"membrane-{name}")
     return Started(name, replica, settings, bus, logger, metrics_port)
+
+
+async def attach(settings: CommonSettings, connection: str) -> tuple[Bus, int]:
+    """Connect to NATS and serve /metrics: :func:`start` without the logging, for a service
+    that tests also start in-process (the monitor), where logging is the test process's."""
+    bus = await Bus.connect(settings.nats_url, connection)
+    return bus, metrics.serve(settings.metrics_host, settings.metrics_port)

@@ -31,7 +31,7 @@ from services.monitor import history
 from services.monitor.enrich import Enricher, event_namespace
 from services.monitor.ring import FlowRing
 from services.monitor.watches import follow, follow_optional
-from shared import __version__, flow_groups, log, metrics, startup, subjects
+from shared import __version__, flow_groups, log, startup, subjects
 from shared.bus import Bus, MicroService, redact
 from shared.config import CommonSettings, env_name, setting
 from shared.errors import InvalidArgument
@@ -331,7 +331,7 @@ class Running:
 
 
 async def start(settings: MonitorSettings) -> Running:
-    bus = await Bus.connect(settings.nats_url, f"membrane-monitor-{settings.replica}")
+    bus, metrics_port = await startup.attach(settings, f"membrane-monitor-{settings.replica}")
     monitor = Monitor(bus, settings)
     enricher = monitor.enricher
     tasks = TaskGroup()
@@ -366,7 +366,6 @@ async def start(settings: MonitorSettings) -> Running:
         replicas=settings.kv_replicas,
     )
 
-    metrics_port = metrics.serve(settings.metrics_host, settings.metrics_port)
     micro = await bus.add_service(
         subjects.MONITOR_SERVICE,
         __version__,
