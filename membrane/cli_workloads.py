@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from membrane import cli_get, output, resources
+from membrane import cli_get, cli_pod_label, output, resources
 from membrane.client import files, workloads
 from membrane.cliutil import emit_structured, output_flag, parse_labels, with_bus
 from shared import agent_api, gcpause, manifests
@@ -244,6 +244,8 @@ def add_parsers(sub: Any) -> None:
     sp.add_argument("-n", "--namespace", default="default")
     sp.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
     sp.set_defaults(func=cmd_pod_exec)
+
+    cli_pod_label.add_parser(pod_sub)
 
     for name, func, verb in (
         ("apply", cmd_apply, "create or update"),

@@ -9,7 +9,9 @@ from the buckets the agents write, so there is no second source of truth.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +25,7 @@ from shared.agent_api import AddEndpoint, EndpointRef
 from shared.bus import Bus
 from shared.errors import InvalidArgument, NotFound, Unavailable
 from shared.manifests import DeploymentDoc, NamespaceDoc, PodDoc, RoutedDoc
-from shared.messages import Endpoint, Node
+from shared.messages import Endpoint, Node, PodRecord
 
 AGENT_TIMEOUT = 30.0
 
@@ -151,13 +153,48 @@ async def create_pod(bus: Bus, pod: PodDoc, node: str = "") -> Endpoint:
 
 async def delete_pod(bus: Bus, namespace: str, name: str) -> Endpoint:
     endpoint = await find_pod(bus, namespace, name)
-    return await agent_api.call(
+    deleted = await agent_api.call(
         agent_api.default_socket(endpoint.node),
         "endpoint.delete",
         EndpointRef(namespace=namespace, name=name),
         Endpoint,
         AGENT_TIMEOUT,
     )
+    # labels given by `pod label` go with the pod (a pod created later under this name would be
+    # identified by them); a record from the Kubernetes API (it has the pod's uid) is the
+    # bridge's to delete
+    kv = await bus.kv(subjects.KV_PODS)
+    key = subjects.endpoint_key(namespace, name)
+    raw = (await Bus.snapshot(kv, key)).get(key)
+    if raw is not None and not msgspec.json.decode(raw, type=PodRecord).uid:
+        await kv.delete(key)
+    return deleted
+
+
+async def label_pod(bus: Bus, namespace: str, name: str, labels: dict[str, str]) -> Endpoint:
+    """Give a pod new labels the way the Kubernetes bridge does: its record in the ``pods``
+    bucket, from which the node's agent re-identifies it (identity, ipcache, policy). Returns
+    the endpoint once the agent has published it with these labels."""
+    endpoint = await find_pod(bus, namespace, name)
+    record = PodRecord(
+        namespace=namespace,
+        name=name,
+        labels=dict(labels),
+        service_account=endpoint.service_account,
+        node=endpoint.node,
+    )
+    kv = await bus.kv(subjects.KV_PODS)
+    await kv.put(subjects.endpoint_key(namespace, name), msgspec.json.encode(record))
+    deadline = time.monotonic() + AGENT_TIMEOUT
+    while endpoint.labels != labels:
+        if time.monotonic() > deadline:
+            raise Unavailable(
+                f"pod {namespace}/{name}: node {endpoint.node} did not re-identify it "
+                f"within {AGENT_TIMEOUT:.0f} s"
+            )
+        await asyncio.sleep(0.1)
+        endpoint = await find_pod(bus, namespace, name)
+    return endpoint
 
 
 async def delete_namespace(bus: Bus, name: str) -> None:

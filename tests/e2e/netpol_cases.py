@@ -1,8 +1,8 @@
 """The cases of Kubernetes' test/e2e/network/netpol/network_policy.go, as data.
 
 Each :class:`Case` keeps the upstream test name (``It(...)``) and, step by step, the policies it
-creates (or updates in place: the same name again), the namespace labels it changes, and the
-truth tables it validates (``ValidateOrFail``), written with upstream's ``Reachability``
+creates (or updates in place: the same name again), the namespace and pod labels it changes, and
+the truth tables it validates (``ValidateOrFail``), written with upstream's ``Reachability``
 operations. Upstream gives each case only the pods it needs; here all 9 pods exist in every
 case, so where an upstream table relied on a pod being absent the extra expectation is added
 and says why.
@@ -74,6 +74,7 @@ ALL: dict[str, Any] = {}  # an empty selector
 class Step:
     apply: list[str] = field(default_factory=list)  # documents applied (policies, namespaces)
     delete: list[str] = field(default_factory=list)  # documents deleted
+    label: list[list[str]] = field(default_factory=list)  # `membrane pod label` arguments
     checks: list[tuple[Probe, Expect]] = field(default_factory=list)
 
 
@@ -83,6 +84,7 @@ class Case:
     id: str
     steps: list[Step]
     restore: list[str] = field(default_factory=list)  # applied when the case ends
+    restore_labels: list[list[str]] = field(default_factory=list)  # `pod label`s when it ends
     sctp: bool = False  # needs SCTP probes
 
 
@@ -592,6 +594,58 @@ CASES: list[Case] = [
             ),
         ],
         restore=[namespace("y", {"ns": "y"})],
+    ),
+    Case(
+        "should allow ingress access from updated pod",
+        "updated-pod-allowed",
+        [
+            Step(
+                [
+                    np(
+                        "x",
+                        "allow-client-a-via-pod-selector",
+                        ingress(
+                            pod("a"),
+                            {
+                                "from": [
+                                    {
+                                        "podSelector": {
+                                            "matchLabels": {"pod": "b", "pod2": "updated"}
+                                        }
+                                    }
+                                ]
+                            },
+                        ),
+                    )
+                ],
+                checks=[(TCP80, lambda r: r.expect_all_ingress("x/a", False))],
+            ),
+            # x/b's labels change while the probes run: it is re-identified, and let in
+            Step(label=[["b", "-n", "x", "pod2=updated"]], checks=[(TCP80, only_x_b_into_x_a)]),
+        ],
+        restore_labels=[["b", "-n", "x", "pod2-"]],
+    ),
+    Case(
+        "should deny ingress access to updated pod",
+        "updated-pod-denied",
+        [
+            Step(
+                [
+                    np(
+                        "x",
+                        "deny-ingress-via-label-selector",
+                        ingress({"matchLabels": {"target": "isolated"}}),
+                    )
+                ],
+                checks=[(TCP80, same)],
+            ),
+            # x/a gains the label the policy selects: isolated from then on
+            Step(
+                label=[["a", "-n", "x", "target=isolated"]],
+                checks=[(TCP80, lambda r: r.expect_all_ingress("x/a", False))],
+            ),
+        ],
+        restore_labels=[["a", "-n", "x", "target-"]],
     ),
     Case(
         "should deny ingress from pods on other namespaces",

@@ -3,14 +3,10 @@
 The pods, ports and probing are in ``netpol_world.py``, the upstream cases
 (test/e2e/network/netpol/network_policy.go, names kept) in ``netpol_cases.py``; one cluster and
 one set of probe agents serve the whole module, and every case deletes its policies (and
-restores what it relabelled) when it ends, then waits for the all-allowed matrix.
+restores what it relabelled: namespaces with ``apply``, pods with ``pod label``) when it ends,
+then waits for the all-allowed matrix.
 
 Not ported, and why:
-- "should allow ingress access from updated pod", "should deny ingress access to updated pod":
-  membrane's pods are immutable (``apply`` leaves an existing pod as it is, like Kubernetes'
-  API for most pod fields; there is no label update of a running pod), so a pod cannot change
-  labels in place. Namespaces can: "should allow ingress access from updated namespace" is
-  ported and relabels namespace y while the probes run.
 - The three SCTP cases ("NetworkPolicy between server and client using SCTP"): skipped where
   the kernel has no SCTP (:func:`netpol_world.sctp_missing` says why); the two TCP cases about
   SCTP policies ("should not mistakenly treat 'protocol: SCTP' as 'protocol: TCP'", "should
@@ -30,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.cluster import Cluster, create_pod
+from tests.e2e.cluster import Cluster, create_pod, pod_info
 from tests.e2e.netpol_cases import CASES, Case
 from tests.e2e.netpol_world import (
     SETTLE,
@@ -230,6 +226,36 @@ def test_ip_block_matches_pod_addresses_per_address_and_a_forged_source_gains_no
             cluster.run("pod", "delete", name, check=False)
 
 
+# --- `pod label`: what the "updated pod" cases use ---------------------------------------------
+
+
+def test_pod_label_reidentifies_the_pod_and_its_labels_go_with_it(cluster: Cluster) -> None:
+    first = create_pod(cluster, "relabelled", "app=one", node=2)
+    try:
+        refused = cluster.run("pod", "label", "relabelled", "app=two", check=False)
+        assert refused.returncode != 0 and "--overwrite is false" in refused.stderr
+        reserved = cluster.run("pod", "label", "relabelled", "io.cilium.k8s.x=y", check=False)
+        assert reserved.returncode != 0 and "a pod cannot carry them" in reserved.stderr
+        cluster.run("pod", "label", "relabelled", "app=two", "tier=back", "--overwrite")
+        now = pod_info(cluster, "relabelled")
+        assert now["labels"] == {"app": "two", "tier": "back"}
+        assert now["identity"] != first["identity"] and now["ip"] == first["ip"]
+        # every node's ipcache says the address is the new identity's
+        cidr, deadline = f"{first['ip']}/32", time.monotonic() + SETTLE
+        while {t[cidr][0] for t in ipcache(cluster).values()} != {now["identity"]}:
+            assert time.monotonic() < deadline, ipcache(cluster)
+        cluster.run("pod", "label", "relabelled", "tier-")
+        assert pod_info(cluster, "relabelled")["labels"] == {"app": "two"}
+    finally:
+        cluster.run("pod", "delete", "relabelled")
+    # a pod created again under that name has its own labels, not the relabelled ones
+    again = create_pod(cluster, "relabelled", "app=one", node=2)
+    try:
+        assert again["labels"] == {"app": "one"}
+    finally:
+        cluster.run("pod", "delete", "relabelled")
+
+
 # --- the upstream suite --------------------------------------------------------------------------
 
 
@@ -248,6 +274,8 @@ def test_upstream_netpol(world: World, case: Case, tmp_path: Path) -> None:
                 path = tmp_path / f"step{index}-delete{number}.yaml"
                 path.write_text(doc)
                 world.cluster.run("delete", "-f", str(path))
+            for argv in step.label:
+                world.cluster.run("pod", "label", *argv)
             for probe, expect in step.checks:
                 probes_used.add(probe)
                 want = expect(Reachability(world.pods, True))
@@ -257,6 +285,8 @@ def test_upstream_netpol(world: World, case: Case, tmp_path: Path) -> None:
             world.cluster.run("delete", "-f", str(path), check=False)
         for number, doc in enumerate(case.restore):
             apply(world, tmp_path, f"restore{number}", doc)
+        for argv in case.restore_labels:
+            world.cluster.run("pod", "label", *argv)
     world.settle(Reachability(world.pods, True), sorted(probes_used), f"{case.name}: cleaned up")
 
 
