@@ -66,7 +66,7 @@ def test_a_pod_cannot_forge_namespace_labels(cluster: Cluster, tmp_path: Path) -
         )
     )
     try:
-        (identity,) = cluster.json("identity", "get", str(forger.identity))
+        identity = cluster.json("identity", "get", str(forger.identity))
         labels = identity["labels"]
         assert f"k8s:{FORGED_KEY}=trusted" not in labels, labels
         apply_text(
