@@ -21,7 +21,13 @@ from shared import doc_fields, kube_yaml, protocols
 from shared.errors import InvalidArgument
 from shared.labels import check_pod_labels, validate_key, validate_value
 from shared.messages import ContainerPort
-from shared.names import DNS_1035_LABEL, DNS_LABEL, DNS_SUBDOMAIN, IANA_SVC_NAME
+from shared.names import (
+    DNS_1035_LABEL,
+    DNS_LABEL,
+    DNS_SUBDOMAIN,
+    IANA_SVC_NAME,
+    OBJECT_META_FIELDS,
+)
 from shared.selectors import LabelSelector
 
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
@@ -42,25 +48,6 @@ _SAFE_CHARS = "bcdfghjklmnpqrstvwxz2456789"
 
 
 _OBJECT_FIELDS = frozenset({"apiVersion", "kind", "metadata", "spec", "status"})
-_META_FIELDS = frozenset(
-    {
-        "name",
-        "generateName",
-        "namespace",
-        "selfLink",
-        "uid",
-        "resourceVersion",
-        "generation",
-        "creationTimestamp",
-        "deletionTimestamp",
-        "deletionGracePeriodSeconds",
-        "labels",
-        "annotations",
-        "ownerReferences",
-        "finalizers",
-        "managedFields",
-    }
-)
 _DEPLOYMENT_SPEC_FIELDS = frozenset(
     {
         "replicas",
@@ -256,7 +243,7 @@ def _parse_object(obj: Any) -> Document:
         return _routed(obj, kind_name, kind)
     _check_fields(obj, _OBJECT_FIELDS, "")
     meta = doc_fields.mapping(obj, "metadata", "")
-    _check_fields(meta, _META_FIELDS, "metadata")
+    _check_fields(meta, OBJECT_META_FIELDS, "metadata")
     name = _name(meta, kind)
     if kind_name == "Namespace":
         labels = _labels(meta, "metadata")
@@ -418,7 +405,7 @@ def _deployment(obj: Mapping[str, Any], namespace: str, name: str) -> Deployment
     template = doc_fields.mapping(spec, "template", "spec", required=True)
     _check_fields(template, _TEMPLATE_FIELDS, "spec.template")
     t_meta = doc_fields.mapping(template, "metadata", "spec.template")
-    _check_fields(t_meta, _META_FIELDS, "spec.template.metadata")
+    _check_fields(t_meta, OBJECT_META_FIELDS, "spec.template.metadata")
     t_labels = _labels(t_meta, "spec.template.metadata")
     check_pod_labels(t_labels, "spec.template.metadata.labels")
     if not selector.matches(t_labels):

@@ -29,3 +29,25 @@ def validate_dns_subdomain(value: str, field: str) -> None:
             "'.', each dot-separated part starting and ending with a letter or digit",
             field=field,
         )
+
+
+# ObjectMeta's fields: what a manifest reader accepts under `metadata`
+OBJECT_META_FIELDS = frozenset(
+    {
+        "name",
+        "generateName",
+        "namespace",
+        "selfLink",
+        "uid",
+        "resourceVersion",
+        "generation",
+        "creationTimestamp",
+        "deletionTimestamp",
+        "deletionGracePeriodSeconds",
+        "labels",
+        "annotations",
+        "ownerReferences",
+        "finalizers",
+        "managedFields",
+    }
+)

@@ -76,32 +76,13 @@ from services.policy.formats.netpol import netpol_spec
 from services.policy.model import Policy, PolicyKind, PolicySpec
 from shared import doc_fields, kube_yaml
 from shared.errors import InvalidArgument
-from shared.names import DNS_SUBDOMAIN
+from shared.names import DNS_SUBDOMAIN, OBJECT_META_FIELDS
 
 AUDIT_ANNOTATION = "policy.membrane.io/audit"
 DEFAULT_NAMESPACE = "default"
 _LIST_KIND = "List"
 _CILIUM_FIELDS = frozenset({"apiVersion", "kind", "metadata", "spec", "specs", "status"})
 _KNP_FIELDS = frozenset({"apiVersion", "kind", "metadata", "spec", "status"})
-_META_FIELDS = frozenset(
-    {
-        "name",
-        "generateName",
-        "namespace",
-        "selfLink",
-        "uid",
-        "resourceVersion",
-        "generation",
-        "creationTimestamp",
-        "deletionTimestamp",
-        "deletionGracePeriodSeconds",
-        "labels",
-        "annotations",
-        "ownerReferences",
-        "finalizers",
-        "managedFields",
-    }
-)
 
 
 class PolicyDocumentError(InvalidArgument):
@@ -207,7 +188,7 @@ def _parse_policy(obj: Any, cidr_matches_pods: bool) -> Policy:
     check_fields(obj, _KNP_FIELDS if kind is PolicyKind.KNP else _CILIUM_FIELDS, "")
     source = plain(obj, "")
     meta = doc_fields.mapping(obj, "metadata", "", required=True)
-    check_fields(meta, _META_FIELDS, "metadata")
+    check_fields(meta, OBJECT_META_FIELDS, "metadata")
     name = _name(meta)
     warnings: list[str] = []
     if kind.namespaced:
