@@ -10,7 +10,7 @@ rule of Cilium and Kubernetes has been applied already, so nothing here needs th
       │             NetworkPolicy): the subject selector and the directions it enforces
       └ Rule        one entry of ingress/ingressDeny/egress/egressDeny: direction, allow or deny,
         │           peers (OR), ports (OR; none = every protocol and port), stable name and id
-        ├ Peer      exactly one of: Selector (endpoints), Entity, CIDRRule
+        ├ Peer      exactly one of: Selector (endpoints), Entity, CIDRRule, NameMatch (toFQDNs)
         └ PortRule  protocol number and port, port range or named port; optional L7Rules
 
 What the resolver does with it:
@@ -40,6 +40,8 @@ What the resolver does with it:
   finds an address's identity by longest-prefix match, so an excepted address gets an identity
   the rule does not select. An address in no known prefix is ``world`` (2), which a network of
   prefix length 0 (``0.0.0.0/0``, ``::/0``) therefore selects too (:attr:`CIDRRule.selects_world`).
+- A :class:`shared.fqdn.NameMatch` (``toFQDNs``) selects the CIDR identities of the ``/32`` of
+  every address the DNS proxies learned for a name it matches (``services.policy.fqdn_table``).
 - A named port (``PortRule.port_name``) is resolved per endpoint from its container ports: for
   ingress from the subject pod, for egress from the destination pod.
 
@@ -66,6 +68,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shared import identities, protocols
+from shared.fqdn import NameMatch
 from shared.labels import SOURCE_K8S, LabelSet
 from shared.selectors import LabelSelector, Requirement
 
@@ -241,22 +244,27 @@ class CIDRRule:
 
 @dataclass(frozen=True, slots=True)
 class Peer:
-    """The other side of a connection: exactly one of ``selector``, ``entity`` and ``cidr``."""
+    """The other side of a connection: exactly one of ``selector``, ``entity``, ``cidr`` and
+    ``fqdn``."""
 
     selector: Selector | None = None
     entity: Entity | None = None
     cidr: CIDRRule | None = None
+    fqdn: NameMatch | None = None
 
     def __post_init__(self) -> None:
-        given = sum(part is not None for part in (self.selector, self.entity, self.cidr))
+        parts = (self.selector, self.entity, self.cidr, self.fqdn)
+        given = sum(part is not None for part in parts)
         if given != 1:
-            raise ValueError(f"a Peer has exactly one of selector, entity, cidr; got {given}")
+            raise ValueError(f"a Peer has exactly one of selector, entity, cidr, fqdn; got {given}")
 
     def __str__(self) -> str:
         if self.selector is not None:
             return f"endpoints {self.selector}"
         if self.entity is not None:
             return f"entity {self.entity.value}"
+        if self.fqdn is not None:
+            return f"fqdn {self.fqdn}"
         return f"cidr {self.cidr}"
 
 

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
 from services.policy.cidr_table import CIDRChange, CIDRTable
+from services.policy.fqdn_table import FQDNChange, FQDNTable
 from services.policy.model import (
     CLUSTER_MIN,
     LOCAL_BASE,
@@ -56,6 +57,7 @@ from services.policy.model import (
 from services.policy.selector_cache import SelectorCache
 from shared import identities, protocols
 from shared.errors import AlreadyExists
+from shared.fqdn import NameMatch
 from shared.labels import SOURCE_RESERVED, Label, LabelSet
 from shared.messages import PeerSet, PolicyEntry, ResolvedPolicy
 from shared.peer_sets import expand, referenced
@@ -72,7 +74,7 @@ class PeerClass(enum.Enum):
     CIDR = "cidr"
 
 
-Dependency = Selector | CIDRRule | PeerClass
+Dependency = Selector | CIDRRule | PeerClass | NameMatch
 SpecRef = tuple[str, int]  # (policy key, index of the spec in policy.specs)
 # (peer, peer set, protocol, port, end_port, port_name, deny, rule id, l7 protocol, l7 JSON)
 EntryKey = tuple[int, int, int, int, int, str, bool, int, str, str]
@@ -102,6 +104,8 @@ def _dependencies(spec: PolicySpec) -> set[Dependency]:
                 deps.add(peer.selector)
             elif peer.cidr is not None:
                 deps.add(peer.cidr)
+            elif peer.fqdn is not None:
+                deps.add(peer.fqdn)
             elif peer.entity is not None:
                 targets = peer.entity.targets
                 if targets.wildcard:
@@ -123,6 +127,8 @@ def peer_set_id(dep: Dependency) -> int:
         text = f"selector/{dep}"
     elif isinstance(dep, CIDRRule):
         text = f"cidr/{dep}"
+    elif isinstance(dep, NameMatch):
+        text = f"fqdn/{'name' if dep.match_name else 'pattern'}/{dep}"
     else:
         text = f"class/{dep.value}"
     digest = hashlib.blake2s(text.encode(), digest_size=6).digest()
@@ -132,6 +138,8 @@ def peer_set_id(dep: Dependency) -> int:
 def describe_peer_set(dep: Dependency) -> str:
     if isinstance(dep, PeerClass):
         return f"every {dep.value} identity"
+    if isinstance(dep, NameMatch):
+        return f"toFQDNs {'matchName' if dep.match_name else 'matchPattern'} {dep}"
     return str(dep)
 
 
@@ -160,6 +168,7 @@ class Resolver:
     def __init__(self) -> None:
         self._cache = SelectorCache()
         self._cidrs = CIDRTable()
+        self._fqdns = FQDNTable()
         self._cluster: set[int] = set()
         self._policies: dict[str, Policy] = {}
         self._subject_users: dict[Dependency, set[SpecRef]] = {}
@@ -245,6 +254,18 @@ class Resolver:
         self._rule_memo.pop(key, None)
         self._mark_cidr_sets(change)
         return self._settle(dirty)
+
+    def set_fqdn_cache(self, key: str, names: dict[str, list[IPv4Address]] | None) -> None:
+        """One endpoint's learned names (None: gone). Changes only peer sets and CIDR
+        identities (taken with :meth:`take_peer_set_changes` and :meth:`take_cidr_changes`):
+        entries name the toFQDNs peer sets, never their addresses."""
+        change = CIDRChange(set(), False)
+        self._apply_fqdn(self._fqdns.set_cache(key, names), change)
+        self._mark_cidr_sets(change)
+
+    def fqdn_names(self, address: str) -> list[str]:
+        """The learned names resolving to ``address``."""
+        return self._fqdns.names_of(IPv4Address(address))
 
     # --- outputs -------------------------------------------------------------------------------
 
@@ -432,12 +453,24 @@ class Resolver:
             self._cache.acquire(dep)
         elif isinstance(dep, CIDRRule):
             self._merge(change, self._cidrs.acquire(dep))
+        elif isinstance(dep, NameMatch):
+            self._apply_fqdn(self._fqdns.acquire(dep), change)
 
     def _release(self, dep: Dependency, change: CIDRChange) -> None:
         if isinstance(dep, Selector):
             self._cache.release(dep)
         elif isinstance(dep, CIDRRule):
             self._merge(change, self._cidrs.release(dep))
+        elif isinstance(dep, NameMatch):
+            self._apply_fqdn(self._fqdns.release(dep), change)
+
+    def _apply_fqdn(self, fqdn: FQDNChange, change: CIDRChange) -> None:
+        """Addresses a toFQDNs selector holds get the CIDR identity of their /32."""
+        for address in fqdn.held:
+            self._merge(change, self._cidrs.acquire(_host_rule(address)))
+        for address in fqdn.released:
+            self._merge(change, self._cidrs.release(_host_rule(address)))
+        self._mark_sets(fqdn.selectors)
 
     @staticmethod
     def _merge(into: CIDRChange, change: CIDRChange) -> None:
@@ -494,6 +527,9 @@ class Resolver:
             return self._cache.matches(dep)
         if isinstance(dep, CIDRRule):
             return self._cidrs.matches(dep)
+        if isinstance(dep, NameMatch):
+            found = (self._cidrs.identity_of(_host(a)) for a in self._fqdns.addresses(dep))
+            return {number for number in found if number is not None}
         return set(self._cluster) if dep is PeerClass.CLUSTER else self._cidrs.all_ids()
 
     def _drop_identity(self, identity: int) -> set[int]:
@@ -657,6 +693,8 @@ class Resolver:
                 found.add((0, self._set_ids[peer.selector]))
             elif peer.cidr is not None:
                 found.add((0, self._set_ids[peer.cidr]))
+            elif peer.fqdn is not None:
+                found.add((0, self._set_ids[peer.fqdn]))
             elif peer.entity is not None:
                 targets = peer.entity.targets
                 if targets.wildcard:
@@ -667,3 +705,11 @@ class Resolver:
                 if targets.cidr:
                     found.add((0, self._set_ids[PeerClass.CIDR]))
         return found
+
+
+def _host(address: IPv4Address) -> IPv4Network:
+    return IPv4Network((address, 32))
+
+
+def _host_rule(address: IPv4Address) -> CIDRRule:
+    return CIDRRule(_host(address))

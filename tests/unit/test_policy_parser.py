@@ -36,6 +36,7 @@ from services.policy.parser import (
     parse_documents,
 )
 from shared.errors import InvalidArgument
+from shared.fqdn import NameMatch
 from shared.labels import LabelSet, pod_identity_labels
 
 SOURCE = "test.yaml"
@@ -770,6 +771,30 @@ def test_l7_rules_of_each_protocol_are_kept() -> None:
     assert rule.ports[0].l7.rules() == [http]
 
 
+def test_to_fqdns_are_peers_and_dns_rules_are_normalized() -> None:
+    rule = only_rule(
+        cnp(
+            egress(
+                {
+                    "toFQDNs": [{"matchName": "API.Example.com."}, {"matchPattern": "*.cdn.io"}],
+                    "toPorts": [
+                        {
+                            "ports": [{"port": "53", "protocol": "ANY"}],
+                            "rules": {"dns": [{"matchPattern": "*.Example.COM"}]},
+                        }
+                    ],
+                }
+            )
+        )
+    )
+    assert rule.peers == (
+        Peer(fqdn=NameMatch(match_name="api.example.com")),
+        Peer(fqdn=NameMatch(match_pattern="*.cdn.io")),
+    )
+    assert rule.ports[0].l7 is not None
+    assert rule.ports[0].l7.rules() == [{"matchPattern": "*.example.com"}]
+
+
 def test_empty_rules_mapping_is_no_l7_and_empty_http_list_is_l7() -> None:
     rule = only_rule(
         cnp(ingress({"toPorts": [{"ports": [{"port": "80", "protocol": "TCP"}], "rules": {}}]}))
@@ -1273,10 +1298,62 @@ ERRORS: list[tuple[str, dict[str, Any], str, str]] = [
         "fromRequires is not supported",
     ),
     (
-        "toFQDNs",
-        cnp_egress_rule({"toFQDNs": [{"matchName": "a.io"}]}),
-        "spec.egress[0].toFQDNs",
-        "toFQDNs (DNS-based policy) is not supported",
+        "toFQDNs at ingress",
+        cnp_rule({"toFQDNs": [{"matchName": "a.io"}]}),
+        "spec.ingress[0].toFQDNs",
+        "toFQDNs is allowed in egress rules only",
+    ),
+    (
+        "toFQDNs in egressDeny",
+        cnp({"endpointSelector": {}, "egressDeny": [{"toFQDNs": [{"matchName": "a.io"}]}]}),
+        "spec.egressDeny[0].toFQDNs",
+        "toFQDNs is allowed in egress rules only",
+    ),
+    (
+        "toFQDNs bad pattern",
+        cnp_egress_rule({"toFQDNs": [{"matchPattern": "*.exa mple.com"}]}),
+        "spec.egress[0].toFQDNs[0].matchPattern",
+        "is not a DNS name pattern",
+    ),
+    (
+        "toFQDNs bad name",
+        cnp_egress_rule({"toFQDNs": [{"matchName": "*.example.com"}]}),
+        "spec.egress[0].toFQDNs[0].matchName",
+        "is not a DNS name",
+    ),
+    (
+        "toFQDNs both",
+        cnp_egress_rule({"toFQDNs": [{"matchName": "a.io", "matchPattern": "*.io"}]}),
+        "spec.egress[0].toFQDNs[0]",
+        "needs exactly one of matchName and matchPattern",
+    ),
+    (
+        "toFQDNs with toEndpoints",
+        cnp_egress_rule({"toFQDNs": [{"matchName": "a.io"}], "toEndpoints": [{}]}),
+        "spec.egress[0]",
+        "combining toEndpoints and toFQDNs in one rule is not supported",
+    ),
+    (
+        "toFQDNs label too long",
+        cnp_egress_rule({"toFQDNs": [{"matchName": "a" * 64 + ".io"}]}),
+        "spec.egress[0].toFQDNs[0].matchName",
+        "is longer than 63",
+    ),
+    (
+        "dns rule bad pattern",
+        cnp_egress_rule(
+            {
+                "toEndpoints": [{}],
+                "toPorts": [
+                    {
+                        "ports": [{"port": "53", "protocol": "UDP"}],
+                        "rules": {"dns": [{"matchPattern": "api.*.com/"}]},
+                    }
+                ],
+            }
+        ),
+        "spec.egress[0].toPorts[0].rules.dns[0].matchPattern",
+        "is not a DNS name pattern",
     ),
     (
         "toServices",

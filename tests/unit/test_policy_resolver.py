@@ -1045,3 +1045,75 @@ def test_port_zero_without_a_protocol_is_tcp_udp_sctp_only() -> None:
         assert allowed(resolver, src, dst, port, proto), proto
     for proto, port in ((1, 8), (47, 0), (50, 0)):  # ICMP echo, GRE, ESP
         assert not allowed(resolver, src, dst, port, proto), proto
+
+
+# --- toFQDNs -------------------------------------------------------------------------------------
+
+FQDN_POLICY = """
+endpointSelector: {matchLabels: {pod: a}}
+egress:
+- toFQDNs: [{matchName: api.example.com}, {matchPattern: "*.cdn.example.com"}]
+  toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+"""
+
+
+def learned(**names: list[str]) -> dict[str, list[ipaddress.IPv4Address]]:
+    return {
+        name.replace("_", "."): [ipaddress.IPv4Address(a) for a in found]
+        for name, found in names.items()
+    }
+
+
+def test_to_fqdns_selects_the_learned_addresses_of_matching_names() -> None:
+    resolver = cluster()
+    resolver.set_policy(cnp("fq", FQDN_POLICY))
+    xa = ident("x", "a")
+    api, cdn, evil = "198.51.100.20", "198.51.100.21", "198.51.100.30"
+    assert not allowed(resolver, xa, lpm(resolver, api), 80)
+
+    def moved(change: Callable[[], None]) -> set[int]:
+        return touched(resolver, lambda: (change(), set())[1])
+
+    # learning touches the peer set only, never a subject's own document
+    revision = resolver.resolved(xa).revision  # type: ignore[union-attr]
+    assert moved(
+        lambda: resolver.set_fqdn_cache(
+            "n1/10.0.0.5",
+            learned(
+                api_example_com=[api],
+                a_cdn_example_com=[cdn],
+                cdn_example_com=[evil],
+                evil_example_org=[evil],
+            ),
+        )
+    ) == {xa}
+    assert resolver.resolved(xa).revision == revision  # type: ignore[union-attr]
+    added, removed = resolver.take_cidr_changes()
+    assert set(map(str, added)) == {f"{api}/32", f"{cdn}/32"} and not removed
+    assert allowed(resolver, xa, lpm(resolver, api), 80)
+    assert allowed(resolver, xa, lpm(resolver, cdn), 80)
+    assert not allowed(resolver, xa, lpm(resolver, evil), 80)  # cdn.example.com: no match
+    assert not allowed(resolver, xa, lpm(resolver, api), 81)
+    assert resolver.fqdn_names(evil) == ["cdn.example.com", "evil.example.org"]
+
+    # a second endpoint learning the same address; the first forgetting it keeps it
+    resolver.set_fqdn_cache("n2/10.0.1.5", learned(api_example_com=[api]))
+    resolver.set_fqdn_cache("n1/10.0.0.5", learned(a_cdn_example_com=[cdn]))
+    assert allowed(resolver, xa, lpm(resolver, api), 80)
+    resolver.set_fqdn_cache("n2/10.0.1.5", None)
+    assert not allowed(resolver, xa, lpm(resolver, api), 80)
+    added, removed = resolver.take_cidr_changes()
+    assert [str(n) for n in removed] == [f"{api}/32"]
+    assert allowed(resolver, xa, lpm(resolver, cdn), 80)
+
+    # the policy going releases the addresses it held
+    resolver.remove_policy("x/fq")
+    assert not resolver.cidr_identities()
+
+
+def test_to_fqdns_applied_after_learning_selects_what_is_known() -> None:
+    resolver = cluster()
+    resolver.set_fqdn_cache("n1/10.0.0.5", learned(api_example_com=["198.51.100.20"]))
+    assert not resolver.cidr_identities()  # no selector holds it: no identity
+    resolver.set_policy(cnp("fq", FQDN_POLICY))
+    assert allowed(resolver, ident("x", "a"), lpm(resolver, "198.51.100.20"), 80)

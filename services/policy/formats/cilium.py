@@ -35,7 +35,7 @@ from services.policy.model import (
     Rule,
     Selector,
 )
-from shared import doc_fields, protocols
+from shared import doc_fields, fqdn, protocols
 from shared.errors import InvalidArgument
 from shared.labels import NAMESPACE_LABEL, NAMESPACE_LABELS_PREFIX
 from shared.selectors import LabelSelector, Requirement
@@ -184,8 +184,11 @@ def _cilium_rule(
     if not isinstance(entry, Mapping):
         raise InvalidArgument(f"must be a mapping, got {doc_fields.type_name(entry)}", field=path)
     l3_fields = _INGRESS_L3 if direction is Direction.INGRESS else _EGRESS_L3
-    check_fields(entry, frozenset(l3_fields) | _L4_FIELDS, path)
-    given = [name for name in l3_fields if entry.get(name) is not None]
+    # toFQDNs: egress allows only (Cilium's EgressDenyRule has no toFQDNs)
+    fqdns = direction is Direction.EGRESS and not deny
+    known = frozenset(l3_fields) | _L4_FIELDS | ({"toFQDNs"} if fqdns else set())
+    check_fields(entry, known, path)
+    given = [name for name in (*l3_fields, "toFQDNs") if entry.get(name) is not None]
     used = [name for name in given if entry[name] != []]
     if len(used) > 1:
         raise InvalidArgument(
@@ -195,6 +198,8 @@ def _cilium_rule(
         )
     endpoints_key, cidr_key, cidr_set_key, entities_key = l3_fields
     peers: list[Peer] = []
+    for index, raw in enumerate(doc_fields.optional_list(entry, "toFQDNs", path)):
+        peers.append(Peer(fqdn=fqdn.parse(raw, f"{path}.toFQDNs[{index}]")))
     for index, raw in enumerate(doc_fields.optional_list(entry, endpoints_key, path)):
         selector = _peer_selector(raw, f"{path}.{endpoints_key}[{index}]", ctx)
         peers.append(Peer(selector=selector))

@@ -38,7 +38,7 @@ _UNSUPPORTED: dict[str, str] = {
     "fromNodes": "fromNodes is not supported: use fromEntities (host, remote-node)",
     "toNodes": "toNodes is not supported: use toEntities (host, remote-node)",
     "toServices": "toServices is not supported: select the service's pods with toEndpoints",
-    "toFQDNs": "toFQDNs (DNS-based policy) is not supported: use toCIDR or toCIDRSet",
+    "toFQDNs": "toFQDNs is allowed in egress rules only",
     "authentication": "mutual authentication is not supported",
     "cidrGroupRef": "CiliumCIDRGroup references are not supported: write the cidr",
     "cidrGroupSelector": "CiliumCIDRGroup selectors are not supported: write the cidr",

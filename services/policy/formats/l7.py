@@ -16,7 +16,7 @@ from services.policy.model import (
     L7Rules,
     PortRule,
 )
-from shared import doc_fields, l7_http
+from shared import doc_fields, fqdn, l7_http
 from shared.errors import InvalidArgument
 
 # L7 rule shapes (Cilium PortRuleHTTP, kafka.PortRule, PortRuleDNS): field -> expected type
@@ -119,9 +119,8 @@ def _l7_rule(protocol: str, raw: Any, path: str) -> dict[str, Any]:
         if role and rule.get("apiKey"):
             raise InvalidArgument("role and apiKey cannot both be set (as in Cilium)", field=path)
     else:
-        names = [key for key in ("matchName", "matchPattern") if rule.get(key)]
-        if len(names) != 1:
-            raise InvalidArgument("needs exactly one of matchName and matchPattern", field=path)
+        # what the DNS proxy matches each query against, normalized as it compares names
+        rule = fqdn.parse(rule, path).to_dict()
     return rule
 
 
