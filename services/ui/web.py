@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -37,7 +36,7 @@ from nats.aio.msg import Msg
 from services.ui import views
 from services.ui.live import LiveView
 from services.ui.service import UISettings
-from shared import __version__, metrics, startup, subjects
+from shared import __version__, startup, subjects
 from shared.bus import Bus, redact
 from shared.errors import InvalidArgument, MembraneError
 from shared.flow_api import EnrichedFlow, FlowFilterTerm, FlowQuery
@@ -192,8 +191,8 @@ class UIServer:
 
 
 async def run(settings: UISettings) -> None:
-    logger = startup.configure_logging(settings, "ui", settings.replica or f"ui-{os.getpid()}")
-    bus = await Bus.connect(settings.nats_url, "membrane-ui")
+    started = await startup.start(settings, "ui")
+    bus, logger = started.bus, started.log
     server = UIServer(bus)
     runner = web.AppRunner(server.app(), access_log=None)
     await runner.setup()
@@ -206,12 +205,11 @@ async def run(settings: UISettings) -> None:
     tasks.spawn("monitor-check", lambda: periodically(MONITOR_CHECK_S, server.check_monitor))
     subscription = await bus.nc.subscribe(subjects.EVENTS_FLOWS_ALL, cb=server.on_flow)
     await bus.flush()
-    metrics_port = metrics.serve(settings.metrics_host, settings.metrics_port)
     await bus.add_service(
         subjects.UI_SERVICE,
         __version__,
         "the web UI: service map, flows, nodes",
-        {"url": url, "metrics": f"{settings.metrics_host}:{metrics_port}"},
+        {"url": url, **started.metadata},
         queue_group=subjects.UI_SERVICE,
     )
     logger.info("ui ready", url=url, nats=redact(settings.nats_url))

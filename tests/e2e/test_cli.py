@@ -83,6 +83,11 @@ def test_up_allocate_down_up_again(state: Path) -> None:
     assert len(replicas) == 2
     table = membrane(state, "status").stdout
     assert "membrane-identity" in table and "identity-1" in table
+    # every replica is shown by the name the supervisor gave it, not by its NATS micro id
+    # (the UI announced no name and was listed by id)
+    supervised = {p.name for p in StateDir(state).processes()}
+    unnamed = [s for s in status["services"] if s["metadata"].get("replica") not in supervised]
+    assert not unnamed, unnamed
 
     # the supervisor restarts a crashed replica
     processes = StateDir(state).processes()
