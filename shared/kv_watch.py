@@ -26,10 +26,16 @@ import contextlib
 from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.kv import KeyValue
+
+from shared.runtime import TaskGroup
+
+if TYPE_CHECKING:  # shared.bus imports this module
+    from shared.bus import Bus
 
 # KV headers (JetStream's KV convention; nats-server 2.11+ marks TTL expiries differently)
 _OPERATION = "KV-Operation"
@@ -235,3 +241,34 @@ async def follow(
             result = on_synced() if event is None else on_event(event)
             if result is not None:
                 await result
+
+
+class BucketWatches:
+    """Buckets a service mirrors into handlers of ``(key, value or None)``, each followed by a
+    task of ``tasks`` (restarted when it fails, deletions made while it was away replayed), and
+    :meth:`synced` once every snapshot is in: what the monitor's caches and the proxy's view
+    wait for before they serve."""
+
+    def __init__(self, bus: Bus, tasks: TaskGroup, replicas: int = 1) -> None:
+        self.bus = bus
+        self.tasks = tasks
+        self.replicas = replicas
+        self.events: list[asyncio.Event] = []
+
+    async def add(self, bucket: str, handle: Callable[[str, bytes | None], None]) -> None:
+        kv = await self.bus.kv(bucket, replicas=self.replicas)
+        synced = self.snapshot_event()
+        known: set[str] = set()  # outlives a restarted watch
+        self.tasks.spawn(
+            f"watch-{bucket}",
+            lambda: follow(kv, lambda event: handle(event.key, event.value), synced.set, known),
+        )
+
+    def snapshot_event(self) -> asyncio.Event:
+        """One more snapshot to wait for (a watch started by the caller sets it)."""
+        event = asyncio.Event()
+        self.events.append(event)
+        return event
+
+    async def synced(self) -> None:
+        await asyncio.gather(*(event.wait() for event in self.events))

@@ -30,7 +30,7 @@ from prometheus_client import Counter, Gauge
 from services.monitor import history
 from services.monitor.enrich import Enricher, event_namespace
 from services.monitor.ring import FlowRing
-from services.monitor.watches import follow, follow_optional
+from services.monitor.watches import follow_optional
 from shared import __version__, flow_groups, log, startup, subjects
 from shared.bus import Bus, MicroService, redact
 from shared.config import CommonSettings, env_name, setting
@@ -43,6 +43,7 @@ from shared.flow_api import (
     MonitorStatus,
 )
 from shared.flow_filter import compile_filter
+from shared.kv_watch import BucketWatches
 from shared.messages import Empty, Flow, FlowBatch
 from shared.runtime import TaskGroup, periodically, wait_for_shutdown
 
@@ -335,30 +336,20 @@ async def start(settings: MonitorSettings) -> Running:
     monitor = Monitor(bus, settings)
     enricher = monitor.enricher
     tasks = TaskGroup()
-    synced: list[asyncio.Event] = []
-
-    async def watch(bucket: str, handle: Callable[[str, bytes | None], None]) -> None:
-        kv = await bus.kv(bucket, replicas=settings.kv_replicas)
-        event = asyncio.Event()
-        synced.append(event)
-        known: set[str] = set()  # outlives a restarted watch
-        tasks.spawn(f"watch-{bucket}", lambda: follow(kv, handle, event, known))
-
-    await watch(subjects.KV_IDENTITIES, enricher.on_identity)
-    await watch(subjects.KV_ENDPOINTS, enricher.on_endpoint)
-    await watch(subjects.KV_IPCACHE, enricher.on_ipcache)
-    await watch(subjects.KV_RESOLVED, enricher.on_resolved)
-    services_synced = asyncio.Event()
+    watches = BucketWatches(bus, tasks, settings.kv_replicas)
+    await watches.add(subjects.KV_IDENTITIES, enricher.on_identity)
+    await watches.add(subjects.KV_ENDPOINTS, enricher.on_endpoint)
+    await watches.add(subjects.KV_IPCACHE, enricher.on_ipcache)
+    await watches.add(subjects.KV_RESOLVED, enricher.on_resolved)
+    services_synced = watches.snapshot_event()
     known_services: set[str] = set()
-    synced.append(services_synced)
     tasks.spawn(
         "watch-services",
         lambda: follow_optional(
             bus, subjects.KV_SERVICES, enricher.on_service, services_synced, known_services
         ),
     )
-    for event in synced:
-        await event.wait()  # enrich from the start: flows before the snapshots would be bare
+    await watches.synced()  # enrich from the start: flows before the snapshots would be bare
     await history.ensure_stream(
         bus,
         max_flows=settings.history_flows,

@@ -6,25 +6,12 @@ import asyncio
 from collections.abc import Callable
 
 import nats.js.errors
-from nats.js.kv import KeyValue
 
 from shared import kv_watch
 from shared.bus import Bus
 
 # how often the monitor looks for a bucket another service has not created yet
 OPTIONAL_BUCKET_POLL_S = 5.0
-
-
-async def follow(
-    kv: KeyValue,
-    handle: Callable[[str, bytes | None], None],
-    synced: asyncio.Event,
-    known: set[str],
-) -> None:
-    """Feed a bucket's snapshot and then its changes to ``handle``; a restarted watch also
-    deletes what vanished while it was away (``known``: the keys held, kept by the caller
-    across restarts)."""
-    await kv_watch.follow(kv, lambda event: handle(event.key, event.value), synced.set, known)
 
 
 async def follow_optional(
@@ -34,8 +21,8 @@ async def follow_optional(
     synced: asyncio.Event,
     known: set[str],
 ) -> None:
-    """Like :func:`follow` for a bucket another service creates (``services``, by lb): until it
-    exists there is nothing to enrich with, so wait for it instead of creating it."""
+    """Follow a bucket another service creates (``services``, by lb): until it exists there
+    is nothing to enrich with, so wait for it instead of creating it."""
     while True:
         try:
             kv = await bus.js.key_value(bucket)
@@ -44,4 +31,4 @@ async def follow_optional(
             synced.set()  # nothing to wait for
             await asyncio.sleep(OPTIONAL_BUCKET_POLL_S)
     # the same event: when the bucket is there at once, its snapshot is what start-up waits for
-    await follow(kv, handle, synced, known)
+    await kv_watch.follow(kv, lambda event: handle(event.key, event.value), synced.set, known)

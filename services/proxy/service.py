@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import socket
 import time
-from collections.abc import Callable
 from ipaddress import IPv4Address
 from typing import Any
 
@@ -26,7 +25,7 @@ from services.proxy.view import View
 from shared import __version__, metrics, proxy, startup, subjects
 from shared.bus import Bus
 from shared.config import CommonSettings, setting
-from shared.kv_watch import follow
+from shared.kv_watch import BucketWatches
 from shared.messages import Flow, FlowBatch, L7Info
 from shared.runtime import TaskGroup, enter_netns, wait_for_shutdown
 
@@ -138,23 +137,12 @@ async def run(settings: ProxySettings) -> None:
     bus = await Bus.connect(settings.nats_url, f"membrane-proxy-{settings.node}")
     view = View()
     tasks = TaskGroup()
-    synced: list[asyncio.Event] = []
-
-    async def watch(bucket: str, handle: Callable[[str, bytes | None], None]) -> None:
-        kv = await bus.kv(bucket, replicas=settings.kv_replicas)
-        event = asyncio.Event()
-        synced.append(event)
-        known: set[str] = set()  # outlives a restarted watch
-        tasks.spawn(
-            f"watch-{bucket}",
-            lambda: follow(kv, lambda e: handle(e.key, e.value), event.set, known),
-        )
-
-    await watch(subjects.KV_IPCACHE, view.set_ipcache)
-    await watch(subjects.KV_RESOLVED, view.set_resolved)
-    await watch(subjects.KV_SELECTORS, view.set_members)
+    watches = BucketWatches(bus, tasks, settings.kv_replicas)
+    await watches.add(subjects.KV_IPCACHE, view.set_ipcache)
+    await watches.add(subjects.KV_RESOLVED, view.set_resolved)
+    await watches.add(subjects.KV_SELECTORS, view.set_members)
     # no listener before the view is whole: until then the datapath drops L7 connections
-    await asyncio.gather(*(event.wait() for event in synced))
+    await watches.synced()
     sink = FlowSink(bus, settings.node)
     tasks.spawn("flows", sink.run)
 
