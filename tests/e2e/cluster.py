@@ -81,6 +81,7 @@ class Cluster:
         proc = subprocess.Popen(
             membrane_command("pod", "exec", pod, "--", sys.executable, str(PROBE), *args),
             env=self.env(),
+            stdin=subprocess.PIPE if args[-1] == "eof" else None,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -89,6 +90,16 @@ class Cluster:
         line = proc.stdout.readline() if args[0] in ("serve", "count") and args[1] != "udp" else ""
         assert args[0] != "count" or line.strip() == "ready", line
         return proc
+
+
+def counted(
+    senders: list[subprocess.Popen[str]], counters: list[subprocess.Popen[str]]
+) -> list[int]:
+    """What each ``count PORT eof`` counter received once every sender has finished."""
+    for sender in senders:
+        sender.communicate(timeout=60)
+    time.sleep(0.5)  # the last datagrams are in flight, within this machine
+    return [int(counter.communicate("", timeout=30)[0].split()[-1]) for counter in counters]
 
 
 def until(probe: Callable[[], T], what: str, timeout: float = 30) -> T:

@@ -6,7 +6,8 @@ udp IP PORT                   send one datagram, print the answer; exit 0 on an 
 udpc IP PORT                  the same from a connected socket, which hears ICMP errors: exit 0
                               on an answer, 3 on "connection refused", 1 on no answer
 stream IP PORT COUNT GAP_MS   send COUNT numbered datagrams, GAP_MS apart (no answers awaited)
-count PORT SECONDS            count datagrams arriving on PORT for SECONDS; print the count
+count PORT SECONDS|eof        count datagrams arriving on PORT for SECONDS (or until stdin closes:
+                              the test ends the count once its senders are done); print the count
 matrix TIMEOUT IP:PORT...     try every TCP connection at once; print {"IP:PORT": outcome} as JSON,
                               outcome "ok" (answered), "timeout" (dropped) or the error's name;
                               a target "udp:IP:PORT" sends one UDP datagram and awaits the answer
@@ -190,14 +191,20 @@ def stream(ip: str, port: int, count: int, gap_ms: float) -> int:
     return 0
 
 
-def count(port: int, seconds: float) -> int:
+def count(port: int, seconds: float | None) -> int:
+    """``seconds`` None: until stdin closes (a fixed window would end early when the senders,
+    started after this, start late on a loaded machine)."""
+    stop = threading.Event()
+    if seconds is None:
+        threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+    else:
+        threading.Timer(seconds, stop.set).start()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("0.0.0.0", port))
         sock.settimeout(0.2)
         print("ready", flush=True)
         seen: set[bytes] = set()
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
+        while not stop.is_set():
             try:
                 seen.add(sock.recv(2048))
             except TimeoutError:
@@ -339,7 +346,7 @@ def main(argv: list[str]) -> int:
     if command == "stream":
         return stream(rest[0], int(rest[1]), int(rest[2]), float(rest[3]))
     if command == "count":
-        return count(int(rest[0]), float(rest[1]))
+        return count(int(rest[0]), None if rest[1] == "eof" else float(rest[1]))
     if command == "matrix":
         print(json.dumps(matrix(float(rest[0]), rest[1:])))
         return 0

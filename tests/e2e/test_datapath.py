@@ -27,7 +27,7 @@ from shared import subjects
 from shared.bus import Bus
 from shared.messages import FlowBatch, PolicyEntry, ResolvedPolicy
 from tests.conftest import eventually
-from tests.e2e.cluster import Cluster, create_pod, pod_info
+from tests.e2e.cluster import Cluster, counted, create_pod, pod_info
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
 
@@ -208,7 +208,7 @@ async def test_agent_sigkill_loses_nothing_and_lets_nothing_through(
     )
     await asyncio.sleep(0.3)
     node = cluster.nodes[0]
-    counters = [cluster.background("rs-b", "count", str(p), "9") for p in (9000, 9001)]
+    counters = [cluster.background("rs-b", "count", str(p), "eof") for p in (9000, 9001)]
     bip = str(b["ip"])
     # 500 datagrams 10 ms apart on the allowed path (a -> b:9000) and on a denied one (c -> b:9001)
     senders = [
@@ -227,8 +227,7 @@ async def test_agent_sigkill_loses_nothing_and_lets_nothing_through(
             assert node in {s.metadata.get("node") for s in services}
 
         await eventually(restarted, timeout=20, what="the agent to come back")
-        outputs = [proc.communicate(timeout=20)[0] for proc in senders + counters]
-        allowed, denied = int(outputs[2].split()[-1]), int(outputs[3].split()[-1])
+        allowed, denied = counted(senders, counters)
         assert allowed == 500, f"allowed path lost {500 - allowed} of 500 datagrams"
         assert denied == 0, f"denied path let {denied} datagrams through"
     finally:

@@ -18,7 +18,7 @@ from shared import roles, subjects
 from shared.bus import Bus
 from shared.errors import Unavailable
 from shared.messages import AllocateReply, AllocateRequest, Empty, ListReply
-from tests.e2e.cluster import Cluster, create_pod
+from tests.e2e.cluster import Cluster, counted, create_pod
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
 
@@ -72,7 +72,7 @@ async def test_nats_sigkill_under_traffic(cluster: Cluster, tmp_path: Path) -> N
     await bus.close()
     await asyncio.sleep(1.0)  # the policy reaches the agents
     bip = str(b["ip"])
-    counters = [cluster.background("f-b", "count", str(p), "9") for p in (9000, 9001)]
+    counters = [cluster.background("f-b", "count", str(p), "eof") for p in (9000, 9001)]
     senders = [
         cluster.background("f-a", "stream", bip, "9000", str(PACKETS), "10"),
         cluster.background("f-c", "stream", bip, "9001", str(PACKETS), "10"),
@@ -91,8 +91,7 @@ async def test_nats_sigkill_under_traffic(cluster: Cluster, tmp_path: Path) -> N
             while not await all_services_answer(bus, cluster.node_count):
                 assert time.monotonic() - killed < 60, "services did not come back on the bus"
             recovered = time.monotonic() - killed
-            outputs = [proc.communicate(timeout=30)[0] for proc in senders + counters]
-            allowed, denied = int(outputs[2].split()[-1]), int(outputs[3].split()[-1])
+            allowed, denied = counted(senders, counters)
             print(
                 f"\nnats-server SIGKILL: allowed lost {PACKETS - allowed}/{PACKETS}, "
                 f"denied let through {denied}/{PACKETS}, services back in {recovered:.1f}s"
@@ -179,7 +178,7 @@ async def test_each_service_sigkilled_in_turn_under_traffic(
     await asyncio.sleep(1.0)
     bip = str(b["ip"])
     victims = ["identity-1", "policy-1", "lb-1", "monitor-1", f"proxy-{cluster.nodes[1]}"]
-    counters = [cluster.background("s-b", "count", str(p), "12") for p in (9000, 9001)]
+    counters = [cluster.background("s-b", "count", str(p), "eof") for p in (9000, 9001)]
     senders = [
         cluster.background("s-a", "stream", bip, "9000", "800", "10"),
         cluster.background("s-c", "stream", bip, "9001", "800", "10"),
@@ -196,8 +195,7 @@ async def test_each_service_sigkilled_in_turn_under_traffic(
         while not await all_services_answer(bus, cluster.node_count):
             assert time.monotonic() - killed < 90, "services did not come back"
         recovered = time.monotonic() - killed
-        outputs = [proc.communicate(timeout=30)[0] for proc in senders + counters]
-        allowed, denied = int(outputs[2].split()[-1]), int(outputs[3].split()[-1])
+        allowed, denied = counted(senders, counters)
         print(
             f"\n{', '.join(victims)} SIGKILLed 0.5 s apart: allowed lost {800 - allowed}/800, "
             f"denied let through {denied}/800, all back {recovered:.1f}s after the first kill"
