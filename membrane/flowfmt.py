@@ -15,6 +15,7 @@ import msgspec
 
 from membrane import output
 from shared.flow_api import EnrichedFlow, FlowPeer
+from shared.messages import L7Info
 
 FORMATS = ("compact", "json", "jsonpb", "dict", "table")
 
@@ -80,13 +81,27 @@ def _detail(flow: EnrichedFlow) -> str:
     return ""
 
 
+def l7_summary(l7: L7Info) -> str:
+    """The request and its answer: ``http PUT host/path => 403 (0.4 ms)``, ``grpc POST
+    /pkg.Svc/Method => grpc-status 7``, ``kafka produce v9 [topic] => error 29``."""
+    if l7.error:
+        return f"{l7.protocol} {l7.error}"
+    if l7.protocol == "kafka":
+        answer = f"error {l7.error_code}" if l7.error_code else "ok"
+        topics = f" [{','.join(l7.topics)}]" if l7.topics else ""
+        request = f"kafka {l7.api_key} v{l7.api_version}{topics}"
+    else:
+        answer = str(l7.status) if l7.grpc_status is None else f"grpc-status {l7.grpc_status}"
+        request = f"{l7.protocol} {l7.method} {l7.host}{l7.url}"
+    return f"{request} => {answer} ({l7.latency_ms:g} ms)"
+
+
 def summary(flow: EnrichedFlow) -> str:
     """What follows the peers: the reason (drops, and what an AUDIT would have dropped) or
     the observation point, the verdict, the packet's detail and the deciding policy."""
     parts = []
     if flow.l7 is not None:
-        l7 = flow.l7
-        parts.append(f"http {l7.method} {l7.host}{l7.url} => {l7.status} ({l7.latency_ms:g} ms)")
+        parts.append(l7_summary(flow.l7))
     elif flow.verdict in ("DROPPED", "AUDIT") and flow.drop_reason_desc:
         parts.append(flow.drop_reason_desc)
     elif flow.observation_point:

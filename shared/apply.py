@@ -40,8 +40,8 @@ CHUNK_BYTES = 24 << 20
 
 # the datapath never allows an L7 port at L4 (shared/proxy.py)
 L7_NOTE = (
-    "HTTP requests on those ports are checked by the node's L7 proxy; other L7 protocols"
-    " (kafka) are not enforced there yet: their requests are denied (docs/l7.md)"
+    "HTTP and gRPC requests on those ports are checked by the node's L7 proxy; other L7"
+    " protocols (kafka) are not enforced there yet: their requests are denied (docs/l7.md)"
 )
 
 

@@ -258,12 +258,21 @@ class PeerSet(Message):
 class L7Info(Message, gc=False):
     """One request the node's L7 proxy decided (``Flow.l7``, ``EnrichedFlow.l7``)."""
 
-    protocol: str  # "http"
-    method: str = ""
-    url: str = ""  # the request target: path and query
+    protocol: str  # "http" | "grpc" (gRPC and other HTTP/2 calls: "http2") | "kafka"
+    method: str = ""  # HTTP method (gRPC: POST)
+    url: str = ""  # the request target: path and query; gRPC: /package.Service/Method
     host: str = ""
     status: int = 0  # the response's status; 403 when the proxy denied the request
     latency_ms: float = 0.0  # request headers in -> response headers out
+    grpc_status: int | None = None  # gRPC: the call's grpc-status; 7 when the proxy denied it
+    # Kafka: the request's API (Cilium's name: produce, fetch, ...), its version and topics,
+    # and the answer's error code (29 TOPIC_AUTHORIZATION_FAILED when the proxy denied it)
+    api_key: str = ""
+    api_version: int = 0
+    topics: list[str] = []
+    client_id: str = ""
+    error_code: int = 0
+    error: str = ""  # why the proxy closed the connection (malformed frames), else empty
 
 
 class Flow(Message):

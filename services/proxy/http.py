@@ -23,21 +23,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address
 
 import httptools
 
+from services.proxy.exchange import READ_SIZE, Conn, Report, connect_upstream, elapsed_ms
 from services.proxy.view import Verdict, View
-from shared.proxy import from_proxy_mark
+from shared.messages import L7Info
 
 MAX_HEADER_BYTES = 64 * 1024  # Envoy's default limit is 60 KiB
-READ_SIZE = 256 * 1024
-CONNECT_TIMEOUT_S = 5.0
 
 DENIED_BODY = b"Access denied\r\n"
 
@@ -64,9 +60,15 @@ class Request:
     close_after: bool = False
     status: int = 0
 
-
-# called once per request with its final status: the flow and the metrics
-Report = Callable[[Request, IPv4Address, int, IPv4Address, int], None]
+    def l7(self) -> L7Info:
+        return L7Info(
+            protocol="http",
+            method=self.method,
+            url=self.url,
+            host=self.host,
+            status=self.status,
+            latency_ms=elapsed_ms(self.started),
+        )
 
 
 @dataclass
@@ -95,11 +97,7 @@ class HttpConnection:
         self.reader = reader
         self.writer = writer
         self.report = report
-        src_ip, self.src_port = writer.get_extra_info("peername")[:2]
-        # the datapath assigned the packet to this socket unchanged: the local address of the
-        # accepted connection is the one the client connected to
-        dst_ip, self.dst_port = writer.get_extra_info("sockname")[:2]
-        self.src, self.dst = IPv4Address(src_ip), IPv4Address(dst_ip)
+        self.conn = Conn.of(writer)
         self.parser = httptools.HttpRequestParser(self)
         self.cur = _Parsing()
         self.pending: deque[Request] = deque()  # in request order, awaiting their answers
@@ -147,7 +145,8 @@ class HttpConnection:
             text = value.decode("latin-1")
             headers[key] = f"{headers[key]},{text}" if key in headers else text
         cur.chunked = "chunked" in headers.get("transfer-encoding", "").lower()
-        verdict = self.view.http(self.src, self.dst, self.dst_port, method, url, headers)
+        conn = self.conn
+        verdict = self.view.http(conn.src, conn.dst, conn.dport, method, url, headers)
         keep_alive = parser.should_keep_alive()
         request = Request(
             method, url, headers.get("host", ""), verdict, time.perf_counter(), keep_alive
@@ -196,7 +195,7 @@ class HttpConnection:
                 return
 
     def _done(self, request: Request) -> None:
-        self.report(request, self.src, self.src_port, self.dst, self.dst_port)
+        self.report(self.conn, request.verdict, request.l7())
         if not request.keep_alive:
             self.closing = True
 
@@ -211,27 +210,15 @@ class HttpConnection:
     # --- I/O --------------------------------------------------------------------------------------
 
     async def _connect(self, identity: int) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            # the datapath lets this connection through on the L3/L4 policy, as the client
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, from_proxy_mark(identity))
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setblocking(False)
-            loop = asyncio.get_running_loop()
-            await asyncio.wait_for(
-                loop.sock_connect(sock, (str(self.dst), self.dst_port)), CONNECT_TIMEOUT_S
-            )
-        except BaseException:
-            sock.close()
-            raise
-        self.up_reader, self.up_writer = await asyncio.open_connection(sock=sock, limit=READ_SIZE)
+        self.up_reader, self.up_writer = await connect_upstream(self.conn, identity)
         self.response = _Response(self)
 
-    async def run(self) -> None:
+    async def run(self, first: bytes = b"") -> None:
+        """Serve the connection; ``first``: what was already read from it."""
         pump: asyncio.Task[None] | None = None
         try:
             while not self.closing:
-                data = await self.reader.read(READ_SIZE)
+                data, first = first or await self.reader.read(READ_SIZE), b""
                 if not data:
                     break
                 if self.upgraded:

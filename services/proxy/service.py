@@ -5,7 +5,9 @@ It watches the ``ipcache``, ``resolved`` and ``selectors`` buckets (each change 
 listen on ``PROXY_PORT``: until then the datapath finds no listener and drops L7 connections
 (178 "Socket lookup failed"). The listener is transparent (``IP_TRANSPARENT``: it answers for
 the original destination address) and has no ``SO_REUSEPORT`` (``bpf_sk_assign`` refuses
-reuseport sockets). Each request becomes a flow (type ``l7``) on ``membrane.flows.<node>``.
+reuseport sockets). Each connection is served by the protocol its port's rules or its first
+bytes name (``connection.py``); each request becomes a flow (type ``l7``) on
+``membrane.flows.<node>``.
 """
 
 from __future__ import annotations
@@ -15,13 +17,13 @@ import contextlib
 import dataclasses
 import socket
 import time
-from ipaddress import IPv4Address
 from typing import Any
 
 from prometheus_client import Counter, Histogram
 
-from services.proxy.http import HttpConnection, Request
-from services.proxy.view import View
+from services.proxy.connection import serve_connection
+from services.proxy.exchange import Conn
+from services.proxy.view import Verdict, View
 from shared import __version__, metrics, proxy, startup, subjects
 from shared.bus import Bus
 from shared.config import CommonSettings, setting
@@ -64,21 +66,20 @@ class FlowSink:
         self.node = node
         self.flows: list[Flow] = []
         self.wake = asyncio.Event()
-        self._counters: dict[tuple[str, str], Any] = {}
-        self._latency = LATENCY.labels("http")
+        self._counters: dict[tuple[str, str, str], Any] = {}
+        self._latency: dict[str, Any] = {}
 
-    def add(
-        self, request: Request, src: IPv4Address, sport: int, dst: IPv4Address, dport: int
-    ) -> None:
-        verdict = request.verdict
-        latency = time.perf_counter() - request.started
+    def add(self, conn: Conn, verdict: Verdict, l7: L7Info) -> None:
         outcome = "FORWARDED" if verdict.allowed else "DROPPED"
-        key = (outcome, verdict.direction or "none")
+        key = (l7.protocol, outcome, verdict.direction or "none")
         counter = self._counters.get(key)
         if counter is None:  # labels() costs a lock and a lookup: once per label set
-            counter = self._counters[key] = REQUESTS.labels("http", *key)
+            counter = self._counters[key] = REQUESTS.labels(*key)
         counter.inc()
-        self._latency.observe(latency)
+        latency = self._latency.get(l7.protocol)
+        if latency is None:
+            latency = self._latency[l7.protocol] = LATENCY.labels(l7.protocol)
+        latency.observe(l7.latency_ms / 1000)
         self.flows.append(
             Flow(
                 time=time.time(),
@@ -87,22 +88,15 @@ class FlowSink:
                 verdict=outcome,
                 direction=verdict.direction,
                 observation_point="to-proxy",
-                src_ip=str(src),
-                dst_ip=str(dst),
-                src_port=sport,
-                dst_port=dport,
+                src_ip=str(conn.src),
+                dst_ip=str(conn.dst),
+                src_port=conn.sport,
+                dst_port=conn.dport,
                 protocol="TCP",
                 src_identity=verdict.src_identity,
                 dst_identity=verdict.dst_identity,
                 rule_id=verdict.rule_id,
-                l7=L7Info(
-                    protocol="http",
-                    method=request.method,
-                    url=request.url,
-                    host=request.host,
-                    status=request.status,
-                    latency_ms=round(latency * 1000, 3),
-                ),
+                l7=l7,
             )
         )
         if len(self.flows) >= MAX_BATCH:
@@ -152,7 +146,7 @@ async def run(settings: ProxySettings) -> None:
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            await HttpConnection(view, reader, writer, sink.add).run()
+            await serve_connection(view, reader, writer, sink.add)
         except Exception:
             logger.exception("connection failed")
 
@@ -161,7 +155,7 @@ async def run(settings: ProxySettings) -> None:
     micro = await bus.add_service(
         subjects.PROXY_SERVICE,
         __version__,
-        "L7 proxy: HTTP rules per request",
+        "L7 proxy: HTTP, gRPC and Kafka rules per request",
         {
             "replica": settings.node,
             "node": settings.node,

@@ -187,6 +187,11 @@ class View:
             found = self._sides[key] = (src_id, dst_id, sides)
         return found
 
+    def unparsed(self, src: IPv4Address, dst: IPv4Address, port: int) -> Verdict:
+        """Denied before any request could be read (malformed frames): who was talking."""
+        src_id, dst_id, _ = self._sides_of(src, dst, port)
+        return Verdict(False, src_id, dst_id)
+
     def http(
         self,
         src: IPv4Address,

@@ -10,10 +10,10 @@ import random
 import msgspec
 import pytest
 
-from services.proxy.http import MAX_HEADER_BYTES, HttpConnection, Request
+from services.proxy.http import MAX_HEADER_BYTES, HttpConnection
 from services.proxy.view import View
 from shared import identities
-from shared.messages import ResolvedPolicy
+from shared.messages import L7Info, ResolvedPolicy
 
 SEED = 20261202
 VALID = (
@@ -32,14 +32,16 @@ def deny_all() -> View:
     return view
 
 
-async def exchange(data: bytes, *, close: bool = True) -> tuple[bytes, list[Request]]:
+async def exchange(data: bytes, *, close: bool = True) -> tuple[bytes, list[L7Info]]:
     """``data`` sent to a proxied connection; everything it answered, and what it reported."""
-    reported: list[Request] = []
+    reported: list[L7Info] = []
     failures: list[BaseException] = []
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            await HttpConnection(deny_all(), reader, writer, lambda r, *_: reported.append(r)).run()
+            await HttpConnection(
+                deny_all(), reader, writer, lambda _c, _v, l7: reported.append(l7)
+            ).run()
         except BaseException as exc:
             failures.append(exc)
 

@@ -1,0 +1,64 @@
+"""What every protocol handler of the proxy shares: the connection's addresses and the report
+of one request (or call) it decided, which the service turns into an ``l7`` flow and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+
+from services.proxy.view import Verdict
+from shared.messages import L7Info
+from shared.proxy import from_proxy_mark
+
+CONNECT_TIMEOUT_S = 5.0
+READ_SIZE = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Conn:
+    """A connection the datapath steered here: the client and the destination it asked for."""
+
+    src: IPv4Address
+    sport: int
+    dst: IPv4Address
+    dport: int
+
+    @classmethod
+    def of(cls, writer: asyncio.StreamWriter) -> Conn:
+        src_ip, sport = writer.get_extra_info("peername")[:2]
+        # the datapath assigned the packet to this socket unchanged: the local address of the
+        # accepted connection is the one the client connected to
+        dst_ip, dport = writer.get_extra_info("sockname")[:2]
+        return cls(IPv4Address(src_ip), sport, IPv4Address(dst_ip), dport)
+
+
+# called once per request, when its answer is complete (or the proxy made it)
+Report = Callable[[Conn, Verdict, L7Info], None]
+
+
+def elapsed_ms(started: float) -> float:
+    """Milliseconds since ``started`` (a ``time.perf_counter()``), as flows carry them."""
+    return round((time.perf_counter() - started) * 1000, 3)
+
+
+async def connect_upstream(
+    conn: Conn, identity: int
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """The proxy's own connection to the original destination, on behalf of ``identity``."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        # the datapath lets this connection through on the L3/L4 policy, as the client
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, from_proxy_mark(identity))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        address = (str(conn.dst), conn.dport)
+        await asyncio.wait_for(loop.sock_connect(sock, address), CONNECT_TIMEOUT_S)
+    except BaseException:
+        sock.close()
+        raise
+    return await asyncio.open_connection(sock=sock, limit=READ_SIZE)

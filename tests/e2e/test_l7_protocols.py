@@ -1,0 +1,142 @@
+"""L7 rules for gRPC (HTTP/2, h2c) on real packets: real clients and servers in pods, the node's
+proxy in between, one cluster (one node) for the module.
+
+gRPC: grpcio's server (tests/e2e/grpcapp.py) with three methods; the policy allows two. On one
+client connection the allowed calls work (an 8 MB message both ways: flow control), the third
+method gets PERMISSION_DENIED (grpc-status 7, answered by the proxy), and the connection goes
+on: every call's L7 flow has the same client port.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import membrane_command
+from tests.e2e.cluster import Cluster, create_pod, down_leaving_nothing, free_octet, until, up
+
+pytestmark = [pytest.mark.e2e, pytest.mark.root]
+
+GRPC_APP = Path(__file__).with_name("grpcapp.py")
+GRPC_PORT = 50051
+GRPC_POLICY = f"""
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: grpc-landing
+spec:
+  endpointSelector:
+    matchLabels:
+      app: deathstar-grpc
+  ingress:
+  - fromEndpoints:
+    - matchLabels:
+        app: tiefighter-grpc
+    toPorts:
+    - ports:
+      - port: "{GRPC_PORT}"
+        protocol: TCP
+      rules:
+        http:
+        - method: POST
+          path: /empire.DeathStar/RequestLanding
+        - method: POST
+          path: /empire.DeathStar/Echo
+"""
+BIG = 8 << 20
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: network namespaces and BPF")
+    state = tmp_path_factory.mktemp("cluster") / "state"
+    c = Cluster(state=state, name="p" + secrets.token_hex(3), nats_url="", node_count=1)
+    up(c, free_octet())
+    try:
+        yield c
+    finally:
+        down_leaving_nothing(c)
+
+
+def _exec(cluster: Cluster, pod: str, *args: str) -> list[str]:
+    return membrane_command("pod", "exec", pod, "--", sys.executable, *args)
+
+
+def _flows(cluster: Cluster, *args: str) -> list[dict[str, Any]]:
+    out = cluster.run("observe", "-o", "json", "--last", "2000", "--type", "l7", *args).stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def grpc_server(cluster: Cluster) -> Iterator[str]:
+    server = create_pod(cluster, "deathstar-grpc", "app=deathstar-grpc")
+    create_pod(cluster, "tiefighter-grpc", "app=tiefighter-grpc")
+    proc = subprocess.Popen(
+        _exec(cluster, "deathstar-grpc", str(GRPC_APP), "serve", str(GRPC_PORT)),
+        env=cluster.env(), stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        cluster.run("apply", "-f", "-", input_text=GRPC_POLICY)
+        yield str(server["ip"])
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _calls(cluster: Cluster, ip: str, *calls: str) -> list[dict[str, Any]]:
+    result = subprocess.run(
+        _exec(cluster, "tiefighter-grpc", str(GRPC_APP), "call", ip, str(GRPC_PORT), *calls),
+        env=cluster.env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_grpc_denied_method_gets_permission_denied_and_the_connection_goes_on(
+    cluster: Cluster, grpc_server: str
+) -> None:
+    def enforced() -> None:
+        (answer,) = _calls(cluster, grpc_server, "ExhaustPort")
+        assert answer["code"] == "PERMISSION_DENIED", answer
+
+    until(enforced, "the gRPC L7 policy in force")
+    answers = _calls(
+        cluster, grpc_server,
+        "RequestLanding", "ExhaustPort", f"Echo:{BIG}", "RequestLanding", "ExhaustPort",
+    )  # fmt: skip
+    assert [(a["method"], a["code"]) for a in answers] == [
+        ("RequestLanding", "OK"),
+        ("ExhaustPort", "PERMISSION_DENIED"),
+        ("Echo", "OK"),  # the 8 MB came back whole, byte for byte
+        ("RequestLanding", "OK"),
+        ("ExhaustPort", "PERMISSION_DENIED"),
+    ], answers
+    assert answers[2]["size"] == BIG
+
+    # one L7 flow per call, all on the one connection the client opened
+    def five_flows() -> list[dict[str, Any]]:
+        flows = _flows(cluster, "--from-pod", "tiefighter-grpc")
+        last = flows[-5:]
+        assert [f["l7"]["url"].rsplit("/", 1)[-1] for f in last] == [
+            "RequestLanding", "ExhaustPort", "Echo", "RequestLanding", "ExhaustPort"
+        ], flows  # fmt: skip
+        return last
+
+    flows = until(five_flows, "the calls' L7 flows")
+    assert len({f["source"]["port"] for f in flows}) == 1, flows
+    denied = flows[1]
+    assert denied["verdict"] == "DROPPED" and denied["policy"] == "default/grpc-landing", denied
+    assert denied["l7"]["protocol"] == "grpc" and denied["l7"]["grpc_status"] == 7, denied
+    allowed = flows[2]
+    assert allowed["verdict"] == "FORWARDED" and allowed["l7"]["grpc_status"] == 0, allowed
+    assert allowed["l7"]["method"] == "POST" and allowed["l7"]["status"] == 200, allowed
