@@ -24,8 +24,8 @@ measures, for the same services (one TCP port, two backends each, from EndpointS
    then) and the first (all of them), side by side; and a client namespace through
    iptables-legacy DNAT.
 
-Services use random backend selection (annotation lb.membrane.io/algorithm: random): a Maglev
-table per service (16381 slots) for tens of thousands of services does not fit this machine.
+Services use random backend selection (annotation lb.membrane.io/algorithm: random), as
+kube-proxy does; bench/maglev.py measures Maglev at this scale.
 """
 
 from __future__ import annotations
@@ -82,9 +82,10 @@ class Plan:
     pod uses (their answers are not needed: only maps and rules are measured), except the one
     measured service, whose backend is a real pod."""
 
-    def __init__(self, octet: int, count: int) -> None:
+    def __init__(self, octet: int, count: int, algorithm: str = "random") -> None:
         self.octet = octet
         self.count = count
+        self.algorithm = algorithm
 
     def vip(self, i: int) -> str:
         return str(IPv4Address(f"10.{self.octet + 1}.0.0") + 10 + i)
@@ -104,7 +105,7 @@ class Plan:
                     "metadata": {
                         "name": name,
                         "namespace": "bench",
-                        "annotations": {"lb.membrane.io/algorithm": "random"},
+                        "annotations": {"lb.membrane.io/algorithm": self.algorithm},
                     },
                     "spec": {"clusterIP": self.vip(i), "ports": [{"name": "http", "port": 80}]},
                 }

@@ -159,6 +159,7 @@ BPF_COLUMNS = {
         "id",
         "algorithm",
         "backends",
+        "table_size",
         "maglev_entries",
         "affinity_timeout",
         "backend_addresses",

@@ -39,6 +39,8 @@ LB_SERVICE_KEY: Final = struct.Struct("<4s2sBx")  # ip, port, protocol
 LB_SERVICE_VALUE: Final = struct.Struct("<IIIIB3x")
 LB_SLOT_KEY: Final = struct.Struct("<II")  # id, slot
 LB_BACKEND: Final = struct.Struct("<4s2sBx")  # ip, port, flags
+LB_MAGLEV_CHUNK_SLOTS: Final = 64  # bpf/lb.h LB_MAGLEV_CHUNK
+LB_MAGLEV_CHUNK: Final = struct.Struct(f"<{LB_MAGLEV_CHUNK_SLOTS}I")  # backend id per slot
 
 # overlay.h, nodeport.h
 OVERLAY_CONFIG: Final = struct.Struct(
@@ -64,6 +66,7 @@ STRUCTS: Final[dict[str, struct.Struct]] = {
     "lb_service_value": LB_SERVICE_VALUE,
     "lb_slot_key": LB_SLOT_KEY,
     "lb_backend": LB_BACKEND,
+    "lb_maglev_chunk": LB_MAGLEV_CHUNK,
     "overlay_config": OVERLAY_CONFIG,
     "np_config": NP_CONFIG,
     "flow_event": FLOW_EVENT,

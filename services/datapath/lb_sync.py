@@ -34,6 +34,8 @@ _SERVICE_VALUE = bpf_layouts.LB_SERVICE_VALUE
 _SLOT_KEY = bpf_layouts.LB_SLOT_KEY
 _U32 = bpf_layouts.U32
 _BACKEND = bpf_layouts.LB_BACKEND
+_CHUNK = bpf_layouts.LB_MAGLEV_CHUNK
+CHUNK_SLOTS = bpf_layouts.LB_MAGLEV_CHUNK_SLOTS
 
 MAP_NAMES = ("lb_backends", "lb_slots", "lb_maglev", "lb_services")
 
@@ -131,7 +133,7 @@ class LBSync:
                     self.backend_values[bid] = value
                     ops.put("lb_backends", _U32.pack(bid), value)
             self._diff_list("lb_slots", fid, before.slots if before else [], state.slots, ops)
-            self._diff_list("lb_maglev", fid, before.table if before else [], state.table, ops)
+            self._diff_table(fid, before.table if before else [], state.table, ops)
             for k in state.keys:
                 if before is None or k not in before.keys or before.value != state.value:
                     ops.put("lb_services", k, state.value)
@@ -148,7 +150,7 @@ class LBSync:
             for k in before.keys:
                 ops.remove("lb_services", k)
             self._diff_list("lb_slots", fid, before.slots, [], ops)
-            self._diff_list("lb_maglev", fid, before.table, [], ops)
+            self._diff_table(fid, before.table, [], ops)
             for bid in before.backends:
                 self._unref_backend(bid, ops)
         if new:
@@ -190,6 +192,18 @@ class LBSync:
             ops.put(name, pack(fid, slot), value(new[slot]))
         for slot in range(common, len(old)):
             ops.remove(name, pack(fid, slot))
+
+    @staticmethod
+    def _diff_table(fid: int, old: list[int], new: list[int], ops: Ops) -> None:
+        """A Maglev table into lb_maglev: only the chunks in which a slot changed."""
+        n = CHUNK_SLOTS
+        pack = _SLOT_KEY.pack
+        for chunk in range(-(-len(new) // n)):
+            part = new[chunk * n : (chunk + 1) * n]
+            if part != old[chunk * n : (chunk + 1) * n]:
+                ops.put("lb_maglev", pack(fid, chunk), _CHUNK.pack(*part, *[0] * (n - len(part))))
+        for chunk in range(-(-len(new) // n), -(-len(old) // n)):
+            ops.remove("lb_maglev", pack(fid, chunk))
 
     def _ref_backend(self, bid: int, value: bytes, ops: Ops) -> None:
         count = self.backend_refs.get(bid, 0)
@@ -313,19 +327,24 @@ class LBSync:
         for k, v in self.tables["lb_slots"].items():
             fid, slot = _SLOT_KEY.unpack(bytes(k))
             slots.setdefault(fid, []).append((slot, _U32.unpack(bytes(v))[0]))
-        maglev_ids: dict[int, set[int]] = {}
-        maglev_count: dict[int, int] = {}
+        maglev_chunks: dict[int, dict[int, tuple[int, ...]]] = {}
         for k, v in self.tables["lb_maglev"].items():
-            fid, _ = _SLOT_KEY.unpack(bytes(k))
-            maglev_count[fid] = maglev_count.get(fid, 0) + 1
-            maglev_ids.setdefault(fid, set()).add(_U32.unpack(bytes(v))[0])
+            fid, chunk = _SLOT_KEY.unpack(bytes(k))
+            maglev_chunks.setdefault(fid, {})[chunk] = _CHUNK.unpack(bytes(v))
         owners = {f.id: key for key, record in self.records.items() for f in record.frontends}
         rows = []
         for k, v in self.tables["lb_services"].items():
             ip, port, proto = _SERVICE_KEY.unpack(bytes(k))
-            fid, count, affinity, _size, algorithm = _SERVICE_VALUE.unpack(bytes(v))
+            fid, count, affinity, size, algorithm = _SERVICE_VALUE.unpack(bytes(v))
+            # the slots of the table the kernel holds (those of chunks present, below its size)
+            table = [
+                b
+                for c, part in maglev_chunks.get(fid, {}).items()
+                for slot, b in enumerate(part, c * CHUNK_SLOTS)
+                if slot < size
+            ]
             chosen = (
-                sorted(maglev_ids.get(fid, set()))
+                sorted(set(table))
                 if algorithm == ALG_MAGLEV
                 else [b for _, b in sorted(slots.get(fid, []))]
             )
@@ -337,7 +356,8 @@ class LBSync:
                     "service": owners.get(fid, ""),
                     "algorithm": "maglev" if algorithm == ALG_MAGLEV else "random",
                     "backends": count,
-                    "maglev_entries": maglev_count.get(fid, 0),
+                    "table_size": size if algorithm == ALG_MAGLEV else 0,
+                    "maglev_entries": len(table) if algorithm == ALG_MAGLEV else 0,
                     "affinity_timeout": affinity,
                     "backend_addresses": [backends.get(b, f"#{b}?") for b in chosen],
                 }

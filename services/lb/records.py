@@ -15,6 +15,7 @@ from collections.abc import Collection, Iterable, Mapping
 import msgspec
 
 from services.lb.model import ApiService, EndpointSliceSpec, ServiceSpec
+from shared import maglev
 from shared.messages import Endpoint, LBBackend, LBFrontend, LBService
 
 Spec = ServiceSpec | ApiService
@@ -116,9 +117,12 @@ def record(
     back_ids: Mapping[str, int],
     *,
     seed: int,
-    maglev_size: int,
+    maglev_max: int,
 ) -> LBService:
-    """The record of ``d`` with its ids (revision 0: :func:`changed` sets it)."""
+    """The record of ``d`` with its ids (revision 0: :func:`changed` sets it). The Maglev
+    table size follows the backend count of its largest frontend (terminating backends
+    counted, so that a rolling update does not resize it), at most ``maglev_max``."""
+    backends = max((len(f[4]) for f in d.frontends), default=0)
     return LBService(
         namespace=d.spec.namespace,
         name=d.spec.name,
@@ -143,7 +147,7 @@ def record(
         ],
         algorithm=d.algorithm,
         maglev_seed=seed,
-        maglev_size=maglev_size,
+        maglev_size=maglev.size_for(backends, maglev_max),
         affinity_timeout=d.spec.affinity_timeout,
         source="api" if isinstance(d.spec, ApiService) else "kubernetes",
     )

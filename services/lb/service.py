@@ -71,7 +71,9 @@ RECOMPUTE_SECONDS = Histogram(
 class LBSettings(CommonSettings):
     service_cidr: str = setting("10.96.0.0/12", "range cluster IPs are allocated from")
     lb_algorithm: str = setting("maglev", "backend selection: maglev or random")
-    maglev_table_size: int = setting(maglev.DEFAULT_SIZE, "Maglev table size (a prime)")
+    maglev_table_size: int = setting(
+        maglev.DEFAULT_SIZE, "largest Maglev table (a prime); each service's from its backends"
+    )
     maglev_seed: int = setting(0, "Maglev seed for the cluster (0: chosen once, kept in Redis)")
     concurrency: int = setting(32, "requests served at once per replica")
 
@@ -494,7 +496,7 @@ class LBCore:
         puts: list[tuple[str, bytes]] = []
         for d in wanted:
             built = records.record(
-                d, front_ids, back_ids, seed=self.seed, maglev_size=self.settings.maglev_table_size
+                d, front_ids, back_ids, seed=self.seed, maglev_max=self.settings.maglev_table_size
             )
             record = records.changed(self.records.get(d.key), built)
             if record is None:

@@ -48,11 +48,19 @@ def python_fields(layout: struct.Struct) -> list[tuple[int, int]]:
 
 
 def c_fields(ctype: Any) -> dict[str, tuple[int, int]]:
-    """name -> (offset, size) of each field of a bcc ctypes struct."""
-    return {
-        name: (getattr(ctype, name).offset, getattr(ctype, name).size)
-        for name, *_ in ctype._fields_
-    }
+    """name -> (offset, size) of each field of a bcc ctypes struct; an array of numbers is
+    one field per element (``name[i]``), as a format has one item per element."""
+    fields = {}
+    for name, field_type, *_ in ctype._fields_:
+        offset, size = getattr(ctype, name).offset, getattr(ctype, name).size
+        if issubclass(field_type, ctypes.Array) and not is_padding(name):
+            width = ctypes.sizeof(field_type._type_)
+            if width > 1:  # char arrays are bytes ("s")
+                for i in range(field_type._length_):
+                    fields[f"{name}[{i}]"] = (offset + i * width, width)
+                continue
+        fields[name] = (offset, size)
+    return fields
 
 
 def is_padding(name: str) -> bool:

@@ -11,7 +11,7 @@ import pytest
 from services.datapath import lb_sync
 from services.datapath.lb_sync import LBSync
 from services.lb.model import parse_api, parse_endpoint_slice, parse_service
-from shared import maglev
+from shared import bpf_layouts, maglev
 from shared.errors import InvalidArgument
 from shared.messages import LBBackend, LBFrontend, LBService
 
@@ -29,6 +29,29 @@ def test_maglev_is_balanced_deterministic_and_minimally_disrupted() -> None:
     assert maglev.table([], 17) == []
     assert maglev.table([4], 17) == [4] * 17
     assert maglev.is_prime(16381) and not maglev.is_prime(16383)
+
+
+def test_maglev_table_size_follows_the_backend_count() -> None:
+    # 100 slots per backend x min(backends, 10), backends rounded up to a power of two
+    sizes = {n: maglev.size_for(n) for n in (0, 1, 2, 3, 4, 5, 8, 9, 16, 17, 1000)}
+    assert sizes == {
+        0: 101, 1: 101, 2: 401, 3: 1601, 4: 1601, 5: 6421, 8: 6421,
+        9: 16001, 16: 16001, 17: 16381, 1000: 16381,
+    }  # fmt: skip
+    assert maglev.size_for(3, maximum=1009) == 1009  # capped by the configured maximum
+    assert all(maglev.is_prime(size) for size in sizes.values())
+    for n in range(2, 21):  # every backend's share within 2 % of even
+        counts = Counter(maglev.table(list(range(100, 100 + n)), maglev.size_for(n), seed=n))
+        even = maglev.size_for(n) / n
+        assert max(abs(c - even) / even for c in counts.values()) <= 0.02, n
+    # one of 10 backends removed: at most 1 % of the others' slots move
+    for seed in range(4):
+        ids = [1000 + 37 * i + seed for i in range(10)]
+        size = maglev.size_for(10)
+        before = maglev.table(ids, size, seed)
+        after = maglev.table(ids[:3] + ids[4:], size, seed)
+        extra = sum(1 for a, b in zip(before, after, strict=True) if a != ids[3] and a != b)
+        assert extra / size <= 0.01, (seed, extra / size)
 
 
 def svc(**spec: Any) -> dict[str, Any]:
@@ -116,7 +139,7 @@ def record(backends: list[tuple[int, str, bool]], algorithm: str = "random") -> 
         namespace="default",
         name="web",
         algorithm=algorithm,
-        maglev_size=17,
+        maglev_size=131,  # three chunks of lb_maglev: 64, 64 and 3 slots
         maglev_seed=1,
         frontends=[
             LBFrontend(
@@ -130,6 +153,17 @@ def record(backends: list[tuple[int, str, bool]], algorithm: str = "random") -> 
             )
         ],
     )
+
+
+def maglev_in(tables: dict[str, dict[bytes, bytes]], fid: int, size: int) -> list[int]:
+    """Frontend ``fid``'s Maglev table as lb_maglev holds it (slot -> backend id)."""
+    slots: dict[int, int] = {}
+    for k, v in tables["lb_maglev"].items():
+        key_fid, chunk = bpf_layouts.LB_SLOT_KEY.unpack(k)
+        if key_fid == fid:
+            for i, b in enumerate(bpf_layouts.LB_MAGLEV_CHUNK.unpack(v)):
+                slots[chunk * bpf_layouts.LB_MAGLEV_CHUNK_SLOTS + i] = b
+    return [slots[i] for i in range(size)]
 
 
 def test_lb_sync_writes_only_the_difference() -> None:
@@ -151,13 +185,24 @@ def test_lb_sync_writes_only_the_difference() -> None:
     ops = lb_sync.Ops()
     sync._apply("default.web", record([(1, "10.0.0.1", False)], "maglev"), ops)
     sync.write(ops)
-    assert len(tables["lb_maglev"]) == 17 and not tables["lb_slots"]
+    assert len(tables["lb_maglev"]) == 3 and not tables["lb_slots"]
     ops = lb_sync.Ops()
     sync._apply(
         "default.web", record([(1, "10.0.0.1", False), (3, "10.0.0.3", False)], "maglev"), ops
     )
-    assert 0 < len(ops.updates["lb_maglev"]) < 17
     sync.write(ops)
+    assert maglev_in(tables, 9, 131) == maglev.table([1, 3], 131, 1)
+    (row,) = sync.dump()
+    assert (row["table_size"], row["maglev_entries"]) == (131, 131)
+    # a backend added: only the chunks in which a slot moved are written
+    ops = lb_sync.Ops()
+    three = [(1, "10.0.0.1", False), (3, "10.0.0.3", False), (4, "10.0.0.4", False)]
+    sync._apply("default.web", record(three, "maglev"), ops)
+    before, after = maglev.table([1, 3], 131, 1), maglev.table([1, 3, 4], 131, 1)
+    moved = {slot // 64 for slot in range(131) if before[slot] != after[slot]}
+    assert len(ops.updates["lb_maglev"]) == len(moved)
+    sync.write(ops)
+    assert maglev_in(tables, 9, 131) == after
     # gone: nothing left behind
     ops = lb_sync.Ops()
     sync._apply("default.web", None, ops)

@@ -84,12 +84,13 @@ def test_ids_and_revisions() -> None:
     d = records.desired("prod.api", api, "maglev", [], [])
     fronts, backs = records.owners([d])
     assert (fronts, backs) == (["10.96.0.20:443/TCP"], ["10.0.2.1:8443/TCP"])
-    built = records.record(d, {fronts[0]: 7}, {backs[0]: 9}, seed=5, maglev_size=251)
+    built = records.record(d, {fronts[0]: 7}, {backs[0]: 9}, seed=5, maglev_max=251)
     assert [(f.id, [b.id for b in f.backends]) for f in built.frontends] == [(7, [9])]
-    assert (built.source, built.maglev_seed, built.maglev_size) == ("api", 5, 251)
+    # one backend: a table of 101 slots (at most 251)
+    assert (built.source, built.maglev_seed, built.maglev_size) == ("api", 5, 101)
     first = records.changed(None, built)
     assert first is not None and first.revision == 1
     assert records.changed(first, built) is None  # the same record: nothing to publish
-    moved = records.record(d, {fronts[0]: 8}, {backs[0]: 9}, seed=5, maglev_size=251)
+    moved = records.record(d, {fronts[0]: 8}, {backs[0]: 9}, seed=5, maglev_max=251)
     second = records.changed(first, moved)
     assert second is not None and second.revision == 2

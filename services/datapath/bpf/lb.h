@@ -13,8 +13,9 @@
 #define LB_BACKENDS_MAX 262144
 #endif
 #ifndef LB_MAGLEV_MAX
-#define LB_MAGLEV_MAX 4194304
+#define LB_MAGLEV_MAX 262144 /* chunks: 16.7 M slots */
 #endif
+#define LB_MAGLEV_CHUNK 64
 #ifndef LB_NAT_MAX
 #define LB_NAT_MAX 65536
 #endif
@@ -38,10 +39,17 @@ struct lb_service_value {
 	__u8 pad[3];
 };
 
-/* backend slots (random selection) and Maglev table entries share this key */
+/* backend slots (random selection) and Maglev table chunks share this key */
 struct lb_slot_key {
 	__u32 id;
-	__u32 slot;
+	__u32 slot; /* a Maglev table's chunk: slot / LB_MAGLEV_CHUNK */
+};
+
+/* LB_MAGLEV_CHUNK slots of a Maglev table per map entry: a hash entry costs the kernel about
+ * 56 bytes besides its value, which for one 4-byte slot per entry was 15 bytes a slot; in
+ * chunks it is under 5, and a lookup is still one map lookup */
+struct lb_maglev_chunk {
+	__u32 backend[LB_MAGLEV_CHUNK];
 };
 
 #define LB_BACKEND_TERMINATING 0x1
@@ -84,7 +92,7 @@ BPF_TABLE_PINNED("hash", __u32, struct lb_backend, lb_backends, LB_BACKENDS_MAX,
 		 PIN_DIR "/lb_backends", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("hash", struct lb_slot_key, __u32, lb_slots, LB_BACKENDS_MAX,
 		 PIN_DIR "/lb_slots", BPF_F_NO_PREALLOC);
-BPF_TABLE_PINNED("hash", struct lb_slot_key, __u32, lb_maglev, LB_MAGLEV_MAX,
+BPF_TABLE_PINNED("hash", struct lb_slot_key, struct lb_maglev_chunk, lb_maglev, LB_MAGLEV_MAX,
 		 PIN_DIR "/lb_maglev", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lru_hash", struct ct_key, struct lb_nat, lb_nat_map, LB_NAT_MAX,
 		 PIN_DIR "/lb_nat");
@@ -202,21 +210,28 @@ static __always_inline __u32 lb_select(struct lb_service_value *svc, struct lb_l
 		}
 	}
 	struct lb_slot_key skey = { .id = svc->id };
-	__u32 *id;
+	__u32 id;
 	if (svc->algorithm == LB_ALG_MAGLEV && svc->table_size) {
-		skey.slot = lb_hash(l) % svc->table_size;
-		id = lb_maglev.lookup(&skey);
+		__u32 slot = lb_hash(l) % svc->table_size;
+		skey.slot = slot / LB_MAGLEV_CHUNK;
+		struct lb_maglev_chunk *chunk = lb_maglev.lookup(&skey);
+		if (!chunk)
+			return 0;
+		id = chunk->backend[slot % LB_MAGLEV_CHUNK];
 	} else {
 		skey.slot = bpf_get_prandom_u32() % svc->count;
-		id = lb_slots.lookup(&skey);
+		__u32 *slot_id = lb_slots.lookup(&skey);
+		if (!slot_id)
+			return 0;
+		id = *slot_id;
 	}
 	if (!id)
 		return 0;
 	if (svc->affinity_timeout) {
-		struct lb_affinity fresh = { .last_ns = now, .backend_id = *id };
+		struct lb_affinity fresh = { .last_ns = now, .backend_id = id };
 		lb_affinity_map.update(&akey, &fresh);
 	}
-	return *id;
+	return id;
 }
 
 /* from-container, before policy: a packet to a frontend goes to the connection's backend (the
