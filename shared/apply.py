@@ -40,8 +40,7 @@ CHUNK_BYTES = 24 << 20
 
 # the datapath never allows an L7 port at L4 (shared/proxy.py)
 L7_NOTE = (
-    "HTTP and gRPC requests on those ports are checked by the node's L7 proxy; other L7"
-    " protocols (kafka) are not enforced there yet: their requests are denied (docs/l7.md)"
+    "HTTP, gRPC and Kafka requests on those ports are checked by the node's L7 proxy (docs/l7.md)"
 )
 
 

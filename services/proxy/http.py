@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import httptools
 
-from services.proxy.exchange import READ_SIZE, Conn, Report, connect_upstream, elapsed_ms
+from services.proxy.exchange import READ_SIZE, Handler, Report, connect_upstream, elapsed_ms
 from services.proxy.view import Verdict, View
 from shared.messages import L7Info
 
@@ -85,7 +85,7 @@ class HeadersTooLarge(Exception):
     pass
 
 
-class HttpConnection:
+class HttpConnection(Handler):
     def __init__(
         self,
         view: View,
@@ -93,18 +93,12 @@ class HttpConnection:
         writer: asyncio.StreamWriter,
         report: Report,
     ) -> None:
-        self.view = view
-        self.reader = reader
-        self.writer = writer
-        self.report = report
-        self.conn = Conn.of(writer)
+        super().__init__(view, reader, writer, report)
         self.parser = httptools.HttpRequestParser(self)
         self.cur = _Parsing()
         self.pending: deque[Request] = deque()  # in request order, awaiting their answers
         self.to_upstream: list[bytes] = []
         self.to_client: list[bytes] = []
-        self.up_reader: asyncio.StreamReader | None = None
-        self.up_writer: asyncio.StreamWriter | None = None
         self.response: _Response | None = None
         self.closing = False
         self.upgraded = False
@@ -266,7 +260,7 @@ class HttpConnection:
                 pump.cancel()
                 with contextlib.suppress(BaseException):
                     await pump
-            self._close()
+            self.close_both()
 
     def _fail(self, status: int, reason: str) -> None:
         """A request that cannot be parsed: answered after those before it, then closed."""
@@ -307,12 +301,6 @@ class HttpConnection:
         self.closing = True
         with contextlib.suppress(OSError):
             self.writer.close()
-
-    def _close(self) -> None:
-        for writer in (self.writer, self.up_writer):
-            if writer is not None:
-                with contextlib.suppress(OSError, RuntimeError):
-                    writer.close()
 
 
 class _Response:
