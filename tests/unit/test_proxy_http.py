@@ -19,8 +19,9 @@ SEED = 20261202
 VALID = (
     b"POST /v1/request-landing HTTP/1.1\r\nHost: deathstar\r\nContent-Length: 5\r\n\r\nhello"
     b"PUT /v1/exhaust-port HTTP/1.1\r\nHost: deathstar\r\nTransfer-Encoding: chunked\r\n\r\n"
-    b"3\r\nabc\r\n0\r\n\r\n"
+    b"3\r\nabc\r\n0\r\nx-sum: 7\r\n\r\n"
     b"GET /v1 HTTP/1.1\r\nHost: deathstar\r\n\r\n"
+    b"HEAD /v1 HTTP/1.1\r\nHost: deathstar\r\n\r\n"
 )
 
 
@@ -38,10 +39,10 @@ async def exchange(data: bytes, *, close: bool = True) -> tuple[bytes, list[L7In
 
 async def test_pipelined_requests_each_get_403_in_order() -> None:
     answer, reported = await exchange(VALID)
-    assert answer.count(b"HTTP/1.1 403 Forbidden") == 3
-    assert answer.count(b"Access denied") == 3
-    assert [r.method for r in reported] == ["POST", "PUT", "GET"]
-    assert [r.url for r in reported] == ["/v1/request-landing", "/v1/exhaust-port", "/v1"]
+    assert answer.count(b"HTTP/1.1 403 Forbidden") == 4
+    assert answer.count(b"Access denied") == 4
+    assert [r.method for r in reported] == ["POST", "PUT", "GET", "HEAD"]
+    assert [r.url for r in reported] == ["/v1/request-landing", "/v1/exhaust-port", "/v1", "/v1"]
 
 
 async def test_malformed_is_400_and_close() -> None:
