@@ -15,6 +15,7 @@ import uvloop
 
 from membrane import (
     cli_credentials,
+    cli_fqdn,
     cli_get,
     cli_lb,
     cli_nodes,
@@ -365,6 +366,7 @@ def build_parser(run_flags: bool = True) -> argparse.ArgumentParser:
     cli_lb.add_parsers(sub)
     cli_credentials.add_parser(sub)
     cli_get.add_parsers(sub)
+    cli_fqdn.add_parser(sub)
 
     p = sub.add_parser("identity", help="security identities")
     id_sub = p.add_subparsers(dest="identity_command", required=True, metavar="ACTION")

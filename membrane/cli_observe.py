@@ -243,7 +243,7 @@ def add_parser(sub: Any) -> None:
         )
 
     flag("--verdict", dest="verdict", help_text="FORWARDED, DROPPED, AUDIT, REDIRECTED or ERROR")
-    flag("-t", "--type", dest="type", help_text="drop, trace, policy-verdict or l7")
+    flag("-t", "--type", dest="type", help_text="drop, trace, policy-verdict, l7 or dns")
     flag("--protocol", dest="protocol", help_text="TCP, UDP, ICMP, SCTP or a number (6, 17, 1)")
     flag(
         "--node",
@@ -263,6 +263,12 @@ def add_parser(sub: Any) -> None:
     flag("--http-method", dest="http_method", help_text="L7 flows: the request's method (GET, ...)")
     flag("--http-path", dest="http_path", help_text="L7 flows: a regular expression in the URL")
     flag("--http-status", dest="http_status", help_text="L7 flows: the status, or 4+ for any 4xx")
+    flag(
+        "--fqdn",
+        dest="fqdn",
+        help_text="DNS queries of the name, and connections to its learned addresses "
+        "(a name, or a pattern with '*' within one label)",
+    )
     for kind in PEER_FIELDS:
         names = [SHORT[kind]] if kind in SHORT else []
         flag(*names, f"--{kind}", dest=kind, help_text=f"either side: {PEER_HELP[kind]}")

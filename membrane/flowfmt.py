@@ -83,9 +83,13 @@ def _detail(flow: EnrichedFlow) -> str:
 
 def l7_summary(l7: L7Info) -> str:
     """The request and its answer: ``http PUT host/path => 403 (0.4 ms)``, ``grpc POST
-    /pkg.Svc/Method => grpc-status 7``, ``kafka produce v9 [topic] => error 29``."""
+    /pkg.Svc/Method => grpc-status 7``, ``kafka produce v9 [topic] => error 29``, ``dns A
+    api.example.com => NOERROR 198.51.100.20 TTL 60``."""
     if l7.error:
         return f"{l7.protocol} {l7.error}"
+    if l7.protocol == "dns":
+        answers = f" {','.join(l7.answers)} TTL {l7.ttl}" if l7.answers else ""
+        return f"dns {l7.qtype} {l7.query} => {l7.rcode}{answers}"
     if l7.protocol == "kafka":
         answer = f"error {l7.error_code}" if l7.error_code else "ok"
         topics = f" [{','.join(l7.topics)}]" if l7.topics else ""
@@ -100,6 +104,8 @@ def summary(flow: EnrichedFlow) -> str:
     """What follows the peers: the reason (drops, and what an AUDIT would have dropped) or
     the observation point, the verdict, the packet's detail and the deciding policy."""
     parts = []
+    if flow.destination_names:
+        parts.append(f"to {','.join(flow.destination_names)}")
     if flow.l7 is not None:
         parts.append(l7_summary(flow.l7))
     elif flow.verdict in ("DROPPED", "AUDIT") and flow.drop_reason_desc:

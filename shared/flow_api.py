@@ -58,6 +58,10 @@ class EnrichedFlow(Message, gc=False):
     l7: Annotated[
         L7Info | None, _doc("type l7: the request (method, URL, host) and its status, latency")
     ] = None
+    destination_names: Annotated[
+        list[str],
+        _doc("DNS names the source endpoint resolved to the destination address (toFQDNs)"),
+    ] = []
     rule_id: Annotated[int, _doc("id of the deciding policy rule; 0 when no rule decided")] = 0
     rule: Annotated[str, _doc("the deciding rule: namespace/name[index]")] = ""
     policy: Annotated[
@@ -77,7 +81,8 @@ class FlowFilterTerm(Message):
     port, from_port, to_port, service, from_service, to_service, workload, from_workload,
     to_workload (a box of the UI's service map: ``shared.flow_groups.workload``), protocol (name
     or number), node (a name or shell pattern), traffic_direction (ingress|egress), tcp_flags
-    (``SYN,ACK``: all set), reply (true|false). Unprefixed peer fields match either side.
+    (``SYN,ACK``: all set), reply (true|false), fqdn (a DNS name or pattern: the query of a DNS
+    flow, or a name of ``destination_names``). Unprefixed peer fields match either side.
     """
 
     field: str

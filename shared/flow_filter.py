@@ -12,12 +12,13 @@ import ipaddress
 import re
 from collections.abc import Callable, Sequence
 
+from shared import fqdn
 from shared.errors import InvalidArgument
 from shared.flow_api import EnrichedFlow, FlowFilterTerm, FlowPeer
 from shared.flow_groups import workload
 
 VERDICTS = ("FORWARDED", "DROPPED", "AUDIT", "REDIRECTED", "ERROR")
-TYPES = ("drop", "trace", "policy-verdict", "l7")
+TYPES = ("drop", "trace", "policy-verdict", "l7", "dns")  # dns: the l7 flows of DNS queries
 PEER_FIELDS = ("pod", "namespace", "label", "identity", "ip", "port", "service", "workload")
 FLOW_FIELDS = (
     "verdict",
@@ -30,6 +31,7 @@ FLOW_FIELDS = (
     "http_method",
     "http_path",
     "http_status",
+    "fqdn",
 )
 # protocols as flows carry them (services/datapath/events.py): a name, else the number
 PROTOCOL_NAMES = {6: "TCP", 17: "UDP", 1: "ICMP"}
@@ -192,6 +194,19 @@ def _http_test(field: str, value: str) -> FlowTest:
     return lambda flow: flow.l7 is not None and flow.l7.status == status
 
 
+def _fqdn_test(value: str, field: str) -> FlowTest:
+    """A DNS flow whose query, or a flow whose destination_names, the name or pattern (Cilium's
+    matchPattern: ``*`` within one label) matches."""
+    match = fqdn.NameMatch(match_pattern=fqdn.check_pattern(value, field))
+
+    def test(flow: EnrichedFlow) -> bool:
+        if flow.l7 is not None and flow.l7.query and match.matches(flow.l7.query):
+            return True
+        return any(match.matches(name) for name in flow.destination_names)
+
+    return test
+
+
 def _value_test(field: str, value: str) -> FlowTest:
     if field == "verdict":
         verdict = value.upper()
@@ -202,7 +217,11 @@ def _value_test(field: str, value: str) -> FlowTest:
         kind = value.lower()
         if kind not in TYPES:
             raise InvalidArgument(f"unknown type {value!r}: {', '.join(TYPES)}", field=field)
+        if kind == "dns":
+            return lambda flow: flow.l7 is not None and flow.l7.protocol == "dns"
         return lambda flow: flow.type == kind
+    if field == "fqdn":
+        return _fqdn_test(value, field)
     if field == "protocol":
         protocol = protocol_name(value, field)
         return lambda flow: flow.protocol.upper() == protocol

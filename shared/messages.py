@@ -250,6 +250,9 @@ class PeerSet(Message):
     revision: int
     description: str = ""
     identities: list[int] = []
+    # a toFQDNs selector's {"matchName": ...} or {"matchPattern": ...}: the DNS proxy waits for
+    # the addresses it learns to join such sets before it answers the pod
+    fqdn: dict[str, str] | None = None
 
 
 # --- flows (datapath -> monitor) -------------------------------------------------------------
@@ -273,6 +276,13 @@ class L7Info(Message, gc=False):
     client_id: str = ""
     error_code: int = 0
     error: str = ""  # why the proxy closed the connection (malformed frames), else empty
+    # DNS (protocol "dns"): the query, its type, the answer's rcode (REFUSED when the proxy
+    # denied it), the IPv4 addresses answered and their TTL (seconds)
+    query: str = ""
+    qtype: str = ""
+    rcode: str = ""
+    answers: list[str] = []
+    ttl: int = 0
 
 
 class Flow(Message):
@@ -308,6 +318,43 @@ class FlowBatch(Message):
     node: str
     flows: list[Flow]
     lost: int = 0  # events the ring buffer could not take since the previous batch
+
+
+class FQDNAddress(Message, gc=False):
+    """An address a name resolved to, as long as it is allowed: until ``expires`` (unix time,
+    the answer's TTL, at least the proxy's minimum), then ``grace`` seconds more."""
+
+    ip: str
+    expires: float
+    grace: float = 0.0
+
+
+class FQDNName(Message):
+    name: str  # lowercase, no trailing dot
+    addresses: list[FQDNAddress] = []
+
+
+class FQDNCache(Message):
+    """What one endpoint resolved through its node's DNS proxy (``fqdn`` bucket, key
+    ``<node>.<endpoint ip>``): the names toFQDNs rules select addresses by."""
+
+    node: str
+    ip: str
+    identity: int = 0
+    endpoint: str = ""  # namespace/pod when the proxy knows it
+    names: list[FQDNName] = []
+
+
+class FQDNCleanRequest(Message):
+    """``fqdn cache clean``: forget learned names (all, or those matching ``pattern``)."""
+
+    pattern: str = ""  # a matchPattern; "" = every name
+    endpoint_ip: str = ""  # "" = every endpoint of the node
+
+
+class FQDNCleanReply(Message):
+    node: str
+    removed: int  # (endpoint, name) pairs removed
 
 
 # --- policy service ----------------------------------------------------------------------------

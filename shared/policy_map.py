@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from shared import bpf_layouts, protocols
 from shared.messages import ContainerPort, PolicyEntry, ResolvedPolicy
-from shared.proxy import PROXY_PORT, needs_proxy
+from shared.proxy import redirect_port
 
 INGRESS = 1
 EGRESS = 2
@@ -215,7 +215,6 @@ def compile_endpoint(
     policy: ResolvedPolicy | None,
     ports: Sequence[ContainerPort],
     peer_ports: Mapping[int, Sequence[ContainerPort]] | None = None,
-    proxy_port: int = PROXY_PORT,
 ) -> dict[PolicyKey, PolicyValue]:
     """All trie entries of one endpoint, both directions (none without a policy).
 
@@ -224,7 +223,7 @@ def compile_endpoint(
     An egress entry for any peer becomes one entry per identity declaring the name, with that
     identity's number, so that each destination is reached on its own port only. Whether a
     direction is enforced lives in the endpoint map, not here. An allow with L7 rules holds
-    ``proxy_port``: the node's proxy decides its connections.
+    its proxy's port (``shared.proxy.redirect_port``): the node's proxy decides its connections.
     """
     out: dict[PolicyKey, PolicyValue] = {}
     if policy is None:
@@ -233,7 +232,7 @@ def compile_endpoint(
     for direction, entries in ((INGRESS, policy.ingress), (EGRESS, policy.egress)):
         slots: dict[int, dict[_Prefix, PolicyValue]] = {}
         for entry in entries:
-            redirect = proxy_port if needs_proxy(entry.l7) and not entry.deny else 0
+            redirect = 0 if entry.deny else redirect_port(entry.l7)
             value = PolicyValue(entry.rule_id, entry.deny, redirect)
             targets: Iterable[tuple[int, Sequence[ContainerPort]]]
             if direction == INGRESS or not entry.port_name:

@@ -15,6 +15,8 @@ from typing import Final
 
 # one listener per node namespace; each node is its own namespace, so every node uses this port
 PROXY_PORT: Final = 15001
+# the DNS proxy: a UDP socket and a TCP listener on this port (bpf/proxy.h: DNS_PROXY_PORT)
+DNS_PROXY_PORT: Final = 15053
 
 MARK_MAGIC_MASK: Final = 0x0F00
 # set by the datapath on packets it assigned to the proxy's socket: the node's policy route
@@ -31,7 +33,10 @@ def from_proxy_mark(identity: int) -> int:
     return (identity if 0 < identity <= 0xFFFF else 2) << 16 | MARK_FROM_PROXY
 
 
-def needs_proxy(l7: list[dict[str, object]]) -> bool:
-    """Whether an allow's L7 rules restrict anything: DNS rules that match every name
-    (``matchPattern: "*"``) do not, so they stay an L4 allow (there is no DNS proxy)."""
-    return any(rule != {"dns": {"matchPattern": "*"}} for rule in l7)
+def redirect_port(l7: list[dict[str, object]]) -> int:
+    """The proxy port an allow with these L7 rules holds (0: none). DNS rules go to the DNS
+    proxy, even ``matchPattern: "*"``, which restricts nothing but lets the proxy learn the
+    names that toFQDNs rules select (as in Cilium)."""
+    if not l7:
+        return 0
+    return DNS_PROXY_PORT if any("dns" in rule for rule in l7) else PROXY_PORT

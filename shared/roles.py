@@ -37,6 +37,7 @@ ALL_BUCKETS = (
     subjects.KV_SELECTORS,
     subjects.KV_SERVICES,
     subjects.KV_LB_SPECS,
+    subjects.KV_FQDN,
 )
 
 
@@ -126,6 +127,7 @@ POLICY = _service(
         subjects.KV_IPCACHE,
         subjects.KV_IDENTITIES,
         subjects.KV_NAMESPACES,
+        subjects.KV_FQDN,  # the addresses toFQDNs selectors select
     ],
     # CIDR identities of the policies' rules go into ipcache (keys are prefixes)
     write=[
@@ -236,15 +238,19 @@ def datapath(node: str) -> Permissions:
 
 
 def proxy(node: str) -> Permissions:
-    """A node's L7 proxy: reads what its verdicts need, publishes its flows as its node."""
+    """A node's L7 proxy: reads what its verdicts need, publishes its flows as its node, writes
+    the DNS caches of its node's endpoints only."""
     return _service(
+        [subjects.fqdn_clean(node)],
         read=[
             subjects.KV_IPCACHE,
             subjects.KV_RESOLVED,
             subjects.KV_SELECTORS,
             subjects.KV_IDENTITIES,
             subjects.KV_ENDPOINTS,
+            subjects.KV_FQDN,
         ],
+        write=[kv_write(subjects.KV_FQDN, f"{node}.>")],
         publish=[subjects.flows(node)],
     )
 

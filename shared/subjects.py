@@ -47,6 +47,15 @@ KV_NAMESPACES: Final = "namespaces"
 KV_PODS: Final = "pods"  # namespace.pod -> the pod's labels from the Kubernetes API
 # node -> its latest NodeHealth (probes of every other node)
 KV_HEALTH: Final = "health"
+# <node>.<endpoint ip> -> FQDNCache: the names an endpoint resolved through the DNS proxy
+KV_FQDN: Final = "fqdn"
+# request/reply to one node's DNS proxy: FQDN_CLEAN.<node> (fqdn cache clean)
+FQDN_CLEAN: Final = "membrane.fqdn.clean"
+
+
+def fqdn_clean(node: str) -> str:
+    return f"{FQDN_CLEAN}.{node}"
+
 
 # datapath agents publish batched flows on FLOWS_PREFIX.<node>
 FLOWS_PREFIX: Final = "membrane.flows"
@@ -155,6 +164,11 @@ def identity_key(identity: int) -> str:
 def selector_key(peer_set: int) -> str:
     """``selectors``: the peer set's id."""
     return str(peer_set)
+
+
+def fqdn_key(node: str, endpoint_ip: str) -> str:
+    """``fqdn``: one endpoint's DNS cache, written by its node's proxy."""
+    return f"{node}.{endpoint_ip}"
 
 
 # the Kubernetes bridge: API objects in, the apply paths out; one leader (a Lease) writes

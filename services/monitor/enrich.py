@@ -19,6 +19,7 @@ from shared.flow_api import EnrichedFlow, FlowPeer
 from shared.messages import (
     Endpoint,
     Flow,
+    FQDNCache,
     Identity,
     IPCacheEntry,
     LBService,
@@ -52,6 +53,8 @@ class Enricher:
     # frontend after translating it, so the backend is what names the service
     backends: dict[tuple[str, int], set[str]] = field(default_factory=dict)
     backend_keys: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
+    # endpoint address -> destination address -> the names it resolved to it (fqdn bucket)
+    dns_names: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     bad_entries: int = 0
 
     # --- bucket changes -------------------------------------------------------------------
@@ -115,6 +118,20 @@ class Enricher:
         for rule in ids:
             if rule not in still:
                 self.rules.pop(rule, None)
+
+    def on_fqdn(self, key: str, value: bytes | None) -> None:
+        """An endpoint's DNS cache (key ``<node>.<endpoint ip>``)."""
+        cache = self._decode(value, FQDNCache) if value is not None else None
+        node_ip = key.split(".", 1)
+        if cache is None:
+            if len(node_ip) == 2:
+                self.dns_names.pop(node_ip[1], None)
+            return
+        names: dict[str, list[str]] = {}
+        for entry in cache.names:
+            for address in entry.addresses:
+                names.setdefault(address.ip, []).append(entry.name)
+        self.dns_names[cache.ip] = names
 
     def on_service(self, key: str, value: bytes | None) -> None:
         """A ``services`` entry (``LBService``): each frontend address names the service.
@@ -210,7 +227,15 @@ class Enricher:
             rule=rule,
             policy=policy,
             l7=flow.l7,
+            destination_names=self._names(flow),
         )
+
+    def _names(self, flow: Flow) -> list[str]:
+        """What the source resolved to the destination's address (a reply's destination is
+        the client: no names)."""
+        if flow.is_reply or not self.dns_names:
+            return []
+        return sorted(self.dns_names.get(flow.src_ip, {}).get(flow.dst_ip, ()))
 
     def _default_deny_policy(self, flow: Flow) -> str:
         """A drop no rule matched: the policies selecting the endpoint in that direction are

@@ -341,6 +341,7 @@ async def start(settings: MonitorSettings) -> Running:
     await watches.add(subjects.KV_ENDPOINTS, enricher.on_endpoint)
     await watches.add(subjects.KV_IPCACHE, enricher.on_ipcache)
     await watches.add(subjects.KV_RESOLVED, enricher.on_resolved)
+    await watches.add(subjects.KV_FQDN, enricher.on_fqdn)
     services_synced = watches.snapshot_event()
     known_services: set[str] = set()
     tasks.spawn(

@@ -326,6 +326,7 @@ class Resolver:
                 revision=1 if old is None else old.revision + 1,
                 description=describe_peer_set(dep),
                 identities=members,
+                fqdn=dep.to_dict() if isinstance(dep, NameMatch) else None,
             )
             self._peer_sets[set_id] = peer_set
             changed.append(peer_set)

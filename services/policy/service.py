@@ -17,6 +17,7 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import Awaitable, Callable
+from ipaddress import IPv4Address
 from typing import Any
 
 import msgspec
@@ -38,6 +39,7 @@ from shared.messages import (
     Empty,
     ExplainReply,
     ExplainRequest,
+    FQDNCache,
     Identity,
     IPCacheEntry,
     PolicyApplyReply,
@@ -107,7 +109,7 @@ class PolicyService:
         self.ipcache = ipcache
         self.resolver = Resolver()
         self.by_store_key: dict[str, Policy] = {}
-        self.synced = {name: asyncio.Event() for name in ("identities", "policies")}
+        self.synced = {name: asyncio.Event() for name in ("identities", "policies", "fqdn")}
         self.pending: set[int] = set()  # subjects to publish once both snapshots are in
         self.reconciled = False
         self.unpublished: set[int] = set()  # subjects whose write failed; retried periodically
@@ -283,6 +285,22 @@ class PolicyService:
         RULES.set(sum(len(p.rules) for p in self.by_store_key.values()))
         return changed
 
+    def on_fqdn(self, event: KVEvent) -> set[int]:
+        """An endpoint's DNS cache: the addresses of toFQDNs peer sets (no subject changes)."""
+        names: dict[str, list[IPv4Address]] | None = None
+        if event.value is not None:
+            try:
+                cache = msgspec.json.decode(event.value, type=FQDNCache)
+                names = {
+                    entry.name: [IPv4Address(a.ip) for a in entry.addresses]
+                    for entry in cache.names
+                }
+            except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
+                # a cache that does not read adds nothing (toFQDNs then selects less)
+                self.log.warning("unreadable fqdn cache entry", key=event.key, error=str(exc))
+        self.resolver.set_fqdn_cache(event.key, names)
+        return set()
+
     async def follow(self, name: str, kv: KeyValue, handle: Callable[[KVEvent], set[int]]) -> None:
         async def synced() -> None:
             self.synced[name].set()
@@ -421,6 +439,8 @@ async def run(settings: PolicySettings) -> None:
     tasks.spawn(
         "watch-policies", lambda: service.follow("policies", service.policies, service.on_policy)
     )
+    fqdn = await kv(subjects.KV_FQDN, "node.endpoint -> names the endpoint resolved")
+    tasks.spawn("watch-fqdn", lambda: service.follow("fqdn", fqdn, service.on_fqdn))
     tasks.spawn("retry", lambda: periodically(1.0, service.retry_unpublished))
     await service.register(started.metadata, settings.concurrency)
     started.log.info(

@@ -7,7 +7,8 @@ listen on ``PROXY_PORT``: until then the datapath finds no listener and drops L7
 the original destination address) and has no ``SO_REUSEPORT`` (``bpf_sk_assign`` refuses
 reuseport sockets). Each connection is served by the protocol its port's rules or its first
 bytes name (``connection.py``); each request becomes a flow (type ``l7``) on
-``membrane.flows.<node>``.
+``membrane.flows.<node>``. The DNS proxy (:mod:`services.proxy.dns`) listens on
+``DNS_PROXY_PORT`` from the same moment.
 """
 
 from __future__ import annotations
@@ -17,21 +18,25 @@ import contextlib
 import dataclasses
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import Counter, Histogram
 
 from services.proxy.connection import serve_connection
+from services.proxy.dns import DnsProxy
 from services.proxy.exchange import Conn
+from services.proxy.fqdn_cache import FQDNCaches
+from services.proxy.fqdn_publish import FQDNPublisher
+from services.proxy.sockets import listener
 from services.proxy.view import Verdict, View
 from shared import __version__, metrics, proxy, startup, subjects
 from shared.bus import Bus
 from shared.config import CommonSettings, setting
 from shared.kv_watch import BucketWatches
-from shared.messages import Flow, FlowBatch, L7Info
-from shared.runtime import TaskGroup, enter_netns, wait_for_shutdown
+from shared.messages import Flow, FlowBatch, FQDNCleanRequest, L7Info
+from shared.runtime import TaskGroup, enter_netns, periodically, wait_for_shutdown
 
-IP_TRANSPARENT = 19  # linux/in.h; the socket module does not name it
 FLUSH_S = 0.05
 MAX_BATCH = 512
 
@@ -56,6 +61,21 @@ class ProxySettings(CommonSettings):
         "", "network namespace to enter at start (name under /run/netns, or a path)"
     )
     proxy_port: int = setting(proxy.PROXY_PORT, "port of the transparent listener in the node")
+    dns_proxy_port: int = setting(proxy.DNS_PROXY_PORT, "port of the DNS proxy (UDP and TCP)")
+    fqdn_min_ttl: int = setting(
+        0, "seconds a learned address stays allowed at least, whatever its TTL (tofqdns-min-ttl)"
+    )
+    fqdn_grace: float = setting(
+        5.0, "seconds an address stays allowed after its TTL ended, for clients that just asked"
+    )
+    fqdn_max_ips_per_name: int = setting(
+        50,
+        "addresses kept per endpoint and name, the oldest out first "
+        "(tofqdns-endpoint-max-ip-per-hostname)",
+    )
+    fqdn_policy_wait: float = setting(
+        2.0, "seconds a DNS answer waits at most for its addresses to reach the policy"
+    )
 
 
 class FlowSink:
@@ -80,25 +100,28 @@ class FlowSink:
         if latency is None:
             latency = self._latency[l7.protocol] = LATENCY.labels(l7.protocol)
         latency.observe(l7.latency_ms / 1000)
-        self.flows.append(
-            Flow(
-                time=time.time(),
-                node=self.node,
-                type="l7",
-                verdict=outcome,
-                direction=verdict.direction,
-                observation_point="to-proxy",
-                src_ip=str(conn.src),
-                dst_ip=str(conn.dst),
-                src_port=conn.sport,
-                dst_port=conn.dport,
-                protocol="TCP",
-                src_identity=verdict.src_identity,
-                dst_identity=verdict.dst_identity,
-                rule_id=verdict.rule_id,
-                l7=l7,
-            )
+        flow = Flow(
+            time=time.time(),
+            node=self.node,
+            type="l7",
+            verdict=outcome,
+            direction=verdict.direction,
+            observation_point="to-proxy",
+            src_ip=str(conn.src),
+            dst_ip=str(conn.dst),
+            src_port=conn.sport,
+            dst_port=conn.dport,
+            protocol="TCP",
+            src_identity=verdict.src_identity,
+            dst_identity=verdict.dst_identity,
+            rule_id=verdict.rule_id,
+            l7=l7,
         )
+        self.emit(flow)
+
+    def emit(self, flow: Flow) -> None:
+        """A flow made here or elsewhere (the DNS proxy's)."""
+        self.flows.append(flow)
         if len(self.flows) >= MAX_BATCH:
             self.wake.set()
 
@@ -114,16 +137,6 @@ class FlowSink:
                 await self.bus.publish(subjects.flows(self.node), FlowBatch(self.node, batch))
 
 
-def listener(port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-    sock.bind(("0.0.0.0", port))
-    sock.listen(4096)
-    sock.setblocking(False)
-    return sock
-
-
 async def run(settings: ProxySettings) -> None:
     if settings.netns:
         enter_netns(settings.netns)
@@ -131,14 +144,43 @@ async def run(settings: ProxySettings) -> None:
     bus = await Bus.connect(settings.nats_url, f"membrane-proxy-{settings.node}")
     view = View()
     tasks = TaskGroup()
+    fqdn = FQDNPublisher(
+        await bus.kv(subjects.KV_FQDN, replicas=settings.kv_replicas),
+        view,
+        FQDNCaches(
+            settings.node,
+            settings.fqdn_min_ttl,
+            settings.fqdn_grace,
+            settings.fqdn_max_ips_per_name,
+        ),
+        settings.fqdn_policy_wait,
+    )
+
+    def then_wake(
+        handle: Callable[[str, bytes | None], None],
+    ) -> Callable[[str, bytes | None], None]:
+        def handled(key: str, data: bytes | None) -> None:
+            handle(key, data)
+            fqdn.changed()  # DNS answers waiting for their policy look again
+
+        return handled
+
+    def set_members(key: str, data: bytes | None) -> None:
+        view.set_members(key, data)
+        fqdn.on_peer_set(key, data)
+
     watches = BucketWatches(bus, tasks, settings.kv_replicas)
-    await watches.add(subjects.KV_IPCACHE, view.set_ipcache)
-    await watches.add(subjects.KV_RESOLVED, view.set_resolved)
-    await watches.add(subjects.KV_SELECTORS, view.set_members)
+    await watches.add(subjects.KV_IPCACHE, then_wake(view.set_ipcache))
+    await watches.add(subjects.KV_RESOLVED, then_wake(view.set_resolved))
+    await watches.add(subjects.KV_SELECTORS, then_wake(set_members))
     # no listener before the view is whole: until then the datapath drops L7 connections
     await watches.synced()
     sink = FlowSink(bus, settings.node)
     tasks.spawn("flows", sink.run)
+    restored = await fqdn.restore()
+    tasks.spawn("fqdn-expiry", lambda: periodically(1.0, fqdn.expire))
+    dns_proxy = DnsProxy(view, settings.node, sink.emit, fqdn.learn)
+    await dns_proxy.start(settings.dns_proxy_port)
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         CONNECTIONS.inc()
@@ -155,17 +197,28 @@ async def run(settings: ProxySettings) -> None:
     micro = await bus.add_service(
         subjects.PROXY_SERVICE,
         __version__,
-        "L7 proxy: HTTP, gRPC and Kafka rules per request",
+        "L7 proxy: HTTP, gRPC and Kafka rules per request, DNS rules per query",
         {
             "replica": settings.node,
             "node": settings.node,
             "metrics": f"{settings.metrics_host}:{metrics_port}",
         },
+        queue_group=f"{subjects.PROXY_SERVICE}-{settings.node}",
     )
-    logger.info("proxy ready", port=settings.proxy_port, resolved=len(view.resolved))
+    await micro.endpoint(
+        "fqdn-clean", subjects.fqdn_clean(settings.node), FQDNCleanRequest, fqdn.clean
+    )
+    logger.info(
+        "proxy ready",
+        port=settings.proxy_port,
+        dns_port=settings.dns_proxy_port,
+        resolved=len(view.resolved),
+        fqdn_caches=restored,
+    )
     signal_name = await wait_for_shutdown()
     logger.info("shutting down", signal=signal_name)
     server.close()
+    dns_proxy.close()
     await micro.stop()
     await tasks.close()
     await bus.close()

@@ -15,8 +15,12 @@ from shared.flow_filter import compile_filter
 from shared.messages import (
     Endpoint,
     Flow,
+    FQDNAddress,
+    FQDNCache,
+    FQDNName,
     Identity,
     IPCacheEntry,
+    L7Info,
     LBBackend,
     LBFrontend,
     LBService,
@@ -350,3 +354,35 @@ def test_a_flow_translated_to_a_backend_names_its_service() -> None:
     e.on_service("default.web", None)
     assert e.enrich(raw_flow(dst_ip="10.0.2.7", dst_port=8080)).destination.service == ""
     assert not e.backends
+
+
+def test_dns_flows_and_destination_names() -> None:
+    e = Enricher()
+    cache = FQDNCache(
+        node="n1",
+        ip="10.0.1.5",
+        names=[FQDNName(name="api.example.com", addresses=[FQDNAddress(ip="1.2.3.4", expires=9)])],
+    )
+    e.on_fqdn("n1.10.0.1.5", msgspec.json.encode(cache))
+    to_api = e.enrich(raw_flow(dst_ip="1.2.3.4", dst_identity=2))
+    assert to_api.destination_names == ["api.example.com"]
+    assert "to api.example.com" in flowfmt.summary(to_api)
+    assert not e.enrich(raw_flow(dst_ip="1.2.3.5")).destination_names
+    assert not e.enrich(raw_flow(dst_ip="1.2.3.4", is_reply=True)).destination_names
+    assert matches(to_api, ("fqdn", "api.example.com")) and matches(
+        to_api, ("fqdn", "*.example.com")
+    )
+    assert not matches(to_api, ("fqdn", "example.com")) and not matches(to_api, ("type", "dns"))
+    dns = make(
+        "FORWARDED",
+        type="l7",
+        l7=L7Info(protocol="dns", query="api.example.com", qtype="A", rcode="NOERROR",
+                  answers=["1.2.3.4"], ttl=60),
+    )  # fmt: skip
+    assert matches(dns, ("type", "dns")) and matches(dns, ("type", "l7"))
+    assert matches(dns, ("fqdn", "API.example.com."))
+    assert "dns A api.example.com => NOERROR 1.2.3.4 TTL 60" in flowfmt.summary(dns)
+    e.on_fqdn("n1.10.0.1.5", None)
+    assert not e.enrich(raw_flow(dst_ip="1.2.3.4")).destination_names
+    with pytest.raises(InvalidArgument):
+        compile_filter([FlowFilterTerm(field="fqdn", values=["a b"])])

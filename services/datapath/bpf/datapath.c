@@ -512,7 +512,10 @@ static __always_inline int enforce(struct packet *p, struct endpoint_info *ep, _
 			proxy_port = 0;
 			obs = OBS_FROM_PROXY;
 		}
-		if (proxy_port && !p->redirect_ok)
+		/* DNS rules are egress only: this is from_container, at tc ingress, which can steer
+		 * UDP and TCP to the DNS proxy whatever the destination */
+		if (proxy_port && !p->redirect_ok &&
+		    !(proxy_port == DNS_PROXY_PORT && direction == DIR_EGRESS))
 			return drop(DROP_PROXY_UNSUPPORTED, direction, obs, p, ifindex, src_id, dst_id,
 				    rule_id);
 		if (reason && !(ep->flags & audit))

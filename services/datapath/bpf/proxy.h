@@ -18,6 +18,8 @@
 #define MARK_MAGIC_MASK 0x0F00
 #define MARK_TO_PROXY 0x0200
 #define MARK_FROM_PROXY 0x0B00
+/* the DNS proxy's port (a UDP socket and a TCP listener): egress DNS rules hold it */
+#define DNS_PROXY_PORT 15053
 
 /* the identity a packet from the proxy carries (0: not from the proxy) */
 static __always_inline __u32 from_proxy_identity(struct __sk_buff *skb)
@@ -27,12 +29,44 @@ static __always_inline __u32 from_proxy_identity(struct __sk_buff *skb)
 	return skb->mark >> 16;
 }
 
+static __always_inline int assigned(struct __sk_buff *skb, struct bpf_sock *sk, struct packet *p,
+				    __u8 direction, __u8 obs, __u32 ifindex, __u32 src_id,
+				    __u32 dst_id)
+{
+	long ret = bpf_sk_assign(skb, sk, 0);
+	bpf_sk_release(sk);
+	if (ret)
+		return drop(DROP_PROXY_SET_FAILED, direction, obs, p, ifindex, src_id, dst_id, 0);
+	skb->mark = MARK_TO_PROXY;
+	/* a frame from the overlay is addressed to the sending side's MAC: ip_rcv drops such
+	 * "other host" frames before the socket could take them (PACKET_HOST is 0) */
+	bpf_skb_change_type(skb, 0);
+	return TC_ACT_OK;
+}
+
+/* A UDP datagram (DNS) goes to the proxy's one unconnected socket on its port, never to a
+ * socket matching the original tuple: the proxy answers from sockets bound to the servers'
+ * addresses, which must not take the queries. */
+static __always_inline int to_proxy_udp(struct __sk_buff *skb, struct packet *p, __u8 direction,
+					__u8 obs, __u32 ifindex, __u32 src_id, __u32 dst_id)
+{
+	struct bpf_sock_tuple tuple = {};
+	tuple.ipv4.dport = bpf_htons(p->proxy_port);
+	struct bpf_sock *sk =
+		bpf_sk_lookup_udp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+	if (!sk)
+		return drop(DROP_PROXY_LOOKUP_FAILED, direction, obs, p, ifindex, src_id, dst_id, 0);
+	return assigned(skb, sk, p, direction, obs, ifindex, src_id, dst_id);
+}
+
 /* Assign the packet to the proxy's socket for its connection, or to its listener; a drop
  * (178 "Socket lookup failed", 179 "Socket assign failed") when there is none. */
 static __always_inline int to_proxy(struct __sk_buff *skb, struct packet *p, __u8 direction,
 				    __u8 obs, __u32 ifindex, __u32 src_id, __u32 dst_id)
 {
 	struct bpf_sock_tuple tuple = {};
+	if (p->tuple.protocol == IPPROTO_UDP)
+		return to_proxy_udp(skb, p, direction, obs, ifindex, src_id, dst_id);
 	tuple.ipv4.saddr = p->tuple.saddr;
 	tuple.ipv4.daddr = p->tuple.daddr;
 	tuple.ipv4.sport = bpf_htons(p->tuple.sport);
@@ -57,15 +91,7 @@ static __always_inline int to_proxy(struct __sk_buff *skb, struct packet *p, __u
 				    dst_id, 0);
 		}
 	}
-	long ret = bpf_sk_assign(skb, sk, 0);
-	bpf_sk_release(sk);
-	if (ret)
-		return drop(DROP_PROXY_SET_FAILED, direction, obs, p, ifindex, src_id, dst_id, 0);
-	skb->mark = MARK_TO_PROXY;
-	/* a frame from the overlay is addressed to the sending side's MAC: ip_rcv drops such
-	 * "other host" frames before the socket could take them (PACKET_HOST is 0) */
-	bpf_skb_change_type(skb, 0);
-	return TC_ACT_OK;
+	return assigned(skb, sk, p, direction, obs, ifindex, src_id, dst_id);
 }
 
 #endif

@@ -1,0 +1,178 @@
+"""The "outside world" of the DNS tests, and the client the pods run (dnspython).
+
+serve ZONE DNS_IP HTTP_IP...   in the outside namespace: DNS on DNS_IP:53 (UDP and TCP) answering
+                               A queries from ZONE, a JSON file {name: {"ips": [...], "ttl": N}}
+                               read again whenever it changes (a name "*.x" answers any one label
+                               in front of x); NXDOMAIN otherwise. HTTP on port 80 of every
+                               HTTP_IP, answering with that address. Prints "ready".
+query SERVER NAME [tcp]        one query; prints {"rcode", "answers", "ttl"} or {"error"}
+fetch SERVER NAME [PORT]       resolve NAME, then at once GET / from the first address; prints
+                               {"rcode", "answers", "http": body or the error's name}
+get IP [PORT]                  GET / from IP; prints the body or the error's name (exit 1)
+garbage SERVER                 send a datagram that is no DNS message to SERVER:53; prints
+                               "answered" or "silent"
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import dns.flags
+import dns.message
+import dns.query
+import dns.rcode
+import dns.rdatatype
+import dns.rrset
+
+
+class Zone:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.mtime = 0.0
+        self.records: dict[str, dict[str, object]] = {}
+
+    def lookup(self, name: str) -> dict[str, object] | None:
+        mtime = os.stat(self.path).st_mtime
+        if mtime != self.mtime:
+            self.records = json.loads(self.path.read_text())
+            self.mtime = mtime
+        name = name.lower().rstrip(".")
+        found = self.records.get(name)
+        if found is None and "." in name:
+            found = self.records.get("*." + name.split(".", 1)[1])
+        return found
+
+    def answer(self, wire: bytes) -> bytes:
+        query = dns.message.from_wire(wire)
+        response = dns.message.make_response(query)
+        question = query.question[0]
+        found = self.lookup(question.name.to_text())
+        if found is None:
+            response.set_rcode(dns.rcode.NXDOMAIN)
+        elif question.rdtype == dns.rdatatype.A:
+            ips = [str(ip) for ip in found["ips"]]  # type: ignore[attr-defined]
+            ttl = int(found["ttl"])  # type: ignore[call-overload]
+            response.answer.append(dns.rrset.from_text_list(question.name, ttl, "IN", "A", ips))
+        return response.to_wire()
+
+
+class Udp(asyncio.DatagramProtocol):
+    def __init__(self, zone: Zone) -> None:
+        self.zone = zone
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            answer = self.zone.answer(data)
+        except Exception:
+            return
+        assert self.transport is not None
+        self.transport.sendto(answer, addr)
+
+
+async def serve(zone_path: str, dns_ip: str, http_ips: list[str]) -> None:
+    zone = Zone(Path(zone_path))
+    loop = asyncio.get_running_loop()
+    await loop.create_datagram_endpoint(lambda: Udp(zone), local_addr=(dns_ip, 53))
+
+    async def tcp_dns(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                size = int.from_bytes(await reader.readexactly(2), "big")
+                answer = zone.answer(await reader.readexactly(size))
+                writer.write(len(answer).to_bytes(2, "big") + answer)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, OSError):
+            writer.close()
+
+    await asyncio.start_server(tcp_dns, dns_ip, 53)
+    for ip in http_ips:
+
+        async def http(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ip: str = ip
+        ) -> None:
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+                head = b"HTTP/1.0 200 OK\r\ncontent-length: %d\r\n\r\n" % len(ip)
+                writer.write(head + ip.encode())
+                await writer.drain()
+            except (asyncio.IncompleteReadError, OSError, asyncio.LimitOverrunError):
+                pass
+            writer.close()
+
+        await asyncio.start_server(http, ip, 80)
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+
+def query(server: str, name: str, tcp: bool = False) -> dict[str, object]:
+    message = dns.message.make_query(name, "A")
+    try:
+        if tcp:
+            answer = dns.query.tcp(message, server, timeout=2)
+        else:
+            answer = dns.query.udp(message, server, timeout=2)
+    except Exception as exc:
+        return {"error": type(exc).__name__}
+    addresses = [rd.address for rrset in answer.answer for rd in rrset if rrset.rdtype == 1]
+    ttls = [rrset.ttl for rrset in answer.answer]
+    return {
+        "rcode": dns.rcode.to_text(answer.rcode()),
+        "answers": addresses,
+        "ttl": min(ttls) if ttls else 0,
+    }
+
+
+def get(ip: str, port: int = 80) -> str:
+    try:
+        with socket.create_connection((ip, port), timeout=1.5) as sock:
+            sock.sendall(b"GET / HTTP/1.0\r\nhost: x\r\n\r\n")
+            data = b""
+            while chunk := sock.recv(4096):
+                data += chunk
+        return data.split(b"\r\n\r\n", 1)[-1].decode()
+    except OSError as exc:
+        return type(exc).__name__
+
+
+def main(argv: list[str]) -> int:
+    command, args = argv[0], argv[1:]
+    if command == "serve":
+        asyncio.run(serve(args[0], args[1], args[2:]))
+    elif command == "query":
+        print(json.dumps(query(args[0], args[1], tcp=args[2:] == ["tcp"])))
+    elif command == "fetch":
+        found = query(args[0], args[1])
+        answers = found.get("answers") or []
+        port = int(args[2]) if len(args) > 2 else 80
+        found["http"] = get(str(answers[0]), port) if answers else "no address"  # type: ignore[index]
+        print(json.dumps(found))
+    elif command == "get":
+        body = get(args[0], int(args[1]) if len(args) > 1 else 80)
+        print(body)
+        return 0 if body == args[0] else 1
+    elif command == "garbage":
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(1.5)
+            sock.sendto(b"\x00\x01not a dns message", (args[0], 53))
+            try:
+                sock.recv(4096)
+                print("answered")
+            except OSError:
+                print("silent")
+    else:
+        print(__doc__, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
