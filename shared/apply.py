@@ -40,9 +40,8 @@ CHUNK_BYTES = 24 << 20
 
 # the datapath never allows an L7 port at L4 (shared/proxy.py)
 L7_NOTE = (
-    "HTTP and gRPC requests and DNS queries on those ports are checked by the node's proxy;"
-    " other L7 protocols (kafka) are not enforced there yet: their requests are denied"
-    " (docs/l7.md)"
+    "HTTP, gRPC and Kafka requests and DNS queries on those ports are checked by the node's"
+    " proxy (docs/l7.md)"
 )
 
 

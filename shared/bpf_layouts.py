@@ -39,7 +39,7 @@ LB_SERVICE_KEY: Final = struct.Struct("<4s2sBx")  # ip, port, protocol
 LB_SERVICE_VALUE: Final = struct.Struct("<IIIIB3x")
 LB_SLOT_KEY: Final = struct.Struct("<II")  # id, slot
 LB_BACKEND: Final = struct.Struct("<4s2sBx")  # ip, port, flags
-LB_MAGLEV_CHUNK_SLOTS: Final = 64  # bpf/lb.h LB_MAGLEV_CHUNK
+LB_MAGLEV_CHUNK_SLOTS: Final = 112  # bpf/lb.h LB_MAGLEV_CHUNK
 LB_MAGLEV_CHUNK: Final = struct.Struct(f"<{LB_MAGLEV_CHUNK_SLOTS}I")  # backend id per slot
 
 # overlay.h, nodeport.h

@@ -11,7 +11,7 @@ from yaml.constructor import ConstructorError
 from yaml.nodes import MappingNode, ScalarNode
 from yaml.reader import ReaderError
 
-from shared import fast_yaml, gcpause
+from shared import gcpause, ryml_yaml
 from shared.errors import InvalidArgument
 
 
@@ -61,16 +61,16 @@ def load_all(
         return _load_all(text, source, error)
 
 
-# below this size PyYAML's own readers take milliseconds: the fast subset reader is for bulk
+# below this size PyYAML's own readers take milliseconds: rapidyaml is for bulk
 FAST_READER_MIN_BYTES = 256 * 1024
 
 
 def _load_all(text: str, source: str, error: Callable[[str], Exception]) -> list[Any]:
-    # plain block YAML (what generated bulk manifests are) read line by line, several times
-    # faster than even libyaml through PyYAML; anything else is PyYAML's, with its messages.
-    # Hand-written manifests, small, always take PyYAML's path.
+    # bulk manifests parsed by rapidyaml in C++, several times faster than even libyaml
+    # through PyYAML, where its reading is PyYAML's; anything else is PyYAML's, with its
+    # messages. Hand-written manifests, small, always take PyYAML's path.
     if len(text) >= FAST_READER_MIN_BYTES:
-        simple = fast_yaml.load_all_split(text, _Loader(""))
+        simple = ryml_yaml.load_all(text, _Loader(""))
         if simple is not None:
             return simple
     if _CLoader is not None:

@@ -4,13 +4,14 @@ of one request (or call) it decided, which the service turns into an ``l7`` flow
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
-from services.proxy.view import Verdict
+from services.proxy.view import Verdict, View
 from shared.messages import L7Info
 from shared.proxy import from_proxy_mark
 
@@ -62,3 +63,29 @@ async def connect_upstream(
         sock.close()
         raise
     return await asyncio.open_connection(sock=sock, limit=READ_SIZE)
+
+
+class Handler:
+    """What every protocol's connection handler holds: the client's side, its upstream (once
+    a request was allowed), and where its reports go."""
+
+    def __init__(
+        self,
+        view: View,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        report: Report,
+    ) -> None:
+        self.view = view
+        self.reader = reader
+        self.writer = writer
+        self.report = report
+        self.conn = Conn.of(writer)
+        self.up_reader: asyncio.StreamReader | None = None
+        self.up_writer: asyncio.StreamWriter | None = None
+
+    def close_both(self) -> None:
+        for writer in (self.writer, self.up_writer):
+            if writer is not None:
+                with contextlib.suppress(OSError, RuntimeError):
+                    writer.close()

@@ -15,8 +15,8 @@ wait for the upstream's answers to the requests before them, which the response 
 - malformed request -> ``400`` and close; a header block over ``MAX_HEADER_BYTES`` -> ``431``
   and close. Nothing a client sends ends the proxy: errors end that connection only.
 
-Known limits: responses to HEAD requests that announce a body length are not supported (the
-response parser would wait for the body); trailers of chunked bodies are dropped.
+- chunked bodies keep their trailer section, both ways; answers to ``HEAD`` have no body,
+  whatever length their head announces.
 """
 
 from __future__ import annotations
@@ -29,13 +29,18 @@ from dataclasses import dataclass, field
 
 import httptools
 
-from services.proxy.exchange import READ_SIZE, Conn, Report, connect_upstream, elapsed_ms
+from services.proxy.exchange import READ_SIZE, Handler, Report, connect_upstream, elapsed_ms
 from services.proxy.view import Verdict, View
 from shared.messages import L7Info
 
 MAX_HEADER_BYTES = 64 * 1024  # Envoy's default limit is 60 KiB
 
 DENIED_BODY = b"Access denied\r\n"
+
+
+def last_chunk(trailers: list[tuple[bytes, bytes]]) -> bytes:
+    """The end of a chunked body, with its trailer section."""
+    return b"0\r\n" + b"".join(name + b": " + value + b"\r\n" for name, value in trailers) + b"\r\n"
 
 
 def local_response(status: int, reason: str, body: bytes, *, close: bool) -> bytes:
@@ -75,6 +80,7 @@ class Request:
 class _Parsing:
     url: bytearray = field(default_factory=bytearray)
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    trailers: list[tuple[bytes, bytes]] = field(default_factory=list)  # of a chunked body
     size: int = 0
     chunked: bool = False
     allowed: bool = False
@@ -85,7 +91,7 @@ class HeadersTooLarge(Exception):
     pass
 
 
-class HttpConnection:
+class HttpConnection(Handler):
     def __init__(
         self,
         view: View,
@@ -93,19 +99,14 @@ class HttpConnection:
         writer: asyncio.StreamWriter,
         report: Report,
     ) -> None:
-        self.view = view
-        self.reader = reader
-        self.writer = writer
-        self.report = report
-        self.conn = Conn.of(writer)
+        super().__init__(view, reader, writer, report)
         self.parser = httptools.HttpRequestParser(self)
         self.cur = _Parsing()
         self.pending: deque[Request] = deque()  # in request order, awaiting their answers
         self.to_upstream: list[bytes] = []
         self.to_client: list[bytes] = []
-        self.up_reader: asyncio.StreamReader | None = None
-        self.up_writer: asyncio.StreamWriter | None = None
         self.response: _Response | None = None
+        self.head_buffer = bytearray()  # the head of an answer to HEAD, until it is whole
         self.closing = False
         self.upgraded = False
         # llhttp keeps an unfinished header line whole: bound what it may hold
@@ -124,7 +125,8 @@ class HttpConnection:
         self._count(len(data))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.cur.headers.append((name, value))
+        # after the head: the trailer section of a chunked body
+        (self.cur.headers if self.in_head else self.cur.trailers).append((name, value))
         self._count(len(name) + len(value) + 4)
 
     def _count(self, size: int) -> None:
@@ -180,7 +182,7 @@ class HttpConnection:
 
     def on_message_complete(self) -> None:
         if self.cur.allowed and self.cur.chunked:
-            self.to_upstream.append(b"0\r\n\r\n")
+            self.to_upstream.append(last_chunk(self.cur.trailers))
 
     # --- answers --------------------------------------------------------------------------------
 
@@ -266,7 +268,7 @@ class HttpConnection:
                 pump.cancel()
                 with contextlib.suppress(BaseException):
                     await pump
-            self._close()
+            self.close_both()
 
     def _fail(self, status: int, reason: str) -> None:
         """A request that cannot be parsed: answered after those before it, then closed."""
@@ -293,7 +295,7 @@ class HttpConnection:
                 await self.writer.drain()
                 continue
             try:
-                self.response.parser.feed_data(data)
+                self._feed_response(data)
             except httptools.HttpParserUpgrade as upgrade:
                 # 101 Switching Protocols: from here on the connection is a byte pipe
                 self.to_client.append(data[upgrade.args[0] :])
@@ -308,11 +310,29 @@ class HttpConnection:
         with contextlib.suppress(OSError):
             self.writer.close()
 
-    def _close(self) -> None:
-        for writer in (self.writer, self.up_writer):
-            if writer is not None:
-                with contextlib.suppress(OSError, RuntimeError):
-                    writer.close()
+    def _feed_response(self, data: bytes) -> None:
+        """Upstream bytes to the response parser. An answer to HEAD has no body whatever its
+        head announces, and llhttp cannot be told so: such a head is fed alone, the answer
+        completed here, and the parser started afresh for the next answer."""
+        assert self.response is not None
+        while data:
+            if not (self.pending and self.pending[0].method == "HEAD"):
+                self.response.parser.feed_data(data)
+                return
+            self.head_buffer += data
+            end = self.head_buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self.head_buffer) > MAX_HEADER_BYTES:
+                    raise httptools.HttpParserError("response head too large")
+                return
+            head, data = bytes(self.head_buffer[: end + 4]), bytes(self.head_buffer[end + 4 :])
+            self.head_buffer.clear()
+            response = self.response
+            response.parser.feed_data(head)
+            if not response.completed:  # (an informational answer is complete by itself)
+                response.completed = True
+                self.response_complete(response.status)
+            self.response = _Response(self)
 
 
 class _Response:
@@ -323,20 +343,27 @@ class _Response:
         self.parser = httptools.HttpResponseParser(self)
         self.reason = bytearray()
         self.headers: list[tuple[bytes, bytes]] = []
+        self.trailers: list[tuple[bytes, bytes]] = []
+        self.in_head = False
+        self.completed = False
         self.chunked = False
         self.status = 0
 
     def on_message_begin(self) -> None:
         self.reason.clear()
         self.headers = []
+        self.trailers = []
+        self.in_head = True
+        self.completed = False
 
     def on_status(self, data: bytes) -> None:
         self.reason += data
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        (self.headers if self.in_head else self.trailers).append((name, value))
 
     def on_headers_complete(self) -> None:
+        self.in_head = False
         self.status = self.parser.get_status_code()
         version = self.parser.get_http_version()
         out = [f"HTTP/{version} {self.status} ".encode(), bytes(self.reason), b"\r\n"]
@@ -355,8 +382,9 @@ class _Response:
             self.conn.to_client.append(data)
 
     def on_message_complete(self) -> None:
+        self.completed = True
         if self.chunked:
-            self.conn.to_client.append(b"0\r\n\r\n")
+            self.conn.to_client.append(last_chunk(self.trailers))
         if 100 <= self.status < 200 and self.status != 101:
             return  # informational (100 Continue): the final answer is still to come
         self.conn.response_complete(self.status)

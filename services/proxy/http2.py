@@ -34,7 +34,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
-from services.proxy.exchange import READ_SIZE, Conn, Report, connect_upstream, elapsed_ms
+from services.proxy.exchange import READ_SIZE, Handler, Report, connect_upstream, elapsed_ms
 from services.proxy.view import Verdict, View
 from shared.messages import L7Info
 
@@ -104,7 +104,7 @@ def _grpc_status(headers: Headers) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-class Http2Connection:
+class Http2Connection(Handler):
     def __init__(
         self,
         view: View,
@@ -112,17 +112,11 @@ class Http2Connection:
         writer: asyncio.StreamWriter,
         report: Report,
     ) -> None:
-        self.view = view
-        self.reader = reader
-        self.writer = writer
-        self.report = report
-        self.conn = Conn.of(writer)
+        super().__init__(view, reader, writer, report)
         self.client = _settings(client_side=False)
         self.upstream = _settings(client_side=True)
         self.streams: dict[int, _Stream] = {}  # by the client's stream id
         self.by_upstream: dict[int, _Stream] = {}
-        self.up_reader: asyncio.StreamReader | None = None
-        self.up_writer: asyncio.StreamWriter | None = None
         self.pump: asyncio.Task[None] | None = None
         self.closed = False
 
@@ -397,7 +391,4 @@ class Http2Connection:
             self.pump.cancel()
             with contextlib.suppress(BaseException):
                 await self.pump
-        for writer in (self.writer, self.up_writer):
-            if writer is not None:
-                with contextlib.suppress(OSError, RuntimeError):
-                    writer.close()
+        self.close_both()

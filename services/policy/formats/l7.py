@@ -16,7 +16,7 @@ from services.policy.model import (
     L7Rules,
     PortRule,
 )
-from shared import doc_fields, fqdn, l7_http
+from shared import doc_fields, fqdn, l7_http, l7_kafka
 from shared.errors import InvalidArgument
 
 # L7 rule shapes (Cilium PortRuleHTTP, kafka.PortRule, PortRuleDNS): field -> expected type
@@ -36,7 +36,6 @@ _KAFKA_FIELDS: dict[str, type] = {
     "clientID": str,
     "topic": str,
 }
-_KAFKA_ROLES = ("produce", "consume")
 _DNS_FIELDS: dict[str, type] = {"matchName": str, "matchPattern": str}
 _TYPE_WORDS: dict[type, str] = {str: "a string", list: "a list", dict: "a mapping"}
 
@@ -111,13 +110,8 @@ def _l7_rule(protocol: str, raw: Any, path: str) -> dict[str, Any]:
         # what the proxy will match each request against must compile now, not at a request
         l7_http.compile_rule(rule, path)
     elif protocol == "kafka":
-        role = rule.get("role")
-        if role is not None and role not in _KAFKA_ROLES:
-            raise InvalidArgument(
-                f"must be one of {', '.join(_KAFKA_ROLES)}, got {role!r}", field=f"{path}.role"
-            )
-        if role and rule.get("apiKey"):
-            raise InvalidArgument("role and apiKey cannot both be set (as in Cilium)", field=path)
+        # what the proxy will match each request against must check now, not at a request
+        l7_kafka.compile_rule(rule, path)
     else:
         # what the DNS proxy matches each query against, normalized as it compares names
         rule = fqdn.parse(rule, path).to_dict()

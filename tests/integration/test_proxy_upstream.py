@@ -1,0 +1,187 @@
+"""The proxy's HTTP/1.1 path with a real upstream on loopback: what the upstream answers comes
+back whole and in order. Root: the proxy marks its upstream socket (SO_MARK).
+
+The connection handler is pointed at the upstream by its ``conn`` (on a node it is the address
+the client asked for, which on loopback would be the proxy's own listener).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import random
+from collections.abc import AsyncIterator, Callable
+
+import msgspec
+import pytest
+
+from services.proxy.http import HttpConnection
+from services.proxy.view import View
+from shared import identities
+from shared.messages import L7Info, PolicyEntry, ResolvedPolicy
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="SO_MARK on the upstream: root")
+
+HEAD_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\nContent-Type: text/plain\r\n\r\n"
+CHUNKED_ANSWER = (
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-checksum\r\n\r\n"
+    b"5\r\nhello\r\n0\r\nx-checksum: 42\r\n\r\n"
+)
+PLAIN_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+def allow_all_but_secret() -> View:
+    view = View()
+    rule = {"http": {"path": "/(?!secret).*"}}
+    entry = PolicyEntry(peer=0, protocol=6, port=0, rule_id=1, l7=[rule])
+    policy = ResolvedPolicy(
+        identity=identities.WORLD, revision=1, ingress_enforced=True, ingress=[entry],
+        rules={1: "default/web[0]"},
+    )  # fmt: skip
+    view.set_resolved(str(identities.WORLD), msgspec.json.encode(policy))
+    return view
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[tuple[int, list[bytes]]]:
+    """An HTTP server of canned answers: HEAD /x, POST /chunked, anything else. It records
+    what reached it (the requests' bytes)."""
+    seen: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        buffer = b""
+        while data := await reader.read(65536):
+            buffer += data
+            seen.append(data)
+            while b"\r\n\r\n" in buffer:
+                head, _, rest = buffer.partition(b"\r\n\r\n")
+                if head.startswith(b"POST /chunked"):
+                    end = rest.find(b"\r\n0\r\n")
+                    tail = rest.find(b"\r\n\r\n", end + 5) if end >= 0 else -1
+                    if tail < 0:
+                        break  # the body is not whole yet
+                    buffer = rest[tail + 4 :]
+                    writer.write(CHUNKED_ANSWER)
+                else:
+                    buffer = rest
+                    writer.write(HEAD_ANSWER if head.startswith(b"HEAD") else PLAIN_ANSWER)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1], seen
+    server.close()
+    await server.wait_closed()
+
+
+async def through_proxy(
+    port: int, data: bytes, until: Callable[[bytes], bool]
+) -> tuple[bytes, list[L7Info]]:
+    reported: list[L7Info] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handler = HttpConnection(
+            allow_all_but_secret(), reader, writer, lambda _c, _v, l7: reported.append(l7)
+        )
+        handler.conn = dataclasses.replace(handler.conn, dport=port)
+        await handler.run()
+
+    proxy = await asyncio.start_server(serve, "127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.sockets[0].getsockname()[1])
+    writer.write(data)
+    answer = b""
+    while not until(answer):
+        chunk = await asyncio.wait_for(reader.read(65536), 5)
+        assert chunk, answer
+        answer += chunk
+    writer.close()
+    proxy.close()
+    await proxy.wait_closed()
+    return answer, reported
+
+
+async def test_answers_to_head_have_no_body_and_the_next_answer_follows(
+    upstream: tuple[int, list[bytes]],
+) -> None:
+    port, _ = upstream
+    requests = b"HEAD /x HTTP/1.1\r\nHost: a\r\n\r\n" * 2 + b"GET /y HTTP/1.1\r\nHost: a\r\n\r\n"
+    answer, reported = await through_proxy(port, requests, lambda a: a.endswith(b"\r\n\r\nok"))
+    assert answer.count(b"Content-Length: 1234") == 2 and answer.endswith(PLAIN_ANSWER), answer
+    assert [(r.method, r.status) for r in reported] == [("HEAD", 200), ("HEAD", 200), ("GET", 200)]
+
+
+async def test_chunked_trailers_pass_both_ways(upstream: tuple[int, list[bytes]]) -> None:
+    port, seen = upstream
+    request = (
+        b"POST /chunked HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nabc\r\n0\r\nx-request-sum: 7\r\n\r\n"
+    )
+    answer, _ = await through_proxy(
+        port, request, lambda a: b"hello\r\n0\r\n" in a and a.endswith(b"\r\n\r\n")
+    )
+    assert answer.endswith(b"0\r\nx-checksum: 42\r\n\r\n"), answer
+    assert b"5\r\nhello\r\n" in answer
+    assert b"".join(seen).endswith(b"0\r\nx-request-sum: 7\r\n\r\n"), seen
+
+
+async def test_a_denied_request_never_reaches_the_upstream(
+    upstream: tuple[int, list[bytes]],
+) -> None:
+    port, seen = upstream
+    requests = b"GET /secret HTTP/1.1\r\nHost: a\r\n\r\nGET /ok HTTP/1.1\r\nHost: a\r\n\r\n"
+    answer, reported = await through_proxy(port, requests, lambda a: a.endswith(b"\r\n\r\nok"))
+    assert answer.startswith(b"HTTP/1.1 403") and answer.endswith(PLAIN_ANSWER), answer
+    assert b"/secret" not in b"".join(seen) and b"GET /ok" in b"".join(seen), seen
+    assert [r.status for r in reported] == [403, 200]
+
+
+@pytest.mark.parametrize("batch", range(2))
+async def test_fuzzed_answers_never_crash_the_proxy(batch: int) -> None:
+    """Whatever the upstream answers (its canned answers mutated, fixed seed), the handler ends
+    cleanly: a broken answer ends that connection only."""
+    rng = random.Random(20261205 + batch)
+    valid = HEAD_ANSWER + CHUNKED_ANSWER + PLAIN_ANSWER
+    requests = (
+        b"HEAD /x HTTP/1.1\r\nHost: a\r\n\r\n"
+        b"POST /c HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx"
+        b"GET /y HTTP/1.1\r\nHost: a\r\n\r\n"
+    )
+    for _ in range(25):
+        garbled = bytearray(valid)
+        for _ in range(rng.randint(1, 6)):
+            at = rng.randrange(len(garbled))
+            if rng.random() < 0.5:
+                garbled[at] = rng.randrange(256)
+            else:
+                del garbled[at : at + rng.randint(1, 8)]
+        await _one_fuzzed(bytes(garbled), requests)
+
+
+async def _one_fuzzed(answer: bytes, requests: bytes) -> None:
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+    failures: list[BaseException] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handler = HttpConnection(allow_all_but_secret(), reader, writer, lambda *_: None)
+        handler.conn = dataclasses.replace(handler.conn, dport=server.sockets[0].getsockname()[1])
+        try:
+            await handler.run()
+        except BaseException as exc:
+            failures.append(exc)
+
+    proxy = await asyncio.start_server(serve, "127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.sockets[0].getsockname()[1])
+    writer.write(requests)
+    await asyncio.wait_for(reader.read(), 5)  # the proxy closes when the upstream did
+    writer.close()
+    for s in (proxy, server):
+        s.close()
+        await s.wait_closed()
+    assert not failures, (answer, failures)
