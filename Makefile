@@ -36,6 +36,7 @@ bench: setup
 	$(PY) bench/overlay.py
 	$(PY) -m bench.monitor
 	$(PY) bench/l7.py
+	$(PY) bench/l7_protocols.py
 
 down:
 	$(VENV)/bin/membrane down

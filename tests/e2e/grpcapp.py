@@ -4,7 +4,6 @@
     grpcapp.py call HOST PORT METHOD[:SIZE]...
         one channel (one HTTP/2 connection), the calls one after the other; a JSON line each:
         {"method", "code", "size"}: the status code's name and the size of the answer
-    grpcapp.py bench HOST PORT METHOD SECONDS -> {"calls", "per_s", "p50_ms", "errors"}
 
 Service ``empire.DeathStar``: ``RequestLanding`` (answers "Ship landed"), ``ExhaustPort``
 (answers "exploded"), ``Echo`` (answers its request, for big messages both ways).
@@ -13,9 +12,7 @@ Service ``empire.DeathStar``: ``RequestLanding`` (answers "Ship landed"), ``Exha
 from __future__ import annotations
 
 import json
-import statistics
 import sys
-import time
 from concurrent import futures
 
 import grpc
@@ -69,36 +66,9 @@ def call(host: str, port: str, calls: list[str]) -> None:
             print(json.dumps(out), flush=True)
 
 
-def bench(host: str, port: str, method: str, seconds: float) -> None:
-    with grpc.insecure_channel(f"{host}:{port}", options=OPTIONS) as channel:
-        stub = channel.unary_unary(f"/{SERVICE}/{method}")
-        stub(b"", timeout=10)  # connected before the clock starts
-        latencies: list[float] = []
-        errors = 0
-        end = time.perf_counter() + seconds
-        while (start := time.perf_counter()) < end:
-            try:
-                stub(b"x", timeout=10)
-            except grpc.RpcError:
-                errors += 1
-            latencies.append(time.perf_counter() - start)
-    print(
-        json.dumps(
-            {
-                "calls": len(latencies),
-                "per_s": round(len(latencies) / seconds),
-                "p50_ms": round(statistics.median(latencies) * 1000, 3),
-                "errors": errors,
-            }
-        )
-    )
-
-
 if __name__ == "__main__":
     command, args = sys.argv[1], sys.argv[2:]
     if command == "serve":
         serve(int(args[0]))
-    elif command == "call":
-        call(args[0], args[1], args[2:])
     else:
-        bench(args[0], args[1], args[2], float(args[3]))
+        call(args[0], args[1], args[2:])
