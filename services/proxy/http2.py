@@ -78,8 +78,15 @@ class _Stream:
 
 
 def _settings(client_side: bool) -> h2.connection.H2Connection:
+    # what one side sends, the other side's h2 validated when it came in: checking it again
+    # on the way out would only cost time
     conn = h2.connection.H2Connection(
-        h2.config.H2Configuration(client_side=client_side, header_encoding=None)
+        h2.config.H2Configuration(
+            client_side=client_side,
+            header_encoding=None,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
     )
     conn.local_settings = h2.settings.Settings(
         client=client_side,

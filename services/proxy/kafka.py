@@ -106,7 +106,7 @@ class KafkaConnection(Handler):
         verdict = self.view.kafka(conn.src, conn.dst, conn.dport, parsed.request)
         if verdict.allowed:
             # what was decoded, encoded again: nothing the codec did not understand goes on
-            self.to_upstream.append(bytes(parsed.body.encode(header=True, framed=True)))
+            self.to_upstream.append(parsed.frame)
             self.identity = verdict.src_identity
             entry = _Pending(parsed, verdict)
         else:

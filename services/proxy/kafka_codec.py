@@ -51,6 +51,7 @@ class Parsed:
     correlation_id: int
     body: Any  # the decoded request (kafka-python's data container)
     expects_response: bool  # false for produce with acks=0
+    frame: bytes  # what was decoded, encoded again (size, header, body): what is forwarded
 
 
 def parse(payload: bytes) -> Parsed:
@@ -66,11 +67,12 @@ def parse(payload: bytes) -> Parsed:
         raise KafkaDecodeError(f"API key {api_key} has no version {version}")
     try:
         body = cls.decode(payload, version=version, header=True)
+        client_id = body.header.client_id or ""
+        request = KafkaRequest(api_key, version, client_id, _topics(api_key, body))
+        frame = bytes(body.encode(header=True, framed=True))
     except Exception as exc:  # the codec raises whatever a truncated buffer makes it raise
         raise KafkaDecodeError(f"undecodable {cls.name} v{version}: {exc}") from None
-    client_id = body.header.client_id or ""
-    request = KafkaRequest(api_key, version, client_id, _topics(api_key, body))
-    return Parsed(request, correlation_id, body, bool(body.expect_response()))
+    return Parsed(request, correlation_id, body, bool(body.expect_response()), frame)
 
 
 def _topics(api_key: int, body: Any) -> tuple[str, ...] | None:
@@ -125,9 +127,12 @@ def denial(parsed: Parsed) -> bytes:
     cls = ResponseClassRegistry.get_response_class(parsed.body.header)
     if cls is None:  # every request class has its response (kafka-python's registry)
         raise KafkaDecodeError(f"no response known for API key {api_key}")
-    response = cls(version=version, **_echo(cls._struct, parsed.body, version))
-    response.with_header(correlation_id=parsed.correlation_id)
-    return bytes(response.encode(header=True, framed=True))
+    try:
+        response = cls(version=version, **_echo(cls._struct, parsed.body, version))
+        response.with_header(correlation_id=parsed.correlation_id)
+        return bytes(response.encode(header=True, framed=True))
+    except Exception as exc:  # a request the codec read but cannot answer: never forwarded
+        raise KafkaDecodeError(f"cannot answer {cls.name} v{version}: {exc}") from None
 
 
 def _echo(struct_field: Any, source: Any, version: int) -> dict[str, Any]:

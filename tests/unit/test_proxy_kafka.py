@@ -132,8 +132,10 @@ def test_denials_carry_29_for_the_apis_topics_and_partitions(request_: Any) -> N
 
 
 def test_parse_reads_the_header_and_the_topics() -> None:
-    parsed = parse(framed(produce(9, "plans", "announce"), client_id="hq")[4:])
+    sent = framed(produce(9, "plans", "announce"), client_id="hq")
+    parsed = parse(sent[4:])
     assert parsed.request == KafkaRequest(0, 9, "hq", ("plans", "announce"))
+    assert parsed.frame == sent  # what is forwarded: the request encoded again, the same
     assert parsed.correlation_id == 7 and parsed.expects_response
     assert not parse(framed(produce(9, "plans", acks=0))[4:]).expects_response
     every = parse(framed(M[9](topics=None, allow_auto_topic_creation=False))[4:])
