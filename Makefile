@@ -37,6 +37,7 @@ bench: setup
 	$(PY) -m bench.monitor
 	$(PY) bench/l7.py
 	$(PY) bench/l7_protocols.py
+	$(PY) bench/dns.py
 
 down:
 	$(VENV)/bin/membrane down

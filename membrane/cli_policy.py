@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import re
 import sys
@@ -87,6 +88,16 @@ def parse_port(text: str) -> tuple[int, int]:
     return protocol, port
 
 
+def _address(text: str) -> Endpoint | None:
+    """An IPv4 address as the destination: outside the cluster (identity 0: the policy
+    service looks it up, and names the DNS names toFQDNs rules learned for it)."""
+    try:
+        ip = ipaddress.IPv4Address(text)
+    except ValueError:
+        return None
+    return Endpoint(namespace="", name=str(ip), node="", ip=str(ip), identity=0, labels={})
+
+
 def _workload(endpoint: Endpoint) -> str:
     """``deploy/web`` for a Deployment's pod (every replica has its identity), else the pod."""
     if endpoint.owner.startswith("Deployment/"):
@@ -95,6 +106,8 @@ def _workload(endpoint: Endpoint) -> str:
 
 
 def _named(endpoint: Endpoint) -> str:
+    if not endpoint.namespace:  # an address outside the cluster
+        return endpoint.name
     workload = f" ({_workload(endpoint)})" if endpoint.owner else ""
     return f"{endpoint.namespace}/{endpoint.name}{workload}"
 
@@ -115,6 +128,10 @@ def explain_lines(src: Endpoint, dst: Endpoint, reply: ExplainReply) -> list[str
     if src.identity == dst.identity and _workload(src) != _workload(dst):
         names[src.identity] = f"{_workload(src)}, {_workload(dst)}"
 
+    if not dst.identity:  # an address: the service found its identity
+        found = re.match(r"identity \d+ -> identity (\d+)", reply.lines[0]) if reply.lines else None
+        dst = msgspec.structs.replace(dst, identity=int(found.group(1)) if found else 0)
+
     def name(match: re.Match[str]) -> str:
         number = int(match.group(1))
         return f"{match.group(0)} ({names[number]})" if number in names else match.group(0)
@@ -131,7 +148,7 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
 
     async def go(bus: Bus) -> tuple[Endpoint, Endpoint, ExplainReply]:
         src = (await workloads.resolve(bus, args.src, args.namespace))[0]
-        dst = (await workloads.resolve(bus, args.dst, args.namespace))[0]
+        dst = _address(args.dst) or (await workloads.resolve(bus, args.dst, args.namespace))[0]
         reply = await policy.explain(
             bus,
             ExplainRequest(
@@ -190,7 +207,13 @@ def add_parsers(sub: Any) -> Any:
         "bare name that is a pod or else a Deployment; NS/ before it picks the namespace.",
     )
     sp.add_argument("--from", dest="src", required=True, metavar="[NS/]WORKLOAD")
-    sp.add_argument("--to", dest="dst", required=True, metavar="[NS/]WORKLOAD")
+    sp.add_argument(
+        "--to",
+        dest="dst",
+        required=True,
+        metavar="[NS/]WORKLOAD|IP",
+        help="a workload, or an address outside the cluster (a toFQDNs rule names the DNS name)",
+    )
     sp.add_argument("-n", "--namespace", default="default", help="namespace (default default)")
     sp.add_argument("--port", default="0/ANY", help="PORT[/PROTO], e.g. 80/TCP")
     sp.add_argument("-o", "--output", choices=["table", "json"], default="table")

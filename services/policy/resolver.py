@@ -267,6 +267,25 @@ class Resolver:
         """The learned names resolving to ``address``."""
         return self._fqdns.names_of(IPv4Address(address))
 
+    def outside_identity(self, address: str) -> int:
+        """The identity of an address outside the cluster, as the datapath's ipcache finds it:
+        its most specific policy network's, else ``world``."""
+        ip = IPv4Address(address)
+        for prefixlen in range(32, 0, -1):
+            number = self._cidrs.identity_of(IPv4Network((ip, prefixlen), strict=False))
+            if number is not None:
+                return number
+        return identities.WORLD
+
+    def fqdn_reasons(self, address: str) -> list[str]:
+        """Why toFQDNs selectors hold ``address``: the names answered with it, per selector."""
+        ip = IPv4Address(address)
+        return [
+            f"{address} was answered for {', '.join(names)}: {describe_peer_set(dep)}"
+            for dep in sorted(self._set_ids, key=str)
+            if isinstance(dep, NameMatch) and (names := self._fqdns.selected_by(dep, ip))
+        ]
+
     # --- outputs -------------------------------------------------------------------------------
 
     def resolved(self, identity: int) -> ResolvedPolicy | None:

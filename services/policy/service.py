@@ -205,10 +205,17 @@ class PolicyService:
         )
 
     async def explain(self, req: ExplainRequest) -> ExplainReply:
+        """A destination given by its address alone (identity 0) is outside the cluster: its
+        identity is the ipcache's, and the names it was learned for say why toFQDNs hold it."""
+        dst_identity = req.dst_identity
+        names: list[str] = []
+        if not dst_identity and req.dst_ip:
+            dst_identity = self.resolver.outside_identity(req.dst_ip)
+            names = self.resolver.fqdn_reasons(req.dst_ip)
         result = explain(
             self.resolver,
             req.src_identity,
-            req.dst_identity,
+            dst_identity,
             req.protocol,
             req.port,
             src_ports=req.src_ports,
@@ -216,7 +223,7 @@ class PolicyService:
             src_ip=req.src_ip,
             dst_ip=req.dst_ip,
         )
-        return ExplainReply(allowed=result.allowed, lines=result.lines())
+        return ExplainReply(allowed=result.allowed, lines=result.lines() + names)
 
     async def diff(self, req: PolicyDiffRequest) -> PolicyDiffReply:
         """Recorded flows replayed against today's policies and with ``req.documents`` applied.

@@ -171,6 +171,11 @@ def test_lookup_then_the_first_connection_succeeds(world: World) -> None:
     fetched = world.fetch("api.example.com")
     assert fetched == {"rcode": "NOERROR", "answers": [API], "ttl": 60, "http": API}
     assert world.query("api.example.com", "tcp")["answers"] == [API]  # DNS over TCP too
+    explained = world.cluster.run("policy", "explain", "--from", "client", "--to", API,
+                                  "--port", "80/TCP").stdout  # fmt: skip
+    assert f"{API} was answered for api.example.com: toFQDNs matchName api.example.com" in (
+        explained
+    ), explained
     (cache,) = world.cache()
     assert cache["endpoint"] == "default/client"
     assert {n["name"]: [a["ip"] for a in n["addresses"]] for n in cache["names"]}[
