@@ -6,8 +6,11 @@ serve ZONE DNS_IP HTTP_IP...   in the outside namespace: DNS on DNS_IP:53 (UDP a
                                in front of x); NXDOMAIN otherwise. HTTP on port 80 of every
                                HTTP_IP, answering with that address. Prints "ready".
 query SERVER NAME [tcp]        one query; prints {"rcode", "answers", "ttl"} or {"error"}
-fetch SERVER NAME [PORT]       resolve NAME, then at once GET / from the first address; prints
-                               {"rcode", "answers", "http": body or the error's name}
+fetch SERVER NAME [IP]         resolve NAME, then at once GET / from the first address; prints
+                               {"rcode", "answers", "http": body or the error's name}, and
+                               with IP "also": GET / from IP after that
+until-dropped IP SECONDS       GET / from IP until it fails (at most SECONDS); prints the
+                               seconds it took, or "never"
 get IP [PORT]                  GET / from IP; prints the body or the error's name (exit 1)
 garbage SERVER                 send a datagram that is no DNS message to SERVER:53; prints
                                "answered" or "silent"
@@ -20,6 +23,7 @@ import json
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 import dns.flags
@@ -152,9 +156,19 @@ def main(argv: list[str]) -> int:
     elif command == "fetch":
         found = query(args[0], args[1])
         answers = found.get("answers") or []
-        port = int(args[2]) if len(args) > 2 else 80
-        found["http"] = get(str(answers[0]), port) if answers else "no address"  # type: ignore[index]
+        found["http"] = get(str(answers[0])) if answers else "no address"  # type: ignore[index]
+        if len(args) > 2:
+            found["also"] = get(args[2])
         print(json.dumps(found))
+    elif command == "until-dropped":
+        started = time.monotonic()
+        while time.monotonic() - started < float(args[1]):
+            if get(args[0]) != args[0]:
+                print(f"{time.monotonic() - started:.1f}")
+                return 0
+            time.sleep(0.1)
+        print("never")
+        return 1
     elif command == "get":
         body = get(args[0], int(args[1]) if len(args) > 1 else 80)
         print(body)
