@@ -270,6 +270,10 @@ class Pod:
     ifname: str
 
 
+# the node the ipcache steps pretend to come from (no such node runs)
+OTHER_NODE = "bench-peer"
+
+
 class Cluster:
     """A one-node ``membrane up`` in its own state directory, driven through the CLI."""
 
@@ -490,10 +494,18 @@ async def kv_latency(cluster: Cluster, target: Pod, args: argparse.Namespace) ->
         def ipcache_steps(addrs: list[IPv4Address]) -> Iterator[tuple[str, bytes, MapEntry, bytes]]:
             for ip in addrs:
                 identity = FIRST_ID + int(ip) % 65536
-                payload = msgspec.json.encode(IPCacheEntry(cidr=f"{ip}/32", identity=identity))
+                # as a node of the cluster would write them (the agent checks the key's owner)
+                payload = msgspec.json.encode(
+                    IPCacheEntry(cidr=f"{ip}/32", identity=identity, node=OTHER_NODE)
+                )
                 key = pack_ipcache_key(IPv4Network(f"{ip}/32"))
                 expected = IPCacheValue(identity).pack()
-                yield str(ip), payload, MapEntry(ipcache_fd, key, value_size), expected
+                yield (
+                    subjects.ipcache_key(ip, OTHER_NODE),
+                    payload,
+                    MapEntry(ipcache_fd, key, value_size),
+                    expected,
+                )
 
         watcher = Watcher(ipcache_kv)
         watch = asyncio.create_task(watcher.run())
@@ -512,7 +524,9 @@ async def kv_latency(cluster: Cluster, target: Pod, args: argparse.Namespace) ->
         ]
         results += [direct_writes("ipcache", baseline), timed.acked, timed.watched, timed.mapped]
         # the fresh addresses go again, so that the TCP runs see the usual small ipcache
-        await asyncio.gather(*(ipcache_kv.delete(str(ip)) for ip in addresses))
+        await asyncio.gather(
+            *(ipcache_kv.delete(subjects.ipcache_key(ip, OTHER_NODE)) for ip in addresses)
+        )
         print(f"  ipcache: p99 {timed.mapped.ms(0.99):.2f} ms", file=sys.stderr, flush=True)
 
         # resolved policy: one allow entry whose port (and rule id) changes every step

@@ -71,7 +71,7 @@ async def fill_buckets(bus: Bus) -> None:
             identity=256 + n % 1000,
             labels={"app": f"app{n}"},
         )
-        writes.append(endpoints.put(f"ns{n % 16}.pod-{n}", enc(ep)))
+        writes.append(endpoints.put(subjects.endpoint_key(NODE, ep.namespace, ep.name), enc(ep)))
     # rule ids are the run numbers: name the first 20,000 under 200 policies
     for subject in range(200):
         rules = {

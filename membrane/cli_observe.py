@@ -89,7 +89,7 @@ async def follow(
     async def on_msg(msg: Any) -> None:
         queue.put_nowait(msg.data)
 
-    sub = await bus.nc.subscribe(subject, cb=on_msg)
+    sub = await bus.subscribe(subject, on_msg)
     await bus.flush()
     if ready:
         print("following", file=sys.stderr, flush=True)  # for scripts that wait for it

@@ -20,6 +20,8 @@ import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
@@ -29,7 +31,14 @@ from nats.micro.service import EndpointConfig, Service
 from prometheus_client import Counter, Histogram
 
 from shared import gcpause, kv_watch, log, roles
-from shared.errors import DeadlineExceeded, Internal, InvalidArgument, MembraneError, Unavailable
+from shared.errors import (
+    DeadlineExceeded,
+    Internal,
+    InvalidArgument,
+    MembraneError,
+    PermissionDenied,
+    Unavailable,
+)
 from shared.errors import from_code as error_from_code
 from shared.kv_watch import KVEvent as KVEvent  # re-exported: KV consumers import it here
 from shared.messages import ErrorBody, Message
@@ -48,6 +57,7 @@ _HTTP_STATUS = {
     "invalid_argument": "400",
     "not_found": "404",
     "already_exists": "409",
+    "permission_denied": "403",
     "resource_exhausted": "429",
     "unavailable": "503",
     "deadline_exceeded": "504",
@@ -72,6 +82,30 @@ MALFORMED = Counter(
 )
 
 _encoder = msgspec.json.Encoder()
+# A role that may read a stream may create a push consumer on it, and nats-server (2.9) does not
+# check the consumer's deliver subject against the creator's permissions: JetStream delivers
+# with the account's rights. An agent could so write a payload into its own `nodes` key and have
+# it delivered to `membrane.policy.apply`. Such a delivery always carries a JetStream reply
+# subject (an ack or flow-control subject) or a status header (idle heartbeat), which no real
+# request or event has: every core subscription of membrane drops it (docs/security.md).
+JETSTREAM_DELIVERIES = Counter(
+    "membrane_bus_jetstream_deliveries_dropped_total",
+    "Messages a JetStream consumer delivered to a core subscription (a deliver-subject "
+    "injection), dropped",
+    ["subscription"],
+)
+_JETSTREAM_REPLIES = ("$JS.ACK.", "$JS.FC.")
+
+
+def from_jetstream(msg: Msg) -> bool:
+    """Whether a message on a core subscription was delivered by a JetStream consumer."""
+    reply: str = msg.reply or ""
+    return reply.startswith(_JETSTREAM_REPLIES) or "Status" in (msg.headers or {})
+
+
+# the server's -ERR for what a user's permissions refuse (nats.py lowercases it)
+_DENIED_RE = re.compile(r'permissions violation for (publish|subscription) to "([^"]*)"')
+
 _PATH_RE = re.compile(r"at `\$\.?([^`]*)`")
 
 _log = log.get("bus")
@@ -134,12 +168,32 @@ class ServiceInfo(msgspec.Struct, kw_only=True):
 class Bus:
     """A connection to NATS with JetStream, shared by everything in one process."""
 
-    def __init__(self, nc: Client, name: str, closing: asyncio.Event | None = None) -> None:
+    def __init__(
+        self, nc: Client, name: str, closing: asyncio.Event | None = None, user: str = ""
+    ) -> None:
         self.nc = nc
         self._closing = closing or asyncio.Event()
         self.js: JetStreamContext = nc.jetstream()
         self.name = name
+        self.user = user
         self._services: list[MicroService] = []
+        # requests waiting for a reply, by subject (lowercased, as the server's -ERR comes):
+        # a publish the server refuses gets no reply, only an -ERR; the waiting request is
+        # cancelled and raises PermissionDenied at once instead of timing out
+        self._requests: dict[str, set[asyncio.Task[Any]]] = {}
+        self._denied: set[asyncio.Task[Any]] = set()
+
+    def _on_denied(self, operation: str, subject: str) -> None:
+        _log.error(
+            "not permitted: the server refused this credential",
+            user=self.user,
+            operation=operation,
+            subject=subject,
+        )
+        if operation == "publish":
+            for task in self._requests.pop(subject, set()):
+                self._denied.add(task)
+                task.cancel()
 
     @classmethod
     async def connect(
@@ -166,13 +220,17 @@ class Bus:
         # authorization failure seen on any attempt is the reason given at the end
         refused_credentials = ""
         connected = asyncio.Event()
+        made: list[Bus] = []
+        credentials = _credentials(url)
 
         async def on_error(exc: Exception) -> None:
             nonlocal last_error, refused_credentials
             last_error = _describe(exc)
             if "authorization" in last_error.lower():
                 refused_credentials = last_error
-            if connected.is_set():  # before that, the connect loop below reports it
+            if (denied := _DENIED_RE.search(last_error.lower())) and made:
+                made[0]._on_denied(denied[1], denied[2])
+            elif connected.is_set():  # before that, the connect loop below reports it
                 _log.warning("nats error", error=_describe(exc))
 
         deadline = None if retry_for is None else time.monotonic() + retry_for
@@ -180,7 +238,7 @@ class Bus:
         while True:
             try:
                 nc = await nats.connect(
-                    **_credentials(url),
+                    **credentials,
                     name=name,
                     connect_timeout=connect_timeout,
                     allow_reconnect=True,
@@ -194,8 +252,9 @@ class Bus:
                     reconnected_cb=_on_reconnect,
                 )
                 nc.options["max_reconnect_attempts"] = -1
+                made.append(cls(nc, name, closing, str(credentials.get("user", ""))))
                 connected.set()
-                return cls(nc, name, closing)
+                return made[0]
             except (TimeoutError, OSError, nats.errors.Error) as exc:
                 # nats-py reports the real cause (refused, authorization) to the error callback
                 # and then raises a generic "no servers" error
@@ -229,6 +288,21 @@ class Bus:
             except (TimeoutError, nats.errors.Error):
                 await self.nc.close()
 
+    async def subscribe(
+        self, subject: str, cb: Callable[[Msg], Awaitable[None]], **options: Any
+    ) -> Subscription:
+        """A core subscription (``nats.aio.Client.subscribe``'s options) that never hands
+        ``cb`` a message a JetStream consumer delivered (see ``from_jetstream``)."""
+        dropped = JETSTREAM_DELIVERIES.labels(subject)
+
+        async def guarded(msg: Msg) -> None:
+            if from_jetstream(msg):
+                dropped.inc()
+                return
+            await cb(msg)
+
+        return await self.nc.subscribe(subject, cb=guarded, **options)
+
     # --- publish and request/reply --------------------------------------------------------
 
     async def publish(self, subject: str, payload: Message) -> None:
@@ -242,14 +316,32 @@ class Bus:
         self, subject: str, payload: Message, reply_type: type[Res], *, timeout: float = 5.0
     ) -> Res:
         """Send a typed request; return the typed result or raise the typed error."""
+        task = asyncio.current_task()
+        assert task is not None
+        key = subject.lower()
+        waiting = self._requests.setdefault(key, set())
+        waiting.add(task)
         try:
             msg = await self.nc.request(subject, encode(payload), timeout=timeout)
+        except asyncio.CancelledError:
+            if task not in self._denied:
+                raise
+            self._denied.discard(task)
+            task.uncancel()
+            raise PermissionDenied(
+                f"not permitted: the NATS user {self.user or '(anonymous)'!r} may not send "
+                f"{subject} (its role does not allow it; roles: docs/security.md)"
+            ) from None
         except nats.errors.NoRespondersError:
             raise Unavailable(f"no service is answering on {subject}") from None
         except nats.errors.TimeoutError:
             raise DeadlineExceeded(f"no reply on {subject} within {timeout:g}s") from None
         except nats.errors.ConnectionClosedError:
             raise Unavailable("the NATS connection is closed") from None
+        finally:
+            waiting.discard(task)
+            if not waiting and self._requests.get(key) is waiting:
+                del self._requests[key]
         headers = msg.headers or {}
         if ERROR_HEADER in headers:
             try:
@@ -452,7 +544,12 @@ class MicroService:
                 REQUESTS.labels(self.name, name, code).inc()
                 seconds.observe(time.perf_counter() - started)
 
+        dropped = JETSTREAM_DELIVERIES.labels(subject)
+
         async def dispatch(request: Request) -> None:
+            if from_jetstream(request._msg):
+                dropped.inc()  # no reply: the reply subject is JetStream's, not a requester's
+                return
             await slots.acquire()
             task = asyncio.create_task(serve(request))
             self._inflight.add(task)

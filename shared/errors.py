@@ -45,6 +45,13 @@ class AlreadyExists(MembraneError):
     code = "already_exists"
 
 
+class PermissionDenied(MembraneError):
+    """The credential's role may not do this (nats-server refused it); the same credential
+    will be refused again."""
+
+    code = "permission_denied"
+
+
 class ResourceExhausted(MembraneError):
     """A finite range (identities, pod CIDRs, ...) has no free element left."""
 
@@ -75,6 +82,7 @@ _BY_CODE: dict[str, type[MembraneError]] = {
         InvalidArgument,
         NotFound,
         AlreadyExists,
+        PermissionDenied,
         ResourceExhausted,
         Unavailable,
         DeadlineExceeded,

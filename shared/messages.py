@@ -131,7 +131,8 @@ class ContainerPort(Message):
 
 
 class Endpoint(Message):
-    """A pod as wired by its node's agent (``endpoints`` bucket, key ``<namespace>.<name>``)."""
+    """A pod as wired by its node's agent (``endpoints`` bucket, key
+    ``subjects.endpoint_key``: node, namespace, name)."""
 
     namespace: str
     name: str
@@ -153,7 +154,7 @@ class Endpoint(Message):
 
 
 class IPCacheEntry(Message):
-    """IP or CIDR -> security identity (``ipcache`` bucket, key: the address, dots kept)."""
+    """IP or CIDR -> security identity (``ipcache`` bucket, key: ``subjects.ipcache_key``)."""
 
     cidr: str  # "10.244.1.5/32"
     identity: int
@@ -166,7 +167,9 @@ class NamespaceRecord(Message):
 
     name: str
     labels: dict[str, str]
-    implicit: bool = False  # created because a pod used it before it was declared
+    # written by agents of earlier versions for a namespace a pod used before it was declared;
+    # agents now write none (they write only their own node's keys). Kept for old records.
+    implicit: bool = False
 
 
 class PodRecord(Message):

@@ -115,8 +115,13 @@ def _service(
 
 IDENTITY = _service(
     ["membrane.identity.>", "membrane.ipam.>"],
-    read=[subjects.KV_IDENTITIES],
-    write=[kv_write(subjects.KV_IDENTITIES)],
+    read=[subjects.KV_IDENTITIES, subjects.KV_NODES, subjects.KV_ENDPOINTS, subjects.KV_IPCACHE],
+    # a dead node's pods are released by the identity service (services/identity/nodes.py)
+    write=[
+        kv_write(subjects.KV_IDENTITIES),
+        kv_write(subjects.KV_ENDPOINTS),
+        kv_write(subjects.KV_IPCACHE),
+    ],
 )
 POLICY = _service(
     ["membrane.policy.>"],
@@ -129,12 +134,12 @@ POLICY = _service(
         subjects.KV_NAMESPACES,
         subjects.KV_FQDN,  # the addresses toFQDNs selectors select
     ],
-    # CIDR identities of the policies' rules go into ipcache (keys are prefixes)
+    # CIDR identities of the policies' rules go into ipcache, under keys of its own
     write=[
         kv_write(subjects.KV_POLICIES),
         kv_write(subjects.KV_RESOLVED),
         kv_write(subjects.KV_SELECTORS),
-        kv_write(subjects.KV_IPCACHE),
+        kv_write(subjects.KV_IPCACHE, f"{subjects.POLICY_IPCACHE_OWNER}.>"),
     ],
 )
 LB = _service(
@@ -203,9 +208,9 @@ K8S_BRIDGE = _service(
 
 
 def datapath(node: str) -> Permissions:
-    """A node's agent. Its node's own records in ``nodes`` and ``health``, its own flow and
-    health subjects; ``endpoints``, ``ipcache`` and ``namespaces`` keys do not name the node
-    yet, so any agent may write any of their keys (docs/security.md, "not yet")."""
+    """A node's agent: its node's own records in ``nodes`` and ``health``, its node's keys in
+    ``endpoints`` and ``ipcache`` (``subjects.node_keys``), its own flow and health subjects.
+    Namespaces it only reads (one it uses before it is declared has implicit labels)."""
     return _service(
         read=[
             subjects.KV_NODES,
@@ -222,9 +227,8 @@ def datapath(node: str) -> Permissions:
         write=[
             kv_write(subjects.KV_NODES, node),
             kv_write(subjects.KV_HEALTH, node),
-            kv_write(subjects.KV_ENDPOINTS),
-            kv_write(subjects.KV_IPCACHE),
-            kv_write(subjects.KV_NAMESPACES),  # implicit namespaces of its pods
+            kv_write(subjects.KV_ENDPOINTS, subjects.node_keys(node)),
+            kv_write(subjects.KV_IPCACHE, subjects.node_keys(node)),
         ],
         request=[
             subjects.IDENTITY_ALLOCATE,
@@ -250,7 +254,7 @@ def proxy(node: str) -> Permissions:
             subjects.KV_ENDPOINTS,
             subjects.KV_FQDN,
         ],
-        write=[kv_write(subjects.KV_FQDN, f"{node}.>")],
+        write=[kv_write(subjects.KV_FQDN, subjects.node_keys(node))],
         publish=[subjects.flows(node)],
     )
 
@@ -272,10 +276,16 @@ SERVICE_ROLE_NAMES = {"k8s": "k8s-bridge", "bridge": "k8s-bridge", "l7": "proxy"
 
 
 def role_of_service(service: str) -> str:
-    """The role a service runs as; one without a role of its own runs as admin (say so in
-    docs/security.md when adding a service, and give it a role here)."""
+    """The role a service runs as. A service without a role is refused rather than run as
+    admin: give it one here (and a row in docs/security.md) when adding it."""
     role = SERVICE_ROLE_NAMES.get(service, service)
-    return role if role in SERVICE_ROLES or role in PER_NODE_ROLES else "admin"
+    if role in SERVICE_ROLES or role in PER_NODE_ROLES:
+        return role
+    raise InvalidArgument(
+        f"service {service!r} has no NATS role: give it one in shared/roles.py "
+        "(SERVICE_ROLES or PER_NODE_ROLES); services never run as admin",
+        field="service",
+    )
 
 
 def permissions(role: str, node: str = "") -> Permissions:

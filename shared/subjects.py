@@ -134,11 +134,42 @@ LB_DELETE_SLICE: Final = "membrane.lb.delete-slice"
 
 
 # --- KV keys: every writer and reader of a bucket spells its keys with these -------------------
+#
+# What an agent writes (``endpoints``, ``ipcache``) is keyed under its node's token first, so
+# that nats-server can let each agent write its own node's keys and no other
+# (``$KV.<bucket>.<node token>.>``, shared/roles.py). Readers take the keys as opaque names and
+# read node, namespace and name from the values; only the builders below know the layout.
+
+# ``ipcache`` entries the policy service writes (its rules' CIDR identities): a first token no
+# node can have (node names are DNS-1123 subdomains: no '_')
+POLICY_IPCACHE_OWNER: Final = "_policy"
 
 
-def endpoint_key(namespace: str, name: str) -> str:
-    """``endpoints``: one pod."""
+def node_token(node: str) -> str:
+    """A node's name as one subject token: DNS-1123 node names may hold dots (FQDNs), never
+    '_', so the mapping is one to one."""
+    return node.replace(".", "_")
+
+
+def node_keys(node: str) -> str:
+    """The key filter of every ``endpoints`` / ``ipcache`` key of one node."""
+    return f"{node_token(node)}.>"
+
+
+def pod_key(namespace: str, name: str) -> str:
+    """``pods`` (the Kubernetes API's pods), and a pod's name wherever one node indexes pods."""
     return f"{namespace}.{name}"
+
+
+def endpoint_key(node: str, namespace: str, name: str) -> str:
+    """``endpoints``: one pod, under the node that hosts it."""
+    return f"{node_token(node)}.{namespace}.{name}"
+
+
+def pod_endpoint_keys(namespace: str, name: str) -> str:
+    """The key filter of a pod's ``endpoints`` entries on any node (one, while it exists).
+    Namespaces are DNS labels (no dots), so ``*.<namespace>.<name>`` names one pod."""
+    return f"*.{pod_key(namespace, name)}"
 
 
 def service_key(namespace: str, name: str) -> str:
@@ -151,9 +182,16 @@ def policy_key(kind: str, namespace: str, name: str) -> str:
     return f"{kind}/{namespace}/{name}"
 
 
-def ipcache_key(prefix: IPv4Address | IPv4Network) -> str:
-    """``ipcache``: a pod or node address as the address, a policy CIDR as the network."""
-    return str(prefix)
+def ipcache_key(prefix: IPv4Address | IPv4Network, node: str = "") -> str:
+    """``ipcache``: a pod's or node's address under the node that wrote it; without a node,
+    a CIDR of the policies' rules (the policy service's own keys)."""
+    owner = node_token(node) if node else POLICY_IPCACHE_OWNER
+    return f"{owner}.{prefix}"
+
+
+def ipcache_key_owner(key: str) -> str:
+    """Who wrote an ``ipcache`` key: a node's token, or ``POLICY_IPCACHE_OWNER``."""
+    return key.split(".", 1)[0]
 
 
 def identity_key(identity: int) -> str:
@@ -167,8 +205,9 @@ def selector_key(peer_set: int) -> str:
 
 
 def fqdn_key(node: str, endpoint_ip: str) -> str:
-    """``fqdn``: one endpoint's DNS cache, written by its node's proxy."""
-    return f"{node}.{endpoint_ip}"
+    """``fqdn``: one endpoint's DNS cache, written by its node's proxy (under its node's
+    token, as ``endpoints`` and ``ipcache``)."""
+    return f"{node_token(node)}.{endpoint_ip}"
 
 
 # the Kubernetes bridge: API objects in, the apply paths out; one leader (a Lease) writes

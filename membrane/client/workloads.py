@@ -45,13 +45,10 @@ async def endpoints(bus: Bus) -> list[Endpoint]:
 
 async def find_pod(bus: Bus, namespace: str, name: str) -> Endpoint:
     kv = await bus.kv(subjects.KV_ENDPOINTS)
-    try:
-        entry = await kv.get(subjects.endpoint_key(namespace, name))
-    except Exception:  # nats.js: KeyNotFoundError / KeyDeletedError
-        entry = None
-    if entry is None or entry.value is None:
+    found = await Bus.snapshot(kv, subjects.pod_endpoint_keys(namespace, name))
+    if not found:
         raise NotFound(f"pod {namespace}/{name} not found")
-    return msgspec.json.decode(entry.value, type=Endpoint)
+    return msgspec.json.decode(min(found.items())[1], type=Endpoint)
 
 
 # the kinds a workload reference may name, in kubectl's spellings
@@ -164,7 +161,7 @@ async def delete_pod(bus: Bus, namespace: str, name: str) -> Endpoint:
     # identified by them); a record from the Kubernetes API (it has the pod's uid) is the
     # bridge's to delete
     kv = await bus.kv(subjects.KV_PODS)
-    key = subjects.endpoint_key(namespace, name)
+    key = subjects.pod_key(namespace, name)
     raw = (await Bus.snapshot(kv, key)).get(key)
     if raw is not None and not msgspec.json.decode(raw, type=PodRecord).uid:
         await kv.delete(key)
@@ -184,7 +181,7 @@ async def label_pod(bus: Bus, namespace: str, name: str, labels: dict[str, str])
         node=endpoint.node,
     )
     kv = await bus.kv(subjects.KV_PODS)
-    await kv.put(subjects.endpoint_key(namespace, name), msgspec.json.encode(record))
+    await kv.put(subjects.pod_key(namespace, name), msgspec.json.encode(record))
     deadline = time.monotonic() + AGENT_TIMEOUT
     while endpoint.labels != labels:
         if time.monotonic() > deadline:

@@ -21,7 +21,7 @@ from prometheus_client import Counter
 
 from services.datapath import introspection
 from services.datapath.conntrack import Conntrack
-from services.datapath.ipcache_sync import IPCacheSync
+from services.datapath.ipcache_sync import IPCacheSync, check_owner
 from services.datapath.lb_sync import LBSync
 from services.datapath.lifecycle import BAD_MESSAGES, EndpointLifecycle
 from services.datapath.loader import Datapath
@@ -63,8 +63,8 @@ class Buckets:
 
         return cls(
             nodes=await kv(subjects.KV_NODES, "node -> underlay address, pod CIDR, heartbeat"),
-            endpoints=await kv(subjects.KV_ENDPOINTS, "namespace.pod -> endpoint"),
-            ipcache=await kv(subjects.KV_IPCACHE, "address -> identity, node"),
+            endpoints=await kv(subjects.KV_ENDPOINTS, "node.namespace.pod -> endpoint"),
+            ipcache=await kv(subjects.KV_IPCACHE, "owner.address -> identity, node"),
             resolved=await kv(subjects.KV_RESOLVED, "identity -> resolved policy"),
             selectors=await kv(subjects.KV_SELECTORS, "peer set id -> identities it selects"),
             namespaces=await kv(subjects.KV_NAMESPACES, "namespace -> labels"),
@@ -206,6 +206,7 @@ class Agent:
             try:
                 entry = msgspec.json.decode(event.value, type=IPCacheEntry)
                 IPv4Network(entry.cidr)
+                check_owner(event.key, entry)
             except (msgspec.ValidationError, msgspec.DecodeError, ValueError):
                 # an address nobody can vouch for is treated as unknown (world), not as before
                 BAD_MESSAGES.labels(subjects.KV_IPCACHE).inc()

@@ -126,7 +126,7 @@ class Health:
             IPCacheValue(identities.HEALTH, IPv4Address(self.node.underlay_ip)),
         )
         await agent.kv.ipcache.put(
-            subjects.ipcache_key(IPv4Address(self.ip)),
+            subjects.ipcache_key(IPv4Address(self.ip), self.node.name),
             msgspec.json.encode(
                 IPCacheEntry(
                     cidr=f"{self.ip}/32",

@@ -79,7 +79,7 @@ def _endpoints(agent: Agent) -> list[dict[str, Any]]:
 
 
 def _policy(agent: Agent, req: DumpRequest) -> list[dict[str, Any]]:
-    endpoint = agent.endpoints.get(subjects.endpoint_key(req.namespace or "default", req.pod))
+    endpoint = agent.endpoints.get(subjects.pod_key(req.namespace or "default", req.pod))
     if endpoint is None:
         raise NotFound(f"no pod {req.namespace or 'default'}/{req.pod} on node {agent.node.name}")
     resolved = agent.policy.resolved.get(endpoint.identity)

@@ -25,7 +25,7 @@ from typing import TypeVar
 from prometheus_client import Counter
 
 from services.datapath.maps import IPCacheValue
-from shared import identities, log
+from shared import identities, log, subjects
 from shared.messages import IPCacheEntry
 
 V = TypeVar("V")
@@ -43,6 +43,17 @@ def entry_value(entry: IPCacheEntry) -> tuple[IPv4Network, IPCacheValue]:
 def is_prefix(value: IPCacheValue) -> bool:
     """A policy's CIDR identity (node-local), not an address someone owns."""
     return value.identity >= identities.LOCAL_BASE
+
+
+def check_owner(key: str, entry: IPCacheEntry) -> None:
+    """An entry speaks for the node whose key it is under (nats-server lets each agent write
+    only those); the policy service's keys carry CIDR identities, which own no address."""
+    owner = subjects.ipcache_key_owner(key)
+    if owner == subjects.POLICY_IPCACHE_OWNER:
+        if entry.identity < identities.LOCAL_BASE:
+            raise ValueError(f"ipcache {key}: a policy CIDR with identity {entry.identity}")
+    elif owner != subjects.node_token(entry.node):
+        raise ValueError(f"ipcache {key}: an entry for node {entry.node!r}")
 
 
 class IPCacheSync:

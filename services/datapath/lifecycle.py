@@ -55,7 +55,7 @@ BAD_MESSAGES = Counter(
 
 
 class EndpointLifecycle:
-    """The node's endpoints, by ``subjects.endpoint_key``, and the operations on them."""
+    """The node's endpoints, by ``subjects.pod_key``, and the operations on them."""
 
     def __init__(
         self,
@@ -86,7 +86,7 @@ class EndpointLifecycle:
         self.identity_lease = identity_lease
         self.pod_netns_prefix = pod_netns_prefix
         self.router = IPv4Address(node.router_ip)
-        self.endpoints: dict[str, Endpoint] = {}  # by subjects.endpoint_key
+        self.endpoints: dict[str, Endpoint] = {}  # by subjects.pod_key
         self.lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
         self.namespace_labels: dict[str, dict[str, str]] = {}  # as last seen in the bucket
@@ -99,7 +99,7 @@ class EndpointLifecycle:
         """Take over the endpoints of this node recorded in the bucket whose veth still exists;
         forget the rest. Runs after the resolved and ipcache snapshots are in."""
         adopted_entries = self.policy.adopt()
-        stored = await Bus.snapshot(self.endpoints_kv)
+        stored = await Bus.snapshot(self.endpoints_kv, subjects.node_keys(self.node.name))
         for key, raw in stored.items():
             try:
                 endpoint = msgspec.json.decode(raw, type=Endpoint)
@@ -161,12 +161,12 @@ class EndpointLifecycle:
             IPv4Network(f"{endpoint.ip}/32"),
             IPCacheValue(endpoint.identity, IPv4Address(self.node.underlay_ip)),
         )
-        self.endpoints[subjects.endpoint_key(endpoint.namespace, endpoint.name)] = endpoint
+        self.endpoints[subjects.pod_key(endpoint.namespace, endpoint.name)] = endpoint
 
     async def add_endpoint(self, req: AddEndpoint) -> Endpoint:
         validate_dns_label(req.namespace, "namespace")
         validate_dns_subdomain(req.name, "name")
-        key = subjects.endpoint_key(req.namespace, req.name)
+        key = subjects.pod_key(req.namespace, req.name)
         async with self.lock:
             existing = self.endpoints.get(key)
             if existing is not None:
@@ -176,7 +176,7 @@ class EndpointLifecycle:
                     f"pod {req.namespace}/{req.name} already exists on node {self.node.name}",
                     field="name",
                 )
-            elsewhere = await self._stored_endpoint(key)
+            elsewhere = await self._stored_endpoint(req.namespace, req.name)
             if elsewhere is not None:
                 raise AlreadyExists(
                     f"pod {req.namespace}/{req.name} already exists on node {elsewhere.node}",
@@ -226,7 +226,7 @@ class EndpointLifecycle:
             if release_old:  # the allocation above took a second reference to it
                 await self._release_identity(endpoint.identity, f"{endpoint.name}/same")
             if publish:
-                self.endpoints[subjects.endpoint_key(endpoint.namespace, endpoint.name)] = endpoint
+                self.endpoints[subjects.pod_key(endpoint.namespace, endpoint.name)] = endpoint
                 await self._publish(endpoint)
             return
         self.log.info(
@@ -257,9 +257,12 @@ class EndpointLifecycle:
             self.namespace_labels.pop(event.key, None)
             return
         self.namespace_labels[event.key] = labels
+        in_use = any(e.namespace == event.key for e in self.endpoints.values())
+        if previous is None and in_use:  # its pods were identified before it was declared
+            previous = implicit_namespace_labels(event.key)
         if previous is None or previous == labels:
             return
-        if any(e.namespace == event.key for e in self.endpoints.values()):
+        if in_use:
             task = asyncio.create_task(self.relabel_namespace(event.key))
             self._background.add(task)
             task.add_done_callback(self._relabel_done)
@@ -304,7 +307,7 @@ class EndpointLifecycle:
     async def _publish(self, endpoint: Endpoint) -> None:
         """The endpoint's ipcache and endpoints entries on the bus."""
         await self.ipcache_kv.put(
-            subjects.ipcache_key(IPv4Address(endpoint.ip)),
+            subjects.ipcache_key(IPv4Address(endpoint.ip), self.node.name),
             msgspec.json.encode(
                 IPCacheEntry(
                     cidr=f"{endpoint.ip}/32",
@@ -315,11 +318,12 @@ class EndpointLifecycle:
             ),
         )
         await self.endpoints_kv.put(
-            subjects.endpoint_key(endpoint.namespace, endpoint.name), msgspec.json.encode(endpoint)
+            subjects.endpoint_key(self.node.name, endpoint.namespace, endpoint.name),
+            msgspec.json.encode(endpoint),
         )
 
     async def _create(self, req: AddEndpoint) -> Endpoint:
-        record = self.pod_records.get(subjects.endpoint_key(req.namespace, req.name))
+        record = self.pod_records.get(subjects.pod_key(req.namespace, req.name))
         if record is not None:
             req = msgspec.structs.replace(
                 req, labels=dict(record.labels), service_account=record.service_account
@@ -394,7 +398,7 @@ class EndpointLifecycle:
 
     async def _forget(self, endpoint: Endpoint, *, delete_netns: bool = False) -> None:
         """Undo whatever exists of an endpoint; every step tolerates the thing being gone."""
-        key = subjects.endpoint_key(endpoint.namespace, endpoint.name)
+        key = subjects.pod_key(endpoint.namespace, endpoint.name)
         self.endpoints.pop(key, None)
         # the kernel side first: it must go even when NATS is away
         if endpoint.ip:
@@ -414,8 +418,16 @@ class EndpointLifecycle:
             await asyncio.to_thread(self.conntrack.purge, {endpoint.ip})
             self.ipam.release(ip)
         for kv, kv_key in (
-            (self.endpoints_kv, key),
-            (self.ipcache_kv, endpoint.ip),
+            (
+                self.endpoints_kv,
+                subjects.endpoint_key(self.node.name, endpoint.namespace, endpoint.name),
+            ),
+            (
+                self.ipcache_kv,
+                subjects.ipcache_key(IPv4Address(endpoint.ip), self.node.name)
+                if endpoint.ip
+                else "",
+            ),
         ):
             if not kv_key:
                 continue
@@ -447,7 +459,7 @@ class EndpointLifecycle:
 
     def _find(self, ref: EndpointRef) -> Endpoint | None:
         if ref.name:
-            return self.endpoints.get(subjects.endpoint_key(ref.namespace or "default", ref.name))
+            return self.endpoints.get(subjects.pod_key(ref.namespace or "default", ref.name))
         if ref.container_id:
             for endpoint in self.endpoints.values():
                 if endpoint.container_id == ref.container_id:
@@ -455,37 +467,33 @@ class EndpointLifecycle:
             return None
         raise InvalidArgument("name a pod, or a container id", field="name")
 
-    async def _stored_endpoint(self, key: str) -> Endpoint | None:
-        try:
-            entry = await self.endpoints_kv.get(key)
-        except Exception:  # nats.js raises KeyNotFoundError and KeyDeletedError
-            return None
-        if entry.value is None:
-            return None
-        try:
-            return msgspec.json.decode(entry.value, type=Endpoint)
-        except msgspec.ValidationError:
-            return None
+    async def _stored_endpoint(self, namespace: str, name: str) -> Endpoint | None:
+        """The pod's ``endpoints`` entry, on whichever node holds it."""
+        found = await Bus.snapshot(self.endpoints_kv, subjects.pod_endpoint_keys(namespace, name))
+        for raw in found.values():
+            try:
+                return msgspec.json.decode(raw, type=Endpoint)
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                BAD_MESSAGES.labels(subjects.KV_ENDPOINTS).inc()
+        return None
 
     async def _namespace_labels(self, namespace: str) -> dict[str, str]:
-        """Labels of a namespace; one used before it was declared is created implicitly."""
+        """Labels of a namespace; one used before it was declared has only its name label
+        (no record is written: agents write only their own node's keys; labels declared later
+        re-identify its pods, ``on_namespace``)."""
         try:
             entry = await self.namespaces_kv.get(namespace)
             if entry.value:
                 return msgspec.json.decode(entry.value, type=NamespaceRecord).labels
         except (msgspec.ValidationError, msgspec.DecodeError):
             BAD_MESSAGES.labels(subjects.KV_NAMESPACES).inc()
-            return {METADATA_NAME_LABEL: namespace}
         except Exception:  # not found
             pass
-        record = NamespaceRecord(
-            name=namespace, labels={METADATA_NAME_LABEL: namespace}, implicit=True
-        )
-        try:
-            await self.namespaces_kv.create(namespace, msgspec.json.encode(record))
-        except Exception:  # someone else created it meanwhile: theirs stands
-            return await self._namespace_labels(namespace)
-        return record.labels
+        return implicit_namespace_labels(namespace)
+
+
+def implicit_namespace_labels(namespace: str) -> dict[str, str]:
+    return {METADATA_NAME_LABEL: namespace}
 
 
 def _describe(ref: EndpointRef) -> str:

@@ -11,8 +11,8 @@ older than ``expiry`` is dead. For every other node the kernel gets:
   fails at once with an ICMP error instead of vanishing into the underlay;
 - its underlay address in the ipcache as ``remote-node`` while it is known.
 
-A dead node's pods (their ipcache and endpoints entries) are released by the survivors after
-``grace`` seconds: whichever agent gets there first deletes them, the rest find nothing to do.
+A dead node's pods (their ipcache and endpoints entries) are released by the identity
+service (services/identity/nodes.py): an agent may write only its own node's keys.
 All kernel work is a diff against what was applied, so a heartbeat costs nothing.
 """
 
@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import errno
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
@@ -61,8 +60,6 @@ class Peers:
         tunnel_peers: Any,  # MutableMapping[IPv4Address, int], the BPF map
         *,
         expiry: float,
-        grace: float,
-        release: Callable[[str], Awaitable[int]] | None = None,
         overlay_ifindex: int = 0,
     ) -> None:
         self.node = node
@@ -74,11 +71,8 @@ class Peers:
         self.ipcache = ipcache
         self.tunnel_peers = tunnel_peers
         self.expiry = expiry
-        self.grace = grace
-        self.release = release
         self.nodes: dict[str, Node] = {}  # the bucket's view, this node excluded
         self.applied: dict[str, PeerState] = {}
-        self.released: set[str] = set()  # dead nodes whose pods were released
         self.changed = asyncio.Event()
         self.log = log.get("datapath.routing", node=node.name)
 
@@ -100,7 +94,6 @@ class Peers:
                 return
             if event.key not in self.nodes:
                 self.log.info("node joined", peer=event.key, underlay=peer.underlay_ip)
-            self.released.discard(event.key)
             self.nodes[event.key] = peer
         self.changed.set()
 
@@ -130,19 +123,6 @@ class Peers:
             await asyncio.to_thread(self._apply, desired)
         NODES_ALIVE.labels("alive").set(sum(1 for s in desired.values() if s.alive))
         NODES_ALIVE.labels("dead").set(sum(1 for s in desired.values() if not s.alive))
-        if self.release is None:
-            return
-        for name, peer in list(self.nodes.items()):
-            if name in self.released or now - peer.heartbeat <= self.expiry + self.grace:
-                continue
-            self.released.add(name)
-            try:
-                count = await self.release(name)
-            except Exception as exc:  # NATS away: try again on a later tick
-                self.released.discard(name)
-                self.log.warning("releasing a dead node's pods failed", peer=name, error=str(exc))
-                continue
-            self.log.warning("released a dead node's pods", peer=name, entries=count)
 
     def _apply(self, desired: dict[str, PeerState]) -> None:
         """Diff ``desired`` against what was applied; runs in a thread."""
@@ -221,27 +201,3 @@ def _route(ipr: Any, command: str, **spec: Any) -> None:
         except NetlinkError as exc:
             if exc.code != errno.ESRCH:
                 raise
-
-
-async def release_node(ipcache_kv: Any, endpoints_kv: Any, node: str) -> int:
-    """Delete a dead node's ipcache and endpoints entries; how many went. Its identity
-    references lapse on their own (the identity lease is no longer renewed)."""
-    from shared.bus import Bus
-    from shared.messages import Endpoint, IPCacheEntry
-
-    count = 0
-    kinds: tuple[tuple[Any, type[IPCacheEntry] | type[Endpoint]], ...] = (
-        (ipcache_kv, IPCacheEntry),
-        (endpoints_kv, Endpoint),
-    )
-    for kv, kind in kinds:
-        for key, raw in (await Bus.snapshot(kv)).items():
-            try:
-                entry = msgspec.json.decode(raw, type=kind)
-            except (msgspec.ValidationError, msgspec.DecodeError):
-                continue
-            if entry.node == node:
-                with contextlib.suppress(Exception):  # deleted by another survivor meanwhile
-                    await kv.delete(key)
-                    count += 1
-    return count

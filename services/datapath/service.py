@@ -77,9 +77,6 @@ class DatapathSettings(CommonSettings):
     node_expiry: float = setting(
         15.0, "seconds without a heartbeat after which another node counts as dead"
     )
-    node_grace: float = setting(
-        60.0, "seconds a dead node's pods are kept (ipcache, endpoints) before release"
-    )
     health_interval: float = setting(5.0, "seconds between health probes of every other node")
     health_timeout: float = setting(2.0, "seconds a health probe waits for its answer")
     leave_on_stop: bool = setting(
@@ -266,8 +263,6 @@ async def _bring_up(settings: DatapathSettings, started: startup.Started) -> _No
         agent.ipcache,
         datapath.tunnel_peers,
         expiry=settings.node_expiry,
-        grace=settings.node_grace,
-        release=lambda name: routing.release_node(buckets.ipcache, buckets.endpoints, name),
         overlay_ifindex=vxlan_ifindex,
     )
     health = Health(

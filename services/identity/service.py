@@ -21,7 +21,8 @@ from prometheus_client import Counter, Gauge, Histogram
 from services.identity import reserved
 from services.identity.allocator import Allocation, IdentityAllocator
 from services.identity.ipam import PodCIDRAllocator
-from shared import __version__, log, startup, subjects
+from services.identity.nodes import NodeReaper
+from shared import __version__, kv_watch, log, startup, subjects
 from shared.bus import Bus, MicroService, encode, redact
 from shared.config import CommonSettings, env_name, setting
 from shared.errors import InvalidArgument, MembraneError, Unavailable
@@ -82,12 +83,18 @@ class IdentitySettings(CommonSettings):
     cluster_cidr: str = setting("10.244.0.0/16", "cluster pod CIDR that node CIDRs come from")
     node_mask_size: int = setting(24, "prefix length of each node's pod CIDR")
     concurrency: int = setting(128, "requests served at once per replica")
+    node_expiry: float = setting(
+        15.0, "seconds without a heartbeat after which a node counts as dead"
+    )
+    node_grace: float = setting(
+        60.0, "seconds a dead node's pods are kept (ipcache, endpoints) before release"
+    )
 
     def __post_init__(self) -> None:
         for name, low in (("concurrency", 1), ("kv_replicas", 1), ("grace_period", 0)):
             if getattr(self, name) < low:
                 raise InvalidArgument(f"must be at least {low}", field=env_name(name))
-        for name in ("gc_interval", "reconcile_interval"):
+        for name in ("gc_interval", "reconcile_interval", "node_expiry"):
             if getattr(self, name) <= 0:
                 raise InvalidArgument("must be positive", field=env_name(name))
 
@@ -296,6 +303,15 @@ async def run(settings: IdentitySettings) -> None:
     tasks.spawn("gc", lambda: periodically(settings.gc_interval, service.collect_garbage))
     tasks.spawn("kv-backlog", lambda: periodically(1.0, service.flush_backlog))
     tasks.spawn("reconcile", lambda: _reconcile_loop(service, settings.reconcile_interval))
+    reaper = NodeReaper(
+        await started.kv(subjects.KV_ENDPOINTS, "node.namespace.pod -> endpoint"),
+        await started.kv(subjects.KV_IPCACHE, "owner.address -> identity, node"),
+        expiry=settings.node_expiry,
+        grace=settings.node_grace,
+    )
+    nodes = await started.kv(subjects.KV_NODES, "node -> underlay address, pod CIDR, heartbeat")
+    tasks.spawn("watch-nodes", lambda: kv_watch.follow(nodes, reaper.on_node, lambda: None))
+    tasks.spawn("reap-nodes", lambda: periodically(1.0, reaper.reap))
     started.log.info(
         "identity service ready",
         nats=redact(settings.nats_url),

@@ -85,7 +85,7 @@ class Sink:
             return
         if kind == PODS:
             kv = await self.bus.kv(subjects.KV_PODS)
-            await kv.delete(f"{meta.get('namespace', '')}.{name}")
+            await kv.delete(subjects.pod_key(str(meta.get("namespace", "")), name))
         elif kind == NAMESPACES:
             await apply.delete_namespace_record(self.bus, name)
         else:
@@ -106,7 +106,7 @@ class Sink:
             uid=str((obj.get("metadata") or {}).get("uid", "")),
         )
         kv = await self.bus.kv(subjects.KV_PODS)
-        await kv.put(f"{pod.namespace}.{pod.name}", msgspec.json.encode(record))
+        await kv.put(subjects.pod_key(pod.namespace, pod.name), msgspec.json.encode(record))
 
     async def _reject(self, kind: Kind, obj: Obj, exc: InvalidArgument) -> None:
         REJECTED.labels(kind.kind).inc()

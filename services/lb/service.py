@@ -713,7 +713,7 @@ async def run(settings: LBSettings) -> None:
         settings,
         seed,
     )
-    tasks = await core.start(await kv(subjects.KV_ENDPOINTS, "namespace.pod -> endpoint"))
+    tasks = await core.start(await kv(subjects.KV_ENDPOINTS, "node.namespace.pod -> endpoint"))
     await core.register(started.metadata, settings.concurrency)
     started.log.info("lb service ready", nats=redact(settings.nats_url), services=len(core.specs))
     await started.until_signalled()

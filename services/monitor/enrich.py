@@ -43,6 +43,8 @@ class Enricher:
     pods: dict[str, PodInfo] = field(default_factory=dict)  # pod IP -> pod
     pod_ips: dict[str, str] = field(default_factory=dict)  # endpoints key -> IP
     ip_nodes: dict[str, str] = field(default_factory=dict)  # ipcache address -> node
+    # ipcache key -> (address, node): a key's deletion frees what it said
+    ipcache_keys: dict[str, tuple[str, str]] = field(default_factory=dict)
     rules: dict[int, str] = field(default_factory=dict)  # rule id -> "ns/name[index]"
     subjects_rules: dict[str, list[int]] = field(default_factory=dict)  # resolved key -> ids
     # subject identity -> (ingress, egress): the policies that make a direction default-deny
@@ -87,14 +89,15 @@ class Enricher:
         )
 
     def on_ipcache(self, key: str, value: bytes | None) -> None:
-        if value is None:
-            # a pod's key is its bare address; a policy prefix's ("10.0.1.5/32") owns no node
-            if "/" not in key:
-                self.ip_nodes.pop(key, None)
-            return
-        entry = self._decode(value, IPCacheEntry)
+        # an address some node owns (a pod's, a health endpoint's); a policy prefix owns none
+        old = self.ipcache_keys.pop(key, None)
+        if old is not None and self.ip_nodes.get(old[0]) == old[1]:
+            del self.ip_nodes[old[0]]
+        entry = None if value is None else self._decode(value, IPCacheEntry)
         if entry is not None and entry.node and entry.cidr.endswith("/32"):
-            self.ip_nodes[entry.cidr.split("/")[0]] = entry.node
+            address = entry.cidr.split("/")[0]
+            self.ipcache_keys[key] = (address, entry.node)
+            self.ip_nodes[address] = entry.node
 
     def on_resolved(self, key: str, value: bytes | None) -> None:
         # rule ids are hashes of kind and rule name: one id names one rule in every subject,

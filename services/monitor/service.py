@@ -368,7 +368,7 @@ async def start(settings: MonitorSettings) -> Running:
     await _endpoints(micro, monitor)
     tasks.spawn("enrich", monitor.process_forever)
     tasks.spawn("cache-gauges", lambda: periodically(5.0, _on_loop(monitor.update_cache_gauges)))
-    sub = await bus.nc.subscribe(
+    sub = await bus.subscribe(
         subjects.FLOWS_ALL,
         queue=subjects.MONITOR_QUEUE,
         cb=monitor.on_batch,

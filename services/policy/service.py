@@ -435,7 +435,7 @@ async def run(settings: PolicySettings) -> None:
         await kv(subjects.KV_POLICIES, "kind/namespace/name -> policy document"),
         await kv(subjects.KV_RESOLVED, "identity -> resolved policy"),
         await kv(subjects.KV_SELECTORS, "peer set id -> identities it selects"),
-        await kv(subjects.KV_IPCACHE, "address -> identity, node"),
+        await kv(subjects.KV_IPCACHE, "owner.address -> identity, node"),
         cidr_matches_pods=settings.cidr_matches_pods,
     )
     identities = await kv(subjects.KV_IDENTITIES, "identity -> labels")

@@ -203,7 +203,7 @@ async def run(settings: UISettings) -> None:
     await server.check_monitor()
     tasks = TaskGroup()
     tasks.spawn("monitor-check", lambda: periodically(MONITOR_CHECK_S, server.check_monitor))
-    subscription = await bus.nc.subscribe(subjects.EVENTS_FLOWS_ALL, cb=server.on_flow)
+    subscription = await bus.subscribe(subjects.EVENTS_FLOWS_ALL, server.on_flow)
     await bus.flush()
     await bus.add_service(
         subjects.UI_SERVICE,

@@ -173,7 +173,7 @@ async def test_down_deregisters_and_up_with_fewer_nodes_forgets_the_rest(
             namespace="default", name="ghost", node=node2, ip="10.1.2.5", identity=300, labels={}
         )
         await (await bus.kv(subjects.KV_ENDPOINTS)).put(
-            "default.ghost", msgspec.json.encode(ghost_pod)
+            subjects.endpoint_key(node2, "default", "ghost"), msgspec.json.encode(ghost_pod)
         )
 
     info = StateDir(cluster.state).read_cluster()

@@ -86,7 +86,9 @@ async def test_selector_backends_follow_pods_with_named_ports(lb: LBCore, bus: B
             labels={"app": "web"},
             ports=[ContainerPort(port=port, name="http")],
         )
-        await endpoints.put(f"default.web-{i}", msgspec.json.encode(pod))
+        await endpoints.put(
+            subjects.endpoint_key("n1", "default", f"web-{i}"), msgspec.json.encode(pod)
+        )
 
     async def two() -> None:
         got = await record(bus, "web")
@@ -96,7 +98,7 @@ async def test_selector_backends_follow_pods_with_named_ports(lb: LBCore, bus: B
         ]
 
     await eventually(two, timeout=5, what="both pods as backends, on their named ports")
-    await endpoints.delete("default.web-0")
+    await endpoints.delete(subjects.endpoint_key("n1", "default", "web-0"))
 
     async def one() -> None:
         assert len((await record(bus, "web")).frontends[0].backends) == 1

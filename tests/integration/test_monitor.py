@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from ipaddress import IPv4Address
 
 import msgspec
 import pytest
@@ -49,10 +50,11 @@ async def fill_buckets(bus: Bus) -> None:
         ("deathstar-1", "10.9.2.7", 1002, "n2"),
     ):
         ep = Endpoint(namespace="empire", name=name, node=node, ip=ip, identity=ident, labels={})
-        await endpoints.put(f"empire.{name}", msgspec.json.encode(ep))
+        await endpoints.put(subjects.endpoint_key(node, "empire", name), msgspec.json.encode(ep))
     ipcache = await bus.kv(subjects.KV_IPCACHE)
     await ipcache.put(
-        "10.9.3.1", msgspec.json.encode(IPCacheEntry(cidr="10.9.3.1/32", identity=6, node="n3"))
+        subjects.ipcache_key(IPv4Address("10.9.3.1"), "n3"),
+        msgspec.json.encode(IPCacheEntry(cidr="10.9.3.1/32", identity=6, node="n3")),
     )
     resolved = await bus.kv(subjects.KV_RESOLVED)
     policy = ResolvedPolicy(

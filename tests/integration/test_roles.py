@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 import nats
@@ -11,10 +13,23 @@ import nats.errors
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.js.api import AckPolicy
 
 from membrane.servers import NatsServer, ServerProcess
 from shared import roles, subjects
-from shared.bus import Bus
+from shared.bus import JETSTREAM_DELIVERIES, Bus
+from shared.errors import InvalidArgument, PermissionDenied, Unavailable
+from shared.messages import (
+    AllocateReply,
+    AllocateRequest,
+    Empty,
+    Message,
+    PolicyApplyReply,
+    PolicyApplyRequest,
+)
+
+# a CIDR identity of a policy rule in ipcache: the policy service's key
+CIDR_KEY = subjects.ipcache_key(IPv4Network("10.0.0.0/8"))
 
 USERS = {
     "dash": roles.SUBSCRIBER,
@@ -112,10 +127,14 @@ async def test_subscriber_reads_events_and_nothing_else(
 
     # the buckets exist with a value the subscriber must not change
     policy = await connect("policy")
-    for bucket in (subjects.KV_RESOLVED, subjects.KV_IPCACHE):
-        await (await policy.bus.kv(bucket)).put("300", b"good")
-    for bucket in (subjects.KV_RESOLVED, subjects.KV_IPCACHE, subjects.KV_POLICIES):
-        await kv_put_refused(dash, bucket, "300")
+    await (await policy.bus.kv(subjects.KV_RESOLVED)).put("300", b"good")
+    await (await policy.bus.kv(subjects.KV_IPCACHE)).put(CIDR_KEY, b"good")
+    for bucket, key in (
+        (subjects.KV_RESOLVED, "300"),
+        (subjects.KV_IPCACHE, CIDR_KEY),
+        (subjects.KV_POLICIES, "300"),
+    ):
+        await kv_put_refused(dash, bucket, key)
     # no allocation, no KV read, no other subject
     with pytest.raises(nats.errors.TimeoutError):
         await dash.nc.request(subjects.IDENTITY_ALLOCATE, b"{}", timeout=0.5)
@@ -127,7 +146,7 @@ async def test_subscriber_reads_events_and_nothing_else(
     await dash.nc.publish("$JS.API.STREAM.PURGE.KV_resolved", b"")
     assert await dash.refused("$JS.API.STREAM.PURGE.KV_resolved")
     assert (await admin_kv(server, subjects.KV_RESOLVED))["300"] == b"good"
-    assert (await admin_kv(server, subjects.KV_IPCACHE))["300"] == b"good"
+    assert (await admin_kv(server, subjects.KV_IPCACHE))[CIDR_KEY] == b"good"
 
 
 async def test_agent_writes_its_own_node_only_and_no_policy(
@@ -140,6 +159,37 @@ async def test_agent_writes_its_own_node_only_and_no_policy(
     await kv_put_refused(agent, subjects.KV_HEALTH, "n2")
     for bucket in (subjects.KV_POLICIES, subjects.KV_RESOLVED, subjects.KV_SELECTORS):
         await kv_put_refused(agent, bucket, "300")
+    # its own pods' endpoints and ipcache keys, and no other node's (nor a policy's CIDR)
+    mine = (
+        (subjects.KV_ENDPOINTS, subjects.endpoint_key("n1", "default", "web")),
+        (subjects.KV_IPCACHE, subjects.ipcache_key(IPv4Address("10.9.1.5"), "n1")),
+    )
+    for bucket, key in mine:
+        await (await agent.bus.kv(bucket)).put(key, b"mine")
+    others = (
+        (subjects.KV_ENDPOINTS, subjects.endpoint_key("n2", "default", "web")),
+        (subjects.KV_ENDPOINTS, subjects.endpoint_key("n10", "default", "web")),
+        (subjects.KV_IPCACHE, subjects.ipcache_key(IPv4Address("10.9.2.5"), "n2")),
+        (subjects.KV_IPCACHE, CIDR_KEY),
+        (subjects.KV_NAMESPACES, "default"),
+    )
+    await asyncio.gather(*(kv_put_refused(agent, bucket, key) for bucket, key in others))
+    # nor delete them (a delete is a publish on the key's subject too)
+    policy = await connect("policy")
+    await (await policy.bus.kv(subjects.KV_IPCACHE)).put(CIDR_KEY, b"policy's")
+    with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
+        await agent.bus.js.publish(
+            f"$KV.{subjects.KV_IPCACHE}.{CIDR_KEY}",
+            b"",
+            headers={"KV-Operation": "DEL"},
+            timeout=0.5,
+        )
+    assert await agent.refused(f"$KV.{subjects.KV_IPCACHE}.{CIDR_KEY}")
+    assert await admin_kv(server, subjects.KV_ENDPOINTS) == {mine[0][1]: b"mine"}
+    assert await admin_kv(server, subjects.KV_IPCACHE) == {
+        mine[1][1]: b"mine",
+        CIDR_KEY: b"policy's",
+    }
     await kv_put_refused(agent, subjects.KV_IDENTITIES, "300")
     await agent.nc.publish(subjects.flows("n2"), b"{}")  # flows in another node's name
     assert await agent.refused(subjects.flows("n2"))
@@ -167,3 +217,74 @@ def test_every_role_renders(tmp_path: Path) -> None:
         assert "_INBOX.u1.>" in block["subscribe"]["allow"]
     assert "$KV.nodes.n1" in roles.datapath("n1").publish
     assert "$KV.nodes.>" not in roles.datapath("n1").publish
+
+
+async def test_a_consumer_delivering_into_a_service_subject_is_dropped(
+    connect: Opener, server: ServerProcess
+) -> None:
+    """The deliver-subject hole: an agent writes a payload into its own ``nodes`` key and
+    creates a push consumer delivering the bucket to ``membrane.policy.apply`` in the policy
+    service's queue group (nats-server does not check deliver subjects against the creator's
+    permissions). The endpoint drops what JetStream delivers, and counts it."""
+    policy = await connect("policy")
+    handled: list[PolicyApplyRequest] = []
+
+    async def apply(req: PolicyApplyRequest) -> Message:
+        handled.append(req)
+        return PolicyApplyReply(results=[])
+
+    micro = await policy.bus.add_service("test-policy", "0.0.1", "", queue_group="test-policy")
+    await micro.endpoint("apply", subjects.POLICY_APPLY, PolicyApplyRequest, apply)
+    # a real request still arrives (the test can fail)
+    admin = await Bus.connect(server.url, "test-admin", retry_for=5)
+    try:
+        await admin.request(
+            subjects.POLICY_APPLY, PolicyApplyRequest(documents=[]), PolicyApplyReply
+        )
+    finally:
+        await admin.close()
+    assert len(handled) == 1
+
+    agent = await connect("datapath-n1")
+    await (await agent.bus.kv(subjects.KV_NODES)).put("n1", b'{"documents": [], "v": 1}')
+    dropped = JETSTREAM_DELIVERIES.labels(subjects.POLICY_APPLY)
+    before = dropped._value.get()
+    await agent.bus.js.add_consumer(
+        f"KV_{subjects.KV_NODES}",
+        deliver_subject=subjects.POLICY_APPLY,
+        deliver_group="test-policy",
+        ack_policy=AckPolicy.NONE,
+    )
+    for _ in range(100):
+        if dropped._value.get() > before:
+            break
+        await asyncio.sleep(0.05)
+    assert dropped._value.get() == before + 1  # delivered (the hole is real here), and dropped
+    assert len(handled) == 1
+    await micro.stop()
+
+
+async def test_a_denied_request_says_not_permitted_at_once(server: ServerProcess) -> None:
+    """What the role refuses is answered by the server's -ERR only: the request raises
+    PermissionDenied naming user and subject, instead of waiting out its timeout."""
+    dash = await Bus.connect(url(server, "dash"), "test-dash", retry_for=5)
+    try:
+        started = time.monotonic()
+        with pytest.raises(PermissionDenied, match=r"not permitted: the NATS user 'dash'.*"):
+            await dash.request(
+                subjects.IDENTITY_ALLOCATE, AllocateRequest(labels=["k8s:app=x"]), AllocateReply
+            )
+        assert time.monotonic() - started < 2.0  # the timeout is 5 s
+        # the connection still works for what the role allows
+        with pytest.raises(Unavailable, match="no service is answering"):
+            await dash.request(subjects.MONITOR_HISTORY, Empty(), Empty, timeout=2)
+    finally:
+        await dash.close()
+
+
+def test_a_service_without_a_role_is_refused_not_run_as_admin() -> None:
+    from membrane.registry import SERVICES
+
+    assert {roles.role_of_service(s) for s in SERVICES} <= set(roles.ROLES) - {"admin"}
+    with pytest.raises(InvalidArgument, match="'newsvc' has no NATS role"):
+        roles.role_of_service("newsvc")

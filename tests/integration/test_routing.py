@@ -19,10 +19,10 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from services.datapath.ipcache_sync import IPCacheSync
 from services.datapath.maps import IPCacheValue
-from services.datapath.routing import ROUTE_PROTO, Peers, release_node
-from shared import identities, netns, subjects
-from shared.bus import Bus, KVEvent
-from shared.messages import Endpoint, IPCacheEntry, Node
+from services.datapath.routing import ROUTE_PROTO, Peers
+from shared import identities, netns
+from shared.bus import KVEvent
+from shared.messages import Node
 
 pytestmark = pytest.mark.root
 
@@ -84,7 +84,6 @@ def make(mode: str, tunnel_peers: dict[IPv4Address, int], ipcache: dict[Any, Any
         IPCacheSync(ipcache),
         tunnel_peers,
         expiry=15.0,
-        grace=60.0,
     )
 
 
@@ -132,41 +131,3 @@ def test_a_bad_node_entry_is_ignored() -> None:
     bad = msgspec.json.encode(node("x", 13, time.time())).replace(b"10.9.13.0/24", b"nonsense")
     peers.on_node(KVEvent(key="x", value=bad, revision=1))
     assert peers.nodes == {}
-
-
-async def test_a_dead_nodes_pods_are_released_after_the_grace(bus: Bus) -> None:
-    ipcache_kv = await bus.kv(subjects.KV_IPCACHE)
-    endpoints_kv = await bus.kv(subjects.KV_ENDPOINTS)
-    for key, owner in (("10.9.12.5", "b"), ("10.9.13.5", "c")):
-        entry = IPCacheEntry(cidr=f"{key}/32", identity=300, node=owner, host_ip="198.51.100.1")
-        await ipcache_kv.put(key, msgspec.json.encode(entry))
-        pod = Endpoint(
-            namespace="default", name=f"p{owner}", node=owner, ip=key, identity=300, labels={}
-        )
-        await endpoints_kv.put(f"default.p{owner}", msgspec.json.encode(pod))
-    released: list[str] = []
-
-    async def release(name: str) -> int:
-        released.append(name)
-        return await release_node(ipcache_kv, endpoints_kv, name)
-
-    peers = Peers(
-        node("self", 11, time.time()),
-        "tunnel",
-        IPCacheSync({}),
-        {},
-        expiry=15.0,
-        grace=60.0,
-        release=release,
-    )
-    peers._apply = lambda desired: None  # type: ignore[method-assign]  # no kernel here
-    peers.on_node(event(node("b", 12, time.time() - 20), "b"))  # dead, within the grace
-    peers.on_node(event(node("c", 13, time.time()), "c"))
-    await peers.reconcile()
-    assert released == []
-    peers.on_node(event(node("b", 12, time.time() - 80), "b"))  # dead past the grace
-    await peers.reconcile()
-    await peers.reconcile()  # once only
-    assert released == ["b"]
-    assert set(await Bus.snapshot(ipcache_kv)) == {"10.9.13.5"}
-    assert set(await Bus.snapshot(endpoints_kv)) == {"default.pc"}

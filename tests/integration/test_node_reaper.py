@@ -1,0 +1,65 @@
+"""A dead node's pods leave the bus after the grace (the identity service's NodeReaper), on a
+real nats-server: its keys go, other nodes' keys stay."""
+
+from __future__ import annotations
+
+import time
+from ipaddress import IPv4Address
+
+import msgspec
+
+from services.identity.nodes import NodeReaper
+from shared import identities, subjects
+from shared.bus import Bus, KVEvent
+from shared.messages import Endpoint, IPCacheEntry, Node
+
+
+def beat(name: str, heartbeat: float) -> KVEvent:
+    node = Node(
+        name=name,
+        underlay_ip="198.51.100.12",
+        pod_cidr="10.9.12.0/24",
+        router_ip="10.9.12.1",
+        heartbeat=heartbeat,
+    )
+    return KVEvent(key=name, value=msgspec.json.encode(node), revision=1)
+
+
+async def test_a_dead_nodes_pods_are_released_after_the_grace(bus: Bus) -> None:
+    ipcache_kv = await bus.kv(subjects.KV_IPCACHE)
+    endpoints_kv = await bus.kv(subjects.KV_ENDPOINTS)
+    # "b" and "bb" share a prefix, "c.example" has a dot (an FQDN node name)
+    for owner, address in (("b", "10.9.12.5"), ("bb", "10.9.13.5"), ("c.example", "10.9.14.5")):
+        ip = IPv4Address(address)
+        entry = IPCacheEntry(cidr=f"{ip}/32", identity=300, node=owner, host_ip="198.51.100.1")
+        await ipcache_kv.put(subjects.ipcache_key(ip, owner), msgspec.json.encode(entry))
+        pod = Endpoint(
+            namespace="default", name="p", node=owner, ip=address, identity=300, labels={}
+        )
+        await endpoints_kv.put(
+            subjects.endpoint_key(owner, "default", "p"), msgspec.json.encode(pod)
+        )
+    policy_cidr = subjects.ipcache_key(IPv4Address("10.9.12.5"))  # a policy's, naming b's pod
+    await ipcache_kv.put(
+        policy_cidr,
+        msgspec.json.encode(IPCacheEntry(cidr="10.9.12.5/32", identity=identities.LOCAL_BASE + 1)),
+    )
+
+    reaper = NodeReaper(endpoints_kv, ipcache_kv, expiry=15.0, grace=60.0)
+    now = time.time()
+    reaper.on_node(beat("b", now - 20))  # dead, within the grace
+    reaper.on_node(beat("bb", now - 80))  # dead past it
+    reaper.on_node(beat("c.example", now - 80))
+    await reaper.reap(now)
+    assert reaper.released == {"bb", "c.example"}
+    reaper.on_node(beat("b", now - 80))
+    await reaper.reap(now)
+    await reaper.reap(now)  # once only: nothing left to do
+    assert reaper.released == {"b", "bb", "c.example"}
+    assert set(await Bus.snapshot(ipcache_kv)) == {policy_cidr}
+    assert await Bus.snapshot(endpoints_kv) == {}
+
+    # a node that beats again is alive; released again only once it is dead past the grace
+    reaper.on_node(beat("b", now))
+    assert reaper.due(now) == [] and "b" not in reaper.released
+    assert reaper.due(now + 76) == ["b"]
