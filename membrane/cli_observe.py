@@ -264,6 +264,13 @@ def add_parser(sub: Any) -> None:
     flag("--http-path", dest="http_path", help_text="L7 flows: a regular expression in the URL")
     flag("--http-status", dest="http_status", help_text="L7 flows: the status, or 4+ for any 4xx")
     flag(
+        "--l7-protocol",
+        dest="l7_protocol",
+        help_text="L7 flows of the protocol: http, grpc, http2, kafka or dns",
+    )
+    flag("--grpc-status", dest="grpc_status", help_text="gRPC calls of the status (7: denied)")
+    flag("--kafka-topic", dest="kafka_topic", help_text="Kafka requests naming the topic")
+    flag(
         "--fqdn",
         dest="fqdn",
         help_text="DNS queries of the name, and connections to its learned addresses "

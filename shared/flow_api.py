@@ -81,8 +81,10 @@ class FlowFilterTerm(Message):
     port, from_port, to_port, service, from_service, to_service, workload, from_workload,
     to_workload (a box of the UI's service map: ``shared.flow_groups.workload``), protocol (name
     or number), node (a name or shell pattern), traffic_direction (ingress|egress), tcp_flags
-    (``SYN,ACK``: all set), reply (true|false), fqdn (a DNS name or pattern: the query of a DNS
-    flow, or a name of ``destination_names``). Unprefixed peer fields match either side.
+    (``SYN,ACK``: all set), reply (true|false), http_method, http_path, http_status,
+    l7_protocol (http, grpc, http2, kafka, dns), grpc_status, kafka_topic, fqdn (a DNS name
+    or pattern: the query of a DNS flow, or a name of ``destination_names``). Unprefixed peer
+    fields match either side.
     """
 
     field: str

@@ -31,6 +31,9 @@ FLOW_FIELDS = (
     "http_method",
     "http_path",
     "http_status",
+    "l7_protocol",
+    "grpc_status",
+    "kafka_topic",
     "fqdn",
 )
 # protocols as flows carry them (services/datapath/events.py): a name, else the number
@@ -207,6 +210,18 @@ def _fqdn_test(value: str, field: str) -> FlowTest:
     return test
 
 
+def _l7_test(field: str, value: str) -> FlowTest:
+    """L7 flows: the protocol (http, grpc, http2, kafka, dns), a gRPC call's status, a Kafka
+    request naming the topic."""
+    if field == "l7_protocol":
+        protocol = value.lower()
+        return lambda flow: flow.l7 is not None and flow.l7.protocol == protocol
+    if field == "grpc_status":
+        code = _int(value, field, 16)
+        return lambda flow: flow.l7 is not None and flow.l7.grpc_status == code
+    return lambda flow: flow.l7 is not None and value in flow.l7.topics
+
+
 def _value_test(field: str, value: str) -> FlowTest:
     if field == "verdict":
         verdict = value.upper()
@@ -239,6 +254,8 @@ def _value_test(field: str, value: str) -> FlowTest:
         return lambda flow: flow.is_reply == reply
     if field.startswith("http_"):
         return _http_test(field, value)
+    if field in ("l7_protocol", "grpc_status", "kafka_topic"):
+        return _l7_test(field, value)
     side, _, kind = field.partition("_") if field.startswith(("from_", "to_")) else ("", "", field)
     peer = _peer_test(kind, value, field)
     if side == "from":

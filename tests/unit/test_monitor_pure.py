@@ -386,3 +386,30 @@ def test_dns_flows_and_destination_names() -> None:
     assert not e.enrich(raw_flow(dst_ip="1.2.3.4")).destination_names
     with pytest.raises(InvalidArgument):
         compile_filter([FlowFilterTerm(field="fqdn", values=["a b"])])
+
+
+def test_grpc_and_kafka_flows_filter_and_read() -> None:
+    grpc = make(
+        "DROPPED",
+        type="l7",
+        l7=L7Info(protocol="grpc", method="POST", url="/empire.DeathStar/ExhaustPort",
+                  host="deathstar:50051", status=200, grpc_status=7, latency_ms=0.2),
+    )  # fmt: skip
+    kafka = make(
+        "DROPPED",
+        type="l7",
+        l7=L7Info(protocol="kafka", api_key="produce", api_version=9, topics=["secret-plans"],
+                  error_code=29, latency_ms=0.3),
+    )  # fmt: skip
+    assert matches(grpc, ("l7_protocol", "GRPC")) and not matches(kafka, ("l7_protocol", "grpc"))
+    assert matches(grpc, ("grpc_status", "7")) and not matches(grpc, ("grpc_status", "0"))
+    assert not matches(kafka, ("grpc_status", "7"))
+    assert matches(kafka, ("kafka_topic", "secret-plans"))
+    assert not matches(kafka, ("kafka_topic", "secret")) and not matches(grpc, ("kafka_topic", "x"))
+    assert matches(grpc, ("http_path", "ExhaustPort$"))
+    assert "grpc POST deathstar:50051/empire.DeathStar/ExhaustPort => grpc-status 7" in (
+        flowfmt.summary(grpc)
+    )
+    assert "kafka produce v9 [secret-plans] => error 29" in flowfmt.summary(kafka)
+    with pytest.raises(InvalidArgument):
+        compile_filter([FlowFilterTerm(field="grpc_status", values=["seven"])])
