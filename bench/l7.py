@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.datapath import Cluster
+from membrane.state import StateDir
 
 L4_PORT, L7_PORT = 8080, 8081
 ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok"
@@ -140,6 +142,16 @@ async def _load(ip: str, port: int, mode: str, seconds: float, connections: int)
 # --- the driver ----------------------------------------------------------------------------------
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (``/proc/PID/stat``, fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _proxy_pid(cluster: Cluster) -> int:
+    return next(p.pid for p in StateDir(cluster.state).processes() if p.name.startswith("proxy-"))
+
+
 def _pod_ip(cluster: Cluster, name: str) -> str:
     pods = json.loads(cluster.run("pod", "list", "-o", "json").stdout)["items"]
     return str(next(p["ip"] for p in pods if p["name"] == name))
@@ -167,27 +179,34 @@ def run(args: argparse.Namespace) -> int:
             ip = _pod_ip(cluster, "server")
             time.sleep(1.0)  # the policy in the datapath and the proxy
             results: dict[tuple[str, str], dict[str, float]] = {}
+            proxy = _proxy_pid(cluster)
             for mode in ("keepalive", "newconn"):
                 # alternate the paths so that machine load drifts hit both alike
                 for path, port in (("L3/L4", L4_PORT), ("L7", L7_PORT)) * args.rounds:
+                    cpu = _cpu_seconds(proxy)
                     out = cluster.run(
                         "pod", "exec", "client", "--", sys.executable, me, "load", ip,
                         str(port), mode, str(args.seconds), str(args.connections),
                         timeout=args.seconds + 60,
                     ).stdout  # fmt: skip
                     got = json.loads(out)
+                    # the proxy's own cost, which the machine's load does not change much (the
+                    # latencies it does): CPU time per request, the pod exec's start included
+                    spent = _cpu_seconds(proxy) - cpu
+                    got["proxy_us"] = 1e6 * spent / got["requests"] if got["requests"] else 0.0
                     best = results.get((mode, path))
                     if best is None or got["rps"] > best["rps"]:
                         results[(mode, path)] = got
             print(f"\nL7 proxy vs L3/L4, {args.connections} connections, {args.seconds:g} s "
                   f"per run, best of {args.rounds} (one node, same client and server)")  # fmt: skip
-            print(f"{'mode':10} {'path':6} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
+            print(f"{'mode':10} {'path':6} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} "
+                  f"{'proxy CPU us/req':>16}")  # fmt: skip
             ok = True  # printed, not an exit status: make bench runs every benchmark
             for mode in ("keepalive", "newconn"):
                 for path in ("L3/L4", "L7"):
                     r = results[(mode, path)]
                     print(f"{mode:10} {path:6} {r['rps']:9.0f} {r['p50_ms']:8.3f} "
-                          f"{r['p99_ms']:8.3f} {r['errors']:7d}")  # fmt: skip
+                          f"{r['p99_ms']:8.3f} {r['errors']:7d} {r['proxy_us']:16.0f}")  # fmt: skip
                 l4, l7 = results[(mode, "L3/L4")], results[(mode, "L7")]
                 share = l7["rps"] / l4["rps"] if l4["rps"] else 0.0
                 added = l7["p50_ms"] - l4["p50_ms"]

@@ -267,7 +267,18 @@ def ensure_router(device: str, router: IPv4Address) -> None:
 def ensure_proxy_route() -> None:
     """Packets the datapath assigned to the L7 proxy's socket (``MARK_TO_PROXY``) are delivered
     locally whatever their destination address: a rule for the mark and a table whose only
-    route is ``local 0.0.0.0/0 dev lo`` (shared/proxy.py)."""
+    route is ``local 0.0.0.0/0 dev lo`` (shared/proxy.py).
+
+    And no TIME_WAIT in the node's namespace. The proxy closes a client's connection first
+    whenever the server did (``Connection: close``), which leaves the TIME_WAIT socket here,
+    under the client's tuple; the client, which has none, soon reuses its port for a new
+    connection. Its SYN, assigned to the listener (the datapath passes TIME_WAIT sockets by,
+    they would look for a listener on the original port), is then dropped by the kernel as a
+    duplicate of the TIME_WAIT socket: every reused port cost the client a SYN timeout. The
+    same TIME_WAIT would refuse the proxy's upstream bound to the client's port (another node's
+    pod). TIME_WAIT guards against old segments on lossy paths; these are veths and the
+    underlay of one host."""
+    _sysctl("net/ipv4/tcp_max_tw_buckets", "0")
     with _ipr() as ipr:
         lo = _index(_get_link(ipr, "lo"))
         ipr.route(

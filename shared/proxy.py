@@ -17,6 +17,9 @@ from typing import Final
 PROXY_PORT: Final = 15001
 # the DNS proxy: a UDP socket and a TCP listener on this port (bpf/proxy.h: DNS_PROXY_PORT)
 DNS_PROXY_PORT: Final = 15053
+# the listener's address: the datapath assigns connections to it whatever their destination,
+# and no connection to one of the node's own addresses reaches it (bpf/proxy.h)
+PROXY_LISTEN_ADDR: Final = "127.0.0.1"
 
 MARK_MAGIC_MASK: Final = 0x0F00
 # set by the datapath on packets it assigned to the proxy's socket: the node's policy route

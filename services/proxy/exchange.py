@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
+from services.proxy.sockets import IP_TRANSPARENT
 from services.proxy.view import Verdict, View
 from shared.messages import L7Info
 from shared.proxy import from_proxy_mark
@@ -47,7 +48,7 @@ def elapsed_ms(started: float) -> float:
 
 
 async def connect_upstream(
-    conn: Conn, identity: int
+    conn: Conn, identity: int, view: View
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """The proxy's own connection to the original destination, on behalf of ``identity``."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -55,10 +56,21 @@ async def connect_upstream(
         # the datapath lets this connection through on the L3/L4 policy, as the client
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, from_proxy_mark(identity))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if conn.dst in view.elsewhere:
+            # a pod on another node: the upstream leaves as the client itself, its address and
+            # port (a transparent socket), so that the far node judges the client's identity
+            # and answers the client's address; this node's datapath hands those answers to
+            # this socket, since the client's own connection is the proxy's (bpf/overlay.h
+            # from_overlay, bpf/nodeport.h native_to_proxy). SO_REUSEADDR: the client may use
+            # one port towards several servers.
+            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((str(conn.src), conn.sport))
         sock.setblocking(False)
         loop = asyncio.get_running_loop()
         address = (str(conn.dst), conn.dport)
-        await asyncio.wait_for(loop.sock_connect(sock, address), CONNECT_TIMEOUT_S)
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):  # no task of its own, as wait_for makes
+            await loop.sock_connect(sock, address)
     except BaseException:
         sock.close()
         raise

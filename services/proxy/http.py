@@ -212,7 +212,7 @@ class HttpConnection(Handler):
     # --- I/O --------------------------------------------------------------------------------------
 
     async def _connect(self, identity: int) -> None:
-        self.up_reader, self.up_writer = await connect_upstream(self.conn, identity)
+        self.up_reader, self.up_writer = await connect_upstream(self.conn, identity, self.view)
         self.response = _Response(self)
 
     async def run(self, first: bytes = b"") -> None:

@@ -249,7 +249,7 @@ class Http2Connection(Handler):
     # --- the upstream's side ----------------------------------------------------------------
 
     async def _connect(self, identity: int) -> None:
-        self.up_reader, self.up_writer = await connect_upstream(self.conn, identity)
+        self.up_reader, self.up_writer = await connect_upstream(self.conn, identity, self.view)
         self.upstream.initiate_connection()
         self.upstream.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self.pump = asyncio.create_task(self._pump())

@@ -82,7 +82,7 @@ class KafkaConnection(Handler):
                 if self.to_upstream:
                     if self.up_writer is None:
                         self.up_reader, self.up_writer = await connect_upstream(
-                            self.conn, self.identity
+                            self.conn, self.identity, self.view
                         )
                         pump = asyncio.create_task(self._pump())
                     assert self.up_writer is not None

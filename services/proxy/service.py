@@ -25,10 +25,10 @@ from prometheus_client import Counter, Histogram
 
 from services.proxy.connection import serve_connection
 from services.proxy.dns import DnsProxy
-from services.proxy.exchange import Conn
+from services.proxy.exchange import READ_SIZE, Conn
 from services.proxy.fqdn_cache import FQDNCaches
 from services.proxy.fqdn_publish import FQDNPublisher
-from services.proxy.sockets import listener
+from services.proxy.sockets import BACKLOG, listener
 from services.proxy.view import Verdict, View
 from shared import __version__, metrics, proxy, startup, subjects
 from shared.bus import Bus
@@ -142,7 +142,7 @@ async def run(settings: ProxySettings) -> None:
         enter_netns(settings.netns)
     logger = startup.configure_logging(settings, "proxy", settings.node, node=settings.node)
     bus = await Bus.connect(settings.nats_url, f"membrane-proxy-{settings.node}")
-    view = View()
+    view = View(settings.node)
     tasks = TaskGroup()
     fqdn = FQDNPublisher(
         await bus.kv(subjects.KV_FQDN, replicas=settings.kv_replicas),
@@ -192,7 +192,9 @@ async def run(settings: ProxySettings) -> None:
         except Exception:
             logger.exception("connection failed")
 
-    server = await asyncio.start_server(serve, sock=listener(settings.proxy_port), limit=256 * 1024)
+    server = await asyncio.start_server(
+        serve, sock=listener(settings.proxy_port), limit=READ_SIZE, backlog=BACKLOG
+    )
     metrics_port = metrics.serve(settings.metrics_host, settings.metrics_port)
     micro = await bus.add_service(
         subjects.PROXY_SERVICE,

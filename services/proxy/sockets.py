@@ -5,18 +5,27 @@ from __future__ import annotations
 
 import socket
 
+from shared.proxy import PROXY_LISTEN_ADDR
+
 IP_TRANSPARENT = 19  # linux/in.h; the socket module does not name it
 IP_RECVORIGDSTADDR = 20  # linux/in.h: IP_ORIGDSTADDR ancillary data on each datagram
+BACKLOG = 4096  # also to start_server, which listens again (with 100 unless told)
 
 
 def listener(port: int) -> socket.socket:
-    """TCP, on every address: ``IP_TRANSPARENT`` so that it answers as the address the client
-    connected to; no ``SO_REUSEPORT`` (``bpf_sk_assign`` refuses reuseport sockets)."""
+    """TCP, on the loopback address (``PROXY_LISTEN_ADDR``): ``bpf_sk_assign`` does not care
+    where a listener is bound, and a pod connecting to one of the node's addresses on this port
+    finds nothing (it would hand the proxy a connection to an address of its choosing).
+    ``IP_TRANSPARENT`` so that it answers as the address the client connected to; no
+    ``SO_REUSEPORT`` (``bpf_sk_assign`` refuses reuseport sockets)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-    sock.bind(("0.0.0.0", port))
-    sock.listen(4096)
+    # accepted once the client's first bytes are in (every protocol here speaks first): the
+    # accept and the first read are one wake-up of the proxy, not two
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
+    sock.bind((PROXY_LISTEN_ADDR, port))
+    sock.listen(BACKLOG)
     sock.setblocking(False)
     return sock
 

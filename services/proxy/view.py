@@ -66,9 +66,11 @@ class _Side:
 
 
 class View:
-    def __init__(self) -> None:
+    def __init__(self, node: str = "") -> None:
+        self.node = node  # the proxy's own
         self._ipcache_keys: dict[str, IPv4Network] = {}
         self.ipcache: dict[IPv4Address, int] = {}
+        self.elsewhere: set[IPv4Address] = set()  # pods on other nodes
         self.prefixes: dict[IPv4Network, int] = {}  # CIDR entries, longest first on lookup
         self.resolved: dict[int, ResolvedPolicy] = {}
         self.members: dict[int, frozenset[int]] = {}
@@ -86,6 +88,7 @@ class View:
         if old is not None:
             if old.prefixlen == 32:
                 self.ipcache.pop(old.network_address, None)
+                self.elsewhere.discard(old.network_address)
             else:
                 self.prefixes.pop(old, None)
         if data is not None:
@@ -94,6 +97,8 @@ class View:
             self._ipcache_keys[key] = network
             if network.prefixlen == 32:
                 self.ipcache[network.network_address] = entry.identity
+                if entry.node and entry.node != self.node:
+                    self.elsewhere.add(network.network_address)
             else:
                 self.prefixes[network] = entry.identity
         self.generation += 1

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
 from typing import Any
@@ -29,13 +30,15 @@ import pytest
 from membrane.state import StateDir
 from shared import netns, reasons
 from shared.bus import Bus
-from tests.conftest import eventually
+from shared.proxy import PROXY_PORT, from_proxy_mark
+from tests.conftest import eventually, membrane_command
 from tests.e2e.cluster import (
     Cluster,
     create_pod,
     down_leaving_nothing,
     free_octet,
     pod_info,
+    until,
     up,
 )
 from tests.e2e.test_datapath import FlowTap
@@ -549,3 +552,200 @@ async def test_killed_node_is_marked_unreachable_fails_fast_and_rejoins(
         assert "pong ping" in reply.stdout, reply.stdout + reply.stderr
     finally:
         proc.kill()
+
+
+# --- L7 across nodes, both routing modes ------------------------------------------------------
+#
+# The node-1 proxy steers the client's egress L7 towards a server on its own node and on node 2
+# (its upstream to node 2 leaves as the client, whose answers the datapath hands back to it);
+# node 1's and node 2's proxies steer the servers' ingress L7 for a client without egress rules.
+# What the proxy lets through is judged at L3/L4 after it (the locked server admits nobody), and a
+# pod can neither reach the proxy's port itself nor borrow an identity with the proxy's mark.
+
+STARWARS = Path(__file__).with_name("starwars.py")
+LANDED = {"status": 200, "body": "Ship landed\n"}
+DENIED = {"status": 403, "body": "Access denied\r\n"}
+LAND, EXHAUST = ("POST", "/v1/request-landing"), ("PUT", "/v1/exhaust-port")
+L7_PODS = {  # name: (node, app label)
+    "l7-client": (1, "l7-client"),  # egress L7 rules towards l7-server and l7-locked
+    "l7-plain": (1, "l7-plain"),  # no egress rules: the servers' ingress L7 rules apply
+    "l7-xwing": (1, "l7-xwing"),  # admitted by nobody
+    "l7-near": (1, "l7-server"),
+    "l7-far": (2, "l7-server"),
+    "l7-locked": (2, "l7-locked"),  # admits every pod but l7-client (a deny rule)
+}
+L7_POLICY = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: l7-client-egress}
+spec:
+  endpointSelector: {matchLabels: {app: l7-client}}
+  egress:
+  - toEndpoints:
+    - matchExpressions: [{key: app, operator: In, values: [l7-server, l7-locked]}]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules: {http: [{method: POST, path: /v1/request-landing}]}
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: l7-server-ingress}
+spec:
+  endpointSelector: {matchLabels: {app: l7-server}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: l7-client}}]
+    toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+  - fromEndpoints: [{matchLabels: {app: l7-plain}}]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules: {http: [{method: POST, path: /v1/request-landing}]}
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: l7-locked-ingress}
+spec:
+  endpointSelector: {matchLabels: {app: l7-locked}}
+  ingress:
+  - fromEndpoints: [{}]
+  ingressDeny:
+  - fromEndpoints: [{matchLabels: {app: l7-client}}]
+"""
+
+
+@dataclass
+class L7World:
+    cluster: Cluster
+    pods: dict[str, dict[str, Any]]
+
+    def ip(self, pod: str) -> str:
+        return str(self.pods[pod]["ip"])
+
+    def flows(self, *args: str) -> list[dict[str, Any]]:
+        out = self.cluster.run("observe", "-o", "json", "--last", "500", *args).stdout
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    def request(self, client: str, server: str, *calls: tuple[str, str]) -> list[dict[str, Any]]:
+        """The answers to ``calls`` on one keep-alive connection from ``client`` to port 80."""
+        args = [a for call in calls for a in call]
+        result = self.cluster.run(
+            "pod", "exec", client, "--", sys.executable, str(STARWARS), "request", "2",
+            self.ip(server), "80", *args, timeout=30,
+        )  # fmt: skip
+        return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def l7world(multinode: tuple[Cluster, str]) -> Iterator[L7World]:
+    cluster, _ = multinode
+    docs = [
+        f"apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  labels: {{app: {app}}}\n"
+        f"spec:\n  nodeName: {cluster.nodes[node - 1]}\n  containers: [{{name: c, image: none}}]\n"
+        for name, (node, app) in L7_PODS.items()
+    ]
+    cluster.run("apply", "-f", "-", input_text="---\n".join([*docs, L7_POLICY]), timeout=120)
+    world = L7World(cluster, {name: pod_info(cluster, name) for name in L7_PODS})
+    serve = [sys.executable, str(STARWARS), "serve", "80"]
+    servers = [
+        subprocess.Popen(
+            membrane_command("pod", "exec", name, "--", *serve),
+            env=cluster.env(),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for name in ("l7-near", "l7-far", "l7-locked")
+    ]
+    try:
+        for server in servers:
+            assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+
+        def in_force() -> None:
+            assert world.request("l7-client", "l7-far", LAND, EXHAUST) == [LANDED, DENIED]
+
+        until(in_force, "the L7 policies in force on both nodes")
+        yield world
+    finally:
+        for server in servers:
+            server.kill()
+            server.wait()
+        cluster.run("policy", "delete", "l7-client-egress", "l7-server-ingress",
+                    "l7-locked-ingress", check=False)  # fmt: skip
+        cluster.run("pod", "delete", *L7_PODS, check=False, timeout=120)
+
+
+def test_l7_egress_to_a_pod_on_this_node_and_on_another(l7world: L7World) -> None:
+    for server in ("l7-near", "l7-far"):
+        answers = l7world.request("l7-client", server, LAND, EXHAUST, LAND, ("GET", "/v1"))
+        assert answers == [LANDED, DENIED, LANDED, DENIED], (server, answers)
+    # the upstream to node 2 left as the client: node 2 judged the client's identity and address
+    cluster = l7world.cluster
+
+    def judged_on_node_2() -> None:
+        flows = l7world.flows("--type", "policy-verdict", "--to-pod", "l7-far")
+        assert any(
+            f["node"] == cluster.nodes[1]
+            and f["source"].get("pod") == "l7-client"
+            and f["verdict"] == "FORWARDED"
+            for f in flows
+        ), flows
+
+    until(judged_on_node_2, "node 2's verdict on the client's upstream", timeout=15)
+
+
+def test_l7_ingress_from_a_pod_on_this_node_and_on_another(l7world: L7World) -> None:
+    for server in ("l7-near", "l7-far"):
+        assert l7world.request("l7-plain", server, LAND, EXHAUST) == [LANDED, DENIED], server
+
+
+def test_what_the_proxy_lets_through_is_judged_at_l3_l4(l7world: L7World) -> None:
+    """The client's egress L7 rules allow the landing at l7-locked, and so does the proxy (it
+    enforces allow rules); l7-locked's deny rule for the client is the datapath's: the proxy's
+    upstream connection, as the client, is dropped on node 2 (181), and the client gets no
+    answer."""
+    cluster = l7world.cluster
+    client_id = int(l7world.pods["l7-client"]["identity"])
+    (answer,) = l7world.request("l7-client", "l7-locked", LAND)
+    assert "status" not in answer, answer
+
+    def dropped() -> None:
+        flows = l7world.flows("--type", "drop", "--to-pod", "l7-locked")
+        assert any(
+            f["drop_reason"] == 181
+            and f["source"]["identity"] == client_id
+            and f["node"] == cluster.nodes[1]
+            for f in flows
+        ), flows
+
+    until(dropped, "the upstream's policy drop on node 2", timeout=15)
+
+
+def test_a_pod_cannot_reach_the_proxy_port(l7world: L7World) -> None:
+    """The listener is on the node's loopback address: only what the datapath assigns gets
+    there. A pod connecting to its node's addresses on the proxy's port is refused (else it
+    could hand the proxy a connection to any address, past the rules)."""
+    cluster = l7world.cluster
+    nodes = {n["name"]: n for n in cluster.json("status")["nodes"]}
+    node = nodes[cluster.nodes[0]]
+    for address in (node["router_ip"], node["underlay_ip"]):
+        result = cluster.probe("l7-plain", "tcp", str(address), str(PROXY_PORT))
+        assert result.returncode == 1, (address, result.stdout)
+
+
+def test_a_pod_cannot_borrow_an_identity_with_the_proxys_mark(l7world: L7World) -> None:
+    """The proxy's mark carries the identity it connects as; an xwing setting it to the
+    client's identity (which l7-near admits at L3/L4) is still the xwing: dropped (133)."""
+    cluster = l7world.cluster
+    mark = hex(from_proxy_mark(int(l7world.pods["l7-client"]["identity"])))
+    result = cluster.run(
+        "pod", "exec", "l7-xwing", "--", "env", f"STARWARS_MARK={mark}", sys.executable,
+        str(STARWARS), "request", "1", l7world.ip("l7-near"), "80", *LAND, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0 and "TimeoutError" in result.stderr, result
+    xwing_id = int(l7world.pods["l7-xwing"]["identity"])
+
+    def dropped() -> None:
+        flows = l7world.flows("--type", "drop", "--from-pod", "l7-xwing")
+        assert any(
+            f["drop_reason"] == 133 and f["source"]["identity"] == xwing_id for f in flows
+        ), flows
+
+    until(dropped, "the xwing's policy drop", timeout=15)

@@ -162,3 +162,23 @@ def test_rules_that_do_not_compile_are_refused_at_apply(
     with pytest.raises((InvalidArgument, PolicyDocumentError)) as caught:
         parse_documents(json.dumps(doc), "-")
     assert field in str(caught.value)
+
+
+def test_pods_on_other_nodes_are_known_by_address() -> None:
+    """The proxy's upstream to a pod on another node leaves as the client (exchange.py): the
+    view says which addresses those are, from the ipcache's node field, as entries come, move
+    and go."""
+    v = View("node-1")
+
+    def put(ip: IPv4Address, node: str) -> None:
+        v.set_ipcache(str(ip), msgspec.json.encode(IPCacheEntry(f"{ip}/32", TIE, node=node)))
+
+    put(CLIENT, "node-1")
+    put(SERVER, "node-2")
+    put(OTHER, "")  # not a pod (a node's address, a CIDR identity)
+    assert v.elsewhere == {SERVER}
+    put(SERVER, "node-1")  # the address now belongs to a pod here
+    assert v.elsewhere == set()
+    put(CLIENT, "node-3")
+    v.set_ipcache(str(CLIENT), None)
+    assert v.elsewhere == set()

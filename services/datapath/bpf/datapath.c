@@ -43,6 +43,9 @@ struct packet {
 	__u8 opened; /* set by enforce(): this packet opened a connection (it made the ct entry) */
 	__u8 redirect_ok; /* set by the caller: a tc ingress hook that can steer to the proxy */
 	__u16 proxy_port; /* set by enforce(): the connection goes to the L7 proxy on this port */
+	/* set by enforce(): the packet answers a connection a local pod opened and the proxy took
+	 * over; coming from another node, it answers the proxy's upstream (made as that pod) */
+	__u8 proxy_reply;
 	__u32 proxy_identity; /* set by the caller: the client's, on the proxy's upstream packets */
 };
 
@@ -462,6 +465,7 @@ static __always_inline int enforce(struct packet *p, struct endpoint_info *ep, _
 		if (e) {
 			ct_refresh(e, p, now);
 			count(0, direction, p->len);
+			p->proxy_reply = e->proxy_port != 0;
 			return TC_ACT_OK;
 		}
 	}
@@ -578,9 +582,10 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction, __u8 ob
 		return drop(DROP_INVALID_SIP, direction, obs, &p, ifindex, ep->identity, 0, 0);
 	__u32 peer_hint = 0;
 	if (direction == DIR_EGRESS) {
-		/* the proxy reaches pods of this node only (L7 across nodes: dropped, 180) */
-		__u32 daddr = p.tuple.daddr;
-		p.redirect_ok = p.tuple.protocol == IPPROTO_TCP && lxc.lookup(&daddr) != NULL;
+		/* tc ingress: any TCP destination can be steered; the proxy's upstream to another
+		 * node's pod leaves as this pod, and from_overlay / from_netdev hand the answers back
+		 * to it (proxy_reply) */
+		p.redirect_ok = p.tuple.protocol == IPPROTO_TCP;
 	} else {
 		p.proxy_identity = from_proxy_identity(skb);
 		peer_hint = p.proxy_identity;

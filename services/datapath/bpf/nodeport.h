@@ -262,6 +262,54 @@ static __always_inline int np_deliver(struct __sk_buff *skb, struct np_config *c
 	return np_redirect_neigh(cfg->underlay_ifindex, NULL, 0, 0);
 }
 
+/* Native routing: TCP from another node for a local pod that is the L7 proxy's -- a connection
+ * to a port whose ingress entry holds L7 rules, or the far end's answer to the proxy's upstream
+ * connection (made as a local pod, egress L7 towards that node) -- is assigned to the proxy's
+ * socket here, at tc ingress, as from_overlay does in tunnel mode: to_container, on tc egress,
+ * could not. -1: not the proxy's, the node delivers it (to_container enforces). What is not
+ * the proxy's costs the parse, two lookups and one or two conntrack lookups; a new connection
+ * also the destination's ingress policy lookups. */
+static __always_inline int native_to_proxy(struct __sk_buff *skb)
+{
+	struct packet p = {};
+	if (parse(skb, &p) < 0 || p.tuple.protocol != IPPROTO_TCP)
+		return -1;
+	__u32 daddr = p.tuple.daddr;
+	struct lxc_info *dst = lxc.lookup(&daddr);
+	if (!dst)
+		return -1;
+	__u32 dst_ifindex = dst->ifindex;
+	struct endpoint_info *ep = endpoints.lookup(&dst_ifindex);
+	if (!ep)
+		return -1;
+	__u64 now = bpf_ktime_get_coarse_ns();
+	struct ct_key key = p.tuple;
+	key.scope = CT_INGRESS;
+	struct ct_entry *e = ct_lookup(&key, now);
+	if (e && !reopens(e, &p)) {
+		if (!e->proxy_port)
+			return -1;
+	} else if (pure_syn(&p)) {
+		if (!local_ingress_proxy(&p, lookup_identity(p.tuple.saddr)))
+			return -1;
+	} else {
+		struct ct_key rkey = {};
+		reverse(&rkey, &p.tuple, CT_EGRESS);
+		e = ct_lookup(&rkey, now);
+		if (!e || !e->proxy_port)
+			return -1;
+	}
+	p.redirect_ok = 1;
+	int ret = enforce(&p, ep, dst_ifindex, DIR_INGRESS, OBS_FROM_NETWORK, CT_INGRESS, CT_EGRESS,
+			  0);
+	if (ret != TC_ACT_OK)
+		return ret;
+	if (!p.proxy_port && !p.proxy_reply)
+		return -1;
+	return to_proxy(skb, &p, DIR_INGRESS, OBS_TO_PROXY, dst_ifindex,
+			lookup_identity(p.tuple.saddr), ep->identity);
+}
+
 /* from_netdev's verdict for a packet it does not translate: a forged one (underlay_forged's
  * reason) is dropped, the rest passes to the node */
 static __always_inline int np_pass(struct __sk_buff *skb, int forged)
@@ -298,8 +346,15 @@ int from_netdev(struct __sk_buff *skb)
 	int forged = underlay_forged(ip->saddr, ip->daddr);
 	/* the cheap test first: TCP or UDP to this node's address on a port of ours */
 	if (ip->daddr != cfg->underlay_ip ||
-	    (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP))
+	    (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)) {
+		/* native routing: another node's pod or proxy talking to a local pod */
+		if (!forged && ip->protocol == IPPROTO_TCP && ip->daddr != cfg->underlay_ip) {
+			int ret = native_to_proxy(skb);
+			if (ret >= 0)
+				return ret;
+		}
 		return np_pass(skb, forged);
+	}
 	/* the usual header (no options, not a fragment): the port decides in place, and the node's
 	 * own traffic leaves here without a single helper call */
 	__be16 *ports = (void *)(ip + 1);

@@ -160,13 +160,15 @@ int from_overlay(struct __sk_buff *skb)
 		return drop(DROP_NO_CONFIG, DIR_INGRESS, OBS_FROM_OVERLAY, &p, dst_ifindex, src_id,
 			    0, 0);
 	/* a connection to an L7 port goes to this node's proxy, whose answers return to the client's
-	 * node through overlay_egress */
+	 * node through overlay_egress (and so do its upstream connections, as the client pod) */
 	p.redirect_ok = p.tuple.protocol == IPPROTO_TCP;
 	ret = enforce(&p, ep, dst_ifindex, DIR_INGRESS, OBS_FROM_OVERLAY, CT_INGRESS, CT_EGRESS,
 		      src_id);
 	if (ret != TC_ACT_OK)
 		return ret;
-	if (p.proxy_port)
+	/* an L7 port, or the answer to the proxy's upstream connection (made as the local pod,
+	 * egress L7 towards this other node): neither goes into the pod */
+	if (p.proxy_port || p.proxy_reply)
 		return to_proxy(skb, &p, DIR_INGRESS, OBS_TO_PROXY, dst_ifindex, src_id, ep->identity);
 	/* a reply from a service backend on another node: this node translated the request, so
 	 * it puts the service address back (to_container, which would, is skipped below) */

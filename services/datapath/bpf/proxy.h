@@ -20,6 +20,7 @@
 #define MARK_FROM_PROXY 0x0B00
 /* the DNS proxy's port (a UDP socket and a TCP listener): egress DNS rules hold it */
 #define DNS_PROXY_PORT 15053
+#define PROXY_LISTEN_ADDR 0x7f000001 /* 127.0.0.1 */
 
 /* the identity a packet from the proxy carries (0: not from the proxy) */
 static __always_inline __u32 from_proxy_identity(struct __sk_buff *skb)
@@ -59,8 +60,9 @@ static __always_inline int to_proxy_udp(struct __sk_buff *skb, struct packet *p,
 	return assigned(skb, sk, p, direction, obs, ifindex, src_id, dst_id);
 }
 
-/* Assign the packet to the proxy's socket for its connection, or to its listener; a drop
- * (178 "Socket lookup failed", 179 "Socket assign failed") when there is none. */
+/* Assign the packet to the proxy's socket for its connection, or to its listener (for an answer
+ * to the proxy's upstream connection: to that socket only); a drop (178 "Socket lookup failed",
+ * 179 "Socket assign failed") when there is none. */
 static __always_inline int to_proxy(struct __sk_buff *skb, struct packet *p, __u8 direction,
 				    __u8 obs, __u32 ifindex, __u32 src_id, __u32 dst_id)
 {
@@ -78,8 +80,15 @@ static __always_inline int to_proxy(struct __sk_buff *skb, struct packet *p, __u
 		bpf_sk_release(sk);
 		sk = NULL;
 	}
+	/* an answer to the proxy's upstream connection has only that connection's socket */
+	if (!sk && p->proxy_reply)
+		return drop(DROP_PROXY_LOOKUP_FAILED, direction, obs, p, ifindex, src_id, dst_id, 0);
 	if (!sk) {
+		/* the listener is bound to the loopback address: only what the datapath assigns to
+		 * it reaches it, never a connection to one of the node's addresses (a pod that would
+		 * talk to the proxy directly, past the rules) */
 		__builtin_memset(&tuple, 0, sizeof(tuple));
+		tuple.ipv4.daddr = bpf_htonl(PROXY_LISTEN_ADDR);
 		tuple.ipv4.dport = bpf_htons(p->proxy_port);
 		sk = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
 		if (!sk)
