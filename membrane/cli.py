@@ -8,7 +8,7 @@ import ipaddress
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import uvloop
@@ -313,9 +313,11 @@ def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser
     return found
 
 
-def build_parser(run_flags: bool = True) -> argparse.ArgumentParser:
-    """The whole command line; ``run_flags``: the settings flags of ``run SERVICE``, which
-    import every service (main() asks for them only when the command is ``run``)."""
+def build_parser(run_flags: bool | Collection[str] = True) -> argparse.ArgumentParser:
+    """The whole command line; ``run_flags``: the settings flags of ``run SERVICE`` (True: of
+    every service; or the names of the services to give them), which import the service's
+    module. main() asks only for the service it runs: ``run identity`` importing the datapath
+    (bcc, pyroute2) and the proxy as well cost every replica seconds of start-up under load."""
     parser = Parser(
         prog="membrane",
         description="Container networking with identity-based security and an eBPF datapath.",
@@ -353,7 +355,7 @@ def build_parser(run_flags: bool = True) -> argparse.ArgumentParser:
     run_sub = p.add_subparsers(dest="service", required=True, metavar="SERVICE")
     for name, entry in SERVICES.items():
         sp = run_sub.add_parser(name, help=entry.summary)
-        if run_flags:
+        if run_flags is True or (run_flags and name in run_flags):
             config.add_arguments(sp, entry.settings)
         sp.set_defaults(func=cmd_run, service=name)
 
@@ -406,7 +408,8 @@ def located(exc: MembraneError) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(run_flags="run" in argv).parse_args(argv)
+    run_flags = {a for a in argv if a in SERVICES} if "run" in argv else False
+    args = build_parser(run_flags).parse_args(argv)
     if args.func is not cmd_run:
         # the CLI reports failures itself; library chatter (retries) would only be noise
         log.configure("error", "console")
