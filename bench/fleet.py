@@ -1,0 +1,453 @@
+"""A fleet by simulation: one real agent and up to 1,000 simulated ones on one NATS.
+
+    sudo .venv/bin/python bench/fleet.py [--nodes 100,300,1000] [--endpoints 20]
+        [--per-process 50]
+
+Starts a one-node cluster (``membrane up``: the real agent, identity, policy, lb services on
+one nats-server) with a real pod, then simulated agents in worker processes (``--per-process``
+nodes each, one asyncio loop): each simulated node connects to NATS on its own connection,
+registers itself in ``nodes`` and heartbeats it every 5 s, publishes ``--endpoints`` pod
+addresses in ``ipcache``, and follows ``ipcache``, ``resolved``, ``services`` and ``nodes``
+with ``shared/kv_watch.follow`` as the agent does (snapshot, then changes), without BPF: an
+event is counted and, for the keys being measured, its arrival time noted. Keys are spelled by
+``shared/subjects.py``. At each fleet size (the nodes added to those already up) it measures,
+from the write to the moment each node has seen it:
+
+- a new pod's ``ipcache`` entry (written as an agent writes it);
+- a policy change: a CiliumNetworkPolicy selecting the real pod applied through the policy
+  service, to the pod identity's ``resolved`` entry;
+- a service change: a Service and its EndpointSlice applied through the lb service, to its
+  ``services`` record;
+
+then p50/p99 over the nodes, nats-server's resident memory and CPU seconds, and the time a
+restarted agent (one simulated node's four watches started again) takes to resync.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import uvloop
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.datapath import Cluster
+from shared import apply, kv_watch, subjects
+from shared.bus import Bus, KVEvent
+from shared.messages import IPCacheEntry, Node
+
+WATCHED = (subjects.KV_IPCACHE, subjects.KV_RESOLVED, subjects.KV_SERVICES, subjects.KV_NODES)
+HEARTBEAT_S = 5.0
+GOAL_P99_S = 1.0
+PROPAGATION_TIMEOUT_S = 60.0
+
+
+def node_name(i: int) -> str:
+    return f"fleet-{i:04d}"
+
+
+def pod_address(node: int, pod: int) -> IPv4Address:
+    """Addresses of simulated pods: 10.128.0.0/9, 128 per node at most."""
+    return IPv4Address("10.128.0.0") + node * 128 + pod
+
+
+# --- the simulated agents (worker processes) ---------------------------------------------------
+
+
+class SimNode:
+    def __init__(self, index: int, url: str, endpoints: int) -> None:
+        self.index = index
+        self.name = node_name(index)
+        self.url = url
+        self.endpoints = endpoints
+        self.events = 0
+        self.synced: set[str] = set()
+        self.seen: dict[tuple[str, str], float] = {}
+        self.watching: set[tuple[str, str]] = set()
+        self.follows: list[asyncio.Task[None]] = []
+        self.bus: Bus | None = None
+        self.kvs: dict[str, Any] = {}
+
+    def record(self) -> Node:
+        ip = IPv4Address("172.30.0.0") + self.index + 1
+        cidr = pod_address(self.index, 0)
+        return Node(
+            name=self.name,
+            underlay_ip=str(ip),
+            pod_cidr=f"{cidr}/25",
+            router_ip=str(cidr),
+            heartbeat=time.time(),
+            version="fleet",
+            routing="tunnel",
+        )
+
+    async def start(self) -> None:
+        self.bus = await Bus.connect(self.url, self.name, retry_for=30)
+        for bucket in WATCHED:
+            self.kvs[bucket] = await self.bus.kv(bucket)
+        await self.heartbeat()
+        record = self.record()
+        for pod in range(1, self.endpoints + 1):
+            ip = pod_address(self.index, pod)
+            entry = IPCacheEntry(
+                cidr=f"{ip}/32", identity=70000 + pod, node=self.name, host_ip=record.underlay_ip
+            )
+            await self.kvs[subjects.KV_IPCACHE].put(
+                subjects.ipcache_key(ip), msgspec.json.encode(entry)
+            )
+        self.follow_all()
+
+    def follow_all(self) -> None:
+        self.synced = set()
+        self.follows = [
+            asyncio.create_task(kv_watch.follow(self.kvs[b], self.handler(b), self.on_synced(b)))
+            for b in WATCHED
+        ]
+
+    def handler(self, bucket: str) -> Any:
+        def handle(event: KVEvent) -> None:
+            self.events += 1
+            key = (bucket, event.key)
+            if key in self.watching and key not in self.seen:
+                self.seen[key] = time.time()
+
+        return handle
+
+    def on_synced(self, bucket: str) -> Any:
+        def synced() -> None:
+            self.synced.add(bucket)
+
+        return synced
+
+    async def heartbeat(self) -> None:
+        await self.kvs[subjects.KV_NODES].put(self.name, msgspec.json.encode(self.record()))
+
+    async def resync(self) -> float:
+        """The four watches started again, as a restarted agent does: seconds to synced."""
+        for task in self.follows:
+            task.cancel()
+        await asyncio.gather(*self.follows, return_exceptions=True)
+        started = time.perf_counter()
+        self.follow_all()
+        while len(self.synced) < len(WATCHED):  # noqa: ASYNC110 (four callbacks set it)
+            await asyncio.sleep(0.005)
+        return time.perf_counter() - started
+
+
+async def worker(first: int, count: int, url: str, endpoints: int) -> None:
+    nodes = [SimNode(i, url, endpoints) for i in range(first, first + count)]
+    for chunk in range(0, count, 10):  # connect in steps: NATS's accept queue is finite
+        await asyncio.gather(*(n.start() for n in nodes[chunk : chunk + 10]))
+
+    async def heartbeats() -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            for n in nodes:
+                with contextlib.suppress(Exception):
+                    await n.heartbeat()
+
+    beat = asyncio.create_task(heartbeats())
+    reader = asyncio.StreamReader()
+    await asyncio.get_running_loop().connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), sys.stdin
+    )
+    while line := (await reader.readline()).decode().split():
+        command, *rest = line
+        out: Any = None
+        if command == "synced":
+            out = sum(1 for n in nodes if len(n.synced) == len(WATCHED))
+        elif command == "watch":
+            for n in nodes:
+                n.watching.add((rest[0], rest[1]))
+            out = "ok"
+        elif command == "seen":
+            out = [n.seen.get((rest[0], rest[1])) for n in nodes]
+        elif command == "events":
+            out = sum(n.events for n in nodes)
+        elif command == "resync":
+            out = await nodes[0].resync()
+        print(json.dumps(out), flush=True)
+    beat.cancel()
+
+
+# --- the driver ------------------------------------------------------------------------------
+
+
+class Worker:
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+
+    async def ask(self, *words: str) -> Any:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write((" ".join(words) + "\n").encode())
+        await self.proc.stdin.drain()
+        return json.loads(await asyncio.wait_for(self.proc.stdout.readline(), 600))
+
+
+async def ask_all(workers: list[Worker], *words: str) -> list[Any]:
+    return list(await asyncio.gather(*(w.ask(*words) for w in workers)))
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
+
+
+def nats_usage(pid: int) -> tuple[float, float]:
+    """(resident MB, CPU seconds) of nats-server."""
+    rss = 0.0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            rss = int(line.split()[1]) / 1024
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return rss, cpu
+
+
+def nats_pid(url: str) -> int:
+    port = url.rsplit(":", 1)[1].strip("/")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if (entry / "comm").read_text().strip() == "nats-server":
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                conf = cmdline.split()[-1]
+                with contextlib.suppress(OSError):
+                    if f":{port}" in Path(conf).read_text() or port in cmdline:
+                        return int(entry.name)
+    raise RuntimeError(f"no nats-server on port {port}")
+
+
+async def propagation(
+    workers: list[Worker], bucket: str, key: str, change: Any, total: int
+) -> tuple[list[float], int]:
+    """Seconds from ``change()`` to each node's first event of ``key``; nodes that never saw it."""
+    await ask_all(workers, "watch", bucket, key)
+    started = time.time()
+    await change()
+    deadline = time.monotonic() + PROPAGATION_TIMEOUT_S
+    while True:
+        seen = [t for answer in await ask_all(workers, "seen", bucket, key) for t in answer]
+        arrived = [t - started for t in seen if t is not None]
+        if len(arrived) == total or time.monotonic() > deadline:
+            return arrived, total - len(arrived)
+        await asyncio.sleep(0.2)
+
+
+async def measure_step(
+    bus: Bus, workers: list[Worker], total: int, step: int, pod: dict[str, Any], pid: int
+) -> dict[str, Any]:
+    res: dict[str, Any] = {"nodes": total}
+    rss0, cpu0 = nats_usage(pid)
+    # a new pod's ipcache entry, written as its agent writes it
+    ip = IPv4Address("10.127.0.0") + step
+    entry = IPCacheEntry(cidr=f"{ip}/32", identity=80000 + step, node="fleet-probe")
+    ipcache = await bus.kv(subjects.KV_IPCACHE)
+
+    async def put_pod() -> None:
+        await ipcache.put(subjects.ipcache_key(ip), msgspec.json.encode(entry))
+
+    res["ipcache"] = await propagation(
+        workers, subjects.KV_IPCACHE, subjects.ipcache_key(ip), put_pod, total
+    )
+    policy = {
+        "apiVersion": "cilium.io/v2",
+        "kind": "CiliumNetworkPolicy",
+        "metadata": {"name": "fleet-probe", "namespace": "default"},
+        "spec": {
+            "endpointSelector": {"matchLabels": {"app": "fleet-probe"}},
+            "ingress": [
+                {
+                    "fromEndpoints": [{"matchLabels": {"app": f"client-{step}"}}],
+                    "toPorts": [{"ports": [{"port": str(8000 + step), "protocol": "TCP"}]}],
+                }
+            ],
+        },
+    }
+
+    async def apply_policy() -> None:
+        await apply.apply_policies(bus, [policy], "fleet", audit=False, dry_run=False)
+
+    res["policy"] = await propagation(
+        workers,
+        subjects.KV_RESOLVED,
+        subjects.identity_key(int(pod["identity"])),
+        apply_policy,
+        total,
+    )
+    docs: list[dict[str, Any]] = [
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": f"fleet-{step}", "namespace": "default"},
+            "spec": {"ports": [{"port": 80}]},
+        },
+        {
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": f"fleet-{step}-1",
+                "namespace": "default",
+                "labels": {"kubernetes.io/service-name": f"fleet-{step}"},
+            },
+            "addressType": "IPv4",
+            "ports": [{"port": 8080}],
+            "endpoints": [{"addresses": [str(pod["ip"])]}],
+        },
+    ]
+
+    async def apply_service() -> None:
+        await apply.apply_services(bus, docs, "fleet", dry_run=False)
+
+    res["service"] = await propagation(
+        workers,
+        subjects.KV_SERVICES,
+        subjects.service_key("default", f"fleet-{step}"),
+        apply_service,
+        total,
+    )
+    res["resync"] = await workers[0].ask("resync")
+    rss1, cpu1 = nats_usage(pid)
+    res["nats_rss_mb"], res["nats_cpu_s"] = rss1, cpu1 - cpu0
+    res["nats_rss_before_mb"] = rss0
+    res["events"] = sum(await ask_all(workers, "events"))
+    return res
+
+
+def line(name: str, result: tuple[list[float], int]) -> str:
+    arrived, missing = result
+    if not arrived:
+        return f"{name}: no node saw it"
+    p50, p99 = percentile(arrived, 0.5), percentile(arrived, 0.99)
+    verdict = "met" if p99 <= GOAL_P99_S and not missing else "NOT met"
+    return (
+        f"{name} p50 {p50 * 1000:.0f} ms p99 {p99 * 1000:.0f} ms max {max(arrived) * 1000:.0f} ms"
+        f"{f', {missing} nodes never saw it' if missing else ''} (goal p99 <= 1 s: {verdict})"
+    )
+
+
+async def drive(args: argparse.Namespace, cluster: Cluster) -> list[dict[str, Any]]:
+    bus = await Bus.connect(cluster.nats_url, "fleet-bench", retry_for=10)
+    pid = nats_pid(cluster.nats_url)
+    workers: list[Worker] = []
+    results = []
+    cluster.run("pod", "create", "fleet-probe", "--labels", "app=fleet-probe")
+    listing = json.loads(cluster.run("pod", "list", "-A", "-o", "json").stdout)["items"]
+    (pod,) = [p for p in listing if p["name"] == "fleet-probe"]
+    try:
+        up = 0
+        for step, target in enumerate(args.nodes):
+            started = time.perf_counter()
+            while up < target:
+                count = min(args.per_process, target - up)
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    f"{up},{count},{args.endpoints}",
+                    env={**os.environ, "MEMBRANE_FLEET_NATS": cluster.nats_url},
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                )
+                workers.append(Worker(proc))
+                up += count
+            while sum(await ask_all(workers, "synced")) < up:  # noqa: ASYNC110 (processes)
+                await asyncio.sleep(0.5)
+            joined = time.perf_counter() - started
+            print(f"{up} simulated nodes up and synced ({joined:.1f} s)", flush=True)
+            res = await measure_step(bus, workers, up, step, pod, pid)
+            res["joined_s"] = joined
+            res["load"] = os.getloadavg()[0]
+            results.append(res)
+            print(
+                f"  {up} nodes: {line('pod ipcache', res['ipcache'])}; "
+                f"{line('policy', res['policy'])}; {line('service', res['service'])}; "
+                f"resync {res['resync']:.2f} s; nats {res['nats_rss_mb']:.0f} MB",
+                flush=True,
+            )
+    finally:
+        for w in workers:
+            if w.proc.stdin is not None:
+                w.proc.stdin.close()
+        for w in workers:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(w.proc.wait(), 10)
+            if w.proc.returncode is None:
+                w.proc.kill()
+        await bus.close()
+    return results
+
+
+def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    print()
+    print(
+        f"== fleet: one real agent + simulated agents, {args.endpoints} endpoints each, "
+        f"{args.per_process} per process =="
+    )
+    for r in results:
+        endpoints = r["nodes"] * args.endpoints
+        print(
+            f"{r['nodes']:>5} nodes ({endpoints} endpoints, load average {r['load']:.1f}; joined "
+            f"and synced in {r['joined_s']:.1f} s):"
+        )
+        for name in ("ipcache", "policy", "service"):
+            print(f"    {line(name, r[name])}")
+        print(
+            f"    restarted agent resync (4 buckets) {r['resync']:.2f} s; nats-server "
+            f"{r['nats_rss_before_mb']:.0f} -> {r['nats_rss_mb']:.0f} MB resident, "
+            f"{r['nats_cpu_s']:.1f} CPU s over the three changes and the resync; "
+            f"{r['events']} watch events delivered in all"
+        )
+    if len(results) > 1:
+        first, last = results[0], results[-1]
+        for name in ("ipcache", "policy"):
+            a, b = (percentile(r[name][0], 0.99) for r in (first, last))
+            print(
+                f"{name} p99 at {last['nodes']} nodes / at {first['nodes']}: "
+                f"{b / a if a else float('nan'):.1f}x"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--nodes", default="100,300,1000")
+    parser.add_argument("--endpoints", type=int, default=20, help="pods per simulated node")
+    parser.add_argument("--per-process", type=int, default=50)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        first, count, endpoints = (int(x) for x in args.worker.split(","))
+        uvloop.run(worker(first, count, os.environ["MEMBRANE_FLEET_NATS"], endpoints))
+        return
+    if os.geteuid() != 0:
+        sys.exit("bench/fleet.py starts a cluster: run it as root")
+    args.nodes = [int(n) for n in args.nodes.split(",")]
+    if args.endpoints > 127:
+        parser.error("--endpoints: at most 127 per node")
+    print(f"load average at start: {os.getloadavg()[0]:.2f}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="membrane-fleet-bench-") as tmp:
+        cluster = Cluster(Path(tmp) / "state")
+        print(f"starting a one-node cluster {cluster.name} (the real agent) ...", flush=True)
+        cluster.up()
+        try:
+            results = uvloop.run(drive(args, cluster))
+        finally:
+            cluster.down()
+    report(results, args)
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()
