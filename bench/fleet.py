@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import nats.errors
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -51,6 +52,7 @@ WATCHED = (subjects.KV_IPCACHE, subjects.KV_RESOLVED, subjects.KV_SERVICES, subj
 HEARTBEAT_S = 5.0
 GOAL_P99_S = 1.0
 PROPAGATION_TIMEOUT_S = 60.0
+ANSWER = "fleet-answer "
 
 
 def node_name(i: int) -> str:
@@ -78,6 +80,7 @@ class SimNode:
         self.follows: list[asyncio.Task[None]] = []
         self.bus: Bus | None = None
         self.kvs: dict[str, Any] = {}
+        self.timeouts = 0  # KV writes whose acknowledgement did not come in time (retried)
 
     def record(self) -> Node:
         ip = IPv4Address("172.30.0.0") + self.index + 1
@@ -103,10 +106,19 @@ class SimNode:
             entry = IPCacheEntry(
                 cidr=f"{ip}/32", identity=70000 + pod, node=self.name, host_ip=record.underlay_ip
             )
-            await self.kvs[subjects.KV_IPCACHE].put(
-                subjects.ipcache_key(ip), msgspec.json.encode(entry)
+            await self.put(
+                subjects.KV_IPCACHE, subjects.ipcache_key(ip), msgspec.json.encode(entry)
             )
         self.follow_all()
+
+    async def put(self, bucket: str, key: str, value: bytes) -> None:
+        """A KV write, retried while its acknowledgement times out (counted)."""
+        while True:
+            try:
+                await self.kvs[bucket].put(key, value)
+                return
+            except nats.errors.TimeoutError:
+                self.timeouts += 1
 
     def follow_all(self) -> None:
         self.synced = set()
@@ -131,7 +143,7 @@ class SimNode:
         return synced
 
     async def heartbeat(self) -> None:
-        await self.kvs[subjects.KV_NODES].put(self.name, msgspec.json.encode(self.record()))
+        await self.put(subjects.KV_NODES, self.name, msgspec.json.encode(self.record()))
 
     async def resync(self) -> float:
         """The four watches started again, as a restarted agent does: seconds to synced."""
@@ -174,10 +186,10 @@ async def worker(first: int, count: int, url: str, endpoints: int) -> None:
         elif command == "seen":
             out = [n.seen.get((rest[0], rest[1])) for n in nodes]
         elif command == "events":
-            out = sum(n.events for n in nodes)
+            out = [sum(n.events for n in nodes), sum(n.timeouts for n in nodes)]
         elif command == "resync":
             out = await nodes[0].resync()
-        print(json.dumps(out), flush=True)
+        print(ANSWER + json.dumps(out), flush=True)  # the services' logs may share stdout
     beat.cancel()
 
 
@@ -192,7 +204,13 @@ class Worker:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write((" ".join(words) + "\n").encode())
         await self.proc.stdin.drain()
-        return json.loads(await asyncio.wait_for(self.proc.stdout.readline(), 600))
+        while True:
+            answer = await asyncio.wait_for(self.proc.stdout.readline(), 120)
+            if not answer:
+                raise RuntimeError(f"a worker process ended ({self.proc.returncode}); see stderr")
+            if answer.startswith(ANSWER.encode()):
+                return json.loads(answer[len(ANSWER) :])
+            sys.stderr.write(answer.decode(errors="replace"))
 
 
 async def ask_all(workers: list[Worker], *words: str) -> list[Any]:
@@ -223,10 +241,12 @@ def nats_pid(url: str) -> int:
         with contextlib.suppress(OSError):
             if (entry / "comm").read_text().strip() == "nats-server":
                 cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-                conf = cmdline.split()[-1]
-                with contextlib.suppress(OSError):
-                    if f":{port}" in Path(conf).read_text() or port in cmdline:
-                        return int(entry.name)
+                if port in cmdline:
+                    return int(entry.name)
+                for conf in cmdline.split()[1:]:  # the port may be in its configuration file
+                    with contextlib.suppress(OSError):
+                        if f":{port}" in Path(conf).read_text():
+                            return int(entry.name)
     raise RuntimeError(f"no nats-server on port {port}")
 
 
@@ -237,6 +257,7 @@ async def propagation(
     await ask_all(workers, "watch", bucket, key)
     started = time.time()
     await change()
+    print(f"    {bucket}: written in {time.time() - started:.2f} s", flush=True)
     deadline = time.monotonic() + PROPAGATION_TIMEOUT_S
     while True:
         seen = [t for answer in await ask_all(workers, "seen", bucket, key) for t in answer]
@@ -322,7 +343,9 @@ async def measure_step(
     rss1, cpu1 = nats_usage(pid)
     res["nats_rss_mb"], res["nats_cpu_s"] = rss1, cpu1 - cpu0
     res["nats_rss_before_mb"] = rss0
-    res["events"] = sum(await ask_all(workers, "events"))
+    counts = await ask_all(workers, "events")
+    res["events"] = sum(c[0] for c in counts)
+    res["timeouts"] = sum(c[1] for c in counts)
     return res
 
 
@@ -342,7 +365,7 @@ async def drive(args: argparse.Namespace, cluster: Cluster) -> list[dict[str, An
     bus = await Bus.connect(cluster.nats_url, "fleet-bench", retry_for=10)
     pid = nats_pid(cluster.nats_url)
     workers: list[Worker] = []
-    results = []
+    results: list[dict[str, Any]] = []
     cluster.run("pod", "create", "fleet-probe", "--labels", "app=fleet-probe")
     listing = json.loads(cluster.run("pod", "list", "-A", "-o", "json").stdout)["items"]
     (pod,) = [p for p in listing if p["name"] == "fleet-probe"]
@@ -363,8 +386,18 @@ async def drive(args: argparse.Namespace, cluster: Cluster) -> list[dict[str, An
                 )
                 workers.append(Worker(proc))
                 up += count
-            while sum(await ask_all(workers, "synced")) < up:  # noqa: ASYNC110 (processes)
-                await asyncio.sleep(0.5)
+                # one worker's nodes joined and synced before the next starts: a join storm
+                # of hundreds of agents at once is another measure
+                while (synced := sum(await ask_all(workers, "synced"))) < up:
+                    if time.perf_counter() - started > args.join_timeout:
+                        print(
+                            f"STOPPED: {synced} of {up} simulated nodes synced after "
+                            f"{args.join_timeout:.0f} s (load average {os.getloadavg()[0]:.1f}); "
+                            "see nats-server's log for what it was doing",
+                            flush=True,
+                        )
+                        return results
+                    await asyncio.sleep(0.5)
             joined = time.perf_counter() - started
             print(f"{up} simulated nodes up and synced ({joined:.1f} s)", flush=True)
             res = await measure_step(bus, workers, up, step, pod, pid)
@@ -408,7 +441,8 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
             f"    restarted agent resync (4 buckets) {r['resync']:.2f} s; nats-server "
             f"{r['nats_rss_before_mb']:.0f} -> {r['nats_rss_mb']:.0f} MB resident, "
             f"{r['nats_cpu_s']:.1f} CPU s over the three changes and the resync; "
-            f"{r['events']} watch events delivered in all"
+            f"{r['events']} watch events delivered in all; {r['timeouts']} KV writes of the "
+            "simulated agents timed out (2 s) and were retried"
         )
     if len(results) > 1:
         first, last = results[0], results[-1]
@@ -425,6 +459,9 @@ def main() -> None:
     parser.add_argument("--nodes", default="100,300,1000")
     parser.add_argument("--endpoints", type=int, default=20, help="pods per simulated node")
     parser.add_argument("--per-process", type=int, default=50)
+    parser.add_argument(
+        "--join-timeout", type=float, default=300, help="seconds for a fleet size to sync"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -445,7 +482,8 @@ def main() -> None:
             results = uvloop.run(drive(args, cluster))
         finally:
             cluster.down()
-    report(results, args)
+    if results:
+        report(results, args)
 
 
 if __name__ == "__main__":
