@@ -107,7 +107,7 @@ class SimNode:
                 cidr=f"{ip}/32", identity=70000 + pod, node=self.name, host_ip=record.underlay_ip
             )
             await self.put(
-                subjects.KV_IPCACHE, subjects.ipcache_key(ip), msgspec.json.encode(entry)
+                subjects.KV_IPCACHE, subjects.ipcache_key(ip, self.name), msgspec.json.encode(entry)
             )
         self.follow_all()
 
@@ -274,15 +274,15 @@ async def measure_step(
     rss0, cpu0 = nats_usage(pid)
     # a new pod's ipcache entry, written as its agent writes it
     ip = IPv4Address("10.127.0.0") + step
-    entry = IPCacheEntry(cidr=f"{ip}/32", identity=80000 + step, node="fleet-probe")
+    node = node_name(0)  # as if a pod started on the first simulated node
+    entry = IPCacheEntry(cidr=f"{ip}/32", identity=80000 + step, node=node)
     ipcache = await bus.kv(subjects.KV_IPCACHE)
+    key = subjects.ipcache_key(ip, node)
 
     async def put_pod() -> None:
-        await ipcache.put(subjects.ipcache_key(ip), msgspec.json.encode(entry))
+        await ipcache.put(key, msgspec.json.encode(entry))
 
-    res["ipcache"] = await propagation(
-        workers, subjects.KV_IPCACHE, subjects.ipcache_key(ip), put_pod, total
-    )
+    res["ipcache"] = await propagation(workers, subjects.KV_IPCACHE, key, put_pod, total)
     policy = {
         "apiVersion": "cilium.io/v2",
         "kind": "CiliumNetworkPolicy",
