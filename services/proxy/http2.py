@@ -43,8 +43,17 @@ STREAM_WINDOW = 1 << 20  # what the proxy lets a peer send on one stream before 
 CONNECTION_WINDOW = 4 << 20  # ... and on all streams of a connection
 MAX_CONCURRENT_STREAMS = 256
 MAX_HEADER_LIST = 64 * 1024
-GRPC_PERMISSION_DENIED = 7
-DENIED_BODY = b"Access denied\r\n"
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    status: int  # HTTP
+    grpc_status: int
+    text: str
+
+
+DENIED = _Refusal(403, 7, "Access denied\r\n")  # gRPC: PERMISSION_DENIED
+UNAVAILABLE = _Refusal(503, 14, "upstream connect error\r\n")  # gRPC: UNAVAILABLE
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -198,41 +207,48 @@ class Http2Connection(Handler):
         stream = _Stream(stream_id, verdict, method, path, host, grpc)
         self.streams[stream_id] = stream
         if not verdict.allowed:
-            self._deny(stream, ended is not None)
+            self._answer(stream, ended is not None, DENIED)
             return
         if self.up_writer is None:
-            await self._connect(verdict.src_identity)
+            try:
+                await self._connect(verdict.src_identity)
+            except (OSError, TimeoutError):
+                # the next stream tries again; this one is answered as Envoy does
+                self._answer(stream, ended is not None, UNAVAILABLE)
+                return
         stream.upstream_id = self.upstream.get_next_available_stream_id()
         self.by_upstream[stream.upstream_id] = stream
         self.upstream.send_headers(stream.upstream_id, headers, end_stream=ended is not None)
         if ended is not None:
             stream.up.ended = stream.up.done = True
 
-    def _deny(self, stream: _Stream, client_ended: bool) -> None:
+    def _answer(self, stream: _Stream, client_ended: bool, refusal: _Refusal) -> None:
+        """The proxy answers the stream itself: gRPC trailers-only, else status and text."""
         sid = stream.client_id
         if stream.grpc:
-            stream.status, stream.grpc_status = 200, GRPC_PERMISSION_DENIED
+            stream.status, stream.grpc_status = 200, refusal.grpc_status
             self.client.send_headers(
                 sid,
                 [
                     (b":status", b"200"),
                     (b"content-type", b"application/grpc"),
-                    (b"grpc-status", str(GRPC_PERMISSION_DENIED).encode()),
-                    (b"grpc-message", b"Access denied"),
+                    (b"grpc-status", str(refusal.grpc_status).encode()),
+                    (b"grpc-message", refusal.text.strip().encode()),
                 ],
                 end_stream=True,
             )
         else:
-            stream.status = 403
+            stream.status = refusal.status
+            body = refusal.text.encode()
             self.client.send_headers(
                 sid,
                 [
-                    (b":status", b"403"),
+                    (b":status", str(refusal.status).encode()),
                     (b"content-type", b"text/plain"),
-                    (b"content-length", str(len(DENIED_BODY)).encode()),
+                    (b"content-length", str(len(body)).encode()),
                 ],
             )
-            self.client.send_data(sid, DENIED_BODY, end_stream=True)
+            self.client.send_data(sid, body, end_stream=True)
         if not client_ended:  # what the client still sends on it would only be dropped
             # (unless its end came in the frames being handled: then the stream is closed)
             with contextlib.suppress(h2.exceptions.StreamClosedError):

@@ -1,5 +1,6 @@
-"""The proxy's HTTP/1.1 path with a real upstream on loopback: what the upstream answers comes
-back whole and in order. Root: the proxy marks its upstream socket (SO_MARK).
+"""The proxy with a real upstream on loopback: what the upstream answers comes back whole and in
+order (HTTP/1.1), an upstream that refuses is answered per stream (HTTP/2). Root: the proxy
+marks its upstream socket (SO_MARK).
 
 The connection handler is pointed at the upstream by its ``conn`` (on a node it is the address
 the client asked for, which on loopback would be the proxy's own listener).
@@ -11,12 +12,18 @@ import asyncio
 import dataclasses
 import os
 import random
+import socket
 from collections.abc import AsyncIterator, Callable
 
+import h2.config
+import h2.connection
+import h2.events
 import msgspec
 import pytest
 
+from services.proxy.connection import opening
 from services.proxy.http import HttpConnection
+from services.proxy.http2 import Http2Connection
 from services.proxy.view import View
 from shared import identities
 from shared.messages import L7Info, PolicyEntry, ResolvedPolicy
@@ -185,3 +192,43 @@ async def _one_fuzzed(answer: bytes, requests: bytes) -> None:
         s.close()
         await s.wait_closed()
     assert not failures, (answer, failures)
+
+
+async def test_grpc_calls_to_a_refusing_upstream_are_unavailable_and_the_connection_stays() -> None:
+    spare = socket.socket()
+    spare.bind(("127.0.0.1", 0))
+    refusing = spare.getsockname()[1]
+    spare.close()  # nothing listens there now
+    reported: list[L7Info] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handler = Http2Connection(
+            allow_all_but_secret(), reader, writer, lambda _c, _v, l7: reported.append(l7)
+        )
+        handler.conn = dataclasses.replace(handler.conn, dport=refusing)
+        await handler.run(await opening(reader))
+
+    proxy = await asyncio.start_server(serve, "127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.sockets[0].getsockname()[1])
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    for sid in (1, 3):
+        client.send_headers(
+            sid,
+            [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/a.B/C"),
+             (b":authority", b"a"), (b"content-type", b"application/grpc")],
+            end_stream=True,
+        )  # fmt: skip
+    writer.write(client.data_to_send())
+    answers: list[h2.events.ResponseReceived] = []
+    while len(answers) < 2:
+        data = await asyncio.wait_for(reader.read(65536), 5)
+        assert data, answers
+        answers += [
+            e for e in client.receive_data(data) if isinstance(e, h2.events.ResponseReceived)
+        ]
+    writer.close()
+    proxy.close()
+    await proxy.wait_closed()
+    assert [dict(a.headers)[b"grpc-status"] for a in answers] == [b"14", b"14"]
+    assert [(r.grpc_status, r.status) for r in reported] == [(14, 200), (14, 200)]
