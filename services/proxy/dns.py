@@ -12,6 +12,9 @@ against the pod's ``rules.dns``, forwarded to the server the pod asked, answered
 - Malformed (no DNS message, not exactly one question, a response instead of a query):
   dropped without an answer and counted; a TCP connection carrying one is closed. An answer
   from upstream that does not parse is dropped the same way; the pod's resolver retries.
+- Sent to the proxy's own port (a pod addressing the node at ``DNS_PROXY_PORT`` itself, which
+  the datapath did not redirect): dropped and counted (``source="direct"``), never forwarded --
+  forwarding it would send the proxy its own query, again and again.
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ QUERIES = Counter(
 )
 MALFORMED = Counter(
     "membrane_proxy_dns_malformed_total",
-    "DNS messages dropped as malformed, by where they came from (pod or upstream)",
+    "DNS messages dropped: malformed from a pod or upstream, or sent to the proxy's port itself "
+    "(direct)",
     ["source"],
 )
 UPSTREAM_ERRORS = Counter(
@@ -76,6 +80,7 @@ class DnsProxy:
         self.node = node
         self.report = report
         self.learn = learn
+        self.port = 0
         self._udp: socket.socket | None = None
         self._tcp: asyncio.Server | None = None
         self._answering: dict[tuple[str, int], socket.socket] = {}
@@ -83,6 +88,7 @@ class DnsProxy:
 
     async def start(self, port: int) -> None:
         loop = asyncio.get_running_loop()
+        self.port = port
         self._udp = sockets.datagram_listener(port)
         loop.add_reader(self._udp.fileno(), self._readable)
         self._tcp = await asyncio.start_server(self._serve_tcp, sock=sockets.listener(port))
@@ -111,6 +117,9 @@ class DnsProxy:
                 return
             server = sockets.original_destination(ancillary)
             if server is None:
+                continue
+            if server[1] == self.port:  # not redirected: addressed to the proxy itself
+                MALFORMED.labels("direct").inc()
                 continue
             if len(self._inflight) >= MAX_INFLIGHT:
                 OVERLOAD.inc()
@@ -156,6 +165,10 @@ class DnsProxy:
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         client = writer.get_extra_info("peername")[:2]
         server = writer.get_extra_info("sockname")[:2]  # the address the pod connected to
+        if server[1] == self.port:  # not redirected: addressed to the proxy itself
+            MALFORMED.labels("direct").inc()
+            writer.close()
+            return
         upstream: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
 
         async def forward(data: bytes, to: tuple[str, int], identity: int) -> bytes:

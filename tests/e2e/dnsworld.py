@@ -5,12 +5,14 @@ serve ZONE DNS_IP HTTP_IP...   in the outside namespace: DNS on DNS_IP:53 (UDP a
                                read again whenever it changes (a name "*.x" answers any one label
                                in front of x); NXDOMAIN otherwise. HTTP on port 80 of every
                                HTTP_IP, answering with that address. Prints "ready".
-query SERVER NAME [tcp]        one query; prints {"rcode", "answers", "ttl"} or {"error"}
+query SERVER[:PORT] NAME [tcp] one query (port 53 by default); prints {"rcode", "answers",
+                               "ttl"} or {"error"}
 fetch SERVER NAME [IP]         resolve NAME, then at once GET / from the first address; prints
                                {"rcode", "answers", "http": body or the error's name}, and
                                with IP "also": GET / from IP after that
-until-dropped IP SECONDS       GET / from IP until it fails (at most SECONDS); prints the
-                               seconds it took, or "never"
+until-dropped IP SECONDS       GET / from IP until a new connection fails (at most SECONDS),
+                               holding one HTTP/1.1 connection opened first; prints {"after":
+                               seconds or null, "held": the held connection's answer after it}
 get IP [PORT]                  GET / from IP; prints the body or the error's name (exit 1)
 garbage SERVER                 send a datagram that is no DNS message to SERVER:53; prints
                                "answered" or "silent"
@@ -104,10 +106,13 @@ async def serve(zone_path: str, dns_ip: str, http_ips: list[str]) -> None:
             reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ip: str = ip
         ) -> None:
             try:
-                await reader.readuntil(b"\r\n\r\n")
-                head = b"HTTP/1.0 200 OK\r\ncontent-length: %d\r\n\r\n" % len(ip)
-                writer.write(head + ip.encode())
-                await writer.drain()
+                while True:  # HTTP/1.1 keeps the connection open, HTTP/1.0 closes it
+                    request = await reader.readuntil(b"\r\n\r\n")
+                    head = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(ip)
+                    writer.write(head + ip.encode())
+                    await writer.drain()
+                    if b"HTTP/1.0" in request.split(b"\r\n", 1)[0]:
+                        break
             except (asyncio.IncompleteReadError, OSError, asyncio.LimitOverrunError):
                 pass
             writer.close()
@@ -119,11 +124,12 @@ async def serve(zone_path: str, dns_ip: str, http_ips: list[str]) -> None:
 
 def query(server: str, name: str, tcp: bool = False) -> dict[str, object]:
     message = dns.message.make_query(name, "A")
+    host, _, port = server.partition(":")
     try:
         if tcp:
-            answer = dns.query.tcp(message, server, timeout=2)
+            answer = dns.query.tcp(message, host, timeout=2, port=int(port or 53))
         else:
-            answer = dns.query.udp(message, server, timeout=2)
+            answer = dns.query.udp(message, host, timeout=2, port=int(port or 53))
     except Exception as exc:
         return {"error": type(exc).__name__}
     addresses = [rd.address for rrset in answer.answer for rd in rrset if rrset.rdtype == 1]
@@ -161,14 +167,22 @@ def main(argv: list[str]) -> int:
             found["also"] = get(args[2])
         print(json.dumps(found))
     elif command == "until-dropped":
+        held = socket.create_connection((args[0], 80), timeout=3)
+        ask = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n"
+        held.sendall(ask)
+        held.recv(4096)
         started = time.monotonic()
-        while time.monotonic() - started < float(args[1]):
+        after: float | None = None
+        while after is None and time.monotonic() - started < float(args[1]):
             if get(args[0]) != args[0]:
-                print(f"{time.monotonic() - started:.1f}")
-                return 0
+                after = round(time.monotonic() - started, 1)
             time.sleep(0.1)
-        print("never")
-        return 1
+        try:
+            held.sendall(ask)
+            answer = held.recv(4096).split(b"\r\n\r\n", 1)[-1].decode()
+        except OSError as exc:
+            answer = type(exc).__name__
+        print(json.dumps({"after": after, "held": answer}))
     elif command == "get":
         body = get(args[0], int(args[1]) if len(args) > 1 else 80)
         print(body)

@@ -30,6 +30,7 @@ import pytest
 
 from membrane.state import StateDir
 from shared import netns
+from shared.proxy import DNS_PROXY_PORT
 from tests.e2e.cluster import Cluster, down_leaving_nothing, free_octet, until, up
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
@@ -107,6 +108,16 @@ class World:
     def flows(self, *args: str) -> list[dict[str, Any]]:
         out = self.cluster.run("observe", "-o", "json", "--last", "500", *args).stdout
         return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    def proxy_metrics(self) -> str:
+        """The node's proxy's /metrics, read from inside the node (where it listens)."""
+        (proxy,) = [s for s in self.cluster.json("status")["services"]
+                    if s["name"] == "membrane-proxy"]  # fmt: skip
+        (node,) = self.cluster.nodes
+        url = f"http://{proxy['metadata']['metrics']}/metrics"
+        read = f"import urllib.request; print(urllib.request.urlopen({url!r}).read().decode())"
+        return subprocess.run(["ip", "netns", "exec", node, sys.executable, "-c", read],
+                              check=True, capture_output=True, text=True).stdout  # fmt: skip
 
     def cache(self) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = self.cluster.json("fqdn", "cache", "list")
@@ -224,9 +235,11 @@ def test_flows_show_the_query_the_answer_and_the_name(world: World) -> None:
 
 def test_expiry_drops_the_old_address_and_follows_a_new_answer(world: World) -> None:
     assert world.fetch("ttl.example.com")["http"] == TTL_OLD
-    # TTL 2 s, grace 1 s, then the proxy's next expiry round (every second)
-    took = world.client("until-dropped", TTL_OLD, "15")
-    assert took != "never" and float(took) >= 2, took
+    # TTL 2 s, grace 1 s, then the proxy's next expiry round (every second): new connections
+    # are dropped, the one opened before keeps working
+    dropped = json.loads(world.client("until-dropped", TTL_OLD, "15"))
+    assert dropped["after"] is not None and dropped["after"] >= 2, dropped
+    assert dropped["held"] == TTL_OLD, dropped
     assert "ttl.example.com" not in {n["name"] for c in world.cache() for n in c["names"]}
     zone = json.loads(world.zone.read_text())
     zone["ttl.example.com"] = {"ips": [TTL_NEW], "ttl": 60}
@@ -238,6 +251,21 @@ def test_expiry_drops_the_old_address_and_follows_a_new_answer(world: World) -> 
 def test_malformed_queries_are_dropped(world: World) -> None:
     assert world.client("garbage", DNS) == "silent"
     assert world.query("api.example.com")["answers"] == [API]  # the proxy goes on
+
+
+def test_queries_addressed_to_the_proxy_itself_are_dropped(world: World) -> None:
+    # a pod no policy restricts reaches its node's address, where the proxy's own socket
+    # listens: never forwarded (the proxy would send the query to itself, again and again)
+    world.cluster.run("pod", "create", "prober", "--labels", "app=prober")
+    (node,) = world.cluster.json("status")["nodes"]
+    target = f"{node['router_ip']}:{DNS_PROXY_PORT}"
+    probe = [sys.executable, str(WORLD), "query", target, "api.example.com"]
+    for transport in ([], ["tcp"]):
+        out = world.cluster.run("pod", "exec", "prober", "--", *probe, *transport).stdout
+        assert "error" in json.loads(out), out
+    metrics = world.proxy_metrics()
+    assert 'membrane_proxy_dns_malformed_total{source="direct"} 2.0' in metrics, metrics
+    assert world.query("api.example.com")["answers"] == [API]
 
 
 def test_a_stopped_proxy_means_no_dns(world: World) -> None:
