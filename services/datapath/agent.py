@@ -211,13 +211,13 @@ class Agent:
                 # an address nobody can vouch for is treated as unknown (world), not as before
                 BAD_MESSAGES.labels(subjects.KV_IPCACHE).inc()
                 entry = None
-        # connections of an address whose holder changed go; a policy prefix (its key is a
-        # network) changes no holder: neither when it names an owned address, nor when it goes
-        # (a toFQDNs address past its TTL: its open connections keep working, Cilium's zombies)
+        # connections of an address whose holder changed go; a policy prefix (the policy
+        # service's key) changes no holder: neither when it names an owned address, nor when
+        # it goes (a toFQDNs address past its TTL: its open connections keep working)
         old = self.ipcache.value_of(event.key)
         before = self.ipcache.chosen(old[0]) if old is not None else None
         self.ipcache.apply(event.key, entry)
-        holder = "/" not in event.key
+        holder = subjects.ipcache_key_owner(event.key) != subjects.POLICY_IPCACHE_OWNER
         if holder and old is not None and self.ipcache.chosen(old[0]) != before:
             self.conntrack.stale.add(str(old[0].network_address))
         KV_TO_MAP.labels(subjects.KV_IPCACHE).inc()
