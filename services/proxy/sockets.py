@@ -31,12 +31,15 @@ def listener(port: int) -> socket.socket:
 
 
 def datagram_listener(port: int) -> socket.socket:
-    """UDP, on every address, telling each datagram's original destination."""
+    """UDP, telling each datagram's original destination; on the loopback address, as the TCP
+    listener and for the same reason: a pod's datagram to one of the node's addresses on this
+    port would otherwise be taken for a query to that address, which the proxy forwarded to
+    itself, again and again (a socket each time)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
     sock.setsockopt(socket.SOL_IP, IP_RECVORIGDSTADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-    sock.bind(("0.0.0.0", port))
+    sock.bind((PROXY_LISTEN_ADDR, port))
     sock.setblocking(False)
     return sock
 

@@ -247,3 +247,38 @@ def test_removing_the_policy_restores_the_explosion(galaxy: Galaxy) -> None:
         assert answer.get("status") == 503, answer
 
     until(explodes, "the explosion back once the policy is gone")
+
+
+QUERY = """
+import sys, dns.message, dns.query
+query = dns.message.make_query("deathstar.empire", "A")
+try:
+    dns.query.udp(query, sys.argv[1], port=15053, timeout=1)
+    print("answered")
+except Exception as e:
+    print("silent", type(e).__name__)
+"""
+
+
+def test_a_pod_cannot_talk_to_the_proxies_itself(galaxy: Galaxy) -> None:
+    """The L7 proxy (TCP 15001) and the DNS proxy (UDP and TCP 15053) listen on the node's
+    loopback address: what the datapath assigns reaches them, a pod talking to its node's address
+    on their ports does not. Bound to every address, the DNS proxy took a query to its node's
+    router address on 15053 for a query to that server and forwarded it to itself, a socket each
+    time, thousands a second."""
+    cluster = galaxy.cluster
+    (ship,) = [p for p in cluster.json("pod", "list") if p["name"] == "tiefighter"]
+    node = next(n for n in cluster.json("status")["nodes"] if n["name"] == ship["node"])
+    router = str(node["router_ip"])
+    asked = cluster.run(
+        "pod", "exec", "tiefighter", "--", sys.executable, "-c", QUERY, router, timeout=30
+    ).stdout
+    assert asked.startswith("silent"), asked
+    sockets = subprocess.run(
+        ["ip", "netns", "exec", ship["node"], "ss", "-Huan", "dst", f"{router}:15053"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert sockets.strip() == "", f"the DNS proxy forwarded to itself:\n{sockets[:500]}"
+    for port in ("15001", "15053"):
+        probe = cluster.probe("tiefighter", "tcp", router, port)
+        assert probe.returncode == 1 and "refused" in probe.stdout, (port, probe.stdout)

@@ -52,6 +52,7 @@ static __always_inline int to_proxy_udp(struct __sk_buff *skb, struct packet *p,
 					__u8 obs, __u32 ifindex, __u32 src_id, __u32 dst_id)
 {
 	struct bpf_sock_tuple tuple = {};
+	tuple.ipv4.daddr = bpf_htonl(PROXY_LISTEN_ADDR); /* where it is bound, as the listener */
 	tuple.ipv4.dport = bpf_htons(p->proxy_port);
 	struct bpf_sock *sk =
 		bpf_sk_lookup_udp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
