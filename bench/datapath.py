@@ -331,6 +331,10 @@ class Cluster:
         self.nats_url = info.nats_url
         self.octet = octet
 
+    def pod_ip(self, name: str) -> str:
+        pods = json.loads(self.run("pod", "list", "-o", "json").stdout)["items"]
+        return str(next(p["ip"] for p in pods if p["name"] == name))
+
     def down(self) -> None:
         result = subprocess.run(
             self.command("down", "--purge"),

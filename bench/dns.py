@@ -170,11 +170,6 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
-def _pod_ip(cluster: Cluster, name: str) -> str:
-    pods = json.loads(cluster.run("pod", "list", "-o", "json").stdout)["items"]
-    return str(next(p["ip"] for p in pods if p["name"] == name))
-
-
 def run(args: argparse.Namespace) -> int:
     me = str(Path(__file__).resolve())
     with tempfile.TemporaryDirectory(prefix="membrane-bench-dns-") as tmp:
@@ -192,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
                 env=cluster.env(), stdout=subprocess.PIPE, text=True,
             )  # fmt: skip
             assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-            ip = _pod_ip(cluster, "dns")
+            ip = cluster.pod_ip("dns")
             time.sleep(1.0)  # the policy in the datapath and the proxy
 
             def in_client(*argv: str, timeout: float = 120) -> str:

@@ -152,11 +152,6 @@ def _proxy_pid(cluster: Cluster) -> int:
     return next(p.pid for p in StateDir(cluster.state).processes() if p.name.startswith("proxy-"))
 
 
-def _pod_ip(cluster: Cluster, name: str) -> str:
-    pods = json.loads(cluster.run("pod", "list", "-o", "json").stdout)["items"]
-    return str(next(p["ip"] for p in pods if p["name"] == name))
-
-
 def run(args: argparse.Namespace) -> int:
     me = str(Path(__file__).resolve())
     with tempfile.TemporaryDirectory(prefix="membrane-bench-l7-") as tmp:
@@ -176,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
                 env=cluster.env(), stdout=subprocess.PIPE, text=True,
             )  # fmt: skip
             assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-            ip = _pod_ip(cluster, "server")
+            ip = cluster.pod_ip("server")
             time.sleep(1.0)  # the policy in the datapath and the proxy
             results: dict[tuple[str, str], dict[str, float]] = {}
             proxy = _proxy_pid(cluster)
