@@ -148,6 +148,7 @@ BPF_COLUMNS = {
         "packets",
         "bytes",
         "expires_in",
+        "replied",
         "closing",
         "rule_id",
     ],

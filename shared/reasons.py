@@ -22,6 +22,8 @@ NO_FIB: Final = 169  # DROP_NO_FIB
 ENCAP_PROHIBITED: Final = 170  # DROP_ENCAP_PROHIBITED: a pod's UDP to a node's tunnel port
 INVALID_IDENTITY: Final = 171  # DROP_INVALID_IDENTITY: a VNI that is not its source's identity
 UNKNOWN_SENDER: Final = 172  # DROP_UNKNOWN_SENDER: a VXLAN frame from a node that is no peer
+# a non-first IP fragment whose first fragment was never seen (its ports are unknown)
+FRAG_NOT_FOUND: Final = 175  # DROP_FRAG_NOT_FOUND
 # no proxy socket to assign an L7 connection to (the proxy is down or not synced yet)
 PROXY_LOOKUP_FAILED: Final = 178  # DROP_PROXY_LOOKUP_FAILED
 PROXY_SET_FAILED: Final = 179  # DROP_PROXY_SET_FAILED
@@ -30,6 +32,8 @@ PROXY_UNSUPPORTED: Final = 180  # DROP_PROXY_UNKNOWN_PROTO
 POLICY_DENY: Final = 181  # DROP_POLICY_DENY: a deny entry matched (deny beats allow)
 INVALID_VNI: Final = 183  # DROP_INVALID_VNI
 TTL_EXCEEDED: Final = 196  # DROP_TTL_EXCEEDED
+# a new connection of an endpoint whose identity's resolved policy has not arrived yet
+EP_NOT_READY: Final = 203  # DROP_EP_NOT_READY
 NO_TUNNEL_KEY: Final = 147  # DROP_NO_TUNNEL_KEY: a VXLAN packet without its tunnel metadata
 UNKNOWN_TARGET: Final = 150  # DROP_UNKNOWN_TARGET: no local pod for it (or not that way)
 NO_CONFIG: Final = 165  # DROP_NO_CONFIG: the endpoint has no configuration (fail closed)
@@ -56,6 +60,8 @@ DATAPATH_DROPS: Final[dict[str, int]] = {
     "DROP_PROXY_UNSUPPORTED": PROXY_UNSUPPORTED,
     "DROP_POLICY_DENY": POLICY_DENY,
     "DROP_INVALID_VNI": INVALID_VNI,
+    "DROP_FRAG_NOT_FOUND": FRAG_NOT_FOUND,
+    "DROP_EP_NOT_READY": EP_NOT_READY,
 }
 
 REASONS: Final[dict[int, str]] = {

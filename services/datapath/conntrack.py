@@ -1,5 +1,8 @@
 """Conntrack cleanup for one node: expired entries, and those of addresses that changed hands.
 
+The node's connections are in two maps (``ct``: answered, ``ct_new``: not answered yet; see
+bpf/maps.h); every operation here covers both.
+
 The kernel's LRU map evicts only under pressure, so the agent sweeps it: periodically for
 expired entries and for pod addresses no local endpoint holds any more, and shortly after an
 address changes identity or goes (its old connections must not outlive the policy that allowed
@@ -11,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
@@ -21,8 +24,8 @@ from services.datapath.maps import CTEntry, decode_ct
 class Conntrack:
     """The node's conntrack map and what its sweeps must know."""
 
-    def __init__(self, table: Any, pod_cidr: IPv4Network) -> None:
-        self.table = table  # the bcc table of the pinned ``ct`` map
+    def __init__(self, tables: Sequence[Any], pod_cidr: IPv4Network) -> None:
+        self.tables = tables  # the bcc tables of the pinned ``ct`` and ``ct_new`` maps
         self.pod_cidr = pod_cidr
         # addresses whose identity changed or went: their connections are purged shortly
         self.stale: set[str] = set()
@@ -62,17 +65,22 @@ class Conntrack:
     def entries(self) -> list[CTEntry]:
         """The live entries (an expired one is already gone for the datapath)."""
         now = time.monotonic_ns()
-        found = (decode_ct(bytes(k), bytes(v), now) for k, v in self.table.items())
+        found = (
+            decode_ct(bytes(k), bytes(v), now) for table in self.tables for k, v in table.items()
+        )
         return [entry for entry in found if entry.expires_in >= 0]
 
     def _delete_where(self, doomed: Callable[[CTEntry], bool]) -> int:
         now = time.monotonic_ns()
-        keys = [
-            key
-            for key, value in self.table.items()
-            if doomed(decode_ct(bytes(key), bytes(value), now))
-        ]
-        for key in keys:
-            with contextlib.suppress(KeyError):
-                del self.table[key]
-        return len(keys)
+        deleted = 0
+        for table in self.tables:
+            keys = [
+                key
+                for key, value in table.items()
+                if doomed(decode_ct(bytes(key), bytes(value), now))
+            ]
+            for key in keys:
+                with contextlib.suppress(KeyError):
+                    del table[key]
+            deleted += len(keys)
+        return deleted

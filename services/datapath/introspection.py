@@ -73,6 +73,7 @@ def _endpoints(agent: Agent) -> list[dict[str, Any]]:
                 "ingress_enforced": bool(info.flags & 0x1),
                 "egress_enforced": bool(info.flags & 0x2),
                 "policy_failed": bool(info.flags & 0x4),
+                "policy_pending": bool(info.flags & 0x20),
             }
         )
     return rows

@@ -123,7 +123,8 @@ class Datapath:
             maps.pack_u32,
             maps.unpack_u32,
         )
-        self.ct = table("ct")
+        self.ct = table("ct")  # answered connections
+        self.ct_new = table("ct_new")  # connections not answered yet
         self.metrics = table("metrics")
         self.lost_events = table("lost_events")
         self.events = table("events")

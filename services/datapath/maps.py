@@ -25,10 +25,12 @@ EP_ENFORCE_EGRESS = 0x2
 EP_POLICY_FAILED = 0x4
 EP_AUDIT_INGRESS = 0x8
 EP_AUDIT_EGRESS = 0x10
+EP_POLICY_PENDING = 0x20
 
 CT_EGRESS = 1
 CT_INGRESS = 2
 CT_F_CLOSING = 0x1
+CT_F_REPLIED = 0x2
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,7 @@ class CTEntry:
     dst_identity: int
     closing: bool
     tcp_flags_seen: int
+    replied: bool  # the peer answered (else a connection not answered yet, in ct_new)
 
 
 _CT_KEY = bpf_layouts.CT_KEY
@@ -165,6 +168,7 @@ def decode_ct(key: bytes, value: bytes, now_ns: int) -> CTEntry:
         dst_identity=dst_id,
         closing=bool(flags & CT_F_CLOSING),
         tcp_flags_seen=seen,
+        replied=bool(flags & CT_F_REPLIED),
     )
 
 

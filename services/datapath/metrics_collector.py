@@ -98,6 +98,7 @@ class DatapathCollector(Collector):
             "ipcache": d.ipcache.table,
             "policy": d.policy.table,
             "ct": d.ct,
+            "ct_new": d.ct_new,
         }
 
 

@@ -24,6 +24,19 @@ icmperr VICTIM SERVER DPORT N send VICTIM N ICMP port-unreachable errors quoting
 rawcount PROTO SECONDS        count the IP packets of protocol PROTO arriving for SECONDS (raw
                               socket; prints "ready" first); print the count
 rawsend PROTO IP COUNT        send COUNT IP packets of protocol PROTO to IP (raw socket)
+frags SRC DST DPORT ID MODE   send a UDP datagram SRC -> DST:DPORT in two IP fragments of id ID
+                              (MODE whole), or its second fragment only (MODE rest)
+fragcount SECONDS             print "ready", then count the non-first IP fragments arriving on
+                              eth0 for SECONDS (a packet socket: before reassembly); print
+                              {"ID": count} as JSON
+synspray SRC DST DPORT COUNT  send COUNT TCP SYNs SRC -> DST, every one from another port pair
+                              and each twice (a raw socket; nobody answers them); print COUNT
+echo2 PORT                    print "ready"; answer each datagram on PORT, and on the first one
+                              from a new peer send every earlier peer a datagram too (a
+                              server pushing to established flows when told to)
+udplate IP PORT SPORT SECONDS send one datagram from SPORT; on the first answer print
+                              "answered", then wait SECONDS for a second one: exit 0 if it
+                              comes, 1 if not
 agent PORT...                 serve TCP (and UDP, for a PORT "udp:N") on every PORT, print "ready",
                               then answer each stdin line "TIMEOUT TARGET..." with one line of
                               matrix JSON, until EOF
@@ -333,6 +346,108 @@ def rawsend(proto: int, ip: str, count: int) -> int:
     return 0
 
 
+def _ipv4(src: str, dst: str, proto: int, ident: int, frag: int, payload: bytes) -> bytes:
+    """An IPv4 header (checksum and length filled in by the kernel for a raw socket)."""
+    return (
+        struct.pack(
+            "!BBHHHBBH4s4s",
+            0x45,
+            0,
+            20 + len(payload),
+            ident,
+            frag,
+            64,
+            proto,
+            0,
+            socket.inet_aton(src),
+            socket.inet_aton(dst),
+        )
+        + payload
+    )
+
+
+def frags(src: str, dst: str, dport: int, ident: int, mode: str) -> int:
+    """A 40-byte UDP datagram (no checksum) as fragments at offsets 0 and 24 bytes."""
+    more_fragments = 0x2000
+    datagram = struct.pack("!HHHH", 40000, dport, 40, 0) + b"fragment-one----fragment-two----"
+    first = _ipv4(src, dst, socket.IPPROTO_UDP, ident, more_fragments, datagram[:24])
+    rest = _ipv4(src, dst, socket.IPPROTO_UDP, ident, 24 // 8, datagram[24:])
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as sock:
+        if mode == "whole":
+            sock.sendto(first, (dst, 0))
+        sock.sendto(rest, (dst, 0))
+    print("sent")
+    return 0
+
+
+def fragcount(seconds: float) -> int:
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+    sock.bind(("eth0", 0))
+    sock.settimeout(0.2)
+    print("ready", flush=True)
+    seen: dict[str, int] = {}
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            frame = sock.recv(65535)
+        except TimeoutError:
+            continue
+        ident, frag = struct.unpack("!HH", frame[18:22])
+        if frag & 0x1FFF:
+            seen[str(ident)] = seen.get(str(ident), 0) + 1
+    print(json.dumps(seen))
+    return 0
+
+
+def synspray(src: str, dst: str, dport: int, count: int) -> int:
+    header = bytearray(_ipv4(src, dst, socket.IPPROTO_TCP, 0, 0, bytes(20)))
+    header[20 + 12] = 5 << 4  # data offset
+    header[20 + 13] = 0x02  # SYN
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as sock:
+        for i in range(count):
+            struct.pack_into("!HH", header, 20, 1024 + i % 64000, dport + i // 64000)
+            # twice, as a retransmission: an entry looked up once counts as used to the
+            # kernel's LRU, which would otherwise evict the spray's own entries first
+            sock.sendto(header, (dst, 0))
+            sock.sendto(header, (dst, 0))
+    print(count)
+    return 0
+
+
+def echo2(port: int) -> None:
+    sock = _bind_udp(port)
+    print("ready", flush=True)
+    peers: list[tuple[str, int]] = []
+    while True:
+        data, peer = sock.recvfrom(2048)
+        sock.sendto(b"pong " + data, peer)
+        if peer not in peers:
+            for earlier in peers:
+                sock.sendto(b"late " + data, earlier)
+            peers.append(peer)
+
+
+def udplate(ip: str, port: int, sport: int, seconds: float) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("0.0.0.0", sport))
+        sock.connect((ip, port))
+        sock.settimeout(TIMEOUT)
+        sock.send(b"ping")
+        try:
+            sock.recv(2048)
+        except OSError as exc:
+            print(f"no answer: {exc}", flush=True)
+            return 1
+        print("answered", flush=True)
+        sock.settimeout(seconds)
+        try:
+            print(sock.recv(2048).decode())
+            return 0
+        except OSError as exc:
+            print(f"no second answer: {exc}")
+            return 1
+
+
 def main(argv: list[str]) -> int:
     command, *rest = argv
     if command == "serve":
@@ -366,6 +481,16 @@ def main(argv: list[str]) -> int:
         return rawcount(int(rest[0]), float(rest[1]))
     if command == "rawsend":
         return rawsend(int(rest[0]), rest[1], int(rest[2]))
+    if command == "frags":
+        return frags(rest[0], rest[1], int(rest[2]), int(rest[3]), rest[4])
+    if command == "fragcount":
+        return fragcount(float(rest[0]))
+    if command == "synspray":
+        return synspray(rest[0], rest[1], int(rest[2]), int(rest[3]))
+    if command == "echo2":
+        echo2(int(rest[0]))
+    if command == "udplate":
+        return udplate(rest[0], int(rest[1]), int(rest[2]), float(rest[3]))
     if command == "agent":
         return agent(rest)
     print(__doc__)

@@ -7,6 +7,7 @@ Tunnel and underlay attacks need three nodes: they live in test_multinode.py.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 from shared import agent_api
 from shared.agent_api import AddEndpoint
 from shared.messages import Endpoint
-from tests.e2e.cluster import Cluster, create_pod
+from tests.e2e.cluster import Cluster, create_pod, pod_info
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
 
@@ -159,3 +160,96 @@ def test_an_icmp_error_from_an_unrelated_pod_is_dropped(cluster: Cluster, tmp_pa
         silent.kill()
         cluster.run("delete", "-f", str(tmp_path / "icmpv.yaml"), check=False)
         cluster.run("pod", "delete", "icmpv", "icmps", "icmpx", check=False)
+
+
+def test_fragments_are_judged_with_their_first_fragments_ports(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    # A non-first fragment carries no ports. Judged on port 0 it would pass an any-port allow
+    # although its datagram goes to a denied port; it must be judged with its first fragment's
+    # ports, and one whose first fragment was never seen dropped (175).
+    victim = create_pod(cluster, "fragv", "app=fragv")
+    attacker = create_pod(cluster, "fraga", "app=fraga")
+    udp9301 = cluster.background("fragv", "serve", "udp", "9301")
+    apply_text(
+        cluster,
+        tmp_path,
+        "fragv",
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: fragv}\nspec:\n"
+        "  endpointSelector: {matchLabels: {app: fragv}}\n"
+        "  ingress: [{fromEndpoints: [{matchLabels: {app: fraga}}]}]\n"
+        "  ingressDeny:\n  - fromEndpoints: [{matchLabels: {app: fraga}}]\n"
+        "    toPorts: [{ports: [{port: '9301', protocol: UDP}]}]\n",
+    )
+    v_ip, a_ip = str(victim["ip"]), str(attacker["ip"])
+    try:
+        deadline = time.monotonic() + 15  # the deny is in force
+        while cluster.probe("fraga", "udp", v_ip, "9301").returncode == 0:
+            assert time.monotonic() < deadline, "UDP 9301 never denied"
+        counter = cluster.background("fragv", "fragcount", "4")
+        assert counter.stdout is not None and counter.stdout.readline().strip() == "ready"
+        arrivals = cluster.background("fragv", "count", "9300", "4")
+        for dport, ident, mode in (("9300", "1111", "whole"), ("9301", "2222", "whole")):
+            sent = cluster.probe("fraga", "frags", a_ip, v_ip, dport, ident, mode)
+            assert sent.returncode == 0, sent.stderr
+        sent = cluster.probe("fraga", "frags", a_ip, v_ip, "9300", "3333", "rest")
+        assert sent.returncode == 0, sent.stderr
+        out, _ = counter.communicate(timeout=30)
+        seen = json.loads(out.split("\n")[-2])
+        # the allowed datagram whole; nothing of the denied one; no orphan fragment
+        assert seen == {"1111": 1}, seen
+        out, _ = arrivals.communicate(timeout=30)
+        assert out.split()[-1] == "1", out
+    finally:
+        udp9301.kill()
+        cluster.run("delete", "-f", str(tmp_path / "fragv.yaml"), check=False)
+        cluster.run("pod", "delete", "fragv", "fraga", check=False)
+
+
+SPRAY = 140_000  # over twice the conntrack map's 65,536 entries
+
+
+def test_a_lone_syn_is_tracked_briefly_and_a_syn_spray_evicts_no_connection(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    # A SYN nobody answers is tracked for a minute (Cilium's SYN timeout), not six hours; and
+    # a pod spraying SYNs fills only the unanswered connections' map: another pod's answered
+    # flow keeps its entry, so the server's later push still reaches the victim, whose ingress
+    # policy admits nothing new.
+    victim = create_pod(cluster, "synv", "app=synv")
+    create_pod(cluster, "syns", "app=syns")
+    attacker = create_pod(cluster, "syna", "app=syna")
+    listener = cluster.background("synv", "serve", "tcp", "80")
+    server = cluster.background("syns", "echo2", "9400")
+    apply_text(
+        cluster,
+        tmp_path,
+        "synv",
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: synv}\nspec:\n"
+        "  endpointSelector: {matchLabels: {app: synv}}\n"
+        "  ingress: [{fromEndpoints: [{matchLabels: {app: nobody}}]}]\n",
+    )
+    v_ip, a_ip, node = str(victim["ip"]), str(attacker["ip"]), str(victim["node"])
+    s_ip = str(pod_info(cluster, "syns")["ip"])
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        denied_eventually(cluster, "syna", v_ip, "80")
+        lone = cluster.probe("syna", "synspray", a_ip, v_ip, "7000", "1")
+        assert lone.returncode == 0, lone.stderr
+        rows = cluster.json("bpf", "ct", "--node", node)[0]["rows"]
+        (entry,) = [r for r in rows if r["src"] == a_ip and r["dport"] == 7000]
+        assert not entry.get("replied", True) and 0 < entry["expires_in"] <= 60, entry
+
+        flow = cluster.background("synv", "udplate", s_ip, "9400", "40400", "30")
+        assert flow.stdout is not None and flow.stdout.readline().strip() == "answered"
+        spray = cluster.probe("syna", "synspray", a_ip, v_ip, "7001", str(SPRAY), timeout=120)
+        assert spray.returncode == 0, spray.stderr
+        # the server pushes to the victim's flow (told to by a datagram from someone else)
+        assert cluster.probe("syna", "udp", s_ip, "9400").returncode == 0
+        out, _ = flow.communicate(timeout=60)
+        assert flow.returncode == 0, out  # 1: the flow's entry was evicted, the push dropped
+    finally:
+        listener.kill()
+        server.kill()
+        cluster.run("delete", "-f", str(tmp_path / "synv.yaml"), check=False)
+        cluster.run("pod", "delete", "synv", "syns", "syna", check=False)

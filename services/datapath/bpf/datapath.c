@@ -24,7 +24,10 @@
 #define ID_LOCAL_BASE (1 << 24) /* node-local CIDR identities; also in nodeport.h */
 
 #define NSEC 1000000000ULL
+/* Cilium's: an established TCP connection 6 h, one not answered yet (SYN) 60 s, one closing
+ * 10 s, anything else 60 s since its last packet */
 #define CT_LIFETIME_TCP (21600 * NSEC)
+#define CT_LIFETIME_SYN (60 * NSEC)
 #define CT_LIFETIME_NONTCP (60 * NSEC)
 #define CT_LIFETIME_CLOSE (10 * NSEC)
 
@@ -112,14 +115,22 @@ static __always_inline int parse_slow(struct __sk_buff *skb, struct packet *p)
 	p->len = skb->len;
 	p->tcp_flags = 0;
 	p->icmp_related = 0;
-	/* later fragments carry no ports; they are matched on ports 0 */
+	struct frag_key fkey = {
+		.saddr = ip.saddr, .daddr = ip.daddr, .id = ip.id, .protocol = ip.protocol
+	};
+	/* a later fragment carries no ports: it is the rest of its first fragment's datagram,
+	 * judged with that one's ports (frags, maps.h), never with ports 0 */
 	if (ip.frag_off & bpf_htons(0x1fff)) {
+		struct frag_ports *first = frags.lookup(&fkey);
+		if (!first)
+			return -DROP_FRAG_NOT_FOUND;
 		p->tuple.saddr = ip.saddr;
 		p->tuple.daddr = ip.daddr;
 		p->tuple.protocol = ip.protocol;
-		p->tuple.sport = 0;
-		p->tuple.dport = 0;
-		p->policy_port = 0;
+		p->tuple.sport = first->sport;
+		p->tuple.dport = first->dport;
+		p->tuple.icmp_class = first->icmp_class;
+		p->policy_port = first->policy_port;
 		return 0;
 	}
 	int ret = parse_l4(skb, off, ip.protocol, &ip.saddr, &ip.daddr, &p->tuple, &p->tcp_flags,
@@ -127,6 +138,15 @@ static __always_inline int parse_slow(struct __sk_buff *skb, struct packet *p)
 	if (ret < 0)
 		return ret;
 	p->policy_port = ip.protocol == IPPROTO_ICMP ? icmp_type : p->tuple.dport;
+	if (ip.frag_off & bpf_htons(0x2000)) { /* a first fragment: more follow */
+		struct frag_ports ports = {
+			.sport = p->tuple.sport,
+			.dport = p->tuple.dport,
+			.icmp_class = p->tuple.icmp_class,
+			.policy_port = p->policy_port,
+		};
+		frags.update(&fkey, &ports);
+	}
 	if (ip.protocol == IPPROTO_ICMP && icmp_error(icmp_type)) {
 		/* the error quotes the IP header and 8 bytes of the packet it is about */
 		struct iphdr inner;
@@ -323,20 +343,45 @@ static __always_inline struct ct_entry *ct_lookup(struct ct_key *key, __u64 now)
 	return e;
 }
 
+static __always_inline struct ct_entry *ct_new_lookup(struct ct_key *key, __u64 now)
+{
+	struct ct_entry *e = ct_new.lookup(key);
+	if (e && e->expires_ns < now)
+		return NULL;
+	return e;
+}
+
+/* An entry answers only for the identities it was made with: the local endpoint's (which a
+ * relabel changes) and, when the packet carries it (a VNI, a node-port client), the peer's. So
+ * a tuple reused by someone else -- a node port's SNAT port given to another client -- meets
+ * policy as a new connection instead of riding the old one's verdict. `scope` is the entry's. */
+static __always_inline int ct_owned(struct ct_entry *e, __u8 scope, __u32 own_id, __u32 peer_id)
+{
+	__u32 own = scope == CT_EGRESS ? e->src_identity : e->dst_identity;
+	__u32 peer = scope == CT_EGRESS ? e->dst_identity : e->src_identity;
+	return own == own_id && (!peer_id || peer == peer_id);
+}
+
 /* Counters are informational: plain adds (a lost increment under contention is acceptable;
  * a locked add on every packet is not). The expiry is written only when it moves by more
- * than a second, so that established traffic mostly reads the entry. */
-static __always_inline void ct_refresh(struct ct_entry *e, struct packet *p, __u64 now)
+ * than a second, so that established traffic mostly reads the entry. `reply`: the packet is
+ * the peer's answer, which makes a TCP connection established. */
+static __always_inline void ct_refresh(struct ct_entry *e, struct packet *p, __u64 now,
+				       int reply)
 {
 	__u64 lifetime = CT_LIFETIME_NONTCP;
 	e->packets += 1;
 	e->bytes += p->len;
+	if (reply && !(e->flags & CT_F_REPLIED))
+		e->flags |= CT_F_REPLIED;
 	if (p->tuple.protocol == IPPROTO_TCP) {
 		if ((e->tcp_flags_seen | p->tcp_flags) != e->tcp_flags_seen)
 			e->tcp_flags_seen |= p->tcp_flags;
 		if ((p->tcp_flags & (TCP_FIN | TCP_RST)) && !(e->flags & CT_F_CLOSING))
 			e->flags |= CT_F_CLOSING;
-		lifetime = (e->flags & CT_F_CLOSING) ? CT_LIFETIME_CLOSE : CT_LIFETIME_TCP;
+		lifetime = (e->flags & CT_F_CLOSING) ? CT_LIFETIME_CLOSE
+			   : (e->flags & CT_F_REPLIED) ? CT_LIFETIME_TCP
+						       : CT_LIFETIME_SYN;
 	}
 	if (now + lifetime > e->expires_ns + NSEC || (e->flags & CT_F_CLOSING))
 		e->expires_ns = now + lifetime;
@@ -444,14 +489,18 @@ static __always_inline int icmp_error_from_path(struct packet *p)
 static __always_inline int enforce(struct packet *p, struct endpoint_info *ep, __u32 ifindex,
 				   __u8 direction, __u8 obs, __u8 own, __u8 other, __u32 peer_hint)
 {
-	/* established traffic needs no identities: conntrack first, the ipcache only when new.
+	/* established traffic needs no ipcache lookup: conntrack first, the ipcache only when new.
 	 * Conntrack lifetimes are seconds long: the coarse clock (a cached read) is enough. */
 	__u64 now = bpf_ktime_get_coarse_ns();
+	__u32 own_id = ep->identity;
 	struct ct_key key = p->tuple;
 	key.scope = own;
 	struct ct_entry *e = ct_lookup(&key, now);
-	if (e && !reopens(e, p)) {
-		ct_refresh(e, p, now);
+	/* an entry of this tuple that no longer applies (closing, or another identity's) goes
+	 * when the packet opens a new connection */
+	int stale = e != NULL;
+	if (e && ct_owned(e, own, own_id, peer_hint) && !reopens(e, p)) {
+		ct_refresh(e, p, now, 0);
 		count(0, direction, p->len);
 		p->proxy_port = e->proxy_port;
 		return TC_ACT_OK;
@@ -462,12 +511,31 @@ static __always_inline int enforce(struct packet *p, struct endpoint_info *ep, _
 		struct ct_key rkey = {};
 		reverse(&rkey, &p->tuple, other);
 		e = ct_lookup(&rkey, now);
-		if (e) {
-			ct_refresh(e, p, now);
+		if (e && ct_owned(e, other, own_id, peer_hint)) {
+			ct_refresh(e, p, now, 1);
 			count(0, direction, p->len);
 			p->proxy_reply = e->proxy_port != 0;
 			return TC_ACT_OK;
 		}
+		/* the first answer to a connection: established from now on, it moves to ct */
+		e = ct_new_lookup(&rkey, now);
+		if (e && ct_owned(e, other, own_id, peer_hint)) {
+			struct ct_entry up = *e;
+			ct_refresh(&up, p, now, 1);
+			ct.update(&rkey, &up);
+			ct_new.delete(&rkey);
+			count(0, direction, p->len);
+			return TC_ACT_OK;
+		}
+	}
+	/* a connection not answered yet: more of its packets (a SYN sent again, a stream of
+	 * datagrams) */
+	e = ct_new_lookup(&key, now);
+	if (e && ct_owned(e, own, own_id, peer_hint) && !reopens(e, p)) {
+		ct_refresh(e, p, now, 0);
+		count(0, direction, p->len);
+		p->proxy_port = e->proxy_port;
+		return TC_ACT_OK;
 	}
 	/* An ICMP error about a connection this endpoint is part of, in either role. The quoted
 	 * packet must involve the endpoint itself -- sent by it (an error it receives) or to it
@@ -478,12 +546,12 @@ static __always_inline int enforce(struct packet *p, struct endpoint_info *ep, _
 				      : p->inner.daddr == ep->ip && p->inner.saddr == p->tuple.daddr)) {
 		struct ct_key ikey = p->inner;
 		ikey.scope = other;
-		if (ct_lookup(&ikey, now)) {
+		if (ct_lookup(&ikey, now) || ct_new_lookup(&ikey, now)) {
 			count(0, direction, p->len);
 			return TC_ACT_OK;
 		}
 		reverse(&ikey, &p->inner, own);
-		if (ct_lookup(&ikey, now)) {
+		if (ct_lookup(&ikey, now) || ct_new_lookup(&ikey, now)) {
 			count(0, direction, p->len);
 			return TC_ACT_OK;
 		}
@@ -504,6 +572,8 @@ static __always_inline int enforce(struct packet *p, struct endpoint_info *ep, _
 	int reason = 0;
 	if (ep->flags & EP_POLICY_FAILED)
 		return drop(DROP_POLICY, direction, obs, p, ifindex, src_id, dst_id, 0);
+	if (ep->flags & EP_POLICY_PENDING)
+		return drop(DROP_EP_NOT_READY, direction, obs, p, ifindex, src_id, dst_id, 0);
 	if (ep->flags & enforced) {
 		__u32 addr_id = address_identity(
 			direction == DIR_EGRESS ? p->tuple.daddr : p->tuple.saddr, peer_id);
@@ -546,8 +616,10 @@ static __always_inline int enforce(struct packet *p, struct endpoint_info *ep, _
 		.proxy_port = proxy_port,
 	};
 	fresh.expires_ns =
-		now + (p->tuple.protocol == IPPROTO_TCP ? CT_LIFETIME_TCP : CT_LIFETIME_NONTCP);
-	ct.update(&key, &fresh);
+		now + (p->tuple.protocol == IPPROTO_TCP ? CT_LIFETIME_SYN : CT_LIFETIME_NONTCP);
+	if (stale)
+		ct.delete(&key);
+	ct_new.update(&key, &fresh);
 	p->opened = 1;
 	count(0, direction, p->len);
 	emit(type, reason, direction, obs, p, ifindex, src_id, dst_id, rule_id, verdict);
@@ -556,7 +628,7 @@ static __always_inline int enforce(struct packet *p, struct endpoint_info *ep, _
 
 /* Shared by both directions of a pod's veth. */
 static __always_inline int handle(struct __sk_buff *skb, __u8 direction, __u8 obs, __u8 own,
-				  __u8 other)
+				  __u8 other, struct lb_choice *lb)
 {
 	__u32 ifindex = skb->ifindex;
 	struct endpoint_info *ep = endpoints.lookup(&ifindex);
@@ -593,6 +665,8 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction, __u8 ob
 	ret = enforce(&p, ep, ifindex, direction, obs, own, other, peer_hint);
 	if (ret != TC_ACT_OK)
 		return ret;
+	if (lb && lb->backend_id) /* lb.h: the service translation's state, once allowed */
+		lb_remember(lb);
 	if (p.proxy_port)
 		return to_proxy(skb, &p, direction, OBS_TO_PROXY, ifindex, ep->identity, 0);
 	return forward(skb, direction, &p);
@@ -600,17 +674,18 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 direction, __u8 ob
 
 int from_container(struct __sk_buff *skb)
 {
-	int lb = lb_from_container(skb);
-	if (lb != TC_ACT_OK)
-		return lb;
-	return handle(skb, DIR_EGRESS, OBS_FROM_ENDPOINT, CT_EGRESS, CT_INGRESS);
+	struct lb_choice lb = {};
+	int ret = lb_from_container(skb, &lb);
+	if (ret != TC_ACT_OK)
+		return ret;
+	return handle(skb, DIR_EGRESS, OBS_FROM_ENDPOINT, CT_EGRESS, CT_INGRESS, &lb);
 }
 
 int to_container(struct __sk_buff *skb)
 {
 	if (delivered_from_overlay(skb)) /* overlay.h: from_overlay enforced (and un-NATed) it */
 		return TC_ACT_OK;
-	int ret = handle(skb, DIR_INGRESS, OBS_TO_ENDPOINT, CT_INGRESS, CT_EGRESS);
+	int ret = handle(skb, DIR_INGRESS, OBS_TO_ENDPOINT, CT_INGRESS, CT_EGRESS, NULL);
 	if (ret == TC_ACT_OK)
 		lb_to_container(skb);
 	return ret;

@@ -241,10 +241,27 @@ static __always_inline __u32 lb_select(struct lb_service_value *svc, struct lb_l
 	return id;
 }
 
+/* A new choice of backend for a connection, remembered (lb_remember) only once the egress
+ * policy let the translated packet through: a pod trying denied connections to a service
+ * leaves no NAT state behind to evict others'. backend_id 0: nothing to remember. */
+struct lb_choice {
+	struct ct_key orig; /* client -> frontend, scope CT_EGRESS */
+	struct ct_key reply; /* backend -> client, scope CT_INGRESS */
+	struct lb_nat nat;
+	struct lb_rnat rnat;
+	__u32 backend_id;
+};
+
+static __always_inline void lb_remember(struct lb_choice *c)
+{
+	lb_nat_map.update(&c->orig, &c->nat);
+	lb_rnat_map.update(&c->reply, &c->rnat);
+}
+
 /* from-container, before policy: a packet to a frontend goes to the connection's backend (the
  * one chosen on its first packet, or a new choice when that backend went away). The policy
  * and conntrack that follow see the backend's address, so policy applies to its identity. */
-static __always_inline int lb_from_container(struct __sk_buff *skb)
+static __always_inline int lb_from_container(struct __sk_buff *skb, struct lb_choice *c)
 {
 	struct lb_l4 l;
 	if (lb_parse(skb, &l) < 0)
@@ -284,18 +301,18 @@ static __always_inline int lb_from_container(struct __sk_buff *skb)
 			return drop(DROP_NO_SERVICE, DIR_EGRESS, OBS_FROM_ENDPOINT, &p, ifindex,
 				    ep->identity, 0, 0);
 		}
-		struct lb_nat fresh = { .backend_id = backend_id, .frontend_id = svc->id };
-		lb_nat_map.update(&orig, &fresh);
-		struct ct_key reply = {
-			.saddr = backend->ip,
-			.daddr = l.saddr,
-			.sport = bpf_ntohs(backend->port),
-			.dport = bpf_ntohs(l.sport),
-			.protocol = l.protocol,
-			.scope = CT_INGRESS,
-		};
-		struct lb_rnat rfresh = { .ip = l.daddr, .port = l.dport };
-		lb_rnat_map.update(&reply, &rfresh);
+		c->orig = orig;
+		c->nat.backend_id = backend_id;
+		c->nat.frontend_id = svc->id;
+		c->reply.saddr = backend->ip;
+		c->reply.daddr = l.saddr;
+		c->reply.sport = bpf_ntohs(backend->port);
+		c->reply.dport = bpf_ntohs(l.sport);
+		c->reply.protocol = l.protocol;
+		c->reply.scope = CT_INGRESS;
+		c->rnat.ip = l.daddr;
+		c->rnat.port = l.dport;
+		c->backend_id = backend_id;
 	}
 	if (lb_rewrite(skb, &l, ETH_HLEN + offsetof(struct iphdr, daddr), l.daddr, backend->ip,
 		       l.l4off + 2, l.dport, backend->port) < 0) {

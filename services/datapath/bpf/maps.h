@@ -25,6 +25,9 @@
 /* audit mode per direction: what policy would deny is allowed and reported as AUDIT */
 #define EP_AUDIT_INGRESS 0x8
 #define EP_AUDIT_EGRESS 0x10
+/* the identity's resolved policy has not arrived yet (not even "no policy selects it"): new
+ * connections are dropped (203) until it does, never let through unenforced */
+#define EP_POLICY_PENDING 0x20
 
 /* keyed by the host-side veth ifindex, which is also the endpoint id in the policy map */
 struct endpoint_info {
@@ -90,6 +93,7 @@ struct ct_key {
 };
 
 #define CT_F_CLOSING 0x1
+#define CT_F_REPLIED 0x2 /* the peer answered: an established connection */
 
 struct ct_entry {
 	__u64 expires_ns; /* bpf_ktime_get_ns() deadline */
@@ -114,7 +118,38 @@ BPF_TABLE_PINNED("lpm_trie", struct ipcache_key, __u32, prefixes, 65536, PIN_DIR
 		 BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lpm_trie", struct policy_key, struct policy_value, policy, 1048576,
 		 PIN_DIR "/policy", BPF_F_NO_PREALLOC);
+/* Connections are tracked in two LRU maps: one not answered yet (a lone SYN, a datagram without
+ * a reply) lives in ct_new, a short while (CT_LIFETIME_SYN / _NONTCP); its first answer moves
+ * it to ct. So a pod spraying SYNs or datagrams evicts only unanswered entries -- whose loss
+ * costs a policy check on their next packet -- never another pod's established connection,
+ * whose loss would drop its peer's next packet as a new connection. */
 BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_entry, ct, CT_MAP_SIZE, PIN_DIR "/ct");
+BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_entry, ct_new, CT_MAP_SIZE,
+		 PIN_DIR "/ct_new");
+
+/* IPv4 fragments: a non-first fragment carries no ports. The first one's ports are kept by
+ * (source, destination, IP id, protocol), and the later ones are judged with them -- as the
+ * rest of the datagram they are -- or dropped (175) when the first was never seen. */
+struct frag_key {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 id;
+	__u8 protocol;
+	__u8 pad;
+};
+
+struct frag_ports {
+	__u16 sport; /* host order, as in struct ct_key */
+	__u16 dport;
+	__u16 icmp_class;
+	__u16 policy_port;
+};
+
+#ifndef FRAG_MAP_SIZE
+#define FRAG_MAP_SIZE 8192
+#endif
+BPF_TABLE_PINNED("lru_hash", struct frag_key, struct frag_ports, frags, FRAG_MAP_SIZE,
+		 PIN_DIR "/frags");
 BPF_TABLE_PINNED("percpu_array", __u32, struct metrics_value, metrics, METRICS_ENTRIES,
 		 PIN_DIR "/metrics");
 /* events the ring buffer could not take */

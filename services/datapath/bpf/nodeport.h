@@ -402,6 +402,9 @@ int from_netdev(struct __sk_buff *skb)
 	__u32 backend_id = 0;
 	__u16 snat_port = 0;
 	int opened = 0;
+	struct np_nat fresh = {};
+	struct np_rnat rfresh = {};
+	struct ct_key reply = {};
 	struct np_nat *nat = np_nat_map.lookup(&orig);
 	/* the connection's record holds while it lives (SYN retransmissions included); a SYN
 	 * after FIN or RST, or a record outlived, is a new connection */
@@ -426,30 +429,33 @@ int from_netdev(struct __sk_buff *skb)
 			return drop(DROP_NAT_NO_MAPPING, DIR_INGRESS, OBS_FROM_NETWORK, &p, ifindex,
 				    client_id, 0, 0);
 		snat_port = bpf_htons(port);
-		struct np_nat fresh = {
-			.backend_id = backend_id,
-			.frontend_id = svc->id,
-			.client_identity = client_id,
-			.snat_port = snat_port,
-		};
+		fresh.backend_id = backend_id;
+		fresh.frontend_id = svc->id;
+		fresh.client_identity = client_id;
+		fresh.snat_port = snat_port;
 		np_refresh(&fresh.expires_ns, &fresh.flags, &l, tcp_flags, now);
-		struct np_rnat rfresh = {
-			.client_ip = l.saddr,
-			.client_port = l.sport,
-			.frontend_ip = l.daddr,
-			.frontend_port = l.dport,
-			.expires_ns = fresh.expires_ns,
-		};
-		struct ct_key reply = {
-			.saddr = backend->ip,
-			.daddr = cfg->underlay_ip,
-			.sport = bpf_ntohs(backend->port),
-			.dport = port,
+		rfresh.client_ip = l.saddr;
+		rfresh.client_port = l.sport;
+		rfresh.frontend_ip = l.daddr;
+		rfresh.frontend_port = l.dport;
+		rfresh.expires_ns = fresh.expires_ns;
+		reply.saddr = backend->ip;
+		reply.daddr = cfg->underlay_ip;
+		reply.sport = bpf_ntohs(backend->port);
+		reply.dport = port;
+		reply.protocol = l.protocol;
+		/* the port's previous connection is over: a local backend's conntrack entries of
+		 * the tuple go with it, so the new client cannot ride the old one's verdict */
+		struct ct_key old = {
+			.saddr = cfg->underlay_ip,
+			.daddr = backend->ip,
+			.sport = port,
+			.dport = bpf_ntohs(backend->port),
 			.protocol = l.protocol,
+			.scope = CT_INGRESS,
 		};
-		/* the reply's record first: a reply never finds a connection it cannot map back */
-		np_rnat_map.update(&reply, &rfresh);
-		np_nat_map.update(&orig, &fresh);
+		ct.delete(&old);
+		ct_new.delete(&old);
 		opened = 1;
 	}
 	if (np_rewrite(skb, &l, cfg->underlay_ip, snat_port, backend->ip, backend->port) < 0)
@@ -459,7 +465,15 @@ int from_netdev(struct __sk_buff *skb)
 	ret = parse(skb, &p);
 	if (ret < 0)
 		return drop(-ret, DIR_INGRESS, OBS_FROM_NETWORK, &p, ifindex, client_id, 0, 0);
-	return np_deliver(skb, cfg, &p, client_id, opened);
+	ret = np_deliver(skb, cfg, &p, client_id, opened);
+	/* the connection's records only once a local backend's policy let it in (a denied client
+	 * leaves no state behind); the reply's first, so that a reply never finds a connection it
+	 * cannot map back. The packet goes on only after this program returns. */
+	if (opened && ret != TC_ACT_SHOT) {
+		np_rnat_map.update(&reply, &rfresh);
+		np_nat_map.update(&orig, &fresh);
+	}
+	return ret;
 }
 
 #endif
