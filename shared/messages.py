@@ -227,7 +227,9 @@ class ResolvedPolicy(Message):
     """What policy says for one subject identity (``resolved`` bucket, key: the identity).
 
     A direction is enforced (default deny) only when some policy selects the identity in that
-    direction; an identity without an entry in the bucket is enforced in neither.
+    direction. The policy service writes an entry for every pod identity, one enforcing nothing
+    when no policy selects it; until a pod identity has an entry its endpoints drop new
+    connections (pending).
     """
 
     identity: int

@@ -18,7 +18,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 import msgspec
 from nats.js.kv import KeyValue
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 from services.datapath.conntrack import Conntrack
 from services.datapath.ipcache_sync import IPCacheSync
@@ -47,6 +47,15 @@ from shared.names import validate_dns_label, validate_dns_subdomain
 METADATA_NAME_LABEL = "kubernetes.io/metadata.name"
 
 ENDPOINTS = Gauge("membrane_datapath_endpoints", "Endpoints wired on this node")
+# how long an endpoint add (or a re-identification) waits for its identity's resolved policy:
+# the endpoint drops new connections until it is in (pending); past the bound the call returns
+# and the endpoint goes on denying until it arrives
+POLICY_WAIT_S = 5.0
+POLICY_WAIT = Histogram(
+    "membrane_datapath_endpoint_policy_wait_seconds",
+    "From an endpoint wired (or given a new identity) to its identity's resolved policy installed",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
 BAD_MESSAGES = Counter(
     "membrane_datapath_bad_messages_total",
     "KV entries that did not decode (a bad resolved policy denies its identity)",
@@ -238,6 +247,7 @@ class EndpointLifecycle:
         moved = msgspec.structs.replace(endpoint, identity=identity)
         await self._install(moved)
         await self._publish(moved)
+        await self._policy_in_force(moved)
         if release_old:
             await self._release_identity(endpoint.identity, f"{endpoint.name}/{identity}")
 
@@ -371,6 +381,7 @@ class EndpointLifecycle:
             )
             await self._install(endpoint)
             await self._publish(endpoint)
+            waited = await self._policy_in_force(endpoint)
         except BaseException:
             # nothing half-made stays behind: not the veth, not the address, not the identity
             await self._forget(endpoint, delete_netns=created_netns)
@@ -382,8 +393,27 @@ class EndpointLifecycle:
             ip=str(ip),
             identity=identity,
             ifindex=endpoint.host_ifindex,
+            policy_wait_ms=round(waited * 1000, 1),
         )
         return endpoint
+
+    async def _policy_in_force(self, endpoint: Endpoint) -> float:
+        """Wait (at most POLICY_WAIT_S) until the endpoint's identity has its resolved policy,
+        so that the caller -- the CNI ADD, a relabel -- returns with it enforced rather than
+        with an endpoint that still drops (pending). Returns the seconds waited."""
+        started = time.monotonic()
+        while not self.policy.has_policy(endpoint.identity):
+            if time.monotonic() - started > POLICY_WAIT_S:
+                self.log.warning(
+                    "no resolved policy yet; the endpoint drops new connections until it arrives",
+                    endpoint=f"{endpoint.namespace}/{endpoint.name}",
+                    identity=endpoint.identity,
+                )
+                break
+            await asyncio.sleep(0.002)
+        waited = time.monotonic() - started
+        POLICY_WAIT.observe(waited)
+        return waited
 
     async def delete_endpoint(self, ref: EndpointRef) -> Endpoint:
         async with self.lock:

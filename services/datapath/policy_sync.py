@@ -8,6 +8,12 @@ agent adopts what its predecessor left and corrects only the difference.
 Fail closed: when entries cannot be written (map full, kernel error), the endpoint is marked
 ``EP_POLICY_FAILED`` and the datapath denies its new connections until a retry succeeds.
 
+Pending: the policy service publishes an entry for every pod identity, one that enforces nothing
+when no policy selects it. Until a pod identity's entry is in, its endpoints are
+``EP_POLICY_PENDING``: the datapath drops their new connections (203), so a new or re-identified
+endpoint never runs unenforced while its policy is on the way. Reserved identities (health) have
+no entry and are not pending.
+
 Peer sets: a resolved policy names the identities of a selector by peer set id, whose members
 come from the ``selectors`` bucket. A peer set that changes recompiles only the local endpoints
 whose policy names it. When a policy names a peer set the agent has not seen yet (the two
@@ -30,9 +36,10 @@ from services.datapath.maps import (
     EP_ENFORCE_EGRESS,
     EP_ENFORCE_INGRESS,
     EP_POLICY_FAILED,
+    EP_POLICY_PENDING,
     EndpointInfo,
 )
-from shared import log
+from shared import identities, log
 from shared.messages import ContainerPort, ResolvedPolicy
 from shared.peer_sets import expand, referenced
 from shared.policy_map import PolicyKey, PolicyValue, compile_endpoint, diff
@@ -48,6 +55,10 @@ POLICY_FAILURES = Counter(
 )
 FAILED_ENDPOINTS = Gauge(
     "membrane_datapath_policy_failed_endpoints", "Endpoints currently denying for lack of policy"
+)
+PENDING_ENDPOINTS = Gauge(
+    "membrane_datapath_policy_pending_endpoints",
+    "Endpoints whose identity's resolved policy has not arrived (they drop new connections)",
 )
 WAITING_ENDPOINTS = Gauge(
     "membrane_datapath_policy_waiting_endpoints",
@@ -80,6 +91,7 @@ class PolicySync:
         self.waiting: set[int] = set()  # endpoints waiting for a peer set
         self.unreadable: set[int] = set()  # peer sets whose value did not decode
         self.installed_once: set[int] = set()  # endpoints that had a policy installed
+        self.pending: set[int] = set()  # endpoints whose identity's policy has not arrived
         # egress named ports resolve against the destination: each identity's container ports
         self.peer_ports: dict[int, tuple[ContainerPort, ...]] = {}
         self.egress_named: set[int] = set()  # subjects with an egress named-port entry
@@ -159,7 +171,9 @@ class PolicySync:
             self.by_identity[endpoint.identity].discard(ifindex)
         self.failed.discard(ifindex)
         self.waiting.discard(ifindex)
+        self.pending.discard(ifindex)
         self.installed_once.discard(ifindex)
+        PENDING_ENDPOINTS.set(len(self.pending))
         FAILED_ENDPOINTS.set(len(self.failed))
         WAITING_ENDPOINTS.set(len(self.waiting))
         self._apply(ifindex, {}, [*self.installed.get(ifindex, {})])
@@ -170,6 +184,10 @@ class PolicySync:
         for ifindex in strays:
             self._apply(ifindex, {}, [*self.installed[ifindex]])
         return len(strays)
+
+    def has_policy(self, identity: int) -> bool:
+        """The identity's resolved policy is in (its endpoints are not pending)."""
+        return identity in self.resolved
 
     def retry_failed(self) -> None:
         for ifindex in sorted(self.failed):
@@ -197,6 +215,12 @@ class PolicySync:
         desired = compile_endpoint(ifindex, policy, endpoint.ports, self.peer_ports)
         upserts, deletes = diff(self.installed.get(ifindex, {}), desired)
         flags = 0
+        if policy is None and identities.CLUSTER_MIN <= endpoint.identity < identities.LOCAL_BASE:
+            flags = EP_POLICY_PENDING
+            self.pending.add(ifindex)
+        else:
+            self.pending.discard(ifindex)
+        PENDING_ENDPOINTS.set(len(self.pending))
         if policy is not None:
             flags |= EP_ENFORCE_INGRESS if policy.ingress_enforced else 0
             flags |= EP_ENFORCE_EGRESS if policy.egress_enforced else 0

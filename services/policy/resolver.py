@@ -295,6 +295,20 @@ class Resolver:
     def subjects(self) -> set[int]:
         return set(self._resolved)
 
+    def published(self, identity: int) -> ResolvedPolicy | None:
+        """What the ``resolved`` bucket holds for an identity: its resolved policy, or for a pod
+        identity no policy selects an explicit entry enforcing nothing -- an endpoint denies
+        until its identity has one or the other (docs/datapath.md) --, None for an identity
+        that does not exist."""
+        found = self._resolved.get(identity)
+        if found is None and identity in self._cluster:
+            return ResolvedPolicy(identity=identity, revision=self._revisions.get(identity, 0))
+        return found
+
+    def published_subjects(self) -> set[int]:
+        """Every identity :meth:`published` has an entry for."""
+        return set(self._resolved) | self._cluster
+
     def expanded(
         self, identity: int, *, peer: int | None = None, address: int = 0
     ) -> ResolvedPolicy | None:

@@ -29,7 +29,7 @@ from services.policy import diff as policy_diff
 from services.policy.explain import explain
 from services.policy.model import Policy
 from services.policy.parser import parse_document
-from services.policy.resolver import Resolver
+from services.policy.resolver import Resolver, is_subject_range
 from shared import __version__, kv_watch, log, startup, subjects
 from shared.bus import Bus, KVEvent, MicroService, redact
 from shared.config import CommonSettings, env_name, setting
@@ -260,14 +260,17 @@ class PolicyService:
             number = int(event.key)
         except ValueError:
             return set()
+        # a pod identity's entry is written even when no policy selects it (nor selected it):
+        # its endpoints deny until the entry is there
+        own = {number} if is_subject_range(number) else set()
         if event.value is None:
-            return self.resolver.remove_identity(number)
+            return self.resolver.remove_identity(number) | own
         try:
             identity = msgspec.json.decode(event.value, type=Identity)
         except (msgspec.ValidationError, msgspec.DecodeError):
             self.log.warning("unreadable identity entry", key=event.key)
             return set()
-        return self.resolver.set_identity(number, identity.labels)
+        return self.resolver.set_identity(number, identity.labels) | own
 
     def on_policy(self, event: KVEvent) -> set[int]:
         old = self.by_store_key.pop(event.key, None)
@@ -336,7 +339,7 @@ class PolicyService:
         says, removing entries for identities no policy selects any more (this service owns
         the bucket; entries may be left from before a restart)."""
         stored = await Bus.snapshot(self.resolved_kv)
-        wanted = self.resolver.subjects()
+        wanted = self.resolver.published_subjects()
         stale = {int(key) for key in stored if key.isdigit() and int(key) not in wanted}
         stored_sets = await Bus.snapshot(self.selectors_kv)
         self.resolver.take_peer_set_changes()  # all of them, written below
@@ -371,7 +374,7 @@ class PolicyService:
         )
         then: list[Awaitable[object]] = []
         for subject in sorted(subjects_changed):
-            resolved = self.resolver.resolved(subject)
+            resolved = self.resolver.published(subject)
             if resolved is None:
                 then.append(self.resolved_kv.delete(subjects.identity_key(subject)))
             else:

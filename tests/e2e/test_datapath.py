@@ -47,8 +47,9 @@ async def put_policy(bus: Bus, policy: ResolvedPolicy) -> None:
 
 
 async def clear_policy(bus: Bus, identity: int) -> None:
-    kv = await bus.kv(subjects.KV_RESOLVED)
-    await kv.delete(str(identity))
+    """What the policy service publishes for an identity no policy selects (an identity without
+    any entry is pending: its endpoints drop new connections)."""
+    await put_policy(bus, ResolvedPolicy(identity=identity, revision=0))
 
 
 class FlowTap:

@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import secrets
+import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
+from membrane.state import StateDir
 from shared import agent_api
 from shared.agent_api import AddEndpoint
 from shared.messages import Endpoint
+from tests.conftest import membrane_command
 from tests.e2e.cluster import Cluster, create_pod, pod_info
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
@@ -253,3 +259,49 @@ def test_a_lone_syn_is_tracked_briefly_and_a_syn_spray_evicts_no_connection(
         server.kill()
         cluster.run("delete", "-f", str(tmp_path / "synv.yaml"), check=False)
         cluster.run("pod", "delete", "synv", "syns", "syna", check=False)
+
+
+def _pid(cluster: Cluster, name: str) -> int:
+    (pid,) = [p.pid for p in StateDir(cluster.state).processes() if p.name == name and p.running]
+    return pid
+
+
+def test_a_new_endpoint_drops_until_its_identitys_policy_arrives(cluster: Cluster) -> None:
+    # The policy service is held (SIGSTOP) while a pod of a new identity is created: until the
+    # identity's entry ("no policy selects it") is published, the pod's connections are
+    # dropped (203), never let through unenforced; once it is, they pass.
+    create_pod(cluster, "pendt", "app=pendt")
+    target = str(pod_info(cluster, "pendt")["ip"])
+    listener = cluster.background("pendt", "serve", "tcp", "80")
+    policy = _pid(cluster, "policy-1")
+    app = "pend" + secrets.token_hex(3)  # labels no identity had: no entry can exist yet
+    os.kill(policy, signal.SIGSTOP)
+    try:
+        create = subprocess.Popen(
+            membrane_command(
+                "pod", "create", "pendp", "--labels", f"app={app}", "--node", cluster.nodes[0]
+            ),
+            env=cluster.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 20
+        while True:  # the pod exists (wired, published) while its create waits for policy
+            attempt = cluster.probe("pendp", "tcp", target, "80")
+            if "no pod" not in attempt.stderr + attempt.stdout:
+                break
+            assert time.monotonic() < deadline, attempt.stderr
+            time.sleep(0.1)
+        assert attempt.returncode == 1, attempt.stdout  # 0: it ran unenforced
+        metrics = cluster.json("bpf", "metrics", "--node", cluster.nodes[0])[0]["rows"]
+        assert any(r["reason"] == 203 and r["packets"] for r in metrics), metrics
+    finally:
+        os.kill(policy, signal.SIGCONT)
+    try:
+        out, err = create.communicate(timeout=30)
+        assert create.returncode == 0, out + err
+        assert cluster.probe("pendp", "tcp", target, "80").returncode == 0
+    finally:
+        listener.kill()
+        cluster.run("pod", "delete", "pendp", "pendt", check=False)

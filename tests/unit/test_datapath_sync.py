@@ -14,6 +14,7 @@ from services.datapath.maps import (
     EP_ENFORCE_EGRESS,
     EP_ENFORCE_INGRESS,
     EP_POLICY_FAILED,
+    EP_POLICY_PENDING,
     EndpointInfo,
     IPCacheValue,
 )
@@ -82,7 +83,8 @@ def test_a_policy_change_touches_only_endpoints_of_that_identity(
     sync.set_resolved(300, policy(300, PolicyEntry(peer=500, protocol=TCP, port=80, rule_id=1)))
     assert policy_map.writes == 2  # one entry for each of the two endpoints with identity 300
     assert endpoint_map[10].flags == EP_ENFORCE_INGRESS
-    assert endpoint_map[12].flags == 0
+    # identity 400's entry has not arrived: pending (drops new connections), never unenforced
+    assert endpoint_map[12].flags == EP_POLICY_PENDING
     before = policy_map.writes, policy_map.deletes
     sync.set_resolved(
         300,
@@ -96,7 +98,7 @@ def test_a_policy_change_touches_only_endpoints_of_that_identity(
     assert (policy_map.writes - before[0], policy_map.deletes - before[1]) == (2, 0)
     sync.set_resolved(300, None)
     assert not policy_map.data
-    assert endpoint_map[10].flags == 0
+    assert endpoint_map[10].flags == EP_POLICY_PENDING  # its entry gone: pending, not open
 
 
 def test_a_restarted_agent_adopts_the_map_and_fixes_only_the_difference(
@@ -390,3 +392,22 @@ def test_an_ipcache_entry_speaks_only_for_the_node_whose_key_it_is_under() -> No
     check_owner(subjects.ipcache_key(cidr), IPCacheEntry(str(cidr), identities.LOCAL_BASE + 1))
     with pytest.raises(ValueError, match="policy CIDR"):
         check_owner(subjects.ipcache_key(cidr), IPCacheEntry(str(cidr), 300))
+
+
+def test_an_endpoint_is_pending_until_its_identitys_entry_arrives(
+    maps: tuple[CountingMap[PolicyKey, PolicyValue], CountingMap[int, EndpointInfo]],
+) -> None:
+    policy_map, endpoint_map = maps
+    sync = PolicySync(policy_map, endpoint_map)
+    sync.upsert_endpoint(LocalEndpoint(12, 400))
+    assert endpoint_map[12].flags == EP_POLICY_PENDING and not sync.has_policy(400)
+    # "no policy selects it": an entry that enforces nothing
+    sync.set_resolved(400, ResolvedPolicy(identity=400, revision=0))
+    assert endpoint_map[12].flags == 0 and sync.has_policy(400)
+    # the entry deleted (the identity gone): pending again, not unenforced
+    sync.set_resolved(400, None)
+    assert endpoint_map[12].flags == EP_POLICY_PENDING
+    # reserved identities (the health endpoint) have no entry and are never pending
+    endpoint_map.data[13] = EndpointInfo(4, IPv4Address("10.0.0.13"), 0)
+    sync.upsert_endpoint(LocalEndpoint(13, 4))
+    assert endpoint_map[13].flags == 0
