@@ -577,7 +577,10 @@ async def kv_latency(cluster: Cluster, target: Pod, args: argparse.Namespace) ->
             for i in range(args.updates)
         ]
         results += [direct_writes("policy", baseline), timed.acked, timed.watched, timed.mapped]
-        await resolved_kv.delete(str(target.identity))
+        # what the policy service writes when no policy selects an identity (a deleted entry
+        # would leave the pod pending: dropping)
+        unselected = ResolvedPolicy(identity=target.identity, revision=0)
+        await resolved_kv.put(str(target.identity), msgspec.json.encode(unselected))
         print(f"  policy: p99 {timed.mapped.ms(0.99):.2f} ms", file=sys.stderr, flush=True)
         return results
     finally:

@@ -50,11 +50,11 @@ ENDPOINTS = Gauge("membrane_datapath_endpoints", "Endpoints wired on this node")
 # how long an endpoint add (or a re-identification) waits for its identity's resolved policy:
 # the endpoint drops new connections until it is in (pending); past the bound the call returns
 # and the endpoint goes on denying until it arrives
-POLICY_WAIT_S = 5.0
+POLICY_WAIT_S = 10.0
 POLICY_WAIT = Histogram(
     "membrane_datapath_endpoint_policy_wait_seconds",
     "From an endpoint wired (or given a new identity) to its identity's resolved policy installed",
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 BAD_MESSAGES = Counter(
     "membrane_datapath_bad_messages_total",

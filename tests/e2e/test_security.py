@@ -22,7 +22,7 @@ from shared import agent_api
 from shared.agent_api import AddEndpoint
 from shared.messages import Endpoint
 from tests.conftest import membrane_command
-from tests.e2e.cluster import Cluster, create_pod, pod_info
+from tests.e2e.cluster import Cluster, create_pod, pod_info, until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
 
@@ -301,7 +301,11 @@ def test_a_new_endpoint_drops_until_its_identitys_policy_arrives(cluster: Cluste
     try:
         out, err = create.communicate(timeout=30)
         assert create.returncode == 0, out + err
-        assert cluster.probe("pendp", "tcp", target, "80").returncode == 0
+
+        def passes() -> None:  # once the entry is in ("no policy selects it")
+            assert cluster.probe("pendp", "tcp", target, "80").returncode == 0
+
+        until(passes, "the pod's connection to pass once its identity's entry is in", 15)
     finally:
         listener.kill()
         cluster.run("pod", "delete", "pendp", "pendt", check=False)
