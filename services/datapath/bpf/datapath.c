@@ -351,6 +351,13 @@ static __always_inline struct ct_entry *ct_new_lookup(struct ct_key *key, __u64 
 	return e;
 }
 
+/* A connection in either map, answered or not (for lookups that do not refresh) */
+static __always_inline struct ct_entry *ct_tracked(struct ct_key *key, __u64 now)
+{
+	struct ct_entry *e = ct_lookup(key, now);
+	return e ? e : ct_new_lookup(key, now);
+}
+
 /* An entry answers only for the identities it was made with: the local endpoint's (which a
  * relabel changes) and, when the packet carries it (a VNI, a node-port client), the peer's. So
  * a tuple reused by someone else -- a node port's SNAT port given to another client -- meets
@@ -525,6 +532,7 @@ static __always_inline int enforce(struct packet *p, struct endpoint_info *ep, _
 			ct.update(&rkey, &up);
 			ct_new.delete(&rkey);
 			count(0, direction, p->len);
+			p->proxy_reply = up.proxy_port != 0;
 			return TC_ACT_OK;
 		}
 	}
@@ -532,9 +540,19 @@ static __always_inline int enforce(struct packet *p, struct endpoint_info *ep, _
 	 * datagrams) */
 	e = ct_new_lookup(&key, now);
 	if (e && ct_owned(e, own, own_id, peer_hint) && !reopens(e, p)) {
-		ct_refresh(e, p, now, 0);
-		count(0, direction, p->len);
 		p->proxy_port = e->proxy_port;
+		count(0, direction, p->len);
+		/* the node's proxy answers a connection steered to it without passing here (its
+		 * answers leave through the host or the overlay): the client's first packet after
+		 * its SYN shows it was answered */
+		if (e->proxy_port && !pure_syn(p)) {
+			struct ct_entry up = *e;
+			ct_refresh(&up, p, now, 1);
+			ct.update(&key, &up);
+			ct_new.delete(&key);
+			return TC_ACT_OK;
+		}
+		ct_refresh(e, p, now, 0);
 		return TC_ACT_OK;
 	}
 	/* An ICMP error about a connection this endpoint is part of, in either role. The quoted
@@ -546,12 +564,12 @@ static __always_inline int enforce(struct packet *p, struct endpoint_info *ep, _
 				      : p->inner.daddr == ep->ip && p->inner.saddr == p->tuple.daddr)) {
 		struct ct_key ikey = p->inner;
 		ikey.scope = other;
-		if (ct_lookup(&ikey, now) || ct_new_lookup(&ikey, now)) {
+		if (ct_tracked(&ikey, now)) {
 			count(0, direction, p->len);
 			return TC_ACT_OK;
 		}
 		reverse(&ikey, &p->inner, own);
-		if (ct_lookup(&ikey, now) || ct_new_lookup(&ikey, now)) {
+		if (ct_tracked(&ikey, now)) {
 			count(0, direction, p->len);
 			return TC_ACT_OK;
 		}

@@ -285,7 +285,7 @@ static __always_inline int native_to_proxy(struct __sk_buff *skb)
 	__u64 now = bpf_ktime_get_coarse_ns();
 	struct ct_key key = p.tuple;
 	key.scope = CT_INGRESS;
-	struct ct_entry *e = ct_lookup(&key, now);
+	struct ct_entry *e = ct_tracked(&key, now);
 	if (e && !reopens(e, &p)) {
 		if (!e->proxy_port)
 			return -1;
@@ -295,7 +295,7 @@ static __always_inline int native_to_proxy(struct __sk_buff *skb)
 	} else {
 		struct ct_key rkey = {};
 		reverse(&rkey, &p.tuple, CT_EGRESS);
-		e = ct_lookup(&rkey, now);
+		e = ct_tracked(&rkey, now);
 		if (!e || !e->proxy_port)
 			return -1;
 	}
