@@ -106,7 +106,7 @@ async def fill(cluster: TwoNodeCluster, n: int) -> dict[str, Any]:
     try:
         # in requests of CHUNK services, each in both nodes' maps before the next: where a
         # run stops shows (docs/scale.md: the lb service's publish acknowledgement timed out
-        # here after 4,000 to 6,000 Maglev services, in one request or in these)
+        # here after 4,000 services, in one request or in these, random selection too)
         seconds = 0.0
         for first in range(0, n, CHUNK):
             seconds += await lb.bulk(bus, first, min(n, first + CHUNK))
