@@ -41,6 +41,7 @@ bench: setup
 	$(PY) bench/l7.py
 	$(PY) bench/l7_protocols.py
 	$(PY) bench/dns.py
+	$(PY) bench/soak.py --cycles 1000
 
 down:
 	$(VENV)/bin/membrane down

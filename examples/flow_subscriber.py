@@ -7,6 +7,11 @@ in docs/events.md — no membrane code — the way a SIEM or dashboard would. NA
 credentials) defaults to the local cluster's, read from ``cluster.json`` in the state
 directory (``$MEMBRANE_STATE_DIR``, else /var/lib/membrane as root); `membrane up` prints it
 with the password hidden. SUBJECT defaults to every drop in every namespace.
+
+The local cluster speaks TLS with a CA of its own: its URLs are ``tls://...?ca=PATH`` (the
+CA's certificate, ``<state>/tls/ca.pem``), which nats-py does not read, so it is turned into an
+SSL context here. An event never has a reply subject: one that has was delivered by a JetStream
+consumer someone pointed at the subject (docs/security.md), not published by the monitor.
 """
 
 from __future__ import annotations
@@ -14,18 +19,24 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import ssl
 import sys
+import urllib.parse
 from pathlib import Path
 
 import nats
 
 
 async def main(url: str, subject: str) -> None:
-    nc = await nats.connect(url)
+    url, _, query = url.partition("?")
+    ca = urllib.parse.parse_qs(query).get("ca")
+    nc = await nats.connect(url, tls=ssl.create_default_context(cafile=ca[0]) if ca else None)
     sub = await nc.subscribe(subject)
     await nc.flush()
     print(f"subscribed to {subject}", file=sys.stderr, flush=True)
     async for msg in sub.messages:
+        if msg.reply:
+            continue
         flow = json.loads(msg.data)
         src, dst = flow["source"], flow["destination"]
         print(

@@ -73,6 +73,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         replicas=replicas,
         topology=topology,
         routing=str(wanted["routing"]),
+        use_tls=not args.plain,
     )
     cliutil.say(f"cluster is up ({time.monotonic() - started:.1f}s)")
     print()
@@ -338,6 +339,13 @@ def build_parser(run_flags: bool | Collection[str] = True) -> argparse.ArgumentP
         choices=("tunnel", "native"),
         help="pod traffic between nodes: VXLAN tunnel carrying the identity (default), or "
         "native routes",
+    )
+    p.add_argument(
+        "--no-tls",
+        dest="plain",
+        action="store_true",
+        help="NATS and Redis in plain text (default: TLS only, with a CA of the cluster's own "
+        "in the state directory)",
     )
     p.set_defaults(func=cmd_up)
 

@@ -16,6 +16,7 @@ import urllib.parse
 
 import msgspec
 
+from membrane import tls
 from membrane.servers import NatsServer, write_secret
 from membrane.state import ClusterInfo, StateDir
 from shared import roles
@@ -81,7 +82,8 @@ def url_for(info: ClusterInfo, cred: Credential) -> str:
     parsed = urllib.parse.urlsplit(info.nats_url)
     host = parsed.hostname or ""
     user, password = (urllib.parse.quote(v, safe="") for v in (cred.name, cred.password))
-    return f"{parsed.scheme}://{user}:{password}@{host}:{parsed.port}"
+    query = f"?{parsed.query}" if parsed.query else ""  # with TLS: the CA (servers.py)
+    return f"{parsed.scheme}://{user}:{password}@{host}:{parsed.port}{query}"
 
 
 def create(state: StateDir, role: str, name: str, node: str = "") -> Credential:
@@ -123,6 +125,7 @@ def server(state: StateDir, info: ClusterInfo, host: str) -> NatsServer:
         password=info.nats_password,
         host=host,
         users=nats_users(load(state)),
+        tls=tls.paths(state.root / "tls") if info.tls else None,
     )
 
 

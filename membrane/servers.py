@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,9 +53,19 @@ def require_binary(name: str) -> str:
     return path
 
 
+@dataclass(frozen=True)
+class ServerTLS:
+    """A server's certificate and key, and the CA its clients verify it with (membrane/tls.py)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
 @dataclass
 class NatsServer:
-    """nats-server with JetStream, a user/password, its store under ``directory``."""
+    """nats-server with JetStream, a user/password, its store under ``directory``; with
+    ``tls``, TLS only (a plain-text client is refused)."""
 
     directory: Path
     port: int = 0
@@ -64,13 +75,19 @@ class NatsServer:
     # more users, each with the permissions of its role (shared/roles.py); ``user`` is the
     # administrator, with every right
     users: list[tuple[str, str, Permissions]] = field(default_factory=list)
+    tls: ServerTLS | None = None
 
     def __post_init__(self) -> None:
         self.port = self.port or free_port(self.host)
 
     @property
     def url(self) -> str:
-        return f"nats://{self.user}:{self.password}@{self.host}:{self.port}"
+        """With TLS: ``tls://`` and the CA to verify the server with as ``?ca=`` (read by
+        shared/bus.py)."""
+        if self.tls is None:
+            return f"nats://{self.user}:{self.password}@{self.host}:{self.port}"
+        ca = urllib.parse.quote(str(self.tls.ca))
+        return f"tls://{self.user}:{self.password}@{self.host}:{self.port}?ca={ca}"
 
     def write_config(self) -> Path:
         conf = self.directory / "nats.conf"
@@ -85,6 +102,7 @@ jetstream {{
   max_file_store: 2GB
 }}
 {self._authorization()}
+{self._tls()}
 max_payload: 32MB
 """,
         )
@@ -100,25 +118,40 @@ max_payload: 32MB
         # JSON is valid nats-server configuration; quoted strings keep their '$' literal
         return "authorization {\n  users: " + json.dumps(users, indent=2) + "\n}"
 
+    def _tls(self) -> str:
+        if self.tls is None:
+            return ""
+        return (
+            f'tls {{\n  cert_file: "{self.tls.cert}"\n  key_file: "{self.tls.key}"\n'
+            "  timeout: 2\n}"
+        )
+
     def command(self) -> list[str]:
         return [require_binary("nats-server"), "-c", str(self.write_config())]
 
 
 @dataclass
 class RedisServer:
-    """redis-server with AOF persistence and a password, its data under ``directory``."""
+    """redis-server with AOF persistence and a password, its data under ``directory``; with
+    ``tls``, TLS only on ``port``."""
 
     directory: Path
     port: int = 0
     host: str = LOOPBACK
     password: str = field(default_factory=lambda: secrets.token_urlsafe(18))
+    tls: ServerTLS | None = None
 
     def __post_init__(self) -> None:
         self.port = self.port or free_port(self.host)
 
     @property
     def url(self) -> str:
-        return f"redis://:{self.password}@{self.host}:{self.port}/0"
+        """With TLS: ``rediss://`` and the CA as redis-py's ``ssl_ca_certs`` (it checks the
+        host name against the certificate too)."""
+        if self.tls is None:
+            return f"redis://:{self.password}@{self.host}:{self.port}/0"
+        ca = urllib.parse.quote(str(self.tls.ca))
+        return f"rediss://:{self.password}@{self.host}:{self.port}/0?ssl_ca_certs={ca}"
 
     def write_config(self) -> Path:
         conf = self.directory / "redis.conf"
@@ -126,7 +159,7 @@ class RedisServer:
             conf,
             f"""# written by membrane; regenerated on every start
 bind {self.host}
-port {self.port}
+{self._listen()}
 protected-mode yes
 requirepass {self.password}
 dir {self.directory}
@@ -138,6 +171,15 @@ logfile ""
 """,
         )
         return conf
+
+    def _listen(self) -> str:
+        if self.tls is None:
+            return f"port {self.port}"
+        return (
+            f"port 0\ntls-port {self.port}\ntls-cert-file {self.tls.cert}\n"
+            f"tls-key-file {self.tls.key}\ntls-ca-cert-file {self.tls.ca}\n"
+            "tls-auth-clients no"
+        )
 
     def command(self) -> list[str]:
         return [require_binary("redis-server"), str(self.write_config())]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import msgspec
 
-from membrane import credentials, node_registry, nodes
+from membrane import credentials, node_registry, nodes, tls
 from membrane.nodes import Topology, topology_of
 from membrane.registry import SERVICES
 from membrane.servers import (
@@ -71,14 +71,23 @@ def _cluster_info(
     redis_url: str | None,
     topology: Topology,
     routing: str = "tunnel",
+    use_tls: bool = True,
 ) -> ClusterInfo:
     """Keep ports and passwords of an earlier run, so clients and data stay valid."""
     old = state.read_cluster()
     host = nats_host(topology)
+    # the certificate names the addresses the servers listen on: loopback (Redis, and NATS
+    # without nodes) and the underlay bridge (NATS, for the agents)
+    files = tls.ensure(state.root / "tls", [LOOPBACK, host]) if use_tls else None
     nats = NatsServer(
-        state.root / "nats", port=_reuse_port(old.nats_port if old else 0, host), host=host
+        state.root / "nats",
+        port=_reuse_port(old.nats_port if old else 0, host),
+        host=host,
+        tls=files,
     )
-    redis = RedisServer(state.root / "redis", port=_reuse_port(old.redis_port if old else 0))
+    redis = RedisServer(
+        state.root / "redis", port=_reuse_port(old.redis_port if old else 0), tls=files
+    )
     if old and old.nats_password:
         nats.password = old.nats_password
     if old and old.redis_password:
@@ -99,6 +108,7 @@ def _cluster_info(
         service_cidr=str(topology.service_cidr),
         routing=routing,
         ui_port=_reuse_port(old.ui_port if old else 0),
+        tls=use_tls,
     )
 
 
@@ -136,7 +146,10 @@ def build_plan(state: StateDir, info: ClusterInfo, replicas: dict[str, int]) -> 
         )
     if not info.redis_external:
         redis = RedisServer(
-            state.root / "redis", port=info.redis_port, password=info.redis_password
+            state.root / "redis",
+            port=info.redis_port,
+            password=info.redis_password,
+            tls=tls.paths(state.root / "tls") if info.tls else None,
         )
         processes.append(
             ProcessSpec(name="redis-server", command=redis.command(), ready_port=info.redis_port)
@@ -206,6 +219,7 @@ def up(
     topology: Topology | None = None,
     routing: str = "tunnel",
     timeout: float = 90.0,
+    use_tls: bool = True,
 ) -> ClusterInfo:
     replicas = replicas or {name: entry.default_replicas for name, entry in SERVICES.items()}
     topology = topology or Topology("membrane", 2, *DEFAULT_RANGES)
@@ -225,7 +239,7 @@ def up(
             nodes.remove(topology)  # nothing of a half-made node stays behind
             raise
     earlier = state.read_cluster()
-    info = _cluster_info(state, nats_url, redis_url, topology, routing)
+    info = _cluster_info(state, nats_url, redis_url, topology, routing, use_tls)
     state.write_cluster(info)
     credentials.ensure_builtin(state, _roles(replicas, topology))
     state.run.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -31,6 +31,8 @@ DEFAULT_RANGES = (
 
 
 class ClusterInfo(msgspec.Struct, kw_only=True):
+    """What ``membrane up`` started and how to reach it (``cluster.json``, 0600)."""
+
     nats_url: str
     redis_url: str
     nats_external: bool = False
@@ -46,6 +48,8 @@ class ClusterInfo(msgspec.Struct, kw_only=True):
     cluster_cidr: str = "10.244.0.0/16"
     service_cidr: str = "10.96.0.0/12"
     routing: str = "tunnel"  # pod traffic between nodes: tunnel (VXLAN) or native
+    # NATS and Redis speak TLS only, with the CA and certificate in <state>/tls (membrane/tls.py)
+    tls: bool = False
     # the web UI's port on loopback: fixed for the cluster, so a restarted UI is where the
     # browser reconnects to
     ui_port: int = 0

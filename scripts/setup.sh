@@ -73,6 +73,8 @@ APT_PACKAGES=(
   chromium chromium-driver
   # the compiled CNI plugin (cni/membrane-cni.c), static
   gcc libc6-dev
+  # `membrane up` makes the cluster's TLS CA and certificates with it (membrane/tls.py)
+  openssl
 )
 SYSTEM_SERVICES=(redis-server nats-server prometheus)
 

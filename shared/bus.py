@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import ssl
 import time
 import urllib.parse
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -46,6 +47,7 @@ from shared.subjects import MICRO_INFO
 
 Req = TypeVar("Req", bound=Message)
 Res = TypeVar("Res", bound=Message)
+T = TypeVar("T")
 Handler = Callable[[Req], Awaitable[Message]]
 
 ERROR_HEADER = "Nats-Service-Error"
@@ -222,12 +224,15 @@ class Bus:
         connected = asyncio.Event()
         made: list[Bus] = []
         credentials = _credentials(url)
+        tls_failed = asyncio.Event()
 
         async def on_error(exc: Exception) -> None:
             nonlocal last_error, refused_credentials
             last_error = _describe(exc)
             if "authorization" in last_error.lower():
                 refused_credentials = last_error
+            if isinstance(exc, ssl.SSLError):
+                tls_failed.set()
             if (denied := _DENIED_RE.search(last_error.lower())) and made:
                 made[0]._on_denied(denied[1], denied[2])
             elif connected.is_set():  # before that, the connect loop below reports it
@@ -236,20 +241,27 @@ class Bus:
         deadline = None if retry_for is None else time.monotonic() + retry_for
         delay = 0.2
         while True:
+            tls_failed.clear()
             try:
-                nc = await nats.connect(
-                    **credentials,
-                    name=name,
-                    connect_timeout=connect_timeout,
-                    allow_reconnect=True,
-                    # nats-py retries a failed *first* connect forever when this is -1, so
-                    # this loop owns that (with its deadline); once connected, the client
-                    # reconnects on its own without limit
-                    max_reconnect_attempts=1,
-                    reconnect_time_wait=1.0,
-                    error_cb=on_error,
-                    disconnected_cb=on_disconnect,
-                    reconnected_cb=_on_reconnect,
+                # nats-py never returns from a connect whose TLS handshake failed (a server
+                # certificate it cannot verify, a plain URL to a TLS-only server): the error
+                # callback has the reason and ends the attempt
+                nc = await _unless(
+                    tls_failed,
+                    nats.connect(
+                        **credentials,
+                        name=name,
+                        connect_timeout=connect_timeout,
+                        allow_reconnect=True,
+                        # nats-py retries a failed *first* connect forever when this is -1, so
+                        # this loop owns that (with its deadline); once connected, the client
+                        # reconnects on its own without limit
+                        max_reconnect_attempts=1,
+                        reconnect_time_wait=1.0,
+                        error_cb=on_error,
+                        disconnected_cb=on_disconnect,
+                        reconnected_cb=_on_reconnect,
+                    ),
                 )
                 nc.options["max_reconnect_attempts"] = -1
                 made.append(cls(nc, name, closing, str(credentials.get("user", ""))))
@@ -586,10 +598,15 @@ def _credentials(url: str) -> dict[str, Any]:
 
     nats-py applies userinfo only to the URL it came with; servers learned from the cluster
     (and reconnects to them) would go without. As options, they apply to every server.
+    ``?ca=PATH`` (the local cluster's ``tls://`` URLs, membrane/servers.py) is the CA the server
+    is verified with; a ``tls://`` URL without it verifies against the system's CAs.
     """
     servers: list[str] = []
     options: dict[str, Any] = {}
     for one in (u.strip() for u in url.split(",") if u.strip()):
+        one, _, query = one.partition("?")
+        if ca := urllib.parse.parse_qs(query).get("ca"):
+            options["tls"] = ssl.create_default_context(cafile=ca[0])
         userinfo = _userinfo(one)
         if userinfo is not None:
             user, colon, password = userinfo.partition(":")
@@ -611,6 +628,22 @@ def _credentials(url: str) -> dict[str, Any]:
             one = one.replace(f"{userinfo}@", "", 1)
         servers.append(one)
     return {"servers": servers, **options}
+
+
+async def _unless(event: asyncio.Event, work: Awaitable[T]) -> T:
+    """``work``'s result, or TimeoutError as soon as ``event`` is set (``work`` cancelled)."""
+    task = asyncio.ensure_future(work)
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        raise TimeoutError("the TLS handshake failed")
+    return task.result()
 
 
 def _describe(exc: BaseException) -> str:

@@ -47,6 +47,10 @@ _REMOVED_BY_MARKER = frozenset({"MaxAge", "Purge", "Remove"})
 # the server's flow control, push back from there)
 MAX_BUFFERED = 8192
 INACTIVE_THRESHOLD_S = 300.0  # the server drops a consumer whose watcher went away
+# the consumer's idle heartbeat: nats.py recreates an ordered consumer after two intervals
+# without a message, which is how a watch comes back after nats-server restarted (its
+# consumers gone); nats.py's default of 5 s made that 10-20 s of a stale view
+HEARTBEAT_S = 1.0
 DELETE_TIMEOUT_S = 2.0  # closing a watch does not wait longer than this for the server
 # a snapshot waiting for the stream's last sequence is caught up after this long without a
 # message anyway (only a purge of the stream itself takes messages away without a marker)
@@ -141,6 +145,7 @@ async def watch(kv: KeyValue, keys: str = ">") -> AsyncGenerator[KVEvent | None,
         ordered_consumer=True,
         deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
         inactive_threshold=INACTIVE_THRESHOLD_S,
+        idle_heartbeat=HEARTBEAT_S,
     )
     try:
         info = await subscription.consumer_info()

@@ -75,8 +75,15 @@ def test_up_allocate_down_up_again(state: Path) -> None:
     missing = membrane(state, "identity", "get", "60000", check=False)
     assert missing.returncode == 1 and "does not exist" in missing.stderr
 
-    for secret in ("cluster.json", "run/plan.json", "nats/nats.conf", "redis/redis.conf"):
+    secrets = ("cluster.json", "run/plan.json", "nats/nats.conf", "redis/redis.conf", "tls")
+    for secret in (*secrets, "tls/ca-key.pem", "tls/server-key.pem"):
         assert (state / secret).stat().st_mode & 0o077 == 0, f"{secret} is readable by others"
+    # TLS by default, every service verifying the cluster's CA (tests/integration/test_tls.py)
+    info = StateDir(state).read_cluster()
+    assert info is not None and info.tls
+    ca = f"{state / 'tls' / 'ca.pem'}"
+    assert info.nats_url.startswith("tls://") and info.nats_url.endswith(f"?ca={ca}")
+    assert info.redis_url.startswith("rediss://") and info.redis_url.endswith(f"ssl_ca_certs={ca}")
 
     status = json.loads(membrane(state, "status", "-o", "json").stdout)
     replicas = [s for s in status["services"] if s["name"] == "membrane-identity"]

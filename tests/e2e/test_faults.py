@@ -5,9 +5,14 @@ allowed and on a denied path, as the agent-restart test does for the agent. Figu
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import random
 import signal
+import subprocess
+import sys
 import time
+from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
@@ -15,10 +20,11 @@ import pytest
 from membrane.registry import SERVICES
 from membrane.state import StateDir
 from shared import roles, subjects
-from shared.bus import Bus
+from shared.bus import MEMBRANE_CODE_HEADER, Bus
 from shared.errors import Unavailable
 from shared.messages import AllocateReply, AllocateRequest, Empty, ListReply
-from tests.e2e.cluster import Cluster, counted, create_pod
+from tests.conftest import REPO, scrape
+from tests.e2e.cluster import Cluster, counted, create_pod, until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
 
@@ -208,3 +214,214 @@ async def test_each_service_sigkilled_in_turn_under_traffic(
             proc.kill()
         cluster.run("delete", "-f", str(manifest), check=False)
         cluster.run("pod", "delete", "s-a", "s-b", "s-c", check=False)
+
+
+FUZZ_SEED = 18
+
+
+def fuzz_payloads(rng: random.Random) -> list[tuple[str, bytes]]:
+    """Payloads no request type accepts (every payload is an object with an integer ``v``)."""
+    return [
+        ("random bytes", b"\xff" + rng.randbytes(200)),
+        ("a list", b"[1, 2, 3]"),
+        ("a number", b"42"),
+        ("null", b"null"),
+        ("wrong field types", b'{"v": "one", "labels": 5, "documents": "x", "name": 7}'),
+        ("truncated", b'{"labels": ["k8s:app=x", "k8s:'),
+        ("deep nesting", b"[" * 5000 + b"]" * 5000),
+        ("oversized", b"[" + b"0," * 700_000 + b"0]"),  # 1.4 MB: past the bulk threshold
+    ]
+
+
+async def malformed_counts(bus: Bus) -> dict[str, float]:
+    """membrane_bus_malformed_messages_total per service (its replicas summed)."""
+    totals: dict[str, float] = {}
+    for info in await bus.discover(timeout=0.5):
+        if not info.endpoints:
+            continue
+        samples = await scrape(info.metadata["metrics"])
+        totals[info.name] = totals.get(info.name, 0.0) + sum(
+            value
+            for (name, labels), value in samples.items()
+            if name == "membrane_bus_malformed_messages_total" and labels[1] == info.name
+        )
+    return totals
+
+
+async def test_malformed_requests_and_entries_under_traffic(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Fixed-seed junk to every endpoint of every service and into every bucket the services
+    read, while packets flow: each request is answered invalid_argument and counted, no service
+    exits, enforcement does not move, and no good entry changes."""
+    create_pod(cluster, "z-a", "app=f-a")
+    b = create_pod(cluster, "z-b", "app=f-b", node=2)
+    create_pod(cluster, "z-c", "app=f-c")
+    manifest = tmp_path / "policy.yaml"
+    manifest.write_text(policy("z-allow", [9000]))
+    cluster.run("apply", "-f", str(manifest))
+    await asyncio.sleep(1.0)
+    bus = await Bus.connect(cluster.nats_url, "test-fuzz", retry_for=5)
+    rng = random.Random(FUZZ_SEED)
+    junk_keys = {
+        bucket: key
+        for bucket, key in (
+            (subjects.KV_IDENTITIES, subjects.identity_key(65000)),
+            (subjects.KV_RESOLVED, subjects.identity_key(65000)),
+            (subjects.KV_SELECTORS, subjects.selector_key(999999)),
+            (subjects.KV_NODES, "fuzz-node"),
+            (subjects.KV_HEALTH, "fuzz-node"),
+            (subjects.KV_ENDPOINTS, subjects.endpoint_key("fuzz-node", "default", "fuzz")),
+            (subjects.KV_IPCACHE, subjects.ipcache_key(IPv4Address("10.250.0.9"), "fuzz-node")),
+            (subjects.KV_NAMESPACES, "fuzz"),
+            (subjects.KV_PODS, subjects.pod_key("default", "fuzz")),
+            (subjects.KV_SERVICES, subjects.service_key("default", "fuzz")),
+        )
+    }
+    bip = str(b["ip"])
+    counters = [cluster.background("z-b", "count", str(p), "eof") for p in (9000, 9001)]
+    senders = [
+        cluster.background("z-a", "stream", bip, "9000", "300", "10"),
+        cluster.background("z-c", "stream", bip, "9001", "300", "10"),
+    ]
+    try:
+        before = await kv_counts(bus)
+        malformed = await malformed_counts(bus)
+        endpoints = {
+            str(e["subject"]): info.name
+            for info in await bus.discover(timeout=0.5)
+            for e in info.endpoints
+        }
+        assert len(endpoints) >= 20, endpoints  # identity, policy, lb, monitor
+        sent: dict[str, int] = {}
+        for subject, service in sorted(endpoints.items()):
+            for what, payload in fuzz_payloads(rng):
+                reply = await bus.nc.request(subject, payload, timeout=10)
+                headers = reply.headers or {}
+                assert headers.get(MEMBRANE_CODE_HEADER) == "invalid_argument", (
+                    subject,
+                    what,
+                    headers,
+                    reply.data[:200],
+                )
+                sent[service] = sent.get(service, 0) + 1
+        for bucket, key in junk_keys.items():
+            await (await bus.kv(bucket)).put(key, b"\xff" + rng.randbytes(64))
+        await asyncio.sleep(1.0)  # the watchers have read the junk
+        assert await all_services_answer(bus, cluster.node_count)
+        after = await malformed_counts(bus)
+        assert {s: after[s] - malformed.get(s, 0) for s in sent} == sent
+        allowed, denied = counted(senders, counters)
+        print(
+            f"\nfuzz (seed {FUZZ_SEED}): {sum(sent.values())} malformed requests to "
+            f"{len(endpoints)} endpoints, all answered invalid_argument and counted; junk in "
+            f"{len(junk_keys)} buckets; allowed lost {300 - allowed}/300, denied let through "
+            f"{denied}/300"
+        )
+        assert allowed == 300 and denied == 0
+        for bucket, key in junk_keys.items():
+            await (await bus.kv(bucket)).delete(key)
+        assert await kv_counts(bus) == before
+    finally:
+        await bus.close()
+        for proc in senders + counters:
+            proc.kill()
+        cluster.run("delete", "-f", str(manifest), check=False)
+        cluster.run("pod", "delete", "z-a", "z-b", "z-c", check=False)
+
+
+def test_short_churn_soak_leaves_nothing_behind(cluster: Cluster) -> None:
+    """bench/soak.py, briefly (the full 1,000 cycles are `make bench`): pods, policies and
+    services created and deleted under traffic; every count back where it was, no datagram
+    lost, no process restarted, no file descriptor kept."""
+    result = subprocess.run(
+        [
+            *(sys.executable, str(REPO / "bench" / "soak.py"), "--state", str(cluster.state)),
+            *("--cycles", "12", "--seconds", "40", "--warmup", "3", "--no-memory-check"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    report = json.loads(result.stdout)
+    traffic = report["traffic"]
+    print(
+        f"\nsoak: {report['cycles']} cycles in {report['seconds']} s; moved {report['moved']}; "
+        f"datagrams {traffic['received']}/{traffic['sent']}; restarts {report['restarts']}"
+    )
+    assert report["cycles"] >= 6, report
+    assert report["moved"] == {}, report["moved"]
+    assert report["fds_grown"] == {} and report["restarts"] == 0, report
+    assert traffic["received"] == traffic["sent"], traffic
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+async def test_underlay_link_down_for_30s_under_traffic(cluster: Cluster, tmp_path: Path) -> None:
+    """Node 2's underlay link (its bridge port) down for 30 s while a client probes an allowed
+    path to its pod every 100 ms and another pod streams to a denied port: node 2 is marked
+    dead within the documented time (heartbeat expiry, 15 s), traffic resumes once the link is
+    back, nothing of node 2 is garbage-collected (the grace is 60 s) and nothing denied passes."""
+    create_pod(cluster, "l-a", "app=f-a")
+    b = create_pod(cluster, "l-b", "app=f-b", node=2)
+    create_pod(cluster, "l-c", "app=f-c")
+    manifest = tmp_path / "policy.yaml"
+    manifest.write_text(policy("l-allow", [9000]))
+    cluster.run("apply", "-f", str(manifest))
+    bip = str(b["ip"])
+    server = cluster.background("l-b", "serve", "udp", "9000")
+    counter = cluster.background("l-b", "count", "9001", "eof")
+    denied_stream = cluster.background("l-c", "stream", bip, "9001", "4000", "10")
+    port = f"{cluster.name}-u2"
+    bus = await Bus.connect(cluster.nats_url, "test-link", retry_for=5)
+
+    def answered() -> bool:
+        return cluster.probe("l-a", "udp", bip, "9000", timeout=10).returncode == 0
+
+    def node2_alive() -> bool:
+        (node,) = [n for n in cluster.json("status")["nodes"] if n["name"] == cluster.nodes[1]]
+        return bool(node["alive"])
+
+    try:
+        until(lambda: _true(answered()), "the allowed path answering before the fault")
+        before = await kv_counts(bus)
+        await asyncio.to_thread(set_link, port, "down")
+        down = time.monotonic()
+        try:
+            while node2_alive():
+                assert time.monotonic() - down < 25, "node 2 was not marked dead"
+                await asyncio.sleep(0.5)
+            marked = time.monotonic() - down
+            assert not answered()
+            await asyncio.sleep(max(0.0, 30 - (time.monotonic() - down)))
+        finally:
+            await asyncio.to_thread(set_link, port, "up")
+        up_at = time.monotonic()
+        while not answered():
+            assert time.monotonic() - up_at < 30, "traffic did not resume after the link"
+        resumed = time.monotonic() - up_at
+        until(lambda: _true(node2_alive()), "node 2 alive again")
+        denied_stream.communicate(timeout=60)
+        denied = int(counter.communicate("", timeout=30)[0].split()[-1])
+        after = await kv_counts(bus)
+        print(
+            f"\nunderlay link of node 2 down 30 s: marked dead after {marked:.1f}s, traffic "
+            f"resumed {resumed:.1f}s after the link came back, denied let through {denied}/4000"
+        )
+        assert after == before, "entries were garbage-collected or left behind"
+        assert cluster.json("pod", "get", "l-b")["ip"] == bip
+        assert denied == 0
+    finally:
+        await bus.close()
+        await asyncio.to_thread(set_link, port, "up")
+        for proc in (server, counter, denied_stream):
+            proc.kill()
+        cluster.run("delete", "-f", str(manifest), check=False)
+        cluster.run("pod", "delete", "l-a", "l-b", "l-c", check=False)
+
+
+def set_link(name: str, state: str) -> None:
+    subprocess.run(["ip", "link", "set", name, state], check=True)
+
+
+def _true(condition: bool) -> None:
+    assert condition

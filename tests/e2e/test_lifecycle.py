@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import subprocess
 import time
 import urllib.parse
@@ -99,7 +100,11 @@ async def test_services_run_as_their_roles_and_a_subscriber_only_reads(cluster: 
     async def on_error(exc: Exception) -> None:
         errors.append(str(exc).lower())
 
-    nc = await nats.connect(created["url"], error_cb=on_error, inbox_prefix="_INBOX.dash")
+    # the URL of a TLS cluster names its CA (?ca=), which nats-py alone does not read
+    url, _, query = created["url"].partition("?")
+    assert url.startswith("tls://")
+    ca = ssl.create_default_context(cafile=urllib.parse.parse_qs(query)["ca"][0])
+    nc = await nats.connect(url, error_cb=on_error, inbox_prefix="_INBOX.dash", tls=ca)
     try:
         flows: asyncio.Queue[bytes] = asyncio.Queue()
 
