@@ -90,6 +90,9 @@ def ensure_vxlan(device: str, port: int, local: IPv4Address, underlay_mtu: int) 
                     ifname=device,
                     kind="vxlan",
                     vxlan_collect_metadata=1,
+                    # Group Based Policy: the group id says how to read the VNI (a node-port
+                    # client's CIDR identity, bpf/overlay.h GBP_CIDR)
+                    vxlan_gbp=True,
                     vxlan_port=port,
                     vxlan_local=str(local),
                     vxlan_learning=0,
@@ -143,6 +146,7 @@ def _matches(link: Any, port: int, local: IPv4Address) -> bool:
         return False
     return (
         bool(data.get("IFLA_VXLAN_COLLECT_METADATA"))
+        and any(attr[0] == "IFLA_VXLAN_GBP" for attr in data["attrs"])
         and data.get("IFLA_VXLAN_PORT") == port
         and data.get("IFLA_VXLAN_LOCAL") == str(local)
     )

@@ -25,7 +25,15 @@ from shared import identities, subjects
 from shared.bus import Bus
 from shared.messages import ResolvedPolicy
 from tests.conftest import eventually
-from tests.e2e.cluster import PROBE, Cluster, create_pod, down_leaving_nothing, free_octet, up
+from tests.e2e.cluster import (
+    PROBE,
+    Cluster,
+    create_pod,
+    down_leaving_nothing,
+    free_octet,
+    until,
+    up,
+)
 from tests.e2e.test_datapath import FlowTap, clear_policy, put_policy
 from tests.e2e.test_lb import wait_backends, whoami
 
@@ -226,6 +234,43 @@ async def test_backend_policy_judges_the_client_identity(
         await tap.sub.unsubscribe()
         await clear_policy(bus, identity)
         await asyncio.to_thread(cluster.run, "service", "delete", name, check=False)
+
+
+def test_a_client_denied_by_cidr_is_denied_through_another_node(
+    np_cluster: Cluster, backends: dict[str, dict[str, Any]], outsider: str, tmp_path: Path
+) -> None:
+    """A client that ``ingressDeny fromCIDR`` names, under an allow of 0.0.0.0/0, connects to
+    node 1's node port for backends on node 2: node 2 must judge it with its CIDR identity
+    (carried in the VNI, GBP-marked), not as world -- which the allow admits."""
+    cluster = np_cluster
+    if routing(cluster) != "tunnel":
+        pytest.skip("native routing: the forwarding node's address is judged (docs/security.md)")
+    node1 = underlay(cluster)[cluster.nodes[0]]
+    text = SERVICE.format(name="npcidr", selector="{side: two}", tcp=30160, udp=30161)
+    policy = (
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: npcidr}\nspec:\n"
+        "  endpointSelector: {matchLabels: {side: two}}\n"
+        "  ingress: [{fromCIDR: [0.0.0.0/0]}, {fromEntities: [remote-node]}]\n"
+        f"  ingressDeny: [{{fromCIDR: [{outsider}/32]}}]\n"
+    )
+    try:
+        apply(cluster, tmp_path, text)
+        wait_backends(cluster, f"{node1}:30160", 2, cluster.nodes[:1])
+        policy_file = tmp_path / "npcidr-policy.yaml"
+        policy_file.write_text(policy)
+        cluster.run("apply", "-f", str(policy_file))
+
+        def outsider_denied() -> None:
+            got = from_host(cluster, 2, "ask", "tcp", node1, "30160", "1", source=outsider)
+            assert got == ["failed"], got  # an answer: it was judged as world
+
+        until(outsider_denied, "the CIDR-denied client dropped on the backend's node", 20)
+        # another node's host (remote-node) still gets through the same node port
+        allowed = from_host(cluster, 2, "ask", "tcp", node1, "30160", "2")
+        assert "failed" not in allowed, allowed
+    finally:
+        cluster.run("delete", "-f", str(tmp_path / "npcidr-policy.yaml"), check=False)
+        cluster.run("service", "delete", "npcidr", check=False)
 
 
 async def test_node_port_without_backends_drops_with_158(

@@ -250,12 +250,19 @@ static __always_inline int np_deliver(struct __sk_buff *skb, struct np_config *c
 				    client_id, v->identity, 0);
 		struct bpf_tunnel_key tkey = {};
 		/* the receiving node judges the client, not this node: its identity rides in the
-		 * VNI (node-local CIDR identities do not fit 24 bits: they travel as world) */
-		tkey.tunnel_id = valid_vni(client_id) ? client_id : ID_WORLD;
+		 * VNI -- a CIDR identity's low 24 bits, marked GBP_CIDR (overlay.h), so that a client
+		 * a fromCIDR rule denies is denied there too, never downgraded to world */
+		struct vxlan_gbp_md md = {};
+		if (client_id >= ID_LOCAL_BASE)
+			md.gbp = GBP_CIDR;
+		tkey.tunnel_id = client_id & 0xffffff;
 		tkey.remote_ipv4 = bpf_ntohl(remote);
 		tkey.tunnel_ttl = 64;
 		if (bpf_skb_set_tunnel_key(skb, &tkey, sizeof(tkey), BPF_F_ZERO_CSUM_TX) < 0)
 			return TC_ACT_SHOT;
+		if (md.gbp && bpf_skb_set_tunnel_opt(skb, &md, sizeof(md)) < 0)
+			return drop(DROP_NO_TUNNEL_KEY, DIR_INGRESS, OBS_FROM_NETWORK, p, ifindex,
+				    client_id, v->identity, 0);
 		return bpf_redirect(ov->vxlan_ifindex, 0);
 	}
 	/* native routing (or a backend outside the pod network): the node's routes */

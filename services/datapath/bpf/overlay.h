@@ -58,18 +58,37 @@ static __always_inline int enforce(struct packet *p, struct endpoint_info *ep, _
 
 /* A VNI membrane sends: a pod's identity (cluster-local, or health for the health endpoint), or
  * world / remote-node for a node-port client another node forwards (nodeport.h). Host and the
- * other reserved identities never travel; node-local (CIDR) ones do not fit 24 bits. */
+ * other reserved identities never travel; a CIDR identity does with GBP_CIDR (below). */
 static __always_inline int valid_vni(__u32 id)
 {
 	return id == ID_WORLD || id == ID_REMOTE_NODE || id == ID_HEALTH ||
 	       (id >= ID_CLUSTER_MIN && id <= ID_CLUSTER_MAX);
 }
 
+/* The VXLAN Group Based Policy extension (the device is created with `gbp`): its 16-bit group id
+ * says how to read the VNI. 0 (no GBP header): the VNI is the identity. GBP_CIDR: the VNI is the
+ * low 24 bits of a CIDR identity (ID_LOCAL_BASE | n, the same number on every node: the policy
+ * service derives it from the network), the identity of a node-port client another node
+ * forwards -- so the backend's node judges a client denied by fromCIDR as what it is, not as
+ * world. The kernel's struct vxlan_metadata; the id is its low 16 bits. */
+struct vxlan_gbp_md {
+	__u32 gbp;
+};
+#define GBP_CIDR 0x1
+#define GBP_ID_MASK 0xffff
+
+/* The identity a frame's sender vouches for (before overlay_accepts checks it). */
+static __always_inline __u32 overlay_identity(struct bpf_tunnel_key *tkey, __u32 gbp)
+{
+	return gbp == GBP_CIDR ? ID_LOCAL_BASE | tkey->tunnel_id : tkey->tunnel_id;
+}
+
 /* 0 when the frame's VNI may be believed, else the drop reason. `outer` is the sending node's
- * address (network byte order); a world / remote-node VNI vouches only for that node's own
- * address, any other VNI for a pod whose ipcache entry has exactly that identity and node. */
+ * address (network byte order); a world / remote-node / CIDR identity vouches only for that
+ * node's own address (a node-port client, SNATed), any other VNI for a pod whose ipcache entry
+ * has exactly that identity and node. */
 static __always_inline int overlay_accepts(struct overlay_config *cfg,
-					   struct bpf_tunnel_key *tkey, __u32 saddr)
+					   struct bpf_tunnel_key *tkey, __u32 gbp, __u32 saddr)
 {
 	__u32 outer = bpf_htonl(tkey->remote_ipv4);
 	if (!cfg || bpf_htonl(tkey->local_ipv4) != cfg->underlay_ip)
@@ -77,7 +96,9 @@ static __always_inline int overlay_accepts(struct overlay_config *cfg,
 	if (!tunnel_peers.lookup(&outer))
 		return DROP_UNKNOWN_SENDER;
 	__u32 vni = tkey->tunnel_id;
-	if (!valid_vni(vni))
+	if (gbp == GBP_CIDR)
+		return !vni ? DROP_INVALID_VNI : saddr == outer ? 0 : DROP_INVALID_IDENTITY;
+	if (gbp || !valid_vni(vni))
 		return DROP_INVALID_VNI;
 	if (vni == ID_WORLD || vni == ID_REMOTE_NODE)
 		return saddr == outer ? 0 : DROP_INVALID_IDENTITY;
@@ -144,9 +165,11 @@ int from_overlay(struct __sk_buff *skb)
 		return drop(-ret, DIR_INGRESS, OBS_FROM_OVERLAY, &p, ifindex, 0, 0, 0);
 	if (bpf_skb_get_tunnel_key(skb, &tkey, sizeof(tkey), 0) < 0)
 		return drop(DROP_NO_TUNNEL_KEY, DIR_INGRESS, OBS_FROM_OVERLAY, &p, ifindex, 0, 0, 0);
-	__u32 src_id = tkey.tunnel_id;
+	struct vxlan_gbp_md md = {};
+	__u32 gbp = bpf_skb_get_tunnel_opt(skb, &md, sizeof(md)) > 0 ? md.gbp & GBP_ID_MASK : 0;
+	__u32 src_id = overlay_identity(&tkey, gbp);
 	__u32 zero = 0;
-	ret = overlay_accepts(overlay_config.lookup(&zero), &tkey, p.tuple.saddr);
+	ret = overlay_accepts(overlay_config.lookup(&zero), &tkey, gbp, p.tuple.saddr);
 	if (ret)
 		return drop(ret, DIR_INGRESS, OBS_FROM_OVERLAY, &p, ifindex, src_id, 0, 0);
 	__u32 daddr = p.tuple.daddr;
