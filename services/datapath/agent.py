@@ -21,6 +21,7 @@ from prometheus_client import Counter
 
 from services.datapath import introspection
 from services.datapath.conntrack import Conntrack
+from services.datapath.declared_ports import DeclaredPorts
 from services.datapath.ipcache_sync import IPCacheSync, check_owner
 from services.datapath.lb_sync import LBSync
 from services.datapath.lifecycle import BAD_MESSAGES, EndpointLifecycle
@@ -32,7 +33,6 @@ from shared import agent_api, kv_watch, log, subjects
 from shared.agent_api import AddEndpoint, DumpRequest, EndpointList, EndpointRef
 from shared.bus import Bus, KVEvent
 from shared.messages import (
-    ContainerPort,
     Endpoint,
     IPCacheEntry,
     Message,
@@ -128,9 +128,7 @@ class Agent:
             )
         }
         self.watched: dict[str, set[str]] = {}  # bucket -> keys with a value, as applied
-        # every pod's (identity, container ports), cluster-wide: egress named ports
-        self.pod_ports: dict[str, tuple[int, tuple[ContainerPort, ...]]] = {}
-        self.pods_of_identity: dict[int, set[str]] = {}
+        self.declared_ports = DeclaredPorts()  # egress named ports, from every node's pods
         self.lb: LBSync | None = None  # set at start-up, once the lb maps are open
         self.log = log.get("datapath.agent", node=node.name)
 
@@ -159,26 +157,14 @@ class Agent:
     def on_endpoint(self, event: KVEvent) -> None:
         """Container ports by identity, from every node's pods: an egress rule naming a port
         resolves it against the destination's declaration."""
-        old = self.pod_ports.pop(event.key, None)
-        if old is not None:
-            self.pods_of_identity[old[0]].discard(event.key)
+        endpoint: Endpoint | None = None
         if event.value is not None:
             try:
                 endpoint = msgspec.json.decode(event.value, type=Endpoint)
             except (msgspec.ValidationError, msgspec.DecodeError):
                 BAD_MESSAGES.labels(subjects.KV_ENDPOINTS).inc()
-            else:
-                self.pod_ports[event.key] = (endpoint.identity, tuple(endpoint.ports))
-                self.pods_of_identity.setdefault(endpoint.identity, set()).add(event.key)
-        new = self.pod_ports.get(event.key)
-        for identity in {entry[0] for entry in (old, new) if entry is not None}:
-            declared: dict[tuple[str, str, int], ContainerPort] = {}
-            for key in sorted(self.pods_of_identity.get(identity, ())):
-                for cp in self.pod_ports[key][1]:
-                    declared.setdefault((cp.name, cp.protocol, cp.port), cp)
-            if not declared:
-                self.pods_of_identity.pop(identity, None)
-            self.policy.set_peer_ports(identity, [declared[k] for k in sorted(declared)])
+        for identity, ports in self.declared_ports.update(event.key, endpoint).items():
+            self.policy.set_peer_ports(identity, ports)
 
     def on_selector(self, event: KVEvent) -> None:
         try:
