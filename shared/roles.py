@@ -3,10 +3,10 @@
 A credential that leaks gives no more than its role: a monitor, an agent or a dashboard cannot
 change policy, allocate identities or rewrite another node's records. Permissions are subject
 patterns (nats-server ``permissions``); a KV bucket ``B`` is the stream ``KV_B``, written by
-publishing on ``$KV.B.<key>`` and read through the JetStream API subjects below. Replies to
-requests a role serves go out under ``allow_responses`` (only to the reply subject of a request
-it received); each user's own replies arrive on its own inbox prefix, ``_INBOX.<user>``, so no
-role can read another's replies. The table is in docs/security.md.
+publishing on ``$KV.B.<key>`` and read through the JetStream API subjects below. A role that serves
+requests may publish to ``_INBOX.>`` (the requesters' inboxes; see ``Permissions.render`` for why
+not ``allow_responses``); each user's own replies arrive on its own inbox prefix,
+``_INBOX.<user>``, so no role can read another's replies. The table is in docs/security.md.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def micro() -> list[str]:
 class Permissions:
     publish: tuple[str, ...]
     subscribe: tuple[str, ...]
-    responses: bool = False  # may answer requests it received (services)
+    responses: bool = False  # may answer requests (services): publish to any inbox
 
     def render(self, user: str) -> dict[str, Any]:
         """The ``permissions`` block of a nats-server user."""
@@ -90,7 +90,12 @@ class Permissions:
             "subscribe": {"allow": sorted({f"{inbox_prefix(user)}.>", *self.subscribe})},
         }
         if self.responses:
-            block["allow_responses"] = True
+            # not ``allow_responses``: with it, nats-server records the reply subject of every
+            # message delivered to the user, a watch's JetStream deliveries too ($JS.ACK...,
+            # never answered with AckNone), and past 4,096 of them scans the whole record on
+            # each delivery, inside the stream's send loop: a role following a bucket of
+            # 20,000 keys stalled the stream and every publish ack on it timed out
+            block["publish"]["allow"].append(f"{INBOX}.>")
         return block
 
 

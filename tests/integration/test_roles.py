@@ -16,7 +16,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy
 
 from membrane.servers import NatsServer, ServerProcess
-from shared import roles, subjects
+from shared import kv_watch, roles, subjects
 from shared.bus import JETSTREAM_DELIVERIES, Bus
 from shared.errors import InvalidArgument, PermissionDenied, Unavailable
 from shared.messages import (
@@ -34,6 +34,7 @@ CIDR_KEY = subjects.ipcache_key(IPv4Network("10.0.0.0/8"))
 USERS = {
     "dash": roles.SUBSCRIBER,
     "datapath-n1": roles.datapath("n1"),
+    "lb": roles.LB,
     "monitor": roles.MONITOR,
     "policy": roles.POLICY,
 }
@@ -208,6 +209,45 @@ async def test_a_role_without_its_password_or_a_wrong_one_is_refused(server: Ser
             max_reconnect_attempts=0,
             connect_timeout=2,
         )
+
+
+async def test_a_service_following_a_big_bucket_leaves_the_streams_acks_alone(
+    connect: Opener, server: ServerProcess
+) -> None:
+    """A role that serves requests (the lb) follows ``services`` with 20,000 keys, as the lb
+    service does after a bulk apply: a put on the bucket is acknowledged at once meanwhile. With
+    ``allow_responses`` nats-server recorded the $JS.ACK reply of every delivery to that user
+    and, past 4,096, scanned them all on each one: the stream stalled, acks timed out."""
+    admin = await Bus.connect(server.url, "test-admin", retry_for=5)
+    lb = await connect("lb")
+    try:
+        kv = await admin.kv(subjects.KV_SERVICES)
+        for i in range(20000):  # pipelined, as the lb service publishes a bulk
+            await admin.nc.publish(f"$KV.{subjects.KV_SERVICES}.big.s{i}", b"x" * 400)
+        await admin.js.publish(f"$KV.{subjects.KV_SERVICES}.big.last", b"x", timeout=30)
+        followed = await lb.bus.kv(subjects.KV_SERVICES)
+        seen = 0
+        past = asyncio.Event()  # past 4,096 deliveries: where the server's scans began
+
+        def count(_: kv_watch.KVEvent) -> None:
+            nonlocal seen
+            seen += 1
+            if seen == 5000:
+                past.set()
+
+        watch = asyncio.create_task(kv_watch.follow(followed, count, lambda: None))
+        try:
+            await asyncio.wait_for(past.wait(), 30)
+            started = time.monotonic()
+            await admin.js.publish(f"$KV.{subjects.KV_SERVICES}.big.s0", b"y", timeout=5)
+            # 0.05 s here with the fix, 1.7 s without (one watcher; the cluster's several
+            # stalled the stream for good)
+            assert time.monotonic() - started < 1.0
+        finally:
+            watch.cancel()
+        await kv.purge_deletes()
+    finally:
+        await admin.close()
 
 
 def test_every_role_renders(tmp_path: Path) -> None:
