@@ -162,11 +162,6 @@ def _kafka_load(ip: str, port: int, seconds: float) -> dict[str, Any]:
 # --- the driver ----------------------------------------------------------------------------------
 
 
-def _pod_ip(cluster: Cluster, name: str) -> str:
-    pods = json.loads(cluster.run("pod", "list", "-o", "json").stdout)["items"]
-    return str(next(p["ip"] for p in pods if p["name"] == name))
-
-
 def run(args: argparse.Namespace) -> int:
     me = str(Path(__file__).resolve())
     with tempfile.TemporaryDirectory(prefix="membrane-bench-l7p-") as tmp:
@@ -176,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             for pod, app in (("server", "bench-server"), ("client", "bench-client")):
                 cluster.run("pod", "create", pod, "--labels", f"app={app}", "--node", cluster.node)
-            ip = _pod_ip(cluster, "server")
+            ip = cluster.pod_ip("server")
             server = subprocess.Popen(
                 cluster.command("pod", "exec", "server", "--", sys.executable, me, "serve", ip),
                 env=cluster.env(), stdout=subprocess.PIPE, text=True,
