@@ -4,7 +4,8 @@ The ``nodes`` bucket is the membership: a node joins by writing its entry and st
 rewriting it (the heartbeat); it leaves gracefully by deleting it. A node whose heartbeat is
 older than ``expiry`` is dead. For every other node the kernel gets:
 
-- alive, native routing: a route for its pod CIDR via its underlay address;
+- alive, native routing: a route for its pod CIDR via its underlay address, and its underlay
+  address in ``tunnel_peers`` (only node-port clients it forwards use the tunnel);
 - alive, tunnel mode: its underlay address in the ``tunnel_peers`` map (from_container
   tunnels to it; the ipcache says which pod sits behind which node);
 - dead: an unreachable route for its pod CIDR and no tunnel entry, so that traffic to its pods
@@ -158,7 +159,9 @@ class Peers:
             self.tunnel_peers.pop(address, None)
             _route(ipr, "replace", dst=state.pod_cidr, type="unreachable")
         elif self.mode == "native":
-            self.tunnel_peers.pop(address, None)
+            # a peer even so: node-port clients forwarded to its backends travel in the VXLAN
+            # device with their identity (bpf/nodeport.h np_deliver), and it accepts them
+            self.tunnel_peers[address] = 1
             _route(ipr, "replace", dst=state.pod_cidr, gateway=state.underlay_ip)
         else:
             self.tunnel_peers[address] = 1

@@ -280,18 +280,15 @@ async def _bring_up(settings: DatapathSettings, started: startup.Started) -> _No
 
 
 async def _route(settings: DatapathSettings, datapath: Datapath, underlay: IPv4Address) -> int:
-    """The VXLAN device (tunnel mode) or its absence, the overlay configuration map, and
-    node ports for clients outside the pod network (bpf/nodeport.h); the device's ifindex
-    (0: none)."""
-    vxlan_ifindex = 0
-    if settings.routing == "tunnel":
-        mtu = await asyncio.to_thread(tunnel.link_mtu, settings.underlay_device)
-        vxlan_ifindex = await asyncio.to_thread(
-            tunnel.ensure_vxlan, settings.tunnel_device, settings.tunnel_port, underlay, mtu
-        )
-        await asyncio.to_thread(datapath.attach_overlay, vxlan_ifindex)
-    else:
-        await asyncio.to_thread(tunnel.remove_vxlan, settings.tunnel_device)
+    """The VXLAN device, the overlay configuration map, and node ports for clients outside
+    the pod network (bpf/nodeport.h); the device's ifindex. Native routing has the device
+    too: a node-port client forwarded to a backend on another node travels in it with its own
+    identity, which the routing table would lose (the backend's node would see this node)."""
+    mtu = await asyncio.to_thread(tunnel.link_mtu, settings.underlay_device)
+    vxlan_ifindex = await asyncio.to_thread(
+        tunnel.ensure_vxlan, settings.tunnel_device, settings.tunnel_port, underlay, mtu
+    )
+    await asyncio.to_thread(datapath.attach_overlay, vxlan_ifindex)
     tunnel.write_config(
         datapath.overlay_config,
         tunnel.OverlayConfig(

@@ -116,13 +116,6 @@ def ensure_vxlan(device: str, port: int, local: IPv4Address, underlay_mtu: int) 
         return index
 
 
-def remove_vxlan(device: str) -> None:
-    with IPRoute() as ipr:
-        link = _get(ipr, device)
-        if link is not None and link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") == "vxlan":
-            ipr.link("del", index=int(link["index"]))
-
-
 def link_mtu(ifname: str) -> int:
     with IPRoute() as ipr:
         link = _get(ipr, ifname)

@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 
-from membrane.state import StateDir
 from shared import identities, subjects
 from shared.bus import Bus
 from shared.messages import ResolvedPolicy
@@ -117,12 +116,6 @@ def from_host(
     return [str(a) for a in answers]
 
 
-def routing(cluster: Cluster) -> str:
-    info = StateDir(cluster.state).read_cluster()
-    assert info is not None
-    return info.routing
-
-
 @pytest.fixture(scope="module")
 def outsider(np_cluster: Cluster) -> Iterator[str]:
     """A second address on node 2's underlay interface that no one in the cluster knows: a
@@ -191,10 +184,9 @@ async def test_backend_policy_judges_the_client_identity(
     tmp_path: Path,
     side: str,
 ) -> None:
-    """Backend on node 1 (delivered by from_netdev) or on node 2 (over the overlay or the
-    native routes): its ingress policy sees the client as remote-node (another node's host) or
-    world (an address nobody in the cluster has). In native mode a backend on another node sees
-    the forwarding node (remote-node): nothing carries the client's identity there."""
+    """Backend on node 1 (delivered by from_netdev) or on node 2 (through the VXLAN device, in
+    both routing modes): its ingress policy sees the client as remote-node (another node's
+    host) or world (an address nobody in the cluster has) -- never as the forwarding node."""
     cluster = np_cluster
     node1 = (await asyncio.to_thread(underlay, cluster))[cluster.nodes[0]]
     identity = int(backends[f"npweb-{side}-0"]["identity"])
@@ -221,11 +213,9 @@ async def test_backend_policy_judges_the_client_identity(
             from_host, cluster, 2, "ask", "tcp", node1, str(tcp), "1", source=outsider
         )
         assert denied == ["failed"], denied
-        forwarded_as_node = side == "two" and routing(cluster) == "native"
-        world_id = identities.REMOTE_NODE if forwarded_as_node else identities.WORLD
 
         async def seen() -> None:
-            for client in (identities.REMOTE_NODE, world_id):
+            for client in (identities.REMOTE_NODE, identities.WORLD):
                 drops = tap.drops(reason=133, src_identity=client, dst_identity=identity)
                 assert drops, (client, tap.flows)
 
@@ -241,10 +231,9 @@ def test_a_client_denied_by_cidr_is_denied_through_another_node(
 ) -> None:
     """A client that ``ingressDeny fromCIDR`` names, under an allow of 0.0.0.0/0, connects to
     node 1's node port for backends on node 2: node 2 must judge it with its CIDR identity
-    (carried in the VNI, GBP-marked), not as world -- which the allow admits."""
+    (carried in the VNI, GBP-marked, in native routing as in tunnel mode), not as world or as
+    node 1 (remote-node) -- which the allows admit."""
     cluster = np_cluster
-    if routing(cluster) != "tunnel":
-        pytest.skip("native routing: the forwarding node's address is judged (docs/security.md)")
     node1 = underlay(cluster)[cluster.nodes[0]]
     text = SERVICE.format(name="npcidr", selector="{side: two}", tcp=30160, udp=30161)
     policy = (

@@ -10,8 +10,9 @@
  *                 so that the reply comes back through this node. A local backend is delivered
  *                 straight into its pod (its ingress policy enforced here with the client's
  *                 identity, as from_overlay does); a backend on another node is reached through
- *                 the overlay (tunnel mode; VNI = the client's identity) or the routing table
- *                 (native mode, or a backend outside the pod network). A reply from a backend
+ *                 the VXLAN device in both routing modes (VNI = the client's identity, judged by
+ *                 the backend's node), one outside the pod network through the routing table.
+ *                 A reply from a backend
  *                 on another node arrives here too (to this node's address and SNAT port): it
  *                 is translated back and sent out of the underlay device to the client.
  * nodeport_reply: called by forward() (from_container) for a packet leaving a local pod for
@@ -242,7 +243,12 @@ static __always_inline int np_deliver(struct __sk_buff *skb, struct np_config *c
 		emit(EVENT_TRACE, 0, DIR_INGRESS, OBS_FROM_NETWORK, p, ifindex, client_id,
 		     v ? v->identity : ID_WORLD, 0, EVENT_F_ALLOWED);
 	count(0, DIR_INGRESS, p->len);
-	if (ov && ov->mode == ROUTING_TUNNEL && ov->vxlan_ifindex && v && v->tunnel_endpoint &&
+	/* a backend behind another node: through the VXLAN device in either routing mode. In
+	 * native routing the routing table would reach it too, but the packet (SNATed to this
+	 * node) would be judged there as this node, remote-node: a client the backend's policy
+	 * denies -- by fromCIDR, or as world -- would get in as a node (Cilium's SNAT mode has the
+	 * same hole; its DSR dispatch by encapsulation closes it the same way) */
+	if (ov && ov->vxlan_ifindex && v && v->tunnel_endpoint &&
 	    v->tunnel_endpoint != cfg->underlay_ip && v->tunnel_endpoint != daddr) {
 		__u32 remote = v->tunnel_endpoint;
 		if (!tunnel_peers.lookup(&remote)) /* a dead node: fail now, not in the underlay */
@@ -265,7 +271,7 @@ static __always_inline int np_deliver(struct __sk_buff *skb, struct np_config *c
 				    client_id, v->identity, 0);
 		return bpf_redirect(ov->vxlan_ifindex, 0);
 	}
-	/* native routing (or a backend outside the pod network): the node's routes */
+	/* a backend outside the pod network: the node's routes */
 	return np_redirect_neigh(cfg->underlay_ifindex, NULL, 0, 0);
 }
 

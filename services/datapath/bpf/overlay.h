@@ -21,7 +21,10 @@
  *
  * In native-routing mode to_overlay lets the packet go to the node's routing table (routes for
  * every other node's pod CIDR via its underlay address), and the receiving node's
- * to_container resolves the source identity from the ipcache. */
+ * to_container resolves the source identity from the ipcache. The VXLAN device exists there
+ * too, for one thing only: a node-port client forwarded to a backend on another node travels
+ * in it with its own identity (world, remote-node or a CIDR identity; nodeport.h), so that the
+ * backend's node does not judge it as the forwarding node. Pod identities are refused there. */
 #ifndef MEMBRANE_OVERLAY_H
 #define MEMBRANE_OVERLAY_H
 
@@ -102,6 +105,10 @@ static __always_inline int overlay_accepts(struct overlay_config *cfg,
 		return DROP_INVALID_VNI;
 	if (vni == ID_WORLD || vni == ID_REMOTE_NODE)
 		return saddr == outer ? 0 : DROP_INVALID_IDENTITY;
+	/* native routing: pods' packets cross the underlay as they are; the device carries only
+	 * node-port clients another node forwards (nodeport.h np_deliver) */
+	if (cfg->mode != ROUTING_TUNNEL)
+		return DROP_INVALID_VNI;
 	struct ipcache_key key = { .prefixlen = 32, .ip = saddr };
 	struct ipcache_value *v = ipcache.lookup(&key);
 	if (!v || v->identity != vni || v->tunnel_endpoint != outer)
@@ -114,14 +121,15 @@ static __always_inline int to_overlay(struct __sk_buff *skb, struct packet *p)
 	__u32 daddr = p->tuple.daddr;
 	__u32 zero = 0;
 	struct overlay_config *cfg = overlay_config.lookup(&zero);
-	if (!cfg || cfg->mode != ROUTING_TUNNEL || !cfg->vxlan_ifindex)
+	if (!cfg || !cfg->vxlan_ifindex)
 		return TC_ACT_OK;
 	struct ipcache_key key = { .prefixlen = 32, .ip = daddr };
 	struct ipcache_value *v = ipcache.lookup(&key);
 	__u32 ifindex = skb->ifindex;
 	/* only pods behind another node are tunnelled; a node's own address is reached over the
 	 * underlay directly -- but never its tunnel port: a pod has no business handing any node's
-	 * VXLAN device a frame (it would choose its own VNI) */
+	 * VXLAN device a frame (it would choose its own VNI). The device exists in native routing
+	 * too (for node-port clients, nodeport.h), so the rule holds in both modes. */
 	if (!v || !v->tunnel_endpoint || v->tunnel_endpoint == cfg->underlay_ip ||
 	    v->tunnel_endpoint == daddr) {
 		if (p->tuple.protocol == IPPROTO_UDP && p->tuple.dport == cfg->tunnel_port)
@@ -129,6 +137,8 @@ static __always_inline int to_overlay(struct __sk_buff *skb, struct packet *p)
 				    0, v ? v->identity : ID_WORLD, 0);
 		return TC_ACT_OK;
 	}
+	if (cfg->mode != ROUTING_TUNNEL)
+		return TC_ACT_OK; /* native routing: another node's pods through the routing table */
 	__u32 remote = v->tunnel_endpoint;
 	if (!tunnel_peers.lookup(&remote))
 		return TC_ACT_OK;
