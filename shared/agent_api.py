@@ -20,6 +20,9 @@ from shared.messages import ContainerPort, Endpoint, ErrorBody, Message
 
 DEFAULT_SOCKET_DIR = Path("/run/membrane")
 MAX_REQUEST_BYTES = 1 << 20
+# a reply is one line too, and a dump of a full conntrack map (65,536 entries) is tens of MB:
+# asyncio's default line limit (64 KiB) failed `membrane bpf ct` past a few hundred entries
+MAX_REPLY_BYTES = 1 << 28
 R = TypeVar("R")
 
 
@@ -104,7 +107,9 @@ class Reply(msgspec.Struct, kw_only=True, omit_defaults=True):
 async def call(socket: Path, op: str, body: Message, reply_type: type[R], timeout: float) -> R:
     """Send one request to the agent at ``socket``; raises the agent's error as it was."""
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(socket), timeout)
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_unix_connection(socket, limit=MAX_REPLY_BYTES), timeout
+        )
     except (FileNotFoundError, ConnectionRefusedError) as exc:
         raise Unavailable(f"no datapath agent at {socket}: {exc.strerror or exc}") from exc
     except TimeoutError as exc:

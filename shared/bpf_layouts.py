@@ -32,6 +32,7 @@ POLICY_VALUE: Final = struct.Struct("<IBxH")  # rule_id, deny, pad, proxy_port
 CT_KEY: Final = struct.Struct("<4s4sHHBBH")
 # expires_ns, packets, bytes, rule_id, src_identity, dst_identity, flags, tcp_flags_seen, pad
 CT_ENTRY: Final = struct.Struct("<QQQIIIBBH")
+CT_QUOTA: Final = struct.Struct("<II")  # entries, refused
 
 # lb.h: addresses and ports in network byte order, as bytes
 LB_SERVICE_KEY: Final = struct.Struct("<4s2sBx")  # ip, port, protocol
@@ -62,6 +63,7 @@ STRUCTS: Final[dict[str, struct.Struct]] = {
     "policy_value": POLICY_VALUE,
     "ct_key": CT_KEY,
     "ct_entry": CT_ENTRY,
+    "ct_quota": CT_QUOTA,
     "lb_service_key": LB_SERVICE_KEY,
     "lb_service_value": LB_SERVICE_VALUE,
     "lb_slot_key": LB_SLOT_KEY,

@@ -98,7 +98,9 @@ class Agent:
         self.ipam = NodeIPAM(IPv4Network(node.pod_cidr))
         self.policy = PolicySync(datapath.policy, datapath.endpoints)
         self.ipcache = IPCacheSync(datapath.ipcache, datapath.prefixes)
-        self.conntrack = Conntrack((datapath.ct, datapath.ct_new), self.ipam.cidr)
+        self.conntrack = Conntrack(
+            (datapath.ct, datapath.ct_new), self.ipam.cidr, datapath.ct_quota
+        )
         self.lifecycle = EndpointLifecycle(
             bus,
             node,

@@ -13,19 +13,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
+from prometheus_client import Gauge
+
 from services.datapath.maps import CTEntry, decode_ct
+from shared import bpf_layouts
+
+QUOTA_REFUSED = Gauge(
+    "membrane_datapath_ct_quota_refused",
+    "answered connections kept out of ct because their endpoint held its quota "
+    "(MEMBRANE_CT_ENDPOINT_MAX), summed over the node's endpoints",
+)
 
 
 class Conntrack:
     """The node's conntrack map and what its sweeps must know."""
 
-    def __init__(self, tables: Sequence[Any], pod_cidr: IPv4Network) -> None:
+    def __init__(self, tables: Sequence[Any], pod_cidr: IPv4Network, quota: Any = None) -> None:
         self.tables = tables  # the bcc tables of the pinned ``ct`` and ``ct_new`` maps
+        self.quota = quota  # the bcc table of ``ct_quota`` (bpf/maps.h), None: not kept
         self.pod_cidr = pod_cidr
         # addresses whose identity changed or went: their connections are purged shortly
         self.stale: set[str] = set()
@@ -50,12 +62,39 @@ class Conntrack:
         """Delete every entry of these addresses (their holder changed). Runs in a thread."""
         return self._delete_where(lambda e: e.src in addresses or e.dst in addresses)
 
+    def recount(self, live: set[str]) -> None:
+        """Each local endpoint's answered connections, counted again (ct_quota): the datapath
+        counts up only, and never sees a deletion or an LRU eviction. An entry is its local
+        endpoint's: the sender's when tracked at egress, the receiver's at ingress. A move to
+        ct between the scan and the write is lost from the count (an undercount for one
+        sweep). Gone endpoints' counts go. Runs in a thread."""
+        if self.quota is None:
+            return
+        now = time.monotonic_ns()
+        held: Counter[str] = Counter()
+        for key, value in self.tables[0].items():
+            entry = decode_ct(bytes(key), bytes(value), now)
+            held[entry.src if entry.scope == "egress" else entry.dst] += 1
+        refused = 0
+        for key, value in list(self.quota.items()):
+            address = socket.inet_ntoa(bpf_layouts.U32.pack(key.value))
+            if address not in live:
+                with contextlib.suppress(KeyError):
+                    del self.quota[key]
+                continue
+            refused += value.refused
+            self.quota[key] = self.quota.Leaf(held.get(address, 0), value.refused)
+        QUOTA_REFUSED.set(refused)
+
     async def sweep(self, live: Iterable[str]) -> None:
-        """Expired entries, and those of addresses that changed hands (periodic)."""
+        """Expired entries, and those of addresses that changed hands (periodic); then the
+        endpoints' ct quotas recounted."""
         stale, self.stale = self.stale, set()
-        await asyncio.to_thread(self.collect, set(live) | self.keep)
+        live = set(live) | self.keep
+        await asyncio.to_thread(self.collect, live)
         if stale:
             await asyncio.to_thread(self.purge, stale)
+        await asyncio.to_thread(self.recount, live)
 
     async def purge_stale(self) -> None:
         if self.stale:

@@ -60,7 +60,15 @@ class Programs:
 class Datapath:
     """The compiled programs and typed views of the pinned maps of one node."""
 
-    def __init__(self, bpffs: Path, node: str, *, ct_size: int, events_bytes: int) -> None:
+    def __init__(
+        self,
+        bpffs: Path,
+        node: str,
+        *,
+        ct_size: int,
+        events_bytes: int,
+        ct_endpoint_max: int = 0,
+    ) -> None:
         from bcc import BPF  # imported here: bcc is a system package, absent on dev laptops
 
         self.pins = pin_dir(bpffs, node)
@@ -70,6 +78,7 @@ class Datapath:
             f"-I{BPF_DIR}",
             f'-DPIN_DIR="{self.pins}"',
             f"-DCT_MAP_SIZE={ct_size}",
+            f"-DCT_ENDPOINT_MAX={ct_endpoint_max or ct_size // 2}",
             f"-DEVENTS_BYTES={events_bytes}",
         ]
         try:
@@ -125,6 +134,7 @@ class Datapath:
         )
         self.ct = table("ct")  # answered connections
         self.ct_new = table("ct_new")  # connections not answered yet
+        self.ct_quota = table("ct_quota")  # answered connections per endpoint (maps.h)
         self.metrics = table("metrics")
         self.lost_events = table("lost_events")
         self.events = table("events")

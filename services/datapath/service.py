@@ -63,6 +63,9 @@ class DatapathSettings(CommonSettings):
     underlay_device: str = setting("eth0", "interface whose IPv4 address is the node's")
     bpffs: str = setting("/sys/fs/bpf", "where bpffs is mounted")
     ct_size: int = setting(65536, "connection-tracking entries (LRU)")
+    ct_endpoint_max: int = setting(
+        0, "answered connections one endpoint may hold in conntrack (0: half of ct_size)"
+    )
     events_bytes: int = setting(8 << 20, "ring buffer size for datapath events (power of 2)")
     router_device: str = setting("mbr_host", "device holding the pods' gateway address")
     heartbeat_interval: float = setting(5.0, "seconds between node and lease heartbeats")
@@ -92,6 +95,10 @@ class DatapathSettings(CommonSettings):
             raise InvalidArgument("the node name is required", field=env_name("node"))
         if self.events_bytes < 4096 or self.events_bytes & (self.events_bytes - 1):
             raise InvalidArgument("must be a power of two >= 4096", field=env_name("events_bytes"))
+        if not 0 <= self.ct_endpoint_max <= self.ct_size:
+            raise InvalidArgument(
+                "must be between 0 and ct_size", field=env_name("ct_endpoint_max")
+            )
         if self.heartbeat_interval <= 0:
             raise InvalidArgument("must be positive", field=env_name("heartbeat_interval"))
         tunnel.check_mode(self.routing, env_name("routing"))
@@ -240,6 +247,7 @@ async def _bring_up(settings: DatapathSettings, started: startup.Started) -> _No
         settings.node,
         ct_size=settings.ct_size,
         events_bytes=settings.events_bytes,
+        ct_endpoint_max=settings.ct_endpoint_max,
     )
     logger.info(
         "datapath compiled",

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,13 +30,15 @@ class Cluster:
     name: str
     nats_url: str
     node_count: int = 2
+    # settings for every process `membrane up` starts (its environment is theirs)
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def nodes(self) -> list[str]:
         return [f"{self.name}-node-{i}" for i in range(1, self.node_count + 1)]
 
     def env(self) -> dict[str, str]:
-        env = {**os.environ, "MEMBRANE_STATE_DIR": str(self.state)}
+        env = {**os.environ, **self.extra_env, "MEMBRANE_STATE_DIR": str(self.state)}
         env.pop("MEMBRANE_NATS_URL", None)
         return env
 

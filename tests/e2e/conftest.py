@@ -12,11 +12,15 @@ from tests.e2e.cluster import Cluster, down_leaving_nothing, free_octet, up
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
+    """A module may set ``CLUSTER_ENV`` (settings for every process of its cluster)."""
     if os.geteuid() != 0:
         pytest.skip("needs root: network namespaces and BPF")
     state = tmp_path_factory.mktemp("cluster") / "state"
-    c = Cluster(state=state, name="t" + secrets.token_hex(3), nats_url="")
+    extra = dict(getattr(request.module, "CLUSTER_ENV", {}))
+    c = Cluster(state=state, name="t" + secrets.token_hex(3), nats_url="", extra_env=extra)
     up(c, free_octet())
     try:
         yield c

@@ -44,6 +44,7 @@ agent PORT...                 serve TCP (and UDP, for a PORT "udp:N") on every P
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -176,6 +177,26 @@ def udp(ip: str, port: int) -> int:
         except OSError as exc:
             print(f"failed: {exc}")
             return 1
+
+
+def udpflood(ip: str, port: int, count: int) -> int:
+    """One datagram from each of ``count`` sockets (ports of their own): as many flows, each
+    answered. Prints how many answers came; 0 if every flow was answered."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.sendto(b"ping", (ip, port))
+        answered = 0
+        for sock in socks:
+            sock.settimeout(TIMEOUT)
+            with contextlib.suppress(OSError):
+                sock.recv(2048)
+                answered += 1
+        print(answered)
+        return 0 if answered == count else 1
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def udp_connected(ip: str, port: int) -> int:
@@ -456,6 +477,8 @@ def main(argv: list[str]) -> int:
         return tcp(rest[0], int(rest[1]))
     if command == "udp":
         return udp(rest[0], int(rest[1]))
+    if command == "udpflood":
+        return udpflood(rest[0], int(rest[1]), int(rest[2]))
     if command == "udpc":
         return udp_connected(rest[0], int(rest[1]))
     if command == "stream":

@@ -26,6 +26,11 @@ from tests.e2e.cluster import Cluster, create_pod, pod_info, until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
 
+# a small per-endpoint conntrack quota, so that a flood of a few hundred flows exceeds it
+CT_ENDPOINT_MAX = 64
+# and conntrack sweeps (which recount each endpoint's share) every 2 s instead of 30
+CLUSTER_ENV = {"MEMBRANE_CT_ENDPOINT_MAX": str(CT_ENDPOINT_MAX), "MEMBRANE_CT_GC_INTERVAL": "2"}
+
 FORGED_KEY = "io.cilium.k8s.namespace.labels.team"
 NSGUARD = "nsguard"
 
@@ -259,6 +264,50 @@ def test_a_lone_syn_is_tracked_briefly_and_a_syn_spray_evicts_no_connection(
         server.kill()
         cluster.run("delete", "-f", str(tmp_path / "synv.yaml"), check=False)
         cluster.run("pod", "delete", "synv", "syns", "syna", check=False)
+
+
+def test_a_connection_flood_holds_at_most_its_quota_of_conntrack(cluster: Cluster) -> None:
+    # A pod whose peer answers every flow (a flood of answered connections, which a SYN spray's
+    # separate map does not cover) moves at most its quota of them to the answered map; the
+    # rest still work, tracked as unanswered (short-lived, evictable), and another pod's new
+    # flow is still answered and moved.
+    flooder = create_pod(cluster, "ctqa", "app=ctqa")
+    bystander = create_pod(cluster, "ctqb", "app=ctqb")
+    server = create_pod(cluster, "ctqs", "app=ctqs")
+    listener = cluster.background("ctqs", "serve", "udp", "9500")
+    a_ip, b_ip, s_ip = str(flooder["ip"]), str(bystander["ip"]), str(server["ip"])
+    flows = 3 * CT_ENDPOINT_MAX
+    try:
+
+        def answers() -> None:
+            assert cluster.probe("ctqb", "udp", s_ip, "9500").returncode == 0
+
+        until(answers, "the server to answer", 15)
+        flood = cluster.probe("ctqa", "udpflood", s_ip, "9500", str(flows))
+        assert flood.returncode == 0, flood.stdout + flood.stderr  # every flow answered
+        assert cluster.probe("ctqb", "udp", s_ip, "9500").returncode == 0
+
+        def held(src: str) -> tuple[int, int]:
+            rows = cluster.json("bpf", "ct", "--node", str(flooder["node"]))[0]["rows"]
+            mine = [r for r in rows if r["src"] == src and r["scope"] == "egress"]
+            mine = [r for r in mine if r["dst"] == s_ip and r["dport"] == 9500]
+            return sum(r["replied"] for r in mine), sum(not r["replied"] for r in mine)
+
+        answered, unanswered = held(a_ip)
+        assert answered <= CT_ENDPOINT_MAX, (answered, unanswered)  # flows: all in ct before
+        assert answered + unanswered >= flows, (answered, unanswered)
+        assert held(b_ip)[0] >= 1  # the bystander's flow moved to ct all the same
+        # the agent's sweeps recount the share from the map (the datapath only counts up):
+        # after a few of them, a second flood still finds the quota held
+        time.sleep(5)
+        again = cluster.probe("ctqa", "udpflood", s_ip, "9500", str(flows))
+        assert again.returncode == 0, again.stdout + again.stderr
+        answered, unanswered = held(a_ip)
+        assert answered <= CT_ENDPOINT_MAX, (answered, unanswered)
+        assert answered + unanswered >= flows, (answered, unanswered)
+    finally:
+        listener.kill()
+        cluster.run("pod", "delete", "ctqa", "ctqb", "ctqs", check=False)
 
 
 def _pid(cluster: Cluster, name: str) -> int:

@@ -40,3 +40,66 @@ def test_a_full_map_raises_oserror_and_keeps_what_it_had() -> None:
             del table[1]
     finally:
         bpf.cleanup()
+
+
+CONNTRACK = b"""
+struct ct_key { u32 saddr; u32 daddr; u16 sport; u16 dport; u8 protocol; u8 scope; u16 icmp; };
+struct ct_entry { u64 expires_ns; u64 packets; u64 bytes; u32 rule_id; u32 src_identity;
+                  u32 dst_identity; u8 flags; u8 tcp_flags_seen; u16 pad; };
+struct ct_quota { u32 entries; u32 refused; };
+BPF_HASH(ct, struct ct_key, struct ct_entry, 64);
+BPF_HASH(ct_quota, u32, struct ct_quota, 64);
+int noop(void *ctx) { return 0; }
+"""
+
+
+def test_the_sweep_recounts_each_endpoints_share_of_conntrack() -> None:
+    # The datapath only counts an endpoint's answered connections up (bpf/maps.h ct_quota);
+    # the agent's sweep sets each count to what the map holds, egress entries being their
+    # sender's and ingress entries their receiver's, keeps the refusals, and forgets endpoints
+    # that went.
+    if os.geteuid() != 0:
+        pytest.skip("needs root: BPF")
+    import socket
+    import time
+    from ipaddress import IPv4Network
+
+    from bcc import BPF
+
+    from services.datapath.conntrack import QUOTA_REFUSED, Conntrack
+    from shared import bpf_layouts
+
+    bpf = BPF(text=CONNTRACK)
+    try:
+        ct, quota = bpf[b"ct"], bpf[b"ct_quota"]
+        a, b, c, gone = "10.1.0.5", "10.1.0.6", "10.1.0.7", "10.1.0.9"
+        expires = time.monotonic_ns() + 60 * 10**9
+
+        def track(src: str, dst: str, sport: int, scope: int) -> None:
+            key = bpf_layouts.CT_KEY.pack(
+                socket.inet_aton(src), socket.inet_aton(dst), sport, 80, 17, scope, 0
+            )
+            value = bpf_layouts.CT_ENTRY.pack(expires, 1, 64, 0, 300, 301, 0, 0, 0)
+            ct[ct.Key.from_buffer_copy(key)] = ct.Leaf.from_buffer_copy(value)
+
+        for port in (1, 2, 3):
+            track(a, c, port, maps.CT_EGRESS)  # a's own connections
+        for port in (4, 5):
+            track(c, a, port, maps.CT_INGRESS)  # connections to a
+        track(b, c, 6, maps.CT_EGRESS)
+
+        def key(address: str) -> object:
+            return quota.Key(bpf_layouts.U32.unpack(socket.inet_aton(address))[0])
+
+        quota[key(a)] = quota.Leaf(99, 5)  # counted up past what the map holds
+        quota[key(b)] = quota.Leaf(0, 0)
+        quota[key(gone)] = quota.Leaf(7, 1)
+        Conntrack((ct, ct), IPv4Network("10.1.0.0/24"), quota).recount({a, b, c})
+        held = {
+            socket.inet_ntoa(bpf_layouts.U32.pack(k.value)): (v.entries, v.refused)
+            for k, v in quota.items()
+        }
+        assert held == {a: (5, 5), b: (1, 0)}
+        assert QUOTA_REFUSED._value.get() == 5
+    finally:
+        bpf.cleanup()

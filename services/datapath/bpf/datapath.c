@@ -351,6 +351,24 @@ static __always_inline struct ct_entry *ct_new_lookup(struct ct_key *key, __u64 
 	return e;
 }
 
+/* May the endpoint at `ep_ip` hold one more answered connection in ct (maps.h ct_quota)?
+ * Counts it if so. */
+static __always_inline int ct_quota_take(__u32 ep_ip)
+{
+	struct ct_quota *q = ct_quota.lookup(&ep_ip);
+	if (!q) {
+		struct ct_quota first = { .entries = 1 };
+		ct_quota.update(&ep_ip, &first);
+		return 1;
+	}
+	if (q->entries >= CT_ENDPOINT_MAX) {
+		__sync_fetch_and_add(&q->refused, 1);
+		return 0;
+	}
+	__sync_fetch_and_add(&q->entries, 1);
+	return 1;
+}
+
 /* A connection in either map, answered or not (for lookups that do not refresh) */
 static __always_inline struct ct_entry *ct_tracked(struct ct_key *key, __u64 now)
 {
@@ -524,9 +542,17 @@ static __always_inline int enforce(struct packet *p, struct endpoint_info *ep, _
 			p->proxy_reply = e->proxy_port != 0;
 			return TC_ACT_OK;
 		}
-		/* the first answer to a connection: established from now on, it moves to ct */
+		/* the first answer to a connection: established from now on, it moves to ct --
+		 * unless the endpoint holds its quota of ct: then it goes on from ct_new, kept
+		 * alive by its packets, at its own risk rather than other endpoints' */
 		e = ct_new_lookup(&rkey, now);
 		if (e && ct_owned(e, other, own_id, peer_hint)) {
+			if (!ct_quota_take(ep->ip)) {
+				ct_refresh(e, p, now, 0);
+				count(0, direction, p->len);
+				p->proxy_reply = e->proxy_port != 0;
+				return TC_ACT_OK;
+			}
 			struct ct_entry up = *e;
 			ct_refresh(&up, p, now, 1);
 			ct.update(&rkey, &up);
@@ -545,7 +571,7 @@ static __always_inline int enforce(struct packet *p, struct endpoint_info *ep, _
 		/* the node's proxy answers a connection steered to it without passing here (its
 		 * answers leave through the host or the overlay): the client's first packet after
 		 * its SYN shows it was answered */
-		if (e->proxy_port && !pure_syn(p)) {
+		if (e->proxy_port && !pure_syn(p) && ct_quota_take(ep->ip)) {
 			struct ct_entry up = *e;
 			ct_refresh(&up, p, now, 1);
 			ct.update(&key, &up);

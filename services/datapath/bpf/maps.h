@@ -13,6 +13,9 @@
 #ifndef CT_MAP_SIZE
 #define CT_MAP_SIZE 65536
 #endif
+#ifndef CT_ENDPOINT_MAX
+#define CT_ENDPOINT_MAX (CT_MAP_SIZE / 2)
+#endif
 #ifndef EVENTS_BYTES
 #define EVENTS_BYTES (8 << 20)
 #endif
@@ -126,6 +129,17 @@ BPF_TABLE_PINNED("lpm_trie", struct policy_key, struct policy_value, policy, 104
 BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_entry, ct, CT_MAP_SIZE, PIN_DIR "/ct");
 BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_entry, ct_new, CT_MAP_SIZE,
 		 PIN_DIR "/ct_new");
+/* And a pod whose peers answer (a connection flood) may hold at most CT_ENDPOINT_MAX entries
+ * of ct: past it, its further answered connections stay in ct_new (short-lived while idle,
+ * evictable), so it cannot evict other endpoints' established connections either. Keyed by
+ * the endpoint's address: counted up here on each move to ct, recounted exactly by the agent's
+ * sweep (services/datapath/conntrack.py), since deletions and LRU evictions are not seen
+ * here. `refused`: moves refused for the quota, a counter (the agent exports it). */
+struct ct_quota {
+	__u32 entries;
+	__u32 refused;
+};
+BPF_TABLE_PINNED("hash", __u32, struct ct_quota, ct_quota, 65536, PIN_DIR "/ct_quota");
 
 /* IPv4 fragments: a non-first fragment carries no ports. The first one's ports are kept by
  * (source, destination, IP id, protocol), and the later ones are judged with them -- as the
