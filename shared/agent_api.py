@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from shared.errors import InvalidArgument, MembraneError, Unavailable, from_code
-from shared.messages import ContainerPort, Endpoint, ErrorBody, Message
+from shared.messages import ContainerPort, Endpoint, ErrorBody, FQDNName, Message
 
 DEFAULT_SOCKET_DIR = Path("/run/membrane")
 MAX_REQUEST_BYTES = 1 << 20
@@ -29,6 +29,12 @@ R = TypeVar("R")
 def default_socket(node: str) -> Path:
     """Where the agent of ``node`` listens unless told otherwise."""
     return DEFAULT_SOCKET_DIR / node / "agent.sock"
+
+
+def fqdn_socket(agent_socket: Path) -> Path:
+    """The agent's second socket, beside its main one: only ``fqdn.learn``, for the node's DNS
+    proxy (which needs nothing else of the agent: least privilege)."""
+    return agent_socket.with_name("fqdn.sock")
 
 
 # --- requests ----------------------------------------------------------------------------------
@@ -80,6 +86,24 @@ class CNIExec(Message):
 
     env: dict[str, str]
     config: str = ""
+
+
+class FQDNLearn(Message):
+    """``fqdn.learn`` (the node's DNS proxy, on the fqdn socket): addresses a local endpoint was
+    just answered. The agent installs each in the toFQDNs peer sets of the endpoint's policy
+    whose selector matches the name, with its CIDR identity in the ipcache, before it replies."""
+
+    endpoint_ip: str
+    names: list[FQDNName]
+
+
+class FQDNLearnReply(Message):
+    """``installed``: in every matching set of the endpoint's policy, in the maps now;
+    ``pending``: not done by the fast path (the cluster-wide path will, or not); addresses no
+    toFQDNs selector of the endpoint's policy matches are in neither."""
+
+    installed: list[str] = []
+    pending: list[str] = []
 
 
 class CNIOutput(Message):
@@ -138,8 +162,11 @@ async def call(socket: Path, op: str, body: Message, reply_type: type[R], timeou
 Handler = Callable[[bytes], Awaitable[Message]]
 
 
-async def serve(socket: Path, handlers: dict[str, Handler]) -> asyncio.Server:
-    """Listen on ``socket`` (replacing a stale one, mode 0600) and dispatch to ``handlers``."""
+async def serve(
+    socket: Path, handlers: dict[str, Handler], on_error: Callable[[str], None] | None = None
+) -> asyncio.Server:
+    """Listen on ``socket`` (replacing a stale one, mode 0600) and dispatch to ``handlers``;
+    ``on_error`` hears the code of every error reply (to count them)."""
     # a stale socket from a killed agent would make bind fail; nothing else is listening on it
     socket.parent.mkdir(parents=True, exist_ok=True)
     socket.unlink(missing_ok=True)  # noqa: ASYNC240
@@ -147,7 +174,10 @@ async def serve(socket: Path, handlers: dict[str, Handler]) -> asyncio.Server:
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             line = await reader.readline()
-            writer.write(msgspec.json.encode(await _dispatch(handlers, line)) + b"\n")
+            reply = await _dispatch(handlers, line)
+            if reply.error is not None and on_error is not None:
+                on_error(reply.error.code)
+            writer.write(msgspec.json.encode(reply) + b"\n")
             await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Final
 
 HOST: Final = 1
@@ -30,6 +31,17 @@ BY_ID: Final[dict[int, str]] = {number: name for name, number in RESERVED.items(
 CLUSTER_MIN: Final = 256
 CLUSTER_MAX: Final = 65535
 LOCAL_BASE: Final = 1 << 24
+LOCAL_SPAN: Final = 1 << 24  # a CIDR identity is LOCAL_BASE | n, n in 1 .. LOCAL_SPAN - 1
+
+
+def cidr_slot(network: object) -> int:
+    """The first choice of ``n`` for a network's CIDR identity: a hash of its text, so that a
+    network keeps its number across restarts and everyone computing it agrees (the policy
+    service probes upwards from it on a collision; the datapath's DNS fast path uses it only
+    when no other network holds that number)."""
+    digest = hashlib.blake2s(str(network).encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big") % (LOCAL_SPAN - 1) + 1
+
 
 # Policy-map identities of pod *addresses* (never a real identity, never on the wire): a CIDR
 # rule with the NetworkPolicy meaning (ipBlock) matches pod addresses too, per address. The

@@ -10,6 +10,7 @@ lock (each is a handful of map writes), and the socket API's handlers.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
@@ -22,6 +23,7 @@ from prometheus_client import Counter
 from services.datapath import introspection
 from services.datapath.conntrack import Conntrack
 from services.datapath.declared_ports import DeclaredPorts
+from services.datapath.fqdn_fast import REQUESTS, FQDNFast
 from services.datapath.ipcache_sync import IPCacheSync, check_owner
 from services.datapath.lb_sync import LBSync
 from services.datapath.lifecycle import BAD_MESSAGES, EndpointLifecycle
@@ -30,8 +32,11 @@ from services.datapath.local_ipam import NodeIPAM
 from services.datapath.metrics_collector import POLICY_IMPLEMENTATION
 from services.datapath.policy_sync import PolicySync
 from shared import agent_api, kv_watch, log, subjects
-from shared.agent_api import AddEndpoint, DumpRequest, EndpointList, EndpointRef
+from shared.agent_api import AddEndpoint, DumpRequest, EndpointList, EndpointRef, FQDNLearn
 from shared.bus import Bus, KVEvent
+from shared.errors import MembraneError
+from shared.fqdn import NameMatch
+from shared.fqdn import parse as parse_match
 from shared.messages import (
     Endpoint,
     IPCacheEntry,
@@ -98,6 +103,7 @@ class Agent:
         self.ipam = NodeIPAM(IPv4Network(node.pod_cidr))
         self.policy = PolicySync(datapath.policy, datapath.endpoints)
         self.ipcache = IPCacheSync(datapath.ipcache, datapath.prefixes)
+        self.fqdn = FQDNFast(self.policy, self.ipcache)
         self.conntrack = Conntrack(
             (datapath.ct, datapath.ct_new), self.ipam.cidr, datapath.ct_quota
         )
@@ -175,17 +181,23 @@ class Agent:
             BAD_MESSAGES.labels(subjects.KV_SELECTORS).inc()
             return
         members: list[int] | None = None
+        selector: NameMatch | None = None
         if event.value is not None:
             try:
-                members = msgspec.json.decode(event.value, type=PeerSet).identities
-            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                peer_set = msgspec.json.decode(event.value, type=PeerSet)
+                members = peer_set.identities
+                if peer_set.fqdn is not None:
+                    selector = parse_match(peer_set.fqdn, "fqdn")
+            except (msgspec.ValidationError, msgspec.DecodeError, MembraneError) as exc:
                 BAD_MESSAGES.labels(subjects.KV_SELECTORS).inc()
                 self.log.error(
                     "unreadable peer set; endpoints naming it deny", key=event.key, error=str(exc)
                 )
                 self.policy.set_peer_set(set_id, None, unreadable=True)
+                self.fqdn.on_peer_set(set_id, None, frozenset())
                 return
         self.policy.set_peer_set(set_id, members)
+        self.fqdn.on_peer_set(set_id, selector, frozenset(members or ()))
         KV_TO_MAP.labels(subjects.KV_SELECTORS).inc()
 
     def on_ipcache(self, event: KVEvent) -> None:
@@ -205,6 +217,9 @@ class Agent:
         old = self.ipcache.value_of(event.key)
         before = self.ipcache.chosen(old[0]) if old is not None else None
         self.ipcache.apply(event.key, entry)
+        for net in {old[0] if old is not None else None, self.ipcache.keys.get(event.key)}:
+            if net is not None:
+                self.fqdn.on_ipcache(net)
         holder = subjects.ipcache_key_owner(event.key) != subjects.POLICY_IPCACHE_OWNER
         if holder and old is not None and self.ipcache.chosen(old[0]) != before:
             self.conntrack.stale.add(str(old[0].network_address))
@@ -214,6 +229,22 @@ class Agent:
         """Apply a bucket's snapshot, signal that it is in, then apply every change."""
         known = self.watched.setdefault(name, set())  # outlives a restarted watch
         await kv_watch.follow(kv, handle, self.synced[name].set, known)
+
+    async def expire_fqdn(self) -> None:
+        """What the DNS fast path added and the cluster path never confirmed, past its TTL."""
+        self.fqdn.expire(time.time())
+
+    def fqdn_handlers(self) -> dict[str, agent_api.Handler]:
+        """The fqdn socket's: ``fqdn.learn`` only (the node's DNS proxy; fqdn_fast.py)."""
+
+        async def learn(body: bytes) -> Message:
+            request = agent_api.decode(body, FQDNLearn)
+            with POLICY_IMPLEMENTATION.time():
+                reply = self.fqdn.learn(request, self.endpoints, time.time())
+            REQUESTS.labels("ok").inc()
+            return reply
+
+        return {"fqdn.learn": learn}
 
     async def sweep_ct(self) -> None:
         """Conntrack entries that expired or whose pod is gone (periodic; conntrack.py)."""

@@ -11,6 +11,11 @@ The ``prefixes`` map holds every policy prefix whoever owns its addresses: the d
 which policy prefix holds a pod's address, for the NetworkPolicy meaning of CIDR rules
 (``address_identity`` in bpf/datapath.c).
 
+Addresses the node's DNS proxy just learned (``fqdn.learn``, services/datapath/fqdn_fast.py)
+are a layer below the bucket: used only while the bucket says nothing of the address, so the
+policy service's entry for it, when it comes, takes over without a write (same value) or
+replaces it (the service's number wins).
+
 Each KV change becomes at most one write per map; at start the bucket's snapshot is applied entry
 by entry (unchanged entries are not rewritten) and then whatever a previous agent left that
 nobody wants is pruned, so nothing is ever flushed.
@@ -70,6 +75,8 @@ class IPCacheSync:
         self.keys: dict[str, IPv4Network] = {}
         self.from_kv: dict[IPv4Network, dict[str, IPCacheValue]] = {}
         self.local: dict[IPv4Network, IPCacheValue] = {}
+        self.learned: dict[IPv4Network, IPCacheValue] = {}  # the DNS fast path's, below all
+        self.prefix_nets: dict[int, set[IPv4Network]] = {}  # CIDR identity -> its networks
         self.log = log.get("datapath.ipcache")
 
     def value_of(self, key: str) -> tuple[IPv4Network, IPCacheValue] | None:
@@ -83,17 +90,20 @@ class IPCacheSync:
             return value
         named = self.from_kv.get(net)
         if not named:
-            return None
+            return self.learned.get(net)
         # owners before prefixes; among equals the smallest key, so every agent agrees
         return min(named.items(), key=lambda kv: (is_prefix(kv[1]), kv[0]))[1]
 
     def prefix(self, net: IPv4Network) -> int | None:
         """The CIDR identity of ``net`` if a policy names it (what ``prefixes`` holds)."""
         numbers = [v.identity for v in self.from_kv.get(net, {}).values() if is_prefix(v)]
-        return min(numbers) if numbers else None
+        if numbers:
+            return min(numbers)
+        learned = self.learned.get(net)
+        return None if learned is None else learned.identity
 
     def desired(self) -> dict[IPv4Network, IPCacheValue]:
-        nets = set(self.from_kv) | set(self.local)
+        nets = set(self.from_kv) | set(self.local) | set(self.learned)
         return {net: value for net in nets if (value := self.chosen(net)) is not None}
 
     def prune(self) -> int:
@@ -117,18 +127,30 @@ class IPCacheSync:
         self.local.pop(net, None)
         self._write(net)
 
+    def set_learned(self, net: IPv4Network, value: IPCacheValue) -> None:
+        self.learned[net] = value
+        self._write(net)
+
+    def remove_learned(self, net: IPv4Network) -> None:
+        if self.learned.pop(net, None) is not None:
+            self._write(net)
+
     def apply(self, key: str, entry: IPCacheEntry | None) -> None:
         """One KV change: write or delete the single affected entry."""
         old = self.keys.pop(key, None)
         if old is not None:
             named = self.from_kv[old]
-            del named[key]
+            gone = named.pop(key)
+            if is_prefix(gone):
+                _discard(self.prefix_nets, gone.identity, old)
             if not named:
                 del self.from_kv[old]
         if entry is not None:
             net, value = entry_value(entry)
             self.keys[key] = net
             self.from_kv.setdefault(net, {})[key] = value
+            if is_prefix(value):
+                self.prefix_nets.setdefault(value.identity, set()).add(net)
             self._write(net)
         if old is not None and (entry is None or old != self.keys[key]):
             self._write(old)
@@ -136,6 +158,14 @@ class IPCacheSync:
     def _write(self, net: IPv4Network) -> None:
         _put(self.prefixes, net, self.prefix(net))
         _put(self.map, net, self.chosen(net))
+
+
+def _discard(index: dict[int, set[IPv4Network]], number: int, net: IPv4Network) -> None:
+    nets = index.get(number)
+    if nets is not None:
+        nets.discard(net)
+        if not nets:
+            del index[number]
 
 
 def _put(bpf_map: MutableMapping[IPv4Network, V], net: IPv4Network, value: V | None) -> None:

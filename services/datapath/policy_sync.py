@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from collections.abc import Iterable, MutableMapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, replace
 
+from msgspec.structs import replace as replace_struct
 from prometheus_client import Counter, Gauge
 
 from services.datapath.maps import (
@@ -40,9 +41,11 @@ from services.datapath.maps import (
     EndpointInfo,
 )
 from shared import identities, log
-from shared.messages import ContainerPort, ResolvedPolicy
+from shared.messages import ContainerPort, PolicyEntry, ResolvedPolicy
 from shared.peer_sets import expand, referenced
 from shared.policy_map import PolicyKey, PolicyValue, compile_endpoint, diff
+
+PEERS_AT_ONCE = 8  # more members changing at once: the endpoint is recompiled whole
 
 MAP_UPDATES = Counter(
     "membrane_datapath_policy_map_updates_total",
@@ -87,6 +90,8 @@ class PolicySync:
         self.installed: dict[int, dict[PolicyKey, PolicyValue]] = defaultdict(dict)
         self.failed: set[int] = set()
         self.members: dict[int, frozenset[int]] = {}  # peer set id -> identities
+        # members the DNS fast path added before the policy service did (fqdn_fast.py)
+        self.learned: dict[int, set[int]] = {}
         self.set_users: dict[int, set[int]] = defaultdict(set)  # peer set id -> subjects
         self.waiting: set[int] = set()  # endpoints waiting for a peer set
         self.unreadable: set[int] = set()  # peer sets whose value did not decode
@@ -132,6 +137,8 @@ class PolicySync:
     ) -> None:
         """A peer set's members (None: deleted); recompiles the endpoints naming it. An
         unreadable set makes them deny: its members might be a deny rule's."""
+        old = self.members.get(set_id)
+        was_unreadable = set_id in self.unreadable
         if identities is None:
             self.members.pop(set_id, None)
         else:
@@ -140,9 +147,94 @@ class PolicySync:
             self.unreadable.add(set_id)
         else:
             self.unreadable.discard(set_id)
+        new = self.members.get(set_id)
+        if old is None or new is None or was_unreadable or unreadable:
+            self._sync_users(set_id)
+        else:
+            # a toFQDNs set gains an address at a time: only that peer's entries change
+            learned = self.learned.get(set_id, set())
+            self._sync_users(set_id, {i for i in old ^ new if i not in learned})
+
+    def add_learned(self, set_id: int, identity: int) -> None:
+        """The DNS fast path: ``identity`` is a member of ``set_id`` on this node until the
+        policy service's set has it or :meth:`remove_learned`; recompiles its endpoints."""
+        learned = self.learned.setdefault(set_id, set())
+        if identity in learned:
+            return
+        learned.add(identity)
+        if identity not in self.members.get(set_id, ()):
+            self._sync_users(set_id, {identity})
+
+    def remove_learned(self, set_id: int, identity: int) -> None:
+        learned = self.learned.get(set_id)
+        if learned is None or identity not in learned:
+            return
+        learned.discard(identity)
+        if not learned:
+            del self.learned[set_id]
+        if identity not in self.members.get(set_id, ()):
+            self._sync_users(set_id, {identity})
+
+    def _sync_users(self, set_id: int, peers: set[int] | None = None) -> None:
+        """Recompile the endpoints naming the set: only the entries of ``peers`` (the members
+        that came or went) when few did, else whole."""
+        incremental = peers is not None and len(peers) <= PEERS_AT_ONCE
         for subject in sorted(self.set_users.get(set_id, ())):
             for ifindex in sorted(self.by_identity.get(subject, ())):
-                self.sync(ifindex)
+                if not incremental or not all(self._sync_peer(ifindex, p) for p in peers or ()):
+                    self.sync(ifindex)
+
+    def _sync_peer(self, ifindex: int, peer: int) -> bool:
+        """Bring the entries of one peer identity to what the policy says, leaving the others
+        alone: their compiled value depends only on the entries naming that peer (directly or
+        by a set holding it) and the any-peer ones (``compile_endpoint``). False: the endpoint
+        is not in a steady state (failed, waiting, pending, never installed) and needs
+        :meth:`sync`."""
+        endpoint = self.endpoints[ifindex]
+        policy = self.resolved.get(endpoint.identity)
+        if (
+            policy is None
+            or ifindex in self.failed
+            or ifindex in self.waiting
+            or ifindex in self.pending
+            or ifindex not in self.installed_once
+        ):
+            return False
+        names = referenced(policy)
+        if names & self.unreadable or names - self.members.keys():
+            return False
+        members = self._members(names)
+        holding = {s for s in names if peer in members[s]}
+
+        def concerns(entry: PolicyEntry) -> bool:
+            if entry.selector:
+                return entry.selector in holding
+            return entry.peer in (0, peer)
+
+        only = replace_struct(
+            policy,
+            ingress=[e for e in policy.ingress if concerns(e)],
+            egress=[e for e in policy.egress if concerns(e)],
+        )
+        only = expand(only, {s: (peer,) for s in holding})
+        compiled = compile_endpoint(ifindex, only, endpoint.ports, self.peer_ports)
+        desired = {k: v for k, v in compiled.items() if k.identity == peer}
+        installed = {k: v for k, v in self.installed.get(ifindex, {}).items() if k.identity == peer}
+        upserts, deletes = diff(installed, desired)
+        try:
+            self._apply(ifindex, upserts, deletes)
+        except OSError as exc:
+            self._fail(ifindex, endpoint, str(exc))
+        return True
+
+    def _members(self, names: set[int]) -> Mapping[int, Collection[int]]:
+        """The sets' members, with what the DNS fast path added."""
+        if not self.learned or not names & self.learned.keys():
+            return self.members
+        return {
+            s: self.members[s] | self.learned[s] if s in self.learned else self.members[s]
+            for s in names
+        }
 
     def set_peer_ports(self, identity: int, ports: Sequence[ContainerPort]) -> None:
         """The container ports the pods of an identity declare, cluster-wide; recompiles the
@@ -208,7 +300,7 @@ class PolicySync:
             if missing:
                 self._wait(ifindex, endpoint, missing)
                 return
-            policy = expand(policy, self.members)
+            policy = expand(policy, self._members(names))
         if ifindex in self.waiting:
             self.waiting.discard(ifindex)
             WAITING_ENDPOINTS.set(len(self.waiting))

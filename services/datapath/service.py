@@ -26,6 +26,7 @@ from prometheus_client import REGISTRY
 from services.datapath import cni_conf, nodeport, routing, tunnel
 from services.datapath.agent import Agent, Buckets
 from services.datapath.flow_publisher import FlowPublisher
+from services.datapath.fqdn_fast import REQUESTS as FQDN_REQUESTS
 from services.datapath.health import Health, health_address
 from services.datapath.lb_sync import LBSync, open_tables
 from services.datapath.loader import Datapath
@@ -178,6 +179,12 @@ async def run(settings: DatapathSettings) -> None:
     server = await agent_api.serve(
         settings.socket_path, {**up.agent.handlers(), "cni": cni_handler(settings.socket_path)}
     )
+    # the DNS proxy's own socket: fqdn.learn only, never the CNI's operations
+    fqdn_server = await agent_api.serve(
+        agent_api.fqdn_socket(settings.socket_path),
+        up.agent.fqdn_handlers(),
+        lambda code: FQDN_REQUESTS.labels(code).inc(),
+    )
     collector = DatapathCollector(up.datapath)
     REGISTRY.register(collector)
     micro = await started.bus.add_service(
@@ -206,6 +213,7 @@ async def run(settings: DatapathSettings) -> None:
     if settings.cni_conf_dir:  # new pods wait for the next agent rather than fail
         await asyncio.to_thread(cni_conf.remove, Path(settings.cni_conf_dir))
     server.close()
+    fqdn_server.close()
     await up.health.close()
     await micro.stop()
     await tasks.close()
@@ -349,6 +357,7 @@ async def _start_tasks(settings: DatapathSettings, up: _Node) -> tuple[TaskGroup
     await heartbeat()
     tasks.spawn("heartbeat", lambda: periodically(settings.heartbeat_interval, heartbeat))
     tasks.spawn("policy-retry", lambda: periodically(5.0, _on_loop(agent.policy.retry_failed)))
+    tasks.spawn("fqdn-expiry", lambda: periodically(1.0, agent.expire_fqdn))
     tasks.spawn("ct-purge", lambda: periodically(1.0, agent.conntrack.purge_stale))
     tasks.spawn("ct-gc", lambda: periodically(settings.ct_gc_interval, agent.sweep_ct))
     return tasks, publisher

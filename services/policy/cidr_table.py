@@ -31,19 +31,11 @@ IPv6 networks get identities too (so rules naming them resolve), but the ipcache
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from ipaddress import IPv4Network
 
 from services.policy.model import LOCAL_BASE, RESERVED_WORLD, CIDRRule, Network
-from shared.identities import ADDRESS
-
-_LOCAL_SPAN = 1 << 24  # n runs over 1 .. 2**24 - 1
-
-
-def _hashed_slot(network: Network) -> int:
-    digest = hashlib.blake2s(str(network).encode(), digest_size=4).digest()
-    return int.from_bytes(digest, "big") % (_LOCAL_SPAN - 1) + 1
+from shared.identities import ADDRESS, LOCAL_SPAN, cidr_slot
 
 
 def _excluded(rule: CIDRRule, network: Network) -> bool:
@@ -175,9 +167,9 @@ class CIDRTable:
         self._net_refs[network] = count + 1
         if count:
             return
-        slot = _hashed_slot(network)
+        slot = cidr_slot(network)
         while LOCAL_BASE | slot in self._taken:
-            slot = slot % (_LOCAL_SPAN - 1) + 1
+            slot = slot % (LOCAL_SPAN - 1) + 1
         ident = LOCAL_BASE | slot
         self._ids[network] = ident
         self._taken.add(ident)

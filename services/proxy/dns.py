@@ -8,7 +8,8 @@ against the pod's ``rules.dns``, forwarded to the server the pod asked, answered
 - Allowed: forwarded with ``SO_MARK`` carrying the pod's identity (the datapath applies the
   L3/L4 policy to it, as to the HTTP proxy's upstream connections); the answer's addresses are
   learned (:class:`~services.proxy.fqdn_publish.FQDNPublisher`) *before* the answer goes to the
-  pod. Denied: ``REFUSED`` (Cilium's default) and a DROPPED flow naming the query.
+  pod (the node's agent has them in its maps; SERVFAIL when they do not get there in time).
+  Denied: ``REFUSED`` (Cilium's default) and a DROPPED flow naming the query.
 - Malformed (no DNS message, not exactly one question, a response instead of a query):
   dropped without an answer and counted; a TCP connection carrying one is closed. An answer
   from upstream that does not parse is dropped the same way; the pod's resolver retries.
@@ -40,6 +41,7 @@ from services.proxy.dns_policy import (
     question,
     rcode_name,
     refused,
+    servfail,
 )
 from services.proxy.view import Verdict, View
 from shared import protocols
@@ -71,7 +73,7 @@ OVERLOAD = Counter(
 )
 
 Forward = Callable[[bytes, tuple[str, int], int], Awaitable[bytes]]
-Learn = Callable[[str, int, Learned], Awaitable[None]]
+Learn = Callable[[str, int, Learned], Awaitable[bool]]
 
 
 class DnsProxy:
@@ -239,8 +241,13 @@ class DnsProxy:
             MALFORMED.labels("upstream").inc()
             return None
         names = learned(answer)
-        if names:
-            await self.learn(client[0], verdict.src_identity, names)
+        if names and not await self.learn(client[0], verdict.src_identity, names):
+            # fail closed: an answer whose addresses are not allowed yet would have its first
+            # connection dropped; the pod's resolver asks again instead
+            QUERIES.labels(transport, "SERVFAIL").inc()
+            info.rcode = "SERVFAIL"
+            self._flow(verdict, client, server, transport, info, started)
+            return servfail(query)
         QUERIES.labels(transport, "FORWARDED").inc()
         info.rcode = rcode_name(answer)
         info.answers, info.ttl = answers_of(names)

@@ -149,5 +149,11 @@ def refused(query: dns.message.Message) -> bytes:
     return response.to_wire()
 
 
+def servfail(query: dns.message.Message) -> bytes:
+    response = dns.message.make_response(query)
+    response.set_rcode(dns.rcode.SERVFAIL)
+    return response.to_wire()
+
+
 def rcode_name(message: dns.message.Message) -> str:
     return dns.rcode.to_text(message.rcode())

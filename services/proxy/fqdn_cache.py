@@ -80,6 +80,9 @@ class FQDNCaches:
                 del self._endpoints[endpoint_ip]
         return changed
 
+    def endpoint_ips(self) -> list[str]:
+        return list(self._endpoints)
+
     def clean(self, match: NameMatch | None, endpoint_ip: str = "") -> tuple[list[str], int]:
         """Forgets the names ``match`` matches (None: every name), of one endpoint or all;
         returns the endpoints that changed and how many (endpoint, name) pairs went."""

@@ -1,12 +1,20 @@
 """The node's DNS caches on the bus, and the wait that keeps the first connection from dropping.
 
-:meth:`FQDNPublisher.learn` records an answer's addresses (:class:`FQDNCaches`), writes the
-endpoint's cache to the ``fqdn`` bucket when its addresses changed, and returns only once the
-proxy's view -- fed by the same ``ipcache`` and ``selectors`` buckets the node's agent turns
-into BPF map entries -- shows each address in every toFQDNs peer set of the pod's policy whose
-selector matches the name: the policy service has given the address its CIDR identity and
-added it to the set. Waiting is bounded (``wait_s``); a timeout is counted and the answer is
-released anyway (the connection may then be dropped, never let through unchecked).
+:meth:`FQDNPublisher.learn` records an answer's addresses (:class:`FQDNCaches`) and returns
+only once they are allowed on the node: the node's agent, asked on its fqdn socket
+(``fqdn.learn``, services/datapath/fqdn_fast.py), has written them into its BPF maps -- their
+CIDR identities into the ipcache, and into the toFQDNs peer sets of the pod's policy whose
+selector matches the name -- and said so. The endpoint's cache goes to the ``fqdn`` bucket
+afterwards, not awaited: the cluster-wide path (policy service -> ``ipcache``/``selectors`` ->
+every agent) follows as before and stays the source of truth.
+
+When the agent does not answer in time, cannot do it (``pending``: a set it has not received,
+a CIDR identity number someone else holds) or the fast path is off, the answer waits instead
+for the proxy's view -- the ``ipcache`` and ``selectors`` buckets the agent turns into map
+entries -- to show each address in every matching set. Both waits together are bounded
+(``wait_s``); past it the pod gets SERVFAIL, never an answer whose address may not be allowed
+yet: its resolver asks again, and by then the address is in (or the failure is visible), where
+a released answer would have its first connection dropped and retried by TCP a second later.
 
 Expired addresses (TTL and grace over) are dropped every second and the caches written again.
 A restarted proxy takes its node's caches back from the bucket.
@@ -17,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterable
+from pathlib import Path
 
 import msgspec
 from nats.js.kv import KeyValue
@@ -25,11 +34,20 @@ from prometheus_client import Counter, Histogram
 from services.proxy.dns_policy import Learned, missing
 from services.proxy.fqdn_cache import FQDNCaches
 from services.proxy.view import View
-from shared import subjects
+from shared import agent_api, log, subjects
+from shared.agent_api import FQDNLearn, FQDNLearnReply
 from shared.bus import Bus
+from shared.errors import MembraneError
 from shared.fqdn import NameMatch
 from shared.fqdn import parse as parse_match
-from shared.messages import FQDNCache, FQDNCleanReply, FQDNCleanRequest, PeerSet
+from shared.messages import (
+    FQDNAddress,
+    FQDNCache,
+    FQDNCleanReply,
+    FQDNCleanRequest,
+    FQDNName,
+    PeerSet,
+)
 
 EVICTED = Counter(
     "membrane_proxy_fqdn_evicted_total",
@@ -42,21 +60,42 @@ POLICY_WAIT = Histogram(
 )
 WAIT_TIMEOUTS = Counter(
     "membrane_proxy_fqdn_policy_wait_timeouts_total",
-    "DNS answers released before their addresses reached the policy (the wait timed out)",
+    "DNS answers replaced by SERVFAIL: their addresses did not reach the policy in time",
 )
+AGENT_ERRORS = Counter(
+    "membrane_proxy_fqdn_agent_errors_total",
+    "fqdn.learn requests the node's agent did not answer in time or refused (the answer then "
+    "waits for the cluster-wide path)",
+)
+AGENT_TIMEOUT_S = 0.5
 
 _cache_decoder = msgspec.json.Decoder(FQDNCache)
 _peer_set_decoder = msgspec.json.Decoder(PeerSet)
 
 
 class FQDNPublisher:
-    def __init__(self, kv: KeyValue, view: View, caches: FQDNCaches, wait_s: float) -> None:
+    def __init__(
+        self,
+        kv: KeyValue,
+        view: View,
+        caches: FQDNCaches,
+        wait_s: float,
+        agent_socket: Path | None = None,
+    ) -> None:
         self.kv = kv
         self.view = view
         self.caches = caches
         self.wait_s = wait_s
+        self.agent_socket = agent_socket  # the agent's fqdn socket; None: the fast path is off
         self.fqdn_sets: dict[int, NameMatch] = {}  # toFQDNs peer set id -> its selector
         self._changed = asyncio.Event()
+        # (endpoint, address) -> until when the agent said it needs nothing more
+        self._settled: dict[tuple[str, str], float] = {}
+        self._dirty: set[str] = set()  # endpoints whose cache the bucket has not had yet
+        self._wake = asyncio.Event()
+        self._writing = asyncio.Lock()  # one writer: a cache's puts land in order
+        self._agent_ok = True
+        self.log = log.get("proxy.fqdn", node=caches.node)
 
     # --- what the view sees ---------------------------------------------------------------------
 
@@ -75,37 +114,124 @@ class FQDNPublisher:
 
     # --- answers --------------------------------------------------------------------------------
 
-    async def learn(self, endpoint_ip: str, identity: int, names: Learned) -> None:
+    async def learn(self, endpoint_ip: str, identity: int, names: Learned) -> bool:
+        """Whether the answer may go to the pod: its addresses are allowed on the node."""
         started = time.perf_counter()
-        changed, evicted = self.caches.learn(endpoint_ip, identity, names, time.time())
+        now = time.time()
+        changed, evicted = self.caches.learn(endpoint_ip, identity, names, now)
         if evicted:
             EVICTED.inc(evicted)
-        if changed:
-            await self.publish((endpoint_ip,))
+        if changed:  # the cluster-wide path, not awaited
+            self._dirty.add(endpoint_ip)
+            self._wake.set()
         deadline = started + self.wait_s
-        while missing(self.view, self.fqdn_sets, identity, names):
+        settled = await self._ask_agent(endpoint_ip, names, now)
+        while not settled and missing(self.view, self.fqdn_sets, identity, names):
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 WAIT_TIMEOUTS.inc()
-                break
+                return False
             try:
                 async with asyncio.timeout(remaining):
                     await self._changed.wait()
             except TimeoutError:
                 continue
         POLICY_WAIT.observe(time.perf_counter() - started)
+        return True
+
+    async def _ask_agent(self, endpoint_ip: str, names: Learned, now: float) -> bool:
+        """The node's agent installs what it has not said it has (fqdn.learn); True when it
+        says every address is allowed (or needs nothing)."""
+        if self.agent_socket is None:
+            return False
+        ask: list[FQDNName] = []
+        for name, (addresses, ttl) in names.items():
+            expires = now + max(ttl, self.caches.min_ttl)
+            fresh = [a for a in addresses if self._settled.get((endpoint_ip, a), 0.0) > now]
+            if len(fresh) < len(addresses):
+                ask.append(
+                    FQDNName(
+                        name,
+                        [
+                            FQDNAddress(a, expires, self.caches.grace)
+                            for a in addresses
+                            if a not in fresh
+                        ],
+                    )
+                )
+        if not ask:
+            return True
+        request = FQDNLearn(endpoint_ip=endpoint_ip, names=ask)
+        timeout = min(AGENT_TIMEOUT_S, self.wait_s)
+        try:
+            reply = await agent_api.call(
+                self.agent_socket, "fqdn.learn", request, FQDNLearnReply, timeout
+            )
+        except (MembraneError, msgspec.DecodeError, OSError) as exc:
+            AGENT_ERRORS.inc()
+            if self._agent_ok:  # once per outage, not per answer (the metric counts them)
+                self.log.warning("fqdn.learn failed; waiting for the cluster path", error=str(exc))
+            self._agent_ok = False
+            return False
+        self._agent_ok = True
+        pending = set(reply.pending)
+        for entry in ask:
+            for address in entry.addresses:
+                if address.ip not in pending:
+                    self._settled[endpoint_ip, address.ip] = address.expires + address.grace
+        return not pending
+
+    async def _forget(
+        self, endpoint_ip: str, before: FQDNCache | None, after: FQDNCache | None
+    ) -> None:
+        """Tell the agent the names cleaned: what its fast path still holds of them goes (the
+        policy service takes the rest away, from the bucket)."""
+        if self.agent_socket is None or before is None:
+            return
+        kept = {n.name for n in after.names} if after is not None else set()
+        gone = [
+            FQDNName(n.name, [FQDNAddress(a.ip, 0.0) for a in n.addresses])
+            for n in before.names
+            if n.name not in kept
+        ]
+        request = FQDNLearn(endpoint_ip=endpoint_ip, names=gone)
+        try:
+            await agent_api.call(
+                self.agent_socket, "fqdn.learn", request, FQDNLearnReply, AGENT_TIMEOUT_S
+            )
+        except (MembraneError, msgspec.DecodeError, OSError) as exc:
+            AGENT_ERRORS.inc()  # what the agent holds goes at its expiry
+            self.log.warning("fqdn.learn (forget) failed", error=str(exc))
+
+    async def write_caches(self) -> None:
+        """The bucket writer: endpoints whose cache changed, as they change (one put each,
+        however many answers came meanwhile)."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            dirty, self._dirty = self._dirty, set()
+            try:
+                await self.publish(dirty)
+            except Exception:
+                self._dirty |= dirty  # the next change (or the expiry tick) tries again
+                raise
 
     async def publish(self, endpoint_ips: Iterable[str]) -> None:
-        for endpoint_ip in endpoint_ips:
-            key = subjects.fqdn_key(self.caches.node, endpoint_ip)
-            message = self.caches.message(endpoint_ip)
-            if message is None:
-                await self.kv.delete(key)
-            else:
-                await self.kv.put(key, msgspec.json.encode(message))
+        async with self._writing:
+            for endpoint_ip in endpoint_ips:
+                key = subjects.fqdn_key(self.caches.node, endpoint_ip)
+                message = self.caches.message(endpoint_ip)
+                if message is None:
+                    await self.kv.delete(key)
+                else:
+                    await self.kv.put(key, msgspec.json.encode(message))
 
     async def expire(self) -> None:
-        await self.publish(self.caches.expire(time.time()))
+        now = time.time()
+        self._settled = {k: until for k, until in self._settled.items() if until > now}
+        if self._dirty:
+            self._wake.set()
+        await self.publish(self.caches.expire(now))
 
     async def restore(self) -> int:
         prefix = subjects.fqdn_key(self.caches.node, "")
@@ -118,6 +244,10 @@ class FQDNPublisher:
         match = (
             parse_match({"matchPattern": request.pattern}, "pattern") if request.pattern else None
         )
+        before = {ip: self.caches.message(ip) for ip in self.caches.endpoint_ips()}
         changed, removed = self.caches.clean(match, request.endpoint_ip)
+        self._settled.clear()
         await self.publish(changed)
+        for endpoint_ip in changed:
+            await self._forget(endpoint_ip, before[endpoint_ip], self.caches.message(endpoint_ip))
         return FQDNCleanReply(node=self.caches.node, removed=removed)

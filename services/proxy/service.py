@@ -19,6 +19,7 @@ import dataclasses
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import Counter, Histogram
@@ -30,7 +31,7 @@ from services.proxy.fqdn_cache import FQDNCaches
 from services.proxy.fqdn_publish import FQDNPublisher
 from services.proxy.sockets import BACKLOG, listener
 from services.proxy.view import Verdict, View
-from shared import __version__, metrics, proxy, startup, subjects
+from shared import __version__, agent_api, metrics, proxy, startup, subjects
 from shared.bus import Bus
 from shared.config import CommonSettings, setting
 from shared.kv_watch import BucketWatches
@@ -74,7 +75,17 @@ class ProxySettings(CommonSettings):
         "(tofqdns-endpoint-max-ip-per-hostname)",
     )
     fqdn_policy_wait: float = setting(
-        2.0, "seconds a DNS answer waits at most for its addresses to reach the policy"
+        2.0,
+        "seconds a DNS answer waits at most for its addresses to reach the policy (then the pod "
+        "gets SERVFAIL)",
+    )
+    agent_socket: str = setting(
+        "", "the node agent's socket (its fqdn socket is beside it; default per node)"
+    )
+    fqdn_fast: bool = setting(
+        True,
+        "ask the node's agent to install learned addresses before answering (off: wait for the "
+        "cluster-wide path only)",
     )
 
 
@@ -144,6 +155,15 @@ async def run(settings: ProxySettings) -> None:
     bus = await Bus.connect(settings.nats_url, f"membrane-proxy-{settings.node}")
     view = View(settings.node)
     tasks = TaskGroup()
+    agent_socket = (
+        agent_api.fqdn_socket(
+            Path(settings.agent_socket)
+            if settings.agent_socket
+            else agent_api.default_socket(settings.node)
+        )
+        if settings.fqdn_fast
+        else None
+    )
     fqdn = FQDNPublisher(
         await bus.kv(subjects.KV_FQDN, replicas=settings.kv_replicas),
         view,
@@ -154,6 +174,7 @@ async def run(settings: ProxySettings) -> None:
             settings.fqdn_max_ips_per_name,
         ),
         settings.fqdn_policy_wait,
+        agent_socket,
     )
 
     def then_wake(
@@ -179,6 +200,7 @@ async def run(settings: ProxySettings) -> None:
     tasks.spawn("flows", sink.run)
     restored = await fqdn.restore()
     tasks.spawn("fqdn-expiry", lambda: periodically(1.0, fqdn.expire))
+    tasks.spawn("fqdn-writer", fqdn.write_caches)
     dns_proxy = DnsProxy(view, settings.node, sink.emit, fqdn.learn)
     await dns_proxy.start(settings.dns_proxy_port)
 

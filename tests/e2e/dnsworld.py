@@ -3,7 +3,8 @@
 serve ZONE DNS_IP HTTP_IP...   in the outside namespace: DNS on DNS_IP:53 (UDP and TCP) answering
                                A queries from ZONE, a JSON file {name: {"ips": [...], "ttl": N}}
                                read again whenever it changes (a name "*.x" answers any one label
-                               in front of x); NXDOMAIN otherwise. HTTP on port 80 of every
+                               in front of x; {"prefix": "a.b.c.", "ttl": N} answers a.b.c.L
+                               for the label L); NXDOMAIN otherwise. HTTP on port 80 of every
                                HTTP_IP, answering with that address. Prints "ready".
 query SERVER[:PORT] NAME [tcp] one query (port 53 by default); prints {"rcode", "answers",
                                "ttl"} or {"error"}
@@ -13,6 +14,9 @@ fetch SERVER NAME [IP]         resolve NAME, then at once GET / from the first a
 until-dropped IP SECONDS       GET / from IP until a new connection fails (at most SECONDS),
                                holding one HTTP/1.1 connection opened first; prints {"after":
                                seconds or null, "held": the held connection's answer after it}
+first-connect SERVER NAME...   for each NAME: resolve it, then at once connect to the answer's
+                               port 80 (a refusal counts as reached: the SYN got there); prints
+                               {"reached": N, "dropped": [NAME...], "failed": [NAME...]}
 get IP [PORT]                  GET / from IP; prints the body or the error's name (exit 1)
 garbage SERVER                 send a datagram that is no DNS message to SERVER:53; prints
                                "answered" or "silent"
@@ -61,7 +65,10 @@ class Zone:
         if found is None:
             response.set_rcode(dns.rcode.NXDOMAIN)
         elif question.rdtype == dns.rdatatype.A:
-            ips = [str(ip) for ip in found["ips"]]  # type: ignore[attr-defined]
+            if "prefix" in found:
+                ips = [f"{found['prefix']}{question.name.labels[0].decode()}"]
+            else:
+                ips = [str(ip) for ip in found["ips"]]  # type: ignore[attr-defined]
             ttl = int(found["ttl"])  # type: ignore[call-overload]
             response.answer.append(dns.rrset.from_text_list(question.name, ttl, "IN", "A", ips))
         return response.to_wire()
@@ -141,6 +148,23 @@ def query(server: str, name: str, tcp: bool = False) -> dict[str, object]:
     }
 
 
+def first_connect(server: str, names: list[str]) -> dict[str, object]:
+    reached, dropped, failed = 0, [], []
+    for name in names:
+        answers = query(server, name).get("answers") or []
+        if not answers:
+            failed.append(name)
+            continue
+        try:
+            socket.create_connection((str(answers[0]), 80), timeout=1.0).close()  # type: ignore[index]
+            reached += 1
+        except ConnectionRefusedError:
+            reached += 1  # the world answered the SYN: it was not dropped
+        except OSError:
+            dropped.append(name)
+    return {"reached": reached, "dropped": dropped, "failed": failed}
+
+
 def get(ip: str, port: int = 80) -> str:
     try:
         with socket.create_connection((ip, port), timeout=1.5) as sock:
@@ -183,6 +207,8 @@ def main(argv: list[str]) -> int:
         except OSError as exc:
             answer = type(exc).__name__
         print(json.dumps({"after": after, "held": answer}))
+    elif command == "first-connect":
+        print(json.dumps(first_connect(args[0], args[1:])))
     elif command == "get":
         body = get(args[0], int(args[1]) if len(args) > 1 else 80)
         print(body)

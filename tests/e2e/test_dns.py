@@ -51,7 +51,9 @@ ZONE = {
     "cdn.example.com": {"ips": [BARE_CDN], "ttl": 60},
     "evil.example.org": {"ips": [EVIL], "ttl": 60},
     "ttl.example.com": {"ips": [TTL_OLD], "ttl": 2},
+    "*.n.example.com": {"prefix": "198.51.100.", "ttl": 3},  # N.n.example.com -> .N, no server
 }
+MANY = IPv4Network("198.51.100.128/26")  # local in the outside namespace: a SYN gets a RST
 POLICY = f"""
 apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
@@ -67,8 +69,10 @@ spec:
         - matchPattern: "*.example.com"
         - matchPattern: "*.cdn.example.com"
         - matchName: evil.example.org
+        - matchPattern: "*.n.example.com"
   - toFQDNs:
     - matchName: api.example.com
+    - matchPattern: "*.n.example.com"
     - matchPattern: "*.cdn.example.com"
     - matchName: ttl.example.com
     toPorts: [{{ports: [{{port: "80", protocol: TCP}}]}}]
@@ -144,6 +148,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         ips = [DNS, API, CDN, BARE_CDN, EVIL, TTL_OLD, TTL_NEW]
         script = [f"ip addr add {ip}/32 dev lo" for ip in ips] + [
             "ip link set lo up",
+            f"ip route add local {MANY} dev lo",
             f"ip route add {node['pod_cidr']} via {node['underlay_ip']}",
         ]
         for line in script:
@@ -191,6 +196,37 @@ def test_lookup_then_the_first_connection_succeeds(world: World) -> None:
     assert {n["name"]: [a["ip"] for a in n["addresses"]] for n in cache["names"]}[
         "api.example.com"
     ] == [API]
+
+
+def test_the_first_connection_after_an_answer_is_never_dropped(world: World) -> None:
+    # The policy service is held (SIGSTOP): the cluster-wide path (fqdn bucket -> policy
+    # service -> ipcache/selectors -> agent) cannot move, so each answer's address can only be
+    # allowed by the node's agent, asked by the proxy before it releases the answer. Before
+    # that fast path the answer waited 2 s for the cluster path, then went out unallowed and
+    # its connection was dropped. Every name is new (a new address each): a connection opened
+    # the moment the answer arrives must get through, every time.
+    names = [f"{host}.n.example.com" for host in range(MANY[1].packed[3], MANY[-1].packed[3])]
+    policy = _pid(world.cluster, "policy-1")
+    os.kill(policy, signal.SIGSTOP)
+    try:
+        first = json.loads(world.client("first-connect", DNS, *names[:30], timeout=60))
+        assert first == {"reached": 30, "dropped": [], "failed": []}, first
+        # TTL 3 s + grace 1 s: what the cluster path never confirmed leaves the node again
+        until(lambda: _unreachable(world, f"198.51.100.{names[0].split('.')[0]}"),
+              "the unconfirmed address out at its expiry", timeout=15)  # fmt: skip
+    finally:
+        os.kill(policy, signal.SIGCONT)
+    # with the policy service back, the fast path and the cluster path agree (neither removes
+    # what the other put in); the name's expiry takes it out through the cluster path
+    again = json.loads(world.client("first-connect", DNS, *names[30:40], timeout=60))
+    assert again == {"reached": 10, "dropped": [], "failed": []}, again
+    until(lambda: _unreachable(world, f"198.51.100.{names[30].split('.')[0]}"),
+          "the address out after its TTL", timeout=15)  # fmt: skip
+
+
+def _pid(cluster: Cluster, name: str) -> int:
+    (pid,) = [p.pid for p in StateDir(cluster.state).processes() if p.name == name and p.running]
+    return pid
 
 
 def test_resolved_but_not_selected_is_dropped(world: World) -> None:
