@@ -10,7 +10,7 @@ the fast path (the node's agent installs the address and acknowledges).
 
 Goals (issue 13): proxied throughput >= 30 % of direct; policy update p99 <= 5 ms.
 
-    sudo .venv/bin/python bench/dns.py [--seconds 4] [--concurrency 16] [--names 200]
+    sudo .venv/bin/python bench/dns.py [--seconds 4] [--concurrency 16] [--names 200] [--gap MS]
 
 The DNS server (answers every A query; ``kN.fqdn.bench`` gets its own address in 198.18.0.0/15)
 and the load generator run inside the pods: ``bench/dns.py serve`` / ``load`` / ``lookups``.
@@ -154,8 +154,9 @@ async def _load(ip: str, port: int, seconds: float, concurrency: int) -> None:
     }))  # fmt: skip
 
 
-async def _lookups(ip: str, port: int, count: int, first: int) -> None:
-    """Each name once (new: the proxy waits for its address in the policy), then again."""
+async def _lookups(ip: str, port: int, count: int, first: int, gap: float) -> None:
+    """Each name once (new: the proxy waits for its address in the policy), then again;
+    ``gap`` seconds between lookups (0: back to back)."""
     client = await _client(ip, port)
     times: dict[str, list[float]] = {"new": [], "again": []}
     for round_name in ("new", "again"):
@@ -164,6 +165,8 @@ async def _lookups(ip: str, port: int, count: int, first: int) -> None:
             started = time.perf_counter()
             await client.ask(wire, n % 65536, timeout=5)
             times[round_name].append(1000 * (time.perf_counter() - started))
+            if gap:
+                await asyncio.sleep(gap)
     print(json.dumps(times))
 
 
@@ -211,10 +214,11 @@ def run(args: argparse.Namespace) -> int:
             sock.rename(away)
             try:
                 before = json.loads(in_client("lookups", ip, str(PROXIED_PORT), str(args.names),
-                                              "20000"))  # fmt: skip
+                                              "20000", str(args.gap / 1000)))  # fmt: skip
             finally:
                 away.rename(sock)
-            lookups = json.loads(in_client("lookups", ip, str(PROXIED_PORT), str(args.names), "0"))
+            lookups = json.loads(in_client("lookups", ip, str(PROXIED_PORT), str(args.names), "0",
+                                           str(args.gap / 1000)))  # fmt: skip
             print(f"\nDNS through the proxy vs direct, {args.concurrency} queries in flight, "
                   f"{args.seconds:g} s per run, best of {args.rounds} (one node)")  # fmt: skip
             print(f"{'path':8} {'queries/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
@@ -230,7 +234,8 @@ def run(args: argparse.Namespace) -> int:
                 new, again = got["new"], got["again"]
                 added = [a - b for a, b in zip(new, again, strict=True)]
                 print(f"\ntoFQDNs, {title}: {args.names} lookups of new names (each a new "
-                      "address a toFQDNs rule selects), then the same names again")  # fmt: skip
+                      "address a toFQDNs rule selects), then the same names again, "
+                      f"{args.gap:g} ms apart")  # fmt: skip
                 for label, values in (("new name", new), ("again", again), ("added", added)):
                     p50, p99 = _pct(values, 0.5), _pct(values, 0.99)
                     print(f"  {label:9} p50 {p50:7.3f} ms   p99 {p99:7.3f} ms")
@@ -257,13 +262,20 @@ def main() -> None:
         elif command == "load":
             uvloop.run(_load(argv[0], int(argv[1]), float(argv[2]), int(argv[3])))
         else:
-            uvloop.run(_lookups(argv[0], int(argv[1]), int(argv[2]), int(argv[3])))
+            uvloop.run(_lookups(argv[0], int(argv[1]), int(argv[2]), int(argv[3]), float(argv[4])))
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--names", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--gap",
+        type=float,
+        default=0.0,
+        help="milliseconds between lookups (0: back to back, each new name's cluster-wide "
+        "work then overlaps the next lookups)",
+    )
     sys.exit(run(parser.parse_args()))
 
 
