@@ -105,7 +105,10 @@ class Agent:
         self.ipcache = IPCacheSync(datapath.ipcache, datapath.prefixes)
         self.fqdn = FQDNFast(self.policy, self.ipcache)
         self.conntrack = Conntrack(
-            (datapath.ct, datapath.ct_new), self.ipam.cidr, datapath.ct_quota
+            (datapath.ct, datapath.ct_new),
+            self.ipam.cidr,
+            datapath.ct_quota,
+            datapath.translations,
         )
         self.lifecycle = EndpointLifecycle(
             bus,

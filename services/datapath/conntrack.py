@@ -35,9 +35,18 @@ QUOTA_REFUSED = Gauge(
 class Conntrack:
     """The node's conntrack map and what its sweeps must know."""
 
-    def __init__(self, tables: Sequence[Any], pod_cidr: IPv4Network, quota: Any = None) -> None:
+    def __init__(
+        self,
+        tables: Sequence[Any],
+        pod_cidr: IPv4Network,
+        quota: Any = None,
+        translations: Sequence[Any] = (),
+    ) -> None:
         self.tables = tables  # the bcc tables of the pinned ``ct`` and ``ct_new`` maps
         self.quota = quota  # the bcc table of ``ct_quota`` (bpf/maps.h), None: not kept
+        # service and node-port translation records (bpf/lb.h, nodeport.h): each value starts
+        # with its expiry, and the datapath ignores an expired one; the sweep deletes them
+        self.translations = translations
         self.pod_cidr = pod_cidr
         # addresses whose identity changed or went: their connections are purged shortly
         self.stale: set[str] = set()
@@ -61,6 +70,18 @@ class Conntrack:
     def purge(self, addresses: set[str]) -> int:
         """Delete every entry of these addresses (their holder changed). Runs in a thread."""
         return self._delete_where(lambda e: e.src in addresses or e.dst in addresses)
+
+    def expire_translations(self) -> int:
+        """Delete the translation records whose connection is over. Runs in a thread."""
+        now = time.monotonic_ns()
+        deleted = 0
+        for table in self.translations:
+            keys = [key for key, value in table.items() if value.expires_ns < now]
+            for key in keys:
+                with contextlib.suppress(KeyError):
+                    del table[key]
+            deleted += len(keys)
+        return deleted
 
     def recount(self, live: set[str]) -> None:
         """Each local endpoint's answered connections, counted again (ct_quota): the datapath
@@ -95,6 +116,7 @@ class Conntrack:
         if stale:
             await asyncio.to_thread(self.purge, stale)
         await asyncio.to_thread(self.recount, live)
+        await asyncio.to_thread(self.expire_translations)
 
     async def purge_stale(self) -> None:
         if self.stale:

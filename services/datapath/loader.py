@@ -135,6 +135,10 @@ class Datapath:
         self.ct = table("ct")  # answered connections
         self.ct_new = table("ct_new")  # connections not answered yet
         self.ct_quota = table("ct_quota")  # answered connections per endpoint (maps.h)
+        # per-connection translation records, swept when they expire (conntrack.py)
+        self.translations = tuple(
+            table(name) for name in ("lb_nat_map", "lb_rnat_map", "np_nat_map", "np_rnat_map")
+        )
         self.metrics = table("metrics")
         self.lost_events = table("lost_events")
         self.events = table("events")

@@ -103,3 +103,35 @@ def test_the_sweep_recounts_each_endpoints_share_of_conntrack() -> None:
         assert QUOTA_REFUSED._value.get() == 5
     finally:
         bpf.cleanup()
+
+
+TRANSLATIONS = b"""
+struct record { u64 expires_ns; u32 backend_id; u32 frontend_id; };
+BPF_HASH(records, u32, struct record, 8);
+int noop(void *ctx) { return 0; }
+"""
+
+
+def test_the_sweep_deletes_translation_records_whose_connection_is_over() -> None:
+    # Service and node-port translation records (bpf/lb.h, nodeport.h) start with their expiry;
+    # the datapath ignores an expired one, the sweep deletes it and keeps the live ones.
+    if os.geteuid() != 0:
+        pytest.skip("needs root: BPF")
+    import time
+    from ipaddress import IPv4Network
+
+    from bcc import BPF
+
+    from services.datapath.conntrack import Conntrack
+
+    bpf = BPF(text=TRANSLATIONS)
+    try:
+        records = bpf[b"records"]
+        now = time.monotonic_ns()
+        records[records.Key(1)] = records.Leaf(now - 10**9, 7, 1)  # over a second ago
+        records[records.Key(2)] = records.Leaf(now + 60 * 10**9, 8, 1)
+        conntrack = Conntrack((), IPv4Network("10.1.0.0/24"), translations=(records,))
+        assert conntrack.expire_translations() == 1
+        assert [(k.value, v.backend_id) for k, v in records.items()] == [(2, 8)]
+    finally:
+        bpf.cleanup()

@@ -62,18 +62,27 @@ struct lb_backend {
 	__u8 pad;
 };
 
-/* per connection, keyed by the original tuple (client -> frontend, scope CT_EGRESS) */
+/* per connection, keyed by the original tuple (client -> frontend, scope CT_EGRESS). Both
+ * records live as the connection's conntrack entry would (nat_lifetime), refreshed by its
+ * packets: an expired one is ignored here and deleted by the agent's sweep, so a later
+ * connection on the same tuple -- the client's port reused to reach the backend directly --
+ * never has its replies rewritten to the frontend's address by an old record. */
 struct lb_nat {
+	__u64 expires_ns;
 	__u32 backend_id;
 	__u32 frontend_id;
+	__u8 flags; /* CT_F_CLOSING */
+	__u8 pad[7];
 };
 
 /* per connection, keyed by the reply tuple (backend -> client, scope CT_INGRESS): the
  * address the client connected to (a cluster IP, or any node's address for a node port) */
 struct lb_rnat {
+	__u64 expires_ns;
 	__u32 ip; /* network byte order */
 	__u16 port; /* network byte order */
-	__u16 pad;
+	__u8 flags; /* CT_F_CLOSING */
+	__u8 pad;
 };
 
 struct lb_affinity_key {
@@ -241,6 +250,40 @@ static __always_inline __u32 lb_select(struct lb_service_value *svc, struct lb_l
 	return id;
 }
 
+/* A translation record's lifetime, as its connection's conntrack entry's: a handshake not yet
+ * answered as long as a UDP flow, an established TCP connection as long as its entry, one
+ * that saw FIN or RST ten seconds. (Node ports' records too, nodeport.h.) */
+static __always_inline __u64 nat_lifetime(struct lb_l4 *l, __u8 tcp_flags, __u8 *closing)
+{
+	if (l->protocol != IPPROTO_TCP)
+		return CT_LIFETIME_NONTCP;
+	if (tcp_flags & (TCP_FIN | TCP_RST))
+		*closing = CT_F_CLOSING;
+	if (*closing)
+		return CT_LIFETIME_CLOSE;
+	return l->syn ? CT_LIFETIME_NONTCP : CT_LIFETIME_TCP;
+}
+
+static __always_inline void nat_refresh(__u64 *expires, __u8 *flags, struct lb_l4 *l,
+					__u8 tcp_flags, __u64 now)
+{
+	__u8 closing = *flags & CT_F_CLOSING;
+	__u64 lifetime = nat_lifetime(l, tcp_flags, &closing);
+	if (closing != (*flags & CT_F_CLOSING))
+		*flags |= CT_F_CLOSING;
+	/* written at most once a second per record, unless closing shortens it */
+	if (now + lifetime > *expires + NSEC || closing)
+		*expires = now + lifetime;
+}
+
+static __always_inline __u8 nat_tcp_flags(struct __sk_buff *skb, struct lb_l4 *l)
+{
+	__u8 f = 0;
+	if (l->protocol == IPPROTO_TCP)
+		bpf_skb_load_bytes(skb, l->l4off + 13, &f, 1);
+	return f;
+}
+
 /* A new choice of backend for a connection, remembered (lb_remember) only once the egress
  * policy let the translated packet through: a pod trying denied connections to a service
  * leaves no NAT state behind to evict others'. backend_id 0: nothing to remember. */
@@ -287,9 +330,12 @@ static __always_inline int lb_from_container(struct __sk_buff *skb, struct lb_ch
 	struct lb_backend *backend = NULL;
 	__u32 backend_id = 0;
 	struct lb_nat *nat = lb_nat_map.lookup(&orig);
-	if (nat && nat->frontend_id == svc->id && !l.syn) {
+	__u8 tcp_flags = nat_tcp_flags(skb, &l);
+	if (nat && nat->frontend_id == svc->id && !l.syn && nat->expires_ns >= now) {
 		backend_id = nat->backend_id;
 		backend = lb_backends.lookup(&backend_id);
+		if (backend)
+			nat_refresh(&nat->expires_ns, &nat->flags, &l, tcp_flags, now);
 	}
 	if (!backend) {
 		if (svc->count)
@@ -304,6 +350,9 @@ static __always_inline int lb_from_container(struct __sk_buff *skb, struct lb_ch
 		c->orig = orig;
 		c->nat.backend_id = backend_id;
 		c->nat.frontend_id = svc->id;
+		nat_refresh(&c->nat.expires_ns, &c->nat.flags, &l, tcp_flags, now);
+		c->rnat.expires_ns = c->nat.expires_ns;
+		c->rnat.flags = c->nat.flags;
 		c->reply.saddr = backend->ip;
 		c->reply.daddr = l.saddr;
 		c->reply.sport = bpf_ntohs(backend->port);
@@ -344,8 +393,10 @@ static __always_inline void lb_to_container(struct __sk_buff *skb)
 		.scope = CT_INGRESS,
 	};
 	struct lb_rnat *r = lb_rnat_map.lookup(&reply);
-	if (!r)
+	__u64 now = bpf_ktime_get_coarse_ns();
+	if (!r || r->expires_ns < now)
 		return;
+	nat_refresh(&r->expires_ns, &r->flags, &l, nat_tcp_flags(skb, &l), now);
 	lb_rewrite(skb, &l, ETH_HLEN + offsetof(struct iphdr, saddr), l.saddr, r->ip, l.l4off,
 		   l.sport, r->port);
 }

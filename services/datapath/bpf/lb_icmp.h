@@ -45,7 +45,7 @@ static __always_inline void lb_icmp_error_to_container(struct __sk_buff *skb)
 		.scope = CT_INGRESS,
 	};
 	struct lb_rnat *r = lb_rnat_map.lookup(&reply);
-	if (!r)
+	if (!r || r->expires_ns < bpf_ktime_get_coarse_ns())
 		return;
 	__u32 frontend = r->ip;
 	__u16 frontend_port = r->port;

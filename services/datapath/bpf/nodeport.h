@@ -85,39 +85,6 @@ static __always_inline struct np_config *np_cfg(void)
 	return cfg && cfg->underlay_ip ? cfg : NULL;
 }
 
-/* A handshake not yet answered lives as long as a UDP flow; an established TCP connection as
- * long as its conntrack entry; one that saw FIN or RST ten seconds. */
-static __always_inline __u64 np_lifetime(struct lb_l4 *l, __u8 tcp_flags, __u8 *closing)
-{
-	if (l->protocol != IPPROTO_TCP)
-		return CT_LIFETIME_NONTCP;
-	if (tcp_flags & (TCP_FIN | TCP_RST))
-		*closing = CT_F_CLOSING;
-	if (*closing)
-		return CT_LIFETIME_CLOSE;
-	return l->syn ? CT_LIFETIME_NONTCP : CT_LIFETIME_TCP;
-}
-
-static __always_inline void np_refresh(__u64 *expires, __u8 *flags, struct lb_l4 *l,
-				       __u8 tcp_flags, __u64 now)
-{
-	__u8 closing = *flags & CT_F_CLOSING;
-	__u64 lifetime = np_lifetime(l, tcp_flags, &closing);
-	if (closing != (*flags & CT_F_CLOSING))
-		*flags |= CT_F_CLOSING;
-	/* written at most once a second per entry, unless closing shortens it */
-	if (now + lifetime > *expires + NSEC || closing)
-		*expires = now + lifetime;
-}
-
-static __always_inline __u8 np_tcp_flags(struct __sk_buff *skb, struct lb_l4 *l)
-{
-	__u8 f = 0;
-	if (l->protocol == IPPROTO_TCP)
-		bpf_skb_load_bytes(skb, l->l4off + 13, &f, 1);
-	return f;
-}
-
 /* Rewrite a packet's source and destination (address and port each), checksums fixed. */
 static __always_inline int np_rewrite(struct __sk_buff *skb, struct lb_l4 *l, __u32 saddr,
 				      __u16 sport, __u32 daddr, __u16 dport)
@@ -145,7 +112,7 @@ static __always_inline int np_reply(struct __sk_buff *skb, struct lb_l4 *l,
 	__u64 now = bpf_ktime_get_coarse_ns();
 	if (!r || r->expires_ns < now)
 		return -1;
-	np_refresh(&r->expires_ns, &r->flags, l, np_tcp_flags(skb, l), now);
+	nat_refresh(&r->expires_ns, &r->flags, l, nat_tcp_flags(skb, l), now);
 	if (np_rewrite(skb, l, r->frontend_ip, r->frontend_port, r->client_ip, r->client_port) < 0)
 		return TC_ACT_SHOT;
 	count(0, DIR_EGRESS, skb->len);
@@ -428,7 +395,7 @@ int from_netdev(struct __sk_buff *skb)
 		if (backend) {
 			snat_port = nat->snat_port;
 			client_id = nat->client_identity;
-			np_refresh(&nat->expires_ns, &nat->flags, &l, tcp_flags, now);
+			nat_refresh(&nat->expires_ns, &nat->flags, &l, tcp_flags, now);
 		}
 	}
 	if (!backend) {
@@ -446,7 +413,7 @@ int from_netdev(struct __sk_buff *skb)
 		fresh.frontend_id = svc->id;
 		fresh.client_identity = client_id;
 		fresh.snat_port = snat_port;
-		np_refresh(&fresh.expires_ns, &fresh.flags, &l, tcp_flags, now);
+		nat_refresh(&fresh.expires_ns, &fresh.flags, &l, tcp_flags, now);
 		rfresh.client_ip = l.saddr;
 		rfresh.client_port = l.sport;
 		rfresh.frontend_ip = l.daddr;
