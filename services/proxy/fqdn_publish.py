@@ -67,7 +67,8 @@ AGENT_ERRORS = Counter(
     "fqdn.learn requests the node's agent did not answer in time or refused (the answer then "
     "waits for the cluster-wide path)",
 )
-AGENT_TIMEOUT_S = 0.5
+AGENT_TIMEOUT_S = 0.5  # for a forget (fqdn cache clean), which nothing waits on
+AGENT_SHARE = 0.75  # of the answer's wait: the agent is the one who writes the maps
 
 _cache_decoder = msgspec.json.Decoder(FQDNCache)
 _peer_set_decoder = msgspec.json.Decoder(PeerSet)
@@ -89,8 +90,9 @@ class FQDNPublisher:
         self.agent_socket = agent_socket  # the agent's fqdn socket; None: the fast path is off
         self.fqdn_sets: dict[int, NameMatch] = {}  # toFQDNs peer set id -> its selector
         self._changed = asyncio.Event()
-        # (endpoint, address) -> until when the agent said it needs nothing more
-        self._settled: dict[tuple[str, str], float] = {}
+        # (endpoint, name, address) -> until when the agent said it needs nothing more (by name:
+        # an address one name brought may be one another name's selector must still get)
+        self._settled: dict[tuple[str, str, str], float] = {}
         self._dirty: set[str] = set()  # endpoints whose cache the bucket has not had yet
         self._wake = asyncio.Event()
         self._writing = asyncio.Lock()  # one writer: a cache's puts land in order
@@ -147,7 +149,7 @@ class FQDNPublisher:
         ask: list[FQDNName] = []
         for name, (addresses, ttl) in names.items():
             expires = now + max(ttl, self.caches.min_ttl)
-            fresh = [a for a in addresses if self._settled.get((endpoint_ip, a), 0.0) > now]
+            fresh = [a for a in addresses if self._settled.get((endpoint_ip, name, a), 0.0) > now]
             if len(fresh) < len(addresses):
                 ask.append(
                     FQDNName(
@@ -162,7 +164,7 @@ class FQDNPublisher:
         if not ask:
             return True
         request = FQDNLearn(endpoint_ip=endpoint_ip, names=ask)
-        timeout = min(AGENT_TIMEOUT_S, self.wait_s)
+        timeout = AGENT_SHARE * self.wait_s
         try:
             reply = await agent_api.call(
                 self.agent_socket, "fqdn.learn", request, FQDNLearnReply, timeout
@@ -178,7 +180,8 @@ class FQDNPublisher:
         for entry in ask:
             for address in entry.addresses:
                 if address.ip not in pending:
-                    self._settled[endpoint_ip, address.ip] = address.expires + address.grace
+                    until = address.expires + address.grace
+                    self._settled[endpoint_ip, entry.name, address.ip] = until
         return not pending
 
     async def _forget(

@@ -234,3 +234,42 @@ def test_a_set_member_at_a_time_rewrites_only_its_entries_and_ends_as_a_full_com
         resolved = node.policy.resolved[300]
         full = compile_endpoint(7, expand(resolved, node.policy.members), ())
         assert node.policy_map == full, members
+
+
+def test_the_proxy_asks_the_agent_again_for_an_address_another_name_brought(
+    tmp_path: Path,
+) -> None:
+    # an address answered for a name no toFQDNs selector matches needs nothing; the same
+    # address answered later for a name one does match must still go to the agent
+    from services.proxy.fqdn_cache import FQDNCaches
+    from services.proxy.fqdn_publish import FQDNPublisher
+    from services.proxy.view import View
+
+    asked: list[list[str]] = []
+
+    async def learn(body: bytes) -> FQDNLearnReply:
+        request = agent_api.decode(body, FQDNLearn)
+        asked.append([n.name for n in request.names])
+        selected = [a.ip for n in request.names if n.name == "api.example.com" for a in n.addresses]
+        return FQDNLearnReply(installed=selected)
+
+    async def scenario() -> None:
+        sock = tmp_path / "fqdn.sock"
+        server = await agent_api.serve(sock, {"fqdn.learn": learn})
+        publisher = FQDNPublisher(
+            None,  # type: ignore[arg-type]  # the bucket writer is not started here
+            View("n1"),
+            FQDNCaches("n1", 0, 1.0, 50),
+            2.0,
+            sock,
+        )
+        try:
+            assert await publisher.learn(POD, 300, {"other.example.org": ([ADDR], 60)})
+            assert await publisher.learn(POD, 300, {"other.example.org": ([ADDR], 60)})
+            assert await publisher.learn(POD, 300, {"api.example.com": ([ADDR], 60)})
+            assert await publisher.learn(POD, 300, {"api.example.com": ([ADDR], 60)})
+        finally:
+            server.close()
+        assert asked == [["other.example.org"], ["api.example.com"]]
+
+    asyncio.run(scenario())
