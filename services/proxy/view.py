@@ -131,8 +131,10 @@ class View:
                 best = (network.prefixlen, identity)
         return best[1] if best else identities.WORLD
 
-    def _matches(self, entry: PolicyEntry, peer: int, port: int) -> bool:
-        if entry.deny or entry.protocol not in (0, PROTO_TCP) or entry.port_name:
+    def _matches(self, entry: PolicyEntry, peer: int, port: int, deny: bool = False) -> bool:
+        """Whether ``entry`` -- an allow, or a deny when ``deny`` -- applies to ``peer`` on
+        TCP ``port``."""
+        if entry.deny != deny or entry.protocol not in (0, PROTO_TCP) or entry.port_name:
             return False
         if entry.selector:
             if peer not in self.members.get(entry.selector, ()):
@@ -161,6 +163,13 @@ class View:
         if not enforced:
             return None
         entries = policy.ingress if direction == "ingress" else policy.egress
+        # a deny wins over every allow, L7 ones included, as in the datapath: a side that
+        # lets nothing through, named after the deny. (The datapath drops such a connection
+        # before it reaches the proxy; a deny that arrives while one is open is the proxy's
+        # to enforce, on the connection's next request.)
+        for entry in entries:
+            if self._matches(entry, peer, port, deny=True):
+                return _Side(direction, (), (), 0, entry.rule_id, policy.rules)
         rules: list[tuple[int, l7_http.HttpRule]] = []
         kafka: list[tuple[int, l7_kafka.KafkaRule]] = []
         allow_all = 0

@@ -9,7 +9,7 @@ import pytest
 
 from services.policy.parser import PolicyDocumentError, parse_documents
 from services.proxy.view import View
-from shared import l7_http
+from shared import l7_http, l7_kafka
 from shared.errors import InvalidArgument
 from shared.messages import IPCacheEntry, PeerSet, PolicyEntry, ResolvedPolicy
 
@@ -59,6 +59,23 @@ def test_star_wars_rule() -> None:
     # the policy gone (an open keep-alive connection outlives it): no side restricts any more
     v.set_resolved(str(DEATHSTAR), None)
     assert ask(v, "PUT", "/v1/exhaust-port")
+
+
+def test_a_deny_wins_over_the_l7_allow_as_in_the_datapath() -> None:
+    # An ingressDeny of the tiefighter next to its L7 allow (a deny that arrived while its
+    # keep-alive connection was open): every request is denied, in the deny's name; another
+    # port, or another peer's allow, is not touched by it.
+    allow = PolicyEntry(peer=TIE, protocol=6, port=80, rule_id=1, l7=LANDING)
+    v = view(ingress(allow, PolicyEntry(peer=TIE, protocol=0, port=0, rule_id=2, deny=True)))
+    denied = v.http(CLIENT, SERVER, 80, "POST", "/v1/request-landing", {})
+    assert not denied.allowed and denied.rule_id == 2 and denied.policy == "default/open[0]"
+    kafka_request = l7_kafka.KafkaRequest(api_key=0, api_version=3, client_id="", topics=("t",))
+    assert not v.kafka(CLIENT, SERVER, 80, kafka_request).allowed
+    other = PolicyEntry(peer=XWING, protocol=6, port=80, rule_id=1, l7=LANDING)
+    v = view(ingress(other, PolicyEntry(peer=TIE, protocol=6, port=81, rule_id=2, deny=True)))
+    assert ask(v, "POST", "/v1/request-landing", src=OTHER)
+    v = view(ingress(allow, PolicyEntry(peer=TIE, protocol=6, port=81, rule_id=2, deny=True)))
+    assert ask(v, "POST", "/v1/request-landing")  # the deny is for another port
 
 
 def test_peer_sets_ports_and_a_plain_allow_next_to_l7() -> None:
