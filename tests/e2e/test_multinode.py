@@ -698,26 +698,22 @@ def test_l7_ingress_from_a_pod_on_this_node_and_on_another(l7world: L7World) -> 
         assert l7world.request("l7-plain", server, LAND, EXHAUST) == [LANDED, DENIED], server
 
 
-def test_what_the_proxy_lets_through_is_judged_at_l3_l4(l7world: L7World) -> None:
-    """The client's egress L7 rules allow the landing at l7-locked, and so does the proxy (it
-    enforces allow rules); l7-locked's deny rule for the client is the datapath's: the proxy's
-    upstream connection, as the client, is dropped on node 2 (181), and the client gets no
-    answer."""
-    cluster = l7world.cluster
-    client_id = int(l7world.pods["l7-client"]["identity"])
-    (answer,) = l7world.request("l7-client", "l7-locked", LAND)
-    assert "status" not in answer, answer
+def test_a_deny_at_the_far_server_is_the_proxys_403(l7world: L7World) -> None:
+    """The client's egress L7 rules allow the landing at l7-locked (on node 2), whose ingress
+    denies the client. The proxy judges both sides as the datapath does, the deny winning over
+    every allow: the client gets 403 at once (a DROPPED L7 flow naming the deny's policy), not
+    a connection left to time out at node 2's L3/L4 drop (181), as before the proxy took deny
+    rules into account. (That the proxy's upstream is judged at L3/L4 on the far node, as the
+    client, is test_l7_egress_to_a_pod_on_this_node_and_on_another's node-2 verdict.)"""
+    assert l7world.request("l7-client", "l7-locked", LAND) == [DENIED]
 
-    def dropped() -> None:
-        flows = l7world.flows("--type", "drop", "--to-pod", "l7-locked")
+    def named() -> None:
+        flows = l7world.flows("--type", "l7", "--to-pod", "l7-locked")
         assert any(
-            f["drop_reason"] == 181
-            and f["source"]["identity"] == client_id
-            and f["node"] == cluster.nodes[1]
-            for f in flows
+            f["verdict"] == "DROPPED" and "l7-locked-ingress" in f["policy"] for f in flows
         ), flows
 
-    until(dropped, "the upstream's policy drop on node 2", timeout=15)
+    until(named, "the proxy's DROPPED flow naming the deny", timeout=15)
 
 
 def test_a_pod_cannot_reach_the_proxy_port(l7world: L7World) -> None:
