@@ -152,6 +152,18 @@ BPF_COLUMNS = {
         "closing",
         "rule_id",
     ],
+    "nat": [
+        "kind",
+        "client",
+        "client_port",
+        "frontend",
+        "frontend_port",
+        "protocol",
+        "backend_id",
+        "answered",
+        "expires_in",
+        "closing",
+    ],
     "metrics": ["reason", "reason_name", "direction", "packets", "bytes"],
     "lb": [
         "service",
@@ -263,6 +275,7 @@ def add_parsers(sub: Any) -> None:
         ("endpoints", "endpoints and their enforcement flags"),
         ("ipcache", "address -> identity"),
         ("ct", "connection tracking"),
+        ("nat", "service and node-port translations of connections, answered or not"),
         ("metrics", "packets and bytes by reason and direction"),
         ("lb", "service frontends, their backends and Maglev tables"),
     ):

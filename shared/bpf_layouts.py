@@ -42,6 +42,8 @@ LB_SLOT_KEY: Final = struct.Struct("<II")  # id, slot
 LB_BACKEND: Final = struct.Struct("<4s2sBx")  # ip, port, flags
 LB_MAGLEV_CHUNK_SLOTS: Final = 112  # bpf/lb.h LB_MAGLEV_CHUNK
 LB_MAGLEV_CHUNK: Final = struct.Struct(f"<{LB_MAGLEV_CHUNK_SLOTS}I")  # backend id per slot
+LB_NAT: Final = struct.Struct("<QIIB7x")  # expires_ns, backend_id, frontend_id, flags
+LB_FRAG: Final = struct.Struct("<4sB3x")  # ip, reply
 
 # overlay.h, nodeport.h
 OVERLAY_CONFIG: Final = struct.Struct(
@@ -49,6 +51,8 @@ OVERLAY_CONFIG: Final = struct.Struct(
 )  # underlay_ip, vxlan_ifindex, mode, tunnel_port, pad
 # underlay_ip, underlay_ifindex, nodeport low/high, snat low/high
 NP_CONFIG: Final = struct.Struct("<4sIHHHH")
+# expires_ns, backend_id, frontend_id, client_identity, snat_port, flags
+NP_NAT: Final = struct.Struct("<QIII2sBx")
 
 # events.h struct flow_event, native byte order (the kernel writes host-order integers)
 FLOW_EVENT: Final = struct.Struct("=QBBBBBBBBIIIIIHHII")
@@ -69,7 +73,10 @@ STRUCTS: Final[dict[str, struct.Struct]] = {
     "lb_slot_key": LB_SLOT_KEY,
     "lb_backend": LB_BACKEND,
     "lb_maglev_chunk": LB_MAGLEV_CHUNK,
+    "lb_nat": LB_NAT,
+    "lb_frag": LB_FRAG,
     "overlay_config": OVERLAY_CONFIG,
     "np_config": NP_CONFIG,
+    "np_nat": NP_NAT,
     "flow_event": FLOW_EVENT,
 }

@@ -30,6 +30,12 @@ QUOTA_REFUSED = Gauge(
     "answered connections kept out of ct because their endpoint held its quota "
     "(MEMBRANE_CT_ENDPOINT_MAX), summed over the node's endpoints",
 )
+LB_QUOTA_REFUSED = Gauge(
+    "membrane_datapath_lb_quota_refused",
+    "answered service connections whose translation records stayed among the unanswered "
+    "ones because their client held its share (MEMBRANE_CT_ENDPOINT_MAX), summed over the "
+    "node's endpoints",
+)
 
 
 class Conntrack:
@@ -41,12 +47,15 @@ class Conntrack:
         pod_cidr: IPv4Network,
         quota: Any = None,
         translations: Sequence[Any] = (),
+        lb_quota: tuple[Any, Any] | None = None,
     ) -> None:
         self.tables = tables  # the bcc tables of the pinned ``ct`` and ``ct_new`` maps
         self.quota = quota  # the bcc table of ``ct_quota`` (bpf/maps.h), None: not kept
         # service and node-port translation records (bpf/lb.h, nodeport.h): each value starts
         # with its expiry, and the datapath ignores an expired one; the sweep deletes them
         self.translations = translations
+        # (``lb_nat_map``, ``lb_quota``): clients' answered service records and their counts
+        self.lb_quota = lb_quota
         self.pod_cidr = pod_cidr
         # addresses whose identity changed or went: their connections are purged shortly
         self.stale: set[str] = set()
@@ -89,23 +98,17 @@ class Conntrack:
         endpoint's: the sender's when tracked at egress, the receiver's at ingress. A move to
         ct between the scan and the write is lost from the count (an undercount for one
         sweep). Gone endpoints' counts go. Runs in a thread."""
-        if self.quota is None:
-            return
-        now = time.monotonic_ns()
-        held: Counter[str] = Counter()
-        for key, value in self.tables[0].items():
-            entry = decode_ct(bytes(key), bytes(value), now)
-            held[entry.src if entry.scope == "egress" else entry.dst] += 1
-        refused = 0
-        for key, value in list(self.quota.items()):
-            address = socket.inet_ntoa(bpf_layouts.U32.pack(key.value))
-            if address not in live:
-                with contextlib.suppress(KeyError):
-                    del self.quota[key]
-                continue
-            refused += value.refused
-            self.quota[key] = self.quota.Leaf(held.get(address, 0), value.refused)
-        QUOTA_REFUSED.set(refused)
+        if self.quota is not None:
+            now = time.monotonic_ns()
+            held: Counter[str] = Counter()
+            for key, value in self.tables[0].items():
+                entry = decode_ct(bytes(key), bytes(value), now)
+                held[entry.src if entry.scope == "egress" else entry.dst] += 1
+            QUOTA_REFUSED.set(_rewrite_counts(self.quota, held, live))
+        if self.lb_quota is not None:
+            records, quota = self.lb_quota  # keyed by the client -> frontend tuple
+            clients = Counter(_address(key.saddr) for key in records)
+            LB_QUOTA_REFUSED.set(_rewrite_counts(quota, clients, live))
 
     async def sweep(self, live: Iterable[str]) -> None:
         """Expired entries, and those of addresses that changed hands (periodic); then the
@@ -145,3 +148,23 @@ class Conntrack:
                     del table[key]
             deleted += len(keys)
         return deleted
+
+
+def _address(value: int) -> str:
+    """A map's u32 address (network byte order in memory) as text."""
+    return socket.inet_ntoa(bpf_layouts.U32.pack(value))
+
+
+def _rewrite_counts(quota: Any, held: Counter[str], live: set[str]) -> int:
+    """Write each live endpoint's exact count into a quota map (maps.h struct ct_quota), drop
+    gone endpoints' counts; the refusals summed."""
+    refused = 0
+    for key, value in list(quota.items()):
+        address = _address(key.value)
+        if address not in live:
+            with contextlib.suppress(KeyError):
+                del quota[key]
+            continue
+        refused += value.refused
+        quota[key] = quota.Leaf(held.get(address, 0), value.refused)
+    return refused

@@ -8,13 +8,14 @@ worker thread, since a dump walks whole maps.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 
 from services.datapath.conntrack import Conntrack
 from services.datapath.lb_sync import LBSync
 from services.datapath.loader import Datapath
-from services.datapath.maps import percpu_sum
+from services.datapath.maps import decode_nat, percpu_sum
 from services.datapath.policy_sync import PolicySync
 from shared import subjects
 from shared.agent_api import DumpReply, DumpRequest
@@ -47,16 +48,36 @@ def dump(agent: Agent, req: DumpRequest) -> DumpReply:
         rows = _policy(agent, req)
     elif req.table == "ct":
         rows = [dataclasses.asdict(e) for e in agent.conntrack.entries()]
+    elif req.table == "nat":
+        rows = _nat(agent)
     elif req.table == "metrics":
         rows = _metrics(agent)
     elif req.table == "lb" and agent.lb is not None:
         rows = agent.lb.dump()
     else:
         raise InvalidArgument(
-            f"unknown table {req.table!r}: endpoints, ipcache, policy, ct, metrics or lb",
+            f"unknown table {req.table!r}: endpoints, ipcache, policy, ct, nat, metrics or lb",
             field="table",
         )
     return DumpReply(table=req.table, node=agent.node.name, rows=rows)
+
+
+def _nat(agent: Agent) -> list[dict[str, Any]]:
+    """The forward records of the translation maps (loader.Datapath.translations: lb_nat,
+    lb_rnat, lb_nat_new, lb_rnat_new, then the same four of node ports)."""
+    tables = agent.datapath.translations
+    now = time.monotonic_ns()
+    rows = []
+    for kind, answered, table in (
+        ("service", True, tables[0]),
+        ("service", False, tables[2]),
+        ("nodeport", True, tables[4]),
+        ("nodeport", False, tables[6]),
+    ):
+        for key, value in table.items():
+            record = decode_nat(kind, answered, bytes(key), bytes(value), now)
+            rows.append(dataclasses.asdict(record))
+    return rows
 
 
 def _endpoints(agent: Agent) -> list[dict[str, Any]]:

@@ -79,6 +79,9 @@ class Datapath:
             f'-DPIN_DIR="{self.pins}"',
             f"-DCT_MAP_SIZE={ct_size}",
             f"-DCT_ENDPOINT_MAX={ct_endpoint_max or ct_size // 2}",
+            # a translation record per tracked connection to a service or a node port
+            f"-DLB_NAT_MAX={ct_size}",
+            f"-DNP_NAT_MAX={ct_size}",
             f"-DEVENTS_BYTES={events_bytes}",
         ]
         try:
@@ -137,8 +140,19 @@ class Datapath:
         self.ct_quota = table("ct_quota")  # answered connections per endpoint (maps.h)
         # per-connection translation records, swept when they expire (conntrack.py)
         self.translations = tuple(
-            table(name) for name in ("lb_nat_map", "lb_rnat_map", "np_nat_map", "np_rnat_map")
+            table(name)
+            for name in (
+                "lb_nat_map",
+                "lb_rnat_map",
+                "lb_nat_new",
+                "lb_rnat_new",
+                "np_nat_map",
+                "np_rnat_map",
+                "np_nat_new",
+                "np_rnat_new",
+            )
         )
+        self.lb_quota = table("lb_quota")  # answered service records per client (lb.h)
         self.metrics = table("metrics")
         self.lost_events = table("lost_events")
         self.events = table("events")

@@ -150,6 +150,42 @@ _CT_KEY = bpf_layouts.CT_KEY
 _CT_VALUE = bpf_layouts.CT_ENTRY
 
 
+@dataclass(frozen=True)
+class NatRecord:
+    """One connection's translation (a service's or a node port's), for ``membrane bpf nat``."""
+
+    kind: str  # "service" (lb.h) or "nodeport" (nodeport.h)
+    answered: bool  # in the answered map (else not answered yet, or held out by the quota)
+    client: str
+    client_port: int
+    frontend: str
+    frontend_port: int
+    protocol: int
+    backend_id: int
+    expires_in: float
+    closing: bool
+
+
+def decode_nat(kind: str, answered: bool, key: bytes, value: bytes, now_ns: int) -> NatRecord:
+    saddr, daddr, sport, dport, proto, _, _ = _CT_KEY.unpack(key)
+    if kind == "service":
+        expires, backend_id, _, flags = bpf_layouts.LB_NAT.unpack(value)
+    else:
+        expires, backend_id, _, _, _, flags = bpf_layouts.NP_NAT.unpack(value)
+    return NatRecord(
+        kind=kind,
+        answered=answered,
+        client=socket.inet_ntoa(saddr),
+        client_port=sport,
+        frontend=socket.inet_ntoa(daddr),
+        frontend_port=dport,
+        protocol=proto,
+        backend_id=backend_id,
+        expires_in=round((expires - now_ns) / 1e9, 1),
+        closing=bool(flags & CT_F_CLOSING),
+    )
+
+
 def decode_ct(key: bytes, value: bytes, now_ns: int) -> CTEntry:
     saddr, daddr, sport, dport, proto, scope, _ = _CT_KEY.unpack(key)
     expires, packets, nbytes, rule_id, src_id, dst_id, flags, seen, _ = _CT_VALUE.unpack(value)

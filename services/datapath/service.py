@@ -63,7 +63,9 @@ class DatapathSettings(CommonSettings):
     )
     underlay_device: str = setting("eth0", "interface whose IPv4 address is the node's")
     bpffs: str = setting("/sys/fs/bpf", "where bpffs is mounted")
-    ct_size: int = setting(65536, "connection-tracking entries (LRU)")
+    ct_size: int = setting(
+        65536, "connection-tracking entries (LRU); also of each translation map (lb.h, nodeport.h)"
+    )
     ct_endpoint_max: int = setting(
         0, "answered connections one endpoint may hold in conntrack (0: half of ct_size)"
     )

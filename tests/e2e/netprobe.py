@@ -37,6 +37,9 @@ echo2 PORT                    print "ready"; answer each datagram on PORT, and o
 udplate IP PORT SPORT SECONDS send one datagram from SPORT; on the first answer print
                               "answered", then wait SECONDS for a second one: exit 0 if it
                               comes, 1 if not
+bigecho PORT                  print "ready"; send each UDP datagram on PORT back whole (<= 64 KiB)
+bigudp IP PORT SIZE           send one SIZE-byte UDP datagram (the kernel fragments what exceeds
+                              the MTU) and wait for it to come back whole: exit 0 if it does
 agent PORT...                 serve TCP (and UDP, for a PORT "udp:N") on every PORT, print "ready",
                               then answer each stdin line "TIMEOUT TARGET..." with one line of
                               matrix JSON, until EOF
@@ -197,6 +200,28 @@ def udpflood(ip: str, port: int, count: int) -> int:
     finally:
         for sock in socks:
             sock.close()
+
+
+def bigecho(port: int) -> None:
+    sock = _bind_udp(port)
+    print("ready", flush=True)
+    while True:
+        data, peer = sock.recvfrom(65535)
+        sock.sendto(data, peer)
+
+
+def bigudp(ip: str, port: int, size: int) -> int:
+    payload = bytes(i % 251 for i in range(size))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(TIMEOUT)
+        sock.sendto(payload, (ip, port))
+        try:
+            data, peer = sock.recvfrom(65535)
+        except OSError as exc:
+            print(f"failed: {exc}")
+            return 1
+    print(f"{len(data)} bytes from {peer[0]}:{peer[1]}")
+    return 0 if data == payload and peer == (ip, port) else 1
 
 
 def udp_connected(ip: str, port: int) -> int:
@@ -514,6 +539,10 @@ def main(argv: list[str]) -> int:
         echo2(int(rest[0]))
     if command == "udplate":
         return udplate(rest[0], int(rest[1]), int(rest[2]), float(rest[3]))
+    if command == "bigecho":
+        bigecho(int(rest[0]))
+    if command == "bigudp":
+        return bigudp(rest[0], int(rest[1]), int(rest[2]))
     if command == "agent":
         return agent(rest)
     print(__doc__)

@@ -475,3 +475,44 @@ def test_icmp_errors_about_a_service_connection_carry_the_frontend(cluster: Clus
         listener.wait()
         cluster.run("service", "delete", "icmp-near", "icmp-far", "icmp-open", check=False)
         cluster.run("pod", "delete", "icmp-client", "icmp-near", "icmp-far", check=False)
+
+
+def test_a_fragmented_datagram_to_a_service_is_translated_both_ways(cluster: Cluster) -> None:
+    """A 4,000-byte datagram to a cluster IP leaves the client in three IP fragments, and its
+    answer comes back in three: the later fragments carry no ports, yet each must get the
+    backend's address on the way in and the frontend's on the way back, or the datagram is
+    never reassembled (before: the first fragment was not translated at all and met the
+    client's policy as addressed to the cluster IP). A backend on the client's node and one
+    behind the overlay."""
+    create_pod(cluster, "frag-client", "app=frag-client")
+    near = create_pod(cluster, "frag-near", "app=frag-backend", node=1)
+    far = create_pod(cluster, "frag-far", "app=frag-backend", node=2)
+    echoes = [cluster.background(pod, "bigecho", "5410") for pod in ("frag-near", "frag-far")]
+    try:
+        for echo in echoes:
+            assert echo.stdout is not None and echo.stdout.readline().strip() == "ready"
+        for name, vip, backend in (
+            ("frag-near", "10.250.0.81", near["ip"]),
+            ("frag-far", "10.250.0.82", far["ip"]),
+        ):
+            cluster.run(
+                "service",
+                "create",
+                name,
+                "--frontend",
+                f"{vip}:53/UDP",
+                "--backend",
+                f"{backend}:5410",
+            )
+            wait_backends(cluster, f"{vip}:53", 1, cluster.nodes[:1])
+            small = cluster.probe("frag-client", "bigudp", vip, "53", "100")
+            assert small.returncode == 0, (name, small.stdout, small.stderr)
+            big = cluster.probe("frag-client", "bigudp", vip, "53", "4000")
+            assert big.returncode == 0, (name, big.stdout, big.stderr)
+            assert big.stdout.strip() == f"4000 bytes from {vip}:53", big.stdout
+    finally:
+        for echo in echoes:
+            echo.kill()
+            echo.wait()
+        cluster.run("service", "delete", "frag-near", "frag-far", check=False)
+        cluster.run("pod", "delete", "frag-client", "frag-near", "frag-far", check=False)

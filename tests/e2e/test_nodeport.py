@@ -38,6 +38,9 @@ from tests.e2e.test_lb import wait_backends, whoami
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
 
+CT_SIZE = 4096
+SPRAY = 10_000  # over twice CT_SIZE
+
 SERVICE = """
 apiVersion: v1
 kind: Service
@@ -59,7 +62,9 @@ def np_cluster(
         pytest.skip("needs root: network namespaces and BPF")
     routing: str = request.param
     state = tmp_path_factory.mktemp("nodeport") / "state"
-    c = Cluster(state=state, name="p" + secrets.token_hex(3), nats_url="")
+    # small conntrack and translation maps, for a spray that overfills them (CT_SIZE)
+    env = {"MEMBRANE_CT_SIZE": str(CT_SIZE)}
+    c = Cluster(state=state, name="p" + secrets.token_hex(3), nats_url="", extra_env=env)
     up(c, free_octet(), routing)
     try:
         yield c
@@ -260,6 +265,73 @@ def test_a_client_denied_by_cidr_is_denied_through_another_node(
     finally:
         cluster.run("delete", "-f", str(tmp_path / "npcidr-policy.yaml"), check=False)
         cluster.run("service", "delete", "npcidr", check=False)
+
+
+def test_a_denied_spray_at_a_node_port_evicts_no_connection(
+    np_cluster: Cluster, backends: dict[str, dict[str, Any]], outsider: str, tmp_path: Path
+) -> None:
+    """Node 1 writes a new connection's translation records before node 2, the backend's
+    node, has judged the client. A client node 2's policy denies sprays SYNs at node 1's node
+    port: its records must stay among the unanswered ones (np_nat_new), and another client's
+    answered flow keep its records (before: one LRU map, which the spray overfilled)."""
+    cluster = np_cluster
+    ips = underlay(cluster)
+    node1, node2 = ips[cluster.nodes[0]], ips[cluster.nodes[1]]
+    text = SERVICE.format(name="npspray", selector="{side: two}", tcp=30170, udp=30171)
+    policy = (
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: npspray}\n"
+        "spec:\n  endpointSelector: {matchLabels: {side: two}}\n"
+        "  ingress: [{fromEntities: [remote-node]}]\n"
+    )
+    try:
+        apply(cluster, tmp_path, text)
+        wait_backends(cluster, f"{node1}:30170", 2, cluster.nodes[:1])
+        policy_file = tmp_path / "npspray-policy.yaml"
+        policy_file.write_text(policy)
+        cluster.run("apply", "-f", str(policy_file))
+
+        def outsider_denied() -> None:
+            got = from_host(cluster, 2, "ask", "tcp", node1, "30170", "1", source=outsider)
+            assert got == ["failed"], got
+
+        until(outsider_denied, "the outsider dropped on the backend's node", 20)
+        # the victim: node 2's host, one datagram from port 40470, answered
+        (answer,) = from_host(cluster, 2, "ask", "udp", node1, "30171", "1", "40470")
+        assert answer != "failed" and not answer.startswith("from"), answer
+
+        def records() -> list[dict[str, Any]]:
+            rows = cluster.json("bpf", "nat", "--node", cluster.nodes[0])[0]["rows"]
+            return [r for r in rows if r["kind"] == "nodeport"]
+
+        def victims() -> list[dict[str, Any]]:
+            return [r for r in records() if (r["client"], r["client_port"]) == (node2, 40470)]
+
+        assert [r["answered"] for r in victims()] == [True]
+        spray = subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                cluster.nodes[1],
+                sys.executable,
+                str(PROBE),
+                "synspray",
+                outsider,
+                node1,
+                "30170",
+                str(SPRAY),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert spray.returncode == 0, spray.stderr
+        sprayed = [r for r in records() if r["client"] == outsider]
+        assert len(sprayed) > CT_SIZE // 2 and not any(r["answered"] for r in sprayed)
+        assert [r["answered"] for r in victims()] == [True]  # not evicted by the spray
+    finally:
+        cluster.run("delete", "-f", str(tmp_path / "npspray-policy.yaml"), check=False)
+        cluster.run("service", "delete", "npspray", check=False)
 
 
 async def test_node_port_without_backends_drops_with_158(

@@ -26,10 +26,16 @@ from tests.e2e.cluster import Cluster, create_pod, pod_info, until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
 
+# small conntrack and translation maps, so that a spray of ten thousand SYNs overfills them
+CT_SIZE = 4096
 # a small per-endpoint conntrack quota, so that a flood of a few hundred flows exceeds it
 CT_ENDPOINT_MAX = 64
 # and conntrack sweeps (which recount each endpoint's share) every 2 s instead of 30
-CLUSTER_ENV = {"MEMBRANE_CT_ENDPOINT_MAX": str(CT_ENDPOINT_MAX), "MEMBRANE_CT_GC_INTERVAL": "2"}
+CLUSTER_ENV = {
+    "MEMBRANE_CT_SIZE": str(CT_SIZE),
+    "MEMBRANE_CT_ENDPOINT_MAX": str(CT_ENDPOINT_MAX),
+    "MEMBRANE_CT_GC_INTERVAL": "2",
+}
 
 FORGED_KEY = "io.cilium.k8s.namespace.labels.team"
 NSGUARD = "nsguard"
@@ -217,7 +223,7 @@ def test_fragments_are_judged_with_their_first_fragments_ports(
         cluster.run("pod", "delete", "fragv", "fraga", check=False)
 
 
-SPRAY = 140_000  # over twice the conntrack map's 65,536 entries
+SPRAY = 10_000  # over twice the conntrack map's CT_SIZE entries
 
 
 def test_a_lone_syn_is_tracked_briefly_and_a_syn_spray_evicts_no_connection(
@@ -308,6 +314,54 @@ def test_a_connection_flood_holds_at_most_its_quota_of_conntrack(cluster: Cluste
     finally:
         listener.kill()
         cluster.run("pod", "delete", "ctqa", "ctqb", "ctqs", check=False)
+
+
+def test_a_spray_or_a_flood_through_a_service_evicts_no_other_pods_translation(
+    cluster: Cluster,
+) -> None:
+    # A service connection's records (lb_nat / lb_rnat) give its replies the service's address
+    # back. A pod spraying SYNs at a cluster IP (nobody answers) fills only the unanswered
+    # records' map, and one flooding answered flows through it holds at most its share of the
+    # answered map: another pod's flow keeps its records, so the server's later push reaches
+    # it from the service's address (its connected socket would not take it from the backend's).
+    create_pod(cluster, "lbv", "app=lbv")
+    attacker = create_pod(cluster, "lba", "app=lba")
+    server = create_pod(cluster, "lbs", "app=lbs")
+    s_ip, a_ip, node = str(server["ip"]), str(attacker["ip"]), str(attacker["node"])
+    push_vip, flood_vip, syn_vip = "10.250.0.91", "10.250.0.92", "10.250.0.93"
+    pusher = cluster.background("lbs", "echo2", "9410")
+    answerer = cluster.background("lbs", "serve", "udp", "9412")
+    try:
+        assert pusher.stdout is not None and pusher.stdout.readline().strip() == "ready"
+        for name, frontend, backend in (
+            ("lbpush", f"{push_vip}:9410/UDP", f"{s_ip}:9410"),
+            ("lbflood", f"{flood_vip}:9412/UDP", f"{s_ip}:9412"),
+            ("lbsyn", f"{syn_vip}:80/TCP", f"{s_ip}:81"),
+        ):
+            cluster.run("service", "create", name, "--frontend", frontend, "--backend", backend)
+        flow = cluster.background("lbv", "udplate", push_vip, "9410", "40410", "60")
+        assert flow.stdout is not None and flow.stdout.readline().strip() == "answered"
+
+        def records(client: str) -> list[dict[str, object]]:
+            rows = cluster.json("bpf", "nat", "--node", node)[0]["rows"]
+            return [r for r in rows if r["client"] == client and r["kind"] == "service"]
+
+        spray = cluster.probe("lba", "synspray", a_ip, syn_vip, "80", str(SPRAY), timeout=120)
+        assert spray.returncode == 0, spray.stderr
+        assert not any(r["answered"] for r in records(a_ip))  # no SYN was answered
+        flood = cluster.probe("lba", "udpflood", flood_vip, "9412", str(3 * CT_ENDPOINT_MAX))
+        assert flood.returncode == 0, flood.stdout + flood.stderr  # every flow answered
+        answered = [r for r in records(a_ip) if r["answered"]]
+        assert 0 < len(answered) <= CT_ENDPOINT_MAX, len(answered)
+        # the server pushes to the victim's flow (told to by a datagram from someone else)
+        assert cluster.probe("lba", "udp", push_vip, "9410").returncode == 0
+        out, _ = flow.communicate(timeout=60)
+        assert flow.returncode == 0, out  # 1: the flow's records were evicted
+    finally:
+        pusher.kill()
+        answerer.kill()
+        cluster.run("service", "delete", "lbpush", "lbflood", "lbsyn", check=False)
+        cluster.run("pod", "delete", "lbv", "lba", "lbs", check=False)
 
 
 def _pid(cluster: Cluster, name: str) -> int:

@@ -49,6 +49,9 @@ struct ct_entry { u64 expires_ns; u64 packets; u64 bytes; u32 rule_id; u32 src_i
 struct ct_quota { u32 entries; u32 refused; };
 BPF_HASH(ct, struct ct_key, struct ct_entry, 64);
 BPF_HASH(ct_quota, u32, struct ct_quota, 64);
+struct lb_nat { u64 expires_ns; u32 backend_id; u32 frontend_id; u8 flags; u8 pad[7]; };
+BPF_HASH(lb_nat, struct ct_key, struct lb_nat, 64);
+BPF_HASH(lb_quota, u32, struct ct_quota, 64);
 int noop(void *ctx) { return 0; }
 """
 
@@ -101,6 +104,49 @@ def test_the_sweep_recounts_each_endpoints_share_of_conntrack() -> None:
         }
         assert held == {a: (5, 5), b: (1, 0)}
         assert QUOTA_REFUSED._value.get() == 5
+    finally:
+        bpf.cleanup()
+
+
+def test_the_sweep_recounts_each_clients_share_of_service_translations() -> None:
+    # The same for the answered service translation records (bpf/lb.h lb_quota), keyed by the
+    # client -> frontend tuple: each one is its client's.
+    if os.geteuid() != 0:
+        pytest.skip("needs root: BPF")
+    import socket
+    import time
+    from ipaddress import IPv4Network
+
+    from bcc import BPF
+
+    from services.datapath.conntrack import LB_QUOTA_REFUSED, Conntrack
+    from shared import bpf_layouts
+
+    bpf = BPF(text=CONNTRACK)
+    try:
+        nat, quota = bpf[b"lb_nat"], bpf[b"lb_quota"]
+        a, b, gone = "10.1.0.5", "10.1.0.6", "10.1.0.9"
+        expires = time.monotonic_ns() + 60 * 10**9
+        for client, sport in ((a, 1), (a, 2), (a, 3), (b, 4)):
+            key = bpf_layouts.CT_KEY.pack(
+                socket.inet_aton(client), socket.inet_aton("10.96.0.10"), sport, 53, 17, 1, 0
+            )
+            value = bpf_layouts.LB_NAT.pack(expires, 7, 1, 0)
+            nat[nat.Key.from_buffer_copy(key)] = nat.Leaf.from_buffer_copy(value)
+
+        def key(address: str) -> object:
+            return quota.Key(bpf_layouts.U32.unpack(socket.inet_aton(address))[0])
+
+        quota[key(a)] = quota.Leaf(64, 9)  # counted up; deletions and evictions unseen
+        quota[key(b)] = quota.Leaf(0, 0)
+        quota[key(gone)] = quota.Leaf(3, 2)
+        Conntrack((), IPv4Network("10.1.0.0/24"), lb_quota=(nat, quota)).recount({a, b})
+        held = {
+            socket.inet_ntoa(bpf_layouts.U32.pack(k.value)): (v.entries, v.refused)
+            for k, v in quota.items()
+        }
+        assert held == {a: (3, 9), b: (1, 0)}
+        assert LB_QUOTA_REFUSED._value.get() == 9
     finally:
         bpf.cleanup()
 

@@ -351,6 +351,17 @@ static __always_inline struct ct_entry *ct_new_lookup(struct ct_key *key, __u64 
 	return e;
 }
 
+/* One more entry within an endpoint's share (CT_ENDPOINT_MAX)? Counts it, or the refusal. */
+static __always_inline int quota_take(struct ct_quota *q)
+{
+	if (q->entries >= CT_ENDPOINT_MAX) {
+		__sync_fetch_and_add(&q->refused, 1);
+		return 0;
+	}
+	__sync_fetch_and_add(&q->entries, 1);
+	return 1;
+}
+
 /* May the endpoint at `ep_ip` hold one more answered connection in ct (maps.h ct_quota)?
  * Counts it if so. */
 static __always_inline int ct_quota_take(__u32 ep_ip)
@@ -361,12 +372,7 @@ static __always_inline int ct_quota_take(__u32 ep_ip)
 		ct_quota.update(&ep_ip, &first);
 		return 1;
 	}
-	if (q->entries >= CT_ENDPOINT_MAX) {
-		__sync_fetch_and_add(&q->refused, 1);
-		return 0;
-	}
-	__sync_fetch_and_add(&q->entries, 1);
-	return 1;
+	return quota_take(q);
 }
 
 /* A connection in either map, answered or not (for lookups that do not refresh) */

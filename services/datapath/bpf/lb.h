@@ -108,6 +108,30 @@ BPF_TABLE_PINNED("lru_hash", struct ct_key, struct lb_nat, lb_nat_map, LB_NAT_MA
 		 PIN_DIR "/lb_nat");
 BPF_TABLE_PINNED("lru_hash", struct ct_key, struct lb_rnat, lb_rnat_map, LB_NAT_MAX,
 		 PIN_DIR "/lb_rnat");
+/* A connection's records are written to lb_nat_new / lb_rnat_new, as conntrack's first entry
+ * goes to ct_new: its first answer moves them to lb_nat / lb_rnat, and only while the client
+ * holds fewer than CT_ENDPOINT_MAX records there (lb_quota, counted like ct_quota). So a pod
+ * opening connections nobody answers evicts only unanswered records, and a pod whose
+ * connections are answered (a flood of DNS queries to a cluster IP) holds at most its share of
+ * the answered ones: neither can evict another pod's records, whose loss would hand its
+ * replies back with the backend's address. */
+BPF_TABLE_PINNED("lru_hash", struct ct_key, struct lb_nat, lb_nat_new, LB_NAT_MAX,
+		 PIN_DIR "/lb_nat_new");
+BPF_TABLE_PINNED("lru_hash", struct ct_key, struct lb_rnat, lb_rnat_new, LB_NAT_MAX,
+		 PIN_DIR "/lb_rnat_new");
+BPF_TABLE_PINNED("hash", __u32, struct ct_quota, lb_quota, 65536, PIN_DIR "/lb_quota");
+
+/* A fragmented datagram to a frontend: its first fragment is translated with the rest of the
+ * connection's packets, the later ones (no ports) by (source, destination, IP id, protocol) ->
+ * the address to write -- the backend's, or the frontend's on the way back. */
+struct lb_frag {
+	__u32 ip; /* network byte order */
+	__u8 reply; /* 1: the source is rewritten (a reply), 0: the destination */
+	__u8 pad[3];
+};
+BPF_TABLE_PINNED("lru_hash", struct frag_key, struct lb_frag, lb_frags, FRAG_MAP_SIZE,
+		 PIN_DIR "/lb_frags");
+
 BPF_TABLE_PINNED("lru_hash", struct lb_affinity_key, struct lb_affinity, lb_affinity_map,
 		 LB_NAT_MAX, PIN_DIR "/lb_affinity");
 
@@ -119,9 +143,13 @@ struct lb_l4 {
 	__u8 protocol;
 	__u8 syn; /* a pure SYN: a new connection */
 	__u16 l4off;
+	__u8 frag; /* the first fragment of a datagram: the rest follow without ports */
+	__u8 pad;
+	__u16 id; /* the IP id, as in the packet */
 };
 
-/* TCP or UDP over IPv4 without fragments: the only traffic services take */
+/* TCP or UDP over IPv4, whole or a first fragment: the traffic services take (node ports take
+ * no fragment; later fragments are lb_frag_translate's) */
 static __always_inline int lb_parse(struct __sk_buff *skb, struct lb_l4 *l)
 {
 	struct iphdr ip;
@@ -132,8 +160,10 @@ static __always_inline int lb_parse(struct __sk_buff *skb, struct lb_l4 *l)
 		return -1;
 	if (ip.protocol != IPPROTO_TCP && ip.protocol != IPPROTO_UDP)
 		return -1;
-	if (ip.frag_off & bpf_htons(0x3fff))
+	if (ip.frag_off & bpf_htons(0x1fff))
 		return -1;
+	l->frag = !!(ip.frag_off & bpf_htons(0x2000));
+	l->id = ip.id;
 	l->l4off = ETH_HLEN + ip.ihl * 4;
 	__u16 ports[2];
 	if (bpf_skb_load_bytes(skb, l->l4off, ports, sizeof(ports)) < 0)
@@ -297,8 +327,101 @@ struct lb_choice {
 
 static __always_inline void lb_remember(struct lb_choice *c)
 {
-	lb_nat_map.update(&c->orig, &c->nat);
-	lb_rnat_map.update(&c->reply, &c->rnat);
+	lb_nat_new.update(&c->orig, &c->nat);
+	lb_rnat_new.update(&c->reply, &c->rnat);
+}
+
+/* A connection's record: the live one of the answered map, else the unanswered map's (a tuple
+ * reused after its answered record expired has its new record there), else the expired one or
+ * NULL. (bcc allows no map call in a macro: one such function per pair of maps.) */
+static __always_inline struct lb_nat *lb_nat_find(struct ct_key *orig, __u64 now)
+{
+	struct lb_nat *a = lb_nat_map.lookup(orig);
+	if (a && a->expires_ns >= now)
+		return a;
+	struct lb_nat *u = lb_nat_new.lookup(orig);
+	return u ? u : a;
+}
+
+static __always_inline struct lb_rnat *lb_rnat_find(struct ct_key *reply, __u64 now,
+						    int *unanswered)
+{
+	struct lb_rnat *a = lb_rnat_map.lookup(reply);
+	if (a && a->expires_ns >= now)
+		return a;
+	struct lb_rnat *u = lb_rnat_new.lookup(reply);
+	if (!u)
+		return a;
+	*unanswered = 1;
+	return u;
+}
+
+/* An answer: the connection's records move to the answered maps, if the client's share of them
+ * allows (else they stay where they are, evictable, and the connection goes on from there).
+ * `r`, the reply record found in lb_rnat_new, is copied before it is deleted. */
+static __always_inline void lb_promote(struct ct_key *reply, struct lb_rnat *r)
+{
+	struct ct_key orig = {
+		.saddr = reply->daddr,
+		.daddr = r->ip,
+		.sport = reply->dport,
+		.dport = bpf_ntohs(r->port),
+		.protocol = reply->protocol,
+		.scope = CT_EGRESS,
+	};
+	struct lb_nat *n = lb_nat_new.lookup(&orig);
+	if (!n)
+		return;
+	__u32 client = reply->daddr;
+	struct ct_quota *q = lb_quota.lookup(&client);
+	if (!q) {
+		struct ct_quota first = { .entries = 1 };
+		lb_quota.update(&client, &first);
+	} else if (!quota_take(q)) {
+		return;
+	}
+	struct lb_nat nat = *n;
+	struct lb_rnat rnat = *r;
+	lb_rnat_map.update(reply, &rnat);
+	lb_nat_map.update(&orig, &nat);
+	lb_nat_new.delete(&orig);
+	lb_rnat_new.delete(reply);
+}
+
+/* A first fragment, translated: the datagram's later fragments get the same address */
+static __always_inline void lb_frag_first(struct lb_l4 *l, __u32 ip, __u8 reply)
+{
+	if (!l->frag)
+		return;
+	struct frag_key key = {
+		.saddr = l->saddr, .daddr = l->daddr, .id = l->id, .protocol = l->protocol
+	};
+	struct lb_frag f = { .ip = ip, .reply = reply };
+	lb_frags.update(&key, &f);
+}
+
+/* A later fragment of a datagram whose first fragment was translated: the same address is
+ * written (the IP header's checksum fixed; the transport checksum, in the first fragment, was
+ * fixed there for the whole datagram). Anything else is left alone. */
+static __always_inline void lb_frag_translate(struct __sk_buff *skb, __u8 reply)
+{
+	struct iphdr ip;
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) < 0 || ip.version != 4 ||
+	    !(ip.frag_off & bpf_htons(0x1fff)))
+		return;
+	struct frag_key key = {
+		.saddr = ip.saddr, .daddr = ip.daddr, .id = ip.id, .protocol = ip.protocol
+	};
+	struct lb_frag *f = lb_frags.lookup(&key);
+	if (!f || f->reply != reply)
+		return;
+	__u32 old = reply ? ip.saddr : ip.daddr;
+	__u32 fresh = f->ip;
+	__u32 off = ETH_HLEN + (reply ? offsetof(struct iphdr, saddr) : offsetof(struct iphdr, daddr));
+	if (bpf_l3_csum_replace(skb, ETH_HLEN + offsetof(struct iphdr, check), old, fresh,
+				sizeof(fresh)) < 0)
+		return;
+	bpf_skb_store_bytes(skb, off, &fresh, sizeof(fresh), 0);
 }
 
 /* from-container, before policy: a packet to a frontend goes to the connection's backend (the
@@ -307,8 +430,10 @@ static __always_inline void lb_remember(struct lb_choice *c)
 static __always_inline int lb_from_container(struct __sk_buff *skb, struct lb_choice *c)
 {
 	struct lb_l4 l;
-	if (lb_parse(skb, &l) < 0)
+	if (lb_parse(skb, &l) < 0) {
+		lb_frag_translate(skb, 0);
 		return TC_ACT_OK;
+	}
 	struct lb_service_key skey = { .ip = l.daddr, .port = l.dport, .protocol = l.protocol };
 	struct lb_service_value *svc = lb_services.lookup(&skey);
 	if (!svc)
@@ -329,7 +454,7 @@ static __always_inline int lb_from_container(struct __sk_buff *skb, struct lb_ch
 	__u64 now = bpf_ktime_get_coarse_ns();
 	struct lb_backend *backend = NULL;
 	__u32 backend_id = 0;
-	struct lb_nat *nat = lb_nat_map.lookup(&orig);
+	struct lb_nat *nat = lb_nat_find(&orig, now);
 	__u8 tcp_flags = nat_tcp_flags(skb, &l);
 	if (nat && nat->frontend_id == svc->id && !l.syn && nat->expires_ns >= now) {
 		backend_id = nat->backend_id;
@@ -370,6 +495,7 @@ static __always_inline int lb_from_container(struct __sk_buff *skb, struct lb_ch
 		return drop(DROP_INVALID, DIR_EGRESS, OBS_FROM_ENDPOINT, &p, ifindex, ep->identity, 0,
 			    0);
 	}
+	lb_frag_first(&l, backend->ip, 0);
 	return TC_ACT_OK;
 }
 
@@ -381,6 +507,7 @@ static __always_inline void lb_to_container(struct __sk_buff *skb)
 {
 	struct lb_l4 l;
 	if (lb_parse(skb, &l) < 0) {
+		lb_frag_translate(skb, 1);
 		lb_icmp_error_to_container(skb);
 		return;
 	}
@@ -392,13 +519,18 @@ static __always_inline void lb_to_container(struct __sk_buff *skb)
 		.protocol = l.protocol,
 		.scope = CT_INGRESS,
 	};
-	struct lb_rnat *r = lb_rnat_map.lookup(&reply);
+	int unanswered = 0;
 	__u64 now = bpf_ktime_get_coarse_ns();
+	struct lb_rnat *r = lb_rnat_find(&reply, now, &unanswered);
 	if (!r || r->expires_ns < now)
 		return;
 	nat_refresh(&r->expires_ns, &r->flags, &l, nat_tcp_flags(skb, &l), now);
-	lb_rewrite(skb, &l, ETH_HLEN + offsetof(struct iphdr, saddr), l.saddr, r->ip, l.l4off,
-		   l.sport, r->port);
+	if (lb_rewrite(skb, &l, ETH_HLEN + offsetof(struct iphdr, saddr), l.saddr, r->ip, l.l4off,
+		       l.sport, r->port) < 0)
+		return;
+	lb_frag_first(&l, r->ip, 1);
+	if (unanswered)
+		lb_promote(&reply, r);
 }
 
 #endif

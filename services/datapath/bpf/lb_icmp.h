@@ -44,8 +44,10 @@ static __always_inline void lb_icmp_error_to_container(struct __sk_buff *skb)
 		.protocol = inner.protocol,
 		.scope = CT_INGRESS,
 	};
-	struct lb_rnat *r = lb_rnat_map.lookup(&reply);
-	if (!r || r->expires_ns < bpf_ktime_get_coarse_ns())
+	int unanswered = 0; /* an error is no answer: the records stay where they are */
+	__u64 now = bpf_ktime_get_coarse_ns();
+	struct lb_rnat *r = lb_rnat_find(&reply, now, &unanswered);
+	if (!r || r->expires_ns < now)
 		return;
 	__u32 frontend = r->ip;
 	__u16 frontend_port = r->port;

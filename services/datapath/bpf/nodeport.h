@@ -77,6 +77,58 @@ BPF_TABLE_PINNED("lru_hash", struct ct_key, struct np_nat, np_nat_map, NP_NAT_MA
 		 PIN_DIR "/np_nat");
 BPF_TABLE_PINNED("lru_hash", struct ct_key, struct np_rnat, np_rnat_map, NP_NAT_MAX,
 		 PIN_DIR "/np_rnat");
+/* A new connection's records go here first, as conntrack's go to ct_new (lb.h does the same
+ * for cluster IPs): for a backend behind another node they are written before that node's
+ * policy has judged the client, so a spray of connections its policy denies -- or that nobody
+ * answers -- must evict only other unanswered records. The backend's first answer moves them
+ * to np_nat / np_rnat (np_reply). */
+BPF_TABLE_PINNED("lru_hash", struct ct_key, struct np_nat, np_nat_new, NP_NAT_MAX,
+		 PIN_DIR "/np_nat_new");
+BPF_TABLE_PINNED("lru_hash", struct ct_key, struct np_rnat, np_rnat_new, NP_NAT_MAX,
+		 PIN_DIR "/np_rnat_new");
+
+/* as lb_nat_find / lb_rnat_find */
+static __always_inline struct np_nat *np_nat_find(struct ct_key *orig, __u64 now)
+{
+	struct np_nat *a = np_nat_map.lookup(orig);
+	if (a && a->expires_ns >= now)
+		return a;
+	struct np_nat *u = np_nat_new.lookup(orig);
+	return u ? u : a;
+}
+
+static __always_inline struct np_rnat *np_rnat_find(struct ct_key *reply, __u64 now,
+						    int *unanswered)
+{
+	struct np_rnat *a = np_rnat_map.lookup(reply);
+	if (a && a->expires_ns >= now)
+		return a;
+	struct np_rnat *u = np_rnat_new.lookup(reply);
+	if (!u)
+		return a;
+	*unanswered = 1;
+	return u;
+}
+
+/* The backend answered: the connection's records move to the answered maps */
+static __always_inline void np_promote(struct ct_key *reply, struct np_rnat *rnat)
+{
+	struct ct_key orig = {
+		.saddr = rnat->client_ip,
+		.daddr = rnat->frontend_ip,
+		.sport = bpf_ntohs(rnat->client_port),
+		.dport = bpf_ntohs(rnat->frontend_port),
+		.protocol = reply->protocol,
+	};
+	struct np_nat *n = np_nat_new.lookup(&orig);
+	if (!n)
+		return;
+	struct np_nat nat = *n;
+	np_rnat_map.update(reply, rnat);
+	np_nat_map.update(&orig, &nat);
+	np_nat_new.delete(&orig);
+	np_rnat_new.delete(reply);
+}
 
 static __always_inline struct np_config *np_cfg(void)
 {
@@ -108,12 +160,17 @@ static __always_inline int np_reply(struct __sk_buff *skb, struct lb_l4 *l,
 		.dport = bpf_ntohs(l->dport),
 		.protocol = l->protocol,
 	};
-	struct np_rnat *r = np_rnat_map.lookup(&key);
 	__u64 now = bpf_ktime_get_coarse_ns();
+	int unanswered = 0;
+	struct np_rnat *r = np_rnat_find(&key, now, &unanswered);
 	if (!r || r->expires_ns < now)
 		return -1;
 	nat_refresh(&r->expires_ns, &r->flags, l, nat_tcp_flags(skb, l), now);
-	if (np_rewrite(skb, l, r->frontend_ip, r->frontend_port, r->client_ip, r->client_port) < 0)
+	struct np_rnat rnat = *r; /* r goes with np_promote */
+	if (unanswered)
+		np_promote(&key, &rnat);
+	if (np_rewrite(skb, l, rnat.frontend_ip, rnat.frontend_port, rnat.client_ip,
+		       rnat.client_port) < 0)
 		return TC_ACT_SHOT;
 	count(0, DIR_EGRESS, skb->len);
 	return np_redirect_neigh(cfg->underlay_ifindex, NULL, 0, 0);
@@ -128,7 +185,7 @@ static __always_inline int nodeport_reply(struct __sk_buff *skb, struct packet *
 	    (p->tuple.protocol != IPPROTO_TCP && p->tuple.protocol != IPPROTO_UDP))
 		return -1;
 	struct lb_l4 l;
-	if (lb_parse(skb, &l) < 0)
+	if (lb_parse(skb, &l) < 0 || l.frag)
 		return -1;
 	return np_reply(skb, &l, cfg);
 }
@@ -151,7 +208,8 @@ static __always_inline __u16 np_snat_port(struct np_config *cfg, struct lb_l4 *l
 	for (int i = 0; i < NP_SNAT_TRIES; i++) {
 		__u16 port = cfg->snat_min + (h + i * 7919) % range;
 		rkey.dport = port;
-		struct np_rnat *r = np_rnat_map.lookup(&rkey);
+		int unanswered = 0;
+		struct np_rnat *r = np_rnat_find(&rkey, now, &unanswered);
 		if (!r)
 			return port;
 		if (r->expires_ns >= now)
@@ -163,7 +221,7 @@ static __always_inline __u16 np_snat_port(struct np_config *cfg, struct lb_l4 *l
 			.dport = bpf_ntohs(r->frontend_port),
 			.protocol = l->protocol,
 		};
-		struct np_nat *n = np_nat_map.lookup(&okey);
+		struct np_nat *n = np_nat_find(&okey, now);
 		if (!n || n->expires_ns < now || n->snat_port != bpf_htons(port))
 			return port;
 	}
@@ -345,7 +403,7 @@ int from_netdev(struct __sk_buff *skb)
 			return np_pass(skb, forged);
 	}
 	struct lb_l4 l;
-	if (lb_parse(skb, &l) < 0)
+	if (lb_parse(skb, &l) < 0 || l.frag)
 		return np_pass(skb, forged); /* fragments, options beyond reach: the node's */
 	__u16 dport = bpf_ntohs(l.dport);
 	if (dport >= cfg->snat_min && dport <= cfg->snat_max) {
@@ -385,7 +443,7 @@ int from_netdev(struct __sk_buff *skb)
 	struct np_nat fresh = {};
 	struct np_rnat rfresh = {};
 	struct ct_key reply = {};
-	struct np_nat *nat = np_nat_map.lookup(&orig);
+	struct np_nat *nat = np_nat_find(&orig, now);
 	/* the connection's record holds while it lives (SYN retransmissions included); a SYN
 	 * after FIN or RST, or a record outlived, is a new connection */
 	if (nat && nat->frontend_id == svc->id && nat->expires_ns >= now &&
@@ -447,11 +505,12 @@ int from_netdev(struct __sk_buff *skb)
 		return drop(-ret, DIR_INGRESS, OBS_FROM_NETWORK, &p, ifindex, client_id, 0, 0);
 	ret = np_deliver(skb, cfg, &p, client_id, opened);
 	/* the connection's records only once a local backend's policy let it in (a denied client
-	 * leaves no state behind); the reply's first, so that a reply never finds a connection it
+	 * leaves no state behind), among the unanswered ones (a remote backend's node judges the
+	 * client after this); the reply's first, so that a reply never finds a connection it
 	 * cannot map back. The packet goes on only after this program returns. */
 	if (opened && ret != TC_ACT_SHOT) {
-		np_rnat_map.update(&reply, &rfresh);
-		np_nat_map.update(&orig, &fresh);
+		np_rnat_new.update(&reply, &rfresh);
+		np_nat_new.update(&orig, &fresh);
 	}
 	return ret;
 }
