@@ -39,6 +39,7 @@ from tests.e2e.test_lb import wait_backends, whoami
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
 
 CT_SIZE = 4096
+PORTS = (("tcp", 8080), ("udp", 5353))  # what the backends answer
 SPRAY = 10_000  # over twice CT_SIZE
 
 SERVICE = """
@@ -89,8 +90,7 @@ def backends(np_cluster: Cluster) -> Iterator[dict[str, dict[str, Any]]]:
         for i in range(2):
             name = f"npweb-{side}-{i}"
             pods[name] = create_pod(np_cluster, name, f"app=npweb,side={side}", node=node)
-            servers.append(whoami(np_cluster, name, "tcp", 8080))
-            servers.append(whoami(np_cluster, name, "udp", 5353))
+            servers += [whoami(np_cluster, name, proto, port) for proto, port in PORTS]
     yield pods
     for proc in servers:
         proc.kill()
@@ -273,19 +273,22 @@ def test_a_denied_spray_at_a_node_port_evicts_no_connection(
     """Node 1 writes a new connection's translation records before node 2, the backend's
     node, has judged the client. A client node 2's policy denies sprays SYNs at node 1's node
     port: its records must stay among the unanswered ones (np_nat_new), and another client's
-    answered flow keep its records (before: one LRU map, which the spray overfilled)."""
+    answered flow keep its records (before: one LRU map, which the spray overfilled). The
+    backend is the test's own: the spray holds node 1's SNAT ports towards it for a minute."""
     cluster = np_cluster
     ips = underlay(cluster)
     node1, node2 = ips[cluster.nodes[0]], ips[cluster.nodes[1]]
-    text = SERVICE.format(name="npspray", selector="{side: two}", tcp=30170, udp=30171)
+    create_pod(cluster, "npspray-b", "app=npspray", node=2)
+    servers = [whoami(cluster, "npspray-b", proto, port) for proto, port in PORTS]
+    text = SERVICE.format(name="npspray", selector="{app: npspray}", tcp=30170, udp=30171)
     policy = (
         "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: npspray}\n"
-        "spec:\n  endpointSelector: {matchLabels: {side: two}}\n"
+        "spec:\n  endpointSelector: {matchLabels: {app: npspray}}\n"
         "  ingress: [{fromEntities: [remote-node]}]\n"
     )
     try:
         apply(cluster, tmp_path, text)
-        wait_backends(cluster, f"{node1}:30170", 2, cluster.nodes[:1])
+        wait_backends(cluster, f"{node1}:30170", 1, cluster.nodes[:1])
         policy_file = tmp_path / "npspray-policy.yaml"
         policy_file.write_text(policy)
         cluster.run("apply", "-f", str(policy_file))
@@ -326,12 +329,16 @@ def test_a_denied_spray_at_a_node_port_evicts_no_connection(
             timeout=120,
         )
         assert spray.returncode == 0, spray.stderr
-        sprayed = [r for r in records() if r["client"] == outsider]
+        sprayed = [r for r in records() if (r["client"], r["frontend_port"]) == (outsider, 30170)]
         assert len(sprayed) > CT_SIZE // 2 and not any(r["answered"] for r in sprayed)
         assert [r["answered"] for r in victims()] == [True]  # not evicted by the spray
     finally:
+        for proc in servers:
+            proc.kill()
+            proc.wait()
         cluster.run("delete", "-f", str(tmp_path / "npspray-policy.yaml"), check=False)
         cluster.run("service", "delete", "npspray", check=False)
+        cluster.run("pod", "delete", "npspray-b", check=False)
 
 
 async def test_node_port_without_backends_drops_with_158(

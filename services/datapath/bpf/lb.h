@@ -325,10 +325,16 @@ struct lb_choice {
 	__u32 backend_id;
 };
 
+/* The kernel's LRU evicts first what was never looked up since it was written: a fresh record,
+ * waiting for its connection's answer, would go before a spray's records, which their own
+ * retransmissions looked up. A lookup right after the write puts it on equal terms, so that
+ * under a spray the unanswered map turns over oldest first. */
 static __always_inline void lb_remember(struct lb_choice *c)
 {
 	lb_nat_new.update(&c->orig, &c->nat);
 	lb_rnat_new.update(&c->reply, &c->rnat);
+	lb_nat_new.lookup(&c->orig);
+	lb_rnat_new.lookup(&c->reply);
 }
 
 /* A connection's record: the live one of the answered map, else the unanswered map's (a tuple

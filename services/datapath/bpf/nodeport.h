@@ -511,6 +511,8 @@ int from_netdev(struct __sk_buff *skb)
 	if (opened && ret != TC_ACT_SHOT) {
 		np_rnat_new.update(&reply, &rfresh);
 		np_nat_new.update(&orig, &fresh);
+		np_rnat_new.lookup(&reply); /* on equal terms with older records (lb_remember) */
+		np_nat_new.lookup(&orig);
 	}
 	return ret;
 }
