@@ -38,6 +38,7 @@ ALL_BUCKETS = (
     subjects.KV_SERVICES,
     subjects.KV_LB_SPECS,
     subjects.KV_FQDN,
+    subjects.KV_POD_CIDRS,
 )
 
 
@@ -120,12 +121,20 @@ def _service(
 
 IDENTITY = _service(
     ["membrane.identity.>", "membrane.ipam.>"],
-    read=[subjects.KV_IDENTITIES, subjects.KV_NODES, subjects.KV_ENDPOINTS, subjects.KV_IPCACHE],
-    # a dead node's pods are released by the identity service (services/identity/nodes.py)
+    read=[
+        subjects.KV_IDENTITIES,
+        subjects.KV_NODES,
+        subjects.KV_ENDPOINTS,
+        subjects.KV_IPCACHE,
+        subjects.KV_POD_CIDRS,
+    ],
+    # a dead node's pods are released by the identity service (services/identity/nodes.py);
+    # the pod CIDRs it allocates are the authority every ipcache reader judges entries by
     write=[
         kv_write(subjects.KV_IDENTITIES),
         kv_write(subjects.KV_ENDPOINTS),
         kv_write(subjects.KV_IPCACHE),
+        kv_write(subjects.KV_POD_CIDRS),
     ],
 )
 POLICY = _service(
@@ -215,13 +224,17 @@ K8S_BRIDGE = _service(
 def datapath(node: str) -> Permissions:
     """A node's agent: its node's own records in ``nodes`` and ``health``, its node's keys in
     ``endpoints`` and ``ipcache`` (``subjects.node_keys``), its own flow and health subjects.
-    Namespaces it only reads (one it uses before it is declared has implicit labels)."""
+    Namespaces it only reads (one it uses before it is declared has implicit labels). It asks
+    cluster-pool IPAM for its pod CIDR, but may not release one: a released CIDR is handed to
+    the next node that asks, and the pod CIDRs are what readers believe its entries by
+    (shared/ipcache_guard.py)."""
     return _service(
         read=[
             subjects.KV_NODES,
             subjects.KV_HEALTH,
             subjects.KV_ENDPOINTS,
             subjects.KV_IPCACHE,
+            subjects.KV_POD_CIDRS,
             subjects.KV_RESOLVED,
             subjects.KV_SELECTORS,
             subjects.KV_NAMESPACES,
@@ -240,7 +253,6 @@ def datapath(node: str) -> Permissions:
             subjects.IDENTITY_RELEASE,
             subjects.IDENTITY_HEARTBEAT,
             subjects.IPAM_ALLOCATE,
-            subjects.IPAM_RELEASE,
         ],
         publish=[subjects.flows(node), subjects.health(node)],
     )
@@ -253,6 +265,7 @@ def proxy(node: str) -> Permissions:
         [subjects.fqdn_clean(node)],
         read=[
             subjects.KV_IPCACHE,
+            subjects.KV_POD_CIDRS,
             subjects.KV_RESOLVED,
             subjects.KV_SELECTORS,
             subjects.KV_IDENTITIES,

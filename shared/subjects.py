@@ -49,6 +49,9 @@ KV_PODS: Final = "pods"  # namespace.pod -> the pod's labels from the Kubernetes
 KV_HEALTH: Final = "health"
 # <node>.<endpoint ip> -> FQDNCache: the names an endpoint resolved through the DNS proxy
 KV_FQDN: Final = "fqdn"
+# <node token> -> PodCIDR: the pod CIDR cluster-pool IPAM gave each node; the identity service
+# alone writes it, so readers judge the agents' ipcache entries against it (ipcache_guard.py)
+KV_POD_CIDRS: Final = "pod-cidrs"
 # request/reply to one node's DNS proxy: FQDN_CLEAN.<node> (fqdn cache clean)
 FQDN_CLEAN: Final = "membrane.fqdn.clean"
 
@@ -192,6 +195,12 @@ def ipcache_key(prefix: IPv4Address | IPv4Network, node: str = "") -> str:
 def ipcache_key_owner(key: str) -> str:
     """Who wrote an ``ipcache`` key: a node's token, or ``POLICY_IPCACHE_OWNER``."""
     return key.split(".", 1)[0]
+
+
+def pod_cidr_key(node: str) -> str:
+    """``pod-cidrs``: a node's pod CIDR, under its token (the first token of its
+    ``ipcache`` keys)."""
+    return node_token(node)
 
 
 def identity_key(identity: int) -> str:

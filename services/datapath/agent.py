@@ -24,7 +24,7 @@ from services.datapath import introspection
 from services.datapath.conntrack import Conntrack
 from services.datapath.declared_ports import DeclaredPorts
 from services.datapath.fqdn_fast import REQUESTS, FQDNFast
-from services.datapath.ipcache_sync import IPCacheSync, check_owner
+from services.datapath.ipcache_sync import IPCacheSync
 from services.datapath.lb_sync import LBSync
 from services.datapath.lifecycle import BAD_MESSAGES, EndpointLifecycle
 from services.datapath.loader import Datapath
@@ -37,6 +37,7 @@ from shared.bus import Bus, KVEvent
 from shared.errors import MembraneError
 from shared.fqdn import NameMatch
 from shared.fqdn import parse as parse_match
+from shared.ipcache_guard import IPCacheGuard
 from shared.messages import (
     Endpoint,
     IPCacheEntry,
@@ -56,6 +57,7 @@ class Buckets:
     nodes: KeyValue
     endpoints: KeyValue
     ipcache: KeyValue
+    pod_cidrs: KeyValue  # the identity service's: what each node's ipcache entries may name
     resolved: KeyValue
     selectors: KeyValue
     namespaces: KeyValue
@@ -70,6 +72,9 @@ class Buckets:
             nodes=await kv(subjects.KV_NODES, "node -> underlay address, pod CIDR, heartbeat"),
             endpoints=await kv(subjects.KV_ENDPOINTS, "node.namespace.pod -> endpoint"),
             ipcache=await kv(subjects.KV_IPCACHE, "owner.address -> identity, node"),
+            pod_cidrs=await kv(
+                subjects.KV_POD_CIDRS, "node -> its pod CIDR (cluster-pool IPAM; identity writes)"
+            ),
             resolved=await kv(subjects.KV_RESOLVED, "identity -> resolved policy"),
             selectors=await kv(subjects.KV_SELECTORS, "peer set id -> identities it selects"),
             namespaces=await kv(subjects.KV_NAMESPACES, "namespace -> labels"),
@@ -103,6 +108,8 @@ class Agent:
         self.ipam = NodeIPAM(IPv4Network(node.pod_cidr))
         self.policy = PolicySync(datapath.policy, datapath.endpoints)
         self.ipcache = IPCacheSync(datapath.ipcache, datapath.prefixes)
+        # a node's entries reach the map only inside the pod CIDR the identity service gave it
+        self.ipcache_guard = IPCacheGuard("datapath", self._install_ipcache)
         self.fqdn = FQDNFast(self.policy, self.ipcache)
         self.conntrack = Conntrack(
             (datapath.ct, datapath.ct_new),
@@ -133,6 +140,7 @@ class Agent:
                 "resolved",
                 "selectors",
                 "ipcache",
+                "pod-cidrs",  # before it, the guard holds every node's entries back
                 "nodes",
                 "namespaces",
                 "endpoints",
@@ -205,12 +213,18 @@ class Agent:
         KV_TO_MAP.labels(subjects.KV_SELECTORS).inc()
 
     def on_ipcache(self, event: KVEvent) -> None:
+        self.ipcache_guard.on_ipcache(event.key, event.value)
+
+    def on_pod_cidr(self, event: KVEvent) -> None:
+        self.ipcache_guard.on_pod_cidr(event.key, event.value)
+
+    def _install_ipcache(self, key: str, value: bytes | None) -> None:
+        """What the guard believes of ``key`` (shared/ipcache_guard.py) into the maps."""
         entry: IPCacheEntry | None = None
-        if event.value is not None:
+        if value is not None:
             try:
-                entry = msgspec.json.decode(event.value, type=IPCacheEntry)
+                entry = msgspec.json.decode(value, type=IPCacheEntry)
                 IPv4Network(entry.cidr)
-                check_owner(event.key, entry)
             except (msgspec.ValidationError, msgspec.DecodeError, ValueError):
                 # an address nobody can vouch for is treated as unknown (world), not as before
                 BAD_MESSAGES.labels(subjects.KV_IPCACHE).inc()
@@ -218,13 +232,13 @@ class Agent:
         # connections of an address whose holder changed go; a policy prefix (the policy
         # service's key) changes no holder: neither when it names an owned address, nor when
         # it goes (a toFQDNs address past its TTL: its open connections keep working)
-        old = self.ipcache.value_of(event.key)
+        old = self.ipcache.value_of(key)
         before = self.ipcache.chosen(old[0]) if old is not None else None
-        self.ipcache.apply(event.key, entry)
-        for net in {old[0] if old is not None else None, self.ipcache.keys.get(event.key)}:
+        self.ipcache.apply(key, entry)
+        for net in {old[0] if old is not None else None, self.ipcache.keys.get(key)}:
             if net is not None:
                 self.fqdn.on_ipcache(net)
-        holder = subjects.ipcache_key_owner(event.key) != subjects.POLICY_IPCACHE_OWNER
+        holder = subjects.ipcache_key_owner(key) != subjects.POLICY_IPCACHE_OWNER
         if holder and old is not None and self.ipcache.chosen(old[0]) != before:
             self.conntrack.stale.add(str(old[0].network_address))
         KV_TO_MAP.labels(subjects.KV_IPCACHE).inc()

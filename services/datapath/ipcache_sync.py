@@ -16,6 +16,10 @@ are a layer below the bucket: used only while the bucket says nothing of the add
 policy service's entry for it, when it comes, takes over without a write (same value) or
 replaces it (the service's number wins).
 
+What reaches ``apply`` has passed the agent's ``IPCacheGuard`` (shared/ipcache_guard.py): a
+node's entry only for an address inside the pod CIDR the identity service gave that node, a
+policy key only with a CIDR identity.
+
 Each KV change becomes at most one write per map; at start the bucket's snapshot is applied entry
 by entry (unchanged entries are not rewritten) and then whatever a previous agent left that
 nobody wants is pruned, so nothing is ever flushed.
@@ -30,7 +34,7 @@ from typing import TypeVar
 from prometheus_client import Counter
 
 from services.datapath.maps import IPCacheValue
-from shared import identities, log, subjects
+from shared import identities, log
 from shared.messages import IPCacheEntry
 
 V = TypeVar("V")
@@ -48,17 +52,6 @@ def entry_value(entry: IPCacheEntry) -> tuple[IPv4Network, IPCacheValue]:
 def is_prefix(value: IPCacheValue) -> bool:
     """A policy's CIDR identity (node-local), not an address someone owns."""
     return value.identity >= identities.LOCAL_BASE
-
-
-def check_owner(key: str, entry: IPCacheEntry) -> None:
-    """An entry speaks for the node whose key it is under (nats-server lets each agent write
-    only those); the policy service's keys carry CIDR identities, which own no address."""
-    owner = subjects.ipcache_key_owner(key)
-    if owner == subjects.POLICY_IPCACHE_OWNER:
-        if entry.identity < identities.LOCAL_BASE:
-            raise ValueError(f"ipcache {key}: a policy CIDR with identity {entry.identity}")
-    elif owner != subjects.node_token(entry.node):
-        raise ValueError(f"ipcache {key}: an entry for node {entry.node!r}")
 
 
 class IPCacheSync:

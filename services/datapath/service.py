@@ -329,6 +329,7 @@ async def _start_tasks(settings: DatapathSettings, up: _Node) -> tuple[TaskGroup
         ("resolved", buckets.resolved, agent.on_resolved),
         ("selectors", buckets.selectors, agent.on_selector),
         ("endpoints", buckets.endpoints, agent.on_endpoint),
+        ("pod-cidrs", buckets.pod_cidrs, agent.on_pod_cidr),
         ("ipcache", buckets.ipcache, agent.on_ipcache),
         ("nodes", buckets.nodes, up.peers.on_node),
         ("namespaces", buckets.namespaces, agent.lifecycle.on_namespace),

@@ -86,6 +86,12 @@ class PodCIDRAllocator:
             raise NotFound(f"node {node!r} holds no pod CIDR", field="node")
         return self.subnet(int(index))
 
+    async def get(self, node: str) -> Network | None:
+        """The node's pod CIDR now, if it holds one."""
+        with redis_errors("ipam get"):
+            index = await self.redis.hget(self.prefix + "nodes", node)
+        return None if index is None else self.subnet(int(index))
+
     async def list(self) -> dict[str, Network]:
         with redis_errors("ipam list"):
             raw = await self.redis.hgetall(self.prefix + "nodes")

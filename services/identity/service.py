@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+import msgspec
 import nats.errors
 from nats.js.kv import KeyValue
 from prometheus_client import Counter, Gauge, Histogram
@@ -111,11 +112,13 @@ class IdentityService:
         allocator: IdentityAllocator,
         pool: PodCIDRAllocator,
         settings: IdentitySettings,
+        pod_cidrs: KeyValue,
     ) -> None:
         self.bus = bus
         self.kv = kv
         self.allocator = allocator
         self.pool = pool
+        self.pod_cidrs = pod_cidrs  # the pool's allocations, as every ipcache reader sees them
         self.settings = settings
         self.log = log.get("identity")
         self._backlog: dict[int, bytes | None] = {}
@@ -187,11 +190,27 @@ class IdentityService:
 
     async def ipam_allocate(self, req: PodCIDRRequest) -> PodCIDR:
         network = await self.pool.allocate(req.node)
-        return PodCIDR(node=req.node, cidr=str(network))
+        allocation = PodCIDR(node=req.node, cidr=str(network))
+        # in the bucket before the node has it: readers believe the node's ipcache entries
+        # only inside it (shared/ipcache_guard.py); a failed write fails the request, which
+        # the agent retries (allocation is idempotent)
+        await self._write_pod_cidr(req.node, encode(allocation))
+        return allocation
 
     async def ipam_release(self, req: PodCIDRRequest) -> PodCIDR:
         network = await self.pool.release(req.node)
+        await self._write_pod_cidr(req.node, None)
         return PodCIDR(node=req.node, cidr=str(network))
+
+    async def _write_pod_cidr(self, node: str, value: bytes | None) -> None:
+        key = subjects.pod_cidr_key(node)
+        try:
+            if value is None:
+                await self.pod_cidrs.delete(key)
+            else:
+                await self.pod_cidrs.put(key, value)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise Unavailable(f"the {subjects.KV_POD_CIDRS} bucket: {exc}") from None
 
     async def ipam_list(self, _: Empty) -> PodCIDRList:
         found = await self.pool.list()
@@ -248,6 +267,7 @@ class IdentityService:
             return
         try:
             await self._reconcile()
+            await self._reconcile_pod_cidrs()
         finally:
             await self.allocator.unlock("reconcile")
 
@@ -267,6 +287,33 @@ class IdentityService:
                 deletes += 1
         if puts or deletes:
             self.log.info("identities bucket reconciled", puts=puts, deletes=deletes)
+
+    async def _reconcile_pod_cidrs(self) -> None:
+        """Make ``pod-cidrs`` match the pool in Redis (a bucket lost or older than this code,
+        a write that failed after the allocation). Snapshot first, then the pool, and each
+        write re-checks the node's allocation: an allocation made meanwhile is kept."""
+        in_kv = await Bus.snapshot(self.pod_cidrs)
+        allocated = await self.pool.list()
+        puts = deletes = 0
+        for node, network in allocated.items():
+            wanted = encode(PodCIDR(node=node, cidr=str(network)))
+            current = in_kv.get(subjects.pod_cidr_key(node))
+            if current != wanted and await self.pool.get(node) == network:
+                await self._write_pod_cidr(node, wanted)
+                puts += 1
+        tokens = {subjects.pod_cidr_key(node): node for node in allocated}
+        for key, value in in_kv.items():
+            if key in tokens:
+                continue
+            try:
+                node = msgspec.json.decode(value, type=PodCIDR).node
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                node = ""
+            if not node or await self.pool.get(node) is None:
+                await self.pod_cidrs.delete(key)
+                deletes += 1
+        if puts or deletes:
+            self.log.info("pod-cidrs bucket reconciled", puts=puts, deletes=deletes)
 
 
 def _counting(handler: Callable[[Req], Awaitable[Res]]) -> Callable[[Req], Awaitable[Res]]:
@@ -296,7 +343,10 @@ async def run(settings: IdentitySettings) -> None:
     pool = PodCIDRAllocator(client, settings.cluster_cidr, settings.node_mask_size)
     bus = started.bus
     kv = await started.kv(subjects.KV_IDENTITIES, "security identity -> labels")
-    service = IdentityService(bus, kv, allocator, pool, settings)
+    pod_cidrs = await started.kv(
+        subjects.KV_POD_CIDRS, "node -> its pod CIDR (cluster-pool IPAM; identity writes)"
+    )
+    service = IdentityService(bus, kv, allocator, pool, settings, pod_cidrs)
     await service.register(started.metadata)
     IDENTITIES.labels("reserved").set(len(reserved.BY_ID) - 1)  # "unknown" is no identity
     tasks = TaskGroup()

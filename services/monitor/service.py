@@ -31,7 +31,7 @@ from services.monitor import history
 from services.monitor.enrich import Enricher, event_namespace
 from services.monitor.ring import FlowRing
 from services.monitor.watches import follow_optional
-from shared import __version__, flow_groups, log, startup, subjects
+from shared import __version__, flow_groups, ipcache_guard, log, startup, subjects
 from shared.bus import Bus, MicroService, redact
 from shared.config import CommonSettings, env_name, setting
 from shared.errors import InvalidArgument
@@ -339,7 +339,8 @@ async def start(settings: MonitorSettings) -> Running:
     watches = BucketWatches(bus, tasks, settings.kv_replicas)
     await watches.add(subjects.KV_IDENTITIES, enricher.on_identity)
     await watches.add(subjects.KV_ENDPOINTS, enricher.on_endpoint)
-    await watches.add(subjects.KV_IPCACHE, enricher.on_ipcache)
+    # a node's entries name only addresses of its own pod CIDR (shared/ipcache_guard.py)
+    await ipcache_guard.watch(watches, "monitor", enricher.on_ipcache)
     await watches.add(subjects.KV_RESOLVED, enricher.on_resolved)
     await watches.add(subjects.KV_FQDN, enricher.on_fqdn)
     services_synced = watches.snapshot_event()

@@ -31,7 +31,7 @@ from services.proxy.fqdn_cache import FQDNCaches
 from services.proxy.fqdn_publish import FQDNPublisher
 from services.proxy.sockets import BACKLOG, listener
 from services.proxy.view import Verdict, View
-from shared import __version__, agent_api, metrics, proxy, startup, subjects
+from shared import __version__, agent_api, ipcache_guard, metrics, proxy, startup, subjects
 from shared.bus import Bus
 from shared.config import CommonSettings, setting
 from shared.kv_watch import BucketWatches
@@ -191,7 +191,8 @@ async def run(settings: ProxySettings) -> None:
         fqdn.on_peer_set(key, data)
 
     watches = BucketWatches(bus, tasks, settings.kv_replicas)
-    await watches.add(subjects.KV_IPCACHE, then_wake(view.set_ipcache))
+    # a node's entries name only addresses of its own pod CIDR (shared/ipcache_guard.py)
+    await ipcache_guard.watch(watches, "proxy", then_wake(view.set_ipcache))
     await watches.add(subjects.KV_RESOLVED, then_wake(view.set_resolved))
     await watches.add(subjects.KV_SELECTORS, then_wake(set_members))
     # no listener before the view is whole: until then the datapath drops L7 connections

@@ -8,7 +8,7 @@ from typing import TypeVar
 
 import pytest
 
-from services.datapath.ipcache_sync import IPCacheSync, check_owner
+from services.datapath.ipcache_sync import IPCacheSync
 from services.datapath.local_ipam import NodeIPAM
 from services.datapath.maps import (
     EP_ENFORCE_EGRESS,
@@ -377,21 +377,6 @@ def test_a_reserved_address_outlives_the_release_of_a_stale_pod_that_held_it() -
     ipam.release(health)
     assert ipam.allocate() == IPv4Address("10.9.0.3")
     assert health not in [ipam.allocate() for _ in range(3)]
-
-
-def test_an_ipcache_entry_speaks_only_for_the_node_whose_key_it_is_under() -> None:
-    """Each agent may write only its node's keys; an entry naming another node there (an
-    agent claiming a peer's pod) is refused, and a policy's key holds only CIDR identities."""
-    pod = IPv4Address("10.9.2.5")
-    check_owner(
-        subjects.ipcache_key(pod, "n1.example"), IPCacheEntry("10.9.2.5/32", 300, "n1.example")
-    )
-    with pytest.raises(ValueError, match="node 'n2'"):
-        check_owner(subjects.ipcache_key(pod, "n1"), IPCacheEntry("10.9.2.5/32", 300, "n2"))
-    cidr = IPv4Network("10.0.0.0/8")
-    check_owner(subjects.ipcache_key(cidr), IPCacheEntry(str(cidr), identities.LOCAL_BASE + 1))
-    with pytest.raises(ValueError, match="policy CIDR"):
-        check_owner(subjects.ipcache_key(cidr), IPCacheEntry(str(cidr), 300))
 
 
 def test_an_endpoint_is_pending_until_its_identitys_entry_arrives(
