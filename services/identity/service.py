@@ -75,7 +75,7 @@ class IdentitySettings(CommonSettings):
     )
     gc_interval: float = setting(10.0, "seconds between garbage-collection passes")
     reconcile_interval: float = setting(
-        300.0, "seconds between checks that the identities KV bucket matches Redis"
+        300.0, "seconds between checks that the identities and pod-cidrs KV buckets match Redis"
     )
     label_filter: tuple[str, ...] = setting(
         DEFAULT_LABEL_FILTER,

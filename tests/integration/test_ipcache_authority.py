@@ -66,9 +66,9 @@ def url(server: ServerProcess, user: str) -> str:
 @pytest.fixture
 def identity_service(servers: tuple[ServerProcess, ...]) -> Iterator[None]:
     nats_proc, redis_proc = servers
-    env = service_env(
-        nats_proc, redis_proc, replica="identity-0", cluster_cidr="10.9.0.0/16"
-    ) | {"MEMBRANE_NATS_URL": url(nats_proc, "identity")}
+    env = service_env(nats_proc, redis_proc, replica="identity-0", cluster_cidr="10.9.0.0/16") | {
+        "MEMBRANE_NATS_URL": url(nats_proc, "identity")
+    }
     proc = subprocess.Popen(
         membrane_command("run", "identity"), env=env, preexec_fn=die_with_parent
     )
@@ -78,7 +78,9 @@ def identity_service(servers: tuple[ServerProcess, ...]) -> Iterator[None]:
 
 @pytest.fixture
 async def agents(servers: tuple[ServerProcess, ...]) -> AsyncIterator[dict[str, Bus]]:
-    buses = {n: await Bus.connect(url(servers[0], f"datapath-{n}"), n, retry_for=5) for n in UNDERLAY}
+    buses = {
+        n: await Bus.connect(url(servers[0], f"datapath-{n}"), n, retry_for=5) for n in UNDERLAY
+    }
     yield buses
     for bus in buses.values():
         await bus.close()
