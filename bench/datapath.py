@@ -62,7 +62,7 @@ from services.datapath.maps import IPCacheValue, pack_ipcache_key
 from services.datapath.ringbuf import bpf
 from shared import subjects
 from shared.bus import Bus
-from shared.messages import IPCacheEntry, PolicyEntry, ResolvedPolicy
+from shared.messages import IPCacheEntry, PodCIDR, PolicyEntry, ResolvedPolicy
 from shared.policy_map import (
     INGRESS,
     KEY_BITS,
@@ -85,7 +85,9 @@ CONN_PORTS = 16
 MAX_UPDATES = 20 * 256  # fresh addresses: 10.X.200.0 on (timed), 10.X.100.0 on (baseline)
 POLL_SLEEP = 50e-6  # between map lookups while waiting for the agent
 STEP_TIMEOUT = 5.0  # one change not in the map by then is an error, not a slow sample
-FIRST_ID = 16_777_216 + 1000  # ipcache identities of the fresh addresses (CIDR identity range)
+# ipcache identities of the fresh addresses: a pod's range (all a node may name), above every
+# identity the identity service hands out
+FIRST_ID = 1_000_000
 POLICY_PEER = 70_000  # the peer of the latency policy's allow entry (nobody holds it)
 BOGUS_ENDPOINT = 0xFFFF_FF00  # the direct-write baseline's policy keys match no endpoint
 
@@ -494,11 +496,16 @@ async def kv_latency(cluster: Cluster, target: Pod, args: argparse.Namespace) ->
         # ipcache: a fresh /32 each step (after a few untimed ones)
         value_size = len(IPCacheValue(0).pack())
         addresses = fresh_addresses(cluster.octet, 200, warm + args.updates)
+        # the agents believe a node's entries only inside the pod CIDR the identity service
+        # gave it (shared/ipcache_guard.py): the bench, as admin, gives its peer 10.X.192.0/18
+        pod_cidrs = await bus.kv(subjects.KV_POD_CIDRS)
+        peer_cidr = PodCIDR(node=OTHER_NODE, cidr=f"10.{cluster.octet}.192.0/18")
+        await pod_cidrs.put(subjects.pod_cidr_key(OTHER_NODE), msgspec.json.encode(peer_cidr))
 
         def ipcache_steps(addrs: list[IPv4Address]) -> Iterator[tuple[str, bytes, MapEntry, bytes]]:
             for ip in addrs:
                 identity = FIRST_ID + int(ip) % 65536
-                # as a node of the cluster would write them (the agent checks the key's owner)
+                # as a node of the cluster would write them, inside its pod CIDR
                 payload = msgspec.json.encode(
                     IPCacheEntry(cidr=f"{ip}/32", identity=identity, node=OTHER_NODE)
                 )
@@ -531,6 +538,7 @@ async def kv_latency(cluster: Cluster, target: Pod, args: argparse.Namespace) ->
         await asyncio.gather(
             *(ipcache_kv.delete(subjects.ipcache_key(ip, OTHER_NODE)) for ip in addresses)
         )
+        await pod_cidrs.delete(subjects.pod_cidr_key(OTHER_NODE))
         print(f"  ipcache: p99 {timed.mapped.ms(0.99):.2f} ms", file=sys.stderr, flush=True)
 
         # resolved policy: one allow entry whose port (and rule id) changes every step

@@ -19,7 +19,6 @@ from services.datapath.maps import (
     IPCacheValue,
 )
 from services.datapath.policy_sync import LocalEndpoint, PolicySync
-from shared import identities, subjects
 from shared.errors import ResourceExhausted
 from shared.identities import LOCAL_BASE
 from shared.messages import ContainerPort, IPCacheEntry, PolicyEntry, ResolvedPolicy
