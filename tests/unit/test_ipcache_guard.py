@@ -7,10 +7,11 @@ from ipaddress import IPv4Address, IPv4Network
 import msgspec
 
 from shared import identities, subjects
-from shared.ipcache_guard import REFUSED, IPCacheGuard, judge
+from shared.ipcache_guard import REFUSED, IPCacheGuard, PodRange, judge
 from shared.messages import IPCacheEntry, PodCIDR
 
 N1, N2 = IPv4Network("10.9.1.0/24"), IPv4Network("10.9.2.0/24")
+R1 = PodRange.of(N1)
 PEER_POD = IPv4Address("10.9.2.5")
 
 
@@ -47,21 +48,24 @@ class Reader:
 
 def test_the_rules() -> None:
     peer = subjects.ipcache_key(PEER_POD, "n1")
-    assert judge(peer, IPCacheEntry(f"{PEER_POD}/32", 300, "n1"), N1) == "outside_pod_cidr"
-    assert judge(peer, IPCacheEntry(f"{PEER_POD}/32", 300, "n2"), N1) == "wrong_node"
+    assert judge(peer, IPCacheEntry(f"{PEER_POD}/32", 300, "n1"), R1) == "outside_pod_cidr"
+    assert judge(peer, IPCacheEntry(f"{PEER_POD}/32", 300, "n2"), R1) == "wrong_node"
     own = subjects.ipcache_key(IPv4Address("10.9.1.5"), "n1")
-    assert judge(own, IPCacheEntry("10.9.1.5/32", 300, "n1"), N1) == ""
-    assert judge(own, IPCacheEntry("10.9.1.5/32", identities.HEALTH, "n1"), N1) == ""
+    assert judge(own, IPCacheEntry("10.9.1.5/32", 300, "n1"), R1) == ""
+    assert judge(own, IPCacheEntry("10.9.1.5/32", identities.HEALTH, "n1"), R1) == ""
     assert judge(own, IPCacheEntry("10.9.1.5/32", 300, "n1"), None) == "pending"
-    assert judge(own, IPCacheEntry("10.9.1.0/24", 300, "n1"), N1) == "not_an_address"
+    for wide in ("10.9.1.0/24", "10.9.1.5", "10.9.1.5/31", "10.9.1/32", "010.9.1.5/32"):
+        assert judge(own, IPCacheEntry(wide, 300, "n1"), R1) == "not_an_address", wide
+    assert judge(own, IPCacheEntry("10.9.1.255/32", 300, "n1"), R1) == ""
+    assert judge(own, IPCacheEntry("10.9.2.0/32", 300, "n1"), R1) == "outside_pod_cidr"
     for reserved in (identities.HOST, identities.WORLD, identities.REMOTE_NODE, 0):
-        assert judge(own, IPCacheEntry("10.9.1.5/32", reserved, "n1"), N1) == "identity"
-    assert judge(own, IPCacheEntry("10.9.1.5/32", identities.LOCAL_BASE + 1, "n1"), N1) == (
+        assert judge(own, IPCacheEntry("10.9.1.5/32", reserved, "n1"), R1) == "identity"
+    assert judge(own, IPCacheEntry("10.9.1.5/32", identities.LOCAL_BASE + 1, "n1"), R1) == (
         "identity"
     )
     # a node named with a dot is one token in its keys
     dotted = subjects.ipcache_key(IPv4Address("10.9.1.5"), "n1.example")
-    assert judge(dotted, IPCacheEntry("10.9.1.5/32", 300, "n1.example"), N1) == ""
+    assert judge(dotted, IPCacheEntry("10.9.1.5/32", 300, "n1.example"), R1) == ""
     cidr = IPv4Network("10.0.0.0/8")
     policy = subjects.ipcache_key(cidr)
     assert judge(policy, IPCacheEntry(str(cidr), identities.LOCAL_BASE + 1), None) == ""
