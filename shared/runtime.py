@@ -33,6 +33,9 @@ def enter_netns(target: str) -> None:
         os.close(fd)
 
 
+CANCEL_AGAIN_S = 0.2  # TaskGroup.close: how long a cancelled task has before it is cancelled again
+
+
 class TaskGroup:
     """Background tasks, one per concern, none of which may vanish silently.
 
@@ -65,9 +68,14 @@ class TaskGroup:
         task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        """Cancel every task and wait for them. A cancellation can be lost -- Python 3.11's
+        ``asyncio.wait_for`` swallows it when the awaited reply lands in the same loop
+        iteration (nats.py's requests wait that way), and the task then goes on, here waiting
+        for its next watch event forever -- so a task still running is cancelled again."""
+        while running := {task for task in self._tasks if not task.done()}:
+            for task in running:
+                task.cancel()
+            await asyncio.wait(running, timeout=CANCEL_AGAIN_S)
 
 
 async def wait_for_shutdown() -> str:
