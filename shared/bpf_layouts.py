@@ -49,8 +49,8 @@ LB_FRAG: Final = struct.Struct("<4sB3x")  # ip, reply
 OVERLAY_CONFIG: Final = struct.Struct(
     "<4sIIHH"
 )  # underlay_ip, vxlan_ifindex, mode, tunnel_port, pad
-# underlay_ip, underlay_ifindex, nodeport low/high, snat low/high
-NP_CONFIG: Final = struct.Struct("<4sIHHHH")
+# underlay_ip, underlay_ifindex, nodeport low/high, snat low/high, masquerade
+NP_CONFIG: Final = struct.Struct("<4sIHHHHB3x")
 # expires_ns, backend_id, frontend_id, client_identity, snat_port, flags
 NP_NAT: Final = struct.Struct("<QIII2sBx")
 

@@ -154,7 +154,7 @@ _CT_VALUE = bpf_layouts.CT_ENTRY
 class NatRecord:
     """One connection's translation (a service's or a node port's), for ``membrane bpf nat``."""
 
-    kind: str  # "service" (lb.h) or "nodeport" (nodeport.h)
+    kind: str  # "service" (lb.h), "nodeport" or "masquerade" (nodeport.h)
     answered: bool  # in the answered map (else not answered yet, or held out by the quota)
     client: str
     client_port: int
@@ -172,6 +172,7 @@ def decode_nat(kind: str, answered: bool, key: bytes, value: bytes, now_ns: int)
         expires, backend_id, _, flags = bpf_layouts.LB_NAT.unpack(value)
     else:
         expires, backend_id, _, _, _, flags = bpf_layouts.NP_NAT.unpack(value)
+        kind = kind if backend_id else "masquerade"  # a pod's connection to the world
     return NatRecord(
         kind=kind,
         answered=answered,

@@ -35,6 +35,7 @@ class NodePortConfig:
     underlay_ifindex: int
     nodeport_range: tuple[int, int] = NODE_PORT_RANGE
     snat_range: tuple[int, int] = SNAT_RANGE
+    masquerade: bool = False  # pods' connections to the world leave from underlay_ip
 
     _LAYOUT = bpf_layouts.NP_CONFIG
 
@@ -49,13 +50,19 @@ class NodePortConfig:
 
     def pack(self) -> bytes:
         return self._LAYOUT.pack(
-            self.underlay_ip.packed, self.underlay_ifindex, *self.nodeport_range, *self.snat_range
+            self.underlay_ip.packed,
+            self.underlay_ifindex,
+            *self.nodeport_range,
+            *self.snat_range,
+            self.masquerade,
         )
 
     @classmethod
     def unpack(cls, data: bytes) -> NodePortConfig:
-        ip, ifindex, np_low, np_high, snat_low, snat_high = cls._LAYOUT.unpack(data)
-        return cls(IPv4Address(ip), ifindex, (np_low, np_high), (snat_low, snat_high))
+        ip, ifindex, np_low, np_high, snat_low, snat_high, masq = cls._LAYOUT.unpack(data)
+        return cls(
+            IPv4Address(ip), ifindex, (np_low, np_high), (snat_low, snat_high), bool(masq)
+        )
 
 
 def write_config(table: Any, config: NodePortConfig) -> None:
@@ -75,10 +82,12 @@ def ifindex(device: str) -> int:
     return int(found[0])
 
 
-def enable(datapath: Datapath, device: str, address: IPv4Address) -> NodePortConfig:
+def enable(
+    datapath: Datapath, device: str, address: IPv4Address, masquerade: bool = False
+) -> NodePortConfig:
     """Configure, then attach from_netdev to ``device`` (the order matters only on the first
     start: the program passes everything while the entry is empty)."""
-    config = NodePortConfig(address, ifindex(device))
+    config = NodePortConfig(address, ifindex(device), masquerade=masquerade)
     write_config(datapath.bpf.get_table("np_config"), config)
     datapath.attach_netdev(config.underlay_ifindex)
     return config

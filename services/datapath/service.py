@@ -80,6 +80,11 @@ class DatapathSettings(CommonSettings):
     routing: str = setting("tunnel", "pod traffic between nodes: tunnel (VXLAN) or native")
     tunnel_device: str = setting("mbr_vxlan", "the node's VXLAN device (tunnel mode)")
     tunnel_port: int = setting(8472, "UDP port of the VXLAN overlay")
+    masquerade: str = setting(
+        "auto",
+        "pods' TCP/UDP to addresses outside the cluster leave from the node's address: "
+        "auto (in tunnel mode), always or never",
+    )
     node_expiry: float = setting(
         15.0, "seconds without a heartbeat after which another node counts as dead"
     )
@@ -105,6 +110,10 @@ class DatapathSettings(CommonSettings):
         if self.heartbeat_interval <= 0:
             raise InvalidArgument("must be positive", field=env_name("heartbeat_interval"))
         tunnel.check_mode(self.routing, env_name("routing"))
+        if self.masquerade not in ("auto", "always", "never"):
+            raise InvalidArgument(
+                f"{self.masquerade!r}: auto, always or never", field=env_name("masquerade")
+            )
         for name in ("node_expiry", "health_interval", "health_timeout"):
             if getattr(self, name) <= 0:
                 raise InvalidArgument("must be positive", field=env_name(name))
@@ -316,7 +325,12 @@ async def _route(settings: DatapathSettings, datapath: Datapath, underlay: IPv4A
             settings.tunnel_port,
         ),
     )
-    await asyncio.to_thread(nodeport.enable, datapath, settings.underlay_device, underlay)
+    masquerade = settings.masquerade == "always" or (
+        settings.masquerade == "auto" and settings.routing == "tunnel"
+    )
+    await asyncio.to_thread(
+        nodeport.enable, datapath, settings.underlay_device, underlay, masquerade
+    )
     return vxlan_ifindex
 
 

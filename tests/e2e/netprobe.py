@@ -37,6 +37,8 @@ echo2 PORT                    print "ready"; answer each datagram on PORT, and o
 udplate IP PORT SPORT SECONDS send one datagram from SPORT; on the first answer print
                               "answered", then wait SECONDS for a second one: exit 0 if it
                               comes, 1 if not
+peer tcp|udp PORT             print "ready"; answer each connection / datagram with the address it
+                              came from (what a server outside the cluster sees)
 bigecho PORT                  print "ready"; send each UDP datagram on PORT back whole (<= 64 KiB)
 bigudp IP PORT SIZE           send one SIZE-byte UDP datagram (the kernel fragments what exceeds
                               the MTU) and wait for it to come back whole: exit 0 if it does
@@ -289,6 +291,21 @@ def whoami(proto: str, port: int) -> None:
             conn.sendall(conn.getsockname()[0].encode())
 
 
+def peer(proto: str, port: int) -> None:
+    if proto == "udp":
+        sock = _bind_udp(port)
+        print("ready", flush=True)
+        while True:
+            _, source = sock.recvfrom(2048)
+            sock.sendto(source[0].encode(), source)
+    listener = _listen(port)
+    print("ready", flush=True)
+    while True:
+        conn, source = listener.accept()
+        with conn:
+            conn.sendall(source[0].encode())
+
+
 def _own_address(peer: tuple[str, int]) -> str:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.connect(peer)
@@ -539,6 +556,8 @@ def main(argv: list[str]) -> int:
         echo2(int(rest[0]))
     if command == "udplate":
         return udplate(rest[0], int(rest[1]), int(rest[2]), float(rest[3]))
+    if command == "peer":
+        peer(rest[0], int(rest[1]))
     if command == "bigecho":
         bigecho(int(rest[0]))
     if command == "bigudp":

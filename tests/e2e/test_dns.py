@@ -7,8 +7,8 @@ until a toFQDNs rule gives one of them a CIDR identity. It runs a DNS server (dn
 tests/e2e/dnsworld.py, UDP and TCP) and HTTP servers on the answered addresses. Nothing leaves
 the machine: the namespace has no default route, the nodes route only that /24 to it.
 
-One node, native routing: in tunnel mode pods have no path to addresses outside the cluster
-(no masquerading; from_netdev drops world traffic to local pods). The DNS proxy's grace period
+One node, native routing (the outside world routes the pod range back; tunnel mode would
+masquerade the pods' connections to it, docs/routing.md). The DNS proxy's grace period
 is 1 s here (MEMBRANE_FQDN_GRACE) so that expiry is quick to test.
 """
 

@@ -33,6 +33,7 @@ from shared.bus import Bus
 from shared.proxy import PROXY_PORT, from_proxy_mark
 from tests.conftest import eventually, membrane_command
 from tests.e2e.cluster import (
+    PROBE,
     Cluster,
     create_pod,
     down_leaving_nothing,
@@ -315,6 +316,46 @@ def intruder(cluster: Cluster) -> Iterator[str]:
         yield name
     finally:
         netns.remove_node(name, f"{cluster.name}-ui")
+
+
+def test_a_pod_reaches_a_host_outside_the_cluster(multinode: tuple[Cluster, str]) -> None:
+    # A host on the underlay that is not a node (world) and knows no pod range. Tunnel mode
+    # masquerades (MEMBRANE_MASQUERADE auto): the host sees the pod's node's underlay address,
+    # answers it, and the node hands the answer back to the pod (before: the SYN left with the
+    # pod's address and nothing came back). Native routing does not (auto): with a route to
+    # the pod range the host sees the pod's own address.
+    cluster, mode = multinode
+    client = pod_info(cluster, "mn-client")
+    nodes = {n["name"]: n for n in cluster.json("status")["nodes"]}
+    node = nodes[str(client["node"])]
+    with intruder(cluster) as outside:
+        servers = [
+            subprocess.Popen(
+                ["ip", "netns", "exec", outside, sys.executable, str(PROBE), "peer", proto, port],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for proto, port in (("tcp", "9700"), ("udp", "9701"))
+        ]
+        try:
+            for server in servers:
+                assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+            seen = node["underlay_ip"]
+            if mode == "native":
+                route = f"ip route add {node['pod_cidr']} via {node['underlay_ip']}"
+                subprocess.run(["ip", "netns", "exec", outside, *route.split()], check=True)
+                seen = client["ip"]
+            target = intruder_ip(cluster)
+            for proto, port in (("tcp", "9700"), ("udp", "9701")):
+                result = cluster.probe("mn-client", proto, target, port)
+                assert (result.returncode, result.stdout.strip()) == (0, seen), (proto, result)
+            rows = cluster.json("bpf", "nat", "--node", str(client["node"]))[0]["rows"]
+            masqueraded = {r["frontend_port"] for r in rows if r["kind"] == "masquerade"}
+            assert masqueraded == ({9700, 9701} if mode == "tunnel" else set()), rows
+        finally:
+            for server in servers:
+                server.kill()
+                server.wait()
 
 
 def tunnel_only(mode: str) -> None:

@@ -13,12 +13,13 @@ from shared.protocols import NODE_PORT_RANGE
 
 
 def test_layout_is_bpf_struct_np_config() -> None:
-    config = NodePortConfig(IPv4Address("172.31.5.11"), 7)
+    config = NodePortConfig(IPv4Address("172.31.5.11"), 7, masquerade=True)
     packed = config.pack()
-    # __u32 underlay_ip (network order), __u32 ifindex, four __u16 in host order
-    assert len(packed) == 16
+    # __u32 underlay_ip (network order), __u32 ifindex, four __u16 in host order, __u8
+    # masquerade and three bytes of padding
+    assert len(packed) == 20
     assert packed[:4] == bytes([172, 31, 5, 11])
-    assert struct.unpack("<I4H", packed[4:]) == (7, *NODE_PORT_RANGE, *SNAT_RANGE)
+    assert struct.unpack("<I4HB3x", packed[4:]) == (7, *NODE_PORT_RANGE, *SNAT_RANGE, 1)
     assert NodePortConfig.unpack(packed) == config
 
 

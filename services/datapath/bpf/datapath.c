@@ -493,7 +493,13 @@ static __always_inline int forward(struct __sk_buff *skb, __u8 direction, struct
 		int np = nodeport_reply(skb, p); /* nodeport.h: a reply to a node-port client */
 		if (np >= 0)
 			return np;
-		return to_overlay(skb, p); /* overlay.h: another node's pod, in tunnel mode */
+		/* overlay.h: another node's pod, in tunnel mode (or a pod's frame to a tunnel port,
+		 * dropped) */
+		int ret = to_overlay(skb, p);
+		if (ret != TC_ACT_OK)
+			return ret;
+		np = masquerade(skb, p); /* nodeport.h: to the world, from the node's address */
+		return np >= 0 ? np : TC_ACT_OK;
 	}
 	if (set_pod_eth(skb, dst) < 0)
 		return TC_ACT_OK;

@@ -42,9 +42,14 @@ struct np_config {
 	__u16 nodeport_max;
 	__u16 snat_min;
 	__u16 snat_max;
+	__u8 masquerade; /* pods' connections to the world leave from underlay_ip (masquerade) */
+	__u8 pad[3];
 };
 
-/* per connection, keyed by the original tuple (client -> this node : nodePort, scope 0) */
+/* per connection, keyed by the original tuple (client -> this node : nodePort, scope 0). A
+ * masqueraded connection (a local pod to the world, masquerade()) has one too, keyed pod ->
+ * peer, with backend_id 0: its SNAT port comes from the same range, and its reply from the
+ * same np_rnat (frontend = the peer, client = the pod) */
 struct np_nat {
 	__u64 expires_ns;
 	__u32 backend_id;
@@ -172,6 +177,11 @@ static __always_inline int np_reply(struct __sk_buff *skb, struct lb_l4 *l,
 	if (np_rewrite(skb, l, rnat.frontend_ip, rnat.frontend_port, rnat.client_ip,
 		       rnat.client_port) < 0)
 		return TC_ACT_SHOT;
+	/* a masqueraded connection's answer: the node routes it to its pod, whose to_container
+	 * judges it (conntrack: the answer of the pod's own connection) */
+	__u32 client = rnat.client_ip;
+	if (lxc.lookup(&client))
+		return TC_ACT_OK;
 	count(0, DIR_EGRESS, skb->len);
 	return np_redirect_neigh(cfg->underlay_ifindex, NULL, 0, 0);
 }
@@ -226,6 +236,75 @@ static __always_inline __u16 np_snat_port(struct np_config *cfg, struct lb_l4 *l
 			return port;
 	}
 	return 0;
+}
+
+/* forward() (from_container, after the pod's egress policy): a pod's TCP or UDP to an address
+ * outside the cluster (world, or a CIDR identity) leaves from this node's underlay address and a
+ * port of the SNAT range, as Cilium's BPF masquerading does: nothing outside knows the pod
+ * ranges, and in tunnel mode a plain packet to a local pod from the underlay is forged
+ * (underlay_forged). The answer comes back to that address and port, and np_reply translates
+ * it back. -1: not masqueraded (not configured, not the world, a fragment, ICMP). */
+static __always_inline int masquerade(struct __sk_buff *skb, struct packet *p)
+{
+	struct np_config *cfg = np_cfg();
+	if (!cfg || !cfg->masquerade ||
+	    (p->tuple.protocol != IPPROTO_TCP && p->tuple.protocol != IPPROTO_UDP))
+		return -1;
+	__u32 id = lookup_identity(p->tuple.daddr);
+	if (id != ID_WORLD && id < ID_LOCAL_BASE)
+		return -1;
+	struct lb_l4 l;
+	if (lb_parse(skb, &l) < 0 || l.frag)
+		return -1;
+	struct ct_key orig = {
+		.saddr = l.saddr,
+		.daddr = l.daddr,
+		.sport = bpf_ntohs(l.sport),
+		.dport = bpf_ntohs(l.dport),
+		.protocol = l.protocol,
+	};
+	__u64 now = bpf_ktime_get_coarse_ns();
+	__u8 tcp_flags = p->tcp_flags;
+	__u16 snat_port = 0;
+	struct np_nat *nat = np_nat_find(&orig, now);
+	if (nat && !nat->backend_id && nat->expires_ns >= now &&
+	    !(l.syn && (nat->flags & CT_F_CLOSING))) {
+		snat_port = nat->snat_port;
+		nat_refresh(&nat->expires_ns, &nat->flags, &l, tcp_flags, now);
+	} else {
+		struct lb_backend peer = { .ip = l.daddr, .port = l.dport };
+		__u16 port = np_snat_port(cfg, &l, &peer, now);
+		if (!port)
+			return drop(DROP_NAT_NO_MAPPING, DIR_EGRESS, OBS_FROM_ENDPOINT, p,
+				    skb->ifindex, lookup_identity(l.saddr), id, 0);
+		snat_port = bpf_htons(port);
+		struct np_nat fresh = { .snat_port = snat_port };
+		nat_refresh(&fresh.expires_ns, &fresh.flags, &l, tcp_flags, now);
+		struct np_rnat rfresh = {
+			.expires_ns = fresh.expires_ns,
+			.client_ip = l.saddr,
+			.client_port = l.sport,
+			.frontend_ip = l.daddr,
+			.frontend_port = l.dport,
+		};
+		struct ct_key reply = {
+			.saddr = l.daddr,
+			.daddr = cfg->underlay_ip,
+			.sport = bpf_ntohs(l.dport),
+			.dport = port,
+			.protocol = l.protocol,
+		};
+		/* as a node port's: among the unanswered records until the peer answers */
+		np_rnat_new.update(&reply, &rfresh);
+		np_nat_new.update(&orig, &fresh);
+		np_rnat_new.lookup(&reply);
+		np_nat_new.lookup(&orig);
+	}
+	if (lb_rewrite(skb, &l, ETH_HLEN + offsetof(struct iphdr, saddr), l.saddr, cfg->underlay_ip,
+		       l.l4off, l.sport, snat_port) < 0)
+		return TC_ACT_SHOT;
+	/* the kernel's forwarding would refuse a packet with its own source address */
+	return np_redirect_neigh(cfg->underlay_ifindex, NULL, 0, 0);
 }
 
 /* Who the client is: the ipcache says, but only identities that can stand outside the pod
