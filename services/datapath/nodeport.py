@@ -60,9 +60,7 @@ class NodePortConfig:
     @classmethod
     def unpack(cls, data: bytes) -> NodePortConfig:
         ip, ifindex, np_low, np_high, snat_low, snat_high, masq = cls._LAYOUT.unpack(data)
-        return cls(
-            IPv4Address(ip), ifindex, (np_low, np_high), (snat_low, snat_high), bool(masq)
-        )
+        return cls(IPv4Address(ip), ifindex, (np_low, np_high), (snat_low, snat_high), bool(masq))
 
 
 def write_config(table: Any, config: NodePortConfig) -> None:
