@@ -12,6 +12,11 @@ older than ``expiry`` is dead. For every other node the kernel gets:
   fails at once with an ICMP error instead of vanishing into the underlay;
 - its underlay address in the ipcache as ``remote-node`` while it is known.
 
+A node's pod CIDR is taken from the ``pod-cidrs`` bucket (what cluster-pool IPAM gave it, the
+identity service's word), not from its own record: a node claiming a peer's CIDR there would
+otherwise have the peer's pods routed to it (native routing). A record that disagrees is
+counted and logged; a node whose CIDR the identity service has not published gets nothing yet.
+
 A dead node's pods (their ipcache and endpoints entries) are released by the identity
 service (services/identity/nodes.py): an agent may write only its own node's keys.
 All kernel work is a diff against what was applied, so a heartbeat costs nothing.
@@ -23,12 +28,13 @@ import asyncio
 import contextlib
 import errno
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 import msgspec
-from prometheus_client import Gauge
+from prometheus_client import Counter, Gauge
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -37,9 +43,15 @@ from services.datapath.lifecycle import BAD_MESSAGES
 from services.datapath.maps import IPCacheValue
 from shared import identities, log, subjects
 from shared.bus import KVEvent
+from shared.ipcache_guard import PodRange
 from shared.messages import Node
 
 NODES_ALIVE = Gauge("membrane_datapath_peer_nodes", "Other nodes by state", ["state"])
+CIDR_MISMATCHES = Counter(
+    "membrane_datapath_peer_pod_cidr_mismatches_total",
+    "nodes records claiming a pod CIDR other than the one the identity service gave the node "
+    "(routes follow the identity service's)",
+)
 ROUTE_PROTO = 109  # marks routes this module owns (a number iproute2 names no protocol for)
 
 
@@ -60,10 +72,15 @@ class Peers:
         ipcache: IPCacheSync,
         tunnel_peers: Any,  # MutableMapping[IPv4Address, int], the BPF map
         *,
+        pod_cidrs: Mapping[str, PodRange],
         expiry: float,
         overlay_ifindex: int = 0,
     ) -> None:
         self.node = node
+        # node token -> the pod CIDR the identity service gave it (the agent's ipcache guard
+        # keeps it current; the agent sets ``changed`` when it moves)
+        self.pod_cidrs = pod_cidrs
+        self.mismatched: dict[str, str] = {}  # node -> the CIDR its record claims, if not its own
         # tunnel mode: what the node itself sends to another node's pods (the L7 proxy's
         # answers, as the server pod) is routed into the VXLAN device, whose egress program
         # sets the tunnel key (bpf/overlay.h overlay_egress)
@@ -102,10 +119,29 @@ class Peers:
         return (now if now is not None else time.time()) - peer.heartbeat <= self.expiry
 
     def desired(self, now: float) -> dict[str, PeerState]:
-        return {
-            name: PeerState(peer.pod_cidr, peer.underlay_ip, self.alive(peer, now))
-            for name, peer in self.nodes.items()
-        }
+        states = {}
+        for name, peer in self.nodes.items():
+            given = self.pod_cidrs.get(subjects.pod_cidr_key(name))
+            if given is None:  # not published yet: nothing for what the record claims
+                continue
+            cidr = str(given.network)
+            self._check_claim(name, peer.pod_cidr, cidr)
+            states[name] = PeerState(cidr, peer.underlay_ip, self.alive(peer, now))
+        return states
+
+    def _check_claim(self, name: str, claimed: str, given: str) -> None:
+        """Count and log a record's pod CIDR that is not the node's, once per claim."""
+        if claimed == given:
+            self.mismatched.pop(name, None)
+        elif self.mismatched.get(name) != claimed:
+            self.mismatched[name] = claimed
+            CIDR_MISMATCHES.inc()
+            self.log.warning(
+                "node record claims a pod CIDR not its own; routing its own",
+                peer=name,
+                claimed=claimed,
+                pod_cidr=given,
+            )
 
     # --- the kernel -----------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ from services.datapath.metrics_collector import DatapathCollector
 from services.datapath.ringbuf import RingBuffer
 from shared import __version__, agent_api, cni, identities, netns, startup, subjects
 from shared.agent_api import CNIExec, CNIOutput
-from shared.bus import Bus, redact
+from shared.bus import Bus, KVEvent, redact
 from shared.config import CommonSettings, env_name, setting
 from shared.errors import InvalidArgument, MembraneError, NotFound, Unavailable
 from shared.messages import (
@@ -289,6 +289,7 @@ async def _bring_up(settings: DatapathSettings, started: startup.Started) -> _No
         settings.routing,
         agent.ipcache,
         datapath.tunnel_peers,
+        pod_cidrs=agent.ipcache_guard.pod_cidrs,
         expiry=settings.node_expiry,
         overlay_ifindex=vxlan_ifindex,
     )
@@ -339,11 +340,16 @@ async def _start_tasks(settings: DatapathSettings, up: _Node) -> tuple[TaskGroup
     the peers, health, flows, heartbeat and conntrack tasks."""
     agent, buckets, logger = up.agent, up.buckets, up.started.log
     tasks = TaskGroup()
+
+    def on_pod_cidr(event: KVEvent) -> None:
+        agent.on_pod_cidr(event)
+        up.peers.changed.set()  # routes follow the pod CIDRs the identity service gave
+
     for name, kv, handle in (
         ("resolved", buckets.resolved, agent.on_resolved),
         ("selectors", buckets.selectors, agent.on_selector),
         ("endpoints", buckets.endpoints, agent.on_endpoint),
-        ("pod-cidrs", buckets.pod_cidrs, agent.on_pod_cidr),
+        ("pod-cidrs", buckets.pod_cidrs, on_pod_cidr),
         ("ipcache", buckets.ipcache, agent.on_ipcache),
         ("nodes", buckets.nodes, up.peers.on_node),
         ("namespaces", buckets.namespaces, agent.lifecycle.on_namespace),

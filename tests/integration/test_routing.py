@@ -19,9 +19,10 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from services.datapath.ipcache_sync import IPCacheSync
 from services.datapath.maps import IPCacheValue
-from services.datapath.routing import ROUTE_PROTO, Peers
+from services.datapath.routing import CIDR_MISMATCHES, ROUTE_PROTO, Peers
 from shared import identities, netns
 from shared.bus import KVEvent
+from shared.ipcache_guard import PodRange
 from shared.messages import Node
 
 pytestmark = pytest.mark.root
@@ -77,12 +78,24 @@ def event(peer: Node | None, key: str) -> KVEvent:
     return KVEvent(key=key, value=None if peer is None else msgspec.json.encode(peer), revision=1)
 
 
-def make(mode: str, tunnel_peers: dict[IPv4Address, int], ipcache: dict[Any, Any]) -> Peers:
+def given(*octets: int) -> dict[str, PodRange]:
+    """The pod CIDRs the identity service gave nodes self, b (12), c (13), ...: pod-cidrs."""
+    names = {11: "self", 12: "b", 13: "c"}
+    return {names[o]: PodRange.of(IPv4Network(f"10.9.{o}.0/24")) for o in octets}
+
+
+def make(
+    mode: str,
+    tunnel_peers: dict[IPv4Address, int],
+    ipcache: dict[Any, Any],
+    pod_cidrs: dict[str, PodRange] | None = None,
+) -> Peers:
     return Peers(
         node("self", 11, time.time()),
         mode,
         IPCacheSync(ipcache),
         tunnel_peers,
+        pod_cidrs=given(11, 12, 13) if pod_cidrs is None else pod_cidrs,
         expiry=15.0,
     )
 
@@ -124,6 +137,36 @@ async def test_join_expire_rejoin_leave(node_ns: Path, mode: str) -> None:
     peers.on_node(event(None, "b"))
     assert await reconcile() == {}
     assert tunnel_peers == {} and ipcache == {}
+
+
+async def test_routes_follow_the_pod_cidr_the_identity_service_gave(node_ns: Path) -> None:
+    """Node b's record claims c's pod CIDR (a compromised agent may write its own record):
+    native routing still routes b's own CIDR via b, never c's; a node the identity service
+    has given no CIDR yet gets nothing, and gets its routes once it has one."""
+    tunnel_peers: dict[IPv4Address, int] = {}
+    pod_cidrs = given(11, 12)
+    peers = make("native", tunnel_peers, {}, pod_cidrs)
+
+    async def reconcile() -> dict[str, tuple[str, str | None]]:
+        await asyncio.to_thread(netns.in_netns, node_ns, peers._apply, peers.desired(time.time()))
+        return await asyncio.to_thread(netns.in_netns, node_ns, _routes)
+
+    claiming = msgspec.structs.replace(node("b", 12, time.time()), pod_cidr="10.9.13.0/24")
+    peers.on_node(event(claiming, "b"))
+    peers.on_node(event(node("c", 13, time.time()), "c"))  # not in pod-cidrs yet
+    before = CIDR_MISMATCHES._value.get()
+    assert await reconcile() == {"10.9.12.0/24": ("unicast", "198.51.100.12")}
+    assert await reconcile() == {"10.9.12.0/24": ("unicast", "198.51.100.12")}
+    assert CIDR_MISMATCHES._value.get() == before + 1  # once per claim
+    assert tunnel_peers == {IPv4Address("198.51.100.12"): 1}
+    pod_cidrs.update(given(13))
+    assert await reconcile() == {
+        "10.9.12.0/24": ("unicast", "198.51.100.12"),
+        "10.9.13.0/24": ("unicast", "198.51.100.13"),
+    }
+    peers.on_node(event(None, "b"))
+    peers.on_node(event(None, "c"))
+    assert await reconcile() == {}
 
 
 def test_a_bad_node_entry_is_ignored() -> None:
