@@ -36,7 +36,7 @@ FLOW_FIELDS = (
     "kafka_topic",
     "fqdn",
 )
-# protocols as flows carry them (services/datapath/events.py): a name, else the number
+# protocols as flows carry them (shared/flow_decode.py): a name, else the number
 PROTOCOL_NAMES = {6: "TCP", 17: "UDP", 1: "ICMP"}
 PROTOCOL_NUMBERS = {"TCP": 6, "UDP": 17, "ICMP": 1, "SCTP": 132}
 TCP_FLAGS = ("SYN", "ACK", "FIN", "RST", "PSH", "URG", "ECE", "CWR")

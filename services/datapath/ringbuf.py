@@ -143,19 +143,32 @@ class RingBuffer:
         """Consume committed records and unpack each with ``record``, in order.
 
         ``record`` covers header and payload (its first two fields are the u32 length and
-        page offset) and its size is a multiple of 8, so that records sit back to back in
-        the ring. Records of another size are skipped and counted in ``malformed``.
+        page offset); see :meth:`drain_records` for the rules.
         """
-        stride = record.size
+        chunks, _ = self.drain_records(record.size, max_records)
+        out: list[tuple[Any, ...]] = []
+        for chunk in chunks:
+            out.extend(record.iter_unpack(chunk))
+        return out
+
+    def drain_records(self, stride: int, max_records: int = 65536) -> tuple[list[bytes], int]:
+        """Consume committed records of ``stride`` bytes (header included) as raw bytes.
+
+        Returns the copied runs of back-to-back records, headers included, and how many
+        records they hold: one copy per run, nothing per record. ``stride`` is a multiple of
+        8, so that records sit back to back in the ring. Records of another size are skipped
+        and counted in ``malformed``; discarded ones are skipped.
+        """
         payload = stride - HEADER_SIZE
         if stride % 8 or payload <= 0:
             raise ValueError(f"a record of {stride} bytes cannot tile a ring buffer")
-        out: list[tuple[Any, ...]] = []
+        out: list[bytes] = []
+        taken = 0
         data = self._producer_map
         cons = self._consumer[0]
         prod = self._producer[0]
-        while cons < prod and len(out) < max_records:
-            count = min((prod - cons) // stride, max_records - len(out))
+        while cons < prod and taken < max_records:
+            count = min((prod - cons) // stride, max_records - taken)
             at = self._base + (cons & self._mask)
             # headers first, straight from the mapping, then the payloads: the loads stay in
             # that order (x86-64 does not reorder loads), so a header seen committed vouches
@@ -165,7 +178,8 @@ class RingBuffer:
             if lengths.count(payload) != count:
                 good = next(i for i, length in enumerate(lengths) if length != payload)
             if good:
-                out.extend(record.iter_unpack(data[at : at + good * stride]))
+                out.append(data[at : at + good * stride])
+                taken += good
                 cons += good * stride
                 if good == count:
                     continue
@@ -181,7 +195,7 @@ class RingBuffer:
                 self.malformed += 1
             cons += _aligned(header & ~DISCARD_BIT)
         self._consumer[0] = cons
-        return out
+        return out, taken
 
     def close(self) -> None:
         """Unmap; the map fd stays open (it belongs to whoever loaded the map)."""

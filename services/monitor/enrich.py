@@ -16,6 +16,7 @@ import msgspec
 
 from shared import identities
 from shared.flow_api import EnrichedFlow, FlowPeer
+from shared.flow_decode import WireFlow
 from shared.messages import (
     Endpoint,
     Flow,
@@ -204,7 +205,7 @@ class Enricher:
             service=service,
         )
 
-    def enrich(self, flow: Flow) -> EnrichedFlow:
+    def enrich(self, flow: Flow | WireFlow) -> EnrichedFlow:
         if flow.rule_id:
             rule = self.rules.get(flow.rule_id, "")
             policy = policy_of(rule)
@@ -233,14 +234,14 @@ class Enricher:
             destination_names=self._names(flow),
         )
 
-    def _names(self, flow: Flow) -> list[str]:
+    def _names(self, flow: Flow | WireFlow) -> list[str]:
         """What the source resolved to the destination's address (a reply's destination is
         the client: no names)."""
         if flow.is_reply or not self.dns_names:
             return []
         return sorted(self.dns_names.get(flow.src_ip, {}).get(flow.dst_ip, ()))
 
-    def _default_deny_policy(self, flow: Flow) -> str:
+    def _default_deny_policy(self, flow: Flow | WireFlow) -> str:
         """A drop no rule matched: the policies selecting the endpoint in that direction are
         what made it default-deny, so they are what decided."""
         if flow.direction == "ingress":

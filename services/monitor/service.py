@@ -1,6 +1,8 @@
 """``membrane run monitor``: flows from every node in, enriched flows out.
 
-Replicas share ``membrane.flows.*`` through a queue group. Each batch is decoded, enriched from
+Replicas share ``membrane.flows.*`` through a queue group. Each batch is decoded (an agent's binary
+batch of ring buffer records, :mod:`shared.flow_wire`, unpacked in one call; or a JSON FlowBatch,
+as the L7 proxy sends), enriched from
 caches of the KV buckets (:mod:`services.monitor.enrich`), kept in the replica's ring, counted in
 the metrics, and each flow republished on ``membrane.events.flows.<verdict>.<namespace>``, where
 the JetStream stream ``MEMBRANE_FLOW_HISTORY`` keeps the DROPPED and AUDIT ones for history.
@@ -17,8 +19,9 @@ import collections
 import contextlib
 import dataclasses
 import os
+import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import msgspec
@@ -31,7 +34,7 @@ from services.monitor import history
 from services.monitor.enrich import Enricher, event_namespace
 from services.monitor.ring import FlowRing
 from services.monitor.watches import follow_optional
-from shared import __version__, flow_groups, ipcache_guard, log, startup, subjects
+from shared import __version__, flow_groups, flow_wire, ipcache_guard, log, startup, subjects
 from shared.bus import Bus, MicroService, redact
 from shared.config import CommonSettings, env_name, setting
 from shared.errors import InvalidArgument
@@ -42,6 +45,7 @@ from shared.flow_api import (
     FlowQueryReply,
     MonitorStatus,
 )
+from shared.flow_decode import Decoder, WireFlow
 from shared.flow_filter import compile_filter
 from shared.kv_watch import BucketWatches
 from shared.messages import Empty, Flow, FlowBatch
@@ -50,6 +54,8 @@ from shared.runtime import TaskGroup, periodically, wait_for_shutdown
 # batches enriched before the loop is given back to queries, status and KV watches
 YIELD_EVERY: Final = 8
 LOG_EVERY_S: Final = 10.0
+# nodes whose decoders (address caches) are kept; beyond it they start over
+MAX_DECODERS: Final = 4096
 
 FLOWS = Counter(
     "membrane_monitor_flows_processed_total",
@@ -67,8 +73,9 @@ POLICY_VERDICTS = Counter(
 )
 LOST = Counter(
     "membrane_monitor_lost_events_total",
-    "Flows lost before enrichment, by stage (datapath: the ring buffer was full; monitor: the"
-    " intake queue was full)",
+    "Flows lost before enrichment, by stage (datapath: the ring buffer was full; agent: the"
+    " agent's queue for the bus was full; bus: the agent's publish failed; monitor: the intake"
+    " queue was full)",
     ["stage"],
 )
 TCP_FLAGS = Counter("membrane_monitor_tcp_flags_total", "TCP flags seen in flows", ["flag"])
@@ -134,6 +141,7 @@ class Monitor:
         self.flows_lost = 0
         self.malformed = 0
         self.nodes: set[str] = set()
+        self.decoders: dict[str, Decoder] = {}
         self.log = log.get("monitor")
         self._unlogged_lost = 0
         self._unlogged_malformed = ""
@@ -145,6 +153,15 @@ class Monitor:
         if len(self.queue) < self.settings.queue_batches:
             self.queue.append(msg.data)
             self.wake.set()
+            return
+        if flow_wire.is_binary(msg.data):
+            try:
+                flows, lost, dropped_queue, dropped_publish = flow_wire.counts(msg.data)
+            except flow_wire.MalformedBatch:
+                self._malformed("queue full and batch malformed")
+                return
+            self._lost("monitor", flows)
+            self._lost_upstream(lost, dropped_queue, dropped_publish)
             return
         try:
             size = _size_decoder.decode(msg.data)
@@ -170,24 +187,51 @@ class Monitor:
 
     async def process(self, data: bytes) -> list[EnrichedFlow]:
         """Enrich, keep, count and republish one batch; what it produced."""
-        try:
-            batch = _batch_decoder.decode(data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            self._malformed(str(exc))
+        flows = self._decode(data)
+        if flows is None:
             return []
-        if batch.lost:
-            self._lost("datapath", batch.lost)
-        self.nodes.add(batch.node)
         enrich = self.enricher.enrich
-        enriched = [enrich(flow) for flow in batch.flows]
+        enriched = [enrich(flow) for flow in flows]
         self.ring.extend(enriched)
         self.flows_seen += len(enriched)
-        self._count(batch.flows)
+        self._count(flows)
         await self._republish(enriched)
         RING.set(len(self.ring))
         return enriched
 
-    def _count(self, flows: list[Flow]) -> None:
+    def _decode(self, data: bytes) -> Sequence[Flow | WireFlow] | None:
+        """The batch's flows, its loss counted; None if it does not decode."""
+        if flow_wire.is_binary(data):
+            try:
+                binary = flow_wire.decode(data)
+                records = binary.unpack()
+            except (flow_wire.MalformedBatch, struct.error) as exc:
+                self._malformed(str(exc))
+                return None
+            self._lost_upstream(binary.lost, binary.dropped_queue, binary.dropped_publish)
+            self.nodes.add(binary.node)
+            decoder = self.decoders.get(binary.node)
+            if decoder is None:
+                if len(self.decoders) >= MAX_DECODERS:
+                    self.decoders.clear()
+                decoder = self.decoders[binary.node] = Decoder(binary.node)
+            return decoder.wire(records, binary.clock_offset_ns)
+        try:
+            batch = _batch_decoder.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self._malformed(str(exc))
+            return None
+        self._lost("datapath", batch.lost)
+        self.nodes.add(batch.node)
+        return batch.flows
+
+    def _lost_upstream(self, lost: int, dropped_queue: int, dropped_publish: int) -> None:
+        """What a batch's header says was lost before it: in the kernel and at the agent."""
+        self._lost("datapath", lost)
+        self._lost("agent", dropped_queue)
+        self._lost("bus", dropped_publish)
+
+    def _count(self, flows: Sequence[Flow | WireFlow]) -> None:
         # aggregated per batch: one metric update per label set, not per flow
         kinds: collections.Counter[tuple[str, str]] = collections.Counter()
         drops: collections.Counter[tuple[str, str]] = collections.Counter()

@@ -23,7 +23,7 @@ from prometheus_client import REGISTRY
 
 from bench.flows import FlowGenerator
 from membrane.servers import ServerProcess
-from services.datapath.events import RECORD, Decoder, decode_events, to_flow
+from shared.flow_decode import RECORD, Decoder, decode_events, to_flow
 from services.datapath.flow_publisher import FlowPublisher
 from services.datapath.ringbuf import RingBuffer
 from shared import subjects

@@ -9,7 +9,7 @@ import time
 import msgspec
 import pytest
 
-from services.datapath.events import (
+from shared.flow_decode import (
     EVENT_SIZE,
     RECORD,
     Decoder,

@@ -1,4 +1,5 @@
-"""Decode ``struct flow_event`` (bpf/events.h) records from the ring buffer into flows.
+"""Decode ``struct flow_event`` (bpf/events.h) records into flows: the agent (JSON wire) and
+the monitor (binary batches, :mod:`shared.flow_wire`) share it.
 
 Built for hundreds of thousands of events a second: the layout is one precompiled struct,
 every name is a table lookup by the raw number, addresses are formatted once and cached, and
@@ -170,10 +171,19 @@ class Decoder:
             self._offset_ns = time.time_ns() - time.monotonic_ns()
             self._offset_read = now
 
-    def wire(self, records: Sequence[tuple[Any, ...]]) -> list[WireFlow]:
-        """Flows from :data:`RECORD` tuples (ring buffer header first), ready to encode."""
-        self._refresh_clock()
-        offset = self._offset_ns
+    def wire(
+        self, records: Sequence[tuple[Any, ...]], offset_ns: int | None = None
+    ) -> list[WireFlow]:
+        """Flows from :data:`RECORD` tuples (ring buffer header first), ready to encode.
+
+        ``offset_ns``: unix time minus CLOCK_MONOTONIC on the node that wrote the records
+        (a binary batch says it); by default this machine's, for a decoder on the node.
+        """
+        if offset_ns is None:
+            self._refresh_clock()
+            offset = self._offset_ns
+        else:
+            offset = offset_ns
         node = self.node
         ips = self._addresses
         types, verdicts, reasons = TYPES, VERDICTS, REASON_NAMES
