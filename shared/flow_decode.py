@@ -164,6 +164,12 @@ class Decoder:
         self._offset_read = -CLOCK_REFRESH_S
         self._refresh_clock()
 
+    def clock_offset_ns(self) -> int:
+        """Unix time minus CLOCK_MONOTONIC here, re-read at most once a second (so that the
+        flows of one second keep their order across batches)."""
+        self._refresh_clock()
+        return self._offset_ns
+
     def _refresh_clock(self) -> None:
         now = time.monotonic()
         if now - self._offset_read >= CLOCK_REFRESH_S:
@@ -179,11 +185,7 @@ class Decoder:
         ``offset_ns``: unix time minus CLOCK_MONOTONIC on the node that wrote the records
         (a binary batch says it); by default this machine's, for a decoder on the node.
         """
-        if offset_ns is None:
-            self._refresh_clock()
-            offset = self._offset_ns
-        else:
-            offset = offset_ns
+        offset = self.clock_offset_ns() if offset_ns is None else offset_ns
         node = self.node
         ips = self._addresses
         types, verdicts, reasons = TYPES, VERDICTS, REASON_NAMES

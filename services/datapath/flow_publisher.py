@@ -269,7 +269,7 @@ class FlowPublisher:
             head = flow_wire.header(
                 self._node_bytes,
                 count,
-                time.time_ns() - time.monotonic_ns(),  # the kernel's clock is CLOCK_MONOTONIC
+                self._decoder.clock_offset_ns(),  # the kernel's clock is CLOCK_MONOTONIC
                 lost,
                 queue,
                 publish,

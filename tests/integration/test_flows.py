@@ -23,11 +23,11 @@ from prometheus_client import REGISTRY
 
 from bench.flows import FlowGenerator
 from membrane.servers import ServerProcess
-from shared.flow_decode import RECORD, Decoder, decode_events, to_flow
 from services.datapath.flow_publisher import FlowPublisher
 from services.datapath.ringbuf import RingBuffer
-from shared import subjects
+from shared import flow_wire, subjects
 from shared.bus import Bus
+from shared.flow_decode import RECORD, Decoder, decode_events, to_flow
 from shared.messages import Flow, FlowBatch
 from tests.conftest import eventually
 
@@ -253,7 +253,7 @@ class Received:
     at: list[float] = field(default_factory=list)
 
     async def on_message(self, msg: Msg) -> None:
-        self.batches.append(msgspec.json.decode(msg.data, type=FlowBatch))
+        self.batches.append(as_flow_batch(msg.data))
         self.at.append(time.monotonic())
 
     @property
@@ -267,6 +267,16 @@ class Received:
         await eventually(probe, timeout=timeout, what=f"{flows} flows and {lost} lost")
 
 
+def as_flow_batch(data: bytes) -> FlowBatch:
+    """A batch as the monitor reads it, binary (its stages' counts summed) or JSON."""
+    if not flow_wire.is_binary(data):
+        return msgspec.json.decode(data, type=FlowBatch)
+    batch = flow_wire.decode(data)
+    wire = Decoder(batch.node).wire(batch.unpack(), batch.clock_offset_ns)
+    lost = batch.lost + batch.dropped_queue + batch.dropped_publish
+    return FlowBatch(node=batch.node, flows=[to_flow(f) for f in wire], lost=lost)
+
+
 async def subscribe(bus: Bus) -> Received:
     received = Received()
     await bus.nc.subscribe(subjects.flows(NODE), cb=received.on_message)
@@ -274,8 +284,14 @@ async def subscribe(bus: Bus) -> Received:
     return received
 
 
-def counter(name: str) -> float:
-    return REGISTRY.get_sample_value(name) or 0.0
+def counter(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def dropped() -> float:
+    """The publisher's drops at every stage."""
+    name = "membrane_datapath_flows_dropped_total"
+    return counter(name, stage="queue") + counter(name, stage="publish")
 
 
 async def stop(task: asyncio.Task[None]) -> None:
@@ -284,15 +300,17 @@ async def stop(task: asyncio.Task[None]) -> None:
         await task
 
 
+@pytest.mark.parametrize("wire", ["binary", "json"])
 async def test_batches_of_512_then_the_rest_50ms_after_its_first_flow(
-    bus: Bus, generators: Callable[..., FlowGenerator]
+    bus: Bus, generators: Callable[..., FlowGenerator], wire: str
 ) -> None:
     gen = generators(8 << 20)
     received = await subscribe(bus)
     published = counter("membrane_datapath_flows_published_total")
     batches = counter("membrane_datapath_flow_batches_total")
     with RingBuffer(gen.ring_fd) as ring:
-        task = asyncio.create_task(FlowPublisher(bus, NODE, ring, gen.lost).run())
+        publisher = FlowPublisher(bus, NODE, ring, gen.lost, wire=wire, max_flows=512)
+        task = asyncio.create_task(publisher.run())
         await asyncio.sleep(0.1)  # the publisher is reading
         since = time.time()
         gen.run(1300)
@@ -361,7 +379,7 @@ async def test_without_the_bus_flows_are_dropped_and_counted_then_it_resumes(
 ) -> None:
     gen = generators(8 << 20)
     received = await subscribe(bus)
-    dropped = counter("membrane_datapath_flows_dropped_total")
+    dropped_before = dropped()
     with RingBuffer(gen.ring_fd) as ring:
         task = asyncio.create_task(FlowPublisher(bus, NODE, ring, gen.lost).run())
         nats_server.stop()
@@ -369,7 +387,7 @@ async def test_without_the_bus_flows_are_dropped_and_counted_then_it_resumes(
         async def drops() -> None:
             # more than the client buffers while it reconnects (2 MiB, ~5500 flows)
             await asyncio.to_thread(gen.run, 2000)
-            assert counter("membrane_datapath_flows_dropped_total") > dropped
+            assert dropped() > dropped_before
 
         await eventually(drops, timeout=20, what="dropped flows")
         assert not task.done()
