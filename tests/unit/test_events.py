@@ -9,6 +9,8 @@ import time
 import msgspec
 import pytest
 
+from shared import reasons
+from shared.bus import encode
 from shared.flow_decode import (
     EVENT_SIZE,
     RECORD,
@@ -17,8 +19,6 @@ from shared.flow_decode import (
     decode_events,
     to_flow,
 )
-from shared import reasons
-from shared.bus import encode
 from shared.messages import Flow, FlowBatch
 
 # struct flow_event spelled out field by field, independently of the decoder's format
