@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 import yaml
 
-from shared import __version__, subjects
+from shared import __version__, flow_wire, subjects
 from shared.flow_api import EnrichedFlow, FlowQuery, FlowQueryReply, MonitorStatus
 from shared.flow_filter import VERDICTS
 from shared.messages import Empty, ErrorBody, FlowBatch
@@ -24,7 +24,11 @@ REF = "#/components/schemas/{name}"
 # (message name, type, summary)
 MESSAGES: list[tuple[str, type[msgspec.Struct], str]] = [
     ("EnrichedFlow", EnrichedFlow, "A flow with both workloads, the reason and the policy"),
-    ("FlowBatch", FlowBatch, "A node's raw flows, batched (at most 512 flows or 50 ms)"),
+    (
+        "FlowBatch",
+        FlowBatch,
+        "A node's raw flows as JSON, batched (the L7 proxy's; an agent's with MEMBRANE_FLOW_WIRE=json)",
+    ),
     ("FlowQuery", FlowQuery, "Which recent flows to return"),
     ("FlowQueryReply", FlowQueryReply, "The matching flows, oldest first"),
     ("Empty", Empty, "No arguments"),
@@ -41,6 +45,27 @@ def _message(name: str, summary: str) -> dict[str, Any]:
         "contentType": "application/json",
         "payload": {"$ref": REF.format(name=name)},
     }
+
+
+# the agents' binary batch: not a msgspec type, its layout is shared/flow_wire.py's
+FLOW_RECORDS: dict[str, Any] = {
+    "name": "FlowRecords",
+    "title": "FlowRecords",
+    "summary": "A node's raw flows as its ring buffer holds them, batched (at most 4096 or 50 ms)",
+    "description": (
+        "Binary. Header, little-endian: magic `MFB1`, byte order of the records u8 (0 little,"
+        " 1 big), pad u8, record size u16, record count u32, clock offset i64 (unix ns minus"
+        " the node's CLOCK_MONOTONIC ns), then the events lost since the previous batch by stage"
+        " (u64 each): kernel ring buffer full, agent queue full, bus publish failed; the node"
+        " name's length u16; the node name (UTF-8); the records: each the ring buffer's u32"
+        " length and u32 page offset, then `struct flow_event` of"
+        " services/datapath/bpf/events.h, in the record byte order. Layout:"
+        f" shared/flow_wire.py (header `{flow_wire.HEADER.format}`, record"
+        f" `{flow_wire.RECORD_FIELDS}`, {flow_wire.RECORD_SIZE} bytes)."
+    ),
+    "contentType": "application/octet-stream",
+    "payload": {"type": "string", "format": "binary"},
+}
 
 
 def _ref(kind: str, name: str) -> dict[str, str]:
@@ -71,10 +96,14 @@ def build() -> dict[str, Any]:
         "rawFlows": {
             "address": subjects.FLOWS_PREFIX + ".{node}",
             "title": "Raw flows of a node",
-            "description": "What the datapath agents publish; the monitor consumes it in the "
-            f"queue group `{subjects.MONITOR_QUEUE}`.",
+            "description": "What the datapath agents (binary FlowRecords) and L7 proxies (JSON"
+            " FlowBatch) publish; the monitor consumes it in the queue group "
+            f"`{subjects.MONITOR_QUEUE}`. A JSON batch starts with `{{`, a binary one with `MFB1`.",
             "parameters": {"node": {"description": "the node's name"}},
-            "messages": {"flowBatch": _ref("components/messages", "FlowBatch")},
+            "messages": {
+                "flowRecords": _ref("components/messages", "FlowRecords"),
+                "flowBatch": _ref("components/messages", "FlowBatch"),
+            },
         },
         "monitorQuery": {
             "address": subjects.MONITOR_QUERY_PREFIX + ".{replica}",
@@ -146,7 +175,10 @@ def build() -> dict[str, Any]:
         "channels": channels,
         "operations": operations,
         "components": {
-            "messages": {name: _message(name, summary) for name, _, summary in MESSAGES},
+            "messages": {
+                **{name: _message(name, summary) for name, _, summary in MESSAGES},
+                "FlowRecords": FLOW_RECORDS,
+            },
             "schemas": schemas,
         },
     }

@@ -25,7 +25,7 @@ from prometheus_client import REGISTRY
 
 from services.datapath import cni_conf, nodeport, routing, tunnel
 from services.datapath.agent import Agent, Buckets
-from services.datapath.flow_publisher import FlowPublisher
+from services.datapath.flow_publisher import WIRES, FlowPublisher
 from services.datapath.fqdn_fast import REQUESTS as FQDN_REQUESTS
 from services.datapath.health import Health, health_address
 from services.datapath.lb_sync import LBSync, open_tables
@@ -70,6 +70,11 @@ class DatapathSettings(CommonSettings):
         0, "answered connections one endpoint may hold in conntrack (0: half of ct_size)"
     )
     events_bytes: int = setting(8 << 20, "ring buffer size for datapath events (power of 2)")
+    flow_wire: str = setting(
+        "binary",
+        "how flows go to the monitors: binary (ring buffer records as they are) or json (the"
+        " former FlowBatch, for monitors older than the binary batch)",
+    )
     router_device: str = setting("mbr_host", "device holding the pods' gateway address")
     heartbeat_interval: float = setting(5.0, "seconds between node and lease heartbeats")
     identity_lease: float = setting(
@@ -103,6 +108,8 @@ class DatapathSettings(CommonSettings):
             raise InvalidArgument("the node name is required", field=env_name("node"))
         if self.events_bytes < 4096 or self.events_bytes & (self.events_bytes - 1):
             raise InvalidArgument("must be a power of two >= 4096", field=env_name("events_bytes"))
+        if self.flow_wire not in WIRES:
+            raise InvalidArgument(f"must be one of {', '.join(WIRES)}", field=env_name("flow_wire"))
         if not 0 <= self.ct_endpoint_max <= self.ct_size:
             raise InvalidArgument(
                 "must be between 0 and ct_size", field=env_name("ct_endpoint_max")
@@ -374,6 +381,7 @@ async def _start_tasks(settings: DatapathSettings, up: _Node) -> tuple[TaskGroup
         settings.node,
         RingBuffer(up.datapath.events_fd(), settings.events_bytes),
         up.datapath.lost_event_count,
+        wire=settings.flow_wire,
     )
     tasks.spawn("flows", publisher.run)
     heartbeat = functools.partial(_heartbeat, settings, up)
