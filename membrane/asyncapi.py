@@ -27,7 +27,8 @@ MESSAGES: list[tuple[str, type[msgspec.Struct], str]] = [
     (
         "FlowBatch",
         FlowBatch,
-        "A node's raw flows as JSON, batched (the L7 proxy's; an agent's with MEMBRANE_FLOW_WIRE=json)",
+        "A node's raw flows as JSON, batched (the L7 proxy's; an agent's with"
+        " MEMBRANE_FLOW_WIRE=json)",
     ),
     ("FlowQuery", FlowQuery, "Which recent flows to return"),
     ("FlowQueryReply", FlowQueryReply, "The matching flows, oldest first"),
