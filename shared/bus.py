@@ -13,7 +13,7 @@ import re
 import ssl
 import time
 import urllib.parse
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import msgspec
@@ -179,6 +179,7 @@ class Bus:
         self.name = name
         self.user = user
         self._services: list[MicroService] = []
+        self._pub_heads: dict[str, bytes] = {}  # subject -> "PUB <subject> " (publish_many)
         # requests waiting for a reply, by subject (lowercased, as the server's -ERR comes):
         # a publish the server refuses gets no reply, only an -ERR; the waiting request is
         # cancelled and raises PermissionDenied at once instead of timing out
@@ -323,6 +324,51 @@ class Bus:
             await self.nc.publish(subject, encode(payload))
         except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError) as exc:
             raise Unavailable(f"cannot publish on {subject}: {exc}") from None
+
+    async def publish_many(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        """Fire-and-forget ``(subject, payload)`` messages, in order, as one write.
+
+        For the monitor's republish: nats.py's publish costs about 3 us a message (checks,
+        command building, a flush check), a third of the budget of a flow at 150,000 flows/s.
+        Here the PUB commands are built in one pass and handed to the client's pending buffer
+        at once, as nats.py's own publish does one at a time (its ``_send_command``). While
+        disconnected, or with a client without that method, it publishes one by one so that
+        nats.py's buffering rules apply. Subjects are the caller's own (no validation).
+        """
+        nc = self.nc
+        send = getattr(nc, "_send_command", None)
+        flush_queue = getattr(nc, "_flush_queue", None)
+        if send is None or flush_queue is None or not nc.is_connected:
+            for subject, payload in messages:
+                try:
+                    await nc.publish(subject, payload)
+                except (
+                    nats.errors.ConnectionClosedError,
+                    nats.errors.OutboundBufferLimitError,
+                ) as exc:
+                    raise Unavailable(f"cannot publish on {subject}: {exc}") from None
+            return
+        heads = self._pub_heads
+        if len(heads) > 4096:
+            heads.clear()
+        parts = []
+        size = 0
+        limit = nc.max_payload
+        for subject, payload in messages:
+            head = heads.get(subject)
+            if head is None:
+                head = heads[subject] = b"PUB " + subject.encode() + b" "
+            if len(payload) > limit:
+                raise nats.errors.MaxPayloadError
+            parts.append(b"%b%d\r\n%b\r\n" % (head, len(payload), payload))
+            size += len(payload)
+        if not parts:
+            return
+        nc.stats["out_msgs"] += len(parts)
+        nc.stats["out_bytes"] += size
+        await send(b"".join(parts))
+        if flush_queue.empty():  # as nats.py's publish: wake its flusher
+            await nc._flush_pending()
 
     async def request(
         self, subject: str, payload: Message, reply_type: type[Res], *, timeout: float = 5.0

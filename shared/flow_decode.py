@@ -142,7 +142,7 @@ def _check_wire_layout() -> None:
 _check_wire_layout()
 
 
-class _AddressNames(dict[int, str]):
+class AddressNames(dict[int, str]):
     """Host-order u32 of a network-order IPv4 address -> dotted quad, computed on first use."""
 
     _pack = struct.Struct("=I").pack
@@ -159,7 +159,7 @@ class Decoder:
 
     def __init__(self, node: str) -> None:
         self.node = node
-        self._addresses = _AddressNames()
+        self._addresses = AddressNames()
         self._offset_ns = 0
         self._offset_read = -CLOCK_REFRESH_S
         self._refresh_clock()

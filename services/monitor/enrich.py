@@ -16,7 +16,19 @@ import msgspec
 
 from shared import identities
 from shared.flow_api import EnrichedFlow, FlowPeer
-from shared.flow_decode import WireFlow
+from shared.flow_decode import (
+    DIRECTIONS,
+    F_REPLY,
+    OBSERVATION_POINTS,
+    PROTOCOLS,
+    REASON_NAMES,
+    TCP_FLAGS,
+    TYPES,
+    VERDICT_BITS,
+    VERDICTS,
+    AddressNames,
+    WireFlow,
+)
 from shared.messages import (
     Endpoint,
     Flow,
@@ -59,10 +71,21 @@ class Enricher:
     # endpoint address -> destination address -> the names it resolved to it (fqdn bucket)
     dns_names: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     bad_entries: int = 0
+    # (ip, port, identity, backend) -> its peer, and rule id -> (rule, policy): built once, for
+    # every flow until a table changes (any bucket change clears them). Peers are shared
+    # between flows, as their label lists already were: nothing mutates an enriched flow.
+    peer_cache: dict[tuple[str, int, int, bool], FlowPeer] = field(default_factory=dict)
+    rule_cache: dict[int, tuple[str, str]] = field(default_factory=dict)
+    addresses: AddressNames = field(default_factory=AddressNames)
+
+    def _changed(self) -> None:
+        self.peer_cache.clear()
+        self.rule_cache.clear()
 
     # --- bucket changes -------------------------------------------------------------------
 
     def on_identity(self, key: str, value: bytes | None) -> None:
+        self._changed()
         try:
             number = int(key)
         except ValueError:
@@ -76,6 +99,7 @@ class Enricher:
             self.labels[number] = sorted(identity.labels)
 
     def on_endpoint(self, key: str, value: bytes | None) -> None:
+        self._changed()
         old_ip = self.pod_ips.pop(key, None)
         if old_ip is not None:
             self.pods.pop(old_ip, None)
@@ -90,6 +114,7 @@ class Enricher:
         )
 
     def on_ipcache(self, key: str, value: bytes | None) -> None:
+        self._changed()
         # an address some node owns (a pod's, a health endpoint's); a policy prefix owns none
         old = self.ipcache_keys.pop(key, None)
         if old is not None and self.ip_nodes.get(old[0]) == old[1]:
@@ -101,6 +126,7 @@ class Enricher:
             self.ip_nodes[address] = entry.node
 
     def on_resolved(self, key: str, value: bytes | None) -> None:
+        self._changed()
         # rule ids are hashes of kind and rule name: one id names one rule in every subject,
         # so a name stays known while any subject still carries it
         if value is None:
@@ -140,6 +166,7 @@ class Enricher:
     def on_service(self, key: str, value: bytes | None) -> None:
         """A ``services`` entry (``LBService``): each frontend address names the service.
         NodePort frontends (0.0.0.0) name no address of their own."""
+        self._changed()
         for frontend in self.service_keys.pop(key, []):
             self.services.pop(frontend, None)
         old_name = key.replace(".", "/", 1)  # the bucket key is namespace.name
@@ -234,6 +261,97 @@ class Enricher:
             destination_names=self._names(flow),
         )
 
+    def enrich_records(
+        self, records: list[tuple[int, ...]], node: str, offset_ns: int
+    ) -> list[EnrichedFlow]:
+        """Enriched flows straight from ring buffer record tuples (:data:`shared.flow_wire.
+        RECORD_FIELDS`), as :meth:`enrich` of the decoded flows would give them, without the
+        decoded flow in between: names by table lookup, peers and rules from the caches."""
+        ips = self.addresses
+        peers, rules = self.peer_cache, self.rule_cache
+        if len(peers) > PEER_CACHE_SIZE:
+            peers.clear()
+        peer = self.peer
+        names = self._names_of if self.dns_names else None
+        default_deny = self._default_deny
+        types, verdicts, reasons = TYPES, VERDICTS, REASON_NAMES
+        directions, points, protocols, flags = DIRECTIONS, OBSERVATION_POINTS, PROTOCOLS, TCP_FLAGS
+        out: list[EnrichedFlow] = []
+        append = out.append
+        for (
+            _len,
+            _pg_off,
+            ts,
+            kind,
+            reason,
+            direction,
+            point,
+            proto,
+            tcp,
+            fl,
+            _pad,
+            _ifindex,
+            src_id,
+            dst_id,
+            saddr,
+            daddr,
+            sport,
+            dport,
+            rule_id,
+            length,
+        ) in records:
+            reply = (fl & F_REPLY) == F_REPLY
+            src_ip, dst_ip = ips[saddr], ips[daddr]
+            key = (src_ip, sport, src_id, reply)
+            source = peers.get(key)
+            if source is None:
+                source = peers[key] = peer(src_ip, sport, src_id, reply)
+            key = (dst_ip, dport, dst_id, not reply)
+            destination = peers.get(key)
+            if destination is None:
+                destination = peers[key] = peer(dst_ip, dport, dst_id, not reply)
+            if rule_id:
+                decided = rules.get(rule_id)
+                if decided is None:
+                    rule = self.rules.get(rule_id, "")
+                    decided = rules[rule_id] = (rule, policy_of(rule))
+                rule, policy = decided
+            else:
+                rule = ""
+                policy = default_deny(direction, src_id, dst_id) if reason == POLICY_DENIED else ""
+            append(
+                EnrichedFlow(
+                    (ts + offset_ns) / 1e9,
+                    node,
+                    types[kind],
+                    verdicts[kind << 3 | (fl & VERDICT_BITS)],
+                    reason,
+                    reasons[reason],
+                    directions[direction],
+                    points[point],
+                    protocols[proto],
+                    flags[tcp],
+                    reply,
+                    length,
+                    source,
+                    destination,
+                    None,
+                    [] if reply or names is None else names(src_ip, dst_ip),
+                    rule_id,
+                    rule,
+                    policy,
+                )
+            )
+        return out
+
+    def _names_of(self, src_ip: str, dst_ip: str) -> list[str]:
+        return sorted(self.dns_names.get(src_ip, {}).get(dst_ip, ()))
+
+    def _default_deny(self, direction: int, src_identity: int, dst_identity: int) -> str:
+        if direction == DIR_INGRESS:
+            return self.enforcing.get(dst_identity, ("", ""))[0]
+        return self.enforcing.get(src_identity, ("", ""))[1]
+
     def _names(self, flow: Flow | WireFlow) -> list[str]:
         """What the source resolved to the destination's address (a reply's destination is
         the client: no names)."""
@@ -257,6 +375,10 @@ class Enricher:
             "services": len(set(self.services.values())),
         }
 
+
+# peers kept between bucket changes; beyond it the cache starts over
+PEER_CACHE_SIZE = 65536
+DIR_INGRESS = 1  # bpf/events.h
 
 # reserved identities are not in the ``identities`` bucket; their labels are fixed
 _RESERVED_LABELS: dict[int, list[str]] = {

@@ -18,10 +18,12 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import itertools
+import operator
 import os
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Final
 
 import msgspec
@@ -37,7 +39,7 @@ from services.monitor.watches import follow_optional
 from shared import __version__, flow_groups, flow_wire, ipcache_guard, log, startup, subjects
 from shared.bus import Bus, MicroService, redact
 from shared.config import CommonSettings, env_name, setting
-from shared.errors import InvalidArgument
+from shared.errors import InvalidArgument, Unavailable
 from shared.flow_api import (
     EnrichedFlow,
     FlowGroupsReply,
@@ -45,17 +47,14 @@ from shared.flow_api import (
     FlowQueryReply,
     MonitorStatus,
 )
-from shared.flow_decode import Decoder, WireFlow
 from shared.flow_filter import compile_filter
 from shared.kv_watch import BucketWatches
-from shared.messages import Empty, Flow, FlowBatch
+from shared.messages import Empty, FlowBatch
 from shared.runtime import TaskGroup, periodically, wait_for_shutdown
 
 # batches enriched before the loop is given back to queries, status and KV watches
 YIELD_EVERY: Final = 8
 LOG_EVERY_S: Final = 10.0
-# nodes whose decoders (address caches) are kept; beyond it they start over
-MAX_DECODERS: Final = 4096
 
 FLOWS = Counter(
     "membrane_monitor_flows_processed_total",
@@ -90,6 +89,9 @@ QUEUED = Gauge("membrane_monitor_queued_batches", "Batches waiting to be enriche
 CACHE = Gauge("membrane_monitor_cache_entries", "Entries of the enrichment caches", ["cache"])
 
 _ACTIONS: Final = {"FORWARDED": "allowed", "DROPPED": "denied", "AUDIT": "audit"}
+_TYPE_VERDICT: Final = operator.attrgetter("type", "verdict")
+_REASON_DIRECTION: Final = operator.attrgetter("drop_reason", "drop_reason_desc", "direction")
+_TCP_FLAGS: Final = operator.attrgetter("tcp_flags")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +143,7 @@ class Monitor:
         self.flows_lost = 0
         self.malformed = 0
         self.nodes: set[str] = set()
-        self.decoders: dict[str, Decoder] = {}
+        self._subjects: dict[tuple[str, str], str] = {}  # (verdict, namespace) -> subject
         self.log = log.get("monitor")
         self._unlogged_lost = 0
         self._unlogged_malformed = ""
@@ -187,43 +189,37 @@ class Monitor:
 
     async def process(self, data: bytes) -> list[EnrichedFlow]:
         """Enrich, keep, count and republish one batch; what it produced."""
-        flows = self._decode(data)
-        if flows is None:
+        enriched = self._enrich(data)
+        if not enriched:
             return []
-        enrich = self.enricher.enrich
-        enriched = [enrich(flow) for flow in flows]
         self.ring.extend(enriched)
         self.flows_seen += len(enriched)
-        self._count(flows)
+        self._count(enriched)
         await self._republish(enriched)
         RING.set(len(self.ring))
         return enriched
 
-    def _decode(self, data: bytes) -> Sequence[Flow | WireFlow] | None:
-        """The batch's flows, its loss counted; None if it does not decode."""
+    def _enrich(self, data: bytes) -> list[EnrichedFlow]:
+        """The batch's flows enriched, its loss counted; none if it does not decode."""
         if flow_wire.is_binary(data):
             try:
                 binary = flow_wire.decode(data)
                 records = binary.unpack()
             except (flow_wire.MalformedBatch, struct.error) as exc:
                 self._malformed(str(exc))
-                return None
+                return []
             self._lost_upstream(binary.lost, binary.dropped_queue, binary.dropped_publish)
             self.nodes.add(binary.node)
-            decoder = self.decoders.get(binary.node)
-            if decoder is None:
-                if len(self.decoders) >= MAX_DECODERS:
-                    self.decoders.clear()
-                decoder = self.decoders[binary.node] = Decoder(binary.node)
-            return decoder.wire(records, binary.clock_offset_ns)
+            return self.enricher.enrich_records(records, binary.node, binary.clock_offset_ns)
         try:
             batch = _batch_decoder.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             self._malformed(str(exc))
-            return None
+            return []
         self._lost("datapath", batch.lost)
         self.nodes.add(batch.node)
-        return batch.flows
+        enrich = self.enricher.enrich
+        return [enrich(flow) for flow in batch.flows]
 
     def _lost_upstream(self, lost: int, dropped_queue: int, dropped_publish: int) -> None:
         """What a batch's header says was lost before it: in the kernel and at the agent."""
@@ -231,43 +227,44 @@ class Monitor:
         self._lost("agent", dropped_queue)
         self._lost("bus", dropped_publish)
 
-    def _count(self, flows: Sequence[Flow | WireFlow]) -> None:
-        # aggregated per batch: one metric update per label set, not per flow
-        kinds: collections.Counter[tuple[str, str]] = collections.Counter()
-        drops: collections.Counter[tuple[str, str]] = collections.Counter()
+    def _count(self, flows: list[EnrichedFlow]) -> None:
+        # aggregated per batch, in C (Counter over attrgetter): one metric update per label set
+        kinds = collections.Counter(map(_TYPE_VERDICT, flows))
+        dropped = [f for f in flows if f.verdict == "DROPPED"]
+        drops = collections.Counter(map(_REASON_DIRECTION, dropped))
         verdicts: collections.Counter[tuple[str, str, str]] = collections.Counter()
-        flags: collections.Counter[str] = collections.Counter()
-        for flow in flows:
-            kinds[flow.type, flow.verdict] += 1
-            if flow.verdict == "DROPPED":
-                drops[flow.reason_name or str(flow.reason), flow.direction] += 1
-            if flow.type == "policy-verdict":
-                match = "rule" if flow.rule_id else "default"
-                verdicts[flow.direction, match, _ACTIONS.get(flow.verdict, "other")] += 1
-            if flow.tcp_flags:
-                flags.update(flow.tcp_flags)
+        if any(kind == "policy-verdict" for kind, _ in kinds):
+            for flow in flows:
+                if flow.type == "policy-verdict":
+                    match = "rule" if flow.rule_id else "default"
+                    verdicts[flow.direction, match, _ACTIONS.get(flow.verdict, "other")] += 1
+        flags = collections.Counter(itertools.chain.from_iterable(map(_TCP_FLAGS, flows)))
         for key, n in kinds.items():
             FLOWS.labels(*key).inc(n)
-        for key, n in drops.items():
-            DROPS.labels(*key).inc(n)
+        for (reason, desc, direction), n in drops.items():
+            DROPS.labels(desc or str(reason), direction).inc(n)
         for vkey, n in verdicts.items():
             POLICY_VERDICTS.labels(*vkey).inc(n)
         for flag, n in flags.items():
             TCP_FLAGS.labels(flag).inc(n)
 
     async def _republish(self, flows: list[EnrichedFlow]) -> None:
-        nc = self.bus.nc
         encode = _flow_encoder.encode
-        subject_of = subjects.event_flows
-        failed = 0
+        subjects_of = self._subjects
+        if len(subjects_of) > 4096:
+            subjects_of.clear()
+        messages = []
         for flow in flows:
-            try:
-                # buffered by nats.py: no round trip, and it suspends only to flush a full buffer
-                await nc.publish(subject_of(flow.verdict, event_namespace(flow)), encode(flow))
-            except (nats.errors.Error, OSError):
-                failed += 1
-        if failed:
-            PUBLISH_FAILED.inc(failed)
+            key = (flow.verdict, event_namespace(flow))
+            subject = subjects_of.get(key)
+            if subject is None:
+                subject = subjects_of[key] = subjects.event_flows(*key)
+            messages.append((subject, encode(flow)))
+        try:
+            # one message per flow for the subscribers, written to the client in one go
+            await self.bus.publish_many(messages)
+        except (nats.errors.Error, OSError, Unavailable):
+            PUBLISH_FAILED.inc(len(messages))
 
     def _lost(self, stage: str, count: int) -> None:
         if count:
