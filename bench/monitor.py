@@ -120,6 +120,15 @@ class Monitors:
             await asyncio.sleep(0.2)
         raise RuntimeError("monitor replicas did not come up (see the logs)")
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the replicas have used so far (/proc/<pid>/stat)."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for proc in self.procs:
+            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        return total / ticks
+
     def stop(self) -> None:
         for proc in self.procs:
             proc.send_signal(signal.SIGTERM)
@@ -152,6 +161,12 @@ class Throughput:
     seconds: float
     kernel_lost: int
     published_dropped: int
+    cpu_seconds: float  # of the monitor processes, over the run
+
+    @property
+    def capacity(self) -> float:
+        """Enriched flows per CPU-second of a replica: its rate with a core to itself."""
+        return self.seen / self.cpu_seconds if self.cpu_seconds else 0.0
 
     @property
     def rate(self) -> float:
@@ -170,6 +185,7 @@ async def throughput(
         publisher = FlowPublisher(bus, NODE, ring, gen.lost, wire=wire)
         task = asyncio.create_task(publisher.run())
         started = time.monotonic()
+        cpu = monitors.cpu_seconds()
         await asyncio.to_thread(produce, gen, events, chunk, ring)
         await publisher.flush()
         await bus.nc.flush()
@@ -187,12 +203,15 @@ async def throughput(
                 break  # nothing moves any more: the rest never arrived
             await asyncio.sleep(0.05)
         elapsed = now - started
+        cpu = monitors.cpu_seconds() - cpu
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
         from bench.flows import dropped_flows
 
-        return Throughput(wire, replicas, events, seen, lost, elapsed, gen.lost(), dropped_flows())
+        return Throughput(
+            wire, replicas, events, seen, lost, elapsed, gen.lost(), dropped_flows(), cpu
+        )
     finally:
         await bus.close()
         monitors.stop()
@@ -300,13 +319,15 @@ async def run(args: argparse.Namespace) -> None:
             nats.stop()
     print(
         f"{'wire':>6} {'replicas':>8} {'events':>9} {'enriched':>9} {'lost':>6} {'seconds':>8} "
-        f"{'flows/s':>9} {'per replica':>11} {'vs JSON':>7}"
+        f"{'flows/s':>9} {'per replica':>11} {'vs JSON':>7} {'us CPU/flow':>11} "
+        f"{'flows/CPU-s':>11}"
     )
     before = results[0]
     for r in results:
         print(
             f"{r.wire:>6} {r.replicas:8d} {r.events:9d} {r.seen:9d} {r.lost:6d} {r.seconds:8.2f} "
-            f"{r.rate:9.0f} {r.rate / r.replicas:11.0f} {r.rate / before.rate:6.2f}x"
+            f"{r.rate:9.0f} {r.rate / r.replicas:11.0f} {r.rate / before.rate:6.2f}x "
+            f"{1e6 / r.capacity if r.capacity else 0:11.2f} {r.capacity:11.0f}"
         )
     one = results[1]
     complete = all(r.seen == r.events and r.lost == 0 for r in results)
@@ -316,6 +337,12 @@ async def run(args: argparse.Namespace) -> None:
         f"{one.rate:.0f}/s ({one.rate / GOAL_RATE:.2f} of the goal, {one.rate / before.rate:.2f}x "
         f"the JSON wire's {before.rate:.0f}/s), {'all' if complete else 'NOT all'} flows "
         f"enriched -> {'MET' if one.rate >= GOAL_RATE and complete else 'MISSED'}"
+    )
+    print(
+        f"one replica's own cost: {1e6 / one.capacity if one.capacity else 0:.2f} us of CPU per "
+        f"flow, {one.capacity:.0f} flows per CPU-second ({one.capacity / GOAL_RATE:.2f} of the "
+        "goal with a core to itself; JSON wire: "
+        f"{before.capacity:.0f}, {one.capacity / before.capacity if before.capacity else 0:.2f}x)"
     )
     p50, p99 = percentile(delays, 0.5), percentile(delays, 0.99)
     latency_met = p99 <= GOAL_P99 and printed == made

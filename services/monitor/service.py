@@ -52,8 +52,9 @@ from shared.kv_watch import BucketWatches
 from shared.messages import Empty, FlowBatch
 from shared.runtime import TaskGroup, periodically, wait_for_shutdown
 
-# batches enriched before the loop is given back to queries, status and KV watches
-YIELD_EVERY: Final = 8
+# flows enriched before the loop is given back to queries, status and KV watches: a binary
+# batch (up to 4096 flows, some 20 ms) at a time, or 8 JSON batches of 512
+YIELD_FLOWS: Final = 4096
 LOG_EVERY_S: Final = 10.0
 
 FLOWS = Counter(
@@ -179,9 +180,9 @@ class Monitor:
             self.wake.clear()
             done = 0
             while self.queue:
-                await self.process(self.queue.popleft())
-                done += 1
-                if done % YIELD_EVERY == 0:
+                done += len(await self.process(self.queue.popleft())) or 1
+                if done >= YIELD_FLOWS:
+                    done = 0
                     QUEUED.set(len(self.queue))
                     await asyncio.sleep(0)
             QUEUED.set(0)
