@@ -38,9 +38,10 @@ from tests.e2e.test_lb import wait_backends, whoami
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
 
-CT_SIZE = 4096
+# over the 4,536 SNAT ports: a spray can hold every port towards its backend
+CT_SIZE = 8192
 PORTS = (("tcp", 8080), ("udp", 5353))  # what the backends answer
-SPRAY = 10_000  # over twice CT_SIZE
+SPRAY = 20_000  # over twice CT_SIZE
 
 SERVICE = """
 apiVersion: v1
@@ -273,8 +274,9 @@ def test_a_denied_spray_at_a_node_port_evicts_no_connection(
     """Node 1 writes a new connection's translation records before node 2, the backend's
     node, has judged the client. A client node 2's policy denies sprays SYNs at node 1's node
     port: its records must stay among the unanswered ones (np_nat_new), and another client's
-    answered flow keep its records (before: one LRU map, which the spray overfilled). The
-    backend is the test's own: the spray holds node 1's SNAT ports towards it for a minute."""
+    answered flow keep its records (before: one LRU map, which the spray overfilled); and new
+    clients must still get SNAT ports towards the backend the spray holds them for. The
+    backend is the test's own, so that other tests' backends are not part of the spray."""
     cluster = np_cluster
     ips = underlay(cluster)
     node1, node2 = ips[cluster.nodes[0]], ips[cluster.nodes[1]]
@@ -332,6 +334,11 @@ def test_a_denied_spray_at_a_node_port_evicts_no_connection(
         sprayed = [r for r in records() if (r["client"], r["frontend_port"]) == (outsider, 30170)]
         assert len(sprayed) > CT_SIZE // 2 and not any(r["answered"] for r in sprayed)
         assert [r["answered"] for r in victims()] == [True]  # not evicted by the spray
+        # the spray holds (nearly) every SNAT port towards the backend for a SYN's lifetime;
+        # a new client takes over ports whose connections waited over 3 s for an answer
+        time.sleep(3.5)
+        after = from_host(cluster, 2, "ask", "tcp", node1, "30170", "6")
+        assert "failed" not in after, after
     finally:
         for proc in servers:
             proc.kill()

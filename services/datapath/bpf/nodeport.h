@@ -202,7 +202,12 @@ static __always_inline int nodeport_reply(struct __sk_buff *skb, struct packet *
 
 /* A port of this node for the translated connection: free when no reply tuple holds it, or
  * the one holding it expired and so did its connection. Tried from a hash of the client's
- * tuple, NP_SNAT_TRIES times. 0: none free. */
+ * tuple, NP_SNAT_TRIES times. When none is free, a port held by a connection that has waited
+ * longer than NP_SNAT_PATIENCE for its first answer is taken over (its client's record goes):
+ * otherwise a host spraying SYNs at a node port would hold every port towards a backend for a
+ * SYN's lifetime, and nobody could connect to it meanwhile. 0: none. */
+#define NP_SNAT_PATIENCE (3 * NSEC)
+
 static __always_inline __u16 np_snat_port(struct np_config *cfg, struct lb_l4 *l,
 					  struct lb_backend *b, __u64 now)
 {
@@ -214,6 +219,8 @@ static __always_inline __u16 np_snat_port(struct np_config *cfg, struct lb_l4 *l
 		.sport = bpf_ntohs(b->port),
 		.protocol = l->protocol,
 	};
+	__u16 waited = 0; /* a port whose connection has waited too long for an answer */
+	struct ct_key waiting = {};
 #pragma unroll
 	for (int i = 0; i < NP_SNAT_TRIES; i++) {
 		__u16 port = cfg->snat_min + (h + i * 7919) % range;
@@ -222,8 +229,6 @@ static __always_inline __u16 np_snat_port(struct np_config *cfg, struct lb_l4 *l
 		struct np_rnat *r = np_rnat_find(&rkey, now, &unanswered);
 		if (!r)
 			return port;
-		if (r->expires_ns >= now)
-			continue;
 		struct ct_key okey = {
 			.saddr = r->client_ip,
 			.daddr = r->frontend_ip,
@@ -231,11 +236,25 @@ static __always_inline __u16 np_snat_port(struct np_config *cfg, struct lb_l4 *l
 			.dport = bpf_ntohs(r->frontend_port),
 			.protocol = l->protocol,
 		};
+		if (r->expires_ns >= now) {
+			/* an unanswered record is never refreshed: it was written at expiry - 60 s */
+			if (!waited && unanswered &&
+			    r->expires_ns + NP_SNAT_PATIENCE <= now + CT_LIFETIME_NONTCP) {
+				waited = port;
+				waiting = okey;
+			}
+			continue;
+		}
 		struct np_nat *n = np_nat_find(&okey, now);
 		if (!n || n->expires_ns < now || n->snat_port != bpf_htons(port))
 			return port;
 	}
-	return 0;
+	if (waited) {
+		struct np_nat *n = np_nat_new.lookup(&waiting);
+		if (n && n->snat_port == bpf_htons(waited))
+			np_nat_new.delete(&waiting); /* its next packet is a new connection */
+	}
+	return waited;
 }
 
 /* forward() (from_container, after the pod's egress policy): a pod's TCP or UDP to an address
