@@ -47,14 +47,15 @@ class Conntrack:
         pod_cidr: IPv4Network,
         quota: Any = None,
         translations: Sequence[Any] = (),
-        lb_quota: tuple[Any, Any] | None = None,
+        lb_quota: tuple[Sequence[Any], Any] | None = None,
     ) -> None:
         self.tables = tables  # the bcc tables of the pinned ``ct`` and ``ct_new`` maps
         self.quota = quota  # the bcc table of ``ct_quota`` (bpf/maps.h), None: not kept
         # service and node-port translation records (bpf/lb.h, nodeport.h): each value starts
         # with its expiry, and the datapath ignores an expired one; the sweep deletes them
         self.translations = translations
-        # (``lb_nat_map``, ``lb_quota``): clients' answered service records and their counts
+        # ((``lb_nat_map``, ``np_nat_map``), ``lb_quota``): the answered records a local pod
+        # holds as a client (service connections, masqueraded ones) and their counts
         self.lb_quota = lb_quota
         self.pod_cidr = pod_cidr
         # addresses whose identity changed or went: their connections are purged shortly
@@ -106,8 +107,8 @@ class Conntrack:
                 held[entry.src if entry.scope == "egress" else entry.dst] += 1
             QUOTA_REFUSED.set(_rewrite_counts(self.quota, held, live))
         if self.lb_quota is not None:
-            records, quota = self.lb_quota  # keyed by the client -> frontend tuple
-            clients = Counter(_address(key.saddr) for key in records)
+            tables, quota = self.lb_quota  # keyed by the client -> frontend tuple
+            clients = Counter(_address(key.saddr) for table in tables for key in table)
             LB_QUOTA_REFUSED.set(_rewrite_counts(quota, clients, live))
 
     async def sweep(self, live: Iterable[str]) -> None:

@@ -140,7 +140,7 @@ def test_the_sweep_recounts_each_clients_share_of_service_translations() -> None
         quota[key(a)] = quota.Leaf(64, 9)  # counted up; deletions and evictions unseen
         quota[key(b)] = quota.Leaf(0, 0)
         quota[key(gone)] = quota.Leaf(3, 2)
-        Conntrack((), IPv4Network("10.1.0.0/24"), lb_quota=(nat, quota)).recount({a, b})
+        Conntrack((), IPv4Network("10.1.0.0/24"), lb_quota=((nat,), quota)).recount({a, b})
         held = {
             socket.inet_ntoa(bpf_layouts.U32.pack(k.value)): (v.entries, v.refused)
             for k, v in quota.items()

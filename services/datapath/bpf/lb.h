@@ -362,6 +362,19 @@ static __always_inline struct lb_rnat *lb_rnat_find(struct ct_key *reply, __u64 
 	return u;
 }
 
+/* May the local pod `client` hold one more answered translation record (lb_quota: its service
+ * connections', and its masqueraded ones', nodeport.h)? Counts it if so. */
+static __always_inline int lb_share_take(__u32 client)
+{
+	struct ct_quota *q = lb_quota.lookup(&client);
+	if (!q) {
+		struct ct_quota first = { .entries = 1 };
+		lb_quota.update(&client, &first);
+		return 1;
+	}
+	return quota_take(q);
+}
+
 /* An answer: the connection's records move to the answered maps, if the client's share of them
  * allows (else they stay where they are, evictable, and the connection goes on from there).
  * `r`, the reply record found in lb_rnat_new, is copied before it is deleted. */
@@ -378,14 +391,8 @@ static __always_inline void lb_promote(struct ct_key *reply, struct lb_rnat *r)
 	struct lb_nat *n = lb_nat_new.lookup(&orig);
 	if (!n)
 		return;
-	__u32 client = reply->daddr;
-	struct ct_quota *q = lb_quota.lookup(&client);
-	if (!q) {
-		struct ct_quota first = { .entries = 1 };
-		lb_quota.update(&client, &first);
-	} else if (!quota_take(q)) {
+	if (!lb_share_take(reply->daddr))
 		return;
-	}
 	struct lb_nat nat = *n;
 	struct lb_rnat rnat = *r;
 	lb_rnat_map.update(reply, &rnat);

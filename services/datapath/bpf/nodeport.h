@@ -128,6 +128,9 @@ static __always_inline void np_promote(struct ct_key *reply, struct np_rnat *rna
 	struct np_nat *n = np_nat_new.lookup(&orig);
 	if (!n)
 		return;
+	/* a pod's masqueraded connection: within the pod's share, as its service connections */
+	if (!n->backend_id && !lb_share_take(rnat->client_ip))
+		return;
 	struct np_nat nat = *n;
 	np_rnat_map.update(reply, rnat);
 	np_nat_map.update(&orig, &nat);
