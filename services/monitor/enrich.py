@@ -71,10 +71,11 @@ class Enricher:
     # endpoint address -> destination address -> the names it resolved to it (fqdn bucket)
     dns_names: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     bad_entries: int = 0
-    # (ip, port, identity, backend) -> its peer, and rule id -> (rule, policy): built once, for
-    # every flow until a table changes (any bucket change clears them). Peers are shared
-    # between flows, as their label lists already were: nothing mutates an enriched flow.
-    peer_cache: dict[tuple[str, int, int, bool], FlowPeer] = field(default_factory=dict)
+    # (ip, identity) -> (namespace, pod, node, labels), and rule id -> (rule, policy): looked
+    # up once, for every flow until a table changes (any bucket change clears them). Not the
+    # whole peer: a client's port is new in nearly every connection, so a cache by port would
+    # miss; building the peer positionally from its cached part costs less than a miss.
+    peer_cache: dict[tuple[str, int], tuple[str, str, str, list[str]]] = field(default_factory=dict)
     rule_cache: dict[int, tuple[str, str]] = field(default_factory=dict)
     addresses: AddressNames = field(default_factory=AddressNames)
 
@@ -269,9 +270,12 @@ class Enricher:
         decoded flow in between: names by table lookup, peers and rules from the caches."""
         ips = self.addresses
         peers, rules = self.peer_cache, self.rule_cache
-        if len(peers) > PEER_CACHE_SIZE:
+        if len(peers) > CACHE_SIZE:
             peers.clear()
-        peer = self.peer
+        if len(rules) > CACHE_SIZE:
+            rules.clear()
+        peer_part = self._peer_part
+        by_port = self._port_service if self.services or self.backends else None
         names = self._names_of if self.dns_names else None
         default_deny = self._default_deny
         types, verdicts, reasons = TYPES, VERDICTS, REASON_NAMES
@@ -302,14 +306,22 @@ class Enricher:
         ) in records:
             reply = (fl & F_REPLY) == F_REPLY
             src_ip, dst_ip = ips[saddr], ips[daddr]
-            key = (src_ip, sport, src_id, reply)
-            source = peers.get(key)
-            if source is None:
-                source = peers[key] = peer(src_ip, sport, src_id, reply)
-            key = (dst_ip, dport, dst_id, not reply)
-            destination = peers.get(key)
-            if destination is None:
-                destination = peers[key] = peer(dst_ip, dport, dst_id, not reply)
+            part = peers.get((src_ip, src_id)) or peer_part(src_ip, src_id)
+            source = FlowPeer(
+                src_ip,
+                sport,
+                src_id,
+                *part,
+                by_port(src_ip, sport, reply) if by_port is not None else "",
+            )
+            part = peers.get((dst_ip, dst_id)) or peer_part(dst_ip, dst_id)
+            destination = FlowPeer(
+                dst_ip,
+                dport,
+                dst_id,
+                *part,
+                by_port(dst_ip, dport, not reply) if by_port is not None else "",
+            )
             if rule_id:
                 decided = rules.get(rule_id)
                 if decided is None:
@@ -344,6 +356,23 @@ class Enricher:
             )
         return out
 
+    def _peer_part(self, ip: str, identity: int) -> tuple[str, str, str, list[str]]:
+        """What :meth:`peer` says of an address and identity whatever the port, cached."""
+        pod = self.pods.get(ip)
+        labels = self.labels.get(identity) or _RESERVED_LABELS.get(identity, [])
+        if pod is None:
+            part = ("", "", self.ip_nodes.get(ip, ""), labels)
+        else:
+            part = (pod.namespace, pod.name, pod.node, labels)
+        self.peer_cache[ip, identity] = part
+        return part
+
+    def _port_service(self, ip: str, port: int, backend: bool) -> str:
+        service = self.services.get((ip, port), "") if self.services else ""
+        if not service and backend:
+            service = self.backend_service(ip, port)
+        return service
+
     def _names_of(self, src_ip: str, dst_ip: str) -> list[str]:
         return sorted(self.dns_names.get(src_ip, {}).get(dst_ip, ()))
 
@@ -376,8 +405,8 @@ class Enricher:
         }
 
 
-# peers kept between bucket changes; beyond it the cache starts over
-PEER_CACHE_SIZE = 65536
+# entries of each enrichment cache; beyond it the cache starts over
+CACHE_SIZE = 65536
 DIR_INGRESS = 1  # bpf/events.h
 
 # reserved identities are not in the ``identities`` bucket; their labels are fixed
