@@ -71,17 +71,19 @@ class Enricher:
     # endpoint address -> destination address -> the names it resolved to it (fqdn bucket)
     dns_names: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     bad_entries: int = 0
-    # (ip, identity) -> (namespace, pod, node, labels), and rule id -> (rule, policy): looked
-    # up once, for every flow until a table changes (any bucket change clears them). Not the
-    # whole peer: a client's port is new in nearly every connection, so a cache by port would
-    # miss; building the peer positionally from its cached part costs less than a miss.
-    peer_cache: dict[tuple[str, int], tuple[str, str, str, list[str]]] = field(default_factory=dict)
+    # address -> (namespace, pod, node), and rule id -> (rule, policy): looked up once, for
+    # every flow until a table changes (any bucket change clears them). Not the whole peer: a
+    # client's port is new in nearly every connection, so a cache by port would miss; building
+    # the peer positionally from its cached part costs less than a miss.
+    peer_cache: dict[str, tuple[str, str, str]] = field(default_factory=dict)
     rule_cache: dict[int, tuple[str, str]] = field(default_factory=dict)
     addresses: AddressNames = field(default_factory=AddressNames)
+    policies: int = -1  # distinct policies of the rules, counted when asked (-1: not yet)
 
     def _changed(self) -> None:
         self.peer_cache.clear()
         self.rule_cache.clear()
+        self.policies = -1
 
     # --- bucket changes -------------------------------------------------------------------
 
@@ -275,6 +277,7 @@ class Enricher:
         if len(rules) > CACHE_SIZE:
             rules.clear()
         peer_part = self._peer_part
+        labels_of, reserved, no_labels = self.labels.get, _RESERVED_LABELS.get, _NO_LABELS
         by_port = self._port_service if self.services or self.backends else None
         names = self._names_of if self.dns_names else None
         default_deny = self._default_deny
@@ -306,20 +309,22 @@ class Enricher:
         ) in records:
             reply = (fl & F_REPLY) == F_REPLY
             src_ip, dst_ip = ips[saddr], ips[daddr]
-            part = peers.get((src_ip, src_id)) or peer_part(src_ip, src_id)
+            part = peers.get(src_ip) or peer_part(src_ip)
             source = FlowPeer(
                 src_ip,
                 sport,
                 src_id,
                 *part,
+                labels_of(src_id) or reserved(src_id, no_labels),
                 by_port(src_ip, sport, reply) if by_port is not None else "",
             )
-            part = peers.get((dst_ip, dst_id)) or peer_part(dst_ip, dst_id)
+            part = peers.get(dst_ip) or peer_part(dst_ip)
             destination = FlowPeer(
                 dst_ip,
                 dport,
                 dst_id,
                 *part,
+                labels_of(dst_id) or reserved(dst_id, no_labels),
                 by_port(dst_ip, dport, not reply) if by_port is not None else "",
             )
             if rule_id:
@@ -356,15 +361,14 @@ class Enricher:
             )
         return out
 
-    def _peer_part(self, ip: str, identity: int) -> tuple[str, str, str, list[str]]:
-        """What :meth:`peer` says of an address and identity whatever the port, cached."""
+    def _peer_part(self, ip: str) -> tuple[str, str, str]:
+        """What :meth:`peer` says of an address whatever the port and identity, cached."""
         pod = self.pods.get(ip)
-        labels = self.labels.get(identity) or _RESERVED_LABELS.get(identity, [])
         if pod is None:
-            part = ("", "", self.ip_nodes.get(ip, ""), labels)
+            part = ("", "", self.ip_nodes.get(ip, ""))
         else:
-            part = (pod.namespace, pod.name, pod.node, labels)
-        self.peer_cache[ip, identity] = part
+            part = (pod.namespace, pod.name, pod.node)
+        self.peer_cache[ip] = part
         return part
 
     def _port_service(self, ip: str, port: int, backend: bool) -> str:
@@ -395,16 +399,23 @@ class Enricher:
             return self.enforcing.get(flow.dst_identity, ("", ""))[0]
         return self.enforcing.get(flow.src_identity, ("", ""))[1]
 
+    def _policy_count(self) -> int:
+        # kept until the rules change: a status request every 50 ms walked 20,000 rules each
+        if self.policies < 0:
+            self.policies = len({policy_of(r) for r in self.rules.values()})
+        return self.policies
+
     def counts(self) -> dict[str, int]:
         return {
             "identities": len(self.labels),
             "endpoints": len(self.pods),
             "rules": len(self.rules),
-            "policies": len({policy_of(r) for r in self.rules.values()}),
+            "policies": self._policy_count(),
             "services": len(set(self.services.values())),
         }
 
 
+_NO_LABELS: list[str] = []  # shared by the peers of identities without labels: never mutated
 # entries of each enrichment cache; beyond it the cache starts over
 CACHE_SIZE = 65536
 DIR_INGRESS = 1  # bpf/events.h
