@@ -331,7 +331,9 @@ class Enricher:
                 decided = rules.get(rule_id)
                 if decided is None:
                     rule = self.rules.get(rule_id, "")
-                    decided = rules[rule_id] = (rule, policy_of(rule))
+                    decided = (rule, policy_of(rule))
+                    if rule:  # an unknown id (none of the rules) is no reason to fill the cache
+                        rules[rule_id] = decided
                 rule, policy = decided
             else:
                 rule = ""
