@@ -25,9 +25,10 @@ from nats.aio.msg import Msg
 from membrane.state import StateDir
 from shared import subjects
 from shared.bus import Bus
-from shared.messages import FlowBatch, PolicyEntry, ResolvedPolicy
+from shared.messages import PolicyEntry, ResolvedPolicy
 from tests.conftest import eventually
 from tests.e2e.cluster import Cluster, counted, create_pod, pod_info
+from tests.integration.test_flows import as_flow_batch
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
 
@@ -60,7 +61,7 @@ class FlowTap:
 
     async def start(self, bus: Bus) -> None:
         async def on_message(msg: Msg) -> None:
-            batch = msgspec.json.decode(msg.data, type=FlowBatch)
+            batch = as_flow_batch(msg.data)  # binary (MEMBRANE_FLOW_WIRE's default) or JSON
             self.flows.extend(msgspec.to_builtins(f) for f in batch.flows)
 
         self.sub = await bus.nc.subscribe(subjects.FLOWS_ALL, cb=on_message)
