@@ -47,10 +47,9 @@ def elapsed_ms(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 3)
 
 
-async def connect_upstream(
-    conn: Conn, identity: int, view: View
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """The proxy's own connection to the original destination, on behalf of ``identity``."""
+async def upstream_socket(conn: Conn, identity: int, view: View) -> socket.socket:
+    """The proxy's own connection to the original destination, on behalf of ``identity``:
+    connected, non-blocking."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         # the datapath lets this connection through on the L3/L4 policy, as the client
@@ -74,6 +73,14 @@ async def connect_upstream(
     except BaseException:
         sock.close()
         raise
+    return sock
+
+
+async def connect_upstream(
+    conn: Conn, identity: int, view: View
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """:func:`upstream_socket` as streams."""
+    sock = await upstream_socket(conn, identity, view)
     return await asyncio.open_connection(sock=sock, limit=READ_SIZE)
 
 

@@ -22,14 +22,13 @@ wait for the upstream's answers to the requests before them, which the response 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
 import httptools
 
-from services.proxy.exchange import READ_SIZE, Handler, Report, connect_upstream, elapsed_ms
+from services.proxy.exchange import Handler, Report, elapsed_ms, upstream_socket
 from services.proxy.view import Verdict, View
 from shared.messages import L7Info
 
@@ -91,7 +90,7 @@ class HeadersTooLarge(Exception):
     pass
 
 
-class HttpConnection(Handler):
+class HttpConnection(Handler, asyncio.Protocol):
     def __init__(
         self,
         view: View,
@@ -210,65 +209,153 @@ class HttpConnection(Handler):
         self._answer_local()
 
     # --- I/O --------------------------------------------------------------------------------------
-
-    async def _connect(self, identity: int) -> None:
-        self.up_reader, self.up_writer = await connect_upstream(self.conn, identity, self.view)
-        self.response = _Response(self)
+    # Protocols, not streams: the loop calls data_received as the bytes arrive and what they
+    # make is written to the other side's transport in the same callback, no task woken and no
+    # future per read (with streams each request cost a wake-up of the client's task and of the
+    # upstream's pump on top of the loop's own). Flow control: a side whose transport's write
+    # buffer is over its high-water mark pauses reading from the other side until it drained.
 
     async def run(self, first: bytes = b"") -> None:
-        """Serve the connection; ``first``: what was already read from it."""
-        pump: asyncio.Task[None] | None = None
+        """Serve the connection; ``first``: what was already read from it. The stream's
+        transport is taken over (with whatever its reader still holds) and served by callbacks;
+        this returns when both sides are closed, raising what a callback failed with."""
+        self.loop = asyncio.get_running_loop()
+        self.done: asyncio.Future[None] = self.loop.create_future()
+        self.client: asyncio.Transport = self.writer.transport  # type: ignore[assignment]
+        # the reader's buffer and end: no public way to take them without a read (a wake-up)
+        buffered: bytearray = getattr(self.reader, "_buffer", bytearray())
+        data, eof = first + bytes(buffered), bool(getattr(self.reader, "_eof", False))
+        buffered.clear()
+        self.client.set_protocol(self)
+        self.client.resume_reading()  # (the stream's reader may have paused it)
+        if data:
+            self.data_received(data)
+        if eof:
+            self.eof_received()
         try:
-            while not self.closing:
-                data, first = first or await self.reader.read(READ_SIZE), b""
-                if not data:
-                    break
-                if self.upgraded:
-                    assert self.up_writer is not None
-                    self.up_writer.write(data)
-                    await self.up_writer.drain()
-                    continue
-                try:
-                    self.parser.feed_data(data)
-                    if self.in_head:
-                        self.head_fed += len(data)
-                        if self.head_fed > 2 * MAX_HEADER_BYTES:
-                            self.too_large = True
-                            raise HeadersTooLarge
-                except HeadersTooLarge:
-                    self._fail(431, "Request Header Fields Too Large")
-                except httptools.HttpParserUpgrade as upgrade:
-                    if self.cur.allowed:
-                        self.upgraded = True
-                        self.to_upstream.append(data[upgrade.args[0] :])
-                    else:
-                        self.closing = True
-                except httptools.HttpParserError:
-                    # an exception raised in a callback comes out wrapped
-                    if self.too_large:
-                        self._fail(431, "Request Header Fields Too Large")
-                    else:
-                        self._fail(400, "Bad Request")
-                if self.to_upstream:
-                    if self.up_writer is None:
-                        await self._connect(self.pending[-1].verdict.src_identity)
-                        pump = asyncio.create_task(self._pump())
-                    assert self.up_writer is not None
-                    self.up_writer.write(b"".join(self.to_upstream))
-                    self.to_upstream.clear()
-                    await self.up_writer.drain()
-                await self._flush()
-            await self._flush()
-            if pump is not None and self.pending and not self.closing:
-                await pump  # the answers still owed to a client that stopped sending
-        except (OSError, TimeoutError, asyncio.IncompleteReadError):
-            pass
+            await self.done
         finally:
-            if pump is not None:
-                pump.cancel()
-                with contextlib.suppress(BaseException):
-                    await pump
+            if self.connecting is not None:
+                self.connecting.cancel()
             self.close_both()
+        if self.error is not None:
+            raise self.error
+
+    # set in run(); the class attributes are what they are before it
+    upstream: asyncio.Transport | None = None
+    connecting: asyncio.Task[None] | None = None
+    error: BaseException | None = None
+    client_ended = False  # the client sent its end: close once the answers owed are out
+    holds: frozenset[str] = frozenset()  # why the client's side is not read
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        pass  # the transport was taken over in run()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._from_client(data)
+        except Exception as exc:  # a bug, not the client's input: end this connection only
+            self._fault(exc)
+
+    def eof_received(self) -> bool:
+        self.client_ended = True
+        self._maybe_close()
+        return True  # half-open: the answers still owed go out
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.upstream is not None:
+            self.upstream.close()
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def pause_writing(self) -> None:  # the client reads slowly: stop reading the upstream
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.resume_reading()
+
+    def _hold(self, reason: str, held: bool) -> None:
+        holds = self.holds | {reason} if held else self.holds - {reason}
+        if bool(holds) != bool(self.holds) and not self.client.is_closing():
+            if holds:
+                self.client.pause_reading()
+            else:
+                self.client.resume_reading()
+        self.holds = holds
+
+    def _fault(self, exc: BaseException) -> None:
+        self.error = exc
+        self.close_both()
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def close_both(self) -> None:
+        self.closing = True
+        for transport in (self.client, self.upstream):
+            if transport is not None:
+                transport.close()  # what is buffered is still sent
+
+    def _from_client(self, data: bytes) -> None:
+        if self.closing:
+            return
+        if self.upgraded:
+            assert self.upstream is not None
+            self.upstream.write(data)
+            return
+        try:
+            self.parser.feed_data(data)
+            if self.in_head:
+                self.head_fed += len(data)
+                if self.head_fed > 2 * MAX_HEADER_BYTES:
+                    self.too_large = True
+                    raise HeadersTooLarge
+        except HeadersTooLarge:
+            self._fail(431, "Request Header Fields Too Large")
+        except httptools.HttpParserUpgrade as upgrade:
+            if self.cur.allowed:
+                self.upgraded = True
+                self.to_upstream.append(data[upgrade.args[0] :])
+            else:
+                self.closing = True
+        except httptools.HttpParserError:
+            # an exception raised in a callback comes out wrapped
+            if self.too_large:
+                self._fail(431, "Request Header Fields Too Large")
+            else:
+                self._fail(400, "Bad Request")
+        if self.to_upstream:
+            if self.upstream is None:
+                if self.connecting is None:
+                    identity = self.pending[-1].verdict.src_identity
+                    self.connecting = self.loop.create_task(self._connect(identity))
+                self._hold("connecting", True)
+            else:
+                self.upstream.write(b"".join(self.to_upstream))
+                self.to_upstream.clear()
+        self._flush()
+        self._maybe_close()
+
+    async def _connect(self, identity: int) -> None:
+        self.response = _Response(self)
+        try:
+            sock = await upstream_socket(self.conn, identity, self.view)
+            await self.loop.create_connection(lambda: _Upstream(self), sock=sock)
+        except (OSError, TimeoutError):
+            self.close_both()
+            return
+        except Exception as exc:
+            self._fault(exc)
+            return
+        assert self.upstream is not None
+        if self.client.is_closing():  # the client went away meanwhile
+            self.upstream.close()
+            return
+        self.upstream.write(b"".join(self.to_upstream))
+        self.to_upstream.clear()
+        self._hold("connecting", False)
+        self._maybe_close()
 
     def _fail(self, status: int, reason: str) -> None:
         """A request that cannot be parsed: answered after those before it, then closed."""
@@ -277,38 +364,45 @@ class HttpConnection(Handler):
             return
         self.to_client.append(local_response(status, reason, b"", close=True))
 
-    async def _flush(self) -> None:
+    def _flush(self) -> None:
         if self.to_client:
-            self.writer.write(b"".join(self.to_client))
+            self.client.write(b"".join(self.to_client))
             self.to_client.clear()
-            await self.writer.drain()
 
-    async def _pump(self) -> None:
-        """The upstream's answers, back to the client in order."""
-        assert self.up_reader is not None and self.response is not None
-        while True:
-            data = await self.up_reader.read(READ_SIZE)
-            if not data:
-                break
-            if self.upgraded and not self.pending:
-                self.writer.write(data)
-                await self.writer.drain()
-                continue
-            try:
-                self._feed_response(data)
-            except httptools.HttpParserUpgrade as upgrade:
-                # 101 Switching Protocols: from here on the connection is a byte pipe
-                self.to_client.append(data[upgrade.args[0] :])
-                self.pending.clear()
-            except httptools.HttpParserError:
-                break
-            await self._flush()
-            if self.closing and not self.pending:
-                break
-        # the upstream is done: whatever the client still waits for will not come
-        self.closing = True
-        with contextlib.suppress(OSError):
-            self.writer.close()
+    def _maybe_close(self) -> None:
+        """Closed (after what is buffered) when nothing more is owed to the client: it asked
+        for the end, or sent its own, and every answer it waits for that can still come went
+        out (an upstream being connected will answer)."""
+        if not (self.closing or self.client_ended):
+            return
+        connecting = self.connecting is not None and not self.connecting.done()
+        if self.pending and (self.upstream is not None or connecting):
+            return
+        self.close_both()
+
+    # --- the upstream's side ----------------------------------------------------------------------
+
+    def from_upstream(self, data: bytes) -> None:
+        if self.upgraded and not self.pending:
+            self.client.write(data)
+            return
+        try:
+            self._feed_response(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            # 101 Switching Protocols: from here on the connection is a byte pipe
+            self.to_client.append(data[upgrade.args[0] :])
+            self.pending.clear()
+        except httptools.HttpParserError:
+            self._flush()
+            self.close_both()
+            return
+        self._flush()
+        self._maybe_close()
+
+    def upstream_ended(self) -> None:
+        """The upstream is done: whatever the client still waits for will not come."""
+        self._flush()
+        self.close_both()
 
     def _feed_response(self, data: bytes) -> None:
         """Upstream bytes to the response parser. An answer to HEAD has no body whatever its
@@ -388,3 +482,32 @@ class _Response:
         if 100 <= self.status < 200 and self.status != 101:
             return  # informational (100 Continue): the final answer is still to come
         self.conn.response_complete(self.status)
+
+
+class _Upstream(asyncio.Protocol):
+    """The upstream connection's callbacks, handed to its :class:`HttpConnection`."""
+
+    def __init__(self, conn: HttpConnection) -> None:
+        self.conn = conn
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.conn.upstream = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.conn.from_upstream(data)
+        except Exception as exc:
+            self.conn._fault(exc)
+
+    def eof_received(self) -> bool:
+        self.conn.upstream_ended()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.conn.upstream_ended()
+
+    def pause_writing(self) -> None:  # the upstream reads slowly: stop reading the client
+        self.conn._hold("upstream", True)
+
+    def resume_writing(self) -> None:
+        self.conn._hold("upstream", False)

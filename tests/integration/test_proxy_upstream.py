@@ -36,6 +36,8 @@ CHUNKED_ANSWER = (
     b"5\r\nhello\r\n0\r\nx-checksum: 42\r\n\r\n"
 )
 PLAIN_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+BIG_BODY = bytes(range(256)) * (16 << 10)  # 4 MiB: far over every socket and write buffer
+BIG_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BIG_BODY) + BIG_BODY
 
 
 def allow_all_but_secret() -> View:
@@ -52,8 +54,8 @@ def allow_all_but_secret() -> View:
 
 @pytest.fixture
 async def upstream() -> AsyncIterator[tuple[int, list[bytes]]]:
-    """An HTTP server of canned answers: HEAD /x, POST /chunked, anything else. It records
-    what reached it (the requests' bytes)."""
+    """An HTTP server of canned answers: HEAD /x, POST /chunked, GET /big, anything else. It
+    records what reached it (the requests' bytes); it closes only after the proxy did."""
     seen: list[bytes] = []
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -70,6 +72,9 @@ async def upstream() -> AsyncIterator[tuple[int, list[bytes]]]:
                         break  # the body is not whole yet
                     buffer = rest[tail + 4 :]
                     writer.write(CHUNKED_ANSWER)
+                elif head.startswith(b"GET /big"):
+                    buffer = rest
+                    writer.write(BIG_ANSWER)
                 else:
                     buffer = rest
                     writer.write(HEAD_ANSWER if head.startswith(b"HEAD") else PLAIN_ANSWER)
@@ -141,6 +146,54 @@ async def test_a_denied_request_never_reaches_the_upstream(
     assert answer.startswith(b"HTTP/1.1 403") and answer.endswith(PLAIN_ANSWER), answer
     assert b"/secret" not in b"".join(seen) and b"GET /ok" in b"".join(seen), seen
     assert [r.status for r in reported] == [403, 200]
+
+
+async def proxy_for(port: int, reported: list[L7Info]) -> asyncio.Server:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handler = HttpConnection(
+            allow_all_but_secret(), reader, writer, lambda _c, _v, l7: reported.append(l7)
+        )
+        handler.conn = dataclasses.replace(handler.conn, dport=port)
+        await handler.run()
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0)
+
+
+async def test_a_client_that_ends_its_side_gets_the_answers_owed_then_the_end(
+    upstream: tuple[int, list[bytes]],
+) -> None:
+    """A client's end (a half-close after its last request) ends the connection once its
+    answers went out, while the upstream still holds its side open (before, the proxy waited
+    for the upstream to close: never, here)."""
+    port, _ = upstream
+    reported: list[L7Info] = []
+    proxy = await proxy_for(port, reported)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.sockets[0].getsockname()[1])
+    writer.write(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /secret HTTP/1.1\r\nHost: a\r\n\r\n")
+    writer.write_eof()
+    answer = await asyncio.wait_for(reader.read(), 2)  # read to the end
+    writer.close()
+    proxy.close()
+    await proxy.wait_closed()
+    assert answer.startswith(PLAIN_ANSWER) and answer.count(b"HTTP/1.1 ") == 2, answer
+    assert [r.status for r in reported] == [200, 403]
+
+
+async def test_a_big_answer_to_a_slow_reader_comes_whole(upstream: tuple[int, list[bytes]]) -> None:
+    """4 MiB to a client that reads late: the proxy stops reading the upstream while the
+    client's side is full and starts again as it drains (nothing lost, nothing doubled)."""
+    port, _ = upstream
+    reported: list[L7Info] = []
+    proxy = await proxy_for(port, reported)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.sockets[0].getsockname()[1])
+    writer.write(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\nGET /after HTTP/1.1\r\nHost: a\r\n\r\n")
+    await asyncio.sleep(0.3)  # the buffers on the way fill up
+    answer = await asyncio.wait_for(reader.readexactly(len(BIG_ANSWER) + len(PLAIN_ANSWER)), 5)
+    writer.close()
+    proxy.close()
+    await proxy.wait_closed()
+    assert answer == BIG_ANSWER + PLAIN_ANSWER
+    assert [r.url for r in reported] == ["/big", "/after"]
 
 
 @pytest.mark.parametrize("batch", range(2))
