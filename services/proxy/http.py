@@ -17,6 +17,11 @@ wait for the upstream's answers to the requests before them, which the response 
 
 - chunked bodies keep their trailer section, both ways; answers to ``HEAD`` have no body,
   whatever length their head announces.
+
+Both sides are asyncio Protocols (the client's transport taken over from the stream the
+listener made, once the first bytes told HTTP/1.1): what arrives is parsed in ``data_received``
+and written to the other side in the same callback. A client that ends its side gets the
+answers it is owed, then the connection ends.
 """
 
 from __future__ import annotations
@@ -268,11 +273,15 @@ class HttpConnection(Handler, asyncio.Protocol):
         if not self.done.done():
             self.done.set_result(None)
 
-    def pause_writing(self) -> None:  # the client reads slowly: stop reading the upstream
+    def pause_writing(self) -> None:
+        """The client reads slowly: stop reading the upstream, and the client itself (its
+        denied requests, pipelined, would pile up their 403s here)."""
+        self._hold("client", True)
         if self.upstream is not None:
             self.upstream.pause_reading()
 
     def resume_writing(self) -> None:
+        self._hold("client", False)
         if self.upstream is not None:
             self.upstream.resume_reading()
 

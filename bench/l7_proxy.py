@@ -1,0 +1,105 @@
+"""The HTTP/1.1 proxy alone, on loopback: no cluster, no datapath, no pods. The proxy's handler
+runs in this process (uvloop, an L7 allow rule), the server and ``bench/l7.py load`` (4
+keep-alive connections) in their own processes; printed per run: requests/s, p50, and this
+process's CPU time per request, which on the shared machine varies much less than
+``bench/l7.py``'s side-by-side ratio (its L3/L4 baseline moves with the machine's load).
+
+    .venv/bin/python bench/l7_proxy.py [--runs 3] [--seconds 4]   (root: SO_MARK)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+import uvloop
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from services.proxy.http import HttpConnection
+from services.proxy.view import View
+from shared import identities
+from shared.messages import PolicyEntry, ResolvedPolicy
+
+LOAD = str(Path(__file__).resolve().parent / "l7.py")
+SERVER = """
+import asyncio, uvloop
+ANSWER = b"HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\nContent-Type: text/plain\\r\\n\\r\\nok"
+async def handle(reader, writer):
+    try:
+        while True:
+            await reader.readuntil(b"\\r\\n\\r\\n")
+            writer.write(ANSWER)
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    writer.close()
+async def main():
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await asyncio.Event().wait()
+uvloop.run(main())
+"""
+
+
+def allowing_get() -> View:
+    """Loopback is "world": its ingress allowed for ``GET /bench/.*`` only."""
+    view = View()
+    rule: dict[str, object] = {"http": {"method": "GET", "path": "/bench/.*"}}
+    entry = PolicyEntry(peer=0, protocol=6, port=0, rule_id=1, l7=[rule])
+    policy = ResolvedPolicy(
+        identity=identities.WORLD, revision=1, ingress_enforced=True, ingress=[entry],
+        rules={1: "bench/l7[0]"},
+    )  # fmt: skip
+    view.set_resolved(str(identities.WORLD), msgspec.json.encode(policy))
+    return view
+
+
+async def measure(upstream_port: int, args: argparse.Namespace) -> None:
+    view = allowing_get()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handler = HttpConnection(view, reader, writer, lambda *_: None)
+        handler.conn = dataclasses.replace(handler.conn, dport=upstream_port)
+        await handler.run()
+
+    proxy = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = proxy.sockets[0].getsockname()[1]
+    for _ in range(args.runs):
+        cpu = time.process_time()
+        load = await asyncio.create_subprocess_exec(
+            sys.executable, LOAD, "load", "127.0.0.1", str(port), "keepalive",
+            str(args.seconds), "4", stdout=subprocess.PIPE,
+        )  # fmt: skip
+        out, _ = await load.communicate()
+        got = json.loads(out)
+        spent = time.process_time() - cpu
+        print(
+            f"{got['rps']:8.0f} req/s  p50 {got['p50_ms']:.3f} ms  errors {got['errors']}  "
+            f"proxy CPU {1e6 * spent / max(got['requests'], 1):.1f} us/req",
+            flush=True,
+        )
+    proxy.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    args = parser.parse_args()
+    server = subprocess.Popen([sys.executable, "-c", SERVER], stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        uvloop.run(measure(int(server.stdout.readline()), args))
+    finally:
+        server.kill()
+
+
+if __name__ == "__main__":
+    main()
