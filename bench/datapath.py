@@ -1008,10 +1008,9 @@ def flow_figures(args: argparse.Namespace) -> FlowFigures:
         )
         published, decoded = uvloop.run(run(options))
         rows = []
-        for ours, baseline in (published, decoded):
-            rows += [
-                FlowRow(r.name, r.events, r.rate, r.rate / baseline.rate) for r in (ours, baseline)
-            ]
+        for results in (published, decoded):  # ours first, ..., the bcc baseline last
+            baseline = results[-1]
+            rows += [FlowRow(r.name, r.events, r.rate, r.rate / baseline.rate) for r in results]
         return FlowFigures(rows, float(flows.GOAL))
     except Exception as exc:  # another bench's interface: report, do not fail this one
         return FlowFigures([], 0, note=f"skipped: bench/flows.py failed: {exc!r}")
