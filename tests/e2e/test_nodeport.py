@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from membrane.state import StateDir
 from shared import identities, subjects
 from shared.bus import Bus
 from shared.messages import ResolvedPolicy
@@ -278,6 +279,10 @@ def test_a_denied_spray_at_a_node_port_evicts_no_connection(
     clients must still get SNAT ports towards the backend the spray holds them for. The
     backend is the test's own, so that other tests' backends are not part of the spray."""
     cluster = np_cluster
+    info = StateDir(cluster.state).read_cluster()
+    if info is not None and info.routing == "native":
+        # a backend behind another node is reached through the VXLAN device in both modes
+        pytest.skip("once is enough: the forwarding path does not depend on the routing mode")
     ips = underlay(cluster)
     node1, node2 = ips[cluster.nodes[0]], ips[cluster.nodes[1]]
     create_pod(cluster, "npspray-b", "app=npspray", node=2)
