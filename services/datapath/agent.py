@@ -116,7 +116,7 @@ class Agent:
             self.ipam.cidr,
             datapath.ct_quota,
             datapath.translations,
-            ((datapath.translations[0], datapath.translations[4]), datapath.lb_quota),
+            ((datapath.lb_nat, datapath.np_nat), datapath.lb_quota),
         )
         self.lifecycle = EndpointLifecycle(
             bus,

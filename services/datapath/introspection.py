@@ -63,16 +63,15 @@ def dump(agent: Agent, req: DumpRequest) -> DumpReply:
 
 
 def _nat(agent: Agent) -> list[dict[str, Any]]:
-    """The forward records of the translation maps (loader.Datapath.translations: lb_nat,
-    lb_rnat, lb_nat_new, lb_rnat_new, then the same four of node ports)."""
-    tables = agent.datapath.translations
+    """The forward records of the translation maps, answered and not yet."""
+    d = agent.datapath
     now = time.monotonic_ns()
     rows = []
     for kind, answered, table in (
-        ("service", True, tables[0]),
-        ("service", False, tables[2]),
-        ("nodeport", True, tables[4]),
-        ("nodeport", False, tables[6]),
+        ("service", True, d.lb_nat),
+        ("service", False, d.lb_nat_new),
+        ("nodeport", True, d.np_nat),
+        ("nodeport", False, d.np_nat_new),
     ):
         for key, value in table.items():
             record = decode_nat(kind, answered, bytes(key), bytes(value), now)

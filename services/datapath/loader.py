@@ -138,21 +138,22 @@ class Datapath:
         self.ct = table("ct")  # answered connections
         self.ct_new = table("ct_new")  # connections not answered yet
         self.ct_quota = table("ct_quota")  # answered connections per endpoint (maps.h)
-        # per-connection translation records, swept when they expire (conntrack.py)
-        self.translations = tuple(
-            table(name)
-            for name in (
-                "lb_nat_map",
-                "lb_rnat_map",
-                "lb_nat_new",
-                "lb_rnat_new",
-                "np_nat_map",
-                "np_rnat_map",
-                "np_nat_new",
-                "np_rnat_new",
-            )
+        # per-connection translation records, by map name (lb.h, nodeport.h): the forward ones
+        # of services and node ports (masquerading's too), answered and not yet
+        self.lb_nat, self.lb_nat_new = table("lb_nat_map"), table("lb_nat_new")
+        self.np_nat, self.np_nat_new = table("np_nat_map"), table("np_nat_new")
+        # every translation map, swept when its records expire (conntrack.py)
+        self.translations = (
+            self.lb_nat,
+            self.lb_nat_new,
+            table("lb_rnat_map"),
+            table("lb_rnat_new"),
+            self.np_nat,
+            self.np_nat_new,
+            table("np_rnat_map"),
+            table("np_rnat_new"),
         )
-        self.lb_quota = table("lb_quota")  # answered service records per client (lb.h)
+        self.lb_quota = table("lb_quota")  # answered records per local client (lb.h)
         self.metrics = table("metrics")
         self.lost_events = table("lost_events")
         self.events = table("events")

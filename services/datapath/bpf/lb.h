@@ -183,6 +183,20 @@ static __always_inline int lb_parse(struct __sk_buff *skb, struct lb_l4 *l)
 	return 0;
 }
 
+/* The packet's own tuple as a translation map's key (ports in host order, as in ct_key) */
+static __always_inline struct ct_key lb_key(struct lb_l4 *l, __u8 scope)
+{
+	struct ct_key key = {
+		.saddr = l->saddr,
+		.daddr = l->daddr,
+		.sport = bpf_ntohs(l->sport),
+		.dport = bpf_ntohs(l->dport),
+		.protocol = l->protocol,
+		.scope = scope,
+	};
+	return key;
+}
+
 /* Rewrite one address (at addr_off) and one port (at port_off), fixing both checksums. */
 static __always_inline int lb_rewrite(struct __sk_buff *skb, struct lb_l4 *l, __u32 addr_off,
 				      __u32 old_ip, __u32 new_ip, __u32 port_off, __u16 old_port,
@@ -456,14 +470,7 @@ static __always_inline int lb_from_container(struct __sk_buff *skb, struct lb_ch
 	struct endpoint_info *ep = endpoints.lookup(&ifindex);
 	if (!ep || ep->ip != l.saddr)
 		return TC_ACT_OK;
-	struct ct_key orig = {
-		.saddr = l.saddr,
-		.daddr = l.daddr,
-		.sport = bpf_ntohs(l.sport),
-		.dport = bpf_ntohs(l.dport),
-		.protocol = l.protocol,
-		.scope = CT_EGRESS,
-	};
+	struct ct_key orig = lb_key(&l, CT_EGRESS);
 	__u64 now = bpf_ktime_get_coarse_ns();
 	struct lb_backend *backend = NULL;
 	__u32 backend_id = 0;
@@ -524,14 +531,7 @@ static __always_inline void lb_to_container(struct __sk_buff *skb)
 		lb_icmp_error_to_container(skb);
 		return;
 	}
-	struct ct_key reply = {
-		.saddr = l.saddr,
-		.daddr = l.daddr,
-		.sport = bpf_ntohs(l.sport),
-		.dport = bpf_ntohs(l.dport),
-		.protocol = l.protocol,
-		.scope = CT_INGRESS,
-	};
+	struct ct_key reply = lb_key(&l, CT_INGRESS);
 	int unanswered = 0;
 	__u64 now = bpf_ktime_get_coarse_ns();
 	struct lb_rnat *r = lb_rnat_find(&reply, now, &unanswered);

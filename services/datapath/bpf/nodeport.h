@@ -92,6 +92,19 @@ BPF_TABLE_PINNED("lru_hash", struct ct_key, struct np_nat, np_nat_new, NP_NAT_MA
 BPF_TABLE_PINNED("lru_hash", struct ct_key, struct np_rnat, np_rnat_new, NP_NAT_MAX,
 		 PIN_DIR "/np_rnat_new");
 
+/* The original tuple (np_nat's key) of the connection a reply record belongs to */
+static __always_inline struct ct_key np_orig(struct np_rnat *r, __u8 protocol)
+{
+	struct ct_key key = {
+		.saddr = r->client_ip,
+		.daddr = r->frontend_ip,
+		.sport = bpf_ntohs(r->client_port),
+		.dport = bpf_ntohs(r->frontend_port),
+		.protocol = protocol,
+	};
+	return key;
+}
+
 /* as lb_nat_find / lb_rnat_find */
 static __always_inline struct np_nat *np_nat_find(struct ct_key *orig, __u64 now)
 {
@@ -118,13 +131,7 @@ static __always_inline struct np_rnat *np_rnat_find(struct ct_key *reply, __u64 
 /* The backend answered: the connection's records move to the answered maps */
 static __always_inline void np_promote(struct ct_key *reply, struct np_rnat *rnat)
 {
-	struct ct_key orig = {
-		.saddr = rnat->client_ip,
-		.daddr = rnat->frontend_ip,
-		.sport = bpf_ntohs(rnat->client_port),
-		.dport = bpf_ntohs(rnat->frontend_port),
-		.protocol = reply->protocol,
-	};
+	struct ct_key orig = np_orig(rnat, reply->protocol);
 	struct np_nat *n = np_nat_new.lookup(&orig);
 	if (!n)
 		return;
@@ -161,13 +168,7 @@ static __always_inline int np_rewrite(struct __sk_buff *skb, struct lb_l4 *l, __
 static __always_inline int np_reply(struct __sk_buff *skb, struct lb_l4 *l,
 				    struct np_config *cfg)
 {
-	struct ct_key key = {
-		.saddr = l->saddr,
-		.daddr = l->daddr,
-		.sport = bpf_ntohs(l->sport),
-		.dport = bpf_ntohs(l->dport),
-		.protocol = l->protocol,
-	};
+	struct ct_key key = lb_key(l, 0);
 	__u64 now = bpf_ktime_get_coarse_ns();
 	int unanswered = 0;
 	struct np_rnat *r = np_rnat_find(&key, now, &unanswered);
@@ -232,13 +233,7 @@ static __always_inline __u16 np_snat_port(struct np_config *cfg, struct lb_l4 *l
 		struct np_rnat *r = np_rnat_find(&rkey, now, &unanswered);
 		if (!r)
 			return port;
-		struct ct_key okey = {
-			.saddr = r->client_ip,
-			.daddr = r->frontend_ip,
-			.sport = bpf_ntohs(r->client_port),
-			.dport = bpf_ntohs(r->frontend_port),
-			.protocol = l->protocol,
-		};
+		struct ct_key okey = np_orig(r, l->protocol);
 		if (r->expires_ns >= now) {
 			/* an unanswered record is never refreshed: it was written at expiry - 60 s */
 			if (!waited && unanswered &&
@@ -278,13 +273,7 @@ static __always_inline int masquerade(struct __sk_buff *skb, struct packet *p)
 	struct lb_l4 l;
 	if (lb_parse(skb, &l) < 0 || l.frag)
 		return -1;
-	struct ct_key orig = {
-		.saddr = l.saddr,
-		.daddr = l.daddr,
-		.sport = bpf_ntohs(l.sport),
-		.dport = bpf_ntohs(l.dport),
-		.protocol = l.protocol,
-	};
+	struct ct_key orig = lb_key(&l, 0);
 	__u64 now = bpf_ktime_get_coarse_ns();
 	__u8 tcp_flags = p->tcp_flags;
 	__u16 snat_port = 0;
@@ -528,13 +517,7 @@ int from_netdev(struct __sk_buff *skb)
 	if (!np_client_identity(l.saddr, &client_id))
 		return drop(DROP_INVALID_SIP, DIR_INGRESS, OBS_FROM_NETWORK, &p, ifindex, client_id,
 			    0, 0);
-	struct ct_key orig = {
-		.saddr = l.saddr,
-		.daddr = l.daddr,
-		.sport = bpf_ntohs(l.sport),
-		.dport = dport,
-		.protocol = l.protocol,
-	};
+	struct ct_key orig = lb_key(&l, 0);
 	__u64 now = bpf_ktime_get_coarse_ns();
 	__u8 tcp_flags = p.tcp_flags;
 	struct lb_backend *backend = NULL;
