@@ -233,6 +233,20 @@ async def test_backend_policy_judges_the_client_identity(
         await asyncio.to_thread(cluster.run, "service", "delete", name, check=False)
 
 
+def deny_outsider(cluster: Cluster, path: Path, policy: str, target: str, outsider: str) -> None:
+    """Apply ``policy`` (written to ``path``), then wait until the outsider's connection to the
+    node port ``target`` (IP:PORT) fails: dropped on the backend's node."""
+    path.write_text(policy)
+    cluster.run("apply", "-f", str(path))
+    ip, port = target.split(":")
+
+    def outsider_denied() -> None:
+        got = from_host(cluster, 2, "ask", "tcp", ip, port, "1", source=outsider)
+        assert got == ["failed"], got
+
+    until(outsider_denied, "the outsider dropped on the backend's node", 20)
+
+
 def test_a_client_denied_by_cidr_is_denied_through_another_node(
     np_cluster: Cluster, backends: dict[str, dict[str, Any]], outsider: str, tmp_path: Path
 ) -> None:
@@ -252,15 +266,8 @@ def test_a_client_denied_by_cidr_is_denied_through_another_node(
     try:
         apply(cluster, tmp_path, text)
         wait_backends(cluster, f"{node1}:30160", 2, cluster.nodes[:1])
-        policy_file = tmp_path / "npcidr-policy.yaml"
-        policy_file.write_text(policy)
-        cluster.run("apply", "-f", str(policy_file))
-
-        def outsider_denied() -> None:
-            got = from_host(cluster, 2, "ask", "tcp", node1, "30160", "1", source=outsider)
-            assert got == ["failed"], got  # an answer: it was judged as world
-
-        until(outsider_denied, "the CIDR-denied client dropped on the backend's node", 20)
+        # an answer: it was judged as world
+        deny_outsider(cluster, tmp_path / "npcidr-policy.yaml", policy, f"{node1}:30160", outsider)
         # another node's host (remote-node) still gets through the same node port
         allowed = from_host(cluster, 2, "ask", "tcp", node1, "30160", "2")
         assert "failed" not in allowed, allowed
@@ -296,15 +303,7 @@ def test_a_denied_spray_at_a_node_port_evicts_no_connection(
     try:
         apply(cluster, tmp_path, text)
         wait_backends(cluster, f"{node1}:30170", 1, cluster.nodes[:1])
-        policy_file = tmp_path / "npspray-policy.yaml"
-        policy_file.write_text(policy)
-        cluster.run("apply", "-f", str(policy_file))
-
-        def outsider_denied() -> None:
-            got = from_host(cluster, 2, "ask", "tcp", node1, "30170", "1", source=outsider)
-            assert got == ["failed"], got
-
-        until(outsider_denied, "the outsider dropped on the backend's node", 20)
+        deny_outsider(cluster, tmp_path / "npspray-policy.yaml", policy, f"{node1}:30170", outsider)
         # the victim: node 2's host, one datagram from port 40470, answered
         (answer,) = from_host(cluster, 2, "ask", "udp", node1, "30171", "1", "40470")
         assert answer != "failed" and not answer.startswith("from"), answer
