@@ -129,10 +129,26 @@ def up(cluster: Cluster, octet: int, routing: str = "", timeout: float = 240) ->
         args += ["--routing", routing]
     args += ["--underlay-cidr", f"172.31.{octet}.0/24", "--cluster-cidr", f"10.{octet}.0.0/16"]
     args += ["--service-cidr", f"10.{octet + 1}.0.0/16"]
-    cluster.run(*args, timeout=timeout)
+    try:
+        cluster.run(*args, timeout=timeout)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{service_log_tails(cluster)}") from None
     info = StateDir(cluster.state).read_cluster()
     assert info is not None and info.routing == (routing or info.routing)
     cluster.nats_url = info.nats_url
+
+
+def service_log_tails(cluster: Cluster, lines: int = 25) -> str:
+    """The last lines of every service's log and the supervisor's: what a failed ``up`` in
+    CI leaves to read once the machine and its temp directory are gone."""
+    logs = StateDir(cluster.state).logs
+    parts = []
+    for path in sorted(logs.glob("*.log")) if logs.is_dir() else []:
+        if path.name.startswith(("nats-server", "redis-server")):
+            continue
+        tail = path.read_text(errors="replace").splitlines()[-lines:]
+        parts.append(f"--- {path.name} (last {len(tail)} lines)\n" + "\n".join(tail))
+    return "\n".join(parts) or f"(no logs under {logs})"
 
 
 def down_leaving_nothing(cluster: Cluster) -> None:
