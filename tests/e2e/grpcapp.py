@@ -4,6 +4,8 @@
     grpcapp.py call HOST PORT METHOD[:SIZE]...
         one channel (one HTTP/2 connection), the calls one after the other; a JSON line each:
         {"method", "code", "size"}: the status code's name and the size of the answer
+    grpcapp.py session HOST PORT             -> prints "ready", then the same for each METHOD[:SIZE]
+        read from stdin, a line each, all on one channel (one HTTP/2 connection)
 
 Service ``empire.DeathStar``: ``RequestLanding`` (answers "Ship landed"), ``ExhaustPort``
 (answers "exploded"), ``Echo`` (answers its request, for big messages both ways).
@@ -51,24 +53,38 @@ def serve(port: int) -> None:
     server.wait_for_termination()
 
 
+def _call(channel: grpc.Channel, spec: str) -> None:
+    method, _, size = spec.partition(":")
+    stub = channel.unary_unary(f"/{SERVICE}/{method}")
+    payload = bytes(i % 251 for i in range(int(size or 0)))
+    try:
+        answer = stub(payload, timeout=20)
+        ok = method != "Echo" or answer == payload
+        out = {"method": method, "code": "OK" if ok else "CORRUPT", "size": len(answer)}
+    except grpc.RpcError as exc:
+        out = {"method": method, "code": exc.code().name, "size": 0}
+    print(json.dumps(out), flush=True)
+
+
 def call(host: str, port: str, calls: list[str]) -> None:
     with grpc.insecure_channel(f"{host}:{port}", options=OPTIONS) as channel:
         for spec in calls:
-            method, _, size = spec.partition(":")
-            stub = channel.unary_unary(f"/{SERVICE}/{method}")
-            payload = bytes(i % 251 for i in range(int(size or 0)))
-            try:
-                answer = stub(payload, timeout=20)
-                ok = method != "Echo" or answer == payload
-                out = {"method": method, "code": "OK" if ok else "CORRUPT", "size": len(answer)}
-            except grpc.RpcError as exc:
-                out = {"method": method, "code": exc.code().name, "size": 0}
-            print(json.dumps(out), flush=True)
+            _call(channel, spec)
+
+
+def session(host: str, port: str) -> None:
+    with grpc.insecure_channel(f"{host}:{port}", options=OPTIONS) as channel:
+        print("ready", flush=True)
+        for line in sys.stdin:
+            if line.strip():
+                _call(channel, line.strip())
 
 
 if __name__ == "__main__":
     command, args = sys.argv[1], sys.argv[2:]
     if command == "serve":
         serve(int(args[0]))
+    elif command == "session":
+        session(args[0], args[1])
     else:
         call(args[0], args[1], args[2:])

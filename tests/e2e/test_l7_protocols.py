@@ -4,7 +4,8 @@ the node's proxy in between, one cluster (one node) for the module.
 gRPC: grpcio's server (tests/e2e/grpcapp.py) with three methods; the policy allows two. On one
 client connection the allowed calls work (an 8 MB message both ways: flow control), the third
 method gets PERMISSION_DENIED (grpc-status 7, answered by the proxy), and the connection goes
-on: every call's L7 flow has the same client port.
+on: every call's L7 flow has the same client port. On one open connection, a policy change
+applies to the next call: the landing allowed, then denied (PERMISSION_DENIED), then allowed.
 
 Kafka: Cilium's Kafka example (empire-hq produces to deathstar-plans and empire-announce, the
 outpost consumes empire-announce) against a real Kafka-compatible broker (tansu, shipped by the
@@ -20,6 +21,7 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -182,6 +184,71 @@ def test_grpc_denied_method_gets_permission_denied_and_the_connection_goes_on(
     allowed = flows[2]
     assert allowed["verdict"] == "FORWARDED" and allowed["l7"]["grpc_status"] == 0, allowed
     assert allowed["l7"]["method"] == "POST" and allowed["l7"]["status"] == 200, allowed
+
+
+# the same policy without RequestLanding: only Echo is left
+GRPC_POLICY_NO_LANDING = GRPC_POLICY.replace(
+    "        - method: POST\n          path: /empire.DeathStar/RequestLanding\n", ""
+)
+
+
+def test_grpc_policy_change_applies_to_the_next_call_on_the_open_connection(
+    cluster: Cluster, grpc_server: str
+) -> None:
+    """One gRPC channel (one HTTP/2 connection) stays open while the L7 rule of its port
+    changes: the next call after each change gets the new verdict. A proxy that kept its
+    verdicts per connection (or per connection and path) would never deny the landing."""
+    assert GRPC_POLICY_NO_LANDING != GRPC_POLICY
+    session = subprocess.Popen(
+        _exec(cluster, "tiefighter-grpc", str(GRPC_APP), "session", grpc_server, str(GRPC_PORT)),
+        env=cluster.env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert session.stdin is not None and session.stdout is not None
+    calls: list[str] = []
+
+    def call(method: str) -> str:
+        assert session.stdin is not None and session.stdout is not None
+        session.stdin.write(method + "\n")
+        session.stdin.flush()
+        calls.append(method)
+        answer = json.loads(session.stdout.readline())
+        assert answer["method"] == method, answer
+        return str(answer["code"])
+
+    def call_until(method: str, code: str, other: str) -> None:
+        deadline = time.monotonic() + 15
+        while (got := call(method)) != code:  # the same connection all along
+            assert got == other, got
+            assert time.monotonic() < deadline, f"{method} never became {code}"
+            time.sleep(0.2)
+
+    try:
+        assert session.stdout.readline().strip() == "ready"
+        assert call("RequestLanding") == "OK"
+        cluster.run("apply", "-f", "-", input_text=GRPC_POLICY_NO_LANDING)
+        call_until("RequestLanding", "PERMISSION_DENIED", "OK")
+        assert call("Echo") == "OK"  # the connection goes on
+        cluster.run("apply", "-f", "-", input_text=GRPC_POLICY)
+        call_until("RequestLanding", "OK", "PERMISSION_DENIED")
+        assert call("ExhaustPort") == "PERMISSION_DENIED"
+        session.stdin.close()
+        assert session.wait(timeout=30) == 0
+    finally:
+        session.kill()
+        session.wait()
+        cluster.run("apply", "-f", "-", input_text=GRPC_POLICY)
+
+    # every call of the session was one L7 flow on one client connection, with its verdict
+    def session_flows() -> list[dict[str, Any]]:
+        flows = _flows(cluster, "--from-pod", "tiefighter-grpc")[-len(calls) :]
+        assert [f["l7"]["url"].rsplit("/", 1)[-1] for f in flows] == calls, flows
+        return flows
+
+    flows = until(session_flows, "the session's L7 flows")
+    assert len({f["source"]["port"] for f in flows}) == 1, flows
+    verdicts = [f["verdict"] for f in flows]
+    assert verdicts[0] == "FORWARDED" and "DROPPED" in verdicts, verdicts
+    assert verdicts[-2:] == ["FORWARDED", "DROPPED"], verdicts
 
 
 @pytest.fixture(scope="module")
