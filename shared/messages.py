@@ -274,7 +274,8 @@ class L7Info(Message, gc=False):
     latency_ms: float = 0.0  # request headers in -> response headers out
     grpc_status: int | None = None  # gRPC: the call's grpc-status; 7 when the proxy denied it
     # Kafka: the request's API (Cilium's name: produce, fetch, ...), its version and topics,
-    # and the answer's error code (29 TOPIC_AUTHORIZATION_FAILED when the proxy denied it)
+    # and the answer's error code (29 TOPIC_AUTHORIZATION_FAILED when the proxy denied it, 100
+    # UNKNOWN_TOPIC_ID when topic ids it could not name denied it)
     api_key: str = ""
     api_version: int = 0
     topics: list[str] = []

@@ -10,21 +10,74 @@ to the requests before them. A produce request with ``acks=0`` gets no answer, a
 
 A frame that does not decode, or announces more than ``MAX_FRAME``, closes the connection
 (nothing of it is forwarded) and a flow says why.
+
+Topics named by id (Produce v13+, Fetch v13+, Metadata v10+, OffsetCommit/OffsetFetch v10+,
+DeleteTopics v6+) are named by what the same broker said in its Metadata answers (v10+) to
+requests this proxy let through (``TopicIds``, per broker address and port: a broker is trusted
+for its own topics only). An id no answer named matches no rule's topic: where the rules need
+the name, the request is denied, with UNKNOWN_TOPIC_ID (100) when the unknown ids alone deny it
+(a client's cue to ask for metadata again, which teaches the proxy the id), else with 29.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
+import uuid
 from collections import deque
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address
 
 from services.proxy.exchange import READ_SIZE, Handler, Report, connect_upstream, elapsed_ms
-from services.proxy.kafka_codec import MAX_FRAME, KafkaDecodeError, Parsed, denial, parse
+from services.proxy.kafka_codec import (
+    MAX_FRAME,
+    KafkaDecodeError,
+    Parsed,
+    denial,
+    parse,
+    topic_ids,
+    unknown_id,
+)
 from services.proxy.view import Verdict, View
 from shared.l7_kafka import TOPIC_AUTHORIZATION_FAILED, api_name
 from shared.messages import L7Info
+
+METADATA = 3
+UNKNOWN_TOPIC_ID = 100
+Broker = tuple[IPv4Address, int]
+
+
+class TopicIds:
+    """Topic id -> name, per broker (address, port), from the brokers' own Metadata answers
+    (v10+) that came back through this proxy. Bounded: at most ``max_ids`` per broker and
+    ``max_brokers`` brokers, the oldest out first (an id forgotten is unknown again: its
+    requests get UNKNOWN_TOPIC_ID, and the client's next Metadata request teaches it again)."""
+
+    def __init__(self, max_brokers: int = 1024, max_ids: int = 65536) -> None:
+        self.max_brokers = max_brokers
+        self.max_ids = max_ids
+        self._by_broker: dict[Broker, dict[uuid.UUID, str]] = {}
+
+    def names(self, broker: Broker) -> Mapping[uuid.UUID, str]:
+        return self._by_broker.get(broker) or {}
+
+    def learn(self, broker: Broker, pairs: Iterable[tuple[uuid.UUID, str]]) -> None:
+        known = self._by_broker.get(broker)
+        if known is None:
+            if len(self._by_broker) >= self.max_brokers:
+                del self._by_broker[next(iter(self._by_broker))]
+            known = self._by_broker[broker] = {}
+        for topic_id, name in pairs:
+            known.pop(topic_id, None)
+            known[topic_id] = name
+            if len(known) > self.max_ids:
+                del known[next(iter(known))]
+
+
+TOPIC_IDS = TopicIds()  # the proxy's: every Kafka connection learns into it
 
 
 @dataclass
@@ -33,6 +86,7 @@ class _Pending:
     verdict: Verdict
     local: bytes = b""  # the proxy's answer (denied); empty: the upstream answers
     started: float = field(default_factory=time.perf_counter)
+    error: int = 0  # the proxy's answer's error code
 
 
 def _frames(buffer: bytearray) -> list[bytes]:
@@ -56,8 +110,11 @@ class KafkaConnection(Handler):
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         report: Report,
+        topic_ids: TopicIds = TOPIC_IDS,
     ) -> None:
         super().__init__(view, reader, writer, report)
+        self.topic_ids = topic_ids
+        self.broker: Broker = (self.conn.dst, self.conn.dport)
         self.pending: deque[_Pending] = deque()  # in request order, awaiting their answers
         self.to_upstream: list[bytes] = []
         self.to_client: list[bytes] = []
@@ -76,7 +133,7 @@ class KafkaConnection(Handler):
                 buffer += data
                 try:
                     for payload in _frames(buffer):
-                        self._request(parse(payload))
+                        self._request(parse(payload, self.topic_ids.names(self.broker)))
                 except KafkaDecodeError as exc:
                     self._malformed(exc)
                 if self.to_upstream:
@@ -110,14 +167,28 @@ class KafkaConnection(Handler):
             self.identity = verdict.src_identity
             entry = _Pending(parsed, verdict)
         else:
-            entry = _Pending(
-                parsed, verdict, local=denial(parsed) if parsed.expects_response else b""
-            )
+            error = self._refusal(parsed)
+            local = denial(parsed, error) if parsed.expects_response else b""
+            entry = _Pending(parsed, verdict, local=local, error=error)
         if not parsed.expects_response:
             self._done(entry)  # acks=0: nothing will answer it
             return
         self.pending.append(entry)
         self._answer_local()
+
+    def _refusal(self, parsed: Parsed) -> int:
+        """The error of a denied request: UNKNOWN_TOPIC_ID when the ids no Metadata answer
+        named are all that denied it (the rest of it allowed), else TOPIC_AUTHORIZATION_FAILED."""
+        if not parsed.unknown_ids:
+            return TOPIC_AUTHORIZATION_FAILED
+        request = parsed.request
+        unknown = {unknown_id(topic_id) for topic_id in parsed.unknown_ids}
+        named = tuple(topic for topic in request.topics or () if topic not in unknown)
+        conn = self.conn
+        verdict = self.view.kafka(
+            conn.src, conn.dst, conn.dport, dataclasses.replace(request, topics=named)
+        )
+        return UNKNOWN_TOPIC_ID if verdict.allowed else TOPIC_AUTHORIZATION_FAILED
 
     def _answer_local(self) -> None:
         while self.pending and self.pending[0].local:
@@ -136,7 +207,7 @@ class KafkaConnection(Handler):
                 api_version=request.api_version,
                 topics=list(request.topics or ()),
                 client_id=request.client_id,
-                error_code=0 if entry.verdict.allowed else TOPIC_AUTHORIZATION_FAILED,
+                error_code=entry.error,
                 latency_ms=elapsed_ms(entry.started),
             ),
         )
@@ -168,6 +239,9 @@ class KafkaConnection(Handler):
                     if not self.pending:
                         raise KafkaDecodeError("an answer to no request")
                     entry = self.pending.popleft()
+                    request = entry.parsed.request
+                    if request.api_key == METADATA and request.api_version >= 10:
+                        self.topic_ids.learn(self.broker, topic_ids(request.api_version, payload))
                     self.to_client.append(len(payload).to_bytes(4, "big") + payload)
                     self._done(entry)
                     self._answer_local()

@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import random
 import struct
+import uuid
+from ipaddress import IPv4Address
 from typing import Any
 
 import msgspec
 import pytest
 from kafka.protocol.api_header import ResponseClassRegistry
 from kafka.protocol.consumer import FetchRequest, ListOffsetsRequest, OffsetFetchRequest
-from kafka.protocol.metadata import FindCoordinatorRequest, MetadataRequest
+from kafka.protocol.metadata import FindCoordinatorRequest, MetadataRequest, MetadataResponse
 from kafka.protocol.producer import ProduceRequest
 
-from services.proxy.kafka_codec import denial, parse
+from services.proxy.kafka import TopicIds
+from services.proxy.kafka_codec import REQUESTS, denial, parse, topic_ids
 from services.proxy.view import View
 from shared import identities, l7_kafka
 from shared.errors import InvalidArgument
@@ -220,3 +223,143 @@ async def test_fuzz_never_crashes_and_never_forwards(batch: int) -> None:
         for flow in reported:
             assert flow.error_code == 29 or flow.error, (data, flow)
         assert len(split(answer)) <= len(reported)
+
+
+# --- topics by id, and every field that names a topic --------------------------------------
+
+PLANS_ID, SECRET_ID = uuid.UUID(int=0xA1), uuid.UUID(int=0x5EC)
+D, T, W = REQUESTS[20], REQUESTS[24], REQUESTS[27]  # DeleteTopics, AddPartitionsToTxn, Markers
+
+
+def fetch13(*ids: uuid.UUID, forgotten: tuple[uuid.UUID, ...] = ()) -> Any:
+    return F[13](
+        replica_id=-1, max_wait_ms=1, min_bytes=1,
+        topics=[F.FetchTopic(topic_id=i, partitions=[F.FetchTopic.FetchPartition(partition=0)])
+                for i in ids],
+        forgotten_topics_data=[F.ForgottenTopic(topic_id=i, partitions=[0]) for i in forgotten],
+    )  # fmt: skip
+
+
+def produce13(*ids: uuid.UUID) -> Any:
+    data = [P.TopicProduceData(topic_id=i, partition_data=[
+        P.TopicProduceData.PartitionProduceData(index=0, records=b"")]) for i in ids]  # fmt: skip
+    return P[13](transactional_id=None, acks=1, timeout_ms=1000, topic_data=data)
+
+
+@pytest.mark.parametrize(
+    ("request_", "topics"),
+    [
+        # named only in fields the proxy did not read before
+        (D[5](topic_names=["secret", "plans"], timeout_ms=1), ("secret", "plans")),
+        (T[3](v3_and_below_transactional_id="t", v3_and_below_producer_id=1,
+              v3_and_below_producer_epoch=0, v3_and_below_topics=[
+                  T.AddPartitionsToTxnTopic(name="secret", partitions=[0])]), ("secret",)),
+        (T[4](transactions=[T.AddPartitionsToTxnTransaction(
+            transactional_id="t", producer_id=1, producer_epoch=0, verify_only=False,
+            topics=[T.AddPartitionsToTxnTopic(name="secret", partitions=[0])])]), ("secret",)),
+        (W[1](markers=[W.WritableTxnMarker(producer_id=1, producer_epoch=0,
+              transaction_result=True, coordinator_epoch=0, topics=[
+                  W.WritableTxnMarker.WritableTxnMarkerTopic(name="secret",
+                                                             partition_indexes=[0])])]),
+         ("secret",)),
+        (F[12](replica_id=-1, topics=[F.FetchTopic(topic="plans", partitions=[])],
+               forgotten_topics_data=[F.ForgottenTopic(topic="secret", partitions=[0])]),
+         ("plans", "secret")),
+        # by id: named by what the broker said, else <id>
+        (fetch13(PLANS_ID), ("plans",)),
+        (fetch13(PLANS_ID, forgotten=(SECRET_ID,)), ("plans", f"<{SECRET_ID}>")),
+        (produce13(SECRET_ID), (f"<{SECRET_ID}>",)),
+        # a name and an id: both must be allowed
+        (M[12](topics=[M.MetadataRequestTopic(name="plans", topic_id=SECRET_ID)]),
+         (f"<{SECRET_ID}>", "plans")),
+        (M[12](topics=[M.MetadataRequestTopic(name="plans")]), ("plans",)),  # zero id: none
+        (D[6](topics=[D.DeleteTopicState(name=None, topic_id=PLANS_ID)], timeout_ms=1),
+         ("plans",)),
+    ],
+    ids=lambda r: f"{type(r).__name__}" if not isinstance(r, tuple) else "",
+)  # fmt: skip
+def test_every_field_that_names_a_topic_is_read(request_: Any, topics: tuple[str, ...]) -> None:
+    parsed = parse(framed(request_)[4:], {PLANS_ID: "plans"})
+    assert parsed.request.topics == topics
+    assert parsed.unknown_ids == tuple(
+        uuid.UUID(t[1:-1]) for t in topics if t.startswith("<")
+    )  # fmt: skip
+
+
+def test_an_unknown_id_is_refused_where_a_rule_needs_the_topic() -> None:
+    plans = rules({"role": "produce", "topic": "plans"}, {"role": "consume", "topic": "plans"})
+    for request in (fetch13(SECRET_ID), produce13(SECRET_ID)):
+        parsed = parse(framed(request)[4:], {PLANS_ID: "plans"})
+        assert l7_kafka.allows(plans, parsed.request) is None
+        anything = rules({"role": "consume"}, {"role": "produce"})  # no topic: no name needed
+        assert l7_kafka.allows(anything, parsed.request) is not None
+        known = parse(framed(request)[4:], {SECRET_ID: "plans"})  # the broker said "plans"
+        assert l7_kafka.allows(plans, known.request) is not None
+
+
+@pytest.mark.parametrize("request_", [fetch13(PLANS_ID, SECRET_ID), produce13(SECRET_ID)])
+def test_denials_of_requests_by_id_echo_the_ids(request_: Any) -> None:
+    parsed = parse(framed(request_)[4:])
+    out = denial(parsed, 100)
+    cls = ResponseClassRegistry.get_response_class(parsed.body.header)
+    response = cls.decode(out[4:], version=parsed.request.api_version, header=True)
+    assert set(_codes(response.to_dict())) == {100}
+    topics = response.responses
+    sent = request_.topics if isinstance(request_, F) else request_.topic_data
+    assert [t.topic_id for t in topics] == [t.topic_id for t in sent]
+
+
+def test_metadata_answers_teach_ids_per_broker() -> None:
+    R = MetadataResponse
+    answer = R[12](
+        throttle_time_ms=0, brokers=[], cluster_id="c", controller_id=1,
+        topics=[
+            R.MetadataResponseTopic(error_code=0, name="plans", topic_id=PLANS_ID, partitions=[]),
+            R.MetadataResponseTopic(error_code=3, name="gone", topic_id=uuid.UUID(int=0),
+                                    partitions=[]),
+            R.MetadataResponseTopic(error_code=100, name=None, topic_id=SECRET_ID,
+                                    partitions=[]),
+        ],
+    )  # fmt: skip
+    answer.with_header(correlation_id=9)
+    payload = bytes(answer.encode(header=True, framed=True))[4:]
+    assert topic_ids(12, payload) == [(PLANS_ID, "plans")]
+    assert topic_ids(9, payload) == [] and topic_ids(12, payload[:20]) == []
+    known = TopicIds(max_brokers=2, max_ids=2)
+    a, b, c = ((IPv4Address("10.0.0.1"), port) for port in (9092, 9093, 9094))
+    known.learn(a, [(PLANS_ID, "plans")])
+    assert known.names(a) == {PLANS_ID: "plans"} and known.names(b) == {}  # a's alone
+    known.learn(a, [(SECRET_ID, "secret"), (uuid.UUID(int=3), "x")])
+    assert set(known.names(a)) == {SECRET_ID, uuid.UUID(int=3)}  # bounded, oldest out
+    known.learn(b, [])
+    known.learn(c, [])
+    assert known.names(a) == {}  # bounded brokers, oldest out
+
+
+def plans_only() -> View:
+    view = View()
+    rule = {"kafka": {"role": "consume", "topic": "plans"}}
+    allow = PolicyEntry(peer=0, protocol=6, port=0, rule_id=1, l7=[rule])
+    policy = ResolvedPolicy(
+        identity=identities.WORLD, revision=1, ingress_enforced=True, ingress=[allow],
+        rules={1: "default/empire[0]"},
+    )  # fmt: skip
+    view.set_resolved(str(identities.WORLD), msgspec.json.encode(policy))
+    return view
+
+
+async def test_a_connection_answers_unknown_ids_with_100_and_other_topics_with_29() -> None:
+    """Nothing here is allowed to reach an upstream (there is none): an unknown id alone gets
+    UNKNOWN_TOPIC_ID, a topic the rules refuse 29, whichever came with it."""
+    data = (
+        framed(fetch13(SECRET_ID), correlation_id=1)
+        + framed(D[5](topic_names=["plans"], timeout_ms=1), correlation_id=2)
+        + framed(F[12](replica_id=-1, topics=[F.FetchTopic(topic="secret", partitions=[])]), 3)
+    )
+    answer, reported = await proxy_loop.exchange(plans_only(), data)
+    assert [cid for cid, _ in split(answer)] == [1, 2, 3]
+    assert [(r.api_key, r.topics, r.error_code) for r in reported] == [
+        ("fetch", [f"<{SECRET_ID}>"], 100),
+        ("deletetopics", ["plans"], 29),  # not the consume role's API
+        ("fetch", ["secret"], 29),
+    ]
