@@ -1,8 +1,9 @@
 """The UI's live stream at 5,000 flows/s: does the page's feed keep up, and say it samples?
 
 A real nats-server; the UI service's HTTP side (``services.ui.web.UIServer``) in this process
-on a free port; a publisher sending enriched flows on ``membrane.events.flows.<verdict>.<ns>``
-at ``--rate`` for ``--seconds`` (each its own connection, a third of them drops); and a client
+on a free port; a publisher sending enriched flows on
+``membrane.events.flowbatches.<verdict>.<ns>`` (a batch of one each: the UI's worst case) at
+``--rate`` for ``--seconds`` (each its own connection, a third of them drops); and a client
 reading ``/api/events`` as the page does. Printed: flows published, the connection count the
 page's edges add up to (must be all of them), the flows the page got for its list (a sample),
 batches that said ``sampled``, and the longest gap between batches (the page's idea of live).
@@ -60,7 +61,7 @@ def make_flow(i: int) -> tuple[str, bytes]:
         ),
         destination=FlowPeer(ip="10.0.9.9", port=80, identity=400, namespace="bench", pod="db"),
     )
-    return subjects.event_flows(flow.verdict, "bench"), msgspec.json.encode(flow)
+    return subjects.event_flow_batches(flow.verdict, "bench"), msgspec.json.encode(flow) + b"\n"
 
 
 async def publish(bus: Bus, rate: int, seconds: float) -> int:
@@ -108,7 +109,7 @@ async def main_async(rate: int, seconds: float) -> None:
             publisher = await Bus.connect(nats.url, "bench-publisher", retry_for=10)
             server = UIServer(ui_bus)
             server.monitor_up = True  # no monitor here: the stream is what is measured
-            await ui_bus.nc.subscribe(subjects.EVENTS_FLOWS_ALL, cb=server.on_flow)
+            await ui_bus.nc.subscribe(subjects.EVENTS_FLOW_BATCHES_ALL, cb=server.on_flow)
             await ui_bus.flush()
             runner = web.AppRunner(server.app(), access_log=None)
             await runner.setup()

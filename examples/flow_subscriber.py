@@ -8,6 +8,11 @@ credentials) defaults to the local cluster's, read from ``cluster.json`` in the 
 directory (``$MEMBRANE_STATE_DIR``, else /var/lib/membrane as root); `membrane up` prints it
 with the password hidden. SUBJECT defaults to every drop in every namespace.
 
+The monitor publishes batches of flows on ``membrane.events.flowbatches.<verdict>.<namespace>``:
+JSON lines, one flow per line. A message of the per-flow subjects (``membrane.events.flows.>``,
+published only by monitors started with MEMBRANE_EVENTS_PER_FLOW=true) is one such line, so
+this reads either.
+
 The local cluster speaks TLS with a CA of its own: its URLs are ``tls://...?ca=PATH`` (the
 CA's certificate, ``<state>/tls/ca.pem``), which nats-py does not read, so it is turned into an
 SSL context here. An event never has a reply subject: one that has was delivered by a JetStream
@@ -37,15 +42,16 @@ async def main(url: str, subject: str) -> None:
     async for msg in sub.messages:
         if msg.reply:
             continue
-        flow = json.loads(msg.data)
-        src, dst = flow["source"], flow["destination"]
-        print(
-            f"{msg.subject}: {src['namespace']}/{src['pod'] or src['ip']}"
-            f" -> {dst['namespace']}/{dst['pod'] or dst['ip']}:{dst['port']}"
-            f" {flow['verdict']} ({flow['drop_reason_desc'] or '-'})"
-            f" policy={flow['policy'] or '-'}",
-            flush=True,
-        )
+        for line in msg.data.splitlines():
+            flow = json.loads(line)
+            src, dst = flow["source"], flow["destination"]
+            print(
+                f"{msg.subject}: {src['namespace']}/{src['pod'] or src['ip']}"
+                f" -> {dst['namespace']}/{dst['pod'] or dst['ip']}:{dst['port']}"
+                f" {flow['verdict']} ({flow['drop_reason_desc'] or '-'})"
+                f" policy={flow['policy'] or '-'}",
+                flush=True,
+            )
 
 
 def local_cluster_url() -> str:
@@ -61,4 +67,4 @@ def local_cluster_url() -> str:
 if __name__ == "__main__":
     args = sys.argv[1:]
     url = args.pop(0) if args and "://" in args[0] else local_cluster_url()
-    asyncio.run(main(url, args[0] if args else "membrane.events.flows.DROPPED.>"))
+    asyncio.run(main(url, args[0] if args else "membrane.events.flowbatches.DROPPED.>"))

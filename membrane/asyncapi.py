@@ -14,7 +14,13 @@ import msgspec
 import yaml
 
 from shared import __version__, flow_wire, subjects
-from shared.flow_api import EnrichedFlow, FlowQuery, FlowQueryReply, MonitorStatus
+from shared.flow_api import (
+    FLOW_BATCH_MAX_BYTES,
+    EnrichedFlow,
+    FlowQuery,
+    FlowQueryReply,
+    MonitorStatus,
+)
 from shared.flow_filter import VERDICTS
 from shared.messages import Empty, ErrorBody, FlowBatch
 
@@ -68,6 +74,21 @@ FLOW_RECORDS: dict[str, Any] = {
     "payload": {"type": "string", "format": "binary"},
 }
 
+# the monitor's batches: JSON lines of EnrichedFlow (shared/flow_api.py)
+ENRICHED_FLOW_BATCH: dict[str, Any] = {
+    "name": "EnrichedFlowBatch",
+    "title": "EnrichedFlowBatch",
+    "summary": "Enriched flows of one verdict and namespace, as JSON lines",
+    "description": (
+        "JSON lines (UTF-8): each line is one EnrichedFlow, exactly as the per-flow subject"
+        " carries it, and ends with a newline (JSON escapes newlines inside strings); in the"
+        " order the monitor enriched them. At most"
+        f" {FLOW_BATCH_MAX_BYTES} bytes unless one flow is longer."
+    ),
+    "contentType": "application/jsonl",
+    "payload": {"type": "array", "items": {"$ref": REF.format(name="EnrichedFlow")}},
+}
+
 
 def _ref(kind: str, name: str) -> dict[str, str]:
     return {"$ref": f"#/{kind}/{name}"}
@@ -78,20 +99,35 @@ def build() -> dict[str, Any]:
     published: read top to bottom it is the document; split, it would be scattered."""
     _, schemas = msgspec.json.schema_components([t for _, t, _ in MESSAGES], ref_template=REF)
     events = subjects.EVENTS_FLOWS_PREFIX
+    batches = subjects.EVENTS_FLOW_BATCHES_PREFIX
+    parameters = {
+        "verdict": {"enum": list(VERDICTS), "description": "the flows' verdict"},
+        "namespace": {"description": "Kubernetes namespace of the observed endpoint"},
+    }
     channels: dict[str, Any] = {
+        "enrichedFlowBatches": {
+            "address": batches + ".{verdict}.{namespace}",
+            "title": "Enriched flows, in batches",
+            "description": (
+                "Every flow the monitor enriched, once, in messages of JSON lines: the flows of "
+                "one verdict and namespace from one batch the monitor enriched. {namespace} is "
+                "the namespace of the endpoint where the flow was observed (the source on "
+                "egress, the destination on ingress, else the other side's), "
+                f"`{subjects.NO_NAMESPACE}` when neither side is a pod; dots become "
+                f"underscores. Subscribe to `{batches}.>` for all."
+            ),
+            "parameters": parameters,
+            "messages": {"enrichedFlowBatch": _ref("components/messages", "EnrichedFlowBatch")},
+        },
         "enrichedFlows": {
             "address": events + ".{verdict}.{namespace}",
-            "title": "Enriched flows",
+            "title": "Enriched flows, one per message (opt-in)",
             "description": (
-                "Every flow the monitor enriched, once. {namespace} is the namespace of the "
-                "endpoint where the flow was observed (the source on egress, the destination "
-                f"on ingress, else the other side's), `{subjects.NO_NAMESPACE}` when neither "
-                f"side is a pod; dots become underscores. Subscribe to `{events}.>` for all."
+                "The same flows one per message, published only by monitors started with "
+                "MEMBRANE_EVENTS_PER_FLOW=true (each message costs the monitor and nats-server "
+                f"as much as a batch). Subscribe to `{events}.>` for all."
             ),
-            "parameters": {
-                "verdict": {"enum": list(VERDICTS), "description": "the flow's verdict"},
-                "namespace": {"description": "Kubernetes namespace of the observed endpoint"},
-            },
+            "parameters": parameters,
             "messages": {"enrichedFlow": _ref("components/messages", "EnrichedFlow")},
         },
         "rawFlows": {
@@ -146,6 +182,11 @@ def build() -> dict[str, Any]:
         }
 
     operations = {
+        "receiveEnrichedFlowBatches": {
+            "action": "receive",
+            "summary": "Subscribe to enriched flows in batches",
+            "channel": _ref("channels", "enrichedFlowBatches"),
+        },
         "receiveEnrichedFlows": {
             "action": "receive",
             "summary": "Subscribe to enriched flows",
@@ -179,6 +220,7 @@ def build() -> dict[str, Any]:
             "messages": {
                 **{name: _message(name, summary) for name, _, summary in MESSAGES},
                 "FlowRecords": FLOW_RECORDS,
+                "EnrichedFlowBatch": ENRICHED_FLOW_BATCH,
             },
             "schemas": schemas,
         },

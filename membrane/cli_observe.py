@@ -2,8 +2,8 @@
 
 History comes from every monitor replica's ring (each holds its share of the flows) and, for
 what the rings no longer hold, from the DROPPED/AUDIT history stream; ``--follow`` subscribes
-to the enriched flows the monitor publishes, the same subjects external systems use. Flags
-are Hubble's (``hubble observe``) where Hubble has one.
+to the batches of enriched flows the monitor publishes (``membrane.events.flowbatches``), the
+same subjects external systems use. Flags are Hubble's (``hubble observe``) where Hubble has one.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from membrane.flowfmt import Style
 from shared import subjects
 from shared.bus import Bus
 from shared.errors import InvalidArgument
-from shared.flow_api import EnrichedFlow, FlowFilterTerm, FlowQuery
+from shared.flow_api import FlowFilterTerm, FlowQuery, decode_flow_batch
 from shared.flow_filter import PEER_FIELDS, compile_filter
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
@@ -77,13 +77,12 @@ async def follow(
 ) -> None:
     """Print new matching flows until ``max_flows`` (0: no end) are printed."""
     test = compile_filter(terms)
-    decode = msgspec.json.Decoder(EnrichedFlow).decode
     queue: asyncio.Queue[bytes] = asyncio.Queue()
     verdicts = [t for t in terms if t.field == "verdict" and not t.negate and len(t.values) == 1]
     subject = (
-        f"{subjects.EVENTS_FLOWS_PREFIX}.{verdicts[0].values[0].upper()}.>"
+        f"{subjects.EVENTS_FLOW_BATCHES_PREFIX}.{verdicts[0].values[0].upper()}.>"
         if verdicts
-        else subjects.EVENTS_FLOWS_ALL
+        else subjects.EVENTS_FLOW_BATCHES_ALL
     )
 
     async def on_msg(msg: Any) -> None:
@@ -100,12 +99,18 @@ async def follow(
         while not max_flows or printed < max_flows:
             data = await queue.get()
             try:
-                flow = decode(data)
+                flows = decode_flow_batch(data)
             except (msgspec.DecodeError, msgspec.ValidationError):
                 continue
-            if test(flow):
-                print(flowfmt.line(flow, fmt, style), flush=True)
-                printed += 1
+            lines = []
+            for flow in flows:
+                if test(flow):
+                    lines.append(flowfmt.line(flow, fmt, style))
+                    if len(lines) + printed == max_flows:
+                        break
+            if lines:
+                print("\n".join(lines), flush=True)
+                printed += len(lines)
     finally:
         await sub.unsubscribe()
 

@@ -181,3 +181,47 @@ class PolicyDiffReply(Message):
     changes: list[VerdictChange]
     groups: int = 0  # flow groups replayed
     affected: int = 0  # identities whose policy the documents change
+
+
+# --- enriched flow batches -------------------------------------------------------------------
+#
+# ``membrane.events.flowbatches.<verdict>.<namespace>``: the flows of one verdict and namespace
+# from one batch the monitor enriched, as JSON lines (UTF-8): each line is exactly the JSON of
+# one ``EnrichedFlow`` (what the per-flow subject carries), each ends with ``\n``, in the order
+# the monitor enriched them; a message is at most ``FLOW_BATCH_MAX_BYTES`` unless a single flow
+# is longer. JSON escapes a newline inside a string, so a newline always ends a flow.
+
+FLOW_BATCH_MAX_BYTES = 128 * 1024
+_flow_lines = msgspec.json.Encoder()
+_flow_list = msgspec.json.Decoder(list[EnrichedFlow])
+
+
+def encode_flow_batch(flows: list[EnrichedFlow]) -> bytes:
+    """The flows as one JSON-lines payload (may exceed a message: see :func:`split_batch`)."""
+    return _flow_lines.encode_lines(flows)
+
+
+def split_batch(data: bytes, limit: int = FLOW_BATCH_MAX_BYTES) -> list[tuple[bytes, int]]:
+    """JSON lines cut at line ends into payloads of at most ``limit`` bytes (a longer line goes
+    alone), each with its count of flows."""
+    if len(data) <= limit:
+        return [(data, data.count(b"\n"))]
+    parts = []
+    start, size = 0, len(data)
+    while start < size:
+        end = size if size - start <= limit else data.rfind(b"\n", start, start + limit) + 1
+        if end <= start:  # one flow longer than the limit
+            end = data.index(b"\n", start) + 1
+        parts.append((data[start:end], data.count(b"\n", start, end)))
+        start = end
+    return parts
+
+
+def decode_flow_batch(data: bytes) -> list[EnrichedFlow]:
+    """The flows of a ``membrane.events.flowbatches`` payload (one call: the lines become a
+    JSON array). A single flow's JSON, as the per-flow subject carries it, is a batch of one.
+    Raises ``msgspec.DecodeError`` / ``ValidationError`` if any line is not an EnrichedFlow."""
+    body = data.strip()
+    if not body:
+        return []
+    return _flow_list.decode(b"[" + body.replace(b"\n", b",") + b"]")

@@ -171,7 +171,8 @@ MONITOR = Permissions(
         *kv_read(*ALL_BUCKETS),
         *stream_read(subjects.STREAM_FLOW_HISTORY),
         f"$JS.API.STREAM.UPDATE.{subjects.STREAM_FLOW_HISTORY}",  # its limits
-        f"{subjects.EVENTS_FLOWS_PREFIX}.>",  # enriched flows (and the history stream)
+        f"{subjects.EVENTS_FLOWS_PREFIX}.>",  # enriched flows, one per message (opt-in)
+        f"{subjects.EVENTS_FLOW_BATCHES_PREFIX}.>",  # in batches (and the history stream)
     ),
     subscribe=(
         "membrane.monitor.>",
@@ -192,7 +193,7 @@ SUBSCRIBER = Permissions(
         f"{subjects.MICRO_INFO}.{subjects.MONITOR_SERVICE}",  # to find the monitor replicas
         f"{subjects.MICRO_PING}.{subjects.MONITOR_SERVICE}",
     ),
-    subscribe=("membrane.events.>",),
+    subscribe=(subjects.EVENTS_ALL,),
 )
 # the web UI: what a subscriber sees, and the nodes, their health and the pods to draw them
 UI = Permissions(

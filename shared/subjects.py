@@ -96,9 +96,15 @@ MONITOR_GROUPS_PREFIX: Final = "membrane.monitor.groups"
 MONITOR_HISTORY_GROUPS: Final = "membrane.monitor.history-groups"
 # the web UI (its URL in its NATS micro metadata, `url`)
 UI_SERVICE: Final = "membrane-ui"
+# events for anyone (the subscriber role reads these)
+EVENTS_ALL: Final = "membrane.events.>"
 # enriched flows for anyone: membrane.events.flows.<verdict>.<namespace>
 EVENTS_FLOWS_PREFIX: Final = "membrane.events.flows"
 EVENTS_FLOWS_ALL: Final = "membrane.events.flows.>"
+# the same flows in batches of JSON lines (shared.flow_api):
+# membrane.events.flowbatches.<verdict>.<namespace>
+EVENTS_FLOW_BATCHES_PREFIX: Final = "membrane.events.flowbatches"
+EVENTS_FLOW_BATCHES_ALL: Final = "membrane.events.flowbatches.>"
 # the namespace token of flows whose source and destination are no pod
 NO_NAMESPACE: Final = "_"
 # JetStream stream keeping DROPPED and AUDIT enriched flows for history queries
@@ -121,6 +127,12 @@ def event_flows(verdict: str, namespace: str) -> str:
     """The subject of an enriched flow; NATS tokens cannot be empty or hold dots."""
     token = namespace.replace(".", "_") if namespace else NO_NAMESPACE
     return f"{EVENTS_FLOWS_PREFIX}.{verdict}.{token}"
+
+
+def event_flow_batches(verdict: str, namespace: str) -> str:
+    """The subject of a batch of enriched flows of one verdict and namespace."""
+    token = namespace.replace(".", "_") if namespace else NO_NAMESPACE
+    return f"{EVENTS_FLOW_BATCHES_PREFIX}.{verdict}.{token}"
 
 
 # lb service: Services, EndpointSlices and API-driven frontends -> the `services` bucket

@@ -265,11 +265,17 @@ class Enricher:
         )
 
     def enrich_records(
-        self, records: list[tuple[int, ...]], node: str, offset_ns: int
+        self,
+        records: list[tuple[int, ...]],
+        node: str,
+        offset_ns: int,
+        groups: dict[tuple[str, str], list[EnrichedFlow]] | None = None,
     ) -> list[EnrichedFlow]:
         """Enriched flows straight from ring buffer record tuples (:data:`shared.flow_wire.
         RECORD_FIELDS`), as :meth:`enrich` of the decoded flows would give them, without the
-        decoded flow in between: names by table lookup, peers and rules from the caches."""
+        decoded flow in between: names by table lookup, peers and rules from the caches.
+        ``groups``, if given, also gets each flow under (verdict, :func:`event_namespace`), in
+        order: what the monitor publishes together, found here where the parts are at hand."""
         ips = self.addresses
         peers, rules = self.peer_cache, self.rule_cache
         if len(peers) > CACHE_SIZE:
@@ -285,6 +291,7 @@ class Enricher:
         directions, points, protocols, flags = DIRECTIONS, OBSERVATION_POINTS, PROTOCOLS, TCP_FLAGS
         out: list[EnrichedFlow] = []
         append = out.append
+        group_of = groups.get if groups is not None else None
         for (
             _len,
             _pg_off,
@@ -309,21 +316,21 @@ class Enricher:
         ) in records:
             reply = (fl & F_REPLY) == F_REPLY
             src_ip, dst_ip = ips[saddr], ips[daddr]
-            part = peers.get(src_ip) or peer_part(src_ip)
+            src_part = peers.get(src_ip) or peer_part(src_ip)
             source = FlowPeer(
                 src_ip,
                 sport,
                 src_id,
-                *part,
+                *src_part,
                 labels_of(src_id) or reserved(src_id, no_labels),
                 by_port(src_ip, sport, reply) if by_port is not None else "",
             )
-            part = peers.get(dst_ip) or peer_part(dst_ip)
+            dst_part = peers.get(dst_ip) or peer_part(dst_ip)
             destination = FlowPeer(
                 dst_ip,
                 dport,
                 dst_id,
-                *part,
+                *dst_part,
                 labels_of(dst_id) or reserved(dst_id, no_labels),
                 by_port(dst_ip, dport, not reply) if by_port is not None else "",
             )
@@ -331,36 +338,49 @@ class Enricher:
                 decided = rules.get(rule_id)
                 if decided is None:
                     rule = self.rules.get(rule_id, "")
-                    decided = (rule, policy_of(rule))
                     if rule:  # an unknown id (none of the rules) is no reason to fill the cache
-                        rules[rule_id] = decided
+                        decided = rules[rule_id] = (rule, policy_of(rule))
+                    else:
+                        decided = _NO_RULE
                 rule, policy = decided
             else:
                 rule = ""
                 policy = default_deny(direction, src_id, dst_id) if reason == POLICY_DENIED else ""
-            append(
-                EnrichedFlow(
-                    (ts + offset_ns) / 1e9,
-                    node,
-                    types[kind],
-                    verdicts[kind << 3 | (fl & VERDICT_BITS)],
-                    reason,
-                    reasons[reason],
-                    directions[direction],
-                    points[point],
-                    protocols[proto],
-                    flags[tcp],
-                    reply,
-                    length,
-                    source,
-                    destination,
-                    None,
-                    [] if reply or names is None else names(src_ip, dst_ip),
-                    rule_id,
-                    rule,
-                    policy,
-                )
+            verdict = verdicts[kind << 3 | (fl & VERDICT_BITS)]
+            flow = EnrichedFlow(
+                (ts + offset_ns) / 1e9,
+                node,
+                types[kind],
+                verdict,
+                reason,
+                reasons[reason],
+                directions[direction],
+                points[point],
+                protocols[proto],
+                flags[tcp],
+                reply,
+                length,
+                source,
+                destination,
+                None,
+                [] if reply or names is None else names(src_ip, dst_ip),
+                rule_id,
+                rule,
+                policy,
             )
+            append(flow)
+            if group_of is not None:
+                # the namespace of the observing endpoint: the source on egress, else the
+                # destination; the other side's when that is no pod (event_namespace)
+                if direction == DIR_EGRESS:
+                    key = (verdict, src_part[0] or dst_part[0])
+                else:
+                    key = (verdict, dst_part[0] or src_part[0])
+                group = group_of(key)
+                if group is None:
+                    groups[key] = [flow]  # type: ignore[index]
+                else:
+                    group.append(flow)
         return out
 
     def _peer_part(self, ip: str) -> tuple[str, str, str]:
@@ -421,6 +441,8 @@ _NO_LABELS: list[str] = []  # shared by the peers of identities without labels: 
 # entries of each enrichment cache; beyond it the cache starts over
 CACHE_SIZE = 65536
 DIR_INGRESS = 1  # bpf/events.h
+DIR_EGRESS = 2
+_NO_RULE = ("", "")  # (rule, policy) of an id no rule carries
 
 # reserved identities are not in the ``identities`` bucket; their labels are fixed
 _RESERVED_LABELS: dict[int, list[str]] = {
@@ -441,6 +463,15 @@ def _enforcing(resolved: ResolvedPolicy, enforced: bool, entries: list[PolicyEnt
 def policy_of(rule: str) -> str:
     """``ns/name[3]`` -> ``ns/name``."""
     return rule.rsplit("[", 1)[0] if rule.endswith("]") else rule
+
+
+def group_flows(flows: list[EnrichedFlow]) -> dict[tuple[str, str], list[EnrichedFlow]]:
+    """The flows by (verdict, :func:`event_namespace`), each group in order (as
+    :meth:`Enricher.enrich_records` groups them)."""
+    groups: dict[tuple[str, str], list[EnrichedFlow]] = {}
+    for flow in flows:
+        groups.setdefault((flow.verdict, event_namespace(flow)), []).append(flow)
+    return groups
 
 
 def event_namespace(flow: EnrichedFlow) -> str:

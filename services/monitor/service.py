@@ -4,8 +4,11 @@ Replicas share ``membrane.flows.*`` through a queue group. Each batch is decoded
 batch of ring buffer records, :mod:`shared.flow_wire`, unpacked in one call; or a JSON FlowBatch,
 as the L7 proxy sends), enriched from
 caches of the KV buckets (:mod:`services.monitor.enrich`), kept in the replica's ring, counted in
-the metrics, and each flow republished on ``membrane.events.flows.<verdict>.<namespace>``, where
-the JetStream stream ``MEMBRANE_FLOW_HISTORY`` keeps the DROPPED and AUDIT ones for history.
+the metrics, and republished in batches of JSON lines on
+``membrane.events.flowbatches.<verdict>.<namespace>`` (one message per verdict and namespace of
+a batch, :func:`shared.flow_api.split_batch`), where the JetStream stream
+``MEMBRANE_FLOW_HISTORY`` keeps the DROPPED and AUDIT ones for history; one message per flow on
+``membrane.events.flows.<verdict>.<namespace>`` only with ``MEMBRANE_EVENTS_PER_FLOW``.
 
 Batches wait in a bounded queue between the subscription and the enricher, so a flood costs
 flows (counted as lost at stage ``monitor``) and never the replica's responsiveness: queries and
@@ -33,7 +36,7 @@ from nats.aio.subscription import Subscription
 from prometheus_client import Counter, Gauge
 
 from services.monitor import history
-from services.monitor.enrich import Enricher
+from services.monitor.enrich import Enricher, group_flows
 from services.monitor.ring import FlowRing
 from services.monitor.watches import follow_optional
 from shared import __version__, flow_groups, flow_wire, ipcache_guard, log, startup, subjects
@@ -46,6 +49,8 @@ from shared.flow_api import (
     FlowQuery,
     FlowQueryReply,
     MonitorStatus,
+    encode_flow_batch,
+    split_batch,
 )
 from shared.flow_filter import compile_filter
 from shared.kv_watch import BucketWatches
@@ -83,8 +88,13 @@ MALFORMED = Counter(
     "membrane_monitor_malformed_batches_total", "Flow batches that did not decode (skipped)"
 )
 PUBLISH_FAILED = Counter(
-    "membrane_monitor_publish_failures_total", "Enriched flows that could not be republished"
+    "membrane_monitor_publish_failures_total",
+    "Enriched flows that could not be republished, by subject (batch: membrane.events."
+    "flowbatches; flow: membrane.events.flows, with MEMBRANE_EVENTS_PER_FLOW)",
+    ["subject"],
 )
+for _subject in ("batch", "flow"):  # both series from the start, at 0
+    PUBLISH_FAILED.labels(_subject)
 RING = Gauge("membrane_monitor_ring_flows", "Flows held in this replica's ring")
 QUEUED = Gauge("membrane_monitor_queued_batches", "Batches waiting to be enriched")
 CACHE = Gauge("membrane_monitor_cache_entries", "Entries of the enrichment caches", ["cache"])
@@ -102,11 +112,17 @@ class MonitorSettings(CommonSettings):
         256, "flow batches waiting for enrichment; beyond it batches are counted as lost"
     )
     history_flows: int = setting(
-        1_000_000, "DROPPED/AUDIT flows the history stream keeps (oldest go first)"
+        1_000_000,
+        "messages (batches) of DROPPED/AUDIT flows the history stream keeps (oldest go first)",
     )
     history_age: float = setting(86400.0, "seconds the history stream keeps a flow")
     history_scan: int = setting(
         20_000, "flows at most that one history query reads from the stream"
+    )
+    events_per_flow: bool = setting(
+        False,
+        "also publish every enriched flow in a message of its own on membrane.events.flows.>"
+        " (the batches on membrane.events.flowbatches.> are always published)",
     )
 
     def __post_init__(self) -> None:
@@ -118,7 +134,6 @@ class MonitorSettings(CommonSettings):
 
 
 _batch_decoder = msgspec.json.Decoder(FlowBatch)
-_flow_encoder = msgspec.json.Encoder()
 
 
 class _BatchSize(msgspec.Struct):
@@ -144,7 +159,8 @@ class Monitor:
         self.flows_lost = 0
         self.malformed = 0
         self.nodes: set[str] = set()
-        self._subjects: dict[tuple[str, str], str] = {}  # (verdict, namespace) -> subject
+        # (verdict, namespace) -> (batch subject, per-flow subject)
+        self._subjects: dict[tuple[str, str], tuple[str, str]] = {}
         self.log = log.get("monitor")
         self._unlogged_lost = 0
         self._unlogged_malformed = ""
@@ -190,18 +206,22 @@ class Monitor:
 
     async def process(self, data: bytes) -> list[EnrichedFlow]:
         """Enrich, keep, count and republish one batch; what it produced."""
-        enriched = self._enrich(data)
+        groups: dict[tuple[str, str], list[EnrichedFlow]] = {}
+        enriched = self._enrich(data, groups)
         if not enriched:
             return []
         self.ring.extend(enriched)
         self.flows_seen += len(enriched)
         self._count(enriched)
-        await self._republish(enriched)
+        await self._republish(groups)
         RING.set(len(self.ring))
         return enriched
 
-    def _enrich(self, data: bytes) -> list[EnrichedFlow]:
-        """The batch's flows enriched, its loss counted; none if it does not decode."""
+    def _enrich(
+        self, data: bytes, groups: dict[tuple[str, str], list[EnrichedFlow]]
+    ) -> list[EnrichedFlow]:
+        """The batch's flows enriched, its loss counted, ``groups`` filled with them by
+        (verdict, namespace); none if it does not decode."""
         if flow_wire.is_binary(data):
             try:
                 binary = flow_wire.decode(data)
@@ -211,7 +231,9 @@ class Monitor:
                 return []
             self._lost_upstream(binary.lost, binary.dropped_queue, binary.dropped_publish)
             self.nodes.add(binary.node)
-            return self.enricher.enrich_records(records, binary.node, binary.clock_offset_ns)
+            return self.enricher.enrich_records(
+                records, binary.node, binary.clock_offset_ns, groups
+            )
         try:
             batch = _batch_decoder.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -220,7 +242,9 @@ class Monitor:
         self._lost("datapath", batch.lost)
         self.nodes.add(batch.node)
         enrich = self.enricher.enrich
-        return [enrich(flow) for flow in batch.flows]
+        flows = [enrich(flow) for flow in batch.flows]
+        groups.update(group_flows(flows))
+        return flows
 
     def _lost_upstream(self, lost: int, dropped_queue: int, dropped_publish: int) -> None:
         """What a batch's header says was lost before it: in the kernel and at the agent."""
@@ -249,30 +273,42 @@ class Monitor:
         for flag, n in flags.items():
             TCP_FLAGS.labels(flag).inc(n)
 
-    async def _republish(self, flows: list[EnrichedFlow]) -> None:
-        # one C call encodes the batch, one line per flow (JSON escapes newlines in strings)
-        payloads = _flow_encoder.encode_lines(flows).split(b"\n")
+    async def _republish(self, groups: dict[tuple[str, str], list[EnrichedFlow]]) -> None:
+        """A batch's flows, grouped by (verdict, namespace), on the batch subjects: a few
+        messages of JSON lines instead of one message per flow; with ``events_per_flow`` also
+        one message per flow on the per-flow subjects."""
         subjects_of = self._subjects
         if len(subjects_of) > 4096:
             subjects_of.clear()
-        messages = []
-        for flow, payload in zip(flows, payloads, strict=False):  # payloads ends with b""
-            # the namespace of the observing endpoint (event_namespace), inlined: per flow
-            near, far = (
-                (flow.source, flow.destination)
-                if flow.direction == "egress"
-                else (flow.destination, flow.source)
-            )
-            key = (flow.verdict, near.namespace or far.namespace)
-            subject = subjects_of.get(key)
-            if subject is None:
-                subject = subjects_of[key] = subjects.event_flows(*key)
-            messages.append((subject, payload))
+        batches: list[tuple[str, bytes]] = []
+        batched = 0
+        singles: list[tuple[str, bytes]] = []
+        per_flow = self.settings.events_per_flow
+        for key, group in groups.items():
+            names = subjects_of.get(key)
+            if names is None:
+                names = subjects_of[key] = (
+                    subjects.event_flow_batches(*key),
+                    subjects.event_flows(*key),
+                )
+            # one C call encodes the group, one line per flow
+            data = encode_flow_batch(group)
+            for payload, count in split_batch(data):
+                batches.append((names[0], payload))
+                batched += count
+            if per_flow:
+                flow_subject = names[1]
+                singles.extend((flow_subject, line) for line in data.split(b"\n")[:-1])
+        await self._publish(batches, batched, "batch")
+        if per_flow:
+            await self._publish(singles, len(singles), "flow")
+
+    async def _publish(self, messages: list[tuple[str, bytes]], flows: int, kind: str) -> None:
         try:
-            # one message per flow for the subscribers, written to the client in one go
+            # written to the client in one go
             await self.bus.publish_many(messages)
         except (nats.errors.Error, OSError, Unavailable):
-            PUBLISH_FAILED.inc(len(messages))
+            PUBLISH_FAILED.labels(kind).inc(flows)
 
     def _lost(self, stage: str, count: int) -> None:
         if count:

@@ -39,7 +39,7 @@ from services.ui.service import UISettings
 from shared import __version__, startup, subjects
 from shared.bus import Bus, redact
 from shared.errors import InvalidArgument, MembraneError
-from shared.flow_api import EnrichedFlow, FlowFilterTerm, FlowQuery
+from shared.flow_api import FlowFilterTerm, FlowQuery, decode_flow_batch
 from shared.messages import Endpoint, Node, NodeHealth
 from shared.recorded_flows import query, recorded_groups
 from shared.runtime import TaskGroup, periodically, wait_for_shutdown
@@ -98,7 +98,6 @@ class UIServer:
         self.monitor_up = False
         self.monitors = ""  # the replicas' ids: a new one is a restarted replica, its ring empty
         self.closing = asyncio.Event()  # ends the streams (which never end by themselves)
-        self.decode = msgspec.json.Decoder(EnrichedFlow).decode
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -175,11 +174,12 @@ class UIServer:
         if not self.views:
             return
         try:
-            flow = self.decode(msg.data)
+            flows = decode_flow_batch(msg.data)
         except (msgspec.DecodeError, msgspec.ValidationError):
             return
         for view in self.views:
-            view.offer(flow)
+            for flow in flows:
+                view.offer(flow)
 
     async def check_monitor(self) -> None:
         try:
@@ -203,7 +203,7 @@ async def run(settings: UISettings) -> None:
     await server.check_monitor()
     tasks = TaskGroup()
     tasks.spawn("monitor-check", lambda: periodically(MONITOR_CHECK_S, server.check_monitor))
-    subscription = await bus.subscribe(subjects.EVENTS_FLOWS_ALL, server.on_flow)
+    subscription = await bus.subscribe(subjects.EVENTS_FLOW_BATCHES_ALL, server.on_flow)
     await bus.flush()
     await bus.add_service(
         subjects.UI_SERVICE,

@@ -111,12 +111,13 @@ async def test_services_run_as_their_roles_and_a_subscriber_only_reads(cluster: 
         async def on_flow(msg: Msg) -> None:
             flows.put_nowait(msg.data)
 
-        await nc.subscribe(subjects.EVENTS_FLOWS_ALL, cb=on_flow)
+        await nc.subscribe(subjects.EVENTS_FLOW_BATCHES_ALL, cb=on_flow)
         await nc.flush()
         cluster.run("pod", "create", "sub1", "--labels", "app=sub1")
         target = cluster.json("pod", "create", "sub2", "--labels", "app=sub2")["ip"]
         cluster.run("pod", "exec", "sub1", "--", "ping", "-c1", "-W1", target, check=False)
-        flow = msgspec.json.decode(await asyncio.wait_for(flows.get(), 15))
+        batch = await asyncio.wait_for(flows.get(), 15)
+        flow = msgspec.json.decode(batch.splitlines()[0])
         assert flow["verdict"] in ("FORWARDED", "DROPPED")
         with pytest.raises(nats.errors.Error):
             await nc.request(subjects.IDENTITY_ALLOCATE, b"{}", timeout=1)

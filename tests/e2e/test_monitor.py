@@ -218,7 +218,7 @@ def test_follow_and_an_external_subscriber_receive_new_flows(
             sys.executable,
             str(REPO / "examples" / "flow_subscriber.py"),
             cluster.nats_url,
-            "membrane.events.flows.DROPPED.default",
+            "membrane.events.flowbatches.DROPPED.default",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -235,7 +235,7 @@ def test_follow_and_an_external_subscriber_receive_new_flows(
         assert subscriber.stdout is not None
         line = subscriber.stdout.readline()
         assert line.startswith(
-            "membrane.events.flows.DROPPED.default: default/xwing -> default/deathstar:80"
+            "membrane.events.flowbatches.DROPPED.default: default/xwing -> default/deathstar:80"
         )
         assert "policy=default/empire-guard" in line
     finally:

@@ -7,6 +7,8 @@ batches are published the way the flow publisher does; queries go through the CL
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from ipaddress import IPv4Address
@@ -19,7 +21,15 @@ from membrane.servers import ServerProcess
 from services.monitor.service import MonitorSettings, Running, start
 from shared import subjects
 from shared.bus import Bus
-from shared.flow_api import EnrichedFlow, FlowFilterTerm, FlowQuery, FlowQueryReply, MonitorStatus
+from shared.flow_api import (
+    FLOW_BATCH_MAX_BYTES,
+    EnrichedFlow,
+    FlowFilterTerm,
+    FlowQuery,
+    FlowQueryReply,
+    MonitorStatus,
+    decode_flow_batch,
+)
 from shared.messages import (
     Empty,
     Endpoint,
@@ -104,9 +114,9 @@ async def test_batches_are_enriched_queried_and_republished(bus: Bus, monitor: R
     received: list[EnrichedFlow] = []
 
     async def on_event(msg: object) -> None:
-        received.append(msgspec.json.decode(msg.data, type=EnrichedFlow))  # type: ignore[attr-defined]
+        received.extend(decode_flow_batch(msg.data))  # type: ignore[attr-defined]
 
-    sub = await bus.nc.subscribe(subjects.event_flows("DROPPED", "empire"), cb=on_event)
+    sub = await bus.nc.subscribe(subjects.event_flow_batches("DROPPED", "empire"), cb=on_event)
     await bus.nc.flush()
     batch = FlowBatch(node="n2", flows=[flow("FORWARDED", rule=RULE), flow("DROPPED", dport=81)])
     await bus.publish(subjects.flows("n2"), batch)
@@ -282,5 +292,165 @@ async def test_a_services_bucket_there_before_the_monitor_is_read_and_start_up_e
     try:
         enriched = running.monitor.enricher.enrich(flow("DROPPED"))
         assert enriched.destination.service == "empire/deathstar"
+    finally:
+        await running.stop()
+
+
+class Collector:
+    """Messages of a subject pattern, as a subscriber gets them."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, bytes]] = []
+
+    async def on_msg(self, msg: object) -> None:
+        self.messages.append((msg.subject, msg.data))  # type: ignore[attr-defined]
+
+    def flows(self) -> list[EnrichedFlow]:
+        return [f for _, data in self.messages for f in decode_flow_batch(data)]
+
+
+def flood(n: int, dropped_every: int) -> list[Flow]:
+    """``n`` flows, every ``dropped_every``th dropped, the destination port numbering them; the
+    drops to a pod of namespace empire, the others to an address of no pod (namespace `_`)."""
+    flows = []
+    for i in range(n):
+        f = flow("DROPPED" if i % dropped_every == 0 else "FORWARDED", dport=1000 + i)
+        if f.verdict == "FORWARDED":
+            f.src_ip, f.dst_ip = "10.99.0.1", "10.99.0.2"
+        flows.append(f)
+    return flows
+
+
+async def test_flows_go_out_in_batches_by_verdict_and_namespace_every_one_once(
+    bus: Bus, monitor: Running
+) -> None:
+    batches, singles = Collector(), Collector()
+    await bus.nc.subscribe(subjects.EVENTS_FLOW_BATCHES_ALL, cb=batches.on_msg)
+    await bus.nc.subscribe(subjects.EVENTS_FLOWS_ALL, cb=singles.on_msg)
+    await bus.nc.flush()
+    # 2,000 flows of ~600 bytes: more than one message of a verdict and namespace can carry
+    sent = flood(2000, dropped_every=4)
+    for first in (0, 1000):  # two batches: the fixture's intake queue holds 4
+        part = sent[first : first + 1000]
+        await bus.publish(subjects.flows("n2"), FlowBatch(node="n2", flows=part))
+
+    async def all_of_them() -> None:
+        assert len(batches.flows()) == len(sent)
+
+    await eventually(all_of_them, timeout=15, what="every flow in a batch message")
+    subjects_seen = {subject for subject, _ in batches.messages}
+    assert subjects_seen == {
+        subjects.event_flow_batches("DROPPED", "empire"),
+        subjects.event_flow_batches("FORWARDED", subjects.NO_NAMESPACE),
+    }
+    assert all(len(data) <= FLOW_BATCH_MAX_BYTES for _, data in batches.messages)
+    assert all(data.endswith(b"\n") for _, data in batches.messages)
+    assert len(batches.messages) < len(sent) / 50  # batches, not flows
+    # each subject's flows in the order they were sent, none twice, each of its verdict
+    for verdict in ("DROPPED", "FORWARDED"):
+        ports = [
+            f.destination.port
+            for subject, data in batches.messages
+            if subject.split(".")[3] == verdict
+            for f in decode_flow_batch(data)
+        ]
+        assert ports == [f.dst_port for f in sent if f.verdict == verdict]
+    drop = next(f for f in batches.flows() if f.verdict == "DROPPED")
+    assert drop.source.pod == "xwing" and drop.destination.pod == "deathstar-1"
+    # the per-flow subject is opt-in: nothing there
+    await bus.nc.flush()
+    assert singles.messages == []
+    samples = await scrape(f"127.0.0.1:{monitor.metrics_port}")
+    assert samples.get(("membrane_monitor_publish_failures_total", ("batch",)), 0) == 0
+
+
+async def test_per_flow_messages_when_asked_for(nats_server: ServerProcess, bus: Bus) -> None:
+    await fill_buckets(bus)
+    running = await start(
+        MonitorSettings(nats_url=nats_server.url, replica="m1", events_per_flow=True)
+    )
+    try:
+        batches, singles = Collector(), Collector()
+        await bus.nc.subscribe(subjects.EVENTS_FLOW_BATCHES_ALL, cb=batches.on_msg)
+        await bus.nc.subscribe(subjects.EVENTS_FLOWS_ALL, cb=singles.on_msg)
+        await bus.nc.flush()
+        sent = flood(30, dropped_every=3)
+        await bus.publish(subjects.flows("n2"), FlowBatch(node="n2", flows=sent))
+
+        async def both() -> None:
+            assert len(singles.messages) == len(batches.flows()) == len(sent)
+
+        await eventually(both, timeout=10, what="each flow in a batch and in a message of its own")
+        # one flow per message, the same JSON as its line in the batch
+        lines = [line for _, data in batches.messages for line in data.splitlines()]
+        assert sorted(data for _, data in singles.messages) == sorted(lines)
+        drops = [s for s, _ in singles.messages if s == subjects.event_flows("DROPPED", "empire")]
+        assert len(drops) == 10
+    finally:
+        await running.stop()
+
+
+async def test_observe_follow_reads_the_batches(
+    nats_server: ServerProcess, bus: Bus, monitor: Running
+) -> None:
+    follow = subprocess.Popen(  # noqa: ASYNC220 - its pipes are read in threads
+        [
+            sys.executable,
+            "-m",
+            "membrane",
+            "--nats-url",
+            nats_server.url,
+            "observe",
+            "--follow",
+            "--ready",
+            "--verdict",
+            "DROPPED",
+            "-o",
+            "json",
+            "--max-flows",
+            "25",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert follow.stderr is not None
+        ready = await asyncio.to_thread(follow.stderr.readline)
+        assert ready.strip() == "following"
+        sent = flood(100, dropped_every=4)  # 25 drops, in one batch message
+        await bus.publish(subjects.flows("n2"), FlowBatch(node="n2", flows=sent))
+        out, _ = await asyncio.to_thread(follow.communicate, timeout=20)
+    finally:
+        follow.kill()
+        follow.wait()
+    lines = [msgspec.json.decode(line, type=EnrichedFlow) for line in out.splitlines()]
+    drops = [f.dst_port for f in sent if f.verdict == "DROPPED"]
+    assert [f.destination.port for f in lines] == drops
+    assert {f.source.pod for f in lines} == {"xwing"}
+
+
+async def test_history_reads_the_newest_flows_back_across_many_batch_messages(
+    nats_server: ServerProcess, bus: Bus
+) -> None:
+    await fill_buckets(bus)
+    running = await start(MonitorSettings(nats_url=nats_server.url, replica="m1", history_scan=300))
+    try:
+        sent = flood(1000, dropped_every=1)
+        for first in range(0, len(sent), 10):  # 100 messages of 10 drops: several windows
+            await bus.publish(
+                subjects.flows("n2"), FlowBatch(node="n2", flows=sent[first : first + 10])
+            )
+            await bus.nc.flush()
+
+        async def stored() -> None:
+            info = await bus.js.stream_info(subjects.STREAM_FLOW_HISTORY)
+            assert info.state.messages == 100
+
+        await eventually(stored, timeout=15, what="100 batch messages in the history stream")
+        reply = await bus.request(subjects.MONITOR_HISTORY, FlowQuery(), FlowQueryReply)
+        assert [f.destination.port for f in reply.flows] == [f.dst_port for f in sent[-300:]]
+        reply = await bus.request(subjects.MONITOR_HISTORY, FlowQuery(last=5), FlowQueryReply)
+        assert [f.destination.port for f in reply.flows] == [f.dst_port for f in sent[-5:]]
     finally:
         await running.stop()

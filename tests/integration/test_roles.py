@@ -122,9 +122,13 @@ async def test_subscriber_reads_events_and_nothing_else(
         got.put_nowait(msg.data)
 
     await dash.nc.subscribe(subjects.EVENTS_FLOWS_ALL, cb=on_flow)
+    await dash.nc.subscribe(subjects.EVENTS_FLOW_BATCHES_ALL, cb=on_flow)
     await dash.bus.flush()
     await monitor.nc.publish(subjects.event_flows("DROPPED", "default"), b'{"flow": 1}')
     assert await asyncio.wait_for(got.get(), 5) == b'{"flow": 1}'
+    batch = b'{"flow": 1}\n{"flow": 2}\n'
+    await monitor.nc.publish(subjects.event_flow_batches("DROPPED", "default"), batch)
+    assert await asyncio.wait_for(got.get(), 5) == batch
 
     # the buckets exist with a value the subscriber must not change
     policy = await connect("policy")

@@ -37,6 +37,7 @@ def test_every_reference_resolves_and_every_public_subject_is_a_channel() -> Non
     addresses = [c["address"] or "" for c in document["channels"].values()]
     for prefix in (
         subjects.EVENTS_FLOWS_PREFIX,
+        subjects.EVENTS_FLOW_BATCHES_PREFIX,
         subjects.FLOWS_PREFIX,
         subjects.MONITOR_QUERY_PREFIX,
         subjects.MONITOR_STATUS_PREFIX,

@@ -14,8 +14,9 @@ import struct
 
 import msgspec
 
-from services.monitor.enrich import Enricher
+from services.monitor.enrich import Enricher, group_flows
 from shared import flow_wire
+from shared.flow_api import EnrichedFlow
 from shared.flow_decode import Decoder
 from shared.messages import (
     Endpoint,
@@ -68,10 +69,13 @@ def records() -> list[tuple[int, ...]]:
 
 def same(e: Enricher, recs: list[tuple[int, ...]]) -> None:
     slow = [e.enrich(f) for f in Decoder(NODE).wire(recs, OFFSET_NS)]
-    fast = e.enrich_records(recs, NODE, OFFSET_NS)
+    groups: dict[tuple[str, str], list[EnrichedFlow]] = {}
+    fast = e.enrich_records(recs, NODE, OFFSET_NS, groups)
     assert len(fast) == len(slow)
     for a, b in zip(fast, slow, strict=True):
         assert msgspec.json.encode(a) == msgspec.json.encode(b)
+    # grouped for publication as group_flows (event_namespace) groups them, in order
+    assert groups == group_flows(slow)
 
 
 def test_records_enrich_as_decoded_flows_do_and_follow_bucket_changes() -> None:

@@ -413,3 +413,28 @@ def test_grpc_and_kafka_flows_filter_and_read() -> None:
     assert "kafka produce v9 [secret-plans] => error 29" in flowfmt.summary(kafka)
     with pytest.raises(InvalidArgument):
         compile_filter([FlowFilterTerm(field="grpc_status", values=["seven"])])
+
+
+def test_a_flow_batch_is_json_lines_cut_at_line_ends() -> None:
+    from shared.flow_api import decode_flow_batch, encode_flow_batch, split_batch
+
+    flows = [
+        EnrichedFlow(time=float(i), node="n", type="drop", verdict="DROPPED") for i in range(50)
+    ]
+    flows[7] = EnrichedFlow(time=7.0, node="a\nb", type="drop", verdict="DROPPED")  # escaped
+    data = encode_flow_batch(flows)
+    assert data.count(b"\n") == 50 and data.endswith(b"\n")
+    assert decode_flow_batch(data) == flows
+    # each line is exactly the per-flow subject's message
+    assert data.splitlines()[3] == msgspec.json.encode(flows[3])
+    parts = split_batch(data, limit=500)
+    assert all(len(p) <= 500 and p.endswith(b"\n") for p, _ in parts)
+    assert b"".join(p for p, _ in parts) == data
+    assert sum(n for _, n in parts) == 50
+    assert [f for p, _ in parts for f in decode_flow_batch(p)] == flows
+    # a flow longer than the limit goes alone; a single flow's JSON is a batch of one
+    assert [n for _, n in split_batch(data, limit=10)] == [1] * 50
+    assert decode_flow_batch(msgspec.json.encode(flows[0])) == [flows[0]]
+    assert decode_flow_batch(b"") == []
+    assert split_batch(data) == [(data, 50)]
+    assert subjects.event_flow_batches("AUDIT", "a.b") == "membrane.events.flowbatches.AUDIT.a_b"
