@@ -1,14 +1,17 @@
 """The datapath agent's local API: a unix socket for the CNI plugin and the CLI on its node.
 
-One request per connection: the client writes one JSON document and a newline, the agent
-answers with one JSON document and a newline, then closes. A reply is either ``result`` or an
-``error`` (the same ``ErrorBody`` as on the bus), so callers re-raise the agent's error class.
+A request is one JSON document and a newline, its reply one JSON document and a newline. The
+CNI plugin and the CLI send one request per connection (:func:`call`); the DNS proxy keeps one
+connection open for its ``fqdn.learn`` requests (:class:`Channel`), which the agent answers in
+the order they came. A reply is either ``result`` or an ``error`` (the same ``ErrorBody`` as on
+the bus), so callers re-raise the agent's error class.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -149,12 +152,88 @@ async def call(socket: Path, op: str, body: Message, reply_type: type[R], timeou
         writer.close()
     if not line:
         raise Unavailable(f"the datapath agent at {socket} closed the connection during {op}")
+    return _result(socket, op, line, reply_type)
+
+
+def _result(socket: Path, op: str, line: bytes, reply_type: type[R]) -> R:
     reply = msgspec.json.decode(line, type=Reply)
     if reply.error is not None:
         raise from_code(reply.error.code, reply.error.message, reply.error.field)
     if bytes(reply.result) == b"null":
         raise Unavailable(f"the datapath agent at {socket} sent an empty reply to {op}")
     return msgspec.json.decode(reply.result, type=reply_type)
+
+
+class Channel:
+    """Requests to the agent over one connection kept open, several in flight at once: a new
+    connection per request costs a connect and an accept, more turns of both event loops, on
+    the path of every DNS answer that waits for ``fqdn.learn``. The agent answers a
+    connection's requests in order, so replies go to requests first in, first out; a request
+    that timed out keeps its place (its late reply is read and dropped). A closed connection
+    fails what is in flight (``Unavailable``); the next call connects again."""
+
+    def __init__(self, socket: Path) -> None:
+        self.socket = socket
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._waiting: deque[asyncio.Future[bytes]] = deque()
+        self._connecting = asyncio.Lock()
+
+    async def call(self, op: str, body: Message, reply_type: type[R], timeout: float) -> R:
+        try:
+            async with asyncio.timeout(timeout):
+                writer = await self._connection()
+                future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+                request = Request(op=op, body=msgspec.Raw(msgspec.json.encode(body)))
+                # no await between the two: the order of the futures is the order on the wire
+                self._waiting.append(future)
+                writer.write(msgspec.json.encode(request) + b"\n")
+                line = await future
+        except TimeoutError as exc:
+            raise Unavailable(
+                f"the datapath agent at {self.socket} did not answer {op} in time"
+            ) from exc
+        return _result(self.socket, op, line, reply_type)
+
+    async def _connection(self) -> asyncio.StreamWriter:
+        async with self._connecting:
+            if self._writer is None:
+                try:
+                    reader, writer = await asyncio.open_unix_connection(
+                        self.socket, limit=MAX_REPLY_BYTES
+                    )
+                except OSError as exc:
+                    raise Unavailable(
+                        f"no datapath agent at {self.socket}: {exc.strerror or exc}"
+                    ) from exc
+                self._writer = writer
+                self._reader = asyncio.get_running_loop().create_task(self._read(reader, writer))
+            return self._writer
+
+    async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """The connection's replies to the requests waiting, in order, until it closes."""
+        try:
+            while line := await reader.readline():
+                if not self._waiting:  # a reply nobody asked for: the stream is not to be trusted
+                    break
+                future = self._waiting.popleft()
+                if not future.done():  # else it timed out: its reply goes nowhere
+                    future.set_result(line)
+        except (OSError, ValueError):  # ValueError: a line over the limit
+            pass
+        finally:
+            self._writer = None
+            writer.close()
+            waiting, self._waiting = self._waiting, deque()
+            for future in waiting:
+                if not future.done():
+                    future.set_exception(
+                        Unavailable(f"the datapath agent at {self.socket} closed the connection")
+                    )
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
 
 
 # --- server ------------------------------------------------------------------------------------
@@ -173,13 +252,15 @@ async def serve(
 
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            line = await reader.readline()
-            reply = await _dispatch(handlers, line)
-            if reply.error is not None and on_error is not None:
-                on_error(reply.error.code)
-            writer.write(msgspec.json.encode(reply) + b"\n")
-            await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
+            # one request after the other, each answered before the next is read (in order),
+            # until the client closes
+            while line := await reader.readline():
+                reply = await _dispatch(handlers, line)
+                if reply.error is not None and on_error is not None:
+                    on_error(reply.error.code)
+                writer.write(msgspec.json.encode(reply) + b"\n")
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError):
             pass
         finally:
             writer.close()

@@ -4,9 +4,10 @@
 only once they are allowed on the node: the node's agent, asked on its fqdn socket
 (``fqdn.learn``, services/datapath/fqdn_fast.py), has written them into its BPF maps -- their
 CIDR identities into the ipcache, and into the toFQDNs peer sets of the pod's policy whose
-selector matches the name -- and said so. The endpoint's cache goes to the ``fqdn`` bucket
-afterwards, not awaited: the cluster-wide path (policy service -> ``ipcache``/``selectors`` ->
-every agent) follows as before and stays the source of truth.
+selector matches the name -- and said so (over one connection kept open). The endpoint's
+cache goes to the ``fqdn`` bucket once the answer is released, not awaited: the cluster-wide
+path (policy service -> ``ipcache``/``selectors`` -> every agent) follows as before and stays
+the source of truth.
 
 When the agent does not answer in time, cannot do it (``pending``: a set it has not received,
 a CIDR identity number someone else holds) or the fast path is off, the answer waits instead
@@ -55,7 +56,8 @@ EVICTED = Counter(
 )
 POLICY_WAIT = Histogram(
     "membrane_proxy_fqdn_policy_wait_seconds",
-    "From a DNS answer with new addresses to their policy entries on the node",
+    "From a DNS answer with new addresses to their policy entries on the node (answers the "
+    "proxy held back; not those whose addresses the node had already)",
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0, 2.0),
 )
 WAIT_TIMEOUTS = Counter(
@@ -87,7 +89,8 @@ class FQDNPublisher:
         self.view = view
         self.caches = caches
         self.wait_s = wait_s
-        self.agent_socket = agent_socket  # the agent's fqdn socket; None: the fast path is off
+        # the agent's fqdn socket, one connection kept open; None: the fast path is off
+        self.agent = agent_api.Channel(agent_socket) if agent_socket is not None else None
         self.fqdn_sets: dict[int, NameMatch] = {}  # toFQDNs peer set id -> its selector
         self._changed = asyncio.Event()
         # (endpoint, name, address) -> until when the agent said it needs nothing more (by name:
@@ -123,12 +126,17 @@ class FQDNPublisher:
         changed, evicted = self.caches.learn(endpoint_ip, identity, names, now)
         if evicted:
             EVICTED.inc(evicted)
-        if changed:  # the cluster-wide path, not awaited
+        if changed:  # the cluster-wide path: the bucket write, once the answer is out
             self._dirty.add(endpoint_ip)
-            self._wake.set()
         deadline = started + self.wait_s
-        settled = await self._ask_agent(endpoint_ip, names, now)
+        settled, held = await self._ask_agent(endpoint_ip, names, now)
+        if not settled or self._dirty:
+            # the bucket writer runs when this task next yields: after the answer went to the
+            # pod when the agent settled it (its work is the cluster-wide path's, which nothing
+            # here waits for), at once when the answer waits for that path
+            self._wake.set()
         while not settled and missing(self.view, self.fqdn_sets, identity, names):
+            held = True
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 WAIT_TIMEOUTS.inc()
@@ -138,14 +146,15 @@ class FQDNPublisher:
                     await self._changed.wait()
             except TimeoutError:
                 continue
-        POLICY_WAIT.observe(time.perf_counter() - started)
+        if held:  # an answer held back for its addresses (not one the node had already)
+            POLICY_WAIT.observe(time.perf_counter() - started)
         return True
 
-    async def _ask_agent(self, endpoint_ip: str, names: Learned, now: float) -> bool:
-        """The node's agent installs what it has not said it has (fqdn.learn); True when it
-        says every address is allowed (or needs nothing)."""
-        if self.agent_socket is None:
-            return False
+    async def _ask_agent(self, endpoint_ip: str, names: Learned, now: float) -> tuple[bool, bool]:
+        """The node's agent installs what it has not said it has (fqdn.learn); (whether it says
+        every address is allowed or needs nothing, whether it answered a request)."""
+        if self.agent is None:
+            return False, False
         ask: list[FQDNName] = []
         for name, (addresses, ttl) in names.items():
             expires = now + max(ttl, self.caches.min_ttl)
@@ -162,19 +171,17 @@ class FQDNPublisher:
                     )
                 )
         if not ask:
-            return True
+            return True, False
         request = FQDNLearn(endpoint_ip=endpoint_ip, names=ask)
         timeout = AGENT_SHARE * self.wait_s
         try:
-            reply = await agent_api.call(
-                self.agent_socket, "fqdn.learn", request, FQDNLearnReply, timeout
-            )
+            reply = await self.agent.call("fqdn.learn", request, FQDNLearnReply, timeout)
         except (MembraneError, msgspec.DecodeError, OSError) as exc:
             AGENT_ERRORS.inc()
             if self._agent_ok:  # once per outage, not per answer (the metric counts them)
                 self.log.warning("fqdn.learn failed; waiting for the cluster path", error=str(exc))
             self._agent_ok = False
-            return False
+            return False, False  # held only if the addresses are still missing (below)
         self._agent_ok = True
         pending = set(reply.pending)
         for entry in ask:
@@ -182,14 +189,14 @@ class FQDNPublisher:
                 if address.ip not in pending:
                     until = address.expires + address.grace
                     self._settled[endpoint_ip, entry.name, address.ip] = until
-        return not pending
+        return not pending, True
 
     async def _forget(
         self, endpoint_ip: str, before: FQDNCache | None, after: FQDNCache | None
     ) -> None:
         """Tell the agent the names cleaned: what its fast path still holds of them goes (the
         policy service takes the rest away, from the bucket)."""
-        if self.agent_socket is None or before is None:
+        if self.agent is None or before is None:
             return
         kept = {n.name for n in after.names} if after is not None else set()
         gone = [
@@ -199,9 +206,7 @@ class FQDNPublisher:
         ]
         request = FQDNLearn(endpoint_ip=endpoint_ip, names=gone)
         try:
-            await agent_api.call(
-                self.agent_socket, "fqdn.learn", request, FQDNLearnReply, AGENT_TIMEOUT_S
-            )
+            await self.agent.call("fqdn.learn", request, FQDNLearnReply, AGENT_TIMEOUT_S)
         except (MembraneError, msgspec.DecodeError, OSError) as exc:
             AGENT_ERRORS.inc()  # what the agent holds goes at its expiry
             self.log.warning("fqdn.learn (forget) failed", error=str(exc))

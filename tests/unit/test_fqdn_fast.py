@@ -7,6 +7,7 @@ import json
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from services.datapath.fqdn_fast import REQUESTS, FQDNFast
@@ -15,7 +16,7 @@ from services.datapath.maps import EndpointInfo, IPCacheValue
 from services.datapath.policy_sync import LocalEndpoint, PolicySync
 from shared import agent_api, identities
 from shared.agent_api import FQDNLearn, FQDNLearnReply
-from shared.errors import InvalidArgument, NotFound
+from shared.errors import InvalidArgument, NotFound, Unavailable
 from shared.fqdn import parse
 from shared.messages import (
     Endpoint,
@@ -271,5 +272,107 @@ def test_the_proxy_asks_the_agent_again_for_an_address_another_name_brought(
         finally:
             server.close()
         assert asked == [["other.example.org"], ["api.example.com"]]
+
+    asyncio.run(scenario())
+
+
+def test_one_connection_carries_many_requests_answered_in_order(tmp_path: Path) -> None:
+    # the proxy's Channel: requests in flight together on one connection, each reply to its
+    # own request (the agent answers in order), a late reply to a timed-out request dropped,
+    # a closed connection failing what is in flight and the next call connecting again
+    connections = 0
+    release = asyncio.Event()
+
+    async def echo(body: bytes) -> FQDNLearnReply:
+        request = agent_api.decode(body, FQDNLearn)
+        if request.endpoint_ip == "10.0.0.99":
+            await release.wait()  # a slow request: the ones after it wait (in order)
+        return FQDNLearnReply(installed=[request.endpoint_ip])
+
+    async def scenario() -> None:
+        nonlocal connections
+        sock = tmp_path / "fqdn.sock"
+        server = await agent_api.serve(sock, {"fqdn.learn": echo})
+        channel = agent_api.Channel(sock)
+
+        async def ask(ip: str, timeout: float = 2.0) -> list[str]:
+            reply = await channel.call("fqdn.learn", FQDNLearn(ip, []), FQDNLearnReply, timeout)
+            return reply.installed
+
+        try:
+            ips = [f"10.0.0.{n}" for n in range(1, 21)]
+            assert await asyncio.gather(*(ask(ip) for ip in ips)) == [[ip] for ip in ips]
+            first = channel._writer
+            with pytest.raises(Unavailable, match="in time"):
+                await ask("10.0.0.99", timeout=0.05)
+            later = asyncio.ensure_future(ask("10.0.0.30"))
+            await asyncio.sleep(0.05)
+            assert not later.done()  # behind the slow one
+            release.set()
+            assert await later == ["10.0.0.30"]  # not the timed-out request's reply
+            assert channel._writer is first  # all on one connection
+            server.close()
+            await server.wait_closed()
+            first.close()  # the agent goes away (a restart): in flight fails, then reconnects
+            await asyncio.sleep(0.05)
+            with pytest.raises(Unavailable):
+                await ask("10.0.0.31")
+            server = await agent_api.serve(sock, {"fqdn.learn": echo})
+            assert await ask("10.0.0.32") == ["10.0.0.32"]
+            assert channel._writer is not first
+        finally:
+            channel.close()
+            server.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_bucket_write_waits_until_the_answer_is_released(tmp_path: Path) -> None:
+    # the fqdn bucket write is the cluster-wide path's work: with the agent's acknowledgement
+    # it comes after the answer is released, never while the answer waits; without the agent
+    # the answer waits for the cluster path, which needs the write at once
+    from services.proxy.fqdn_cache import FQDNCaches
+    from services.proxy.fqdn_publish import FQDNPublisher
+    from services.proxy.view import View
+
+    puts: list[str] = []
+    seen_by_agent: list[list[str]] = []
+
+    class Bucket:
+        async def put(self, key: str, value: bytes) -> None:
+            puts.append(key)
+
+    async def learn(body: bytes) -> FQDNLearnReply:
+        seen_by_agent.append(list(puts))
+        await asyncio.sleep(0.02)  # the agent's map writes, time for a writer to run
+        request = agent_api.decode(body, FQDNLearn)
+        return FQDNLearnReply(installed=[a.ip for n in request.names for a in n.addresses])
+
+    async def scenario() -> None:
+        sock = tmp_path / "fqdn.sock"
+        server = await agent_api.serve(sock, {"fqdn.learn": learn})
+        caches = FQDNCaches("n1", 0, 1.0, 50)
+        fast = FQDNPublisher(Bucket(), View("n1"), caches, 2.0, sock)  # type: ignore[arg-type]
+        waiting = View("n1")  # the pod's policy names a toFQDNs set the address is not in
+        entry = PolicyEntry(selector=SET, protocol=6, port=80)
+        waiting.set_resolved("300", msgspec.json.encode(ResolvedPolicy(300, 1, egress=[entry])))
+        no_agent = tmp_path / "none"
+        slow = FQDNPublisher(Bucket(), waiting, caches, 0.1, no_agent)  # type: ignore[arg-type]
+        slow.fqdn_sets[SET] = parse({"matchName": "api.example.com"}, "f")
+        writers = [asyncio.ensure_future(p.write_caches()) for p in (fast, slow)]
+        try:
+            assert await fast.learn(POD, 300, {"api.example.com": ([ADDR], 60)})
+            assert seen_by_agent == [[]] and puts == []  # released before any write
+            await asyncio.sleep(0.01)
+            assert puts == ["n1.10.0.1.4"]  # then written
+            # no agent: the answer waits for the cluster path (here, in vain: SERVFAIL),
+            # whose bucket write goes out meanwhile
+            assert not await slow.learn(POD, 300, {"api.example.com": (["198.51.100.21"], 60)})
+            assert puts == ["n1.10.0.1.4"] * 2
+        finally:
+            for writer in writers:
+                writer.cancel()
+            fast.agent.close()  # type: ignore[union-attr]
+            server.close()
 
     asyncio.run(scenario())
