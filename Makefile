@@ -4,6 +4,9 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# test modules run two at a time (pytest-xdist, a whole module per worker: module-scoped
+# clusters); most of an e2e test's time is waiting on packets and propagation, not CPU
+PYTEST_WORKERS ?= 2
 
 .PHONY: setup demo test lint unit bench down clean
 
@@ -14,7 +17,7 @@ demo: setup
 	@bash scripts/demo.sh
 
 test: setup lint
-	$(PY) -m pytest -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -ra -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

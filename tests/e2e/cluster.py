@@ -117,7 +117,24 @@ def until(probe: Callable[[], T], what: str, timeout: float = 30) -> T:
 
 
 def free_octet() -> int:
-    return 100 + secrets.randbelow(100)
+    """X for a cluster's 172.31.X.0/24, 10.X.0.0/16 and 10.(X+1).0.0/16: none routed in the
+    root namespace yet, and X from this pytest worker's share of 100..197 (`make test` runs
+    two workers; an even X each, dealt out by worker, so two workers' clusters never overlap
+    even when both choose at the same moment)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    mine = list(range(100, 198, 2))[int(worker.removeprefix("gw")) :: count]
+    words = subprocess.run(
+        ["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    free = [
+        x
+        for x in mine
+        if not any(w.startswith((f"172.31.{x}.", f"10.{x}.", f"10.{x + 1}.")) for w in words)
+    ]
+    if not free:
+        raise RuntimeError(f"no free address range among {mine} (left by an earlier run?)")
+    return secrets.choice(free)
 
 
 def up(cluster: Cluster, octet: int, routing: str = "", timeout: float = 240) -> None:
