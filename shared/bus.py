@@ -560,9 +560,15 @@ class MicroService:
         *,
         queue_group: str = "",
         concurrency: int = 0,
+        subject_names: Callable[[Req], str] | None = None,
     ) -> None:
         """Serve ``subject``; up to ``concurrency`` requests run at once per replica (the
         service's queue group and concurrency unless given).
+
+        ``subject_names``: ``subject`` ends in ``*``, a token the bus's permissions give one
+        requester (a node's agent may publish only under its own node's token), and the
+        request's own claim (``subject_names(request)``, e.g. its node) must be that token;
+        otherwise it is refused (permission denied), whatever the body says.
 
         The NATS client delivers a subscription's messages one at a time, so each request is
         handed to its own task; the semaphore bounds them and pushes back on the subscription.
@@ -588,6 +594,8 @@ class MicroService:
                     malformed.inc()
                     _log.warning("malformed request", endpoint=name, error=str(exc))
                     raise
+                if subject_names is not None:
+                    _check_subject_names(request.subject, subject_names(payload))
                 result = await handler(payload)
                 await request.respond(encode(result))
             except MembraneError as exc:
@@ -624,6 +632,16 @@ class MicroService:
         await self._service.stop()
         if self._inflight:
             await asyncio.wait(self._inflight, timeout=10)
+
+
+def _check_subject_names(subject: str, claimed: str) -> None:
+    """The request's claim is its subject's last token (see ``MicroService.endpoint``)."""
+    token = subject.rsplit(".", 1)[-1]
+    if token != claimed:
+        raise PermissionDenied(
+            f"the request names {claimed!r} but was sent on {subject!r}: a requester may speak "
+            "only for the name in its own subject"
+        )
 
 
 async def _respond_error(request: Request, exc: MembraneError) -> None:

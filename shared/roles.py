@@ -253,7 +253,7 @@ def datapath(node: str) -> Permissions:
             subjects.IDENTITY_ALLOCATE,
             subjects.IDENTITY_RELEASE,
             subjects.IDENTITY_HEARTBEAT,
-            subjects.IPAM_ALLOCATE,
+            subjects.ipam_allocate(node),
         ],
         publish=[subjects.flows(node), subjects.health(node)],
     )

@@ -15,6 +15,8 @@ IDENTITY_LIST: Final = "membrane.identity.list"
 IDENTITY_HEARTBEAT: Final = "membrane.identity.heartbeat"
 
 # cluster-pool IPAM (served by the identity service, which owns allocation state in Redis)
+# a node asks for its pod CIDR on IPAM_ALLOCATE.<node token> (ipam_allocate()): the bus lets an
+# agent publish only under its own node's token, so no agent can take pool space for another
 IPAM_ALLOCATE: Final = "membrane.ipam.allocate"
 IPAM_RELEASE: Final = "membrane.ipam.release"
 IPAM_LIST: Final = "membrane.ipam.list"
@@ -164,6 +166,11 @@ def node_token(node: str) -> str:
     """A node's name as one subject token: DNS-1123 node names may hold dots (FQDNs), never
     '_', so the mapping is one to one."""
     return node.replace(".", "_")
+
+
+def ipam_allocate(node: str) -> str:
+    """The subject on which ``node`` (only) asks cluster-pool IPAM for its pod CIDR."""
+    return f"{IPAM_ALLOCATE}.{node_token(node)}"
 
 
 def node_keys(node: str) -> str:

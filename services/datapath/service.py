@@ -136,7 +136,7 @@ async def _pod_cidr(bus: Bus, node: str, logger: Any) -> PodCIDR:
     while True:
         try:
             return await bus.request(
-                subjects.IPAM_ALLOCATE, PodCIDRRequest(node=node), PodCIDR, timeout=5
+                subjects.ipam_allocate(node), PodCIDRRequest(node=node), PodCIDR, timeout=5
             )
         except Unavailable as exc:
             logger.warning("waiting for cluster-pool IPAM", error=str(exc))

@@ -147,7 +147,14 @@ class IdentityService:
         await serve("get", subjects.IDENTITY_GET, GetRequest, self.get)
         await serve("list", subjects.IDENTITY_LIST, Empty, self.list)
         await serve("heartbeat", subjects.IDENTITY_HEARTBEAT, HeartbeatRequest, self.heartbeat)
-        await serve("ipam-allocate", subjects.IPAM_ALLOCATE, PodCIDRRequest, self.ipam_allocate)
+        # per node: the node in the subject, which the bus lets only that node's agent use
+        await micro.endpoint(
+            "ipam-allocate",
+            subjects.ipam_allocate("*"),
+            PodCIDRRequest,
+            _counting(self.ipam_allocate),
+            subject_names=lambda req: subjects.node_token(req.node),
+        )
         await serve("ipam-release", subjects.IPAM_RELEASE, PodCIDRRequest, self.ipam_release)
         await serve("ipam-list", subjects.IPAM_LIST, Empty, self.ipam_list)
         return micro

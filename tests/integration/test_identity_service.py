@@ -238,7 +238,11 @@ async def test_pod_cidrs_over_the_bus(bus: Bus, identity_services: Starter) -> N
     await wait_for_replicas(bus, 2)
     replies = await asyncio.gather(
         *(
-            bus.request(subjects.IPAM_ALLOCATE, PodCIDRRequest(node=f"node-{i % 3}"), PodCIDR)
+            bus.request(
+                subjects.ipam_allocate(f"node-{i % 3}"),
+                PodCIDRRequest(node=f"node-{i % 3}"),
+                PodCIDR,
+            )
             for i in range(30)
         )
     )

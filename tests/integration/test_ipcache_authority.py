@@ -90,7 +90,7 @@ async def pod_cidr(bus: Bus, node: str) -> IPv4Network:
     """The node's pod CIDR, asked as its agent asks (the identity service may be starting)."""
 
     async def ask() -> PodCIDR:
-        return await bus.request(subjects.IPAM_ALLOCATE, PodCIDRRequest(node=node), PodCIDR)
+        return await bus.request(subjects.ipam_allocate(node), PodCIDRRequest(node=node), PodCIDR)
 
     reply = await eventually(
         ask, timeout=30, what="cluster-pool IPAM", retry_on=(Unavailable, DeadlineExceeded)
@@ -120,6 +120,16 @@ async def test_a_node_cannot_shadow_a_peers_pod_in_any_reader(
     # the authority is out of the agents' reach: no release of a CIDR, no write of the bucket
     with pytest.raises(PermissionDenied):
         await n1.request(subjects.IPAM_RELEASE, PodCIDRRequest(node="n2"), PodCIDR)
+    # nor can it take pool space in another node's name: not on that node's subject (the bus
+    # refuses the publish), nor on its own with another name in the body (the service does)
+    for subject, node in (
+        (subjects.ipam_allocate("n3"), "n3"),
+        (subjects.ipam_allocate("n1"), "n3"),
+    ):
+        with pytest.raises(PermissionDenied):
+            await n1.request(subject, PodCIDRRequest(node=node), PodCIDR)
+    allocated = await (await n1.kv(subjects.KV_POD_CIDRS)).keys()
+    assert sorted(allocated) == [subjects.pod_cidr_key("n1"), subjects.pod_cidr_key("n2")]
     with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
         await n1.js.publish(
             f"$KV.{subjects.KV_POD_CIDRS}.{subjects.pod_cidr_key('n1')}",
