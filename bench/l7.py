@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -152,6 +153,15 @@ def _proxy_pid(cluster: Cluster) -> int:
     return next(p.pid for p in StateDir(cluster.state).processes() if p.name.startswith("proxy-"))
 
 
+def _cpu_by_process(cluster: Cluster) -> dict[str, float]:
+    """CPU seconds so far of every process the cluster's supervisor runs, by name."""
+    out = {}
+    for p in StateDir(cluster.state).processes():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            out[p.name] = _cpu_seconds(p.pid)
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     me = str(Path(__file__).resolve())
     with tempfile.TemporaryDirectory(prefix="membrane-bench-l7-") as tmp:
@@ -179,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
                 # alternate the paths so that machine load drifts hit both alike
                 for path, port in (("L3/L4", L4_PORT), ("L7", L7_PORT)) * args.rounds:
                     cpu = _cpu_seconds(proxy)
+                    everyone = _cpu_by_process(cluster)
                     out = cluster.run(
                         "pod", "exec", "client", "--", sys.executable, me, "load", ip,
                         str(port), mode, str(args.seconds), str(args.connections),
@@ -189,19 +200,35 @@ def run(args: argparse.Namespace) -> int:
                     # latencies it does): CPU time per request, the pod exec's start included
                     spent = _cpu_seconds(proxy) - cpu
                     got["proxy_us"] = 1e6 * spent / got["requests"] if got["requests"] else 0.0
+                    # the other processes of the cluster (the monitor taking the L7 flows, NATS
+                    # carrying them, the agents): their CPU per request, the busiest named
+                    after = _cpu_by_process(cluster)
+                    others = {
+                        name: after[name] - everyone[name]
+                        for name in after.keys() & everyone.keys()
+                        if not name.startswith("proxy-")
+                    }
+                    per = 1e6 / got["requests"] if got["requests"] else 0.0
+                    got["others_us"] = per * sum(others.values())
+                    got["busiest"] = ", ".join(
+                        f"{name} {per * sec:.0f}"
+                        for name, sec in sorted(others.items(), key=lambda kv: -kv[1])[:3]
+                    )
                     best = results.get((mode, path))
                     if best is None or got["rps"] > best["rps"]:
                         results[(mode, path)] = got
             print(f"\nL7 proxy vs L3/L4, {args.connections} connections, {args.seconds:g} s "
                   f"per run, best of {args.rounds} (one node, same client and server)")  # fmt: skip
             print(f"{'mode':10} {'path':6} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} "
-                  f"{'proxy CPU us/req':>16}")  # fmt: skip
+                  f"{'proxy CPU us/req':>16} {'others us/req':>13}  "
+                  "busiest others (us/req)")  # fmt: skip
             ok = True  # printed, not an exit status: make bench runs every benchmark
             for mode in ("keepalive", "newconn"):
                 for path in ("L3/L4", "L7"):
                     r = results[(mode, path)]
                     print(f"{mode:10} {path:6} {r['rps']:9.0f} {r['p50_ms']:8.3f} "
-                          f"{r['p99_ms']:8.3f} {r['errors']:7d} {r['proxy_us']:16.0f}")  # fmt: skip
+                          f"{r['p99_ms']:8.3f} {r['errors']:7d} {r['proxy_us']:16.0f} "
+                          f"{r['others_us']:13.0f}  {r['busiest']}")  # fmt: skip
                 l4, l7 = results[(mode, "L3/L4")], results[(mode, "L7")]
                 share = l7["rps"] / l4["rps"] if l4["rps"] else 0.0
                 added = l7["p50_ms"] - l4["p50_ms"]

@@ -4,15 +4,23 @@ keep-alive connections) in their own processes; printed per run: requests/s, p50
 process's CPU time per request, which on the shared machine varies much less than
 ``bench/l7.py``'s side-by-side ratio (its L3/L4 baseline moves with the machine's load).
 
-    .venv/bin/python bench/l7_proxy.py [--runs 3] [--seconds 4]   (root: SO_MARK)
+    .venv/bin/python bench/l7_proxy.py [--runs 3] [--seconds 4] [--flows] [--profile N]
+    (root: SO_MARK)
+
+``--flows``: each request reported as the service reports it (``FlowSink.add``: the flow, the
+metrics), the batches encoded every 50 ms as the bus would send them (not sent). ``--profile
+N``: cProfile over the runs, the N functions of most own time printed at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import dataclasses
 import json
+import os
+import pstats
 import subprocess
 import sys
 import time
@@ -21,12 +29,17 @@ from pathlib import Path
 import msgspec
 import uvloop
 
+# the repository, in place of this directory (its dns.py would shadow dnspython)
+sys.path.pop(0)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from services.proxy.exchange import Report
 from services.proxy.http import HttpConnection
+from services.proxy.service import FLUSH_S, FlowSink
 from services.proxy.view import View
 from shared import identities
-from shared.messages import PolicyEntry, ResolvedPolicy
+from shared.bus import encode
+from shared.messages import FlowBatch, PolicyEntry, ResolvedPolicy
 
 LOAD = str(Path(__file__).resolve().parent / "l7.py")
 SERVER = """
@@ -61,44 +74,81 @@ def allowing_get() -> View:
     return view
 
 
+class _Encoded:
+    """What the proxy's FlowSink.run does with a batch, without the bus: the metrics handed
+    over, the flows encoded and dropped."""
+
+    def __init__(self, sink: FlowSink) -> None:
+        self.sink = sink
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_S)
+            if hasattr(self.sink, "account"):
+                self.sink.account()
+            if self.sink.flows:
+                batch, self.sink.flows = self.sink.flows, []
+                encode(FlowBatch("bench", batch))
+
+
 async def measure(upstream_port: int, args: argparse.Namespace) -> None:
     view = allowing_get()
+    report: Report = lambda *_: None  # noqa: E731
+    if args.flows:
+        # no bus: its run() is not used
+        sink = FlowSink(None, "bench")  # type: ignore[arg-type]
+        report = sink.add
+        encoder = asyncio.create_task(_Encoded(sink).run())
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        handler = HttpConnection(view, reader, writer, lambda *_: None)
+        handler = HttpConnection(view, reader, writer, report)
         handler.conn = dataclasses.replace(handler.conn, dport=upstream_port)
         await handler.run()
 
     proxy = await asyncio.start_server(serve, "127.0.0.1", 0)
     port = proxy.sockets[0].getsockname()[1]
     for _ in range(args.runs):
-        cpu = time.process_time()
+        cpu, times = time.process_time(), os.times()
         load = await asyncio.create_subprocess_exec(
             sys.executable, LOAD, "load", "127.0.0.1", str(port), "keepalive",
             str(args.seconds), "4", stdout=subprocess.PIPE,
         )  # fmt: skip
         out, _ = await load.communicate()
         got = json.loads(out)
-        spent = time.process_time() - cpu
+        spent, after = time.process_time() - cpu, os.times()
+        per = 1e6 / max(got["requests"], 1)
         print(
             f"{got['rps']:8.0f} req/s  p50 {got['p50_ms']:.3f} ms  errors {got['errors']}  "
-            f"proxy CPU {1e6 * spent / max(got['requests'], 1):.1f} us/req",
+            f"proxy CPU {per * spent:.1f} us/req (user {per * (after.user - times.user):.1f}, "
+            f"system {per * (after.system - times.system):.1f})",
             flush=True,
         )
     proxy.close()
+    if args.flows:
+        encoder.cancel()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--flows", action="store_true", help="report flows as the service does")
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="cProfile, top N")
     args = parser.parse_args()
     server = subprocess.Popen([sys.executable, "-c", SERVER], stdout=subprocess.PIPE, text=True)
+    profile = cProfile.Profile() if args.profile else None
     try:
         assert server.stdout is not None
-        uvloop.run(measure(int(server.stdout.readline()), args))
+        port = int(server.stdout.readline())
+        if profile is not None:
+            profile.enable()
+        uvloop.run(measure(port, args))
     finally:
+        if profile is not None:
+            profile.disable()
         server.kill()
+    if profile is not None:
+        pstats.Stats(profile).sort_stats("tottime").print_stats(args.profile)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import socket
 import time
 from collections.abc import Callable
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 
 from services.proxy.sockets import IP_TRANSPARENT
-from services.proxy.view import Verdict, View
+from services.proxy.view import Lookup, Verdict, View
 from shared.messages import L7Info
 from shared.proxy import from_proxy_mark
 
@@ -28,6 +29,15 @@ class Conn:
     sport: int
     dst: IPv4Address
     dport: int
+
+    # the addresses as text, made once per connection (each of its flows carries them)
+    @functools.cached_property
+    def src_ip(self) -> str:
+        return str(self.src)
+
+    @functools.cached_property
+    def dst_ip(self) -> str:
+        return str(self.dst)
 
     @classmethod
     def of(cls, writer: asyncio.StreamWriter) -> Conn:
@@ -102,6 +112,16 @@ class Handler:
         self.conn = Conn.of(writer)
         self.up_reader: asyncio.StreamReader | None = None
         self.up_writer: asyncio.StreamWriter | None = None
+        self._found: Lookup | None = None
+
+    def _lookup(self) -> Lookup:
+        """What restricts this connection, kept while the view has not changed: each request
+        is still judged on its own, against the view as it is when the request came."""
+        found = self._found
+        if found is None or found.generation != self.view.generation:
+            conn = self.conn
+            found = self._found = self.view.lookup(conn.src, conn.dst, conn.dport)
+        return found
 
     def close_both(self) -> None:
         for writer in (self.writer, self.up_writer):

@@ -40,6 +40,8 @@ from shared.messages import L7Info
 MAX_HEADER_BYTES = 64 * 1024  # Envoy's default limit is 60 KiB
 
 DENIED_BODY = b"Access denied\r\n"
+_KEYS: dict[bytes, str] = {}  # header names as received -> as rules match them (lower case)
+_LINE_ENDS = {"1.1": b" HTTP/1.1\r\n", "1.0": b" HTTP/1.0\r\n"}
 
 
 def last_chunk(trailers: list[tuple[bytes, bytes]]) -> bytes:
@@ -55,7 +57,7 @@ def local_response(status: int, reason: str, body: bytes, *, close: bool) -> byt
     return head.encode() + b"\r\n\r\n" + body
 
 
-@dataclass
+@dataclass(slots=True)
 class Request:
     """A request in flight: what a flow reports about it, and how its answer is made."""
 
@@ -80,7 +82,7 @@ class Request:
         )
 
 
-@dataclass
+@dataclass(slots=True)
 class _Parsing:
     url: bytearray = field(default_factory=bytearray)
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
@@ -147,12 +149,15 @@ class HttpConnection(Handler, asyncio.Protocol):
         url = cur.url.decode("latin-1")
         headers: dict[str, str] = {}
         for name, value in cur.headers:
-            key = name.decode("latin-1").lower()
+            key = _KEYS.get(name)
+            if key is None:
+                key = name.decode("latin-1").lower()
+                if len(_KEYS) < 4096:  # the names clients send: bounded all the same
+                    _KEYS[name] = key
             text = value.decode("latin-1")
             headers[key] = f"{headers[key]},{text}" if key in headers else text
         cur.chunked = "chunked" in headers.get("transfer-encoding", "").lower()
-        conn = self.conn
-        verdict = self.view.http(conn.src, conn.dst, conn.dport, method, url, headers)
+        verdict = self.view.http_on(self._lookup(), method, url, headers)
         keep_alive = parser.should_keep_alive()
         request = Request(
             method, url, headers.get("host", ""), verdict, time.perf_counter(), keep_alive
@@ -161,7 +166,8 @@ class HttpConnection(Handler, asyncio.Protocol):
         cur.allowed = verdict.allowed
         if verdict.allowed:
             version = parser.get_http_version()
-            head = [f"{method} ".encode(), bytes(cur.url), f" HTTP/{version}\r\n".encode()]
+            line_end = _LINE_ENDS.get(version) or f" HTTP/{version}\r\n".encode()
+            head: list[bytes | bytearray] = [method.encode("latin-1"), b" ", cur.url, line_end]
             for name, value in cur.headers:
                 head += (name, b": ", value, b"\r\n")
             head.append(b"\r\n")

@@ -201,8 +201,7 @@ class Http2Connection(Handler):
             if not key.startswith(b":")
         }
         fields["host"] = host
-        conn = self.conn
-        verdict = self.view.http(conn.src, conn.dst, conn.dport, method, path, fields)
+        verdict = self.view.http_on(self._lookup(), method, path, fields)
         grpc = fields.get("content-type", "").startswith("application/grpc")
         stream = _Stream(stream_id, verdict, method, path, host, grpc)
         self.streams[stream_id] = stream

@@ -90,7 +90,8 @@ class ProxySettings(CommonSettings):
 
 
 class FlowSink:
-    """L7 flows to the monitor, batched like the datapath's."""
+    """L7 flows to the monitor, batched like the datapath's; the metrics of their requests
+    counted here and handed to Prometheus with each batch (every ``FLUSH_S`` at most)."""
 
     def __init__(self, bus: Bus, node: str) -> None:
         self.bus = bus
@@ -98,19 +99,18 @@ class FlowSink:
         self.flows: list[Flow] = []
         self.wake = asyncio.Event()
         self._counters: dict[tuple[str, str, str], Any] = {}
-        self._latency: dict[str, Any] = {}
+        self._counts: dict[tuple[str, str, str], int] = {}  # since the last batch
+        self._latencies: dict[str, list[float]] = {}  # seconds, by protocol, likewise
 
     def add(self, conn: Conn, verdict: Verdict, l7: L7Info) -> None:
         outcome = "FORWARDED" if verdict.allowed else "DROPPED"
         key = (l7.protocol, outcome, verdict.direction or "none")
-        counter = self._counters.get(key)
-        if counter is None:  # labels() costs a lock and a lookup: once per label set
-            counter = self._counters[key] = REQUESTS.labels(*key)
-        counter.inc()
-        latency = self._latency.get(l7.protocol)
-        if latency is None:
-            latency = self._latency[l7.protocol] = LATENCY.labels(l7.protocol)
-        latency.observe(l7.latency_ms / 1000)
+        counts = self._counts
+        counts[key] = counts.get(key, 0) + 1
+        latencies = self._latencies.get(l7.protocol)
+        if latencies is None:
+            latencies = self._latencies[l7.protocol] = []
+        latencies.append(l7.latency_ms / 1000)
         flow = Flow(
             time=time.time(),
             node=self.node,
@@ -118,8 +118,8 @@ class FlowSink:
             verdict=outcome,
             direction=verdict.direction,
             observation_point="to-proxy",
-            src_ip=str(conn.src),
-            dst_ip=str(conn.dst),
+            src_ip=conn.src_ip,
+            dst_ip=conn.dst_ip,
             src_port=conn.sport,
             dst_port=conn.dport,
             protocol="TCP",
@@ -136,11 +136,25 @@ class FlowSink:
         if len(self.flows) >= MAX_BATCH:
             self.wake.set()
 
+    def account(self) -> None:
+        """The requests since the last call into the Prometheus metrics: one increment per
+        label set and bucket, not a lock and a bucket walk per request."""
+        counts, self._counts = self._counts, {}
+        for key, count in counts.items():
+            counter = self._counters.get(key)
+            if counter is None:
+                counter = self._counters[key] = REQUESTS.labels(*key)
+            counter.inc(count)
+        latencies, self._latencies = self._latencies, {}
+        for protocol, values in latencies.items():
+            metrics.observe_many(LATENCY.labels(protocol), values)
+
     async def run(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), FLUSH_S)
             self.wake.clear()
+            self.account()
             if not self.flows:
                 continue
             batch, self.flows = self.flows, []

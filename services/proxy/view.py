@@ -78,7 +78,7 @@ class View:
         self.generation = 0  # moves on every change: connections re-check their next request
         # what restricts a (source, destination, port), computed once per generation: the
         # next request after any change sees the change
-        self._sides: dict[tuple[IPv4Address, IPv4Address, int], tuple[int, int, list[_Side]]] = {}
+        self._sides: dict[tuple[IPv4Address, IPv4Address, int], Lookup] = {}
         self._sides_generation = 0
 
     # --- KV events --------------------------------------------------------------------------
@@ -188,9 +188,10 @@ class View:
             return None
         return _Side(direction, tuple(rules), tuple(kafka), allow_all, restricting, policy.rules)
 
-    def _sides_of(
-        self, src: IPv4Address, dst: IPv4Address, port: int
-    ) -> tuple[int, int, list[_Side]]:
+    def lookup(self, src: IPv4Address, dst: IPv4Address, port: int) -> Lookup:
+        """What restricts a (source, destination, port) now: computed once per generation and
+        tuple; a connection keeps it while ``lookup.generation == view.generation`` (any change
+        moves the generation: its next request looks again)."""
         if self._sides_generation != self.generation:
             self._sides.clear()
             self._sides_generation = self.generation
@@ -198,32 +199,32 @@ class View:
         found = self._sides.get(key)
         if found is None:
             src_id, dst_id = self.identity_of(src), self.identity_of(dst)
-            sides = [
+            sides = tuple(
                 side
                 for side in (
                     self._side(src_id, "egress", dst_id, port),
                     self._side(dst_id, "ingress", src_id, port),
                 )
                 if side is not None
-            ]
+            )
             if len(self._sides) > 65536:  # bounded: one entry per connection tuple seen
                 self._sides.clear()
-            found = self._sides[key] = (src_id, dst_id, sides)
+            found = self._sides[key] = Lookup(self.generation, src_id, dst_id, sides)
         return found
 
     def speaks_kafka(self, src: IPv4Address, dst: IPv4Address, port: int) -> bool:
         """Whether the rules restricting the connection are Kafka rules: the port speaks
         Kafka (which has no greeting to tell it by), as Cilium picks its parser by the rule."""
-        return any(side.kafka for side in self._sides_of(src, dst, port)[2])
+        return any(side.kafka for side in self.lookup(src, dst, port).sides)
 
     def kafka(
         self, src: IPv4Address, dst: IPv4Address, port: int, request: l7_kafka.KafkaRequest
     ) -> Verdict:
         """A Kafka request: on each restricting side, the side's Kafka rules together must
         allow it (every topic it names allowed by some rule)."""
-        src_id, dst_id, sides = self._sides_of(src, dst, port)
+        found = self.lookup(src, dst, port)
         allowed_by = (0, "", "")
-        for side in sides:
+        for side in found.sides:
             if side.allow_all_rule:
                 rule_id = side.allow_all_rule
             else:
@@ -232,14 +233,14 @@ class View:
                 if not rule_id:
                     rule_id = side.restricting_rule
                     name = side.names.get(rule_id, "")
-                    return Verdict(False, src_id, dst_id, rule_id, name, side.direction)
+                    return found.verdict(False, rule_id, name, side.direction)
             allowed_by = (rule_id, side.names.get(rule_id, ""), side.direction)
-        return Verdict(True, src_id, dst_id, *allowed_by)
+        return found.verdict(True, *allowed_by)
 
     def unparsed(self, src: IPv4Address, dst: IPv4Address, port: int) -> Verdict:
         """Denied before any request could be read (malformed frames): who was talking."""
-        src_id, dst_id, _ = self._sides_of(src, dst, port)
-        return Verdict(False, src_id, dst_id)
+        found = self.lookup(src, dst, port)
+        return Verdict(False, found.src_identity, found.dst_identity)
 
     def http(
         self,
@@ -250,10 +251,15 @@ class View:
         target: str,
         headers: Mapping[str, str],
     ) -> Verdict:
-        src_id, dst_id, sides = self._sides_of(src, dst, port)
+        return self.http_on(self.lookup(src, dst, port), method, target, headers)
+
+    def http_on(
+        self, found: Lookup, method: str, target: str, headers: Mapping[str, str]
+    ) -> Verdict:
+        """An HTTP request on a connection whose :meth:`lookup` is ``found`` (current)."""
         allowed_by = (0, "", "")
         logged = False
-        for side in sides:
+        for side in found.sides:
             if side.allow_all_rule:
                 rule_id = side.allow_all_rule
                 allowed_by = (rule_id, side.names.get(rule_id, ""), side.direction)
@@ -267,10 +273,35 @@ class View:
             else:
                 # denied: name the policy whose rules restrict this side
                 rule_id = side.restricting_rule
-                return Verdict(
-                    False, src_id, dst_id, rule_id, side.names.get(rule_id, ""), side.direction
-                )
-        return Verdict(True, src_id, dst_id, *allowed_by, logged=logged)
+                return found.verdict(False, rule_id, side.names.get(rule_id, ""), side.direction)
+        return found.verdict(True, *allowed_by, logged=logged)
+
+
+class Lookup:
+    """The identities of a (source, destination, port) and the sides that restrict it, as of
+    one generation of the view; the verdicts made from them, made once."""
+
+    __slots__ = ("_verdicts", "dst_identity", "generation", "sides", "src_identity")
+
+    def __init__(
+        self, generation: int, src_identity: int, dst_identity: int, sides: tuple[_Side, ...]
+    ) -> None:
+        self.generation = generation
+        self.src_identity = src_identity
+        self.dst_identity = dst_identity
+        self.sides = sides
+        self._verdicts: dict[tuple[bool, int, str, str, bool], Verdict] = {}
+
+    def verdict(
+        self, allowed: bool, rule_id: int, policy: str, direction: str, logged: bool = False
+    ) -> Verdict:
+        key = (allowed, rule_id, policy, direction, logged)
+        found = self._verdicts.get(key)
+        if found is None:  # bounded: one per rule of the sides, allowed or not, logged or not
+            found = self._verdicts[key] = Verdict(
+                allowed, self.src_identity, self.dst_identity, rule_id, policy, direction, logged
+            )
+        return found
 
 
 def _compile(
