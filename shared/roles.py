@@ -250,9 +250,10 @@ def datapath(node: str) -> Permissions:
             kv_write(subjects.KV_IPCACHE, subjects.node_keys(node)),
         ],
         request=[
-            subjects.IDENTITY_ALLOCATE,
-            subjects.IDENTITY_RELEASE,
-            subjects.IDENTITY_HEARTBEAT,
+            # in its own node's name only (subjects.for_node)
+            subjects.for_node(subjects.IDENTITY_ALLOCATE, node),
+            subjects.for_node(subjects.IDENTITY_RELEASE, node),
+            subjects.for_node(subjects.IDENTITY_HEARTBEAT, node),
             subjects.ipam_allocate(node),
         ],
         publish=[subjects.flows(node), subjects.health(node)],

@@ -168,9 +168,16 @@ def node_token(node: str) -> str:
     return node.replace(".", "_")
 
 
+def for_node(subject: str, node: str) -> str:
+    """``subject`` as ``node`` (only) calls it: the bus lets an agent publish only under its
+    own node's token, and the service checks the request names that node (its ``owner`` or
+    ``node``), so no agent can act in another node's name. The CLI (admin) keeps ``subject``."""
+    return f"{subject}.{node_token(node)}"
+
+
 def ipam_allocate(node: str) -> str:
     """The subject on which ``node`` (only) asks cluster-pool IPAM for its pod CIDR."""
-    return f"{IPAM_ALLOCATE}.{node_token(node)}"
+    return for_node(IPAM_ALLOCATE, node)
 
 
 def node_keys(node: str) -> str:

@@ -198,7 +198,7 @@ class EndpointLifecycle:
     ) -> int:
         namespace_labels = await self._namespace_labels(namespace)
         reply = await self.bus.request(
-            subjects.IDENTITY_ALLOCATE,
+            subjects.for_node(subjects.IDENTITY_ALLOCATE, self.node.name),
             AllocateRequest(
                 labels=pod_identity_labels(namespace, labels, namespace_labels, service_account),
                 owner=self.node.name,
@@ -471,7 +471,7 @@ class EndpointLifecycle:
     async def _release_identity(self, identity: int, request: str) -> None:
         try:
             await self.bus.request(
-                subjects.IDENTITY_RELEASE,
+                subjects.for_node(subjects.IDENTITY_RELEASE, self.node.name),
                 ReleaseRequest(
                     id=identity, owner=self.node.name, request_id=f"{self.node.name}/{request}"
                 ),

@@ -404,7 +404,7 @@ async def _heartbeat(settings: DatapathSettings, up: _Node) -> None:
         return  # the lease covers this node's pods' identities; without pods there is none
     try:
         await up.started.bus.request(
-            subjects.IDENTITY_HEARTBEAT,
+            subjects.for_node(subjects.IDENTITY_HEARTBEAT, settings.node),
             HeartbeatRequest(owner=settings.node, ttl_seconds=settings.identity_lease),
             HeartbeatReply,
         )

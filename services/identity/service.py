@@ -144,6 +144,29 @@ class IdentityService:
 
         await serve("allocate", subjects.IDENTITY_ALLOCATE, AllocateRequest, self.allocate)
         await serve("release", subjects.IDENTITY_RELEASE, ReleaseRequest, self.release)
+        # an agent's: the owner (its node) in the subject, which only that node may use, so
+        # no agent releases (or holds) references in another node's name
+        await micro.endpoint(
+            "allocate-node",
+            subjects.for_node(subjects.IDENTITY_ALLOCATE, "*"),
+            AllocateRequest,
+            _counting(self.allocate),
+            subject_names=lambda req: subjects.node_token(req.owner),
+        )
+        await micro.endpoint(
+            "release-node",
+            subjects.for_node(subjects.IDENTITY_RELEASE, "*"),
+            ReleaseRequest,
+            _counting(self.release),
+            subject_names=lambda req: subjects.node_token(req.owner),
+        )
+        await micro.endpoint(
+            "heartbeat-node",
+            subjects.for_node(subjects.IDENTITY_HEARTBEAT, "*"),
+            HeartbeatRequest,
+            _counting(self.heartbeat),
+            subject_names=lambda req: subjects.node_token(req.owner),
+        )
         await serve("get", subjects.IDENTITY_GET, GetRequest, self.get)
         await serve("list", subjects.IDENTITY_LIST, Empty, self.list)
         await serve("heartbeat", subjects.IDENTITY_HEARTBEAT, HeartbeatRequest, self.heartbeat)

@@ -29,7 +29,15 @@ from shared.bus import Bus
 from shared.errors import DeadlineExceeded, PermissionDenied, Unavailable
 from shared.ipcache_guard import REFUSED
 from shared.kv_watch import BucketWatches
-from shared.messages import IPCacheEntry, PodCIDR, PodCIDRRequest
+from shared.messages import (
+    AllocateReply,
+    AllocateRequest,
+    IPCacheEntry,
+    PodCIDR,
+    PodCIDRRequest,
+    ReleaseReply,
+    ReleaseRequest,
+)
 from shared.runtime import TaskGroup
 from tests.conftest import eventually, membrane_command, service_env
 
@@ -130,6 +138,19 @@ async def test_a_node_cannot_shadow_a_peers_pod_in_any_reader(
             await n1.request(subject, PodCIDRRequest(node=node), PodCIDR)
     allocated = await (await n1.kv(subjects.KV_POD_CIDRS)).keys()
     assert sorted(allocated) == [subjects.pod_cidr_key("n1"), subjects.pod_cidr_key("n2")]
+    # identity references likewise: n1 cannot release the one n2's pods hold, even on its own
+    # subject (the service compares the owner with the subject's node)
+    held = await n2.request(
+        subjects.for_node(subjects.IDENTITY_ALLOCATE, "n2"),
+        AllocateRequest(labels=["k8s:app=held"], owner="n2"),
+        AllocateReply,
+    )
+    with pytest.raises(PermissionDenied):
+        await n1.request(
+            subjects.for_node(subjects.IDENTITY_RELEASE, "n1"),
+            ReleaseRequest(id=held.identity.id, owner="n2"),
+            ReleaseReply,
+        )
     with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
         await n1.js.publish(
             f"$KV.{subjects.KV_POD_CIDRS}.{subjects.pod_cidr_key('n1')}",

@@ -201,6 +201,18 @@ async def test_agent_writes_its_own_node_only_and_no_policy(
     with pytest.raises(nats.errors.TimeoutError):
         await agent.nc.request(subjects.POLICY_APPLY, b"{}", timeout=0.5)
     assert await agent.refused(subjects.POLICY_APPLY)
+    # identities and pod CIDRs in its own node's name only, and not through the CLI's subjects
+    for subject in (
+        subjects.IDENTITY_ALLOCATE,
+        subjects.IDENTITY_RELEASE,
+        subjects.IDENTITY_HEARTBEAT,
+        subjects.for_node(subjects.IDENTITY_RELEASE, "n2"),
+        subjects.for_node(subjects.IDENTITY_HEARTBEAT, "n2"),
+        subjects.ipam_allocate("n2"),
+    ):
+        with pytest.raises(nats.errors.TimeoutError):
+            await agent.nc.request(subject, b"{}", timeout=0.5)
+        assert await agent.refused(subject)
     assert await admin_kv(server, subjects.KV_NODES) == {"n1": b"mine"}
     assert await admin_kv(server, subjects.KV_POLICIES) == {}
 
