@@ -185,10 +185,13 @@ def test_policy_change_applies_to_the_next_request_of_an_open_connection(
     assert session.stdin is not None and session.stdout is not None
     assert session.stdout.readline().strip() == "ready"
 
+    asked: list[str] = []
+
     def ask(method: str, path: str) -> dict[str, Any]:
         assert session.stdin is not None and session.stdout is not None
         session.stdin.write(f"{method} {path}\n")
         session.stdin.flush()
+        asked.append(path)
         return dict(json.loads(session.stdout.readline()))
 
     try:
@@ -209,6 +212,17 @@ def test_policy_change_applies_to_the_next_request_of_an_open_connection(
         session.kill()
         session.wait()
         galaxy.apply(POLICY.read_text())
+
+    # every request of the session was one L7 flow, all on the one client connection (a
+    # connection reopened behind the client's back would show a second port)
+    def session_flows() -> list[dict[str, Any]]:
+        flows = galaxy.flows("--type", "l7", "--from-pod", "tiefighter")[-len(asked) :]
+        assert [f["l7"]["url"] for f in flows] == asked, flows
+        return flows
+
+    flows = until(session_flows, "the session's L7 flows")
+    assert len({f["source"]["port"] for f in flows}) == 1, flows
+    assert [f["l7"]["status"] for f in flows][-2:] == [403, 200], flows
 
 
 def _proxy_pids(cluster: Cluster) -> set[int]:
