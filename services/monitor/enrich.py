@@ -284,6 +284,7 @@ class Enricher:
             rules.clear()
         peer_part = self._peer_part
         labels_of, reserved, no_labels = self.labels.get, _RESERVED_LABELS.get, _NO_LABELS
+        no_names = _NO_NAMES
         by_port = self._port_service if self.services or self.backends else None
         names = self._names_of if self.dns_names else None
         default_deny = self._default_deny
@@ -363,7 +364,7 @@ class Enricher:
                 source,
                 destination,
                 None,
-                [] if reply or names is None else names(src_ip, dst_ip),
+                no_names if reply or names is None else names(src_ip, dst_ip),
                 rule_id,
                 rule,
                 policy,
@@ -438,6 +439,9 @@ class Enricher:
 
 
 _NO_LABELS: list[str] = []  # shared by the peers of identities without labels: never mutated
+# shared by the flows without DNS names (never mutated): a new empty list per flow is one more
+# object for the garbage collector to track and walk
+_NO_NAMES: list[str] = []
 # entries of each enrichment cache; beyond it the cache starts over
 CACHE_SIZE = 65536
 DIR_INGRESS = 1  # bpf/events.h

@@ -438,3 +438,62 @@ def test_a_flow_batch_is_json_lines_cut_at_line_ends() -> None:
     assert decode_flow_batch(b"") == []
     assert split_batch(data) == [(data, 50)]
     assert subjects.event_flow_batches("AUDIT", "a.b") == "membrane.events.flowbatches.AUDIT.a_b"
+
+
+def test_a_batch_is_counted_per_label_set_as_flow_by_flow() -> None:
+    import collections
+    import itertools
+
+    from prometheus_client import REGISTRY
+
+    from services.monitor.enrich import group_flows
+    from services.monitor.service import Monitor, MonitorSettings
+
+    flows = [
+        EnrichedFlow(
+            time=1.0,
+            node="n",
+            type=kind,
+            verdict=verdict,
+            drop_reason=133 if verdict == "DROPPED" else 0,
+            drop_reason_desc="Policy denied" if verdict == "DROPPED" else "",
+            direction=direction,
+            tcp_flags=["SYN"] if rule % 2 else ["SYN", "ACK"],
+            rule_id=rule,
+            destination=FlowPeer(namespace=f"ns{rule}"),
+        )
+        for kind, verdict, direction, rule in itertools.product(
+            ["drop", "policy-verdict", "trace"],
+            ["FORWARDED", "DROPPED", "AUDIT"],
+            ["ingress", "egress"],
+            [0, 0, 7, 9],
+        )
+    ]
+    expected: collections.Counter[tuple[str, ...]] = collections.Counter()
+    for f in flows:  # the metrics' meaning, one flow at a time
+        expected["flows", f.type, f.verdict] += 1
+        if f.verdict == "DROPPED":
+            expected["drops", f.drop_reason_desc, f.direction] += 1
+        if f.type == "policy-verdict":
+            action = {"FORWARDED": "allowed", "DROPPED": "denied", "AUDIT": "audit"}[f.verdict]
+            match = "rule" if f.rule_id else "default"
+            expected["verdicts", f.direction, match, action] += 1
+        for flag in f.tcp_flags:
+            expected["flags", flag] += 1
+
+    def sample(key: tuple[str, ...]) -> float:
+        name, *values = key
+        metric, labels = {
+            "flows": ("membrane_monitor_flows_processed_total", ["type", "verdict"]),
+            "drops": ("membrane_monitor_drops_total", ["reason", "direction"]),
+            "verdicts": (
+                "membrane_monitor_policy_verdicts_total",
+                ["direction", "match", "action"],
+            ),
+            "flags": ("membrane_monitor_tcp_flags_total", ["flag"]),
+        }[name]
+        return REGISTRY.get_sample_value(metric, dict(zip(labels, values, strict=True))) or 0.0
+
+    before = {key: sample(key) for key in expected}
+    Monitor(None, MonitorSettings())._count(flows, group_flows(flows))  # type: ignore[arg-type]
+    assert {key: sample(key) - before[key] for key in expected} == expected
