@@ -94,6 +94,21 @@ class Cluster:
         return proc
 
 
+def started_in_pod(proc: subprocess.Popen[str], timeout: float = 30) -> None:
+    """Until ``background``'s ``pod exec`` has become the probe itself: the CLI looked the pod
+    up on the bus and exec'd through nsenter. A fault test that breaks the bus must not do
+    so while the CLI is still reading it (under load that lookup takes seconds)."""
+    cmdline = Path(f"/proc/{proc.pid}/cmdline")
+    deadline = time.monotonic() + timeout
+    while True:
+        argv = cmdline.read_bytes().split(b"\0") if proc.poll() is None else []
+        if argv and not argv[0].endswith(b"nsenter") and str(PROBE).encode() in argv[:2]:
+            return
+        assert proc.poll() is None, f"{proc.args} exited with {proc.returncode}"
+        assert time.monotonic() < deadline, f"{proc.args} not running after {timeout:g}s"
+        time.sleep(0.05)
+
+
 def counted(
     senders: list[subprocess.Popen[str]], counters: list[subprocess.Popen[str]]
 ) -> list[int]:

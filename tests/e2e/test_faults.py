@@ -24,7 +24,7 @@ from shared.bus import MEMBRANE_CODE_HEADER, Bus
 from shared.errors import Unavailable
 from shared.messages import AllocateReply, AllocateRequest, Empty, ListReply
 from tests.conftest import REPO, scrape
-from tests.e2e.cluster import Cluster, counted, create_pod, until
+from tests.e2e.cluster import Cluster, counted, create_pod, started_in_pod, until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
 
@@ -84,7 +84,9 @@ async def test_nats_sigkill_under_traffic(cluster: Cluster, tmp_path: Path) -> N
         cluster.background("f-c", "stream", bip, "9001", str(PACKETS), "10"),
     ]
     try:
-        await asyncio.sleep(1.0)
+        for sender in senders:  # streaming, not still looking their pods up on the bus
+            await asyncio.to_thread(started_in_pod, sender)
+        await asyncio.sleep(0.5)
         victim = _pid(cluster, "nats-server")
         assert victim
         os.kill(victim, signal.SIGKILL)
