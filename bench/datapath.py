@@ -396,14 +396,16 @@ class Cluster:
 
 
 def _free_octet() -> int:
-    """X for 172.31.X.0/24, 10.X.0.0/16 and 10.(X+1).0.0/16, none routed (in use) yet."""
+    """X for 172.31.X.0/24, 10.X.0.0/16 and 10.(X+1).0.0/16, none routed (in use) yet. From
+    200..248, above the test suite's 100..198 (tests/e2e/cluster.py), so a bench run while the
+    suite runs never takes a range a test cluster is about to."""
     routes = subprocess.run(["ip", "-o", "route"], capture_output=True, text=True).stdout
     for _ in range(50):
-        octet = 150 + secrets.randbelow(50)
+        octet = 200 + 2 * secrets.randbelow(25)
         taken = (f"172.31.{octet}.", f"10.{octet}.", f"10.{octet + 1}.")
         if not any(prefix in routes for prefix in taken):
             return octet
-    raise RuntimeError("no free 172.31.X.0/24 in 150..199")
+    raise RuntimeError("no free 172.31.X.0/24 in 200..248")
 
 
 # --- 1. KV change -> map entry ---------------------------------------------------------------
