@@ -33,9 +33,10 @@ import uvloop
 sys.path.pop(0)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from services.proxy.connection import Accepted
 from services.proxy.exchange import Report
-from services.proxy.http import HttpConnection
 from services.proxy.service import FLUSH_S, FlowSink
+from services.proxy.sockets import BACKLOG
 from services.proxy.view import View
 from shared import identities
 from shared.bus import encode
@@ -100,17 +101,25 @@ async def measure(upstream_port: int, args: argparse.Namespace) -> None:
         report = sink.add
         encoder = asyncio.create_task(_Encoded(sink).run())
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        handler = HttpConnection(view, reader, writer, report)
-        handler.conn = dataclasses.replace(handler.conn, dport=upstream_port)
-        await handler.run()
+    failures: list[BaseException] = []
 
-    proxy = await asyncio.start_server(serve, "127.0.0.1", 0)
+    class Towards(Accepted):
+        """The service's listener protocol, the upstream being the server (on a node the
+        upstream is the address the client asked for: here the proxy itself)."""
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            self.conn = dataclasses.replace(self.conn, dport=upstream_port)
+
+    loop = asyncio.get_running_loop()
+    proxy = await loop.create_server(
+        lambda: Towards(view, report, failures.append), "127.0.0.1", 0, backlog=BACKLOG
+    )
     port = proxy.sockets[0].getsockname()[1]
     for _ in range(args.runs):
         cpu, times = time.process_time(), os.times()
         load = await asyncio.create_subprocess_exec(
-            sys.executable, LOAD, "load", "127.0.0.1", str(port), "keepalive",
+            sys.executable, LOAD, "load", "127.0.0.1", str(port), args.mode,
             str(args.seconds), "4", stdout=subprocess.PIPE,
         )  # fmt: skip
         out, _ = await load.communicate()
@@ -124,6 +133,7 @@ async def measure(upstream_port: int, args: argparse.Namespace) -> None:
             flush=True,
         )
     proxy.close()
+    assert not failures, failures
     if args.flows:
         encoder.cancel()
 
@@ -133,6 +143,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--flows", action="store_true", help="report flows as the service does")
+    parser.add_argument(
+        "--mode", choices=("keepalive", "newconn"), default="keepalive",
+        help="keep-alive connections, or a new connection per request",
+    )  # fmt: skip
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="cProfile, top N")
     args = parser.parse_args()
     server = subprocess.Popen([sys.executable, "-c", SERVER], stdout=subprocess.PIPE, text=True)

@@ -27,13 +27,23 @@ answers it is owed, then the connection ends.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httptools
 
-from services.proxy.exchange import Handler, Report, elapsed_ms, upstream_socket
+from services.proxy.exchange import (
+    CONNECT_TIMEOUT_S,
+    Conn,
+    Judged,
+    Report,
+    connecting,
+    elapsed_ms,
+    open_upstream,
+)
 from services.proxy.view import Verdict, View
 from shared.messages import L7Info
 
@@ -97,15 +107,20 @@ class HeadersTooLarge(Exception):
     pass
 
 
-class HttpConnection(Handler, asyncio.Protocol):
+class HttpConnection(Judged, asyncio.Protocol):
     def __init__(
         self,
         view: View,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        client: asyncio.Transport,
         report: Report,
+        conn: Conn | None = None,
+        failed: Callable[[BaseException], None] | None = None,
     ) -> None:
-        super().__init__(view, reader, writer, report)
+        """``failed``: told what a callback failed with (a bug), unless :meth:`run` is
+        awaited, which raises it."""
+        super().__init__(view, conn or Conn.of(client), report)
+        self.client = client
+        self.failed = failed
         self.parser = httptools.HttpRequestParser(self)
         self.cur = _Parsing()
         self.pending: deque[Request] = deque()  # in request order, awaiting their answers
@@ -226,33 +241,52 @@ class HttpConnection(Handler, asyncio.Protocol):
     # upstream's pump on top of the loop's own). Flow control: a side whose transport's write
     # buffer is over its high-water mark pauses reading from the other side until it drained.
 
+    @classmethod
+    def of_streams(
+        cls,
+        view: View,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        report: Report,
+    ) -> HttpConnection:
+        """A connection already made into streams (tests, benchmarks): its transport taken
+        over, with whatever the reader still holds (no public way to take it without a read,
+        a wake-up), when :meth:`run` starts."""
+        handler = cls(view, writer.transport, report)  # type: ignore[arg-type]
+        handler.stream_reader = reader
+        return handler
+
+    stream_reader: asyncio.StreamReader | None = None
+
     async def run(self, first: bytes = b"") -> None:
-        """Serve the connection; ``first``: what was already read from it. The stream's
-        transport is taken over (with whatever its reader still holds) and served by callbacks;
-        this returns when both sides are closed, raising what a callback failed with."""
-        self.loop = asyncio.get_running_loop()
-        self.done: asyncio.Future[None] = self.loop.create_future()
-        self.client: asyncio.Transport = self.writer.transport  # type: ignore[assignment]
-        # the reader's buffer and end: no public way to take them without a read (a wake-up)
-        buffered: bytearray = getattr(self.reader, "_buffer", bytearray())
-        data, eof = first + bytes(buffered), bool(getattr(self.reader, "_eof", False))
-        buffered.clear()
-        self.client.set_protocol(self)
-        self.client.resume_reading()  # (the stream's reader may have paused it)
-        if data:
-            self.data_received(data)
-        if eof:
-            self.eof_received()
-        try:
-            await self.done
-        finally:
-            if self.connecting is not None:
-                self.connecting.cancel()
-            self.close_both()
+        """Serve the connection (:meth:`start`) until both sides are closed, raising what a
+        callback failed with."""
+        self.waiter = asyncio.get_running_loop().create_future()
+        eof = False
+        if self.stream_reader is not None:
+            buffered: bytearray = getattr(self.stream_reader, "_buffer", bytearray())
+            first += bytes(buffered)
+            eof = bool(getattr(self.stream_reader, "_eof", False))
+            buffered.clear()
+        self.start(first, eof=eof)
+        await self.waiter
         if self.error is not None:
             raise self.error
 
-    # set in run(); the class attributes are what they are before it
+    def start(self, first: bytes, *, eof: bool) -> None:
+        """Take the client's transport over and serve it by callbacks; ``first``: what was
+        already read from it, ``eof``: whether the client ended its side after it."""
+        self.loop = asyncio.get_running_loop()
+        self.client.set_protocol(self)
+        self.client.resume_reading()  # (a stream's reader may have paused it)
+        if first:
+            self.data_received(first)
+        if eof:
+            self.eof_received()
+
+    # the class attributes are what they are before start() and the upstream
+    waiter: asyncio.Future[None] | None = None  # run()'s
+    finished = False
     upstream: asyncio.Transport | None = None
     connecting: asyncio.Task[None] | None = None
     error: BaseException | None = None
@@ -260,7 +294,7 @@ class HttpConnection(Handler, asyncio.Protocol):
     holds: frozenset[str] = frozenset()  # why the client's side is not read
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        pass  # the transport was taken over in run()
+        pass  # the transport was taken over in start()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -274,10 +308,22 @@ class HttpConnection(Handler, asyncio.Protocol):
         return True  # half-open: the answers still owed go out
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.upstream is not None:
-            self.upstream.close()
-        if not self.done.done():
-            self.done.set_result(None)
+        self._finish()
+
+    def _finish(self) -> None:
+        """The client's side is closed (or a callback failed): the upstream too, and an
+        upstream still being connected is dropped."""
+        if self.finished:
+            return
+        self.finished = True
+        if self.connecting is not None:
+            self.connecting.cancel()
+        self.close_both()
+        if self.waiter is not None:
+            if not self.waiter.done():
+                self.waiter.set_result(None)
+        elif self.error is not None and self.failed is not None:
+            self.failed(self.error)
 
     def pause_writing(self) -> None:
         """The client reads slowly: stop reading the upstream, and the client itself (its
@@ -302,9 +348,7 @@ class HttpConnection(Handler, asyncio.Protocol):
 
     def _fault(self, exc: BaseException) -> None:
         self.error = exc
-        self.close_both()
-        if not self.done.done():
-            self.done.set_result(None)
+        self._finish()
 
     def close_both(self) -> None:
         self.closing = True
@@ -343,32 +387,68 @@ class HttpConnection(Handler, asyncio.Protocol):
         if self.to_upstream:
             if self.upstream is None:
                 if self.connecting is None:
-                    identity = self.pending[-1].verdict.src_identity
-                    self.connecting = self.loop.create_task(self._connect(identity))
-                self._hold("connecting", True)
+                    self._connect(self.pending[-1].verdict.src_identity)
+                if self.to_upstream:  # what was not sent yet: no more of it until connected
+                    self._hold("connecting", True)
             else:
                 self.upstream.write(b"".join(self.to_upstream))
                 self.to_upstream.clear()
         self._flush()
         self._maybe_close()
 
-    async def _connect(self, identity: int) -> None:
+    def _connect(self, identity: int) -> None:
+        """The upstream connection, for the first allowed request: the connect started and what
+        is to send sent in this callback (to a pod on this machine the handshake is over when
+        the connect returns), the transport made in a task (uvloop has no other way)."""
         self.response = _Response(self)
         try:
-            sock = await upstream_socket(self.conn, identity, self.view)
-            await self.loop.create_connection(lambda: _Upstream(self), sock=sock)
-        except (OSError, TimeoutError):
+            sock = open_upstream(self.conn, identity, self.view)
+        except OSError:
             self.close_both()
             return
-        except Exception as exc:
-            self._fault(exc)
+        data = b"".join(self.to_upstream)
+        self.to_upstream.clear()
+        try:
+            sent = sock.send(data)
+        except (BlockingIOError, InterruptedError):  # not connected yet: the transport will
+            sent = 0
+        except OSError:  # refused
+            sock.close()
+            self.close_both()
             return
+        if sent < len(data):
+            self.to_upstream.append(data[sent:])
+        if not sent and connecting(sock):
+            self.loop.call_later(CONNECT_TIMEOUT_S, self._connect_timeout, sock)
+        self.connecting = self.loop.create_task(self._attach(sock))
+
+    def _connect_timeout(self, sock: socket.socket) -> None:
+        try:
+            stuck = connecting(sock)
+        except OSError:  # closed meanwhile
+            return
+        if stuck:
+            self.close_both()
+
+    async def _attach(self, sock: socket.socket) -> None:
+        try:
+            await self.loop.create_connection(lambda: _Upstream(self), sock=sock)
+        except BaseException as exc:
+            sock.close()  # (uvloop detached it if it had closed it)
+            if isinstance(exc, OSError):
+                self.close_both()
+                return
+            if isinstance(exc, Exception):
+                self._fault(exc)
+                return
+            raise
         assert self.upstream is not None
         if self.client.is_closing():  # the client went away meanwhile
             self.upstream.close()
             return
-        self.upstream.write(b"".join(self.to_upstream))
-        self.to_upstream.clear()
+        if self.to_upstream:  # (a write before the handshake is over waits for it)
+            self.upstream.write(b"".join(self.to_upstream))
+            self.to_upstream.clear()
         self._hold("connecting", False)
         self._maybe_close()
 

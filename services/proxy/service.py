@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,9 +23,9 @@ from typing import Any
 
 from prometheus_client import Counter, Histogram
 
-from services.proxy.connection import serve_connection
+from services.proxy.connection import accepting
 from services.proxy.dns import DnsProxy
-from services.proxy.exchange import READ_SIZE, Conn
+from services.proxy.exchange import Conn
 from services.proxy.fqdn_cache import FQDNCaches
 from services.proxy.fqdn_publish import FQDNPublisher
 from services.proxy.sockets import BACKLOG, listener
@@ -219,18 +218,17 @@ async def run(settings: ProxySettings) -> None:
     dns_proxy = DnsProxy(view, settings.node, sink.emit, fqdn.learn)
     await dns_proxy.start(settings.dns_proxy_port)
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        CONNECTIONS.inc()
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            await serve_connection(view, reader, writer, sink.add)
-        except Exception:
-            logger.exception("connection failed")
+    def failed(exc: BaseException) -> None:
+        logger.error("connection failed", exc_info=exc)
 
-    server = await asyncio.start_server(
-        serve, sock=listener(settings.proxy_port), limit=READ_SIZE, backlog=BACKLOG
+    new_connection = accepting(view, sink.add, failed)
+
+    def accepted() -> asyncio.Protocol:
+        CONNECTIONS.inc()
+        return new_connection()
+
+    server = await asyncio.get_running_loop().create_server(
+        accepted, sock=listener(settings.proxy_port), backlog=BACKLOG
     )
     metrics_port = metrics.serve(settings.metrics_host, settings.metrics_port)
     micro = await bus.add_service(

@@ -93,7 +93,7 @@ async def through_proxy(
     reported: list[L7Info] = []
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        handler = HttpConnection(
+        handler = HttpConnection.of_streams(
             allow_all_but_secret(), reader, writer, lambda _c, _v, l7: reported.append(l7)
         )
         handler.conn = dataclasses.replace(handler.conn, dport=port)
@@ -150,7 +150,7 @@ async def test_a_denied_request_never_reaches_the_upstream(
 
 async def proxy_for(port: int, reported: list[L7Info]) -> asyncio.Server:
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        handler = HttpConnection(
+        handler = HttpConnection.of_streams(
             allow_all_but_secret(), reader, writer, lambda _c, _v, l7: reported.append(l7)
         )
         handler.conn = dataclasses.replace(handler.conn, dport=port)
@@ -229,7 +229,7 @@ async def _one_fuzzed(answer: bytes, requests: bytes) -> None:
     failures: list[BaseException] = []
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        handler = HttpConnection(allow_all_but_secret(), reader, writer, lambda *_: None)
+        handler = HttpConnection.of_streams(allow_all_but_secret(), reader, writer, lambda *_: None)
         handler.conn = dataclasses.replace(handler.conn, dport=server.sockets[0].getsockname()[1])
         try:
             await handler.run()

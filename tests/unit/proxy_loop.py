@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from services.proxy.connection import serve_connection
+from services.proxy.connection import accepting
 from services.proxy.view import View
 from shared.messages import L7Info
 
@@ -17,13 +17,9 @@ async def exchange(view: View, data: bytes, *, close: bool = True) -> tuple[byte
     reported: list[L7Info] = []
     failures: list[BaseException] = []
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await serve_connection(view, reader, writer, lambda _c, _v, l7: reported.append(l7))
-        except BaseException as exc:
-            failures.append(exc)
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    # the listener's protocol, as the service makes it
+    new_connection = accepting(view, lambda _c, _v, l7: reported.append(l7), failures.append)
+    server = await asyncio.get_running_loop().create_server(new_connection, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(data)
