@@ -324,6 +324,21 @@ class HttpConnection(Judged, asyncio.Protocol):
                 self.waiter.set_result(None)
         elif self.error is not None and self.failed is not None:
             self.failed(self.error)
+        self._let_go()
+
+    def _let_go(self) -> None:
+        """Drop what refers back to this handler (the parsers call it, the transports hold it
+        as their protocol, the upstream's callbacks too): the connection's objects are then
+        freed at once by reference counting, not left as cycles for the collector to find
+        (about 40 objects a connection, a tenth of the proxy's time per new connection)."""
+        for transport in (self.client, self.upstream):
+            if transport is not None:
+                transport.set_protocol(_SPENT)
+        self.parser = _SPENT_PARSER
+        if self.response is not None:
+            self.response.parser = _SPENT_RESPONSE_PARSER
+            self.response = None
+        self.connecting = None
 
     def pause_writing(self) -> None:
         """The client reads slowly: stop reading the upstream, and the client itself (its
@@ -606,3 +621,8 @@ class _Upstream(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.conn._hold("upstream", False)
+
+
+_SPENT = asyncio.Protocol()  # the protocol of a transport whose handler is done
+_SPENT_PARSER = httptools.HttpRequestParser(_SPENT)
+_SPENT_RESPONSE_PARSER = httptools.HttpResponseParser(_SPENT)

@@ -100,6 +100,7 @@ class FlowSink:
         self._counters: dict[tuple[str, str, str], Any] = {}
         self._counts: dict[tuple[str, str, str], int] = {}  # since the last batch
         self._latencies: dict[str, list[float]] = {}  # seconds, by protocol, likewise
+        self.accepted = 0  # connections, likewise
 
     def add(self, conn: Conn, verdict: Verdict, l7: L7Info) -> None:
         outcome = "FORWARDED" if verdict.allowed else "DROPPED"
@@ -147,6 +148,9 @@ class FlowSink:
         latencies, self._latencies = self._latencies, {}
         for protocol, values in latencies.items():
             metrics.observe_many(LATENCY.labels(protocol), values)
+        if self.accepted:
+            CONNECTIONS.inc(self.accepted)
+            self.accepted = 0
 
     async def run(self) -> None:
         while True:
@@ -224,7 +228,7 @@ async def run(settings: ProxySettings) -> None:
     new_connection = accepting(view, sink.add, failed)
 
     def accepted() -> asyncio.Protocol:
-        CONNECTIONS.inc()
+        sink.accepted += 1
         return new_connection()
 
     server = await asyncio.get_running_loop().create_server(

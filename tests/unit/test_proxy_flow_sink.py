@@ -1,4 +1,5 @@
-"""The proxy's FlowSink: one flow per request at once, the metrics with each batch."""
+"""The proxy's FlowSink: one flow per request at once, the metrics (and the count of accepted
+connections) with each batch."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ def test_flows_at_once_metrics_with_the_batch() -> None:
     before = _value("membrane_proxy_requests_total", **labels)
     slow = _value("membrane_proxy_request_seconds_bucket", protocol="http", le="0.01")
     count = _value("membrane_proxy_request_seconds_count", protocol="http")
+    connections = _value("membrane_proxy_connections_total")
+    sink.accepted += 1  # as the listener's protocol factory counts them
     denied = Verdict(False, 257, 256, 3, "default/rule1", "ingress")
     for latency in (0.4, 7.0):
         sink.add(CONN, denied, L7Info(protocol="http", method="PUT", status=403,
@@ -33,10 +36,13 @@ def test_flows_at_once_metrics_with_the_batch() -> None:
         ("10.7.0.5", "10.7.0.6", 40512, "DROPPED", 3)
     ] * 2
     assert _value("membrane_proxy_requests_total", **labels) == before  # not yet
+    assert _value("membrane_proxy_connections_total") == connections
     sink.account()
+    assert _value("membrane_proxy_connections_total") == connections + 1
     assert _value("membrane_proxy_requests_total", **labels) == before + 2
     assert _value("membrane_proxy_request_seconds_count", protocol="http") == count + 2
     # 0.4 ms and 7 ms are both under 10 ms
     assert _value("membrane_proxy_request_seconds_bucket", protocol="http", le="0.01") == slow + 2
     sink.account()  # nothing new: nothing counted twice
     assert _value("membrane_proxy_requests_total", **labels) == before + 2
+    assert _value("membrane_proxy_connections_total") == connections + 1
