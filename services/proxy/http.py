@@ -124,6 +124,7 @@ class HttpConnection(Judged, asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.cur = _Parsing()
         self.pending: deque[Request] = deque()  # in request order, awaiting their answers
+        self.answered: list[Request] = []  # answers complete, not reported yet
         self.to_upstream: list[bytes] = []
         self.to_client: list[bytes] = []
         self.response: _Response | None = None
@@ -222,7 +223,7 @@ class HttpConnection(Judged, asyncio.Protocol):
                 return
 
     def _done(self, request: Request) -> None:
-        self.report(self.conn, request.verdict, request.l7())
+        self.answered.append(request)  # reported once its answer is written (_flush)
         if not request.keep_alive:
             self.closing = True
 
@@ -316,6 +317,7 @@ class HttpConnection(Judged, asyncio.Protocol):
         if self.finished:
             return
         self.finished = True
+        self._report()  # (after a fault: what was answered before it)
         if self.connecting is not None:
             self.connecting.cancel()
         self.close_both()
@@ -415,7 +417,6 @@ class HttpConnection(Judged, asyncio.Protocol):
         """The upstream connection, for the first allowed request: the connect started and what
         is to send sent in this callback (to a pod on this machine the handshake is over when
         the connect returns), the transport made in a task (uvloop has no other way)."""
-        self.response = _Response(self)
         try:
             sock = open_upstream(self.conn, identity, self.view)
         except OSError:
@@ -431,6 +432,7 @@ class HttpConnection(Judged, asyncio.Protocol):
             sock.close()
             self.close_both()
             return
+        self.response = _Response(self)
         if sent < len(data):
             self.to_upstream.append(data[sent:])
         if not sent and connecting(sock):
@@ -475,9 +477,18 @@ class HttpConnection(Judged, asyncio.Protocol):
         self.to_client.append(local_response(status, reason, b"", close=True))
 
     def _flush(self) -> None:
+        """The answers to the client, then the reports of the requests they end: the client
+        does not wait for the flows to be made."""
         if self.to_client:
             self.client.write(b"".join(self.to_client))
             self.to_client.clear()
+        self._report()
+
+    def _report(self) -> None:
+        if self.answered:
+            for request in self.answered:
+                self.report(self.conn, request.verdict, request.l7())
+            self.answered.clear()
 
     def _maybe_close(self) -> None:
         """Closed (after what is buffered) when nothing more is owed to the client: it asked
