@@ -1,15 +1,18 @@
-"""The HTTP/1.1 proxy alone, on loopback: no cluster, no datapath, no pods. The proxy's handler
-runs in this process (uvloop, an L7 allow rule), the server and ``bench/l7.py load`` (4
-keep-alive connections) in their own processes; printed per run: requests/s, p50, and this
-process's CPU time per request, which on the shared machine varies much less than
-``bench/l7.py``'s side-by-side ratio (its L3/L4 baseline moves with the machine's load).
+"""The HTTP/1.1 proxy alone, on loopback: no cluster, no datapath, no pods. The proxy's listener
+protocol and handler run in this process (uvloop, an L7 allow rule), the server and ``bench/l7.py
+load`` in their own processes; printed per run: requests/s, p50, and this process's CPU time per
+request, which on the shared machine varies much less than ``bench/l7.py``'s side-by-side ratio
+(its L3/L4 baseline moves with the machine's load).
 
-    .venv/bin/python bench/l7_proxy.py [--runs 3] [--seconds 4] [--flows] [--profile N]
+    .venv/bin/python bench/l7_proxy.py [--runs 3] [--seconds 4] [--connections 4]
+        [--mode keepalive|newconn] [--flows] [--profile N]
     (root: SO_MARK)
 
-``--flows``: each request reported as the service reports it (``FlowSink.add``: the flow, the
-metrics), the batches encoded every 50 ms as the bus would send them (not sent). ``--profile
-N``: cProfile over the runs, the N functions of most own time printed at the end.
+``--mode newconn``: a new connection per request (``Connection: close``, which the server
+honours, as ``bench/l7.py``'s does). ``--flows``: each request reported as the service reports
+it (``FlowSink.add``: the flow, the metrics), the batches encoded every 50 ms as the bus would
+send them (not sent). ``--profile N``: cProfile over the runs, the N functions of most own time
+printed at the end.
 """
 
 from __future__ import annotations
@@ -46,16 +49,21 @@ LOAD = str(Path(__file__).resolve().parent / "l7.py")
 SERVER = """
 import asyncio, uvloop
 ANSWER = b"HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\nContent-Type: text/plain\\r\\n\\r\\nok"
+CLOSE = b"HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\nConnection: close\\r\\n\\r\\nok"
 async def handle(reader, writer):
     try:
         while True:
-            await reader.readuntil(b"\\r\\n\\r\\n")
-            writer.write(ANSWER)
+            head = await reader.readuntil(b"\\r\\n\\r\\n")
+            close = b"connection: close" in head.lower()
+            writer.write(CLOSE if close else ANSWER)
+            if close:
+                await writer.drain()
+                break
     except (asyncio.IncompleteReadError, ConnectionError):
         pass
     writer.close()
 async def main():
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=1024)
     print(server.sockets[0].getsockname()[1], flush=True)
     await asyncio.Event().wait()
 uvloop.run(main())
@@ -120,7 +128,7 @@ async def measure(upstream_port: int, args: argparse.Namespace) -> None:
         cpu, times = time.process_time(), os.times()
         load = await asyncio.create_subprocess_exec(
             sys.executable, LOAD, "load", "127.0.0.1", str(port), args.mode,
-            str(args.seconds), "4", stdout=subprocess.PIPE,
+            str(args.seconds), str(args.connections), stdout=subprocess.PIPE,
         )  # fmt: skip
         out, _ = await load.communicate()
         got = json.loads(out)
@@ -142,6 +150,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--flows", action="store_true", help="report flows as the service does")
     parser.add_argument(
         "--mode", choices=("keepalive", "newconn"), default="keepalive",

@@ -63,10 +63,17 @@ class Accepted(asyncio.Protocol):
         self._hand_over(eof=True)
         return True  # half-open: the answers owed still go out
 
+    def _hand_over(self, *, eof: bool) -> None:
+        try:
+            self._serve(eof=eof)
+        except Exception as exc:  # a bug, not the client's input: this connection only
+            self.transport.close()
+            self.failed(exc)
+
     def connection_lost(self, exc: Exception | None) -> None:
         pass  # before a handler took it: nothing to answer
 
-    def _hand_over(self, *, eof: bool) -> None:
+    def _serve(self, *, eof: bool) -> None:
         if self.first.startswith(PREFACE):
             self._streams(self.first, eof=eof, kafka=False)
             return
