@@ -26,18 +26,6 @@ from services.proxy.view import View
 Failed = Callable[[BaseException], None]  # what a connection's handler failed with (a bug)
 
 
-async def opening(reader: asyncio.StreamReader) -> bytes:
-    """The connection's first bytes: at least enough to tell the HTTP/2 preface from
-    anything else (a client may send it in pieces), or less when the client stopped."""
-    data = await reader.read(READ_SIZE)
-    while data and len(data) < len(PREFACE) and PREFACE.startswith(data):
-        more = await reader.read(READ_SIZE)
-        if not more:
-            break
-        data += more
-    return data
-
-
 class Accepted(asyncio.Protocol):
     """A connection the listener accepted, until its first bytes tell what it speaks."""
 
@@ -90,11 +78,13 @@ class Accepted(asyncio.Protocol):
         if eof:
             reader.feed_eof()
         writer = asyncio.StreamWriter(self.transport, protocol, reader, loop)
+        handler: KafkaConnection | Http2Connection
         if kafka:
-            handler = KafkaConnection(self.view, reader, writer, self.report).run()
+            handler = KafkaConnection(self.view, reader, writer, self.report)
         else:
-            handler = Http2Connection(self.view, reader, writer, self.report).run(first)
-        task = loop.create_task(handler)
+            handler = Http2Connection(self.view, reader, writer, self.report)
+        handler.conn = self.conn  # the connection as the listener's protocol saw it
+        task = loop.create_task(handler.run(first))
         _TASKS.add(task)
         task.add_done_callback(self._served)
 

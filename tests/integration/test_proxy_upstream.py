@@ -25,9 +25,8 @@ import msgspec
 import pytest
 
 from services.proxy import http
-from services.proxy.connection import Accepted, opening
+from services.proxy.connection import Accepted
 from services.proxy.http import HttpConnection
-from services.proxy.http2 import Http2Connection
 from services.proxy.view import View
 from shared import identities
 from shared.messages import L7Info, PolicyEntry, ResolvedPolicy
@@ -257,15 +256,8 @@ async def test_grpc_calls_to_a_refusing_upstream_are_unavailable_and_the_connect
     refusing = spare.getsockname()[1]
     spare.close()  # nothing listens there now
     reported: list[L7Info] = []
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        handler = Http2Connection(
-            allow_all_but_secret(), reader, writer, lambda _c, _v, l7: reported.append(l7)
-        )
-        handler.conn = dataclasses.replace(handler.conn, dport=refusing)
-        await handler.run(await opening(reader))
-
-    proxy = await asyncio.start_server(serve, "127.0.0.1", 0)
+    failures: list[BaseException] = []
+    proxy = await listening_towards(refusing, reported, failures)  # HTTP/2 by its preface
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.sockets[0].getsockname()[1])
     client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     client.initiate_connection()
@@ -289,6 +281,7 @@ async def test_grpc_calls_to_a_refusing_upstream_are_unavailable_and_the_connect
     await proxy.wait_closed()
     assert [dict(a.headers)[b"grpc-status"] for a in answers] == [b"14", b"14"]
     assert [(r.grpc_status, r.status) for r in reported] == [(14, 200), (14, 200)]
+    assert not failures
 
 
 class _Towards(Accepted):
