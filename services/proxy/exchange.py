@@ -108,27 +108,33 @@ async def upstream_socket(conn: Conn, identity: int, view: View) -> socket.socke
     """:func:`open_upstream`, connected (within ``CONNECT_TIMEOUT_S``)."""
     sock = open_upstream(conn, identity, view)
     try:
-        if connecting(sock):
-            loop = asyncio.get_running_loop()
-            writable: asyncio.Future[None] = loop.create_future()
-
-            def ready() -> None:
-                if not writable.done():
-                    writable.set_result(None)
-
-            loop.add_writer(sock, ready)
-            try:
-                async with asyncio.timeout(CONNECT_TIMEOUT_S):  # no task, as wait_for makes
-                    await writable
-            finally:
-                loop.remove_writer(sock)
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            raise OSError(err, os.strerror(err))
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):  # no task, as wait_for makes
+            await connected(sock)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+async def connected(sock: socket.socket) -> None:
+    """The end of a non-blocking TCP connect started with ``connect_ex``: at once when the
+    handshake is over, else when the socket is writable; ``OSError`` when it failed."""
+    if connecting(sock):
+        loop = asyncio.get_running_loop()
+        writable: asyncio.Future[None] = loop.create_future()
+
+        def ready() -> None:
+            if not writable.done():
+                writable.set_result(None)
+
+        loop.add_writer(sock, ready)
+        try:
+            await writable
+        finally:
+            loop.remove_writer(sock)
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
 
 
 async def connect_upstream(
