@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from typing import NamedTuple
 
 import msgspec
@@ -117,6 +117,8 @@ class IPCacheGuard:
         self.reader = reader  # the metric's label: datapath, monitor, proxy
         self.handle = handle
         self.pod_cidrs: dict[str, PodRange] = {}  # node token -> its pod CIDR
+        # node token -> the underlay address recorded with it (routes and tunnels follow it)
+        self.underlays: dict[str, str] = {}
         # every node key's latest value and what it was judged, believed or not, so that a
         # pod CIDR arriving (or changing) judges its node's entries again
         self.entries: dict[str, tuple[bytes, IPCacheEntry]] = {}
@@ -146,12 +148,21 @@ class IPCacheGuard:
 
     def on_pod_cidr(self, key: str, value: bytes | None) -> None:
         cidr: PodRange | None = None
+        underlay = ""
         if value is not None:
             try:
-                cidr = PodRange.of(IPv4Network(_cidr_decoder.decode(value).cidr))
+                allocation = _cidr_decoder.decode(value)
+                cidr = PodRange.of(IPv4Network(allocation.cidr))
+                if allocation.underlay_ip:
+                    underlay = str(IPv4Address(allocation.underlay_ip))
             except (msgspec.ValidationError, msgspec.DecodeError, ValueError):
                 BAD_POD_CIDRS.labels(self.reader).inc()
                 self.log.error("unreadable pod CIDR; the node's entries wait", key=key)
+                cidr, underlay = None, ""
+        if underlay:
+            self.underlays[key] = underlay
+        else:
+            self.underlays.pop(key, None)
         if cidr == self.pod_cidrs.get(key):
             return
         if cidr is None:

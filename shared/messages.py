@@ -94,11 +94,16 @@ class HeartbeatReply(Message):
 
 class PodCIDRRequest(Message):
     node: str
+    # the node's underlay address: the identity service records it with the CIDR and refuses
+    # one another live node holds; peers route and tunnel to the recorded one, never to what
+    # a node's own ``nodes`` record says
+    underlay_ip: str = ""
 
 
 class PodCIDR(Message):
     node: str
     cidr: str
+    underlay_ip: str = ""  # as recorded at allocation ("": none recorded, peers use none)
 
 
 class PodCIDRList(Message):

@@ -12,10 +12,13 @@ older than ``expiry`` is dead. For every other node the kernel gets:
   fails at once with an ICMP error instead of vanishing into the underlay;
 - its underlay address in the ipcache as ``remote-node`` while it is known.
 
-A node's pod CIDR is taken from the ``pod-cidrs`` bucket (what cluster-pool IPAM gave it, the
+A node's pod CIDR and underlay address are taken from the ``pod-cidrs`` bucket (what
+cluster-pool IPAM gave it and the address it recorded then, refusing one a live peer held: the
 identity service's word), not from its own record: a node claiming a peer's CIDR there would
-otherwise have the peer's pods routed to it (native routing). A record that disagrees is
-counted and logged; a node whose CIDR the identity service has not published gets nothing yet.
+otherwise have the peer's pods routed to it (native routing), and one claiming a peer's
+address would move the peer's tunnel endpoint and ``remote-node`` entry. A record that
+disagrees is counted and logged; a node whose CIDR and address the identity service has not
+published gets nothing yet.
 
 A dead node's pods (their ipcache and endpoints entries) are released by the identity
 service (services/identity/nodes.py): an agent may write only its own node's keys.
@@ -52,6 +55,11 @@ CIDR_MISMATCHES = Counter(
     "nodes records claiming a pod CIDR other than the one the identity service gave the node "
     "(routes follow the identity service's)",
 )
+UNDERLAY_MISMATCHES = Counter(
+    "membrane_datapath_peer_underlay_mismatches_total",
+    "nodes records claiming an underlay address other than the one the identity service "
+    "recorded for the node (routes, tunnels and the ipcache follow the identity service's)",
+)
 ROUTE_PROTO = 109  # marks routes this module owns (a number iproute2 names no protocol for)
 
 
@@ -73,6 +81,7 @@ class Peers:
         tunnel_peers: Any,  # MutableMapping[IPv4Address, int], the BPF map
         *,
         pod_cidrs: Mapping[str, PodRange],
+        underlays: Mapping[str, str],
         expiry: float,
         overlay_ifindex: int = 0,
     ) -> None:
@@ -80,7 +89,9 @@ class Peers:
         # node token -> the pod CIDR the identity service gave it (the agent's ipcache guard
         # keeps it current; the agent sets ``changed`` when it moves)
         self.pod_cidrs = pod_cidrs
+        self.underlays = underlays  # node token -> its underlay address, the same way
         self.mismatched: dict[str, str] = {}  # node -> the CIDR its record claims, if not its own
+        self.mismatched_underlay: dict[str, str] = {}  # the same for its underlay address
         # tunnel mode: what the node itself sends to another node's pods (the L7 proxy's
         # answers, as the server pod) is routed into the VXLAN device, whose egress program
         # sets the tunnel key (bpf/overlay.h overlay_egress)
@@ -121,13 +132,30 @@ class Peers:
     def desired(self, now: float) -> dict[str, PeerState]:
         states = {}
         for name, peer in self.nodes.items():
-            given = self.pod_cidrs.get(subjects.pod_cidr_key(name))
-            if given is None:  # not published yet: nothing for what the record claims
+            token = subjects.pod_cidr_key(name)
+            given = self.pod_cidrs.get(token)
+            underlay = self.underlays.get(token)
+            if given is None or not underlay:  # not published yet: nothing for the record
                 continue
             cidr = str(given.network)
             self._check_claim(name, peer.pod_cidr, cidr)
-            states[name] = PeerState(cidr, peer.underlay_ip, self.alive(peer, now))
+            self._check_underlay(name, peer.underlay_ip, underlay)
+            states[name] = PeerState(cidr, underlay, self.alive(peer, now))
         return states
+
+    def _check_underlay(self, name: str, claimed: str, given: str) -> None:
+        """Count and log a record's underlay address that is not the node's, once per claim."""
+        if claimed == given:
+            self.mismatched_underlay.pop(name, None)
+        elif self.mismatched_underlay.get(name) != claimed:
+            self.mismatched_underlay[name] = claimed
+            UNDERLAY_MISMATCHES.inc()
+            self.log.warning(
+                "node record claims an underlay address not its own; using its own",
+                peer=name,
+                claimed=claimed,
+                underlay=given,
+            )
 
     def _check_claim(self, name: str, claimed: str, given: str) -> None:
         """Count and log a record's pod CIDR that is not the node's, once per claim."""

@@ -130,13 +130,16 @@ class DatapathSettings(CommonSettings):
         return Path(self.socket) if self.socket else agent_api.default_socket(self.node)
 
 
-async def _pod_cidr(bus: Bus, node: str, logger: Any) -> PodCIDR:
+async def _pod_cidr(bus: Bus, node: str, underlay: str, logger: Any) -> PodCIDR:
     """The node's pod CIDR from cluster-pool IPAM; waits for the identity service."""
     delay = 0.2
     while True:
         try:
             return await bus.request(
-                subjects.ipam_allocate(node), PodCIDRRequest(node=node), PodCIDR, timeout=5
+                subjects.ipam_allocate(node),
+                PodCIDRRequest(node=node, underlay_ip=underlay),
+                PodCIDR,
+                timeout=5,
             )
         except Unavailable as exc:
             logger.warning("waiting for cluster-pool IPAM", error=str(exc))
@@ -249,10 +252,12 @@ async def _bring_up(settings: DatapathSettings, started: startup.Started) -> _No
     the overlay or native routing, node ports, and the agent, peers and health on top."""
     bus, logger = started.bus, started.log
     buckets = await Buckets.open(bus, settings.kv_replicas)
-    cidr = await _pod_cidr(bus, settings.node, logger)
     underlay = await asyncio.to_thread(netns.interface_address, settings.underlay_device)
     if underlay is None:
         raise Unavailable(f"the underlay device {settings.underlay_device} has no IPv4 address")
+    # the identity service records the address with the CIDR (refusing one a live peer
+    # holds): peers route and tunnel to its record, not to this node's own
+    cidr = await _pod_cidr(bus, settings.node, str(underlay), logger)
     router = next(IPv4Network(cidr.cidr).hosts())
     await asyncio.to_thread(netns.ensure_router, settings.router_device, router)
     await asyncio.to_thread(netns.ensure_proxy_route)
@@ -297,6 +302,7 @@ async def _bring_up(settings: DatapathSettings, started: startup.Started) -> _No
         agent.ipcache,
         datapath.tunnel_peers,
         pod_cidrs=agent.ipcache_guard.pod_cidrs,
+        underlays=agent.ipcache_guard.underlays,
         expiry=settings.node_expiry,
         overlay_ifindex=vxlan_ifindex,
     )

@@ -8,12 +8,13 @@ than silently handing out overlapping ranges.
 from __future__ import annotations
 
 import ipaddress
+import time
 from importlib import resources
 
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from shared.errors import Internal, InvalidArgument, NotFound, ResourceExhausted
+from shared.errors import AlreadyExists, Internal, InvalidArgument, NotFound, ResourceExhausted
 from shared.labels import validate_key
 from shared.redis_store import redis_errors
 
@@ -32,6 +33,14 @@ def parse_pool(cluster_cidr: str, mask_size: int) -> tuple[Network, int]:
             field="node_mask_size",
         )
     return network, mask_size
+
+
+class UnderlayTaken(AlreadyExists):
+    def __init__(self, address: str, holder: str) -> None:
+        super().__init__(
+            f"underlay address {address} is held by node {holder!r}", field="underlay_ip"
+        )
+        self.holder = holder
 
 
 class PodCIDRAllocator:
@@ -58,13 +67,20 @@ class PodCIDRAllocator:
         base = int(self.network.network_address) + index * step
         return ipaddress.ip_network((base, self.mask_size))
 
-    async def allocate(self, node: str) -> Network:
+    async def allocate(self, node: str, underlay: str = "", takeover: str = "") -> Network:
+        """The node's pod CIDR; with ``underlay``, its underlay address recorded too, unless
+        another node holds it (``UnderlayTaken``), or that node is ``takeover`` (found dead)."""
         validate_key(node, field="node")
+        args: list[str | int | float] = [
+            *(self.prefix, node, self._fingerprint, self.size, underlay, takeover, time.time())
+        ]
         with redis_errors("ipam allocate"):
             try:
-                index = await self._allocate(args=[self.prefix, node, self._fingerprint, self.size])
+                index = await self._allocate(args=args)
             except redis.exceptions.ResponseError as exc:
                 message = str(exc)
+                if message.startswith("underlay_taken:"):
+                    raise UnderlayTaken(underlay, message.split(":", 1)[1]) from None
                 if "exhausted" in message:
                     raise ResourceExhausted(
                         f"all {self.size} pod CIDRs of {self.network} are allocated"
@@ -85,6 +101,21 @@ class PodCIDRAllocator:
         if index is None:
             raise NotFound(f"node {node!r} holds no pod CIDR", field="node")
         return self.subnet(int(index))
+
+    async def underlays(self) -> dict[str, str]:
+        """node -> the underlay address recorded for it."""
+        with redis_errors("ipam underlays"):
+            raw = await self.redis.hgetall(self.prefix + "underlay")
+        return {
+            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in raw.items()
+        }
+
+    async def claimed(self, node: str) -> float | None:
+        """When the node last asked with its underlay address (unix time), if it holds one."""
+        with redis_errors("ipam claimed"):
+            value = await self.redis.hget(self.prefix + "claimed", node)
+        return None if value is None else float(value)
 
     async def get(self, node: str) -> Network | None:
         """The node's pod CIDR now, if it holds one."""

@@ -38,13 +38,17 @@ class NodeReaper:
         self.grace = grace
         self.heartbeats: dict[str, float] = {}  # node -> its last heartbeat
         self.released: set[str] = set()  # dead nodes whose pods are gone from the bus
+        self.synced = False  # the nodes bucket's snapshot is in
+        self.left: set[str] = set()  # nodes whose record was deleted (a graceful leave)
         self.log = log.get("identity.nodes")
 
     def on_node(self, event: KVEvent) -> None:
         if event.value is None:
-            self.heartbeats.pop(event.key, None)
+            if self.heartbeats.pop(event.key, None) is not None:
+                self.left.add(event.key)
             self.released.discard(event.key)
             return
+        self.left.discard(event.key)
         try:
             heartbeat = msgspec.json.decode(event.value, type=Node).heartbeat
         except (msgspec.ValidationError, msgspec.DecodeError):
@@ -53,6 +57,22 @@ class NodeReaper:
         if heartbeat != self.heartbeats.get(event.key):
             self.released.discard(event.key)
         self.heartbeats[event.key] = heartbeat
+
+    def on_synced(self) -> None:
+        self.synced = True
+
+    def alive(self, node: str, now: float | None = None) -> bool:
+        """Not gone for good: its record is there and its heartbeat within ``expiry + grace``
+        (before the snapshot is in, every node counts as alive)."""
+        if not self.synced:
+            return True
+        beat = self.heartbeats.get(node)
+        now = time.time() if now is None else now
+        return beat is not None and now - beat <= self.expiry + self.grace
+
+    def seen(self, node: str) -> bool:
+        """Whether the node has a record, or had one this service saw deleted."""
+        return node in self.heartbeats or node in self.left
 
     def due(self, now: float) -> list[str]:
         """Dead nodes past the grace whose pods are still to release."""

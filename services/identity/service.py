@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import Awaitable, Callable
+from ipaddress import IPv4Address
 from typing import TypeVar
 
 import msgspec
@@ -21,7 +22,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from services.identity import reserved
 from services.identity.allocator import Allocation, IdentityAllocator
-from services.identity.ipam import PodCIDRAllocator
+from services.identity.ipam import PodCIDRAllocator, UnderlayTaken
 from services.identity.nodes import NodeReaper
 from shared import __version__, kv_watch, log, startup, subjects
 from shared.bus import Bus, MicroService, encode, redact
@@ -119,6 +120,10 @@ class IdentityService:
         self.allocator = allocator
         self.pool = pool
         self.pod_cidrs = pod_cidrs  # the pool's allocations, as every ipcache reader sees them
+        # whether a node counts as alive (holds its underlay address): the failure detector's
+        # word once wired (serve()); until then every node does
+        self.node_alive: Callable[[str], bool] = lambda _node: True
+        self.node_seen: Callable[[str], bool] = lambda _node: True  # a record seen, now or before
         self.settings = settings
         self.log = log.get("identity")
         self._backlog: dict[int, bytes | None] = {}
@@ -219,13 +224,46 @@ class IdentityService:
         return HeartbeatReply(owner=req.owner, expires_at=expires)
 
     async def ipam_allocate(self, req: PodCIDRRequest) -> PodCIDR:
-        network = await self.pool.allocate(req.node)
-        allocation = PodCIDR(node=req.node, cidr=str(network))
+        underlay = _underlay(req.underlay_ip)
+        try:
+            network = await self.pool.allocate(req.node, underlay)
+        except UnderlayTaken as exc:
+            # a node holds its address while the failure detector counts it alive; a dead
+            # one's (or one that left) may go to another node
+            if await self._holds(exc.holder):
+                raise
+            self.log.warning(
+                "underlay address taken over from a dead node",
+                node=req.node,
+                underlay=underlay,
+                holder=exc.holder,
+            )
+            network = await self.pool.allocate(req.node, underlay, takeover=exc.holder)
+            # the holder's record loses the address (peers then give that node nothing)
+            held = await self.pool.get(exc.holder)
+            if held is not None:
+                record = PodCIDR(node=exc.holder, cidr=str(held))
+                await self._write_pod_cidr(exc.holder, encode(record))
+        if not underlay:
+            underlay = (await self.pool.underlays()).get(req.node, "")
+        allocation = PodCIDR(node=req.node, cidr=str(network), underlay_ip=underlay)
         # in the bucket before the node has it: readers believe the node's ipcache entries
         # only inside it (shared/ipcache_guard.py); a failed write fails the request, which
         # the agent retries (allocation is idempotent)
         await self._write_pod_cidr(req.node, encode(allocation))
         return allocation
+
+    async def _holds(self, node: str) -> bool:
+        """Whether ``node`` still holds its underlay address: the failure detector counts it
+        alive, or it has written no record yet since it asked (an agent asks before its
+        first heartbeat) less than its record's lifetime ago."""
+        if self.node_alive(node):
+            return True
+        if self.node_seen(node):
+            return False  # its record went stale or was deleted (it left)
+        claimed = await self.pool.claimed(node)
+        lifetime = self.settings.node_expiry + self.settings.node_grace
+        return claimed is not None and time.time() - claimed <= lifetime
 
     async def ipam_release(self, req: PodCIDRRequest) -> PodCIDR:
         network = await self.pool.release(req.node)
@@ -244,7 +282,13 @@ class IdentityService:
 
     async def ipam_list(self, _: Empty) -> PodCIDRList:
         found = await self.pool.list()
-        return PodCIDRList(allocations=[PodCIDR(node=n, cidr=str(c)) for n, c in found.items()])
+        underlays = await self.pool.underlays()
+        return PodCIDRList(
+            allocations=[
+                PodCIDR(node=n, cidr=str(c), underlay_ip=underlays.get(n, ""))
+                for n, c in found.items()
+            ]
+        )
 
     # --- background work --------------------------------------------------------------------
 
@@ -324,9 +368,12 @@ class IdentityService:
         write re-checks the node's allocation: an allocation made meanwhile is kept."""
         in_kv = await Bus.snapshot(self.pod_cidrs)
         allocated = await self.pool.list()
+        underlays = await self.pool.underlays()
         puts = deletes = 0
         for node, network in allocated.items():
-            wanted = encode(PodCIDR(node=node, cidr=str(network)))
+            wanted = encode(
+                PodCIDR(node=node, cidr=str(network), underlay_ip=underlays.get(node, ""))
+            )
             current = in_kv.get(subjects.pod_cidr_key(node))
             if current != wanted and await self.pool.get(node) == network:
                 await self._write_pod_cidr(node, wanted)
@@ -344,6 +391,19 @@ class IdentityService:
                 deletes += 1
         if puts or deletes:
             self.log.info("pod-cidrs bucket reconciled", puts=puts, deletes=deletes)
+
+
+def _underlay(value: str) -> str:
+    """A requested underlay address, checked: one IPv4 unicast address, or "" for none."""
+    if not value:
+        return ""
+    try:
+        address = IPv4Address(value)
+    except ValueError:
+        raise InvalidArgument(f"{value!r} is not an IPv4 address", field="underlay_ip") from None
+    if address.is_unspecified or address.is_multicast or address == IPv4Address("255.255.255.255"):
+        raise InvalidArgument(f"{value} is not a unicast address", field="underlay_ip")
+    return str(address)
 
 
 def _counting(handler: Callable[[Req], Awaitable[Res]]) -> Callable[[Req], Awaitable[Res]]:
@@ -390,7 +450,8 @@ async def run(settings: IdentitySettings) -> None:
         grace=settings.node_grace,
     )
     nodes = await started.kv(subjects.KV_NODES, "node -> underlay address, pod CIDR, heartbeat")
-    tasks.spawn("watch-nodes", lambda: kv_watch.follow(nodes, reaper.on_node, lambda: None))
+    service.node_alive, service.node_seen = reaper.alive, reaper.seen
+    tasks.spawn("watch-nodes", lambda: kv_watch.follow(nodes, reaper.on_node, reaper.on_synced))
     tasks.spawn("reap-nodes", lambda: periodically(1.0, reaper.reap))
     started.log.info(
         "identity service ready",

@@ -10,9 +10,14 @@ n2's entry and counts the forged one; n1's own pod stays believed.
 
 from __future__ import annotations
 
+import asyncio
+import os
+import secrets
 import subprocess
+import time
 from collections.abc import AsyncIterator, Iterator
 from ipaddress import IPv4Address, IPv4Network
+from typing import Any
 
 import msgspec
 import nats.errors
@@ -20,19 +25,27 @@ import pytest
 
 from membrane.servers import NatsServer, RedisServer, ServerProcess, terminate
 from membrane.supervisor import die_with_parent
+from services.datapath import routing
 from services.datapath.ipcache_sync import IPCacheSync
 from services.datapath.maps import IPCacheValue
 from services.monitor.service import MonitorSettings, start
 from services.proxy.view import View
-from shared import ipcache_guard, roles, subjects
-from shared.bus import Bus
-from shared.errors import DeadlineExceeded, PermissionDenied, Unavailable
+from shared import identities, ipcache_guard, netns, roles, subjects
+from shared.bus import Bus, KVEvent
+from shared.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    InvalidArgument,
+    PermissionDenied,
+    Unavailable,
+)
 from shared.ipcache_guard import REFUSED
 from shared.kv_watch import BucketWatches
 from shared.messages import (
     AllocateReply,
     AllocateRequest,
     IPCacheEntry,
+    Node,
     PodCIDR,
     PodCIDRRequest,
     ReleaseReply,
@@ -47,6 +60,7 @@ USERS = {
     "datapath-n2": roles.datapath("n2"),
     "monitor": roles.MONITOR,
     "proxy-n1": roles.proxy("n1"),
+    "datapath-n3": roles.datapath("n3"),
 }
 UNDERLAY = {"n1": "172.31.9.1", "n2": "172.31.9.2"}
 READERS = ("datapath", "monitor", "proxy")
@@ -94,11 +108,12 @@ async def agents(servers: tuple[ServerProcess, ...]) -> AsyncIterator[dict[str, 
         await bus.close()
 
 
-async def pod_cidr(bus: Bus, node: str) -> IPv4Network:
+async def pod_cidr(bus: Bus, node: str, underlay: str = "") -> IPv4Network:
     """The node's pod CIDR, asked as its agent asks (the identity service may be starting)."""
 
     async def ask() -> PodCIDR:
-        return await bus.request(subjects.ipam_allocate(node), PodCIDRRequest(node=node), PodCIDR)
+        request = PodCIDRRequest(node=node, underlay_ip=underlay)
+        return await bus.request(subjects.ipam_allocate(node), request, PodCIDR)
 
     reply = await eventually(
         ask, timeout=30, what="cluster-pool IPAM", retry_on=(Unavailable, DeadlineExceeded)
@@ -211,3 +226,139 @@ async def test_a_node_cannot_shadow_a_peers_pod_in_any_reader(
         await tasks.close()
         await proxy_bus.close()
         await agent_bus.close()
+
+
+async def put_node(bus: Bus, name: str, underlay: str, cidr: IPv4Network) -> None:
+    """The node's ``nodes`` record as its agent writes it (its heartbeat: now)."""
+    record = Node(
+        name=name,
+        underlay_ip=underlay,
+        pod_cidr=str(cidr),
+        router_ip=str(cidr.network_address + 1),
+        heartbeat=time.time(),
+    )
+    await (await bus.kv(subjects.KV_NODES)).put(name, msgspec.json.encode(record))
+
+
+async def recorded(bus: Bus) -> dict[str, str]:
+    """node -> the underlay address in ``pod-cidrs`` (the identity service's record)."""
+    found = await Bus.snapshot(await bus.kv(subjects.KV_POD_CIDRS))
+    return {
+        c.node: c.underlay_ip
+        for c in (msgspec.json.decode(v, type=PodCIDR) for v in found.values())
+    }
+
+
+async def test_a_node_cannot_claim_a_peers_underlay_address(
+    servers: tuple[ServerProcess, ...], identity_service: None, agents: dict[str, Bus]
+) -> None:
+    """n2's credential claims n1's underlay address, in its IPAM request (refused) and in its
+    own ``nodes`` record (nats-server lets it): a third node's peers table, applied in a
+    namespace of its own, keeps n1's tunnel endpoint and remote-node entry, and n2 is
+    reached at the address the identity service recorded for it. Then the lifecycle: a
+    restart with the same address, an address moved (down and up), a graceful leave."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: network namespaces")
+    n1, n2 = agents["n1"], agents["n2"]
+    n3 = await Bus.connect(url(servers[0], "datapath-n3"), "n3", retry_for=5)
+    cidr1 = await pod_cidr(n1, "n1", UNDERLAY["n1"])
+    cidr2 = await pod_cidr(n2, "n2", UNDERLAY["n2"])
+    await put_node(n1, "n1", UNDERLAY["n1"], cidr1)
+    await put_node(n2, "n2", UNDERLAY["n2"], cidr2)
+    assert await recorded(n1) == UNDERLAY
+
+    # n3's view of its peers, as its agent keeps it (services/datapath/service.py)
+    tasks = TaskGroup()
+    third = routing.Peers(
+        Node(name="n3", underlay_ip="172.31.9.3", pod_cidr="", router_ip="", heartbeat=0),
+        "tunnel",
+        IPCacheSync(ipcache_map := {}),
+        tunnel_peers := {},
+        pod_cidrs=(guard := ipcache_guard.IPCacheGuard("datapath", lambda _k, _v: None)).pod_cidrs,
+        underlays=guard.underlays,
+        expiry=15.0,
+    )
+    watches = BucketWatches(n3, tasks)
+    await watches.add(subjects.KV_POD_CIDRS, guard.on_pod_cidr)
+    await watches.add(
+        subjects.KV_NODES, lambda k, v: third.on_node(KVEvent(key=k, value=v, revision=0))
+    )
+    name = "mauth" + secrets.token_hex(3)
+    namespace = netns.ensure_netns(name)
+
+    async def applied() -> tuple[dict[str, Any], dict[Any, Any]]:
+        await asyncio.to_thread(netns.in_netns, namespace, third._apply, third.desired(time.time()))
+        return dict(tunnel_peers), dict(ipcache_map)
+
+    def state(**underlays: str) -> tuple[dict[str, Any], dict[Any, Any]]:
+        addresses = [IPv4Address(a) for a in underlays.values()]
+        return (
+            {a: 1 for a in addresses},
+            {IPv4Network(f"{a}/32"): IPCacheValue(identities.REMOTE_NODE, a) for a in addresses},
+        )
+
+    try:
+        await asyncio.wait_for(watches.synced(), 10)
+        victim = state(n1=UNDERLAY["n1"], n2=UNDERLAY["n2"])
+
+        async def as_before() -> None:
+            assert await applied() == victim
+
+        await eventually(as_before, timeout=10, what="n3's peers: n1 and n2")
+
+        # the attack: n2 asks for n1's address, and writes it into its own record
+        with pytest.raises(AlreadyExists) as refusal:
+            await n2.request(
+                subjects.ipam_allocate("n2"),
+                PodCIDRRequest(node="n2", underlay_ip=UNDERLAY["n1"]),
+                PodCIDR,
+            )
+        assert refusal.value.field == "underlay_ip" and "'n1'" in str(refusal.value)
+        await put_node(n2, "n2", UNDERLAY["n1"], cidr2)
+
+        async def claimed() -> None:
+            assert third.nodes["n2"].underlay_ip == UNDERLAY["n1"]
+
+        await eventually(claimed, timeout=10, what="n2's claim in n3's view")
+        assert await applied() == victim
+        assert await recorded(n1) == UNDERLAY
+        # a bad address is refused by name, and changes nothing
+        with pytest.raises(InvalidArgument) as bad:
+            await n2.request(
+                subjects.ipam_allocate("n2"),
+                PodCIDRRequest(node="n2", underlay_ip="172.31.9"),
+                PodCIDR,
+            )
+        assert bad.value.field == "underlay_ip"
+        assert await recorded(n1) == UNDERLAY
+
+        # a restart: same node, same address, same CIDR
+        assert await pod_cidr(n1, "n1", UNDERLAY["n1"]) == cidr1
+        # n1 down, then up with another address: its old one is free, peers follow
+        assert await pod_cidr(n1, "n1", "172.31.9.11") == cidr1
+        await put_node(n1, "n1", "172.31.9.11", cidr1)
+        moved = state(n1="172.31.9.11", n2=UNDERLAY["n2"])
+
+        async def followed() -> None:
+            assert await applied() == moved
+
+        await eventually(followed, timeout=10, what="n3's peers: n1's new address")
+        assert await pod_cidr(n3, "n3", UNDERLAY["n1"]) != cidr1
+        # n2 leaves (its record deleted): its address may go to another node
+        await (await n2.kv(subjects.KV_NODES)).delete("n2")
+
+        async def taken_over() -> None:
+            await pod_cidr(n3, "n3", UNDERLAY["n2"])
+
+        await eventually(
+            taken_over,
+            timeout=10,
+            what="n2's address, free after it left",
+            retry_on=(AlreadyExists,),
+        )
+        # n2 keeps its CIDR (until released) but no address: peers give it nothing
+        assert await recorded(n1) == {"n1": "172.31.9.11", "n2": "", "n3": UNDERLAY["n2"]}
+    finally:
+        await tasks.close()
+        await n3.close()
+        netns.delete_netns(name)

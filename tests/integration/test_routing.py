@@ -19,7 +19,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from services.datapath.ipcache_sync import IPCacheSync
 from services.datapath.maps import IPCacheValue
-from services.datapath.routing import CIDR_MISMATCHES, ROUTE_PROTO, Peers
+from services.datapath.routing import CIDR_MISMATCHES, ROUTE_PROTO, UNDERLAY_MISMATCHES, Peers
 from shared import identities, netns
 from shared.bus import KVEvent
 from shared.ipcache_guard import PodRange
@@ -84,11 +84,18 @@ def given(*octets: int) -> dict[str, PodRange]:
     return {names[o]: PodRange.of(IPv4Network(f"10.9.{o}.0/24")) for o in octets}
 
 
+def recorded(*octets: int) -> dict[str, str]:
+    """The underlay addresses the identity service recorded for self, b, c: pod-cidrs."""
+    names = {11: "self", 12: "b", 13: "c"}
+    return {names[o]: f"198.51.100.{o}" for o in octets}
+
+
 def make(
     mode: str,
     tunnel_peers: dict[IPv4Address, int],
     ipcache: dict[Any, Any],
     pod_cidrs: dict[str, PodRange] | None = None,
+    underlays: dict[str, str] | None = None,
 ) -> Peers:
     return Peers(
         node("self", 11, time.time()),
@@ -96,6 +103,7 @@ def make(
         IPCacheSync(ipcache),
         tunnel_peers,
         pod_cidrs=given(11, 12, 13) if pod_cidrs is None else pod_cidrs,
+        underlays=recorded(11, 12, 13) if underlays is None else underlays,
         expiry=15.0,
     )
 
@@ -167,6 +175,54 @@ async def test_routes_follow_the_pod_cidr_the_identity_service_gave(node_ns: Pat
     peers.on_node(event(None, "b"))
     peers.on_node(event(None, "c"))
     assert await reconcile() == {}
+
+
+@pytest.mark.parametrize("mode", ["tunnel", "native"])
+async def test_tunnels_and_routes_follow_the_underlay_the_identity_service_recorded(
+    node_ns: Path, mode: str
+) -> None:
+    """Node c's record claims b's underlay address (a compromised agent may write its own
+    record): b's tunnel endpoint, route and remote-node entry stay b's, and c gets nothing
+    while the identity service has recorded no address for it, then its recorded one."""
+    tunnel_peers: dict[IPv4Address, int] = {}
+    ipcache: dict[Any, Any] = {}
+    underlays = recorded(11, 12)
+    peers = make(mode, tunnel_peers, ipcache, underlays=underlays)
+
+    async def reconcile() -> dict[str, tuple[str, str | None]]:
+        await asyncio.to_thread(netns.in_netns, node_ns, peers._apply, peers.desired(time.time()))
+        return await asyncio.to_thread(netns.in_netns, node_ns, _routes)
+
+    b_address = IPv4Address("198.51.100.12")
+    peers.on_node(event(node("b", 12, time.time()), "b"))
+    b_routes = await reconcile()
+    b_state = (dict(tunnel_peers), dict(ipcache))
+    claiming = msgspec.structs.replace(node("c", 13, time.time()), underlay_ip=str(b_address))
+    peers.on_node(event(claiming, "c"))
+    assert await reconcile() == b_routes  # c has no recorded address: nothing for it
+    assert (tunnel_peers, ipcache) == b_state
+    underlays.update(recorded(13))
+    before = UNDERLAY_MISMATCHES._value.get()
+    routes = await reconcile()
+    await reconcile()
+    assert UNDERLAY_MISMATCHES._value.get() == before + 1  # once per claim
+    c_address = IPv4Address("198.51.100.13")
+    assert tunnel_peers == {b_address: 1, c_address: 1}
+    assert ipcache[IPv4Network(f"{b_address}/32")] == IPCacheValue(
+        identities.REMOTE_NODE, b_address
+    )
+    assert ipcache[IPv4Network(f"{c_address}/32")] == IPCacheValue(
+        identities.REMOTE_NODE, c_address
+    )
+    if mode == "native":
+        assert routes == {
+            "10.9.12.0/24": ("unicast", "198.51.100.12"),
+            "10.9.13.0/24": ("unicast", "198.51.100.13"),
+        }
+    # c leaves: b keeps everything
+    peers.on_node(event(None, "c"))
+    assert await reconcile() == b_routes
+    assert (tunnel_peers, ipcache) == b_state
 
 
 def test_a_bad_node_entry_is_ignored() -> None:
