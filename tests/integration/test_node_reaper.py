@@ -63,3 +63,23 @@ async def test_a_dead_nodes_pods_are_released_after_the_grace(bus: Bus) -> None:
     reaper.on_node(beat("b", now))
     assert reaper.due(now) == [] and "b" not in reaper.released
     assert reaper.due(now + 76) == ["b"]
+
+
+async def test_who_holds_its_underlay_address(bus: Bus) -> None:
+    """The failure detector's word on a node's underlay address (the identity service refuses
+    another node an address whose holder is alive): every node is alive until the nodes
+    snapshot is in; then alive within expiry + grace, dead after, gone when it left."""
+    reaper = NodeReaper(
+        await bus.kv(subjects.KV_ENDPOINTS), await bus.kv(subjects.KV_IPCACHE), expiry=15, grace=60
+    )
+    now = time.time()
+    reaper.on_node(beat("b", now - 70))
+    reaper.on_node(beat("c", now - 80))
+    assert reaper.alive("b", now) and reaper.alive("c", now) and reaper.alive("x", now)
+    reaper.on_synced()
+    assert reaper.alive("b", now) and not reaper.alive("c", now) and not reaper.alive("x", now)
+    assert reaper.seen("c") and not reaper.seen("x")
+    reaper.on_node(KVEvent(key="b", value=None, revision=2))  # a graceful leave
+    assert not reaper.alive("b", now) and reaper.seen("b")
+    reaper.on_node(beat("b", now))  # back
+    assert reaper.alive("b", now)
