@@ -17,7 +17,9 @@ CIDR). An entry under a node's key is believed only when
   remote-node and the other reserved identities, and CIDR identities, are never a node's to
   give an address -- each agent derives its own host and peer-node entries locally,
 - its address is inside the pod CIDR the identity service gave that node
-  (``outside_pod_cidr``).
+  (``outside_pod_cidr``),
+- its tunnel endpoint (``host_ip``), when it has one, is the underlay address the identity
+  service recorded with that CIDR (``wrong_host``; not judged while none is recorded).
 
 An entry of a node whose pod CIDR is not known yet waits (``pending``), not installed, and is
 judged when the CIDR arrives; a reader must follow ``pod-cidrs`` to its snapshot before it
@@ -92,9 +94,10 @@ def _address(cidr: str) -> int | None:
         return None
 
 
-def judge(key: str, entry: IPCacheEntry, pod_cidr: PodRange | None) -> str:
+def judge(key: str, entry: IPCacheEntry, pod_cidr: PodRange | None, underlay: str = "") -> str:
     """``BELIEVED``, ``PENDING`` or the reason to refuse ``entry`` under ``key``, given the pod
-    CIDR the identity service gave the key's node (None: not known)."""
+    CIDR the identity service gave the key's node (None: not known) and the underlay address
+    it recorded for it ("": none recorded; the entry's tunnel endpoint is then not judged)."""
     owner = subjects.ipcache_key_owner(key)
     if owner == subjects.POLICY_IPCACHE_OWNER:
         return BELIEVED if entry.identity >= identities.LOCAL_BASE else "policy_identity"
@@ -107,7 +110,10 @@ def judge(key: str, entry: IPCacheEntry, pod_cidr: PodRange | None) -> str:
         return "identity"
     if pod_cidr is None:
         return PENDING
-    return BELIEVED if pod_cidr.first <= address <= pod_cidr.last else "outside_pod_cidr"
+    if not pod_cidr.first <= address <= pod_cidr.last:
+        return "outside_pod_cidr"
+    # the tunnel endpoint of the node's pods: its own recorded address, not another host's
+    return "wrong_host" if underlay and entry.host_ip and entry.host_ip != underlay else BELIEVED
 
 
 class IPCacheGuard:
@@ -159,12 +165,12 @@ class IPCacheGuard:
                 BAD_POD_CIDRS.labels(self.reader).inc()
                 self.log.error("unreadable pod CIDR; the node's entries wait", key=key)
                 cidr, underlay = None, ""
+        if cidr == self.pod_cidrs.get(key) and underlay == self.underlays.get(key, ""):
+            return
         if underlay:
             self.underlays[key] = underlay
         else:
             self.underlays.pop(key, None)
-        if cidr == self.pod_cidrs.get(key):
-            return
         if cidr is None:
             self.pod_cidrs.pop(key, None)
         else:
@@ -176,8 +182,9 @@ class IPCacheGuard:
     def _judge(
         self, key: str, value: bytes, entry: IPCacheEntry, before: str | None, *, new: bool
     ) -> None:
-        pod_cidr = self.pod_cidrs.get(subjects.ipcache_key_owner(key))
-        verdict = judge(key, entry, pod_cidr)
+        owner = subjects.ipcache_key_owner(key)
+        pod_cidr = self.pod_cidrs.get(owner)
+        verdict = judge(key, entry, pod_cidr, self.underlays.get(owner, ""))
         self.verdicts[key] = verdict
         if verdict == BELIEVED:
             if new or before != BELIEVED:

@@ -54,6 +54,11 @@ def test_the_rules() -> None:
     assert judge(own, IPCacheEntry("10.9.1.5/32", 300, "n1"), R1) == ""
     assert judge(own, IPCacheEntry("10.9.1.5/32", identities.HEALTH, "n1"), R1) == ""
     assert judge(own, IPCacheEntry("10.9.1.5/32", 300, "n1"), None) == "pending"
+    # the tunnel endpoint of n1's pods is the address recorded for n1, not another host's
+    mine = IPCacheEntry("10.9.1.5/32", 300, "n1", "172.31.9.1")
+    assert judge(own, mine, R1, "172.31.9.1") == ""
+    assert judge(own, mine, R1, "172.31.9.2") == "wrong_host"
+    assert judge(own, mine, R1) == ""  # none recorded: not judged
     for wide in ("10.9.1.0/24", "10.9.1.5", "10.9.1.5/31", "10.9.1/32", "010.9.1.5/32"):
         assert judge(own, IPCacheEntry(wide, 300, "n1"), R1) == "not_an_address", wide
     assert judge(own, IPCacheEntry("10.9.1.255/32", 300, "n1"), R1) == ""
