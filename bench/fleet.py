@@ -36,6 +36,7 @@ import time
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 import nats.errors
@@ -159,16 +160,22 @@ class SimNode:
 
 async def worker(first: int, count: int, url: str, endpoints: int) -> None:
     nodes = [SimNode(i, url, endpoints) for i in range(first, first + count)]
-    for chunk in range(0, count, 10):  # connect in steps: NATS's accept queue is finite
-        await asyncio.gather(*(n.start() for n in nodes[chunk : chunk + 10]))
+
+    async def start() -> None:
+        for chunk in range(0, count, 10):  # connect in steps: NATS's accept queue is finite
+            await asyncio.gather(*(n.start() for n in nodes[chunk : chunk + 10]))
 
     async def heartbeats() -> None:
         while True:
             await asyncio.sleep(HEARTBEAT_S)
             for n in nodes:
-                with contextlib.suppress(Exception):
-                    await n.heartbeat()
+                if n.follows:  # started (it beat once then)
+                    with contextlib.suppress(Exception):
+                        await n.heartbeat()
 
+    # the nodes start while the driver's questions are answered: a slow join is measured,
+    # not a silent worker
+    starting = asyncio.create_task(start())
     beat = asyncio.create_task(heartbeats())
     reader = asyncio.StreamReader()
     await asyncio.get_running_loop().connect_read_pipe(
@@ -180,8 +187,9 @@ async def worker(first: int, count: int, url: str, endpoints: int) -> None:
         if command == "synced":
             out = sum(1 for n in nodes if len(n.synced) == len(WATCHED))
         elif command == "watch":
-            for n in nodes:
+            for n in nodes:  # from now: a node that joined since had it in its snapshot
                 n.watching.add((rest[0], rest[1]))
+                n.seen.pop((rest[0], rest[1]), None)
             out = "ok"
         elif command == "seen":
             out = [n.seen.get((rest[0], rest[1])) for n in nodes]
@@ -191,6 +199,7 @@ async def worker(first: int, count: int, url: str, endpoints: int) -> None:
             out = await nodes[0].resync()
         print(ANSWER + json.dumps(out), flush=True)  # the services' logs may share stdout
     beat.cancel()
+    starting.cancel()
 
 
 # --- the driver ------------------------------------------------------------------------------
@@ -228,13 +237,11 @@ def nats_usage(pid: int) -> tuple[float, float]:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             rss = int(line.split()[1]) / 1024
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return rss, cpu
+    return rss, cpu_seconds(pid)
 
 
 def nats_pid(url: str) -> int:
-    port = url.rsplit(":", 1)[1].strip("/")
+    port = str(urlsplit(url).port)  # the URL may carry TLS options (?ca=...)
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -267,10 +274,39 @@ async def propagation(
         await asyncio.sleep(0.2)
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def steady(workers: list[Worker], pid: int, seconds: float) -> dict[str, float]:
+    """The fleet left alone for ``seconds`` (heartbeats only): nats-server's and the
+    simulated agents' CPU (% of one core) and the watch events delivered per second."""
+    procs = [w.proc.pid for w in workers]
+    events0 = sum(c[0] for c in await ask_all(workers, "events"))
+    nats0, sims0, started = cpu_seconds(pid), sum(map(cpu_seconds, procs)), time.monotonic()
+    await asyncio.sleep(seconds)
+    elapsed = time.monotonic() - started
+    events1 = sum(c[0] for c in await ask_all(workers, "events"))
+    return {
+        "idle_nats_cpu": 100 * (cpu_seconds(pid) - nats0) / elapsed,
+        "idle_sims_cpu": 100 * (sum(map(cpu_seconds, procs)) - sims0) / elapsed,
+        "idle_events_s": (events1 - events0) / elapsed,
+    }
+
+
 async def measure_step(
-    bus: Bus, workers: list[Worker], total: int, step: int, pod: dict[str, Any], pid: int
+    bus: Bus,
+    workers: list[Worker],
+    total: int,
+    step: int,
+    pod: dict[str, Any],
+    pid: int,
+    idle: float,
 ) -> dict[str, Any]:
     res: dict[str, Any] = {"nodes": total}
+    if idle > 0:
+        res.update(await steady(workers, pid, idle))
     rss0, cpu0 = nats_usage(pid)
     # a new pod's ipcache entry, written as its agent writes it
     ip = IPv4Address("10.127.0.0") + step
@@ -400,7 +436,7 @@ async def drive(args: argparse.Namespace, cluster: Cluster) -> list[dict[str, An
                     await asyncio.sleep(0.5)
             joined = time.perf_counter() - started
             print(f"{up} simulated nodes up and synced ({joined:.1f} s)", flush=True)
-            res = await measure_step(bus, workers, up, step, pod, pid)
+            res = await measure_step(bus, workers, up, step, pod, pid, args.idle)
             res["joined_s"] = joined
             res["load"] = os.getloadavg()[0]
             results.append(res)
@@ -444,6 +480,12 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
             f"{r['events']} watch events delivered in all; {r['timeouts']} KV writes of the "
             "simulated agents timed out (2 s) and were retried"
         )
+        if "idle_nats_cpu" in r:
+            print(
+                f"    left alone {args.idle:.0f} s: nats-server {r['idle_nats_cpu']:.0f} % of a "
+                f"core, simulated agents {r['idle_sims_cpu']:.0f} %, "
+                f"{r['idle_events_s']:.0f} watch events/s"
+            )
     if len(results) > 1:
         first, last = results[0], results[-1]
         for name in ("ipcache", "policy"):
@@ -461,6 +503,9 @@ def main() -> None:
     parser.add_argument("--per-process", type=int, default=50)
     parser.add_argument(
         "--join-timeout", type=float, default=300, help="seconds for a fleet size to sync"
+    )
+    parser.add_argument(
+        "--idle", type=float, default=10, help="seconds the fleet is left alone at each size"
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
