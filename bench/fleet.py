@@ -6,8 +6,9 @@
 Starts a one-node cluster (``membrane up``: the real agent, identity, policy, lb services on
 one nats-server) with a real pod, then simulated agents in worker processes (``--per-process``
 nodes each, one asyncio loop): each simulated node connects to NATS on its own connection,
-registers itself in ``nodes`` and heartbeats it every 5 s, publishes ``--endpoints`` pod
-addresses in ``ipcache``, and follows ``ipcache``, ``resolved``, ``services`` and ``nodes``
+registers itself in ``nodes`` and heartbeats on its heartbeat subject every 5 s, publishes
+``--endpoints`` pod addresses in ``ipcache``, and follows ``ipcache``, ``resolved``,
+``services``, ``nodes`` and ``liveness``
 with ``shared/kv_watch.follow`` as the agent does (snapshot, then changes), without BPF: an
 event is counted and, for the keys being measured, its arrival time noted. Keys are spelled by
 ``shared/subjects.py``. At each fleet size (the nodes added to those already up) it measures,
@@ -20,7 +21,7 @@ from the write to the moment each node has seen it:
   ``services`` record;
 
 then p50/p99 over the nodes, nats-server's resident memory and CPU seconds, and the time a
-restarted agent (one simulated node's four watches started again) takes to resync.
+restarted agent (one simulated node's five watches started again) takes to resync.
 """
 
 from __future__ import annotations
@@ -41,15 +42,22 @@ from urllib.parse import urlsplit
 import msgspec
 import nats.errors
 import uvloop
+from nats.js.errors import KeyWrongLastSequenceError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.datapath import Cluster
 from shared import apply, kv_watch, subjects
 from shared.bus import Bus, KVEvent
-from shared.messages import IPCacheEntry, Node
+from shared.messages import REREGISTER_EVERY, IPCacheEntry, Node, NodeHeartbeat
 
-WATCHED = (subjects.KV_IPCACHE, subjects.KV_RESOLVED, subjects.KV_SERVICES, subjects.KV_NODES)
+WATCHED = (
+    subjects.KV_IPCACHE,
+    subjects.KV_RESOLVED,
+    subjects.KV_SERVICES,
+    subjects.KV_NODES,
+    subjects.KV_LIVENESS,
+)
 HEARTBEAT_S = 5.0
 GOAL_P99_S = 1.0
 PROPAGATION_TIMEOUT_S = 60.0
@@ -81,6 +89,7 @@ class SimNode:
         self.follows: list[asyncio.Task[None]] = []
         self.bus: Bus | None = None
         self.kvs: dict[str, Any] = {}
+        self.beats = 0
         self.timeouts = 0  # KV writes whose acknowledgement did not come in time (retried)
 
     def record(self) -> Node:
@@ -100,8 +109,9 @@ class SimNode:
         self.bus = await Bus.connect(self.url, self.name, retry_for=30)
         for bucket in WATCHED:
             self.kvs[bucket] = await self.bus.kv(bucket)
-        await self.heartbeat()
         record = self.record()
+        await self.put(subjects.KV_NODES, self.name, msgspec.json.encode(record))
+        await self.heartbeat()
         for pod in range(1, self.endpoints + 1):
             ip = pod_address(self.index, pod)
             entry = IPCacheEntry(
@@ -144,16 +154,27 @@ class SimNode:
         return synced
 
     async def heartbeat(self) -> None:
-        await self.put(subjects.KV_NODES, self.name, msgspec.json.encode(self.record()))
+        """As the agent's (services/datapath/service.py _heartbeat): to the failure detector;
+        every REREGISTER_EVERY-th beat the ``nodes`` entry is created if it is missing."""
+        assert self.bus is not None
+        await self.bus.publish(
+            subjects.node_heartbeat(self.name), NodeHeartbeat(node=self.name, time=time.time())
+        )
+        self.beats += 1
+        if self.beats % REREGISTER_EVERY == 0:
+            with contextlib.suppress(KeyWrongLastSequenceError):
+                await self.kvs[subjects.KV_NODES].create(
+                    self.name, msgspec.json.encode(self.record())
+                )
 
     async def resync(self) -> float:
-        """The four watches started again, as a restarted agent does: seconds to synced."""
+        """The five watches started again, as a restarted agent does: seconds to synced."""
         for task in self.follows:
             task.cancel()
         await asyncio.gather(*self.follows, return_exceptions=True)
         started = time.perf_counter()
         self.follow_all()
-        while len(self.synced) < len(WATCHED):  # noqa: ASYNC110 (four callbacks set it)
+        while len(self.synced) < len(WATCHED):  # noqa: ASYNC110 (five callbacks set it)
             await asyncio.sleep(0.005)
         return time.perf_counter() - started
 
@@ -474,7 +495,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
         for name in ("ipcache", "policy", "service"):
             print(f"    {line(name, r[name])}")
         print(
-            f"    restarted agent resync (4 buckets) {r['resync']:.2f} s; nats-server "
+            f"    restarted agent resync (5 buckets) {r['resync']:.2f} s; nats-server "
             f"{r['nats_rss_before_mb']:.0f} -> {r['nats_rss_mb']:.0f} MB resident, "
             f"{r['nats_cpu_s']:.1f} CPU s over the three changes and the resync; "
             f"{r['events']} watch events delivered in all; {r['timeouts']} KV writes of the "

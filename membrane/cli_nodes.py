@@ -1,6 +1,7 @@
 """The nodes part of ``membrane status``: a node table and the node-to-node latency matrix.
 
-Both come from the bus: the ``nodes`` bucket (membership, heartbeats) and the ``health`` bucket
+Both come from the bus: the ``nodes`` bucket (membership), the ``liveness`` bucket (the failure
+detector's verdicts, services/identity/nodes.py) and the ``health`` bucket
 (each node's latest round of probes of every other node, see services/datapath/health.py).
 """
 
@@ -12,18 +13,23 @@ from typing import Any
 import msgspec
 
 from membrane import output
+from membrane.client import workloads
 from shared import subjects
 from shared.bus import Bus
-from shared.messages import Node, NodeHealth
+from shared.messages import Node, NodeHealth, NodeLiveness
 
-# a node whose heartbeat is older than this is shown dead (the agents' default node_expiry)
-DEAD_AFTER = 15.0
 UNREACHABLE = "UNREACHABLE"
 
 
 class NodesView(msgspec.Struct):
     nodes: list[Node]
     health: list[NodeHealth]
+    # node -> the failure detector's verdict; a node without one is alive (not judged yet)
+    liveness: dict[str, NodeLiveness] = msgspec.field(default_factory=dict)
+
+    def alive(self, node: str) -> bool:
+        verdict = self.liveness.get(node)
+        return verdict is None or verdict.alive
 
 
 async def fetch(bus: Bus) -> NodesView:
@@ -41,15 +47,13 @@ async def fetch(bus: Bus) -> NodesView:
                 continue  # status shows what it can read
     nodes.sort(key=lambda n: n.name)
     health.sort(key=lambda h: h.node)
-    return NodesView(nodes=nodes, health=health)
+    return NodesView(nodes=nodes, health=health, liveness=await workloads.liveness(bus))
 
 
 def as_json(view: NodesView, now: float | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
     return {
-        "nodes": [
-            {**msgspec.to_builtins(n), "alive": now - n.heartbeat <= DEAD_AFTER} for n in view.nodes
-        ],
+        "nodes": [{**msgspec.to_builtins(n), "alive": view.alive(n.name)} for n in view.nodes],
         "health": msgspec.to_builtins(view.health),
         "matrix": matrix(view),
     }
@@ -69,17 +73,17 @@ def render(view: NodesView, now: float | None = None) -> str:
     names = [n.name for n in view.nodes]
     rows = []
     for node in view.nodes:
-        age = now - node.heartbeat
+        verdict = view.liveness.get(node.name)
         seen_by = [p.reachable for h in view.health for p in h.peers if p.node == node.name]
         rows.append(
             [
                 node.name,
-                "alive" if age <= DEAD_AFTER else "DEAD",
+                "alive" if view.alive(node.name) else "DEAD",
                 node.underlay_ip,
                 node.pod_cidr,
                 node.health_ip or "-",
                 node.routing or "-",
-                f"{age:.0f}s",
+                f"{now - verdict.since:.0f}s" if verdict else "-",
                 f"{sum(seen_by)}/{len(seen_by)}" if seen_by else "-",
             ]
         )
@@ -92,7 +96,7 @@ def render(view: NodesView, now: float | None = None) -> str:
                 "POD CIDR",
                 "HEALTH IP",
                 "ROUTING",
-                "HEARTBEAT",
+                "SINCE",
                 "REACHABLE FROM",
             ],
             rows,

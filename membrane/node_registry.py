@@ -25,14 +25,19 @@ def local_node_pattern(cluster_names: Iterable[str]) -> re.Pattern[str]:
 
 
 async def forget_nodes(bus: Bus, gone: Callable[[str], bool]) -> list[str]:
-    """Delete every record of the nodes ``gone`` names: their ``nodes`` and ``health``
-    entries, their pods' ``endpoints`` and ``ipcache`` entries; the nodes forgotten."""
+    """Delete every record of the nodes ``gone`` names: their ``nodes``, ``liveness`` and
+    ``health`` entries, their pods' ``endpoints`` and ``ipcache`` entries; the nodes
+    forgotten."""
     forgotten: set[str] = set()
-    for bucket in (subjects.KV_NODES, subjects.KV_HEALTH):
+    for bucket, name_of in (
+        (subjects.KV_NODES, str),
+        (subjects.KV_LIVENESS, subjects.node_of_token),
+        (subjects.KV_HEALTH, str),
+    ):
         kv = await bus.kv(bucket)
-        for name in await Bus.snapshot(kv):
-            if gone(name):
-                await kv.delete(name)
+        for key in await Bus.snapshot(kv):
+            if gone(name := name_of(key)):
+                await kv.delete(key)
                 forgotten.add(name)
     for bucket, kind in (
         (subjects.KV_ENDPOINTS, Endpoint),

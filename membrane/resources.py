@@ -22,7 +22,6 @@ from shared.errors import NotFound
 from shared.messages import Endpoint, Identity, LBService, Node, PolicySummary
 
 Column = tuple[str, Callable[[Any], object]]
-DEAD_AFTER = 15.0  # seconds without a heartbeat before a node shows NotReady
 
 
 @dataclass(frozen=True)
@@ -200,19 +199,36 @@ IDENTITIES = Kind(
 # --- nodes -----------------------------------------------------------------------------------
 
 
-async def _nodes(bus: Bus) -> list[Node]:
-    return sorted((await workloads.nodes(bus)).values(), key=lambda n: n.name)
+class ListedNode(Node):
+    """A node as listed: its record and the failure detector's verdict (``liveness``)."""
+
+    ready: bool = True
 
 
-async def _node(bus: Bus, _namespace: str, name: str) -> Node:
-    found = await workloads.nodes(bus)
+async def _listed(bus: Bus) -> dict[str, ListedNode]:
+    verdicts = await workloads.liveness(bus)
+    return {
+        name: ListedNode(
+            **msgspec.structs.asdict(n),
+            ready=name not in verdicts or verdicts[name].alive,
+        )
+        for name, n in (await workloads.nodes(bus)).items()
+    }
+
+
+async def _nodes(bus: Bus) -> list[ListedNode]:
+    return sorted((await _listed(bus)).values(), key=lambda n: n.name)
+
+
+async def _node(bus: Bus, _namespace: str, name: str) -> ListedNode:
+    found = await _listed(bus)
     if name not in found:
         raise NotFound(f"node {name} not found; nodes: {', '.join(sorted(found))}")
     return found[name]
 
 
-def node_status(n: Node) -> str:
-    return "Ready" if time.time() - n.heartbeat <= DEAD_AFTER else "NotReady"
+def node_status(n: ListedNode) -> str:
+    return "Ready" if n.ready else "NotReady"
 
 
 NODES = Kind(

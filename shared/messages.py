@@ -121,10 +121,35 @@ class Node(Message):
     pod_cidr: str
     # the address pods use as their default gateway (first address of the pod CIDR)
     router_ip: str
-    heartbeat: float  # unix time of the last refresh; the entry is rewritten periodically
+    # unix time the agent wrote the entry: at start and when the record changes. Liveness is
+    # not here (NodeLiveness): every agent follows this bucket
+    heartbeat: float
     version: str = ""
     health_ip: str = ""  # the node's health endpoint (reserved identity health)
     routing: str = ""  # tunnel | native, as this node's agent runs
+
+
+# every this many heartbeats an agent puts its ``nodes`` entry back if it is missing
+REREGISTER_EVERY = 12
+
+
+class NodeHeartbeat(Message):
+    """A node's agent says it is alive, on ``subjects.node_heartbeat(node)``; the failure
+    detector believes one whose ``node`` is the subject's."""
+
+    node: str
+    time: float
+
+
+class NodeLiveness(Message):
+    """The failure detector's verdict on a node (``liveness`` bucket, key: its token),
+    written when it changes: alive since its first heartbeat, dead once ``expiry`` passed
+    without one."""
+
+    node: str
+    alive: bool
+    since: float  # unix time of the verdict
+    heartbeat: float  # unix time of the last heartbeat the detector had then
 
 
 class ContainerPort(Message):
@@ -511,7 +536,7 @@ class PeerHealth(Message):
     icmp_ms: float | None = None  # echo to the node's underlay address
     http_ms: float | None = None  # GET from this node's health endpoint to the peer's
     reachable: bool = False  # the HTTP probe, through the datapath, answered
-    alive: bool = True  # its heartbeat in the nodes bucket is recent
+    alive: bool = True  # the failure detector's verdict (``liveness``)
     failures: int = 0  # consecutive rounds without an HTTP answer
 
 

@@ -27,6 +27,7 @@ USER_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 ALL_BUCKETS = (
     subjects.KV_IDENTITIES,
     subjects.KV_NODES,
+    subjects.KV_LIVENESS,
     subjects.KV_HEALTH,
     subjects.KV_IPCACHE,
     subjects.KV_ENDPOINTS,
@@ -120,10 +121,12 @@ def _service(
 
 
 IDENTITY = _service(
-    ["membrane.identity.>", "membrane.ipam.>"],
+    # the failure detector: the nodes' heartbeats (subjects.NODE_HEARTBEAT)
+    ["membrane.identity.>", "membrane.ipam.>", subjects.NODE_HEARTBEAT_ALL],
     read=[
         subjects.KV_IDENTITIES,
         subjects.KV_NODES,
+        subjects.KV_LIVENESS,
         subjects.KV_ENDPOINTS,
         subjects.KV_IPCACHE,
         subjects.KV_POD_CIDRS,
@@ -135,6 +138,7 @@ IDENTITY = _service(
         kv_write(subjects.KV_ENDPOINTS),
         kv_write(subjects.KV_IPCACHE),
         kv_write(subjects.KV_POD_CIDRS),
+        kv_write(subjects.KV_LIVENESS),
     ],
 )
 POLICY = _service(
@@ -199,7 +203,9 @@ SUBSCRIBER = Permissions(
 UI = Permissions(
     publish=(
         *SUBSCRIBER.publish,
-        *kv_read(subjects.KV_ENDPOINTS, subjects.KV_NODES, subjects.KV_HEALTH),
+        *kv_read(
+            subjects.KV_ENDPOINTS, subjects.KV_NODES, subjects.KV_LIVENESS, subjects.KV_HEALTH
+        ),
     ),
     subscribe=(*SUBSCRIBER.subscribe, *micro()),
     responses=True,
@@ -213,6 +219,7 @@ K8S_BRIDGE = _service(
         subjects.KV_PODS,
         subjects.KV_ENDPOINTS,
         subjects.KV_NODES,
+        subjects.KV_LIVENESS,
         subjects.KV_POLICIES,
         subjects.KV_SERVICES,
     ],
@@ -232,6 +239,7 @@ def datapath(node: str) -> Permissions:
     return _service(
         read=[
             subjects.KV_NODES,
+            subjects.KV_LIVENESS,
             subjects.KV_HEALTH,
             subjects.KV_ENDPOINTS,
             subjects.KV_IPCACHE,
@@ -256,7 +264,7 @@ def datapath(node: str) -> Permissions:
             subjects.for_node(subjects.IDENTITY_HEARTBEAT, node),
             subjects.ipam_allocate(node),
         ],
-        publish=[subjects.flows(node), subjects.health(node)],
+        publish=[subjects.flows(node), subjects.health(node), subjects.node_heartbeat(node)],
     )
 
 

@@ -51,6 +51,9 @@ KV_PODS: Final = "pods"  # namespace.pod -> the pod's labels from the Kubernetes
 KV_HEALTH: Final = "health"
 # <node>.<endpoint ip> -> FQDNCache: the names an endpoint resolved through the DNS proxy
 KV_FQDN: Final = "fqdn"
+# <node token> -> NodeLiveness: alive or dead as the failure detector (the identity service)
+# judges from the nodes' heartbeats; written when that changes, not on every heartbeat
+KV_LIVENESS: Final = "liveness"
 # <node token> -> PodCIDR: the pod CIDR cluster-pool IPAM gave each node; the identity service
 # alone writes it, so readers judge the agents' ipcache entries against it (ipcache_guard.py)
 KV_POD_CIDRS: Final = "pod-cidrs"
@@ -70,6 +73,13 @@ FLOWS_ALL: Final = "membrane.flows.*"
 def flows(node: str) -> str:
     return f"{FLOWS_PREFIX}.{node}"
 
+
+# a node's liveness: its agent publishes NodeHeartbeat on NODE_HEARTBEAT.<node token>
+# (node_heartbeat()) every few seconds; only the failure detector (the identity service)
+# subscribes, and writes the verdicts to KV_LIVENESS. Not the watched ``nodes`` bucket: every
+# agent follows that one, so N heartbeats there cost N^2 deliveries
+NODE_HEARTBEAT: Final = "membrane.nodes.heartbeat"
+NODE_HEARTBEAT_ALL: Final = "membrane.nodes.heartbeat.*"
 
 # datapath agents publish each round of node health probes on HEALTH_PREFIX.<node>
 HEALTH_PREFIX: Final = "membrane.health"
@@ -178,6 +188,16 @@ def for_node(subject: str, node: str) -> str:
 def ipam_allocate(node: str) -> str:
     """The subject on which ``node`` (only) asks cluster-pool IPAM for its pod CIDR."""
     return for_node(IPAM_ALLOCATE, node)
+
+
+def node_heartbeat(node: str) -> str:
+    """The subject on which ``node`` (only) says it is alive."""
+    return for_node(NODE_HEARTBEAT, node)
+
+
+def node_of_token(token: str) -> str:
+    """A node's name from its subject token (``node_token`` undone: names hold no '_')."""
+    return token.replace("_", ".")
 
 
 def node_keys(node: str) -> str:

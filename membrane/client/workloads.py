@@ -10,6 +10,7 @@ from the buckets the agents write, so there is no second source of truth.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections import Counter
@@ -25,7 +26,7 @@ from shared.agent_api import AddEndpoint, EndpointRef
 from shared.bus import Bus
 from shared.errors import InvalidArgument, NotFound, Unavailable
 from shared.manifests import DeploymentDoc, NamespaceDoc, PodDoc, RoutedDoc
-from shared.messages import Endpoint, Node, PodRecord
+from shared.messages import Endpoint, Node, NodeLiveness, PodRecord
 
 AGENT_TIMEOUT = 30.0
 
@@ -35,6 +36,18 @@ async def nodes(bus: Bus) -> dict[str, Node]:
     return {
         name: msgspec.json.decode(raw, type=Node) for name, raw in (await Bus.snapshot(kv)).items()
     }
+
+
+async def liveness(bus: Bus) -> dict[str, NodeLiveness]:
+    """node -> the failure detector's verdict; a node without one has not been judged yet
+    (it joined a moment ago) and counts as alive."""
+    kv = await bus.kv(subjects.KV_LIVENESS)
+    found = {}
+    for raw in (await Bus.snapshot(kv)).values():
+        with contextlib.suppress(msgspec.ValidationError, msgspec.DecodeError):
+            verdict = msgspec.json.decode(raw, type=NodeLiveness)
+            found[verdict.node] = verdict
+    return found
 
 
 async def endpoints(bus: Bus) -> list[Endpoint]:

@@ -55,6 +55,7 @@ KV_TO_MAP = Counter(
 @dataclass
 class Buckets:
     nodes: KeyValue
+    liveness: KeyValue  # the failure detector's verdicts (the identity service writes them)
     endpoints: KeyValue
     ipcache: KeyValue
     pod_cidrs: KeyValue  # the identity service's: what each node's ipcache entries may name
@@ -69,7 +70,8 @@ class Buckets:
             return await bus.kv(name, description=description, replicas=replicas)
 
         return cls(
-            nodes=await kv(subjects.KV_NODES, "node -> underlay address, pod CIDR, heartbeat"),
+            nodes=await kv(subjects.KV_NODES, "node -> underlay address, pod CIDR"),
+            liveness=await kv(subjects.KV_LIVENESS, "node -> alive or dead (identity's verdict)"),
             endpoints=await kv(subjects.KV_ENDPOINTS, "node.namespace.pod -> endpoint"),
             ipcache=await kv(subjects.KV_IPCACHE, "owner.address -> identity, node"),
             pod_cidrs=await kv(
@@ -142,6 +144,7 @@ class Agent:
                 "ipcache",
                 "pod-cidrs",  # before it, the guard holds every node's entries back
                 "nodes",
+                "liveness",  # before it, a dead peer would be routed as alive
                 "namespaces",
                 "endpoints",
                 "pods",

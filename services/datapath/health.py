@@ -167,7 +167,7 @@ class Health:
         now = time.time()
         peers = dict(self.peers.nodes)
         results = await asyncio.gather(
-            *(self._probe(peer, self.peers.alive(peer, now)) for peer in peers.values())
+            *(self._probe(peer, self.peers.alive(name)) for name, peer in peers.items())
         )
         for gone in set(self.results) - set(peers):
             self.results.pop(gone, None)

@@ -1,8 +1,10 @@
 """The other nodes, as this node's agent sees them: routes, tunnel endpoints, node addresses.
 
-The ``nodes`` bucket is the membership: a node joins by writing its entry and stays by
-rewriting it (the heartbeat); it leaves gracefully by deleting it. A node whose heartbeat is
-older than ``expiry`` is dead. For every other node the kernel gets:
+The ``nodes`` bucket is the membership: a node joins by writing its entry (again only when it
+changes) and leaves gracefully by deleting it. Liveness is the ``liveness`` bucket: the
+failure detector's verdicts (services/identity/nodes.py), written when they change, from the
+heartbeats only it follows; a member without a verdict yet is alive. For every other node the
+kernel gets:
 
 - alive, native routing: a route for its pod CIDR via its underlay address, and its underlay
   address in ``tunnel_peers`` (only node-port clients it forwards use the tunnel);
@@ -22,7 +24,7 @@ published gets nothing yet.
 
 A dead node's pods (their ipcache and endpoints entries) are released by the identity
 service (services/identity/nodes.py): an agent may write only its own node's keys.
-All kernel work is a diff against what was applied, so a heartbeat costs nothing.
+All kernel work is a diff against what was applied.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from services.datapath.maps import IPCacheValue
 from shared import identities, log, subjects
 from shared.bus import KVEvent
 from shared.ipcache_guard import PodRange
-from shared.messages import Node
+from shared.messages import Node, NodeLiveness
 
 NODES_ALIVE = Gauge("membrane_datapath_peer_nodes", "Other nodes by state", ["state"])
 CIDR_MISMATCHES = Counter(
@@ -82,7 +84,6 @@ class Peers:
         *,
         pod_cidrs: Mapping[str, PodRange],
         underlays: Mapping[str, str],
-        expiry: float,
         overlay_ifindex: int = 0,
     ) -> None:
         self.node = node
@@ -99,8 +100,10 @@ class Peers:
         self.mode = mode
         self.ipcache = ipcache
         self.tunnel_peers = tunnel_peers
-        self.expiry = expiry
         self.nodes: dict[str, Node] = {}  # the bucket's view, this node excluded
+        # node -> the failure detector's verdict (``liveness``); a member it has not judged
+        # yet is alive (it joined a moment ago, or no detector runs)
+        self.liveness: dict[str, NodeLiveness] = {}
         self.applied: dict[str, PeerState] = {}
         self.changed = asyncio.Event()
         self.log = log.get("datapath.routing", node=node.name)
@@ -126,10 +129,24 @@ class Peers:
             self.nodes[event.key] = peer
         self.changed.set()
 
-    def alive(self, peer: Node, now: float | None = None) -> bool:
-        return (now if now is not None else time.time()) - peer.heartbeat <= self.expiry
+    def on_liveness(self, event: KVEvent) -> None:
+        name = subjects.node_of_token(event.key)
+        if event.value is None:
+            self.liveness.pop(name, None)
+        else:
+            try:
+                self.liveness[name] = msgspec.json.decode(event.value, type=NodeLiveness)
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                BAD_MESSAGES.labels(subjects.KV_LIVENESS).inc()
+                return
+        if name in self.nodes:
+            self.changed.set()
 
-    def desired(self, now: float) -> dict[str, PeerState]:
+    def alive(self, name: str) -> bool:
+        verdict = self.liveness.get(name)
+        return verdict is None or verdict.alive
+
+    def desired(self) -> dict[str, PeerState]:
         states = {}
         for name, peer in self.nodes.items():
             token = subjects.pod_cidr_key(name)
@@ -140,7 +157,7 @@ class Peers:
             cidr = str(given.network)
             self._check_claim(name, peer.pod_cidr, cidr)
             self._check_underlay(name, peer.underlay_ip, underlay)
-            states[name] = PeerState(cidr, underlay, self.alive(peer, now))
+            states[name] = PeerState(cidr, underlay, self.alive(name))
         return states
 
     def _check_underlay(self, name: str, claimed: str, given: str) -> None:
@@ -174,7 +191,7 @@ class Peers:
     # --- the kernel -----------------------------------------------------------------------
 
     async def run(self, tick: float = 1.0) -> None:
-        """Apply membership changes as they come, and heartbeat expiry once a ``tick``."""
+        """Apply membership and liveness changes as they come (and once a ``tick``)."""
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.changed.wait(), tick)
@@ -182,8 +199,7 @@ class Peers:
             await self.reconcile()
 
     async def reconcile(self) -> None:
-        now = time.time()
-        desired = self.desired(now)
+        desired = self.desired()
         if desired != self.applied:
             await asyncio.to_thread(self._apply, desired)
         NODES_ALIVE.labels("alive").set(sum(1 for s in desired.values() if s.alive))
@@ -249,10 +265,11 @@ class Peers:
                 "underlay_ip": peer.underlay_ip,
                 "pod_cidr": peer.pod_cidr,
                 "health_ip": peer.health_ip,
-                "alive": self.alive(peer, now),
-                "heartbeat_age": round(now - peer.heartbeat, 1),
+                "alive": self.alive(name),
+                "verdict_age": round(now - verdict.since, 1) if verdict else None,
             }
             for name, peer in sorted(self.nodes.items())
+            for verdict in [self.liveness.get(name)]
         ]
 
 

@@ -12,15 +12,17 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
 import msgspec
+from nats.js.errors import KeyWrongLastSequenceError
 from prometheus_client import REGISTRY
 
 from services.datapath import cni_conf, nodeport, routing, tunnel
@@ -39,10 +41,12 @@ from shared.bus import Bus, KVEvent, redact
 from shared.config import CommonSettings, env_name, setting
 from shared.errors import InvalidArgument, MembraneError, NotFound, Unavailable
 from shared.messages import (
+    REREGISTER_EVERY,
     HeartbeatReply,
     HeartbeatRequest,
     Message,
     Node,
+    NodeHeartbeat,
     PodCIDR,
     PodCIDRRequest,
 )
@@ -90,9 +94,6 @@ class DatapathSettings(CommonSettings):
         "pods' TCP/UDP to addresses outside the cluster leave from the node's address: "
         "auto (in tunnel mode), always or never",
     )
-    node_expiry: float = setting(
-        15.0, "seconds without a heartbeat after which another node counts as dead"
-    )
     health_interval: float = setting(5.0, "seconds between health probes of every other node")
     health_timeout: float = setting(2.0, "seconds a health probe waits for its answer")
     leave_on_stop: bool = setting(
@@ -121,7 +122,7 @@ class DatapathSettings(CommonSettings):
             raise InvalidArgument(
                 f"{self.masquerade!r}: auto, always or never", field=env_name("masquerade")
             )
-        for name in ("node_expiry", "health_interval", "health_timeout"):
+        for name in ("health_interval", "health_timeout"):
             if getattr(self, name) <= 0:
                 raise InvalidArgument("must be positive", field=env_name(name))
 
@@ -303,7 +304,6 @@ async def _bring_up(settings: DatapathSettings, started: startup.Started) -> _No
         datapath.tunnel_peers,
         pod_cidrs=agent.ipcache_guard.pod_cidrs,
         underlays=agent.ipcache_guard.underlays,
-        expiry=settings.node_expiry,
         overlay_ifindex=vxlan_ifindex,
     )
     health = Health(
@@ -365,6 +365,7 @@ async def _start_tasks(settings: DatapathSettings, up: _Node) -> tuple[TaskGroup
         ("pod-cidrs", buckets.pod_cidrs, on_pod_cidr),
         ("ipcache", buckets.ipcache, agent.on_ipcache),
         ("nodes", buckets.nodes, up.peers.on_node),
+        ("liveness", buckets.liveness, up.peers.on_liveness),
         ("namespaces", buckets.namespaces, agent.lifecycle.on_namespace),
         ("pods", buckets.pods, agent.lifecycle.on_pod),
     ):
@@ -390,7 +391,8 @@ async def _start_tasks(settings: DatapathSettings, up: _Node) -> tuple[TaskGroup
         wire=settings.flow_wire,
     )
     tasks.spawn("flows", publisher.run)
-    heartbeat = functools.partial(_heartbeat, settings, up)
+    await up.buckets.nodes.put(settings.node, msgspec.json.encode(up.node))
+    heartbeat = functools.partial(_heartbeat, settings, up, itertools.count())
     await heartbeat()
     tasks.spawn("heartbeat", lambda: periodically(settings.heartbeat_interval, heartbeat))
     tasks.spawn("policy-retry", lambda: periodically(5.0, _on_loop(agent.policy.retry_failed)))
@@ -400,12 +402,18 @@ async def _start_tasks(settings: DatapathSettings, up: _Node) -> tuple[TaskGroup
     return tasks, publisher
 
 
-async def _heartbeat(settings: DatapathSettings, up: _Node) -> None:
-    """The node's entry in ``nodes`` (its liveness) and the lease on its pods' identities."""
-    await up.buckets.nodes.put(
-        settings.node,
-        msgspec.json.encode(msgspec.structs.replace(up.node, heartbeat=time.time())),
+async def _heartbeat(settings: DatapathSettings, up: _Node, beats: Iterator[int]) -> None:
+    """The node's heartbeat (to the failure detector, not the ``nodes`` bucket every agent
+    follows) and the lease on its pods' identities. Once in a while the node's entry is put
+    back if it is gone (deleted by hand, a NATS store lost): a create, which the stream
+    refuses while the entry is there, so no watcher sees anything."""
+    await up.started.bus.publish(
+        subjects.node_heartbeat(settings.node),
+        NodeHeartbeat(node=settings.node, time=time.time()),
     )
+    if next(beats) % REREGISTER_EVERY == REREGISTER_EVERY - 1:
+        with contextlib.suppress(KeyWrongLastSequenceError):
+            await up.buckets.nodes.create(settings.node, msgspec.json.encode(up.node))
     if not up.agent.endpoints:
         return  # the lease covers this node's pods' identities; without pods there is none
     try:

@@ -446,13 +446,17 @@ async def run(settings: IdentitySettings) -> None:
     reaper = NodeReaper(
         await started.kv(subjects.KV_ENDPOINTS, "node.namespace.pod -> endpoint"),
         await started.kv(subjects.KV_IPCACHE, "owner.address -> identity, node"),
+        await started.kv(subjects.KV_LIVENESS, "node -> alive or dead (identity's verdict)"),
         expiry=settings.node_expiry,
         grace=settings.node_grace,
+        connected=lambda: bus.nc.is_connected,
     )
-    nodes = await started.kv(subjects.KV_NODES, "node -> underlay address, pod CIDR, heartbeat")
+    await reaper.load()
+    nodes = await started.kv(subjects.KV_NODES, "node -> underlay address, pod CIDR")
     service.node_alive, service.node_seen = reaper.alive, reaper.seen
     tasks.spawn("watch-nodes", lambda: kv_watch.follow(nodes, reaper.on_node, reaper.on_synced))
-    tasks.spawn("reap-nodes", lambda: periodically(1.0, reaper.reap))
+    await bus.subscribe(subjects.NODE_HEARTBEAT_ALL, reaper.on_heartbeat_message)
+    tasks.spawn("judge-nodes", lambda: periodically(1.0, reaper.tick))
     started.log.info(
         "identity service ready",
         nats=redact(settings.nats_url),

@@ -276,7 +276,6 @@ async def test_a_node_cannot_claim_a_peers_underlay_address(
         tunnel_peers := {},
         pod_cidrs=(guard := ipcache_guard.IPCacheGuard("datapath", lambda _k, _v: None)).pod_cidrs,
         underlays=guard.underlays,
-        expiry=15.0,
     )
     watches = BucketWatches(n3, tasks)
     await watches.add(subjects.KV_POD_CIDRS, guard.on_pod_cidr)
@@ -287,7 +286,7 @@ async def test_a_node_cannot_claim_a_peers_underlay_address(
     namespace = netns.ensure_netns(name)
 
     async def applied() -> tuple[dict[str, Any], dict[Any, Any]]:
-        await asyncio.to_thread(netns.in_netns, namespace, third._apply, third.desired(time.time()))
+        await asyncio.to_thread(netns.in_netns, namespace, third._apply, third.desired())
         return dict(tunnel_peers), dict(ipcache_map)
 
     def state(**underlays: str) -> tuple[dict[str, Any], dict[Any, Any]]:

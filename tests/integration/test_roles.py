@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
+import msgspec
 import nats
 import nats.errors
 import pytest
@@ -16,6 +17,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy
 
 from membrane.servers import NatsServer, ServerProcess
+from services.identity.nodes import NodeReaper
 from shared import kv_watch, roles, subjects
 from shared.bus import JETSTREAM_DELIVERIES, Bus
 from shared.errors import InvalidArgument, PermissionDenied, Unavailable
@@ -24,6 +26,8 @@ from shared.messages import (
     AllocateRequest,
     Empty,
     Message,
+    NodeHeartbeat,
+    NodeLiveness,
     PolicyApplyReply,
     PolicyApplyRequest,
 )
@@ -34,6 +38,7 @@ CIDR_KEY = subjects.ipcache_key(IPv4Network("10.0.0.0/8"))
 USERS = {
     "dash": roles.SUBSCRIBER,
     "datapath-n1": roles.datapath("n1"),
+    "identity": roles.IDENTITY,
     "lb": roles.LB,
     "monitor": roles.MONITOR,
     "policy": roles.POLICY,
@@ -215,6 +220,68 @@ async def test_agent_writes_its_own_node_only_and_no_policy(
         assert await agent.refused(subject)
     assert await admin_kv(server, subjects.KV_NODES) == {"n1": b"mine"}
     assert await admin_kv(server, subjects.KV_POLICIES) == {}
+
+
+async def test_a_node_heartbeats_for_itself_only_and_a_silent_one_is_marked_dead(
+    connect: Opener, server: ServerProcess
+) -> None:
+    """The failure detector (the identity service's NodeReaper, as its role) believes n1's
+    heartbeats on n1's subject only: the bus refuses n1's credential another node's subject,
+    and the detector a heartbeat on n1's own subject that names another node. Verdicts go to
+    ``liveness`` (which no agent may write); n1 silent past the expiry is dead there."""
+    identity = await connect("identity")
+    detector = NodeReaper(
+        await identity.bus.kv(subjects.KV_ENDPOINTS),
+        await identity.bus.kv(subjects.KV_IPCACHE),
+        await identity.bus.kv(subjects.KV_LIVENESS),
+        expiry=15.0,
+        grace=60.0,
+    )
+    await identity.bus.subscribe(subjects.NODE_HEARTBEAT_ALL, detector.on_heartbeat_message)
+    await identity.nc.flush()
+    agent = await connect("datapath-n1")
+    liveness = await agent.bus.kv(subjects.KV_LIVENESS)
+
+    async def verdicts() -> dict[str, NodeLiveness]:
+        return {
+            key: msgspec.json.decode(raw, type=NodeLiveness)
+            for key, raw in (await admin_kv(server, subjects.KV_LIVENESS)).items()
+        }
+
+    async def beat(subject: str, node: str) -> None:
+        await agent.bus.publish(subject, NodeHeartbeat(node=node, time=time.time()))
+        await agent.nc.flush()
+
+    await beat(subjects.node_heartbeat("n1"), "n1")  # allowed (the test can fail)
+    for _ in range(100):
+        if "n1" in await verdicts():
+            break
+        await asyncio.sleep(0.05)
+    assert (await verdicts())["n1"].alive
+    await beat(subjects.node_heartbeat("n2"), "n2")  # in another node's name: the bus refuses
+    assert await agent.refused(subjects.node_heartbeat("n2"))
+    await beat(subjects.node_heartbeat("n1"), "n2")  # its own subject, naming n2: the detector
+    await asyncio.sleep(0.3)
+    assert set(await verdicts()) == {"n1"}
+    assert set(detector.heartbeats) == {"n1"}
+    await kv_put_refused(agent, subjects.KV_LIVENESS, "n1")  # no agent writes a verdict
+    await kv_put_refused(agent, subjects.KV_LIVENESS, "n2")
+
+    # n1 falls silent: alive until the expiry, dead after it
+    last = detector.heartbeats["n1"]
+    await detector.tick(last + 14)
+    assert (await verdicts())["n1"].alive
+    await detector.tick(last + 16)
+    dead = (await verdicts())["n1"]
+    assert not dead.alive and dead.heartbeat == last
+    # and back with its next heartbeat
+    await beat(subjects.node_heartbeat("n1"), "n1")
+    for _ in range(100):
+        if (await verdicts())["n1"].alive:
+            break
+        await asyncio.sleep(0.05)
+    assert (await verdicts())["n1"].alive
+    assert (await liveness.get("n1")).value is not None  # agents read the verdicts
 
 
 async def test_a_role_without_its_password_or_a_wrong_one_is_refused(server: ServerProcess) -> None:

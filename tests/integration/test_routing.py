@@ -20,10 +20,10 @@ from pyroute2.netlink.exceptions import NetlinkError
 from services.datapath.ipcache_sync import IPCacheSync
 from services.datapath.maps import IPCacheValue
 from services.datapath.routing import CIDR_MISMATCHES, ROUTE_PROTO, UNDERLAY_MISMATCHES, Peers
-from shared import identities, netns
+from shared import identities, netns, subjects
 from shared.bus import KVEvent
 from shared.ipcache_guard import PodRange
-from shared.messages import Node
+from shared.messages import Node, NodeLiveness
 
 pytestmark = pytest.mark.root
 
@@ -74,6 +74,12 @@ def node(name: str, octet: int, heartbeat: float) -> Node:
     )
 
 
+def verdict(name: str, alive: bool) -> KVEvent:
+    """The failure detector's verdict on ``name`` (the ``liveness`` bucket)."""
+    value = NodeLiveness(node=name, alive=alive, since=time.time(), heartbeat=time.time())
+    return KVEvent(key=subjects.node_token(name), value=msgspec.json.encode(value), revision=1)
+
+
 def event(peer: Node | None, key: str) -> KVEvent:
     return KVEvent(key=key, value=None if peer is None else msgspec.json.encode(peer), revision=1)
 
@@ -104,7 +110,6 @@ def make(
         tunnel_peers,
         pod_cidrs=given(11, 12, 13) if pod_cidrs is None else pod_cidrs,
         underlays=recorded(11, 12, 13) if underlays is None else underlays,
-        expiry=15.0,
     )
 
 
@@ -115,7 +120,7 @@ async def test_join_expire_rejoin_leave(node_ns: Path, mode: str) -> None:
     peers = make(mode, tunnel_peers, ipcache)
 
     async def reconcile() -> dict[str, tuple[str, str | None]]:
-        await asyncio.to_thread(netns.in_netns, node_ns, peers._apply, peers.desired(time.time()))
+        await asyncio.to_thread(netns.in_netns, node_ns, peers._apply, peers.desired())
         return await asyncio.to_thread(netns.in_netns, node_ns, _routes)
 
     peers.on_node(event(node("self", 11, time.time()), "self"))  # itself: ignored
@@ -132,14 +137,14 @@ async def test_join_expire_rejoin_leave(node_ns: Path, mode: str) -> None:
     remote_node = IPCacheValue(identities.REMOTE_NODE, b_address)
     assert ipcache[IPv4Network("198.51.100.12/32")] == remote_node
 
-    # its heartbeat expires: unreachable, whatever the mode; no tunnel to it
-    peers.on_node(event(node("b", 12, time.time() - 20), "b"))
+    # the failure detector says it is dead: unreachable, whatever the mode; no tunnel to it
+    peers.on_liveness(verdict("b", False))
     assert [row["alive"] for row in peers.table()] == [False]
     assert await reconcile() == {"10.9.12.0/24": ("unreachable", None)}
     assert tunnel_peers == {}
 
     # back, then gone for good (a graceful leave): nothing of it stays
-    peers.on_node(event(node("b", 12, time.time()), "b"))
+    peers.on_liveness(verdict("b", True))
     assert "10.9.12.0/24" in await reconcile() or mode == "tunnel"
     assert tunnel_peers == {b_address: 1}
     peers.on_node(event(None, "b"))
@@ -156,7 +161,7 @@ async def test_routes_follow_the_pod_cidr_the_identity_service_gave(node_ns: Pat
     peers = make("native", tunnel_peers, {}, pod_cidrs)
 
     async def reconcile() -> dict[str, tuple[str, str | None]]:
-        await asyncio.to_thread(netns.in_netns, node_ns, peers._apply, peers.desired(time.time()))
+        await asyncio.to_thread(netns.in_netns, node_ns, peers._apply, peers.desired())
         return await asyncio.to_thread(netns.in_netns, node_ns, _routes)
 
     claiming = msgspec.structs.replace(node("b", 12, time.time()), pod_cidr="10.9.13.0/24")
@@ -190,7 +195,7 @@ async def test_tunnels_and_routes_follow_the_underlay_the_identity_service_recor
     peers = make(mode, tunnel_peers, ipcache, underlays=underlays)
 
     async def reconcile() -> dict[str, tuple[str, str | None]]:
-        await asyncio.to_thread(netns.in_netns, node_ns, peers._apply, peers.desired(time.time()))
+        await asyncio.to_thread(netns.in_netns, node_ns, peers._apply, peers.desired())
         return await asyncio.to_thread(netns.in_netns, node_ns, _routes)
 
     b_address = IPv4Address("198.51.100.12")

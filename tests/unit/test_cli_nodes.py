@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from membrane.cli_nodes import NodesView, as_json, render
 from services.datapath.tunnel import OverlayConfig
-from shared.messages import Node, NodeHealth, PeerHealth
+from shared.messages import Node, NodeHealth, NodeLiveness, PeerHealth
 
 NOW = 1_000_000.0
 
@@ -36,6 +36,11 @@ def report(source: int, peers: dict[int, float | None], age: float = 1.0) -> Nod
 def test_matrix_marks_unreachable_dead_and_stale() -> None:
     view = NodesView(
         nodes=[node(1, 1), node(2, 2), node(3, 40)],
+        # the failure detector's verdicts: n3 dead for 25 s, n1 alive, n2 not judged yet
+        liveness={
+            "n1": NodeLiveness(node="n1", alive=True, since=NOW - 30, heartbeat=NOW - 30),
+            "n3": NodeLiveness(node="n3", alive=False, since=NOW - 25, heartbeat=NOW - 40),
+        },
         health=[
             report(1, {2: 0.5, 3: None}),
             report(2, {1: 0.75, 3: None}),
@@ -45,7 +50,7 @@ def test_matrix_marks_unreachable_dead_and_stale() -> None:
     text = render(view, now=NOW)
     lines = text.splitlines()
     (n3,) = [line for line in lines if line.startswith("n3 ") and "172.31" in line]
-    assert "DEAD" in n3 and "0/2" in n3
+    assert "DEAD" in n3 and "0/2" in n3 and "25s" in n3
     (row1,) = [line for line in lines if line.startswith("n1 ") and "ms" in line]
     assert row1.split()[1:] == ["-", "0.50ms", "UNREACHABLE"]
     (row3,) = [line for line in lines if line.startswith("n3 ") and "stale" in line]
