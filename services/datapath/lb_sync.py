@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from typing import Any
@@ -21,9 +21,9 @@ import msgspec
 from nats.js.kv import KeyValue
 from prometheus_client import Counter, Histogram
 
-from shared import bpf_layouts, kv_watch, log, maglev, protocols
+from shared import bpf_layouts, kv_watch, log, maglev, protocols, subjects
 from shared.bus import KVEvent
-from shared.messages import LBFrontend, LBService, Node
+from shared.messages import LBFrontend, LBService
 
 PROTOCOLS = {"TCP": protocols.TCP, "UDP": protocols.UDP}  # SCTP: not translated
 ALG_RANDOM, ALG_MAGLEV = 0, 1
@@ -91,14 +91,19 @@ class Ops:
 
 
 class LBSync:
-    def __init__(self, tables: dict[str, Any]) -> None:
+    def __init__(self, tables: dict[str, Any], underlays: Mapping[str, str] | None = None) -> None:
         self.tables = tables  # bcc tables by name (a dict of fakes in unit tests)
         self.installed: dict[str, dict[int, Installed]] = {}  # service key -> frontend id ->
         self.records: dict[str, LBService] = {}
         self.backend_refs: dict[int, int] = {}
         self.backend_values: dict[int, bytes] = {}
         self.node_ips: set[str] = set()
-        self.node_names: dict[str, str] = {}
+        # node-port frontends: every member of ``nodes`` at the underlay address the identity
+        # service recorded for it (``pod-cidrs``, through the ipcache guard's map: node token
+        # -> address), never the address a node's own record claims -- a node could otherwise
+        # have every peer load-balance traffic to an address of its choosing
+        self.members: set[str] = set()  # node tokens
+        self.underlays: Mapping[str, str] = underlays if underlays is not None else {}
         self.pending: dict[str, LBService | None] = {}
         self.flush_scheduled = False
         self.synced = asyncio.Event()
@@ -279,19 +284,20 @@ class LBSync:
             asyncio.get_running_loop().call_soon(self.flush)
 
     def on_node(self, event: KVEvent) -> None:
-        try:
-            if event.value is not None:
-                node = msgspec.json.decode(event.value, type=Node)
-                self.node_names[event.key] = node.underlay_ip
-            else:
-                self.node_names.pop(event.key, None)
-        except (msgspec.ValidationError, msgspec.DecodeError):
-            return
-        ips = set(self.node_names.values())
+        token = subjects.node_token(event.key)
+        if event.value is not None:
+            self.members.add(token)
+        else:
+            self.members.discard(token)
+        self.on_underlays()
+
+    def on_underlays(self) -> None:
+        """A member or a recorded underlay address changed: node ports follow the nodes."""
+        ips = {self.underlays[t] for t in self.members if t in self.underlays}
         if ips == self.node_ips:
             return
         self.node_ips = ips
-        for key, record in self.records.items():  # node ports follow the nodes
+        for key, record in self.records.items():
             if any(f.node_port for f in record.frontends):
                 self.pending[key] = record
         if self.pending and not self.flush_scheduled:

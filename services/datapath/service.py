@@ -357,6 +357,8 @@ async def _start_tasks(settings: DatapathSettings, up: _Node) -> tuple[TaskGroup
     def on_pod_cidr(event: KVEvent) -> None:
         agent.on_pod_cidr(event)
         up.peers.changed.set()  # routes follow the pod CIDRs the identity service gave
+        if agent.lb is not None:
+            agent.lb.on_underlays()  # and node-port frontends their underlay addresses
 
     for name, kv, handle in (
         ("resolved", buckets.resolved, agent.on_resolved),
@@ -371,7 +373,7 @@ async def _start_tasks(settings: DatapathSettings, up: _Node) -> tuple[TaskGroup
     ):
         tasks.spawn(f"watch-{name}", functools.partial(agent.follow, name, kv, handle))
     # service load balancing: the services bucket into the lb maps (bpf/lb.h)
-    lb = agent.lb = LBSync(open_tables(up.datapath.bpf))
+    lb = agent.lb = LBSync(open_tables(up.datapath.bpf), agent.ipcache_guard.underlays)
     services_kv = await up.started.kv(
         subjects.KV_SERVICES, "namespace.name -> frontends, backends, revision"
     )

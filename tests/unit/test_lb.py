@@ -244,3 +244,52 @@ def test_lb_sync_prunes_what_a_previous_agent_left() -> None:
     sync.write(ops)
     assert sync.prune() == 1
     assert list(tables["lb_services"]) == [lb_sync.service_key("10.96.0.10", 80, 6)]
+
+
+async def test_node_ports_take_underlay_addresses_from_the_identity_service() -> None:
+    """A node-port frontend is installed on each member of ``nodes`` at the address the
+    identity service recorded for it (pod-cidrs), not at the one its own record claims: a
+    compromised node naming 10.0.0.99 must not have every node load-balance traffic to it."""
+    import msgspec
+
+    from shared.bus import KVEvent
+    from shared.messages import Node
+
+    tables: dict[str, dict[bytes, bytes]] = {name: {} for name in lb_sync.MAP_NAMES}
+    underlays: dict[str, str] = {"node-a": "192.168.50.1"}  # the ipcache guard's map
+    sync = LBSync(tables, underlays)
+    nodeport = record([(1, "10.0.0.1", False)])
+    nodeport.frontends[0].ip, nodeport.frontends[0].port = "0.0.0.0", 30080
+    nodeport.frontends[0].node_port = True
+    sync.on_record(KVEvent(key="default.web", value=msgspec.json.encode(nodeport), revision=1))
+
+    def node(name: str, claimed: str) -> bytes:
+        return msgspec.json.encode(Node(name, claimed, "10.200.0.0/24", "10.200.0.1", 0.0))
+
+    def frontends() -> set[bytes]:
+        return set(tables["lb_services"])
+
+    def at(ip: str) -> bytes:
+        return lb_sync.service_key(ip, 30080, 6)
+
+    sync.on_node(KVEvent(key="node-a", value=node("node-a", "192.168.50.1"), revision=2))
+    # node-b claims an address no one recorded for it: nothing until its CIDR's address is in
+    sync.on_node(KVEvent(key="node-b", value=node("node-b", "10.0.0.99"), revision=3))
+    await asyncio.sleep(0)
+    assert frontends() == {at("192.168.50.1")}
+    underlays["node-b"] = "192.168.50.2"
+    sync.on_underlays()
+    await asyncio.sleep(0)
+    assert frontends() == {at("192.168.50.1"), at("192.168.50.2")}
+    # a record rewritten with another node's address changes nothing
+    sync.on_node(KVEvent(key="node-b", value=node("node-b", "192.168.50.1"), revision=4))
+    await asyncio.sleep(0)
+    assert frontends() == {at("192.168.50.1"), at("192.168.50.2")}
+    # a node that leaves takes its frontend with it; one whose address is taken away too
+    sync.on_node(KVEvent(key="node-b", value=None, revision=5))
+    await asyncio.sleep(0)
+    assert frontends() == {at("192.168.50.1")}
+    del underlays["node-a"]
+    sync.on_underlays()
+    await asyncio.sleep(0)
+    assert not frontends()
