@@ -17,6 +17,7 @@ from membrane import (
     cli_credentials,
     cli_fqdn,
     cli_get,
+    cli_k8s,
     cli_lb,
     cli_nodes,
     cli_observe,
@@ -375,6 +376,7 @@ def build_parser(run_flags: bool | Collection[str] = True) -> argparse.ArgumentP
     cli_observe.add_parser(sub)
     cli_lb.add_parsers(sub)
     cli_credentials.add_parser(sub)
+    cli_k8s.add_parser(sub)
     cli_get.add_parsers(sub)
     cli_fqdn.add_parser(sub)
 

@@ -28,28 +28,44 @@ def paths(directory: Path) -> ServerTLS:
 
 def ensure(directory: Path, addresses: list[str]) -> ServerTLS:
     """The CA (made once) and a server certificate for ``addresses`` (IPv4 literals)."""
+    files = paths(directory)
+    ca_key = ensure_ca(directory, "membrane local CA")
+    wanted = sorted(set(addresses))
+    stamp = directory / "server.addresses"
+    if files.cert.exists() and files.key.exists() and _read(stamp) == wanted:
+        return files
+    key = new_key()
+    write_secret(files.key, key)
+    files.cert.write_bytes(sign(files.ca, ca_key, key, [f"IP:{a}" for a in wanted]))
+    stamp.write_text("\n".join(wanted) + "\n")
+    return files
+
+
+def ensure_ca(directory: Path, name: str) -> Path:
+    """``directory``/ca.pem, made once with its key (ca-key.pem, 0600, returned); a new CA
+    removes the server certificate the old one signed."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
     files = paths(directory)
     ca_key = directory / "ca-key.pem"
     if not (files.ca.exists() and ca_key.exists()):
-        key = _new_key()
+        key = new_key()
         write_secret(ca_key, key)
         cert = _openssl(
             "req", "-x509", "-new", "-key", "/dev/stdin", "-days", str(DAYS),
-            "-subj", "/CN=membrane local CA",
+            "-subj", f"/CN={name}",
             "-addext", "basicConstraints=critical,CA:TRUE",
             "-addext", "keyUsage=critical,keyCertSign,cRLSign",
             stdin=key,
         )  # fmt: skip
         files.ca.write_bytes(cert)
         files.cert.unlink(missing_ok=True)  # signed by a CA that is gone
-    wanted = sorted(set(addresses))
-    stamp = directory / "server.addresses"
-    if files.cert.exists() and files.key.exists() and _read(stamp) == wanted:
-        return files
-    key = _new_key()
-    write_secret(files.key, key)
+    return ca_key
+
+
+def sign(ca: Path, ca_key: Path, key: bytes, names: list[str]) -> bytes:
+    """A server certificate (PEM) for ``key``, signed by the CA, valid for ``names``
+    (subject alternative names as openssl writes them: ``IP:10.0.0.1``, ``DNS:nats``)."""
     with tempfile.TemporaryDirectory() as tmp:
         csr = Path(tmp) / "server.csr"
         extensions = Path(tmp) / "ext.cnf"
@@ -59,20 +75,18 @@ def ensure(directory: Path, addresses: list[str]) -> ServerTLS:
         extensions.write_text(
             "basicConstraints=critical,CA:FALSE\n"
             "keyUsage=critical,digitalSignature,keyEncipherment\n"
-            "extendedKeyUsage=serverAuth\n"
-            f"subjectAltName={','.join(f'IP:{a}' for a in wanted)}\n"
+            "extendedKeyUsage=serverAuth,clientAuth\n"
+            f"subjectAltName={','.join(names)}\n"
         )
-        cert = _openssl(
-            "x509", "-req", "-in", str(csr), "-CA", str(files.ca), "-CAkey", str(ca_key),
+        return _openssl(
+            "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
             "-CAcreateserial", "-CAserial", str(Path(tmp) / "ca.srl"), "-days", str(DAYS),
             "-extfile", str(extensions),
         )  # fmt: skip
-    files.cert.write_bytes(cert)
-    stamp.write_text("\n".join(wanted) + "\n")
-    return files
 
 
-def _new_key() -> bytes:
+def new_key() -> bytes:
+    """A private key (PEM): EC P-256."""
     return _openssl("genpkey", "-algorithm", "EC", "-pkeyopt", f"ec_paramgen_curve:{CURVE}")
 
 

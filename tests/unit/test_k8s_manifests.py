@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 import yaml
 
-from membrane import cli
+from membrane import cli, k8s_secrets
 from services.identity.service import IdentitySettings
+from shared import roles
 
 K8S = Path(__file__).resolve().parents[2] / "k8s"
 KUSTOMIZATION = "kustomization.yaml"
@@ -29,7 +30,6 @@ WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet")
 PRIVILEGED = frozenset({"DaemonSet/agent"})
 CLUSTER_SCOPED = ("Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding")
 PROBES = ("livenessProbe", "readinessProbe", "startupProbe")
-PLACEHOLDER = "CHANGE-ME"
 IDENTITY = "identity"
 IDENTITY_ENV = {
     "MEMBRANE_LOG_FORMAT": "json",
@@ -242,30 +242,56 @@ def secret_references(docs: list[Doc]) -> Iterator[tuple[str, str, str | None]]:
                 yield name_of(workload), volume["secret"]["secretName"], None
 
 
-def secret_problems(docs: list[Doc]) -> list[str]:
-    secrets = {
-        d["metadata"]["name"]: {**(d.get("data") or {}), **(d.get("stringData") or {})}
-        for d in docs
-        if d.get("kind") == "Secret"
-    }
+def secret_problems(docs: list[Doc], generated: list[Doc]) -> list[str]:
+    """Every Secret a workload uses is one ``membrane k8s secrets`` makes, with that key."""
+    secrets = {d["metadata"]["name"]: d["stringData"] for d in generated}
     problems = []
     for where, name, key in secret_references(docs):
         if name not in secrets:
-            problems.append(f"{where} uses Secret {name}, which k8s/ does not define")
+            problems.append(
+                f"{where} uses Secret {name}, which `membrane k8s secrets` does not make"
+            )
         elif key is not None and key not in secrets[name]:
             problems.append(f"{where} uses key {key!r} of Secret {name}, which has no such key")
     return problems
 
 
-def placeholder_problems(docs: list[Doc]) -> list[str]:
-    """The committed Secrets are templates: no real password may end up in git."""
+def committed_secret_problems(docs: list[Doc]) -> list[str]:
+    """No password, key or certificate is in git: k8s/ holds no Secret."""
+    return [f"{name_of(d)} is committed" for d in docs if d.get("kind") == "Secret"]
+
+
+def bus_user_problems(docs: list[Doc]) -> list[str]:
+    """Each membrane workload reaches NATS as its own role's user, over TLS verified with the
+    mounted membrane-ca, and Redis (where it uses it) over TLS too."""
     problems = []
-    for secret in (d for d in docs if d.get("kind") == "Secret"):
-        if "data" in secret:
-            problems.append(f"{name_of(secret)}: use stringData with {PLACEHOLDER} placeholders")
-        for key, value in (secret.get("stringData") or {}).items():
-            if "password" in key and value != PLACEHOLDER:
-                problems.append(f"{name_of(secret)}: {key} must be the {PLACEHOLDER} placeholder")
+    for workload in workloads(docs):
+        for container in containers(workload):
+            env = {e["name"]: e for e in container.get("env") or []}
+            if "MEMBRANE_NATS_URL" not in env:
+                continue
+            where = f"{name_of(workload)} container {container['name']}"
+            role = roles.role_of_service(container["args"][1])
+            url = env["MEMBRANE_NATS_URL"]["value"]
+            if not re.fullmatch(
+                rf"tls://{role}:\$\(NATS_PASSWORD\)@[a-z.]+:4222\?ca={k8s_secrets.CA_FILE}", url
+            ):
+                problems.append(f"{where}: NATS URL {url!r} is not tls:// as user {role}")
+            ref = (env.get("NATS_PASSWORD", {}).get("valueFrom") or {}).get("secretKeyRef", {})
+            if ref != {"name": "nats-auth", "key": role}:
+                problems.append(f"{where}: NATS_PASSWORD is not nats-auth's key {role}")
+            redis = env.get("MEMBRANE_REDIS_URL", {}).get(
+                "value", f"rediss://{k8s_secrets.CA_FILE}"
+            )
+            if not redis.startswith("rediss://") or k8s_secrets.CA_FILE not in redis:
+                problems.append(f"{where}: Redis URL {redis!r} is not rediss:// with the CA")
+            mounts = {m["name"]: m["mountPath"] for m in container.get("volumeMounts") or []}
+            volumes = {v["name"]: v for v in pod_spec(workload).get("volumes") or []}
+            ca = volumes.get("membrane-ca", {}).get("secret", {}).get("secretName")
+            if mounts.get("membrane-ca") != str(Path(k8s_secrets.CA_FILE).parent) or ca != (
+                "membrane-ca"
+            ):
+                problems.append(f"{where}: the membrane-ca Secret is not mounted")
     return problems
 
 
@@ -379,11 +405,14 @@ def test_kustomization_catches_a_missing_and_an_unlisted_file(k8s_copy: Path) ->
     assert any("extra.yaml is not listed" in p for p in problems)
 
 
-def test_every_document_has_identity_and_namespace(docs: list[Doc]) -> None:
-    assert metadata_problems(docs) == []
+def test_every_document_has_identity_and_namespace(docs: list[Doc], generated: list[Doc]) -> None:
+    assert metadata_problems([*docs, *generated]) == []
 
 
-def test_metadata_check_catches_a_missing_name_and_a_wrong_namespace(broken: list[Doc]) -> None:
+def test_metadata_check_catches_a_missing_name_and_a_wrong_namespace(
+    broken: list[Doc], generated: list[Doc]
+) -> None:
+    broken += copy.deepcopy(generated)
     find(broken, "Secret", "redis-auth")["metadata"]["namespace"] = "default"
     del find(broken, "ConfigMap", "nats-config")["apiVersion"]
     del find(broken, "Service", "redis")["metadata"]["name"]
@@ -449,29 +478,59 @@ def test_probe_check_catches_a_named_and_a_numbered_port(broken: list[Doc]) -> N
     assert any("livenessProbe uses port 9091" in p for p in problems)
 
 
-def test_referenced_secrets_and_keys_are_defined(docs: list[Doc]) -> None:
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory: pytest.TempPathFactory) -> list[Doc]:
+    return k8s_secrets.generate(tmp_path_factory.mktemp("k8s") / "ca")
+
+
+def test_referenced_secrets_and_keys_are_generated(docs: list[Doc], generated: list[Doc]) -> None:
     assert list(secret_references(docs))
-    assert secret_problems(docs) == []
+    assert secret_problems(docs, generated) == []
 
 
-def test_secret_check_catches_an_unknown_secret_and_key(broken: list[Doc]) -> None:
+def test_secret_check_catches_an_unknown_secret_and_key(
+    broken: list[Doc], generated: list[Doc]
+) -> None:
     env = env_of(identity_container(broken))
-    env["NATS_USER"]["valueFrom"]["secretKeyRef"]["name"] = "nats-credentials"
+    env["NATS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] = "nats-credentials"
     env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] = "pass"
-    problems = secret_problems(broken)
+    problems = secret_problems(broken, generated)
     assert any("Secret nats-credentials" in p for p in problems)
     assert any("key 'pass' of Secret redis-auth" in p for p in problems)
 
 
-def test_secrets_are_templates_with_placeholders(docs: list[Doc]) -> None:
-    assert placeholder_problems(docs) == []
+def test_no_secret_is_committed(docs: list[Doc], generated: list[Doc]) -> None:
+    assert committed_secret_problems(docs) == []
+    assert committed_secret_problems([*docs, generated[0]]) == ["Secret/nats-auth is committed"]
 
 
-def test_placeholder_check_catches_a_real_password(broken: list[Doc]) -> None:
-    find(broken, "Secret", "redis-auth")["stringData"]["password"] = "0123456789abcdef"
-    assert placeholder_problems(broken) == [
-        "Secret/redis-auth: password must be the CHANGE-ME placeholder"
-    ]
+def test_every_workload_is_its_own_role_over_tls(docs: list[Doc]) -> None:
+    assert bus_user_problems(docs) == []
+
+
+def test_bus_user_check_catches_admin_plain_text_and_a_missing_ca(broken: list[Doc]) -> None:
+    container = identity_container(broken)
+    env = env_of(container)
+    env["MEMBRANE_NATS_URL"]["value"] = "tls://admin:$(NATS_PASSWORD)@nats:4222"
+    env["MEMBRANE_REDIS_URL"]["value"] = "redis://:$(REDIS_PASSWORD)@redis:6379/0"
+    container["volumeMounts"] = [m for m in container["volumeMounts"] if m["name"] != "membrane-ca"]
+    problems = bus_user_problems(broken)
+    assert len(problems) == 3, problems
+
+
+def test_nats_users_are_the_roles_of_shared_roles() -> None:
+    """k8s/nats.yaml's users and permissions are what shared/roles.py says (regenerate the block
+    with `python -m membrane.k8s_secrets` after changing a role)."""
+    config = find(load_docs(K8S), "ConfigMap", "nats-config")["data"]["nats.conf"]
+    block = "\n".join("    " + line for line in k8s_secrets.nats_authorization().splitlines())
+    assert "\n".join("    " + line for line in config.splitlines()).count(block) == 1
+
+
+def test_nats_gets_every_users_password(docs: list[Doc]) -> None:
+    env = env_of(container_named(find(docs, "StatefulSet", "nats"), "nats"))
+    for user in (*k8s_secrets.USERS, k8s_secrets.ROUTES_USER):
+        ref = env[k8s_secrets.password_env(user)]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "nats-auth", "key": user}
 
 
 def test_env_values_are_strings_and_interpolate_earlier_variables(docs: list[Doc]) -> None:
@@ -530,8 +589,8 @@ def test_identity_reaches_nats_and_redis_with_the_secrets(docs: list[Doc]) -> No
     env = env_of(identity_container(docs))
     nats_url = env["MEMBRANE_NATS_URL"]["value"]
     redis_url = env["MEMBRANE_REDIS_URL"]["value"]
-    assert nats_url.startswith("nats://$(NATS_USER):$(NATS_PASSWORD)@nats")
-    assert redis_url.startswith("redis://:$(REDIS_PASSWORD)@redis")
+    assert nats_url.startswith("tls://identity:$(NATS_PASSWORD)@nats")
+    assert redis_url.startswith("rediss://:$(REDIS_PASSWORD)@redis")
     for name in ("MEMBRANE_NATS_URL", "MEMBRANE_REDIS_URL"):
         assert "valueFrom" not in env[name]
     for name, value in IDENTITY_ENV.items():
