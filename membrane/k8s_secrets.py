@@ -6,10 +6,11 @@ port-forward), one read-only ``subscriber`` for an external system, and the serv
 cluster routes. k8s/nats.yaml carries that ``authorization`` block as ``nats_authorization``
 renders it (tests/unit/test_k8s_manifests.py keeps the two equal): the passwords are
 ``$NATS_PASSWORD_<USER>`` variables, which nats-server reads from its environment, filled from
-the nats-auth Secret. The per-node roles (datapath) are one user for every node (``*`` in place
-of the node's token): nats-server's static users cannot be made per node as the DaemonSet's
-nodes come and go (on Kubernetes an agent can write any node's keys; readers still believe
-each node only for its pod CIDR, shared/ipcache_guard.py). docs/kubernetes.md says so.
+the nats-auth Secret. The per-node roles (datapath, proxy) are one user each for every node
+(``*`` in place of the node's token): nats-server's static users cannot be made per node as
+the DaemonSet's nodes come and go (on Kubernetes an agent can write any node's keys; readers
+still believe each node only for its pod CIDR, shared/ipcache_guard.py). docs/kubernetes.md
+says so.
 
 TLS: NATS (clients and cluster routes) and Redis take only TLS, with certificates signed by a
 CA of the installation; every client verifies the server by the CA mounted from the
@@ -34,7 +35,17 @@ from shared import roles
 
 NAMESPACE = "membrane"
 # the NATS users of a Kubernetes install, each the name of its role (shared/roles.py)
-USERS = ("admin", "identity", "policy", "lb", "monitor", "k8s-bridge", "datapath", "subscriber")
+USERS = (
+    "admin",
+    "identity",
+    "policy",
+    "lb",
+    "monitor",
+    "k8s-bridge",
+    "datapath",
+    "proxy",
+    "subscriber",
+)
 ANY_NODE = "*"  # the per-node roles' node token: every node
 ROUTES_USER = "routes"  # the servers' cluster routes (k8s/nats.yaml)
 NATS_REPLICAS = 3  # k8s/nats.yaml's StatefulSet

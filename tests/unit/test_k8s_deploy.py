@@ -115,7 +115,7 @@ def test_the_agent_runs_on_every_node_with_what_it_needs() -> None:
     assert spec["hostNetwork"] is True
     assert spec["priorityClassName"] == "system-node-critical"
     assert {"operator": "Exists"} in spec["tolerations"]
-    (container,) = spec["containers"]
+    container, proxy = spec["containers"]
     assert container["args"] == ["run", "datapath"]
     assert settings_env_problems(container, SERVICES["datapath"].settings) == []
     env = {e["name"]: e for e in container["env"]}
@@ -140,6 +140,17 @@ def test_the_agent_runs_on_every_node_with_what_it_needs() -> None:
     assert list(init) == ["kernel-headers", "install-cni"]
     for path in ("/lib/modules", "/usr/src"):
         assert host_path_of(agent, headers, path) == path
+    # the node's L7 proxy beside it, in the host's namespace: L7 rules are enforced there (with
+    # no proxy their connections are dropped); the agent's socket for learned DNS addresses
+    assert proxy["args"] == ["run", "proxy"]
+    assert settings_env_problems(proxy, SERVICES["proxy"].settings) == []
+    proxy_env = {e["name"]: e for e in proxy["env"]}
+    assert proxy_env["MEMBRANE_NODE"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    assert host_path_of(agent, proxy, "/run/membrane") == "/run/membrane"
+    context = proxy["securityContext"]
+    assert context["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
+    assert context["runAsUser"] == 0 and not context.get("privileged")
+    assert proxy["readinessProbe"]["httpGet"]["port"] == "proxy-metrics"
 
 
 def test_only_the_agent_is_privileged() -> None:
