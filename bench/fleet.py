@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -182,9 +183,28 @@ class SimNode:
 async def worker(first: int, count: int, url: str, endpoints: int) -> None:
     nodes = [SimNode(i, url, endpoints) for i in range(first, first + count)]
 
+    restarts: collections.Counter[str] = collections.Counter()  # why a node's start failed
+
+    async def start_node(n: SimNode) -> None:
+        """As the supervisor restarts an agent whose start failed (a second later). Before, the
+        first failure ended the worker's start task, unseen: its later nodes never joined."""
+        while True:
+            try:
+                await n.start()
+                return
+            except Exception as exc:  # any cause: counted by type, then started again
+                restarts[f"{type(exc).__name__}: {exc}"[:120]] += 1
+                for task in n.follows:
+                    task.cancel()
+                if n.bus is not None:
+                    with contextlib.suppress(Exception):
+                        await n.bus.close()
+                n.bus, n.follows = None, []
+                await asyncio.sleep(1.0)
+
     async def start() -> None:
         for chunk in range(0, count, 10):  # connect in steps: NATS's accept queue is finite
-            await asyncio.gather(*(n.start() for n in nodes[chunk : chunk + 10]))
+            await asyncio.gather(*(start_node(n) for n in nodes[chunk : chunk + 10]))
 
     async def heartbeats() -> None:
         while True:
@@ -215,7 +235,7 @@ async def worker(first: int, count: int, url: str, endpoints: int) -> None:
         elif command == "seen":
             out = [n.seen.get((rest[0], rest[1])) for n in nodes]
         elif command == "events":
-            out = [sum(n.events for n in nodes), sum(n.timeouts for n in nodes)]
+            out = [sum(n.events for n in nodes), sum(n.timeouts for n in nodes), dict(restarts)]
         elif command == "resync":
             out = await nodes[0].resync()
         print(ANSWER + json.dumps(out), flush=True)  # the services' logs may share stdout
@@ -403,7 +423,16 @@ async def measure_step(
     counts = await ask_all(workers, "events")
     res["events"] = sum(c[0] for c in counts)
     res["timeouts"] = sum(c[1] for c in counts)
+    res["restarts"] = restarts_of(counts)
     return res
+
+
+def restarts_of(counts: list[Any]) -> dict[str, int]:
+    """Simulated agents' failed starts (each started again a second later), by cause."""
+    total: collections.Counter[str] = collections.Counter()
+    for c in counts:
+        total.update(c[2])
+    return dict(total)
 
 
 def line(name: str, result: tuple[list[float], int]) -> str:
@@ -450,7 +479,8 @@ async def drive(args: argparse.Namespace, cluster: Cluster) -> list[dict[str, An
                         print(
                             f"STOPPED: {synced} of {up} simulated nodes synced after "
                             f"{args.join_timeout:.0f} s (load average {os.getloadavg()[0]:.1f}); "
-                            "see nats-server's log for what it was doing",
+                            "see nats-server's log for what it was doing; failed starts, started "
+                            f"again: {restarts_of(await ask_all(workers, 'events')) or 'none'}",
                             flush=True,
                         )
                         return results
@@ -499,7 +529,8 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
             f"{r['nats_rss_before_mb']:.0f} -> {r['nats_rss_mb']:.0f} MB resident, "
             f"{r['nats_cpu_s']:.1f} CPU s over the three changes and the resync; "
             f"{r['events']} watch events delivered in all; {r['timeouts']} KV writes of the "
-            "simulated agents timed out (2 s) and were retried"
+            "simulated agents timed out (2 s) and were retried; simulated agents started again "
+            f"after a failed start: {r['restarts'] or 'none'}"
         )
         if "idle_nats_cpu" in r:
             print(
