@@ -234,6 +234,50 @@ async def test_lb_sync_batches_a_burst_into_one_flush() -> None:
     assert len(tables["lb_services"]) == 99  # an unreadable record takes its service out
 
 
+async def test_lb_sync_flushes_a_large_burst_a_chunk_per_loop_turn() -> None:
+    """A burst larger than a chunk goes in over several turns of the loop (the agent's other
+    work runs between them), the maps holding whole services after each, and a service
+    changed again while it waits is installed as its newest record."""
+    import msgspec
+
+    from shared.bus import KVEvent
+
+    tables: dict[str, dict[bytes, bytes]] = {name: {} for name in lb_sync.MAP_NAMES}
+    sync = LBSync(tables)
+    n = 2 * lb_sync.FLUSH_CHUNK + 10
+
+    def rec(i: int, backends: list[int]) -> bytes:
+        r = record([(b, f"10.1.{b // 250}.{b % 250 + 1}", False) for b in backends], "maglev")
+        r = msgspec.structs.replace(r, name=f"s{i}")
+        r.frontends[0].id, r.frontends[0].port = 1000 + i, 1000 + i
+        return msgspec.json.encode(r)
+
+    for i in range(n):
+        sync.on_record(
+            KVEvent(key=f"default.s{i}", value=rec(i, [2 * i + 1, 2 * i + 2]), revision=i)
+        )
+    turns = 0
+    other_work_ran = []
+    while sync.pending:
+        asyncio.get_running_loop().call_soon(other_work_ran.append, turns)
+        await asyncio.sleep(0)
+        turns += 1
+        installed = len(tables["lb_services"])
+        assert installed % lb_sync.FLUSH_CHUNK == 0 or installed == n
+        # every installed service has its whole table and both backends
+        assert len(tables["lb_maglev"]) == installed * -(-131 // lb_sync.CHUNK_SLOTS)
+        assert len(tables["lb_backends"]) == 2 * installed
+        if turns == 1:  # the last service changes before its chunk's turn
+            last = n - 1
+            sync.on_record(
+                KVEvent(key=f"default.s{last}", value=rec(last, [9001, 9002]), revision=n)
+            )
+    assert turns == 3 and other_work_ran == [0, 1, 2]
+    assert len(tables["lb_services"]) == n
+    assert maglev_in(tables, 1000 + n - 1, 131) == maglev.table([9001, 9002], 131, 1)
+    assert lb_sync._U32.pack(2 * n) not in tables["lb_backends"]  # its first backends never went in
+
+
 def test_lb_sync_prunes_what_a_previous_agent_left() -> None:
     tables: dict[str, dict[bytes, bytes]] = {name: {} for name in lb_sync.MAP_NAMES}
     stale = lb_sync.service_key("10.96.9.9", 80, 6)
