@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any
+from itertools import repeat
+from operator import add, itemgetter, truediv
+from typing import Any, Final
 
 import msgspec
 
@@ -71,18 +73,21 @@ class Enricher:
     # endpoint address -> destination address -> the names it resolved to it (fqdn bucket)
     dns_names: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     bad_entries: int = 0
-    # address -> (namespace, pod, node), and rule id -> (rule, policy): looked up once, for
-    # every flow until a table changes (any bucket change clears them). Not the whole peer: a
-    # client's port is new in nearly every connection, so a cache by port would miss; building
-    # the peer positionally from its cached part costs less than a miss.
-    peer_cache: dict[str, tuple[str, str, str]] = field(default_factory=dict)
-    rule_cache: dict[int, tuple[str, str]] = field(default_factory=dict)
+    # JSON fragments of encode_records, encoded once for every flow until a table changes
+    # (any bucket change clears those that depend on one): by address (host-order u32), by
+    # identity, by rule id, and by the combination of the small fields. Not the whole peer: a
+    # client's port is new in nearly every connection, so a cache by port would miss.
+    head_json: dict[tuple[int, ...], tuple[bytes, str, bool, bool]] = field(default_factory=dict)
+    peer_json: dict[int, tuple[str, bytes, bytes, str]] = field(default_factory=dict)
+    labels_json: dict[int, bytes] = field(default_factory=dict)
+    rule_json: dict[int, bytes] = field(default_factory=dict)
     addresses: AddressNames = field(default_factory=AddressNames)
     policies: int = -1  # distinct policies of the rules, counted when asked (-1: not yet)
 
     def _changed(self) -> None:
-        self.peer_cache.clear()
-        self.rule_cache.clear()
+        self.peer_json.clear()
+        self.labels_json.clear()
+        self.rule_json.clear()
         self.policies = -1
 
     # --- bucket changes -------------------------------------------------------------------
@@ -264,135 +269,199 @@ class Enricher:
             destination_names=self._names(flow),
         )
 
-    def enrich_records(
+    def encode_records(
         self,
         records: list[tuple[int, ...]],
         node: str,
         offset_ns: int,
-        groups: dict[tuple[str, str], list[EnrichedFlow]] | None = None,
-    ) -> list[EnrichedFlow]:
-        """Enriched flows straight from ring buffer record tuples (:data:`shared.flow_wire.
-        RECORD_FIELDS`), as :meth:`enrich` of the decoded flows would give them, without the
-        decoded flow in between: names by table lookup, peers and rules from the caches.
-        ``groups``, if given, also gets each flow under (verdict, :func:`event_namespace`), in
-        order: what the monitor publishes together, found here where the parts are at hand."""
-        ips = self.addresses
-        peers, rules = self.peer_cache, self.rule_cache
-        if len(peers) > CACHE_SIZE:
-            peers.clear()
-        if len(rules) > CACHE_SIZE:
-            rules.clear()
-        peer_part = self._peer_part
-        labels_of, reserved, no_labels = self.labels.get, _RESERVED_LABELS.get, _NO_LABELS
-        no_names = _NO_NAMES
-        by_port = self._port_service if self.services or self.backends else None
-        names = self._names_of if self.dns_names else None
-        default_deny = self._default_deny
-        types, verdicts, reasons = TYPES, VERDICTS, REASON_NAMES
-        directions, points, protocols, flags = DIRECTIONS, OBSERVATION_POINTS, PROTOCOLS, TCP_FLAGS
-        out: list[EnrichedFlow] = []
-        append = out.append
-        group_of = groups.get if groups is not None else None
-        for (
-            _len,
-            _pg_off,
-            ts,
-            kind,
-            reason,
-            direction,
-            point,
-            proto,
-            tcp,
-            fl,
-            _pad,
-            _ifindex,
-            src_id,
-            dst_id,
-            saddr,
-            daddr,
-            sport,
-            dport,
-            rule_id,
-            length,
-        ) in records:
-            reply = (fl & F_REPLY) == F_REPLY
-            src_ip, dst_ip = ips[saddr], ips[daddr]
-            src_part = peers.get(src_ip) or peer_part(src_ip)
-            source = FlowPeer(
-                src_ip,
+        groups: dict[tuple[str, str], list[bytes]],
+    ) -> list[bytes]:
+        """Each ring buffer record tuple (:data:`shared.flow_wire.RECORD_FIELDS`) enriched
+        straight into its JSON line: byte for byte ``msgspec.json.encode(self.enrich(flow))``
+        of the decoded flow and a newline, without an EnrichedFlow or FlowPeer in between.
+
+        A line is spliced from JSON fragments encoded once and cached until a bucket changes:
+        per address (ip, namespace, pod, node), per identity (labels), per rule id (rule,
+        policy) and per combination of the small fields (type, verdict, reason, direction,
+        observation point, protocol, TCP flags, reply); only ports, identities, length and
+        rule id are formatted per flow, and the timestamps in one C call for the batch.
+        ``groups`` gets each line under (verdict, :func:`event_namespace`), in order: what the
+        monitor publishes together. The lines are returned in record order.
+        """
+        if not records:
+            return []
+        heads, peers, labels, rules = (
+            self.head_json,
+            self.peer_json,
+            self.labels_json,
+            self.rule_json,
+        )
+        for cache in (heads, peers, labels, rules):
+            if len(cache) > CACHE_SIZE:
+                cache.clear()
+        # msgspec's own float text (shortest round trip), every timestamp in one call
+        times = _encode(
+            list(map(truediv, map(add, map(_TS, records), repeat(offset_ns)), repeat(1e9)))
+        )[1:-1].split(b",")
+        node_json = _encode(node)
+        head_of, peer_of, labels_of, rule_of = (
+            self._head_json,
+            self._peer_json,
+            self._labels_json,
+            self._rule_json,
+        )
+        service_of = self._service_json if self.services or self.backends else None
+        names_of = self._names_json if self.dns_names else None
+        default_deny = self._default_deny_json
+        line = _LINE
+        lines: list[bytes] = []
+        append = lines.append
+        group_of = groups.get
+        for record, time_json in zip(records, times, strict=True):
+            (
+                _len,
+                _pg_off,
+                _ts,
+                _kind,
+                reason,
+                direction,
+                _point,
+                _proto,
+                _tcp,
+                _fl,
+                _pad,
+                _ifindex,
+                src_id,
+                dst_id,
+                saddr,
+                daddr,
+                sport,
+                dport,
+                rule_id,
+                length,
+            ) = record
+            small = record[3:10]  # kind, reason, direction, point, protocol, tcp flags, flags
+            head_json, verdict, reply, egress = heads.get(small) or head_of(small)
+            src = peers.get(saddr) or peer_of(saddr)
+            dst = peers.get(daddr) or peer_of(daddr)
+            if service_of is None:
+                src_service = dst_service = _EMPTY_STR
+            else:
+                src_service = service_of(src[0], sport, reply)
+                dst_service = service_of(dst[0], dport, not reply)
+            if rule_id:
+                rule_json = rules.get(rule_id) or rule_of(rule_id)
+            elif reason == POLICY_DENIED:
+                rule_json = default_deny(direction, src_id, dst_id)
+            else:
+                rule_json = _NO_RULE_JSON
+            text = line % (
+                time_json,
+                node_json,
+                head_json,
+                length,
+                src[1],
                 sport,
                 src_id,
-                *src_part,
-                labels_of(src_id) or reserved(src_id, no_labels),
-                by_port(src_ip, sport, reply) if by_port is not None else "",
-            )
-            dst_part = peers.get(dst_ip) or peer_part(dst_ip)
-            destination = FlowPeer(
-                dst_ip,
+                src[2],
+                labels.get(src_id) or labels_of(src_id),
+                src_service,
+                dst[1],
                 dport,
                 dst_id,
-                *dst_part,
-                labels_of(dst_id) or reserved(dst_id, no_labels),
-                by_port(dst_ip, dport, not reply) if by_port is not None else "",
-            )
-            if rule_id:
-                decided = rules.get(rule_id)
-                if decided is None:
-                    rule = self.rules.get(rule_id, "")
-                    if rule:  # an unknown id (none of the rules) is no reason to fill the cache
-                        decided = rules[rule_id] = (rule, policy_of(rule))
-                    else:
-                        decided = _NO_RULE
-                rule, policy = decided
-            else:
-                rule = ""
-                policy = default_deny(direction, src_id, dst_id) if reason == POLICY_DENIED else ""
-            verdict = verdicts[kind << 3 | (fl & VERDICT_BITS)]
-            flow = EnrichedFlow(
-                (ts + offset_ns) / 1e9,
-                node,
-                types[kind],
-                verdict,
-                reason,
-                reasons[reason],
-                directions[direction],
-                points[point],
-                protocols[proto],
-                flags[tcp],
-                reply,
-                length,
-                source,
-                destination,
-                None,
-                no_names if reply or names is None else names(src_ip, dst_ip),
+                dst[2],
+                labels.get(dst_id) or labels_of(dst_id),
+                dst_service,
+                _EMPTY_LIST if reply or names_of is None else names_of(src[0], dst[0]),
                 rule_id,
-                rule,
-                policy,
+                rule_json,
             )
-            append(flow)
-            if group_of is not None:
-                # the namespace of the observing endpoint: the source on egress, else the
-                # destination; the other side's when that is no pod (event_namespace)
-                if direction == DIR_EGRESS:
-                    key = (verdict, src_part[0] or dst_part[0])
-                else:
-                    key = (verdict, dst_part[0] or src_part[0])
-                group = group_of(key)
-                if group is None:
-                    groups[key] = [flow]  # type: ignore[index]
-                else:
-                    group.append(flow)
-        return out
+            append(text)
+            # the namespace of the observing endpoint: the source on egress, else the
+            # destination; the other side's when that is no pod (event_namespace)
+            key = (verdict, src[3] or dst[3]) if egress else (verdict, dst[3] or src[3])
+            group = group_of(key)
+            if group is None:
+                groups[key] = [text]
+            else:
+                group.append(text)
+        return lines
 
-    def _peer_part(self, ip: str) -> tuple[str, str, str]:
-        """What :meth:`peer` says of an address whatever the port and identity, cached."""
+    def _head_json(self, small: tuple[int, ...]) -> tuple[bytes, str, bool, bool]:
+        """(the fields type .. is_reply and the key of ``bytes``, verdict, is_reply, egress) of
+        (kind, reason, direction, point, protocol, tcp flags, flags), cached."""
+        kind, reason, direction, point, proto, tcp, fl = small
+        verdict = VERDICTS[kind << 3 | (fl & VERDICT_BITS)]
+        reply = (fl & F_REPLY) == F_REPLY
+        text = b"".join(
+            (
+                b',"type":',
+                _encode(TYPES[kind]),
+                b',"verdict":',
+                _encode(verdict),
+                b',"drop_reason":%d,"drop_reason_desc":' % reason,
+                _encode(REASON_NAMES[reason]),
+                b',"direction":',
+                _encode(DIRECTIONS[direction]),
+                b',"observation_point":',
+                _encode(OBSERVATION_POINTS[point]),
+                b',"protocol":',
+                _encode(PROTOCOLS[proto]),
+                b',"tcp_flags":',
+                _encode(TCP_FLAGS[tcp]),
+                b',"is_reply":true,"bytes":' if reply else b',"is_reply":false,"bytes":',
+            )
+        )
+        head = self.head_json[small] = (text, verdict, reply, direction == DIR_EGRESS)
+        return head
+
+    def _peer_json(self, raw: int) -> tuple[str, bytes, bytes, str]:
+        """(ip, the peer's JSON up to its port's value, from the identity's key to that of the
+        labels, namespace) of an address (host-order u32), whatever the port and identity."""
+        ip = self.addresses[raw]
         pod = self.pods.get(ip)
-        if pod is None:
-            part = ("", "", self.ip_nodes.get(ip, ""))
-        else:
-            part = (pod.namespace, pod.name, pod.node)
-        self.peer_cache[ip] = part
+        namespace, name, node = (
+            ("", "", self.ip_nodes.get(ip, ""))
+            if pod is None
+            else (pod.namespace, pod.name, pod.node)
+        )
+        part = self.peer_json[raw] = (
+            ip,
+            b'{"ip":' + _encode(ip) + b',"port":',
+            b',"namespace":%b,"pod":%b,"node":%b,"labels":'
+            % (_encode(namespace), _encode(name), _encode(node)),
+            namespace,
+        )
         return part
+
+    def _labels_json(self, identity: int) -> bytes:
+        """An identity's labels and the key of the peer's ``service``, cached."""
+        labels = self.labels.get(identity) or _RESERVED_LABELS.get(identity, _NO_LABELS)
+        text = self.labels_json[identity] = _encode(labels) + b',"service":'
+        return text
+
+    def _rule_json(self, rule_id: int) -> bytes:
+        """``"rule":...,"policy":...`` of a rule id; cached for the ids a rule carries (an
+        unknown id is no reason to fill the cache)."""
+        rule = self.rules.get(rule_id, "")
+        if not rule:
+            return _NO_RULE_JSON
+        text = self.rule_json[rule_id] = (
+            b'"rule":' + _encode(rule) + b',"policy":' + _encode(policy_of(rule))
+        )
+        return text
+
+    def _default_deny_json(self, direction: int, src_identity: int, dst_identity: int) -> bytes:
+        policy = self._default_deny(direction, src_identity, dst_identity)
+        return b'"rule":"","policy":' + _encode(policy) if policy else _NO_RULE_JSON
+
+    def _service_json(self, ip: str, port: int, backend: bool) -> bytes:
+        service = self._port_service(ip, port, backend)
+        return _encode(service) if service else _EMPTY_STR
+
+    def _names_json(self, src_ip: str, dst_ip: str) -> bytes:
+        names = self._names_of(src_ip, dst_ip)
+        return _encode(names) if names else _EMPTY_LIST
 
     def _port_service(self, ip: str, port: int, backend: bool) -> str:
         service = self.services.get((ip, port), "") if self.services else ""
@@ -439,14 +508,36 @@ class Enricher:
 
 
 _NO_LABELS: list[str] = []  # shared by the peers of identities without labels: never mutated
-# shared by the flows without DNS names (never mutated): a new empty list per flow is one more
-# object for the garbage collector to track and walk
-_NO_NAMES: list[str] = []
 # entries of each enrichment cache; beyond it the cache starts over
 CACHE_SIZE = 65536
 DIR_INGRESS = 1  # bpf/events.h
 DIR_EGRESS = 2
-_NO_RULE = ("", "")  # (rule, policy) of an id no rule carries
+
+# --- the JSON line of an EnrichedFlow, spliced (encode_records) ---------------------------------
+
+_encode: Final = msgspec.json.encode
+_TS: Final = itemgetter(2)  # a record's timestamp
+_EMPTY_STR: Final = b'""'
+_EMPTY_LIST: Final = b"[]"
+_NO_RULE_JSON: Final = b'"rule":"","policy":""'
+# EnrichedFlow's fields in their encoding order, ``l7`` null (the datapath's flows have none);
+# the peers' after their port; %b are cached fragments (see encode_records), %d numbers
+_LINE: Final = (
+    b'{"time":%b,"node":%b%b%d,'
+    b'"source":%b%d,"identity":%d%b%b%b,"v":1},'
+    b'"destination":%b%d,"identity":%d%b%b%b,"v":1},'
+    b'"l7":null,"destination_names":%b,"rule_id":%d,%b,"v":1}\n'
+)
+# what _LINE and the fragments spell out, in order: a field added to either struct must be
+# added there too (tests/unit/test_enrich_records.py compares the bytes)
+_LINE_FIELDS: Final = (
+    ("time", "node", "type", "verdict", "drop_reason", "drop_reason_desc", "direction",
+     "observation_point", "protocol", "tcp_flags", "is_reply", "bytes", "source",
+     "destination", "l7", "destination_names", "rule_id", "rule", "policy", "v"),
+    ("ip", "port", "identity", "namespace", "pod", "node", "labels", "service", "v"),
+)  # fmt: skip
+if (EnrichedFlow.__struct_encode_fields__, FlowPeer.__struct_encode_fields__) != _LINE_FIELDS:
+    raise RuntimeError("EnrichedFlow or FlowPeer changed: update encode_records' _LINE")
 
 # reserved identities are not in the ``identities`` bucket; their labels are fixed
 _RESERVED_LABELS: dict[int, list[str]] = {

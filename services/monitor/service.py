@@ -36,7 +36,7 @@ from nats.aio.subscription import Subscription
 from prometheus_client import Counter, Gauge
 
 from services.monitor import history
-from services.monitor.enrich import Enricher, group_flows
+from services.monitor.enrich import Enricher, event_namespace
 from services.monitor.ring import FlowRing
 from services.monitor.watches import follow_optional
 from shared import __version__, flow_groups, flow_wire, ipcache_guard, log, startup, subjects
@@ -44,14 +44,23 @@ from shared.bus import Bus, MicroService, redact
 from shared.config import CommonSettings, env_name, setting
 from shared.errors import InvalidArgument, Unavailable
 from shared.flow_api import (
+    FLOW_BATCH_MAX_BYTES,
     EnrichedFlow,
     FlowGroupsReply,
     FlowQuery,
     FlowQueryReply,
     MonitorStatus,
-    encode_flow_batch,
     split_batch,
 )
+from shared.flow_decode import (
+    DIRECTIONS,
+    EVENT_POLICY_VERDICT,
+    REASON_NAMES,
+    TYPES,
+    VERDICT_BITS,
+    VERDICTS,
+)
+from shared.flow_decode import TCP_FLAGS as FLAG_LISTS
 from shared.flow_filter import compile_filter
 from shared.kv_watch import BucketWatches
 from shared.messages import Empty, FlowBatch
@@ -103,9 +112,16 @@ _ACTIONS: Final = {"FORWARDED": "allowed", "DROPPED": "denied", "AUDIT": "audit"
 _TYPE_VERDICT: Final = operator.attrgetter("type", "verdict")
 _REASON_DIRECTION: Final = operator.attrgetter("drop_reason", "drop_reason_desc", "direction")
 _TCP_FLAGS: Final = operator.attrgetter("tcp_flags")
+_VERDICT: Final = operator.attrgetter("verdict")
 _TYPE: Final = operator.attrgetter("type")
 _RULE_ID: Final = operator.attrgetter("rule_id")
 _DIRECTION_VERDICT: Final = operator.attrgetter("direction", "verdict")
+# fields of a record tuple (shared.flow_wire.RECORD_FIELDS)
+_KIND_FLAGS_REASON_DIRECTION: Final = operator.itemgetter(3, 9, 4, 5)
+_KIND_FLAGS_DIRECTION: Final = operator.itemgetter(3, 9, 5)
+_TCP_FIELD: Final = operator.itemgetter(8)
+_RULE_ID_FIELD: Final = operator.itemgetter(18)
+_encode: Final = msgspec.json.encode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,7 +215,7 @@ class Monitor:
             self.wake.clear()
             done = 0
             while self.queue:
-                done += len(await self.process(self.queue.popleft())) or 1
+                done += await self.process(self.queue.popleft()) or 1
                 if done >= YIELD_FLOWS:
                     done = 0
                     QUEUED.set(len(self.queue))
@@ -207,24 +223,21 @@ class Monitor:
             QUEUED.set(0)
             self._log_trouble()
 
-    async def process(self, data: bytes) -> list[EnrichedFlow]:
-        """Enrich, keep, count and republish one batch; what it produced."""
-        groups: dict[tuple[str, str], list[EnrichedFlow]] = {}
-        enriched = self._enrich(data, groups)
-        if not enriched:
-            return []
-        self.ring.extend(enriched)
-        self.flows_seen += len(enriched)
-        self._count(enriched, groups)
+    async def process(self, data: bytes) -> int:
+        """Enrich, keep, count and republish one batch; how many flows it held."""
+        groups: dict[tuple[str, str], list[bytes]] = {}
+        lines = self._enrich(data, groups)
+        if not lines:
+            return 0
+        self.ring.extend(lines)
+        self.flows_seen += len(lines)
         await self._republish(groups)
         RING.set(len(self.ring))
-        return enriched
+        return len(lines)
 
-    def _enrich(
-        self, data: bytes, groups: dict[tuple[str, str], list[EnrichedFlow]]
-    ) -> list[EnrichedFlow]:
-        """The batch's flows enriched, its loss counted, ``groups`` filled with them by
-        (verdict, namespace); none if it does not decode."""
+    def _enrich(self, data: bytes, groups: dict[tuple[str, str], list[bytes]]) -> list[bytes]:
+        """The batch's flows enriched as JSON lines, counted in the metrics, its loss counted,
+        ``groups`` filled with the lines by (verdict, namespace); none if it does not decode."""
         if flow_wire.is_binary(data):
             try:
                 binary = flow_wire.decode(data)
@@ -234,9 +247,11 @@ class Monitor:
                 return []
             self._lost_upstream(binary.lost, binary.dropped_queue, binary.dropped_publish)
             self.nodes.add(binary.node)
-            return self.enricher.enrich_records(
+            lines = self.enricher.encode_records(
                 records, binary.node, binary.clock_offset_ns, groups
             )
+            count_records(records)
+            return lines
         try:
             batch = _batch_decoder.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -244,10 +259,14 @@ class Monitor:
             return []
         self._lost("datapath", batch.lost)
         self.nodes.add(batch.node)
+        # the L7 proxy's batches (and agents on the JSON wire): few flows, the plain way
         enrich = self.enricher.enrich
         flows = [enrich(flow) for flow in batch.flows]
-        groups.update(group_flows(flows))
-        return flows
+        count_flows(flows)
+        lines = [_encode(flow) + b"\n" for flow in flows]
+        for flow, line in zip(flows, lines, strict=True):
+            groups.setdefault((flow.verdict, event_namespace(flow)), []).append(line)
+        return lines
 
     def _lost_upstream(self, lost: int, dropped_queue: int, dropped_publish: int) -> None:
         """What a batch's header says was lost before it: in the kernel and at the agent."""
@@ -255,47 +274,10 @@ class Monitor:
         self._lost("agent", dropped_queue)
         self._lost("bus", dropped_publish)
 
-    def _count(
-        self, flows: list[EnrichedFlow], groups: dict[tuple[str, str], list[EnrichedFlow]]
-    ) -> None:
-        # aggregated per batch, in C (Counter over attrgetter, selections with compress): one
-        # metric update per label set and no Python step per flow
-        kinds = collections.Counter(map(_TYPE_VERDICT, flows))
-        dropped = itertools.chain.from_iterable(
-            group for (verdict, _), group in groups.items() if verdict == "DROPPED"
-        )
-        drops = collections.Counter(map(_REASON_DIRECTION, dropped))
-        verdicts: collections.Counter[tuple[str, str, str]] = collections.Counter()
-        if any(kind == "policy-verdict" for kind, _ in kinds):
-            chosen = itertools.repeat("policy-verdict")
-            decided = list(itertools.compress(flows, map(operator.eq, map(_TYPE, flows), chosen)))
-            by_default = map(operator.not_, map(_RULE_ID, decided))
-            defaults = collections.Counter(
-                map(_DIRECTION_VERDICT, itertools.compress(decided, by_default))
-            )
-            for (direction, verdict), n in collections.Counter(
-                map(_DIRECTION_VERDICT, decided)
-            ).items():
-                action = _ACTIONS.get(verdict, "other")
-                default = defaults.get((direction, verdict), 0)
-                if n > default:
-                    verdicts[direction, "rule", action] += n - default
-                if default:
-                    verdicts[direction, "default", action] += default
-        flags = collections.Counter(itertools.chain.from_iterable(map(_TCP_FLAGS, flows)))
-        for key, n in kinds.items():
-            FLOWS.labels(*key).inc(n)
-        for (reason, desc, direction), n in drops.items():
-            DROPS.labels(desc or str(reason), direction).inc(n)
-        for vkey, n in verdicts.items():
-            POLICY_VERDICTS.labels(*vkey).inc(n)
-        for flag, n in flags.items():
-            TCP_FLAGS.labels(flag).inc(n)
-
-    async def _republish(self, groups: dict[tuple[str, str], list[EnrichedFlow]]) -> None:
-        """A batch's flows, grouped by (verdict, namespace), on the batch subjects: a few
-        messages of JSON lines instead of one message per flow; with ``events_per_flow`` also
-        one message per flow on the per-flow subjects."""
+    async def _republish(self, groups: dict[tuple[str, str], list[bytes]]) -> None:
+        """A batch's flows (JSON lines), grouped by (verdict, namespace), on the batch subjects:
+        a few messages of JSON lines instead of one message per flow; with ``events_per_flow``
+        also one message per flow on the per-flow subjects."""
         subjects_of = self._subjects
         if len(subjects_of) > 4096:
             subjects_of.clear()
@@ -303,21 +285,24 @@ class Monitor:
         batched = 0
         singles: list[tuple[str, bytes]] = []
         per_flow = self.settings.events_per_flow
-        for key, group in groups.items():
+        for key, lines in groups.items():
             names = subjects_of.get(key)
             if names is None:
                 names = subjects_of[key] = (
                     subjects.event_flow_batches(*key),
                     subjects.event_flows(*key),
                 )
-            # one C call encodes the group, one line per flow
-            data = encode_flow_batch(group)
-            for payload, count in split_batch(data):
-                batches.append((names[0], payload))
-                batched += count
+            data = b"".join(lines)
+            if len(data) <= FLOW_BATCH_MAX_BYTES:  # most groups: no need to count the lines
+                batches.append((names[0], data))
+                batched += len(lines)
+            else:
+                for payload, count in split_batch(data):
+                    batches.append((names[0], payload))
+                    batched += count
             if per_flow:
                 flow_subject = names[1]
-                singles.extend((flow_subject, line) for line in data.split(b"\n")[:-1])
+                singles.extend((flow_subject, line[:-1]) for line in lines)
         await self._publish(batches, batched, "batch")
         if per_flow:
             await self._publish(singles, len(singles), "flow")
@@ -414,6 +399,87 @@ class Monitor:
     def update_cache_gauges(self) -> None:
         for name, count in self.enricher.counts().items():
             CACHE.labels(name).set(count)
+
+
+def count_records(records: list[tuple[int, ...]]) -> None:
+    """The metrics of a binary batch's flows, from their record tuples (as
+    :func:`count_flows` counts the enriched flows): aggregated per batch in C (Counter over
+    itemgetter, the rule-less ones selected by compress), then each distinct combination of
+    the numbers named from the tables the flows' names come from."""
+    combos = collections.Counter(map(_KIND_FLAGS_REASON_DIRECTION, records))
+    rule_less = collections.Counter(
+        map(
+            _KIND_FLAGS_DIRECTION,
+            itertools.compress(records, map(operator.not_, map(_RULE_ID_FIELD, records))),
+        )
+    )
+    kinds: collections.Counter[tuple[str, str]] = collections.Counter()
+    drops: collections.Counter[tuple[str, str]] = collections.Counter()
+    decided: collections.Counter[tuple[str, str]] = collections.Counter()
+    for (kind, fl, reason, direction), n in combos.items():
+        verdict = VERDICTS[kind << 3 | (fl & VERDICT_BITS)]
+        kinds[TYPES[kind], verdict] += n
+        if verdict == "DROPPED":
+            drops[REASON_NAMES[reason] or str(reason), DIRECTIONS[direction]] += n
+        if kind == EVENT_POLICY_VERDICT:
+            decided[DIRECTIONS[direction], verdict] += n
+    defaults: collections.Counter[tuple[str, str]] = collections.Counter()
+    for (kind, fl, direction), n in rule_less.items():
+        if kind == EVENT_POLICY_VERDICT:
+            defaults[DIRECTIONS[direction], VERDICTS[kind << 3 | (fl & VERDICT_BITS)]] += n
+    flags: collections.Counter[str] = collections.Counter()
+    for tcp, n in collections.Counter(map(_TCP_FIELD, records)).items():
+        for flag in FLAG_LISTS[tcp]:
+            flags[flag] += n
+    _update_metrics(kinds, drops, decided, defaults, flags)
+
+
+def count_flows(flows: list[EnrichedFlow]) -> None:
+    """The metrics of enriched flows: aggregated per batch in C (Counter over attrgetter,
+    selections with compress): one metric update per label set and no Python step per flow."""
+    kinds = collections.Counter(map(_TYPE_VERDICT, flows))
+    dropped = itertools.compress(
+        flows, map(operator.eq, map(_VERDICT, flows), itertools.repeat("DROPPED"))
+    )
+    drops = collections.Counter(
+        (desc or str(reason), direction)
+        for reason, desc, direction in map(_REASON_DIRECTION, dropped)
+    )
+    chosen = itertools.repeat("policy-verdict")
+    decided = list(itertools.compress(flows, map(operator.eq, map(_TYPE, flows), chosen)))
+    by_default = map(operator.not_, map(_RULE_ID, decided))
+    defaults = collections.Counter(map(_DIRECTION_VERDICT, itertools.compress(decided, by_default)))
+    flags = collections.Counter(itertools.chain.from_iterable(map(_TCP_FLAGS, flows)))
+    _update_metrics(
+        kinds, drops, collections.Counter(map(_DIRECTION_VERDICT, decided)), defaults, flags
+    )
+
+
+def _update_metrics(
+    kinds: collections.Counter[tuple[str, str]],
+    drops: collections.Counter[tuple[str, str]],
+    decided: collections.Counter[tuple[str, str]],
+    defaults: collections.Counter[tuple[str, str]],
+    flags: collections.Counter[str],
+) -> None:
+    """One increment per label set: flows by (type, verdict), drops by (reason, direction),
+    policy verdicts by (direction, verdict) of which ``defaults`` no rule decided, flags."""
+    for key, n in kinds.items():
+        FLOWS.labels(*key).inc(n)
+    for dkey, n in drops.items():
+        DROPS.labels(*dkey).inc(n)
+    verdicts: collections.Counter[tuple[str, str, str]] = collections.Counter()
+    for (direction, verdict), n in decided.items():
+        action = _ACTIONS.get(verdict, "other")
+        default = defaults.get((direction, verdict), 0)
+        if n > default:
+            verdicts[direction, "rule", action] += n - default
+        if default:
+            verdicts[direction, "default", action] += default
+    for vkey, n in verdicts.items():
+        POLICY_VERDICTS.labels(*vkey).inc(n)
+    for flag, n in flags.items():
+        TCP_FLAGS.labels(flag).inc(n)
 
 
 @dataclasses.dataclass

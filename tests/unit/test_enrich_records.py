@@ -1,9 +1,11 @@
-"""Enrichment straight from ring buffer records gives what decoding then enriching gives.
+"""Enrichment straight from ring buffer records into JSON gives what decoding, enriching
+and encoding gives, byte for byte.
 
-The monitor's fast path (:meth:`Enricher.enrich_records`) skips the decoded flow and caches
-peers and rules; this compares it, field for field, with :meth:`Enricher.enrich` of the
-:class:`~shared.flow_decode.Decoder`'s flows over every kind of record, and again after each
-kind of bucket change (the caches must follow them).
+The monitor's fast path (:meth:`Enricher.encode_records`) skips the decoded flow and the
+EnrichedFlow and splices cached JSON fragments; this compares its lines with msgspec's encoding
+of :meth:`Enricher.enrich` of the :class:`~shared.flow_decode.Decoder`'s flows (what the monitor
+published before) over every kind of record, with names that JSON must escape, and again after
+each kind of bucket change (the caches must follow them).
 """
 
 from __future__ import annotations
@@ -11,10 +13,13 @@ from __future__ import annotations
 import itertools
 import socket
 import struct
+from collections.abc import Callable
 
 import msgspec
+from prometheus_client import REGISTRY
 
 from services.monitor.enrich import Enricher, group_flows
+from services.monitor.service import count_flows, count_records
 from shared import flow_wire
 from shared.flow_api import EnrichedFlow
 from shared.flow_decode import Decoder
@@ -67,15 +72,18 @@ def records() -> list[tuple[int, ...]]:
     return out
 
 
-def same(e: Enricher, recs: list[tuple[int, ...]]) -> None:
-    slow = [e.enrich(f) for f in Decoder(NODE).wire(recs, OFFSET_NS)]
-    groups: dict[tuple[str, str], list[EnrichedFlow]] = {}
-    fast = e.enrich_records(recs, NODE, OFFSET_NS, groups)
-    assert len(fast) == len(slow)
-    for a, b in zip(fast, slow, strict=True):
-        assert msgspec.json.encode(a) == msgspec.json.encode(b)
+def same(e: Enricher, recs: list[tuple[int, ...]], node: str = NODE) -> list[EnrichedFlow]:
+    """Asserts the fast path's lines and groups are the reference encoder's; the flows."""
+    slow = [e.enrich(f) for f in Decoder(node).wire(recs, OFFSET_NS)]
+    groups: dict[tuple[str, str], list[bytes]] = {}
+    lines = e.encode_records(recs, node, OFFSET_NS, groups)
+    assert lines == [msgspec.json.encode(f) + b"\n" for f in slow]
     # grouped for publication as group_flows (event_namespace) groups them, in order
-    assert groups == group_flows(slow)
+    assert groups == {
+        key: [msgspec.json.encode(f) + b"\n" for f in group]
+        for key, group in group_flows(slow).items()
+    }
+    return slow
 
 
 def test_records_enrich_as_decoded_flows_do_and_follow_bucket_changes() -> None:
@@ -114,8 +122,7 @@ def test_records_enrich_as_decoded_flows_do_and_follow_bucket_changes() -> None:
     e.on_service("ns.dns", enc(service))
     names = [FQDNName(name="api.example.com", addresses=[FQDNAddress(ip="1.2.3.4", expires=9)])]
     e.on_fqdn(f"{NODE}.10.0.9.9", enc(FQDNCache(node=NODE, ip="10.0.9.9", names=names)))
-    same(e, recs)
-    fast = e.enrich_records(recs, NODE, OFFSET_NS)
+    fast = same(e, recs)
     assert any(f.source.pod == "x" for f in fast) and any(f.rule == "ns/allow-x[0]" for f in fast)
     assert any(f.destination.service == "ns/dns" for f in fast)
     assert any(f.destination_names == ["api.example.com"] for f in fast)
@@ -126,5 +133,59 @@ def test_records_enrich_as_decoded_flows_do_and_follow_bucket_changes() -> None:
     e.on_resolved("5678", enc(ResolvedPolicy(identity=5678, revision=2, rules={7: "ns/p[1]"})))
     e.on_service("ns.dns", None)
     e.on_ipcache("k", None)
-    same(e, recs)
-    assert not any(f.source.pod == "x" for f in e.enrich_records(recs, NODE, OFFSET_NS))
+    assert not any(f.source.pod == "x" for f in same(e, recs))
+    assert e.encode_records([], NODE, OFFSET_NS, {}) == []
+
+
+def test_names_json_must_escape_encode_as_msgspec_encodes_them() -> None:
+    """Quotes, backslashes, control characters, non-ASCII and ``%`` (the line is a bytes
+    format) in every name a line carries."""
+    odd = 'q"b\\s\n\t\x01é☃%d%b'
+    e = Enricher()
+    e.on_identity("1234", enc(Identity(id=1234, labels=[f"k8s:a={odd}", "z"], kind="cluster")))
+    ep = Endpoint(namespace=odd, name=odd, node=odd, ip="10.0.1.5", identity=1234, labels={})
+    e.on_endpoint(f"{NODE}.x.y", enc(ep))
+    e.on_ipcache("k", enc(IPCacheEntry(cidr="10.0.9.9/32", identity=6, node=odd)))
+    e.on_resolved(
+        "5678",
+        enc(
+            ResolvedPolicy(
+                identity=5678, revision=1, ingress_enforced=True, egress_enforced=True,
+                rules={7: f"{odd}/p[0]", 99: odd},
+            )
+        ),
+    )  # fmt: skip
+    frontend = LBFrontend(
+        id=1, ip="10.96.0.10", port=53, protocol="UDP",
+        backends=[LBBackend(id=1, ip="10.0.3.3", port=53)],
+    )  # fmt: skip
+    e.on_service("x.y", enc(LBService(namespace=odd, name=odd, frontends=[frontend])))
+    names = [FQDNName(name=odd, addresses=[FQDNAddress(ip="1.2.3.4", expires=9)])]
+    e.on_fqdn(f"{NODE}.10.0.9.9", enc(FQDNCache(node=NODE, ip="10.0.9.9", names=names)))
+    flows = same(e, records(), node=odd)
+    assert any(f.source.namespace == odd for f in flows) and any(f.rule == odd for f in flows)
+    assert any(f.destination_names == [odd] for f in flows)
+
+
+def test_records_are_counted_in_the_metrics_as_their_enriched_flows() -> None:
+    """count_records (the binary batches' numbers) against count_flows (the flows they become):
+    every metric sample moves by the same amount."""
+    recs = records() * 3
+
+    def samples() -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        return {
+            (s.name, frozenset(s.labels.items())): s.value
+            for metric in REGISTRY.collect()
+            if metric.name.startswith("membrane_monitor_")
+            for s in metric.samples
+            if s.name.endswith("_total")
+        }
+
+    def moved(count: Callable[[], None]) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        before = samples()
+        count()
+        return {k: v - before.get(k, 0.0) for k, v in samples().items() if v != before.get(k)}
+
+    flows = [Enricher().enrich(f) for f in Decoder(NODE).wire(recs, OFFSET_NS)]
+    by_flows = moved(lambda: count_flows(flows))
+    assert by_flows and moved(lambda: count_records(recs)) == by_flows

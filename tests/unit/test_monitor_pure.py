@@ -295,7 +295,7 @@ def test_names_and_subjects() -> None:
 
 def test_the_ring_keeps_the_newest_and_walks_back() -> None:
     ring = FlowRing(5)
-    ring.extend(make(time=float(t)) for t in range(10))
+    ring.extend(msgspec.json.encode(make(time=float(t))) + b"\n" for t in range(10))
     assert len(ring) == 5 and ring.oldest == 5.0
     everything = compile_filter([])
     assert [f.time for f in ring.query(everything, last=2)] == [8.0, 9.0]
@@ -446,8 +446,7 @@ def test_a_batch_is_counted_per_label_set_as_flow_by_flow() -> None:
 
     from prometheus_client import REGISTRY
 
-    from services.monitor.enrich import group_flows
-    from services.monitor.service import Monitor, MonitorSettings
+    from services.monitor.service import count_flows
 
     flows = [
         EnrichedFlow(
@@ -495,5 +494,5 @@ def test_a_batch_is_counted_per_label_set_as_flow_by_flow() -> None:
         return REGISTRY.get_sample_value(metric, dict(zip(labels, values, strict=True))) or 0.0
 
     before = {key: sample(key) for key in expected}
-    Monitor(None, MonitorSettings())._count(flows, group_flows(flows))  # type: ignore[arg-type]
+    count_flows(flows)
     assert {key: sample(key) - before[key] for key in expected} == expected
