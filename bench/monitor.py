@@ -14,13 +14,17 @@ rule id the generator uses), so every flow is enriched for real. Side by side in
   (``MEMBRANE_EVENTS_PER_FLOW=true``: the per-flow baseline, as every monitor did before the
   batch subject), alternated with 1 replica publishing batches only (the default), ``--repeat``
   times each (the figures against the goal are the medians), then 2 replicas publishing
-  batches: flows/s, flows lost at any stage (must be 0);
+  batches: flows/s, flows lost at any stage (must be 0), each replica's CPU per flow and the
+  share of a core it got (what the producer, the publisher and nats-server left it);
+- with ``--baseline DIR`` (a checkout of another version, e.g. ``git worktree add DIR main``),
+  1 replica of that version's code publishing batches is alternated with the two above: the
+  CPU per flow of both versions side by side, under the same load;
 - latency: events paced at ``--rate`` per second, read by ``membrane observe --follow -o
   json`` in its own process; the delay from the kernel timestamp of each event to its line
   arriving from ``observe``: p50/p99.
 
     sudo .venv/bin/python -m bench.monitor [--events 500000] [--rate 5000] [--seconds 10]
-        [--repeat 3]
+        [--repeat 3] [--baseline DIR] [--skip-json]
 """
 
 from __future__ import annotations
@@ -97,9 +101,18 @@ async def fill_buckets(bus: Bus) -> None:
 class Monitors:
     """N ``membrane run monitor`` processes."""
 
-    def __init__(self, nats_url: str, replicas: int, logs: Path, per_flow: bool = False) -> None:
+    def __init__(
+        self,
+        nats_url: str,
+        replicas: int,
+        logs: Path,
+        per_flow: bool = False,
+        code: Path | None = None,
+    ) -> None:
+        """``code``: the checkout whose monitor runs (default: this one)."""
         env = {
             **os.environ,
+            **({"PYTHONPATH": str(code)} if code else {}),
             "MEMBRANE_EVENTS_PER_FLOW": "true" if per_flow else "false",
             "MEMBRANE_NATS_URL": nats_url,
             "MEMBRANE_LOG_FORMAT": "json",
@@ -110,7 +123,8 @@ class Monitors:
             subprocess.Popen(
                 [sys.executable, "-m", "membrane", "run", "monitor"],
                 env={**env, "MEMBRANE_REPLICA": f"bench-monitor-{i}"},
-                stdout=(logs / f"monitor-{replicas}-{i}-{per_flow}.log").open("w"),
+                cwd=code,
+                stdout=(logs / f"monitor-{replicas}-{i}-{per_flow}-{code is None}.log").open("w"),
                 stderr=subprocess.STDOUT,
             )
             for i in range(1, replicas + 1)
@@ -128,12 +142,7 @@ class Monitors:
 
     def cpu_seconds(self) -> float:
         """User + system CPU time the replicas have used so far (/proc/<pid>/stat)."""
-        ticks = os.sysconf("SC_CLK_TCK")
-        total = 0
-        for proc in self.procs:
-            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-        return total / ticks
+        return sum(process_cpu(proc.pid) for proc in self.procs)
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -144,6 +153,12 @@ class Monitors:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 async def statuses(bus: Bus, ids: list[str]) -> list[MonitorStatus]:
@@ -169,6 +184,8 @@ class Throughput:
     kernel_lost: int
     published_dropped: int
     cpu_seconds: float  # of the monitor processes, over the run
+    others_cpu: float  # of this process (the producer and the publisher) and nats-server
+    code: str = "this"  # whose monitor: this checkout, or the --baseline one
 
     @property
     def capacity(self) -> float:
@@ -179,11 +196,26 @@ class Throughput:
     def rate(self) -> float:
         return self.seen / self.seconds
 
+    @property
+    def share(self) -> float:
+        """Cores the replicas got, on average over the run."""
+        return self.cpu_seconds / self.seconds
+
 
 async def throughput(
-    nats_url: str, replicas: int, events: int, chunk: int, logs: Path, wire: str, per_flow: bool
+    nats: ServerProcess,
+    replicas: int,
+    events: int,
+    chunk: int,
+    logs: Path,
+    wire: str,
+    per_flow: bool,
+    code: Path | None = None,
 ) -> Throughput:
-    monitors = Monitors(nats_url, replicas, logs, per_flow)
+    nats_url = nats.url
+    assert nats.process is not None
+    nats_pid = nats.process.pid
+    monitors = Monitors(nats_url, replicas, logs, per_flow, code)
     bus = await Bus.connect(nats_url, "bench", retry_for=10)
     gen = FlowGenerator(RING_MIB << 20)
     ring = RingBuffer(gen.ring_fd, gen.ring_bytes)
@@ -193,6 +225,7 @@ async def throughput(
         task = asyncio.create_task(publisher.run())
         started = time.monotonic()
         cpu = monitors.cpu_seconds()
+        others = process_cpu(os.getpid()) + process_cpu(nats_pid)
         await asyncio.to_thread(produce, gen, events, chunk, ring)
         await publisher.flush()
         await bus.nc.flush()
@@ -211,13 +244,25 @@ async def throughput(
             await asyncio.sleep(0.05)
         elapsed = now - started
         cpu = monitors.cpu_seconds() - cpu
+        others = process_cpu(os.getpid()) + process_cpu(nats_pid) - others
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
         from bench.flows import dropped_flows
 
         return Throughput(
-            wire, per_flow, replicas, events, seen, lost, elapsed, gen.lost(), dropped_flows(), cpu
+            wire,
+            per_flow,
+            replicas,
+            events,
+            seen,
+            lost,
+            elapsed,
+            gen.lost(),
+            dropped_flows(),
+            cpu,
+            others,
+            "this" if code is None else "baseline",
         )
     finally:
         await bus.close()
@@ -322,35 +367,48 @@ async def run(args: argparse.Namespace) -> None:
             bus = await Bus.connect(nats.url, "bench-setup", retry_for=10)
             await fill_buckets(bus)
             await bus.close()
+            # alternated, so that the shared machine's load weighs on all alike
+            alternated: list[tuple[str, bool, int, Path | None]] = [
+                ("binary", True, 1, None),
+                ("binary", False, 1, None),
+            ]
+            if args.baseline:
+                alternated.append(("binary", False, 1, args.baseline))
             results = [
-                await throughput(nats.url, replicas, args.events, args.chunk, logs, wire, per_flow)
-                for wire, per_flow, replicas in (
-                    ("json", False, 1),
-                    # alternated, so that the shared machine's load weighs on both alike
-                    *[("binary", True, 1), ("binary", False, 1)] * args.repeat,
-                    ("binary", False, 2),
+                await throughput(
+                    nats, replicas, args.events, args.chunk, logs, wire, per_flow, code
+                )
+                for wire, per_flow, replicas, code in (
+                    *([] if args.skip_json else [("json", False, 1, None)]),
+                    *alternated * args.repeat,
+                    ("binary", False, 2, None),
                 )
             ]
             delays, made, printed = await latency(nats.url, args.rate, args.seconds, logs)
         finally:
             nats.stop()
     print(
-        f"{'wire':>6} {'events out':>10} {'replicas':>8} {'events':>9} {'enriched':>9} "
-        f"{'lost':>6} {'seconds':>8} {'flows/s':>9} {'per replica':>11} {'vs per-flow':>11} "
-        f"{'us CPU/flow':>11} {'flows/CPU-s':>11}"
+        f"{'code':>8} {'wire':>6} {'events out':>10} {'replicas':>8} {'events':>9} "
+        f"{'enriched':>9} {'lost':>6} {'seconds':>8} {'flows/s':>9} {'per replica':>11} "
+        f"{'vs per-flow':>11} {'us CPU/flow':>11} {'flows/CPU-s':>11} {'cores':>5} "
+        f"{'others':>6}"
     )
     # binary wire, one replica: one message per flow (what every monitor did before) and batches
     base = median_run([r for r in results if r.per_flow])
     for r in results:
         print(
-            f"{r.wire:>6} {'per flow' if r.per_flow else 'batches':>10} {r.replicas:8d} "
-            f"{r.events:9d} {r.seen:9d} {r.lost:6d} {r.seconds:8.2f} {r.rate:9.0f} "
-            f"{r.rate / r.replicas:11.0f} {r.rate / base.rate:10.2f}x "
-            f"{1e6 / r.capacity if r.capacity else 0:11.2f} {r.capacity:11.0f}"
+            f"{r.code:>8} {r.wire:>6} {'per flow' if r.per_flow else 'batches':>10} "
+            f"{r.replicas:8d} {r.events:9d} {r.seen:9d} {r.lost:6d} {r.seconds:8.2f} "
+            f"{r.rate:9.0f} {r.rate / r.replicas:11.0f} {r.rate / base.rate:10.2f}x "
+            f"{1e6 / r.capacity if r.capacity else 0:11.2f} {r.capacity:11.0f} "
+            f"{r.share:5.2f} {r.others_cpu / r.seconds:6.2f}"
         )
-    one = median_run(
-        [r for r in results if r.wire == "binary" and not r.per_flow and r.replicas == 1]
+    print(
+        "(cores: CPU time of the replicas over the run's wall time; others: that of the "
+        "producer and publisher process and of nats-server)"
     )
+    batches_1 = [r for r in results if r.wire == "binary" and not r.per_flow and r.replicas == 1]
+    one = median_run([r for r in batches_1 if r.code == "this"])
     complete = all(r.seen == r.events and r.lost == 0 for r in results)
     print()
     print(f"(1 replica: the median of {args.repeat} alternated runs of each kind)")
@@ -368,6 +426,16 @@ async def run(args: argparse.Namespace) -> None:
         f"{1e6 / base.capacity if base.capacity else 0:.2f} us, {base.capacity:.0f} "
         f"({base.capacity / GOAL_RATE:.2f})"
     )
+    baseline = [r for r in batches_1 if r.code == "baseline"]
+    if baseline:
+        old = median_run(baseline)
+        print(
+            f"side by side, 1 replica publishing batches (medians of {args.repeat} alternated "
+            f"runs): this {1e6 / one.capacity:.2f} us of CPU per flow ({one.capacity:.0f} flows "
+            f"per CPU-second, {one.rate:.0f}/s on the wall clock with {one.share:.2f} of a "
+            f"core) vs baseline {1e6 / old.capacity:.2f} us ({old.capacity:.0f}, {old.rate:.0f}/s "
+            f"with {old.share:.2f}): {one.capacity / old.capacity:.2f}x flows per CPU-second"
+        )
     p50, p99 = percentile(delays, 0.5), percentile(delays, 0.99)
     latency_met = p99 <= GOAL_P99 and printed == made
     print(
@@ -392,6 +460,17 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="length of the latency run")
     parser.add_argument(
         "--repeat", type=int, default=3, help="alternated per-flow / batch runs of 1 replica"
+    )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="a checkout of another version: its monitor alternated with this one's",
+    )
+    parser.add_argument(
+        "--skip-json",
+        action="store_true",
+        help="no run fed the agents' JSON wire (on a loaded machine nats-server may cut that"
+        " replica off as a slow consumer: the JSON is ~7x the bytes)",
     )
     args = parser.parse_args()
     if os.geteuid() != 0:

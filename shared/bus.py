@@ -351,7 +351,7 @@ class Bus:
         heads = self._pub_heads
         if len(heads) > 4096:
             heads.clear()
-        parts = []
+        parts: list[bytes] = []
         size = 0
         limit = nc.max_payload
         for subject, payload in messages:
