@@ -313,6 +313,7 @@ class Enricher:
         service_of = self._service_json if self.services or self.backends else None
         names_of = self._names_json if self.dns_names else None
         default_deny = self._default_deny_json
+        known_rules = self.rules
         line = _LINE
         lines: list[bytes] = []
         append = lines.append
@@ -350,7 +351,9 @@ class Enricher:
                 src_service = service_of(src[0], sport, reply)
                 dst_service = service_of(dst[0], dport, not reply)
             if rule_id:
-                rule_json = rules.get(rule_id) or rule_of(rule_id)
+                rule_json = rules.get(rule_id) or (
+                    rule_of(rule_id) if rule_id in known_rules else _NO_RULE_JSON
+                )
             elif reason == POLICY_DENIED:
                 rule_json = default_deny(direction, src_id, dst_id)
             else:
