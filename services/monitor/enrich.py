@@ -2,8 +2,10 @@
 
 Each ``on_*`` method takes one KV change (key, value or None when deleted) and keeps a lookup
 table current; :meth:`Enricher.enrich` then names both workloads of a flow (identity -> labels,
-IP -> namespace/pod/node, IP:port -> service), the reason, and the rule and policy that decided.
-Unreadable entries are skipped and counted, never fatal.
+IP -> namespace/pod/node, IP:port -> service), the reason, and the rule and policy that decided;
+:meth:`Enricher.encode_records` does the same for a binary batch's records straight into the
+flows' JSON lines (the monitor's hot path). Unreadable entries are skipped and counted, never
+fatal.
 """
 
 from __future__ import annotations

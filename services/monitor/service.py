@@ -2,9 +2,10 @@
 
 Replicas share ``membrane.flows.*`` through a queue group. Each batch is decoded (an agent's binary
 batch of ring buffer records, :mod:`shared.flow_wire`, unpacked in one call; or a JSON FlowBatch,
-as the L7 proxy sends), enriched from
-caches of the KV buckets (:mod:`services.monitor.enrich`), kept in the replica's ring, counted in
-the metrics, and republished in batches of JSON lines on
+as the L7 proxy sends), enriched from caches of the KV buckets (:mod:`services.monitor.enrich`;
+a binary batch's records straight into each flow's JSON line, no EnrichedFlow object in
+between), kept in the replica's ring as those lines, counted in the metrics (a binary batch from
+its records' numbers), and republished in batches of JSON lines on
 ``membrane.events.flowbatches.<verdict>.<namespace>`` (one message per verdict and namespace of
 a batch, :func:`shared.flow_api.split_batch`), where the JetStream stream
 ``MEMBRANE_FLOW_HISTORY`` keeps the DROPPED and AUDIT ones for history; one message per flow on
