@@ -5,7 +5,8 @@ in Python so that no BPF program is needed; the enricher's tables are filled fro
 bucket contents as bench/monitor.py writes (:func:`bench.monitor.fill_buckets`'s values), and
 the publish goes to a real nats-server this bench starts. Each 4,096-flow binary batch goes
 through :meth:`Monitor.process` as a replica's intake hands it over; the stages are then
-timed one by one on the same batches (process time, so other processes' load does not count).
+timed one by one on the same batches (process time, so other processes' load does not count),
+and a query over the full ring.
 
     .venv/bin/python -m bench.monitor_stages [--events 300000] [--repeat 3]
 """
@@ -13,16 +14,12 @@ timed one by one on the same batches (process time, so other processes' load doe
 from __future__ import annotations
 
 import argparse
-import asyncio
-import gc
 import os
 import socket
 import struct
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import msgspec
 import uvloop
@@ -32,6 +29,8 @@ from services.monitor.enrich import Enricher
 from services.monitor.service import Monitor, MonitorSettings, count_records
 from shared import flow_wire, gcpause
 from shared.bus import Bus
+from shared.flow_api import FlowFilterTerm
+from shared.flow_filter import compile_filter
 from shared.messages import Endpoint, Identity, ResolvedPolicy
 
 NODE = "bench-node"
@@ -99,15 +98,6 @@ def fill(enricher: Enricher) -> None:
         enricher.on_resolved(str(10_000 + subject), enc(policy))
 
 
-def cpu(action: Callable[[], Any], rounds: int) -> tuple[float, Any]:
-    """Process CPU seconds of ``rounds`` calls, and the last call's result."""
-    started = time.process_time()
-    result = None
-    for _ in range(rounds):
-        result = action()
-    return time.process_time() - started, result
-
-
 async def measure(nats_url: str, data: list[bytes], repeat: int) -> None:
     bus = await Bus.connect(nats_url, "bench-stages", retry_for=10)
     monitor = Monitor(bus, MonitorSettings(nats_url=nats_url))
@@ -132,6 +122,17 @@ async def measure(nats_url: str, data: list[bytes], repeat: int) -> None:
         f"  Monitor.process (all stages, publish to nats-server): {best / flows * 1e6:.2f} us a "
         f"flow (rounds: {', '.join(f'{w / flows * 1e6:.2f}' for w in whole)}), "
         f"{flows / best:,.0f} flows per CPU-second"
+    )
+    # what the ring costs a query now that it keeps lines: the whole ring, and the newest 20
+    nothing = compile_filter([FlowFilterTerm(field="pod", values=["no-such-pod"])])
+    started = time.process_time()
+    monitor.ring.query(nothing)
+    whole_ring = time.process_time() - started
+    started = time.process_time()
+    monitor.ring.query(compile_filter([]), last=20)
+    print(
+        f"  a query over the whole ring ({len(monitor.ring)} flows): {whole_ring * 1000:.0f} ms; "
+        f"the newest 20: {(time.process_time() - started) * 1000:.2f} ms"
     )
     await bus.close()
 
@@ -168,7 +169,9 @@ async def _stages(monitor: Monitor, data: list[bytes], repeat: int) -> dict[str,
             t4 = clock()
             await monitor._republish(groups)
             t5 = clock()
-            for name, seconds in zip(spent, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+            for name, seconds in zip(
+                spent, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True
+            ):
                 spent[name] += seconds
         for name, seconds in spent.items():
             best[name] = min(best.get(name, seconds), seconds)
@@ -189,7 +192,7 @@ def main() -> None:
             uvloop.run(measure(nats.url, data, args.repeat))
         finally:
             nats.stop()
-    print(f"(load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}, {gc.get_threshold()})")
+    print(f"(load average {' '.join(f'{x:.2f}' for x in os.getloadavg())})")
 
 
 if __name__ == "__main__":

@@ -164,7 +164,7 @@ def test_names_json_must_escape_encode_as_msgspec_encodes_them() -> None:
     e.on_fqdn(f"{NODE}.10.0.9.9", enc(FQDNCache(node=NODE, ip="10.0.9.9", names=names)))
     # reserved identities (fixed labels), a peer unknown to every table, a zero timestamp
     recs = records()
-    recs += [r[:2] + (0,) + r[3:12] + (2, 1) + r[14:] for r in recs[:40]]
+    recs += [(*r[:2], 0, *r[3:12], 2, 1, *r[14:]) for r in recs[:40]]
     flows = same(e, recs, node=odd)
     assert any(f.source.labels == ["reserved:world"] for f in flows)
     assert any(f.source.namespace == odd for f in flows) and any(f.rule == odd for f in flows)
