@@ -295,11 +295,27 @@ def test_names_and_subjects() -> None:
 
 def test_the_ring_keeps_the_newest_and_walks_back() -> None:
     ring = FlowRing(5)
-    ring.extend(msgspec.json.encode(make(time=float(t))) + b"\n" for t in range(10))
-    assert len(ring) == 5 and ring.oldest == 5.0
+
+    def lines(times: range) -> list[bytes]:
+        return [msgspec.json.encode(make(time=float(t))) + b"\n" for t in times]
+
     everything = compile_filter([])
+    ring.extend(lines(range(3)))
+    assert len(ring) == 3 and ring.oldest == 0.0
+    assert [f.time for f in ring.query(everything)] == [0.0, 1.0, 2.0]
+    ring.extend(lines(range(3, 10)))  # batches of several flows, cut inside the oldest
+    assert len(ring) == 5 and ring.oldest == 5.0
     assert [f.time for f in ring.query(everything, last=2)] == [8.0, 9.0]
     assert [f.time for f in ring.query(everything, since=7.0)] == [7.0, 8.0, 9.0]
+    newest = 9
+    for size in (1, 2, 1, 7):  # one flow, two, one, a batch larger than the ring
+        ring.extend(lines(range(newest + 1, newest + 1 + size)))
+        newest += size
+        assert len(ring) == 5 and ring.oldest == newest - 4.0
+        expected = [float(t) for t in range(newest - 4, newest + 1)]
+        assert [f.time for f in ring.query(everything)] == expected
+    ring.extend([])
+    assert len(ring) == 5 and len(FlowRing(3)) == 0 and FlowRing(3).oldest == 0.0
 
 
 def test_a_default_deny_drop_names_the_policies_that_enforce_the_direction() -> None:
