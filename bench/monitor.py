@@ -185,6 +185,7 @@ class Throughput:
     published_dropped: int
     cpu_seconds: float  # of the monitor processes, over the run
     others_cpu: float  # of this process (the producer and the publisher) and nats-server
+    producing: float  # seconds until the producer and the publisher were done
     code: str = "this"  # whose monitor: this checkout, or the --baseline one
 
     @property
@@ -229,6 +230,7 @@ async def throughput(
         await asyncio.to_thread(produce, gen, events, chunk, ring)
         await publisher.flush()
         await bus.nc.flush()
+        producing = time.monotonic() - started
         last_total, last_change = -1, time.monotonic()
         while True:
             found = await statuses(bus, ids)
@@ -262,6 +264,7 @@ async def throughput(
             dropped_flows(),
             cpu,
             others,
+            producing,
             "this" if code is None else "baseline",
         )
     finally:
@@ -391,7 +394,7 @@ async def run(args: argparse.Namespace) -> None:
         f"{'code':>8} {'wire':>6} {'events out':>10} {'replicas':>8} {'events':>9} "
         f"{'enriched':>9} {'lost':>6} {'seconds':>8} {'flows/s':>9} {'per replica':>11} "
         f"{'vs per-flow':>11} {'us CPU/flow':>11} {'flows/CPU-s':>11} {'cores':>5} "
-        f"{'others':>6}"
+        f"{'others':>6} {'producing':>9}"
     )
     # binary wire, one replica: one message per flow (what every monitor did before) and batches
     base = median_run([r for r in results if r.per_flow])
@@ -401,11 +404,13 @@ async def run(args: argparse.Namespace) -> None:
             f"{r.replicas:8d} {r.events:9d} {r.seen:9d} {r.lost:6d} {r.seconds:8.2f} "
             f"{r.rate:9.0f} {r.rate / r.replicas:11.0f} {r.rate / base.rate:10.2f}x "
             f"{1e6 / r.capacity if r.capacity else 0:11.2f} {r.capacity:11.0f} "
-            f"{r.share:5.2f} {r.others_cpu / r.seconds:6.2f}"
+            f"{r.share:5.2f} {r.others_cpu / r.seconds:6.2f} {r.producing:9.2f}"
         )
     print(
         "(cores: CPU time of the replicas over the run's wall time; others: that of the "
-        "producer and publisher process and of nats-server)"
+        "producer and publisher process and of nats-server; producing: seconds until the last "
+        "batch was published: the replicas kept up with the producer when that is close to "
+        "the run's seconds)"
     )
     batches_1 = [r for r in results if r.wire == "binary" and not r.per_flow and r.replicas == 1]
     one = median_run([r for r in batches_1 if r.code == "this"])
