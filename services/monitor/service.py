@@ -67,9 +67,15 @@ from shared.kv_watch import BucketWatches
 from shared.messages import Empty, FlowBatch
 from shared.runtime import TaskGroup, periodically, wait_for_shutdown
 
-# flows enriched before the loop is given back to queries, status and KV watches: a binary
-# batch (up to 4096 flows, some 20 ms) at a time, or 8 JSON batches of 512
-YIELD_FLOWS: Final = 4096
+# After each batch the loop is given back (to the intake, queries, status, KV watches) for as
+# long as messages keep coming in, up to INTAKE_TURNS turns: nats.py's reader takes only
+# 64-256 KiB of the socket a turn (its StreamReader pauses the socket past 64 KiB), and a batch
+# is ~200-230 KiB. With one turn a batch the intake fell behind a flood, nats-server's buffer
+# for the replica passed 64 MiB and it cut the replica off as a slow consumer: batches lost
+# without any stage counting them. Now the intake outruns enrichment and a full intake queue
+# counts the excess (stage monitor); INTAKE_IDLE_TURNS turns without a message end the wait.
+INTAKE_TURNS: Final = 256
+INTAKE_IDLE_TURNS: Final = 4
 LOG_EVERY_S: Final = 10.0
 
 FLOWS = Counter(
@@ -214,15 +220,24 @@ class Monitor:
         while True:
             await self.wake.wait()
             self.wake.clear()
-            done = 0
             while self.queue:
-                done += await self.process(self.queue.popleft()) or 1
-                if done >= YIELD_FLOWS:
-                    done = 0
-                    QUEUED.set(len(self.queue))
-                    await asyncio.sleep(0)
+                await self.process(self.queue.popleft())
+                QUEUED.set(len(self.queue))
+                await self._let_intake_in()
             QUEUED.set(0)
             self._log_trouble()
+
+    async def _let_intake_in(self) -> None:
+        stats = self.bus.nc.stats
+        arrived, idle = stats["in_msgs"], 0
+        for _ in range(INTAKE_TURNS):
+            await asyncio.sleep(0)
+            if stats["in_msgs"] != arrived:
+                arrived, idle = stats["in_msgs"], 0
+            else:
+                idle += 1
+                if idle >= INTAKE_IDLE_TURNS:
+                    return
 
     async def process(self, data: bytes) -> int:
         """Enrich, keep, count and republish one batch; how many flows it held."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 from prometheus_client import REGISTRY
@@ -23,7 +23,6 @@ from services.datapath.flow_publisher import FlowPublisher
 from services.datapath.ringbuf import RingBuffer
 from services.monitor.service import MonitorSettings, start
 from shared.bus import Bus
-from shared.flow_api import EnrichedFlow
 from tests.conftest import eventually
 
 pytestmark = [
@@ -58,11 +57,11 @@ async def test_produced_is_enriched_plus_lost_by_stage_with_a_slow_monitor(
         MonitorSettings(nats_url=nats_server.url, replica="slow", ring_size=1000, queue_batches=2)
     )
     monitor = running.monitor
-    process: Callable[[bytes], object] = monitor.process
+    process: Callable[[bytes], Awaitable[int]] = monitor.process
 
-    async def slow_process(data: bytes) -> list[EnrichedFlow]:
+    async def slow_process(data: bytes) -> int:
         await asyncio.sleep(0.02)  # a replica far behind its intake
-        return await process(data)  # type: ignore[misc]
+        return await process(data)
 
     monitor.process = slow_process  # type: ignore[method-assign]
     before = lost_by_stage()

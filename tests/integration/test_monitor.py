@@ -200,7 +200,9 @@ async def test_malformed_and_lost_are_counted_and_the_replica_keeps_serving(
         return status
 
     status = await eventually(accounted, timeout=30, what="every flooded flow seen or lost")
-    assert status.ring_size == status.ring_capacity == 1000
+    # the intake queue (4 batches) took a few batches, the rest was counted lost
+    assert status.flows_seen > 0 and status.flows_lost > 7
+    assert status.ring_size == min(status.flows_seen, status.ring_capacity)
     samples = await scrape(f"127.0.0.1:{monitor.metrics_port}")
     assert samples[("membrane_monitor_malformed_batches_total", ())] >= 2
 
