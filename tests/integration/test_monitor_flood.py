@@ -1,15 +1,18 @@
-"""A flood of flow batches far faster than a monitor replica enriches them: every flow is
+"""A flood of flow batches faster than a monitor replica enriches them: every flow is
 enriched or counted lost at the monitor's intake, none dropped by nats-server uncounted.
 
-The replica runs as its own process (``membrane run monitor``), as in a deployment, and the
-batches come as fast as this process can publish them (~200 MiB a second). Before the
-replica gave its loop back to the intake until messages stopped coming, nats-server's buffer
-for it passed 64 MiB within a second, nats-server cut it off as a slow consumer and the
-batches in that buffer were lost without any stage counting them.
+The replica runs as its own process (``membrane run monitor``), as in a deployment; the
+batches come at 50 MiB a second, a fraction of what it can read (binary batches: twice the
+flows it enriches). Before the replica gave its loop back to the intake until messages
+stopped coming, it read only ~256 KiB of its socket per batch it enriched (per 8 JSON
+batches), nats-server's buffer for it passed 64 MiB within seconds, nats-server cut it off as
+a slow consumer and the batches in that buffer were lost without any stage counting them (a
+replica of that code fails this test both ways).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import time
@@ -29,7 +32,8 @@ from shared.messages import Empty
 from tests.conftest import eventually, membrane_command
 
 NODE = "bench-node"
-BATCHES = 1000
+BATCHES = 600  # 120-140 MiB
+RATE = 50 << 20  # bytes a second
 
 
 @pytest.fixture
@@ -70,8 +74,12 @@ async def test_a_flood_is_enriched_or_counted_lost_at_the_intake(
         payloads = json_batches(payloads)
     per_batch = 4096 if wire == "binary" else 512
     subject = subjects.flows(NODE)
-    for n in range(BATCHES):  # 200-230 MiB
-        await bus.nc.publish(subject, payloads[n % len(payloads)])
+    started = time.monotonic()
+    for n in range(BATCHES):
+        payload = payloads[n % len(payloads)]
+        await bus.nc.publish(subject, payload)
+        # paced: a fraction of what the replica can read
+        await asyncio.sleep(max(0.0, started + (n + 1) * len(payload) / RATE - time.monotonic()))
     await bus.nc.flush(timeout=30)
     seen_lost = (0, 0)
 
@@ -83,6 +91,9 @@ async def test_a_flood_is_enriched_or_counted_lost_at_the_intake(
 
     await eventually(settled, timeout=60, what="every flow enriched or counted lost")
     seen, lost = seen_lost
-    # the flood did outrun the replica: the test exercises what it claims to
-    assert lost > 0 and seen > 0
+    assert seen > 0
+    if wire == "binary":
+        # 50 MiB/s of binary batches is ~900,000 flows/s, more than a replica enriches: the
+        # excess was counted at the intake (JSON: ~130,000 flows/s, about what it enriches)
+        assert lost > 0
     assert replica.poll() is None
