@@ -107,14 +107,13 @@ def _secret(name: str, part: str, data: dict[str, str], kind: str = "Opaque") ->
     }
 
 
-def _server_secret(server: str, ca_dir: Path, ca_key: Path, names: list[str]) -> dict[str, Any]:
+def _server_secret(server: str, ca: Path, ca_key: Path, names: list[str]) -> dict[str, Any]:
     key = tls.new_key()
-    cert = tls.sign(tls.paths(ca_dir).ca, ca_key, key, [f"DNS:{n}" for n in names])
-    ca = tls.paths(ca_dir).ca.read_text()
+    cert = tls.sign(ca, ca_key, key, [f"DNS:{n}" for n in names])
     return _secret(
         f"{server}-tls",
         server,
-        {"tls.crt": cert.decode(), "tls.key": key.decode(), "ca.crt": ca},
+        {"tls.crt": cert.decode(), "tls.key": key.decode(), "ca.crt": ca.read_text()},
         "kubernetes.io/tls",
     )
 
@@ -126,13 +125,14 @@ def generate(
     unescaped), redis-auth, membrane-ca (the CA certificate clients verify with), nats-tls and
     redis-tls (each server's certificate and key)."""
     ca_key = tls.ensure_ca(ca_dir, "membrane Kubernetes CA")
+    ca = tls.paths(ca_dir).ca
     passwords = {user: password() for user in (*USERS, ROUTES_USER)}
     return [
         _secret("nats-auth", "nats", passwords),
         _secret("redis-auth", "redis", {"password": password()}),
-        _secret("membrane-ca", "membrane", {"ca.crt": tls.paths(ca_dir).ca.read_text()}),
-        _server_secret("nats", ca_dir, ca_key, nats_names(NAMESPACE, domain, nats_replicas)),
-        _server_secret("redis", ca_dir, ca_key, _service_names("redis", NAMESPACE, domain)),
+        _secret("membrane-ca", "membrane", {"ca.crt": ca.read_text()}),
+        _server_secret("nats", ca, ca_key, nats_names(NAMESPACE, domain, nats_replicas)),
+        _server_secret("redis", ca, ca_key, _service_names("redis", NAMESPACE, domain)),
     ]
 
 

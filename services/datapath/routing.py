@@ -161,31 +161,33 @@ class Peers:
         return states
 
     def _check_underlay(self, name: str, claimed: str, given: str) -> None:
-        """Count and log a record's underlay address that is not the node's, once per claim."""
-        if claimed == given:
-            self.mismatched_underlay.pop(name, None)
-        elif self.mismatched_underlay.get(name) != claimed:
-            self.mismatched_underlay[name] = claimed
-            UNDERLAY_MISMATCHES.inc()
-            self.log.warning(
-                "node record claims an underlay address not its own; using its own",
-                peer=name,
-                claimed=claimed,
-                underlay=given,
-            )
+        self._check(self.mismatched_underlay, UNDERLAY_MISMATCHES, "underlay", name, claimed, given)
 
     def _check_claim(self, name: str, claimed: str, given: str) -> None:
-        """Count and log a record's pod CIDR that is not the node's, once per claim."""
+        self._check(self.mismatched, CIDR_MISMATCHES, "pod_cidr", name, claimed, given)
+
+    def _check(
+        self,
+        seen: dict[str, str],
+        counter: Counter,
+        field: str,
+        name: str,
+        claimed: str,
+        given: str,
+    ) -> None:
+        """Count and log a record's ``field`` that is not the node's own (the identity
+        service's word), once per claim; the node's own is what is routed."""
         if claimed == given:
-            self.mismatched.pop(name, None)
-        elif self.mismatched.get(name) != claimed:
-            self.mismatched[name] = claimed
-            CIDR_MISMATCHES.inc()
+            seen.pop(name, None)
+        elif seen.get(name) != claimed:
+            seen[name] = claimed
+            counter.inc()
+            what = "an underlay address" if field == "underlay" else "a pod CIDR"
             self.log.warning(
-                "node record claims a pod CIDR not its own; routing its own",
+                f"node record claims {what} not its own; using its own",
                 peer=name,
                 claimed=claimed,
-                pod_cidr=given,
+                **{field: given},
             )
 
     # --- the kernel -----------------------------------------------------------------------

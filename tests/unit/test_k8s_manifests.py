@@ -518,12 +518,11 @@ def test_bus_user_check_catches_admin_plain_text_and_a_missing_ca(broken: list[D
     assert len(problems) == 3, problems
 
 
-def test_nats_users_are_the_roles_of_shared_roles() -> None:
+def test_nats_users_are_the_roles_of_shared_roles(docs: list[Doc]) -> None:
     """k8s/nats.yaml's users and permissions are what shared/roles.py says (regenerate the block
     with `python -m membrane.k8s_secrets` after changing a role)."""
-    config = find(load_docs(K8S), "ConfigMap", "nats-config")["data"]["nats.conf"]
-    block = "\n".join("    " + line for line in k8s_secrets.nats_authorization().splitlines())
-    assert "\n".join("    " + line for line in config.splitlines()).count(block) == 1
+    config = find(docs, "ConfigMap", "nats-config")["data"]["nats.conf"]
+    assert config.count(k8s_secrets.nats_authorization() + "\n") == 1
 
 
 def test_nats_gets_every_users_password(docs: list[Doc]) -> None:
