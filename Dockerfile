@@ -15,6 +15,16 @@
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
+# --- compiled parts: the CNI plugin, a static binary the node's runtime executes (no Python on
+# the host), and the Maglev fill loop the agents load with ctypes (shared/maglev.py) ----------
+FROM ${PYTHON_IMAGE} AS cni
+RUN apt-get update \
+    && apt-get install --yes --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+COPY cni/membrane-cni.c shared/maglev_fill.c /src/
+RUN gcc -O2 -static -Wall -Wextra -Werror -o /membrane-cni /src/membrane-cni.c \
+    && gcc -O2 -shared -fPIC -Wall -Wextra -Werror -o /_maglev_fill.so /src/maglev_fill.c
+
 # --- build: a virtualenv with the pinned dependencies, then the project -----------------------
 FROM ${PYTHON_IMAGE} AS build
 
@@ -33,19 +43,12 @@ RUN pip install --requirement requirements.lock
 
 COPY pyproject.toml ./
 COPY shared ./shared
+COPY --from=cni /_maglev_fill.so ./shared/
 COPY services ./services
 COPY membrane ./membrane
 # --no-deps: everything it needs is pinned above; pip check fails the build if the lock misses one
 RUN pip install --no-deps . \
     && pip check
-
-# --- the CNI plugin: a static binary the node's runtime executes (no Python on the host) -------
-FROM ${PYTHON_IMAGE} AS cni
-RUN apt-get update \
-    && apt-get install --yes --no-install-recommends gcc libc6-dev \
-    && rm -rf /var/lib/apt/lists/*
-COPY cni/membrane-cni.c /src/
-RUN gcc -O2 -static -Wall -Wextra -Werror -o /membrane-cni /src/membrane-cni.c
 
 # --- runtime: the virtualenv alone, run by an unprivileged user --------------------------------
 FROM ${PYTHON_IMAGE}

@@ -12,7 +12,9 @@
    the lb service's apply endpoint (in requests of 2,000); the time until every service entry
    is in both nodes' maps, then the kernel's own count of each lb map's memory (``memlock``
    of the map's fdinfo) per node, and a sample of the tables read back from the kernel
-   against the computed ones.
+   against the computed ones, and the CPU time both agents spent meanwhile (each computes
+   every table: ``MEMBRANE_MAGLEV_LIB=none`` runs the agents with the Python fill loop instead of
+   the compiled one, for a side-by-side run).
    The baseline, in the same run: the former layout (one hash entry per slot, 16,381 slots
    per service), its bytes per entry measured on a scratch map of that layout.
 """
@@ -100,9 +102,30 @@ def old_layout_bytes_per_entry(entries: int = 200_000) -> float:
         bpf.cleanup()
 
 
+def agent_pids(cluster: TwoNodeCluster) -> list[int]:
+    """The cluster's datapath agents (processes whose environment names its state directory)."""
+    marker = f"MEMBRANE_STATE_DIR={cluster.state}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            if b"datapath" in cmdline and marker in (entry / "environ").read_bytes().split(b"\0"):
+                pids.append(int(entry.name))
+        except (OSError, ValueError):
+            continue
+    return sorted(pids)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def fill(cluster: TwoNodeCluster, n: int) -> dict[str, Any]:
     lb = Membrane(cluster, Plan(cluster.octet, n, algorithm="maglev"))
     bus = await Bus.connect(cluster.nats_url, "bench", retry_for=10)
+    agents = agent_pids(cluster)
+    cpu_before = [cpu_seconds(pid) for pid in agents]
     try:
         # in requests of CHUNK services, each in both nodes' maps before the next: where a
         # run stops shows (docs/scale.md: the lb service's publish acknowledgement timed out
@@ -111,6 +134,7 @@ async def fill(cluster: TwoNodeCluster, n: int) -> dict[str, Any]:
         for first in range(0, n, CHUNK):
             seconds += await lb.bulk(bus, first, min(n, first + CHUNK))
             print(f"  {min(n, first + CHUNK)} services in both nodes' maps", flush=True)
+        cpu = [cpu_seconds(pid) - before for pid, before in zip(agents, cpu_before, strict=True)]
         sample = [await lb_client.get(bus, "bench", f"s{i}") for i in (0, n // 2, n - 1)]
     finally:
         await bus.close()
@@ -129,7 +153,7 @@ async def fill(cluster: TwoNodeCluster, n: int) -> dict[str, Any]:
         finally:
             for fd in fds.values():
                 os.close(fd)
-    return {"seconds": seconds, "memory": memory, "size": sample[0].maglev_size}
+    return {"seconds": seconds, "memory": memory, "size": sample[0].maglev_size, "cpu": cpu}
 
 
 def kernel_table(fd: int, fid: int, size: int) -> list[int]:
@@ -185,7 +209,9 @@ def run(args: argparse.Namespace) -> None:
     print(f"== Maglev, {n} services x 2 backends (load average {os.getloadavg()[0]:.2f}) ==")
     print(
         f"applied through the apply endpoint in requests of {CHUNK}, to every node's maps: "
-        f"{res['seconds']:.2f} s"
+        f"{res['seconds']:.2f} s; the agents' CPU meanwhile "
+        f"{' and '.join(f'{c:.2f}' for c in res['cpu'])} s (Maglev fill loop "
+        f"{'compiled' if maglev.COMPILED else 'in Python'}, the same in the agents)"
     )
     for node, maps in res["memory"].items():
         total = sum(maps.values()) / 1e6

@@ -4,12 +4,21 @@ Each backend gets a permutation of the table's slots from two hashes of its id a
 seed; backends take turns claiming their next preferred free slot until the table is full. The
 table depends only on (backend ids, size, seed), so every node that computes it picks the same
 backend for the same flow, and a backend added or removed moves only about 1/N of the slots.
+
+The fill loop runs compiled (``maglev_fill.c``, built by ``make setup`` and the image as
+``_maglev_fill.so``) where the library is there, and in Python otherwise: the same walk, the
+same tables (tests/unit/test_lb.py compares them).
 """
 
 from __future__ import annotations
 
+import array
+import ctypes
 import hashlib
+import os
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 DEFAULT_SIZE = 16381  # a prime, as the permutation needs; Cilium's default too; the cap
 SPREAD = 100  # Maglev's rule: over 100 slots per backend keep every share within 1 % of even
@@ -59,6 +68,27 @@ def _offset_skip(backend: int, size: int, seed: int) -> tuple[int, int]:
     return h1 % size, h2 % (size - 1) + 1
 
 
+# MEMBRANE_MAGLEV_LIB: another path to the library, or "none" for the Python loop
+LIBRARY = Path(__file__).with_name("_maglev_fill.so")
+
+
+def _load(path: str) -> Any:
+    if path == "none":
+        return None
+    try:
+        fill = ctypes.CDLL(path).maglev_fill
+    except (OSError, AttributeError):  # not built here (a checkout without make setup)
+        return None
+    u32p = ctypes.POINTER(ctypes.c_uint32)
+    fill.argtypes = [ctypes.c_uint32, u32p, u32p, u32p, ctypes.c_uint32, ctypes.c_void_p]
+    fill.restype = ctypes.c_int
+    return fill
+
+
+_fill = _load(os.environ.get("MEMBRANE_MAGLEV_LIB") or str(LIBRARY))
+COMPILED = _fill is not None
+
+
 def table(backends: Sequence[int], size: int = DEFAULT_SIZE, seed: int = 0) -> list[int]:
     """The backend id for every slot; ``[]`` without backends. ``size`` must be prime."""
     ids = sorted(set(backends))  # the order must not depend on how the list was built
@@ -66,6 +96,25 @@ def table(backends: Sequence[int], size: int = DEFAULT_SIZE, seed: int = 0) -> l
         return []
     if len(ids) == 1:
         return [ids[0]] * size
+    if _fill is not None:
+        return _compiled(ids, size, seed)
+    return python_table(ids, size, seed)
+
+
+def _compiled(ids: list[int], size: int, seed: int) -> list[int]:
+    n = len(ids)
+    vector = ctypes.c_uint32 * n
+    offsets, skips = vector(), vector()
+    for i, backend in enumerate(ids):
+        offsets[i], skips[i] = _offset_skip(backend, size, seed)
+    entry = array.array("I", bytes(4 * size))  # "I": 4 bytes on every platform bcc runs on
+    if _fill(n, vector(*ids), offsets, skips, size, entry.buffer_info()[0]) != 0:
+        raise MemoryError("maglev_fill")
+    return entry.tolist()
+
+
+def python_table(ids: list[int], size: int, seed: int) -> list[int]:
+    """:func:`table`'s fill in Python, for ``ids`` sorted and distinct (at least two)."""
     n = len(ids)
     entry = [0] * size
     taken = bytearray(size)

@@ -35,7 +35,7 @@ from services.datapath.loader import Datapath
 from services.datapath.maps import IPCacheValue
 from services.datapath.metrics_collector import DatapathCollector
 from services.datapath.ringbuf import RingBuffer
-from shared import __version__, agent_api, cni, identities, netns, startup, subjects
+from shared import __version__, agent_api, cni, identities, maglev, netns, startup, subjects
 from shared.agent_api import CNIExec, CNIOutput
 from shared.bus import Bus, KVEvent, redact
 from shared.config import CommonSettings, env_name, setting
@@ -229,6 +229,8 @@ async def run(settings: DatapathSettings) -> None:
         underlay=str(up.underlay),
         pod_cidr=up.node.pod_cidr,
         endpoints=len(up.agent.endpoints),
+        # the Python fallback gives the same tables several times slower: worth seeing
+        maglev_compiled=maglev.COMPILED,
     )
     # a graceful stop leaves pods, programs and maps in place: the next agent adopts them
     await started.until_signalled("shutting down; endpoints keep forwarding")

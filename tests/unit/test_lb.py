@@ -54,6 +54,19 @@ def test_maglev_table_size_follows_the_backend_count() -> None:
         assert extra / size <= 0.01, (seed, extra / size)
 
 
+def test_maglev_compiled_fill_gives_the_python_tables() -> None:
+    # make setup builds the library: a checkout where it did not load would fall back silently
+    assert maglev.COMPILED, f"{maglev.LIBRARY} not loaded (make setup builds it)"
+    cases = [([1, 2], 101, 0), ([5, 9], 401, 7), ([2**31 - 1, 3, 77], 1601, 2**32 - 1)]
+    cases += [(list(range(10, 10 + n)), maglev.size_for(n), n) for n in (4, 9, 17, 64)]
+    cases += [([100 + 3 * i for i in range(13)], 13, 5)]  # as many backends as slots
+    for ids, size, seed in cases:
+        assert maglev.table(ids, size, seed) == maglev.python_table(sorted(ids), size, seed), (
+            ids[:3],
+            size,
+        )
+
+
 def svc(**spec: Any) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"}, "spec": spec}
 
