@@ -58,7 +58,8 @@ from services.datapath.lb_sync import backend_value, service_key  # noqa: E402
 from shared import apply  # noqa: E402
 from shared.bus import Bus  # noqa: E402
 
-GOAL_BULK_SECONDS = 3.0
+GOAL_BULK_SECONDS = 3.0  # through the apply endpoint
+GOAL_CLI_SECONDS = 2.0  # `membrane apply -f` (issue 19)
 GOAL_P99_MS = 5.0
 GOAL_FLAT = 1.5
 GOAL_VS_LEGACY = 100.0
@@ -660,8 +661,9 @@ def print_bulk(n: int, bulk: dict[str, dict[str, float]]) -> None:
         f"maps: {api:.2f} s through the lb service's apply endpoint (goal <= "
         f"{GOAL_BULK_SECONDS:g} s: {'met' if api <= GOAL_BULK_SECONDS else 'NOT met'}); "
         f"{cli:.2f} s from `membrane apply -f` of a {bulk['cli']['bytes'] / 1e6:.1f} MB YAML "
-        f"file ({'met' if cli <= GOAL_BULK_SECONDS else 'NOT met'}; the CLI returned after "
-        f"{bulk['cli']['returned']:.2f} s)"
+        f"file (goal <= {GOAL_CLI_SECONDS:g} s: {'met' if cli <= GOAL_CLI_SECONDS else 'NOT met'}"
+        f"; the CLI returned after {bulk['cli']['returned']:.2f} s); load average "
+        f"{os.getloadavg()[0]:.2f}"
     )
 
 

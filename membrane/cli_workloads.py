@@ -13,6 +13,7 @@ from membrane import cli_get, cli_pod_label, output, resources
 from membrane.client import files, workloads
 from membrane.cliutil import emit_structured, output_flag, parse_labels, with_bus
 from shared import agent_api, gcpause, manifests
+from shared import apply as apply_path
 from shared.agent_api import DumpReply, DumpRequest
 from shared.bus import Bus
 from shared.errors import InvalidArgument
@@ -99,7 +100,20 @@ def cmd_pod_exec(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    return _with_manifests(args, workloads.apply)
+    text, source = files.load_file(args.filename)
+    if len(text) < apply_path.STREAM_MIN_CHARS:
+        return _act(args, workloads.apply, text, source)
+    with gcpause.paused():  # a bulk of documents: nothing for the collector to find
+        # a large file: its Services and EndpointSlices go to the lb service to be checked
+        # while the rest is read (nothing changes until the whole file is valid)
+        async def go(bus: Bus) -> list[str]:
+            docs, sent = await apply_path.read_sending_services(bus, text, source)
+            return await workloads.apply(bus, docs, source, services_sent=sent)
+
+        lines = with_bus(args, go)
+    for line in lines:
+        print(line)
+    return 0
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
@@ -111,8 +125,17 @@ def _with_manifests(
     action: Callable[[Bus, Sequence[manifests.Document], str], Awaitable[list[str]]],
 ) -> int:
     """Validate the whole file first (nothing happens on any error), then act on it."""
+    text, source = files.load_file(args.filename)
+    return _act(args, action, text, source)
+
+
+def _act(
+    args: argparse.Namespace,
+    action: Callable[[Bus, Sequence[manifests.Document], str], Awaitable[list[str]]],
+    text: str,
+    source: str,
+) -> int:
     with gcpause.paused():  # a bulk of documents: nothing for the collector to find
-        text, source = files.load_file(args.filename)
         docs = manifests.load(text, source)
 
         async def go(bus: Bus) -> list[str]:

@@ -11,14 +11,16 @@ may not import the CLI.)
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import msgspec
 
-from shared import manifests, subjects
-from shared.bus import Bus
-from shared.errors import NotFound
+from shared import kube_yaml, manifests, subjects
+from shared.bus import Bus, send_pending
+from shared.errors import InvalidArgument, NotFound
 from shared.manifests import NamespaceDoc, RoutedDoc
 from shared.messages import (
     LBApplyReply,
@@ -116,6 +118,130 @@ async def apply_services_all_or_nothing(
     return await apply_services(bus, documents, source, dry_run=False)
 
 
+# a text at least this large is read a piece at a time, its Services and EndpointSlices sent
+# ahead (ServiceParts); the pieces: about 4,000 documents of bench/lb.py's bulk each
+STREAM_MIN_CHARS = 2 << 20
+PIECE_CHARS = 1 << 20
+
+
+class ServiceParts:
+    """The Services and EndpointSlices of a large file, sent ahead a part at a time while the
+    file is read: the lb service checks each part (a dry run: nothing changes) while the next
+    piece is read, and keeps its parse. :meth:`apply` then sends every part again, the same
+    bytes, in one request (a replica that checked a part takes its parse instead of decoding
+    and checking it again). Nothing changes before that request, so a document found invalid
+    anywhere in the file, by the CLI or by the lb service, still changes nothing."""
+
+    def __init__(self, bus: Bus, source: str) -> None:
+        self.bus = bus
+        self.source = source
+        self.parts: list[bytes] = []
+        self.counts: list[int] = []
+        self.checks: list[asyncio.Future[LBApplyReply]] = []
+
+    def send(self, documents: list[dict[str, Any]]) -> bool:
+        """Check these documents (the next ones) in the background; whether there were any."""
+        if not documents:
+            return False
+        part = msgspec.json.encode(documents)
+        request = LBApplyRequest(
+            documents=[],
+            parts=[msgspec.Raw(part)],
+            source=self.source,
+            dry_run=True,
+            first=1 + sum(self.counts),
+        )
+        self.parts.append(part)
+        self.counts.append(len(documents))
+        self.checks.append(
+            asyncio.ensure_future(
+                self.bus.request(subjects.LB_APPLY, request, LBApplyReply, timeout=LB_TIMEOUT)
+            )
+        )
+        return True
+
+    async def cancel(self) -> None:
+        for check in self.checks:
+            check.cancel()
+        for check in self.checks:
+            with contextlib.suppress(BaseException):
+                await check
+
+    async def apply(self) -> LBApplyReply:
+        """Every part applied, once every check has passed (the first error in document order
+        raises); in one request unless they are over CHUNK_BYTES together."""
+        try:
+            for check in self.checks:
+                await check
+        except BaseException:
+            await self.cancel()
+            raise
+        results: list[str] = []
+        first = 1
+        for group in self._requests():
+            reply = await self.bus.request(
+                subjects.LB_APPLY,
+                LBApplyRequest(
+                    documents=[],
+                    parts=[msgspec.Raw(self.parts[i]) for i in group],
+                    source=self.source,
+                    first=first,
+                ),
+                LBApplyReply,
+                timeout=LB_TIMEOUT,
+            )
+            results.extend(reply.results)
+            first += sum(self.counts[i] for i in group)
+        return LBApplyReply(results=results)
+
+    def _requests(self) -> list[list[int]]:
+        out: list[list[int]] = []
+        size = 0
+        for i, part in enumerate(self.parts):
+            if not out or (out[-1] and size + len(part) > CHUNK_BYTES):
+                out.append([])
+                size = 0
+            out[-1].append(i)
+            size += len(part)
+        return out
+
+
+async def read_sending_services(
+    bus: Bus, text: str, source: str
+) -> tuple[list[manifests.Document], ServiceParts | None]:
+    """:func:`shared.manifests.load` of a large ``text`` a piece at a time, its Services and
+    EndpointSlices sent ahead as each piece is validated (:class:`ServiceParts`); raises what
+    ``load`` raises. A piece that does not read as YAML (its error's line would be the
+    piece's) has the whole text read as ``load`` reads it: its error, or its documents and
+    ``None`` (nothing sent ahead)."""
+    reader = manifests.Reader(source)
+    sent = ServiceParts(bus, source)
+    documents: list[manifests.Document] = []
+    try:
+        for piece in manifests.pieces(text, PIECE_CHARS):
+            try:
+                raws = kube_yaml.load_all(piece, source, manifests.ManifestError, bulk=True)
+            except InvalidArgument:
+                await sent.cancel()
+                return manifests.load(text, source), None
+            new = reader.feed(raws)
+            documents.extend(new)
+            if sent.send([d.body for d in _routed(new, manifests.SERVICE_LB)]):
+                # on its way before the next piece is read: the request's task puts the part
+                # in the client's buffer, which otherwise waits for the flusher task, a turn
+                # of the loop that comes only after the next piece
+                await asyncio.sleep(0)
+                await send_pending(bus.nc)
+    except BaseException:
+        await sent.cancel()
+        raise
+    return documents, sent
+
+
+def _routed(docs: Sequence[manifests.Document], service: str) -> list[RoutedDoc]:
+    return [d for d in docs if isinstance(d, RoutedDoc) and d.service == service]
+
+
 async def delete_service(
     bus: Bus, namespace: str, name: str, *, kind: str = "Service"
 ) -> list[str]:
@@ -160,21 +286,30 @@ async def apply_documents(
     docs: Sequence[manifests.Document],
     source: str,
     workloads: Callable[[], Awaitable[list[str]]] | None = None,
+    services_sent: ServiceParts | None = None,
 ) -> list[str]:
     """Apply the documents; one line per change.
 
     Everything was validated by :func:`shared.manifests.load`; the services check their own
     documents before anything changes (a policy dry run, the lb service's all-or-nothing).
     ``workloads`` (the CLI's pods and Deployments) runs after the namespaces and before the
-    policies are stored. Pods and Deployments are otherwise left alone here.
+    policies are stored. Pods and Deployments are otherwise left alone here. With
+    ``services_sent`` (:func:`read_sending_services`), the Services and EndpointSlices are
+    those parts, not ``docs``'.
     """
-    routed = [doc for doc in docs if isinstance(doc, RoutedDoc)]
-    policies = [doc.body for doc in routed if doc.service == manifests.SERVICE_POLICY]
-    services = [doc.body for doc in routed if doc.service == manifests.SERVICE_LB]
-    if policies:  # the policy service validates them before anything here changes
-        await apply_policies(bus, policies, source, audit=False, dry_run=True)
+    policies = [doc.body for doc in _routed(docs, manifests.SERVICE_POLICY)]
+    services = [doc.body for doc in _routed(docs, manifests.SERVICE_LB)]
+    try:
+        if policies:  # the policy service validates them before anything here changes
+            await apply_policies(bus, policies, source, audit=False, dry_run=True)
+    except BaseException:
+        if services_sent is not None:
+            await services_sent.cancel()
+        raise
     lb_lines: list[str] = []
-    if services:  # the lb service checks all of them before it changes anything
+    if services_sent is not None:  # checked while the file was read; applied all at once
+        lb_lines = (await services_sent.apply()).results
+    elif services:  # the lb service checks all of them before it changes anything
         lb_lines = (await apply_services_all_or_nothing(bus, services, source)).results
     lines: list[str] = []
     for doc in docs:

@@ -537,6 +537,12 @@ async def flush_connection(nc: Client) -> None:
     await nc.flush()
 
 
+async def send_pending(nc: Client) -> None:
+    """Return once what ``nc`` holds in its buffer is written to its socket: without waiting
+    for the flusher task's turn, nor for the server's answer (as :func:`flush_connection`)."""
+    await nc._flush_pending(force_flush=True)  # waits for the flusher's write
+
+
 class MicroService:
     """A NATS micro service whose endpoints decode, dispatch, reply and count."""
 

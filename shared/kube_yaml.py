@@ -54,22 +54,27 @@ if hasattr(yaml, "CSafeLoader"):  # PyYAML built with libyaml
 
 
 def load_all(
-    text: str, source: str, error: Callable[[str], Exception] = InvalidArgument
+    text: str,
+    source: str,
+    error: Callable[[str], Exception] = InvalidArgument,
+    *,
+    bulk: bool = False,
 ) -> list[Any]:
-    """Every document of ``text``; a syntax error is ``error(message)`` naming ``source``."""
+    """Every document of ``text``; a syntax error is ``error(message)`` naming ``source``.
+    ``bulk``: a piece of a large file (rapidyaml whatever its size)."""
     with gcpause.paused():  # millions of small objects that all stay: nothing to collect
-        return _load_all(text, source, error)
+        return _load_all(text, source, error, bulk)
 
 
 # below this size PyYAML's own readers take milliseconds: rapidyaml is for bulk
 FAST_READER_MIN_BYTES = 256 * 1024
 
 
-def _load_all(text: str, source: str, error: Callable[[str], Exception]) -> list[Any]:
+def _load_all(text: str, source: str, error: Callable[[str], Exception], bulk: bool) -> list[Any]:
     # bulk manifests parsed by rapidyaml in C++, several times faster than even libyaml
     # through PyYAML, where its reading is PyYAML's; anything else is PyYAML's, with its
     # messages. Hand-written manifests, small, always take PyYAML's path.
-    if len(text) >= FAST_READER_MIN_BYTES:
+    if bulk or len(text) >= FAST_READER_MIN_BYTES:
         simple = ryml_yaml.load_all(text, _Loader(""))
         if simple is not None:
             return simple

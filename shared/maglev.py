@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import array
 import ctypes
+import functools
 import hashlib
 import os
 from collections.abc import Sequence
@@ -44,6 +45,7 @@ def next_prime(n: int) -> int:
     return n
 
 
+@functools.lru_cache(maxsize=1024)  # a bulk asks it for every service, of a few sizes
 def size_for(backends: int, maximum: int = DEFAULT_SIZE) -> int:
     """The table size of a service with ``backends`` backends (``maximum`` a prime).
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import itertools
 import json
+import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -148,29 +150,63 @@ def load(text: str, source: str) -> list[Document]:
     skipped but still counted, so "document 3" is the third in the file; ``kind: List`` items are
     read in place. Raises :class:`InvalidArgument` with the field path in ``field``.
     """
-    documents: list[Document] = []
-    defined: dict[tuple[str, str, str], str] = {}
-    for index, raw in enumerate(kube_yaml.load_all(text, source, ManifestError), start=1):
-        if raw is None:
-            continue
-        where = f"document {index}"
-        for item_where, obj in _objects(raw, where, source):
-            label = kube_yaml.describe(item_where, obj)
-            try:
-                doc = _parse_object(obj)
-                key = _identity(doc)
-                first = defined.get(key)
-                if first is not None:
-                    kind, namespace, name = key
-                    what = f"{namespace}/{name}" if namespace else name
-                    raise InvalidArgument(
-                        f"{kind} {what} is defined twice, first by {first}", field="metadata.name"
-                    )
-            except InvalidArgument as exc:
-                raise _located(source, label, exc) from None
-            defined[key] = label
-            documents.append(doc)
-    return documents
+    return Reader(source).feed(kube_yaml.load_all(text, source, ManifestError))
+
+
+class Reader:
+    """:func:`load` a piece at a time: the documents of each piece of a file (see
+    :func:`pieces`) validated as they come, numbered and checked for names defined twice
+    across the whole file."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.count = 0  # documents so far, empty ones included
+        self.defined: dict[tuple[str, str, str], str] = {}
+
+    def feed(self, raws: list[Any]) -> list[Document]:
+        """The validated objects of the next documents, read as :func:`kube_yaml.load_all`
+        reads them."""
+        documents: list[Document] = []
+        source, defined = self.source, self.defined
+        for index, raw in enumerate(raws, start=self.count + 1):
+            if raw is None:
+                continue
+            where = f"document {index}"
+            for item_where, obj in _objects(raw, where, source):
+                label = kube_yaml.describe(item_where, obj)
+                try:
+                    doc = _parse_object(obj)
+                    key = _identity(doc)
+                    first = defined.get(key)
+                    if first is not None:
+                        kind, namespace, name = key
+                        what = f"{namespace}/{name}" if namespace else name
+                        raise InvalidArgument(
+                            f"{kind} {what} is defined twice, first by {first}",
+                            field="metadata.name",
+                        )
+                except InvalidArgument as exc:
+                    raise _located(source, label, exc) from None
+                defined[key] = label
+                documents.append(doc)
+        self.count += len(raws)
+        return documents
+
+
+# a line that starts a YAML document: "---" alone or before a space. At the start of a line it
+# is always one (inside a block or quoted scalar YAML forbids it), so a text cut there reads as
+# the documents of its pieces, in order
+_DOCUMENT_START = re.compile(r"^---(?=[ \t\r\n]|\Z)", re.MULTILINE)
+
+
+def pieces(text: str, size: int) -> list[str]:
+    """``text`` cut at document starts into pieces of at least ``size`` characters (the last
+    may be shorter); their documents, read one piece after another, are the text's."""
+    cuts = [0]
+    while (m := _DOCUMENT_START.search(text, cuts[-1] + size)) is not None:
+        cuts.append(m.start())
+    cuts.append(len(text))
+    return [text[a:b] for a, b in itertools.pairwise(cuts) if b > a]
 
 
 def _objects(raw: Any, where: str, source: str) -> list[tuple[str, Any]]:

@@ -499,6 +499,12 @@ class LBApplyRequest(Message):
     documents: list[dict[str, Any]]
     source: str = "-"
     dry_run: bool = False
+    # more documents, each part a JSON array of them, after ``documents``: ``membrane apply -f``
+    # of a large file sends each part with a dry run while it reads the rest, then every part
+    # again, the same bytes, in the request that applies them; a replica that checked a part
+    # reuses its parse (docs/lb.md, "Bulk applies")
+    parts: list[msgspec.Raw] = []
+    first: int = 1  # the number of the request's first document in the whole apply: messages
 
 
 class LBApplyReply(Message):

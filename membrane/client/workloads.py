@@ -214,7 +214,12 @@ async def delete_namespace(bus: Bus, name: str) -> None:
     await apply_path.delete_namespace_record(bus, name)
 
 
-async def apply(bus: Bus, docs: Sequence[manifests.Document], source: str = "-") -> list[str]:
+async def apply(
+    bus: Bus,
+    docs: Sequence[manifests.Document],
+    source: str = "-",
+    services_sent: apply_path.ServiceParts | None = None,
+) -> list[str]:
     """Create or update what the documents describe; returns one line per change.
 
     ``shared.apply`` sends policies, services and namespaces; this adds the local cluster's
@@ -237,7 +242,9 @@ async def apply(bus: Bus, docs: Sequence[manifests.Document], source: str = "-")
                 lines.extend(await _scale(bus, doc, existing, known_nodes))
         return lines
 
-    return await apply_path.apply_documents(bus, docs, source, pods_and_deployments)
+    return await apply_path.apply_documents(
+        bus, docs, source, pods_and_deployments, services_sent=services_sent
+    )
 
 
 async def _scale(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from ipaddress import IPv4Network
 from typing import Any
@@ -59,6 +60,10 @@ WRITES = Counter("membrane_lb_records_written_total", "services bucket writes", 
 # services per chunk of records: big enough that the two Redis calls of a chunk are cheap,
 # small enough that the agents start on the first while the rest are built
 RECORD_CHUNK = 2000
+# checked parts kept for the request that applies them: at most this many bytes of them (a bulk
+# of 20,000 Services with their slices is 10 MB), each at most this long
+CHECKED_BYTES = 64 << 20
+CHECKED_SECONDS = 120.0
 RECOMPUTE_SECONDS = Histogram(
     "membrane_lb_recompute_seconds",
     "From a pod or request to its services' records written",
@@ -88,6 +93,10 @@ class LBSettings(CommonSettings):
             raise InvalidArgument(
                 "must be a prime up to 131071", field=env_name("maglev_table_size")
             )
+
+
+Parsed = tuple[str, Spec | EndpointSliceSpec, Any]  # (kind, spec, the document as it came)
+_decode_part = msgspec.json.Decoder(list[dict[str, Any]]).decode
 
 
 class StoredSpec(msgspec.Struct, kw_only=True):
@@ -133,12 +142,15 @@ class LBCore:
         self.slices_of: dict[str, set[str]] = {}  # record key -> its slices' keys
         self.frontend_owners: dict[tuple[str, int, str], str] = {}  # -> record key
         # ids never change once given (Redis keeps them): known ones need no round trip
-        self.known_ids: dict[tuple[str, str], int] = {}
+        self.known_ids: dict[str, dict[str, int]] = {}  # pool -> owner -> id
         # KV subject -> hash of what this replica last wrote there: the watch skips its echo
         self.own_writes: dict[str, int] = {}
         self.pods: dict[str, Endpoint] = {}  # by endpoints key
         self.records: dict[str, LBService] = {}
         self.lock = asyncio.Lock()
+        # parts checked by a dry run, by their bytes: (when, their parse), oldest first
+        self.checked: OrderedDict[bytes, tuple[float, list[Parsed]]] = OrderedDict()
+        self.checked_bytes = 0
         self.dirty: set[str] = set()
         self.wake = asyncio.Event()
         self.synced = {n: asyncio.Event() for n in ("specs", "endpoints", "services")}
@@ -166,19 +178,67 @@ class LBCore:
                 self.frontend_owners[(f.ip, f.port, f.protocol)] = key
 
     async def _ids(self, pool: ids.Pool, owners: list[str]) -> dict[str, int]:
-        missing = [o for o in owners if (pool.name, o) not in self.known_ids]
+        """Every owner's id (the pool's whole map: a bulk's 60,000 owners are not copied)."""
+        known = self.known_ids.setdefault(pool.name, {})
+        missing = [o for o in owners if o not in known]
         if missing:
             values = await self.allocator.allocate(pool, [(o, 0) for o in missing])
-            for owner, value in zip(missing, values, strict=True):
-                self.known_ids[(pool.name, owner)] = value
-        return {o: self.known_ids[(pool.name, o)] for o in owners}
+            known.update(zip(missing, values, strict=True))
+        return known
 
     # --- parsing -----------------------------------------------------------------------------
 
-    def _parse(self, req: LBApplyRequest) -> list[tuple[str, Spec | EndpointSliceSpec, Any]]:
-        parsed: list[tuple[str, Spec | EndpointSliceSpec, Any]] = []
+    def _parse(self, req: LBApplyRequest) -> list[Parsed]:
+        """Every document of ``req`` (``documents``, then each of ``parts``) checked; the first
+        error in document order raises, naming the document by its number in the whole
+        apply."""
         seen: set[tuple[str, str, str]] = set()
-        for index, document in enumerate(req.documents, start=1):
+        parsed = self._parse_documents(req.documents, req.source, req.first, seen)
+        first = req.first + len(req.documents)
+        for raw in req.parts:
+            part = bytes(raw)
+            cached = self.checked.pop(part, None)
+            if cached is not None:  # checked already: only its names against the others'
+                self.checked_bytes -= len(part)
+                items = cached[1]
+                for index, (kind, item, document) in enumerate(items, start=first):
+                    _check_unique(seen, kind, item, document, req.source, index)
+            else:
+                try:
+                    documents = _decode_part(part)
+                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                    raise InvalidArgument(
+                        f"{req.source}: the part from document {first} on is not a JSON array "
+                        f"of documents: {exc}",
+                        field="parts",
+                    ) from None
+                items = self._parse_documents(documents, req.source, first, seen)
+            if req.dry_run:
+                self._remember(part, items)
+            parsed.extend(items)
+            first += len(items)
+        return parsed
+
+    def _remember(self, part: bytes, items: list[Parsed]) -> None:
+        """Keep a checked part's parse for the request that applies it (the same bytes), for
+        a while and up to a bound: it is only a saving, a part not found is parsed again."""
+        now = time.monotonic()
+        if part in self.checked:
+            self.checked_bytes -= len(part)
+        self.checked[part] = (now, items)
+        self.checked_bytes += len(part)
+        while self.checked and (
+            self.checked_bytes > CHECKED_BYTES
+            or next(iter(self.checked.values()))[0] < now - CHECKED_SECONDS
+        ):
+            old, _ = self.checked.popitem(last=False)
+            self.checked_bytes -= len(old)
+
+    def _parse_documents(
+        self, documents: list[Any], source: str, first: int, seen: set[tuple[str, str, str]]
+    ) -> list[Parsed]:
+        parsed: list[Parsed] = []
+        for index, document in enumerate(documents, start=first):
             kind = document.get("kind") if isinstance(document, dict) else None
             meta = document.get("metadata") if isinstance(document, dict) else None
             try:
@@ -199,15 +259,10 @@ class LBCore:
                         f"the lb service takes Service and EndpointSlice, not {kind!r}",
                         field="kind",
                     )
-                ident = (str(kind), item.namespace, item.name)
-                if ident in seen:
-                    raise InvalidArgument(
-                        f"{kind} {item.namespace}/{item.name} is given twice", field="metadata.name"
-                    )
-                seen.add(ident)
+                _check_unique(seen, kind, item, document, "", index)
             except InvalidArgument as exc:
                 name = meta.get("name", "?") if isinstance(meta, dict) else "?"
-                label = f"{req.source}: document {index} ({kind} {name})"
+                label = f"{source}: document {index} ({kind} {name})"
                 where = f"{exc.field}: " if exc.field else ""
                 raise InvalidArgument(f"{label}: {where}{exc.message}", field=exc.field) from None
             parsed.append((str(kind), item, document))
@@ -305,7 +360,7 @@ class LBCore:
             ]
         )
 
-    def _stored(self, parsed: list[tuple[str, Spec | EndpointSliceSpec, Any]]) -> dict[str, bytes]:
+    def _stored(self, parsed: list[Parsed]) -> dict[str, bytes]:
         """The ``lb-specs`` values of applied documents."""
         out: dict[str, bytes] = {}
         for kind, item, document in parsed:
@@ -677,6 +732,28 @@ class LBCore:
         await serve("list", subjects.LB_LIST, Empty, self.list_services)
         await serve("get", subjects.LB_GET, LBServiceRef, self.get)
         return micro
+
+
+def _check_unique(
+    seen: set[tuple[str, str, str]],
+    kind: str,
+    item: Spec | EndpointSliceSpec,
+    document: Any,
+    source: str,
+    index: int,
+) -> None:
+    """A document may not name what an earlier one of the same apply named. With ``source``
+    the error names the document; without, the caller adds that."""
+    ident = (kind, item.namespace, item.name)
+    if ident not in seen:
+        seen.add(ident)
+        return
+    message = f"{kind} {item.namespace}/{item.name} is given twice"
+    if source:
+        meta = document.get("metadata") or {}
+        name = meta.get("name", "?")
+        message = f"{source}: document {index} ({kind} {name}): metadata.name: {message}"
+    raise InvalidArgument(message, field="metadata.name")
 
 
 def _with_cluster_ip(document: dict[str, Any], spec: Spec) -> dict[str, Any]:

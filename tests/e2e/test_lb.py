@@ -390,6 +390,37 @@ def test_duplicates_are_refused(cluster: Cluster, tmp_path: Path) -> None:
         cluster.run("service", "delete", "first")
 
 
+def test_a_large_file_is_checked_while_read_and_applied_whole(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """A file over 2 MiB is read in pieces, its Services sent to the lb service to be checked
+    while the rest is read: an invalid last document still changes nothing and is named as in
+    a small file; a valid file is applied whole."""
+    pad = ("# " + "=" * 98 + "\n") * 2000  # 200 KB of comment after each document
+    text = "---\n".join(
+        f"apiVersion: v1\nkind: Service\nmetadata: {{name: big{i}}}\n"
+        f"spec: {{ports: [{{port: 80}}]}}\n{pad}"
+        for i in range(12)
+    )
+    assert len(text) > 2 << 20  # shared.apply.STREAM_MIN_CHARS
+    late = "apiVersion: v1\nkind: Service\nmetadata: {name: late}\nspec: {ports: [{port: 0}]}\n"
+    before = cluster.json("service", "list")
+    result = apply(cluster, tmp_path, text + "---\n" + late, check=False)
+    assert result.returncode == 1, result.stdout
+    assert "document 13 (Service late): spec.ports[0].port" in result.stderr, result.stderr
+    assert cluster.json("service", "list") == before
+    path = tmp_path / "big.yaml"
+    path.write_text(text)
+    try:
+        result = cluster.run("apply", "-f", str(path))
+        assert all(f"service/big{i} created" in result.stdout for i in range(12)), result.stdout
+        assert {f"big{i}" for i in range(12)} <= {
+            s["name"] for s in cluster.json("service", "list")
+        }
+    finally:
+        cluster.run("delete", "-f", str(path))
+
+
 def test_example_deployment_behind_a_service(cluster: Cluster, tmp_path: Path) -> None:
     """examples/web-service.yaml (the demo's): 3 replicas, a named targetPort, requests spread."""
     example = Path(__file__).resolve().parents[2] / "examples" / "web-service.yaml"

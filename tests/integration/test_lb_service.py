@@ -10,6 +10,7 @@ from typing import Any
 
 import msgspec
 import pytest
+import yaml
 
 from membrane.servers import ServerProcess
 from services.lb import ids
@@ -211,3 +212,101 @@ async def test_two_replicas_share_requests_and_lose_no_spec(
             await tasks.close()
         for each in [*buses, client]:
             await each.close()
+
+
+def bulk_documents(names: list[str], octet: int) -> list[dict[str, Any]]:
+    docs: list[dict[str, Any]] = []
+    for i, name in enumerate(names):
+        docs.append(service(name, ports=[{"name": "http", "port": 80}]))
+        docs.append(
+            {
+                "apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSlice",
+                "metadata": {"name": f"{name}-1", "labels": {"kubernetes.io/service-name": name}},
+                "addressType": "IPv4",
+                "ports": [{"name": "http", "port": 8080}],
+                "endpoints": [{"addresses": [f"10.250.{octet}.{i + 1}"]}],
+            }
+        )
+    return docs
+
+
+async def test_parts_checked_ahead_are_applied_together_or_not_at_all(lb: LBCore, bus: Bus) -> None:
+    """A large file's Services and EndpointSlices go in parts, each checked (a dry run) while
+    the next is read, then applied in one request: an invalid document or a name given twice
+    in a later part changes nothing, and its error names it by its number in the whole apply."""
+    before = await bus.request(subjects.LB_LIST, Empty(), LBListReply)
+    first, second = bulk_documents(["a0", "a1"], 1), bulk_documents(["a2", "a3"], 2)
+    bad = [*second[:3], service("broken", ports=[{"port": 0}])]
+    sent = apply.ServiceParts(bus, "big.yaml")
+    sent.send(first)
+    sent.send(bad)
+    with pytest.raises(InvalidArgument) as caught:
+        await sent.apply()
+    assert caught.value.field == "spec.ports[0].port"
+    assert "big.yaml: document 8 (Service broken)" in str(caught.value)  # 4 + 4th of the 2nd
+    sent = apply.ServiceParts(bus, "big.yaml")
+    sent.send(first)
+    sent.send([*second, first[0]])  # each part valid alone; a0 twice in the whole
+    with pytest.raises(InvalidArgument) as twice:
+        await sent.apply()
+    assert twice.value.field == "metadata.name"
+    assert "big.yaml: document 9 (Service a0)" in str(twice.value), twice.value
+    assert await bus.request(subjects.LB_LIST, Empty(), LBListReply) == before
+
+    sent = apply.ServiceParts(bus, "big.yaml")
+    sent.send(first)
+    sent.send(second)
+    for check in sent.checks:
+        await check
+    assert len(lb.checked) == 2  # the replica kept both parses for the apply
+    reply = await sent.apply()
+    assert len(reply.results) == 8 and not lb.checked
+    listed = await bus.request(subjects.LB_LIST, Empty(), LBListReply)
+    got = {s.name: [b.ip for b in s.frontends[0].backends] for s in listed.services}
+    assert {k: got[k] for k in ("a0", "a1", "a2", "a3")} == {
+        "a0": ["10.250.1.1"],
+        "a1": ["10.250.1.2"],
+        "a2": ["10.250.2.1"],
+        "a3": ["10.250.2.2"],
+    }
+    # a part this replica did not check (another replica did, or it expired) is parsed again
+    sent = apply.ServiceParts(bus, "big.yaml")
+    sent.send(bulk_documents(["a4"], 3))
+    for check in sent.checks:
+        await check
+    lb.checked.clear()
+    lb.checked_bytes = 0
+    assert (await sent.apply()).results == ["service/a4 created", "endpointslice/a4-1 created"]
+
+
+async def test_a_large_file_is_sent_while_read_and_changes_nothing_when_it_is_invalid(
+    lb: LBCore, bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """shared.apply.read_sending_services (membrane apply -f of a large file), in pieces of a
+    few documents: the lb service checks each piece's documents while the next is read; a
+    document only the lb service finds invalid (or one the reading finds invalid) in the last
+    piece changes nothing, with the error the whole file would give."""
+    monkeypatch.setattr(apply, "PIECE_CHARS", 600)
+    docs = bulk_documents([f"f{i}" for i in range(12)], 4)
+    good = yaml.safe_dump_all(docs)
+    before = await bus.request(subjects.LB_LIST, Empty(), LBListReply)
+    for bad, field in (
+        (service("late", ports=[{"port": 80, "protocol": "ICMP"}]), "spec.ports[0].protocol"),
+        ({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "bogus": 1}, "bogus"),
+    ):
+        text = good + "---\n" + yaml.safe_dump(bad)
+        with pytest.raises(InvalidArgument) as caught:
+            read, sent = await apply.read_sending_services(bus, text, "big.yaml")
+            await apply.apply_documents(bus, read, "big.yaml", services_sent=sent)
+        assert caught.value.field == field and "document 25" in str(caught.value), caught.value
+        assert await bus.request(subjects.LB_LIST, Empty(), LBListReply) == before
+    read, sent = await apply.read_sending_services(bus, good, "big.yaml")
+    assert sent is not None and len(sent.parts) > 3  # it was sent in pieces
+    lines = await apply.apply_documents(bus, read, "big.yaml", services_sent=sent)
+    assert sorted(lines) == sorted(
+        [f"service/f{i} created" for i in range(12)]
+        + [f"endpointslice/f{i}-1 created" for i in range(12)]
+    )
+    listed = {s.name for s in (await bus.request(subjects.LB_LIST, Empty(), LBListReply)).services}
+    assert {f"f{i}" for i in range(12)} <= listed

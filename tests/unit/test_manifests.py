@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
+from shared import kube_yaml
 from shared.errors import InvalidArgument
 from shared.manifests import (
     NAMESPACE_NAME_LABEL,
@@ -17,10 +18,12 @@ from shared.manifests import (
     ManifestError,
     NamespaceDoc,
     PodDoc,
+    Reader,
     RoutedDoc,
     _suffix,
     expand_deployment,
     load,
+    pieces,
     template_hash,
 )
 from shared.messages import ContainerPort
@@ -925,3 +928,49 @@ def test_a_pod_cannot_label_itself_with_its_namespace_or_service_account(key: st
     doc["spec"]["template"]["metadata"]["labels"][key] = "x"
     error = load_error(dump(doc))
     assert error.field == f"spec.template.metadata.labels[{key!r}]"
+
+
+PIECES = [
+    MULTI,
+    # empty documents count
+    "---\n" + MULTI + "\n---\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: w}\n",
+    "# a comment\n---\n" + MULTI.replace("\n", "\r\n"),  # CRLF line ends
+    "kind: List\napiVersion: v1\nitems: []\n--- # a comment on the marker\n"
+    "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n---\n",
+    "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: y\n  annotations:\n    a: |\n"
+    "      ---- not a marker\n      --- indented, no marker\n---\n"
+    "apiVersion: v1\nkind: Namespace\nmetadata: {name: z}\n",
+]
+
+
+@pytest.mark.parametrize("text", PIECES)
+def test_a_file_read_piece_by_piece_is_the_file(text: str) -> None:
+    """`membrane apply -f` reads a large file in pieces cut at document starts: whatever the
+    cut, the documents, their numbers and their order are the whole file's."""
+    whole = load(text, "f.yaml")
+    for size in (1, 10, 60, len(text)):
+        parts = pieces(text, size)
+        assert "".join(parts) == text
+        assert all(p.startswith("---") for p in parts[1:])
+        reader = Reader("f.yaml")
+        docs = [d for p in parts for d in reader.feed(kube_yaml.load_all(p, "f.yaml", bulk=True))]
+        assert docs == whole, size
+        assert reader.count == len(kube_yaml.load_all(text, "f.yaml"))
+
+
+def test_a_piece_names_the_document_by_its_number_in_the_file() -> None:
+    bad = "apiVersion: v1\nkind: Pod\nmetadata: {name: p, labels: {bad key: x}}\n"
+    text = MULTI + "---\n" + bad
+    reader = Reader("f.yaml")
+    parts = pieces(text, 1)
+    with pytest.raises(ManifestError) as caught:
+        for part in parts:
+            reader.feed(kube_yaml.load_all(part, "f.yaml", bulk=True))
+    with pytest.raises(ManifestError) as whole:
+        load(text, "f.yaml")
+    assert str(caught.value) == str(whole.value) and caught.value.field == whole.value.field
+    again = MULTI + "---\n" + MULTI  # defined twice across two pieces
+    reader = Reader("f.yaml")
+    with pytest.raises(ManifestError, match="defined twice, first by document 1"):
+        for part in pieces(again, len(MULTI)):
+            reader.feed(kube_yaml.load_all(part, "f.yaml", bulk=True))
