@@ -562,12 +562,12 @@ class LBCore:
         return puts
 
     async def _publish(self, puts: list[tuple[str, bytes]]) -> None:
-        """KV puts without waiting for their acks (see _recompute)."""
-        nc = self.bus.nc
+        """KV puts without waiting for their acks (see _recompute), a chunk's in one write
+        (nats.py's publish costs about 3 us a message: 60 ms of a 20,000-service bulk)."""
         own = self.own_writes
         for subject, payload in puts:
             own[subject] = hash(payload)
-            await nc.publish(subject, payload)
+        await self.bus.publish_many(puts)
 
     # --- watches -----------------------------------------------------------------------------
 
