@@ -61,8 +61,9 @@ WRITES = Counter("membrane_lb_records_written_total", "services bucket writes", 
 # small enough that the agents start on the first while the rest are built
 RECORD_CHUNK = 2000
 # checked parts kept for the request that applies them: at most this many bytes of them (a bulk
-# of 20,000 Services with their slices is 10 MB), each at most this long
-CHECKED_BYTES = 64 << 20
+# of 20,000 Services with their slices is 10 MB; their parse takes several times that), each
+# at most this long
+CHECKED_BYTES = 32 << 20
 CHECKED_SECONDS = 120.0
 RECOMPUTE_SECONDS = Histogram(
     "membrane_lb_recompute_seconds",
@@ -192,6 +193,7 @@ class LBCore:
         """Every document of ``req`` (``documents``, then each of ``parts``) checked; the first
         error in document order raises, naming the document by its number in the whole
         apply."""
+        self._forget(time.monotonic())  # what an apply that never came left
         seen: set[tuple[str, str, str]] = set()
         parsed = self._parse_documents(req.documents, req.source, req.first, seen)
         first = req.first + len(req.documents)
@@ -222,11 +224,14 @@ class LBCore:
     def _remember(self, part: bytes, items: list[Parsed]) -> None:
         """Keep a checked part's parse for the request that applies it (the same bytes), for
         a while and up to a bound: it is only a saving, a part not found is parsed again."""
-        now = time.monotonic()
         if part in self.checked:
             self.checked_bytes -= len(part)
-        self.checked[part] = (now, items)
+        self.checked[part] = (time.monotonic(), items)
         self.checked_bytes += len(part)
+        self._forget(time.monotonic())
+
+    def _forget(self, now: float) -> None:
+        """Drop the oldest kept parses while over the bound or too old."""
         while self.checked and (
             self.checked_bytes > CHECKED_BYTES
             or next(iter(self.checked.values()))[0] < now - CHECKED_SECONDS

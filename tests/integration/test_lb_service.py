@@ -14,6 +14,7 @@ import yaml
 
 from membrane.servers import ServerProcess
 from services.lb import ids
+from services.lb import service as service_module
 from services.lb.service import LBCore, LBSettings
 from shared import apply, subjects
 from shared.bus import Bus
@@ -278,6 +279,15 @@ async def test_parts_checked_ahead_are_applied_together_or_not_at_all(lb: LBCore
     lb.checked.clear()
     lb.checked_bytes = 0
     assert (await sent.apply()).results == ["service/a4 created", "endpointslice/a4-1 created"]
+    # a part whose apply never came is forgotten after a while, at the next request
+    sent = apply.ServiceParts(bus, "big.yaml")
+    sent.send(bulk_documents(["a5"], 5))
+    for check in sent.checks:
+        await check
+    ((part, (when, items)),) = lb.checked.items()
+    lb.checked[part] = (when - service_module.CHECKED_SECONDS - 1, items)
+    await apply.apply_services(bus, [service("a6", ports=[{"port": 80}])], "t", dry_run=True)
+    assert not lb.checked and lb.checked_bytes == 0
 
 
 async def test_a_large_file_is_sent_while_read_and_changes_nothing_when_it_is_invalid(
