@@ -227,6 +227,11 @@ class Bus:
         credentials = _credentials(url)
         tls_failed = asyncio.Event()
 
+        async def on_reconnect() -> None:
+            _log.info("nats reconnected")
+            if made:  # its KV watches make their consumers again at once: a restarted
+                kv_watch.reconnected(made[0].nc)  # server has lost them
+
         async def on_error(exc: Exception) -> None:
             nonlocal last_error, refused_credentials
             last_error = _describe(exc)
@@ -261,7 +266,7 @@ class Bus:
                         reconnect_time_wait=1.0,
                         error_cb=on_error,
                         disconnected_cb=on_disconnect,
-                        reconnected_cb=_on_reconnect,
+                        reconnected_cb=on_reconnect,
                     ),
                 )
                 nc.options["max_reconnect_attempts"] = -1
@@ -722,10 +727,6 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, nats.errors.NoServersError):
         return "no server answered (connection refused or timed out)"
     return str(exc) or type(exc).__name__
-
-
-async def _on_reconnect() -> None:
-    _log.info("nats reconnected")
 
 
 __all__ = ["Bus", "KVEvent", "MicroService", "ServiceInfo", "decode", "encode", "redact"]

@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import weakref
 from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js import api
+from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
 
 from shared.runtime import TaskGroup
@@ -48,9 +50,13 @@ _REMOVED_BY_MARKER = frozenset({"MaxAge", "Purge", "Remove"})
 MAX_BUFFERED = 8192
 INACTIVE_THRESHOLD_S = 300.0  # the server drops a consumer whose watcher went away
 # the consumer's idle heartbeat: nats.py recreates an ordered consumer after two intervals
-# without a message, which is how a watch comes back after nats-server restarted (its
-# consumers gone); nats.py's default of 5 s made that 10-20 s of a stale view
-HEARTBEAT_S = 1.0
+# without a message. A watch on a connection of Bus.connect is recreated as soon as the
+# connection is back (:func:`reconnected`), which is how it comes back after nats-server
+# restarted (its consumers gone), so this only catches a consumer lost while the connection
+# stayed up. It was 1 s when it was also the restart path; but every watch of every agent gets
+# one a second while its bucket is quiet: 10 a second per agent, 10,000 at 1,000 nodes, half
+# a core of a simulated fleet's CPU on this machine (docs/scale.md, Fleet)
+HEARTBEAT_S = 5.0
 DELETE_TIMEOUT_S = 2.0  # closing a watch does not wait longer than this for the server
 # a snapshot waiting for the stream's last sequence is caught up after this long without a
 # message anyway (only a purge of the stream itself takes messages away without a marker)
@@ -67,6 +73,21 @@ class KVEvent:
 
 
 _CHECK = object()  # the server said nothing is pending: time to see whether the snapshot is in
+
+# a connection -> what its watches do when it has reconnected
+_on_reconnect: weakref.WeakKeyDictionary[Client, set[Callable[[], None]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def reconnected(nc: Client) -> None:
+    """``nc`` is connected again (Bus.connect's reconnect callback): every watch on it makes
+    its consumer again from the next sequence at once. A restarted nats-server has lost the
+    watches' consumers; waiting for two missed idle heartbeats to notice took up to
+    2 x HEARTBEAT_S. A consumer that outlived a short disconnection is deleted: the messages
+    it pushed meanwhile are lost anyway (an ordered consumer is not acknowledged)."""
+    for restart in list(_on_reconnect.get(nc, ())):
+        restart()
 
 
 async def _last_sequence(kv: KeyValue) -> int:
@@ -147,6 +168,15 @@ async def watch(kv: KeyValue, keys: str = ">") -> AsyncGenerator[KVEvent | None,
         inactive_threshold=INACTIVE_THRESHOLD_S,
         idle_heartbeat=HEARTBEAT_S,
     )
+    nc = kv._js._nc
+    restarts: set[asyncio.Task[None]] = set()
+
+    def restart() -> None:
+        task = asyncio.create_task(_restart(subscription))
+        restarts.add(task)
+        task.add_done_callback(restarts.discard)
+
+    _on_reconnect.setdefault(nc, set()).add(restart)
     try:
         info = await subscription.consumer_info()
         delivered = info.delivered.consumer_seq if info.delivered is not None else 0
@@ -188,6 +218,9 @@ async def watch(kv: KeyValue, keys: str = ">") -> AsyncGenerator[KVEvent | None,
                     caught_up = True
                     yield None
     finally:
+        _on_reconnect.get(nc, set()).discard(restart)
+        for task in restarts:
+            task.cancel()
         await subscription.unsubscribe()
         # the consumer goes now rather than after the inactivity threshold (its current name:
         # nats.py renames an ordered consumer when it recreates it after a gap)
@@ -197,6 +230,21 @@ async def watch(kv: KeyValue, keys: str = ">") -> AsyncGenerator[KVEvent | None,
                     kv._js.delete_consumer(subscription._stream, subscription._consumer),
                     DELETE_TIMEOUT_S,
                 )
+
+
+async def _restart(subscription: JetStreamContext.PushSubscription) -> None:
+    """The ordered consumer made again from the stream sequence after the last one received
+    (as nats.py does on a gap or missed heartbeats); the former one deleted if it is there."""
+    jsi = subscription._sub._jsi
+    if jsi is None:
+        return
+    former = subscription._consumer
+    await jsi.reset_ordered_consumer(jsi._sseq + 1)
+    with contextlib.suppress(Exception):  # gone with a restarted server: nothing to delete
+        await asyncio.wait_for(
+            jsi._js.delete_consumer(subscription._stream, former),
+            DELETE_TIMEOUT_S,
+        )
 
 
 async def resyncing(

@@ -50,3 +50,15 @@ def test_client_flushes_its_pending_buffer_on_request() -> None:
 def test_ack_subject_token_positions() -> None:
     # kv_watch._sequence_and_pending reads the 12-token form of the ack subject by these
     assert (Msg.Ack.StreamSeq, Msg.Ack.NumPending) == (7, 10)
+
+
+def test_ordered_consumer_can_be_made_again_from_a_sequence() -> None:
+    # kv_watch._restart: subscription._sub._jsi, its _sseq, _js and reset_ordered_consumer
+    init = inspect.getsource(JetStreamContext.PushSubscription.__init__)
+    assert "self._sub = sub" in init
+    jsi = inspect.getsource(JetStreamContext._JSI.__init__)
+    assert "self._sseq = 0" in jsi and "self._js = js" in jsi
+    reset = JetStreamContext._JSI.reset_ordered_consumer
+    assert inspect.iscoroutinefunction(reset)
+    assert list(inspect.signature(reset).parameters) == ["self", "sseq"]
+    assert "sub._jsi = JetStreamContext._JSI(" in inspect.getsource(JetStreamContext.subscribe_bind)
