@@ -316,8 +316,45 @@ async def propagation(
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:  # gone (a service restarted): its CPU is not counted
+        return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cluster_processes(nats: int) -> dict[str, int]:
+    """The one-node cluster's processes (the supervisor's children: nats-server, redis, the
+    real agent ``datapath``, identity, policy, lb, monitor, ...): name -> pid."""
+
+    def stat(pid: str) -> list[str]:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+    supervisor = stat(str(nats))[1]
+    found: dict[str, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if stat(entry.name)[1] != supervisor:
+                continue
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+            words = [a.decode() for a in args if a]
+            name = (
+                words[words.index("run") + 1] if "run" in words else Path(words[0].split()[0]).name
+            )
+            found[name] = int(entry.name)
+    return found
+
+
+def cpu_split(nats: int, workers: list[Worker]) -> dict[str, float]:
+    """CPU seconds so far: nats-server, the simulated agents (all workers), each process of
+    the one-node cluster (the real agent is ``datapath``)."""
+    split = {f"cluster {name}": cpu_seconds(pid) for name, pid in cluster_processes(nats).items()}
+    split.pop("cluster nats-server", None)
+    split["nats-server"] = cpu_seconds(nats)
+    split["simulated agents"] = sum(cpu_seconds(w.proc.pid) for w in workers)
+    return split
 
 
 async def steady(workers: list[Worker], pid: int, seconds: float) -> dict[str, float]:
@@ -427,6 +464,24 @@ async def measure_step(
     return res
 
 
+def join_split(cpu: dict[str, float], events: int, seconds: float) -> str:
+    """Where the join's CPU went, per process, and per watch event delivered."""
+    total = sum(cpu.values())
+    parts = ", ".join(
+        f"{name} {value:.1f} s ({100 * value / total if total else 0:.0f} %)"
+        for name, value in sorted(cpu.items(), key=lambda kv: -kv[1])
+        if value >= 0.05
+    )
+    per = f"{1e6 * total / events:.0f} us" if events else "-"
+    cores = total / seconds if seconds else 0.0
+    return (
+        f"join CPU {total:.1f} s in {seconds:.1f} s ({cores:.2f} cores): "
+        f"{parts}; {events} watch events delivered to the simulated agents, {per} of CPU each "
+        f"(nats-server {1e6 * cpu.get('nats-server', 0) / max(events, 1):.0f} us, simulated "
+        f"agents {1e6 * cpu.get('simulated agents', 0) / max(events, 1):.0f} us)"
+    )
+
+
 def restarts_of(counts: list[Any]) -> dict[str, int]:
     """Simulated agents' failed starts (each started again a second later), by cause."""
     total: collections.Counter[str] = collections.Counter()
@@ -459,6 +514,9 @@ async def drive(args: argparse.Namespace, cluster: Cluster) -> list[dict[str, An
         up = 0
         for step, target in enumerate(args.nodes):
             started = time.perf_counter()
+            cpu0 = cpu_split(pid, workers)
+            events0 = sum(c[0] for c in await ask_all(workers, "events")) if workers else 0
+            load0 = os.getloadavg()[0]
             while up < target:
                 count = min(args.per_process, target - up)
                 proc = await asyncio.create_subprocess_exec(
@@ -486,9 +544,18 @@ async def drive(args: argparse.Namespace, cluster: Cluster) -> list[dict[str, An
                         return results
                     await asyncio.sleep(0.5)
             joined = time.perf_counter() - started
-            print(f"{up} simulated nodes up and synced ({joined:.1f} s)", flush=True)
+            cpu1 = cpu_split(pid, workers)
+            events = sum(c[0] for c in await ask_all(workers, "events")) - events0
+            join_cpu = {k: v - cpu0.get(k, 0.0) for k, v in cpu1.items()}
+            print(
+                f"{up} simulated nodes up and synced ({joined:.1f} s, load average "
+                f"{load0:.1f} -> {os.getloadavg()[0]:.1f}, {time.strftime('%H:%M:%S')} UTC)",
+                flush=True,
+            )
+            print(f"  {join_split(join_cpu, events, joined)}", flush=True)
             res = await measure_step(bus, workers, up, step, pod, pid, args.idle)
             res["joined_s"] = joined
+            res["join_cpu"], res["join_events"] = join_cpu, events
             res["load"] = os.getloadavg()[0]
             results.append(res)
             print(
@@ -522,6 +589,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
             f"{r['nodes']:>5} nodes ({endpoints} endpoints, load average {r['load']:.1f}; joined "
             f"and synced in {r['joined_s']:.1f} s):"
         )
+        print(f"    {join_split(r['join_cpu'], r['join_events'], r['joined_s'])}")
         for name in ("ipcache", "policy", "service"):
             print(f"    {line(name, r[name])}")
         print(
