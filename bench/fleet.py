@@ -48,7 +48,7 @@ from nats.js.errors import KeyWrongLastSequenceError
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.datapath import Cluster
-from shared import apply, kv_watch, subjects
+from shared import apply, kv_watch, services_bucket, subjects
 from shared.bus import Bus, KVEvent
 from shared.messages import REREGISTER_EVERY, IPCacheEntry, Node, NodeHeartbeat
 
@@ -449,7 +449,10 @@ async def measure_step(
     res["service"] = await propagation(
         workers,
         subjects.KV_SERVICES,
-        subjects.service_key("default", f"fleet-{step}"),
+        # the services bucket holds records in shards: the service's shard's next write
+        services_bucket.shard_key(
+            services_bucket.shard_of(subjects.service_key("default", f"fleet-{step}"))
+        ),
         apply_service,
         total,
     )

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from membrane import output
 from membrane.client import policy
-from shared import subjects
+from shared import services_bucket, subjects
 from shared.bus import Bus, ServiceInfo
 from shared.errors import MembraneError
 from shared.flow_api import MonitorStatus
@@ -28,10 +28,17 @@ SCRAPE_TIMEOUT_S = 2.0
 
 
 async def _count_keys(bus: Bus, bucket: str) -> int | None:
-    """Keys in a bucket; None when it does not exist (the CLI never creates buckets)."""
+    """Keys in a bucket (services: the services its shards hold); None when it does not
+    exist (the CLI never creates buckets)."""
     try:
         kv = await bus.js.key_value(bucket)
-        return len(await Bus.snapshot(kv))
+        found = await Bus.snapshot(kv)
+        if bucket == subjects.KV_SERVICES:
+            view = services_bucket.ServicesView()
+            for key, value in found.items():
+                view.update(key, value)
+            return len(list(view.keys()))
+        return len(found)
     except nats.js.errors.BucketNotFoundError:
         return None
     except (nats.errors.Error, TimeoutError):

@@ -22,7 +22,7 @@ import msgspec
 from nats.js.kv import KeyValue
 from prometheus_client import Counter, Histogram
 
-from shared import bpf_layouts, kv_watch, log, maglev, protocols, subjects
+from shared import bpf_layouts, kv_watch, log, maglev, protocols, services_bucket, subjects
 from shared.bus import KVEvent
 from shared.messages import LBFrontend, LBService
 
@@ -45,6 +45,7 @@ MAP_NAMES = ("lb_backends", "lb_slots", "lb_maglev", "lb_services")
 # Maglev tables (about 0.2 ms of Python each); each chunk is one batch syscall per map
 FLUSH_CHUNK = 500
 
+_decode_record = msgspec.json.Decoder(LBService).decode
 BAD_RECORDS = Counter("membrane_datapath_lb_bad_records_total", "services entries not decoded")
 FLUSH_SECONDS = Histogram(
     "membrane_datapath_lb_flush_seconds",
@@ -111,6 +112,7 @@ class LBSync:
         self.members: set[str] = set()  # node tokens
         self.underlays: Mapping[str, str] = underlays if underlays is not None else {}
         self.pending: dict[str, LBService | None] = {}
+        self.view = services_bucket.ServicesView()
         self._flush_handle: asyncio.Handle | None = None  # the flush the loop will run next
         self.synced = asyncio.Event()
         self.log = log.get("datapath.lb")
@@ -300,14 +302,21 @@ class LBSync:
     # --- bus ------------------------------------------------------------------------------------
 
     def on_record(self, event: KVEvent) -> None:
-        record: LBService | None = None
-        if event.value is not None:
-            try:
-                record = msgspec.json.decode(event.value, type=LBService)
-            except (msgspec.ValidationError, msgspec.DecodeError):
-                BAD_RECORDS.inc()
-                record = None  # a record nobody can read takes its service out (fail closed)
-        self.pending[event.key] = record
+        """A ``services`` entry (a shard of records, or a format-1 record): only the services
+        whose record bytes changed are decoded and applied (shared/services_bucket.py)."""
+        errors = self.view.errors
+        for key, value in self.view.update(event.key, event.value):
+            record: LBService | None = None
+            if value is not None:
+                try:
+                    record = _decode_record(value)
+                except (msgspec.ValidationError, msgspec.DecodeError):
+                    BAD_RECORDS.inc()
+                    record = None  # a record nobody can read takes its service out
+            self.pending[key] = record
+        if self.view.errors != errors:
+            BAD_RECORDS.inc()
+            self.log.error("services shard does not decode; its services removed", key=event.key)
         # runs once the watch has drained what arrived together: one batch per burst
         self._schedule()
 

@@ -32,9 +32,10 @@ from services.lb.model import (
     parse_endpoint_slice,
     parse_service,
 )
+from services.lb.record_store import RecordStore
 from services.lb.records import Spec
 from services.lb.spec_store import SpecStore
-from shared import __version__, gcpause, kv_watch, log, maglev, startup, subjects
+from shared import __version__, gcpause, kv_watch, log, maglev, services_bucket, startup, subjects
 from shared.bus import Bus, KVEvent, MicroService, redact
 from shared.config import CommonSettings, env_name, setting
 from shared.errors import AlreadyExists, InvalidArgument, NotFound
@@ -98,6 +99,8 @@ class LBSettings(CommonSettings):
 
 Parsed = tuple[str, Spec | EndpointSliceSpec, Any]  # (kind, spec, the document as it came)
 _decode_part = msgspec.json.Decoder(list[dict[str, Any]]).decode
+_encode = msgspec.json.Encoder().encode
+_decode_record = msgspec.json.Decoder(LBService).decode
 
 
 class StoredSpec(msgspec.Struct, kw_only=True):
@@ -130,6 +133,7 @@ class LBCore:
         self.specs_kv = specs_kv
         self.store = SpecStore(specs_kv)
         self.services_kv = services_kv
+        self.record_store = RecordStore(services_kv)
         self.allocator = allocator
         self.settings = settings
         self.cidr = IPv4Network(settings.service_cidr)
@@ -144,8 +148,6 @@ class LBCore:
         self.frontend_owners: dict[tuple[str, int, str], str] = {}  # -> record key
         # ids never change once given (Redis keeps them): known ones need no round trip
         self.known_ids: dict[str, dict[str, int]] = {}  # pool -> owner -> id
-        # KV subject -> hash of what this replica last wrote there: the watch skips its echo
-        self.own_writes: dict[str, int] = {}
         self.pods: dict[str, Endpoint] = {}  # by endpoints key
         self.records: dict[str, LBService] = {}
         self.lock = asyncio.Lock()
@@ -478,8 +480,7 @@ class LBCore:
             self.algorithms.pop(key, None)
             self._set_record(key, None)
             await self.store.write({spec_key("Service", namespace, name): None})
-            await self.services_kv.delete(key)
-            WRITES.labels("delete").inc()
+            await self._remove_records([key])
             if isinstance(spec, ServiceSpec):
                 await self.allocator.release(self.cluster_ips, [key])
                 await self.allocator.release(
@@ -521,66 +522,75 @@ class LBCore:
             await acked
 
     async def _send_records(self, keys: set[str]) -> asyncio.Future[Any] | None:
-        """Publish the records of ``keys`` that changed, ``RECORD_CHUNK`` services at a time
-        (the agents program the first chunk while the next is built); the future of the ack
-        of the last, or None when nothing changed.
+        """Write the records of ``keys`` that changed into their ``services`` shards
+        (shared/services_bucket.py), about ``RECORD_CHUNK`` services at a time: the agents
+        program the first shards while the next are built. The future of every write, or
+        None when nothing changed.
 
-        Puts are pipelined: published without waiting for an ack, except the very last, which
-        is acked. JetStream stores one connection's messages in the order sent, so that ack
-        means every earlier one is stored (an ack per put would cost a round trip each, which
-        at tens of thousands of services is most of the time).
+        A chunk holds whole shards (keys are taken in shard order), so each shard is written
+        once per call; the writes are not awaited here (record_store.py).
         """
-        ordered = sorted(keys)
-        held: tuple[str, bytes] | None = None  # the last put so far: the one to be acked
-        for start in range(0, len(ordered), RECORD_CHUNK):
-            puts = await self._records(ordered[start : start + RECORD_CHUNK])
-            if not puts:
-                continue
-            if held is not None:
-                puts.insert(0, held)
-            held = puts.pop()
-            await self._publish(puts)
-        if held is None:
+        by_shard: dict[int, list[str]] = {}
+        for key in keys:
+            by_shard.setdefault(services_bucket.shard_of(key), []).append(key)
+        writes: list[asyncio.Task[None]] = []
+        chunk: list[str] = []
+        shards = sorted(by_shard)
+        for i, shard in enumerate(shards):
+            chunk += sorted(by_shard[shard])
+            if len(chunk) >= RECORD_CHUNK or i == len(shards) - 1:
+                changes = await self._records(chunk)
+                if changes:
+                    writes += self.record_store.send(changes)
+                    await asyncio.sleep(0)  # the writes start before the next chunk is built
+                chunk = []
+        if not writes:
             return None
-        self.own_writes[held[0]] = hash(held[1])
-        # a task is scheduled in order: it publishes before anything this caller starts next
-        return asyncio.ensure_future(self.bus.js.publish(*held))
+        return asyncio.gather(*writes)
 
-    async def _records(self, keys: list[str]) -> list[tuple[str, bytes]]:
-        """The changed records of ``keys``, as KV puts; ids allocated for their frontends
-        and backends."""
+    async def _records(self, keys: list[str]) -> dict[str, bytes]:
+        """The changed records of ``keys``, encoded; ids allocated for their frontends and
+        backends. A record unchanged but not in its shard (a bucket an earlier version
+        wrote, one key per service) is written too."""
         wanted = [d for d in (self._desired(k) for k in keys) if d is not None]
         fronts, backs = records.owners(wanted)
         front_ids = await self._ids(ids.FRONTENDS, fronts)
         back_ids = await self._ids(ids.BACKENDS, backs)
-        puts: list[tuple[str, bytes]] = []
+        out: dict[str, bytes] = {}
+        has = self.record_store.has
         for d in wanted:
             built = records.record(
                 d, front_ids, back_ids, seed=self.seed, maglev_max=self.settings.maglev_table_size
             )
-            record = records.changed(self.records.get(d.key), built)
+            old = self.records.get(d.key)
+            record = records.changed(old, built)
             if record is None:
+                if old is not None and not has(d.key):
+                    out[d.key] = _encode(old)
                 continue
             self._set_record(d.key, record)
-            puts.append((kv_subject(subjects.KV_SERVICES, d.key), msgspec.json.encode(record)))
-        WRITES.labels("put").inc(len(puts))
-        return puts
+            out[d.key] = _encode(record)
+        WRITES.labels("put").inc(len(out))
+        return out
 
-    async def _publish(self, puts: list[tuple[str, bytes]]) -> None:
-        """KV puts without waiting for their acks (see _recompute), a chunk's in one write
-        (nats.py's publish costs about 3 us a message: 60 ms of a 20,000-service bulk)."""
-        own = self.own_writes
-        for subject, payload in puts:
-            own[subject] = hash(payload)
-        await self.bus.publish_many(puts)
+    async def _remove_records(self, keys: list[str]) -> None:
+        """Take services' records out of their shards (and an earlier version's keys)."""
+        writes = self.record_store.send(dict.fromkeys(keys))
+        if writes:
+            await asyncio.gather(*writes)
+        for key in keys:
+            if key in self.record_store.view.legacy:
+                await self.services_kv.delete(key)
+        WRITES.labels("delete").inc(len(keys))
+
+    async def _drop_legacy(self) -> None:
+        """Delete the keys an earlier version wrote (one per service) once the service's
+        record is in its shard: readers take the shard's, so the datapath does not change."""
+        for key in self.record_store.legacy_keys():
+            if key in self.record_store.view.sharded:
+                await self.services_kv.delete(key)
 
     # --- watches -----------------------------------------------------------------------------
-
-    def _own(self, bucket: str, event: KVEvent) -> bool:
-        """Whether this is this replica's own write coming back (already applied here)."""
-        subject = kv_subject(bucket, event.key)
-        mine = self.own_writes.pop(subject, None)
-        return mine is not None and event.value is not None and hash(event.value) == mine
 
     def on_spec(self, event: KVEvent) -> None:
         """A shard of applied specs written by another replica (or an earlier run)."""
@@ -655,19 +665,20 @@ class LBCore:
                     self._mark(key)
 
     def on_record(self, event: KVEvent) -> None:
-        if self._own(subjects.KV_SERVICES, event):
-            return
-        if event.value is None:
-            self._set_record(event.key, None)
-            return
-        try:
-            record = msgspec.json.decode(event.value, type=LBService)
-        except (msgspec.ValidationError, msgspec.DecodeError):
-            self.log.warning("unreadable service record", key=event.key)
-            return
-        old = self.records.get(event.key)
-        if old is None or old.revision <= record.revision:
-            self._set_record(event.key, record)
+        """A ``services`` entry another replica (or an earlier run) wrote: the services in it
+        that changed (this replica's own writes give none)."""
+        for key, value in self.record_store.on_event(event):
+            if value is None:
+                self._set_record(key, None)
+                continue
+            try:
+                record = _decode_record(value)
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                self.log.warning("unreadable service record", key=key)
+                continue
+            old = self.records.get(key)
+            if old is None or old.revision <= record.revision:
+                self._set_record(key, record)
 
     def _mark(self, key: str) -> None:
         self.dirty.add(key)
@@ -688,13 +699,19 @@ class LBCore:
             await asyncio.sleep(0.01)  # let a burst of pod changes coalesce
             async with self.lock:
                 keys, self.dirty = self.dirty, set()
-                stale = [k for k in keys if k not in self.specs and k in self.records]
-                for key in stale:
-                    self._set_record(key, None)
-                    await self.services_kv.delete(key)
+                stale = [
+                    k
+                    for k in keys
+                    if k not in self.specs and (k in self.records or self.record_store.has(k))
+                ]
                 started = time.perf_counter()
                 try:
+                    for key in stale:
+                        self._set_record(key, None)
+                    if stale:
+                        await self._remove_records(stale)
                     await self._recompute(keys)
+                    await self._drop_legacy()
                 except Exception as exc:  # Redis or NATS away: try again shortly
                     self.log.warning("recompute failed; retrying", error=str(exc))
                     self.dirty |= keys
@@ -775,11 +792,6 @@ def _with_cluster_ip(document: dict[str, Any], spec: Spec) -> dict[str, Any]:
             port["nodePort"] = parsed.node_port
     body["spec"]["ports"] = ports
     return body
-
-
-def kv_subject(bucket: str, key: str) -> str:
-    """The subject a KV put goes to (JetStream's KV convention)."""
-    return f"$KV.{bucket}.{key}"
 
 
 async def run(settings: LBSettings) -> None:

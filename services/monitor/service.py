@@ -40,7 +40,16 @@ from services.monitor import history
 from services.monitor.enrich import Enricher, event_namespace
 from services.monitor.ring import FlowRing
 from services.monitor.watches import follow_optional
-from shared import __version__, flow_groups, flow_wire, ipcache_guard, log, startup, subjects
+from shared import (
+    __version__,
+    flow_groups,
+    flow_wire,
+    ipcache_guard,
+    log,
+    services_bucket,
+    startup,
+    subjects,
+)
 from shared.bus import Bus, MicroService, redact
 from shared.config import CommonSettings, env_name, setting
 from shared.errors import InvalidArgument, Unavailable
@@ -531,10 +540,16 @@ async def start(settings: MonitorSettings) -> Running:
     await watches.add(subjects.KV_FQDN, enricher.on_fqdn)
     services_synced = watches.snapshot_event()
     known_services: set[str] = set()
+    services_view = services_bucket.ServicesView()  # shards of records: per service
+
+    def on_services_entry(key: str, value: bytes | None) -> None:
+        for service, record in services_view.update(key, value):
+            enricher.on_service(service, record)
+
     tasks.spawn(
         "watch-services",
         lambda: follow_optional(
-            bus, subjects.KV_SERVICES, enricher.on_service, services_synced, known_services
+            bus, subjects.KV_SERVICES, on_services_entry, services_synced, known_services
         ),
     )
     await watches.synced()  # enrich from the start: flows before the snapshots would be bare

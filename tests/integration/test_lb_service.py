@@ -4,6 +4,7 @@ API mode, and a bulk apply."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,7 +17,7 @@ from membrane.servers import ServerProcess
 from services.lb import ids
 from services.lb import service as service_module
 from services.lb.service import LBCore, LBSettings
-from shared import apply, subjects
+from shared import apply, services_bucket, subjects
 from shared.bus import Bus
 from shared.errors import AlreadyExists, InvalidArgument
 from shared.messages import (
@@ -203,6 +204,16 @@ async def test_two_replicas_share_requests_and_lose_no_spec(
             a.records[f"default.{n}"].frontends[0].ip == b.records[f"default.{n}"].frontends[0].ip
             for n in names
         )
+        # the services bucket holds every record (the replicas' shard writes race too)
+        view = services_bucket.ServicesView()
+        for bucket_key, value in (
+            await Bus.snapshot(await client.kv(subjects.KV_SERVICES))
+        ).items():
+            view.update(bucket_key, value)
+        for n in names:
+            stored = view.get(f"default.{n}")
+            assert stored is not None
+            assert msgspec.json.decode(stored, type=LBService) == a.records[f"default.{n}"]
         c, tasks_c = await start_replica(buses[2], redis_server.url, "c")
         started.append(tasks_c)
         assert {k.split(".", 1)[1] for k in c.specs} >= set(names)  # read back from the shards
@@ -320,3 +331,90 @@ async def test_a_large_file_is_sent_while_read_and_changes_nothing_when_it_is_in
     )
     listed = {s.name for s in (await bus.request(subjects.LB_LIST, Empty(), LBListReply)).services}
     assert {f"f{i}" for i in range(12)} <= listed
+
+
+async def test_a_single_change_rewrites_one_small_shard(lb: LBCore, bus: Bus) -> None:
+    """The services bucket in shards: a bulk of 2,000 is written a shard at a time, and one
+    service changed afterwards is one message, its shard of a few services, not the bulk."""
+    seen: list[tuple[str, bytes]] = []
+
+    async def on(msg: Any) -> None:
+        seen.append((msg.subject, msg.data))
+
+    sub = await bus.nc.subscribe("$KV.services.>", cb=on)
+    await bus.flush()
+    names = [f"s{i}" for i in range(2000)]
+    docs = [
+        d for j in range(0, 2000, 200) for d in bulk_documents(names[j : j + 200], 10 + j // 200)
+    ]
+    await apply.apply_services(bus, docs, "bulk", dry_run=False)
+    await bus.flush()
+    bulk_messages = len(seen)
+    assert bulk_messages <= services_bucket.SHARDS
+    view = services_bucket.ServicesView()
+    for subject, data in seen:
+        view.update(subject.removeprefix("$KV.services."), data)
+    assert set(view.keys()) == {f"default.{n}" for n in names}
+    seen.clear()
+    changed = bulk_documents(["s42"], 10)
+    changed[1]["ports"][0]["port"] = 9090
+    await apply.apply_services(bus, changed, "one", dry_run=False)
+    await bus.flush()
+    await asyncio.sleep(0.2)
+    await sub.unsubscribe()
+    assert len(seen) == 1, [s for s, _ in seen]
+    subject, data = seen[0]
+    assert (
+        subject
+        == f"$KV.services.{services_bucket.shard_key(services_bucket.shard_of('default.s42'))}"
+    )
+    assert len(services_bucket.decode_shard(data)) < 20  # about 2 of 2,000
+    changes = view.update(subject.removeprefix("$KV.services."), data)
+    assert [k for k, _ in changes] == ["default.s42"]
+    ((_, value),) = changes
+    assert value is not None
+    assert msgspec.json.decode(value, type=LBService).frontends[0].backends[0].port == 9090
+
+
+async def test_a_bucket_of_an_earlier_version_is_moved_into_shards(
+    bus: Bus, redis_server: ServerProcess
+) -> None:
+    """Format 1 (one key per service) read on start: the records go into their shards and
+    the old keys are deleted; a reader of both formats sees no change on the way."""
+    core, tasks = await start_replica(bus, redis_server.url, "first")
+    try:
+        await apply.apply_services(bus, bulk_documents(["a", "b"], 8), "t", dry_run=False)
+        records = {k: core.records[k] for k in ("default.a", "default.b")}
+    finally:
+        await tasks.close()
+    kv = await bus.kv(subjects.KV_SERVICES)
+    for key, record in records.items():  # as an earlier version left the bucket
+        await kv.put(key, msgspec.json.encode(record))
+        await kv.delete(services_bucket.shard_key(services_bucket.shard_of(key)))
+    reader = services_bucket.ServicesView()
+    changes: list[tuple[str, bytes | None]] = []
+    for key, value in (await Bus.snapshot(kv)).items():
+        changes += reader.update(key, value)
+    assert {k for k, _ in changes} == set(records)
+    core, tasks = await start_replica(bus, redis_server.url, "upgraded")
+    try:
+
+        async def moved() -> None:
+            now = await Bus.snapshot(kv)
+            assert not set(records) & set(now)
+            assert {k for k in now if services_bucket.shard_number(k) is not None}
+
+        await eventually(moved, timeout=10, what="the old keys replaced by shards")
+        later: list[tuple[str, bytes | None]] = []
+        async with contextlib.aclosing(Bus.watch(kv)) as events:
+            async for event in events:
+                if event is None:
+                    break
+        for key, value in (await Bus.snapshot(kv)).items():
+            later += reader.update(key, value)
+        for key in records:
+            later += reader.update(key, None)
+        assert later == []  # the same records, now from the shards
+        assert {k: core.records[k] for k in records} == records
+    finally:
+        await tasks.close()
