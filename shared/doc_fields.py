@@ -55,6 +55,8 @@ def mapping(
     parent: Mapping[str, Any], key: str, path: str, *, required: bool = False
 ) -> Mapping[str, Any]:
     value = parent.get(key)
+    if type(value) is dict:  # the usual case, without the ABC check (bulk manifests)
+        return value
     if value is None:
         if required:
             raise InvalidArgument("is required", field=join(path, key))

@@ -161,7 +161,7 @@ class Reader:
     def __init__(self, source: str) -> None:
         self.source = source
         self.count = 0  # documents so far, empty ones included
-        self.defined: dict[tuple[str, str, str], str] = {}
+        self.defined: dict[tuple[str, str, str], _Label] = {}
 
     def feed(self, raws: list[Any]) -> list[Document]:
         """The validated objects of the next documents, read as :func:`kube_yaml.load_all`
@@ -171,9 +171,7 @@ class Reader:
         for index, raw in enumerate(raws, start=self.count + 1):
             if raw is None:
                 continue
-            where = f"document {index}"
-            for item_where, obj in _objects(raw, where, source):
-                label = kube_yaml.describe(item_where, obj)
+            for item_where, obj in _objects(raw, index, source):
                 try:
                     doc = _parse_object(obj)
                     key = _identity(doc)
@@ -186,8 +184,9 @@ class Reader:
                             field="metadata.name",
                         )
                 except InvalidArgument as exc:
+                    label = kube_yaml.describe(_where(item_where), obj)
                     raise _located(source, label, exc) from None
-                defined[key] = label
+                defined[key] = _Label(item_where, obj)
                 documents.append(doc)
         self.count += len(raws)
         return documents
@@ -209,10 +208,33 @@ def pieces(text: str, size: int) -> list[str]:
     return [text[a:b] for a, b in itertools.pairwise(cuts) if b > a]
 
 
-def _objects(raw: Any, where: str, source: str) -> list[tuple[str, Any]]:
+class _Label:
+    """What names a document in messages (``document 3 (Service/web)``), made only when a
+    message needs it: a bulk file has tens of thousands of documents and no error."""
+
+    __slots__ = ("obj", "where")
+
+    def __init__(self, where: int | str, obj: Any) -> None:
+        self.where = where
+        self.obj = obj
+
+    def __str__(self) -> str:
+        return kube_yaml.describe(_where(self.where), self.obj)
+
+
+def _where(where: int | str) -> str:
+    """A document's place: its number in the file, or a List item's path already made."""
+    return f"document {where}" if isinstance(where, int) else where
+
+
+def _objects(raw: Any, index: int, source: str) -> list[tuple[int | str, Any]]:
     """The objects a document holds: itself, or the items of a ``kind: List``."""
-    if not isinstance(raw, Mapping) or raw.get("kind") != _LIST_KIND:
-        return [(where, raw)]
+    if type(raw) is dict:  # the usual case, without the ABC check (bulk manifests)
+        if raw.get("kind") != _LIST_KIND:
+            return [(index, raw)]
+    elif not isinstance(raw, Mapping) or raw.get("kind") != _LIST_KIND:
+        return [(index, raw)]
+    where = _where(index)
     label = f"{where} (List)"
     try:
         _check_fields(raw, frozenset({"apiVersion", "kind", "metadata", "items"}), "")
@@ -251,7 +273,7 @@ def _identity(doc: Document) -> tuple[str, str, str]:
 
 
 def _parse_object(obj: Any) -> Document:
-    if not isinstance(obj, Mapping):
+    if type(obj) is not dict and not isinstance(obj, Mapping):
         raise InvalidArgument(
             f"a document must be a mapping (a Kubernetes object), got {doc_fields.type_name(obj)}"
         )
@@ -307,7 +329,7 @@ def _routed(obj: Mapping[str, Any], kind_name: str, kind: _Kind) -> RoutedDoc:
         api_version=kind.api_version,
         namespace=namespace,
         name=name,
-        body=dict(obj),
+        body=obj if type(obj) is dict else dict(obj),  # read from YAML: nothing else holds it
     )
 
 
