@@ -5,13 +5,14 @@ request, which on the shared machine varies much less than ``bench/l7.py``'s sid
 (its L3/L4 baseline moves with the machine's load).
 
     .venv/bin/python bench/l7_proxy.py [--runs 3] [--seconds 4] [--connections 4]
-        [--mode keepalive|newconn] [--flows] [--profile N]
+        [--mode keepalive|newconn] [--flows] [--no-pool] [--profile N]
     (root: SO_MARK)
 
 ``--mode newconn``: a new connection per request (``Connection: close``, which the server
 honours, as ``bench/l7.py``'s does). ``--flows``: each request reported as the service reports
 it (``FlowSink.add``: the flow, the metrics), the batches encoded every 50 ms as the bus would
-send them (not sent). ``--profile N``: cProfile over the runs, the N functions of most own time
+send them (not sent). ``--no-pool``: no pool of upstream connections (services/proxy/pool.py),
+each client connection opens its own upstream, as before the pool. ``--profile N``: cProfile over the runs, the N functions of most own time
 printed at the end.
 """
 
@@ -38,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from services.proxy.connection import Accepted
 from services.proxy.exchange import Report
+from services.proxy.pool import UpstreamPool
 from services.proxy.service import FLUSH_S, FlowSink
 from services.proxy.sockets import BACKLOG
 from services.proxy.view import View
@@ -120,8 +122,9 @@ async def measure(upstream_port: int, args: argparse.Namespace) -> None:
             self.conn = dataclasses.replace(self.conn, dport=upstream_port)
 
     loop = asyncio.get_running_loop()
+    pool = None if args.no_pool else UpstreamPool()
     proxy = await loop.create_server(
-        lambda: Towards(view, report, failures.append), "127.0.0.1", 0, backlog=BACKLOG
+        lambda: Towards(view, report, failures.append, pool), "127.0.0.1", 0, backlog=BACKLOG
     )
     port = proxy.sockets[0].getsockname()[1]
     for _ in range(args.runs):
@@ -137,7 +140,8 @@ async def measure(upstream_port: int, args: argparse.Namespace) -> None:
         print(
             f"{got['rps']:8.0f} req/s  p50 {got['p50_ms']:.3f} ms  errors {got['errors']}  "
             f"proxy CPU {per * spent:.1f} us/req (user {per * (after.user - times.user):.1f}, "
-            f"system {per * (after.system - times.system):.1f})",
+            f"system {per * (after.system - times.system):.1f})"
+            + (f"  upstreams reused {pool.reused}" if pool is not None else ""),
             flush=True,
         )
     proxy.close()
@@ -156,6 +160,9 @@ def main() -> None:
         "--mode", choices=("keepalive", "newconn"), default="keepalive",
         help="keep-alive connections, or a new connection per request",
     )  # fmt: skip
+    parser.add_argument(
+        "--no-pool", action="store_true", help="no upstream pool: a new upstream per connection"
+    )
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="cProfile, top N")
     args = parser.parse_args()
     server = subprocess.Popen([sys.executable, "-c", SERVER], stdout=subprocess.PIPE, text=True)

@@ -21,6 +21,7 @@ from services.proxy.exchange import READ_SIZE, Conn, Report
 from services.proxy.http import HttpConnection
 from services.proxy.http2 import PREFACE, Http2Connection
 from services.proxy.kafka import KafkaConnection
+from services.proxy.pool import UpstreamPool
 from services.proxy.view import View
 
 Failed = Callable[[BaseException], None]  # what a connection's handler failed with (a bug)
@@ -29,10 +30,13 @@ Failed = Callable[[BaseException], None]  # what a connection's handler failed w
 class Accepted(asyncio.Protocol):
     """A connection the listener accepted, until its first bytes tell what it speaks."""
 
-    def __init__(self, view: View, report: Report, failed: Failed) -> None:
+    def __init__(
+        self, view: View, report: Report, failed: Failed, pool: UpstreamPool | None = None
+    ) -> None:
         self.view = view
         self.report = report
         self.failed = failed
+        self.pool = pool
         self.first = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -65,7 +69,9 @@ class Accepted(asyncio.Protocol):
         if self.first.startswith(PREFACE):
             self._streams(self.first, eof=eof, kafka=False)
             return
-        handler = HttpConnection(self.view, self.transport, self.report, self.conn, self.failed)
+        handler = HttpConnection(
+            self.view, self.transport, self.report, self.conn, self.failed, self.pool
+        )
         handler.start(self.first, eof=eof)
 
     def _streams(self, first: bytes, *, eof: bool, kafka: bool) -> None:
@@ -97,6 +103,9 @@ class Accepted(asyncio.Protocol):
 _TASKS: set[asyncio.Task[None]] = set()  # the stream handlers' tasks, held until done
 
 
-def accepting(view: View, report: Report, failed: Failed) -> Callable[[], Accepted]:
-    """The listener's protocol factory (``loop.create_server``)."""
-    return lambda: Accepted(view, report, failed)
+def accepting(
+    view: View, report: Report, failed: Failed, pool: UpstreamPool | None = None
+) -> Callable[[], Accepted]:
+    """The listener's protocol factory (``loop.create_server``); HTTP/1.1 upstreams taken from
+    and handed back to ``pool`` (none: one per client connection)."""
+    return lambda: Accepted(view, report, failed, pool)

@@ -45,6 +45,7 @@ from services.proxy.exchange import (
     elapsed_ms,
     open_upstream,
 )
+from services.proxy.pool import Key, UpstreamPool
 from services.proxy.view import Verdict, View
 from shared.messages import L7Info
 
@@ -58,6 +59,13 @@ _LINE_ENDS = {"1.1": b" HTTP/1.1\r\n", "1.0": b" HTTP/1.0\r\n"}
 def last_chunk(trailers: list[tuple[bytes, bytes]]) -> bytes:
     """The end of a chunked body, with its trailer section."""
     return b"0\r\n" + b"".join(name + b": " + value + b"\r\n" for name, value in trailers) + b"\r\n"
+
+
+def without_close(value: bytes) -> bytes:
+    """A ``Connection`` header's value without its ``close`` option."""
+    return b", ".join(
+        option for part in value.split(b",") if (option := part.strip()).lower() != b"close"
+    )
 
 
 def local_response(status: int, reason: str, body: bytes, *, close: bool) -> bytes:
@@ -81,6 +89,9 @@ class Request:
     local: bytes = b""  # the answer made here (denied); empty: the upstream answers
     close_after: bool = False
     status: int = 0
+    # its Connection: close kept from the pooled upstream: the proxy closes the client's
+    # connection after the answer, and says so in it
+    close_kept: bool = False
 
     def l7(self) -> L7Info:
         return L7Info(
@@ -116,12 +127,15 @@ class HttpConnection(Judged, asyncio.Protocol):
         report: Report,
         conn: Conn | None = None,
         failed: Callable[[BaseException], None] | None = None,
+        pool: UpstreamPool | None = None,
     ) -> None:
         """``failed``: told what a callback failed with (a bug), unless :meth:`run` is
-        awaited, which raises it."""
+        awaited, which raises it. ``pool``: where upstreams are taken from and handed back
+        (none: each connection opens its own and closes it)."""
         super().__init__(view, conn or Conn.of(client), report)
         self.client = client
         self.failed = failed
+        self.pool = pool
         self.parser = httptools.HttpRequestParser(self)
         self.cur = _Parsing()
         self.pending: deque[Request] = deque()  # in request order, awaiting their answers
@@ -142,6 +156,7 @@ class HttpConnection(Judged, asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.cur = _Parsing()
         self.in_head = True
+        self.in_request = True
 
     def on_url(self, data: bytes) -> None:
         self.cur.url += data
@@ -185,7 +200,29 @@ class HttpConnection(Judged, asyncio.Protocol):
             version = parser.get_http_version()
             line_end = _LINE_ENDS.get(version) or f" HTTP/{version}\r\n".encode()
             head: list[bytes | bytearray] = [method.encode("latin-1"), b" ", cur.url, line_end]
+            # the upstream may be handed to the next client (pool.py) when every request on it
+            # is HTTP/1.1 and none an upgrade; a client's "close" is then kept from it, as
+            # Envoy does (the option is the connection's, not the request's: RFC 9110 7.6.1)
+            poolable = version == "1.1" and not parser.should_upgrade()
+            if not poolable:
+                self.keep_upstream = self.replayable = False
+            elif (
+                method not in _REPLAYABLE
+                or cur.chunked
+                or headers.get("content-length", "0") != "0"
+            ):
+                self.replayable = False
+            strip = (
+                poolable
+                and self.pool is not None
+                and "close" in headers.get("connection", "").lower()
+            )
+            request.close_kept = strip
             for name, value in cur.headers:
+                if strip and name.lower() == b"connection":
+                    value = without_close(value)
+                    if not value:
+                        continue
                 head += (name, b": ", value, b"\r\n")
             head.append(b"\r\n")
             self.to_upstream.append(b"".join(head))
@@ -208,6 +245,7 @@ class HttpConnection(Judged, asyncio.Protocol):
             self.to_upstream.append(data)
 
     def on_message_complete(self) -> None:
+        self.in_request = False
         if self.cur.allowed and self.cur.chunked:
             self.to_upstream.append(last_chunk(self.cur.trailers))
 
@@ -294,6 +332,18 @@ class HttpConnection(Judged, asyncio.Protocol):
     error: BaseException | None = None
     client_ended = False  # the client sent its end: close once the answers owed are out
     holds: frozenset[str] = frozenset()  # why the client's side is not read
+    in_request = False  # between a request's first byte and its end
+    # the upstream, pooled: its key, the view's generation when it was opened (it is never
+    # reused under another), whether it may go back (every request on it HTTP/1.1, no upgrade,
+    # every answer keep-alive, nothing failed)
+    pool_key: Key | None = None
+    generation = 0
+    keep_upstream = True
+    # what was sent on an upstream taken from the pool before its first answer came: sent again
+    # on a new connection if the server had closed it meanwhile, when every request in it is
+    # a GET, HEAD or OPTIONS without a body
+    replay: list[bytes] | None = None
+    replayable = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         pass  # the transport was taken over in start()
@@ -365,15 +415,40 @@ class HttpConnection(Judged, asyncio.Protocol):
         self.holds = holds
 
     def _fault(self, exc: BaseException) -> None:
+        self.keep_upstream = False
         self.error = exc
         self._finish()
 
     def close_both(self) -> None:
         self.closing = True
         end_now(self.client)
-        for transport in (self.client, self.upstream):
-            if transport is not None:
-                transport.close()  # what is buffered is still sent
+        self.client.close()  # what is buffered is still sent
+        upstream = self.upstream
+        if upstream is not None:
+            if self._idle_upstream():
+                assert self.pool is not None and self.pool_key is not None
+                self.upstream = None
+                self.pool.put(self.pool_key, upstream, self.generation)
+            else:
+                upstream.close()
+
+    def _idle_upstream(self) -> bool:
+        """The upstream is between answers and may serve another client (pool.py)."""
+        upstream, response = self.upstream, self.response
+        return (
+            self.keep_upstream
+            and self.pool_key is not None
+            and upstream is not None
+            and response is not None
+            and not response.in_message
+            and self.error is None
+            and not (self.pending or self.to_upstream or self.head_buffer or self.upgraded)
+            and not (self.in_request and self.cur.allowed)  # a body half sent
+            and (self.connecting is None or self.connecting.done())
+            and not upstream.is_closing()
+            and upstream.is_reading()
+            and not upstream.get_write_buffer_size()
+        )
 
     def _from_client(self, data: bytes) -> None:
         if self.closing:
@@ -410,15 +485,41 @@ class HttpConnection(Judged, asyncio.Protocol):
                 if self.to_upstream:  # what was not sent yet: no more of it until connected
                     self._hold("connecting", True)
             else:
-                self.upstream.write(b"".join(self.to_upstream))
+                data = b"".join(self.to_upstream)
                 self.to_upstream.clear()
+                self.upstream.write(data)
+                if self.replay is not None:
+                    if self.replayable:
+                        self.replay.append(data)
+                    else:
+                        self.replay = None
         self._flush()
         self._maybe_close()
 
     def _connect(self, identity: int) -> None:
-        """The upstream connection, for the first allowed request: the connect started and what
-        is to send sent in this callback (to a pod on this machine the handshake is over when
-        the connect returns), the transport made in a task (uvloop has no other way)."""
+        """The upstream connection, for the first allowed request: an idle one from the pool
+        when there is one, else the connect started and what is to send sent in this callback
+        (to a pod on this machine the handshake is over when the connect returns), the
+        transport made in a task (uvloop has no other way)."""
+        conn = self.conn
+        if self.pool is not None and conn.dst not in self.view.elsewhere:
+            # (an upstream towards another node is bound to the client's own port: never pooled)
+            key = self.pool_key = (conn.src_ip, identity, conn.dst_ip, conn.dport)
+            upstream = self.pool.take(key, self.view.generation)
+            if upstream is not None:
+                data = b"".join(self.to_upstream)
+                self.to_upstream.clear()
+                self.upstream = upstream
+                self.generation = self.view.generation
+                upstream.set_protocol(_Upstream(self))
+                self.response = _Response(self)
+                self.replay = [data] if self.replayable else None
+                upstream.write(data)
+                return
+        self._open(identity)
+
+    def _open(self, identity: int) -> None:
+        self.generation = self.view.generation  # what the datapath judges it under
         try:
             sock = open_upstream(self.conn, identity, self.view)
         except OSError:
@@ -447,6 +548,7 @@ class HttpConnection(Judged, asyncio.Protocol):
         except OSError:  # closed meanwhile
             return
         if stuck:
+            self.keep_upstream = False
             self.close_both()
 
     async def _attach(self, sock: socket.socket) -> None:
@@ -515,6 +617,7 @@ class HttpConnection(Judged, asyncio.Protocol):
     # --- the upstream's side ----------------------------------------------------------------------
 
     def from_upstream(self, data: bytes) -> None:
+        self.replay = None  # an answer: the server had not closed it
         if self.upgraded and not self.pending:
             self.client.write(data)
             return
@@ -525,6 +628,7 @@ class HttpConnection(Judged, asyncio.Protocol):
             self.to_client.append(data[upgrade.args[0] :])
             self.pending.clear()
         except httptools.HttpParserError:
+            self.keep_upstream = False
             self._flush()
             self.close_both()
             return
@@ -532,9 +636,29 @@ class HttpConnection(Judged, asyncio.Protocol):
         self._maybe_close()
 
     def upstream_ended(self) -> None:
-        """The upstream is done: whatever the client still waits for will not come."""
+        """The upstream is done: whatever the client still waits for will not come -- unless
+        it came from the pool and ended before any answer (the server had closed it while it
+        was idle, or as the requests went out): its requests, when they may be, are sent once
+        more on a new connection (as Envoy retries a reset pooled connection)."""
+        replay, self.replay = self.replay, None
+        if replay is not None and self.pending and not self.closing_for_good():
+            assert self.upstream is not None and self.pool_key is not None
+            self.upstream.set_protocol(_SPENT)
+            self.upstream.close()
+            self.upstream = None
+            self.response = None
+            self.to_upstream[:0] = replay
+            self._open(self.pool_key[1])
+            if self.to_upstream:
+                self._hold("connecting", True)
+            return
+        self.keep_upstream = False
         self._flush()
         self.close_both()
+
+    def closing_for_good(self) -> bool:
+        """The client's side is gone or failed: nothing to send again."""
+        return self.finished or self.error is not None or self.client.is_closing()
 
     def _feed_response(self, data: bytes) -> None:
         """Upstream bytes to the response parser. An answer to HEAD has no body whatever its
@@ -554,6 +678,7 @@ class HttpConnection(Judged, asyncio.Protocol):
             head, data = bytes(self.head_buffer[: end + 4]), bytes(self.head_buffer[end + 4 :])
             self.head_buffer.clear()
             response = self.response
+            self.keep_upstream = False  # (its end, with no body, is told by the head alone)
             response.parser.feed_data(head)
             if not response.completed:  # (an informational answer is complete by itself)
                 response.completed = True
@@ -571,6 +696,7 @@ class _Response:
         self.headers: list[tuple[bytes, bytes]] = []
         self.trailers: list[tuple[bytes, bytes]] = []
         self.in_head = False
+        self.in_message = False
         self.completed = False
         self.chunked = False
         self.status = 0
@@ -580,6 +706,7 @@ class _Response:
         self.headers = []
         self.trailers = []
         self.in_head = True
+        self.in_message = True
         self.completed = False
 
     def on_status(self, data: bytes) -> None:
@@ -594,10 +721,19 @@ class _Response:
         version = self.parser.get_http_version()
         out = [f"HTTP/{version} {self.status} ".encode(), bytes(self.reason), b"\r\n"]
         self.chunked = False
+        pending = self.conn.pending
+        # the client asked for the end, which the upstream was not told (it is pooled): said
+        # here, in the final answer
+        close = self.status >= 200 and bool(pending) and pending[0].close_kept
         for name, value in self.headers:
-            if name.lower() == b"transfer-encoding" and b"chunked" in value.lower():
+            lower = name.lower()
+            if lower == b"transfer-encoding" and b"chunked" in value.lower():
                 self.chunked = True
+            elif close and lower == b"connection":
+                continue
             out += (name, b": ", value, b"\r\n")
+        if close:
+            out.append(b"connection: close\r\n")
         out.append(b"\r\n")
         self.conn.to_client.append(b"".join(out))
 
@@ -609,6 +745,9 @@ class _Response:
 
     def on_message_complete(self) -> None:
         self.completed = True
+        self.in_message = False
+        if not self.parser.should_keep_alive():
+            self.conn.keep_upstream = False
         if self.chunked:
             self.conn.to_client.append(last_chunk(self.trailers))
         if 100 <= self.status < 200 and self.status != 101:
@@ -645,6 +784,7 @@ class _Upstream(asyncio.Protocol):
         self.conn._hold("upstream", False)
 
 
+_REPLAYABLE = frozenset({"GET", "HEAD", "OPTIONS"})
 _SPENT = asyncio.Protocol()  # the protocol of a transport whose handler is done
 _SPENT_PARSER = httptools.HttpRequestParser(_SPENT)
 _SPENT_RESPONSE_PARSER = httptools.HttpResponseParser(_SPENT)

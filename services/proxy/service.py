@@ -28,6 +28,7 @@ from services.proxy.dns import DnsProxy
 from services.proxy.exchange import Conn
 from services.proxy.fqdn_cache import FQDNCaches
 from services.proxy.fqdn_publish import FQDNPublisher
+from services.proxy.pool import UpstreamPool
 from services.proxy.sockets import BACKLOG, listener
 from services.proxy.view import Verdict, View
 from shared import __version__, agent_api, ipcache_guard, metrics, proxy, startup, subjects
@@ -52,6 +53,10 @@ LATENCY = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
 )
 CONNECTIONS = Counter("membrane_proxy_connections_total", "Connections the L7 proxy accepted")
+REUSED = Counter(
+    "membrane_proxy_upstreams_reused_total",
+    "HTTP/1.1 upstream connections taken from the pool for another client connection",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +106,8 @@ class FlowSink:
         self._counts: dict[tuple[str, str, str], int] = {}  # since the last batch
         self._latencies: dict[str, list[float]] = {}  # seconds, by protocol, likewise
         self.accepted = 0  # connections, likewise
+        self.pool: UpstreamPool | None = None  # its reuses counted, likewise
+        self._reused = 0
 
     def add(self, conn: Conn, verdict: Verdict, l7: L7Info) -> None:
         outcome = "FORWARDED" if verdict.allowed else "DROPPED"
@@ -151,6 +158,9 @@ class FlowSink:
         if self.accepted:
             CONNECTIONS.inc(self.accepted)
             self.accepted = 0
+        if self.pool is not None and self.pool.reused != self._reused:
+            REUSED.inc(self.pool.reused - self._reused)
+            self._reused = self.pool.reused
 
     async def run(self) -> None:
         while True:
@@ -225,7 +235,8 @@ async def run(settings: ProxySettings) -> None:
     def failed(exc: BaseException) -> None:
         logger.error("connection failed", exc_info=exc)
 
-    new_connection = accepting(view, sink.add, failed)
+    pool = sink.pool = UpstreamPool()  # HTTP/1.1 upstreams kept between client connections
+    new_connection = accepting(view, sink.add, failed, pool)
 
     def accepted() -> asyncio.Protocol:
         sink.accepted += 1
@@ -259,6 +270,7 @@ async def run(settings: ProxySettings) -> None:
     signal_name = await wait_for_shutdown()
     logger.info("shutting down", signal=signal_name)
     server.close()
+    pool.close()
     dns_proxy.close()
     await micro.stop()
     await tasks.close()

@@ -225,6 +225,51 @@ def test_policy_change_applies_to_the_next_request_of_an_open_connection(
     assert [f["l7"]["status"] for f in flows][-2:] == [403, 200], flows
 
 
+def _reused(cluster: Cluster) -> float:
+    """``membrane_proxy_upstreams_reused_total`` of every node's proxy, added up (each read
+    inside its node, where it listens)."""
+    total = 0.0
+    for proxy in cluster.json("status")["services"]:
+        if proxy["name"] != "membrane-proxy":
+            continue
+        url = f"http://{proxy['metadata']['metrics']}/metrics"
+        read = f"import urllib.request; print(urllib.request.urlopen({url!r}).read().decode())"
+        text = subprocess.run(
+            ["ip", "netns", "exec", proxy["metadata"]["node"], sys.executable, "-c", read],
+            check=True, capture_output=True, text=True,
+        ).stdout  # fmt: skip
+        for line in text.splitlines():
+            if line.startswith("membrane_proxy_upstreams_reused_total "):
+                total += float(line.split()[1])
+    return total
+
+
+def test_new_connections_reuse_the_proxys_upstreams_and_each_request_is_judged(
+    galaxy: Galaxy,
+) -> None:
+    """A ship making a new connection per request (http.client, which ends its side after the
+    answer): the proxies hand their upstream connections to the deathstar on from one client
+    connection to the next (pool.py), every request still answered as the policy says."""
+    before = _reused(galaxy.cluster)
+    for call, expected in ((LANDING, "200"), (EXHAUST, "403")):
+        hammer = subprocess.run(
+            galaxy.exec("tiefighter", "hammer", "2", galaxy.vip, "80", *call),
+            env=galaxy.cluster.env(), capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        outcomes = json.loads(hammer.stdout.splitlines()[-1])
+        assert list(outcomes) == [expected] and outcomes[expected] > 20, outcomes
+        if call == LANDING:
+            landed = outcomes[expected]
+
+    # (the metrics are brought up to date with the flow batches, every 50 ms)
+    def reused() -> float:
+        count = _reused(galaxy.cluster) - before
+        assert count >= landed / 4, (count, landed)
+        return count
+
+    assert until(reused, "the upstreams reused") < landed  # a denied request takes none
+
+
 def _proxy_pids(cluster: Cluster) -> set[int]:
     pids = {p.pid for p in StateDir(cluster.state).processes() if p.name.startswith("proxy-")}
     assert len(pids) == len(cluster.nodes), pids
