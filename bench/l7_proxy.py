@@ -12,8 +12,8 @@ request, which on the shared machine varies much less than ``bench/l7.py``'s sid
 honours, as ``bench/l7.py``'s does). ``--flows``: each request reported as the service reports
 it (``FlowSink.add``: the flow, the metrics), the batches encoded every 50 ms as the bus would
 send them (not sent). ``--no-pool``: no pool of upstream connections (services/proxy/pool.py),
-each client connection opens its own upstream, as before the pool. ``--profile N``: cProfile over the runs, the N functions of most own time
-printed at the end.
+each client connection opens its own upstream, as before the pool. ``--profile N``: cProfile
+over the runs, the N functions of most own time printed at the end.
 """
 
 from __future__ import annotations

@@ -90,7 +90,9 @@ class Timeline:
         )
 
 
-def once(cluster: TwoNodeCluster, n: int, workdir: Path, spy: Path | None, tag: str) -> dict[str, Any]:
+def once(
+    cluster: TwoNodeCluster, n: int, workdir: Path, spy: Path | None, tag: str
+) -> dict[str, Any]:
     plan = Plan(cluster.octet, n)
     lb = Membrane(cluster, plan)
     bulk_file = workdir / "bulk.yaml"
