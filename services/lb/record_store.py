@@ -91,6 +91,8 @@ class RecordStore:
             if revision >= self.revisions.get(shard, 0):  # equal: its echo came first
                 self.contents[shard] = content
                 self.revisions[shard] = revision
+                # the echo, when it comes after this, is passed over (its revision is known)
+                self.view.set_shard(shard_key(shard), content)
             if self.own.get(shard, (None,))[0] == hash(payload):
                 self.own.pop(shard, None)
             return
