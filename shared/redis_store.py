@@ -17,14 +17,16 @@ from redis.retry import Retry
 from shared.errors import Unavailable
 
 
-def make_redis(url: str) -> aioredis.Redis:
-    """A client whose every command fails within about two seconds while Redis is away."""
+def make_redis(url: str, socket_timeout: float = 1.0) -> aioredis.Redis:
+    """A client whose every command fails within about two seconds while Redis is away (a
+    command that legitimately runs long, such as a bulk's script, needs a longer
+    ``socket_timeout``: Redis answers nothing until it is done)."""
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         # requests beyond this many wait for a connection instead of failing
         max_connections=32,
         timeout=2.0,
-        socket_timeout=1.0,
+        socket_timeout=socket_timeout,
         socket_connect_timeout=1.0,
         retry=Retry(ExponentialBackoff(cap=0.25, base=0.05), retries=2),
         health_check_interval=30,

@@ -797,7 +797,10 @@ def _with_cluster_ip(document: dict[str, Any], spec: Spec) -> dict[str, Any]:
 async def run(settings: LBSettings) -> None:
     started = await startup.start(settings, "lb")
     kv = started.kv
-    allocator = ids.Allocator(make_redis(settings.redis_url))
+    allocator = ids.Allocator(
+        make_redis(settings.redis_url),
+        bulk=make_redis(settings.redis_url, socket_timeout=ids.BULK_SECONDS),
+    )
     seed = settings.maglev_seed or await allocator.maglev_seed()
     core = LBCore(
         started.bus,

@@ -21,13 +21,14 @@ udpwait IP PORT SPORT SECONDS send one datagram from SPORT on a connected socket
                               ("connection refused"), 1 on nothing
 icmperr VICTIM SERVER DPORT N send VICTIM N ICMP port-unreachable errors quoting its UDP datagram
                               VICTIM:40000 -> SERVER:DPORT (100 ms apart)
-rawcount PROTO SECONDS        count the IP packets of protocol PROTO arriving for SECONDS (raw
-                              socket; prints "ready" first); print the count
+rawcount PROTO SECONDS|eof    count the IP packets of protocol PROTO arriving for SECONDS or
+                              until stdin closes (raw socket; prints "ready" first); print the count
 rawsend PROTO IP COUNT        send COUNT IP packets of protocol PROTO to IP (raw socket)
 frags SRC DST DPORT ID MODE   send a UDP datagram SRC -> DST:DPORT in two IP fragments of id ID
                               (MODE whole), or its second fragment only (MODE rest)
-fragcount SECONDS             print "ready", then count the non-first IP fragments arriving on
-                              eth0 for SECONDS (a packet socket: before reassembly); print
+fragcount SECONDS|eof         print "ready", then count the non-first IP fragments arriving on
+                              eth0 for SECONDS or until stdin closes (a packet socket: before
+                              reassembly); print
                               {"ID": count} as JSON
 synspray SRC DST DPORT COUNT  send COUNT TCP SYNs SRC -> DST, every one from another port pair
                               and each twice (a raw socket; nobody answers them); print COUNT
@@ -57,6 +58,7 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 TIMEOUT = 2.0
 
@@ -252,25 +254,38 @@ def stream(ip: str, port: int, count: int, gap_ms: float) -> int:
     return 0
 
 
-def count(port: int, seconds: float | None) -> int:
-    """``seconds`` None: until stdin closes (a fixed window would end early when the senders,
-    started after this, start late on a loaded machine)."""
+def _until(window: str) -> threading.Event:
+    """An event set after ``window`` seconds, or when stdin closes for ``eof``: a counter started
+    before its senders ends once the test says they are done (a fixed window ends early when
+    the senders, started after it, start late on a loaded machine)."""
     stop = threading.Event()
-    if seconds is None:
+    if window == "eof":
         threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
     else:
-        threading.Timer(seconds, stop.set).start()
+        threading.Timer(float(window), stop.set).start()
+    return stop
+
+
+def _receive(sock: socket.socket, stop: threading.Event) -> Iterator[bytes]:
+    """What arrives on ``sock`` until ``stop``, then what was already queued on it."""
+    sock.settimeout(0.2)
+    while not stop.is_set():
+        try:
+            yield sock.recv(65535)
+        except TimeoutError:
+            continue
+    sock.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            yield sock.recv(65535)
+
+
+def count(port: int, window: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("0.0.0.0", port))
-        sock.settimeout(0.2)
+        stop = _until(window)
         print("ready", flush=True)
-        seen: set[bytes] = set()
-        while not stop.is_set():
-            try:
-                seen.add(sock.recv(2048))
-            except TimeoutError:
-                continue
-        print(len(seen))
+        print(len(set(_receive(sock, stop))))
     return 0
 
 
@@ -384,19 +399,11 @@ def icmperr(victim: str, server: str, dport: int, count: int) -> int:
     return 0
 
 
-def rawcount(proto: int, seconds: float) -> int:
+def rawcount(proto: int, window: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_RAW, proto) as sock:
-        sock.settimeout(0.2)
+        stop = _until(window)
         print("ready", flush=True)
-        seen = 0
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            try:
-                sock.recv(2048)
-                seen += 1
-            except TimeoutError:
-                continue
-        print(seen)
+        print(sum(1 for _ in _receive(sock, stop)))
     return 0
 
 
@@ -443,18 +450,13 @@ def frags(src: str, dst: str, dport: int, ident: int, mode: str) -> int:
     return 0
 
 
-def fragcount(seconds: float) -> int:
+def fragcount(window: str) -> int:
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
     sock.bind(("eth0", 0))
-    sock.settimeout(0.2)
+    stop = _until(window)
     print("ready", flush=True)
     seen: dict[str, int] = {}
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            frame = sock.recv(65535)
-        except TimeoutError:
-            continue
+    for frame in _receive(sock, stop):
         ident, frag = struct.unpack("!HH", frame[18:22])
         if frag & 0x1FFF:
             seen[str(ident)] = seen.get(str(ident), 0) + 1
@@ -526,7 +528,7 @@ def main(argv: list[str]) -> int:
     if command == "stream":
         return stream(rest[0], int(rest[1]), int(rest[2]), float(rest[3]))
     if command == "count":
-        return count(int(rest[0]), None if rest[1] == "eof" else float(rest[1]))
+        return count(int(rest[0]), rest[1])
     if command == "matrix":
         print(json.dumps(matrix(float(rest[0]), rest[1:])))
         return 0
@@ -543,13 +545,13 @@ def main(argv: list[str]) -> int:
     if command == "icmperr":
         return icmperr(rest[0], rest[1], int(rest[2]), int(rest[3]))
     if command == "rawcount":
-        return rawcount(int(rest[0]), float(rest[1]))
+        return rawcount(int(rest[0]), rest[1])
     if command == "rawsend":
         return rawsend(int(rest[0]), rest[1], int(rest[2]))
     if command == "frags":
         return frags(rest[0], rest[1], int(rest[2]), int(rest[3]), rest[4])
     if command == "fragcount":
-        return fragcount(float(rest[0]))
+        return fragcount(rest[0])
     if command == "synspray":
         return synspray(rest[0], rest[1], int(rest[2]), int(rest[3]))
     if command == "echo2":

@@ -114,10 +114,10 @@ async def test_nats_sigkill_under_traffic(cluster: Cluster, tmp_path: Path) -> N
         cluster.run("apply", "-f", str(manifest))
         deadline = time.monotonic() + 20
         while True:
-            counter = cluster.background("f-b", "count", "9001", "2")
+            counter = cluster.background("f-b", "count", "9001", "eof")
             sender = cluster.background("f-a", "stream", bip, "9001", "50", "10")
-            got = int(counter.communicate(timeout=20)[0].split()[-1])
             sender.communicate(timeout=20)
+            got = int(counter.communicate(timeout=20)[0].split()[-1])
             if got:
                 break
             assert time.monotonic() < deadline, "the policy change after recovery never applied"

@@ -285,8 +285,8 @@ def drops(cluster: Cluster, node: str, reason: int) -> int:
 
 def arrivals(cluster: Cluster, pods_: list[str], send: Callable[[], None]) -> list[str]:
     """How many distinct UDP datagrams each pod in ``pods_`` got on port 9000 while ``send``
-    ran (each counter listens 4 s, started before ``send``)."""
-    counters = [cluster.background(pod, "count", "9000", "4") for pod in pods_]
+    ran (each counter listens from before ``send`` until it is done)."""
+    counters = [cluster.background(pod, "count", "9000", "eof") for pod in pods_]
     try:
         send()
         return [counter.communicate(timeout=30)[0].split()[-1] for counter in counters]

@@ -132,7 +132,7 @@ def test_port_zero_of_any_protocol_admits_no_icmp_or_gre(cluster: Cluster, tmp_p
                 break
             assert time.monotonic() < deadline, "ICMP echo still admitted by port 0 / ANY"
         assert cluster.probe("p0client", "tcp", ip, "80").returncode == 0  # TCP is
-        gre = cluster.background("p0server", "rawcount", "47", "3")
+        gre = cluster.background("p0server", "rawcount", "47", "eof")
         assert gre.stdout is not None and gre.stdout.readline().strip() == "ready"
         sent = cluster.probe("p0client", "rawsend", "47", ip, "5")
         assert sent.returncode == 0, sent.stderr
@@ -203,9 +203,9 @@ def test_fragments_are_judged_with_their_first_fragments_ports(
         deadline = time.monotonic() + 15  # the deny is in force
         while cluster.probe("fraga", "udp", v_ip, "9301").returncode == 0:
             assert time.monotonic() < deadline, "UDP 9301 never denied"
-        counter = cluster.background("fragv", "fragcount", "4")
+        counter = cluster.background("fragv", "fragcount", "eof")
         assert counter.stdout is not None and counter.stdout.readline().strip() == "ready"
-        arrivals = cluster.background("fragv", "count", "9300", "4")
+        arrivals = cluster.background("fragv", "count", "9300", "eof")
         for dport, ident, mode in (("9300", "1111", "whole"), ("9301", "2222", "whole")):
             sent = cluster.probe("fraga", "frags", a_ip, v_ip, dport, ident, mode)
             assert sent.returncode == 0, sent.stderr
