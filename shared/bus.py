@@ -97,6 +97,11 @@ JETSTREAM_DELIVERIES = Counter(
     ["subscription"],
 )
 _JETSTREAM_REPLIES = ("$JS.ACK.", "$JS.FC.")
+# a connection attempt ends after this many connect timeouts (TCP, TLS, INFO, PONG: each
+# bounded by nats-py, but not its clean-up after a failure), and a cancelled one is not
+# waited for longer than this
+ATTEMPT_TIMEOUTS = 5
+CANCEL_WAIT_S = 2.0
 
 
 def from_jetstream(msg: Msg) -> bool:
@@ -225,7 +230,7 @@ class Bus:
         connected = asyncio.Event()
         made: list[Bus] = []
         credentials = _credentials(url)
-        tls_failed = asyncio.Event()
+        attempt_failed = asyncio.Event()
 
         async def on_reconnect() -> None:
             _log.info("nats reconnected")
@@ -237,8 +242,8 @@ class Bus:
             last_error = _describe(exc)
             if "authorization" in last_error.lower():
                 refused_credentials = last_error
-            if isinstance(exc, ssl.SSLError):
-                tls_failed.set()
+            if not connected.is_set():
+                attempt_failed.set()
             if (denied := _DENIED_RE.search(last_error.lower())) and made:
                 made[0]._on_denied(denied[1], denied[2])
             elif connected.is_set():  # before that, the connect loop below reports it
@@ -247,13 +252,15 @@ class Bus:
         deadline = None if retry_for is None else time.monotonic() + retry_for
         delay = 0.2
         while True:
-            tls_failed.clear()
+            attempt_failed.clear()
             try:
-                # nats-py never returns from a connect whose TLS handshake failed (a server
-                # certificate it cannot verify, a plain URL to a TLS-only server): the error
-                # callback has the reason and ends the attempt
+                # nats-py may never return from a connect that failed: a TLS handshake it could
+                # not verify (a plain URL to a TLS-only server), or one that timed out (a
+                # process starved of CPU for the server's 2 s): its clean-up then waits for the
+                # TLS transport to close, which it never does. So the first error the callback
+                # hears ends the attempt (this loop retries), and an attempt is bounded anyway
                 nc = await _unless(
-                    tls_failed,
+                    attempt_failed,
                     nats.connect(
                         **credentials,
                         name=name,
@@ -268,6 +275,7 @@ class Bus:
                         disconnected_cb=on_disconnect,
                         reconnected_cb=on_reconnect,
                     ),
+                    ATTEMPT_TIMEOUTS * connect_timeout,
                 )
                 nc.options["max_reconnect_attempts"] = -1
                 made.append(cls(nc, name, closing, str(credentials.get("user", ""))))
@@ -707,19 +715,23 @@ def _credentials(url: str) -> dict[str, Any]:
     return {"servers": servers, **options}
 
 
-async def _unless(event: asyncio.Event, work: Awaitable[T]) -> T:
-    """``work``'s result, or TimeoutError as soon as ``event`` is set (``work`` cancelled)."""
+async def _unless(event: asyncio.Event, work: Awaitable[Client], timeout: float) -> Client:
+    """``work``'s connection, or TimeoutError as soon as ``event`` is set or after ``timeout``
+    (``work`` cancelled, and not waited for longer than ``CANCEL_WAIT_S``: a cancellation that
+    nats-py swallows or a clean-up that never ends must not hold the caller)."""
     task = asyncio.ensure_future(work)
     waiter = asyncio.ensure_future(event.wait())
     try:
-        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, waiter}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
         waiter.cancel()
     if not task.done():
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
-        raise TimeoutError("the TLS handshake failed")
+        await asyncio.wait({task}, timeout=CANCEL_WAIT_S)
+        # connected after all (the cancellation was lost): that connection goes
+        if task.done() and not task.cancelled() and task.exception() is None:
+            await task.result().close()
+        raise TimeoutError("the connection attempt failed")
     return task.result()
 
 

@@ -3,7 +3,9 @@ TLS only; a client that verifies with the CA gets in, one without it and a plain
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -72,6 +74,29 @@ async def test_nats_verifies_with_the_ca_and_refuses_the_rest(nats_tls: ServerPr
         assert b'"tls_required":true' in info
         plain.sendall(b'CONNECT {"verbose":false}\r\nPING\r\n')
         assert b"PONG" not in _read_until_closed(plain)
+
+
+async def test_a_handshake_the_server_timed_out_is_retried_not_hung(
+    nats_tls: ServerProcess,
+) -> None:
+    """Processes starved of CPU past the server's TLS timeout (2 s) mid-handshake, as 20
+    simulated agents on two busy cores were (bench/fleet.py): nats-py's clean-up of that
+    attempt waited for the TLS transport to close, which it never did, so Bus.connect hung
+    with no deadline. Now the first error ends the attempt and the next one connects."""
+
+    async def connect(i: int) -> Bus:
+        return await Bus.connect(nats_tls.url, f"test-starved-{i}", retry_for=30)
+
+    attempts = [asyncio.ensure_future(connect(i)) for i in range(20)]
+    for _ in range(3):  # the event loop held past the server's handshake timeout
+        await asyncio.sleep(0.003)
+        time.sleep(2.2)  # noqa: ASYNC251 (on purpose: the loop starved)
+    done, hung = await asyncio.wait(attempts, timeout=25)
+    for attempt in hung:
+        attempt.cancel()
+    for attempt in done:
+        await attempt.result().close()
+    assert not hung, f"{len(hung)} of 20 connects hung"
 
 
 async def test_redis_verifies_with_the_ca_and_refuses_the_rest(
