@@ -63,6 +63,7 @@ HEARTBEAT_S = 5.0
 GOAL_P99_S = 1.0
 PROPAGATION_TIMEOUT_S = 60.0
 ANSWER = "fleet-answer "
+ANSWER_TIMEOUT_S = 600.0  # a worker starved of CPU (load 30) took longer than 120 s to answer
 
 
 def node_name(i: int) -> str:
@@ -75,6 +76,23 @@ def pod_address(node: int, pod: int) -> IPv4Address:
 
 
 # --- the simulated agents (worker processes) ---------------------------------------------------
+
+START_TIMEOUT_S = 120.0  # a simulated agent's start (connect, register, its ipcache entries)
+
+
+class StartHung(Exception):
+    pass
+
+
+async def bounded(work: Any, seconds: float) -> Any:
+    """``work``'s result, or StartHung after ``seconds``: the work is cancelled but not waited
+    for (a cancellation Python 3.11's wait_for swallowed would make waiting hang too)."""
+    task = asyncio.ensure_future(work)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if not done:
+        task.cancel()
+        raise StartHung
+    return task.result()
 
 
 class SimNode:
@@ -92,6 +110,8 @@ class SimNode:
         self.kvs: dict[str, Any] = {}
         self.beats = 0
         self.timeouts = 0  # KV writes whose acknowledgement did not come in time (retried)
+        self.watch_restarts: collections.Counter[str] = collections.Counter()
+        self.stage = "not started"  # where start() is, for a start that hangs
 
     def record(self) -> Node:
         ip = IPv4Address("172.30.0.0") + self.index + 1
@@ -107,12 +127,16 @@ class SimNode:
         )
 
     async def start(self) -> None:
+        self.stage = "connect"
         self.bus = await Bus.connect(self.url, self.name, retry_for=30)
+        self.stage = "bind buckets"
         for bucket in WATCHED:
             self.kvs[bucket] = await self.bus.kv(bucket)
         record = self.record()
+        self.stage = "register"
         await self.put(subjects.KV_NODES, self.name, msgspec.json.encode(record))
         await self.heartbeat()
+        self.stage = "ipcache entries"
         for pod in range(1, self.endpoints + 1):
             ip = pod_address(self.index, pod)
             entry = IPCacheEntry(
@@ -134,10 +158,26 @@ class SimNode:
 
     def follow_all(self) -> None:
         self.synced = set()
-        self.follows = [
-            asyncio.create_task(kv_watch.follow(self.kvs[b], self.handler(b), self.on_synced(b)))
-            for b in WATCHED
-        ]
+        self.follows = [asyncio.create_task(self.follow(b)) for b in WATCHED]
+
+    async def follow(self, bucket: str) -> None:
+        """A watch started again when it fails, after 1 s doubling to 30 s, as the agent's
+        TaskGroup does (shared/runtime.py); counted by cause. Before, a watch whose start
+        failed (a consumer create timing out under load) ended its task unseen, and its node
+        never synced."""
+        delay = 1.0
+        while True:
+            try:
+                await kv_watch.follow(
+                    self.kvs[bucket], self.handler(bucket), self.on_synced(bucket)
+                )
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.watch_restarts[f"{bucket}: {type(exc).__name__}: {exc}"[:120]] += 1
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
 
     def handler(self, bucket: str) -> Any:
         def handle(event: KVEvent) -> None:
@@ -187,20 +227,23 @@ async def worker(first: int, count: int, url: str, endpoints: int) -> None:
 
     async def start_node(n: SimNode) -> None:
         """As the supervisor restarts an agent whose start failed (a second later). Before, the
-        first failure ended the worker's start task, unseen: its later nodes never joined."""
+        first failure ended the worker's start task, unseen: its later nodes never joined; and
+        a start that hung (no timeout at some await) held its worker's later nodes forever."""
         while True:
             try:
-                await n.start()
+                await bounded(n.start(), START_TIMEOUT_S)
                 return
+            except StartHung:
+                restarts[f"start hung {START_TIMEOUT_S:.0f} s at {n.stage}"] += 1
             except Exception as exc:  # any cause: counted by type, then started again
                 restarts[f"{type(exc).__name__}: {exc}"[:120]] += 1
-                for task in n.follows:
-                    task.cancel()
-                if n.bus is not None:
-                    with contextlib.suppress(Exception):
-                        await n.bus.close()
-                n.bus, n.follows = None, []
-                await asyncio.sleep(1.0)
+            for task in n.follows:  # the failed start's watches and connection go
+                task.cancel()
+            if n.bus is not None:
+                with contextlib.suppress(Exception):
+                    await bounded(n.bus.close(), 10.0)
+            n.bus, n.follows = None, []
+            await asyncio.sleep(1.0)
 
     async def start() -> None:
         for chunk in range(0, count, 10):  # connect in steps: NATS's accept queue is finite
@@ -235,7 +278,15 @@ async def worker(first: int, count: int, url: str, endpoints: int) -> None:
         elif command == "seen":
             out = [n.seen.get((rest[0], rest[1])) for n in nodes]
         elif command == "events":
-            out = [sum(n.events for n in nodes), sum(n.timeouts for n in nodes), dict(restarts)]
+            watch_restarts: collections.Counter[str] = collections.Counter()
+            for n in nodes:
+                watch_restarts.update(n.watch_restarts)
+            out = [
+                sum(n.events for n in nodes),
+                sum(n.timeouts for n in nodes),
+                dict(restarts),
+                dict(watch_restarts),
+            ]
         elif command == "resync":
             out = await nodes[0].resync()
         print(ANSWER + json.dumps(out), flush=True)  # the services' logs may share stdout
@@ -255,7 +306,7 @@ class Worker:
         self.proc.stdin.write((" ".join(words) + "\n").encode())
         await self.proc.stdin.drain()
         while True:
-            answer = await asyncio.wait_for(self.proc.stdout.readline(), 120)
+            answer = await asyncio.wait_for(self.proc.stdout.readline(), ANSWER_TIMEOUT_S)
             if not answer:
                 raise RuntimeError(f"a worker process ended ({self.proc.returncode}); see stderr")
             if answer.startswith(ANSWER.encode()):
@@ -464,6 +515,7 @@ async def measure_step(
     res["events"] = sum(c[0] for c in counts)
     res["timeouts"] = sum(c[1] for c in counts)
     res["restarts"] = restarts_of(counts)
+    res["watch_restarts"] = restarts_of(counts, 3)
     return res
 
 
@@ -485,11 +537,11 @@ def join_split(cpu: dict[str, float], events: int, seconds: float) -> str:
     )
 
 
-def restarts_of(counts: list[Any]) -> dict[str, int]:
+def restarts_of(counts: list[Any], which: int = 2) -> dict[str, int]:
     """Simulated agents' failed starts (each started again a second later), by cause."""
     total: collections.Counter[str] = collections.Counter()
     for c in counts:
-        total.update(c[2])
+        total.update(c[which])
     return dict(total)
 
 
@@ -520,6 +572,7 @@ async def drive(args: argparse.Namespace, cluster: Cluster) -> list[dict[str, An
             cpu0 = cpu_split(pid, workers)
             events0 = sum(c[0] for c in await ask_all(workers, "events")) if workers else 0
             load0 = os.getloadavg()[0]
+            said = started
             while up < target:
                 count = min(args.per_process, target - up)
                 proc = await asyncio.create_subprocess_exec(
@@ -537,14 +590,23 @@ async def drive(args: argparse.Namespace, cluster: Cluster) -> list[dict[str, An
                 # of hundreds of agents at once is another measure
                 while (synced := sum(await ask_all(workers, "synced"))) < up:
                     if time.perf_counter() - started > args.join_timeout:
+                        counts = await ask_all(workers, "events")
                         print(
                             f"STOPPED: {synced} of {up} simulated nodes synced after "
                             f"{args.join_timeout:.0f} s (load average {os.getloadavg()[0]:.1f}); "
                             "see nats-server's log for what it was doing; failed starts, started "
-                            f"again: {restarts_of(await ask_all(workers, 'events')) or 'none'}",
+                            f"again: {restarts_of(counts) or 'none'}; watches started again: "
+                            f"{restarts_of(counts, 3) or 'none'}",
                             flush=True,
                         )
                         return results
+                    if time.perf_counter() > said + 60:  # progress: a stall shows with its time
+                        said = time.perf_counter()
+                        print(
+                            f"  {synced} of {up} synced after {said - started:.0f} s (load "
+                            f"average {os.getloadavg()[0]:.1f}, {time.strftime('%H:%M:%S')})",
+                            flush=True,
+                        )
                     await asyncio.sleep(0.5)
             joined = time.perf_counter() - started
             cpu1 = cpu_split(pid, workers)
@@ -601,7 +663,8 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
             f"{r['nats_cpu_s']:.1f} CPU s over the three changes and the resync; "
             f"{r['events']} watch events delivered in all; {r['timeouts']} KV writes of the "
             "simulated agents timed out (2 s) and were retried; simulated agents started again "
-            f"after a failed start: {r['restarts'] or 'none'}"
+            f"after a failed start: {r['restarts'] or 'none'}; watches started again: "
+            f"{r['watch_restarts'] or 'none'}"
         )
         if "idle_nats_cpu" in r:
             print(
