@@ -15,7 +15,8 @@ Header (little-endian), then the node's name (UTF-8), then the records::
 agent's, as the monitor's monotonic clock is another machine's. The three counts are the events
 lost since the previous batch, one per stage the agent sees: ``lost`` the kernel could not put in
 the ring buffer (it was full), ``dropped_queue`` the agent read but its queue for the bus was full,
-``dropped_publish`` the bus did not take (publish failed or timed out). With the monitor's own
+``dropped_publish`` the bus did not take (publish failed or timed out, or nats-server delivered
+the batch to no monitor replica). With the monitor's own
 stage (intake queue full) every event is either enriched or counted lost somewhere.
 
 JSON :class:`~shared.messages.FlowBatch` stays valid on the same subject (the L7 proxy publishes

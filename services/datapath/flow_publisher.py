@@ -8,6 +8,15 @@ goes on and batches the queue cannot take are dropped. Either way the loss is co
 stage, in ``membrane_datapath_flows_dropped_total`` and in the header of the next batch that
 goes out, and logged.
 
+A batch the bus took can still reach nobody: core NATS drops a message no monitor replica is
+subscribed to (none running, or a replica that reconnected but has not subscribed again yet)
+without a word. So every batch carries a reply subject of this publisher's own, which no one
+answers, except nats-server when it delivered the batch to no one (the "no responders" status,
+503): that batch's flows are then counted as dropped at ``publish`` and its loss counts go in the
+next batch, as if its publish had failed. Before this, a batch carrying only loss counts, sent
+the moment the agent was back after a nats-server restart, could reach the server before the
+monitor had subscribed again, and the counts were lost with it.
+
 Batches are binary (:mod:`shared.flow_wire`): the ring buffer's records copied as they are, one
 copy per run of records and nothing per event, so the agent's cost per event is a share of a
 memcpy. ``wire="json"`` publishes the former JSON FlowBatch instead (one decoded WireFlow per
@@ -25,6 +34,8 @@ from collections.abc import Callable
 from typing import Final, Protocol
 
 import msgspec
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from prometheus_client import Counter
 
 from shared import flow_wire, log, subjects
@@ -50,6 +61,10 @@ PUBLISH_TIMEOUT_S: Final = 2.0
 # a flush reads at most this many chunks, in case the datapath writes as fast as it reads
 FLUSH_CHUNKS: Final = 128
 LOG_EVERY_S: Final = 10.0
+# batches published and not (yet) reported undelivered: what a "no responders" status puts back
+# in the next header. nats-server answers within a round trip; the oldest are forgotten past this
+UNCONFIRMED: Final = 4096
+NO_SUBSCRIBER: Final = "no monitor replica was subscribed"
 
 FLOWS_PUBLISHED = Counter(
     "membrane_datapath_flows_published_total", "Flows handed to the bus by the flow publisher"
@@ -60,12 +75,16 @@ FLOW_BATCHES = Counter(
 FLOWS_DROPPED = Counter(
     "membrane_datapath_flows_dropped_total",
     "Flows read from the ring buffer but not published, by stage (queue: the queue for the bus"
-    " was full; publish: the bus did not take the batch)",
+    " was full; publish: the bus did not take the batch, or nats-server delivered it to no"
+    " monitor replica)",
     ["stage"],
 )
 WIRES: Final = ("binary", "json")
 
 _log = log.get("flows")
+# nats-server's status for a message with a reply subject that no one subscribed to
+STATUS_HEADER: Final = "Status"
+NO_RESPONDERS: Final = "503"
 
 
 class RecordSource(Protocol):
@@ -83,6 +102,9 @@ class _Batch:
     lost: int  # the stage counts its header carries, for when it does not go out
     dropped_queue: int
     dropped_publish: int
+
+    def counts(self) -> tuple[int, int, int, int]:
+        return self.flows, self.lost, self.dropped_queue, self.dropped_publish
 
 
 class FlowPublisher:
@@ -147,11 +169,17 @@ class FlowPublisher:
         self._drop_reason = ""
         self._last_drop_log = -LOG_EVERY_S
         self._lost_read_failed = False
+        # reply subjects: "<inbox>.<seq>"; a 503 on one means that batch reached no subscriber
+        self._replies: Subscription | None = None
+        self._reply_prefix = ""
+        self._seq = 0
+        self._unconfirmed: dict[int, tuple[int, int, int, int]] = {}
 
     async def run(self) -> None:
         """Read and publish until cancelled; what was read by then is published first."""
         loop = asyncio.get_running_loop()
         self._failure = loop.create_future()
+        await self._watch_replies()
         sender = asyncio.create_task(self._send_queued(), name=f"flows-send-{self._node}")
         fd = self._ring.fileno()
         loop.add_reader(fd, self._on_readable)
@@ -179,6 +207,7 @@ class FlowPublisher:
             sender.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sender
+            await self._unwatch_replies()
 
     async def flush(self) -> None:
         """Publish every flow read so far and what the ring buffer holds now."""
@@ -333,20 +362,66 @@ class FlowPublisher:
                     self._resume()
 
     async def _send(self, batch: _Batch) -> None:
+        reply = ""
+        if self._replies is not None:
+            self._seq += 1
+            reply = f"{self._reply_prefix}{self._seq}"
         try:
             await asyncio.wait_for(
-                self._bus.nc.publish(self._subject, batch.payload), self._publish_timeout
+                self._bus.nc.publish(self._subject, batch.payload, reply=reply),
+                self._publish_timeout,
             )
         except Exception as exc:  # any failure costs this batch, never the publisher
-            why = str(exc) or type(exc).__name__
-            # what its header carried goes in the next one
-            self._lost_carry += batch.lost
-            self._queue_carry += batch.dropped_queue
-            self._publish_carry += batch.dropped_publish + batch.flows
-            self._dropped(batch.flows, "publish", why)
+            self._not_taken(*batch.counts(), str(exc) or type(exc).__name__)
             return
+        if reply:
+            unconfirmed = self._unconfirmed
+            unconfirmed[self._seq] = batch.counts()
+            if len(unconfirmed) > UNCONFIRMED:
+                del unconfirmed[next(iter(unconfirmed))]  # the oldest: long answered
         FLOWS_PUBLISHED.inc(batch.flows)
         FLOW_BATCHES.inc()
+
+    def _not_taken(self, flows: int, lost: int, queue: int, publish: int, why: str) -> None:
+        """A batch that reached no monitor: what its header carried goes in the next one."""
+        self._lost_carry += lost
+        self._queue_carry += queue
+        self._publish_carry += publish + flows
+        self._dropped(flows, "publish", why)
+
+    # --- batches no one received ----------------------------------------------------------
+
+    async def _watch_replies(self) -> None:
+        """Subscribe to this publisher's reply subjects (once; without them, batches go out
+        with no reply subject and one that reaches no subscriber is not noticed)."""
+        if self._replies is not None:
+            return
+        nc = self._bus.nc
+        prefix = nc.new_inbox()
+        try:
+            self._replies = await nc.subscribe(f"{prefix}.*", cb=self._on_reply)
+        except Exception:
+            _log.warning("cannot subscribe to flow batch replies", exc_info=True)
+            return
+        self._reply_prefix = f"{prefix}."
+
+    async def _unwatch_replies(self) -> None:
+        replies, self._replies = self._replies, None
+        if replies is not None:
+            with contextlib.suppress(Exception):
+                await replies.unsubscribe()
+
+    async def _on_reply(self, msg: Msg) -> None:
+        """nats-server's "no responders" status: the batch with this sequence number was
+        delivered to no one (no monitor replica subscribed). Nothing else answers."""
+        if (msg.headers or {}).get(STATUS_HEADER) != NO_RESPONDERS:
+            return
+        seq = msg.subject.rpartition(".")[2]
+        counts = self._unconfirmed.pop(int(seq), None) if seq.isdigit() else None
+        if counts is None:  # published before the oldest kept: its counts are gone
+            _log.warning("flow batch reached no monitor, no longer known", node=self._node)
+            return
+        self._not_taken(*counts, NO_SUBSCRIBER)
 
     def _dropped(self, count: int, stage: str, why: str) -> None:
         if not count:

@@ -104,8 +104,8 @@ POLICY_VERDICTS = Counter(
 LOST = Counter(
     "membrane_monitor_lost_events_total",
     "Flows lost before enrichment, by stage (datapath: the ring buffer was full; agent: the"
-    " agent's queue for the bus was full; bus: the agent's publish failed; monitor: the intake"
-    " queue was full)",
+    " agent's queue for the bus was full; bus: the agent's publish failed or reached no replica;"
+    " monitor: the intake queue was full)",
     ["stage"],
 )
 TCP_FLAGS = Counter("membrane_monitor_tcp_flags_total", "TCP flags seen in flows", ["flag"])
