@@ -216,6 +216,7 @@ class HttpConnection(Judged, asyncio.Protocol):
                 poolable
                 and self.pool is not None
                 and "close" in headers.get("connection", "").lower()
+                and self.conn.dst not in self.view.elsewhere  # (never pooled: see _connect)
             )
             request.close_kept = strip
             for name, value in cur.headers:

@@ -13,12 +13,16 @@ import asyncio
 import dataclasses
 import gc
 import os
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address
 
 import msgspec
 import pytest
 
+from services.proxy import exchange
+from services.proxy import http as http_module
 from services.proxy import pool as pool_module
 from services.proxy.connection import Accepted
 from services.proxy.http import HttpConnection, without_close
@@ -263,3 +267,24 @@ async def test_a_pooled_upstream_holds_no_handler(server: Server, proxy: Proxy) 
     finally:
         gc.enable()
     assert proxy.pool.reused == 1 and proxy.pool.size == 1
+
+
+async def test_an_upstream_towards_another_node_is_not_pooled_and_close_passes(
+    server: Server, proxy: Proxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Towards a pod on another node the upstream carries the client's own address and port:
+    never pooled, and the client's Connection: close goes to the server as before."""
+    proxy.view.elsewhere.add(IPv4Address("127.0.0.1"))
+
+    def plain(conn: exchange.Conn, identity: int, view: View) -> socket.socket:
+        # (bound to the client's port, as on a node, it would clash with the client on loopback)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        sock.connect_ex((conn.dst_ip, conn.dport))
+        return sock
+
+    monkeypatch.setattr(http_module, "open_upstream", plain)
+    for _ in range(2):
+        answer = await proxy.new_connection(get("/a", "Connection: close"))
+        assert answer.startswith(b"HTTP/1.1 200 OK") and answer.endswith(b"ok"), answer
+    assert server.connections == 2 and proxy.pool.reused == 0 and proxy.pool.size == 0
+    assert all(b"Connection: close" in head for _, head in server.heads), server.heads
