@@ -46,6 +46,7 @@ from services.datapath.ringbuf import bpf
 from shared import manifests, roles, subjects
 from shared.bus import Bus
 from shared.messages import Empty, ListReply
+from shared.services_bucket import ServicesView
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = REPO / "tests" / "e2e" / "netprobe.py"
@@ -199,6 +200,11 @@ class Soak:
         # lb-specs keys are shards (at most 1024, kept when emptied): count the specs in them
         shards = await Bus.snapshot(await bus.kv(subjects.KV_LB_SPECS))
         kv[subjects.KV_LB_SPECS] = sum(len(json.loads(raw)) for raw in shards.values())
+        # so are services keys (services_bucket.py): count the services records in them
+        services = ServicesView()
+        for key, value in (await Bus.snapshot(await bus.kv(subjects.KV_SERVICES))).items():
+            services.update(key, value)
+        kv[subjects.KV_SERVICES] = len(set(services.keys()))
         return {
             "identities": len(identities.identities),
             "kv": kv,
