@@ -301,7 +301,7 @@ async def stop(task: asyncio.Task[None]) -> None:
 
 
 @pytest.mark.parametrize("wire", ["binary", "json"])
-async def test_batches_of_512_then_the_rest_50ms_after_its_first_flow(
+async def test_batches_of_512_then_the_rest_max_delay_after_its_first_flow(
     bus: Bus, generators: Callable[..., FlowGenerator], wire: str
 ) -> None:
     gen = generators(8 << 20)
@@ -309,7 +309,11 @@ async def test_batches_of_512_then_the_rest_50ms_after_its_first_flow(
     published = counter("membrane_datapath_flows_published_total")
     batches = counter("membrane_datapath_flow_batches_total")
     with RingBuffer(gen.ring_fd) as ring:
-        publisher = FlowPublisher(bus, NODE, ring, gen.lost, wire=wire, max_flows=512)
+        # a max_delay of 0.5 s (50 ms by default) keeps "sent at once" and "sent when the delay
+        # is up" apart on a loaded machine, where a full batch took 68 ms once
+        publisher = FlowPublisher(
+            bus, NODE, ring, gen.lost, wire=wire, max_flows=512, max_delay=0.5
+        )
         task = asyncio.create_task(publisher.run())
         await asyncio.sleep(0.1)  # the publisher is reading
         since = time.time()
@@ -321,7 +325,7 @@ async def test_batches_of_512_then_the_rest_50ms_after_its_first_flow(
     assert [len(b.flows) for b in received.batches] == [512, 512, 276]
     assert all(b.node == NODE and b.lost == 0 for b in received.batches)
     full, rest = received.at[1] - written, received.at[2] - written
-    assert full < 0.045 <= rest < 1.0, (full, rest)
+    assert full < 0.25 and 0.45 <= rest < 2.0, (full, rest)
     check_flows(received.flows, list(range(1300)), since, until)
     assert counter("membrane_datapath_flows_published_total") - published == 1300
     assert counter("membrane_datapath_flow_batches_total") - batches == 3
