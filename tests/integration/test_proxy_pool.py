@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
-import msgspec
 import pytest
 
 from services.proxy import exchange
@@ -28,25 +27,13 @@ from services.proxy.connection import Accepted
 from services.proxy.http import HttpConnection, without_close
 from services.proxy.pool import UpstreamPool
 from services.proxy.view import View
-from shared import identities
-from shared.messages import L7Info, PolicyEntry, ResolvedPolicy
+from shared.messages import L7Info
+from tests.integration.proxy_views import allow_all_but_secret
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="SO_MARK on the upstream: root")
 
 ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok"
 CLOSING = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
-
-
-def allow_all_but_secret() -> View:
-    view = View()
-    rule: dict[str, object] = {"http": {"path": "/(?!secret).*"}}
-    entry = PolicyEntry(peer=0, protocol=6, port=0, rule_id=1, l7=[rule])
-    policy = ResolvedPolicy(
-        identity=identities.WORLD, revision=1, ingress_enforced=True, ingress=[entry],
-        rules={1: "default/web[0]"},
-    )  # fmt: skip
-    view.set_resolved(str(identities.WORLD), msgspec.json.encode(policy))
-    return view
 
 
 @dataclass

@@ -21,15 +21,13 @@ from collections.abc import AsyncIterator, Callable
 import h2.config
 import h2.connection
 import h2.events
-import msgspec
 import pytest
 
 from services.proxy import http
 from services.proxy.connection import Accepted
 from services.proxy.http import HttpConnection
-from services.proxy.view import View
-from shared import identities
-from shared.messages import L7Info, PolicyEntry, ResolvedPolicy
+from shared.messages import L7Info
+from tests.integration.proxy_views import allow_all_but_secret
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="SO_MARK on the upstream: root")
 
@@ -41,18 +39,6 @@ CHUNKED_ANSWER = (
 PLAIN_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 BIG_BODY = bytes(range(256)) * (16 << 10)  # 4 MiB: far over every socket and write buffer
 BIG_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BIG_BODY) + BIG_BODY
-
-
-def allow_all_but_secret() -> View:
-    view = View()
-    rule = {"http": {"path": "/(?!secret).*"}}
-    entry = PolicyEntry(peer=0, protocol=6, port=0, rule_id=1, l7=[rule])
-    policy = ResolvedPolicy(
-        identity=identities.WORLD, revision=1, ingress_enforced=True, ingress=[entry],
-        rules={1: "default/web[0]"},
-    )  # fmt: skip
-    view.set_resolved(str(identities.WORLD), msgspec.json.encode(policy))
-    return view
 
 
 @pytest.fixture
