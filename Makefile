@@ -38,7 +38,7 @@ bench: setup
 	$(PY) bench/lb.py --services 20000
 	$(PY) bench/maglev.py --services 20000
 	$(PY) bench/manifests.py
-	$(PY) bench/fleet.py --nodes 100,300,1000
+	$(PY) bench/fleet.py --nodes 100,300,1000 --join-timeout 900
 	$(PY) bench/overlay.py
 	$(PY) -m bench.monitor
 	$(PY) bench/l7.py
