@@ -43,10 +43,9 @@ from bench.datapath import BPFFS, _ElemAttr, _InfoAttr, obj_get
 from membrane.client import workloads
 from membrane.state import StateDir
 from services.datapath.ringbuf import bpf
-from shared import manifests, roles, subjects
+from shared import manifests, roles, services_bucket, subjects
 from shared.bus import Bus
 from shared.messages import Empty, ListReply
-from shared.services_bucket import ServicesView
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = REPO / "tests" / "e2e" / "netprobe.py"
@@ -195,16 +194,14 @@ class Soak:
 
     async def counts(self, bus: Bus) -> dict[str, Any]:
         identities = await bus.request(subjects.IDENTITY_LIST, Empty(), ListReply, timeout=30)
-        kv = {b: len(await Bus.snapshot(await bus.kv(b))) for b in roles.ALL_BUCKETS}
+        snapshots = {b: await Bus.snapshot(await bus.kv(b)) for b in roles.ALL_BUCKETS}
+        kv = {b: len(entries) for b, entries in snapshots.items()}
         kv.pop(subjects.KV_HEALTH)  # rewritten every probe round, one key per node anyway
         # lb-specs keys are shards (at most 1024, kept when emptied): count the specs in them
-        shards = await Bus.snapshot(await bus.kv(subjects.KV_LB_SPECS))
-        kv[subjects.KV_LB_SPECS] = sum(len(json.loads(raw)) for raw in shards.values())
+        specs = snapshots[subjects.KV_LB_SPECS]
+        kv[subjects.KV_LB_SPECS] = sum(len(json.loads(raw)) for raw in specs.values())
         # so are services keys (services_bucket.py): count the services records in them
-        services = ServicesView()
-        for key, value in (await Bus.snapshot(await bus.kv(subjects.KV_SERVICES))).items():
-            services.update(key, value)
-        kv[subjects.KV_SERVICES] = len(set(services.keys()))
+        kv[subjects.KV_SERVICES] = services_bucket.count_services(snapshots[subjects.KV_SERVICES])
         return {
             "identities": len(identities.identities),
             "kv": kv,

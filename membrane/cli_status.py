@@ -34,10 +34,7 @@ async def _count_keys(bus: Bus, bucket: str) -> int | None:
         kv = await bus.js.key_value(bucket)
         found = await Bus.snapshot(kv)
         if bucket == subjects.KV_SERVICES:
-            view = services_bucket.ServicesView()
-            for key, value in found.items():
-                view.update(key, value)
-            return len(list(view.keys()))
+            return services_bucket.count_services(found)
         return len(found)
     except nats.js.errors.BucketNotFoundError:
         return None

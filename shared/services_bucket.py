@@ -149,3 +149,12 @@ class ServicesView:
             self.legacy[key] = value
         after = self.get(key)
         return [] if after == before else [(key, after)]
+
+
+def count_services(entries: Mapping[str, bytes]) -> int:
+    """How many services a snapshot of the bucket holds (its keys are shards, kept when
+    emptied, and format-1 records)."""
+    view = ServicesView()
+    for key, value in entries.items():
+        view.update(key, value)
+    return len(set(view.keys()))

@@ -21,6 +21,7 @@ import nats.js.errors
 from nats.js.kv import KeyValue
 from prometheus_client import Counter
 
+from services.lb.spec_store import read_shard
 from shared import log, services_bucket
 from shared.bus import KVEvent
 from shared.errors import Unavailable
@@ -99,17 +100,11 @@ class RecordStore:
         raise Unavailable(f"services {shard_key(shard)} kept changing under this replica")
 
     async def _reload(self, shard: int) -> None:
+        value, self.revisions[shard] = await read_shard(self.kv, shard_key(shard))
         try:
-            entry = await self.kv.get(shard_key(shard))
-        except nats.js.errors.KeyNotFoundError as exc:  # deleted or purged by hand
-            self.contents[shard] = {}
-            self.revisions[shard] = exc.entry.revision if exc.entry is not None else 0
-            return
-        try:
-            self.contents[shard] = services_bucket.decode_shard(entry.value or b"")
+            self.contents[shard] = services_bucket.decode_shard(value) if value else {}
         except ValueError:
             self.contents[shard] = {}  # rewritten whole by this replica's write
-        self.revisions[shard] = entry.revision or 0
 
     def on_event(self, event: KVEvent) -> list[tuple[str, bytes | None]]:
         """A ``services`` entry as the bucket has it now: the services whose record differs

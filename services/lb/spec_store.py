@@ -29,6 +29,18 @@ from shared.errors import Unavailable
 
 SHARDS = 1024
 PREFIX = "shard."
+
+
+async def read_shard(kv: KeyValue, key: str) -> tuple[bytes | None, int]:
+    """A shard's value (None: none, or deleted or purged by hand) and the revision a
+    compare-and-set write of it must name next."""
+    try:
+        entry = await kv.get(key)
+    except nats.js.errors.KeyNotFoundError as exc:
+        return None, exc.entry.revision if exc.entry is not None else 0
+    return entry.value, entry.revision or 0
+
+
 ATTEMPTS = 20  # a shard contended this often in a row means something is badly wrong
 
 _encode = msgspec.json.Encoder().encode
@@ -92,14 +104,8 @@ class SpecStore:
         raise Unavailable(f"lb-specs {shard_key(shard)} kept changing under this replica")
 
     async def _reload(self, shard: int) -> None:
-        try:
-            entry = await self.kv.get(shard_key(shard))
-        except nats.js.errors.KeyNotFoundError as exc:  # deleted or purged by hand
-            self.contents[shard] = {}
-            self.revisions[shard] = exc.entry.revision if exc.entry is not None else 0
-            return
-        self.contents[shard] = {k: bytes(v) for k, v in _decode(entry.value or b"{}").items()}
-        self.revisions[shard] = entry.revision or 0
+        value, self.revisions[shard] = await read_shard(self.kv, shard_key(shard))
+        self.contents[shard] = {k: bytes(v) for k, v in _decode(value or b"{}").items()}
 
     def on_event(self, event: KVEvent) -> dict[str, bytes | None]:
         """A shard as the bucket has it now: the specs that differ from what this replica

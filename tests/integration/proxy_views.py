@@ -1,6 +1,9 @@
-"""Proxy views the loopback proxy tests share."""
+"""What the loopback proxy tests share: a view, and a wait for handlers to be gone."""
 
 from __future__ import annotations
+
+import asyncio
+import gc
 
 import msgspec
 
@@ -20,3 +23,14 @@ def allow_all_but_secret() -> View:
     )  # fmt: skip
     view.set_resolved(str(identities.WORLD), msgspec.json.encode(policy))
     return view
+
+
+async def still_alive(*types: type) -> list[object]:
+    """The objects of ``types`` left once the loop has had up to a second to run the last
+    connections' callbacks (with the collector off, a cycle would keep them)."""
+    for _ in range(100):
+        left = [o for o in gc.get_objects() if isinstance(o, types)]
+        if not left:
+            break
+        await asyncio.sleep(0.01)
+    return left

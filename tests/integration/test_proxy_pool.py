@@ -28,7 +28,7 @@ from services.proxy.http import HttpConnection, without_close
 from services.proxy.pool import UpstreamPool
 from services.proxy.view import View
 from shared.messages import L7Info
-from tests.integration.proxy_views import allow_all_but_secret
+from tests.integration.proxy_views import allow_all_but_secret, still_alive
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="SO_MARK on the upstream: root")
 
@@ -245,12 +245,7 @@ async def test_a_pooled_upstream_holds_no_handler(server: Server, proxy: Proxy) 
     try:
         for path in ("/a", "/secret", "/b"):
             await proxy.new_connection(get(path, "Connection: close"))
-        for _ in range(100):
-            left = [o for o in gc.get_objects() if isinstance(o, HttpConnection)]
-            if not left:
-                break
-            await asyncio.sleep(0.01)
-        assert not left
+        assert not await still_alive(HttpConnection)
     finally:
         gc.enable()
     assert proxy.pool.reused == 1 and proxy.pool.size == 1

@@ -27,7 +27,7 @@ from services.proxy import http
 from services.proxy.connection import Accepted
 from services.proxy.http import HttpConnection
 from shared.messages import L7Info
-from tests.integration.proxy_views import allow_all_but_secret
+from tests.integration.proxy_views import allow_all_but_secret, still_alive
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="SO_MARK on the upstream: root")
 
@@ -315,12 +315,7 @@ async def test_new_connections_through_the_listener_leave_no_cycles(
             answer = await asyncio.wait_for(reader.read(), 5)  # to the end: the proxy closes
             writer.close()
             assert answer.startswith(b"HTTP/1.1 403" if path == "/secret" else PLAIN_ANSWER)
-        for _ in range(100):  # the last connection's callbacks run
-            left = [o for o in gc.get_objects() if isinstance(o, (HttpConnection, _Towards))]
-            if not left:
-                break
-            await asyncio.sleep(0.01)
-        assert not left
+        assert not await still_alive(HttpConnection, _Towards)
     finally:
         gc.enable()
         proxy.close()
