@@ -43,9 +43,9 @@ from services.proxy.pool import UpstreamPool
 from services.proxy.service import FLUSH_S, FlowSink
 from services.proxy.sockets import BACKLOG
 from services.proxy.view import View
-from shared import identities
-from shared.bus import encode
-from shared.messages import FlowBatch, PolicyEntry, ResolvedPolicy
+from shared import identities, l7_wire
+from shared.l7_wire import L7Batch
+from shared.messages import PolicyEntry, ResolvedPolicy
 
 LOAD = str(Path(__file__).resolve().parent / "l7.py")
 SERVER = """
@@ -99,7 +99,7 @@ class _Encoded:
                 self.sink.account()
             if self.sink.flows:
                 batch, self.sink.flows = self.sink.flows, []
-                encode(FlowBatch("bench", batch))
+                l7_wire.encode(L7Batch("bench", batch))
 
 
 async def measure(upstream_port: int, args: argparse.Namespace) -> None:

@@ -4,8 +4,8 @@ Each ``on_*`` method takes one KV change (key, value or None when deleted) and k
 table current; :meth:`Enricher.enrich` then names both workloads of a flow (identity -> labels,
 IP -> namespace/pod/node, IP:port -> service), the reason, and the rule and policy that decided;
 :meth:`Enricher.encode_records` does the same for a binary batch's records straight into the
-flows' JSON lines (the monitor's hot path). Unreadable entries are skipped and counted, never
-fatal.
+flows' JSON lines (the monitor's hot path), :meth:`Enricher.encode_l7` for the L7 proxy's
+records. Unreadable entries are skipped and counted, never fatal.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any, Final
 
 import msgspec
 
-from shared import identities
+from shared import identities, l7_wire
 from shared.flow_api import EnrichedFlow, FlowPeer
 from shared.flow_decode import (
     DIRECTIONS,
@@ -33,6 +33,7 @@ from shared.flow_decode import (
     AddressNames,
     WireFlow,
 )
+from shared.l7_wire import L7Record
 from shared.messages import (
     Endpoint,
     Flow,
@@ -81,6 +82,8 @@ class Enricher:
     # client's port is new in nearly every connection, so a cache by port would miss.
     head_json: dict[tuple[int, ...], tuple[bytes, str, bool, bool]] = field(default_factory=dict)
     peer_json: dict[int, tuple[str, bytes, bytes, str]] = field(default_factory=dict)
+    peer_ip_json: dict[str, tuple[str, bytes, bytes, str]] = field(default_factory=dict)  # L7
+    l7_head_json: dict[tuple[str, str, str], bytes] = field(default_factory=dict)
     labels_json: dict[int, bytes] = field(default_factory=dict)
     rule_json: dict[int, bytes] = field(default_factory=dict)
     addresses: AddressNames = field(default_factory=AddressNames)
@@ -88,6 +91,7 @@ class Enricher:
 
     def _changed(self) -> None:
         self.peer_json.clear()
+        self.peer_ip_json.clear()
         self.labels_json.clear()
         self.rule_json.clear()
         self.policies = -1
@@ -392,6 +396,112 @@ class Enricher:
                 group.append(text)
         return lines
 
+    def encode_l7(
+        self, records: list[L7Record], node: str, groups: dict[tuple[str, str], list[bytes]]
+    ) -> list[bytes]:
+        """The L7 proxy's records (:mod:`shared.l7_wire`) enriched straight into their JSON
+        lines, as :meth:`encode_records` does the datapath's: byte for byte
+        ``msgspec.json.encode(self.enrich(l7_wire.flow(record, node)))`` and a newline, from
+        the same cached fragments (the peers' by address text); the request itself (``l7``)
+        encoded by msgspec. ``groups`` as in :meth:`encode_records`."""
+        if not records:
+            return []
+        heads, peers, labels, rules = (
+            self.l7_head_json,
+            self.peer_ip_json,
+            self.labels_json,
+            self.rule_json,
+        )
+        for cache in (heads, peers, labels, rules):
+            if len(cache) > CACHE_SIZE:
+                cache.clear()
+        times = _encode([record.time for record in records])[1:-1].split(b",")
+        node_json = _encode(node)
+        peer_of, labels_of, rule_of = self._peer_ip_json, self._labels_json, self._rule_json
+        service_of = self._service_json if self.services or self.backends else None
+        names_of = self._names_json if self.dns_names else None
+        known_rules = self.rules
+        line = _L7_LINE
+        lines: list[bytes] = []
+        append = lines.append
+        group_of = groups.get
+        for record, time_json in zip(records, times, strict=True):
+            verdict, direction = record.verdict, record.direction
+            small = (verdict, direction, record.protocol)
+            head_json = heads.get(small) or self._l7_head_json(small)
+            src_ip, dst_ip = record.src_ip, record.dst_ip
+            sport, dport = record.src_port, record.dst_port
+            src_id, dst_id, rule_id = record.src_identity, record.dst_identity, record.rule_id
+            src = peers.get(src_ip) or peer_of(src_ip)
+            dst = peers.get(dst_ip) or peer_of(dst_ip)
+            if service_of is None:
+                src_service = dst_service = _EMPTY_STR
+            else:
+                src_service = service_of(src_ip, sport, False)
+                dst_service = service_of(dst_ip, dport, True)
+            if rule_id:
+                rule_json = rules.get(rule_id) or (
+                    rule_of(rule_id) if rule_id in known_rules else _NO_RULE_JSON
+                )
+            else:
+                rule_json = _NO_RULE_JSON
+            text = line % (
+                time_json,
+                node_json,
+                head_json,
+                0,  # bytes
+                src[1],
+                sport,
+                src_id,
+                src[2],
+                labels.get(src_id) or labels_of(src_id),
+                src_service,
+                dst[1],
+                dport,
+                dst_id,
+                dst[2],
+                labels.get(dst_id) or labels_of(dst_id),
+                dst_service,
+                _encode(record.l7),
+                _EMPTY_LIST if names_of is None else names_of(src_ip, dst_ip),
+                rule_id,
+                rule_json,
+            )
+            append(text)
+            # event_namespace: the source's on egress, else the destination's
+            key = (
+                (verdict, src[3] or dst[3])
+                if direction == "egress"
+                else (verdict, dst[3] or src[3])
+            )
+            group = group_of(key)
+            if group is None:
+                groups[key] = [text]
+            else:
+                group.append(text)
+        return lines
+
+    def _l7_head_json(self, small: tuple[str, str, str]) -> bytes:
+        """The fields type .. is_reply and the key of ``bytes`` of an L7 record's (verdict,
+        direction, protocol), cached; the rest is what every proxy flow has."""
+        verdict, direction, protocol = small
+        text = self.l7_head_json[small] = b"".join(
+            (
+                b',"type":',
+                _encode(l7_wire.TYPE),
+                b',"verdict":',
+                _encode(verdict),
+                b',"drop_reason":0,"drop_reason_desc":"","direction":',
+                _encode(direction),
+                b',"observation_point":',
+                _encode(l7_wire.OBSERVATION_POINT),
+                b',"protocol":',
+                _encode(protocol),
+                b',"tcp_flags":[],"is_reply":false,"bytes":',
+            )
+        )
+        return text
+
     def _head_json(self, small: tuple[int, ...]) -> tuple[bytes, str, bool, bool]:
         """(the fields type .. is_reply and the key of ``bytes``, verdict, is_reply, egress) of
         (kind, reason, direction, point, protocol, tcp flags, flags), cached."""
@@ -423,21 +533,28 @@ class Enricher:
     def _peer_json(self, raw: int) -> tuple[str, bytes, bytes, str]:
         """(ip, the peer's JSON up to its port's value, from the identity's key to that of the
         labels, namespace) of an address (host-order u32), whatever the port and identity."""
-        ip = self.addresses[raw]
+        part = self.peer_json[raw] = self._peer_parts(self.addresses[raw])
+        return part
+
+    def _peer_ip_json(self, ip: str) -> tuple[str, bytes, bytes, str]:
+        """:meth:`_peer_json` of an address the L7 proxy names as text."""
+        part = self.peer_ip_json[ip] = self._peer_parts(ip)
+        return part
+
+    def _peer_parts(self, ip: str) -> tuple[str, bytes, bytes, str]:
         pod = self.pods.get(ip)
         namespace, name, node = (
             ("", "", self.ip_nodes.get(ip, ""))
             if pod is None
             else (pod.namespace, pod.name, pod.node)
         )
-        part = self.peer_json[raw] = (
+        return (
             ip,
             b'{"ip":' + _encode(ip) + b',"port":',
             b',"namespace":%b,"pod":%b,"node":%b,"labels":'
             % (_encode(namespace), _encode(name), _encode(node)),
             namespace,
         )
-        return part
 
     def _labels_json(self, identity: int) -> bytes:
         """An identity's labels and the key of the peer's ``service``, cached."""
@@ -541,6 +658,8 @@ _LINE_FIELDS: Final = (
      "destination", "l7", "destination_names", "rule_id", "rule", "policy", "v"),
     ("ip", "port", "identity", "namespace", "pod", "node", "labels", "service", "v"),
 )  # fmt: skip
+# an L7 record's line: the same, its request in place of null
+_L7_LINE: Final = _LINE.replace(b'"l7":null', b'"l7":%b')
 if (EnrichedFlow.__struct_encode_fields__, FlowPeer.__struct_encode_fields__) != _LINE_FIELDS:
     raise RuntimeError("EnrichedFlow or FlowPeer changed: update encode_records' _LINE")
 

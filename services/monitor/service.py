@@ -1,15 +1,15 @@
 """``membrane run monitor``: flows from every node in, enriched flows out.
 
 Replicas share ``membrane.flows.*`` through a queue group. Each batch is decoded (an agent's binary
-batch of ring buffer records, :mod:`shared.flow_wire`, unpacked in one call; or a JSON FlowBatch,
-as the L7 proxy sends), enriched from caches of the KV buckets (:mod:`services.monitor.enrich`;
-a binary batch's records straight into each flow's JSON line, no EnrichedFlow object in
-between), kept in the replica's ring as those lines, counted in the metrics (a binary batch from
-its records' numbers), and republished in batches of JSON lines on
-``membrane.events.flowbatches.<verdict>.<namespace>`` (one message per verdict and namespace of
-a batch, :func:`shared.flow_api.split_batch`), where the JetStream stream
-``MEMBRANE_FLOW_HISTORY`` keeps the DROPPED and AUDIT ones for history; one message per flow on
-``membrane.events.flows.<verdict>.<namespace>`` only with ``MEMBRANE_EVENTS_PER_FLOW``.
+batch of ring buffer records, :mod:`shared.flow_wire`, unpacked in one call; the L7 proxy's
+batch of compact records, :mod:`shared.l7_wire`; or a JSON FlowBatch), enriched from caches of
+the KV buckets (:mod:`services.monitor.enrich`; the binary and L7 records straight into each
+flow's JSON line, no EnrichedFlow object in between), kept in the replica's ring as those lines,
+counted in the metrics (binary and L7 batches from their records' numbers), and republished
+in batches of JSON lines on ``membrane.events.flowbatches.<verdict>.<namespace>`` (one message
+per verdict and namespace of a batch, :func:`shared.flow_api.split_batch`), where the JetStream
+stream ``MEMBRANE_FLOW_HISTORY`` keeps the DROPPED and AUDIT ones for history; one message per
+flow on ``membrane.events.flows.<verdict>.<namespace>`` only with ``MEMBRANE_EVENTS_PER_FLOW``.
 
 Batches wait in a bounded queue between the subscription and the enricher, so a flood costs
 flows (counted as lost at stage ``monitor``) and never the replica's responsiveness: queries and
@@ -45,6 +45,7 @@ from shared import (
     flow_groups,
     flow_wire,
     ipcache_guard,
+    l7_wire,
     log,
     services_bucket,
     startup,
@@ -73,6 +74,7 @@ from shared.flow_decode import (
 from shared.flow_decode import TCP_FLAGS as FLAG_LISTS
 from shared.flow_filter import compile_filter
 from shared.kv_watch import BucketWatches
+from shared.l7_wire import L7Record
 from shared.messages import Empty, FlowBatch
 from shared.runtime import TaskGroup, periodically, wait_for_shutdown
 
@@ -217,6 +219,15 @@ class Monitor:
             self._lost("monitor", flows)
             self._lost_upstream(lost, dropped_queue, dropped_publish)
             return
+        if l7_wire.is_l7(msg.data):
+            try:
+                flows, dropped_publish = l7_wire.counts(msg.data)
+            except l7_wire.MalformedBatch:
+                self._malformed("queue full and batch malformed")
+                return
+            self._lost("monitor", flows)
+            self._lost("bus", dropped_publish)
+            return
         try:
             size = _size_decoder.decode(msg.data)
         except (msgspec.DecodeError, msgspec.ValidationError):
@@ -277,6 +288,17 @@ class Monitor:
             )
             count_records(records)
             return lines
+        if l7_wire.is_l7(data):
+            try:
+                l7_batch = l7_wire.decode(data)
+            except l7_wire.MalformedBatch as exc:
+                self._malformed(str(exc))
+                return []
+            self._lost("bus", l7_batch.dropped_publish)
+            self.nodes.add(l7_batch.node)
+            lines = self.enricher.encode_l7(l7_batch.records, l7_batch.node, groups)
+            count_l7(l7_batch.records)
+            return lines
         try:
             batch = _batch_decoder.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -284,7 +306,7 @@ class Monitor:
             return []
         self._lost("datapath", batch.lost)
         self.nodes.add(batch.node)
-        # the L7 proxy's batches (and agents on the JSON wire): few flows, the plain way
+        # agents on the JSON wire (and L7 proxies before the L7 wire): the plain way
         enrich = self.enricher.enrich
         flows = [enrich(flow) for flow in batch.flows]
         count_flows(flows)
@@ -457,6 +479,18 @@ def count_records(records: list[tuple[int, ...]]) -> None:
         for flag in FLAG_LISTS[tcp]:
             flags[flag] += n
     _update_metrics(kinds, drops, decided, defaults, flags)
+
+
+def count_l7(records: list[L7Record]) -> None:
+    """The metrics of the L7 proxy's records (as count_flows counts their flows): by (type,
+    verdict); a denied request is a drop with no reason code (reason "0"), by direction; no
+    policy verdicts (those are the datapath's), no TCP flags."""
+    verdicts = collections.Counter(map(_VERDICT, records))
+    kinds = collections.Counter({(l7_wire.TYPE, v): n for v, n in verdicts.items()})
+    denied = (r.direction for r in records if r.verdict == "DROPPED")
+    drops = collections.Counter(("0", direction) for direction in denied)
+    none: collections.Counter[tuple[str, str]] = collections.Counter()
+    _update_metrics(kinds, drops, none, none, collections.Counter())
 
 
 def count_flows(flows: list[EnrichedFlow]) -> None:

@@ -48,7 +48,8 @@ from services.proxy.dns_policy import (
 from services.proxy.exchange import connected
 from services.proxy.view import Verdict, View
 from shared import protocols
-from shared.messages import Flow, L7Info
+from shared.l7_wire import L7Record
+from shared.messages import L7Info
 from shared.proxy import from_proxy_mark
 
 UPSTREAM_TIMEOUT_S = 2.0
@@ -80,7 +81,9 @@ Learn = Callable[[str, int, Learned], Awaitable[bool]]
 
 
 class DnsProxy:
-    def __init__(self, view: View, node: str, report: Callable[[Flow], None], learn: Learn) -> None:
+    def __init__(
+        self, view: View, node: str, report: Callable[[L7Record], None], learn: Learn
+    ) -> None:
         self.view = view
         self.node = node
         self.report = report
@@ -271,22 +274,19 @@ class DnsProxy:
     ) -> None:
         info.latency_ms = round((time.perf_counter() - started) * 1000, 3)
         self.report(
-            Flow(
-                time=time.time(),
-                node=self.node,
-                type="l7",
-                verdict="FORWARDED" if verdict.allowed else "DROPPED",
-                direction="egress",
-                observation_point="to-proxy",
-                src_ip=client[0],
-                dst_ip=server[0],
-                src_port=client[1],
-                dst_port=server[1],
-                protocol=transport,
-                src_identity=verdict.src_identity,
-                dst_identity=verdict.dst_identity,
-                rule_id=verdict.rule_id,
-                l7=info,
+            L7Record(
+                time.time(),
+                "FORWARDED" if verdict.allowed else "DROPPED",
+                "egress",
+                transport,
+                client[0],
+                client[1],
+                verdict.src_identity,
+                server[0],
+                server[1],
+                verdict.dst_identity,
+                verdict.rule_id,
+                info,
             )
         )
 

@@ -31,11 +31,21 @@ from services.proxy.fqdn_publish import FQDNPublisher
 from services.proxy.pool import UpstreamPool
 from services.proxy.sockets import BACKLOG, listener
 from services.proxy.view import Verdict, View
-from shared import __version__, agent_api, ipcache_guard, metrics, proxy, startup, subjects
+from shared import (
+    __version__,
+    agent_api,
+    ipcache_guard,
+    l7_wire,
+    metrics,
+    proxy,
+    startup,
+    subjects,
+)
 from shared.bus import Bus
 from shared.config import CommonSettings, setting
 from shared.kv_watch import BucketWatches
-from shared.messages import Flow, FlowBatch, FQDNCleanRequest, L7Info
+from shared.l7_wire import L7Batch, L7Record
+from shared.messages import FQDNCleanRequest, L7Info
 from shared.runtime import TaskGroup, enter_netns, periodically, wait_for_shutdown
 
 FLUSH_S = 0.05
@@ -94,13 +104,14 @@ class ProxySettings(CommonSettings):
 
 
 class FlowSink:
-    """L7 flows to the monitor, batched like the datapath's; the metrics of their requests
-    counted here and handed to Prometheus with each batch (every ``FLUSH_S`` at most)."""
+    """L7 flows to the monitor, batched like the datapath's in the compact L7 wire
+    (:mod:`shared.l7_wire`); the metrics of their requests counted here and handed to
+    Prometheus with each batch (every ``FLUSH_S`` at most)."""
 
     def __init__(self, bus: Bus, node: str) -> None:
         self.bus = bus
         self.node = node
-        self.flows: list[Flow] = []
+        self.flows: list[L7Record] = []
         self.wake = asyncio.Event()
         self._counters: dict[tuple[str, str, str], Any] = {}
         self._counts: dict[tuple[str, str, str], int] = {}  # since the last batch
@@ -108,6 +119,7 @@ class FlowSink:
         self.accepted = 0  # connections, likewise
         self.pool: UpstreamPool | None = None  # its reuses counted, likewise
         self._reused = 0
+        self.dropped_publish = 0  # flows the bus did not take, for the next batch to say
 
     def add(self, conn: Conn, verdict: Verdict, l7: L7Info) -> None:
         outcome = "FORWARDED" if verdict.allowed else "DROPPED"
@@ -118,28 +130,26 @@ class FlowSink:
         if latencies is None:
             latencies = self._latencies[l7.protocol] = []
         latencies.append(l7.latency_ms / 1000)
-        flow = Flow(
-            time=time.time(),
-            node=self.node,
-            type="l7",
-            verdict=outcome,
-            direction=verdict.direction,
-            observation_point="to-proxy",
-            src_ip=conn.src_ip,
-            dst_ip=conn.dst_ip,
-            src_port=conn.sport,
-            dst_port=conn.dport,
-            protocol="TCP",
-            src_identity=verdict.src_identity,
-            dst_identity=verdict.dst_identity,
-            rule_id=verdict.rule_id,
-            l7=l7,
+        self.emit(
+            L7Record(
+                time.time(),
+                outcome,
+                verdict.direction,
+                "TCP",
+                conn.src_ip,
+                conn.sport,
+                verdict.src_identity,
+                conn.dst_ip,
+                conn.dport,
+                verdict.dst_identity,
+                verdict.rule_id,
+                l7,
+            )
         )
-        self.emit(flow)
 
-    def emit(self, flow: Flow) -> None:
+    def emit(self, record: L7Record) -> None:
         """A flow made here or elsewhere (the DNS proxy's)."""
-        self.flows.append(flow)
+        self.flows.append(record)
         if len(self.flows) >= MAX_BATCH:
             self.wake.set()
 
@@ -168,11 +178,21 @@ class FlowSink:
                 await asyncio.wait_for(self.wake.wait(), FLUSH_S)
             self.wake.clear()
             self.account()
-            if not self.flows:
-                continue
-            batch, self.flows = self.flows, []
-            with contextlib.suppress(Exception):  # flows are best effort; requests are not
-                await self.bus.publish(subjects.flows(self.node), FlowBatch(self.node, batch))
+            if self.flows or self.dropped_publish:
+                await self.publish()
+
+    async def publish(self) -> None:
+        """The flows so far in one batch. Flows are best effort, requests are not: a batch
+        the bus does not take is counted in the next one's ``dropped_publish``, so the
+        monitor counts it lost (stage bus)."""
+        batch, self.flows = self.flows, []
+        dropped, self.dropped_publish = self.dropped_publish, 0
+        try:
+            await self.bus.nc.publish(
+                subjects.flows(self.node), l7_wire.encode(L7Batch(self.node, batch, dropped))
+            )
+        except Exception:
+            self.dropped_publish += dropped + len(batch)
 
 
 async def run(settings: ProxySettings) -> None:

@@ -19,7 +19,7 @@ import pytest
 from membrane.client import flows as flow_client
 from membrane.servers import ServerProcess
 from services.monitor.service import MonitorSettings, Running, start
-from shared import subjects
+from shared import l7_wire, subjects
 from shared.bus import Bus
 from shared.flow_api import (
     FLOW_BATCH_MAX_BYTES,
@@ -30,6 +30,7 @@ from shared.flow_api import (
     MonitorStatus,
     decode_flow_batch,
 )
+from shared.l7_wire import L7Batch, L7Record
 from shared.messages import (
     Empty,
     Endpoint,
@@ -37,6 +38,7 @@ from shared.messages import (
     FlowBatch,
     Identity,
     IPCacheEntry,
+    L7Info,
     LBFrontend,
     LBService,
     PolicyEntry,
@@ -205,6 +207,54 @@ async def test_malformed_and_lost_are_counted_and_the_replica_keeps_serving(
     assert status.ring_size == min(status.flows_seen, status.ring_capacity)
     samples = await scrape(f"127.0.0.1:{monitor.metrics_port}")
     assert samples[("membrane_monitor_malformed_batches_total", ())] >= 2
+
+
+async def test_the_l7_proxys_batches_are_enriched_and_their_losses_counted(
+    bus: Bus, monitor: Running
+) -> None:
+    """The proxy's compact batches (shared/l7_wire.py) on the same subject: enriched and named
+    as its flows were, the flows its bus did not take counted lost (stage bus), a malformed one
+    counted, and a flood beyond the intake queue counted without decoding its records."""
+    replica = monitor.micro.id
+    request = L7Info(protocol="http", method="PUT", url="/v1/exhaust-port", status=403)
+    denied = L7Record(
+        time.time(), "DROPPED", "ingress", "TCP", "10.9.1.5", 40000, 1001, "10.9.2.7", 80, 1002,
+        RULE, request,
+    )  # fmt: skip
+    await bus.nc.publish(subjects.flows("n2"), l7_wire.encode(L7Batch("n2", [denied], 3)))
+    await bus.nc.publish(subjects.flows("n2"), l7_wire.MAGIC + b'["n2",[["x"]],0]')
+
+    async def enriched() -> EnrichedFlow:
+        found = await flow_client.query(bus, FlowQuery(last=10))
+        assert len(found) == 1
+        return found[0]
+
+    got = await eventually(enriched, timeout=10, what="the L7 flow enriched")
+    assert (got.type, got.verdict, got.observation_point) == ("l7", "DROPPED", "to-proxy")
+    assert got.l7 == request and got.policy == "empire/deathstar-policy"
+    assert (got.source.pod, got.destination.pod) == ("xwing", "deathstar-1")
+
+    async def counted() -> MonitorStatus:
+        status = await bus.request(subjects.monitor_status(replica), Empty(), MonitorStatus)
+        assert status.malformed_batches == 1 and status.flows_lost == 3
+        return status
+
+    await eventually(counted, timeout=5, what="the malformed batch and the bus's loss counted")
+    payload = l7_wire.encode(L7Batch("n2", [denied] * 100))
+    for _ in range(200):
+        await bus.nc.publish(subjects.flows("n2"), payload)
+    await bus.nc.flush()
+
+    async def accounted() -> MonitorStatus:
+        status = await bus.request(subjects.monitor_status(replica), Empty(), MonitorStatus)
+        assert status.flows_seen - 1 + status.flows_lost - 3 == 200 * 100
+        return status
+
+    status = await eventually(accounted, timeout=30, what="every flooded L7 flow seen or lost")
+    assert status.flows_lost > 3  # the intake queue (4 batches) could not take them all
+    samples = await scrape(f"127.0.0.1:{monitor.metrics_port}")
+    assert samples[("membrane_monitor_flows_processed_total", ("l7", "DROPPED"))] >= 1
+    assert samples[("membrane_monitor_lost_events_total", ("bus",))] >= 3
 
 
 async def test_two_replicas_share_batches_and_a_query_sees_both(
