@@ -8,7 +8,8 @@ events).
 - ``/api/flows?<observe's filters>&last=&since=``: flows, newest first;
 - ``/api/nodes``: the health matrix of ``membrane status``;
 - ``/api/events?namespace=``: every 250 ms a batch (:class:`live.LiveView`): edge counts, a
-  sample of the flows, the rate, and whether a monitor replica answers.
+  sample of the flows, the rate, and whether a monitor replica answers. The flow batches are
+  taken from the bus only while such a stream is open.
 
 Every batch doubles as a heartbeat: the page marks what it shows as not live when batches stop
 (the UI service is away) or say ``monitor: false`` (no monitor replica answers, checked every
@@ -32,6 +33,7 @@ import nats.errors
 import nats.js.errors
 from aiohttp import web
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from services.ui import views
 from services.ui.live import LiveView
@@ -98,6 +100,10 @@ class UIServer:
         self.monitor_up = False
         self.monitors = ""  # the replicas' ids: a new one is a restarted replica, its ring empty
         self.closing = asyncio.Event()  # ends the streams (which never end by themselves)
+        # the flow batches, taken only while a page watches the live stream: every node's
+        # flows, each costing this process and nats-server their bytes, for no one otherwise
+        self.subscription: Subscription | None = None
+        self._following = asyncio.Lock()
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -158,6 +164,7 @@ class UIServer:
         await response.prepare(request)
         self.views.add(view)
         try:
+            await self.follow_flows()
             await response.write(b"retry: 1000\n\n")  # the browser reconnects after 1 s
             while not self.closing.is_set():
                 batch = view.take(time.time(), self.monitor_up)
@@ -168,7 +175,21 @@ class UIServer:
             pass
         finally:
             self.views.discard(view)
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.follow_flows()
         return response
+
+    async def follow_flows(self) -> None:
+        """Subscribed to the flow batches while there is a live view, not otherwise."""
+        async with self._following:
+            if self.views and self.subscription is None and not self.closing.is_set():
+                self.subscription = await self.bus.subscribe(
+                    subjects.EVENTS_FLOW_BATCHES_ALL, self.on_flow
+                )
+            elif not self.views and self.subscription is not None:
+                subscription, self.subscription = self.subscription, None
+                with contextlib.suppress(nats.errors.Error):
+                    await subscription.unsubscribe()
 
     async def on_flow(self, msg: Msg) -> None:
         if not self.views:
@@ -203,8 +224,6 @@ async def run(settings: UISettings) -> None:
     await server.check_monitor()
     tasks = TaskGroup()
     tasks.spawn("monitor-check", lambda: periodically(MONITOR_CHECK_S, server.check_monitor))
-    subscription = await bus.subscribe(subjects.EVENTS_FLOW_BATCHES_ALL, server.on_flow)
-    await bus.flush()
     await bus.add_service(
         subjects.UI_SERVICE,
         __version__,
@@ -216,8 +235,8 @@ async def run(settings: UISettings) -> None:
     signal_name = await wait_for_shutdown()
     logger.info("shutting down", signal=signal_name)
     server.closing.set()  # else the shutdown waits for the streams, still saying "live"
-    with contextlib.suppress(nats.errors.Error):
-        await subscription.unsubscribe()
+    server.views.clear()
+    await server.follow_flows()
     await tasks.close()
     await runner.cleanup()
     await bus.close()
