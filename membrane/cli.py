@@ -34,7 +34,7 @@ from membrane import (
 from membrane.client import identity
 from membrane.registry import SERVICES
 from membrane.state import DEFAULT_RANGES, ClusterInfo, StateDir
-from shared import config, gcpause, log
+from shared import config, gcpause, log, malloc_tuning
 from shared.bus import Bus, ServiceInfo, redact
 from shared.errors import InvalidArgument, MembraneError
 from shared.messages import AllocateReply, ReleaseReply
@@ -225,6 +225,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     entry = SERVICES[args.service]
     settings = config.load(entry.settings, args)
     gcpause.tune_for_service()
+    malloc_tuning.tune_for_service()
     with contextlib.suppress(KeyboardInterrupt):
         uvloop.run(entry.run(settings))  # a faster event loop: services are all network I/O
     return 0
