@@ -34,13 +34,12 @@ from collections.abc import Callable
 from typing import Final, Protocol
 
 import msgspec
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from prometheus_client import Counter
 
 from shared import flow_wire, log, subjects
 from shared.bus import Bus
 from shared.flow_decode import RECORD, Decoder, WireBatch
+from shared.unheard import UnheardBatches
 
 # binary batches: 4096 records of 56 bytes are 224 KiB, well under NATS's payload limit
 MAX_FLOWS: Final = 4096
@@ -61,9 +60,6 @@ PUBLISH_TIMEOUT_S: Final = 2.0
 # a flush reads at most this many chunks, in case the datapath writes as fast as it reads
 FLUSH_CHUNKS: Final = 128
 LOG_EVERY_S: Final = 10.0
-# batches published and not (yet) reported undelivered: what a "no responders" status puts back
-# in the next header. nats-server answers within a round trip; the oldest are forgotten past this
-UNCONFIRMED: Final = 4096
 NO_SUBSCRIBER: Final = "no monitor replica was subscribed"
 
 FLOWS_PUBLISHED = Counter(
@@ -82,9 +78,6 @@ FLOWS_DROPPED = Counter(
 WIRES: Final = ("binary", "json")
 
 _log = log.get("flows")
-# nats-server's status for a message with a reply subject that no one subscribed to
-STATUS_HEADER: Final = "Status"
-NO_RESPONDERS: Final = "503"
 
 
 class RecordSource(Protocol):
@@ -169,11 +162,10 @@ class FlowPublisher:
         self._drop_reason = ""
         self._last_drop_log = -LOG_EVERY_S
         self._lost_read_failed = False
-        # reply subjects: "<inbox>.<seq>"; a 503 on one means that batch reached no subscriber
-        self._replies: Subscription | None = None
-        self._reply_prefix = ""
-        self._seq = 0
-        self._unconfirmed: dict[int, tuple[int, int, int, int]] = {}
+        # batches nats-server delivered to no one (no monitor replica subscribed)
+        self._unheard: UnheardBatches[tuple[int, int, int, int]] = UnheardBatches(
+            lambda counts: self._not_taken(*counts, NO_SUBSCRIBER), self._forgotten
+        )
 
     async def run(self) -> None:
         """Read and publish until cancelled; what was read by then is published first."""
@@ -362,10 +354,7 @@ class FlowPublisher:
                     self._resume()
 
     async def _send(self, batch: _Batch) -> None:
-        reply = ""
-        if self._replies is not None:
-            self._seq += 1
-            reply = f"{self._reply_prefix}{self._seq}"
+        reply = self._unheard.reply()
         try:
             await asyncio.wait_for(
                 self._bus.nc.publish(self._subject, batch.payload, reply=reply),
@@ -374,11 +363,7 @@ class FlowPublisher:
         except Exception as exc:  # any failure costs this batch, never the publisher
             self._not_taken(*batch.counts(), str(exc) or type(exc).__name__)
             return
-        if reply:
-            unconfirmed = self._unconfirmed
-            unconfirmed[self._seq] = batch.counts()
-            if len(unconfirmed) > UNCONFIRMED:
-                del unconfirmed[next(iter(unconfirmed))]  # the oldest: long answered
+        self._unheard.sent(reply, batch.counts())
         FLOWS_PUBLISHED.inc(batch.flows)
         FLOW_BATCHES.inc()
 
@@ -394,34 +379,17 @@ class FlowPublisher:
     async def _watch_replies(self) -> None:
         """Subscribe to this publisher's reply subjects (once; without them, batches go out
         with no reply subject and one that reaches no subscriber is not noticed)."""
-        if self._replies is not None:
-            return
-        nc = self._bus.nc
-        prefix = nc.new_inbox()
         try:
-            self._replies = await nc.subscribe(f"{prefix}.*", cb=self._on_reply)
+            await self._unheard.start(self._bus.nc)
         except Exception:
             _log.warning("cannot subscribe to flow batch replies", exc_info=True)
-            return
-        self._reply_prefix = f"{prefix}."
 
     async def _unwatch_replies(self) -> None:
-        replies, self._replies = self._replies, None
-        if replies is not None:
-            with contextlib.suppress(Exception):
-                await replies.unsubscribe()
+        await self._unheard.stop()
 
-    async def _on_reply(self, msg: Msg) -> None:
-        """nats-server's "no responders" status: the batch with this sequence number was
-        delivered to no one (no monitor replica subscribed). Nothing else answers."""
-        if (msg.headers or {}).get(STATUS_HEADER) != NO_RESPONDERS:
-            return
-        seq = msg.subject.rpartition(".")[2]
-        counts = self._unconfirmed.pop(int(seq), None) if seq.isdigit() else None
-        if counts is None:  # published before the oldest kept: its counts are gone
-            _log.warning("flow batch reached no monitor, no longer known", node=self._node)
-            return
-        self._not_taken(*counts, NO_SUBSCRIBER)
+    def _forgotten(self) -> None:
+        # published before the oldest kept: its counts are gone
+        _log.warning("flow batch reached no monitor, no longer known", node=self._node)
 
     def _dropped(self, count: int, stage: str, why: str) -> None:
         if not count:

@@ -36,6 +36,7 @@ from shared import (
     agent_api,
     ipcache_guard,
     l7_wire,
+    log,
     metrics,
     proxy,
     startup,
@@ -47,6 +48,7 @@ from shared.kv_watch import BucketWatches
 from shared.l7_wire import L7Batch, L7Record
 from shared.messages import FQDNCleanRequest, L7Info
 from shared.runtime import TaskGroup, enter_netns, periodically, wait_for_shutdown
+from shared.unheard import UnheardBatches
 
 FLUSH_S = 0.05
 MAX_BATCH = 512
@@ -106,7 +108,8 @@ class ProxySettings(CommonSettings):
 class FlowSink:
     """L7 flows to the monitor, batched like the datapath's in the compact L7 wire
     (:mod:`shared.l7_wire`); the metrics of their requests counted here and handed to
-    Prometheus with each batch (every ``FLUSH_S`` at most)."""
+    Prometheus with each batch (every ``FLUSH_S`` at most). A batch the bus did not take, or
+    that reached no monitor replica (:mod:`shared.unheard`), is counted in the next one."""
 
     def __init__(self, bus: Bus, node: str) -> None:
         self.bus = bus
@@ -120,6 +123,9 @@ class FlowSink:
         self.pool: UpstreamPool | None = None  # its reuses counted, likewise
         self._reused = 0
         self.dropped_publish = 0  # flows the bus did not take, for the next batch to say
+        # batches nats-server delivered to no one (no monitor replica subscribed): their flows,
+        # and the count they carried, go in the next batch's dropped_publish as well
+        self.unheard: UnheardBatches[int] = UnheardBatches(self._not_taken)
 
     def add(self, conn: Conn, verdict: Verdict, l7: L7Info) -> None:
         outcome = "FORWARDED" if verdict.allowed else "DROPPED"
@@ -173,6 +179,10 @@ class FlowSink:
             self._reused = self.pool.reused
 
     async def run(self) -> None:
+        try:
+            await self.unheard.start(self.bus.nc)
+        except Exception:  # then a batch no monitor takes goes uncounted, as before
+            log.get("proxy").warning("cannot subscribe to flow batch replies", exc_info=True)
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), FLUSH_S)
@@ -187,12 +197,20 @@ class FlowSink:
         monitor counts it lost (stage bus)."""
         batch, self.flows = self.flows, []
         dropped, self.dropped_publish = self.dropped_publish, 0
+        reply = self.unheard.reply()
         try:
             await self.bus.nc.publish(
-                subjects.flows(self.node), l7_wire.encode(L7Batch(self.node, batch, dropped))
+                subjects.flows(self.node),
+                l7_wire.encode(L7Batch(self.node, batch, dropped)),
+                reply=reply,
             )
         except Exception:
-            self.dropped_publish += dropped + len(batch)
+            self._not_taken(dropped + len(batch))
+            return
+        self.unheard.sent(reply, dropped + len(batch))
+
+    def _not_taken(self, flows: int) -> None:
+        self.dropped_publish += flows
 
 
 async def run(settings: ProxySettings) -> None:
