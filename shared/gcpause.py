@@ -19,22 +19,36 @@ _was_enabled = False
 
 @contextlib.contextmanager
 def paused() -> Iterator[None]:
+    hold()
+    try:
+        yield
+    finally:
+        release()
+
+
+def hold() -> None:
+    """Pause the collector until the matching :func:`release` (a pause that spans turns of
+    the event loop: a burst of messages handled over several)."""
     global _depth, _was_enabled
     if _depth == 0:
         _was_enabled = gc.isenabled()
         gc.disable()
     _depth += 1
-    try:
-        yield
-    finally:
-        _depth -= 1
-        if _depth == 0:
-            # what the bulk built stays out of later collections: otherwise the first one after
-            # the pause traverses all of it at once, a stall of tens of milliseconds in a
-            # service (objects still go by reference counting when they are dropped)
+
+
+def release(*, freeze: bool = True) -> None:
+    """End a :func:`hold`. ``freeze``: what was built meanwhile stays out of later
+    collections (otherwise the first one after the pause traverses all of it at once, a stall
+    of tens of milliseconds in a service; objects still go by reference counting when they
+    are dropped), as :func:`paused` does; without, a cycle made meanwhile can still be
+    collected, for the price of that one traversal."""
+    global _depth
+    _depth -= 1
+    if _depth == 0:
+        if freeze:
             gc.freeze()
-            if _was_enabled:
-                gc.enable()
+        if _was_enabled:
+            gc.enable()
 
 
 # Collections start after this many net allocations of container objects (CPython's default

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import itertools
 import socket
+import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
@@ -22,7 +23,16 @@ import msgspec
 from nats.js.kv import KeyValue
 from prometheus_client import Counter, Histogram
 
-from shared import bpf_layouts, kv_watch, log, maglev, protocols, services_bucket, subjects
+from shared import (
+    bpf_layouts,
+    gcpause,
+    kv_watch,
+    log,
+    maglev,
+    protocols,
+    services_bucket,
+    subjects,
+)
 from shared.bus import KVEvent
 from shared.messages import LBFrontend, LBService
 
@@ -37,6 +47,12 @@ _U32 = bpf_layouts.U32
 _BACKEND = bpf_layouts.LB_BACKEND
 _CHUNK = bpf_layouts.LB_MAGLEV_CHUNK
 CHUNK_SLOTS = bpf_layouts.LB_MAGLEV_CHUNK_SLOTS
+# the same bytes as LB_SERVICE_KEY and LB_BACKEND (their ports are network order, the rest
+# single bytes), packed from the port as a number: one call instead of two per entry
+_SERVICE_KEY_PORT = struct.Struct(">4sHBx")
+_BACKEND_PORT = struct.Struct(">4sHBx")
+assert _SERVICE_KEY_PORT.size == _SERVICE_KEY.size and _BACKEND_PORT.size == _BACKEND.size
+_inet_aton = socket.inet_aton
 
 MAP_NAMES = ("lb_backends", "lb_slots", "lb_maglev", "lb_services")
 # records applied per turn of the event loop: a burst (a bulk apply's 2,000 records, the
@@ -56,12 +72,11 @@ MAP_OPS = Counter("membrane_datapath_lb_map_ops_total", "LB map entries written 
 
 
 def service_key(ip: str, port: int, protocol: int) -> bytes:
-    return _SERVICE_KEY.pack(socket.inet_aton(ip), port.to_bytes(2, "big"), protocol)
+    return _SERVICE_KEY_PORT.pack(_inet_aton(ip), port, protocol)
 
 
 def backend_value(ip: str, port: int, terminating: bool) -> bytes:
-    flags = TERMINATING if terminating else 0
-    return _BACKEND.pack(socket.inet_aton(ip), port.to_bytes(2, "big"), flags)
+    return _BACKEND_PORT.pack(_inet_aton(ip), port, TERMINATING if terminating else 0)
 
 
 @dataclass
@@ -114,6 +129,12 @@ class LBSync:
         self.pending: dict[str, LBService | None] = {}
         self.view = services_bucket.ServicesView()
         self._flush_handle: asyncio.Handle | None = None  # the flush the loop will run next
+        # the collector is paused from an entry until what it brought is in the maps: through
+        # a burst (a bulk apply's 20,000 records in 1,024 shards, the snapshot at start) it
+        # would only traverse again and again the records and entries that stay (a sixth of
+        # the Python work of a bulk). They are not frozen after (shared/gcpause.py): a cycle
+        # made meanwhile elsewhere in the agent is still collected
+        self._gc_held = False
         self.synced = asyncio.Event()
         self.log = log.get("datapath.lb")
 
@@ -139,6 +160,9 @@ class LBSync:
         # additions and changes: backends, then slots and tables, then the service entries
         for fid, state in new.items():
             before = old.get(fid)
+            if before is None:  # the usual case (a bulk of new services): nothing to diff
+                self._add(fid, state, ops)
+                continue
             for bid, value in state.backends.items():
                 if before is None or bid not in before.backends:
                     self._ref_backend(bid, value, ops)
@@ -192,6 +216,32 @@ class LBSync:
             table_of=table_of,
             backends={b.id: backend_value(b.ip, b.port, b.terminating) for b in f.backends},
         )
+
+    def _add(self, fid: int, state: Installed, ops: Ops) -> None:
+        """A frontend new to this node: what :meth:`_apply`'s diff gives against nothing."""
+        updates, deletes = ops.updates, ops.deletes
+        refs, values = self.backend_refs, self.backend_values
+        for bid, value in state.backends.items():
+            count = refs.get(bid, 0)
+            refs[bid] = count + 1
+            if count == 0 or values.get(bid) != value:
+                values[bid] = value
+                key = _U32.pack(bid)
+                deletes["lb_backends"].discard(key)
+                updates["lb_backends"][key] = value
+        if state.slots:
+            slots, gone = updates["lb_slots"], deletes["lb_slots"]
+            pack, pack_id = _SLOT_KEY.pack, _U32.pack
+            for slot, bid in enumerate(state.slots):
+                key = pack(fid, slot)
+                gone.discard(key)
+                slots[key] = pack_id(bid)
+        if state.table:
+            self._diff_table(fid, [], state.table, ops)
+        services, gone = updates["lb_services"], deletes["lb_services"]
+        for key in state.keys:
+            gone.discard(key)
+            services[key] = state.value
 
     @staticmethod
     def _diff_list(name: str, fid: int, old: list[int], new: list[int], ops: Ops) -> None:
@@ -259,6 +309,7 @@ class LBSync:
             self._flush_handle.cancel()
             self._flush_handle = None
         if not self.pending:
+            self._release_gc()
             return
         if len(self.pending) <= FLUSH_CHUNK:
             chunk, self.pending = self.pending, {}
@@ -274,7 +325,14 @@ class LBSync:
             except OSError as exc:
                 # a full map: what could not be written is retried with the next change
                 self.log.error("lb map update failed", error=str(exc))
+        if not self.pending:
+            self._release_gc()
         self._schedule()
+
+    def _release_gc(self) -> None:
+        if self._gc_held:
+            self._gc_held = False
+            gcpause.release(freeze=False)
 
     def _schedule(self) -> None:
         if self.pending and self._flush_handle is None:
@@ -305,6 +363,9 @@ class LBSync:
         """A ``services`` entry (a shard of records, or a format-1 record): only the services
         whose record bytes changed are decoded and applied (shared/services_bucket.py)."""
         errors = self.view.errors
+        if not self._gc_held:
+            gcpause.hold()
+            self._gc_held = True
         for key, value in self.view.update(event.key, event.value):
             record: LBService | None = None
             if value is not None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import socket
 from collections import Counter
 from typing import Any
 
@@ -269,6 +271,7 @@ async def test_lb_sync_flushes_a_large_burst_a_chunk_per_loop_turn() -> None:
         sync.on_record(
             KVEvent(key=f"default.s{i}", value=rec(i, [2 * i + 1, 2 * i + 2]), revision=i)
         )
+    assert not gc.isenabled()  # the collector paused through the burst
     turns = 0
     other_work_ran = []
     while sync.pending:
@@ -289,6 +292,23 @@ async def test_lb_sync_flushes_a_large_burst_a_chunk_per_loop_turn() -> None:
     assert len(tables["lb_services"]) == n
     assert maglev_in(tables, 1000 + n - 1, 131) == maglev.table([9001, 9002], 131, 1)
     assert lb_sync._U32.pack(2 * n) not in tables["lb_backends"]  # its first backends never went in
+    assert gc.isenabled()  # on again once the burst is in
+
+
+def test_lb_keys_and_backends_are_packed_in_the_maps_layouts() -> None:
+    """service_key and backend_value pack the port as a network-order number: the bytes of
+    bpf_layouts' LB_SERVICE_KEY and LB_BACKEND (the port as two big-endian bytes)."""
+    for ip, port in (("10.96.0.10", 80), ("0.0.0.0", 30080), ("255.1.2.3", 65535)):
+        port_bytes = port.to_bytes(2, "big")
+        address = socket.inet_aton(ip)
+        assert lb_sync.service_key(ip, port, 17) == bpf_layouts.LB_SERVICE_KEY.pack(
+            address, port_bytes, 17
+        )
+        for terminating in (False, True):
+            flags = lb_sync.TERMINATING if terminating else 0
+            assert lb_sync.backend_value(ip, port, terminating) == bpf_layouts.LB_BACKEND.pack(
+                address, port_bytes, flags
+            )
 
 
 def test_lb_sync_prunes_what_a_previous_agent_left() -> None:

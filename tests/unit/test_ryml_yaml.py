@@ -192,3 +192,9 @@ def test_gc_pause_nests() -> None:
             assert not gc.isenabled()
         assert not gc.isenabled()
     assert gc.isenabled()
+    gcpause.hold()  # a pause over several turns of a loop, inside and around others
+    with gcpause.paused():
+        pass
+    assert not gc.isenabled()
+    gcpause.release(freeze=False)
+    assert gc.isenabled()
