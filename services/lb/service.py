@@ -98,6 +98,7 @@ class LBSettings(CommonSettings):
 
 
 Parsed = tuple[str, Spec | EndpointSliceSpec, Any]  # (kind, spec, the document as it came)
+Ident = tuple[str, str, str]  # (kind, namespace, name): what a document may not share
 _decode_part = msgspec.json.Decoder(list[dict[str, Any]]).decode
 _encode = msgspec.json.Encoder().encode
 _decode_record = msgspec.json.Decoder(LBService).decode
@@ -151,8 +152,11 @@ class LBCore:
         self.pods: dict[str, Endpoint] = {}  # by endpoints key
         self.records: dict[str, LBService] = {}
         self.lock = asyncio.Lock()
-        # parts checked by a dry run, by their bytes: (when, their parse), oldest first
-        self.checked: OrderedDict[bytes, tuple[float, list[Parsed]]] = OrderedDict()
+        # parts checked by a dry run, by their bytes: (when, their parse, their documents'
+        # names), oldest first
+        self.checked: OrderedDict[bytes, tuple[float, list[Parsed], frozenset[Ident]]] = (
+            OrderedDict()
+        )
         self.checked_bytes = 0
         self.dirty: set[str] = set()
         self.wake = asyncio.Event()
@@ -196,7 +200,7 @@ class LBCore:
         error in document order raises, naming the document by its number in the whole
         apply."""
         self._forget(time.monotonic())  # what an apply that never came left
-        seen: set[tuple[str, str, str]] = set()
+        seen: set[Ident] = set()
         parsed = self._parse_documents(req.documents, req.source, req.first, seen)
         first = req.first + len(req.documents)
         for raw in req.parts:
@@ -204,9 +208,12 @@ class LBCore:
             cached = self.checked.pop(part, None)
             if cached is not None:  # checked already: only its names against the others'
                 self.checked_bytes -= len(part)
-                items = cached[1]
-                for index, (kind, item, document) in enumerate(items, start=first):
-                    _check_unique(seen, kind, item, document, req.source, index)
+                _, items, idents = cached
+                if seen.isdisjoint(idents):  # distinct within the part: its dry run checked
+                    seen |= idents
+                else:  # a name given twice: the first such document is the error
+                    for index, (kind, item, document) in enumerate(items, start=first):
+                        _check_unique(seen, kind, item, document, req.source, index)
             else:
                 try:
                     documents = _decode_part(part)
@@ -217,18 +224,19 @@ class LBCore:
                         field="parts",
                     ) from None
                 items = self._parse_documents(documents, req.source, first, seen)
+                idents = frozenset((kind, i.namespace, i.name) for kind, i, _ in items)
             if req.dry_run:
-                self._remember(part, items)
+                self._remember(part, items, idents)
             parsed.extend(items)
             first += len(items)
         return parsed
 
-    def _remember(self, part: bytes, items: list[Parsed]) -> None:
+    def _remember(self, part: bytes, items: list[Parsed], idents: frozenset[Ident]) -> None:
         """Keep a checked part's parse for the request that applies it (the same bytes), for
         a while and up to a bound: it is only a saving, a part not found is parsed again."""
         if part in self.checked:
             self.checked_bytes -= len(part)
-        self.checked[part] = (time.monotonic(), items)
+        self.checked[part] = (time.monotonic(), items, idents)
         self.checked_bytes += len(part)
         self._forget(time.monotonic())
 

@@ -295,8 +295,8 @@ async def test_parts_checked_ahead_are_applied_together_or_not_at_all(lb: LBCore
     sent.send(bulk_documents(["a5"], 5))
     for check in sent.checks:
         await check
-    ((part, (when, items)),) = lb.checked.items()
-    lb.checked[part] = (when - service_module.CHECKED_SECONDS - 1, items)
+    ((part, (when, items, idents)),) = lb.checked.items()
+    lb.checked[part] = (when - service_module.CHECKED_SECONDS - 1, items, idents)
     await apply.apply_services(bus, [service("a6", ports=[{"port": 80}])], "t", dry_run=True)
     assert not lb.checked and lb.checked_bytes == 0
 
