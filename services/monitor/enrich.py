@@ -403,7 +403,9 @@ class Enricher:
         lines, as :meth:`encode_records` does the datapath's: byte for byte
         ``msgspec.json.encode(self.enrich(l7_wire.flow(record, node)))`` and a newline, from
         the same cached fragments (the peers' by address text); the request itself (``l7``)
-        encoded by msgspec. ``groups`` as in :meth:`encode_records`."""
+        encoded by msgspec. ``groups`` as in :meth:`encode_records`. The loop is that of
+        :meth:`encode_records` over other fields, written out again rather than shared: a call
+        per flow would cost more than the splice itself."""
         if not records:
             return []
         heads, peers, labels, rules = (

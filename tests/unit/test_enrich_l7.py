@@ -11,11 +11,9 @@ and after each kind of bucket change. The metrics move as the flows' would.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
 
 import msgspec
 import pytest
-from prometheus_client import REGISTRY
 
 from services.monitor.enrich import Enricher, group_flows
 from services.monitor.service import count_flows, count_l7
@@ -36,6 +34,7 @@ from shared.messages import (
     PolicyEntry,
     ResolvedPolicy,
 )
+from tests.unit.monitor_metrics import moved
 
 NODE = "n1"
 ODD = 'q"b\\s\n\t\x01é☃%d%b'
@@ -154,24 +153,8 @@ def test_the_wire_round_trips_and_counts_without_decoding() -> None:
         l7_wire.counts(l7_wire.MAGIC + b"[")
 
 
-def _samples() -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for metric in REGISTRY.collect()
-        if metric.name.startswith("membrane_monitor_")
-        for s in metric.samples
-        if s.name.endswith("_total")
-    }
-
-
-def _moved(count: Callable[[], None]) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    before = _samples()
-    count()
-    return {k: v - before.get(k, 0.0) for k, v in _samples().items() if v != before.get(k)}
-
-
 def test_l7_records_are_counted_in_the_metrics_as_their_flows() -> None:
     recs = records() * 2
     flows = [Enricher().enrich(l7_wire.flow(r, NODE)) for r in recs]
-    by_flows = _moved(lambda: count_flows(flows))
-    assert by_flows and _moved(lambda: count_l7(recs)) == by_flows
+    by_flows = moved(lambda: count_flows(flows))
+    assert by_flows and moved(lambda: count_l7(recs)) == by_flows

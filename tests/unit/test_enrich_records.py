@@ -13,10 +13,8 @@ from __future__ import annotations
 import itertools
 import socket
 import struct
-from collections.abc import Callable
 
 import msgspec
-from prometheus_client import REGISTRY
 
 from services.monitor.enrich import Enricher, group_flows
 from services.monitor.service import count_flows, count_records
@@ -36,6 +34,7 @@ from shared.messages import (
     PolicyEntry,
     ResolvedPolicy,
 )
+from tests.unit.monitor_metrics import moved
 
 NODE = "n1"
 OFFSET_NS = 1_700_000_000 * 10**9
@@ -175,20 +174,6 @@ def test_records_are_counted_in_the_metrics_as_their_enriched_flows() -> None:
     """count_records (the binary batches' numbers) against count_flows (the flows they become):
     every metric sample moves by the same amount."""
     recs = records() * 3
-
-    def samples() -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-        return {
-            (s.name, frozenset(s.labels.items())): s.value
-            for metric in REGISTRY.collect()
-            if metric.name.startswith("membrane_monitor_")
-            for s in metric.samples
-            if s.name.endswith("_total")
-        }
-
-    def moved(count: Callable[[], None]) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-        before = samples()
-        count()
-        return {k: v - before.get(k, 0.0) for k, v in samples().items() if v != before.get(k)}
 
     flows = [Enricher().enrich(f) for f in Decoder(NODE).wire(recs, OFFSET_NS)]
     by_flows = moved(lambda: count_flows(flows))
