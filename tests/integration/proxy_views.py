@@ -5,24 +5,13 @@ from __future__ import annotations
 import asyncio
 import gc
 
-import msgspec
-
 from services.proxy.view import View
-from shared import identities
-from shared.messages import PolicyEntry, ResolvedPolicy
+from tests.unit.proxy_loop import world_view
 
 
 def allow_all_but_secret() -> View:
     """A view in which any peer may send any HTTP request except to ``/secret...``."""
-    view = View()
-    rule: dict[str, object] = {"http": {"path": "/(?!secret).*"}}
-    entry = PolicyEntry(peer=0, protocol=6, port=0, rule_id=1, l7=[rule])
-    policy = ResolvedPolicy(
-        identity=identities.WORLD, revision=1, ingress_enforced=True, ingress=[entry],
-        rules={1: "default/web[0]"},
-    )  # fmt: skip
-    view.set_resolved(str(identities.WORLD), msgspec.json.encode(policy))
-    return view
+    return world_view([{"http": {"path": "/(?!secret).*"}}], "default/web[0]")
 
 
 async def still_alive(*types: type) -> list[object]:

@@ -21,7 +21,6 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import pytest
 from kafka.protocol.api_header import ResponseClassRegistry
 from kafka.protocol.consumer import FetchRequest
@@ -30,8 +29,8 @@ from kafka.protocol.metadata import MetadataRequest
 from services.proxy.kafka import KafkaConnection, TopicIds
 from services.proxy.kafka_codec import REQUESTS
 from services.proxy.view import View
-from shared import identities
-from shared.messages import L7Info, PolicyEntry, ResolvedPolicy
+from shared.messages import L7Info
+from tests.unit.proxy_loop import world_view
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="SO_MARK on the upstream: root")
 
@@ -75,16 +74,7 @@ def broker() -> Iterator[int]:
 
 def consume_plans(rules: list[dict[str, Any]]) -> View:
     """Loopback ("world") may say on Kafka what ``rules`` allow."""
-    view = View()
-    entry = PolicyEntry(
-        peer=0, protocol=6, port=0, rule_id=1, l7=[{"kafka": rule} for rule in rules]
-    )
-    policy = ResolvedPolicy(
-        identity=identities.WORLD, revision=1, ingress_enforced=True, ingress=[entry],
-        rules={1: "default/empire[0]"},
-    )  # fmt: skip
-    view.set_resolved(str(identities.WORLD), msgspec.json.encode(policy))
-    return view
+    return world_view([{"kafka": rule} for rule in rules])
 
 
 class Client:

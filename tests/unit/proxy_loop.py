@@ -5,10 +5,27 @@ upstream would be the original destination: this very listener)."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
+
+import msgspec
 
 from services.proxy.connection import accepting
 from services.proxy.view import View
-from shared.messages import L7Info
+from shared import identities
+from shared.messages import L7Info, PolicyEntry, ResolvedPolicy
+
+
+def world_view(rules: list[dict[str, Any]], rule_name: str = "default/empire[0]") -> View:
+    """Loopback is "world": a view whose ingress lets it send what the L7 ``rules`` allow (one
+    rule, id 1, named ``rule_name``)."""
+    view = View()
+    entry = PolicyEntry(peer=0, protocol=6, port=0, rule_id=1, l7=rules)
+    policy = ResolvedPolicy(
+        identity=identities.WORLD, revision=1, ingress_enforced=True, ingress=[entry],
+        rules={1: rule_name},
+    )  # fmt: skip
+    view.set_resolved(str(identities.WORLD), msgspec.json.encode(policy))
+    return view
 
 
 async def exchange(view: View, data: bytes, *, close: bool = True) -> tuple[bytes, list[L7Info]]:

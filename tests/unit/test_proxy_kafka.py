@@ -11,7 +11,6 @@ import uuid
 from ipaddress import IPv4Address
 from typing import Any
 
-import msgspec
 import pytest
 from kafka.protocol.api_header import ResponseClassRegistry
 from kafka.protocol.consumer import FetchRequest, ListOffsetsRequest, OffsetFetchRequest
@@ -21,10 +20,10 @@ from kafka.protocol.producer import ProduceRequest
 from services.proxy.kafka import TopicIds
 from services.proxy.kafka_codec import REQUESTS, denial, parse, topic_ids
 from services.proxy.view import View
-from shared import identities, l7_kafka
+from shared import l7_kafka
 from shared.errors import InvalidArgument
 from shared.l7_kafka import KafkaRequest
-from shared.messages import L7Info, PolicyEntry, ResolvedPolicy
+from shared.messages import L7Info
 from tests.unit import proxy_loop
 
 SEED = 20261204
@@ -151,15 +150,8 @@ def test_parse_reads_the_header_and_the_topics() -> None:
 def deny_all() -> View:
     """Loopback is "world": its ingress has Kafka rules that no request here matches (so no
     upstream is ever opened: it would be this very listener)."""
-    view = View()
     nobody = {"kafka": {"apiKey": "alterconfigs", "clientID": "no-client-of-these-tests"}}
-    allow = PolicyEntry(peer=0, protocol=6, port=0, rule_id=1, l7=[nobody])
-    policy = ResolvedPolicy(
-        identity=identities.WORLD, revision=1, ingress_enforced=True, ingress=[allow],
-        rules={1: "default/empire[0]"},
-    )  # fmt: skip
-    view.set_resolved(str(identities.WORLD), msgspec.json.encode(policy))
-    return view
+    return proxy_loop.world_view([nobody])
 
 
 async def exchange(data: bytes) -> tuple[bytes, list[L7Info]]:
@@ -337,15 +329,7 @@ def test_metadata_answers_teach_ids_per_broker() -> None:
 
 
 def plans_only() -> View:
-    view = View()
-    rule = {"kafka": {"role": "consume", "topic": "plans"}}
-    allow = PolicyEntry(peer=0, protocol=6, port=0, rule_id=1, l7=[rule])
-    policy = ResolvedPolicy(
-        identity=identities.WORLD, revision=1, ingress_enforced=True, ingress=[allow],
-        rules={1: "default/empire[0]"},
-    )  # fmt: skip
-    view.set_resolved(str(identities.WORLD), msgspec.json.encode(policy))
-    return view
+    return proxy_loop.world_view([{"kafka": {"role": "consume", "topic": "plans"}}])
 
 
 async def test_a_connection_answers_unknown_ids_with_100_and_other_topics_with_29() -> None:
