@@ -47,11 +47,10 @@ _U32 = bpf_layouts.U32
 _BACKEND = bpf_layouts.LB_BACKEND
 _CHUNK = bpf_layouts.LB_MAGLEV_CHUNK
 CHUNK_SLOTS = bpf_layouts.LB_MAGLEV_CHUNK_SLOTS
-# the same bytes as LB_SERVICE_KEY and LB_BACKEND (their ports are network order, the rest
-# single bytes), packed from the port as a number: one call instead of two per entry
-_SERVICE_KEY_PORT = struct.Struct(">4sHBx")
-_BACKEND_PORT = struct.Struct(">4sHBx")
-assert _SERVICE_KEY_PORT.size == _SERVICE_KEY.size and _BACKEND_PORT.size == _BACKEND.size
+# the same bytes as LB_SERVICE_KEY and LB_BACKEND (an address, a network-order port, one
+# byte: the protocol or the flags), packed from the port as a number: one call instead of two
+_ADDRESS_PORT_BYTE = struct.Struct(">4sHBx")
+assert _ADDRESS_PORT_BYTE.size == _SERVICE_KEY.size == _BACKEND.size
 _inet_aton = socket.inet_aton
 
 MAP_NAMES = ("lb_backends", "lb_slots", "lb_maglev", "lb_services")
@@ -72,11 +71,11 @@ MAP_OPS = Counter("membrane_datapath_lb_map_ops_total", "LB map entries written 
 
 
 def service_key(ip: str, port: int, protocol: int) -> bytes:
-    return _SERVICE_KEY_PORT.pack(_inet_aton(ip), port, protocol)
+    return _ADDRESS_PORT_BYTE.pack(_inet_aton(ip), port, protocol)
 
 
 def backend_value(ip: str, port: int, terminating: bool) -> bytes:
-    return _BACKEND_PORT.pack(_inet_aton(ip), port, TERMINATING if terminating else 0)
+    return _ADDRESS_PORT_BYTE.pack(_inet_aton(ip), port, TERMINATING if terminating else 0)
 
 
 @dataclass
@@ -164,23 +163,22 @@ class LBSync:
                 self._add(fid, state, ops)
                 continue
             for bid, value in state.backends.items():
-                if before is None or bid not in before.backends:
+                if bid not in before.backends:
                     self._ref_backend(bid, value, ops)
                 elif before.backends[bid] != value:
                     self.backend_values[bid] = value
                     ops.put("lb_backends", _U32.pack(bid), value)
-            self._diff_list("lb_slots", fid, before.slots if before else [], state.slots, ops)
-            self._diff_table(fid, before.table if before else [], state.table, ops)
+            self._diff_list("lb_slots", fid, before.slots, state.slots, ops)
+            self._diff_table(fid, before.table, state.table, ops)
             for k in state.keys:
-                if before is None or k not in before.keys or before.value != state.value:
+                if k not in before.keys or before.value != state.value:
                     ops.put("lb_services", k, state.value)
-            if before is not None:
-                for k in before.keys:
-                    if k not in state.keys:
-                        ops.remove("lb_services", k)
-                for bid in before.backends:
-                    if bid not in state.backends:
-                        self._unref_backend(bid, ops)
+            for k in before.keys:
+                if k not in state.keys:
+                    ops.remove("lb_services", k)
+            for bid in before.backends:
+                if bid not in state.backends:
+                    self._unref_backend(bid, ops)
         for fid, before in old.items():
             if fid in new:
                 continue
@@ -218,7 +216,9 @@ class LBSync:
         )
 
     def _add(self, fid: int, state: Installed, ops: Ops) -> None:
-        """A frontend new to this node: what :meth:`_apply`'s diff gives against nothing."""
+        """A frontend new to this node: what :meth:`_apply`'s diff gives against nothing, its
+        steps (:meth:`_ref_backend`, :meth:`_diff_list`, ``Ops.put``) written out, as every
+        frontend of a bulk comes this way."""
         updates, deletes = ops.updates, ops.deletes
         refs, values = self.backend_refs, self.backend_values
         for bid, value in state.backends.items():
