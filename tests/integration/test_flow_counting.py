@@ -22,7 +22,7 @@ from membrane.servers import ServerProcess
 from services.datapath.flow_publisher import FlowPublisher
 from services.datapath.ringbuf import RingBuffer
 from services.monitor.service import MonitorSettings, start
-from shared.bus import Bus
+from shared.bus import Bus, flush_connection
 from tests.conftest import eventually
 
 pytestmark = [
@@ -149,7 +149,8 @@ async def test_batches_the_bus_did_not_take_are_counted_at_the_monitor_by_the_ne
 
             async def back() -> None:
                 assert agent.nc.is_connected and running.bus.nc.is_connected
-                await running.bus.nc.flush(timeout=1)  # the monitor's subscription is back
+                # the monitor's subscription is back (its SUB before the PING: flush_connection)
+                await asyncio.wait_for(flush_connection(running.bus.nc), 1)
 
             await eventually(back, timeout=20, what="both clients reconnected")
             await asyncio.to_thread(gen.run, 100)
