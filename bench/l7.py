@@ -159,8 +159,11 @@ def _idle_seconds() -> float:
     return (int(fields[4]) + int(fields[5])) / os.sysconf("SC_CLK_TCK")
 
 
-def _proxy_pid(cluster: Cluster) -> int:
-    return next(p.pid for p in StateDir(cluster.state).processes() if p.name.startswith("proxy-"))
+def _proxy_pids(cluster: Cluster) -> list[int]:
+    """The node's proxy: the process the supervisor started and the workers it forked."""
+    leader = next(p.pid for p in StateDir(cluster.state).processes() if p.name.startswith("proxy-"))
+    children = Path(f"/proc/{leader}/task/{leader}/children").read_text().split()
+    return [leader, *map(int, children)]
 
 
 def _cpu_by_process(cluster: Cluster) -> dict[str, float]:
@@ -193,10 +196,10 @@ def run(args: argparse.Namespace) -> int:
             assert server.stdout is not None and server.stdout.readline().strip() == "ready"
             ip = cluster.pod_ip("server")
             time.sleep(1.0)  # the policy in the datapath and the proxy
-            proxy = _proxy_pid(cluster)
+            proxy = _proxy_pids(cluster)
 
             def measure(mode: str, port: int, connections: int) -> dict[str, Any]:
-                cpu = _cpu_seconds(proxy)
+                cpu = sum(map(_cpu_seconds, proxy))
                 everyone = _cpu_by_process(cluster)
                 idle = _idle_seconds()
                 out = cluster.run(
@@ -210,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
                 got["idle"] = (_idle_seconds() - idle) / (os.cpu_count() or 1) / args.seconds
                 # the proxy's own cost, which the machine's load does not change much (the
                 # latencies it does): CPU time per request, the pod exec's start included
-                spent = _cpu_seconds(proxy) - cpu
+                spent = sum(map(_cpu_seconds, proxy)) - cpu
                 got["proxy_us"] = 1e6 * spent / got["requests"] if got["requests"] else 0.0
                 # the other processes of the cluster (the monitor taking the L7 flows, NATS
                 # carrying them, the agents): their CPU per request, the busiest named
@@ -244,7 +247,8 @@ def run(args: argparse.Namespace) -> int:
                             results[(mode, load, path)] = got
             print(f"\nL7 proxy vs L3/L4, {args.seconds:g} s per run, best of {args.rounds} (one "
                   f"node, same client and server); latency with {args.connections} connections, "
-                  f"throughput with {args.saturate}")  # fmt: skip
+                  f"throughput with {args.saturate}; the proxy in {len(proxy)} "
+                  "processes")  # fmt: skip
             print(f"{'mode':10} {'conns':>5} {'path':6} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
                   f"{'errors':>7} {'idle CPU':>8} {'proxy CPU us/req':>16} {'others us/req':>13}  "
                   "busiest others (us/req)")  # fmt: skip

@@ -17,7 +17,7 @@ from shared import subjects
 
 @dataclass(frozen=True)
 class ServiceEntry:
-    module: str  # defines run(settings) and the settings class
+    module: str  # defines run(settings) (or main(settings), see run) and the settings class
     settings_class: str
     micro_name: str
     default_replicas: int
@@ -32,7 +32,10 @@ class ServiceEntry:
 
     @property
     def run(self) -> Callable[[Any], Coroutine[Any, Any, None]]:
-        return importlib.import_module(self.module).run  # type: ignore[no-any-return]
+        """What serves, given the settings: the module's ``main`` if it has one (work to do
+        before the event loop exists, such as forking), else its ``run``."""
+        module = importlib.import_module(self.module)
+        return getattr(module, "main", module.run)  # type: ignore[no-any-return]
 
 
 SERVICES: dict[str, ServiceEntry] = {

@@ -16,13 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import Counter, Histogram
-
+from services.proxy import prefork
 from services.proxy.connection import accepting
 from services.proxy.dns import DnsProxy
 from services.proxy.exchange import Conn
@@ -30,6 +30,7 @@ from services.proxy.fqdn_cache import FQDNCaches
 from services.proxy.fqdn_publish import FQDNPublisher
 from services.proxy.pool import UpstreamPool
 from services.proxy.sockets import BACKLOG, listener
+from services.proxy.tally import Recorder, Tally
 from services.proxy.view import Verdict, View
 from shared import (
     __version__,
@@ -53,22 +54,7 @@ from shared.unheard import UnheardBatches
 FLUSH_S = 0.05
 MAX_BATCH = 512
 
-REQUESTS = Counter(
-    "membrane_proxy_requests_total",
-    "Requests the L7 proxy decided, by protocol, verdict and the direction whose rules decided",
-    ["protocol", "verdict", "direction"],
-)
-LATENCY = Histogram(
-    "membrane_proxy_request_seconds",
-    "Time from a request's headers to its answer's end, through the L7 proxy",
-    ["protocol"],
-    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
-)
-CONNECTIONS = Counter("membrane_proxy_connections_total", "Connections the L7 proxy accepted")
-REUSED = Counter(
-    "membrane_proxy_upstreams_reused_total",
-    "HTTP/1.1 upstream connections taken from the pool for another client connection",
-)
+Handler = Callable[[str, bytes | None], None]  # a bucket's change: key, value or None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +65,11 @@ class ProxySettings(CommonSettings):
     )
     proxy_port: int = setting(proxy.PROXY_PORT, "port of the transparent listener in the node")
     dns_proxy_port: int = setting(proxy.DNS_PROXY_PORT, "port of the DNS proxy (UDP and TCP)")
+    proxy_processes: int = setting(
+        0,
+        "processes that serve L7 connections, all from the one listener (0: one per CPU the "
+        "proxy may run on)",
+    )
     fqdn_min_ttl: int = setting(
         0, "seconds a learned address stays allowed at least, whatever its TTL (tofqdns-min-ttl)"
     )
@@ -107,18 +98,24 @@ class ProxySettings(CommonSettings):
 
 class FlowSink:
     """L7 flows to the monitor, batched like the datapath's in the compact L7 wire
-    (:mod:`shared.l7_wire`); the metrics of their requests counted here and handed to
-    Prometheus with each batch (every ``FLUSH_S`` at most). A batch the bus did not take, or
-    that reached no monitor replica (:mod:`shared.unheard`), is counted in the next one."""
+    (:mod:`shared.l7_wire`); the metrics of their requests counted here and handed on with each
+    batch (every ``FLUSH_S`` at most): to Prometheus in the leader, to the leader in a worker
+    (``forward``). A batch the bus did not take, or that reached no monitor replica
+    (:mod:`shared.unheard`), is counted in the next one."""
 
-    def __init__(self, bus: Bus, node: str) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        node: str,
+        forward: Callable[[Tally], Awaitable[None]] | None = None,
+    ) -> None:
         self.bus = bus
         self.node = node
         self.flows: list[L7Record] = []
         self.wake = asyncio.Event()
-        self._counters: dict[tuple[str, str, str], Any] = {}
-        self._counts: dict[tuple[str, str, str], int] = {}  # since the last batch
-        self._latencies: dict[str, list[float]] = {}  # seconds, by protocol, likewise
+        self._tally = Tally()  # since the last batch
+        self.forward = forward
+        self.recorder = Recorder()
         self.accepted = 0  # connections, likewise
         self.pool: UpstreamPool | None = None  # its reuses counted, likewise
         self._reused = 0
@@ -130,11 +127,12 @@ class FlowSink:
     def add(self, conn: Conn, verdict: Verdict, l7: L7Info) -> None:
         outcome = "FORWARDED" if verdict.allowed else "DROPPED"
         key = (l7.protocol, outcome, verdict.direction or "none")
-        counts = self._counts
+        tally = self._tally
+        counts = tally.requests
         counts[key] = counts.get(key, 0) + 1
-        latencies = self._latencies.get(l7.protocol)
+        latencies = tally.latencies.get(l7.protocol)
         if latencies is None:
-            latencies = self._latencies[l7.protocol] = []
+            latencies = tally.latencies[l7.protocol] = []
         latencies.append(l7.latency_ms / 1000)
         self.emit(
             L7Record(
@@ -159,24 +157,20 @@ class FlowSink:
         if len(self.flows) >= MAX_BATCH:
             self.wake.set()
 
-    def account(self) -> None:
-        """The requests since the last call into the Prometheus metrics: one increment per
-        label set and bucket, not a lock and a bucket walk per request."""
-        counts, self._counts = self._counts, {}
-        for key, count in counts.items():
-            counter = self._counters.get(key)
-            if counter is None:
-                counter = self._counters[key] = REQUESTS.labels(*key)
-            counter.inc(count)
-        latencies, self._latencies = self._latencies, {}
-        for protocol, values in latencies.items():
-            metrics.observe_many(LATENCY.labels(protocol), values)
-        if self.accepted:
-            CONNECTIONS.inc(self.accepted)
-            self.accepted = 0
+    def take(self) -> Tally:
+        """What was counted since the last call."""
+        tally, self._tally = self._tally, Tally()
+        tally.accepted, self.accepted = self.accepted, 0
         if self.pool is not None and self.pool.reused != self._reused:
-            REUSED.inc(self.pool.reused - self._reused)
+            tally.reused = self.pool.reused - self._reused
             self._reused = self.pool.reused
+        return tally
+
+    def account(self) -> None:
+        """The requests since the last call into this process's Prometheus metrics."""
+        tally = self.take()
+        if tally:
+            self.recorder.record(tally, 0)
 
     async def run(self) -> None:
         try:
@@ -187,7 +181,10 @@ class FlowSink:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), FLUSH_S)
             self.wake.clear()
-            self.account()
+            if self.forward is None:
+                self.account()
+            elif tally := self.take():
+                await self.forward(tally)
             if self.flows or self.dropped_publish:
                 await self.publish()
 
@@ -213,9 +210,80 @@ class FlowSink:
         self.dropped_publish += flows
 
 
-async def run(settings: ProxySettings) -> None:
+def main(settings: ProxySettings) -> Coroutine[Any, Any, None]:
+    """Before the event loop: into the node's namespace, the listener bound, the workers
+    forked (:mod:`services.proxy.prefork`); what this process runs then."""
     if settings.netns:
         enter_netns(settings.netns)
+    listening = listener(settings.proxy_port)
+    role = prefork.fork(prefork.process_count(settings.proxy_processes))
+    if isinstance(role, prefork.Worker):
+        return serve_worker(settings, role, listening)
+    return run(settings, listening, prefork.Workers(role.children))
+
+
+async def watch_view(
+    watches: BucketWatches,
+    ipcache: Handler,
+    resolved: Handler,
+    selectors: Handler,
+) -> None:
+    """The buckets a view is made of, each change handed to its handler; returns once all
+    three are caught up."""
+    # a node's entries name only addresses of its own pod CIDR (shared/ipcache_guard.py)
+    await ipcache_guard.watch(watches, "proxy", ipcache)
+    await watches.add(subjects.KV_RESOLVED, resolved)
+    await watches.add(subjects.KV_SELECTORS, selectors)
+    await watches.synced()
+
+
+async def serve(
+    view: View, sink: FlowSink, listening: socket.socket, logger: Any
+) -> tuple[asyncio.Server, UpstreamPool]:
+    """Connections accepted from ``listening`` (listening from now, if no process was yet)."""
+
+    def failed(exc: BaseException) -> None:
+        logger.error("connection failed", exc_info=exc)
+
+    pool = sink.pool = UpstreamPool()  # HTTP/1.1 upstreams kept between client connections
+    new_connection = accepting(view, sink.add, failed, pool)
+
+    def accepted() -> asyncio.Protocol:
+        sink.accepted += 1
+        return new_connection()
+
+    server = await asyncio.get_running_loop().create_server(
+        accepted, sock=listening, backlog=BACKLOG
+    )
+    return server, pool
+
+
+async def serve_worker(
+    settings: ProxySettings, worker: prefork.Worker, listening: socket.socket
+) -> None:
+    """A worker: its own view and flow batches, connections once its view is whole."""
+    logger = startup.configure_logging(
+        settings, "proxy", settings.node, node=settings.node, process=worker.index
+    )
+    bus = await Bus.connect(settings.nats_url, f"membrane-proxy-{settings.node}-{worker.index}")
+    view = View(settings.node)
+    tasks = TaskGroup()
+    watches = BucketWatches(bus, tasks, settings.kv_replicas)
+    await watch_view(watches, view.set_ipcache, view.set_resolved, view.set_members)
+    sink = FlowSink(bus, settings.node, worker.forward)
+    tasks.spawn("flows", sink.run)
+    server, pool = await serve(view, sink, listening, logger)
+    logger.info("proxy worker ready", resolved=len(view.resolved))
+    signal_name = await wait_for_shutdown()
+    logger.info("shutting down", signal=signal_name)
+    server.close()
+    pool.close()
+    await tasks.close()
+    await bus.close()
+
+
+async def run(settings: ProxySettings, listening: socket.socket, workers: prefork.Workers) -> None:
+    """The leader: what a worker does, and what there is once per node."""
     logger = startup.configure_logging(settings, "proxy", settings.node, node=settings.node)
     bus = await Bus.connect(settings.nats_url, f"membrane-proxy-{settings.node}")
     view = View(settings.node)
@@ -255,13 +323,12 @@ async def run(settings: ProxySettings) -> None:
         view.set_members(key, data)
         fqdn.on_peer_set(key, data)
 
-    watches = BucketWatches(bus, tasks, settings.kv_replicas)
-    # a node's entries name only addresses of its own pod CIDR (shared/ipcache_guard.py)
-    await ipcache_guard.watch(watches, "proxy", then_wake(view.set_ipcache))
-    await watches.add(subjects.KV_RESOLVED, then_wake(view.set_resolved))
-    await watches.add(subjects.KV_SELECTORS, then_wake(set_members))
-    # no listener before the view is whole: until then the datapath drops L7 connections
-    await watches.synced()
+    await watch_view(
+        BucketWatches(bus, tasks, settings.kv_replicas),
+        then_wake(view.set_ipcache),
+        then_wake(view.set_resolved),
+        then_wake(set_members),
+    )
     sink = FlowSink(bus, settings.node)
     tasks.spawn("flows", sink.run)
     restored = await fqdn.restore()
@@ -270,19 +337,7 @@ async def run(settings: ProxySettings) -> None:
     dns_proxy = DnsProxy(view, settings.node, sink.emit, fqdn.learn)
     await dns_proxy.start(settings.dns_proxy_port)
 
-    def failed(exc: BaseException) -> None:
-        logger.error("connection failed", exc_info=exc)
-
-    pool = sink.pool = UpstreamPool()  # HTTP/1.1 upstreams kept between client connections
-    new_connection = accepting(view, sink.add, failed, pool)
-
-    def accepted() -> asyncio.Protocol:
-        sink.accepted += 1
-        return new_connection()
-
-    server = await asyncio.get_running_loop().create_server(
-        accepted, sock=listener(settings.proxy_port), backlog=BACKLOG
-    )
+    server, pool = await serve(view, sink, listening, logger)
     metrics_port = metrics.serve(settings.metrics_host, settings.metrics_port)
     micro = await bus.add_service(
         subjects.PROXY_SERVICE,
@@ -305,11 +360,29 @@ async def run(settings: ProxySettings) -> None:
         resolved=len(view.resolved),
         fqdn_caches=restored,
     )
-    signal_name = await wait_for_shutdown()
-    logger.info("shutting down", signal=signal_name)
+    ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    def worker_ended(child: prefork.Child, how: str) -> None:
+        logger.error(
+            "a proxy worker ended: the node's proxy stops, for its supervisor to start it whole",
+            process=child.index,
+            pid=child.pid,
+            how=how,
+        )
+        ended.set_result(how)
+
+    tasks.spawn("workers", lambda: workers.watch(worker_ended))
+    shutdown = asyncio.ensure_future(wait_for_shutdown())
+    await asyncio.wait((shutdown, ended), return_when=asyncio.FIRST_COMPLETED)
+    if shutdown.done():
+        logger.info("shutting down", signal=shutdown.result())
+    shutdown.cancel()
     server.close()
+    await workers.stop()
     pool.close()
     dns_proxy.close()
     await micro.stop()
     await tasks.close()
     await bus.close()
+    if ended.done():
+        raise SystemExit(1)

@@ -3,13 +3,16 @@ that answer as the original destination."""
 
 from __future__ import annotations
 
+import errno
 import socket
+import time
 
 from shared.proxy import PROXY_LISTEN_ADDR
 
 IP_TRANSPARENT = 19  # linux/in.h; the socket module does not name it
 IP_RECVORIGDSTADDR = 20  # linux/in.h: IP_ORIGDSTADDR ancillary data on each datagram
-BACKLOG = 4096  # also to start_server, which listens again (with 100 unless told)
+BACKLOG = 4096  # to create_server, which listens (with 100 unless told)
+BIND_WAIT_S = 10.0
 
 
 def listener(port: int) -> socket.socket:
@@ -17,15 +20,28 @@ def listener(port: int) -> socket.socket:
     where a listener is bound, and a pod connecting to one of the node's addresses on this port
     finds nothing (it would hand the proxy a connection to an address of its choosing).
     ``IP_TRANSPARENT`` so that it answers as the address the client connected to; no
-    ``SO_REUSEPORT`` (``bpf_sk_assign`` refuses reuseport sockets)."""
+    ``SO_REUSEPORT`` (``bpf_sk_assign`` refuses reuseport sockets).
+
+    Bound, not listening: the first process to have its view whole listens
+    (``create_server``); until then the datapath finds no listener here. The bind waits up to
+    ``BIND_WAIT_S`` for the port: a restarted proxy can start while the workers of the one
+    before are still being killed, their listener open."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
     # accepted once the client's first bytes are in (every protocol here speaks first): the
     # accept and the first read are one wake-up of the proxy, not two
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
-    sock.bind((PROXY_LISTEN_ADDR, port))
-    sock.listen(BACKLOG)
+    deadline = time.monotonic() + BIND_WAIT_S
+    while True:
+        try:
+            sock.bind((PROXY_LISTEN_ADDR, port))
+            break
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                sock.close()
+                raise
+            time.sleep(0.05)
     sock.setblocking(False)
     return sock
 

@@ -25,7 +25,7 @@ def test_flows_at_once_metrics_with_the_batch() -> None:
     before = _value("membrane_proxy_requests_total", **labels)
     slow = _value("membrane_proxy_request_seconds_bucket", protocol="http", le="0.01")
     count = _value("membrane_proxy_request_seconds_count", protocol="http")
-    connections = _value("membrane_proxy_connections_total")
+    connections = _value("membrane_proxy_connections_total", process="0")
     sink.accepted += 1  # as the listener's protocol factory counts them
     denied = Verdict(False, 257, 256, 3, "default/rule1", "ingress")
     for latency in (0.4, 7.0):
@@ -36,13 +36,13 @@ def test_flows_at_once_metrics_with_the_batch() -> None:
         ("10.7.0.5", "10.7.0.6", 40512, "DROPPED", 3)
     ] * 2
     assert _value("membrane_proxy_requests_total", **labels) == before  # not yet
-    assert _value("membrane_proxy_connections_total") == connections
+    assert _value("membrane_proxy_connections_total", process="0") == connections
     sink.account()
-    assert _value("membrane_proxy_connections_total") == connections + 1
+    assert _value("membrane_proxy_connections_total", process="0") == connections + 1
     assert _value("membrane_proxy_requests_total", **labels) == before + 2
     assert _value("membrane_proxy_request_seconds_count", protocol="http") == count + 2
     # 0.4 ms and 7 ms are both under 10 ms
     assert _value("membrane_proxy_request_seconds_bucket", protocol="http", le="0.01") == slow + 2
     sink.account()  # nothing new: nothing counted twice
     assert _value("membrane_proxy_requests_total", **labels) == before + 2
-    assert _value("membrane_proxy_connections_total") == connections + 1
+    assert _value("membrane_proxy_connections_total", process="0") == connections + 1
