@@ -34,16 +34,19 @@ from services.proxy.tally import Recorder, Tally
 from shared import log
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+MOST_BY_DEFAULT = 4
 CHANNEL_BUFFER = 1 << 20  # a tally message is at most ~80 KiB (MOST_VALUES), most a few KiB
 RECEIVE = 256 << 10  # bytes read per message: more than a tally's largest
 STOP_S = 5.0  # a worker's time to close after SIGTERM, then SIGKILL
 
 
 def process_count(asked: int) -> int:
-    """``asked``, or one per CPU this process may run on when 0."""
+    """``asked``, or when 0 one per CPU this process may run on, at most ``MOST_BY_DEFAULT``:
+    each process holds a whole view and a bus connection, and a node of 64 CPUs does not
+    proxy 64 times more than one of 4 (ask for more where it does)."""
     if asked > 0:
         return asked
-    return max(1, len(os.sched_getaffinity(0)))
+    return max(1, min(len(os.sched_getaffinity(0)), MOST_BY_DEFAULT))
 
 
 @dataclasses.dataclass

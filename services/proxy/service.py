@@ -68,7 +68,7 @@ class ProxySettings(CommonSettings):
     proxy_processes: int = setting(
         0,
         "processes that serve L7 connections, all from the one listener (0: one per CPU the "
-        "proxy may run on)",
+        "proxy may run on, at most 4)",
     )
     fqdn_min_ttl: int = setting(
         0, "seconds a learned address stays allowed at least, whatever its TTL (tofqdns-min-ttl)"
