@@ -27,7 +27,7 @@ import dataclasses
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
@@ -60,21 +60,32 @@ class TopicIds:
         self.max_brokers = max_brokers
         self.max_ids = max_ids
         self._by_broker: dict[Broker, dict[uuid.UUID, str]] = {}
+        # told what an answer through this process taught that was not known: the node's
+        # other proxy processes learn it too (services/proxy/prefork.py), so that a client
+        # whose Metadata and Fetch connections landed in different processes is not refused
+        self.shared: Callable[[Broker, list[tuple[uuid.UUID, str]]], None] | None = None
 
     def names(self, broker: Broker) -> Mapping[uuid.UUID, str]:
         return self._by_broker.get(broker) or {}
 
-    def learn(self, broker: Broker, pairs: Iterable[tuple[uuid.UUID, str]]) -> None:
+    def learn(
+        self, broker: Broker, pairs: Iterable[tuple[uuid.UUID, str]], *, share: bool = True
+    ) -> None:
+        """``share``: whether what is new goes to ``shared`` (not when it came from there)."""
         known = self._by_broker.get(broker)
         if known is None:
             if len(self._by_broker) >= self.max_brokers:
                 del self._by_broker[next(iter(self._by_broker))]
             known = self._by_broker[broker] = {}
+        new = []
         for topic_id, name in pairs:
-            known.pop(topic_id, None)
+            if known.pop(topic_id, None) != name:
+                new.append((topic_id, name))
             known[topic_id] = name
             if len(known) > self.max_ids:
                 del known[next(iter(known))]
+        if new and share and self.shared is not None:
+            self.shared(broker, new)
 
 
 TOPIC_IDS = TopicIds()  # the proxy's: every Kafka connection learns into it

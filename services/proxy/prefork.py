@@ -12,6 +12,8 @@ socket is bound, not listening, until the first process is ready (until then the
 finds no listener and drops, as before), and a process not ready yet does not accept from it.
 What there is once per node stays in the leader: the DNS proxy, FQDN, the micro service and
 ``/metrics``, where each worker's counts arrive over its channel (:mod:`services.proxy.tally`).
+What one process learns that the others need goes through the leader to them: Kafka topic ids,
+which a client may learn from a Metadata answer on one connection and use on another.
 
 Fail closed across processes: a worker dies with its leader (``PR_SET_PDEATHSIG``: SIGKILL),
 and a leader whose worker ended exits, so that its supervisor starts the node's proxy again
@@ -24,12 +26,18 @@ import asyncio
 import contextlib
 import ctypes
 import dataclasses
+import json
 import os
 import signal
 import socket
 import time
+import uuid
 from collections.abc import Callable
+from ipaddress import IPv4Address
 
+from prometheus_client import Counter
+
+from services.proxy.kafka import Broker, TopicIds
 from services.proxy.tally import Recorder, Tally
 from shared import log
 
@@ -38,6 +46,55 @@ MOST_BY_DEFAULT = 4
 CHANNEL_BUFFER = 1 << 20  # a tally message is at most ~80 KiB (MOST_VALUES), most a few KiB
 RECEIVE = 256 << 10  # bytes read per message: more than a tally's largest
 STOP_S = 5.0  # a worker's time to close after SIGTERM, then SIGKILL
+# what a message on a channel is, its first byte
+TALLY = b"T"  # worker -> leader: counts for /metrics
+TOPICS = b"K"  # either way: Kafka topic ids learned (services/proxy/kafka.py TopicIds)
+TOPICS_PER_MESSAGE = 1000  # about 80 KiB of JSON at most
+
+UNSHARED = Counter(
+    "membrane_proxy_topic_ids_unshared_total",
+    "Kafka topic id messages a proxy process could not pass on to another (its channel full): "
+    "that process refuses those ids until the client asks for metadata again",
+)
+
+
+def encode_topics(broker: Broker, pairs: list[tuple[uuid.UUID, str]]) -> list[bytes]:
+    return [
+        TOPICS
+        + json.dumps(
+            {
+                "broker": [str(broker[0]), broker[1]],
+                "pairs": [[str(i), n] for i, n in pairs[at : at + TOPICS_PER_MESSAGE]],
+            },
+            separators=(",", ":"),
+        ).encode()
+        for at in range(0, len(pairs), TOPICS_PER_MESSAGE)
+    ]
+
+
+def decode_topics(data: bytes) -> tuple[Broker, list[tuple[uuid.UUID, str]]]:
+    """Raises ``ValueError`` on anything but what :func:`encode_topics` makes."""
+    try:
+        body = json.loads(data[len(TOPICS) :])
+        address, port = body["broker"]
+        if type(port) is not int:
+            raise ValueError(f"port {port!r}")
+        pairs = [(uuid.UUID(i), n) for i, n in body["pairs"]]
+        if not all(type(n) is str for _, n in pairs):
+            raise ValueError("a name not a string")
+        return (IPv4Address(address), port), pairs
+    except (TypeError, KeyError, AttributeError, ValueError) as exc:
+        raise ValueError(f"not topic ids: {exc}") from None
+
+
+def _send_now(channel: socket.socket, messages: list[bytes]) -> None:
+    """From synchronous code, without waiting: a message the channel has no room for is
+    counted, not queued (the process that misses it fails closed)."""
+    for message in messages:
+        try:
+            channel.send(message)
+        except OSError:
+            UNSHARED.inc()
 
 
 def process_count(asked: int) -> int:
@@ -59,7 +116,23 @@ class Worker:
     async def forward(self, tally: Tally) -> None:
         loop = asyncio.get_running_loop()
         for message in tally.encode():
-            await loop.sock_sendall(self.channel, message)
+            await loop.sock_sendall(self.channel, TALLY + message)
+
+    def share(self, broker: Broker, pairs: list[tuple[uuid.UUID, str]]) -> None:
+        """Topic ids learned here, to the leader for the others."""
+        _send_now(self.channel, encode_topics(broker, pairs))
+
+    async def listen(self, topic_ids: TopicIds) -> None:
+        """What the others learned, into ``topic_ids``; returns when the leader is gone (and
+        this process with it: ``PR_SET_PDEATHSIG``)."""
+        loop = asyncio.get_running_loop()
+        while data := await loop.sock_recv(self.channel, RECEIVE):
+            try:
+                broker, pairs = decode_topics(data)
+            except ValueError:
+                log.get("proxy").error("malformed message from the leader", kind=data[:1])
+                continue
+            topic_ids.learn(broker, pairs, share=False)
 
 
 @dataclasses.dataclass
@@ -84,8 +157,9 @@ def fork(count: int) -> Leader | Worker:
     children: list[Child] = []
     for index in range(1, count):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CHANNEL_BUFFER)
-        ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, CHANNEL_BUFFER)
+        for end in (ours, theirs):
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CHANNEL_BUFFER)
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, CHANNEL_BUFFER)
         pid = os.fork()
         if pid == 0:
             _die_with(leader)
@@ -108,13 +182,39 @@ def _die_with(leader: int) -> None:
 
 
 class Workers:
-    """The leader's side: each worker's tallies into Prometheus, and its end noticed."""
+    """The leader's side: each worker's tallies into Prometheus, topic ids learned anywhere
+    to every other process, and a worker's end noticed."""
 
-    def __init__(self, children: list[Child]) -> None:
+    def __init__(self, children: list[Child], topic_ids: TopicIds | None = None) -> None:
         self.children = children
         self.recorder = Recorder()
         self.malformed = 0
         self.stopping = False  # their ends from now on are ours, not news
+        self.topic_ids = topic_ids or TopicIds()
+        if children:
+            self.topic_ids.shared = lambda broker, pairs: self.share(broker, pairs, None)
+
+    def share(
+        self, broker: Broker, pairs: list[tuple[uuid.UUID, str]], source: Child | None
+    ) -> None:
+        """Topic ids learned by ``source`` (None: here) to every other worker."""
+        messages = encode_topics(broker, pairs)
+        for child in self.children:
+            if child is not source:
+                _send_now(child.channel, messages)
+
+    def _received(self, child: Child, data: bytes) -> None:
+        try:
+            if data[:1] == TALLY:
+                self.recorder.record(Tally.decode(data[1:]), child.index)
+                return
+            broker, pairs = decode_topics(data)
+        except ValueError:
+            self.malformed += 1
+            log.get("proxy").error("malformed message from a worker", worker=child.index)
+            return
+        self.topic_ids.learn(broker, pairs, share=False)
+        self.share(broker, pairs, child)
 
     async def watch(self, ended: Callable[[Child, str], None]) -> None:
         """Until a worker's channel ends; then ``ended(child, how)`` and return."""
@@ -135,13 +235,7 @@ class Workers:
                     if not done.done() and not self.stopping:
                         done.set_result((child, error or await self._status(child)))
                     return
-                try:
-                    tally = Tally.decode(data)
-                except ValueError:
-                    self.malformed += 1
-                    log.get("proxy").error("malformed tally from a worker", worker=child.index)
-                    continue
-                self.recorder.record(tally, child.index)
+                self._received(child, data)
 
         readers = [asyncio.ensure_future(read(child)) for child in self.children]
         try:

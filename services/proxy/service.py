@@ -28,6 +28,7 @@ from services.proxy.dns import DnsProxy
 from services.proxy.exchange import Conn
 from services.proxy.fqdn_cache import FQDNCaches
 from services.proxy.fqdn_publish import FQDNPublisher
+from services.proxy.kafka import TOPIC_IDS
 from services.proxy.pool import UpstreamPool
 from services.proxy.sockets import BACKLOG, listener
 from services.proxy.tally import Recorder, Tally
@@ -219,7 +220,7 @@ def main(settings: ProxySettings) -> Coroutine[Any, Any, None]:
     role = prefork.fork(prefork.process_count(settings.proxy_processes))
     if isinstance(role, prefork.Worker):
         return serve_worker(settings, role, listening)
-    return run(settings, listening, prefork.Workers(role.children))
+    return run(settings, listening, prefork.Workers(role.children, TOPIC_IDS))
 
 
 async def watch_view(
@@ -272,6 +273,8 @@ async def serve_worker(
     await watch_view(watches, view.set_ipcache, view.set_resolved, view.set_members)
     sink = FlowSink(bus, settings.node, worker.forward)
     tasks.spawn("flows", sink.run)
+    TOPIC_IDS.shared = worker.share
+    tasks.spawn("leader", lambda: worker.listen(TOPIC_IDS))
     server, pool = await serve(view, sink, listening, logger)
     logger.info("proxy worker ready", resolved=len(view.resolved))
     signal_name = await wait_for_shutdown()
