@@ -53,8 +53,8 @@ TOPICS_PER_MESSAGE = 1000  # about 80 KiB of JSON at most
 
 UNSHARED = Counter(
     "membrane_proxy_topic_ids_unshared_total",
-    "Kafka topic id messages a proxy process could not pass on to another (its channel full): "
-    "that process refuses those ids until the client asks for metadata again",
+    "Kafka topic id messages the leader could not pass on to a worker (its channel full): "
+    "that worker refuses those ids until the client asks for metadata again",
 )
 
 
