@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -127,15 +128,18 @@ PIECE_CHARS = 1 << 20
 class ServiceParts:
     """The Services and EndpointSlices of a large file, sent ahead a part at a time while the
     file is read: the lb service checks each part (a dry run: nothing changes) while the next
-    piece is read, and keeps its parse. :meth:`apply` then sends every part again, the same
-    bytes, in one request (a replica that checked a part takes its parse instead of decoding
-    and checking it again). Nothing changes before that request, so a document found invalid
+    piece is read, and keeps its parse. :meth:`apply` then names every part by its digest
+    (SHA-256) in one request, and the replica that checked them takes their parses; a replica
+    that does not keep one of them (another replica checked it, or it restarted) changes
+    nothing and says so, and the parts' bytes are sent in the same request again, checked
+    there as any other. Nothing changes before that request, so a document found invalid
     anywhere in the file, by the CLI or by the lb service, still changes nothing."""
 
     def __init__(self, bus: Bus, source: str) -> None:
         self.bus = bus
         self.source = source
         self.parts: list[bytes] = []
+        self.digests: list[str] = []
         self.counts: list[int] = []
         self.checks: list[asyncio.Future[LBApplyReply]] = []
 
@@ -152,6 +156,7 @@ class ServiceParts:
             first=1 + sum(self.counts),
         )
         self.parts.append(part)
+        self.digests.append(hashlib.sha256(part).hexdigest())
         self.counts.append(len(documents))
         self.checks.append(
             asyncio.ensure_future(
@@ -179,17 +184,28 @@ class ServiceParts:
         results: list[str] = []
         first = 1
         for group in self._requests():
-            reply = await self.bus.request(
-                subjects.LB_APPLY,
-                LBApplyRequest(
+            try:  # the parts by their digests: the replica that checked them kept their parse
+                request = LBApplyRequest(
+                    documents=[],
+                    part_digests=[self.digests[i] for i in group],
+                    source=self.source,
+                    first=first,
+                )
+                reply = await self.bus.request(
+                    subjects.LB_APPLY, request, LBApplyReply, timeout=LB_TIMEOUT
+                )
+            except NotFound as exc:  # another replica, or one restarted: nothing changed
+                if exc.field != "part_digests":
+                    raise
+                request = LBApplyRequest(
                     documents=[],
                     parts=[msgspec.Raw(self.parts[i]) for i in group],
                     source=self.source,
                     first=first,
-                ),
-                LBApplyReply,
-                timeout=LB_TIMEOUT,
-            )
+                )
+                reply = await self.bus.request(
+                    subjects.LB_APPLY, request, LBApplyReply, timeout=LB_TIMEOUT
+                )
             results.extend(reply.results)
             first += sum(self.counts[i] for i in group)
         return LBApplyReply(results=results)

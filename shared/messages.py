@@ -500,11 +500,17 @@ class LBApplyRequest(Message):
     source: str = "-"
     dry_run: bool = False
     # more documents, each part a JSON array of them, after ``documents``: ``membrane apply -f``
-    # of a large file sends each part with a dry run while it reads the rest, then every part
-    # again, the same bytes, in the request that applies them; a replica that checked a part
-    # reuses its parse (docs/lb.md, "Bulk applies")
+    # of a large file sends each part with a dry run while it reads the rest, then names every
+    # part by its digest (``part_digests``) in the request that applies them, or sends the same
+    # bytes again when that replica did not keep them; a replica that checked a part reuses its
+    # parse (docs/lb.md, "Bulk applies")
     parts: list[msgspec.Raw] = []
     first: int = 1  # the number of the request's first document in the whole apply: messages
+    # more parts after ``parts``, each named by the SHA-256 (hex) of its bytes instead of sent:
+    # parts this replica checked with a dry run and still keeps. One it does not keep fails the
+    # request with not_found (field "part_digests"), nothing changed; the sender then sends the
+    # bytes (docs/lb.md, "Bulk applies")
+    part_digests: list[str] = []
 
 
 class LBApplyReply(Message):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -99,7 +100,16 @@ class LBSettings(CommonSettings):
 
 Parsed = tuple[str, Spec | EndpointSliceSpec, Any]  # (kind, spec, the document as it came)
 Ident = tuple[str, str, str]  # (kind, namespace, name): what a document may not share
+# a checked part's parse, kept for its apply: (when, the part's size, the parse, its names)
+Kept = tuple[float, int, list[Parsed], frozenset[Ident]]
 _decode_part = msgspec.json.Decoder(list[dict[str, Any]]).decode
+
+
+def part_digest(part: bytes) -> str:
+    """The name of a part's bytes in ``part_digests`` (as shared.apply computes it)."""
+    return hashlib.sha256(part).hexdigest()
+
+
 _encode = msgspec.json.Encoder().encode
 _decode_record = msgspec.json.Decoder(LBService).decode
 
@@ -152,11 +162,9 @@ class LBCore:
         self.pods: dict[str, Endpoint] = {}  # by endpoints key
         self.records: dict[str, LBService] = {}
         self.lock = asyncio.Lock()
-        # parts checked by a dry run, by their bytes: (when, their parse, their documents'
-        # names), oldest first
-        self.checked: OrderedDict[bytes, tuple[float, list[Parsed], frozenset[Ident]]] = (
-            OrderedDict()
-        )
+        # parts checked by a dry run, by the digest of their bytes: (when, their size, their
+        # parse, their documents' names), oldest first
+        self.checked: OrderedDict[str, Kept] = OrderedDict()
         self.checked_bytes = 0
         self.dirty: set[str] = set()
         self.wake = asyncio.Event()
@@ -196,24 +204,45 @@ class LBCore:
     # --- parsing -----------------------------------------------------------------------------
 
     def _parse(self, req: LBApplyRequest) -> list[Parsed]:
-        """Every document of ``req`` (``documents``, then each of ``parts``) checked; the first
-        error in document order raises, naming the document by its number in the whole
-        apply."""
+        """Every document of ``req`` (``documents``, then each of ``parts``, then the parts
+        ``part_digests`` names) checked; the first error in document order raises, naming the
+        document by its number in the whole apply. A digest this replica does not keep raises
+        NotFound before anything is taken."""
         self._forget(time.monotonic())  # what an apply that never came left
+        missing = [d for d in req.part_digests if d not in self.checked]
+        if missing:
+            raise NotFound(
+                f"{req.source}: {len(missing)} of the {len(req.part_digests)} parts named by "
+                "their digests were not checked by this replica (or no longer kept): send "
+                "their bytes",
+                field="part_digests",
+            )
+        named: list[tuple[str, bytes | None]] = [(part_digest(p), p) for p in map(bytes, req.parts)]
+        named += [(d, None) for d in req.part_digests]
+        taken: dict[str, Kept] = {}  # the kept parses named, out of the store before any check
+        for digest, _ in named:
+            cached = self.checked.pop(digest, None)
+            if cached is not None:
+                self.checked_bytes -= cached[1]
+                taken[digest] = cached
         seen: set[Ident] = set()
         parsed = self._parse_documents(req.documents, req.source, req.first, seen)
         first = req.first + len(req.documents)
-        for raw in req.parts:
-            part = bytes(raw)
-            cached = self.checked.pop(part, None)
+        for digest, part in named:
+            cached = taken.pop(digest, None)
             if cached is not None:  # checked already: only its names against the others'
-                self.checked_bytes -= len(part)
-                _, items, idents = cached
+                _, _, items, idents = cached
                 if seen.isdisjoint(idents):  # distinct within the part: its dry run checked
                     seen |= idents
                 else:  # a name given twice: the first such document is the error
                     for index, (kind, item, document) in enumerate(items, start=first):
                         _check_unique(seen, kind, item, document, req.source, index)
+                size = cached[1]
+            elif part is None:  # named twice in this request: its documents' names clash
+                raise InvalidArgument(
+                    f"{req.source}: the part from document {first} on is given twice",
+                    field="part_digests",
+                )
             else:
                 try:
                     documents = _decode_part(part)
@@ -225,19 +254,25 @@ class LBCore:
                     ) from None
                 items = self._parse_documents(documents, req.source, first, seen)
                 idents = frozenset((kind, i.namespace, i.name) for kind, i, _ in items)
+                size = len(part)
             if req.dry_run:
-                self._remember(part, items, idents)
+                self._remember(digest, size, items, idents)
             parsed.extend(items)
             first += len(items)
         return parsed
 
-    def _remember(self, part: bytes, items: list[Parsed], idents: frozenset[Ident]) -> None:
-        """Keep a checked part's parse for the request that applies it (the same bytes), for
-        a while and up to a bound: it is only a saving, a part not found is parsed again."""
-        if part in self.checked:
-            self.checked_bytes -= len(part)
-        self.checked[part] = (time.monotonic(), items, idents)
-        self.checked_bytes += len(part)
+    def _remember(
+        self, digest: str, size: int, items: list[Parsed], idents: frozenset[Ident]
+    ) -> None:
+        """Keep a checked part's parse for the request that applies it (by the digest of its
+        bytes), for a while and up to a bound (of the parts' bytes): it is only a saving, a
+        part sent again whose parse is not kept is parsed again; a part named by its digest
+        alone and not kept fails the request, and the sender sends its bytes."""
+        old = self.checked.pop(digest, None)
+        if old is not None:
+            self.checked_bytes -= old[1]
+        self.checked[digest] = (time.monotonic(), size, items, idents)
+        self.checked_bytes += size
         self._forget(time.monotonic())
 
     def _forget(self, now: float) -> None:
@@ -246,8 +281,8 @@ class LBCore:
             self.checked_bytes > CHECKED_BYTES
             or next(iter(self.checked.values()))[0] < now - CHECKED_SECONDS
         ):
-            old, _ = self.checked.popitem(last=False)
-            self.checked_bytes -= len(old)
+            _, (_, size, _, _) = self.checked.popitem(last=False)
+            self.checked_bytes -= size
 
     def _parse_documents(
         self, documents: list[Any], source: str, first: int, seen: set[tuple[str, str, str]]

@@ -18,12 +18,14 @@ from services.lb import ids
 from services.lb import service as service_module
 from services.lb.service import LBCore, LBSettings
 from shared import apply, services_bucket, subjects
-from shared.bus import Bus
-from shared.errors import AlreadyExists, InvalidArgument
+from shared.bus import Bus, flush_connection
+from shared.errors import AlreadyExists, InvalidArgument, NotFound
 from shared.messages import (
     ContainerPort,
     Empty,
     Endpoint,
+    LBApplyReply,
+    LBApplyRequest,
     LBCreateRequest,
     LBListReply,
     LBService,
@@ -243,6 +245,18 @@ def bulk_documents(names: list[str], octet: int) -> list[dict[str, Any]]:
     return docs
 
 
+async def watch_applies(bus: Bus) -> list[LBApplyRequest]:
+    """The requests on ``membrane.lb.apply`` from now on, as they went by."""
+    seen: list[LBApplyRequest] = []
+
+    async def on(msg: Any) -> None:
+        seen.append(msgspec.json.decode(msg.data, type=LBApplyRequest))
+
+    await bus.nc.subscribe(subjects.LB_APPLY, cb=on)
+    await flush_connection(bus.nc)
+    return seen
+
+
 async def test_parts_checked_ahead_are_applied_together_or_not_at_all(lb: LBCore, bus: Bus) -> None:
     """A large file's Services and EndpointSlices go in parts, each checked (a dry run) while
     the next is read, then applied in one request: an invalid document or a name given twice
@@ -266,6 +280,7 @@ async def test_parts_checked_ahead_are_applied_together_or_not_at_all(lb: LBCore
     assert "big.yaml: document 9 (Service a0)" in str(twice.value), twice.value
     assert await bus.request(subjects.LB_LIST, Empty(), LBListReply) == before
 
+    applying = await watch_applies(bus)
     sent = apply.ServiceParts(bus, "big.yaml")
     sent.send(first)
     sent.send(second)
@@ -274,6 +289,8 @@ async def test_parts_checked_ahead_are_applied_together_or_not_at_all(lb: LBCore
     assert len(lb.checked) == 2  # the replica kept both parses for the apply
     reply = await sent.apply()
     assert len(reply.results) == 8 and not lb.checked
+    # the request that applied them named the parts by their digests, without their bytes
+    assert [(r.part_digests, r.parts) for r in applying if not r.dry_run] == [(sent.digests, [])]
     listed = await bus.request(subjects.LB_LIST, Empty(), LBListReply)
     got = {s.name: [b.ip for b in s.frontends[0].backends] for s in listed.services}
     assert {k: got[k] for k in ("a0", "a1", "a2", "a3")} == {
@@ -282,21 +299,38 @@ async def test_parts_checked_ahead_are_applied_together_or_not_at_all(lb: LBCore
         "a2": ["10.250.2.1"],
         "a3": ["10.250.2.2"],
     }
-    # a part this replica did not check (another replica did, or it expired) is parsed again
+    # a part this replica did not check (another replica did, or it expired): the request
+    # naming it by its digest changes nothing, and the bytes sent next are parsed again
     sent = apply.ServiceParts(bus, "big.yaml")
     sent.send(bulk_documents(["a4"], 3))
+    sent.send(bulk_documents(["a7"], 6))
     for check in sent.checks:
         await check
-    lb.checked.clear()
-    lb.checked_bytes = 0
-    assert (await sent.apply()).results == ["service/a4 created", "endpointslice/a4-1 created"]
+    _, (_, size, _, _) = lb.checked.popitem()  # the second part's parse is gone
+    lb.checked_bytes -= size
+    listed = await bus.request(subjects.LB_LIST, Empty(), LBListReply)
+    named = LBApplyRequest(documents=[], part_digests=sent.digests, source="big.yaml")
+    with pytest.raises(NotFound) as unknown:
+        await bus.request(subjects.LB_APPLY, named, LBApplyReply)
+    assert unknown.value.field == "part_digests" and "1 of the 2 parts" in str(unknown.value)
+    assert await bus.request(subjects.LB_LIST, Empty(), LBListReply) == listed
+    assert len(lb.checked) == 1  # the first part's parse is still kept
+    applying.clear()
+    assert (await sent.apply()).results == [
+        "service/a4 created",
+        "endpointslice/a4-1 created",
+        "service/a7 created",
+        "endpointslice/a7-1 created",
+    ]
+    assert [(r.part_digests, len(r.parts)) for r in applying] == [(sent.digests, 0), ([], 2)]
+    assert not lb.checked  # the first part's kept parse was taken by the bytes' request
     # a part whose apply never came is forgotten after a while, at the next request
     sent = apply.ServiceParts(bus, "big.yaml")
     sent.send(bulk_documents(["a5"], 5))
     for check in sent.checks:
         await check
-    ((part, (when, items, idents)),) = lb.checked.items()
-    lb.checked[part] = (when - service_module.CHECKED_SECONDS - 1, items, idents)
+    ((digest, (when, size, items, idents)),) = lb.checked.items()
+    lb.checked[digest] = (when - service_module.CHECKED_SECONDS - 1, size, items, idents)
     await apply.apply_services(bus, [service("a6", ports=[{"port": 80}])], "t", dry_run=True)
     assert not lb.checked and lb.checked_bytes == 0
 
