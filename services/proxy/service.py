@@ -45,7 +45,8 @@ from shared import (
     subjects,
 )
 from shared.bus import Bus
-from shared.config import CommonSettings, setting
+from shared.config import CommonSettings, env_name, setting
+from shared.errors import InvalidArgument
 from shared.kv_watch import BucketWatches
 from shared.l7_wire import L7Batch, L7Record
 from shared.messages import FQDNCleanRequest, L7Info
@@ -95,6 +96,10 @@ class ProxySettings(CommonSettings):
         "ask the node's agent to install learned addresses before answering (off: wait for the "
         "cluster-wide path only)",
     )
+
+    def __post_init__(self) -> None:
+        if self.proxy_processes < 0:
+            raise InvalidArgument("must be at least 0", field=env_name("proxy_processes"))
 
 
 class FlowSink:

@@ -13,6 +13,8 @@ import pytest
 
 from services.proxy import prefork
 from services.proxy.kafka import TopicIds
+from services.proxy.service import ProxySettings
+from shared.errors import InvalidArgument
 
 
 def test_as_many_as_asked_else_one_per_cpu_up_to_four() -> None:
@@ -91,3 +93,9 @@ async def test_topic_ids_learned_in_one_process_reach_every_other() -> None:
 def test_anything_else_is_not_topic_ids(message: bytes) -> None:
     with pytest.raises(ValueError, match="not topic ids"):
         prefork.decode_topics(message)
+
+
+def test_a_negative_count_is_refused_naming_the_setting() -> None:
+    with pytest.raises(InvalidArgument, match="at least 0") as refused:
+        ProxySettings(node="n1", proxy_processes=-1)
+    assert refused.value.field == "MEMBRANE_PROXY_PROCESSES"
