@@ -29,6 +29,7 @@ from membrane.servers import (
     NatsServer,
     RedisServer,
     free_port,
+    nats_go_env,
     port_open,
     write_secret,
 )
@@ -141,6 +142,7 @@ def build_plan(state: StateDir, info: ClusterInfo, replicas: dict[str, int]) -> 
             ProcessSpec(
                 name="nats-server",
                 command=nats.command(),
+                env=nats_go_env(),
                 ready_port=info.nats_port,
                 ready_host=nats.host,
             )
