@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -33,6 +32,7 @@ from shared.messages import (
     PolicyApplyRequest,
     PolicyDeleteReply,
     PolicyRef,
+    part_digest,
 )
 
 POLICY_TIMEOUT = 30.0
@@ -156,7 +156,7 @@ class ServiceParts:
             first=1 + sum(self.counts),
         )
         self.parts.append(part)
-        self.digests.append(hashlib.sha256(part).hexdigest())
+        self.digests.append(part_digest(part))
         self.counts.append(len(documents))
         self.checks.append(
             asyncio.ensure_future(
@@ -185,30 +185,19 @@ class ServiceParts:
         first = 1
         for group in self._requests():
             try:  # the parts by their digests: the replica that checked them kept their parse
-                request = LBApplyRequest(
-                    documents=[],
-                    part_digests=[self.digests[i] for i in group],
-                    source=self.source,
-                    first=first,
-                )
-                reply = await self.bus.request(
-                    subjects.LB_APPLY, request, LBApplyReply, timeout=LB_TIMEOUT
-                )
+                reply = await self._apply(first, part_digests=[self.digests[i] for i in group])
             except NotFound as exc:  # another replica, or one restarted: nothing changed
                 if exc.field != "part_digests":
                     raise
-                request = LBApplyRequest(
-                    documents=[],
-                    parts=[msgspec.Raw(self.parts[i]) for i in group],
-                    source=self.source,
-                    first=first,
-                )
-                reply = await self.bus.request(
-                    subjects.LB_APPLY, request, LBApplyReply, timeout=LB_TIMEOUT
-                )
+                reply = await self._apply(first, parts=[msgspec.Raw(self.parts[i]) for i in group])
             results.extend(reply.results)
             first += sum(self.counts[i] for i in group)
         return LBApplyReply(results=results)
+
+    async def _apply(self, first: int, **parts: Any) -> LBApplyReply:
+        """One applying request for some of the parts (``parts`` or ``part_digests``)."""
+        request = LBApplyRequest(documents=[], source=self.source, first=first, **parts)
+        return await self.bus.request(subjects.LB_APPLY, request, LBApplyReply, timeout=LB_TIMEOUT)
 
     def _requests(self) -> list[list[int]]:
         out: list[list[int]] = []

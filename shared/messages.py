@@ -6,6 +6,7 @@ optional field is compatible; renaming or retyping one needs a new ``v``.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import msgspec
@@ -511,6 +512,11 @@ class LBApplyRequest(Message):
     # request with not_found (field "part_digests"), nothing changed; the sender then sends the
     # bytes (docs/lb.md, "Bulk applies")
     part_digests: list[str] = []
+
+
+def part_digest(part: bytes) -> str:
+    """The name of a part's bytes in ``LBApplyRequest.part_digests``: SHA-256, hex."""
+    return hashlib.sha256(part).hexdigest()
 
 
 class LBApplyReply(Message):

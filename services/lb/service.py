@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -50,6 +49,7 @@ from shared.messages import (
     LBListReply,
     LBService,
     LBServiceRef,
+    part_digest,
 )
 from shared.redis_store import make_redis
 from shared.runtime import TaskGroup
@@ -103,11 +103,6 @@ Ident = tuple[str, str, str]  # (kind, namespace, name): what a document may not
 # a checked part's parse, kept for its apply: (when, the part's size, the parse, its names)
 Kept = tuple[float, int, list[Parsed], frozenset[Ident]]
 _decode_part = msgspec.json.Decoder(list[dict[str, Any]]).decode
-
-
-def part_digest(part: bytes) -> str:
-    """The name of a part's bytes in ``part_digests`` (as shared.apply computes it)."""
-    return hashlib.sha256(part).hexdigest()
 
 
 _encode = msgspec.json.Encoder().encode
