@@ -30,7 +30,7 @@ from services.proxy.fqdn_cache import FQDNCaches
 from services.proxy.fqdn_publish import FQDNPublisher
 from services.proxy.kafka import TOPIC_IDS
 from services.proxy.pool import UpstreamPool
-from services.proxy.sockets import BACKLOG, listener
+from services.proxy.sockets import BACKLOG, BIND_WAIT_S, listener
 from services.proxy.tally import Recorder, Tally
 from services.proxy.view import Verdict, View
 from shared import (
@@ -221,7 +221,7 @@ def main(settings: ProxySettings) -> Coroutine[Any, Any, None]:
     forked (:mod:`services.proxy.prefork`); what this process runs then."""
     if settings.netns:
         enter_netns(settings.netns)
-    listening = listener(settings.proxy_port)
+    listening = listener(settings.proxy_port, BIND_WAIT_S)
     role = prefork.fork(prefork.process_count(settings.proxy_processes))
     if isinstance(role, prefork.Worker):
         return serve_worker(settings, role, listening)

@@ -15,7 +15,7 @@ BACKLOG = 4096  # to create_server, which listens (with 100 unless told)
 BIND_WAIT_S = 10.0
 
 
-def listener(port: int) -> socket.socket:
+def listener(port: int, wait_s: float = 0.0) -> socket.socket:
     """TCP, on the loopback address (``PROXY_LISTEN_ADDR``): ``bpf_sk_assign`` does not care
     where a listener is bound, and a pod connecting to one of the node's addresses on this port
     finds nothing (it would hand the proxy a connection to an address of its choosing).
@@ -24,15 +24,16 @@ def listener(port: int) -> socket.socket:
 
     Bound, not listening: the first process to have its view whole listens
     (``create_server``); until then the datapath finds no listener here. The bind waits up to
-    ``BIND_WAIT_S`` for the port: a restarted proxy can start while the workers of the one
-    before are still being killed, their listener open."""
+    ``wait_s`` for the port, sleeping (so only before an event loop runs): a restarted proxy
+    can start while the workers of the one before are still being killed, their listener
+    open (``BIND_WAIT_S``)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
     # accepted once the client's first bytes are in (every protocol here speaks first): the
     # accept and the first read are one wake-up of the proxy, not two
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
-    deadline = time.monotonic() + BIND_WAIT_S
+    deadline = time.monotonic() + wait_s
     while True:
         try:
             sock.bind((PROXY_LISTEN_ADDR, port))

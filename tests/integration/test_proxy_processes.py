@@ -20,16 +20,10 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from membrane.servers import ServerProcess
+from membrane.servers import ServerProcess, free_port
 from tests.conftest import membrane_command, service_env
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="IP_TRANSPARENT: root")
-
-
-def _free_port(kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Proxy:
@@ -80,9 +74,9 @@ def proxy(
 ) -> Iterator[Proxy]:
     log = tmp_path / "proxy.log"
     ports = {
-        "proxy_port": _free_port(),
-        "dns_proxy_port": _free_port(socket.SOCK_DGRAM),
-        "metrics_port": _free_port(),
+        "proxy_port": free_port(),
+        "dns_proxy_port": free_port(),
+        "metrics_port": free_port(),
     }
     env = service_env(
         nats_server, redis_server,
