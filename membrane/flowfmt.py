@@ -84,8 +84,10 @@ def _detail(flow: EnrichedFlow) -> str:
 def l7_summary(l7: L7Info) -> str:
     """The request and its answer: ``http PUT host/path => 403 (0.4 ms)``, ``grpc POST
     /pkg.Svc/Method => grpc-status 7``, ``kafka produce v9 [topic] => error 29``, ``dns A
-    api.example.com => NOERROR 198.51.100.20 TTL 60``."""
-    if l7.error:
+    api.example.com => NOERROR 198.51.100.20 TTL 60``; a request the proxy answered for a
+    failed upstream: ``http GET host/path => 503 (1.2 ms, upstream connect error: Connection
+    refused)``; a connection closed on malformed input: ``http2 malformed HTTP/2: ...``."""
+    if l7.error and not l7.method:
         return f"{l7.protocol} {l7.error}"
     if l7.protocol == "dns":
         answers = f" {','.join(l7.answers)} TTL {l7.ttl}" if l7.answers else ""
@@ -97,7 +99,8 @@ def l7_summary(l7: L7Info) -> str:
     else:
         answer = str(l7.status) if l7.grpc_status is None else f"grpc-status {l7.grpc_status}"
         request = f"{l7.protocol} {l7.method} {l7.host}{l7.url}"
-    return f"{request} => {answer} ({l7.latency_ms:g} ms)"
+    error = f", {l7.error}" if l7.error else ""
+    return f"{request} => {answer} ({l7.latency_ms:g} ms{error})"
 
 
 def summary(flow: EnrichedFlow) -> str:

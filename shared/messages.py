@@ -312,7 +312,9 @@ class L7Info(Message, gc=False):
     topics: list[str] = []
     client_id: str = ""
     error_code: int = 0
-    error: str = ""  # why the proxy closed the connection (malformed frames), else empty
+    # why the proxy closed the connection (malformed frames), or answered a forwarded request
+    # itself (503 / grpc-status 14: the upstream failed), else empty
+    error: str = ""
     # DNS (protocol "dns"): the query, its type, the answer's rcode (REFUSED when the proxy
     # denied it), the IPv4 addresses answered and their TTL (seconds)
     query: str = ""

@@ -137,6 +137,14 @@ async def connected(sock: socket.socket) -> None:
         raise OSError(err, os.strerror(err))
 
 
+def upstream_failure(exc: OSError) -> str:
+    """Why an upstream could not be reached, as a flow shows it: ``upstream connect error:
+    Connection refused``."""
+    if isinstance(exc, TimeoutError) and not exc.strerror:
+        return "upstream connect error: timed out"
+    return f"upstream connect error: {exc.strerror or exc or type(exc).__name__}"
+
+
 async def connect_upstream(
     conn: Conn, identity: int, view: View
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

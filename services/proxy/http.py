@@ -14,6 +14,9 @@ wait for the upstream's answers to the requests before them, which the response 
   byte pipe; a denied one gets 403 and the connection is closed;
 - malformed request -> ``400`` and close; a header block over ``MAX_HEADER_BYTES`` -> ``431``
   and close. Nothing a client sends ends the proxy: errors end that connection only.
+- an upstream that cannot be reached, or ends before it began the answer to the request at the
+  head of the line -> ``503`` for that request and close, as Envoy answers, with the cause in
+  its flow; the requests pipelined behind it end with the connection.
 
 - chunked bodies keep their trailer section, both ways; answers to ``HEAD`` have no body,
   whatever length their head announces.
@@ -44,6 +47,7 @@ from services.proxy.exchange import (
     connecting,
     elapsed_ms,
     open_upstream,
+    upstream_failure,
 )
 from services.proxy.pool import Key, UpstreamPool
 from services.proxy.view import Verdict, View
@@ -52,6 +56,8 @@ from shared.messages import L7Info
 MAX_HEADER_BYTES = 64 * 1024  # Envoy's default limit is 60 KiB
 
 DENIED_BODY = b"Access denied\r\n"
+UNREACHABLE_BODY = b"upstream connect error\r\n"  # what HTTP/2's UNAVAILABLE says too
+RESET_BODY = b"upstream reset before answering\r\n"
 _KEYS: dict[bytes, str] = {}  # header names as received -> as rules match them (lower case)
 _LINE_ENDS = {"1.1": b" HTTP/1.1\r\n", "1.0": b" HTTP/1.0\r\n"}
 
@@ -92,6 +98,7 @@ class Request:
     # its Connection: close kept from the pooled upstream: the proxy closes the client's
     # connection after the answer, and says so in it
     close_kept: bool = False
+    error: str = ""  # why the proxy answered for an upstream that failed (503)
 
     def l7(self) -> L7Info:
         return L7Info(
@@ -101,6 +108,7 @@ class Request:
             host=self.host,
             status=self.status,
             latency_ms=elapsed_ms(self.started),
+            error=self.error,
         )
 
 
@@ -340,6 +348,8 @@ class HttpConnection(Judged, asyncio.Protocol):
     pool_key: Key | None = None
     generation = 0
     keep_upstream = True
+    # an answer said the upstream closes after it: what was pipelined behind ends unanswered
+    upstream_said_close = False
     # what was sent on an upstream taken from the pool before its first answer came: sent again
     # on a new connection if the server had closed it meanwhile, when every request in it is
     # a GET, HEAD or OPTIONS without a body
@@ -523,8 +533,8 @@ class HttpConnection(Judged, asyncio.Protocol):
         self.generation = self.view.generation  # what the datapath judges it under
         try:
             sock = open_upstream(self.conn, identity, self.view)
-        except OSError:
-            self.close_both()
+        except OSError as exc:
+            self._upstream_failed(UNREACHABLE_BODY, upstream_failure(exc))
             return
         data = b"".join(self.to_upstream)
         self.to_upstream.clear()
@@ -532,9 +542,9 @@ class HttpConnection(Judged, asyncio.Protocol):
             sent = sock.send(data)
         except (BlockingIOError, InterruptedError):  # not connected yet: the transport will
             sent = 0
-        except OSError:  # refused
+        except OSError as exc:  # refused
             sock.close()
-            self.close_both()
+            self._upstream_failed(UNREACHABLE_BODY, upstream_failure(exc))
             return
         self.response = _Response(self)
         if sent < len(data):
@@ -549,8 +559,7 @@ class HttpConnection(Judged, asyncio.Protocol):
         except OSError:  # closed meanwhile
             return
         if stuck:
-            self.keep_upstream = False
-            self.close_both()
+            self._upstream_failed(UNREACHABLE_BODY, "upstream connect error: timed out")
 
     async def _attach(self, sock: socket.socket) -> None:
         try:
@@ -558,7 +567,7 @@ class HttpConnection(Judged, asyncio.Protocol):
         except BaseException as exc:
             sock.close()  # (uvloop detached it if it had closed it)
             if isinstance(exc, OSError):
-                self.close_both()
+                self._upstream_failed(UNREACHABLE_BODY, upstream_failure(exc))
                 return
             if isinstance(exc, Exception):
                 self._fault(exc)
@@ -653,7 +662,28 @@ class HttpConnection(Judged, asyncio.Protocol):
             if self.to_upstream:
                 self._hold("connecting", True)
             return
+        self._upstream_failed(RESET_BODY, "upstream reset before answering")
+
+    def _upstream_failed(self, body: bytes, error: str) -> None:
+        """The upstream failed or ended. If it owed the answer at the head of the line and had
+        not begun it, nor said it would close, the request is answered ``503`` here as Envoy
+        does, and its flow says why: the client learns more than a bare close. The requests
+        behind it end with the connection, unanswered, as after any close."""
         self.keep_upstream = False
+        pending, response = self.pending, self.response
+        if (
+            pending
+            and not pending[0].local
+            and not self.upstream_said_close
+            and not (response is not None and response.in_message)
+            and not self.closing_for_good()
+        ):
+            request = pending.popleft()
+            pending.clear()
+            request.status, request.error, request.close_after = 503, error, True
+            request.local = local_response(503, "Service Unavailable", body, close=True)
+            pending.append(request)
+            self._answer_local()
         self._flush()
         self.close_both()
 
@@ -749,6 +779,7 @@ class _Response:
         self.in_message = False
         if not self.parser.should_keep_alive():
             self.conn.keep_upstream = False
+            self.conn.upstream_said_close = True
         if self.chunked:
             self.conn.to_client.append(last_chunk(self.trailers))
         if 100 <= self.status < 200 and self.status != 101:

@@ -34,7 +34,14 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
-from services.proxy.exchange import READ_SIZE, Handler, Report, connect_upstream, elapsed_ms
+from services.proxy.exchange import (
+    READ_SIZE,
+    Handler,
+    Report,
+    connect_upstream,
+    elapsed_ms,
+    upstream_failure,
+)
 from services.proxy.view import Verdict, View
 from shared.messages import L7Info
 
@@ -83,6 +90,7 @@ class _Stream:
     down: _Half = field(default_factory=_Half)  # upstream -> client
     status: int = 0
     grpc_status: int | None = None
+    error: str = ""  # why the proxy answered for the upstream (UNAVAILABLE)
     reported: bool = False
 
 
@@ -211,8 +219,9 @@ class Http2Connection(Handler):
         if self.up_writer is None:
             try:
                 await self._connect(verdict.src_identity)
-            except (OSError, TimeoutError):
+            except (OSError, TimeoutError) as exc:
                 # the next stream tries again; this one is answered as Envoy does
+                stream.error = upstream_failure(exc)
                 self._answer(stream, ended is not None, UNAVAILABLE)
                 return
         stream.upstream_id = self.upstream.get_next_available_stream_id()
@@ -386,6 +395,7 @@ class Http2Connection(Handler):
                 status=stream.status,
                 latency_ms=elapsed_ms(stream.started),
                 grpc_status=stream.grpc_status,
+                error=stream.error,
             ),
         )
 

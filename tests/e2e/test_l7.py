@@ -270,6 +270,53 @@ def test_new_connections_reuse_the_proxys_upstreams_and_each_request_is_judged(
     assert until(reused, "the upstreams reused") < landed  # a denied request takes none
 
 
+# the deathstar's port 81, where nothing listens, opened to the tiefighter's POSTs through the proxy
+CLOSED_PORT_POLICY = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: deathstar-81}
+spec:
+  endpointSelector: {matchLabels: {class: deathstar}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {class: tiefighter}}]
+    toPorts:
+    - ports: [{port: "81", protocol: TCP}]
+      rules: {http: [{method: POST}]}
+"""
+
+
+def test_an_allowed_request_to_a_closed_port_is_answered_503_with_its_cause(
+    galaxy: Galaxy,
+) -> None:
+    """Nothing listens on the deathstar's port 81: the proxy's upstream is refused, and the
+    tiefighter gets 503 from the proxy, as from Envoy, instead of a connection that just ends;
+    its L7 flow says why."""
+    galaxy.apply(CLOSED_PORT_POLICY)
+    try:
+        deathstar = next(
+            p for p in galaxy.cluster.json("pod", "list") if p["labels"].get("class") == "deathstar"
+        )
+
+        def refused() -> list[dict[str, Any]]:
+            result = subprocess.run(
+                galaxy.exec("tiefighter", "request", "2", deathstar["ip"], "81", *LANDING),
+                env=galaxy.cluster.env(), capture_output=True, text=True, timeout=30,
+            )  # fmt: skip
+            answers = [json.loads(line) for line in result.stdout.splitlines()]
+            assert answers == [{"status": 503, "body": "upstream connect error\r\n"}], answers
+            return answers
+
+        until(refused, "503 from the proxy for port 81")
+        flows = galaxy.flows("--type", "l7", "--http-status", "503", "--to-port", "81")
+        assert flows, "no L7 flow for the refused upstream"
+        flow = flows[-1]
+        assert flow["verdict"] == "FORWARDED" and flow["policy"] == "default/deathstar-81", flow
+        assert flow["l7"]["error"] == "upstream connect error: Connection refused", flow
+        assert flow["source"]["pod"] == "tiefighter", flow
+    finally:
+        galaxy.cluster.run("policy", "delete", "deathstar-81")
+
+
 def _proxy_pids(cluster: Cluster) -> set[int]:
     pids = {p.pid for p in StateDir(cluster.state).processes() if p.name.startswith("proxy-")}
     assert len(pids) == len(cluster.nodes), pids

@@ -1,6 +1,6 @@
 """The proxy with a real upstream on loopback: what the upstream answers comes back whole and in
-order (HTTP/1.1), an upstream that refuses is answered per stream (HTTP/2). Root: the proxy
-marks its upstream socket (SO_MARK).
+order (HTTP/1.1), an upstream that refuses, never answers or resets is answered 503 (HTTP/1.1)
+or per stream (HTTP/2). Root: the proxy marks its upstream socket (SO_MARK).
 
 The connection handler is pointed at the upstream by its ``conn`` (on a node it is the address
 the client asked for, which on loopback would be the proxy's own listener).
@@ -267,6 +267,7 @@ async def test_grpc_calls_to_a_refusing_upstream_are_unavailable_and_the_connect
     await proxy.wait_closed()
     assert [dict(a.headers)[b"grpc-status"] for a in answers] == [b"14", b"14"]
     assert [(r.grpc_status, r.status) for r in reported] == [(14, 200), (14, 200)]
+    assert {r.error for r in reported} == {"upstream connect error: Connection refused"}
     assert not failures
 
 
@@ -327,8 +328,9 @@ async def test_new_connections_through_the_listener_leave_no_cycles(
 
 async def test_an_upstream_that_never_answers_is_given_up(monkeypatch: pytest.MonkeyPatch) -> None:
     """An upstream whose SYNs go unanswered (here: a listener whose accept queue is full; on a
-    node, a connection the far end's policy drops): the client's connection is closed after
-    CONNECT_TIMEOUT_S, not after the kernel's own SYN retries (minutes)."""
+    node, a connection the far end's policy drops): the client is answered 503 and its
+    connection closed after CONNECT_TIMEOUT_S, not after the kernel's own SYN retries
+    (minutes)."""
     monkeypatch.setattr(http, "CONNECT_TIMEOUT_S", 0.3)
     full = socket.socket()
     full.bind(("127.0.0.1", 0))
@@ -357,11 +359,22 @@ async def test_an_upstream_that_never_answers_is_given_up(monkeypatch: pytest.Mo
         await proxy.wait_closed()
         for s in (full, *fillers):
             s.close()
-    assert answer == b"" and 0.2 < waited < 2, (answer, waited)
+    assert answer == UNAVAILABLE and 0.2 < waited < 2, (answer, waited)
+    assert [(r.url, r.status, r.error) for r in reported] == [
+        ("/a", 503, "upstream connect error: timed out")
+    ]
     assert not failures
 
 
-async def test_an_upstream_that_refuses_ends_the_connection() -> None:
+UNAVAILABLE = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 24\r\ncontent-type: text/plain\r\n"
+    b"connection: close\r\n\r\nupstream connect error\r\n"
+)
+
+
+async def test_an_upstream_that_refuses_is_answered_503_and_the_rest_end_unanswered() -> None:
+    """As Envoy answers: the client learns the upstream failed, and its flow says why; the
+    requests pipelined behind it end with the connection (a client sends those again)."""
     spare = socket.socket()
     spare.bind(("127.0.0.1", 0))
     refusing = spare.getsockname()[1]
@@ -370,12 +383,63 @@ async def test_an_upstream_that_refuses_ends_the_connection() -> None:
     failures: list[BaseException] = []
     proxy = await listening_towards(refusing, reported, failures)
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.sockets[0].getsockname()[1])
-    writer.write(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n")
+    writer.write(
+        b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx"
+        b"GET /b HTTP/1.1\r\nHost: a\r\n\r\nGET /secret HTTP/1.1\r\nHost: a\r\n\r\n"
+    )
     answer = await asyncio.wait_for(reader.read(), 2)
     writer.close()
     proxy.close()
     await proxy.wait_closed()
-    assert answer == b"" and not failures
+    assert answer == UNAVAILABLE, answer
+    assert [(r.method, r.url, r.status, r.error) for r in reported] == [
+        ("POST", "/a", 503, "upstream connect error: Connection refused")
+    ]
+    assert not failures
+
+
+async def test_an_upstream_that_closes_before_answering_is_answered_503() -> None:
+    """A server that reads the request and closes (or resets) without an answer: 503 with the
+    reset's text; one that answers ``Connection: close`` first ends the client's connection
+    after that answer, and the request pipelined behind it ends unanswered (the client was
+    told the connection closes, and sends it again)."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if head.startswith(b"GET /close"):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    reported: list[L7Info] = []
+    failures: list[BaseException] = []
+    proxy = await listening_towards(server.sockets[0].getsockname()[1], reported, failures)
+    answers = []
+    for requests in (
+        b"GET /vanish HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"GET /close HTTP/1.1\r\nHost: a\r\n\r\nGET /after HTTP/1.1\r\nHost: a\r\n\r\n",
+    ):
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", proxy.sockets[0].getsockname()[1]
+        )
+        writer.write(requests)
+        answers.append(await asyncio.wait_for(reader.read(), 2))
+        writer.close()
+    proxy.close()
+    await proxy.wait_closed()
+    server.close()
+    await server.wait_closed()
+    assert answers == [
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 33\r\ncontent-type: text/plain\r\n"
+        b"connection: close\r\n\r\nupstream reset before answering\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+    ], answers
+    assert [(r.url, r.status, r.error) for r in reported] == [
+        ("/vanish", 503, "upstream reset before answering"),
+        ("/close", 200, ""),
+    ]
+    assert not failures
 
 
 CLOSING_CLIENT = """

@@ -431,6 +431,22 @@ def test_grpc_and_kafka_flows_filter_and_read() -> None:
         compile_filter([FlowFilterTerm(field="grpc_status", values=["seven"])])
 
 
+def test_a_request_answered_for_a_failed_upstream_reads_with_its_cause() -> None:
+    refused = make(
+        "FORWARDED",
+        type="l7",
+        l7=L7Info(protocol="http", method="POST", url="/v1/request-landing", host="deathstar",
+                  status=503, latency_ms=0.4, error="upstream connect error: Connection refused"),
+    )  # fmt: skip
+    assert matches(refused, ("http_status", "503"))
+    assert (
+        "http POST deathstar/v1/request-landing => 503 (0.4 ms, upstream connect error: "
+        "Connection refused) FORWARDED"
+    ) in flowfmt.summary(refused)
+    malformed = make("DROPPED", type="l7", l7=L7Info(protocol="http2", error="malformed HTTP/2: x"))
+    assert flowfmt.summary(malformed).startswith("http2 malformed HTTP/2: x DROPPED")
+
+
 def test_a_flow_batch_is_json_lines_cut_at_line_ends() -> None:
     from shared.flow_api import decode_flow_batch, encode_flow_batch, split_batch
 
