@@ -336,6 +336,31 @@ def test_the_service_map_shows_verdicts_flows_live_drops_and_nodes(
     find(browser, edge_selector("default/tiefighter", "default/deathstar", "DROPPED"), "new drop")
     assert browser.execute_script("return window.notReloaded === true")
 
+    # L7 requests in the flow table read as `membrane observe` reads them
+    def l7(**fields: Any) -> str:
+        return str(browser.execute_script("return l7Text(arguments[0])", fields))
+
+    http = {"protocol": "http", "method": "PUT", "url": "/v1/exhaust-port", "latency_ms": 0.25}
+    assert l7(**http, status=403) == "PUT /v1/exhaust-port → 403 (0.3 ms)"
+    refused = "upstream connect error: Connection refused"
+    assert (
+        l7(**http, status=503, error=refused) == f"PUT /v1/exhaust-port → 503 (0.3 ms, {refused})"
+    )
+    assert (
+        l7(protocol="grpc", method="POST", url="/a.B/C", status=200, grpc_status=7, latency_ms=1)
+        == "grpc /a.B/C → grpc-status 7 (1.0 ms)"
+    )
+    assert (
+        l7(protocol="kafka", api_key="produce", api_version=9, topics=["t"], error_code=29)
+        == "kafka produce v9 [t] → error 29 (0.0 ms)"
+    )
+    assert (
+        l7(protocol="dns", qtype="A", query="api.example.com.", rcode="NOERROR",
+           answers=["1.2.3.4"], ttl=60)
+        == "dns A api.example.com. → NOERROR 1.2.3.4 TTL 60"
+    )  # fmt: skip
+    assert l7(protocol="http2", error="malformed HTTP/2: x") == "http2 malformed HTTP/2: x"
+
     # the nodes view: every pair of nodes
     click(browser, "#tab-nodes", "the nodes tab")
     nodes = cluster.nodes

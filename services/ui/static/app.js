@@ -191,6 +191,27 @@ function peerText(p) {
   return `${p.workload}\n${where}${p.port ? ":" + p.port : ""} (ID:${p.identity})`;
 }
 
+// An L7 flow's request and its answer, as `membrane observe` reads them (membrane/flowfmt.py)
+function l7Text(l7) {
+  const list = (v) => v || [];
+  if (l7.error && !l7.method) return `${l7.protocol} ${l7.error}`; // a connection closed on bad input
+  if (l7.protocol === "dns") {
+    const answers = list(l7.answers).length ? ` ${list(l7.answers).join(",")} TTL ${l7.ttl}` : "";
+    return `dns ${l7.qtype} ${l7.query} → ${l7.rcode}${answers}`;
+  }
+  let request, answer;
+  if (l7.protocol === "kafka") {
+    const topics = list(l7.topics).length ? ` [${list(l7.topics).join(",")}]` : "";
+    request = `kafka ${l7.api_key} v${l7.api_version}${topics}`;
+    answer = l7.error_code ? `error ${l7.error_code}` : "ok";
+  } else {
+    request = `${l7.protocol === "grpc" ? "grpc" : l7.method} ${l7.url}`;
+    answer = l7.grpc_status == null ? String(l7.status || "?") : `grpc-status ${l7.grpc_status}`;
+  }
+  const error = l7.error ? `, ${l7.error}` : ""; // why the proxy answered for the upstream
+  return `${request} → ${answer} (${(l7.latency_ms || 0).toFixed(1)} ms${error})`;
+}
+
 async function loadFlows() {
   const sel = state.selected;
   if (!sel) return;
@@ -217,8 +238,9 @@ async function loadFlows() {
     const tr = document.createElement("tr");
     tr.className = f.verdict;
     const l4 = `${f.protocol}${f.tcp_flags.length ? " " + f.tcp_flags.join(",") : ""}`;
-    const reason = f.verdict === "DROPPED" ? `${f.drop_reason} ${f.drop_reason_desc}` : "";
-    const cells = [clock(f.time), peerText(f.source), peerText(f.destination), l4, f.l7 ? `${f.l7.method} ${f.l7.url} → ${f.l7.status || "?"} (${f.l7.latency_ms.toFixed(1)} ms)` : "—", f.verdict, reason, f.policy || "—"];
+    // (an L7 request the proxy denied has no datapath drop reason)
+    const reason = f.verdict === "DROPPED" && f.drop_reason ? `${f.drop_reason} ${f.drop_reason_desc}` : "";
+    const cells = [clock(f.time), peerText(f.source), peerText(f.destination), l4, f.l7 ? l7Text(f.l7) : "—", f.verdict, reason, f.policy || "—"];
     cells.forEach((text, i) => {
       const td = document.createElement("td");
       td.textContent = text;
