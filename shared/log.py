@@ -33,7 +33,9 @@ def configure(level: str = "info", fmt: str = "auto", **context: Any) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # one write per line, the newline with it: processes sharing one log file (the proxy's
+        # leader and workers) never run two lines together (print wrote the newline apart)
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr)
