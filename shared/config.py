@@ -48,6 +48,14 @@ def env_name(field_name: str) -> str:
     return ENV_PREFIX + field_name.upper()
 
 
+def require_at_least(settings: object, low: float, *names: str) -> None:
+    """Refuse settings whose fields ``names`` are below ``low``, naming the first such
+    variable (what every service's ``__post_init__`` checks of its counts and sizes)."""
+    for name in names:
+        if getattr(settings, name) < low:
+            raise InvalidArgument(f"must be at least {low}", field=env_name(name))
+
+
 def flag_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 

@@ -26,7 +26,7 @@ from services.identity.ipam import PodCIDRAllocator, UnderlayTaken
 from services.identity.nodes import NodeReaper
 from shared import __version__, kv_watch, log, startup, subjects
 from shared.bus import Bus, MicroService, encode, redact
-from shared.config import CommonSettings, env_name, setting
+from shared.config import CommonSettings, env_name, require_at_least, setting
 from shared.errors import InvalidArgument, MembraneError, Unavailable
 from shared.labels import DEFAULT_LABEL_FILTER, LabelFilter, LabelSet
 from shared.messages import (
@@ -93,9 +93,8 @@ class IdentitySettings(CommonSettings):
     )
 
     def __post_init__(self) -> None:
-        for name, low in (("concurrency", 1), ("kv_replicas", 1), ("grace_period", 0)):
-            if getattr(self, name) < low:
-                raise InvalidArgument(f"must be at least {low}", field=env_name(name))
+        require_at_least(self, 1, "concurrency", "kv_replicas")
+        require_at_least(self, 0, "grace_period")
         for name in ("gc_interval", "reconcile_interval", "node_expiry"):
             if getattr(self, name) <= 0:
                 raise InvalidArgument("must be positive", field=env_name(name))

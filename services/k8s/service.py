@@ -22,7 +22,7 @@ from services.k8s.resync import forget_vanished
 from services.k8s.sink import Sink
 from shared import __version__, log, startup, subjects
 from shared.bus import Bus, redact
-from shared.config import CommonSettings, env_name, setting
+from shared.config import CommonSettings, env_name, require_at_least, setting
 from shared.errors import InvalidArgument
 from shared.messages import Empty, K8sStatus
 from shared.runtime import TaskGroup, periodically
@@ -44,8 +44,7 @@ class K8sSettings(CommonSettings):
                 "need 0 < retry period < renew deadline < lease duration",
                 field=env_name("renew_deadline"),
             )
-        if self.watch_timeout < 1:
-            raise InvalidArgument("must be at least 1", field=env_name("watch_timeout"))
+        require_at_least(self, 1, "watch_timeout")
 
 
 class Bridge:

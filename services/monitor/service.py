@@ -52,7 +52,7 @@ from shared import (
     subjects,
 )
 from shared.bus import Bus, MicroService, redact
-from shared.config import CommonSettings, env_name, setting
+from shared.config import CommonSettings, env_name, require_at_least, setting
 from shared.errors import InvalidArgument, Unavailable
 from shared.flow_api import (
     FLOW_BATCH_MAX_BYTES,
@@ -163,9 +163,7 @@ class MonitorSettings(CommonSettings):
     )
 
     def __post_init__(self) -> None:
-        for name in ("ring_size", "queue_batches", "history_flows", "history_scan"):
-            if getattr(self, name) < 1:
-                raise InvalidArgument("must be at least 1", field=env_name(name))
+        require_at_least(self, 1, "ring_size", "queue_batches", "history_flows", "history_scan")
         if self.history_age <= 0:
             raise InvalidArgument("must be positive", field=env_name("history_age"))
 

@@ -32,7 +32,7 @@ from services.policy.parser import parse_document
 from services.policy.resolver import Resolver, is_subject_range
 from shared import __version__, kv_watch, log, startup, subjects
 from shared.bus import Bus, KVEvent, MicroService, redact
-from shared.config import CommonSettings, env_name, setting
+from shared.config import CommonSettings, require_at_least, setting
 from shared.errors import InvalidArgument, MembraneError, NotFound
 from shared.flow_api import PolicyDiffReply, PolicyDiffRequest
 from shared.messages import (
@@ -79,8 +79,7 @@ class PolicySettings(CommonSettings):
     )
 
     def __post_init__(self) -> None:
-        if self.concurrency < 1:
-            raise InvalidArgument("must be at least 1", field=env_name("concurrency"))
+        require_at_least(self, 1, "concurrency")
 
 
 class StoredPolicy(msgspec.Struct, kw_only=True):

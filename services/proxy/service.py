@@ -45,8 +45,7 @@ from shared import (
     subjects,
 )
 from shared.bus import Bus
-from shared.config import CommonSettings, env_name, setting
-from shared.errors import InvalidArgument
+from shared.config import CommonSettings, require_at_least, setting
 from shared.kv_watch import BucketWatches
 from shared.l7_wire import L7Batch, L7Record
 from shared.messages import FQDNCleanRequest, L7Info
@@ -98,8 +97,7 @@ class ProxySettings(CommonSettings):
     )
 
     def __post_init__(self) -> None:
-        if self.proxy_processes < 0:
-            raise InvalidArgument("must be at least 0", field=env_name("proxy_processes"))
+        require_at_least(self, 0, "proxy_processes")
 
 
 class FlowSink:
