@@ -137,12 +137,16 @@ async def connected(sock: socket.socket) -> None:
         raise OSError(err, os.strerror(err))
 
 
+# what a client is answered (503, gRPC UNAVAILABLE) when the proxy cannot reach its upstream
+UNREACHABLE = "upstream connect error"
+
+
 def upstream_failure(exc: OSError) -> str:
     """Why an upstream could not be reached, as a flow shows it: ``upstream connect error:
     Connection refused``."""
     if isinstance(exc, TimeoutError) and not exc.strerror:
-        return "upstream connect error: timed out"
-    return f"upstream connect error: {exc.strerror or exc or type(exc).__name__}"
+        return f"{UNREACHABLE}: timed out"
+    return f"{UNREACHABLE}: {exc.strerror or exc or type(exc).__name__}"
 
 
 async def connect_upstream(

@@ -41,6 +41,7 @@ import httptools
 
 from services.proxy.exchange import (
     CONNECT_TIMEOUT_S,
+    UNREACHABLE,
     Conn,
     Judged,
     Report,
@@ -56,7 +57,7 @@ from shared.messages import L7Info
 MAX_HEADER_BYTES = 64 * 1024  # Envoy's default limit is 60 KiB
 
 DENIED_BODY = b"Access denied\r\n"
-UNREACHABLE_BODY = b"upstream connect error\r\n"  # what HTTP/2's UNAVAILABLE says too
+UNREACHABLE_BODY = f"{UNREACHABLE}\r\n".encode()
 RESET_BODY = b"upstream reset before answering\r\n"
 _KEYS: dict[bytes, str] = {}  # header names as received -> as rules match them (lower case)
 _LINE_ENDS = {"1.1": b" HTTP/1.1\r\n", "1.0": b" HTTP/1.0\r\n"}
@@ -559,7 +560,7 @@ class HttpConnection(Judged, asyncio.Protocol):
         except OSError:  # closed meanwhile
             return
         if stuck:
-            self._upstream_failed(UNREACHABLE_BODY, "upstream connect error: timed out")
+            self._upstream_failed(UNREACHABLE_BODY, upstream_failure(TimeoutError()))
 
     async def _attach(self, sock: socket.socket) -> None:
         try:

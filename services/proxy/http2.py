@@ -36,6 +36,7 @@ import h2.settings
 
 from services.proxy.exchange import (
     READ_SIZE,
+    UNREACHABLE,
     Handler,
     Report,
     connect_upstream,
@@ -60,7 +61,7 @@ class _Refusal:
 
 
 DENIED = _Refusal(403, 7, "Access denied\r\n")  # gRPC: PERMISSION_DENIED
-UNAVAILABLE = _Refusal(503, 14, "upstream connect error\r\n")  # gRPC: UNAVAILABLE
+UNAVAILABLE = _Refusal(503, 14, f"{UNREACHABLE}\r\n")  # gRPC: UNAVAILABLE
 
 Headers = list[tuple[bytes, bytes]]
 
